@@ -1,0 +1,185 @@
+"""The token-drop ops: ``cls_attention`` and ``drop_tokens``, one dispatcher, three backends.
+
+The ops are registered with ``torch.library`` (namespace ``bsr_kernels``), with fake kernels and
+autograd, so ``torch.compile`` treats them as opaque and gives the eager result.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import (check_keep_rate, check_prefix, check_qk, check_x, compute_dtype, num_kept,
+                     out_tokens, resolve_scale)
+from .dispatch import available_backends, select_backend
+
+__all__ = ["cls_attention", "drop_tokens", "available_backends"]
+
+
+# --- registered ops (inputs already checked) ------------------------------------------------
+
+@torch.library.custom_op("bsr_kernels::cls_attention", mutates_args=())
+def _cls_attention_op(q: Tensor, k: Tensor, scale: float, num_prefix_tokens: int
+                      ) -> tuple[Tensor, Tensor]:
+    return select_backend(q.device, q.dtype).cls_scores(q, k, scale, num_prefix_tokens)
+
+
+@_cls_attention_op.register_fake
+def _(q, k, scale, num_prefix_tokens):
+    b, h, n, _ = q.shape
+    cd = compute_dtype(q.dtype)
+    return q.new_empty(b, n - num_prefix_tokens, dtype=cd), q.new_empty(b, h, dtype=cd)
+
+
+@torch.library.custom_op("bsr_kernels::cls_attention_backward", mutates_args=())
+def _cls_attention_bwd_op(grad_scores: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float,
+                          num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
+    return select_backend(q.device, q.dtype).cls_scores_backward(
+        grad_scores, q, k, lse, scale, num_prefix_tokens)
+
+
+@_cls_attention_bwd_op.register_fake
+def _(grad_scores, q, k, lse, scale, num_prefix_tokens):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _cls_attention_setup(ctx, inputs, output):
+    q, k, scale, p = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.scale, ctx.p = scale, p
+    ctx.save_for_backward(q, k, output[1])
+
+
+def _cls_attention_backward(ctx, grad_scores, grad_lse):
+    q, k, lse = ctx.saved_tensors
+    gq, gk = _cls_attention_bwd_op(grad_scores.contiguous(), q, k, lse, ctx.scale, ctx.p)
+    return gq, gk, None, None
+
+
+_cls_attention_op.register_autograd(_cls_attention_backward, setup_context=_cls_attention_setup)
+
+
+@torch.library.custom_op("bsr_kernels::drop_tokens", mutates_args=())
+def _drop_op(x: Tensor, q: Tensor, k: Tensor, scale: float, num_prefix_tokens: int, n_keep: int,
+             fuse_token: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return select_backend(x.device, x.dtype).drop_forward(
+        x, q, k, scale, num_prefix_tokens, n_keep, fuse_token)
+
+
+@_drop_op.register_fake
+def _(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
+    b, n, c = x.shape
+    m = n - num_prefix_tokens
+    cd = compute_dtype(x.dtype)
+    return (x.new_empty(b, out_tokens(num_prefix_tokens, n_keep, m, fuse_token), c),
+            x.new_empty(b, n_keep, dtype=torch.int32),
+            x.new_empty(b, m, dtype=cd), x.new_empty(b, q.shape[1], dtype=cd))
+
+
+@torch.library.custom_op("bsr_kernels::drop_tokens_backward", mutates_args=())
+def _drop_bwd_op(grad_out: Tensor, x: Tensor, q: Tensor, k: Tensor, kept: Tensor, scores: Tensor,
+                 lse: Tensor, scale: float, num_prefix_tokens: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    return select_backend(x.device, x.dtype).drop_backward(
+        grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens)
+
+
+@_drop_bwd_op.register_fake
+def _(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
+    return torch.empty_like(x), torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("bsr_kernels::gather_tokens_backward", mutates_args=())
+def _gather_bwd_op(grad_out: Tensor, kept: Tensor, n_tokens: int, num_prefix_tokens: int
+                   ) -> Tensor:
+    return select_backend(grad_out.device, grad_out.dtype).gather_backward(
+        grad_out, kept, n_tokens, num_prefix_tokens)
+
+
+@_gather_bwd_op.register_fake
+def _(grad_out, kept, n_tokens, num_prefix_tokens):
+    return grad_out.new_empty(grad_out.shape[0], n_tokens, grad_out.shape[2])
+
+
+def _drop_setup(ctx, inputs, output):
+    x, q, k, scale, p, n_keep, fuse_token = inputs
+    x_out, kept, scores, lse = output
+    ctx.mark_non_differentiable(kept, scores, lse)
+    ctx.scale, ctx.p, ctx.n_tokens = scale, p, x.shape[1]
+    ctx.fused = x_out.shape[1] > p + n_keep
+    # Saved: int32 indices always; for the fused token also x, q, k (q and k are views of the
+    # block's qkv, which attention saves anyway), the (B, M) scores and the (B, H) logsumexp.
+    if ctx.fused:
+        ctx.save_for_backward(kept, x, q, k, scores, lse)
+    else:
+        ctx.save_for_backward(kept)
+
+
+def _drop_backward(ctx, grad_out, *_):
+    grad_out = grad_out.contiguous()
+    if ctx.fused:
+        kept, x, q, k, scores, lse = ctx.saved_tensors
+        gx, gq, gk = _drop_bwd_op(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p)
+        return gx, gq, gk, None, None, None, None
+    (kept,) = ctx.saved_tensors
+    return _gather_bwd_op(grad_out, kept, ctx.n_tokens, ctx.p), None, None, None, None, None, None
+
+
+_drop_op.register_autograd(_drop_backward, setup_context=_drop_setup)
+
+
+# --- public functional API --------------------------------------------------------------------
+
+def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
+                  num_prefix_tokens: int = 1) -> Tensor:
+    """CLS-row attention probabilities, averaged over heads, for the non-prefix tokens.
+
+    ``s_j = mean_h softmax(q_cls,h . K_h^T * scale)[j]`` for ``j`` in ``P .. N-1``; the softmax
+    runs over all N keys. No N x N matrix is built.
+
+    Args:
+        q, k: (B, H, N, d); token 0 is the CLS token.
+        scale: softmax scale, default ``d ** -0.5``.
+        num_prefix_tokens: P, the CLS token plus register tokens.
+
+    Returns:
+        (B, N - P) scores, float32 (float64 for float64 inputs). Differentiable w.r.t. q and k.
+    """
+    check_qk(q, k)
+    p = check_prefix(num_prefix_tokens, q.shape[2])
+    scale = resolve_scale(scale, q.shape[3])
+    return _cls_attention_op(q, k, scale, p)[0]
+
+
+def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: bool = True,
+                num_prefix_tokens: int = 1, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Keeps the prefix tokens and the most CLS-attended tokens of x.
+
+    ``n_keep = ceil(keep_rate * (N - P))`` tokens are kept, in ascending original order, after the
+    P prefix tokens. With ``fuse_token`` the dropped tokens are summed, weighted by their scores,
+    into one token appended last (none when nothing is dropped). Scores rank NaN lowest; ties go
+    to the lower position.
+
+    Args:
+        x: (B, N, C) residual stream.
+        q, k: (B, H, N, d) of the same block's attention.
+        keep_rate: fraction of non-prefix tokens to keep, in (0, 1].
+        fuse_token: append the score-weighted sum of the dropped tokens.
+        num_prefix_tokens: P, the CLS token plus register tokens.
+        scale: softmax scale, default ``d ** -0.5``.
+
+    Returns:
+        x_out (B, P + n_keep [+ 1], C) and kept_idx (B, n_keep) int64, positions among the
+        non-prefix tokens. Gradients reach x through the kept and fused rows, and q and k through
+        the fusion weights.
+    """
+    check_qk(q, k)
+    check_x(x, q)
+    keep_rate = check_keep_rate(keep_rate)
+    p = check_prefix(num_prefix_tokens, q.shape[2])
+    scale = resolve_scale(scale, q.shape[3])
+    m = x.shape[1] - p
+    n_keep = num_kept(keep_rate, m)
+    if n_keep == m:
+        return x, torch.arange(m, device=x.device).expand(x.shape[0], m)
+    x_out, kept, _, _ = _drop_op(x, q, k, scale, p, n_keep, bool(fuse_token))
+    return x_out, kept.long()

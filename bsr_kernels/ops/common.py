@@ -1,0 +1,156 @@
+"""Shared input checks, sizes and the backend interface of the token-drop ops.
+
+Every backend (reference, cpp, triton) implements :class:`Backend`. Shapes follow timm:
+
+* ``q``, ``k``: (B, H, N, d), as timm's ``Attention`` makes them (after q_norm / k_norm).
+* ``x``: (B, N, C), the residual stream.
+* Token 0 is the CLS token; tokens ``0 .. P-1`` are prefix tokens (CLS, then registers).
+
+Scores are the CLS row of the attention probabilities averaged over heads, for the ``M = N - P``
+non-prefix tokens. They are accumulated in float32 (float64 for float64 inputs).
+
+Selection rule (every backend must follow it exactly): rank candidates by score, highest first;
+NaN ranks as -inf; equal scores rank by position, lower first. The ``n_keep`` best are kept and
+returned in ascending position order. Dropped tokens are summed into one fused token weighted by
+their (not renormalised) scores when ``fuse_token`` and at least one token is dropped.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "Backend",
+    "compute_dtype",
+    "check_qk",
+    "check_x",
+    "check_keep_rate",
+    "check_prefix",
+    "resolve_scale",
+    "num_kept",
+    "out_tokens",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for scores and the fused token: float64 stays, all else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(t, name: str, ndim: int, dims: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {dims}, got shape {tuple(t.shape)}")
+
+
+def check_qk(q, k) -> None:
+    """Checks q and k: (B, H, N, d) floating tensors of one shape, dtype and device."""
+    _check_tensor(q, "q", 4, "(B, H, N, d)")
+    _check_tensor(k, "k", 4, "(B, H, N, d)")
+    if q.shape != k.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on the device of q ({q.device}), got {k.device}")
+    if q.shape[2] < 2:
+        raise ValueError(f"q must hold at least 2 tokens (N >= 2), got N={q.shape[2]}")
+
+
+def check_x(x, q) -> None:
+    """Checks x: (B, N, C) with the B and N of q, and q's dtype and device."""
+    _check_tensor(x, "x", 3, "(B, N, C)")
+    if x.shape[0] != q.shape[0]:
+        raise ValueError(f"x has batch size {x.shape[0]} but q has {q.shape[0]}")
+    if x.shape[1] != q.shape[2]:
+        raise ValueError(f"x has {x.shape[1]} tokens but q has N={q.shape[2]}")
+    if x.dtype != q.dtype:
+        raise TypeError(f"x must have the dtype of q ({q.dtype}), got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"x must be on the device of q ({q.device}), got {x.device}")
+
+
+def check_keep_rate(keep_rate, name: str = "keep_rate") -> float:
+    """Returns keep_rate as a float in (0, 1], or raises naming the argument."""
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, numbers.Real):
+        raise TypeError(f"{name} must be a real number in (0, 1], got {keep_rate!r}")
+    keep_rate = float(keep_rate)
+    if math.isnan(keep_rate) or not (0.0 < keep_rate <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {keep_rate!r}")
+    return keep_rate
+
+
+def check_prefix(num_prefix_tokens, n_tokens: int) -> int:
+    """Returns num_prefix_tokens as an int in [1, N), or raises naming the argument."""
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+        raise TypeError(f"num_prefix_tokens must be an int, got {num_prefix_tokens!r}")
+    p = int(num_prefix_tokens)
+    if p < 1:
+        raise ValueError(f"num_prefix_tokens must be >= 1 (token 0 is the CLS token), got {p}")
+    if p >= n_tokens:
+        raise ValueError(f"num_prefix_tokens must be < N={n_tokens}, got {p}")
+    return p
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` when None, else a finite positive float."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    return scale
+
+
+def num_kept(keep_rate: float, n_candidates: int) -> int:
+    """``ceil(keep_rate * n_candidates)``, robust to float noise (0.3 * 10 keeps 3), at least 1."""
+    return max(1, min(n_candidates, math.ceil(round(keep_rate * n_candidates, 9))))
+
+
+def out_tokens(n_prefix: int, n_keep: int, n_candidates: int, fuse_token: bool) -> int:
+    """Tokens after a drop: prefix + kept (+ 1 fused token when something was dropped)."""
+    return n_prefix + n_keep + int(bool(fuse_token) and n_keep < n_candidates)
+
+
+class Backend:
+    """One implementation of the token-drop ops. Subclasses fill in every method.
+
+    All tensors arrive checked and on one device. ``scores`` and ``lse`` are in
+    ``compute_dtype(q.dtype)``; ``kept`` is int32 (B, n_keep), ascending.
+    """
+
+    name: str = "?"
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why this backend cannot run on ``device``/``dtype``; empty when it can."""
+        raise NotImplementedError
+
+    def cls_scores(self, q, k, scale: float, num_prefix_tokens: int):
+        """-> (scores (B, N-P), lse (B, H)): head-mean CLS-row probabilities and the per-head
+        logsumexp of the scaled CLS-row logits."""
+        raise NotImplementedError
+
+    def cls_scores_backward(self, grad_scores, q, k, lse, scale: float, num_prefix_tokens: int):
+        """-> (grad_q, grad_k), both shaped like q; only row 0 of grad_q is non-zero."""
+        raise NotImplementedError
+
+    def drop_forward(self, x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,
+                     fuse_token: bool):
+        """-> (x_out (B, out_tokens, C) in x.dtype, kept int32 (B, n_keep), scores, lse)."""
+        raise NotImplementedError
+
+    def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale: float,
+                      num_prefix_tokens: int):
+        """Backward of a drop that appended a fused token. -> (grad_x (B, N, C), grad_q, grad_k)."""
+        raise NotImplementedError
+
+    def gather_backward(self, grad_out, kept, n_tokens: int, num_prefix_tokens: int):
+        """Backward of a drop without a fused token: scatters grad_out back. -> grad_x (B, N, C)."""
+        raise NotImplementedError
