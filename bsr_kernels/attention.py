@@ -1,0 +1,73 @@
+"""``TokenDropAttention``: a drop-in for timm's ``Attention`` that also hands its block q and k.
+
+A block that drops tokens needs the CLS row of its attention. Rather than computing attention
+probabilities twice, ``forward_qk`` returns the attention output *and* the (normalised) q and k, so
+the block can call :func:`bsr_kernels.drop_tokens` after its residual add::
+
+    out, q, k = block.attn.forward_qk(block.norm1(x))
+    x = x + block.ls1(out)
+    x, kept = bsr_kernels.drop_tokens(x, q, k, keep_rate=0.5, num_prefix_tokens=1)
+
+Attention itself always runs through ``F.scaled_dot_product_attention``; no N x N probabilities
+are materialised by this module (SDPA may choose its own kernel).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+
+__all__ = ["TokenDropAttention", "LinearFn"]
+
+#: ``linear(name, module, input) -> output``: how a caller may run the attention's projections
+#: ("qkv" and "proj"); the default calls the module. The memory-lean backward uses it to replay
+#: saved outputs instead of recomputing them.
+LinearFn = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
+
+
+def _call_linear(name: str, module: nn.Linear, inp: torch.Tensor) -> torch.Tensor:
+    return module(inp)
+
+
+class TokenDropAttention(Attention):
+    """timm ``Attention`` with the same constructor, parameters and state_dict keys.
+
+    ``forward(x, attn_mask=None, is_causal=False)`` matches timm's output. ``forward_qk`` also
+    returns q and k (B, H, N, d), after q_norm/k_norm, for the block's token drop.
+    A timm ``Attention`` instance can be converted in place with ``attn.__class__ =
+    TokenDropAttention`` (that is what :func:`bsr_kernels.reprogram` does).
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        return self.forward_qk(x, attn_mask, is_causal)[0]
+
+    def forward_qk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                   is_causal: bool = False, linear: LinearFn = _call_linear):
+        """Attention output plus q and k.
+
+        Args:
+            x: (B, N, C) normalised input.
+            attn_mask: optional mask for SDPA.
+            is_causal: causal attention.
+            linear: how to run the "qkv" and "proj" projections (default: call the module).
+
+        Returns:
+            out (B, N, C_out), q (B, H, N, d), k (B, H, N, d).
+        """
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = linear("qkv", self.qkv, x)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(linear("proj", self.proj, out))
+        return out, q, k
