@@ -1,10 +1,12 @@
 """The memory-lean backward of BSR blocks.
 
 A block that lies after the first trained block runs through :class:`_LeanBlock`. Its forward runs
-the block body without autograd and saves:
+the block body without autograd and saves the block input, the int32 kept indices of a drop, and:
 
-* frozen blocks: only the block input (and the int32 kept indices of a drop);
-* trained blocks: the block input, the qkv output and the fc1 output (the GELU input).
+* ``memory_mode="lean"``: nothing more for frozen blocks; the qkv and fc1 outputs (the GELU
+  input) for trained blocks;
+* ``memory_mode="fast"``: the qkv, proj and fc1 outputs of every block, so that no matmul is
+  recomputed (only LayerNorm, GELU and attention itself, which is cheap at ViT sequence lengths).
 
 Backward replays the same body (:meth:`BSRBlock.body`) with autograd on, where
 
@@ -65,6 +67,9 @@ class _Holder:
 
 
 def _saved_names(block) -> tuple[str, ...]:
+    """Projections whose outputs are saved (and replayed in backward) instead of recomputed."""
+    if block.bsr_mode == "fast":
+        return ("qkv", "proj", "fc1")
     return ("qkv", "fc1") if block.bsr_trained else ()
 
 

@@ -8,10 +8,10 @@ own class stay untouched, and :func:`restore` undoes it.
 One block body (:meth:`BSRBlock.body`) serves every execution mode:
 
 * ``"nograd"``: blocks before the first trained block run under ``torch.no_grad()``.
-* ``"autograd"``: plain autograd (``memory_mode="fast"``, and trained blocks with ``"fast"``).
-* ``"lean"``: a custom autograd function (:mod:`bsr_kernels.backward`) runs the body without
-  autograd, saves the block input plus, for trained blocks, the qkv and fc1 outputs, and replays
-  the body inside backward, recomputing only what the gradients need.
+* ``"lean"`` / ``"fast"``: a custom autograd function (:mod:`bsr_kernels.backward`) runs the body
+  without autograd, saves the block input and some projection outputs (which, by memory mode),
+  and replays the body inside backward, recomputing only what the gradients need.
+* Without grad mode (evaluation), the body simply runs.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class BSRBlock(Block):
     """A timm ``Block`` that may drop tokens after attention, and run memory-lean.
 
     Attributes set by :func:`reprogram`: ``bsr_keep_rate`` (1.0 means no drop), ``bsr_fuse``,
-    ``bsr_prefix`` (P), ``bsr_mode`` ("nograd", "autograd" or "lean") and ``bsr_trained``.
+    ``bsr_prefix`` (P), ``bsr_mode`` ("nograd", "lean" or "fast") and ``bsr_trained``.
     """
 
     def body(self, x: torch.Tensor, linear=_plain_linear, drop=None) -> torch.Tensor:
@@ -93,7 +93,7 @@ class BSRBlock(Block):
         if self.bsr_mode == "nograd":
             with torch.no_grad():
                 return self.body(x)
-        if self.bsr_mode == "lean" and torch.is_grad_enabled():
+        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled():
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x)
@@ -223,8 +223,7 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         blk.bsr_fuse = fuse_token
         blk.bsr_prefix = model.num_prefix_tokens
         blk.bsr_trained = i in train_blocks
-        blk.bsr_mode = "nograd" if i < first_trained else (
-            "lean" if memory_mode == "lean" else "autograd")
+        blk.bsr_mode = "nograd" if i < first_trained else memory_mode
         blk._bsr_trace = None
     return model
 
