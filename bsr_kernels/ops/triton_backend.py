@@ -1,13 +1,209 @@
-"""Triton backend. PLACEHOLDER: being written; reports itself unavailable until then."""
+"""Triton backend of the token-drop ops: one fused forward kernel, Triton backward kernels.
+
+Kernels live in :mod:`._triton_kernels`; this module chooses block sizes, allocates outputs and
+launches them.
+
+* ``drop_forward`` and ``cls_scores``: ONE launch of ``drop_fwd_kernel`` per call, grid (B,). It
+  computes the CLS-row logits per head, the softmax statistics (lse), the head-mean scores of the
+  non-prefix columns, the top-k by pairwise ranks (no sort, exact tie rule), and gathers the prefix
+  and kept rows of x (plus the score-weighted fused token). Only (B, H, N) logits and (B, M) slots
+  are kept as workspaces; no N x N matrix exists.
+* ``gather_backward`` / ``drop_backward``: ``rows_bwd_kernel`` scatters grad_out back, adds the
+  fusion-weight rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens;
+  ``drop_backward`` then runs ``cls_bwd_kernel`` (grid (B, H)) for grad_q and grad_k.
+* Strides: every input (x, q, k, grad_out) may be non-contiguous; its strides go to the kernel.
+  Outputs are allocated contiguous.
+
+TRITON_INTERPRET (finding for triton 3.8.0, from ``triton/runtime/jit.py`` and ``triton/knobs.py``):
+``triton.knobs.runtime.interpret`` reads the environment variable on every access (it is not cached
+at ``import triton``), but ``triton.jit`` consults it only once, when it *decorates* a function: it
+returns an ``InterpretedFunction`` when set, a compiling ``JITFunction`` otherwise, and that object
+never changes mode afterwards. So the variable need not be set before ``import triton``, but it must
+be set before the kernels are decorated, i.e. normally before the module holding them is imported.
+To be robust to either order, the kernels are kept undecorated and this backend wraps them itself
+at launch time, once per mode (``_kernels(interpret)``), reading
+:func:`bsr_kernels._config.triton_interpret` on every call. Setting or clearing
+``TRITON_INTERPRET=1`` at any time therefore takes effect on the next call.
+"""
 from __future__ import annotations
 
-from .common import Backend
+import functools
 
-__all__ = ["TritonBackend"]
+import torch
+
+from .. import _config
+from .common import Backend, compute_dtype, out_tokens
+
+try:  # triton is optional: a missing triton is a reason, not an ImportError
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR = None
+except Exception as exc:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["TritonBackend", "LAUNCH"]
+
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+#: Launch parameters (the benchmark sweeps them; tests shrink them to force multi-tile loops):
+#: warps per program, element budget of a 2-D tile, widest channel tile, widest score tile, and
+#: the side of the pairwise rank tile. Block sizes are powers of two derived from these.
+LAUNCH = {"num_warps": 4, "fwd_num_warps": 8, "tile_elems": 4096, "max_block_c": 256,
+          "max_block_m": 1024, "rank_block": 64}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """The kernels wrapped for the compiler (``interpret=False``) or the CPU interpreter."""
+    from . import _triton_kernels as raw
+
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction as wrap
+    else:
+        from triton.runtime.jit import JITFunction as wrap
+    return {name: wrap(getattr(raw, name)) for name in raw.__all__}
+
+
+def _kernel(name: str):
+    return _kernels(_config.triton_interpret())[name]
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _fwd_blocks(n: int, m: int, d: int, c: int) -> dict:
+    budget = LAUNCH["tile_elems"]
+    block_d = _p2(d)
+    block_c = min(_p2(c), LAUNCH["max_block_c"])
+    return dict(BLOCK_D=block_d,
+                BLOCK_N=max(1, min(_p2(n), budget // block_d)),
+                BLOCK_M=min(_p2(m), LAUNCH["max_block_m"]),
+                BLOCK_R=min(_p2(m), LAUNCH["rank_block"]),
+                BLOCK_ROWS=max(1, min(_p2(n), budget // block_c)),
+                BLOCK_C=block_c)
+
+
+def _launch_fwd(x, q, k, scale, p, n_keep, fuse, do_drop):
+    b, h, n, d = q.shape
+    m = n - p
+    cd = compute_dtype(q.dtype)
+    dev = q.device
+    scores = torch.empty(b, m, dtype=cd, device=dev)
+    lse = torch.empty(b, h, dtype=cd, device=dev)
+    logit_ws = torch.empty(b, h, n, dtype=cd, device=dev)
+    if do_drop:
+        c = x.shape[2]
+        x_out = torch.empty(b, out_tokens(p, n_keep, m, fuse), c, dtype=x.dtype, device=dev)
+        kept = torch.empty(b, n_keep, dtype=torch.int32, device=dev)
+        slot_ws = torch.empty(b, m, dtype=torch.int32, device=dev)
+        fuse = bool(fuse) and n_keep < m
+    else:  # scores only: the x-side pointers are placeholders the kernel never touches
+        c, x, x_out, kept, slot_ws, fuse = 1, q, q, lse, lse, False
+    xs = x.stride() if do_drop else (0, 0, 0)
+    os_ = x_out.stride() if do_drop else (0, 0, 0)
+    _kernel("drop_fwd_kernel")[(b,)](
+        x, q, k, x_out, kept, scores, lse, logit_ws, slot_ws,
+        h, n, d, c, p, n_keep, float(scale),
+        xs[0], xs[1], xs[2],
+        q.stride(0), q.stride(1), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        os_[0], os_[1], os_[2],
+        ACC=_acc(q.dtype), DO_DROP=bool(do_drop), FUSE=fuse,
+        **_fwd_blocks(n, m, d, c), num_warps=LAUNCH["fwd_num_warps"])
+    if do_drop:
+        return x_out, kept, scores, lse
+    return scores, lse
+
+
+def _launch_rows_bwd(grad_out, kept, x, scores, n_tokens, p, fuse):
+    b, _, c = grad_out.shape
+    n_keep = kept.shape[1]
+    kept = kept.to(torch.int32).contiguous()
+    grad_x = torch.empty(b, n_tokens, c, dtype=grad_out.dtype, device=grad_out.device)
+    if fuse:
+        scores = scores.contiguous()
+        grad_scores = torch.empty_like(scores)
+    else:  # placeholders, never touched
+        x, scores, grad_scores = grad_out, grad_x, grad_x
+    block_c = min(_p2(c), LAUNCH["max_block_c"])
+    block_rows = max(1, min(_p2(n_tokens), LAUNCH["tile_elems"] // block_c, 32))
+    gs, xs, gxs = grad_out.stride(), x.stride(), grad_x.stride()
+    grid = (b, triton.cdiv(n_tokens, block_rows))
+    _kernel("rows_bwd_kernel")[grid](
+        grad_out, kept, x, scores, grad_x, grad_scores,
+        n_tokens, c, p, n_keep,
+        gs[0], gs[1], gs[2], xs[0], xs[1], xs[2], gxs[0], gxs[1], gxs[2],
+        ACC=_acc(grad_out.dtype), FUSE=bool(fuse),
+        BLOCK_ROWS=block_rows, BLOCK_K=min(_p2(n_keep), LAUNCH["rank_block"]), BLOCK_C=block_c,
+        num_warps=LAUNCH["num_warps"])
+    return (grad_x, grad_scores) if fuse else grad_x
+
+
+def _launch_cls_bwd(grad_scores, q, k, lse, scale, p):
+    b, h, n, d = q.shape
+    grad_scores = grad_scores.to(compute_dtype(q.dtype)).contiguous()
+    lse = lse.contiguous()
+    grad_q = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
+    grad_k = torch.empty(b, h, n, d, dtype=k.dtype, device=k.device)
+    block_d = _p2(d)
+    block_n = max(1, min(_p2(n), LAUNCH["tile_elems"] // block_d))
+    _kernel("cls_bwd_kernel")[(b, h)](
+        grad_scores, q, k, lse, grad_q, grad_k,
+        h, n, d, p, float(scale),
+        *q.stride(), *k.stride(), *grad_q.stride(), *grad_k.stride(),
+        ACC=_acc(q.dtype), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=LAUNCH["num_warps"])
+    return grad_q, grad_k
 
 
 class TritonBackend(Backend):
+    """Fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
     name = "triton"
 
     def not_supported_reasons(self, device, dtype):
-        return ["not implemented yet"]
+        reasons = []
+        if _TRITON_ERROR is not None:
+            reasons.append(f"triton is not importable ({_TRITON_ERROR})")
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                reasons.append("CUDA is not available")
+            if dtype not in _CUDA_DTYPES:
+                reasons.append(f"dtype {dtype} is not supported on CUDA "
+                               "(float32, float64, bfloat16, float16 are)")
+        elif device.type == "cpu":
+            if not _config.triton_interpret():
+                reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
+            if dtype not in _CPU_DTYPES:
+                reasons.append(f"dtype {dtype} is not supported by the interpreter here "
+                               "(float32, float64 are)")
+        else:
+            reasons.append(f"device type {device.type!r} is not supported (cuda, or cpu with "
+                           "TRITON_INTERPRET=1)")
+        return reasons
+
+    def cls_scores(self, q, k, scale, num_prefix_tokens):
+        return _launch_fwd(None, q, k, scale, num_prefix_tokens, 0, False, do_drop=False)
+
+    def cls_scores_backward(self, grad_scores, q, k, lse, scale, num_prefix_tokens):
+        return _launch_cls_bwd(grad_scores, q, k, lse, scale, num_prefix_tokens)
+
+    def drop_forward(self, x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
+        return _launch_fwd(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token, do_drop=True)
+
+    def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
+        grad_x, grad_scores = _launch_rows_bwd(grad_out, kept, x, scores, x.shape[1],
+                                               num_prefix_tokens, fuse=True)
+        grad_q, grad_k = _launch_cls_bwd(grad_scores, q, k, lse, scale, num_prefix_tokens)
+        return grad_x, grad_q, grad_k
+
+    def gather_backward(self, grad_out, kept, n_tokens, num_prefix_tokens):
+        return _launch_rows_bwd(grad_out, kept, None, None, n_tokens, num_prefix_tokens,
+                                fuse=False)

@@ -1,0 +1,274 @@
+"""Triton kernels of the token-drop ops (raw functions; :mod:`.triton_backend` wraps and launches).
+
+The functions here are *not* decorated with ``@triton.jit``. In triton 3.8 the choice between the
+compiler (``JITFunction``) and the CPU interpreter (``InterpretedFunction``) is made once, by
+``triton.jit`` at decoration time, from ``TRITON_INTERPRET``. The backend therefore wraps these
+functions itself, per mode, when it first launches them (see ``triton_backend._kernels``), so the
+environment variable may be set or changed after import. For that reason the kernels call no other
+``@triton.jit`` helper: everything is inlined.
+
+Conventions (as in the Triton tutorials): pointers, then sizes, then the scale, then strides, then
+``tl.constexpr`` flags and block sizes. Loads and stores are masked; accumulation is in ``ACC``
+(float32, or float64 for float64 inputs). Tensors the backend allocates itself (``kept``, ``scores``,
+``lse``, workspaces) are contiguous and indexed without strides. Every program owns one batch
+element (forward) or one (batch, head) / (batch, row tile) pair (backward), so there are no
+cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes before the
+reads of a later phase.
+"""
+import triton.language as tl
+
+__all__ = ["drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel"]
+
+
+def drop_fwd_kernel(
+        x_ptr, q_ptr, k_ptr, out_ptr, kept_ptr, scores_ptr, lse_ptr, logit_ws_ptr, slot_ws_ptr,
+        H, N, D, C, P, n_keep,
+        scale: "fp64",
+        stride_xb, stride_xn, stride_xc,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_ob, stride_on, stride_oc,
+        ACC: tl.constexpr, DO_DROP: tl.constexpr, FUSE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Fused CLS scores + top-k + gather (+ fused token) for one batch element per program.
+
+    Shapes: x (B, N, C), q/k (B, H, N, D), out (B, P + n_keep [+1], C), kept (B, n_keep) int32,
+    scores (B, M) and lse (B, H) in ACC, logit_ws (B, H, N) in ACC, slot_ws (B, M) int32, with
+    M = N - P. With ``DO_DROP=False`` only scores and lse are written (x/out/kept/slot_ws unused).
+
+    Phases:
+      1. per head: CLS-row logits tile by tile (kept in logit_ws), online max/sum -> lse; then
+         p = exp(logit - lse) for the M candidate columns, summed over heads into ``scores``
+         (divided by H at the last head).
+      2. rank_j = #{i : key_i > key_j or (key_i == key_j and i < j)}, key = score with NaN -> -inf;
+         kept iff rank_j < n_keep; slot = exclusive cumsum of the kept flags (ascending order).
+      3. per C tile: copy prefix and kept rows of x to their slots in out; sum the dropped rows
+         weighted by their scores into the fused row (when FUSE).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    M = N - P
+    hf = H * 1.0
+    sc = tl.full([], scale, ACC)
+
+    # ---- phase 1: scores and lse ----------------------------------------------------------------
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    for h in range(0, H):
+        q0 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=dmask,
+                     other=0.0).to(ACC)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        ws_base = logit_ws_ptr + (b * H + h) * N
+        m_i = tl.full([], float("-inf"), ACC)
+        l_i = tl.full([], 0.0, ACC)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < N
+            kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+            logit = tl.sum(kt * q0[None, :], axis=1) * sc
+            logit = tl.where(nmask, logit, float("-inf"))
+            tl.store(ws_base + offs_n, logit, mask=nmask)
+            m_new = tl.maximum(m_i, tl.max(logit, axis=0))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new), axis=0)
+            m_i = m_new
+        lse = m_i + tl.log(l_i)
+        tl.store(lse_ptr + b * H + h, lse)
+        tl.debug_barrier()
+        for j0 in range(0, M, BLOCK_M):
+            offs_j = j0 + tl.arange(0, BLOCK_M)
+            jmask = offs_j < M
+            logit = tl.load(ws_base + P + offs_j, mask=jmask, other=float("-inf"))
+            prob = tl.exp(logit - lse)
+            prev = tl.load(scores_ptr + b * M + offs_j, mask=jmask & (h > 0), other=0.0)
+            acc = prev + prob
+            acc = tl.where(h == H - 1, acc / hf, acc)
+            tl.store(scores_ptr + b * M + offs_j, acc, mask=jmask)
+        tl.debug_barrier()
+
+    if DO_DROP:
+        # ---- phase 2: ranks, kept indices (ascending) and each candidate's output slot ----------
+        running = tl.full([], 0, tl.int32)
+        for j0 in range(0, M, BLOCK_R):
+            offs_j = j0 + tl.arange(0, BLOCK_R)
+            jmask = offs_j < M
+            s_j = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
+            key_j = tl.where(s_j != s_j, float("-inf"), s_j)
+            rank = tl.zeros([BLOCK_R], dtype=tl.int32)
+            for i0 in range(0, M, BLOCK_R):
+                offs_i = i0 + tl.arange(0, BLOCK_R)
+                imask = offs_i < M
+                s_i = tl.load(scores_ptr + b * M + offs_i, mask=imask, other=0.0)
+                key_i = tl.where(s_i != s_i, float("-inf"), s_i)
+                beats = (key_i[None, :] > key_j[:, None]) | (
+                    (key_i[None, :] == key_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
+                beats = beats & imask[None, :]
+                rank += tl.sum(beats.to(tl.int32), axis=1)
+            keep = (rank < n_keep) & jmask
+            flag = keep.to(tl.int32)
+            slot = running + tl.cumsum(flag, axis=0) - flag
+            tl.store(kept_ptr + b * n_keep + slot, offs_j.to(tl.int32), mask=keep)
+            tl.store(slot_ws_ptr + b * M + offs_j, tl.where(keep, slot, -1), mask=jmask)
+            running += tl.sum(flag, axis=0)
+        tl.debug_barrier()
+
+        # ---- phase 3: gather prefix + kept rows, fuse the dropped rows ----------------------------
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            cmask = offs_c < C
+            fused = tl.zeros([BLOCK_C], dtype=ACC)
+            for n0 in range(0, N, BLOCK_ROWS):
+                offs_n = n0 + tl.arange(0, BLOCK_ROWS)
+                nmask = offs_n < N
+                is_pre = offs_n < P
+                is_cand = nmask & (offs_n >= P)
+                j = offs_n - P
+                slot = tl.load(slot_ws_ptr + b * M + j, mask=is_cand, other=-1)
+                is_kept = is_cand & (slot >= 0)
+                write = is_pre | is_kept
+                dest = tl.where(is_pre, offs_n, P + slot)
+                if FUSE:
+                    rmask = nmask
+                else:
+                    rmask = write
+                xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
+                             + offs_c[None, :] * stride_xc,
+                             mask=rmask[:, None] & cmask[None, :], other=0.0)
+                tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on
+                         + offs_c[None, :] * stride_oc, xt,
+                         mask=write[:, None] & cmask[None, :])
+                if FUSE:
+                    s = tl.load(scores_ptr + b * M + j, mask=is_cand, other=0.0)
+                    w = tl.where(is_kept, 0.0, s)
+                    contrib = tl.where(is_cand[:, None], w[:, None] * xt.to(ACC), 0.0)
+                    fused += tl.sum(contrib, axis=0)
+            if FUSE:
+                tl.store(out_ptr + b * stride_ob + (P + n_keep) * stride_on + offs_c * stride_oc,
+                         fused.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def rows_bwd_kernel(
+        gout_ptr, kept_ptr, x_ptr, scores_ptr, gx_ptr, gs_ptr,
+        N, C, P, n_keep,
+        stride_gb, stride_gn, stride_gc,
+        stride_xb, stride_xn, stride_xc,
+        stride_gxb, stride_gxn, stride_gxc,
+        ACC: tl.constexpr, FUSE: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row gradients of a drop; grid (B, cdiv(N, BLOCK_ROWS)).
+
+    grad_x[n] = grad_out[n] for prefix rows, grad_out[P + slot] for kept rows, 0 for dropped rows;
+    with FUSE every candidate row also gets ``w_j * grad_out[fused]`` (w_j = score_j if dropped, else
+    0) and the score gradient ``gs[j] = <grad_out[fused], x[P + j]>`` is written for dropped j
+    (0 for kept j). The slot of row j is #{s : kept[s] < j} (kept is ascending).
+
+    Shapes: grad_out (B, P + n_keep [+1], C), kept (B, n_keep) int32, x (B, N, C),
+    scores (B, M) and gs (B, M) in ACC, grad_x (B, N, C).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    M = N - P
+    nmask = offs_n < N
+    is_pre = offs_n < P
+    is_cand = nmask & (offs_n >= P)
+    j = offs_n - P
+
+    below = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
+    hits = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
+    for s0 in range(0, n_keep, BLOCK_K):
+        offs_s = s0 + tl.arange(0, BLOCK_K)
+        smask = offs_s < n_keep
+        kv = tl.load(kept_ptr + b * n_keep + offs_s, mask=smask, other=0)
+        below += tl.sum(((kv[None, :] < j[:, None]) & smask[None, :]).to(tl.int32), axis=1)
+        hits += tl.sum(((kv[None, :] == j[:, None]) & smask[None, :]).to(tl.int32), axis=1)
+    is_kept = is_cand & (hits > 0)
+    is_drop = is_cand & (hits == 0)
+    src = tl.where(is_pre, offs_n, P + below)
+    read = is_pre | is_kept
+
+    if FUSE:
+        s = tl.load(scores_ptr + b * M + j, mask=is_drop, other=0.0)
+        w = tl.where(is_drop, s, 0.0)
+        gdot = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        g = tl.load(gout_ptr + b * stride_gb + src[:, None] * stride_gn
+                    + offs_c[None, :] * stride_gc,
+                    mask=read[:, None] & cmask[None, :], other=0.0).to(ACC)
+        if FUSE:
+            gf = tl.load(gout_ptr + b * stride_gb + (P + n_keep) * stride_gn + offs_c * stride_gc,
+                         mask=cmask, other=0.0).to(ACC)
+            g = tl.where(is_cand[:, None], g + w[:, None] * gf[None, :], g)
+            xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
+                         + offs_c[None, :] * stride_xc,
+                         mask=is_drop[:, None] & cmask[None, :], other=0.0).to(ACC)
+            gdot += tl.sum(xt * gf[None, :], axis=1)
+        tl.store(gx_ptr + b * stride_gxb + offs_n[:, None] * stride_gxn
+                 + offs_c[None, :] * stride_gxc, g.to(gx_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & cmask[None, :])
+    if FUSE:
+        tl.store(gs_ptr + b * M + j, tl.where(is_drop, gdot, 0.0), mask=is_cand)
+
+
+def cls_bwd_kernel(
+        gs_ptr, q_ptr, k_ptr, lse_ptr, gq_ptr, gk_ptr,
+        H, N, D, P,
+        scale: "fp64",
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_gqb, stride_gqh, stride_gqn, stride_gqd,
+        stride_gkb, stride_gkh, stride_gkn, stride_gkd,
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward of the CLS scores for one (batch, head); grid (B, H).
+
+    With p = exp(q0 . k_n * scale - lse) and gp_n = gs[n - P] / H for n >= P (0 for prefix keys):
+    gl_n = p_n (gp_n - sum_m p_m gp_m) * scale, grad_q[0] = sum_n gl_n k_n, grad_k[n] = gl_n q0,
+    grad_q[n > 0] = 0. Two passes over K; nothing N x N.
+
+    Shapes: gs (B, M) and lse (B, H) in ACC, q/k/grad_q/grad_k (B, H, N, D).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    M = N - P
+    hf = H * 1.0
+    sc = tl.full([], scale, ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q0 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=dmask,
+                 other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + b * H + h)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+
+    dot_acc = tl.zeros([BLOCK_N], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        cand = nmask & (offs_n >= P)
+        kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        prob = tl.exp(tl.sum(kt * q0[None, :], axis=1) * sc - lse)
+        gp = tl.load(gs_ptr + b * M + offs_n - P, mask=cand, other=0.0) / hf
+        dot_acc += tl.where(cand, prob * gp, 0.0)
+    dot = tl.sum(dot_acc, axis=0)
+
+    gq0 = tl.zeros([BLOCK_D], dtype=ACC)
+    gq_base = gq_ptr + b * stride_gqb + h * stride_gqh
+    gk_base = gk_ptr + b * stride_gkb + h * stride_gkh
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        cand = nmask & (offs_n >= P)
+        tile_mask = nmask[:, None] & dmask[None, :]
+        kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     mask=tile_mask, other=0.0).to(ACC)
+        prob = tl.exp(tl.sum(kt * q0[None, :], axis=1) * sc - lse)
+        gp = tl.load(gs_ptr + b * M + offs_n - P, mask=cand, other=0.0) / hf
+        gl = tl.where(nmask, prob * (gp - dot) * sc, 0.0)
+        gq0 += tl.sum(gl[:, None] * kt, axis=0)
+        tl.store(gk_base + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
+                 (gl[:, None] * q0[None, :]).to(gk_ptr.dtype.element_ty), mask=tile_mask)
+        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=gq_ptr.dtype.element_ty)
+        tl.store(gq_base + offs_n[:, None] * stride_gqn + offs_d[None, :] * stride_gqd, zero,
+                 mask=tile_mask & (offs_n > 0)[:, None])
+    tl.store(gq_base + offs_d * stride_gqd, gq0.to(gq_ptr.dtype.element_ty), mask=dmask)
