@@ -1,13 +1,79 @@
-"""C++ (CPU) backend. PLACEHOLDER: being written; reports itself unavailable until then."""
+"""C++ (CPU) backend: the ``bsr_kernels::cpp_*`` operators of the extension ``bsr_kernels._C``.
+
+The kernels (``csrc/``) follow :mod:`bsr_kernels.ops.reference` exactly, never build an N x N
+matrix, and run in parallel over the batch. They take float32 and float64 CPU tensors.
+
+When the extension has not been built, importing this module warns once and the backend reports
+itself unavailable, with the command that builds it; nothing raises on import.
+"""
 from __future__ import annotations
+
+import warnings
+
+import torch
 
 from .common import Backend
 
-__all__ = ["CppBackend"]
+__all__ = ["CppBackend", "BUILD_COMMAND", "extension_error"]
+
+#: How to build the extension, from the repository root.
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+
+_DTYPES = (torch.float32, torch.float64)
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
+
+    _LOAD_ERROR: str | None = None
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "bsr_kernels: the C++ extension bsr_kernels._C could not be loaded "
+        f"({_LOAD_ERROR}); the 'cpp' backend is unavailable. Build it from the repository root "
+        f"with: {BUILD_COMMAND}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_error() -> str | None:
+    """Why ``bsr_kernels._C`` failed to load, or None when it is loaded."""
+    return _LOAD_ERROR
 
 
 class CppBackend(Backend):
+    """The token-drop ops on CPU, in C++ (``torch.ops.bsr_kernels.cpp_*``)."""
+
     name = "cpp"
 
-    def not_supported_reasons(self, device, dtype):
-        return ["not implemented yet"]
+    def not_supported_reasons(self, device, dtype) -> list[str]:
+        reasons = []
+        if _LOAD_ERROR is not None:
+            reasons.append(f"the C++ extension bsr_kernels._C is not built or failed to load "
+                           f"({_LOAD_ERROR}); build it from the repository root with: "
+                           f"{BUILD_COMMAND}")
+        device = torch.device(device)
+        if device.type != "cpu":
+            reasons.append(f"runs on CPU tensors only, got device {device}")
+        if dtype not in _DTYPES:
+            reasons.append(f"supports float32 and float64 only, got {dtype}")
+        return reasons
+
+    def cls_scores(self, q, k, scale, num_prefix_tokens):
+        return torch.ops.bsr_kernels.cpp_cls_scores(q, k, scale, num_prefix_tokens)
+
+    def cls_scores_backward(self, grad_scores, q, k, lse, scale, num_prefix_tokens):
+        return torch.ops.bsr_kernels.cpp_cls_scores_backward(grad_scores, q, k, lse, scale,
+                                                             num_prefix_tokens)
+
+    def drop_forward(self, x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
+        return torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, scale, num_prefix_tokens, n_keep,
+                                                      fuse_token)
+
+    def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
+        return torch.ops.bsr_kernels.cpp_drop_backward(grad_out, x, q, k, kept, scores, lse,
+                                                       scale, num_prefix_tokens)
+
+    def gather_backward(self, grad_out, kept, n_tokens, num_prefix_tokens):
+        return torch.ops.bsr_kernels.cpp_gather_backward(grad_out, kept, n_tokens,
+                                                         num_prefix_tokens)

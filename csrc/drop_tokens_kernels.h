@@ -1,0 +1,251 @@
+// Per-batch-element CPU kernels of the token-drop ops, on raw pointers.
+//
+// Everything here works on one batch element at a time; drop_tokens.cpp runs these functions in
+// parallel over the batch with at::parallel_for. There is no ATen in this file, only the
+// arithmetic, so that it reads side by side with bsr_kernels/ops/reference.py.
+//
+// Layouts (T is float or double, and accumulation happens in T, as in the reference):
+//   q, k: (B, H, N, D) with unit stride along D and arbitrary strides elsewhere (Heads<T>).
+//   x:    (B, N, C) with unit stride along C (Rows<T>).
+//   Outputs are contiguous.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace bsr_kernels {
+namespace cpu {
+
+// A (B, H, N, D) tensor whose innermost dimension is contiguous.
+template <typename T>
+struct Heads {
+  const T* data;
+  int64_t stride_b, stride_h, stride_n;
+
+  const T* row(int64_t b, int64_t h, int64_t n) const {
+    return data + b * stride_b + h * stride_h + n * stride_n;
+  }
+};
+
+// A (B, N, C) tensor whose innermost dimension is contiguous.
+template <typename T>
+struct Rows {
+  const T* data;
+  int64_t stride_b, stride_n;
+
+  const T* row(int64_t b, int64_t n) const { return data + b * stride_b + n * stride_n; }
+};
+
+// Dot product with eight independent partial sums, so that -O3 vectorises it without
+// -ffast-math (the summation order is fixed by the code, not by the compiler).
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  constexpr int kLanes = 8;
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  T s = T(0);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[i] += alpha * x[i].
+template <typename T>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Scaled CLS-row logits of one head: out[n] = (q[b,h,0,:] . k[b,h,n,:]) * scale, n < N.
+template <typename T>
+inline void cls_logits(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t h, int64_t N,
+                       int64_t D, T scale, T* out) {
+  const T* q0 = q.row(b, h, 0);
+  for (int64_t n = 0; n < N; ++n) out[n] = dot(q0, k.row(b, h, n), D) * scale;
+}
+
+// Replaces logits l[0..N) by softmax probabilities and returns their logsumexp, with the edge
+// cases of torch.logsumexp / exp(l - lse): a NaN anywhere gives NaN everywhere; an infinite
+// maximum is not subtracted (all -inf gives lse = -inf and NaN probabilities; a +inf logit gives
+// lse = +inf, NaN at that logit and 0 elsewhere).
+template <typename T>
+inline T softmax_inplace(T* l, int64_t N) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  T mx = -kInf;
+  bool has_nan = false;
+  for (int64_t n = 0; n < N; ++n) {
+    if (std::isnan(l[n])) has_nan = true;
+    else if (l[n] > mx) mx = l[n];
+  }
+  if (has_nan) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t n = 0; n < N; ++n) l[n] = nan;
+    return nan;
+  }
+  const T shift = std::isinf(mx) ? T(0) : mx;
+  T sum = T(0);
+  for (int64_t n = 0; n < N; ++n) {
+    l[n] = std::exp(l[n] - shift);
+    sum += l[n];
+  }
+  const T lse = std::log(sum) + shift;
+  for (int64_t n = 0; n < N; ++n) l[n] /= sum;
+  return lse;
+}
+
+// Scores of batch element b: scores[m] = mean_h softmax_h[P + m], m < M = N - P, and the per-head
+// logsumexp lse[h]. work holds N values.
+template <typename T>
+void cls_scores_one(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t H, int64_t N,
+                    int64_t D, T scale, int64_t P, T* scores, T* lse, T* work) {
+  const int64_t M = N - P;
+  std::fill(scores, scores + M, T(0));
+  for (int64_t h = 0; h < H; ++h) {
+    cls_logits(q, k, b, h, N, D, scale, work);
+    lse[h] = softmax_inplace(work, N);
+    for (int64_t m = 0; m < M; ++m) scores[m] += work[P + m];
+  }
+  for (int64_t m = 0; m < M; ++m) scores[m] /= static_cast<T>(H);
+}
+
+// The ranking key of a score, as torch.nan_to_num(score, nan=-inf) makes it in the reference:
+// NaN ranks lowest, +-inf become the largest/lowest finite values.
+template <typename T>
+inline T rank_key(T s) {
+  if (std::isnan(s)) return -std::numeric_limits<T>::infinity();
+  if (s == std::numeric_limits<T>::infinity()) return std::numeric_limits<T>::max();
+  if (s == -std::numeric_limits<T>::infinity()) return std::numeric_limits<T>::lowest();
+  return s;
+}
+
+// The selection rule: the n_keep best of M scores (highest first, NaN lowest, ties to the lower
+// position), written to kept[0..n_keep) in ascending order. slot[m] is set to the position of m in
+// kept, or -1 when m is dropped. keys holds M values, order holds M indices.
+//
+// The keys contain no NaN, so the comparison is a strict total order and every index written is a
+// permutation entry in [0, M): no input can make an index go out of range.
+template <typename T>
+void select_one(const T* scores, int64_t M, int64_t n_keep, T* keys, int32_t* order,
+                int32_t* kept, int32_t* slot) {
+  for (int64_t m = 0; m < M; ++m) {
+    keys[m] = rank_key(scores[m]);
+    order[m] = static_cast<int32_t>(m);
+  }
+  auto better = [keys](int32_t a, int32_t b) {
+    return keys[a] > keys[b] || (keys[a] == keys[b] && a < b);
+  };
+  if (n_keep < M) std::nth_element(order, order + n_keep, order + M, better);
+  std::sort(order, order + n_keep);
+  std::fill(slot, slot + M, int32_t(-1));
+  for (int64_t i = 0; i < n_keep; ++i) {
+    kept[i] = order[i];
+    slot[order[i]] = static_cast<int32_t>(i);
+  }
+}
+
+// Output rows of batch element b: the P prefix rows, the kept rows, and when fuse is set the
+// fused row sum_m w_m x[P + m] with w_m = scores[m] for dropped m and 0 for kept m (a product by
+// zero, as in the reference einsum, so a non-finite kept row propagates exactly as there).
+template <typename T>
+void drop_rows_one(const Rows<T>& x, int64_t b, int64_t C, int64_t P, int64_t M,
+                   const int32_t* kept, int64_t n_keep, const int32_t* slot, const T* scores,
+                   bool fuse, T* out) {
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
+  for (int64_t p = 0; p < P; ++p) std::memcpy(out + p * C, x.row(b, p), row_bytes);
+  for (int64_t i = 0; i < n_keep; ++i) {
+    std::memcpy(out + (P + i) * C, x.row(b, P + kept[i]), row_bytes);
+  }
+  if (!fuse) return;
+  T* fused = out + (P + n_keep) * C;
+  std::fill(fused, fused + C, T(0));
+  for (int64_t m = 0; m < M; ++m) {
+    const T w = slot[m] < 0 ? scores[m] : T(0);
+    axpy(w, x.row(b, P + m), fused, C);
+  }
+}
+
+// Backward of cls_scores_one for batch element b, from the saved lse (the probabilities are
+// recomputed, never stored):
+//   g_p[h, n]  = n >= P ? grad_scores[n - P] / H : 0
+//   g_l[h, n]  = p[h, n] * (g_p[h, n] - sum_n' p[h, n'] g_p[h, n']) * scale
+//   grad_q[b, h, 0] = sum_n g_l[h, n] k[b, h, n];   grad_q[b, h, n > 0] = 0
+//   grad_k[b, h, n] = g_l[h, n] q[b, h, 0]
+// grad_q and grad_k point at the (H, N, D) contiguous block of batch element b. work holds N.
+template <typename T>
+void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Heads<T>& k,
+                             const T* lse, int64_t b, int64_t H, int64_t N, int64_t D, T scale,
+                             int64_t P, T* grad_q, T* grad_k, T* work) {
+  const T hh = static_cast<T>(H);
+  for (int64_t h = 0; h < H; ++h) {
+    T* p = work;
+    cls_logits(q, k, b, h, N, D, scale, p);
+    const T l = lse[h];
+    T s = T(0);
+    for (int64_t n = 0; n < N; ++n) {
+      p[n] = std::exp(p[n] - l);
+      if (n >= P) s += p[n] * (grad_scores[n - P] / hh);
+    }
+    // p[n] becomes the logit gradient g_l[h, n].
+    for (int64_t n = 0; n < N; ++n) {
+      const T gp = n >= P ? grad_scores[n - P] / hh : T(0);
+      p[n] = p[n] * (gp - s) * scale;
+    }
+    const T* q0 = q.row(b, h, 0);
+    T* gq = grad_q + h * N * D;
+    T* gk = grad_k + h * N * D;
+    std::fill(gq, gq + N * D, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const T g = p[n];
+      axpy(g, k.row(b, h, n), gq, D);
+      T* gkn = gk + n * D;
+      for (int64_t d = 0; d < D; ++d) gkn[d] = g * q0[d];
+    }
+  }
+}
+
+// Scatter of grad_out rows back to the N input rows of batch element b (no fused token):
+// prefix rows copied, kept rows copied to their positions, dropped rows zero. go has >= P + n_keep
+// rows of C values, gx has N rows.
+template <typename T>
+void gather_backward_one(const T* go, const int32_t* kept, int64_t n_keep, int64_t N, int64_t C,
+                         int64_t P, T* gx) {
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
+  std::memcpy(gx, go, static_cast<size_t>(P) * row_bytes);
+  std::fill(gx + P * C, gx + N * C, T(0));
+  for (int64_t i = 0; i < n_keep; ++i) {
+    std::memcpy(gx + (P + kept[i]) * C, go + (P + i) * C, row_bytes);
+  }
+}
+
+// Backward of the drop with a fused token for batch element b, up to the score gradient:
+//   grad_x[P + m] = (kept ? grad_out[P + slot[m]] : 0) + w_m * g_f,  g_f = grad_out[P + n_keep]
+//   grad_scores[m] = dropped ? g_f . x[P + m] : 0
+// go has P + n_keep + 1 rows; gx has N rows; grad_scores holds M values.
+template <typename T>
+void drop_rows_backward_one(const T* go, const Rows<T>& x, int64_t b, const int32_t* slot,
+                            const T* scores, int64_t n_keep, int64_t M, int64_t C, int64_t P,
+                            T* gx, T* grad_scores) {
+  const T* gf = go + (P + n_keep) * C;
+  std::memcpy(gx, go, static_cast<size_t>(P * C) * sizeof(T));
+  for (int64_t m = 0; m < M; ++m) {
+    T* gxr = gx + (P + m) * C;
+    if (slot[m] >= 0) {
+      const T* g = go + (P + slot[m]) * C;
+      // w_m = 0: the product is kept (0 * inf = NaN propagates as in the reference).
+      for (int64_t c = 0; c < C; ++c) gxr[c] = g[c] + T(0) * gf[c];
+      grad_scores[m] = T(0);
+    } else {
+      const T w = scores[m];
+      for (int64_t c = 0; c < C; ++c) gxr[c] = w * gf[c];
+      grad_scores[m] = dot(gf, x.row(b, P + m), C);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace bsr_kernels
