@@ -1,0 +1,292 @@
+"""reprogram / restore / the memory-lean backward, against the authors' eager formulation and timm."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+
+import bsr_kernels
+from bsr_kernels.baselines import EagerBSR, configure_eager_bsr, eager_bsr_forward
+from bsr_kernels.measure import saved_activations
+from bsr_kernels.reprogram import BSRBlock, default_drop_at, default_train_blocks
+
+CONFIGS = {
+    "plain": dict(),
+    "registers": dict(reg_tokens=4, no_embed_class=True),
+    "layerscale": dict(init_values=0.1),
+    "qk_norm": dict(qk_norm=True, qkv_bias=False),
+}
+
+
+def small_vit(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=4, num_classes=7)
+    args.update(kw)
+    model = VisionTransformer(**args).to(dtype)
+    with torch.no_grad():  # random-init LayerScale/norm params away from their constant inits
+        for name, p in model.named_parameters():
+            if "gamma" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def images(n=3, seed=1, size=32, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel_err(a, b, floor=1e-12):
+    """Relative error; ``floor`` handles gradients that are mathematically zero (e.g. the k_norm
+    bias, to which softmax is invariant) and come out as rounding noise in both computations."""
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def to_patches(kept_stages, fuse=True):
+    """Maps per-stage kept positions (as the eager formulation returns them) to original patches."""
+    out, mapping = [], None
+    for kept in kept_stages:
+        mapped = kept if mapping is None else torch.gather(mapping, 1, kept)
+        out.append(mapped)
+        mapping = torch.cat([mapped, mapped.new_full((mapped.shape[0], 1), -1)], 1) if fuse else mapped
+    return out
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+def test_matches_eager_formulation_float64(config, memory_mode):
+    base = small_vit(**CONFIGS[config])
+    eager_model, bsr_model = copy.deepcopy(base), copy.deepcopy(base)
+    x, y = images(), torch.tensor([0, 3, 6])
+
+    eager = EagerBSR(eager_model)
+    logits_e = eager(x)
+    torch.nn.functional.cross_entropy(logits_e, y).backward()
+
+    bsr_kernels.reprogram(bsr_model, memory_mode=memory_mode)
+    logits_b = bsr_model(x)
+    torch.nn.functional.cross_entropy(logits_b, y).backward()
+
+    assert bsr_model.__class__ is VisionTransformer
+    torch.testing.assert_close(logits_b, logits_e, rtol=1e-10, atol=1e-10)
+    ge, gb = grads(eager_model), grads(bsr_model)
+    assert set(ge) == set(gb) and len(gb) > 0
+    for name in ge:
+        assert rel_err(gb[name], ge[name]) < 1e-5, name
+    kept_b = bsr_kernels.kept_patches(bsr_model, x)
+    kept_e = to_patches(eager.last.kept)
+    assert len(kept_b) == len(kept_e) == 3
+    for a, b in zip(kept_b, kept_e):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+def test_gradients_equal_plain_autograd_float32(memory_mode):
+    """The lean/fast backward against plain autograd through the same body (fp32, 1e-3)."""
+    base = small_vit(dtype=torch.float32, init_values=0.5)
+    plain, bsr = copy.deepcopy(base), copy.deepcopy(base)
+    x = images(dtype=torch.float32)
+    for m, mode in ((plain, memory_mode), (bsr, memory_mode)):
+        bsr_kernels.reprogram(m, memory_mode=mode)
+    for blk in plain.blocks:  # run every block's body under plain autograd
+        if blk.bsr_mode != "nograd":
+            blk.bsr_mode = "plain"
+    plain(x).square().mean().backward()
+    bsr(x).square().mean().backward()
+    gp, gb = grads(plain), grads(bsr)
+    assert set(gp) == set(gb) and len(gb) > 0
+    for name in gp:
+        assert rel_err(gb[name], gp[name]) < 1e-3, name
+
+
+def test_keep_rate_one_all_trained_reproduces_timm():
+    base = small_vit()
+    ref, bsr = copy.deepcopy(base), copy.deepcopy(base)
+    x = images()
+    bsr_kernels.reprogram(bsr, train_blocks=range(12), drop_at=[3, 6, 9], keep_rate=1.0)
+    out_ref, out_bsr = ref(x), bsr(x)
+    torch.testing.assert_close(out_bsr, out_ref, rtol=1e-12, atol=1e-12)
+    out_ref.square().sum().backward()
+    out_bsr.square().sum().backward()
+    g_ref, g_bsr = grads(ref), grads(bsr)
+    trained = {n for n, p in bsr.named_parameters() if p.requires_grad}
+    assert trained == {n for n in g_ref if n.startswith(("blocks.", "head."))}
+    for name in trained:
+        torch.testing.assert_close(g_bsr[name], g_ref[name], rtol=1e-10, atol=1e-12)
+
+
+def test_defaults_and_token_counts():
+    assert default_train_blocks(12) == (3, 7, 11) and default_drop_at(12) == (3, 6, 9)
+    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=32, depth=12, num_heads=2,
+                              num_classes=3)
+    bsr_kernels.reprogram(model)
+    prof = bsr_kernels.profile(model, torch.randn(1, 3, 224, 224))
+    # ViT-B/16 token schedule of DESIGN.md: 197 -> 100 -> 52 -> 28 (incl. CLS and fused token)
+    assert prof["tokens_per_block"] == [197] * 4 + [100] * 3 + [52] * 3 + [28] * 2
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.3", "blocks.7", "blocks.11", "head"}
+
+
+def test_blocks_before_first_trained_run_without_autograd():
+    model = bsr_kernels.reprogram(small_vit(dtype=torch.float32))
+    seen = {}
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.requires_grad))
+    model(images(dtype=torch.float32))
+    assert [seen[i] for i in range(12)] == [False] * 3 + [True] * 9
+
+
+def test_lean_saves_less_and_never_attention_probabilities():
+    x = images(n=2, dtype=torch.float32)
+    sizes = {}
+    for mode in ("plain", "fast", "lean"):
+        model = small_vit(dtype=torch.float32)
+        bsr_kernels.reprogram(model, memory_mode="lean" if mode == "plain" else mode)
+        if mode == "plain":
+            for blk in model.blocks:
+                if blk.bsr_mode != "nograd":
+                    blk.bsr_mode = "plain"
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sizes[mode] = saved_activations(lambda: model(x).sum(), exclude=[model]).bytes
+        n_tokens = 65
+        assert not any(len(s) >= 2 and s[-1] == s[-2] == n_tokens for s in shapes), mode
+    assert sizes["lean"] < sizes["fast"] < sizes["plain"]
+
+
+def test_eval_and_no_grad_match_training_logits():
+    model = bsr_kernels.reprogram(small_vit())
+    x = images()
+    with torch.no_grad():
+        a = model(x)
+    b = model(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_state_dict_round_trips():
+    base = small_vit()
+    bsr = bsr_kernels.reprogram(copy.deepcopy(base), train_blocks=[1, 5])
+    assert list(bsr.state_dict()) == list(base.state_dict())
+    fresh = small_vit(seed=5)
+    fresh.load_state_dict(bsr.state_dict())  # reprogrammed weights -> plain timm model
+    x = images()
+    torch.testing.assert_close(fresh(x), base(x))
+    other = bsr_kernels.reprogram(small_vit(seed=7))
+    other.load_state_dict(base.state_dict())  # plain timm weights -> reprogrammed model
+    torch.testing.assert_close(other(x), bsr(x))
+
+
+def test_restore_gives_back_plain_timm():
+    base = small_vit()
+    base.blocks[2].attn.qkv.weight.requires_grad_(False)
+    model = copy.deepcopy(base)
+    bsr_kernels.reprogram(model)
+    assert isinstance(model.blocks[0], BSRBlock)
+    assert bsr_kernels.restore(model) is model
+    for blk in model.blocks:
+        assert type(blk) is Block and type(blk.attn) is timm.layers.Attention
+        assert not any(a.startswith(("bsr_", "_bsr")) for a in vars(blk))
+    assert ([p.requires_grad for p in model.parameters()]
+            == [p.requires_grad for p in base.parameters()])
+    x = images()
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not reprogrammed"):
+        bsr_kernels.restore(model)
+
+
+def test_reprogram_twice_replaces_configuration():
+    model = bsr_kernels.reprogram(small_vit(), keep_rate=0.5)
+    bsr_kernels.reprogram(model, keep_rate=0.25, drop_at=[2])
+    prof = bsr_kernels.profile(model, images(n=1))
+    assert prof["tokens_per_block"] == [65] * 3 + [18] * 9  # 1 + ceil(0.25 * 64) + 1 fused
+
+
+def test_dynamic_image_size():
+    model = small_vit(dynamic_img_size=True)
+    bsr_kernels.reprogram(model)
+    out = model(images(n=2, size=48))
+    assert out.shape == (2, 7)
+    assert bsr_kernels.profile(model, images(n=1, size=48))["tokens_per_block"][0] == 145
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [p.requires_grad for p in model.parameters()],
+            [type(b) for b in model.blocks], [type(b.attn) for b in model.blocks])
+
+
+def _same(model, snap):
+    sd, rg, bt, at = snap
+    now = _snapshot(model)
+    return (all(torch.equal(sd[k], now[0][k]) for k in sd) and rg == now[1] and bt == now[2]
+            and at == now[3])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(keep_rate=0), "keep_rate"),
+    (dict(keep_rate=1.5), "keep_rate"),
+    (dict(keep_rate=float("nan")), "keep_rate"),
+    (dict(train_blocks=[12]), "train_blocks"),
+    (dict(train_blocks=[-1]), "train_blocks"),
+    (dict(train_blocks=[1, 1]), "train_blocks"),
+    (dict(train_blocks="3"), "train_blocks"),
+    (dict(drop_at=[3, 99]), "drop_at"),
+    (dict(drop_at=[2.5]), "drop_at"),
+    (dict(memory_mode="tiny"), "memory_mode"),
+    (dict(fuse_token="yes"), "fuse_token"),
+])
+def test_bad_arguments_raise_and_leave_model_unchanged(kwargs, match):
+    model = small_vit()
+    snap = _snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        bsr_kernels.reprogram(model, **kwargs)
+    assert _same(model, snap)
+    assert not hasattr(model, "_bsr_config")
+
+
+def test_bad_arguments_on_reprogrammed_model_keep_its_configuration():
+    model = bsr_kernels.reprogram(small_vit(), keep_rate=0.5)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="drop_at"):
+        bsr_kernels.reprogram(model, drop_at=[40])
+    assert _same(model, snap) and model._bsr_config["keep_rate"] == 0.5
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
+                               class_token=False, global_pool="avg"), "class token"),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)), "not a ViT"),
+    (lambda: timm.create_model("resnet18", pretrained=False), "not a ViT"),
+    (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
+                               drop_path_rate=0.1), "drop"),
+])
+def test_unsupported_models_get_clear_errors(make, match):
+    model = make()
+    with pytest.raises(ValueError, match=match):
+        bsr_kernels.reprogram(model)
+
+
+def test_timm_deit_and_vit_factories():
+    for name in ("deit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_reg4_gap_256"):
+        model = timm.create_model(name, pretrained=False, num_classes=3, img_size=64)
+        if model.cls_token is None:
+            with pytest.raises(ValueError, match="class token"):
+                bsr_kernels.reprogram(model)
+            continue
+        bsr_kernels.reprogram(model)
+        out = model(torch.randn(2, 3, 64, 64))
+        out.sum().backward()
+        assert out.shape == (2, 3)
+        assert model.blocks[3].mlp.fc1.weight.grad is not None
+        assert model.blocks[4].mlp.fc1.weight.grad is None
