@@ -59,7 +59,10 @@ def drop_fwd_kernel(
                      other=0.0).to(ACC)
         k_base = k_ptr + b * stride_kb + h * stride_kh
         ws_base = logit_ws_ptr + (b * H + h) * N
+        # online logsumexp with torch's convention: the shift is the running max, or 0 while
+        # that max is infinite (so a +inf logit gives lse = +inf, as torch.logsumexp does)
         m_i = tl.full([], float("-inf"), ACC)
+        shift = tl.full([], 0.0, ACC)
         l_i = tl.full([], 0.0, ACC)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -69,10 +72,11 @@ def drop_fwd_kernel(
             logit = tl.sum(kt * q0[None, :], axis=1) * sc
             logit = tl.where(nmask, logit, float("-inf"))
             tl.store(ws_base + offs_n, logit, mask=nmask)
-            m_new = tl.maximum(m_i, tl.max(logit, axis=0))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logit - m_new), axis=0)
-            m_i = m_new
-        lse = m_i + tl.log(l_i)
+            m_i = tl.maximum(m_i, tl.max(logit, axis=0))
+            new_shift = tl.where(tl.abs(m_i) == float("inf"), 0.0, m_i)
+            l_i = l_i * tl.exp(shift - new_shift) + tl.sum(tl.exp(logit - new_shift), axis=0)
+            shift = new_shift
+        lse = shift + tl.log(l_i)
         tl.store(lse_ptr + b * H + h, lse)
         tl.debug_barrier()
         for j0 in range(0, M, BLOCK_M):

@@ -1,0 +1,385 @@
+"""Triton-specific tests of the token-drop ops (the cross-backend ones live in test_ops.py).
+
+On a machine without CUDA every test runs the kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``) on CPU tensors, so shapes are small; where CUDA is present the value and
+gradient tests also run compiled on CUDA tensors. Everything is compared with the pure-PyTorch
+definition in :mod:`bsr_kernels.ops.reference`.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import bsr_kernels  # noqa: E402
+from bsr_kernels.ops import reference as ref  # noqa: E402
+from bsr_kernels.ops import triton_backend as tb  # noqa: E402
+from bsr_kernels.ops.common import num_kept  # noqa: E402
+from bsr_kernels.ops.dispatch import select_backend  # noqa: E402
+
+BACKEND = tb.TritonBackend()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-11, atol=1e-13)}
+GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5),
+            torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """CPU runs the interpreter; CUDA runs compiled kernels. Forces BSR_BACKEND=triton."""
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("BSR_BACKEND", "triton")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiny block sizes, so that every loop of every kernel runs over several tiles."""
+    for key, value in dict(tile_elems=32, max_block_c=4, max_block_m=4, rank_block=4).items():
+        monkeypatch.setitem(tb.LAUNCH, key, value)
+
+
+def _inputs(b, h, n, d, c, device, dtype, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64) * spread
+    k = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, q, k))
+
+
+def _selection(scores, n_keep):
+    """The selection rule applied to given scores (int32, like the backend)."""
+    return ref.select_tokens(scores, n_keep)[0].to(torch.int32)
+
+
+def _check_forward(x, q, k, p, n_keep, fuse, dtype, scale=None):
+    """Runs the backend forward twice, checks determinism and every output against the reference."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = BACKEND.drop_forward(x, q, k, scale, p, n_keep, fuse)
+    again = BACKEND.drop_forward(x, q, k, scale, p, n_keep, fuse)
+    for a, b in zip(out, again):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                     and torch.equal(a[~a.isnan()], b[~b.isnan()])), \
+            "two runs differ"
+    x_out, kept, scores, lse = out
+    r_out, r_kept, r_scores, r_lse = ref.drop_tokens(x, q, k, scale, p, n_keep, fuse)
+    m = x.shape[1] - p
+    assert kept.dtype == torch.int32 and kept.shape == (x.shape[0], n_keep)
+    assert scores.dtype == r_scores.dtype and lse.dtype == r_lse.dtype
+    assert x_out.dtype == x.dtype and x_out.shape == r_out.shape
+    # kept is exactly the selection rule on the backend's own scores, and the reference's set
+    assert torch.equal(kept, _selection(scores, n_keep))
+    assert torch.equal(kept.long(), r_kept), (kept, r_kept)
+    torch.testing.assert_close(scores, r_scores, **TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(lse, r_lse, **TOL[dtype], equal_nan=True)
+    rows = p + n_keep
+    assert torch.equal(x_out[:, :rows], r_out[:, :rows]), "prefix/kept rows are not copies of x"
+    assert x_out.shape[1] == rows + int(fuse and n_keep < m)
+    torch.testing.assert_close(x_out[:, rows:], r_out[:, rows:], **TOL[dtype], equal_nan=True)
+    return out
+
+
+# --- availability and the TRITON_INTERPRET switch ---------------------------------------------
+
+def test_not_supported_reasons(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert any("TRITON_INTERPRET" in r for r in BACKEND.not_supported_reasons(cpu, torch.float32))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert BACKEND.not_supported_reasons(cpu, torch.float32) == []
+    assert BACKEND.not_supported_reasons(cpu, torch.float64) == []
+    assert any("bfloat16" in r for r in BACKEND.not_supported_reasons(cpu, torch.bfloat16))
+    assert any("int32" in r for r in BACKEND.not_supported_reasons(cuda, torch.int32))
+    assert BACKEND.not_supported_reasons(torch.device("meta"), torch.float32)
+    cuda_reasons = BACKEND.not_supported_reasons(cuda, torch.bfloat16)
+    assert (cuda_reasons == []) == torch.cuda.is_available(), cuda_reasons
+
+
+def test_kernels_wrapped_per_mode_at_call_time(monkeypatch):
+    """The interpreter flag is read at launch: kernels exist in both modes, whatever the import order."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    assert all(isinstance(f, InterpretedFunction) for f in tb._kernels(True).values())
+    assert all(isinstance(f, JITFunction) for f in tb._kernels(False).values())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert isinstance(tb._kernel("drop_fwd_kernel"), InterpretedFunction)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert isinstance(tb._kernel("drop_fwd_kernel"), JITFunction)
+
+
+def test_forced_triton_without_interpreter_raises_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("BSR_BACKEND", "triton")
+    x, q, k = _inputs(1, 1, 5, 4, 3, "cpu", torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        bsr_kernels.drop_tokens(x, q, k, 0.5)
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+FORWARD_CASES = [
+    # (B, H, N, d, C, P, n_keep, fuse)
+    (2, 3, 15, 8, 12, 1, 7, True),     # N not a power of two
+    (2, 2, 31, 16, 20, 5, 8, True),    # 5 prefix tokens (CLS + 4 registers)
+    (2, 3, 15, 8, 12, 1, 1, True),     # one kept token
+    (2, 2, 15, 8, 12, 1, 13, True),    # exactly one dropped token
+    (2, 2, 17, 8, 12, 5, 4, False),    # no fused token
+    (3, 2, 2, 4, 6, 1, 1, True),       # N = 2: one candidate, kept, nothing fused
+    (1, 1, 9, 3, 5, 1, 4, True),       # one head, odd head dim
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "B{}H{}N{}d{}C{}P{}k{}f{:d}".format(*c))
+def test_forward_matches_reference(case, dtype, device):
+    b, h, n, d, c, p, n_keep, fuse = case
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=n * 7 + p)
+    _check_forward(x, q, k, p, n_keep, fuse, dtype)
+    scores, lse = BACKEND.cls_scores(q, k, d ** -0.5, p)
+    r_scores, r_lse = ref.cls_scores(q, k, d ** -0.5, p)
+    torch.testing.assert_close(scores, r_scores, **TOL[dtype])
+    torch.testing.assert_close(lse, r_lse, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_many_tiles(dtype, device, small_tiles):
+    """Every loop runs over several tiles: logits, scores, ranks (with the cumsum carry), copies."""
+    x, q, k = _inputs(2, 2, 31, 8, 10, device, dtype, seed=3)
+    _check_forward(x, q, k, 5, 11, True, dtype, scale=0.7)
+    _check_forward(x, q, k, 1, 9, False, dtype)
+
+
+def test_forward_large_shapes(device):
+    """N = 577 (ViT at 384 px) and C = 1024 with the default tiles."""
+    x, q, k = _inputs(1, 2, 577, 8, 16, device, torch.float32, seed=11, spread=3.0)
+    _check_forward(x, q, k, 1, num_kept(0.5, 576), True, torch.float32)
+    x, q, k = _inputs(1, 2, 15, 8, 1024, device, torch.float32, seed=12)
+    _check_forward(x, q, k, 1, 7, True, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_nan_padded_inputs(dtype, device):
+    """q, k as timm's qkv views, x inside a NaN buffer: wrong strides or out-of-bounds reads show."""
+    b, h, n, d, c, p = 2, 2, 15, 4, 6, 1
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.full((b, n, 3, h, d + 2), float("nan"), dtype=torch.float64)
+    qkv[..., :d] = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64)
+    q, k, _ = qkv.to(device=device, dtype=dtype)[..., :d].permute(2, 0, 3, 1, 4).unbind(0)
+    xbig = torch.full((b + 1, n + 3, c + 4), float("nan"), dtype=torch.float64)
+    xbig[1:, 2:n + 2, 1:c + 1] = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    x = xbig.to(device=device, dtype=dtype)[1:, 2:n + 2, 1:c + 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or x.is_contiguous())
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, 6, True, dtype)
+    assert not x_out.isnan().any() and not scores.isnan().any()
+
+    gbig = torch.full((b, x_out.shape[1] + 2, c + 3), float("nan"), dtype=dtype, device=device)
+    grad_out = gbig[:, 1:-1, 2:-1]
+    grad_out.copy_(torch.randn(x_out.shape, generator=g, dtype=torch.float64))
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    for a, w in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    got = BACKEND.gather_backward(grad_out[:, :p + 6], kept, n, p)
+    assert torch.equal(got, ref.gather_backward(grad_out[:, :p + 6], kept, n, p))
+
+
+@pytest.mark.parametrize("p", [1, 5])
+def test_exact_ties_go_to_lower_positions(p, device):
+    dtype = torch.float32
+    b, h, n, d, c = 3, 2, 16, 4, 5
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=21)
+    q[0, :, 0] = 0.0                       # batch 0: uniform attention, every score tied
+    k[1] = k[1, :, :1].expand(h, n, d)     # batch 1: identical keys, every score tied
+    pairs = k[2, :, p::2].clone()          # batch 2: candidates tied in pairs
+    k[2, :, p::2] = pairs
+    k[2, :, p + 1::2] = pairs[:, :(n - p) // 2]
+    m = n - p
+    for n_keep in (1, m // 2 + 1, m - 1):  # the boundary splits a group of equal scores
+        x_out, kept, scores, _ = _check_forward(x, q, k, p, n_keep, True, dtype)
+        want0 = torch.arange(n_keep, dtype=torch.int32)
+        assert torch.equal(kept[0].cpu(), want0) and torch.equal(kept[1].cpu(), want0)
+        s2 = scores[2, :m - m % 2].view(-1, 2)
+        assert torch.equal(s2[:, 0], s2[:, 1]), "pairs should tie exactly"
+
+
+def test_nan_ranks_lowest(device):
+    dtype = torch.float32
+    b, h, n, d, c, p, n_keep = 3, 2, 13, 4, 6, 1, 5
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=8)
+    q[0, 1, 0, 2] = float("nan")           # batch 0: NaN in the CLS query -> every score NaN
+    q[1, 0, 4, :] = float("nan")           # batch 1: NaN in a non-CLS query row -> no effect
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    assert scores[0].isnan().all() and torch.equal(kept[0].cpu(), torch.arange(n_keep).int())
+    assert x_out[0, -1].isnan().all()      # NaN weights reach the fused token, as in the reference
+    assert not scores[1:].isnan().any() and not x_out[1:].isnan().any()
+
+
+def test_nan_scores_rank_below_real_ones(device):
+    """+inf keys make single NaN scores among real ones (torch.logsumexp gives +inf, then
+    exp(inf - inf) = NaN): those candidates rank lowest, tied among themselves by position."""
+    dtype = torch.float64
+    b, h, n, d, c, p = 2, 2, 12, 3, 4, 2
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=31)
+    q[:, 0, 0] = q[:, 0, 0].abs() + 0.1    # positive CLS query in head 0
+    k[0, 0, 5] = float("inf")              # batch 0: candidate 3 gets a NaN score
+    k[1, 0, 4] = float("inf")              # batch 1: candidates 2 and 7 get NaN scores
+    k[1, 0, 9] = float("inf")
+    m = n - p
+    for n_keep in (1, m // 2, m - 2, m - 1):
+        x_out, kept, scores, _ = _check_forward(x, q, k, p, n_keep, True, dtype)
+        assert scores[0].isnan().sum() == 1 and scores[0, 3].isnan()
+        assert scores[1].isnan().sum() == 2 and scores[1, [2, 7]].isnan().all()
+        assert 3 not in kept[0].tolist() and 7 not in kept[1].tolist()
+        assert (2 in kept[1].tolist()) == (n_keep == m - 1)   # the NaN tie goes to position 2
+        assert x_out[:, -1].isnan().all()
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 3, 15, 8, 12, 1, 7), (2, 2, 31, 4, 9, 5, 1),
+                                  (1, 2, 9, 4, 5, 2, 6)],
+                         ids=lambda c: "B{}H{}N{}d{}C{}P{}k{}".format(*c))
+def test_backward_matches_reference(case, dtype, device):
+    b, h, n, d, c, p, n_keep = case
+    scale = d ** -0.5
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=n + p)
+    x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, scale, p, n_keep, True)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    # ... and autograd through the definition, the ground truth
+    xr, qr, kr = (t.detach().clone().requires_grad_() for t in (x, q, k))
+    auto = torch.autograd.grad(ref.drop_tokens(xr, qr, kr, scale, p, n_keep, True)[0],
+                               (xr, qr, kr), grad_out)
+    for name, a, w, t in zip("xqk", got, want, auto):
+        assert a.shape == w.shape and a.dtype == w.dtype, name
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype], msg=lambda s, n=name: f"d{n}: {s}")
+        torch.testing.assert_close(a, t, **GRAD_TOL[dtype], msg=lambda s, n=name: f"d{n}: {s}")
+    assert got[1][:, :, 1:].abs().max() == 0 and got[1][:, :, 0].abs().max() > 0
+
+    go = grad_out[:, :p + n_keep]
+    assert torch.equal(BACKEND.gather_backward(go, kept, n, p), ref.gather_backward(go, kept, n, p))
+
+    gs = torch.randn(b, n - p, generator=g, dtype=torch.float64).to(device, scores.dtype)
+    got = BACKEND.cls_scores_backward(gs, q, k, lse, scale, p)
+    want = ref.cls_scores_backward(gs, q, k, lse, scale, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+
+def test_backward_many_tiles(device, small_tiles):
+    dtype = torch.float64
+    b, h, n, d, c, p, n_keep = 2, 2, 31, 8, 10, 5, 11
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=4)
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    grad_out = torch.randn(x_out.shape, dtype=dtype, device=device)
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    go = grad_out[:, :p + n_keep]
+    assert torch.equal(BACKEND.gather_backward(go, kept, n, p), ref.gather_backward(go, kept, n, p))
+
+
+# --- the public API with BSR_BACKEND=triton ---------------------------------------------------
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts backend calls, to prove the public API really ran the Triton kernels."""
+    counts = {}
+    for name in ("drop_forward", "drop_backward", "gather_backward", "cls_scores",
+                 "cls_scores_backward"):
+        original = getattr(tb.TritonBackend, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(tb.TritonBackend, name, spy)
+    return counts
+
+
+def test_public_api_uses_triton_and_matches_reference(device, calls):
+    assert select_backend(device, torch.float32).name == "triton"
+    x, q, k = _inputs(2, 3, 15, 8, 6, device, torch.float32, seed=9)
+    x, q, k = (t.requires_grad_() for t in (x, q, k))
+    for fuse in (True, False):
+        x_out, kept = bsr_kernels.drop_tokens(x, q, k, 0.4, fuse_token=fuse, num_prefix_tokens=2)
+        r_out, r_kept, _, _ = ref.drop_tokens(x, q, k, 8 ** -0.5, 2, num_kept(0.4, 13), fuse)
+        assert kept.dtype == torch.int64 and torch.equal(kept, r_kept)
+        torch.testing.assert_close(x_out, r_out, **TOL[torch.float32])
+        go = torch.randn_like(x_out)
+        got = torch.autograd.grad(x_out, (x, q, k), go, allow_unused=True)
+        want = torch.autograd.grad(r_out, (x, q, k), go, allow_unused=True)
+        for a, w in zip(got, want):
+            if w is None:
+                assert a is None or a.abs().max() == 0
+            else:
+                torch.testing.assert_close(a, w, **GRAD_TOL[torch.float32])
+    scores = bsr_kernels.cls_attention(q, k, num_prefix_tokens=2)
+    torch.testing.assert_close(scores, ref.cls_scores(q, k, 8 ** -0.5, 2)[0], **TOL[torch.float32])
+    assert calls["drop_forward"] == 2 and calls["drop_backward"] == 1
+    assert calls["gather_backward"] == 1 and calls["cls_scores"] == 1
+
+
+def test_gradcheck_public_api(device, calls):
+    """float64 gradcheck through bsr_kernels.drop_tokens / cls_attention on the Triton kernels."""
+    dt = torch.float64
+    x, q, k = (t.requires_grad_() for t in _inputs(1, 2, 6, 2, 2, device, dt, seed=13))
+    assert torch.autograd.gradcheck(
+        lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5)[0], (x, q, k))
+    assert torch.autograd.gradcheck(
+        lambda x: bsr_kernels.drop_tokens(x, q, k, 0.5, fuse_token=False)[0], (x,))
+    assert torch.autograd.gradcheck(
+        lambda q, k: bsr_kernels.cls_attention(q, k, num_prefix_tokens=2), (q, k))
+    # larger, with registers and a custom scale: fast mode (random projections of the Jacobian)
+    x, q, k = (t.requires_grad_() for t in _inputs(2, 3, 11, 4, 5, device, dt, seed=14))
+    assert torch.autograd.gradcheck(
+        lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.3, num_prefix_tokens=3, scale=0.8)[0],
+        (x, q, k), fast_mode=True)
+    assert calls["drop_backward"] > 0 and calls["gather_backward"] > 0
+    assert calls["cls_scores_backward"] > 0
+
+
+def test_opcheck_drop_op(device):
+    from bsr_kernels.ops import _drop_op
+
+    x, q, k = _inputs(2, 2, 9, 4, 5, device, torch.float32, seed=15)
+    x, q, k = (t.requires_grad_() for t in (x, q, k))
+    torch.library.opcheck(_drop_op, (x, q, k, 0.5, 1, 3, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled half precision)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_cuda(dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    b, h, n, d, c, p, n_keep = 4, 12, 197, 64, 768, 1, 98
+    x, q, k = _inputs(b, h, n, d, c, "cuda", dtype, seed=16)
+    x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, d ** -0.5, p, n_keep, True)
+    r_out, _, r_scores, r_lse = ref.drop_tokens(x, q, k, d ** -0.5, p, n_keep, True)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, r_scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lse, r_lse, rtol=1e-4, atol=1e-4)
+    assert torch.equal(kept, _selection(scores, n_keep))
+    rows = p + n_keep
+    assert torch.equal(x_out[:, :p], x[:, :p])
+    assert torch.equal(x_out[:, p:rows], x[:, p:].gather(
+        1, kept.long().unsqueeze(-1).expand(-1, -1, c)))
+    # fused row against fp32 arithmetic on the kernel's own kept set and scores
+    dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept.long(), False)
+    fused = torch.einsum("bm,bmc->bc", torch.where(dropped, scores, 0.0), x[:, p:].float())
+    torch.testing.assert_close(x_out[:, -1].float(), fused, rtol=1e-2, atol=1e-2)
+    assert not math.isnan(float(r_out.float().sum()))
