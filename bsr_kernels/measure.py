@@ -7,12 +7,16 @@ These implement the measurement rules of the design document:
   (and buffer) storages. A storage counts once however many saved tensors view it (q, k and v of
   one ``qkv`` projection are one storage). A saved tensor counts only while the graph still holds
   it when the forward returns; intermediate graphs that died during the forward are not counted.
+  Tensors that a custom ``autograd.Function`` stores as plain ``ctx`` attributes instead of
+  ``ctx.save_for_backward`` bypass the hooks and are invisible here: save through
+  ``save_for_backward`` to be measured honestly.
 * **FLOPs**: :class:`torch.utils.flop_counter.FlopCounterMode` over forward plus backward. Note that
   stock ``FlopCounterMode`` has no formula for the CPU flash-attention kernel that
   ``F.scaled_dot_product_attention`` uses on CPU (``aten._scaled_dot_product_flash_attention_for_cpu``),
   so attention matmuls of SDPA models are not counted on CPU by default. The design anchors
   (ViT-B/16 full fine-tuning forward 16.85 GMAC) are taken that way. Pass ``count_cpu_sdpa=True`` to
-  count them (4·B·H·N·N·d forward, twice that backward, as for the CUDA SDPA kernels).
+  count them with torch's own SDPA formulas (4·B·H·N·N·d forward; backward 2.5 times that, as
+  torch counts the CUDA flash/efficient kernels, which recompute Q·K^T).
 
 Nothing here imports the rest of ``bsr_kernels``, so any layer of the library may use it.
 """
@@ -87,6 +91,15 @@ def _excluded_keys(exclude: Iterable) -> set:
     return keys
 
 
+class _Saved:
+    """What the pack hook hands to autograd: a weak-referenceable holder of one saved tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
 def saved_activations(fn: Callable[[], Any], exclude: Iterable = ()) -> SavedActivations:
     """Runs ``fn()`` once and measures the storages autograd saved for backward.
 
@@ -103,31 +116,33 @@ def saved_activations(fn: Callable[[], Any], exclude: Iterable = ()) -> SavedAct
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     excluded = _excluded_keys(exclude)
-    packed: list[weakref.ref] = []
+    holders: list[weakref.ref] = []
     num_saved = 0
 
-    def pack(t: torch.Tensor):
+    def pack(t: torch.Tensor) -> _Saved:
         nonlocal num_saved
         num_saved += 1
-        packed.append(weakref.ref(t))
-        return t
+        holder = _Saved(t)
+        holders.append(weakref.ref(holder))
+        return holder
 
-    def unpack(t: torch.Tensor):
-        return t
+    def unpack(holder: _Saved) -> torch.Tensor:
+        return holder.tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         output = fn()
-    # Every tensor still alive is held by the graph of `output` (or by the caller); all of them
-    # are alive at once, so their storage pointers are distinct per storage.
+    # A holder is alive exactly while a live graph node keeps it (the tensor inside may be alive
+    # for other reasons, e.g. an input the caller holds). All live holders' storages are alive at
+    # once, so their data pointers tell storages apart.
     sizes: dict[tuple[str, int], int] = {}
-    for ref in packed:
-        t = ref()
-        if t is None:
+    for ref in holders:
+        holder = ref()
+        if holder is None:
             continue
-        key = _storage_key(t)
+        key = _storage_key(holder.tensor)
         if key is None or key in excluded:
             continue
-        sizes[key] = t.untyped_storage().nbytes()
+        sizes[key] = holder.tensor.untyped_storage().nbytes()
     return SavedActivations(bytes=sum(sizes.values()), num_storages=len(sizes),
                             num_saved=num_saved, output=output)
 
