@@ -18,6 +18,10 @@ Backward replays the same body (:meth:`BSRBlock.body`) with autograd on, where
 
 Frozen blocks get no weight gradients; no attention probabilities are ever stored. Gradients equal
 those of plain autograd through the same body (tested in tests/test_reprogram.py).
+
+Opt-in compression (``reprogram(..., activation_dtype=torch.bfloat16)``) stores the saved tensors in
+that dtype; backward casts them back and replays the recorded token selection, so gradients are
+approximate (their effect on accuracy is reported by the benchmarks and the application).
 """
 from __future__ import annotations
 
@@ -98,15 +102,17 @@ class _LeanBlock(torch.autograd.Function):
             return x_, idx
 
         out = block.body(x, linear=record_linear, drop=record_drop)
-        ctx.block, ctx.names, ctx.n_kept = block, names, len(kept)
-        ctx.save_for_backward(x, *(saved[n] for n in names), *kept)
+        ctx.block, ctx.names, ctx.dtype = block, names, x.dtype
+        store = block.bsr_activation_dtype or x.dtype
+        ctx.save_for_backward(x.to(store), *(saved[n].to(store) for n in names), *kept)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         block = ctx.block
-        x, *rest = ctx.saved_tensors
+        x, *rest = (t.to(ctx.dtype) if t.is_floating_point() else t for t in ctx.saved_tensors)
         saved = dict(zip(ctx.names, rest[:len(ctx.names)]))
+        compressed = block.bsr_activation_dtype not in (None, ctx.dtype)
         kept = rest[len(ctx.names):]
         fc2_needed = _fc2_output_needed(block)
         params = [p for p in block.parameters() if p.requires_grad]
@@ -119,6 +125,8 @@ class _LeanBlock(torch.autograd.Function):
             return module(inp)
 
         def replay_drop(x_, q, k):
+            if compressed:  # approximate recompute: replay the recorded selection
+                return block.drop(x_, q, k, kept=kept[0] if kept else None)
             x_, idx = block.drop(x_, q, k)
             if idx is not None and not torch.equal(idx.to(torch.int32), kept[0]):
                 raise RuntimeError("BSR lean backward: the recomputed token selection differs "

@@ -25,7 +25,7 @@ from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .attention import TokenDropAttention
-from .ops import drop_tokens
+from .ops import drop_tokens, reference
 from .ops.common import check_keep_rate
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
@@ -74,10 +74,19 @@ class BSRBlock(Block):
         h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
         return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
 
-    def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """The block's token drop; identity when ``bsr_keep_rate`` is 1."""
+    def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             kept: Optional[torch.Tensor] = None):
+        """The block's token drop; identity when ``bsr_keep_rate`` is 1.
+
+        ``kept`` replays a recorded selection (the compressed lean backward, whose recomputed
+        scores are approximate); the fusion weights are then the differentiable scores of q, k.
+        """
         if self.bsr_keep_rate >= 1.0:
             return x, None
+        if kept is not None:
+            x, kept, _, _ = reference.drop_tokens(x, q, k, self.attn.scale, self.bsr_prefix,
+                                                  kept.shape[1], self.bsr_fuse, kept=kept)
+            return x, kept
         n_candidates = x.shape[1] - self.bsr_prefix
         x, kept = drop_tokens(x, q, k, self.bsr_keep_rate, fuse_token=self.bsr_fuse,
                               num_prefix_tokens=self.bsr_prefix)
@@ -162,8 +171,8 @@ def is_reprogrammed(model: nn.Module) -> bool:
 
 def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
               drop_at: Optional[Sequence[int]] = None, keep_rate: float = 0.5,
-              fuse_token: bool = True, memory_mode: str = "lean", train_norm: bool = False
-              ) -> nn.Module:
+              fuse_token: bool = True, memory_mode: str = "lean", train_norm: bool = False,
+              activation_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Turns a timm ``VisionTransformer`` into its BSR form, in place.
 
     Args:
@@ -176,6 +185,10 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         fuse_token: fuse the dropped tokens into one extra token (EViT).
         memory_mode: "lean" (recompute in backward, least memory) or "fast" (plain autograd).
         train_norm: also train the final norm (``model.norm`` / ``model.fc_norm``).
+        activation_dtype: opt-in compression of what the lean/fast backward saves (e.g.
+            ``torch.bfloat16``, in the spirit of Mesa): saved activations are stored in this
+            dtype and cast back in backward. Gradients become approximate; None (default) keeps
+            them exact.
 
     Returns:
         The same model object, reprogrammed. Its class and state_dict keys are unchanged.
@@ -199,12 +212,16 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         raise ValueError(f"fuse_token must be a bool, got {fuse_token!r}")
     if not isinstance(train_norm, bool):
         raise ValueError(f"train_norm must be a bool, got {train_norm!r}")
+    if activation_dtype is not None and not (isinstance(activation_dtype, torch.dtype)
+                                             and activation_dtype.is_floating_point):
+        raise ValueError(f"activation_dtype must be a floating torch.dtype or None, "
+                         f"got {activation_dtype!r}")
 
     if is_reprogrammed(model):
         restore(model)
     model._bsr_config = dict(train_blocks=train_blocks, drop_at=drop_at, keep_rate=keep_rate,
                              fuse_token=fuse_token, memory_mode=memory_mode,
-                             train_norm=train_norm)
+                             train_norm=train_norm, activation_dtype=activation_dtype)
     model._bsr_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     trained_names = {"head.", "head_dist."}
@@ -224,6 +241,7 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         blk.bsr_prefix = model.num_prefix_tokens
         blk.bsr_trained = i in train_blocks
         blk.bsr_mode = "nograd" if i < first_trained else memory_mode
+        blk.bsr_activation_dtype = activation_dtype
         blk._bsr_trace = None
     return model
 
@@ -240,7 +258,7 @@ def restore(model: nn.Module) -> nn.Module:
         blk.__class__ = blk._bsr_orig_class
         blk.attn.__class__ = Attention
         for attr in ("_bsr_orig_class", "bsr_keep_rate", "bsr_fuse", "bsr_prefix",
-                     "bsr_trained", "bsr_mode", "_bsr_trace"):
+                     "bsr_trained", "bsr_mode", "bsr_activation_dtype", "_bsr_trace"):
             delattr(blk, attr)
     for name, p in model.named_parameters():
         p.requires_grad_(model._bsr_requires_grad.get(name, True))

@@ -290,3 +290,23 @@ def test_timm_deit_and_vit_factories():
         assert out.shape == (2, 3)
         assert model.blocks[3].mlp.fc1.weight.grad is not None
         assert model.blocks[4].mlp.fc1.weight.grad is None
+
+
+def test_compressed_activations_halve_memory_with_close_gradients():
+    base = small_vit(dtype=torch.float32)
+    exact, packed = copy.deepcopy(base), copy.deepcopy(base)
+    bsr_kernels.reprogram(exact)
+    bsr_kernels.reprogram(packed, activation_dtype=torch.bfloat16)
+    x = images(n=4, dtype=torch.float32)
+    m_exact = bsr_kernels.profile(exact, x)["saved_activation_mib_per_image"]
+    m_packed = bsr_kernels.profile(packed, x)["saved_activation_mib_per_image"]
+    assert m_packed < 0.6 * m_exact
+    torch.testing.assert_close(packed(x), exact(x), rtol=0, atol=0)  # forward is untouched
+    exact(x).square().mean().backward()
+    packed(x).square().mean().backward()
+    ge, gp = grads(exact), grads(packed)
+    assert set(ge) == set(gp)
+    for name in ge:
+        assert rel_err(gp[name], ge[name], floor=1e-6) < 5e-2, name
+    with pytest.raises(ValueError, match="activation_dtype"):
+        bsr_kernels.reprogram(small_vit(), activation_dtype="bf16")

@@ -46,15 +46,24 @@ def select_tokens(scores: torch.Tensor, n_keep: int):
     return kept, dropped
 
 
-def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse_token: bool):
+def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse_token: bool,
+                kept=None):
     """Keeps the prefix and the ``n_keep`` most attended tokens; optionally fuses the rest.
+
+    Args:
+        kept: optional (B, n_keep) positions to keep instead of selecting them (used to replay a
+            recorded selection); the fusion weights are still the scores of q and k.
 
     Returns:
         x_out (B, P + n_keep [+ 1], C), kept (B, n_keep) int64, scores (B, M), lse (B, H).
     """
     p = num_prefix_tokens
     scores, lse = cls_scores(q, k, scale, p)
-    kept, dropped = select_tokens(scores, n_keep)
+    if kept is None:
+        kept, dropped = select_tokens(scores, n_keep)
+    else:
+        kept = kept.long()
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept, False)
     xp = x[:, p:]
     parts = [x[:, :p], torch.gather(xp, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))]
     if fuse_token and n_keep < xp.shape[1]:
