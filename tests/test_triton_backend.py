@@ -115,12 +115,95 @@ def test_kernels_wrapped_per_mode_at_call_time(monkeypatch):
     assert isinstance(tb._kernel("drop_fwd_kernel"), JITFunction)
 
 
+_IMPORT_ORDER_SCRIPT = r"""
+import os, sys, torch
+import triton.language as tl                        # decorates triton's stdlib in compiled mode
+assert type(tl.standard._sum_combine).__name__ == "JITFunction"
+os.environ["TRITON_INTERPRET"] = "1"                # set only now
+os.environ["BSR_BACKEND"] = "triton"
+import bsr_kernels
+from bsr_kernels.ops import reference as ref
+g = torch.Generator().manual_seed(0)
+x, q, k = torch.randn(2, 11, 5, generator=g), torch.randn(2, 2, 11, 4, generator=g), torch.randn(2, 2, 11, 4, generator=g)
+x_out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+r_out, r_kept, _, _ = ref.drop_tokens(x, q, k, 0.5, 1, 5, True)
+assert torch.equal(kept, r_kept), (kept, r_kept)
+torch.testing.assert_close(x_out, r_out)
+print("OK")
+"""
+
+
+def test_interpreter_set_after_import_triton():
+    """TRITON_INTERPRET=1 set *after* ``import triton`` still runs the kernels (the reverse order,
+    compiling while the variable is set, is covered by test_kernels_compile_for_gpu under conftest)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSR_BACKEND")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_ORDER_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
 def test_forced_triton_without_interpreter_raises_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("BSR_BACKEND", "triton")
     x, q, k = _inputs(1, 1, 5, 4, 3, "cpu", torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         bsr_kernels.drop_tokens(x, q, k, 0.5)
+
+
+def _compile_for_sm90(name, pointers, constexprs, num_warps):
+    """Compiles one kernel to a cubin for an H100 (sm_90) with triton's bundled ptxas; no GPU."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bsr_kernels.ops import _triton_kernels as raw
+
+    fn = getattr(raw, name)
+    params = list(inspect.signature(fn).parameters)
+    signature = {p: ("constexpr" if p in constexprs else pointers.get(p, "fp64" if p == "scale"
+                                                                      else "i32"))
+                 for p in params}
+    src = ASTSource(fn=tb._kernels(False)[name], signature=signature,
+                    constexprs={(params.index(p),): v for p, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def test_kernels_compile_for_gpu():
+    """The interpreter accepts code the compiler rejects: compile each kernel for sm_90 (ViT-B
+    sizes, bf16 and fp64, fused and cls-only forward, both backward kernels) without a GPU."""
+    import triton.language as tl
+
+    for dt, acc in (("bf16", tl.float32), ("fp64", tl.float64)):
+        cd = "fp64" if dt == "fp64" else "fp32"
+        fwd_ptrs = dict(x_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=f"*{dt}", out_ptr=f"*{dt}",
+                        kept_ptr="*i32", scores_ptr=f"*{cd}", lse_ptr=f"*{cd}",
+                        logit_ws_ptr=f"*{cd}", slot_ws_ptr="*i32")
+        for drop in (True, False):
+            blocks = tb._fwd_blocks(197, 196, 64, 768 if drop else 1)
+            kernel = _compile_for_sm90("drop_fwd_kernel", fwd_ptrs,
+                                       dict(ACC=acc, DO_DROP=drop, FUSE=drop, P=1, **blocks),
+                                       tb.LAUNCH["fwd_num_warps"])
+            assert "cubin" in kernel.asm and ".entry drop_fwd_kernel" in kernel.asm["ptx"]
+    rows_ptrs = dict(gout_ptr="*bf16", kept_ptr="*i32", x_ptr="*bf16", scores_ptr="*fp32",
+                     gx_ptr="*bf16", gs_ptr="*fp32")
+    kernel = _compile_for_sm90("rows_bwd_kernel", rows_ptrs,
+                               dict(ACC=tl.float32, FUSE=True, BLOCK_ROWS=16, BLOCK_K=64,
+                                    BLOCK_C=256), tb.LAUNCH["num_warps"])
+    assert "cubin" in kernel.asm
+    cls_ptrs = dict(gs_ptr="*fp32", q_ptr="*bf16", k_ptr="*bf16", lse_ptr="*fp32",
+                    gq_ptr="*bf16", gk_ptr="*bf16")
+    kernel = _compile_for_sm90("cls_bwd_kernel", cls_ptrs,
+                               dict(ACC=tl.float32, BLOCK_N=64, BLOCK_D=64),
+                               tb.LAUNCH["num_warps"])
+    assert "cubin" in kernel.asm
 
 
 # --- forward ----------------------------------------------------------------------------------
@@ -223,6 +306,7 @@ def test_nan_ranks_lowest(device):
     assert not scores[1:].isnan().any() and not x_out[1:].isnan().any()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
 def test_nan_scores_rank_below_real_ones(device):
     """+inf keys make single NaN scores among real ones (torch.logsumexp gives +inf, then
     exp(inf - inf) = NaN): those candidates rank lowest, tied among themselves by position."""

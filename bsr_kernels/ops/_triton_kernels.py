@@ -3,9 +3,11 @@
 The functions here are *not* decorated with ``@triton.jit``. In triton 3.8 the choice between the
 compiler (``JITFunction``) and the CPU interpreter (``InterpretedFunction``) is made once, by
 ``triton.jit`` at decoration time, from ``TRITON_INTERPRET``. The backend therefore wraps these
-functions itself, per mode, when it first launches them (see ``triton_backend._kernels``), so the
-environment variable may be set or changed after import. For that reason the kernels call no other
-``@triton.jit`` helper: everything is inlined.
+functions itself, per mode, when it first launches them (see ``triton_backend._kernels``), with
+their global names ``_SUM`` and ``_MAX`` bound to combine functions of that mode, so the
+environment variable may be set or changed at any time. The kernels call no other ``@triton.jit``
+function, neither ours nor triton's standard library (``tl.sum``, ``tl.max``, ``tl.cumsum``,
+``tl.zeros``, ...).
 
 Conventions (as in the Triton tutorials): pointers, then sizes, then the scale, then strides, then
 ``tl.constexpr`` flags and block sizes. Loads and stores are masked; accumulation is in ``ACC``
@@ -17,7 +19,32 @@ reads of a later phase.
 """
 import triton.language as tl
 
-__all__ = ["drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel"]
+__all__ = ["KERNELS", "drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel", "add_combine",
+           "max_combine"]
+
+#: The launchable kernels (the combine functions are helpers, bound per mode by the backend).
+KERNELS = ("drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel")
+
+# Reductions and scans go through ``tl.reduce`` / ``tl.associative_scan`` with the combine
+# functions ``_SUM`` and ``_MAX`` instead of ``tl.sum`` / ``tl.max`` / ``tl.cumsum``: those are
+# themselves ``@triton.jit`` functions of triton's standard library, decorated (compiled or
+# interpreted) when ``triton.language`` was first imported, and they fail in the other mode. The
+# backend binds ``_SUM``/``_MAX`` per mode: ``JITFunction(add_combine)`` / ``JITFunction(max_combine)``
+# for the compiler, and ``tl.standard._sum_combine`` / ``tl.standard._elementwise_max`` for the
+# interpreter, which recognises those two by identity and reduces with numpy (any other combine
+# function runs element by element in Python). These placeholders are never used directly.
+_SUM = None
+_MAX = None
+
+
+def add_combine(a, b):
+    """Combine function of a sum (reduction or inclusive scan)."""
+    return a + b
+
+
+def max_combine(a, b):
+    """Combine function of a max reduction."""
+    return tl.maximum(a, b)
 
 
 def drop_fwd_kernel(
@@ -69,12 +96,12 @@ def drop_fwd_kernel(
             nmask = offs_n < N
             kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                          mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-            logit = tl.sum(kt * q0[None, :], axis=1) * sc
+            logit = tl.reduce(kt * q0[None, :], 1, _SUM) * sc
             logit = tl.where(nmask, logit, float("-inf"))
             tl.store(ws_base + offs_n, logit, mask=nmask)
-            m_i = tl.maximum(m_i, tl.max(logit, axis=0))
+            m_i = tl.maximum(m_i, tl.reduce(logit, 0, _MAX))
             new_shift = tl.where(tl.abs(m_i) == float("inf"), 0.0, m_i)
-            l_i = l_i * tl.exp(shift - new_shift) + tl.sum(tl.exp(logit - new_shift), axis=0)
+            l_i = l_i * tl.exp(shift - new_shift) + tl.reduce(tl.exp(logit - new_shift), 0, _SUM)
             shift = new_shift
         lse = shift + tl.log(l_i)
         tl.store(lse_ptr + b * H + h, lse)
@@ -98,7 +125,7 @@ def drop_fwd_kernel(
             jmask = offs_j < M
             s_j = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
             key_j = tl.where(s_j != s_j, float("-inf"), s_j)
-            rank = tl.zeros([BLOCK_R], dtype=tl.int32)
+            rank = tl.full([BLOCK_R], 0, tl.int32)
             for i0 in range(0, M, BLOCK_R):
                 offs_i = i0 + tl.arange(0, BLOCK_R)
                 imask = offs_i < M
@@ -107,20 +134,20 @@ def drop_fwd_kernel(
                 beats = (key_i[None, :] > key_j[:, None]) | (
                     (key_i[None, :] == key_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
                 beats = beats & imask[None, :]
-                rank += tl.sum(beats.to(tl.int32), axis=1)
+                rank += tl.reduce(beats.to(tl.int32), 1, _SUM)
             keep = (rank < n_keep) & jmask
             flag = keep.to(tl.int32)
-            slot = running + tl.cumsum(flag, axis=0) - flag
+            slot = running + tl.associative_scan(flag, 0, _SUM) - flag
             tl.store(kept_ptr + b * n_keep + slot, offs_j.to(tl.int32), mask=keep)
             tl.store(slot_ws_ptr + b * M + offs_j, tl.where(keep, slot, -1), mask=jmask)
-            running += tl.sum(flag, axis=0)
+            running += tl.reduce(flag, 0, _SUM)
         tl.debug_barrier()
 
         # ---- phase 3: gather prefix + kept rows, fuse the dropped rows ----------------------------
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             cmask = offs_c < C
-            fused = tl.zeros([BLOCK_C], dtype=ACC)
+            fused = tl.full([BLOCK_C], 0, ACC)
             for n0 in range(0, N, BLOCK_ROWS):
                 offs_n = n0 + tl.arange(0, BLOCK_ROWS)
                 nmask = offs_n < N
@@ -145,7 +172,7 @@ def drop_fwd_kernel(
                     s = tl.load(scores_ptr + b * M + j, mask=is_cand, other=0.0)
                     w = tl.where(is_kept, 0.0, s)
                     contrib = tl.where(is_cand[:, None], w[:, None] * xt.to(ACC), 0.0)
-                    fused += tl.sum(contrib, axis=0)
+                    fused += tl.reduce(contrib, 0, _SUM)
             if FUSE:
                 tl.store(out_ptr + b * stride_ob + (P + n_keep) * stride_on + offs_c * stride_oc,
                          fused.to(out_ptr.dtype.element_ty), mask=cmask)
@@ -177,14 +204,14 @@ def rows_bwd_kernel(
     is_cand = nmask & (offs_n >= P)
     j = offs_n - P
 
-    below = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
-    hits = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
+    below = tl.full([BLOCK_ROWS], 0, tl.int32)
+    hits = tl.full([BLOCK_ROWS], 0, tl.int32)
     for s0 in range(0, n_keep, BLOCK_K):
         offs_s = s0 + tl.arange(0, BLOCK_K)
         smask = offs_s < n_keep
         kv = tl.load(kept_ptr + b * n_keep + offs_s, mask=smask, other=0)
-        below += tl.sum(((kv[None, :] < j[:, None]) & smask[None, :]).to(tl.int32), axis=1)
-        hits += tl.sum(((kv[None, :] == j[:, None]) & smask[None, :]).to(tl.int32), axis=1)
+        below += tl.reduce(((kv[None, :] < j[:, None]) & smask[None, :]).to(tl.int32), 1, _SUM)
+        hits += tl.reduce(((kv[None, :] == j[:, None]) & smask[None, :]).to(tl.int32), 1, _SUM)
     is_kept = is_cand & (hits > 0)
     is_drop = is_cand & (hits == 0)
     src = tl.where(is_pre, offs_n, P + below)
@@ -193,7 +220,7 @@ def rows_bwd_kernel(
     if FUSE:
         s = tl.load(scores_ptr + b * M + j, mask=is_drop, other=0.0)
         w = tl.where(is_drop, s, 0.0)
-        gdot = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        gdot = tl.full([BLOCK_ROWS], 0, ACC)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < C
@@ -207,7 +234,7 @@ def rows_bwd_kernel(
             xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
                          + offs_c[None, :] * stride_xc,
                          mask=is_drop[:, None] & cmask[None, :], other=0.0).to(ACC)
-            gdot += tl.sum(xt * gf[None, :], axis=1)
+            gdot += tl.reduce(xt * gf[None, :], 1, _SUM)
         tl.store(gx_ptr + b * stride_gxb + offs_n[:, None] * stride_gxn
                  + offs_c[None, :] * stride_gxc, g.to(gx_ptr.dtype.element_ty),
                  mask=nmask[:, None] & cmask[None, :])
@@ -244,19 +271,19 @@ def cls_bwd_kernel(
     lse = tl.load(lse_ptr + b * H + h)
     k_base = k_ptr + b * stride_kb + h * stride_kh
 
-    dot_acc = tl.zeros([BLOCK_N], dtype=ACC)
+    dot_acc = tl.full([BLOCK_N], 0, ACC)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         cand = nmask & (offs_n >= P)
         kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                      mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-        prob = tl.exp(tl.sum(kt * q0[None, :], axis=1) * sc - lse)
+        prob = tl.exp(tl.reduce(kt * q0[None, :], 1, _SUM) * sc - lse)
         gp = tl.load(gs_ptr + b * M + offs_n - P, mask=cand, other=0.0) / hf
         dot_acc += tl.where(cand, prob * gp, 0.0)
-    dot = tl.sum(dot_acc, axis=0)
+    dot = tl.reduce(dot_acc, 0, _SUM)
 
-    gq0 = tl.zeros([BLOCK_D], dtype=ACC)
+    gq0 = tl.full([BLOCK_D], 0, ACC)
     gq_base = gq_ptr + b * stride_gqb + h * stride_gqh
     gk_base = gk_ptr + b * stride_gkb + h * stride_gkh
     for n0 in range(0, N, BLOCK_N):
@@ -266,13 +293,13 @@ def cls_bwd_kernel(
         tile_mask = nmask[:, None] & dmask[None, :]
         kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                      mask=tile_mask, other=0.0).to(ACC)
-        prob = tl.exp(tl.sum(kt * q0[None, :], axis=1) * sc - lse)
+        prob = tl.exp(tl.reduce(kt * q0[None, :], 1, _SUM) * sc - lse)
         gp = tl.load(gs_ptr + b * M + offs_n - P, mask=cand, other=0.0) / hf
         gl = tl.where(nmask, prob * (gp - dot) * sc, 0.0)
-        gq0 += tl.sum(gl[:, None] * kt, axis=0)
+        gq0 += tl.reduce(gl[:, None] * kt, 0, _SUM)
         tl.store(gk_base + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
                  (gl[:, None] * q0[None, :]).to(gk_ptr.dtype.element_ty), mask=tile_mask)
-        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=gq_ptr.dtype.element_ty)
+        zero = tl.full([BLOCK_N, BLOCK_D], 0, gq_ptr.dtype.element_ty)
         tl.store(gq_base + offs_n[:, None] * stride_gqn + offs_d[None, :] * stride_gqd, zero,
                  mask=tile_mask & (offs_n > 0)[:, None])
     tl.store(gq_base + offs_d * stride_gqd, gq0.to(gq_ptr.dtype.element_ty), mask=dmask)

@@ -14,20 +14,37 @@ launches them.
 * Strides: every input (x, q, k, grad_out) may be non-contiguous; its strides go to the kernel.
   Outputs are allocated contiguous.
 
-TRITON_INTERPRET (finding for triton 3.8.0, from ``triton/runtime/jit.py`` and ``triton/knobs.py``):
-``triton.knobs.runtime.interpret`` reads the environment variable on every access (it is not cached
-at ``import triton``), but ``triton.jit`` consults it only once, when it *decorates* a function: it
-returns an ``InterpretedFunction`` when set, a compiling ``JITFunction`` otherwise, and that object
-never changes mode afterwards. So the variable need not be set before ``import triton``, but it must
-be set before the kernels are decorated, i.e. normally before the module holding them is imported.
-To be robust to either order, the kernels are kept undecorated and this backend wraps them itself
-at launch time, once per mode (``_kernels(interpret)``), reading
-:func:`bsr_kernels._config.triton_interpret` on every call. Setting or clearing
-``TRITON_INTERPRET=1`` at any time therefore takes effect on the next call.
+TRITON_INTERPRET (finding for triton 3.8.0, from ``triton/runtime/jit.py``, ``triton/knobs.py``,
+``triton/language/standard.py`` and ``triton/runtime/interpreter.py``):
+
+* ``triton.knobs.runtime.interpret`` reads the environment variable on every access; nothing caches
+  it at import. But ``triton.jit`` consults it only once, when it *decorates* a function: it
+  returns an ``InterpretedFunction`` when set and a compiling ``JITFunction`` otherwise, and that
+  object never changes mode.
+* Triton's own standard library is made of such decorated functions (``tl.sum``, ``tl.max``,
+  ``tl.cumsum``, ``tl.zeros``, the reduction combine functions, ...), decorated when
+  ``triton.language`` is imported, which ``import triton`` does (and so does
+  ``import torch._dynamo``). A kernel that calls them only runs in the mode that was active at
+  that import: an interpreted kernel calling a compiled ``tl.sum`` fails with "Cannot call
+  @triton.jit'd outside of the scope of a kernel", and a compiled kernel calling an interpreted
+  one fails to compile.
+* So for ordinary ``@triton.jit`` code the answer is yes: ``TRITON_INTERPRET=1`` must be set
+  before ``import triton`` (and before anything that imports it).
+
+This backend does not depend on that order. Its kernels are kept undecorated and are wrapped at
+launch time, once per mode (``_kernels(interpret)``), with
+:func:`bsr_kernels._config.triton_interpret` read on every call. They call no standard-library
+``@jit`` function: reductions and scans use the builtins ``tl.reduce`` / ``tl.associative_scan``
+with combine functions bound per mode (``tl.standard._sum_combine`` / ``_elementwise_max`` for
+the interpreter, which recognises those by identity and reduces with numpy; our own
+``JITFunction`` combines for the compiler), and ``tl.full`` replaces ``tl.zeros``. Setting or
+clearing ``TRITON_INTERPRET=1`` at any time takes effect on the next call, whatever the import
+order (tested in ``tests/test_triton_backend.py``).
 """
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -54,16 +71,35 @@ LAUNCH = {"num_warps": 4, "fwd_num_warps": 8, "tile_elems": 4096, "max_block_c":
           "max_block_m": 1024, "rank_block": 64}
 
 
+def _rebind(fn, bindings: dict):
+    """A copy of ``fn`` whose global namespace is a copy of its module's with ``bindings`` set."""
+    namespace = dict(fn.__globals__)
+    namespace.update(bindings)
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    functools.update_wrapper(new, fn, updated=())
+    del new.__wrapped__  # triton reads the source of ``fn`` itself, through the code object
+    return new
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(interpret: bool):
-    """The kernels wrapped for the compiler (``interpret=False``) or the CPU interpreter."""
+def _kernels(interpret: bool) -> dict:
+    """The kernels wrapped for the compiler (``interpret=False``) or the CPU interpreter.
+
+    Works whatever ``TRITON_INTERPRET`` was when triton was imported: see the module docstring.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
     from . import _triton_kernels as raw
 
     if interpret:
-        from triton.runtime.interpreter import InterpretedFunction as wrap
+        wrap = InterpretedFunction
+        helpers = {"_SUM": tl.standard._sum_combine, "_MAX": tl.standard._elementwise_max}
     else:
-        from triton.runtime.jit import JITFunction as wrap
-    return {name: wrap(getattr(raw, name)) for name in raw.__all__}
+        wrap = JITFunction
+        helpers = {"_SUM": JITFunction(_rebind(raw.add_combine, {})),
+                   "_MAX": JITFunction(_rebind(raw.max_combine, {}))}
+    return {name: wrap(_rebind(getattr(raw, name), helpers)) for name in raw.KERNELS}
 
 
 def _kernel(name: str):
