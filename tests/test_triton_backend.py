@@ -103,7 +103,8 @@ def test_not_supported_reasons(monkeypatch):
 
 
 def test_kernels_wrapped_per_mode_at_call_time(monkeypatch):
-    """The interpreter flag is read at launch: kernels exist in both modes, whatever the import order."""
+    """The interpreter flag is read at launch; kernels exist in both modes, whatever the import
+    order."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -124,7 +125,8 @@ os.environ["BSR_BACKEND"] = "triton"
 import bsr_kernels
 from bsr_kernels.ops import reference as ref
 g = torch.Generator().manual_seed(0)
-x, q, k = torch.randn(2, 11, 5, generator=g), torch.randn(2, 2, 11, 4, generator=g), torch.randn(2, 2, 11, 4, generator=g)
+x = torch.randn(2, 11, 5, generator=g)
+q, k = torch.randn(2, 2, 11, 4, generator=g), torch.randn(2, 2, 11, 4, generator=g)
 x_out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
 r_out, r_kept, _, _ = ref.drop_tokens(x, q, k, 0.5, 1, 5, True)
 assert torch.equal(kept, r_kept), (kept, r_kept)
@@ -135,7 +137,8 @@ print("OK")
 
 def test_interpreter_set_after_import_triton():
     """TRITON_INTERPRET=1 set *after* ``import triton`` still runs the kernels (the reverse order,
-    compiling while the variable is set, is covered by test_kernels_compile_for_gpu under conftest)."""
+    compiling while the variable is set, is covered by test_kernels_compile_for_gpu under
+    conftest)."""
     import os
     import subprocess
     import sys
@@ -221,7 +224,8 @@ FORWARD_CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "B{}H{}N{}d{}C{}P{}k{}f{:d}".format(*c))
+@pytest.mark.parametrize("case", FORWARD_CASES,
+                         ids=lambda c: "B{}H{}N{}d{}C{}P{}k{}f{:d}".format(*c))
 def test_forward_matches_reference(case, dtype, device):
     b, h, n, d, c, p, n_keep, fuse = case
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=n * 7 + p)
@@ -250,7 +254,8 @@ def test_forward_large_shapes(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_nan_padded_inputs(dtype, device):
-    """q, k as timm's qkv views, x inside a NaN buffer: wrong strides or out-of-bounds reads show."""
+    """q, k as timm's qkv views, x inside a NaN buffer: wrong strides or out-of-bounds reads
+    show."""
     b, h, n, d, c, p = 2, 2, 15, 4, 6, 1
     g = torch.Generator().manual_seed(5)
     qkv = torch.full((b, n, 3, h, d + 2), float("nan"), dtype=torch.float64)
@@ -268,9 +273,10 @@ def test_strided_nan_padded_inputs(dtype, device):
     grad_out.copy_(torch.randn(x_out.shape, generator=g, dtype=torch.float64))
     got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
     want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    for a, w in zip(got, want):
+    for a, w, t in zip(got, want, (x, q, k)):
         assert not a.isnan().any()
         torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+        assert a.stride() == torch.empty_like(t).stride()  # the layout of the fake kernel
     got = BACKEND.gather_backward(grad_out[:, :p + 6], kept, n, p)
     assert torch.equal(got, ref.gather_backward(grad_out[:, :p + 6], kept, n, p))
 
@@ -306,7 +312,7 @@ def test_nan_ranks_lowest(device):
     assert not scores[1:].isnan().any() and not x_out[1:].isnan().any()
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
 def test_nan_scores_rank_below_real_ones(device):
     """+inf keys make single NaN scores among real ones (torch.logsumexp gives +inf, then
     exp(inf - inf) = NaN): those candidates rank lowest, tied among themselves by position."""
@@ -443,7 +449,8 @@ def test_opcheck_drop_op(device):
     x, q, k = _inputs(2, 2, 9, 4, 5, device, torch.float32, seed=15)
     x, q, k = (t.requires_grad_() for t in (x, q, k))
     torch.library.opcheck(_drop_op, (x, q, k, 0.5, 1, 3, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled half precision)")

@@ -11,10 +11,10 @@ function, neither ours nor triton's standard library (``tl.sum``, ``tl.max``, ``
 
 Conventions (as in the Triton tutorials): pointers, then sizes, then the scale, then strides, then
 ``tl.constexpr`` flags and block sizes. Loads and stores are masked; accumulation is in ``ACC``
-(float32, or float64 for float64 inputs). Tensors the backend allocates itself (``kept``, ``scores``,
-``lse``, workspaces) are contiguous and indexed without strides. Every program owns one batch
-element (forward) or one (batch, head) / (batch, row tile) pair (backward), so there are no
-cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes before the
+(float32, or float64 for float64 inputs). Tensors the backend allocates itself (``kept``,
+``scores``, ``lse``, workspaces) are contiguous and indexed without strides. Every program owns
+one batch element (forward) or one (batch, head) / (batch, row tile) pair (backward), so there
+are no cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes before the
 reads of a later phase.
 """
 import triton.language as tl
@@ -29,10 +29,10 @@ KERNELS = ("drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel")
 # functions ``_SUM`` and ``_MAX`` instead of ``tl.sum`` / ``tl.max`` / ``tl.cumsum``: those are
 # themselves ``@triton.jit`` functions of triton's standard library, decorated (compiled or
 # interpreted) when ``triton.language`` was first imported, and they fail in the other mode. The
-# backend binds ``_SUM``/``_MAX`` per mode: ``JITFunction(add_combine)`` / ``JITFunction(max_combine)``
-# for the compiler, and ``tl.standard._sum_combine`` / ``tl.standard._elementwise_max`` for the
-# interpreter, which recognises those two by identity and reduces with numpy (any other combine
-# function runs element by element in Python). These placeholders are never used directly.
+# backend binds ``_SUM``/``_MAX`` per mode: ``JITFunction(add_combine)`` and
+# ``JITFunction(max_combine)`` for the compiler; ``tl.standard._sum_combine`` and
+# ``tl.standard._elementwise_max`` for the interpreter, which recognises those two by identity and
+# reduces with numpy (any other combine function runs element by element in Python). These placeholders are never used directly.
 _SUM = None
 _MAX = None
 
@@ -143,7 +143,7 @@ def drop_fwd_kernel(
             running += tl.reduce(flag, 0, _SUM)
         tl.debug_barrier()
 
-        # ---- phase 3: gather prefix + kept rows, fuse the dropped rows ----------------------------
+        # ---- phase 3: gather prefix + kept rows, fuse the dropped rows ------------------------
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             cmask = offs_c < C
@@ -189,8 +189,8 @@ def rows_bwd_kernel(
     """Row gradients of a drop; grid (B, cdiv(N, BLOCK_ROWS)).
 
     grad_x[n] = grad_out[n] for prefix rows, grad_out[P + slot] for kept rows, 0 for dropped rows;
-    with FUSE every candidate row also gets ``w_j * grad_out[fused]`` (w_j = score_j if dropped, else
-    0) and the score gradient ``gs[j] = <grad_out[fused], x[P + j]>`` is written for dropped j
+    with FUSE every candidate row also gets ``w_j * grad_out[fused]`` (w_j = score_j if dropped,
+    else 0) and the score gradient ``gs[j] = <grad_out[fused], x[P + j]>`` is written for dropped j
     (0 for kept j). The slot of row j is #{s : kept[s] < j} (kept is ascending).
 
     Shapes: grad_out (B, P + n_keep [+1], C), kept (B, n_keep) int32, x (B, N, C),

@@ -12,7 +12,9 @@ launches them.
   fusion-weight rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens;
   ``drop_backward`` then runs ``cls_bwd_kernel`` (grid (B, H)) for grad_q and grad_k.
 * Strides: every input (x, q, k, grad_out) may be non-contiguous; its strides go to the kernel.
-  Outputs are allocated contiguous.
+  Outputs get the layouts of the fake kernels registered in ``bsr_kernels.ops`` (torch.compile
+  checks them): x_out, kept, scores, lse and gather_backward's grad_x contiguous; drop_backward's
+  grad_x like x, grad_q / grad_k like q / k (``torch.empty_like``).
 
 TRITON_INTERPRET (finding for triton 3.8.0, from ``triton/runtime/jit.py``, ``triton/knobs.py``,
 ``triton/language/standard.py`` and ``triton/runtime/interpreter.py``):
@@ -162,7 +164,9 @@ def _launch_rows_bwd(grad_out, kept, x, scores, n_tokens, p, fuse):
     b, _, c = grad_out.shape
     n_keep = kept.shape[1]
     kept = kept.to(torch.int32).contiguous()
-    grad_x = torch.empty(b, n_tokens, c, dtype=grad_out.dtype, device=grad_out.device)
+    # layouts follow the registered fake kernels: empty_like(x) with a fused token, else contiguous
+    grad_x = (torch.empty_like(x) if fuse
+              else torch.empty(b, n_tokens, c, dtype=grad_out.dtype, device=grad_out.device))
     if fuse:
         scores = scores.contiguous()
         grad_scores = torch.empty_like(scores)
@@ -186,8 +190,8 @@ def _launch_cls_bwd(grad_scores, q, k, lse, scale, p):
     b, h, n, d = q.shape
     grad_scores = grad_scores.to(compute_dtype(q.dtype)).contiguous()
     lse = lse.contiguous()
-    grad_q = torch.empty(b, h, n, d, dtype=q.dtype, device=q.device)
-    grad_k = torch.empty(b, h, n, d, dtype=k.dtype, device=k.device)
+    grad_q = torch.empty_like(q)  # the layouts of the registered fake kernels
+    grad_k = torch.empty_like(k)
     block_d = _p2(d)
     block_n = max(1, min(_p2(n), LAUNCH["tile_elems"] // block_d))
     _kernel("cls_bwd_kernel")[(b, h)](
