@@ -14,8 +14,8 @@ Conventions (as in the Triton tutorials): pointers, then sizes, then the scale, 
 (float32, or float64 for float64 inputs). Tensors the backend allocates itself (``kept``,
 ``scores``, ``lse``, workspaces) are contiguous and indexed without strides. Every program owns
 one batch element (forward) or one (batch, head) / (batch, row tile) pair (backward), so there
-are no cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes before the
-reads of a later phase.
+are no cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes
+before the reads of a later phase.
 """
 import triton.language as tl
 
@@ -32,7 +32,8 @@ KERNELS = ("drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel")
 # backend binds ``_SUM``/``_MAX`` per mode: ``JITFunction(add_combine)`` and
 # ``JITFunction(max_combine)`` for the compiler; ``tl.standard._sum_combine`` and
 # ``tl.standard._elementwise_max`` for the interpreter, which recognises those two by identity and
-# reduces with numpy (any other combine function runs element by element in Python). These placeholders are never used directly.
+# reduces with numpy (any other combine function runs element by element in Python). These
+# placeholders are never used directly.
 _SUM = None
 _MAX = None
 
