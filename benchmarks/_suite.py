@@ -1,0 +1,321 @@
+"""Shared pieces of the benchmark suite (``benchmarks/run.py``): configuration, models, variants.
+
+* :class:`SuiteConfig`: device, dtype, sizes and repetitions of one run (``--quick``,
+  ``--tiny``, ``--device``).
+* :func:`create_vit`: random-init timm ViTs by suite name (``vit_b16``, ``deit_s``, ``tiny``).
+* :func:`build_variant`: one training variant of a model (timm full fine-tuning, linear probe,
+  the authors' eager BSR formulation, ``bsr_kernels.reprogram`` lean / fast / compressed).
+* :func:`make_step`: one optimizer step (forward, cross-entropy, backward, AdamW), with bf16
+  autocast on CUDA.
+* :func:`cuda_peak_step`: peak ``torch.cuda.max_memory_allocated`` of a training step.
+* :class:`Target`: a target value with its PASS/FAIL verdict.
+
+Timing itself is ``_timing.interleaved`` (A B A B, medians).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import platform
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import timm  # noqa: E402
+
+import bsr_kernels  # noqa: E402
+from bsr_kernels.baselines import EagerBSR  # noqa: E402
+from bsr_kernels.reprogram import default_drop_at, default_train_blocks  # noqa: E402
+
+__all__ = ["SuiteConfig", "VARIANTS", "VARIANT_LABELS", "create_vit", "model_label",
+           "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
+           "free_memory", "MIB", "GIB"]
+
+MIB = float(1 << 20)
+GIB = float(1 << 30)
+
+#: Training variants, in table order.
+VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16")
+VARIANT_LABELS = {
+    "full": "timm full fine-tuning",
+    "linear_probe": "timm linear probe",
+    "eager_bsr": "BSR, authors' eager formulation",
+    "bsr_lean": "bsr_kernels reprogram, lean",
+    "bsr_fast": "bsr_kernels reprogram, fast",
+    "bsr_lean_bf16": "bsr_kernels reprogram, lean, bf16 saved activations",
+}
+
+#: Suite model names -> (timm name, extra create_model kwargs).
+_MODELS = {
+    "vit_b16": ("vit_base_patch16_224", {}),
+    "deit_s": ("deit_small_patch16_224", {}),
+    "vit_s16": ("vit_small_patch16_224", {}),
+    # A 12-block ViT small enough for the test suite: 8x8 patches of 32 px images (N = 17).
+    "tiny": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=48, depth=12, num_heads=3,
+                                           num_classes=10)),
+}
+_LABELS = {"vit_b16": "ViT-B/16", "deit_s": "DeiT-S", "vit_s16": "ViT-S/16", "tiny": "tiny ViT"}
+
+
+def model_label(name: str) -> str:
+    """Human name of a suite model (``vit_b16`` -> ``ViT-B/16``)."""
+    return _LABELS.get(name, name)
+
+
+@dataclasses.dataclass
+class SuiteConfig:
+    """What one run of the suite measures, and how hard.
+
+    Attributes:
+        device: ``cpu`` or ``cuda``.
+        quick: short run (fewer shapes and repetitions; < 3 min on 2 CPU cores).
+        tiny: tiny models and shapes (for the test suite; figures are meaningless).
+        compile: include ``torch.compile`` of the reference drop.
+        budget_gib: the memory budget of the "largest batch that fits" figure.
+    """
+
+    device: str = "cpu"
+    quick: bool = False
+    tiny: bool = False
+    compile: bool = True
+    budget_gib: float = 4.0
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
+        if not self.budget_gib > 0:
+            raise ValueError(f"budget_gib must be > 0, got {self.budget_gib}")
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def op_dtype(self) -> torch.dtype:
+        """dtype of the drop op's inputs: bf16 on CUDA, fp32 on CPU."""
+        return torch.bfloat16 if self.cuda else torch.float32
+
+    def autocast(self):
+        """bf16 autocast on CUDA; nothing on CPU (fp32)."""
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # --- sizes --------------------------------------------------------------------------------
+    @property
+    def memory_model(self) -> str:
+        """Model of the saved-memory / FLOP figures (the design anchors: ViT-B/16)."""
+        return "tiny" if self.tiny else "vit_b16"
+
+    @property
+    def memory_batch(self) -> int:
+        """Batch of the saved-memory / FLOP figures (anchors: 8; per image, so --quick uses 2)."""
+        return 2 if self.tiny else (2 if self.quick and not self.cuda else 8)
+
+    @property
+    def time_model(self) -> str:
+        """Model of the step-time figures: DeiT-S on CPU, ViT-B/16 on GPU."""
+        return "tiny" if self.tiny else ("vit_b16" if self.cuda else "deit_s")
+
+    @property
+    def time_batch(self) -> int:
+        if self.tiny:
+            return 4
+        if self.cuda:
+            return 128
+        return 4 if self.quick else 16
+
+    @property
+    def image_sizes(self) -> tuple[int, ...]:
+        return (32, 48) if self.tiny else (224, 384)
+
+    @property
+    def reps(self) -> int:
+        """Interleaved rounds of the big (train step) timings."""
+        if self.tiny:
+            return 2
+        if self.cuda:
+            return 10 if self.quick else 20
+        return 2 if self.quick else 5
+
+    def describe(self) -> dict:
+        return dict(device=self.device, quick=self.quick, tiny=self.tiny, compile=self.compile,
+                    budget_gib=self.budget_gib, memory_model=self.memory_model,
+                    memory_batch=self.memory_batch, time_model=self.time_model,
+                    time_batch=self.time_batch, image_sizes=list(self.image_sizes),
+                    reps=self.reps, op_dtype=str(self.op_dtype),
+                    precision="bf16 autocast" if self.cuda else "fp32")
+
+
+def create_vit(name: str, img_size: Optional[int] = None, device: str = "cpu",
+               seed: int = 0) -> nn.Module:
+    """A random-init timm ViT by suite name (see ``_MODELS``), in train mode, on ``device``."""
+    if name not in _MODELS:
+        raise ValueError(f"model must be one of {sorted(_MODELS)}, got {name!r}")
+    timm_name, kwargs = _MODELS[name]
+    kwargs = dict(kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    elif name == "tiny":
+        kwargs["img_size"] = 32
+    torch.manual_seed(seed)
+    return timm.create_model(timm_name, pretrained=False, **kwargs).to(device).train()
+
+
+def build_variant(variant: str, model: nn.Module):
+    """Sets up ``model`` (a fresh timm ViT) as one training variant.
+
+    Returns:
+        ``(module, params)``: the module mapping images to logits and its trained parameters.
+    """
+    depth = len(model.blocks)
+    train_blocks, drop_at = default_train_blocks(depth), default_drop_at(depth)
+    if variant == "full":
+        model.requires_grad_(True)
+        module = model
+    elif variant == "linear_probe":
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+        module = model
+    elif variant == "eager_bsr":
+        module = EagerBSR(model, train_blocks=train_blocks, drop_at=drop_at)
+    elif variant in ("bsr_lean", "bsr_fast", "bsr_lean_bf16"):
+        mode = "fast" if variant == "bsr_fast" else "lean"
+        dtype = torch.bfloat16 if variant == "bsr_lean_bf16" else None
+        module = bsr_kernels.reprogram(model, train_blocks=train_blocks, drop_at=drop_at,
+                                       memory_mode=mode, activation_dtype=dtype)
+    else:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return module, params
+
+
+def make_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Tensor,
+              cfg: SuiteConfig) -> Callable[[], None]:
+    """One training step: forward (bf16 autocast on CUDA), cross-entropy, backward, AdamW."""
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        with cfg.autocast():
+            logits = module(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step.optimizer = opt
+    return step
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def cuda_peak_step(step: Callable[[], None]) -> float:
+    """Peak bytes allocated during one training step, after two warm steps (optimizer state
+    exists), counting everything alive: parameters, gradients, optimizer state, activations."""
+    step()
+    step()
+    free_memory("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated())
+
+
+@dataclasses.dataclass
+class Target:
+    """One target, its measured value and verdict.
+
+    Attributes:
+        name: what is checked.
+        value: the measured figure.
+        target: the bound, e.g. ``<= 10`` is ``("<=", 10)``.
+        unit: unit of value and bound.
+        where: the configuration it was measured on.
+    """
+
+    name: str
+    value: Optional[float]
+    op: str
+    bound: float
+    unit: str = ""
+    where: str = ""
+
+    @property
+    def passed(self) -> Optional[bool]:
+        if self.value is None:
+            return None
+        return {"<=": self.value <= self.bound, ">=": self.value >= self.bound}[self.op]
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[self.passed]
+
+    def line(self) -> str:
+        val = "n/a" if self.value is None else f"{self.value:.3g}"
+        return (f"{self.verdict}: {self.name}: {val} {self.unit} (target {self.op} "
+                f"{self.bound:g} {self.unit}){' [' + self.where + ']' if self.where else ''}")
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, value=self.value, op=self.op, bound=self.bound,
+                    unit=self.unit, where=self.where, verdict=self.verdict)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info(device: str) -> dict:
+    """The machine, software versions and the device, for the results' header."""
+    info = dict(cpu=_cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                python=platform.python_version(), torch=torch.__version__,
+                timm=timm.__version__, bsr_kernels=bsr_kernels.__version__,
+                backends=bsr_kernels.available_backends(device), git_commit=_git_commit(),
+                platform=platform.platform())
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0),
+                    gpu_memory_gib=props.total_memory / GIB, cuda=torch.version.cuda)
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return info

@@ -1,0 +1,320 @@
+"""The ``drop_tokens`` section of the suite: the drop op against every way of writing it.
+
+Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, medians, ratios):
+
+* ``op``: the drop alone, from x, q and k:
+    - ``eager composite``: :func:`bsr_kernels.baselines.eager_drop_composite`, the authors' way:
+      the full (B, H, N, N) attention probabilities, head mean, topk, gather, fused token;
+    - ``bsr <backend>``: the public ``bsr_kernels.drop_tokens`` with ``BSR_BACKEND`` forced, for
+      every backend available on the device (the Triton interpreter on CPU is left out: it is for
+      testing, not timing);
+    - ``torch.compile(reference)``: the pure-PyTorch definition
+      (:func:`bsr_kernels.ops.reference.drop_tokens`) through ``torch.compile`` (on CPU
+      ``dynamic=True``, one compilation for every shape; on CUDA one per shape).
+* ``attention+drop``: what a drop block needs, the attention output *and* the dropped tokens:
+    - ``eager attention + composite``: one probability matrix serves ``probs @ v`` and the drop
+      (the authors' block);
+    - ``SDPA + CLS-row softmax``: ``F.scaled_dot_product_attention`` for the output and a
+      separate CLS-row softmax, head mean, topk and gather in plain PyTorch (the reference
+      definition, called directly);
+    - ``SDPA + bsr drop``: SDPA plus ``bsr_kernels.drop_tokens`` (default dispatch: C++ on CPU,
+      Triton on CUDA).
+
+Passes: ``forward`` (tensors need no grad) and ``fwd+bwd`` (``torch.autograd.grad`` to x and
+the qkv tensor with random cotangents). Shapes: ViT-S (H=6, C=384) and ViT-B (H=12, C=768),
+head dim 64, N=197 (224 px) and N=577 (384 px), several batch sizes; fp32 on CPU, bf16 on CUDA;
+keep_rate 0.5, fused token, one prefix token.
+
+Bandwidth: achieved GB/s of the op's forward over the bytes that must move
+(``bench_triton_drop.min_bytes``: read x, the q_cls and K rows, write x_out); on CUDA also the
+fraction of the bound given by the GPU's nominal peak bandwidth (and of a measured device copy).
+
+Usage: ``python benchmarks/bench_drop_compare.py [--device cpu|cuda] [--quick]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _suite import SuiteConfig, Target  # noqa: E402
+from _timing import format_table, interleaved  # noqa: E402
+from bench_drop import backend_fn  # noqa: E402
+from bench_triton_drop import min_bytes  # noqa: E402
+
+import bsr_kernels  # noqa: E402
+from bsr_kernels import _config  # noqa: E402
+from bsr_kernels.baselines import _drop_from_probs, eager_drop_composite  # noqa: E402
+from bsr_kernels.ops import reference  # noqa: E402
+from bsr_kernels.ops.common import num_kept  # noqa: E402
+
+__all__ = ["run", "shapes", "op_candidates", "block_candidates", "peak_bandwidth",
+           "NOMINAL_GBPS"]
+
+KEEP_RATE = 0.5
+PREFIX = 1
+SIZES = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
+TINY_SIZES = {"tiny": (2, 64)}
+
+#: Nominal peak memory bandwidth (GB/s) by a substring of ``torch.cuda.get_device_name()``;
+#: the first match wins, so specific names come first.
+NOMINAL_GBPS = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+                ("H200", 4800.0), ("GH200", 4000.0), ("A100-SXM4-80GB", 2039.0),
+                ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("L4", 300.0),
+                ("A10", 600.0), ("V100", 900.0), ("T4", 320.0), ("RTX 4090", 1008.0))
+
+
+def shapes(cfg: SuiteConfig) -> list[tuple[str, int, int, int, int]]:
+    """(size name, H, C, N, B) of the op timings, in order."""
+    if cfg.tiny:
+        return [(s, h, c, 17, b) for s, (h, c) in TINY_SIZES.items() for b in (2, 4)]
+    if cfg.cuda:
+        per_n = {197: (32, 128), 577: (32, 128)} if cfg.quick else \
+            {197: (8, 32, 128, 256), 577: (8, 32, 128, 256)}
+    else:
+        per_n = {197: (8, 32)} if cfg.quick else {197: (1, 8, 32), 577: (1, 8)}
+    return [(s, h, c, n, b) for s, (h, c) in SIZES.items() for n, bs in per_n.items()
+            for b in bs]
+
+
+def _block_batch(cfg: SuiteConfig, n: int) -> int:
+    """The one batch per (size, N) of the attention+drop scope."""
+    return max(b for (_, _, _, nn_, b) in shapes(cfg) if nn_ == n)
+
+
+def make_inputs(b, n, h, c, dtype, device, requires_grad, seed=0):
+    """x (B, N, C); q, k, v (B, H, N, C/H) views of one qkv tensor (as timm's Attention)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g).to(device=device, dtype=dtype)
+    qkv = torch.randn(b, n, 3, h, c // h, generator=g).to(device=device, dtype=dtype)
+    if requires_grad:
+        x.requires_grad_()
+        qkv.requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return x, q, k, v, qkv
+
+
+def _timed_backends(cfg: SuiteConfig) -> list[str]:
+    names = bsr_kernels.available_backends(cfg.device, cfg.op_dtype)
+    if not cfg.cuda and _config.triton_interpret():
+        names = [n for n in names if n != "triton"]  # the interpreter is for tests, not timing
+    return names
+
+
+def _reference_drop(x, q, k, scale: float, n_keep: int):
+    return reference.drop_tokens(x, q, k, scale, PREFIX, n_keep, True)[0]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_reference(cfg: SuiteConfig):
+    key = cfg.device
+    if key not in _COMPILED:
+        import torch._dynamo.config as dcfg
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dcfg, name):
+                setattr(dcfg, name, max(64, getattr(dcfg, name)))
+        _COMPILED[key] = torch.compile(_reference_drop, dynamic=True if not cfg.cuda else False)
+    return _COMPILED[key]
+
+
+def op_candidates(cfg: SuiteConfig, scale: float, n_keep: int) -> dict[str, Callable]:
+    """name -> fn(x, q, k, v) -> x_out, the eager composite first."""
+    out: dict[str, Callable] = {
+        "eager composite": lambda x, q, k, v: eager_drop_composite(
+            x, q, k, KEEP_RATE, num_prefix_tokens=PREFIX)[0]}
+    for name in _timed_backends(cfg):
+        fn = backend_fn(name)
+        out[f"bsr {name}"] = lambda x, q, k, v, fn=fn: fn(x, q, k)[0]
+    if cfg.compile:
+        comp = _compiled_reference(cfg)
+        out["torch.compile(reference)"] = lambda x, q, k, v: comp(x, q, k, scale, n_keep)
+    return out
+
+
+def block_candidates(cfg: SuiteConfig, scale: float, n_keep: int) -> dict[str, Callable]:
+    """name -> fn(x, q, k, v) -> (attention output, x_out), eager first."""
+    def eager(x, q, k, v):
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return probs @ v, _drop_from_probs(x, probs, PREFIX, n_keep, True)[0]
+
+    def sdpa_cls(x, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v), _reference_drop(x, q, k, scale, n_keep)
+
+    def sdpa_bsr(x, q, k, v):
+        return (F.scaled_dot_product_attention(q, k, v),
+                bsr_kernels.drop_tokens(x, q, k, KEEP_RATE, num_prefix_tokens=PREFIX)[0])
+
+    return {"eager attention + composite": eager, "SDPA + CLS-row softmax": sdpa_cls,
+            "SDPA + bsr drop": sdpa_bsr}
+
+
+def peak_bandwidth(cfg: SuiteConfig) -> dict:
+    """Nominal (table) and measured (device copy) bandwidth in GB/s; CUDA only."""
+    if not cfg.cuda:
+        return {}
+    name = torch.cuda.get_device_name(0)
+    nominal = next((gbps for key, gbps in NOMINAL_GBPS if key in name), None)
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    t = interleaved({"copy": lambda: dst.copy_(src)}, reps=10, device_sync=True)["copy"]
+    measured = 2 * src.numel() * src.element_size() / t.median / 1e9
+    del src, dst
+    return dict(device=name, nominal_gbps=nominal, copy_gbps=measured,
+                bound_gbps=nominal if nominal is not None else measured,
+                bound_source="nominal" if nominal is not None else "measured copy")
+
+
+def _time(cands: dict[str, Callable], make, grad: bool, cfg: SuiteConfig, reps: int,
+          min_sample: float):
+    if cfg.cuda:
+        torch.cuda.empty_cache()
+    x, q, k, v, qkv = make(grad)
+    if not grad:
+        fns = {name: (lambda fn=fn: fn(x, q, k, v)) for name, fn in cands.items()}
+    else:
+        cot_gen = torch.Generator().manual_seed(1)
+        cots = {}
+
+        def bench(name, fn):
+            outs = fn(x, q, k, v)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            cots[name] = [torch.randn(o.shape, generator=cot_gen).to(o) for o in outs]
+
+            def step():
+                o = fn(x, q, k, v)
+                return torch.autograd.grad(o if isinstance(o, tuple) else (o,), (x, qkv),
+                                           cots[name])
+            return step
+        fns = {name: bench(name, fn) for name, fn in cands.items()}
+    return interleaved(fns, reps=reps, warmup=2, min_sample_s=min_sample, device_sync=cfg.cuda)
+
+
+def _agreement(cfg, x, q, k, scale, n_keep) -> dict[str, float]:
+    """Fraction of batch rows whose kept set equals the reference's, per backend."""
+    r_kept = reference.drop_tokens(x, q, k, scale, PREFIX, n_keep, True)[1]
+    out = {}
+    for name in _timed_backends(cfg):
+        kept = backend_fn(name)(x, q, k)[1].long()
+        out[f"bsr {name}"] = float((kept == r_kept).all(dim=1).float().mean())
+    return out
+
+
+def run(cfg: SuiteConfig, log=print) -> dict:
+    """Runs the section. Returns ``{"config", "bandwidth", "rows", "agreement", "targets",
+    "notes"}``."""
+    reps = 3 if cfg.tiny else (5 if cfg.quick else 10)
+    min_sample = 0.002 if cfg.tiny else (0.01 if cfg.quick else 0.05)
+    if cfg.cuda:
+        min_sample = 0.02
+    dtype = cfg.op_dtype
+    bw = peak_bandwidth(cfg)
+    rows, agreement, notes = [], [], []
+    if cfg.compile and not cfg.cuda:
+        notes.append("torch.compile(reference) on CPU is compiled once with dynamic=True "
+                     "(compilation is not timed).")
+    if not cfg.cuda and "triton" in bsr_kernels.available_backends("cpu"):
+        notes.append("the Triton backend on CPU is the interpreter (TRITON_INTERPRET=1): "
+                     "left out of the timings.")
+    t0 = time.perf_counter()
+    for size, h, c, n, b in shapes(cfg):
+        d = c // h
+        scale = d ** -0.5
+        n_keep = num_kept(KEEP_RATE, n - PREFIX)
+
+        def make(grad, b=b, n=n, h=h, c=c):
+            return make_inputs(b, n, h, c, dtype, cfg.device, grad)
+
+        x, q, k, _, _ = make(False)
+        agreement.append(dict(size=size, N=n, B=b, **_agreement(cfg, x, q, k, scale, n_keep)))
+        nbytes = min_bytes(b, h, n, c, n_keep, PREFIX, n_keep < n - PREFIX, dtype)
+        scopes = [("op", op_candidates(cfg, scale, n_keep))]
+        if b == _block_batch(cfg, n):
+            scopes.append(("attention+drop", block_candidates(cfg, scale, n_keep)))
+        for scope, cands in scopes:
+            for pass_ in ("forward", "fwd+bwd"):
+                timings = _time(cands, make, pass_ == "fwd+bwd", cfg, reps,
+                                           min_sample)
+                eager = next(iter(timings.values()))
+                for name, t in timings.items():
+                    row = dict(scope=scope, size=size, H=h, C=c, N=n, B=b, dtype=str(dtype)[6:],
+                               pass_=pass_, candidate=name, median_ms=t.median * 1e3,
+                               speedup_vs_eager=eager.median / t.median,
+                               paired_speedup_vs_eager=eager.paired_ratio(t),
+                               reps=len(t.samples), number=t.number)
+                    if scope == "op" and pass_ == "forward":
+                        row["min_bytes"] = nbytes
+                        row["gbps"] = nbytes / t.median / 1e9
+                        if bw:
+                            row["bound_fraction"] = row["gbps"] / bw["bound_gbps"]
+                    rows.append(row)
+        log(f"  drop_tokens {size} N={n} B={b}: done ({time.perf_counter() - t0:.0f} s)")
+    return dict(config=dict(keep_rate=KEEP_RATE, fuse_token=True, prefix=PREFIX,
+                            dtype=str(dtype)[6:], reps=reps, min_sample_s=min_sample,
+                            backends=_timed_backends(cfg)),
+                bandwidth=bw, rows=rows, agreement=agreement, targets=targets(cfg, rows),
+                notes=notes)
+
+
+def _default_backend_name(cfg: SuiteConfig) -> str:
+    return "bsr triton" if cfg.cuda else "bsr cpp"
+
+
+def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
+    """The GPU targets of the drop op (ViT-B, N=197, B=128, bf16, forward)."""
+    where = "ViT-B N=197 B=128 bf16 forward, H100"
+    pick = [r for r in rows if r["scope"] == "op" and r["pass_"] == "forward"
+            and r["size"] == "ViT-B" and r["N"] == 197 and r["B"] == 128
+            and r["candidate"] == _default_backend_name(cfg)]
+    if not cfg.cuda or not pick:
+        why = "needs a GPU run (--device cuda)" if not cfg.cuda else "shape not run"
+        return [Target("fused drop op speedup vs eager composite", None, ">=", 5.0, "x",
+                       f"{where}; {why}").to_dict(),
+                Target("fused drop op fraction of the bandwidth bound", None, ">=", 0.5, "",
+                       f"{where}; {why}").to_dict()]
+    r = pick[0]
+    return [Target("fused drop op speedup vs eager composite", r["paired_speedup_vs_eager"],
+                   ">=", 5.0, "x", where).to_dict(),
+            Target("fused drop op fraction of the bandwidth bound", r.get("bound_fraction"),
+                   ">=", 0.5, "", where).to_dict()]
+
+
+def table(section: dict) -> str:
+    """Markdown table of the section's rows."""
+    rows = []
+    for r in section["rows"]:
+        rows.append((r["scope"], r["size"], r["N"], r["B"], r["pass_"], r["candidate"],
+                     f"{r['median_ms']:.3f}", f"{r['paired_speedup_vs_eager']:.2f}x",
+                     f"{r['gbps']:.1f}" if "gbps" in r else "",
+                     f"{100 * r['bound_fraction']:.0f}%" if "bound_fraction" in r else ""))
+    return format_table(rows, ["scope", "size", "N", "B", "pass", "candidate", "median ms",
+                               "speedup vs eager", "GB/s", "% of bound"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    cfg = SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny,
+                      compile=not args.no_compile)
+    section = run(cfg)
+    print(table(section))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(section, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

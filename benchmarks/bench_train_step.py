@@ -1,0 +1,267 @@
+"""The ``train_step`` section of the suite: one fine-tuning step of a ViT, six ways.
+
+Variants (see ``_suite.VARIANTS``), all from the same random-init timm model:
+
+* ``full``: timm full fine-tuning (every parameter trained, timm's fused SDPA attention);
+* ``linear_probe``: only the classifier head trained;
+* ``eager_bsr``: the authors' eager BSR formulation (:class:`bsr_kernels.baselines.EagerBSR`:
+  materialised attention probabilities in every block);
+* ``bsr_lean`` / ``bsr_fast``: ``bsr_kernels.reprogram(model, memory_mode="lean" | "fast")``;
+* ``bsr_lean_bf16``: ``reprogram(..., memory_mode="lean", activation_dtype=torch.bfloat16)``
+  (compressed saved activations; approximate gradients).
+
+BSR settings are the defaults: blocks 3, 7, 11 + head trained, drops in blocks 3, 6, 9 at keep
+rate 0.5 with the fused token.
+
+Figures:
+
+* **step time** (forward, cross-entropy, backward, AdamW step), timed side by side
+  (``_timing.interleaved``: the six variants in turn, several rounds, medians, paired ratios):
+  DeiT-S at B=16 on CPU (fp32), ViT-B/16 at B=128 on CUDA (bf16 autocast);
+* **saved activation MiB per image** and **training GFLOPs per image**
+  (:func:`bsr_kernels.profile`: distinct storages autograd keeps, parameters excluded;
+  ``FlopCounterMode`` over forward + backward with the CPU SDPA kernels counted): ViT-B/16 at
+  B=8, fp32 (device independent; ``--quick`` uses B=2, the figures are per image);
+* **peak memory** on CUDA: ``torch.cuda.max_memory_allocated`` of a step (parameters,
+  gradients, AdamW state and activations) at the timing batch.
+
+The design anchors (DESIGN.md, ViT-B/16, B=8, fp32) are shown next to the measured figures.
+FLOP anchors were taken without the CPU SDPA kernels counted; the ``GFLOP/img, SDPA uncounted``
+column gives the full and linear-probe figures in that convention (eager BSR has no SDPA).
+
+Usage: ``python benchmarks/bench_train_step.py [--device cpu|cuda] [--quick]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _suite import (MIB, VARIANT_LABELS, VARIANTS, SuiteConfig, Target, build_variant,  # noqa
+                    create_vit, cuda_peak_step, free_memory, make_step, model_label)
+from _timing import format_table, interleaved  # noqa: E402
+
+import bsr_kernels  # noqa: E402
+
+__all__ = ["run", "profile_variant", "fixed_memory_bytes", "sdpa_gflops", "ANCHORS", "table",
+           "targets"]
+
+#: DESIGN.md anchors, ViT-B/16 B=8 fp32 CPU: variant -> (saved MiB/img, train GFLOP/img).
+ANCHORS = {"full": (112.7, 100.9), "eager_bsr": (25.3, 29.6)}
+
+
+def fixed_memory_bytes(model: torch.nn.Module) -> dict:
+    """Parameter, gradient and AdamW-state bytes of ``model`` as set up (trained params grad)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return dict(param_bytes=total, grad_bytes=trained, optimizer_bytes=2 * trained,
+                fixed_bytes=total + 3 * trained, trained_params=sum(
+                    p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def sdpa_gflops(model: torch.nn.Module, variant: str, batch: int) -> float | None:
+    """GFLOPs that ``bsr_kernels.profile`` counts for the CPU SDPA kernels of a plain timm model
+    (full: forward + backward of every block; linear probe: forward only); None otherwise."""
+    if variant not in ("full", "linear_probe"):
+        return None
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    total = 0
+    for blk in model.blocks:
+        a = blk.attn
+        shape = (batch, a.num_heads, n, a.head_dim)
+        total += sdpa_flop_count(shape, shape, shape)
+        if variant == "full":
+            total += sdpa_backward_flop_count(shape, shape, shape, shape)
+    return total / 1e9
+
+
+def profile_variant(cfg: SuiteConfig, variant: str, model_name: str, batch: int,
+                    img_size: int | None = None) -> dict:
+    """``bsr_kernels.profile`` of one variant on a fresh model (fp32), per image."""
+    model = create_vit(model_name, img_size, cfg.device)
+    module, _ = build_variant(variant, model)
+    g = torch.Generator().manual_seed(0)
+    size = model.patch_embed.img_size
+    images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+    prof = bsr_kernels.profile(module, images, labels)
+    if variant == "eager_bsr" and module.last is not None:
+        prof["tokens_per_block"] = list(module.last.tokens_in)
+    sdpa = sdpa_gflops(model, variant, batch)
+    prof["train_gflops_per_image_sdpa_uncounted"] = (
+        prof["train_gflops_per_image"] - sdpa / batch if sdpa is not None else
+        (prof["train_gflops_per_image"] if variant == "eager_bsr" else None))
+    prof.update(fixed_memory_bytes(model))
+    del module, model
+    free_memory(cfg.device)
+    return prof
+
+
+def _time_variants(cfg: SuiteConfig, log) -> tuple[dict, dict]:
+    """Step timings of every variant (side by side) and, on CUDA, their peak memory."""
+    batch, name = cfg.time_batch, cfg.time_model
+    g = torch.Generator().manual_seed(0)
+    peaks, steps = {}, {}
+    for variant in VARIANTS:
+        model = create_vit(name, None, cfg.device)
+        module, params = build_variant(variant, model)
+        size = model.patch_embed.img_size
+        images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
+        labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+        step = make_step(module, params, images, labels, cfg)
+        if cfg.cuda:  # measured alone, before the other variants' models exist
+            peaks[variant] = cuda_peak_step(step)
+            del step, module, model, params, images, labels
+            free_memory("cuda")
+        else:
+            steps[variant] = step
+    if cfg.cuda:
+        for variant in VARIANTS:  # rebuild for the side-by-side timing
+            model = create_vit(name, None, cfg.device)
+            module, params = build_variant(variant, model)
+            size = model.patch_embed.img_size
+            images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
+            labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+            steps[variant] = make_step(module, params, images, labels, cfg)
+    log(f"  train_step: timing {len(steps)} variants of {model_label(name)} at B={batch}, "
+        f"{cfg.reps} rounds")
+    timings = interleaved(steps, reps=cfg.reps, warmup=1, min_sample_s=0.0,
+                          device_sync=cfg.cuda)
+    del steps
+    free_memory(cfg.device)
+    return timings, peaks
+
+
+def run(cfg: SuiteConfig, log=print) -> dict:
+    """Runs the section; returns ``{"config", "rows", "targets", "notes"}``."""
+    t0 = time.perf_counter()
+    timings, peaks = _time_variants(cfg, log)
+    log(f"  train_step: timed ({time.perf_counter() - t0:.0f} s)")
+    profiles = {}
+    for variant in VARIANTS:
+        profiles[variant] = profile_variant(cfg, variant, cfg.memory_model, cfg.memory_batch)
+        log(f"  train_step: profiled {variant} ({time.perf_counter() - t0:.0f} s)")
+    full, eager = timings["full"], timings["eager_bsr"]
+    rows = []
+    for variant in VARIANTS:
+        t, prof = timings[variant], profiles[variant]
+        row = dict(variant=variant, label=VARIANT_LABELS[variant],
+                   step_s=t.median, images_per_s=cfg.time_batch / t.median,
+                   speedup_vs_full=full.paired_ratio(t), speedup_vs_eager=eager.paired_ratio(t),
+                   time_vs_eager=t.paired_ratio(eager), step_samples_s=list(t.samples),
+                   saved_mib_per_image=prof["saved_activation_mib_per_image"],
+                   train_gflops_per_image=prof["train_gflops_per_image"],
+                   train_gflops_per_image_sdpa_uncounted=prof[
+                       "train_gflops_per_image_sdpa_uncounted"],
+                   forward_gmacs_per_image=prof["forward_gmacs_per_image"],
+                   tokens_per_block=prof["tokens_per_block"],
+                   trained_params=prof["trained_params"], param_bytes=prof["param_bytes"],
+                   fixed_bytes=prof["fixed_bytes"],
+                   anchor_saved_mib_per_image=None, anchor_train_gflops_per_image=None)
+        if variant in ANCHORS and cfg.memory_model == "vit_b16":
+            row["anchor_saved_mib_per_image"], row["anchor_train_gflops_per_image"] = \
+                ANCHORS[variant]
+        if cfg.cuda:
+            row["peak_mib"] = peaks[variant] / MIB
+        rows.append(row)
+    config = dict(time_model=model_label(cfg.time_model), time_batch=cfg.time_batch,
+                  memory_model=model_label(cfg.memory_model), memory_batch=cfg.memory_batch,
+                  reps=cfg.reps, precision="bf16 autocast" if cfg.cuda else "fp32",
+                  optimizer="AdamW", bsr=dict(train_blocks="default (3, 7, 11 for 12 blocks)",
+                                              drop_at="default (3, 6, 9)", keep_rate=0.5,
+                                              fuse_token=True))
+    notes = [
+        "Saved MiB/image and GFLOPs/image come from bsr_kernels.profile (fp32, "
+        f"{model_label(cfg.memory_model)}, B={cfg.memory_batch}); the SDPA kernels are counted "
+        "(the design's FLOP anchors left them out: see the 'SDPA uncounted' column).",
+        "Step time: median of interleaved rounds; speedups are medians of per-round ratios.",
+    ]
+    return dict(config=config, rows=rows, targets=targets(cfg, rows), notes=notes)
+
+
+def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
+    """The model-layer targets (CPU) and the GPU throughput targets, with verdicts."""
+    by = {r["variant"]: r for r in rows}
+    mem_where = f"{model_label(cfg.memory_model)} B={cfg.memory_batch} fp32"
+    time_where = (f"{model_label(cfg.time_model)} B={cfg.time_batch} "
+                  f"{'bf16 autocast, ' + torch.cuda.get_device_name(0) if cfg.cuda else 'fp32 CPU'}")
+    out = [
+        Target("saved activations, lean", by["bsr_lean"]["saved_mib_per_image"], "<=", 10,
+               "MiB/img", mem_where),
+        Target("saved activations, fast", by["bsr_fast"]["saved_mib_per_image"], "<=", 20,
+               "MiB/img", mem_where),
+        Target("saved activations, lean + bf16 (compressed)",
+               by["bsr_lean_bf16"]["saved_mib_per_image"], "<=", 6, "MiB/img", mem_where),
+        Target("training FLOPs, lean", by["bsr_lean"]["train_gflops_per_image"], "<=", 36,
+               "GFLOP/img", mem_where + ", SDPA counted"),
+    ]
+    if not cfg.cuda:
+        out += [
+            Target("CPU step: lean speedup over timm full fine-tuning",
+                   by["bsr_lean"]["speedup_vs_full"], ">=", 3.3, "x", time_where),
+            Target("CPU step: lean time / eager formulation time", by["bsr_lean"]["time_vs_eager"],
+                   "<=", 1.15, "x", time_where),
+            Target("CPU step: fast time / eager formulation time", by["bsr_fast"]["time_vs_eager"],
+                   "<=", 1.0, "x", time_where),
+        ]
+    gpu_where = "ViT-B/16 B=128 bf16 autocast, H100"
+    for mode in ("bsr_lean", "bsr_fast"):
+        speed_full = by[mode]["speedup_vs_full"] if cfg.cuda else None
+        speed_eager = by[mode]["speedup_vs_eager"] if cfg.cuda else None
+        where = time_where if cfg.cuda else gpu_where + "; needs a GPU run (--device cuda)"
+        out += [Target(f"GPU step: {mode[4:]} throughput / timm full fine-tuning", speed_full,
+                       ">=", 3.5, "x", where),
+                Target(f"GPU step: {mode[4:]} throughput / eager formulation", speed_eager,
+                       ">=", 1.3, "x", where)]
+    return [t.to_dict() for t in out]
+
+
+def table(section: dict) -> str:
+    """Markdown table of the section."""
+    has_peak = any("peak_mib" in r for r in section["rows"])
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    rows = []
+    for r in section["rows"]:
+        anchor = ""
+        if r["anchor_saved_mib_per_image"] is not None:
+            anchor = f"{r['anchor_saved_mib_per_image']} / {r['anchor_train_gflops_per_image']}"
+        rows.append([r["label"], f"{r['step_s'] * 1e3:.0f}", f"{r['images_per_s']:.1f}",
+                     f"{r['speedup_vs_full']:.2f}x", f"{r['speedup_vs_eager']:.2f}x",
+                     f(r["saved_mib_per_image"], ".2f"), f(r["train_gflops_per_image"], ".1f"),
+                     f(r["train_gflops_per_image_sdpa_uncounted"], ".1f"),
+                     f(r["forward_gmacs_per_image"], ".2f"), anchor]
+                    + ([f(r.get("peak_mib"), ".0f")] if has_peak else []))
+    header = ["variant", "step ms", "img/s", "speedup vs full", "speedup vs eager",
+              "saved MiB/img", "GFLOP/img", "GFLOP/img, SDPA uncounted", "fwd GMAC/img",
+              "design anchor (MiB / GFLOP)"] + (["peak MiB"] if has_peak else [])
+    return format_table(rows, header)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    section = run(SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny))
+    print(table(section))
+    for t in section["targets"]:
+        print(Target(**{k: t[k] for k in ("name", "value", "op", "bound", "unit",
+                                          "where")}).line())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(section, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
