@@ -1,0 +1,256 @@
+"""Helpers for the generated cross-backend tests of the token-drop ops.
+
+Tests are generated from what each backend declares: every (backend, device, dtype) triple becomes
+one pytest parameter, and a backend that reports ``not_supported_reasons`` becomes a *visible* skip
+carrying those reasons. New backends are picked up automatically once
+``bsr_kernels.ops.dispatch.all_backends()`` lists them.
+
+Everything is compared with the pure-PyTorch definition in ``bsr_kernels.ops.reference`` (values)
+and with autograd through it (gradients).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.common import num_kept
+from bsr_kernels.ops.dispatch import all_backends
+
+__all__ = [
+    "DEVICES", "DTYPES", "BACKEND_NAMES", "VALUE_TOL", "SCORE_TOL", "GRAD_REL_FLOOR", "TIE_TOL",
+    "backend_params", "examples", "DropCase", "make_inputs", "timm_qk", "nan_padded",
+    "resolved_scale", "reference_drop", "expected_from_kept", "assert_kept_matches",
+    "assert_valid_kept", "assert_drop_matches", "grads_of", "float64_leaves",
+    "assert_grads_accurate",
+]
+
+#: Devices tests are generated for. CUDA joins when present (then without TRITON_INTERPRET).
+DEVICES: tuple[str, ...] = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+#: Dtypes tests are generated for.
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+#: Every backend known to the dispatcher, available here or not.
+BACKEND_NAMES: tuple[str, ...] = tuple(all_backends())
+
+# Tolerances. Gathered rows (prefix and kept tokens) are copies and must match exactly; these
+# apply to the fused token, the scores and the gradients.
+VALUE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+SCORE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-13)}
+#: Gradients (flash-attention's self-calibrating rule): a backend's error against a float64
+#: evaluation of the definition may be at most twice the error of autograd through the definition
+#: at the backend's precision, plus this fraction of the gradient's largest magnitude.
+GRAD_REL_FLOOR = {torch.float32: 2e-6, torch.float64: 1e-12}
+#: Two candidates whose reference scores differ by less than this may swap places in the kept set
+#: (scores are probabilities in [0, 1], so an absolute tolerance is meaningful).
+TIE_TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+
+#: Backends that run much slower than the others on CPU (the Triton interpreter): fewer examples.
+_SLOW_ON_CPU = ("triton",)
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def backend_params(devices=DEVICES, dtypes=DTYPES, names=None) -> list:
+    """One ``pytest.param((name, device, dtype))`` per backend, device and dtype.
+
+    A backend that cannot run there is still listed, marked skip with its own reasons, so it shows
+    in the report instead of vanishing.
+    """
+    params = []
+    backends = all_backends()
+    for name in names or BACKEND_NAMES:
+        for device in devices:
+            for dtype in dtypes:
+                reasons = backends[name].not_supported_reasons(torch.device(device), dtype)
+                marks = (pytest.mark.skip(reason=f"backend {name!r} unavailable on {device} "
+                                          f"{_dtype_id(dtype)}: {'; '.join(reasons)}")
+                         if reasons else ())
+                params.append(pytest.param((name, device, dtype), marks=marks,
+                                           id=f"{name}-{device}-{_dtype_id(dtype)}"))
+    return params
+
+
+def examples(name: str, device: str, fast: int, slow: int) -> int:
+    """Hypothesis example count: ``slow`` for interpreted Triton on CPU, else ``fast``."""
+    return slow if (name in _SLOW_ON_CPU and device == "cpu") else fast
+
+
+@dataclass(frozen=True)
+class DropCase:
+    """One token-drop problem: sizes, options and the seed of its random inputs."""
+
+    b: int
+    h: int
+    n: int
+    d: int
+    c: int
+    p: int = 1
+    keep_rate: float = 0.5
+    fuse: bool = True
+    scale: float | None = None
+    spread: float = 1.0  # multiplies q: larger spreads make the CLS attention peakier
+    seed: int = 0
+
+    @property
+    def m(self) -> int:
+        """Candidates: non-prefix tokens."""
+        return self.n - self.p
+
+    @property
+    def n_keep(self) -> int:
+        return num_kept(self.keep_rate, self.m)
+
+
+def make_inputs(case: DropCase, device, dtype, requires_grad: bool = False):
+    """Random x (B, N, C), q and k (B, H, N, d), contiguous, from ``case.seed``."""
+    g = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.b, case.n, case.c, generator=g, dtype=torch.float64)
+    q = torch.randn(case.b, case.h, case.n, case.d, generator=g, dtype=torch.float64) * case.spread
+    k = torch.randn(case.b, case.h, case.n, case.d, generator=g, dtype=torch.float64)
+    out = [t.to(device=device, dtype=dtype) for t in (x, q, k)]
+    if requires_grad:
+        out = [t.requires_grad_() for t in out]
+    return tuple(out)
+
+
+def timm_qk(b: int, n: int, h: int, d: int, device, dtype, seed: int = 0,
+            requires_grad: bool = False):
+    """q and k as timm's Attention makes them: views into one fused qkv tensor.
+
+    ``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``: neither is contiguous, and
+    they are not even dense (they interleave with each other and with v).
+
+    Returns:
+        (qkv leaf (B, N, 3*H*d), q, k).
+    """
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3 * h * d, generator=g, dtype=torch.float64).to(device=device,
+                                                                             dtype=dtype)
+    qkv.requires_grad_(requires_grad)
+    q, k, _ = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv, q, k
+
+
+def nan_padded(t: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """A copy of ``t`` that is a strided view into a larger NaN-filled buffer.
+
+    Any read outside the view's bounds (a wrong stride, an off-by-one) pulls NaN into the result.
+    """
+    big = torch.full([s + 2 * pad for s in t.shape], float("nan"), dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(pad, pad + s) for s in t.shape)]
+    view.copy_(t.detach())
+    return view
+
+
+def resolved_scale(scale, d: int) -> float:
+    return d ** -0.5 if scale is None else float(scale)
+
+
+def reference_drop(x, q, k, case: DropCase):
+    """The definition: (x_out, kept int64, scores, lse), differentiable in x, q, k."""
+    return reference.drop_tokens(x, q, k, resolved_scale(case.scale, q.shape[-1]), case.p,
+                                 case.n_keep, case.fuse)
+
+
+def expected_from_kept(x, scores, kept, p: int, fuse: bool):
+    """The output the definition gives for a *given* kept set (used when near-ties swap tokens).
+
+    Args:
+        x: (B, N, C).
+        scores: (B, N - P) reference scores (may carry autograd to q and k).
+        kept: (B, n_keep) positions among the non-prefix tokens.
+    """
+    b, n, c = x.shape
+    kept = kept.long()
+    xp = x[:, p:]
+    parts = [x[:, :p], torch.gather(xp, 1, kept.unsqueeze(-1).expand(-1, -1, c))]
+    if fuse and kept.shape[1] < n - p:
+        dropped = torch.ones(b, n - p, dtype=torch.bool, device=x.device).scatter(1, kept, False)
+        w = torch.where(dropped, scores, torch.zeros_like(scores))
+        parts.append((w.unsqueeze(-1) * xp.to(w.dtype)).sum(1).to(x.dtype).unsqueeze(1))
+    return torch.cat(parts, dim=1)
+
+
+def assert_valid_kept(kept: torch.Tensor, b: int, n_keep: int, m: int) -> None:
+    """kept is (B, n_keep) int64, strictly ascending, inside [0, M)."""
+    assert kept.dtype == torch.int64, kept.dtype
+    assert tuple(kept.shape) == (b, n_keep), (tuple(kept.shape), (b, n_keep))
+    if kept.numel():
+        assert int(kept.min()) >= 0 and int(kept.max()) < m, kept
+        assert bool((kept[:, 1:] > kept[:, :-1]).all()), f"not strictly ascending: {kept}"
+
+
+def assert_kept_matches(kept, ref_kept, ref_scores, tie_tol: float) -> None:
+    """kept equals ref_kept, except for swaps between candidates that are (near-)tied.
+
+    Every token kept by one side and not the other must have a reference score within
+    ``tie_tol`` of every token in the opposite situation. NaN scores tie with NaN only.
+    """
+    assert kept.shape == ref_kept.shape, (kept.shape, ref_kept.shape)
+    for bi in range(kept.shape[0]):
+        got, want = set(kept[bi].tolist()), set(ref_kept[bi].tolist())
+        extra, missing = sorted(got - want), sorted(want - got)
+        s = ref_scores[bi].detach().double().cpu()
+        for a in extra:
+            for r in missing:
+                sa, sr = float(s[a]), float(s[r])
+                tied = (math.isnan(sa) and math.isnan(sr)) or abs(sa - sr) < tie_tol
+                assert tied, (f"batch {bi}: kept token {a} (score {sa!r}) instead of token {r} "
+                              f"(score {sr!r}); they differ by more than {tie_tol}")
+
+
+def assert_drop_matches(x_out, kept, x, q, k, case: DropCase, dtype) -> torch.Tensor:
+    """Checks one drop_tokens result against the definition; returns the expected x_out.
+
+    Kept sets may differ only by near-ties; x_out is then checked against the definition for the
+    backend's own kept set. Prefix and kept rows must be exact copies of x's rows.
+    """
+    with torch.no_grad():
+        ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    assert_valid_kept(kept, case.b, case.n_keep, case.m)
+    assert_kept_matches(kept, ref_kept, ref_scores, TIE_TOL[dtype])
+    if not torch.equal(kept, ref_kept):
+        with torch.no_grad():
+            ref_out = expected_from_kept(x, ref_scores, kept, case.p, case.fuse)
+    assert x_out.dtype == x.dtype
+    assert x_out.shape == ref_out.shape, (x_out.shape, ref_out.shape)
+    rows = case.p + case.n_keep
+    assert torch.equal(x_out[:, :rows], ref_out[:, :rows]), "prefix/kept rows are not copies of x"
+    if x_out.shape[1] > rows:
+        torch.testing.assert_close(x_out[:, rows:], ref_out[:, rows:], **VALUE_TOL[dtype])
+    return ref_out
+
+
+def grads_of(out, inputs, grad_out):
+    """d(out . grad_out)/d(inputs); zeros where an input does not reach out."""
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, grads)]
+
+
+def float64_leaves(*tensors):
+    """Detached float64 copies that require grad (for the high-precision gradient reference)."""
+    return tuple(t.detach().double().requires_grad_() for t in tensors)
+
+
+def assert_grads_accurate(got, want64, ref, names, dtype) -> None:
+    """Each gradient in ``got`` (backend) is as accurate as ``ref`` (autograd through the
+    definition at the same precision), both measured against ``want64`` (float64 definition).
+
+    ``max|got - want64| <= 2 * max|ref - want64| + GRAD_REL_FLOOR[dtype] * max|want64|``.
+    """
+    for g, w, r, name in zip(got, want64, ref, names):
+        assert g.shape == w.shape == r.shape, (name, g.shape, w.shape, r.shape)
+        assert g.dtype == r.dtype, (name, g.dtype, r.dtype)
+        w = w.detach().double()
+        err = float((g.detach().double() - w).abs().max()) if g.numel() else 0.0
+        err_ref = float((r.detach().double() - w).abs().max()) if g.numel() else 0.0
+        scale = float(w.abs().max()) if g.numel() else 0.0
+        bound = 2 * err_ref + GRAD_REL_FLOOR[dtype] * scale
+        assert err <= bound, (f"grad {name}: max error {err:.3g} vs float64 definition exceeds "
+                              f"{bound:.3g} (2 x reference error {err_ref:.3g} + "
+                              f"{GRAD_REL_FLOOR[dtype]:g} x max|grad| {scale:.3g})")

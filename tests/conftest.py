@@ -1,0 +1,79 @@
+"""pytest setup shared by the bsr_kernels tests.
+
+``TRITON_INTERPRET`` has to be in the environment before any Triton kernel is *defined*:
+``triton.jit`` reads ``triton.knobs.runtime.interpret`` when it decorates a function and returns a
+compiled ``JITFunction`` (CUDA only) or an ``InterpretedFunction`` (runs on CPU tensors). Note that
+``import torch`` does not import Triton, but ``import torch._dynamo`` (and so ``torch.compile``)
+does. This file is the first thing pytest imports from ``tests/``, so it sets the variable first,
+before importing ``bsr_kernels``, and checks that nothing from ``bsr_kernels`` was imported earlier.
+
+On a machine with CUDA the variable is left alone (unless already set), so the Triton kernels
+compile for the GPU and the tests also run on CUDA tensors.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch  # does not import triton (checked below)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_too_late = sorted(m for m in sys.modules if m == "bsr_kernels" or m.startswith("bsr_kernels."))
+if _too_late:  # pragma: no cover - only when a plugin imports the package first
+    raise RuntimeError(
+        f"bsr_kernels was imported before tests/conftest.py set TRITON_INTERPRET: {_too_late}")
+
+try:
+    import bsr_kernels  # noqa: E402
+except ImportError:  # running from a source checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import bsr_kernels  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "bsr",
+    deadline=None,  # kernels (and the Triton interpreter) have uneven first-call costs
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "bsr"))
+
+
+def pytest_report_header(config):
+    """Lists every backend with what it can run here, so a skipped backend is never silent."""
+    from bsr_kernels.ops.dispatch import all_backends
+
+    from _backends import DEVICES, DTYPES
+
+    lines = [f"bsr_kernels {bsr_kernels.__version__}; TRITON_INTERPRET="
+             f"{os.environ.get('TRITON_INTERPRET', '')!r}; BSR_BACKEND="
+             f"{os.environ.get('BSR_BACKEND', '')!r}"]
+    for name, backend in all_backends().items():
+        for device in DEVICES:
+            for dtype in DTYPES:
+                reasons = backend.not_supported_reasons(torch.device(device), dtype)
+                state = "available" if not reasons else "UNAVAILABLE: " + "; ".join(reasons)
+                lines.append(f"  backend {name:<9} {device} {str(dtype)[6:]:<8} {state}")
+    return lines
+
+
+class BackendCase:
+    """A forced backend for one test: its name, device and dtype."""
+
+    def __init__(self, name: str, device: str, dtype: torch.dtype):
+        self.name, self.device, self.dtype = name, device, dtype
+
+    def __repr__(self) -> str:
+        return f"BackendCase({self.name}, {self.device}, {self.dtype})"
+
+
+@pytest.fixture
+def backend(request, monkeypatch) -> BackendCase:
+    """Forces ``BSR_BACKEND`` for the test. Parametrise it indirectly with ``backend_params()``."""
+    name, device, dtype = request.param
+    monkeypatch.setenv("BSR_BACKEND", name)
+    return BackendCase(name, device, dtype)

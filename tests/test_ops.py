@@ -1,0 +1,851 @@
+"""Cross-backend tests of the token-drop ops ``bsr_kernels.drop_tokens`` / ``cls_attention``.
+
+Generated over every backend the dispatcher knows (``backend_params``): a backend that cannot run
+on a device/dtype shows up as a skip with its reasons. Each backend is forced with
+``BSR_BACKEND`` and compared with the pure-PyTorch definition (``bsr_kernels.ops.reference``) for
+values, and with autograd through that definition for gradients. Every case runs twice and must
+give bit-identical results.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bsr_kernels
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.common import compute_dtype, num_kept
+from bsr_kernels.ops.dispatch import all_backends, available_backends, get_backend, select_backend
+
+from _backends import (SCORE_TOL, TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches,
+                       assert_grads_accurate, assert_kept_matches, assert_valid_kept,
+                       backend_params, examples, expected_from_kept, float64_leaves, grads_of,
+                       make_inputs, nan_padded, reference_drop, resolved_scale, timm_qk)
+
+CPU = torch.device("cpu")
+ALL = backend_params()
+F64 = backend_params(dtypes=(torch.float64,))
+F32 = backend_params(dtypes=(torch.float32,))
+CPU_F32 = backend_params(devices=("cpu",), dtypes=(torch.float32,))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _same(a, b) -> bool:
+    """Bit-identical tensors (NaN equal to NaN), or equal non-tensors."""
+    if isinstance(a, torch.Tensor):
+        return (a.shape == b.shape and a.dtype == b.dtype
+                and bool(torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0),
+                                     torch.nan_to_num(b, 7.0, 8.0, 9.0)))
+                and bool(torch.equal(a.isnan(), b.isnan())))
+    return a == b
+
+
+def twice(fn):
+    """Runs ``fn`` twice and asserts the two results are bit-identical (determinism)."""
+    first, second = fn(), fn()
+    flat1 = first if isinstance(first, (tuple, list)) else (first,)
+    flat2 = second if isinstance(second, (tuple, list)) else (second,)
+    assert len(flat1) == len(flat2)
+    for i, (a, b) in enumerate(zip(flat1, flat2)):
+        assert _same(a, b), f"output {i} differs between two identical runs"
+    return first
+
+
+def drop(x, q, k, case: DropCase):
+    return bsr_kernels.drop_tokens(x, q, k, case.keep_rate, case.fuse, case.p, case.scale)
+
+
+def seeded_like(shape, dtype, device, seed: int):
+    g = torch.Generator().manual_seed(seed + 12345)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def check_values(case: DropCase, device, dtype):
+    """Forward values of both ops vs the definition, twice."""
+    x, q, k = make_inputs(case, device, dtype)
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert_drop_matches(x_out, kept, x, q, k, case, dtype)
+    scores = twice(lambda: bsr_kernels.cls_attention(q, k, case.scale, case.p))
+    want = reference.cls_scores(q, k, resolved_scale(case.scale, case.d), case.p)[0]
+    assert scores.dtype == want.dtype and scores.shape == (case.b, case.m)
+    torch.testing.assert_close(scores, want, **SCORE_TOL[dtype])
+
+
+def check_grads(case: DropCase, device, dtype):
+    """Gradients of both ops to x, q, k vs autograd through the definition, twice.
+
+    The backend's kept set (checked against the definition, near-ties allowed) is replayed in a
+    float64 evaluation of the definition; see ``assert_grads_accurate`` for the rule.
+    """
+    x, q, k = make_inputs(case, device, dtype, requires_grad=True)
+    inputs = (x, q, k)
+    scale = resolved_scale(case.scale, case.d)
+
+    def run():
+        out, kept = drop(x, q, k, case)
+        g = seeded_like(out.shape, dtype, device, case.seed)
+        return (out, kept, g, *grads_of(out, inputs, g))
+
+    out, kept, g, *got = twice(run)
+    ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    assert_kept_matches(kept, ref_kept, ref_scores, TIE_TOL[dtype])
+    if not torch.equal(kept, ref_kept):  # a near-tie swapped tokens: follow the backend's choice
+        ref_out = expected_from_kept(x, ref_scores, kept, case.p, case.fuse)
+    x6, q6, k6 = float64_leaves(x, q, k)
+    out6 = expected_from_kept(x6, reference.cls_scores(q6, k6, scale, case.p)[0], kept, case.p,
+                              case.fuse)
+    assert_grads_accurate(got, grads_of(out6, (x6, q6, k6), g.double()),
+                          grads_of(ref_out, inputs, g), ("x", "q", "k"), dtype)
+
+    gs = seeded_like((case.b, case.m), compute_dtype(dtype), device, case.seed + 1)
+    got = twice(lambda: grads_of(bsr_kernels.cls_attention(q, k, case.scale, case.p), (q, k), gs))
+    ref = grads_of(reference.cls_scores(q, k, scale, case.p)[0], (q, k), gs)
+    want = grads_of(reference.cls_scores(q6, k6, scale, case.p)[0], (q6, k6), gs.double())
+    assert_grads_accurate(got, want, ref, ("q", "k"), dtype)
+
+
+@st.composite
+def drop_cases(draw, max_n: int = 40):
+    """B 1..3, H 1..4, N 2..40, d 1..16, C 1..24, P in {1, 2, 5} (< N), keep_rate in (0, 1]."""
+    n = draw(st.integers(2, max_n))
+    return DropCase(
+        b=draw(st.integers(1, 3)), h=draw(st.integers(1, 4)), n=n, d=draw(st.integers(1, 16)),
+        c=draw(st.integers(1, 24)), p=draw(st.sampled_from([p for p in (1, 2, 5) if p < n])),
+        keep_rate=draw(st.floats(0.0, 1.0, exclude_min=True)), fuse=draw(st.booleans()),
+        scale=draw(st.sampled_from([None, None, 0.3, 2.0])),
+        spread=draw(st.sampled_from([0.1, 1.0, 3.0])), seed=draw(st.integers(0, 2 ** 31 - 1)))
+
+
+def separated_case(case: DropCase, dtype=torch.float64, gap: float = 1e-3) -> DropCase:
+    """The first seed from ``case.seed`` on whose kept/dropped boundary scores differ by > gap,
+    so that finite differences (gradcheck) cannot flip the selection."""
+    for seed in range(case.seed, case.seed + 200):
+        c = DropCase(**{**case.__dict__, "seed": seed})
+        x, q, k = make_inputs(c, CPU, dtype)
+        s = reference.cls_scores(q, k, resolved_scale(c.scale, c.d), c.p)[0]
+        top = s.sort(dim=1, descending=True).values
+        if c.n_keep == c.m or bool((top[:, c.n_keep - 1] - top[:, c.n_keep] > gap).all()):
+            return c
+    raise AssertionError("no well separated seed found")
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+def test_known_backends_are_listed():
+    assert set(all_backends()) >= {"reference", "cpp", "triton"}
+    assert "reference" in available_backends("cpu", torch.float32)
+    assert "reference" in available_backends("cpu", torch.float64)
+    assert bsr_kernels.available_backends() == available_backends()
+
+
+def test_cpp_backend_is_built():
+    """CI builds the C++ extension, so there the cpp backend must not be skipped."""
+    if os.environ.get("BSR_ALLOW_NO_CPP") == "1":
+        pytest.skip("BSR_ALLOW_NO_CPP=1: the C++ extension is allowed to be missing")
+    reasons = get_backend("cpp").not_supported_reasons(CPU, torch.float32)
+    assert "cpp" in available_backends("cpu"), (
+        f"the cpp backend is unavailable on CPU ({'; '.join(reasons)}); build it with "
+        "`pip install --no-build-isolation -e .`, or set BSR_ALLOW_NO_CPP=1 to allow this")
+
+
+def test_triton_interpret_set_before_kernels_were_defined():
+    """conftest.py must set TRITON_INTERPRET before any Triton kernel exists, else they compile
+    for CUDA and cannot run on CPU tensors."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("CUDA present: Triton kernels are compiled for the GPU")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    pytest.importorskip("triton")
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kernels = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("bsr_kernels") and mod is not None:
+            for attr, obj in vars(mod).items():
+                if isinstance(obj, (JITFunction, InterpretedFunction)):
+                    kernels[f"{mod_name}.{attr}"] = obj
+    compiled = sorted(name for name, obj in kernels.items() if isinstance(obj, JITFunction))
+    assert not compiled, f"Triton kernels defined before TRITON_INTERPRET=1 was set: {compiled}"
+
+
+# --- values ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_values_random_shapes(backend):
+    """x_out, kept sets and scores on hypothesis-generated shapes."""
+
+    @settings(max_examples=examples(backend.name, backend.device, 40, 8))
+    @given(case=drop_cases(max_n=40 if backend.name != "triton" else 24))
+    def check(case):
+        check_values(case, backend.device, backend.dtype)
+
+    check()
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("n", [2, 3, 15, 31])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_values_odd_sizes(backend, n, fuse):
+    keep_rates = (0.5, 0.25, 0.9) if examples(backend.name, backend.device, 1, 0) else (0.25,)
+    for p in (1, 2, 5):
+        if p >= n:
+            continue
+        for keep_rate in keep_rates:
+            case = DropCase(b=3, h=3, n=n, d=3, c=15, p=p, keep_rate=keep_rate, fuse=fuse,
+                            seed=n * 10 + p)
+            check_values(case, backend.device, backend.dtype)
+
+
+def test_num_kept_is_ceil():
+    """n_keep = ceil(keep_rate * (N - P)), robust to float noise, at least 1."""
+    assert num_kept(0.5, 196) == 98
+    assert num_kept(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in floats
+    assert num_kept(0.7, 10) == 7
+    assert num_kept(0.51, 196) == 100
+    assert num_kept(1e-9, 5) == 1
+    assert num_kept(1.0, 7) == 7
+    for m in range(1, 60):
+        for i in range(1, 20):
+            rate = i / 20
+            assert num_kept(rate, m) == max(1, -(-(i * m) // 20)), (rate, m)
+
+
+@pytest.mark.parametrize("backend", CPU_F32, indirect=True)
+def test_vit_b_token_counts(backend):
+    """ViT-B/16 at 224 px: 197 tokens -> 100 -> 52 -> 28 with keep_rate 0.5 and fusion."""
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=197, d=2, c=3), backend.device, backend.dtype)
+    counts = []
+    for _ in range(3):
+        x, _ = bsr_kernels.drop_tokens(x, q, k, 0.5)
+        counts.append(x.shape[1])
+        _, q, k = make_inputs(DropCase(b=1, h=1, n=x.shape[1], d=2, c=3, seed=len(counts)),
+                              backend.device, backend.dtype)
+    assert counts == [100, 52, 28]
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_grads_random_shapes(backend):
+    """Gradients to x, q and k vs autograd through the reference, on hypothesis shapes."""
+
+    @settings(max_examples=examples(backend.name, backend.device, 25, 5))
+    @given(case=drop_cases(max_n=40 if backend.name != "triton" else 24))
+    def check(case):
+        check_grads(case, backend.device, backend.dtype)
+
+    check()
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("n", [3, 15, 31])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_grads_odd_sizes(backend, n, fuse):
+    for p in (1, 2, 5):
+        if p < n:
+            check_grads(DropCase(b=2, h=3, n=n, d=3, c=15, p=p, fuse=fuse, seed=n + p),
+                        backend.device, backend.dtype)
+
+
+def _fast_gradcheck(backend) -> bool:
+    return not examples(backend.name, backend.device, 1, 0)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_gradcheck_drop_tokens(backend, fuse, p):
+    """torch.autograd.gradcheck through the public drop_tokens (selection kept away from ties).
+
+    The Triton interpreter is slow on CPU: it gets gradcheck's fast mode (a random projection of
+    the Jacobian); full Jacobians of every backend are compared with the reference elsewhere."""
+    case = separated_case(DropCase(b=2, h=2, n=7, d=2, c=3, p=p, keep_rate=0.5, fuse=fuse))
+    x, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5, fuse, p)[0], (x, q, k),
+        fast_mode=_fast_gradcheck(backend))
+
+
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_gradcheck_drop_tokens_timm_views(backend):
+    """gradcheck with q and k as non-contiguous views of one qkv tensor, as timm makes them."""
+    b, n, h, d = 2, 7, 2, 2
+    for seed in range(50):
+        qkv, q, k = timm_qk(b, n, h, d, backend.device, torch.float64, seed=seed)
+        s = reference.cls_scores(q, k, d ** -0.5, 1)[0].sort(dim=1, descending=True).values
+        if bool((s[:, 2] - s[:, 3] > 1e-3).all()):  # keep 3 of 6: boundary well separated
+            break
+    qkv.requires_grad_()
+    x = seeded_like((b, n, 3), torch.float64, backend.device, seed).requires_grad_()
+
+    def fn(x, qkv):
+        q, k, _ = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return bsr_kernels.drop_tokens(x, q, k, 0.5)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, qkv), fast_mode=_fast_gradcheck(backend))
+
+
+@pytest.mark.parametrize("p", [1, 5])
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_gradcheck_cls_attention(backend, p):
+    case = DropCase(b=2, h=2, n=7, d=3, c=1, p=p)
+    _, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k: bsr_kernels.cls_attention(q, k, num_prefix_tokens=p), (q, k),
+        fast_mode=_fast_gradcheck(backend))
+    assert torch.autograd.gradcheck(
+        lambda q, k: bsr_kernels.cls_attention(q, k, scale=0.7, num_prefix_tokens=p), (q, k),
+        fast_mode=_fast_gradcheck(backend))
+
+
+# --- edge cases --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_two_tokens_is_identity(backend):
+    """N=2: one candidate, always kept: x comes back unchanged, no fused token."""
+    for fuse in (True, False):
+        case = DropCase(b=2, h=2, n=2, d=3, c=5, keep_rate=0.01, fuse=fuse)
+        x, q, k = make_inputs(case, backend.device, backend.dtype)
+        x_out, kept = twice(lambda: drop(x, q, k, case))
+        assert torch.equal(x_out, x)
+        assert kept.tolist() == [[0], [0]]
+        check_grads(case, backend.device, backend.dtype)
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_three_tokens_drops_one(backend):
+    case = DropCase(b=3, h=2, n=3, d=3, c=5, keep_rate=0.5, fuse=True, seed=3)
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert x_out.shape == (3, 3, 5)  # CLS, the kept token, the fused token
+    assert_drop_matches(x_out, kept, x, q, k, case, backend.dtype)
+    check_grads(case, backend.device, backend.dtype)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_single_kept_token(backend, fuse):
+    case = DropCase(b=2, h=3, n=15, d=4, c=6, keep_rate=1e-6, fuse=fuse, seed=5)
+    assert case.n_keep == 1
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert x_out.shape == (2, 1 + 1 + int(fuse), 6)
+    assert_drop_matches(x_out, kept, x, q, k, case, backend.dtype)
+    check_grads(case, backend.device, backend.dtype)
+
+
+@pytest.mark.parametrize("p", [1, 5])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_prefix_tokens_kept_first(backend, p):
+    """Prefix tokens come first, unchanged, and are never candidates (softmax still spans them)."""
+    case = DropCase(b=2, h=2, n=15, d=4, c=6, p=p, keep_rate=0.4, seed=7)
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    # Make the prefix keys very attractive: they must still not be picked or shift the indices.
+    k = k.clone()
+    k[:, :, :p] = q[:, :, :1] * 3
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert torch.equal(x_out[:, :p], x[:, :p])
+    assert_drop_matches(x_out, kept, x, q, k, case, backend.dtype)
+    scores = bsr_kernels.cls_attention(q, k, num_prefix_tokens=p)
+    assert scores.shape == (2, 15 - p)
+    # The softmax spans the prefix keys, whose mass is not returned.
+    assert float(scores.sum(1).max()) < 0.99
+    torch.testing.assert_close(scores, reference.cls_scores(q, k, 0.5, p)[0],
+                               **SCORE_TOL[backend.dtype])
+    check_grads(case, backend.device, backend.dtype)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_keep_rate_one_is_identity(backend, fuse):
+    case = DropCase(b=2, h=3, n=15, d=4, c=6, keep_rate=1.0, fuse=fuse)
+    x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert x_out.shape == x.shape and torch.equal(x_out, x)  # no fused token
+    assert kept.dtype == torch.int64 and kept.tolist() == [list(range(14))] * 2
+    g = torch.randn_like(x)
+    gx, gq, gk = grads_of(x_out, (x, q, k), g)
+    assert torch.equal(gx, g) and not gq.any() and not gk.any()
+
+
+@pytest.mark.parametrize("p", [1, 5])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_exact_ties_zero_query_keep_lowest_positions(backend, p):
+    """q_cls = 0 makes every score equal: the lowest positions are kept."""
+    case = DropCase(b=2, h=3, n=15, d=4, c=6, p=p, keep_rate=0.5, seed=11)
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    q = q.clone()
+    q[:, :, 0] = 0
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    assert kept.tolist() == [list(range(case.n_keep))] * 2
+    scores = bsr_kernels.cls_attention(q, k, num_prefix_tokens=p)
+    assert bool((scores == scores[:, :1]).all()), "equal logits must give exactly equal scores"
+    want = expected_from_kept(x, reference.cls_scores(q, k, 0.5, p)[0], kept, p, True)
+    assert torch.equal(x_out[:, :-1], want[:, :-1])
+    torch.testing.assert_close(x_out[:, -1], want[:, -1], **VALUE_TOL[backend.dtype])
+
+
+@pytest.mark.parametrize("pair", [(0, 13), (5, 6), (2, 11)], ids=lambda t: f"{t[0]}-{t[1]}")
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_exact_ties_duplicate_keys_keep_lower_position(backend, pair):
+    """Two candidates with identical key rows (in every head) tie exactly; with room for only one
+    of them, the lower position is kept."""
+    a, b = pair
+    case = DropCase(b=1, h=3, n=15, d=4, c=6, seed=20 + a)
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    k = k.clone()
+    k[:, :, 1 + b] = k[:, :, 1 + a]
+    s = reference.cls_scores(q, k, 0.5, 1)[0][0]
+    assert s[a] == s[b]
+    above = sorted(int(i) for i in (s > s[a]).nonzero().flatten())
+    keep = DropCase(**{**case.__dict__, "keep_rate": (len(above) + 1) / 14})
+    assert keep.n_keep == len(above) + 1
+    expected = sorted(above + [a])
+    assert reference_drop(x, q, k, keep)[1][0].tolist() == expected  # the definition itself
+    x_out, kept = twice(lambda: drop(x, q, k, keep))
+    assert kept[0].tolist() == expected
+    scores = bsr_kernels.cls_attention(q, k)
+    assert scores[0, a] == scores[0, b], "identical key rows must give identical scores"
+
+
+# --- NaN and inf -------------------------------------------------------------------------------
+
+def _poison(kind: str, x, q, k, p: int):
+    """Returns poisoned copies and the batch elements whose scores become all-NaN."""
+    q, k = q.clone(), k.clone()
+    nan, inf = float("nan"), float("inf")
+    if kind == "nan_q_cls":
+        q[0, -1, 0, 0] = nan  # one head of batch 0: every logit of that head is NaN
+        return x, q, k, [0]
+    if kind == "nan_k_row":
+        k[1, 0, p + 2, -1] = nan  # one key of batch 1: that head's softmax is NaN everywhere
+        return x, q, k, [1]
+    if kind == "nan_k_prefix":
+        k[0, 0, 0, 0] = nan  # the CLS key takes part in the softmax too
+        return x, q, k, [0]
+    if kind == "neg_inf_logit":
+        k[0, 0, p + 3] = -inf * torch.sign(q[0, 0, 0])  # logit -inf: probability exactly 0
+        return x, q, k, []
+    if kind == "pos_inf_logit":
+        k[0, 0, p + 3] = inf * torch.sign(q[0, 0, 0])
+        return x, q, k, None
+    if kind == "inf_q_cls":
+        q[1, 0, 0, 0] = inf
+        return x, q, k, None
+    if kind == "nan_q_other_rows":
+        q[:, :, 1:] = nan  # only the CLS query row is part of the op
+        return x, q, k, []
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nan_q_cls", "nan_k_row", "nan_k_prefix", "neg_inf_logit",
+                                  "pos_inf_logit", "inf_q_cls", "nan_q_other_rows"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_nan_and_inf_inputs(backend, kind):
+    """NaN/inf in q or k: valid indices, no crash, and the documented rule (NaN ranks as -inf,
+    ties to the lower position). A head whose softmax is NaN makes every score of that batch
+    element NaN, so the lowest positions are kept there."""
+    case = DropCase(b=3, h=2, n=15, d=4, c=6, p=1, keep_rate=0.5, seed=31)
+    x, q, k = make_inputs(case, backend.device, backend.dtype)
+    clean_out, clean_kept = drop(x, q, k, case)
+    x, q, k, all_nan = _poison(kind, x, q, k, case.p)
+    x_out, kept = twice(lambda: drop(x, q, k, case))
+    scores = twice(lambda: bsr_kernels.cls_attention(q, k))
+    assert_valid_kept(kept, case.b, case.n_keep, case.m)
+    assert x_out.shape == (case.b, case.p + case.n_keep + 1, case.c)
+    assert torch.equal(x_out[:, :-1], expected_from_kept(x, scores, kept, case.p, False))
+    # The rule, applied to the backend's own scores.
+    assert_kept_matches(kept, reference.select_tokens(scores, case.n_keep)[0], scores,
+                        TIE_TOL[backend.dtype])
+    if all_nan is None:  # +inf logits: NaN appears where inf - inf happens; only the rule applies
+        return
+    if kind == "nan_q_other_rows":
+        assert torch.equal(kept, clean_kept) and torch.equal(x_out, clean_out)
+        return
+    for bi in range(case.b):
+        if bi in all_nan:
+            assert bool(scores[bi].isnan().all())
+            assert kept[bi].tolist() == list(range(case.n_keep))
+            assert bool(x_out[bi, -1].isnan().all())  # NaN fusion weights
+        else:
+            assert not bool(scores[bi].isnan().any())
+    if not all_nan:
+        assert_drop_matches(x_out, kept, x, q, k, case, backend.dtype)
+        torch.testing.assert_close(scores, reference.cls_scores(q, k, 0.5, 1)[0],
+                                   **SCORE_TOL[backend.dtype])
+
+
+# --- memory layouts ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_timm_qkv_views(backend, fuse):
+    """q and k as timm makes them (non-contiguous views of qkv), x a transposed view."""
+    b, n, h, d, c = 2, 15, 3, 4, 7
+    dtype = backend.dtype
+    qkv, q, k = timm_qk(b, n, h, d, backend.device, dtype, seed=3, requires_grad=True)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    xt = seeded_like((n, b, c), dtype, backend.device, 3).requires_grad_()
+    x = xt.transpose(0, 1)
+    case = DropCase(b=b, h=h, n=n, d=d, c=c, keep_rate=0.4, fuse=fuse)
+
+    def run():
+        out, kept = drop(x, q, k, case)
+        g = seeded_like(out.shape, dtype, backend.device, 4)
+        return (out, kept, g, *grads_of(out, (xt, qkv), g))
+
+    out, kept, g, gxt, gqkv = twice(run)
+    qc, kc, xc = q.detach().contiguous(), k.detach().contiguous(), x.detach().contiguous()
+    assert_drop_matches(out, kept, xc, qc, kc, case, dtype)
+    ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    if not torch.equal(kept, ref_kept):
+        ref_out = expected_from_kept(x, ref_scores, kept, case.p, fuse)
+    xt6, qkv6 = float64_leaves(xt, qkv)
+    q6, k6, _ = qkv6.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out6 = expected_from_kept(xt6.transpose(0, 1), reference.cls_scores(q6, k6, d ** -0.5, 1)[0],
+                              kept, 1, fuse)
+    assert_grads_accurate((gxt, gqkv), grads_of(out6, (xt6, qkv6), g.double()),
+                          grads_of(ref_out, (xt, qkv), g), ("x", "qkv"), dtype)
+    scores = bsr_kernels.cls_attention(q, k)
+    torch.testing.assert_close(scores, reference.cls_scores(qc, kc, d ** -0.5, 1)[0],
+                               **SCORE_TOL[dtype])
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("n", [3, 15, 31])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_nan_padding_exposes_out_of_bounds_reads(backend, n, fuse):
+    """x, q and k live inside NaN-filled buffers: any read past a view's bounds shows as NaN."""
+    case = DropCase(b=2, h=3, n=n, d=5, c=7, p=1 if n < 15 else 5, keep_rate=0.5, fuse=fuse,
+                    seed=n)
+    dtype = backend.dtype
+    x0, q0, k0 = make_inputs(case, backend.device, dtype)
+    x, q, k = (nan_padded(t).requires_grad_() for t in (x0, q0, k0))
+    assert not x.is_contiguous() and not q.is_contiguous() and not k.is_contiguous()
+
+    def run():
+        out, kept = drop(x, q, k, case)
+        g = seeded_like(out.shape, dtype, backend.device, n)
+        s = bsr_kernels.cls_attention(q, k, None, case.p)
+        gs = seeded_like(s.shape, s.dtype, backend.device, n + 1)
+        return (out, kept, s, *grads_of(out, (x, q, k), g), *grads_of(s, (q, k), gs))
+
+    out, kept, s, *grads = twice(run)
+    for name, t in zip(("x_out", "scores", "gx", "gq", "gk", "gq(cls)", "gk(cls)"),
+                       (out, s, *grads)):
+        assert not bool(t.isnan().any()), f"{name} has NaN: an out-of-bounds read"
+    assert_drop_matches(out, kept, x0, q0, k0, case, dtype)
+    torch.testing.assert_close(s, reference.cls_scores(q0, k0, 5 ** -0.5, case.p)[0],
+                               **SCORE_TOL[dtype])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _bad(**kw):
+    return kw
+
+
+_X, _Q = (2, 9, 8), (2, 3, 9, 4)
+_BAD_DROP = {
+    # keep_rate
+    "keep_rate=0": (_bad(keep_rate=0), ValueError, "keep_rate"),
+    "keep_rate=-0.1": (_bad(keep_rate=-0.1), ValueError, "keep_rate"),
+    "keep_rate=1.5": (_bad(keep_rate=1.5), ValueError, "keep_rate"),
+    "keep_rate=nan": (_bad(keep_rate=float("nan")), ValueError, "keep_rate"),
+    "keep_rate=inf": (_bad(keep_rate=float("inf")), ValueError, "keep_rate"),
+    "keep_rate=str": (_bad(keep_rate="0.5"), TypeError, "keep_rate"),
+    "keep_rate=None": (_bad(keep_rate=None), TypeError, "keep_rate"),
+    "keep_rate=True": (_bad(keep_rate=True), TypeError, "keep_rate"),
+    # mismatched sizes
+    "x-batch": (_bad(x=(3, 9, 8)), ValueError, "x"),
+    "x-tokens": (_bad(x=(2, 8, 8)), ValueError, "x"),
+    "k-batch": (_bad(k=(3, 3, 9, 4)), ValueError, "k"),
+    "k-heads": (_bad(k=(2, 2, 9, 4)), ValueError, "k"),
+    "k-tokens": (_bad(k=(2, 3, 8, 4)), ValueError, "k"),
+    "k-dim": (_bad(k=(2, 3, 9, 5)), ValueError, "k"),
+    "one-token": (_bad(x=(2, 1, 8), q=(2, 3, 1, 4), k=(2, 3, 1, 4)), ValueError, "q"),
+    # ranks
+    "q-rank3": (_bad(q=(2, 9, 4)), ValueError, "q"),
+    "k-rank5": (_bad(k=(2, 3, 9, 4, 1)), ValueError, "k"),
+    "x-rank2": (_bad(x=(9, 8)), ValueError, "x"),
+    "x-rank4": (_bad(x=(2, 9, 8, 1)), ValueError, "x"),
+    # dtypes and types
+    "x-int": (_bad(x_dtype=torch.int32), TypeError, "x"),
+    "q-int": (_bad(q_dtype=torch.int64), TypeError, "q"),
+    "k-int": (_bad(k_dtype=torch.int16), TypeError, "k"),
+    "x-bool": (_bad(x_dtype=torch.bool), TypeError, "x"),
+    "x-float64-vs-q-float32": (_bad(x_dtype=torch.float64), TypeError, "x"),
+    "k-float64-vs-q-float32": (_bad(k_dtype=torch.float64), TypeError, "k"),
+    "q-list": (_bad(q_obj=[[1.0]]), TypeError, "q"),
+    "x-numpy": (_bad(x_obj="numpy"), TypeError, "x"),
+    "k-meta-device": (_bad(k_device="meta"), ValueError, "k"),
+    # num_prefix_tokens
+    "prefix=N": (_bad(num_prefix_tokens=9), ValueError, "num_prefix_tokens"),
+    "prefix>N": (_bad(num_prefix_tokens=12), ValueError, "num_prefix_tokens"),
+    "prefix=0": (_bad(num_prefix_tokens=0), ValueError, "num_prefix_tokens"),
+    "prefix=-1": (_bad(num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
+    "prefix=1.0": (_bad(num_prefix_tokens=1.0), TypeError, "num_prefix_tokens"),
+    "prefix=True": (_bad(num_prefix_tokens=True), TypeError, "num_prefix_tokens"),
+    # scale
+    "scale=0": (_bad(scale=0.0), ValueError, "scale"),
+    "scale<0": (_bad(scale=-0.5), ValueError, "scale"),
+    "scale=nan": (_bad(scale=float("nan")), ValueError, "scale"),
+    "scale=inf": (_bad(scale=float("inf")), ValueError, "scale"),
+    "scale=str": (_bad(scale="0.5"), TypeError, "scale"),
+    "scale=tensor": (_bad(scale=torch.tensor(0.5)), TypeError, "scale"),
+    # Found while writing these tests: the checks in ops/common.py let these through.
+    "head_dim=0": (_bad(q=(2, 3, 9, 0), k=(2, 3, 9, 0)), ValueError, "q"),
+    "heads=0": (_bad(q=(2, 0, 9, 4), k=(2, 0, 9, 4)), ValueError, "q"),
+    "fuse_token=str": (_bad(fuse_token="no"), TypeError, "fuse_token"),
+}
+
+
+def _bad_inputs(spec):
+    """Builds (x, q, k, kwargs) for one bad-input spec."""
+    spec = dict(spec)
+    made = {}
+    for name, shape in (("x", _X), ("q", _Q), ("k", _Q)):
+        shape = spec.pop(name, shape)
+        dtype = spec.pop(f"{name}_dtype", torch.float32)
+        device = spec.pop(f"{name}_device", "cpu")
+        t = torch.randn(shape).to(dtype) if dtype != torch.bool else torch.ones(shape, dtype=dtype)
+        made[name] = t.to(device)
+        obj = spec.pop(f"{name}_obj", None)
+        if obj == "numpy":
+            made[name] = made[name].numpy()
+        elif obj is not None:
+            made[name] = obj
+    kwargs = dict(keep_rate=0.5)
+    kwargs.update(spec)
+    return made["x"], made["q"], made["k"], kwargs
+
+
+@pytest.mark.parametrize("spec,exc,arg", list(_BAD_DROP.values()), ids=list(_BAD_DROP))
+def test_drop_tokens_bad_input(spec, exc, arg, monkeypatch):
+    monkeypatch.setenv("BSR_BACKEND", "reference")
+    x, q, k, kwargs = _bad_inputs(spec)
+    with pytest.raises(exc, match=rf"\b{arg}\b"):
+        bsr_kernels.drop_tokens(x, q, k, **kwargs)
+
+
+_CLS_KEYS = ("k-", "q-", "one-token", "prefix", "scale", "head_dim", "heads")
+
+
+@pytest.mark.parametrize(
+    "spec,exc,arg",
+    [v for key, v in _BAD_DROP.items() if key.startswith(_CLS_KEYS) and "vs-q" not in key
+     or key == "k-float64-vs-q-float32"],
+    ids=[key for key in _BAD_DROP if key.startswith(_CLS_KEYS) and "vs-q" not in key
+         or key == "k-float64-vs-q-float32"])
+def test_cls_attention_bad_input(spec, exc, arg, monkeypatch):
+    monkeypatch.setenv("BSR_BACKEND", "reference")
+    _, q, k, kwargs = _bad_inputs(spec)
+    kwargs.pop("keep_rate")
+    with pytest.raises(exc, match=rf"\b{arg}\b"):
+        bsr_kernels.cls_attention(q, k, **kwargs)
+
+
+# --- dispatch ----------------------------------------------------------------------------------
+
+def test_nonsense_backend_raises(monkeypatch):
+    monkeypatch.setenv("BSR_BACKEND", "nonsense")
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
+    with pytest.raises(ValueError, match="BSR_BACKEND"):
+        bsr_kernels.drop_tokens(x, q, k, 0.5)
+    with pytest.raises(ValueError, match="BSR_BACKEND"):
+        bsr_kernels.cls_attention(q, k)
+
+
+def _unavailable_here():
+    names = [n for n, b in all_backends().items() if b.not_supported_reasons(CPU, torch.float32)]
+    return names or [pytest.param("none", marks=pytest.mark.skip(
+        reason="every backend is available on cpu float32 here"))]
+
+
+@pytest.mark.parametrize("name", _unavailable_here())
+def test_forcing_an_unavailable_backend_raises_with_reasons(name, monkeypatch):
+    monkeypatch.setenv("BSR_BACKEND", name)
+    reasons = get_backend(name).not_supported_reasons(CPU, torch.float32)
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
+    with pytest.raises(RuntimeError) as err:
+        bsr_kernels.drop_tokens(x, q, k, 0.5)
+    for reason in reasons:
+        assert reason in str(err.value)
+    assert name in str(err.value)
+
+
+def test_forced_backend_patched_unavailable_raises(monkeypatch):
+    """Always runs, whatever is built: a backend that reports a reason is refused when forced."""
+    monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
+                        lambda device, dtype: ["patched reason for the test"])
+    monkeypatch.setenv("BSR_BACKEND", "reference")
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
+    for call in (lambda: bsr_kernels.drop_tokens(x, q, k, 0.5),
+                 lambda: bsr_kernels.cls_attention(q, k)):
+        with pytest.raises(RuntimeError, match="reference: patched reason for the test"):
+            call()
+
+
+def test_default_cpu_backend_has_no_silent_fallback(monkeypatch):
+    """Unforced CPU tensors go to cpp; when cpp cannot run, the error lists every backend."""
+    monkeypatch.delenv("BSR_BACKEND", raising=False)
+    monkeypatch.setattr(get_backend("cpp"), "not_supported_reasons",
+                        lambda device, dtype: ["patched: not built"])
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
+    with pytest.raises(RuntimeError) as err:
+        bsr_kernels.drop_tokens(x, q, k, 0.5)
+    msg = str(err.value)
+    assert "cpp: patched: not built" in msg and "reference" in msg and "triton" in msg
+
+
+def test_default_cpu_backend_is_cpp(monkeypatch):
+    monkeypatch.delenv("BSR_BACKEND", raising=False)
+    if get_backend("cpp").not_supported_reasons(CPU, torch.float32):
+        pytest.skip("cpp backend unavailable here: "
+                    + "; ".join(get_backend("cpp").not_supported_reasons(CPU, torch.float32)))
+    assert select_backend(CPU, torch.float32).name == "cpp"
+
+
+# --- torch.compile and torch.library -----------------------------------------------------------
+
+class _DropBlock(torch.nn.Module):
+    """A timm-like attention block followed by a token drop."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, keep_rate: float = 0.5,
+                 fuse: bool = True, contiguous_qk: bool = False):
+        super().__init__()
+        self.heads, self.keep_rate, self.fuse = heads, keep_rate, fuse
+        self.contiguous_qk = contiguous_qk
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(a)
+        if self.contiguous_qk:
+            q, k = q.contiguous(), k.contiguous()
+        x, kept = bsr_kernels.drop_tokens(x, q, k, self.keep_rate, self.fuse)
+        return x, kept
+
+
+def _compile_case(backend, compiler: str, fuse: bool, contiguous_qk: bool):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _DropBlock(fuse=fuse, contiguous_qk=contiguous_qk).to(backend.device)
+    x = torch.randn(2, 11, 12, device=backend.device, requires_grad=True)
+    params = [x, *model.parameters()]
+
+    def loss_and_grads(m):
+        out, kept = m(x)
+        w = seeded_like(out.shape, out.dtype, backend.device, 0)
+        return (out, kept, *torch.autograd.grad((out * w).sum(), params))
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, backend=compiler, fullgraph=True))
+    assert torch.equal(compiled[1], eager[1])
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, i=i: f"[{i}] {m}")
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", CPU_F32, indirect=True)
+def test_torch_compile_aot_eager(backend, fuse):
+    _compile_case(backend, "aot_eager", fuse, contiguous_qk=False)
+
+
+@pytest.mark.parametrize("contiguous_qk", [False, True], ids=["timm_views", "contiguous"])
+@pytest.mark.parametrize("backend", CPU_F32, indirect=True)
+def test_torch_compile_inductor(backend, contiguous_qk):
+    _compile_case(backend, "inductor", True, contiguous_qk=contiguous_qk)
+
+
+def _layout_inputs(layout: str, dtype, device, b=2, h=3, n=9, d=4, c=5):
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device,
+                                                                         dtype=dtype)
+    if layout == "contiguous":
+        return rnd(b, n, c), rnd(b, h, n, d), rnd(b, h, n, d)
+    if layout == "timm_views":
+        _, q, k = timm_qk(b, n, h, d, device, dtype)
+        return rnd(b, n, c), q, k
+    if layout == "dense_permuted":  # non-contiguous but dense: what inductor may hand an op
+        return (rnd(n, b, c).transpose(0, 1), rnd(b, n, h, d).transpose(1, 2),
+                rnd(b, n, h, d).transpose(1, 2))
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "timm_views", "dense_permuted"])
+@pytest.mark.parametrize("backend", CPU_F32, indirect=True)
+def test_opcheck_registered_ops(backend, layout):
+    """torch.library.opcheck (schema, fake kernels incl. strides, autograd registration, AOT
+    dispatch) on every registered op and backward op."""
+    ops = torch.ops.bsr_kernels
+    x, q, k = _layout_inputs(layout, backend.dtype, backend.device)
+    scale, p, n_keep = 0.5, 1, 4
+    n = x.shape[1]
+    failures = []
+
+    def check(name, op, args):
+        try:
+            torch.library.opcheck(op, args)
+        except Exception as exc:  # collect all, report together
+            failures.append(f"{name}: {str(exc).splitlines()[0][:400]}")
+
+    xr, qr, kr = (t.detach().requires_grad_() for t in (x, q, k))
+    check("drop_tokens(fuse)", ops.drop_tokens.default, (xr, qr, kr, scale, p, n_keep, True))
+    check("drop_tokens(nofuse)", ops.drop_tokens.default, (xr, qr, kr, scale, p, n_keep, False))
+    check("cls_attention", ops.cls_attention.default, (qr, kr, scale, p))
+    out, kept, scores, lse = ops.drop_tokens(x, q, k, scale, p, n_keep, True)
+    g = torch.randn_like(out)
+    check("drop_tokens_backward", ops.drop_tokens_backward.default,
+          (g, x, q, k, kept, scores, lse, scale, p))
+    check("gather_tokens_backward", ops.gather_tokens_backward.default,
+          (torch.randn(2, p + n_keep, x.shape[2], dtype=x.dtype), kept, n, p))
+    check("cls_attention_backward", ops.cls_attention_backward.default,
+          (torch.randn_like(scores), q, k, lse, scale, p))
+    assert not failures, "\n".join(failures)
+
+
+# --- saved for backward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", F32, indirect=True)
+def test_saved_for_backward(backend, fuse):
+    """The drop saves no (N x N)-per-(batch, head) tensor, and saves its indices as int32."""
+    case = DropCase(b=2, h=2, n=31, d=4, c=8, keep_rate=0.5, fuse=fuse)
+    x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, kept = drop(x, q, k, case)
+    assert saved, "nothing saved for backward"
+    big = case.b * case.h * case.n * case.n
+    for t in saved:
+        assert t.numel() < big, f"saved {tuple(t.shape)}: an N x N per (batch, head) tensor"
+        assert list(t.shape).count(case.n) < 2, f"saved {tuple(t.shape)}"
+    idx = [t for t in saved if not t.is_floating_point()]
+    assert idx and all(t.dtype == torch.int32 for t in idx), [t.dtype for t in idx]
+    assert any(tuple(t.shape) == (case.b, case.n_keep) for t in idx)
+    (out * torch.randn_like(out)).sum().backward()  # the saved state suffices for backward
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bsr_kernels.cls_attention(q, k)
+    assert all(t.numel() < big and list(t.shape).count(case.n) < 2 for t in saved)
