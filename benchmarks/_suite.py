@@ -123,8 +123,8 @@ class SuiteConfig:
 
     @property
     def memory_batch(self) -> int:
-        """Batch of the saved-memory / FLOP figures (anchors: 8; per image, so --quick uses 2)."""
-        return 2 if self.tiny else (2 if self.quick and not self.cuda else 8)
+        """Batch of the saved-memory / FLOP figures (anchors: 8; per image, so --quick uses 1)."""
+        return 2 if self.tiny else (1 if self.quick and not self.cuda else 8)
 
     @property
     def time_model(self) -> str:
@@ -182,6 +182,8 @@ def build_variant(variant: str, model: nn.Module):
     Returns:
         ``(module, params)``: the module mapping images to logits and its trained parameters.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     depth = len(model.blocks)
     train_blocks, drop_at = default_train_blocks(depth), default_drop_at(depth)
     if variant == "full":
@@ -193,13 +195,11 @@ def build_variant(variant: str, model: nn.Module):
         module = model
     elif variant == "eager_bsr":
         module = EagerBSR(model, train_blocks=train_blocks, drop_at=drop_at)
-    elif variant in ("bsr_lean", "bsr_fast", "bsr_lean_bf16"):
+    else:
         mode = "fast" if variant == "bsr_fast" else "lean"
         dtype = torch.bfloat16 if variant == "bsr_lean_bf16" else None
         module = bsr_kernels.reprogram(model, train_blocks=train_blocks, drop_at=drop_at,
                                        memory_mode=mode, activation_dtype=dtype)
-    else:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     return module, params
 

@@ -63,9 +63,9 @@ def plan(cfg: SuiteConfig) -> dict:
         return dict(mem_variants=("full", "eager_bsr", "bsr_lean"),
                     mem_batches={sizes[0]: (1, 2), sizes[1]: (1,)},
                     time_variants=("full", "bsr_lean"),
-                    time_batches={sizes[0]: (1, 2)}, time_reps=2)
+                    time_batches={sizes[0]: (1, 2)}, time_reps=1)
     return dict(mem_variants=("full", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16"),
-                mem_batches={sizes[0]: (1, 2, 4, 8), sizes[1]: (1, 2)},
+                mem_batches={sizes[0]: (1, 2, 4), sizes[1]: (1, 2)},
                 time_variants=("full", "eager_bsr", "bsr_lean"),
                 time_batches={sizes[0]: (1, 4, 8), sizes[1]: (1, 2)}, time_reps=2)
 

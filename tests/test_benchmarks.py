@@ -1,0 +1,200 @@
+"""The benchmark suite runs end to end on tiny models and writes every section.
+
+``benchmarks/run.py --tiny --quick --no-compile`` runs all four sections on a tiny 12-block ViT
+(one torch thread) in a subprocess; the test checks the files it writes, that the figures are
+consistent with each other (not their speed: timings never go into assertions), and that the
+README section prints from them. Also unit tests of the suite's small helpers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+SECTIONS = ("drop_tokens", "attention", "train_step", "memory")
+VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16")
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "run.py"), "--tiny", "--quick", "--no-compile",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    return out, results, proc.stdout
+
+
+def test_results_json_has_every_section(suite_run):
+    out, results, _ = suite_run
+    for name in SECTIONS:
+        assert name in results, name
+        assert "error" not in results[name], results[name].get("traceback")
+    meta = results["meta"]
+    assert meta["config"]["tiny"] and meta["config"]["device"] == "cpu"
+    assert meta["command"].startswith("python benchmarks/run.py")
+    assert meta["machine"]["cpu_count"] >= 1 and meta["date"]
+    assert set(meta["section_seconds"]) == set(SECTIONS)
+
+
+def test_drop_section_rows(suite_run):
+    _, results, _ = suite_run
+    sec = results["drop_tokens"]
+    rows = sec["rows"]
+    op_candidates = {r["candidate"] for r in rows if r["scope"] == "op"}
+    assert "eager composite" in op_candidates
+    assert {"bsr reference", "bsr cpp"} <= op_candidates
+    assert "torch.compile(reference)" not in op_candidates  # --no-compile
+    block = {r["candidate"] for r in rows if r["scope"] == "attention+drop"}
+    assert block == {"eager attention + composite", "SDPA + CLS-row softmax", "SDPA + bsr drop"}
+    assert {r["pass_"] for r in rows} == {"forward", "fwd+bwd"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["paired_speedup_vs_eager"] > 0
+        if r["candidate"] in ("eager composite", "eager attention + composite"):
+            assert r["paired_speedup_vs_eager"] == 1.0
+    fwd = [r for r in rows if r["scope"] == "op" and r["pass_"] == "forward"]
+    assert all(r["min_bytes"] > 0 and r["gbps"] > 0 for r in fwd)
+    # every backend kept the same tokens as the reference on the random inputs
+    for a in sec["agreement"]:
+        assert all(v == 1.0 for k, v in a.items() if k.startswith("bsr ")), a
+
+
+def test_attention_section_rows(suite_run):
+    _, results, _ = suite_run
+    rows = results["attention"]["rows"]
+    names = {r["candidate"] for r in rows}
+    assert names == {"timm Attention (fused)", "timm Attention (eager)", "TokenDropAttention",
+                     "eager attention + composite drop", "TokenDropAttention + bsr drop"}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_train_step_section_consistency(suite_run):
+    _, results, _ = suite_run
+    sec = results["train_step"]
+    by = {r["variant"]: r for r in sec["rows"]}
+    assert tuple(by) == VARIANTS
+    for r in by.values():
+        assert r["step_s"] > 0 and len(r["step_samples_s"]) == sec["config"]["reps"]
+        assert r["train_gflops_per_image"] > 0
+    # the measured costs order as the method says they must, whatever the speed
+    assert by["bsr_lean"]["saved_mib_per_image"] < by["eager_bsr"]["saved_mib_per_image"] \
+        < by["full"]["saved_mib_per_image"]
+    assert by["bsr_lean_bf16"]["saved_mib_per_image"] < by["bsr_lean"]["saved_mib_per_image"]
+    assert by["bsr_lean"]["saved_mib_per_image"] <= by["bsr_fast"]["saved_mib_per_image"]
+    assert by["bsr_fast"]["train_gflops_per_image"] < by["full"]["train_gflops_per_image"]
+    assert by["linear_probe"]["trained_params"] < by["bsr_lean"]["trained_params"] \
+        < by["full"]["trained_params"]
+    assert by["bsr_lean"]["trained_params"] == by["eager_bsr"]["trained_params"]
+    # tokens entering each block: drops in blocks 3, 6, 9 keep ceil(M / 2) of the M candidates
+    # plus the fused token: 17 -> 1 + 8 + 1 = 10 -> 1 + 5 + 1 = 7 -> 1 + 3 + 1 = 5
+    expected = [17] * 4 + [10] * 3 + [7] * 3 + [5] * 2
+    assert by["bsr_lean"]["tokens_per_block"] == expected
+    assert by["eager_bsr"]["tokens_per_block"] == expected
+    assert by["full"]["tokens_per_block"] == [17] * 12
+    # every target has a verdict; the GPU ones are not measured on CPU
+    verdicts = {t["name"]: t["verdict"] for t in results["targets"]}
+    assert any(n.startswith("saved activations, lean") for n in verdicts)
+    assert all(v == "NOT MEASURED" for n, v in verdicts.items() if n.startswith("GPU")
+               or n.startswith("fused drop"))
+    assert all(v in ("PASS", "FAIL") for n, v in verdicts.items() if n.startswith("CPU"))
+
+
+def test_memory_section(suite_run):
+    _, results, _ = suite_run
+    sec = results["memory"]
+    sizes = {r["img_size"] for r in sec["saved"]}
+    assert sizes == {32, 48}
+    for r in sec["saved"]:
+        assert r["saved_mib_per_image"] > 0 and r["fixed_mib"] > 0
+        est = {int(b): v for b, v in r["estimate_mib"].items()}
+        assert sorted(est) == [1, 2, 4, 8, 16, 32, 64, 128]
+        assert est[128] > est[1]
+        assert r["max_batch_estimate"] > 0
+    fits = {(r["img_size"], r["variant"]): r["max_batch_estimate"] for r in sec["max_batch"]}
+    for s in sizes:  # BSR fits more images than full fine-tuning, and fewer at the larger size
+        assert fits[(s, "bsr_lean")] > fits[(s, "full")]
+    assert fits[(48, "full")] < fits[(32, "full")]
+    assert {r["batch"] for r in sec["time"]} == {1, 2}
+
+
+def test_markdown_plots_and_readme(suite_run):
+    out, results, stdout = suite_run
+    md = (out / "results.md").read_text()
+    for name in SECTIONS:
+        assert f"## {name}" in md
+    assert md.count("PASS: ") + md.count("FAIL: ") + md.count("NOT MEASURED: ") \
+        == len(results["targets"])
+    for png in ("drop_tokens.png", "train_step.png", "memory.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        assert png in md
+    # run.py prints one verdict line per target
+    assert sum(line.split(":")[0] in ("PASS", "FAIL", "NOT MEASURED")
+               for line in stdout.splitlines()) == len(results["targets"])
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "readme_section.py"),
+                           str(out / "results.md"), "--link", "benchmarks/results/x.md"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("## Performance")
+    assert results["meta"]["command"] in text and results["meta"]["date"] in text
+    assert "--tiny" in text and "Training step" in text and "Largest training batch" in text
+
+
+def _import_bench(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    import importlib
+    return importlib.import_module(name)
+
+
+def test_scaling_helpers():
+    sc = _import_bench("bench_scaling")
+    slope, dev = sc.fit_slope([1, 2, 4], [3.0, 6.0, 12.0])
+    assert slope == pytest.approx(3.0) and dev == pytest.approx(0.0)
+    slope, dev = sc.fit_slope([1, 2], [2.0, 6.0])  # 2, 3 per image: fitted 2.8
+    assert slope == pytest.approx(14 / 5) and dev == pytest.approx((2.8 - 2.0) / 2.8)
+    assert sc.max_batch(100.0, 40.0, 7.0) == 8
+    assert sc.max_batch(100.0, 120.0, 7.0) == 0
+    with pytest.raises(ValueError, match="per_image_bytes"):
+        sc.max_batch(100.0, 10.0, 0.0)
+
+
+def test_target_verdicts_and_config_errors():
+    suite = _import_bench("_suite")
+    assert suite.Target("a", 3.0, "<=", 3.0).verdict == "PASS"
+    assert suite.Target("a", 3.1, "<=", 3.0).verdict == "FAIL"
+    assert suite.Target("a", 3.3, ">=", 3.3).verdict == "PASS"
+    assert suite.Target("a", None, ">=", 3.3).verdict == "NOT MEASURED"
+    assert "FAIL: a: 2" in suite.Target("a", 2.0, ">=", 3.3, "x").line()
+    with pytest.raises(ValueError, match="device"):
+        suite.SuiteConfig(device="tpu")
+    with pytest.raises(ValueError, match="budget_gib"):
+        suite.SuiteConfig(budget_gib=0)
+    with pytest.raises(ValueError, match="variant"):
+        suite.build_variant("lora", None)
+
+
+def test_readme_section_rejects_bad_path(tmp_path):
+    rs = _import_bench("readme_section")
+    with pytest.raises(ValueError, match="path"):
+        rs.load_results(str(tmp_path / "missing.json"))
+    bad = tmp_path / "r.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="path"):
+        rs.load_results(str(bad))
+
+
+def test_run_rejects_unknown_section(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--out",
+                           str(tmp_path), "--sections", "drop_tokens,speed"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--sections" in proc.stderr
