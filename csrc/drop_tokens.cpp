@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -103,6 +104,13 @@ cpu::Rows<T> rows_of(const Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
 }
 
+// Batch elements per task of at::parallel_for: enough that a task touches at least 32768 values
+// (ATen's grain size), so tiny inputs run on one thread without fork/join overhead.
+int64_t batch_grain(int64_t values_per_element) {
+  constexpr int64_t kGrainValues = 32768;
+  return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_element));
+}
+
 // --- CPU kernels ---------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> cls_scores_cpu(const Tensor& q_in, const Tensor& k_in, double scale,
@@ -119,8 +127,8 @@ std::tuple<Tensor, Tensor> cls_scores_cpu(const Tensor& q_in, const Tensor& k_in
     const auto qv = heads_of<T>(q), kv = heads_of<T>(k);
     T* s = scores.data_ptr<T>();
     T* l = lse.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(N);
+    at::parallel_for(0, B, batch_grain(H * N * D), [&](int64_t b0, int64_t b1) {
+      std::vector<T> work(H * N);
       for (int64_t b = b0; b < b1; ++b) {
         cpu::cls_scores_one<T>(qv, kv, b, H, N, D, static_cast<T>(scale), P, s + b * M,
                                l + b * H, work.data());
@@ -155,8 +163,8 @@ std::tuple<Tensor, Tensor> cls_scores_backward_cpu(const Tensor& grad_scores_in,
     const T* l = lse.const_data_ptr<T>();
     T* gq = grad_q.data_ptr<T>();
     T* gk = grad_k.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(N);
+    at::parallel_for(0, B, batch_grain(2 * H * N * D), [&](int64_t b0, int64_t b1) {
+      std::vector<T> work(H * N);
       for (int64_t b = b0; b < b1; ++b) {
         cpu::cls_scores_backward_one<T>(gs + b * M, qv, kv, l + b * H, b, H, N, D,
                                         static_cast<T>(scale), P, gq + b * H * N * D,
@@ -194,8 +202,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> drop_forward_cpu(const Tensor& x_in, 
     int32_t* kp = kept.data_ptr<int32_t>();
     T* s = scores.data_ptr<T>();
     T* l = lse.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(std::max(N, M));
+    at::parallel_for(0, B, batch_grain(H * N * D + N * C), [&](int64_t b0, int64_t b1) {
+      std::vector<T> work(H * N);
       std::vector<T> keys(M);
       std::vector<int32_t> order(M), slot(M);
       for (int64_t b = b0; b < b1; ++b) {
@@ -204,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> drop_forward_cpu(const Tensor& x_in, 
         cpu::cls_scores_one<T>(qv, kv, b, H, N, D, static_cast<T>(scale), P, sb, l + b * H,
                                work.data());
         cpu::select_one<T>(sb, M, n_keep, keys.data(), order.data(), kb, slot.data());
-        cpu::drop_rows_one<T>(xv, b, C, P, M, kb, n_keep, slot.data(), sb, fuse,
+        cpu::drop_rows_one<T>(xv, b, C, P, M, n_keep, slot.data(), sb, fuse,
                               out + b * n_out * C);
       }
     });
@@ -248,8 +256,8 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
     T* gx = grad_x.data_ptr<T>();
     T* gq = grad_q.data_ptr<T>();
     T* gk = grad_k.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(N), grad_scores(M);
+    at::parallel_for(0, B, batch_grain(2 * H * N * D + N * C), [&](int64_t b0, int64_t b1) {
+      std::vector<T> work(H * N), grad_scores(M);
       std::vector<int32_t> slot(M);
       for (int64_t b = b0; b < b1; ++b) {
         const int32_t* kb = kp + b * n_keep;
@@ -290,7 +298,7 @@ Tensor gather_backward_cpu(const Tensor& grad_out_in, const Tensor& kept_in, int
     const T* go = grad_out.const_data_ptr<T>();
     const int32_t* kp = kept.const_data_ptr<int32_t>();
     T* gx = grad_x.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, batch_grain(N * C), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         cpu::gather_backward_one<T>(go + b * T_out * C, kp + b * n_keep, n_keep, N, C, P,
                                     gx + b * N * C);

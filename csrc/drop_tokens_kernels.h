@@ -61,12 +61,17 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// Scaled CLS-row logits of one head: out[n] = (q[b,h,0,:] . k[b,h,n,:]) * scale, n < N.
+// Scaled CLS-row logits of every head: out[h * N + n] = (q[b,h,0,:] . k[b,h,n,:]) * scale.
+// Token-major loop: in timm's layout (q, k views of one qkv tensor) the H rows k[b, :, n, :] are
+// adjacent in memory, so k is read as one stream instead of H strided ones.
 template <typename T>
-inline void cls_logits(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t h, int64_t N,
+inline void cls_logits(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t H, int64_t N,
                        int64_t D, T scale, T* out) {
-  const T* q0 = q.row(b, h, 0);
-  for (int64_t n = 0; n < N; ++n) out[n] = dot(q0, k.row(b, h, n), D) * scale;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < H; ++h) {
+      out[h * N + n] = dot(q.row(b, h, 0), k.row(b, h, n), D) * scale;
+    }
+  }
 }
 
 // Replaces logits l[0..N) by softmax probabilities and returns their logsumexp, with the edge
@@ -99,16 +104,17 @@ inline T softmax_inplace(T* l, int64_t N) {
 }
 
 // Scores of batch element b: scores[m] = mean_h softmax_h[P + m], m < M = N - P, and the per-head
-// logsumexp lse[h]. work holds N values.
+// logsumexp lse[h]. work holds H * N values.
 template <typename T>
 void cls_scores_one(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t H, int64_t N,
                     int64_t D, T scale, int64_t P, T* scores, T* lse, T* work) {
   const int64_t M = N - P;
+  cls_logits(q, k, b, H, N, D, scale, work);
   std::fill(scores, scores + M, T(0));
   for (int64_t h = 0; h < H; ++h) {
-    cls_logits(q, k, b, h, N, D, scale, work);
-    lse[h] = softmax_inplace(work, N);
-    for (int64_t m = 0; m < M; ++m) scores[m] += work[P + m];
+    T* p = work + h * N;
+    lse[h] = softmax_inplace(p, N);
+    for (int64_t m = 0; m < M; ++m) scores[m] += p[P + m];
   }
   for (int64_t m = 0; m < M; ++m) scores[m] /= static_cast<T>(H);
 }
@@ -149,23 +155,31 @@ void select_one(const T* scores, int64_t M, int64_t n_keep, T* keys, int32_t* or
 }
 
 // Output rows of batch element b: the P prefix rows, the kept rows, and when fuse is set the
-// fused row sum_m w_m x[P + m] with w_m = scores[m] for dropped m and 0 for kept m (a product by
-// zero, as in the reference einsum, so a non-finite kept row propagates exactly as there).
+// fused row sum_m w_m x[P + m] with w_m = scores[m] for dropped m and 0 for kept m. One pass over
+// the rows of x: a kept row is copied and, as in the reference einsum, multiplied by its zero
+// weight into the fused row, so a non-finite kept row propagates exactly as there.
 template <typename T>
 void drop_rows_one(const Rows<T>& x, int64_t b, int64_t C, int64_t P, int64_t M,
-                   const int32_t* kept, int64_t n_keep, const int32_t* slot, const T* scores,
-                   bool fuse, T* out) {
+                   int64_t n_keep, const int32_t* slot, const T* scores, bool fuse, T* out) {
   const size_t row_bytes = static_cast<size_t>(C) * sizeof(T);
   for (int64_t p = 0; p < P; ++p) std::memcpy(out + p * C, x.row(b, p), row_bytes);
-  for (int64_t i = 0; i < n_keep; ++i) {
-    std::memcpy(out + (P + i) * C, x.row(b, P + kept[i]), row_bytes);
-  }
-  if (!fuse) return;
-  T* fused = out + (P + n_keep) * C;
-  std::fill(fused, fused + C, T(0));
+  T* fused = fuse ? out + (P + n_keep) * C : nullptr;
+  if (fuse) std::fill(fused, fused + C, T(0));
   for (int64_t m = 0; m < M; ++m) {
-    const T w = slot[m] < 0 ? scores[m] : T(0);
-    axpy(w, x.row(b, P + m), fused, C);
+    const T* __restrict xr = x.row(b, P + m);
+    if (slot[m] >= 0) {
+      T* __restrict dst = out + (P + slot[m]) * C;
+      if (fuse) {
+        for (int64_t c = 0; c < C; ++c) {
+          dst[c] = xr[c];
+          fused[c] += T(0) * xr[c];
+        }
+      } else {
+        std::memcpy(dst, xr, row_bytes);
+      }
+    } else if (fuse) {
+      axpy(scores[m], xr, fused, C);
+    }
   }
 }
 
@@ -175,35 +189,40 @@ void drop_rows_one(const Rows<T>& x, int64_t b, int64_t C, int64_t P, int64_t M,
 //   g_l[h, n]  = p[h, n] * (g_p[h, n] - sum_n' p[h, n'] g_p[h, n']) * scale
 //   grad_q[b, h, 0] = sum_n g_l[h, n] k[b, h, n];   grad_q[b, h, n > 0] = 0
 //   grad_k[b, h, n] = g_l[h, n] q[b, h, 0]
-// grad_q and grad_k point at the (H, N, D) contiguous block of batch element b. work holds N.
+// grad_q and grad_k point at the (H, N, D) contiguous block of batch element b. work holds H * N.
 template <typename T>
 void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Heads<T>& k,
                              const T* lse, int64_t b, int64_t H, int64_t N, int64_t D, T scale,
                              int64_t P, T* grad_q, T* grad_k, T* work) {
   const T hh = static_cast<T>(H);
+  cls_logits(q, k, b, H, N, D, scale, work);
+  // work[h * N + n] becomes the logit gradient g_l[h, n].
   for (int64_t h = 0; h < H; ++h) {
-    T* p = work;
-    cls_logits(q, k, b, h, N, D, scale, p);
+    T* p = work + h * N;
     const T l = lse[h];
     T s = T(0);
     for (int64_t n = 0; n < N; ++n) {
       p[n] = std::exp(p[n] - l);
       if (n >= P) s += p[n] * (grad_scores[n - P] / hh);
     }
-    // p[n] becomes the logit gradient g_l[h, n].
     for (int64_t n = 0; n < N; ++n) {
       const T gp = n >= P ? grad_scores[n - P] / hh : T(0);
       p[n] = p[n] * (gp - s) * scale;
     }
+  }
+  // grad_q: zeros, then row 0 of each head accumulates g_l-weighted k rows (token-major read).
+  std::memset(grad_q, 0, static_cast<size_t>(H * N * D) * sizeof(T));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < H; ++h) axpy(work[h * N + n], k.row(b, h, n), grad_q + h * N * D, D);
+  }
+  // grad_k, written in its own (contiguous) order.
+  for (int64_t h = 0; h < H; ++h) {
     const T* q0 = q.row(b, h, 0);
-    T* gq = grad_q + h * N * D;
+    const T* g = work + h * N;
     T* gk = grad_k + h * N * D;
-    std::fill(gq, gq + N * D, T(0));
     for (int64_t n = 0; n < N; ++n) {
-      const T g = p[n];
-      axpy(g, k.row(b, h, n), gq, D);
-      T* gkn = gk + n * D;
-      for (int64_t d = 0; d < D; ++d) gkn[d] = g * q0[d];
+      T* __restrict gkn = gk + n * D;
+      for (int64_t d = 0; d < D; ++d) gkn[d] = g[n] * q0[d];
     }
   }
 }

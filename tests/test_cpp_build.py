@@ -1,0 +1,207 @@
+"""The C++ extension bsr_kernels._C: it is built, loads, registers its ops, and the cpp backend
+reports clearly what it cannot run. Numerical agreement of every backend with the reference is
+tested in test_ops.py (BSR_BACKEND=cpp); here only a few build-level checks touch numbers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import bsr_kernels
+from bsr_kernels.ops import cpp as cpp_mod
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.cpp import BUILD_COMMAND, CppBackend
+
+REPO = Path(__file__).resolve().parents[1]
+OPS = ("cpp_cls_scores", "cpp_cls_scores_backward", "cpp_drop_forward", "cpp_drop_backward",
+       "cpp_gather_backward")
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("BSR_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _qkvx(b=3, h=2, n=13, d=8, c=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, h, d, generator=g, dtype=dtype)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # timm's strided views
+    return torch.randn(b, n, c, generator=g, dtype=dtype), q, k
+
+
+def test_extension_loads():
+    from bsr_kernels import _C  # noqa: F401
+
+    assert cpp_mod.extension_error() is None, cpp_mod.extension_error()
+    assert Path(_C.__file__).name.startswith("_C")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_is_available_on_cpu(dtype):
+    assert "cpp" in bsr_kernels.available_backends("cpu", dtype)
+    assert CppBackend().not_supported_reasons(torch.device("cpu"), dtype) == []
+
+
+def test_ops_are_registered_with_schemas():
+    for name in OPS:
+        op = getattr(torch.ops.bsr_kernels, name)
+        schema = op.default._schema
+        assert schema.name == f"bsr_kernels::{name}"
+    args = [a.name for a in torch.ops.bsr_kernels.cpp_drop_forward.default._schema.arguments]
+    assert args == ["x", "q", "k", "scale", "num_prefix_tokens", "n_keep", "fuse_token"]
+
+
+@pytest.mark.parametrize("device,dtype,needle", [
+    ("cuda", torch.float32, "CPU"),
+    ("cpu", torch.bfloat16, "float32 and float64"),
+    ("cpu", torch.float16, "float32 and float64"),
+    ("cuda", torch.bfloat16, "CPU"),
+])
+def test_clear_reasons_for_unsupported(device, dtype, needle):
+    reasons = CppBackend().not_supported_reasons(torch.device(device), dtype)
+    assert reasons and any(needle in r for r in reasons), reasons
+    if dtype != torch.float32:
+        assert any(str(dtype) in r for r in reasons), reasons
+
+
+def test_forced_cpp_on_bfloat16_raises_with_reasons(monkeypatch):
+    monkeypatch.setenv("BSR_BACKEND", "cpp")
+    x, q, k = (t.to(torch.bfloat16) for t in _qkvx())
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        bsr_kernels.drop_tokens(x, q, k, 0.5)
+
+
+def test_default_cpu_backend_is_cpp():
+    from bsr_kernels.ops.dispatch import select_backend
+
+    if os.environ.get("BSR_BACKEND"):
+        pytest.skip("BSR_BACKEND forces a backend in this run")
+    assert select_backend(torch.device("cpu"), torch.float32).name == "cpp"
+
+
+@pytest.mark.parametrize("first", ["extension", "package"])
+def test_loads_with_python_ops_in_either_order(first):
+    """TORCH_LIBRARY(bsr_kernels) in C++ and the torch.library.custom_op fragments of the same
+    namespace in bsr_kernels.ops coexist whichever is registered first."""
+    load_ext_first = """
+        import glob, importlib.util, os, torch
+        pkg = importlib.util.find_spec("bsr_kernels").submodule_search_locations[0]
+        (so,) = glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd"))
+        torch.ops.load_library(so)
+        import bsr_kernels
+    """
+    load_pkg_first = """
+        import torch, bsr_kernels
+        from bsr_kernels import _C
+    """
+    code = (load_ext_first if first == "extension" else load_pkg_first) + """
+        x = torch.randn(2, 9, 4); q = torch.randn(2, 3, 9, 8); k = torch.randn(2, 3, 9, 8)
+        out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+        o2 = torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, 8 ** -0.5, 1, 4, True)
+        assert torch.equal(out, o2[0]) and torch.equal(kept, o2[1].long())
+        assert "cpp" in bsr_kernels.available_backends("cpu")
+        print("OK")
+    """
+    res = _run_python(code)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_missing_extension_warns_once_and_reports_build_command():
+    """Without the built extension nothing raises on import; one warning and the reason both give
+    the build command."""
+    res = _run_python("""
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "bsr_kernels._C":
+                    raise ImportError("simulated: no bsr_kernels._C")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, bsr_kernels
+            from bsr_kernels.ops.dispatch import all_backends
+            backends = all_backends()
+            import bsr_kernels.ops.cpp  # a second import must not warn again
+        mine = [w for w in caught if "bsr_kernels._C" in str(w.message)]
+        assert len(mine) == 1, [str(w.message) for w in caught]
+        print("WARNING:", mine[0].message)
+        reasons = backends["cpp"].not_supported_reasons(torch.device("cpu"), torch.float32)
+        print("REASON:", reasons)
+        assert "cpp" not in bsr_kernels.available_backends("cpu")
+        import os
+        os.environ["BSR_BACKEND"] = "cpp"
+        try:
+            bsr_kernels.cls_attention(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2))
+        except RuntimeError as e:
+            print("ERROR:", repr(str(e)))
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = {ln.split(":", 1)[0]: ln for ln in res.stdout.splitlines() if ":" in ln}
+    for key in ("WARNING", "REASON", "ERROR"):
+        assert BUILD_COMMAND in lines[key], res.stdout
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    ops = torch.ops.bsr_kernels
+    x, q, k = _qkvx()
+    with pytest.raises(ValueError, match="n_keep"):
+        ops.cpp_drop_forward(x, q, k, 0.3, 1, 13, True)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        ops.cpp_drop_forward(x, q, k, 0.3, 13, 1, True)
+    with pytest.raises(TypeError, match="q must be float32 or float64"):
+        ops.cpp_cls_scores(q.half(), k.half(), 0.3, 1)
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
+        ops.cpp_cls_scores(q, k.double(), 0.3, 1)
+    with pytest.raises(ValueError, match="x has 12 tokens"):
+        ops.cpp_drop_forward(x[:, :12], q, k, 0.3, 1, 4, True)
+    out, kept, scores, lse = ops.cpp_drop_forward(x, q, k, 0.3, 1, 4, True)
+    bad = kept.clone()
+    bad[1, 2] = 12  # M = 12 candidates: 12 is out of range
+    with pytest.raises(ValueError, match="kept indices"):
+        ops.cpp_drop_backward(torch.randn_like(out), x, q, k, bad, scores, lse, 0.3, 1)
+    with pytest.raises(ValueError, match="kept indices"):
+        ops.cpp_gather_backward(out[:, :5], -bad.abs() - 1, 13, 1)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        ops.cpp_drop_backward(out[:, :-1], x, q, k, kept, scores, lse, 0.3, 1)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    """Schema, fake (Meta) kernels and dispatch of each cpp op."""
+    ops = torch.ops.bsr_kernels
+    x, q, k = _qkvx(n=11, c=6)
+    out, kept, scores, lse = ops.cpp_drop_forward(x, q, k, 0.5, 2, 4, True)
+    args = {
+        "cpp_cls_scores": (q, k, 0.5, 2),
+        "cpp_cls_scores_backward": (torch.randn_like(scores), q, k, lse, 0.5, 2),
+        "cpp_drop_forward": (x, q, k, 0.5, 2, 4, True),
+        "cpp_drop_backward": (torch.randn_like(out), x, q, k, kept, scores, lse, 0.5, 2),
+        "cpp_gather_backward": (torch.randn(3, 6, 6), kept, 11, 2),
+    }[op]
+    torch.library.opcheck(getattr(ops, op).default, args)
+
+
+def test_parallel_matches_serial_and_reference():
+    """Batch elements are independent: 1 and 2 threads give bitwise equal results, which agree
+    with the reference (a smoke check; test_ops.py holds the full comparison)."""
+    x, q, k = _qkvx(b=6, h=6, n=197, d=64, c=48, seed=3)  # big enough to run in parallel
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, 0.125, 1, 98, True)
+        torch.set_num_threads(2)
+        two = torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, 0.125, 1, 98, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    ref = reference.drop_tokens(x, q, k, 0.125, 1, 98, True)
+    assert torch.equal(one[1].long(), ref[1])
+    torch.testing.assert_close(one[0], ref[0])
