@@ -1,0 +1,385 @@
+"""The ``bsr-finetune`` command line.
+
+With no arguments it runs the built-in demo, offline: a 12-block ViT shipped pre-trained on
+digits 0-4 is adapted to digits 5-9 (scikit-learn's ``load_digits``, upscaled) by full
+fine-tuning, a linear probe, BitFit and BSR, and a table compares test accuracy, saved
+activation memory, training FLOPs and step time. ``--out DIR`` also writes ``summary.json``,
+``report.png``, and per method a resumable checkpoint and a delta checkpoint.
+
+Examples::
+
+    bsr-finetune                                            # the digits demo, all methods
+    bsr-finetune --out runs/demo                            # ... and keep the results
+    bsr-finetune --model vit_base_patch16_224 --pretrained --data cifar10 --method bsr \\
+        --epochs 10 --batch-size 128 --workers 8 --out runs/c10
+    torchrun --nproc_per_node 4 -m bsr_kernels.finetune --data /data/pets --method bsr ...
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .data import TORCHVISION_SETS, DatasetUnavailableError, build_data
+from .models import DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name, \
+    model_input_config
+from .report import draw_report, format_table, write_summary
+from .train import (DEFAULT_LR, METHODS, CheckpointError, DistInfo, FitOptions, adapt, fit,
+                    load_checkpoint, setup_distributed, teardown_distributed, time_steps,
+                    trainable_parameters)
+
+__all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
+
+#: Epochs of the built-in digits demo, and of other data.
+DEMO_EPOCHS, OTHER_EPOCHS = 30, 10
+#: Random-shift augmentation of the digits training images, in original (8 x 8) pixels.
+DIGITS_SHIFT = 1
+
+
+# --- argument parsing ----------------------------------------------------------------------
+
+def _positive_int(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+        return v
+    parse.__name__ = flag
+    return parse
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _keep_rate(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s!r}") from None
+    if not (0.0 < v <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1] (the fraction of patch tokens each drop keeps; 1 keeps all), "
+            f"got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
+    return v
+
+
+def _blocks(s: str) -> tuple:
+    if s.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(t) for t in s.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated block indices such as 3,7,11 (or none), got {s!r}") from None
+
+
+def _methods(s: str) -> tuple:
+    names = tuple(t.strip().lower() for t in s.split(",") if t.strip())
+    if s.strip().lower() == "all":
+        return METHODS
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"must be one or more of {', '.join(METHODS)} (comma-separated) or all, got {s!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bsr-finetune`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="bsr-finetune",
+        description="Fine-tune a timm ViT by Block Selective Reprogramming (train a few blocks, "
+                    "drop the least attended tokens) and compare it with full fine-tuning, a "
+                    "linear probe and BitFit. Without arguments: the offline digits demo.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DIGITS_MODEL,
+                   help=f"timm ViT name, or {DIGITS_MODEL} (the shipped digits 0-4 model)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm hub weights (needs a network)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
+    g.add_argument("--img-size", type=_positive_int("--img-size"), default=None,
+                   help="input side in pixels (default: the model's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help=f"digits, {', '.join(TORCHVISION_SETS)}, or an ImageFolder directory")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="download folder of torchvision sets (default: $BSR_DATA or "
+                        "~/.cache/bsr_kernels/data)")
+    g.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader workers")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", type=_methods, default=None,
+                   help=f"{'|'.join(METHODS)}, a comma-separated list, or all (default: all for "
+                        "the digits demo, bsr otherwise)")
+    g.add_argument("--train-blocks", type=_blocks, default=None,
+                   help="BSR: blocks to train, e.g. 3,7,11 (default: d/3*k-1)")
+    g.add_argument("--drop-at", type=_blocks, default=None,
+                   help="BSR: blocks that drop tokens, e.g. 3,6,9, or none (default: d/4*k)")
+    g.add_argument("--keep-rate", type=_keep_rate, default=0.5,
+                   help="BSR: fraction of patch tokens kept at each drop, in (0, 1]")
+    g.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
+                   help="BSR: recompute in backward (lean) or store (fast)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
+                   help=f"epochs (default: {DEMO_EPOCHS} for digits, {OTHER_EPOCHS} otherwise)")
+    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64,
+                   help="global batch size (split over torchrun processes)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="backbone learning rate (default per method: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    g.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
+                   help="the head trains at this multiple of --lr (the BSR authors use 10)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.05)
+    g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0)
+    g.add_argument("--seed", type=_nonneg_int, default=0)
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available (bf16 autocast), else cpu")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="write summary.json, report.png, and per method checkpoint.pt "
+                        "(each epoch, atomically) and delta.safetensors")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out (finished methods are kept)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    g.add_argument("--profile-batch", type=_positive_int("--profile-batch"), default=8,
+                   help="images in the batch that measures memory and FLOPs")
+    g.add_argument("--timing-rounds", type=_nonneg_int, default=10,
+                   help="rounds of side-by-side step timing (0: skip)")
+    g.add_argument("--samples", type=_nonneg_int, default=4,
+                   help="sample images in the kept-token picture")
+    return p
+
+
+# --- the run -------------------------------------------------------------------------------
+
+def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
+    return {"model": args.model, "weights": "hub" if args.pretrained else
+            (str(args.checkpoint) if args.checkpoint else "default"),
+            "data": str(args.data), "num_classes": num_classes, "img_size": img_size,
+            "method": method, "train_blocks": list(args.train_blocks) if method == "bsr" and
+            args.train_blocks is not None else None,
+            "drop_at": list(args.drop_at) if method == "bsr" and args.drop_at is not None
+            else None, "keep_rate": args.keep_rate if method == "bsr" else None,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
+            "head_lr_scale": args.head_lr_scale, "weight_decay": args.weight_decay,
+            "warmup_epochs": args.warmup_epochs, "seed": args.seed}
+
+
+def _unnormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images.cpu() * s + m).clamp(0, 1)
+
+
+def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
+    """Runs the parsed command: trains every method, measures, reports.
+
+    Returns:
+        The summary dict (``{"methods": {...}, ...}``), also on non-main processes.
+    """
+    t_start = time.perf_counter()
+    check_model_name(args.model)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
+    methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
+    if args.epochs is None:
+        args.epochs = DEMO_EPOCHS if args.data == "digits" else OTHER_EPOCHS
+    if "bsr" not in methods and (args.train_blocks is not None or args.drop_at is not None):
+        raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes ({info.world_size})")
+
+    img_size, mean, std = model_input_config(args.model, args.img_size)
+    shift = DIGITS_SHIFT * img_size // 8
+    data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift)
+    torch.manual_seed(args.seed)
+    base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
+                              args.checkpoint)
+    if info.is_main:
+        log(f"bsr-finetune: {args.model} ({minfo['weights']}), {img_size} px, "
+            f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; data {data.name}: "
+            f"{len(data.train)} train / {len(data.test)} test images, {data.num_classes} "
+            f"classes; {info.world_size} process(es) on {info.device}; methods "
+            f"{', '.join(methods)}, {args.epochs} epochs")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+
+    models, results = {}, {}
+    for method in methods:
+        lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        torch.manual_seed(args.seed)
+        model = adapt(copy.deepcopy(base), method,
+                      train_blocks=args.train_blocks if method == "bsr" else None,
+                      drop_at=args.drop_at if method == "bsr" else None,
+                      keep_rate=args.keep_rate, memory_mode=args.memory_mode)
+        model.to(info.device)
+        fp = _fingerprint(args, method, data.num_classes, img_size, lr)
+        ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
+        done_file = args.out / method / "result.json" if args.out is not None else None
+        if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
+            state = load_checkpoint(ckpt, fp)
+            if int(state["epoch"]) >= args.epochs:   # finished earlier: reuse, do not retrain
+                model.load_state_dict(state["model"])
+                res = json.loads(done_file.read_text())
+                if info.is_main:
+                    log(f"{method}: finished in an earlier run, accuracy "
+                        f"{100 * res['accuracy']:.2f}%")
+                models[method], results[method] = model, res
+                continue
+        opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                          head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
+                          warmup_epochs=args.warmup_epochs, workers=args.workers,
+                          seed=args.seed, progress=progress, checkpoint=ckpt,
+                          resume=args.resume)
+        res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
+        trained = trainable_parameters(model)
+        res.update({"lr": lr, "head_lr": lr * args.head_lr_scale, "epochs": args.epochs,
+                    "trainable_params": sum(p.numel() for p in trained.values()),
+                    "total_params": sum(p.numel() for p in model.parameters())})
+        if method == "bsr":
+            cfg = model._bsr_config
+            res.update({"train_blocks": list(cfg["train_blocks"]),
+                        "drop_at": list(cfg["drop_at"]), "keep_rate": cfg["keep_rate"]})
+        if info.is_main and args.out is not None:
+            from ..delta import save_delta
+            delta = save_delta(model, args.out / method / "delta.safetensors",
+                               extra={"model": args.model, "data": data.name,
+                                      "classes": data.classes, "img_size": img_size,
+                                      "accuracy": res["accuracy"]})
+            res["delta_mib"] = delta.stat().st_size / 2**20
+            done_file.write_text(json.dumps(res, indent=2) + "\n")
+        models[method], results[method] = model, res
+
+    if info.is_main:
+        _measure(models, results, data, args, info, log)
+    summary = {"methods": results, "model": args.model, "weights": minfo["weights"],
+               "data": data.name, "num_classes": data.num_classes, "img_size": img_size,
+               "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+               "device": str(info.device), "world_size": info.world_size,
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "wall_time_s": time.perf_counter() - t_start}
+    if info.is_main:
+        log("")
+        log(format_table(results))
+        if args.out is not None:
+            path = write_summary(args.out / "summary.json", results,
+                                 {k: v for k, v in summary.items() if k != "methods"})
+            png = _draw(models, results, data, args, args.out / "report.png")
+            log(f"\nwrote {path}" + (f" and {png}" if png else ""))
+        log(f"wall time {summary['wall_time_s']:.1f} s")
+    return summary
+
+
+def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> None:
+    """Memory and FLOPs (bsr_kernels.profile) and side-by-side step times, main process only."""
+    from ..profile import profile
+
+    images, labels = _first_batch(data.test, args.profile_batch)
+    images, labels = images.to(info.device), labels.to(info.device)
+    for method, model in models.items():
+        prof = profile(model, images, labels)
+        results[method].update({k: prof[k] for k in (
+            "saved_activation_mib_per_image", "train_gflops_per_image",
+            "forward_gmacs_per_image", "tokens_per_block")})
+    if args.timing_rounds:
+        per_rank = args.batch_size // info.world_size
+        images, labels = _first_batch(data.train, per_rank)
+        times = time_steps(models, images.to(info.device), labels.to(info.device),
+                           rounds=args.timing_rounds)
+        for method, t in times.items():
+            results[method]["step_time_s"] = t
+            results[method]["timing_batch_size"] = images.shape[0]
+        if "full" in times:
+            for method, t in times.items():
+                results[method]["step_time_vs_full"] = t / times["full"]
+
+
+def _draw(models: dict, results: dict, data, args, path: Path) -> Optional[Path]:
+    """The PNG report; the kept-token pictures need a BSR model that drops tokens."""
+    from ..reprogram import kept_patches
+
+    images = kept = None
+    drop_at: Sequence[int] = ()
+    model = models.get("bsr")
+    if model is not None and args.samples and model._bsr_config["drop_at"]:
+        x, _ = _first_batch(data.test, args.samples)
+        model.eval()
+        kept = kept_patches(model, x.to(next(model.parameters()).device))
+        images = _unnormalise(x, data.mean, data.std)
+        drop_at = model._bsr_config["drop_at"]
+    patch = model.patch_embed.patch_size[0] if model is not None else 1
+    try:
+        return draw_report(path, results, images, kept, patch, drop_at,
+                           title=f"{args.model} on {data.name}")
+    except ImportError as e:   # matplotlib missing: the JSON still holds everything
+        print(f"bsr-finetune: no PNG report ({e})", file=sys.stderr)
+        return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``bsr-finetune``; returns the exit status (2 on a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    info = None
+    try:
+        info = setup_distributed(args.device)
+        log = print if info.is_main else (lambda *a, **k: None)
+        run(args, info, log=lambda s: log(s, flush=True))
+    except (ValueError, FileNotFoundError, DatasetUnavailableError,
+            WeightsUnavailableError) as e:
+        if os.environ.get("BSR_FINETUNE_DEBUG"):   # the full traceback, for developers
+            raise
+        kind = "checkpoint error" if isinstance(e, CheckpointError) else "error"
+        print(f"bsr-finetune: {kind}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bsr-finetune: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        teardown_distributed()
+    return 0

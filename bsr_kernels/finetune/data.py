@@ -1,0 +1,347 @@
+"""Datasets of ``bsr-finetune``: the built-in digits task, torchvision sets and ImageFolder dirs.
+
+Every dataset yields ``(image, label)`` with ``image`` a (3, H, W) float tensor normalised with
+the model's mean and std, and ``label`` an int in ``0 .. num_classes - 1``.
+
+The built-in task needs no network: scikit-learn's ``load_digits`` (1,797 real 8x8 scans of
+hand-written digits, shipped with scikit-learn) upscaled bilinearly. The source task is digits
+0-4 (what the shipped model was pre-trained on), the target task digits 5-9.
+
+Batches are drawn by :class:`GlobalBatchSampler`, which makes the samples of every optimizer step
+independent of the number of processes: a run with ``torchrun --nproc_per_node 2`` sees the same
+global batches as a single process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler, Subset
+
+__all__ = [
+    "DIGITS_SOURCE_CLASSES",
+    "DIGITS_TARGET_CLASSES",
+    "TORCHVISION_SETS",
+    "DataBundle",
+    "TensorImageDataset",
+    "digits_split",
+    "build_data",
+    "GlobalBatchSampler",
+    "ShardSampler",
+    "default_data_root",
+    "DatasetUnavailableError",
+]
+
+DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
+DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
+#: Names ``--data`` accepts besides a directory.
+TORCHVISION_SETS = ("cifar10", "cifar100", "flowers102", "pets")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A named dataset that cannot be downloaded or opened (typically: offline)."""
+
+
+@dataclasses.dataclass
+class DataBundle:
+    """A train/test pair and what the report needs to know about it.
+
+    Attributes:
+        name: "digits", a torchvision set name, or the ImageFolder path.
+        train, test: datasets of ((3, H, W) float image, int label).
+        num_classes: number of classes.
+        classes: class names, ``num_classes`` of them.
+        mean, std: the per-channel normalisation applied (to undo it for pictures).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    classes: list
+    mean: tuple
+    std: tuple
+
+
+class TensorImageDataset(Dataset):
+    """Images held in one tensor, with an optional random shift for training.
+
+    Args:
+        images: (N, 3, H, W) float, already normalised.
+        labels: (N,) int64.
+        max_shift: training augmentation: shift each image by up to this many pixels in each
+            direction (edge pixels replicated); 0 for none.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0):
+        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images must be (N, C, H, W) with N = len(labels), got "
+                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        self.images, self.labels, self.max_shift = images, labels, int(max_shift)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        s = self.max_shift
+        if s:
+            dy, dx = torch.randint(-s, s + 1, (2,)).tolist()
+            h, w = x.shape[1:]
+            x = F.pad(x[None], (s, s, s, s), mode="replicate")[0]
+            x = x[:, s + dy:s + dy + h, s + dx:s + dx + w]
+        return x, int(self.labels[i])
+
+
+def _stratified_split(labels: torch.Tensor, test_fraction: float, seed: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test indices, ``test_fraction`` of every class in the test part."""
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_test = int(round(idx.numel() * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def digits_split(classes: Sequence[int], img_size: int, mean: Sequence[float] = (0.5,) * 3,
+                 std: Sequence[float] = (0.5,) * 3, test_fraction: float = 1 / 3,
+                 split_seed: int = 0, max_shift: int = 0
+                 ) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """scikit-learn's digits restricted to ``classes``, upscaled and split stratified.
+
+    Args:
+        classes: digit values to keep; label ``i`` is ``classes[i]``.
+        img_size: side of the upscaled image in pixels (bilinear from 8 x 8).
+        mean, std: per-channel normalisation applied to the [0, 1] grey image repeated to RGB.
+        test_fraction: fraction of each class held out for testing.
+        split_seed: seed of the split (fixed, so the test set never changes with ``--seed``).
+        max_shift: random-shift augmentation of the training part, in pixels.
+
+    Returns:
+        (train, test) datasets of ((3, img_size, img_size), label).
+    """
+    from sklearn.datasets import load_digits
+
+    if not isinstance(img_size, int) or img_size < 8:
+        raise ValueError(f"img_size must be an int >= 8 for the digits data, got {img_size!r}")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0   # (N, 1, 8, 8)
+    target = torch.tensor(digits.target)
+    classes_t = torch.tensor(list(classes))
+    keep = torch.isin(target, classes_t)
+    images, target = images[keep], target[keep]
+    labels = (target[:, None] == classes_t[None]).int().argmax(1).long()
+    images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",
+                           align_corners=False).clamp_(0, 1)
+    images = images.expand(-1, 3, -1, -1)
+    images = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    tr, te = _stratified_split(labels, test_fraction, split_seed)
+    return (TensorImageDataset(images[tr].contiguous(), labels[tr], max_shift),
+            TensorImageDataset(images[te].contiguous(), labels[te]))
+
+
+def default_data_root() -> Path:
+    """Where torchvision sets are downloaded: ``$BSR_DATA`` or ``~/.cache/bsr_kernels/data``."""
+    return Path(os.environ.get("BSR_DATA", Path.home() / ".cache" / "bsr_kernels" / "data"))
+
+
+def _transforms(img_size: int, mean, std, small_images: bool):
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    if small_images:   # CIFAR: 32 px images, upscaled whole
+        train = T.Compose([to_rgb, T.Resize((img_size, img_size)),
+                           T.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect"),
+                           T.RandomHorizontalFlip(), *norm])
+        test = T.Compose([to_rgb, T.Resize((img_size, img_size)), *norm])
+    else:              # photos: random resized crops for training, centre crop for testing
+        train = T.Compose([to_rgb, T.RandomResizedCrop(img_size, scale=(0.35, 1.0)),
+                           T.RandomHorizontalFlip(), *norm])
+        test = T.Compose([to_rgb, T.Resize(int(math.ceil(img_size / 0.875))),
+                          T.CenterCrop(img_size), *norm])
+    return train, test
+
+
+def _torchvision_set(name: str, root: Path, img_size: int, mean, std) -> DataBundle:
+    import torchvision.datasets as D
+
+    small = name.startswith("cifar")
+    train_tf, test_tf = _transforms(img_size, mean, std, small)
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+            train = cls(str(root), train=True, download=True, transform=train_tf)
+            test = cls(str(root), train=False, download=True, transform=test_tf)
+            classes = list(train.classes)
+        elif name == "flowers102":
+            train = torch.utils.data.ConcatDataset([
+                D.Flowers102(str(root), split=s, download=True, transform=train_tf)
+                for s in ("train", "val")])
+            test = D.Flowers102(str(root), split="test", download=True, transform=test_tf)
+            classes = [str(i) for i in range(102)]
+        else:
+            train = D.OxfordIIITPet(str(root), split="trainval", download=True,
+                                    transform=train_tf)
+            test = D.OxfordIIITPet(str(root), split="test", download=True, transform=test_tf)
+            classes = list(train.classes)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise DatasetUnavailableError(
+            f"--data {name}: could not download or open the dataset under {root} ({e}). "
+            f"Without a network, download it elsewhere and copy it there (or set --data-root / "
+            f"$BSR_DATA), or pass an ImageFolder directory") from e
+    return DataBundle(name, train, test, len(classes), classes, tuple(mean), tuple(std))
+
+
+def _image_folder(path: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"--data {path}: the image folder holds no images ({e}); expected one subfolder per "
+            f"class holding {', '.join(IMAGE_EXTENSIONS[:3])}... files, or train/ and val/ "
+            f"folders laid out that way") from e
+
+
+def _folder_set(path: Path, img_size: int, mean, std) -> DataBundle:
+    train_tf, test_tf = _transforms(img_size, mean, std, small_images=False)
+    test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
+    if (path / "train").is_dir():
+        if test_dir is None:
+            raise ValueError(f"--data {path}: found train/ but neither val/ nor test/")
+        train = _image_folder(path / "train", train_tf)
+        test = _image_folder(test_dir, test_tf)
+        if train.classes != test.classes:
+            raise ValueError(f"--data {path}: train/ and {test_dir.name}/ have different class "
+                             f"folders ({train.classes} vs {test.classes})")
+        classes = list(train.classes)
+    else:  # one folder: hold out a fifth of every class
+        full_train = _image_folder(path, train_tf)
+        full_test = _image_folder(path, test_tf)
+        labels = torch.tensor(full_train.targets)
+        tr, te = _stratified_split(labels, 0.2, 0)
+        if te.numel() == 0 or tr.numel() == 0:
+            raise ValueError(f"--data {path}: too few images ({labels.numel()}) to hold out a "
+                             "test split; add images or use train/ and val/ folders")
+        train, test = Subset(full_train, tr.tolist()), Subset(full_test, te.tolist())
+        classes = list(full_train.classes)
+    if len(classes) < 2:
+        raise ValueError(f"--data {path}: found {len(classes)} class folder(s); a classifier "
+                         "needs at least 2")
+    return DataBundle(str(path), train, test, len(classes), classes, tuple(mean), tuple(std))
+
+
+def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],
+               root: Optional[os.PathLike] = None, digits_shift: int = 0) -> DataBundle:
+    """The train/test data named by ``--data``.
+
+    Args:
+        data: "digits" (built in, no network), one of :data:`TORCHVISION_SETS` (downloaded
+            to ``root`` when online), or an ImageFolder directory (``DIR/train`` + ``DIR/val``
+            or ``DIR/test``, or one folder of class subfolders of which a fifth is held out).
+        img_size: side of the square model input.
+        mean, std: the model's normalisation.
+        root: download directory of torchvision sets; default :func:`default_data_root`.
+        digits_shift: random-shift augmentation (pixels) of the digits training images.
+
+    Raises:
+        ValueError: for a path that does not exist, is not a directory, or holds no images.
+        DatasetUnavailableError: when a torchvision set cannot be downloaded (offline).
+    """
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"--data must be a name or a directory, got {data!r}")
+    if data == "digits":
+        train, test = digits_split(DIGITS_TARGET_CLASSES, img_size, mean, std,
+                                   max_shift=digits_shift)
+        return DataBundle("digits", train, test, len(DIGITS_TARGET_CLASSES),
+                          [str(c) for c in DIGITS_TARGET_CLASSES], tuple(mean), tuple(std))
+    if data.lower() in TORCHVISION_SETS:
+        return _torchvision_set(data.lower(), Path(root or default_data_root()), img_size, mean,
+                                std)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ValueError(f"--data {data}: no such directory; pass an ImageFolder directory or "
+                         f"one of digits, {', '.join(TORCHVISION_SETS)}")
+    if not path.is_dir():
+        raise ValueError(f"--data {data}: not a directory; pass an ImageFolder directory or "
+                         f"one of digits, {', '.join(TORCHVISION_SETS)}")
+    return _folder_set(path, img_size, mean, std)
+
+
+class GlobalBatchSampler(Sampler):
+    """Batches whose union over processes is the same whatever the number of processes.
+
+    Each epoch shuffles ``range(n)`` with a generator seeded by ``(seed, epoch)``, cuts it into
+    global batches of ``batch_size`` (the last, incomplete one is dropped when ``drop_last``),
+    and gives process ``rank`` the ``rank``-th of ``world_size`` equal slices of each.
+
+    Args:
+        n: dataset length.
+        batch_size: global batch size, a multiple of ``world_size``.
+        rank, world_size: this process and the number of processes.
+        seed: base seed of the shuffling.
+        shuffle: shuffle (training) or keep the order.
+        drop_last: drop the last incomplete global batch (keeps every step's batch equal).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of the "
+                             f"number of processes ({world_size})")
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the shuffle of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        local = self.batch_size // self.world_size
+        for b in range(len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if len(batch) < self.batch_size:   # last batch, not dropped: share it out evenly
+                per = -(-len(batch) // self.world_size)
+                yield batch[self.rank * per:(self.rank + 1) * per]
+            else:
+                yield batch[self.rank * local:(self.rank + 1) * local]
+
+
+class ShardSampler(Sampler):
+    """Contiguous evaluation shards: process ``rank`` gets its slice of ``range(n)``, no padding.
+
+    Args:
+        n: dataset length.
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        per = -(-n // world_size)
+        self.indices = list(range(min(n, rank * per), min(n, (rank + 1) * per)))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)

@@ -1,0 +1,247 @@
+"""Models of ``bsr-finetune``: the shipped digits ViT, any timm ViT, and weight loading.
+
+``--model bsr_digits_vit`` (the default) is a small 12-block timm ``VisionTransformer`` that
+:mod:`bsr_kernels.finetune.pretrain_source` pre-trained on digits 0-4; its weights ship in
+``assets/`` as safetensors with a JSON config. Any other name is a timm model name, which must
+build a ``VisionTransformer``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "DIGITS_MODEL",
+    "ASSETS",
+    "assets_dir",
+    "digits_vit_config",
+    "create_digits_vit",
+    "check_model_name",
+    "build_model",
+    "load_weights",
+    "read_state_dict",
+    "model_input_config",
+    "WeightsUnavailableError",
+]
+
+DIGITS_MODEL = "bsr_digits_vit"
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: Environment variable naming another folder to take the digits model from (one that
+#: ``pretrain_source --out DIR`` wrote).
+ASSETS_ENV = "BSR_FINETUNE_ASSETS"
+
+
+def assets_dir() -> Path:
+    """The folder of the digits model: ``$BSR_FINETUNE_ASSETS`` or the shipped :data:`ASSETS`."""
+    return Path(os.environ.get(ASSETS_ENV) or ASSETS)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Hub weights asked for (``--pretrained``) that cannot be fetched (typically: offline)."""
+
+
+def digits_vit_config(assets: Optional[Path] = None) -> dict:
+    """The JSON config of the shipped digits model (architecture, input size, normalisation).
+
+    Raises:
+        FileNotFoundError: if the asset is missing (rebuild it with
+            ``python -m bsr_kernels.finetune.pretrain_source``).
+    """
+    path = Path(assets or assets_dir()) / f"{DIGITS_MODEL}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"the shipped model config {path} is missing; rebuild it with "
+                                "`python -m bsr_kernels.finetune.pretrain_source`")
+    return json.loads(path.read_text())
+
+
+def create_digits_vit(num_classes: int, img_size: Optional[int] = None,
+                      arch: Optional[dict] = None) -> nn.Module:
+    """A randomly initialised digits ViT (timm ``VisionTransformer``).
+
+    Args:
+        num_classes: classifier outputs.
+        img_size: input side; default the config's.
+        arch: architecture keywords (``img_size``, ``patch_size``, ``embed_dim``, ``depth``,
+            ``num_heads``, ``mlp_ratio``); default the shipped config's.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    arch = dict(arch if arch is not None else digits_vit_config()["arch"])
+    if img_size is not None:
+        arch["img_size"] = img_size
+    return VisionTransformer(num_classes=num_classes, **arch)
+
+
+def check_model_name(name: str) -> None:
+    """Raises ValueError naming ``--model`` when ``name`` is neither the digits ViT nor timm's."""
+    import timm
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"--model must be a model name, got {name!r}")
+    if name == DIGITS_MODEL or timm.is_model(name):
+        return
+    close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5] if len(name) > 2 else []
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise ValueError(f"--model {name}: unknown model; use {DIGITS_MODEL} or a timm ViT name such "
+                     f"as vit_small_patch16_224 or deit_tiny_patch16_224{hint}")
+
+
+def read_state_dict(path) -> dict:
+    """Reads a state dict from a safetensors, timm or ``bsr-finetune`` checkpoint file.
+
+    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and a DDP ``module.`` prefix.
+
+    Raises:
+        ValueError: if the file is missing, unreadable or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
+        raise ValueError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {e}); is it "
+                         "a complete PyTorch or safetensors checkpoint?") from e
+    for key in ("model", "state_dict", "model_state", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor)
+                                                      for v in sd.values()):
+        raise ValueError(f"--checkpoint {path}: holds no state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, path) -> list:
+    """Loads a checkpoint into a timm ViT, resampling position embeddings to the model's grid.
+
+    A classifier head of another shape (another number of classes) is skipped and stays
+    freshly initialised.
+
+    Returns:
+        The names of the skipped head parameters.
+
+    Raises:
+        ValueError: if the file cannot be read, or its weights do not fit the model.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = read_state_dict(path)
+    try:
+        sd = checkpoint_filter_fn(sd, model)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--checkpoint {path}: its weights do not fit the model ({e})") from e
+    own = model.state_dict()
+    skipped = [k for k in list(sd) if k.startswith(("head.", "head_dist."))
+               and k in own and own[k].shape != sd[k].shape]
+    for k in skipped:
+        del sd[k]
+    bad = [f"{k}: {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and k not in skipped]
+    unexpected = [k for k in sd if k not in own]
+    if bad or missing or unexpected:
+        parts = []
+        if bad:
+            parts.append(f"{len(bad)} of another shape ({'; '.join(bad[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+        raise ValueError(f"--checkpoint {path}: does not match the model: "
+                         + ", ".join(parts) + " parameters")
+    model.load_state_dict(sd, strict=False)
+    return skipped
+
+
+def model_input_config(name: str, img_size: Optional[int] = None
+                       ) -> tuple[int, tuple, tuple]:
+    """``(img_size, mean, std)`` of a model, without building it.
+
+    Args:
+        name: :data:`DIGITS_MODEL` or a timm model name.
+        img_size: an explicit input side, which wins over the model's.
+    """
+    check_model_name(name)
+    if name == DIGITS_MODEL:
+        cfg = digits_vit_config()
+        return (img_size or int(cfg["arch"]["img_size"]), tuple(cfg["mean"]),
+                tuple(cfg["std"]))
+    import timm
+    cfg = timm.get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
+    mean = tuple(cfg.mean) if cfg is not None and cfg.mean else (0.485, 0.456, 0.406)
+    std = tuple(cfg.std) if cfg is not None and cfg.std else (0.229, 0.224, 0.225)
+    return img_size or int(size), mean, std
+
+
+def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
+                pretrained: bool = False, checkpoint: Optional[str] = None
+                ) -> tuple[nn.Module, dict]:
+    """Creates the model to fine-tune, with its starting weights.
+
+    Args:
+        name: :data:`DIGITS_MODEL` or a timm ViT name.
+        num_classes: outputs of the new classifier head.
+        img_size: input side; default the model's own.
+        pretrained: timm hub weights (online only); the digits model always starts from its
+            shipped weights unless ``checkpoint`` is given.
+        checkpoint: a local checkpoint file to start from.
+
+    Returns:
+        (model, info) with info holding ``img_size``, ``mean``, ``std`` and ``weights`` (where
+        the starting weights came from).
+
+    Raises:
+        ValueError: unknown or non-ViT model, bad checkpoint.
+        WeightsUnavailableError: hub weights asked for but not reachable.
+    """
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    check_model_name(name)
+    if name == DIGITS_MODEL:
+        cfg = digits_vit_config()
+        model = create_digits_vit(num_classes, img_size)
+        if checkpoint is None:
+            load_weights(model, assets_dir() / f"{DIGITS_MODEL}.safetensors")
+            weights = f"shipped {DIGITS_MODEL} (pre-trained on digits 0-4)"
+        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    else:
+        kwargs = {"num_classes": num_classes}
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        try:
+            model = timm.create_model(name, pretrained=pretrained and checkpoint is None,
+                                      **kwargs)
+        except TypeError as e:
+            raise ValueError(f"--model {name}: cannot build it with {kwargs} ({e}); it is "
+                             "probably not a ViT") from e
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+            if pretrained:
+                raise WeightsUnavailableError(f"--pretrained: could not fetch the hub weights of {name} "
+                                   f"({type(e).__name__}: {e}); offline, pass a local file "
+                                   "with --checkpoint") from e
+            raise
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"--model {name}: a {type(model).__name__}, not a ViT; "
+                             "bsr-finetune needs a timm VisionTransformer (vit_*, deit_*)")
+        weights = "timm hub" if pretrained and checkpoint is None else "random init"
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+        weights = f"checkpoint {checkpoint}"
+    side = model.patch_embed.img_size
+    return model, {"img_size": int(side[0]), "mean": mean, "std": std, "weights": weights}

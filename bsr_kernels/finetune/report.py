@@ -1,0 +1,176 @@
+"""Reports of ``bsr-finetune``: the printed table, ``summary.json`` and the PNG figure."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["format_table", "write_summary", "draw_report", "kept_masks"]
+
+_LABELS = {"full": "full fine-tuning", "linear": "linear probe", "bitfit": "BitFit (bias)",
+           "bsr": "BSR"}
+_COLORS = {"full": "#4c72b0", "linear": "#8c8c8c", "bitfit": "#dd8452", "bsr": "#55a868"}
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table, one row per method.
+
+    Args:
+        results: ``{method: record}``; a record holds ``accuracy`` (0-1),
+            ``saved_activation_mib_per_image``, ``train_gflops_per_image``, ``step_time_s``
+            and, when full fine-tuning ran alongside, ``step_time_vs_full``.
+
+    Returns:
+        The table, lines joined by newlines.
+    """
+    head = ["method", "accuracy", "saved MiB/img", "train GFLOP/img", "step time",
+            "vs full", "trained params"]
+    rows = []
+    for name, r in results.items():
+        rows.append([
+            _LABELS.get(name, name),
+            _fmt(None if r.get("accuracy") is None else 100 * r["accuracy"], ".1f") + " %",
+            _fmt(r.get("saved_activation_mib_per_image"), ".3f"),
+            _fmt(r.get("train_gflops_per_image"), ".4f"),
+            _fmt(None if r.get("step_time_s") is None else 1e3 * r["step_time_s"], ".1f")
+            + " ms",
+            _fmt(r.get("step_time_vs_full"), ".2f") + "x",
+            _fmt(r.get("trainable_params"), ",d"),
+        ])
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def write_summary(path: os.PathLike, results: dict, meta: Optional[dict] = None) -> Path:
+    """Writes ``{"methods": results, **meta}`` as JSON, atomically.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"methods": results, **(meta or {})}, indent=2,
+                              default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Boolean patch masks of the tokens kept after each drop stage.
+
+    Args:
+        kept: one (B, n_keep) int64 tensor per stage, original patch indices (row-major;
+            -1 marks a fused token, which is not a patch and is ignored).
+        grid: (rows, cols) of the patch grid.
+
+    Returns:
+        (stages, B, rows, cols) bool.
+    """
+    rows, cols = grid
+    out = []
+    for idx in kept:
+        m = torch.zeros(idx.shape[0], rows * cols + 1, dtype=torch.bool)
+        m.scatter_(1, torch.where(idx < 0, rows * cols, idx).cpu(), True)
+        out.append(m[:, :-1].view(-1, rows, cols))
+    return torch.stack(out) if out else torch.zeros(0, 0, rows, cols, dtype=torch.bool)
+
+
+def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor] = None,
+                kept: Optional[Sequence[torch.Tensor]] = None, patch_size: int = 1,
+                drop_at: Sequence[int] = (), title: str = "") -> Path:
+    """Draws bars (accuracy, saved memory, training FLOPs, step time per method) and, when
+    given, the tokens BSR keeps after each drop stage over sample images.
+
+    Args:
+        path: PNG file to write.
+        results: ``{method: record}`` as in :func:`format_table`.
+        images: (B, 3, H, W) sample images in [0, 1] (already un-normalised).
+        kept: :func:`bsr_kernels.kept_patches` of those images.
+        patch_size: side of a patch in pixels.
+        drop_at: block index of each drop stage (for the column titles).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    methods = list(results)
+    metrics = [("accuracy", "test accuracy (%)", 100.0),
+               ("saved_activation_mib_per_image", "saved activations (MiB / image)", 1.0),
+               ("train_gflops_per_image", "training GFLOPs / image", 1.0),
+               ("step_time_vs_full", "step time (x full fine-tuning)", 1.0)]
+    metrics = [m for m in metrics if any(results[k].get(m[0]) is not None for k in methods)]
+    show_kept = images is not None and kept is not None and len(kept) > 0
+    n_img = images.shape[0] if show_kept else 0
+    n_cols = max(len(metrics), (len(kept) + 1) if show_kept else 0)
+    n_rows = 1 + n_img
+    fig = plt.figure(figsize=(3.2 * n_cols, 3.0 + 1.9 * n_img), constrained_layout=True)
+    gs = fig.add_gridspec(n_rows, n_cols, height_ratios=[1.6] + [1.0] * n_img)
+    for i, (key, label, scale) in enumerate(metrics):
+        ax = fig.add_subplot(gs[0, i])
+        vals = [(results[m].get(key) or 0.0) * scale for m in methods]
+        bars = ax.bar(range(len(methods)), vals, color=[_COLORS.get(m, "#999") for m in methods])
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(label, fontsize=10)
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.margins(y=0.15)
+    if show_kept:
+        h, w = images.shape[2:]
+        grid = (h // patch_size, w // patch_size)
+        masks = kept_masks(kept, grid)
+        for r in range(n_img):
+            img = images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+            ax = fig.add_subplot(gs[1 + r, 0])
+            ax.imshow(img, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title("input", fontsize=10)
+            for s in range(masks.shape[0]):
+                m = masks[s, r].repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+                shown = img.copy()
+                dark = ~m.numpy()
+                shown[dark] = shown[dark] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35]).numpy()
+                ax = fig.add_subplot(gs[1 + r, 1 + s])
+                ax.imshow(shown, interpolation="nearest")
+                ax.set_axis_off()
+                if r == 0:
+                    where = f" (block {drop_at[s]})" if s < len(drop_at) else ""
+                    ax.set_title(f"kept after drop {s + 1}{where}: {int(masks[s, r].sum())}",
+                                 fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

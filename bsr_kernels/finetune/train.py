@@ -1,0 +1,518 @@
+"""Training of ``bsr-finetune``: methods, optimizer, the epoch loop, checkpoints, DDP, timing.
+
+* :func:`adapt` turns a timm ViT into one of the four methods: ``full`` fine-tuning, a
+  ``linear`` probe, ``bitfit`` (biases and head) and ``bsr`` (:func:`bsr_kernels.reprogram`).
+* :func:`fit` trains for some epochs, evaluates after each, and (with an output directory)
+  writes a checkpoint per epoch atomically (temporary file, then rename). ``resume=True``
+  continues from it exactly: weights, optimizer, scheduler, RNG states and step.
+* :func:`setup_distributed` joins a ``torchrun`` job: NCCL on GPUs, gloo on CPU. The batch size
+  is global; :class:`~bsr_kernels.finetune.data.GlobalBatchSampler` gives every process its
+  share of the same global batches, and DDP averages the gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .data import DataBundle, GlobalBatchSampler, ShardSampler
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_LR",
+    "DistInfo",
+    "setup_distributed",
+    "teardown_distributed",
+    "adapt",
+    "trainable_parameters",
+    "make_optimizer",
+    "make_scheduler",
+    "train_step",
+    "evaluate",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "FitOptions",
+    "fit",
+    "time_steps",
+]
+
+METHODS = ("full", "linear", "bitfit", "bsr")
+#: Learning rate of the backbone per method (the head trains at ``head_lr_scale`` times it).
+DEFAULT_LR = {"full": 1e-4, "linear": 1e-3, "bitfit": 1e-3, "bsr": 3e-4}
+#: Set to a step number to SIGKILL the process right after that optimizer step (resume tests).
+KILL_ENV = "BSR_FINETUNE_KILL_AT_STEP"
+CHECKPOINT_FORMAT = "bsr-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# --- processes -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DistInfo:
+    """Where this process runs: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there is more than one process."""
+        return self.world_size > 1
+
+
+def setup_distributed(device: Optional[str] = None) -> DistInfo:
+    """Joins the ``torchrun`` process group when there is one.
+
+    Args:
+        device: "cpu", "cuda" or None (CUDA when available).
+
+    Returns:
+        This process's :class:`DistInfo`. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) no
+        process group is made.
+    """
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        if local_world > 1:  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def teardown_distributed() -> None:
+    """Leaves the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+# --- methods and optimizer -----------------------------------------------------------------
+
+def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] = None,
+          drop_at: Optional[Sequence[int]] = None, keep_rate: float = 0.5,
+          memory_mode: str = "lean") -> nn.Module:
+    """Sets what trains (``requires_grad``) for ``method``; BSR also reprograms the model.
+
+    Args:
+        model: a timm ``VisionTransformer``.
+        method: "full" (everything), "linear" (head), "bitfit" (biases and head) or "bsr"
+            (:func:`bsr_kernels.reprogram` with ``train_blocks``, ``drop_at``, ``keep_rate``).
+        train_blocks, drop_at, keep_rate, memory_mode: BSR settings (``None``: defaults).
+
+    Returns:
+        The same model.
+    """
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "bsr" and (train_blocks is not None or drop_at is not None):
+        raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
+    if method == "bsr":
+        from ..reprogram import reprogram
+        return reprogram(model, train_blocks=train_blocks, drop_at=drop_at, keep_rate=keep_rate,
+                         memory_mode=memory_mode)
+    head = ("head.", "head_dist.")
+    for name, p in model.named_parameters():
+        if method == "full":
+            p.requires_grad_(True)
+        elif method == "linear":
+            p.requires_grad_(name.startswith(head))
+        else:
+            p.requires_grad_(name.startswith(head) or name.endswith(".bias"))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict:
+    """``{name: parameter}`` of the parameters that train."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
+                   weight_decay: float = 0.05) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: the head at ``lr * head_lr_scale``, no weight decay
+    on biases, norms and embeddings."""
+    groups: dict = {}
+    for name, p in trainable_parameters(model).items():
+        head = name.startswith(("head.", "head_dist."))
+        decay = p.dim() >= 2 and "pos_embed" not in name and "token" not in name
+        key = (head, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": lr * (head_lr_scale if head else 1.0),
+                           "weight_decay": weight_decay if decay else 0.0}
+        groups[key]["params"].append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    total, warm = max(1, total_steps), max(0, min(warmup_steps, total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer,
+               scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> float:
+    """One optimizer step on a batch (bf16 autocast on GPU); returns the loss.
+
+    Under DDP, ``model`` is the wrapped model and the gradients are averaged over processes.
+    """
+    with _autocast(images.device):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.item()
+
+
+def _bar(iterable, desc: str, enabled: bool, total: Optional[int] = None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, progress: bool = False,
+             desc: str = "eval") -> tuple[float, float]:
+    """Accuracy (0-1) and mean cross-entropy over the whole test set, summed over processes."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=info.device)   # correct, loss sum, count
+    for images, labels in _bar(loader, desc, progress):
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device, non_blocking=True)
+        with _autocast(info.device):
+            logits = model(images).float()
+        stats[0] += (logits.argmax(-1) == labels).sum()
+        stats[1] += F.cross_entropy(logits, labels, reduction="sum")
+        stats[2] += labels.numel()
+    if info.distributed:
+        dist.all_reduce(stats)
+    n = max(1.0, stats[2].item())
+    return stats[0].item() / n, stats[1].item() / n
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupt, of another format, or of another run configuration."""
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``. A crash leaves either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path, fingerprint: Optional[dict] = None) -> dict:
+    """Reads a training checkpoint and checks that it belongs to this run.
+
+    Args:
+        path: the checkpoint file.
+        fingerprint: the run settings that must match (model, method, data, schedule...).
+
+    Raises:
+        CheckpointError: if the file is missing, unreadable (corrupt, truncated), not a
+            ``bsr-finetune`` checkpoint, or written with other settings (each difference is
+            named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged file
+        raise CheckpointError(f"--resume: checkpoint {path} is corrupt or unreadable "
+                              f"({type(e).__name__}: {e}); delete it to start over") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--resume: {path} is not a bsr-finetune training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"--resume: {path} has checkpoint version {state.get('version')}, "
+                              f"this bsr-finetune reads version {CHECKPOINT_VERSION}")
+    missing = {"model", "optimizer", "scheduler", "rng", "epoch", "step"} - set(state)
+    if missing:
+        raise CheckpointError(f"--resume: checkpoint {path} lacks {', '.join(sorted(missing))}")
+    if fingerprint is not None:
+        saved = state.get("fingerprint", {})
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+                 for k, v in fingerprint.items() if saved.get(k) != v]
+        diffs += [f"{k}: checkpoint {saved[k]!r}, now unset" for k in saved
+                  if k not in fingerprint]
+        if diffs:
+            raise CheckpointError(f"--resume: checkpoint {path} was written by a run with other "
+                                  "settings (" + "; ".join(diffs) + "); rerun with the same "
+                                  "options, or use another --out")
+    return state
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FitOptions:
+    """How :func:`fit` trains.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: global batch size (split over processes).
+        lr: backbone learning rate; the head trains at ``lr * head_lr_scale``.
+        head_lr_scale: head learning-rate multiplier (the BSR authors use 10).
+        weight_decay: AdamW weight decay of matrices.
+        warmup_epochs: linear warm-up length.
+        workers: DataLoader worker processes.
+        seed: seed of the shuffling and of torch's RNG.
+        progress: show progress bars.
+        checkpoint: where to write the per-epoch checkpoint (None: none).
+        resume: continue from ``checkpoint`` when it exists.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-4
+    head_lr_scale: float = 10.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    workers: int = 0
+    seed: int = 0
+    progress: bool = False
+    checkpoint: Optional[Path] = None
+    resume: bool = False
+
+
+def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device) -> DataLoader:
+    kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
+              persistent_workers=False)
+    if batch_size is None:
+        return DataLoader(dataset, batch_sampler=sampler, **kw)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **kw)
+
+
+def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
+        fingerprint: Optional[dict] = None, log: Callable[[str], None] = print,
+        name: str = "") -> dict:
+    """Trains ``model`` (already adapted) on ``data.train``, evaluating on ``data.test`` after
+    every epoch.
+
+    Args:
+        model: the model, on ``info.device``, with ``requires_grad`` set by :func:`adapt`.
+        data: train and test sets.
+        opts: see :class:`FitOptions`.
+        info: this process (from :func:`setup_distributed`).
+        fingerprint: settings stored in, and checked against, the checkpoint.
+        log: where per-epoch lines go (called on the main process only).
+        name: label of the progress bars and log lines.
+
+    Returns:
+        dict with ``accuracy`` and ``test_loss`` (last epoch), ``history`` (one dict per epoch),
+        ``train_time_s`` (this process's training wall time, evaluation excluded),
+        ``step_time_s`` (median training step), ``steps`` and ``resumed_from_epoch``.
+    """
+    fingerprint = dict(fingerprint or {})
+    train_sampler = GlobalBatchSampler(len(data.train), opts.batch_size, info.rank,
+                                       info.world_size, seed=opts.seed, shuffle=True,
+                                       drop_last=len(data.train) >= opts.batch_size)
+    steps_per_epoch = len(train_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set is empty ({len(data.train)} images)")
+    train_loader = _loader(data.train, train_sampler, None, opts.workers, info.device)
+    eval_bs = max(1, opts.batch_size // info.world_size) * 2
+    test_loader = _loader(data.test, ShardSampler(len(data.test), info.rank, info.world_size),
+                          eval_bs, opts.workers, info.device)
+
+    ddp_model = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda"
+                        else None)
+    optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay)
+    total = opts.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, total, int(round(opts.warmup_epochs * steps_per_epoch)))
+
+    start_epoch, step, history = 0, 0, []
+    if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
+        state = load_checkpoint(opts.checkpoint, fingerprint)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} does not fit this "
+                                  f"model or optimizer ({e})") from e
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, step, history = int(state["epoch"]), int(state["step"]), state["history"]
+        if info.is_main:
+            log(f"{name}: resumed from {opts.checkpoint} after epoch {start_epoch} "
+                f"(step {step})")
+    resumed_from = start_epoch
+
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    step_times: list[float] = []
+    train_time = 0.0
+    for epoch in range(start_epoch, opts.epochs):
+        train_sampler.set_epoch(epoch)
+        ddp_model.train()
+        loss_sum, n_batches = 0.0, 0
+        t_epoch = time.perf_counter()
+        bar = _bar(train_loader, f"{name} epoch {epoch + 1}/{opts.epochs}",
+                   opts.progress and info.is_main, total=steps_per_epoch)
+        for images, labels in bar:
+            images = images.to(info.device, non_blocking=True)
+            labels = labels.to(info.device, non_blocking=True)
+            t0 = time.perf_counter()
+            loss = train_step(ddp_model, images, labels, optimizer, scheduler)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
+            step_times.append(time.perf_counter() - t0)
+            step += 1
+            loss_sum, n_batches = loss_sum + loss, n_batches + 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if kill_at and step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train_time += time.perf_counter() - t_epoch
+        acc, test_loss = evaluate(ddp_model, test_loader, info, opts.progress and info.is_main,
+                                  f"{name} eval")
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
+                        "test_loss": test_loss, "accuracy": acc,
+                        "lr": optimizer.param_groups[0]["lr"]})
+        if info.is_main:
+            log(f"{name} epoch {epoch + 1}/{opts.epochs}: train loss "
+                f"{history[-1]['train_loss']:.4f}, test loss {test_loss:.4f}, "
+                f"accuracy {100 * acc:.2f}%")
+            if opts.checkpoint is not None:
+                save_checkpoint(opts.checkpoint, {
+                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                    "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "history": history})
+        _barrier(info)
+
+    last = history[-1] if history else {"accuracy": float("nan"), "test_loss": float("nan")}
+    return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
+            "train_time_s": train_time,
+            "step_time_s": statistics.median(step_times) if step_times else None,
+            "steps": step, "resumed_from_epoch": resumed_from}
+
+
+def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds: int = 10,
+               warmup: int = 2) -> dict:
+    """Median training-step time of several models measured side by side (A B A B ...).
+
+    Each model takes a full step (forward, backward, AdamW update) with learning rate 0, so its
+    weights do not change.
+
+    Args:
+        models: ``{name: model}`` with ``requires_grad`` set.
+        images, labels: one batch, on the models' device.
+        rounds: timed rounds; each round times every model once, in turn.
+        warmup: untimed rounds first.
+
+    Returns:
+        ``{name: median seconds per step}``.
+    """
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0,
+                                 weight_decay=0.0) for k, m in models.items()}
+    times: dict = {k: [] for k in models}
+    cuda = images.device.type == "cuda"
+    for r in range(warmup + rounds):
+        for k, m in models.items():
+            m.train()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_step(m, images, labels, opts[k])
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    for m in models.values():
+        for p in m.parameters():
+            p.grad = None
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,246 @@
+"""bsr-finetune end to end on tiny configurations, its data pieces, and its error messages."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bsr_kernels
+from bsr_kernels.finetune import cli
+from bsr_kernels.finetune.data import (DIGITS_TARGET_CLASSES, GlobalBatchSampler, ShardSampler,
+                                       digits_split)
+from bsr_kernels.finetune.models import (DIGITS_MODEL, assets_dir, build_model,
+                                         digits_vit_config)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "1", "--batch-size", "128", "--timing-rounds", "1", "--profile-batch", "2",
+        "--samples", "2", "--no-progress"]
+
+
+def _run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# --- the shipped model and data ------------------------------------------------------------
+
+def test_shipped_checkpoint_is_small_and_described():
+    cfg = digits_vit_config()
+    weights = assets_dir() / f"{DIGITS_MODEL}.safetensors"
+    assert weights.stat().st_size < 8 * 2**20
+    assert cfg["arch"]["depth"] == 12                      # BSR's defaults apply
+    assert cfg["recipe"]["source_test_accuracy"] >= 0.95
+    assert cfg["rebuild"].startswith("python -m bsr_kernels.finetune.pretrain_source")
+    import hashlib
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == cfg["sha256"]
+
+
+def test_shipped_model_knows_the_source_task():
+    """The shipped weights really are a digits 0-4 classifier (held-out source images)."""
+    from bsr_kernels.finetune.data import DIGITS_SOURCE_CLASSES
+    from bsr_kernels.finetune.models import create_digits_vit, load_weights
+    cfg = digits_vit_config()
+    model = create_digits_vit(5)
+    load_weights(model, assets_dir() / f"{DIGITS_MODEL}.safetensors")
+    _, test = digits_split(DIGITS_SOURCE_CLASSES, cfg["arch"]["img_size"], cfg["mean"],
+                           cfg["std"])
+    with torch.no_grad():
+        acc = (model.eval()(test.images).argmax(-1) == test.labels).float().mean().item()
+    assert acc == pytest.approx(cfg["recipe"]["source_test_accuracy"], abs=0.01)
+
+
+def test_digits_split_is_stratified_real_and_fixed():
+    train, test = digits_split(DIGITS_TARGET_CLASSES, 16)
+    assert train.images.shape[1:] == (3, 16, 16)
+    from sklearn.datasets import load_digits
+    assert len(train) + len(test) == int((load_digits().target >= 5).sum())   # each 5-9, once
+    assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(5))
+    counts = torch.bincount(test.labels)
+    assert counts.min() >= 55 and counts.max() <= 62         # a third of each class
+    assert train.images.std() > 0.3                          # real images, not constants
+    train2, test2 = digits_split(DIGITS_TARGET_CLASSES, 16)
+    assert torch.equal(test.images, test2.images)
+    # Random-shift augmentation: each draw is the image moved by up to 2 pixels.
+    shifted, _ = digits_split(DIGITS_TARGET_CLASSES, 16, max_shift=2)
+    orig = train.images[0]
+    torch.manual_seed(0)
+    draws = [shifted[0][0] for _ in range(20)]
+    assert len({d.sum().item() for d in draws}) > 1
+    for d in draws:
+        assert any(torch.equal(d[:, 2:-2, 2:-2], orig[:, 2 + dy:14 + dy, 2 + dx:14 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+@pytest.mark.parametrize("n,batch,world", [(10, 4, 2), (37, 6, 3), (64, 8, 1), (5, 4, 2)])
+def test_global_batches_do_not_depend_on_the_number_of_processes(n, batch, world):
+    single = GlobalBatchSampler(n, batch, 0, 1, seed=7)
+    shards = [GlobalBatchSampler(n, batch, r, world, seed=7) for r in range(world)]
+    for epoch in (0, 3):
+        for s in [single, *shards]:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in shards]
+        for b, whole in enumerate(single):
+            assert sorted(sum((pr[b] for pr in per_rank), [])) == sorted(whole)
+            assert len(whole) == batch
+    single.set_epoch(0)
+    first = list(single)
+    single.set_epoch(1)
+    assert list(single) != first or n <= batch
+
+
+def test_shards_cover_the_test_set_once():
+    for n, world in [(10, 3), (7, 2), (3, 4)]:
+        got = sum((list(ShardSampler(n, r, world)) for r in range(world)), [])
+        assert got == list(range(n))
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+def test_cli_end_to_end_all_methods(tmp_path, capsys):
+    rc, out, err = _run(TINY + ["--out", tmp_path], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    methods = summary["methods"]
+    assert list(methods) == ["full", "linear", "bitfit", "bsr"]
+    for name, r in methods.items():
+        assert 0.0 <= r["accuracy"] <= 1.0
+        for key in ("saved_activation_mib_per_image", "train_gflops_per_image", "step_time_s"):
+            assert r[key] > 0, (name, key)
+        assert len(r["history"]) == 1
+        assert (tmp_path / name / "checkpoint.pt").is_file()
+        assert (tmp_path / name / "delta.safetensors").is_file()
+    full, bsr = methods["full"], methods["bsr"]
+    assert bsr["saved_activation_mib_per_image"] < full["saved_activation_mib_per_image"] / 4
+    assert bsr["train_gflops_per_image"] < full["train_gflops_per_image"] / 2
+    assert full["step_time_vs_full"] == 1.0
+    assert methods["linear"]["trainable_params"] < methods["bitfit"]["trainable_params"] \
+        < bsr["trainable_params"] < full["trainable_params"]
+    # tokens: 1 CLS + P patches, halved (plus the fused token) at blocks 3, 6, 9
+    tokens = bsr["tokens_per_block"]
+    assert tokens[0] == tokens[3] > tokens[4] == tokens[6] > tokens[7] == tokens[9] > tokens[10]
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for word in ("full fine-tuning", "linear probe", "BitFit", "BSR", "saved MiB/img"):
+        assert word in out
+    # The BSR delta (about 3/12 of the model) turns the base model into the fine-tuned one.
+    from bsr_kernels.delta import read_delta
+    _, cfg = read_delta(tmp_path / "bsr" / "delta.safetensors")
+    assert 0.2 < cfg["numel"] / cfg["model_numel"] < 0.3
+    base, _ = build_model(DIGITS_MODEL, 5)
+    bsr_kernels.load_delta(base, tmp_path / "bsr" / "delta.safetensors")
+    _, test = digits_split(DIGITS_TARGET_CLASSES, summary["img_size"])
+    with torch.no_grad():
+        correct = (base.eval()(test.images).argmax(-1) == test.labels).sum().item()
+    assert correct == round(bsr["accuracy"] * len(test))     # the same images right
+
+
+def test_cli_module_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bsr_kernels.finetune", "--method", "linear",
+                        *TINY, "--timing-rounds", "0", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "linear probe" in r.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"]["linear"]
+
+
+def _write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=20):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = (torch.rand(size, size, 3, generator=g) * 120).to(torch.uint8)
+            img[..., c] += 120
+            Image.fromarray(img.numpy()).save(root / name / f"{i}.png")
+
+
+def test_image_folder_and_checkpoint_start(tmp_path, capsys):
+    _write_image_folder(tmp_path / "pics")
+    # A local checkpoint of another head size (the 5-class digits model) starts the run.
+    from safetensors.torch import load_file
+    ckpt = tmp_path / "start.pt"
+    torch.save({"state_dict": load_file(str(assets_dir() / f"{DIGITS_MODEL}.safetensors"))},
+               ckpt)
+    rc, out, err = _run(["--data", tmp_path / "pics", "--method", "bsr", "--epochs", "2",
+                         "--batch-size", "4", "--checkpoint", ckpt, "--timing-rounds", "0",
+                         "--profile-batch", "2", "--no-progress", "--out", tmp_path / "o"],
+                        capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["num_classes"] == 2 and summary["weights"].startswith("checkpoint")
+    assert len(summary["methods"]["bsr"]["history"]) == 2
+
+
+# --- clear errors --------------------------------------------------------------------------
+
+def test_error_missing_data_path(tmp_path, capsys):
+    rc, _, err = _run(["--data", tmp_path / "nope", *TINY], capsys)
+    assert rc == 2
+    assert "--data" in err and "no such directory" in err
+
+
+def test_error_unknown_model(capsys):
+    rc, _, err = _run(["--model", "vit_not_a_real_model_xyz", *TINY], capsys)
+    assert rc == 2
+    assert "--model" in err and "unknown model" in err
+
+
+def test_error_non_vit_model(capsys):
+    rc, _, err = _run(["--model", "resnet18", *TINY], capsys)
+    assert rc == 2
+    assert "not a ViT" in err and "resnet18" in err
+
+
+def test_error_empty_image_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _run(["--data", tmp_path / "empty", *TINY], capsys)
+    assert rc == 2 and "holds no images" in err
+    (tmp_path / "classes" / "a").mkdir(parents=True)
+    (tmp_path / "classes" / "b").mkdir(parents=True)
+    (tmp_path / "classes" / "a" / "notes.txt").write_text("not an image")
+    rc, _, err = _run(["--data", tmp_path / "classes", *TINY], capsys)
+    assert rc == 2 and "holds no images" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "abc"])
+def test_error_keep_rate(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--keep-rate", value, *TINY])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--keep-rate" in err and "(0, 1]" in err
+
+
+def test_error_other_arguments(tmp_path, capsys):
+    rc, _, err = _run(["--resume", *TINY], capsys)
+    assert rc == 2 and "--resume needs --out" in err
+    rc, _, err = _run(["--method", "full", "--train-blocks", "3,7", *TINY], capsys)
+    assert rc == 2 and "--train-blocks" in err
+    rc, _, err = _run(["--method", "bsr", "--train-blocks", "3,12", *TINY], capsys)
+    assert rc == 2 and "train_blocks" in err and "12" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    rc, _, err = _run(["--checkpoint", bad, *TINY], capsys)
+    assert rc == 2 and "--checkpoint" in err and "cannot read" in err
+    for argv in (["--method", "sgd"], ["--epochs", "0"], ["--batch-size", "x"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert argv[0] in capsys.readouterr().err
+
+
+def test_error_offline_torchvision_download(monkeypatch, tmp_path, capsys):
+    import urllib.error
+
+    import torchvision.datasets as D
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(D, "CIFAR10", offline)
+    rc, _, err = _run(["--data", "cifar10", "--data-root", tmp_path, *TINY], capsys)
+    assert rc == 2
+    assert "cifar10" in err and "could not download" in err and "ImageFolder" in err

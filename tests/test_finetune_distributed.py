@@ -1,0 +1,97 @@
+"""Beyond one machine: bsr-finetune under torchrun with gloo (CPU), 2 processes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsr_kernels.finetune.data import GlobalBatchSampler, build_data
+from bsr_kernels.finetune.models import DIGITS_MODEL, build_model, model_input_config
+from bsr_kernels.finetune.train import adapt
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 32
+
+WORKER = textwrap.dedent("""
+    import sys
+    import torch, torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    sys.path.insert(0, {tests!r})
+    from test_finetune_distributed import batch_and_model
+    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed
+
+    info = setup_distributed("cpu")
+    for method in ("full", "bsr"):
+        x, y, model = batch_and_model(method, info.rank, info.world_size)
+        ddp = DDP(model)
+        F.cross_entropy(ddp(x), y).backward()           # DDP averages over the 2 processes
+        if info.rank == 0:
+            torch.save({{n: p.grad for n, p in model.named_parameters() if p.requires_grad}},
+                       sys.argv[1] + f"/{{method}}.pt")
+    teardown_distributed()
+""")
+
+
+def batch_and_model(method: str, rank: int, world: int):
+    """This process's share of the first global batch of epoch 0, and a fresh model."""
+    size, mean, std = model_input_config(DIGITS_MODEL)
+    data = build_data("digits", size, mean, std, digits_shift=0)
+    sampler = GlobalBatchSampler(len(data.train), GLOBAL_BATCH, rank, world, seed=0)
+    sampler.set_epoch(0)
+    idx = next(iter(sampler))
+    x = torch.stack([data.train[i][0] for i in idx])
+    y = torch.tensor([data.train[i][1] for i in idx])
+    torch.manual_seed(0)
+    model, _ = build_model(DIGITS_MODEL, data.num_classes)
+    return x, y, adapt(model, method).train()
+
+
+def _torchrun(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ddp_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    r = _torchrun(script, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("method", ["full", "bsr"])
+def test_two_process_gradients_match_one_process_on_the_same_global_batch(ddp_dir, method):
+    ddp_grads = torch.load(ddp_dir / f"{method}.pt")
+
+    x, y, model = batch_and_model(method, 0, 1)
+    assert x.shape[0] == GLOBAL_BATCH
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ddp_grads.keys()
+    for n, g in grads.items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(ddp_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_torchrun_gloo_run_completes(tmp_path):
+    r = _torchrun("-m", "bsr_kernels.finetune", "--method", "bsr,linear", "--epochs", "2",
+                  "--batch-size", "128", "--timing-rounds", "0", "--profile-batch", "2",
+                  "--samples", "2", "--no-progress", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["device"] == "cpu"
+    for m in ("bsr", "linear"):
+        res = summary["methods"][m]
+        assert len(res["history"]) == 2 and 0 <= res["accuracy"] <= 1
+        assert res["steps"] == 2 * (597 // 128)        # global steps, not per process
+        assert (tmp_path / "o" / m / "checkpoint.pt").is_file()
+    assert r.stdout.count("epoch 2/2") == 2                # only rank 0 prints
