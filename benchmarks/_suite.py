@@ -39,7 +39,7 @@ import bsr_kernels  # noqa: E402
 from bsr_kernels.baselines import EagerBSR  # noqa: E402
 from bsr_kernels.reprogram import default_drop_at, default_train_blocks  # noqa: E402
 
-__all__ = ["SuiteConfig", "VARIANTS", "VARIANT_LABELS", "create_vit", "model_label",
+__all__ = ["robust_interleaved", "error_text", "SuiteConfig", "VARIANTS", "VARIANT_LABELS", "create_vit", "model_label",
            "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
            "free_memory", "MIB", "GIB"]
 
@@ -319,3 +319,28 @@ def machine_info(device: str) -> dict:
         except ImportError:
             pass
     return info
+
+
+def error_text(e: BaseException) -> str:
+    """``Type: first line of the message``."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
+def robust_interleaved(steps: dict, errors: dict, **kwargs) -> dict:
+    """``_timing.interleaved`` over ``steps``; when one raises, each is tried alone, those that
+    fail are moved to ``errors`` (name -> message) and the rest are timed again."""
+    from _timing import interleaved
+    if not steps:
+        return {}
+    try:
+        return interleaved(steps, **kwargs)
+    except Exception:  # noqa: BLE001 - find which candidate fails
+        ok = {}
+        for name, fn in steps.items():
+            try:
+                fn()
+                ok[name] = fn
+            except Exception as e:  # noqa: BLE001 - reported in the results
+                errors[name] = error_text(e)
+        return interleaved(ok, **kwargs) if ok else {}

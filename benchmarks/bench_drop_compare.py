@@ -9,8 +9,8 @@ Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, me
       every backend available on the device (the Triton interpreter on CPU is left out: it is for
       testing, not timing);
     - ``torch.compile(reference)``: the pure-PyTorch definition
-      (:func:`bsr_kernels.ops.reference.drop_tokens`) through ``torch.compile`` (on CPU
-      ``dynamic=True``, one compilation for every shape; on CUDA one per shape).
+      (:func:`bsr_kernels.ops.reference.drop_tokens`) through ``torch.compile(dynamic=True)``:
+      one compilation serves every shape (compilation is not timed).
 * ``attention+drop``: what a drop block needs, the attention output *and* the dropped tokens:
     - ``eager attention + composite``: one probability matrix serves ``probs @ v`` and the drop
       (the authors' block);
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig, Target  # noqa: E402
+from _suite import SuiteConfig, Target, error_text, robust_interleaved  # noqa: E402
 from _timing import format_table, interleaved  # noqa: E402
 from bench_drop import backend_fn  # noqa: E402
 from bench_triton_drop import min_bytes  # noqa: E402
@@ -91,9 +91,9 @@ def _block_batch(cfg: SuiteConfig, n: int) -> int:
 
 def make_inputs(b, n, h, c, dtype, device, requires_grad, seed=0):
     """x (B, N, C); q, k, v (B, H, N, C/H) views of one qkv tensor (as timm's Attention)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, n, c, generator=g).to(device=device, dtype=dtype)
-    qkv = torch.randn(b, n, 3, h, c // h, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g, device=device, dtype=dtype)
+    qkv = torch.randn(b, n, 3, h, c // h, generator=g, device=device, dtype=dtype)
     if requires_grad:
         x.requires_grad_()
         qkv.requires_grad_()
@@ -122,7 +122,7 @@ def _compiled_reference(cfg: SuiteConfig):
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(dcfg, name):
                 setattr(dcfg, name, max(64, getattr(dcfg, name)))
-        _COMPILED[key] = torch.compile(_reference_drop, dynamic=True if not cfg.cuda else False)
+        _COMPILED[key] = torch.compile(_reference_drop, dynamic=True)
     return _COMPILED[key]
 
 
@@ -174,36 +174,46 @@ def peak_bandwidth(cfg: SuiteConfig) -> dict:
 
 
 def _time(cands: dict[str, Callable], make, grad: bool, cfg: SuiteConfig, reps: int,
-          min_sample: float):
+          min_sample: float, errors: dict):
+    """Interleaved timings of the candidates; one that raises goes to ``errors``."""
     if cfg.cuda:
         torch.cuda.empty_cache()
     x, q, k, v, qkv = make(grad)
     if not grad:
         fns = {name: (lambda fn=fn: fn(x, q, k, v)) for name, fn in cands.items()}
     else:
-        cot_gen = torch.Generator().manual_seed(1)
-        cots = {}
-
-        def bench(name, fn):
-            outs = fn(x, q, k, v)
+        cot_gen = torch.Generator(device=cfg.device).manual_seed(1)
+        fns = {}
+        for name, fn in cands.items():
+            try:
+                outs = fn(x, q, k, v)
+            except Exception as e:  # noqa: BLE001 - reported in the results
+                errors[name] = error_text(e)
+                continue
             outs = outs if isinstance(outs, tuple) else (outs,)
-            cots[name] = [torch.randn(o.shape, generator=cot_gen).to(o) for o in outs]
+            cots = [torch.randn(o.shape, generator=cot_gen, device=o.device, dtype=o.dtype)
+                    for o in outs]
+            del outs
 
-            def step():
+            def step(fn=fn, cots=cots):
                 o = fn(x, q, k, v)
-                return torch.autograd.grad(o if isinstance(o, tuple) else (o,), (x, qkv),
-                                           cots[name])
-            return step
-        fns = {name: bench(name, fn) for name, fn in cands.items()}
-    return interleaved(fns, reps=reps, warmup=2, min_sample_s=min_sample, device_sync=cfg.cuda)
+                return torch.autograd.grad(o if isinstance(o, tuple) else (o,), (x, qkv), cots)
+            fns[name] = step
+    return robust_interleaved(fns, errors, reps=reps, warmup=2, min_sample_s=min_sample,
+                              device_sync=cfg.cuda)
 
 
 def _agreement(cfg, x, q, k, scale, n_keep) -> dict[str, float]:
-    """Fraction of batch rows whose kept set equals the reference's, per backend."""
+    """Fraction of batch rows whose kept set equals the reference's, per backend (None: the
+    backend raised)."""
     r_kept = reference.drop_tokens(x, q, k, scale, PREFIX, n_keep, True)[1]
     out = {}
     for name in _timed_backends(cfg):
-        kept = backend_fn(name)(x, q, k)[1].long()
+        try:
+            kept = backend_fn(name)(x, q, k)[1].long()
+        except Exception:  # noqa: BLE001 - the timing reports the error
+            out[f"bsr {name}"] = None
+            continue
         out[f"bsr {name}"] = float((kept == r_kept).all(dim=1).float().mean())
     return out
 
@@ -217,9 +227,9 @@ def run(cfg: SuiteConfig, log=print) -> dict:
         min_sample = 0.02
     dtype = cfg.op_dtype
     bw = peak_bandwidth(cfg)
-    rows, agreement, notes = [], [], []
-    if cfg.compile and not cfg.cuda:
-        notes.append("torch.compile(reference) on CPU is compiled once with dynamic=True "
+    rows, agreement, notes, failed = [], [], [], []
+    if cfg.compile:
+        notes.append("torch.compile(reference) is compiled once with dynamic=True "
                      "(compilation is not timed).")
     if not cfg.cuda and "triton" in bsr_kernels.available_backends("cpu"):
         notes.append("the Triton backend on CPU is the interpreter (TRITON_INTERPRET=1): "
@@ -241,9 +251,13 @@ def run(cfg: SuiteConfig, log=print) -> dict:
             scopes.append(("attention+drop", block_candidates(cfg, scale, n_keep)))
         for scope, cands in scopes:
             for pass_ in ("forward", "fwd+bwd"):
-                timings = _time(cands, make, pass_ == "fwd+bwd", cfg, reps,
-                                           min_sample)
-                eager = next(iter(timings.values()))
+                errors: dict = {}
+                timings = _time(cands, make, pass_ == "fwd+bwd", cfg, reps, min_sample, errors)
+                failed += [dict(scope=scope, size=size, N=n, B=b, pass_=pass_, candidate=name,
+                                error=err) for name, err in errors.items()]
+                eager = timings.get(next(iter(cands)))
+                if eager is None:  # no baseline: nothing to compare against
+                    continue
                 for name, t in timings.items():
                     row = dict(scope=scope, size=size, H=h, C=c, N=n, B=b, dtype=str(dtype)[6:],
                                pass_=pass_, candidate=name, median_ms=t.median * 1e3,
@@ -260,8 +274,10 @@ def run(cfg: SuiteConfig, log=print) -> dict:
     return dict(config=dict(keep_rate=KEEP_RATE, fuse_token=True, prefix=PREFIX,
                             dtype=str(dtype)[6:], reps=reps, min_sample_s=min_sample,
                             backends=_timed_backends(cfg)),
-                bandwidth=bw, rows=rows, agreement=agreement, targets=targets(cfg, rows),
-                notes=notes)
+                bandwidth=bw, rows=rows, agreement=agreement, failed=failed,
+                targets=targets(cfg, rows),
+                notes=notes + [f"FAILED: {f['candidate']} ({f['scope']}, {f['size']} N={f['N']} "
+                               f"B={f['B']} {f['pass_']}): {f['error']}" for f in failed])
 
 
 def _default_backend_name(cfg: SuiteConfig) -> str:

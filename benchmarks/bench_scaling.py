@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _suite import (GIB, MIB, VARIANT_LABELS, SuiteConfig, build_variant, create_vit,  # noqa
-                    cuda_peak_step, free_memory, make_step, model_label)
-from _timing import format_table, interleaved  # noqa: E402
+                    cuda_peak_step, error_text, free_memory, make_step, model_label,
+                    robust_interleaved)
+from _timing import format_table  # noqa: E402
 from bench_train_step import fixed_memory_bytes  # noqa: E402
 
 from bsr_kernels.measure import saved_activations  # noqa: E402
@@ -107,51 +108,60 @@ def _memory(cfg: SuiteConfig, p: dict, log, t0) -> list[dict]:
     rows = []
     for size, batches in p["mem_batches"].items():
         for variant in p["mem_variants"]:
-            model = create_vit(cfg.memory_model, size, cfg.device)
-            module, params = build_variant(variant, model)
-            fixed = fixed_memory_bytes(model)
-            saved = [_saved_bytes(cfg, module, model, b) for b in batches]
-            slope, dev = fit_slope(batches, saved)
-            row = dict(model=model_label(cfg.memory_model), img_size=size,
-                       tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
-                       variant=variant, label=VARIANT_LABELS[variant],
-                       measured_batches=list(batches),
-                       saved_mib=[s / MIB for s in saved], saved_mib_per_image=slope / MIB,
-                       linear_fit_max_rel_dev=dev, fixed_mib=fixed["fixed_bytes"] / MIB,
-                       param_mib=fixed["param_bytes"] / MIB,
-                       trained_params=fixed["trained_params"],
-                       estimate_mib={str(b): (fixed["fixed_bytes"] + b * slope) / MIB
-                                     for b in BATCHES},
-                       max_batch_estimate=max_batch(budget, fixed["fixed_bytes"], slope))
-            if cfg.cuda:
-                peaks = {}
-                for b in batches:
-                    images, labels = _inputs(model, b, cfg.device)
-                    step = make_step(module, params, images, labels, cfg)
-                    try:
-                        peaks[b] = cuda_peak_step(step)
-                    except torch.cuda.OutOfMemoryError:
-                        break
-                    finally:
-                        del step
-                        free_memory("cuda")
-                row["peak_mib"] = {str(b): v / MIB for b, v in peaks.items()}
-                fit_b = [b for b in peaks if b >= 8] or list(peaks)
-                if len(fit_b) >= 2:
-                    n = len(fit_b)
-                    mb = sum(fit_b) / n
-                    mv = sum(peaks[b] for b in fit_b) / n
-                    sl = (sum((b - mb) * (peaks[b] - mv) for b in fit_b)
-                          / sum((b - mb) ** 2 for b in fit_b))
-                    row["peak_fit_mib"] = dict(intercept=(mv - sl * mb) / MIB, per_image=sl / MIB)
-                    row["max_batch_peak_fit"] = max_batch(budget, mv - sl * mb, sl)
-                within = [b for b, v in peaks.items() if v <= budget]
-                row["max_measured_batch_within_budget"] = max(within) if within else 0
-            rows.append(row)
-            del module, model, params
+            try:
+                rows.append(_memory_row(cfg, size, batches, variant, budget))
+            except Exception as e:  # noqa: BLE001 - reported in the results
+                rows.append(dict(model=model_label(cfg.memory_model), img_size=size,
+                                 variant=variant, label=VARIANT_LABELS[variant],
+                                 error=error_text(e)))
+                log(f"  memory: {variant} {size}px FAILED: {error_text(e)}")
             free_memory(cfg.device)
             log(f"  memory: {variant} {size}px ({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def _memory_row(cfg: SuiteConfig, size: int, batches, variant: str, budget: float) -> dict:
+    model = create_vit(cfg.memory_model, size, cfg.device)
+    module, params = build_variant(variant, model)
+    fixed = fixed_memory_bytes(model)
+    saved = [_saved_bytes(cfg, module, model, b) for b in batches]
+    slope, dev = fit_slope(batches, saved)
+    row = dict(model=model_label(cfg.memory_model), img_size=size,
+               tokens=model.patch_embed.num_patches + model.num_prefix_tokens,
+               variant=variant, label=VARIANT_LABELS[variant],
+               measured_batches=list(batches),
+               saved_mib=[s / MIB for s in saved], saved_mib_per_image=slope / MIB,
+               linear_fit_max_rel_dev=dev, fixed_mib=fixed["fixed_bytes"] / MIB,
+               param_mib=fixed["param_bytes"] / MIB,
+               trained_params=fixed["trained_params"],
+               estimate_mib={str(b): (fixed["fixed_bytes"] + b * slope) / MIB
+                             for b in BATCHES},
+               max_batch_estimate=max_batch(budget, fixed["fixed_bytes"], slope))
+    if cfg.cuda:
+        peaks = {}
+        for b in batches:
+            images, labels = _inputs(model, b, cfg.device)
+            step = make_step(module, params, images, labels, cfg)
+            try:
+                peaks[b] = cuda_peak_step(step)
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                del step
+                free_memory("cuda")
+        row["peak_mib"] = {str(b): v / MIB for b, v in peaks.items()}
+        fit_b = [b for b in peaks if b >= 8] or list(peaks)
+        if len(fit_b) >= 2:
+            n = len(fit_b)
+            mb = sum(fit_b) / n
+            mv = sum(peaks[b] for b in fit_b) / n
+            sl = (sum((b - mb) * (peaks[b] - mv) for b in fit_b)
+                  / sum((b - mb) ** 2 for b in fit_b))
+            row["peak_fit_mib"] = dict(intercept=(mv - sl * mb) / MIB, per_image=sl / MIB)
+            row["max_batch_peak_fit"] = max_batch(budget, mv - sl * mb, sl)
+        within = [b for b, v in peaks.items() if v <= budget]
+        row["max_measured_batch_within_budget"] = max(within) if within else 0
+    return row
 
 
 def _time(cfg: SuiteConfig, p: dict, log, t0) -> list[dict]:
@@ -164,15 +174,22 @@ def _time(cfg: SuiteConfig, p: dict, log, t0) -> list[dict]:
                 module, params = build_variant(variant, model)
                 images, labels = _inputs(model, b, cfg.device)
                 steps[variant] = make_step(module, params, images, labels, cfg)
-            timings = interleaved(steps, reps=p["time_reps"], warmup=1,
-                                  min_sample_s=0.0 if not cfg.cuda else 0.05,
-                                  device_sync=cfg.cuda)
-            full = timings["full"]
-            for variant, t in timings.items():
-                rows.append(dict(model=model_label(cfg.time_model), img_size=size, batch=b,
-                                 variant=variant, label=VARIANT_LABELS[variant],
-                                 step_s=t.median, images_per_s=b / t.median,
-                                 speedup_vs_full=full.paired_ratio(t), reps=len(t.samples)))
+            errors: dict = {}
+            timings = robust_interleaved(steps, errors, reps=p["time_reps"], warmup=1,
+                                         min_sample_s=0.0 if not cfg.cuda else 0.05,
+                                         device_sync=cfg.cuda)
+            full = timings.get("full")
+            for variant in p["time_variants"]:
+                t = timings.get(variant)
+                row = dict(model=model_label(cfg.time_model), img_size=size, batch=b,
+                           variant=variant, label=VARIANT_LABELS[variant],
+                           step_s=t.median if t else None,
+                           images_per_s=b / t.median if t else None,
+                           speedup_vs_full=full.paired_ratio(t) if t and full else None,
+                           reps=len(t.samples) if t else 0)
+                if variant in errors:
+                    row["error"] = errors[variant]
+                rows.append(row)
             del steps, timings
             free_memory(cfg.device)
             log(f"  memory: step time {size}px B={b} ({time.perf_counter() - t0:.0f} s)")
@@ -188,7 +205,7 @@ def run(cfg: SuiteConfig, log=print) -> dict:
     fits = []
     for r in saved:
         fits.append(dict(img_size=r["img_size"], variant=r["variant"], label=r["label"],
-                         budget_gib=cfg.budget_gib, max_batch_estimate=r["max_batch_estimate"],
+                         budget_gib=cfg.budget_gib, max_batch_estimate=r.get("max_batch_estimate"),
                          max_batch_peak_fit=r.get("max_batch_peak_fit"),
                          max_measured_batch_within_budget=r.get(
                              "max_measured_batch_within_budget")))
@@ -200,7 +217,8 @@ def run(cfg: SuiteConfig, log=print) -> dict:
            "torch.cuda.max_memory_allocated."),
         f"Saved activations: {'bf16 autocast' if cfg.cuda else 'fp32'}, "
         f"{model_label(cfg.memory_model)}; per-image slope fitted through the origin.",
-    ]
+    ] + [f"{r['variant']} {r['img_size']}px{' B=' + str(r['batch']) if 'batch' in r else ''} "
+         f"FAILED: {r['error']}" for r in saved + times if "error" in r]
     config = dict(memory_model=model_label(cfg.memory_model),
                   time_model=model_label(cfg.time_model), budget_gib=cfg.budget_gib,
                   precision="bf16 autocast" if cfg.cuda else "fp32",
@@ -214,16 +232,22 @@ def table(section: dict) -> str:
     out = []
     budget = section["config"]["budget_gib"]
     has_peak = any("peak_mib" in r for r in section["saved"])
+    header_base = ["px", "tokens", "variant", "saved MiB/img", "fit dev",
+                   "params+grads+AdamW MiB", "est. MiB @B=8", "est. MiB @B=128",
+                   f"max batch in {budget:g} GiB (est.)"]
     rows = []
     for r in section["saved"]:
+        if "error" in r:
+            rows.append([r["img_size"], "", r["label"] + " (FAILED)"] + [""] * (
+                len(header_base) - 3 + (2 if has_peak else 0)))
+            continue
         rows.append([r["img_size"], r["tokens"], r["label"], f"{r['saved_mib_per_image']:.2f}",
                      f"{100 * r['linear_fit_max_rel_dev']:.1f}%", f"{r['fixed_mib']:.0f}",
                      f"{r['estimate_mib']['8']:.0f}", f"{r['estimate_mib']['128']:.0f}",
                      r["max_batch_estimate"]]
                     + ([r.get("max_batch_peak_fit", ""),
                         r.get("max_measured_batch_within_budget", "")] if has_peak else []))
-    header = ["px", "tokens", "variant", "saved MiB/img", "fit dev", "params+grads+AdamW MiB",
-              "est. MiB @B=8", "est. MiB @B=128", f"max batch in {budget:g} GiB (est.)"]
+    header = list(header_base)
     if has_peak:
         header += ["max batch (peak fit)", "max measured batch within budget"]
     out.append(format_table(rows, header))
@@ -234,9 +258,12 @@ def table(section: dict) -> str:
                 rows.append([r["img_size"], r["label"], b, f"{v:.0f}"])
         out.append(format_table(rows, ["px", "variant", "batch", "peak MiB"]))
     if section["time"]:
-        rows = [[r["model"], r["img_size"], r["batch"], r["label"], f"{r['step_s'] * 1e3:.0f}",
-                 f"{r['images_per_s']:.2f}", f"{r['speedup_vs_full']:.2f}x"]
-                for r in section["time"]]
+        def f(v, fmt, suffix=""):
+            return "" if v is None else format(v, fmt) + suffix
+        rows = [[r["model"], r["img_size"], r["batch"],
+                 r["label"] + (" (FAILED)" if "error" in r else ""),
+                 f(r["step_s"] and r["step_s"] * 1e3, ".0f"), f(r["images_per_s"], ".2f"),
+                 f(r["speedup_vs_full"], ".2f", "x")] for r in section["time"]]
         out.append(format_table(rows, ["model", "px", "batch", "variant", "step ms", "img/s",
                                        "speedup vs full"]))
     return "\n\n".join(out)

@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _suite import (MIB, VARIANT_LABELS, VARIANTS, SuiteConfig, Target, build_variant,  # noqa
-                    create_vit, cuda_peak_step, free_memory, make_step, model_label)
-from _timing import format_table, interleaved  # noqa: E402
+                    create_vit, cuda_peak_step, error_text, free_memory, make_step, model_label,
+                    robust_interleaved)
+from _timing import format_table  # noqa: E402
 
 import bsr_kernels  # noqa: E402
 
@@ -103,72 +104,95 @@ def profile_variant(cfg: SuiteConfig, variant: str, model_name: str, batch: int,
     return prof
 
 
-def _time_variants(cfg: SuiteConfig, log) -> tuple[dict, dict]:
-    """Step timings of every variant (side by side) and, on CUDA, their peak memory."""
-    batch, name = cfg.time_batch, cfg.time_model
+def _setup_step(cfg: SuiteConfig, variant: str, g: torch.Generator):
+    model = create_vit(cfg.time_model, None, cfg.device)
+    module, params = build_variant(variant, model)
+    size = model.patch_embed.img_size
+    images = torch.randn(cfg.time_batch, 3, *size, generator=g).to(cfg.device)
+    labels = torch.randint(0, model.num_classes, (cfg.time_batch,), generator=g).to(cfg.device)
+    return make_step(module, params, images, labels, cfg)
+
+
+def _time_variants(cfg: SuiteConfig, log) -> tuple[dict, dict, dict]:
+    """Step timings of the variants (side by side), their CUDA peak memory, and the errors of
+    variants that could not run (they are left out, the others still compared)."""
     g = torch.Generator().manual_seed(0)
-    peaks, steps = {}, {}
+    peaks, steps, errors = {}, {}, {}
     for variant in VARIANTS:
-        model = create_vit(name, None, cfg.device)
-        module, params = build_variant(variant, model)
-        size = model.patch_embed.img_size
-        images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
-        labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
-        step = make_step(module, params, images, labels, cfg)
-        if cfg.cuda:  # measured alone, before the other variants' models exist
-            peaks[variant] = cuda_peak_step(step)
-            del step, module, model, params, images, labels
+        step = None
+        try:
+            step = _setup_step(cfg, variant, g)
+            if cfg.cuda:  # measured alone, before the other variants' models exist
+                peaks[variant] = cuda_peak_step(step)
+            else:
+                steps[variant] = step
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            errors[variant] = error_text(e)
+            log(f"  train_step: {variant} FAILED: {errors[variant]}")
+        if cfg.cuda:
+            del step
             free_memory("cuda")
-        else:
-            steps[variant] = step
     if cfg.cuda:
         for variant in VARIANTS:  # rebuild for the side-by-side timing
-            model = create_vit(name, None, cfg.device)
-            module, params = build_variant(variant, model)
-            size = model.patch_embed.img_size
-            images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
-            labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
-            steps[variant] = make_step(module, params, images, labels, cfg)
-    log(f"  train_step: timing {len(steps)} variants of {model_label(name)} at B={batch}, "
-        f"{cfg.reps} rounds")
-    timings = interleaved(steps, reps=cfg.reps, warmup=1, min_sample_s=0.0,
-                          device_sync=cfg.cuda)
+            if variant not in errors:
+                steps[variant] = _setup_step(cfg, variant, g)
+    log(f"  train_step: timing {len(steps)} variants of {model_label(cfg.time_model)} at "
+        f"B={cfg.time_batch}, {cfg.reps} rounds")
+    timings = robust_interleaved(steps, errors, reps=cfg.reps, warmup=1, min_sample_s=0.0,
+                                 device_sync=cfg.cuda)
     del steps
     free_memory(cfg.device)
-    return timings, peaks
+    return timings, peaks, errors
 
 
 def run(cfg: SuiteConfig, log=print) -> dict:
-    """Runs the section; returns ``{"config", "rows", "targets", "notes"}``."""
+    """Runs the section; returns ``{"config", "rows", "targets", "notes"}``.
+
+    A variant that raises (in its step or its profile) gets ``error`` in its row and None
+    figures; the other variants are still measured and compared.
+    """
     t0 = time.perf_counter()
-    timings, peaks = _time_variants(cfg, log)
+    timings, peaks, errors = _time_variants(cfg, log)
     log(f"  train_step: timed ({time.perf_counter() - t0:.0f} s)")
-    profiles = {}
+    profiles, prof_errors = {}, {}
     for variant in VARIANTS:
-        profiles[variant] = profile_variant(cfg, variant, cfg.memory_model, cfg.memory_batch)
-        log(f"  train_step: profiled {variant} ({time.perf_counter() - t0:.0f} s)")
-    full, eager = timings["full"], timings["eager_bsr"]
+        try:
+            profiles[variant] = profile_variant(cfg, variant, cfg.memory_model,
+                                                cfg.memory_batch)
+        except Exception as e:  # noqa: BLE001 - reported in the results
+            prof_errors[variant] = error_text(e)
+            free_memory(cfg.device)
+        log(f"  train_step: profiled {variant} ({time.perf_counter() - t0:.0f} s)"
+            + (f" FAILED: {prof_errors[variant]}" if variant in prof_errors else ""))
+    full, eager = timings.get("full"), timings.get("eager_bsr")
     rows = []
     for variant in VARIANTS:
-        t, prof = timings[variant], profiles[variant]
+        t, prof = timings.get(variant), profiles.get(variant, {})
         row = dict(variant=variant, label=VARIANT_LABELS[variant],
-                   step_s=t.median, images_per_s=cfg.time_batch / t.median,
-                   speedup_vs_full=full.paired_ratio(t), speedup_vs_eager=eager.paired_ratio(t),
-                   time_vs_eager=t.paired_ratio(eager), step_samples_s=list(t.samples),
-                   saved_mib_per_image=prof["saved_activation_mib_per_image"],
-                   train_gflops_per_image=prof["train_gflops_per_image"],
-                   train_gflops_per_image_sdpa_uncounted=prof[
-                       "train_gflops_per_image_sdpa_uncounted"],
-                   forward_gmacs_per_image=prof["forward_gmacs_per_image"],
-                   tokens_per_block=prof["tokens_per_block"],
-                   trained_params=prof["trained_params"], param_bytes=prof["param_bytes"],
-                   fixed_bytes=prof["fixed_bytes"],
+                   step_s=t.median if t else None,
+                   images_per_s=cfg.time_batch / t.median if t else None,
+                   speedup_vs_full=full.paired_ratio(t) if t and full else None,
+                   speedup_vs_eager=eager.paired_ratio(t) if t and eager else None,
+                   time_vs_eager=t.paired_ratio(eager) if t and eager else None,
+                   step_samples_s=list(t.samples) if t else [],
+                   saved_mib_per_image=prof.get("saved_activation_mib_per_image"),
+                   train_gflops_per_image=prof.get("train_gflops_per_image"),
+                   train_gflops_per_image_sdpa_uncounted=prof.get(
+                       "train_gflops_per_image_sdpa_uncounted"),
+                   forward_gmacs_per_image=prof.get("forward_gmacs_per_image"),
+                   tokens_per_block=prof.get("tokens_per_block"),
+                   trained_params=prof.get("trained_params"), param_bytes=prof.get("param_bytes"),
+                   fixed_bytes=prof.get("fixed_bytes"),
                    anchor_saved_mib_per_image=None, anchor_train_gflops_per_image=None)
         if variant in ANCHORS and cfg.memory_model == "vit_b16":
             row["anchor_saved_mib_per_image"], row["anchor_train_gflops_per_image"] = \
                 ANCHORS[variant]
         if cfg.cuda:
-            row["peak_mib"] = peaks[variant] / MIB
+            row["peak_mib"] = peaks[variant] / MIB if variant in peaks else None
+        errs = [f"step: {errors[variant]}"] if variant in errors else []
+        errs += [f"profile: {prof_errors[variant]}"] if variant in prof_errors else []
+        if errs:
+            row["error"] = "; ".join(errs)
         rows.append(row)
     config = dict(time_model=model_label(cfg.time_model), time_batch=cfg.time_batch,
                   memory_model=model_label(cfg.memory_model), memory_batch=cfg.memory_batch,
@@ -181,7 +205,8 @@ def run(cfg: SuiteConfig, log=print) -> dict:
         f"{model_label(cfg.memory_model)}, B={cfg.memory_batch}); the SDPA kernels are counted "
         "(the design's FLOP anchors left them out: see the 'SDPA uncounted' column).",
         "Step time: median of interleaved rounds; speedups are medians of per-round ratios.",
-    ]
+    ] + [f"{r['variant']} FAILED ({r['error']}): its figures are missing."
+         for r in rows if "error" in r]
     return dict(config=config, rows=rows, targets=targets(cfg, rows), notes=notes)
 
 
@@ -190,52 +215,68 @@ def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
     by = {r["variant"]: r for r in rows}
     mem_where = f"{model_label(cfg.memory_model)} B={cfg.memory_batch} fp32"
     time_where = (f"{model_label(cfg.time_model)} B={cfg.time_batch} "
-                  f"{'bf16 autocast, ' + torch.cuda.get_device_name(0) if cfg.cuda else 'fp32 CPU'}")
+                  + (f"bf16 autocast, {torch.cuda.get_device_name(0)}" if cfg.cuda
+                     else "fp32 CPU"))
+
+    def val(variant, key, where, *others):
+        """value and where (as Target keywords): where names a failure of the variant (or of what it is compared to)."""
+        failed = [f"{v} failed: {by[v]['error']}" for v in (variant,) + others
+                  if "error" in by[v]]
+        return dict(value=by[variant].get(key), where="; ".join([where] + failed))
+
     out = [
-        Target("saved activations, lean", by["bsr_lean"]["saved_mib_per_image"], "<=", 10,
-               "MiB/img", mem_where),
-        Target("saved activations, fast", by["bsr_fast"]["saved_mib_per_image"], "<=", 20,
-               "MiB/img", mem_where),
+        Target("saved activations, lean", **val("bsr_lean", "saved_mib_per_image", mem_where),
+               op="<=", bound=10, unit="MiB/img"),
+        Target("saved activations, fast", **val("bsr_fast", "saved_mib_per_image", mem_where),
+               op="<=", bound=20, unit="MiB/img"),
         Target("saved activations, lean + bf16 (compressed)",
-               by["bsr_lean_bf16"]["saved_mib_per_image"], "<=", 6, "MiB/img", mem_where),
-        Target("training FLOPs, lean", by["bsr_lean"]["train_gflops_per_image"], "<=", 36,
-               "GFLOP/img", mem_where + ", SDPA counted"),
+               **val("bsr_lean_bf16", "saved_mib_per_image", mem_where), op="<=", bound=6,
+               unit="MiB/img"),
+        Target("training FLOPs, lean",
+               **val("bsr_lean", "train_gflops_per_image", mem_where + ", SDPA counted"),
+               op="<=", bound=36, unit="GFLOP/img"),
     ]
     if not cfg.cuda:
         out += [
             Target("CPU step: lean speedup over timm full fine-tuning",
-                   by["bsr_lean"]["speedup_vs_full"], ">=", 3.3, "x", time_where),
-            Target("CPU step: lean time / eager formulation time", by["bsr_lean"]["time_vs_eager"],
-                   "<=", 1.15, "x", time_where),
-            Target("CPU step: fast time / eager formulation time", by["bsr_fast"]["time_vs_eager"],
-                   "<=", 1.0, "x", time_where),
+                   **val("bsr_lean", "speedup_vs_full", time_where, "full"), op=">=", bound=3.3,
+                   unit="x"),
+            Target("CPU step: lean time / eager formulation time",
+                   **val("bsr_lean", "time_vs_eager", time_where, "eager_bsr"), op="<=",
+                   bound=1.15, unit="x"),
+            Target("CPU step: fast time / eager formulation time",
+                   **val("bsr_fast", "time_vs_eager", time_where, "eager_bsr"), op="<=",
+                   bound=1.0, unit="x"),
         ]
-    gpu_where = "ViT-B/16 B=128 bf16 autocast, H100"
     for mode in ("bsr_lean", "bsr_fast"):
-        speed_full = by[mode]["speedup_vs_full"] if cfg.cuda else None
-        speed_eager = by[mode]["speedup_vs_eager"] if cfg.cuda else None
-        where = time_where if cfg.cuda else gpu_where + "; needs a GPU run (--device cuda)"
-        out += [Target(f"GPU step: {mode[4:]} throughput / timm full fine-tuning", speed_full,
-                       ">=", 3.5, "x", where),
-                Target(f"GPU step: {mode[4:]} throughput / eager formulation", speed_eager,
-                       ">=", 1.3, "x", where)]
+        if cfg.cuda:
+            full = val(mode, "speedup_vs_full", time_where, "full")
+            eager = val(mode, "speedup_vs_eager", time_where, "eager_bsr")
+        else:
+            full = eager = dict(value=None, where="ViT-B/16 B=128 bf16 autocast, H100; needs "
+                                                  "a GPU run (--device cuda)")
+        out += [Target(f"GPU step: {mode[4:]} throughput / timm full fine-tuning", **full,
+                       op=">=", bound=3.5, unit="x"),
+                Target(f"GPU step: {mode[4:]} throughput / eager formulation", **eager,
+                       op=">=", bound=1.3, unit="x")]
     return [t.to_dict() for t in out]
 
 
 def table(section: dict) -> str:
-    """Markdown table of the section."""
+    """Markdown table of the section (empty cells: not measured; see the notes)."""
     has_peak = any("peak_mib" in r for r in section["rows"])
 
-    def f(v, fmt):
-        return "" if v is None else format(v, fmt)
+    def f(v, fmt, suffix=""):
+        return "" if v is None else format(v, fmt) + suffix
 
     rows = []
     for r in section["rows"]:
         anchor = ""
         if r["anchor_saved_mib_per_image"] is not None:
             anchor = f"{r['anchor_saved_mib_per_image']} / {r['anchor_train_gflops_per_image']}"
-        rows.append([r["label"], f"{r['step_s'] * 1e3:.0f}", f"{r['images_per_s']:.1f}",
-                     f"{r['speedup_vs_full']:.2f}x", f"{r['speedup_vs_eager']:.2f}x",
+        rows.append([r["label"] + (" (FAILED)" if "error" in r else ""),
+                     f(r["step_s"] and r["step_s"] * 1e3, ".0f"), f(r["images_per_s"], ".1f"),
+                     f(r["speedup_vs_full"], ".2f", "x"), f(r["speedup_vs_eager"], ".2f", "x"),
                      f(r["saved_mib_per_image"], ".2f"), f(r["train_gflops_per_image"], ".1f"),
                      f(r["train_gflops_per_image_sdpa_uncounted"], ".1f"),
                      f(r["forward_gmacs_per_image"], ".2f"), anchor]

@@ -43,6 +43,10 @@ def _machine(meta: dict) -> str:
     return f"{m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
 
 
+def _f(v, fmt: str, suffix: str = "") -> str:
+    return "" if v is None else format(v, fmt) + suffix
+
+
 def _ok(sec) -> bool:
     return isinstance(sec, dict) and "error" not in sec
 
@@ -75,9 +79,10 @@ def performance_section(results: dict, link: str | None = None) -> str:
                       f"activations and FLOPs: {c['memory_model']} B={c['memory_batch']}, per "
                       "image):", ""]
         peak = any("peak_mib" in r for r in ts["rows"])
-        rows = [[r["label"], f"{r['speedup_vs_full']:.2f}x", f"{r['speedup_vs_eager']:.2f}x",
-                 f"{r['saved_mib_per_image']:.1f}", f"{r['train_gflops_per_image']:.1f}"]
-                + ([f"{r['peak_mib']:.0f}"] if peak else []) for r in ts["rows"]]
+        rows = [[r["label"] + (" (failed)" if "error" in r else ""),
+                 _f(r["speedup_vs_full"], ".2f", "x"), _f(r["speedup_vs_eager"], ".2f", "x"),
+                 _f(r["saved_mib_per_image"], ".1f"), _f(r["train_gflops_per_image"], ".1f")]
+                + ([_f(r.get("peak_mib"), ".0f")] if peak else []) for r in ts["rows"]]
         lines.append(format_table(rows, ["variant", "step speedup vs full FT",
                                          "vs eager BSR", "saved MiB/img", "train GFLOP/img"]
                                   + (["peak MiB"] if peak else [])))

@@ -24,6 +24,10 @@ shared machine mean little. On CUDA everything runs in bf16 (autocast for the mo
 train step uses B=128. ``--quick`` shortens every section (< 3 min on 2 CPU cores, unloaded).
 ``--archive`` also copies the results to ``benchmarks/results/<date>-<device>.md/.json``.
 
+On a GPU machine with a per-command time limit, run the sections one at a time into one
+directory: ``--sections drop_tokens`` first, then ``--sections attention --append`` and so on
+(the last one with ``--archive``).
+
 README: ``python benchmarks/readme_section.py DIR/results.json`` prints the Performance section.
 """
 from __future__ import annotations
@@ -46,7 +50,7 @@ sys.path.insert(0, HERE)
 
 from _suite import SuiteConfig, Target, machine_info  # noqa: E402
 
-__all__ = ["main", "run_suite", "SECTIONS", "write_markdown", "write_plots"]
+__all__ = ["main", "run_suite", "merge_results", "SECTIONS", "write_markdown", "write_plots"]
 
 #: Section name -> module implementing ``run(cfg, log)`` and ``table(section)``.
 SECTIONS = {"drop_tokens": "bench_drop_compare", "attention": "bench_attention",
@@ -80,6 +84,40 @@ def run_suite(cfg: SuiteConfig, sections=None, command: str = "", log=print) -> 
     results["targets"] = [t for name in sections
                           for t in results[name].get("targets", [])]
     return results
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_results(prev: dict, new: dict, sections) -> dict:
+    """``prev`` with the ``sections`` of ``new`` replacing its own (``--append``).
+
+    Raises:
+        ValueError: if the two runs used another device or mode (their figures do not mix).
+    """
+    keys = ("device", "quick", "tiny")
+    a, b = prev["meta"]["config"], new["meta"]["config"]
+    if any(a.get(k) != b.get(k) for k in keys):
+        raise ValueError(f"--append: the existing results are from another configuration "
+                         f"({ {k: a.get(k) for k in keys} } vs { {k: b.get(k) for k in keys} })")
+    merged = dict(prev)
+    meta = dict(prev["meta"])
+    meta["commands"] = list(prev["meta"].get("commands", [prev["meta"]["command"]])) + [
+        new["meta"]["command"]]
+    meta["command"] = " && ".join(meta["commands"])
+    meta["section_seconds"] = {**prev["meta"].get("section_seconds", {}),
+                               **new["meta"]["section_seconds"]}
+    meta["total_seconds"] = sum(meta["section_seconds"].values())
+    meta["machine"] = new["meta"]["machine"]
+    meta["date"] = new["meta"]["date"]
+    merged["meta"] = meta
+    for name in sections:
+        merged[name] = new[name]
+    merged["targets"] = [t for name in SECTIONS if name in merged
+                         for t in merged[name].get("targets", [])]
+    return merged
 
 
 def _target_line(t: dict) -> str:
@@ -123,7 +161,7 @@ def write_markdown(results: dict, path: str, plots=()) -> str:
                          f"nominal {bw['nominal_gbps']}, measured copy {bw['copy_gbps']:.0f} GB/s)")
         if name == "drop_tokens":
             bad = [a for a in sec.get("agreement", [])
-                   if any(v < 1.0 for k, v in a.items() if k.startswith("bsr "))]
+                   if any(v is None or v < 1.0 for k, v in a.items() if k.startswith("bsr "))]
             lines.append("\nKept sets equal to the reference backend's in every row"
                          if not bad else f"\nKept-set agreement below 100 %: {bad}")
     if plots:
@@ -178,16 +216,18 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         panels = [("speedup vs full FT (step)", [r["speedup_vs_full"] for r in rows]),
                   ("saved activations, MiB/img", [r["saved_mib_per_image"] for r in rows]),
                   ("training GFLOP/img", [r["train_gflops_per_image"] for r in rows])]
-        if all("peak_mib" in r for r in rows):
+        if any(r.get("peak_mib") is not None for r in rows):
             panels.append(("peak MiB (CUDA)", [r["peak_mib"] for r in rows]))
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
         for ax, (label, vals) in zip(axes, panels):
-            ax.bar(range(len(vals)), vals, color="tab:blue")
+            # a failed variant has no bar (None), but keeps its place on the axis
+            ax.bar(range(len(vals)), [0.0 if v is None else v for v in vals], color="tab:blue")
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
             ax.set_title(label, fontsize=9)
             for k, v in enumerate(vals):
-                ax.text(k, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+                ax.text(k, v or 0.0, "failed" if v is None else f"{v:.3g}", ha="center",
+                        va="bottom", fontsize=7)
         cfg = sec["config"]
         fig.suptitle(f"train step: time {cfg['time_model']} B={cfg['time_batch']}, memory/FLOPs "
                      f"{cfg['memory_model']} B={cfg['memory_batch']} ({title})", fontsize=10)
@@ -202,6 +242,8 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         ax = axes[0]
         sizes = sorted({r["img_size"] for r in sec["saved"]})
         for r in sec["saved"]:
+            if "error" in r:
+                continue
             key = "peak_mib" if r.get("peak_mib") else "estimate_mib"
             pts = sorted((int(b), v) for b, v in r[key].items())
             ax.plot([p[0] for p in pts], [p[1] for p in pts],
@@ -220,7 +262,10 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         ax = axes[1]
         for (size, variant) in dict.fromkeys((r["img_size"], r["variant"]) for r in sec["time"]):
             pts = sorted((r["batch"], r["images_per_s"]) for r in sec["time"]
-                         if (r["img_size"], r["variant"]) == (size, variant))
+                         if (r["img_size"], r["variant"]) == (size, variant)
+                         and r["images_per_s"] is not None)
+            if not pts:
+                continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     linestyle="-" if size == sizes[0] else "--", label=f"{variant} {size}px")
         ax.set_xscale("log", base=2)
@@ -261,6 +306,9 @@ def main(argv=None) -> int:
                         help="torch.set_num_threads (default: torch's choice; 1 with --tiny)")
     parser.add_argument("--archive", action="store_true",
                         help="also copy results to benchmarks/results/<date>-<device>.md/.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other sections of an existing DIR/results.json (run the "
+                             "sections one command at a time, e.g. under a per-command limit)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny models and shapes (for the test suite; figures meaningless)")
     parser.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
@@ -281,6 +329,9 @@ def main(argv=None) -> int:
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))
     results = run_suite(cfg, sections, command)
+    prev_path = os.path.join(args.out, "results.json")
+    if args.append and os.path.exists(prev_path):
+        results = merge_results(_load(prev_path), results, sections)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     plots = [] if args.no_plots else write_plots(results, args.out)
@@ -295,7 +346,7 @@ def main(argv=None) -> int:
         shutil.copyfile(os.path.join(args.out, "results.json"), stem + ".json")
         write_markdown(results, stem + ".md")
         print(f"archived: {stem}.md / .json")
-    failed = [n for n in sections if "error" in results[n]]
+    failed = [n for n in SECTIONS if n in results and "error" in results[n]]
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, results.md, {len(plots)} plots; "
           f"{results['meta']['total_seconds']:.0f} s"
           + (f"; FAILED sections: {', '.join(failed)}" if failed else ""))

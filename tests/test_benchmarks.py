@@ -198,3 +198,63 @@ def test_run_rejects_unknown_section(tmp_path):
                            str(tmp_path), "--sections", "drop_tokens,speed"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--sections" in proc.stderr
+
+
+def test_train_step_reports_a_failing_variant(monkeypatch):
+    """A variant that raises is reported (error, no figures, its targets NOT MEASURED) and the
+    other variants are still measured and compared."""
+    import torch
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    real = ts.build_variant
+
+    def build(variant, model):
+        module, params = real(variant, model)
+        if variant != "bsr_fast":
+            return module, params
+
+        class Broken(torch.nn.Module):
+            def forward(self, images):
+                raise TypeError("x must have the dtype of q")
+        return Broken(), params
+
+    monkeypatch.setattr(ts, "build_variant", build)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sec = ts.run(suite.SuiteConfig(tiny=True, quick=True), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    by = {r["variant"]: r for r in sec["rows"]}
+    assert "x must have the dtype of q" in by["bsr_fast"]["error"]
+    assert by["bsr_fast"]["step_s"] is None and by["bsr_fast"]["saved_mib_per_image"] is None
+    for v in ("full", "eager_bsr", "bsr_lean"):
+        assert "error" not in by[v] and by[v]["step_s"] > 0 and by[v]["speedup_vs_full"] > 0
+    verdicts = {t["name"]: t for t in sec["targets"]}
+    fast = verdicts["saved activations, fast"]
+    assert fast["verdict"] == "NOT MEASURED" and "bsr_fast failed" in fast["where"]
+    assert verdicts["saved activations, lean"]["verdict"] in ("PASS", "FAIL")
+    assert "(FAILED)" in ts.table(sec)
+
+
+def test_merge_results_keeps_other_sections_and_refuses_mixing():
+    run = _import_bench("run")
+
+    def res(device, quick, sections, cmd):
+        meta = dict(config=dict(device=device, quick=quick, tiny=True), command=cmd,
+                    section_seconds={s: 1.0 for s in sections}, machine={}, date="d")
+        out = {"meta": meta}
+        for s in sections:
+            out[s] = {"rows": [s], "targets": [dict(name=s)]}
+        return out
+
+    prev = res("cpu", True, ["drop_tokens", "attention"], "a")
+    new = res("cpu", True, ["attention", "memory"], "b")
+    new["attention"]["rows"] = ["new"]
+    merged = run.merge_results(prev, new, ["attention", "memory"])
+    assert merged["drop_tokens"] == prev["drop_tokens"]
+    assert merged["attention"]["rows"] == ["new"] and "memory" in merged
+    assert [t["name"] for t in merged["targets"]] == ["drop_tokens", "attention", "memory"]
+    assert merged["meta"]["command"] == "a && b"
+    with pytest.raises(ValueError, match="append"):
+        run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
