@@ -2,10 +2,12 @@
 
 ``TRITON_INTERPRET`` has to be in the environment before any Triton kernel is *defined*:
 ``triton.jit`` reads ``triton.knobs.runtime.interpret`` when it decorates a function and returns a
-compiled ``JITFunction`` (CUDA only) or an ``InterpretedFunction`` (runs on CPU tensors). Note that
-``import torch`` does not import Triton, but ``import torch._dynamo`` (and so ``torch.compile``)
-does. This file is the first thing pytest imports from ``tests/``, so it sets the variable first,
-before importing ``bsr_kernels``, and checks that nothing from ``bsr_kernels`` was imported earlier.
+compiled ``JITFunction`` (CUDA only) or an ``InterpretedFunction`` (runs on CPU tensors), and
+Triton's standard library (``tl.sum``, ...) is decorated when ``triton.language`` is first
+imported. ``import torch`` does not import Triton, but ``import torch._dynamo`` (and so
+``torch.compile``) does. This file is the first thing pytest imports from ``tests/``, so it sets
+the variable first, before importing ``bsr_kernels``, and refuses to go on if ``bsr_kernels`` or
+``triton.language`` was imported earlier (by a plugin, say). ``test_ops.py`` checks the outcome.
 
 On a machine with CUDA the variable is left alone (unless already set), so the Triton kernels
 compile for the GPU and the tests also run on CUDA tensors.
@@ -17,13 +19,15 @@ import sys
 
 import torch  # does not import triton (checked below)
 
+_preset = "TRITON_INTERPRET" in os.environ
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_too_late = sorted(m for m in sys.modules if m == "bsr_kernels" or m.startswith("bsr_kernels."))
-if _too_late:  # pragma: no cover - only when a plugin imports the package first
-    raise RuntimeError(
-        f"bsr_kernels was imported before tests/conftest.py set TRITON_INTERPRET: {_too_late}")
+_too_late = sorted(m for m in sys.modules
+                   if m in ("bsr_kernels", "triton.language") or m.startswith("bsr_kernels."))
+if _too_late and not _preset and os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover
+    raise RuntimeError("imported before tests/conftest.py could set TRITON_INTERPRET=1 (a pytest "
+                       f"plugin?): {_too_late}; run with TRITON_INTERPRET=1 in the environment")
 
 try:
     import bsr_kernels  # noqa: E402
