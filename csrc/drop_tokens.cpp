@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "drop_tokens_kernels.h"
@@ -100,6 +101,25 @@ cpu::Heads<T> heads_of(const Tensor& t) {
 }
 
 template <typename T>
+cpu::OutHeads<T> out_heads_of(Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An output laid out like `like` (torch.empty_like, as the registered fake kernels promise), or,
+// when that layout would not have a unit innermost stride, a contiguous one; the caller copies the
+// latter into the former at the end (see finish_like).
+std::pair<Tensor, Tensor> empty_like_unit_inner(const Tensor& like) {
+  Tensor out = at::empty_like(like);
+  if (out.size(-1) <= 1 || out.stride(-1) == 1) return {out, out};
+  return {out, at::empty(like.sizes(), like.options())};
+}
+
+Tensor finish_like(std::pair<Tensor, Tensor>& outs) {
+  if (!outs.first.is_same(outs.second)) outs.first.copy_(outs.second);
+  return outs.first;
+}
+
+template <typename T>
 cpu::Rows<T> rows_of(const Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1)};
 }
@@ -154,25 +174,23 @@ std::tuple<Tensor, Tensor> cls_scores_backward_cpu(const Tensor& grad_scores_in,
   const Tensor q = unit_inner(q_in), k = unit_inner(k_in);
   const Tensor grad_scores = grad_scores_in.to(q.scalar_type()).contiguous();
   const Tensor lse = lse_in.contiguous();
-  Tensor grad_q = at::empty({B, H, N, D}, q.options());
-  Tensor grad_k = at::empty({B, H, N, D}, q.options());
+  auto grad_q = empty_like_unit_inner(q_in);
+  auto grad_k = empty_like_unit_inner(k_in);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "bsr_kernels::cpp_cls_scores_backward", [&] {
     using T = scalar_t;
     const auto qv = heads_of<T>(q), kv = heads_of<T>(k);
     const T* gs = grad_scores.const_data_ptr<T>();
     const T* l = lse.const_data_ptr<T>();
-    T* gq = grad_q.data_ptr<T>();
-    T* gk = grad_k.data_ptr<T>();
+    const auto gq = out_heads_of<T>(grad_q.second), gk = out_heads_of<T>(grad_k.second);
     at::parallel_for(0, B, batch_grain(2 * H * N * D), [&](int64_t b0, int64_t b1) {
       std::vector<T> work(H * N);
       for (int64_t b = b0; b < b1; ++b) {
         cpu::cls_scores_backward_one<T>(gs + b * M, qv, kv, l + b * H, b, H, N, D,
-                                        static_cast<T>(scale), P, gq + b * H * N * D,
-                                        gk + b * H * N * D, work.data());
+                                        static_cast<T>(scale), P, gq, gk, work.data());
       }
     });
   });
-  return {grad_q, grad_k};
+  return {finish_like(grad_q), finish_like(grad_k)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> drop_forward_cpu(const Tensor& x_in, const Tensor& q_in,
@@ -242,9 +260,10 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
   const Tensor q = unit_inner(q_in), k = unit_inner(k_in), x = unit_inner(x_in);
   const Tensor grad_out = grad_out_in.contiguous();
   const Tensor scores = scores_in.contiguous(), lse = lse_in.contiguous();
-  Tensor grad_x = at::empty({B, N, C}, x.options());
-  Tensor grad_q = at::empty({B, H, N, D}, q.options());
-  Tensor grad_k = at::empty({B, H, N, D}, q.options());
+  auto grad_x = empty_like_unit_inner(x_in);
+  auto grad_q = empty_like_unit_inner(q_in);
+  auto grad_k = empty_like_unit_inner(k_in);
+  const int64_t gx_sb = grad_x.second.stride(0), gx_sn = grad_x.second.stride(1);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "bsr_kernels::cpp_drop_backward", [&] {
     using T = scalar_t;
     const auto qv = heads_of<T>(q), kv = heads_of<T>(k);
@@ -253,9 +272,8 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
     const int32_t* kp = kept.const_data_ptr<int32_t>();
     const T* s = scores.const_data_ptr<T>();
     const T* l = lse.const_data_ptr<T>();
-    T* gx = grad_x.data_ptr<T>();
-    T* gq = grad_q.data_ptr<T>();
-    T* gk = grad_k.data_ptr<T>();
+    T* gx = grad_x.second.data_ptr<T>();
+    const auto gq = out_heads_of<T>(grad_q.second), gk = out_heads_of<T>(grad_k.second);
     at::parallel_for(0, B, batch_grain(2 * H * N * D + N * C), [&](int64_t b0, int64_t b1) {
       std::vector<T> work(H * N), grad_scores(M);
       std::vector<int32_t> slot(M);
@@ -264,15 +282,14 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
         std::fill(slot.begin(), slot.end(), int32_t(-1));
         for (int64_t i = 0; i < n_keep; ++i) slot[kb[i]] = static_cast<int32_t>(i);
         cpu::drop_rows_backward_one<T>(go + b * (P + n_keep + 1) * C, xv, b, slot.data(),
-                                       s + b * M, n_keep, M, C, P, gx + b * N * C,
+                                       s + b * M, n_keep, M, C, P, gx + b * gx_sb, gx_sn,
                                        grad_scores.data());
         cpu::cls_scores_backward_one<T>(grad_scores.data(), qv, kv, l + b * H, b, H, N, D,
-                                        static_cast<T>(scale), P, gq + b * H * N * D,
-                                        gk + b * H * N * D, work.data());
+                                        static_cast<T>(scale), P, gq, gk, work.data());
       }
     });
   });
-  return {grad_x, grad_q, grad_k};
+  return {finish_like(grad_x), finish_like(grad_q), finish_like(grad_k)};
 }
 
 Tensor gather_backward_cpu(const Tensor& grad_out_in, const Tensor& kept_in, int64_t n_tokens,
@@ -319,8 +336,7 @@ std::tuple<Tensor, Tensor> cls_scores_meta(const Tensor& q, const Tensor& k, dou
 std::tuple<Tensor, Tensor> cls_scores_backward_meta(const Tensor& grad_scores, const Tensor& q,
                                                     const Tensor& k, const Tensor& lse,
                                                     double scale, int64_t P) {
-  return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(q.sym_sizes(), q.options())};
+  return {at::empty_like(q), at::empty_like(k)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> drop_forward_meta(const Tensor& x, const Tensor& q,
@@ -341,9 +357,7 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_meta(const Tensor& grad_out, co
                                                       const Tensor& q, const Tensor& k,
                                                       const Tensor& kept, const Tensor& scores,
                                                       const Tensor& lse, double scale, int64_t P) {
-  return {at::empty_symint(x.sym_sizes(), x.options()),
-          at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(q.sym_sizes(), q.options())};
+  return {at::empty_like(x), at::empty_like(q), at::empty_like(k)};
 }
 
 Tensor gather_backward_meta(const Tensor& grad_out, const Tensor& kept, int64_t n_tokens,

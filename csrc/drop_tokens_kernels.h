@@ -30,6 +30,17 @@ struct Heads {
   }
 };
 
+// A writable (B, H, N, D) tensor whose innermost dimension is contiguous.
+template <typename T>
+struct OutHeads {
+  T* data;
+  int64_t stride_b, stride_h, stride_n;
+
+  T* row(int64_t b, int64_t h, int64_t n) const {
+    return data + b * stride_b + h * stride_h + n * stride_n;
+  }
+};
+
 // A (B, N, C) tensor whose innermost dimension is contiguous.
 template <typename T>
 struct Rows {
@@ -189,11 +200,12 @@ void drop_rows_one(const Rows<T>& x, int64_t b, int64_t C, int64_t P, int64_t M,
 //   g_l[h, n]  = p[h, n] * (g_p[h, n] - sum_n' p[h, n'] g_p[h, n']) * scale
 //   grad_q[b, h, 0] = sum_n g_l[h, n] k[b, h, n];   grad_q[b, h, n > 0] = 0
 //   grad_k[b, h, n] = g_l[h, n] q[b, h, 0]
-// grad_q and grad_k point at the (H, N, D) contiguous block of batch element b. work holds H * N.
+// grad_q and grad_k are written through their strides; work holds H * N values.
 template <typename T>
 void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Heads<T>& k,
                              const T* lse, int64_t b, int64_t H, int64_t N, int64_t D, T scale,
-                             int64_t P, T* grad_q, T* grad_k, T* work) {
+                             int64_t P, const OutHeads<T>& grad_q, const OutHeads<T>& grad_k,
+                             T* work) {
   const T hh = static_cast<T>(H);
   cls_logits(q, k, b, H, N, D, scale, work);
   // work[h * N + n] becomes the logit gradient g_l[h, n].
@@ -210,19 +222,18 @@ void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Head
       p[n] = p[n] * (gp - s) * scale;
     }
   }
-  // grad_q: zeros, then row 0 of each head accumulates g_l-weighted k rows (token-major read).
-  std::memset(grad_q, 0, static_cast<size_t>(H * N * D) * sizeof(T));
+  // Token-major, like the reads of k: in timm's layout this is also the memory order of outputs
+  // allocated like q and k.
+  const size_t row_bytes = static_cast<size_t>(D) * sizeof(T);
+  for (int64_t h = 0; h < H; ++h) std::memset(grad_q.row(b, h, 0), 0, row_bytes);
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t h = 0; h < H; ++h) axpy(work[h * N + n], k.row(b, h, n), grad_q + h * N * D, D);
-  }
-  // grad_k, written in its own (contiguous) order.
-  for (int64_t h = 0; h < H; ++h) {
-    const T* q0 = q.row(b, h, 0);
-    const T* g = work + h * N;
-    T* gk = grad_k + h * N * D;
-    for (int64_t n = 0; n < N; ++n) {
-      T* __restrict gkn = gk + n * D;
-      for (int64_t d = 0; d < D; ++d) gkn[d] = g[n] * q0[d];
+    for (int64_t h = 0; h < H; ++h) {
+      const T g = work[h * N + n];
+      axpy(g, k.row(b, h, n), grad_q.row(b, h, 0), D);
+      if (n > 0) std::memset(grad_q.row(b, h, n), 0, row_bytes);
+      const T* __restrict q0 = q.row(b, h, 0);
+      T* __restrict gk = grad_k.row(b, h, n);
+      for (int64_t d = 0; d < D; ++d) gk[d] = g * q0[d];
     }
   }
 }
@@ -244,15 +255,18 @@ void gather_backward_one(const T* go, const int32_t* kept, int64_t n_keep, int64
 // Backward of the drop with a fused token for batch element b, up to the score gradient:
 //   grad_x[P + m] = (kept ? grad_out[P + slot[m]] : 0) + w_m * g_f,  g_f = grad_out[P + n_keep]
 //   grad_scores[m] = dropped ? g_f . x[P + m] : 0
-// go has P + n_keep + 1 rows; gx has N rows; grad_scores holds M values.
+// go has P + n_keep + 1 contiguous rows; row n of grad_x is gx + n * gx_stride; grad_scores holds
+// M values.
 template <typename T>
 void drop_rows_backward_one(const T* go, const Rows<T>& x, int64_t b, const int32_t* slot,
                             const T* scores, int64_t n_keep, int64_t M, int64_t C, int64_t P,
-                            T* gx, T* grad_scores) {
+                            T* gx, int64_t gx_stride, T* grad_scores) {
   const T* gf = go + (P + n_keep) * C;
-  std::memcpy(gx, go, static_cast<size_t>(P * C) * sizeof(T));
+  for (int64_t p = 0; p < P; ++p) {
+    std::memcpy(gx + p * gx_stride, go + p * C, static_cast<size_t>(C) * sizeof(T));
+  }
   for (int64_t m = 0; m < M; ++m) {
-    T* gxr = gx + (P + m) * C;
+    T* __restrict gxr = gx + (P + m) * gx_stride;
     if (slot[m] >= 0) {
       const T* g = go + (P + slot[m]) * C;
       // w_m = 0: the product is kept (0 * inf = NaN propagates as in the reference).
