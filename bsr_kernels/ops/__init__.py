@@ -177,6 +177,9 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     keep_rate = check_keep_rate(keep_rate)
     p = check_prefix(num_prefix_tokens, q.shape[2])
     scale = resolve_scale(scale, q.shape[3])
+    if not isinstance(fuse_token, bool):
+        raise TypeError(f"fuse_token must be a bool, got {fuse_token!r}")
+    select_backend(x.device, x.dtype)  # a bad or unavailable BSR_BACKEND raises even for a no-op
     m = x.shape[1] - p
     n_keep = num_kept(keep_rate, m)
     if n_keep == m:

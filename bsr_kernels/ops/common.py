@@ -58,6 +58,10 @@ def check_qk(q, k) -> None:
         raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
     if k.device != q.device:
         raise ValueError(f"k must be on the device of q ({q.device}), got {k.device}")
+    if q.shape[1] < 1:
+        raise ValueError(f"q must have at least one head (H >= 1), got shape {tuple(q.shape)}")
+    if q.shape[3] < 1:
+        raise ValueError(f"q must have a head dimension d >= 1, got shape {tuple(q.shape)}")
     if q.shape[2] < 2:
         raise ValueError(f"q must hold at least 2 tokens (N >= 2), got N={q.shape[2]}")
 

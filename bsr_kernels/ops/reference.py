@@ -83,8 +83,13 @@ def cls_scores_backward(grad_scores, q, k, lse, scale: float, num_prefix_tokens:
     grad_logits = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True)) * scale
     grad_q = torch.zeros_like(q)
     grad_q[:, :, 0] = torch.einsum("bhn,bhnd->bhd", grad_logits, kk).to(q.dtype)
-    grad_k = (grad_logits.unsqueeze(-1) * q0.unsqueeze(2)).to(k.dtype)
+    grad_k = _like(k, grad_logits.unsqueeze(-1) * q0.unsqueeze(2))
     return grad_q, grad_k
+
+
+def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the layout of ``torch.empty_like(t)``, as the registered fake kernels promise."""
+    return torch.empty_like(t).copy_(value)
 
 
 def gather_backward(grad_out, kept, n_tokens: int, num_prefix_tokens: int):
@@ -108,7 +113,7 @@ def drop_backward(grad_out, x, q, k, kept, scores, lse, scale: float, num_prefix
     grad_scores = torch.einsum("bc,bmc->bm", grad_fused, x[:, p:].to(scores.dtype))
     grad_scores = torch.where(dropped, grad_scores, torch.zeros_like(grad_scores))
     grad_q, grad_k = cls_scores_backward(grad_scores, q, k, lse, scale, p)
-    return grad_x, grad_q, grad_k
+    return _like(x, grad_x), grad_q, grad_k
 
 
 class ReferenceBackend(Backend):
