@@ -22,7 +22,7 @@ DEBUG = os.environ.get("DEBUG", "0").strip() not in ("", "0")
 def _extensions() -> list:
     # Relative paths: setuptools refuses absolute source paths in some modes.
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
     return [
         CppExtension(
             name="bsr_kernels._C",
