@@ -244,3 +244,34 @@ def test_error_offline_torchvision_download(monkeypatch, tmp_path, capsys):
     rc, _, err = _run(["--data", "cifar10", "--data-root", tmp_path, *TINY], capsys)
     assert rc == 2
     assert "cifar10" in err and "could not download" in err and "ImageFolder" in err
+
+
+def test_error_offline_hub_weights(monkeypatch, capsys):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    rc, _, err = _run(["--model", "vit_tiny_patch16_224", "--pretrained", "--img-size", "32",
+                       *TINY], capsys)
+    assert rc == 2
+    assert "--pretrained" in err and "hub weights" in err and "--checkpoint" in err
+
+
+def test_any_timm_vit_by_name(tmp_path, capsys):
+    """A timm ViT name (random init here: no hub offline) at another input size."""
+    rc, out, err = _run(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--method",
+                         "bsr,full", *TINY, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert "random init" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["img_size"] == 32
+    bsr, full = summary["methods"]["bsr"], summary["methods"]["full"]
+    # 4 patches: 2 kept + 1 fused at block 3; then 3 candidates: 2 kept + 1 fused, twice
+    assert bsr["tokens_per_block"] == [5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4]
+    assert bsr["train_gflops_per_image"] < full["train_gflops_per_image"]

@@ -29,12 +29,12 @@ from typing import Optional, Sequence
 import torch
 
 from .data import TORCHVISION_SETS, DatasetUnavailableError, build_data
-from .models import DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name, \
-    model_input_config
+from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
+                     model_input_config)
 from .report import draw_report, format_table, write_summary
-from .train import (DEFAULT_LR, METHODS, CheckpointError, DistInfo, FitOptions, adapt, fit,
-                    load_checkpoint, setup_distributed, teardown_distributed, time_steps,
-                    trainable_parameters)
+from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
+                    adapt, fit, load_checkpoint, setup_distributed, teardown_distributed,
+                    time_steps, trainable_parameters)
 
 __all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
 
@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64,
                    help="global batch size (split over torchrun processes)")
     g.add_argument("--lr", type=_positive_float, default=None,
-                   help="backbone learning rate (default per method: "
+                   help="backbone learning rate (default per method, for the digits model: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEMO_LR.items())
+                        + "; for other models: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
                    help="the head trains at this multiple of --lr (the BSR authors use 10)")
@@ -251,7 +253,8 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
 
     models, results = {}, {}
     for method in methods:
-        lr = args.lr if args.lr is not None else DEFAULT_LR[method]
+        lr = args.lr if args.lr is not None else (
+            DEMO_LR if args.model == DIGITS_MODEL else DEFAULT_LR)[method]
         torch.manual_seed(args.seed)
         model = adapt(copy.deepcopy(base), method,
                       train_blocks=args.train_blocks if method == "bsr" else None,

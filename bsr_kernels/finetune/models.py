@@ -230,9 +230,10 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
                              "probably not a ViT") from e
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             if pretrained:
-                raise WeightsUnavailableError(f"--pretrained: could not fetch the hub weights of {name} "
-                                   f"({type(e).__name__}: {e}); offline, pass a local file "
-                                   "with --checkpoint") from e
+                raise WeightsUnavailableError(
+                    f"--pretrained: could not fetch the hub weights of {name} "
+                    f"({type(e).__name__}: {e}); offline, pass a local file with --checkpoint"
+                ) from e
             raise
         if not isinstance(model, VisionTransformer):
             raise ValueError(f"--model {name}: a {type(model).__name__}, not a ViT; "

@@ -16,10 +16,10 @@ _LABELS = {"full": "full fine-tuning", "linear": "linear probe", "bitfit": "BitF
 _COLORS = {"full": "#4c72b0", "linear": "#8c8c8c", "bitfit": "#dd8452", "bsr": "#55a868"}
 
 
-def _fmt(value, spec: str, missing: str = "-") -> str:
+def _fmt(value, spec: str, missing: str = "-", unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
-    return format(value, spec)
+    return format(value, spec) + unit
 
 
 def format_table(results: dict) -> str:
@@ -39,12 +39,12 @@ def format_table(results: dict) -> str:
     for name, r in results.items():
         rows.append([
             _LABELS.get(name, name),
-            _fmt(None if r.get("accuracy") is None else 100 * r["accuracy"], ".1f") + " %",
+            _fmt(None if r.get("accuracy") is None else 100 * r["accuracy"], ".1f", "-", " %"),
             _fmt(r.get("saved_activation_mib_per_image"), ".3f"),
             _fmt(r.get("train_gflops_per_image"), ".4f"),
-            _fmt(None if r.get("step_time_s") is None else 1e3 * r["step_time_s"], ".1f")
-            + " ms",
-            _fmt(r.get("step_time_vs_full"), ".2f") + "x",
+            _fmt(None if r.get("step_time_s") is None else 1e3 * r["step_time_s"], ".1f", "-",
+                 " ms"),
+            _fmt(r.get("step_time_vs_full"), ".2f", "-", "x"),
             _fmt(r.get("trainable_params"), ",d"),
         ])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
