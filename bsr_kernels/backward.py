@@ -19,17 +19,33 @@ Backward replays the same body (:meth:`BSRBlock.body`) with autograd on, where
 Frozen blocks get no weight gradients; no attention probabilities are ever stored. Gradients equal
 those of plain autograd through the same body (tested in tests/test_reprogram.py).
 
+Frozen blocks of the standard timm form (LayerNorm, GELU MLP, optional qk_norm/LayerScale) on CPU
+run their backward in C++ instead: ``torch.ops.bsr_kernels.frozen_block_backward``
+(``csrc/lean_block.cpp``) recomputes from the saved input only what the input gradient needs and
+applies the chain rule by hand, with the token-drop backward through the registered ops. Other
+blocks, CUDA tensors and autocast use the replay; :data:`FROZEN_BACKWARD` = ``"replay"`` forces it.
+
 Opt-in compression (``reprogram(..., activation_dtype=torch.bfloat16)``) stores the saved tensors in
 that dtype; backward casts them back and replays the recorded token selection, so gradients are
 approximate (their effect on accuracy is reported by the benchmarks and the application).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
-from timm.layers import LayerScale
+from timm.layers import GELU, GELUTanh, LayerNorm, LayerScale
 
-__all__ = ["lean_block"]
+from .ops.cpp import extension_error
+
+__all__ = ["lean_block", "FROZEN_BACKWARD"]
+
+#: "auto": frozen blocks that fit use the C++ backward (see the module doc); "replay": never.
+FROZEN_BACKWARD = "auto"
+
+_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
+_GELU_APPROXIMATE = {GELU: "none", GELUTanh: "tanh"}
 
 
 class _GradOnlyLinear(torch.autograd.Function):
@@ -82,6 +98,62 @@ def _fc2_output_needed(block) -> bool:
     return isinstance(ls2, LayerScale) and ls2.gamma.requires_grad
 
 
+def _gelu_approximate(act: nn.Module) -> Optional[str]:
+    if type(act) is nn.GELU:
+        return act.approximate
+    return _GELU_APPROXIMATE.get(type(act))
+
+
+def _layer_norm_eps(norm: nn.Module, absent_ok: bool = False) -> Optional[float]:
+    """eps of a plain LayerNorm over the last dim; -1 for Identity when ``absent_ok``; else None."""
+    if absent_ok and type(norm) is nn.Identity:
+        return -1.0
+    if type(norm) in _LAYER_NORMS and len(norm.normalized_shape) == 1:
+        return float(norm.eps)
+    return None
+
+
+def _frozen_cpp_config(block) -> Optional[tuple[list[float], str]]:
+    """(eps list, GELU approximation) when the C++ frozen backward computes this block's
+    gradient exactly; None when the block must replay its body instead."""
+    attn, mlp = block.attn, block.mlp
+    eps = [_layer_norm_eps(block.norm1), _layer_norm_eps(attn.q_norm, True),
+           _layer_norm_eps(attn.k_norm, True), _layer_norm_eps(block.norm2)]
+    approximate = _gelu_approximate(mlp.act)
+    simple = (all(e is not None for e in eps) and approximate is not None
+              and type(attn.norm) is nn.Identity and getattr(attn, "gate", None) is None
+              and all(type(m) in (nn.Identity, LayerScale) for m in (block.ls1, block.ls2))
+              and all(type(m) is nn.Linear for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)))
+    return (eps, approximate) if simple else None
+
+
+def _use_frozen_cpp(block, x: torch.Tensor, params) -> bool:
+    return (FROZEN_BACKWARD == "auto" and not params and block.bsr_mode == "lean"
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu") and extension_error() is None
+            and _frozen_cpp_config(block) is not None)
+
+
+def _frozen_backward_cpp(block, x, kept, grad_out):
+    attn, mlp = block.attn, block.mlp
+    eps, approximate = _frozen_cpp_config(block)
+
+    def gamma(ls):
+        return ls.gamma if isinstance(ls, LayerScale) else None
+
+    def affine(norm):
+        return [getattr(norm, "weight", None), getattr(norm, "bias", None)]
+
+    weights = [*affine(block.norm1), attn.qkv.weight, attn.qkv.bias, *affine(attn.q_norm),
+               *affine(attn.k_norm), attn.proj.weight, attn.proj.bias, gamma(block.ls1),
+               *affine(block.norm2), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
+               gamma(block.ls2)]
+    weights = [None if w is None else w.detach() for w in weights]
+    return torch.ops.bsr_kernels.frozen_block_backward(
+        grad_out.contiguous(), x, kept[0] if kept else None, weights, attn.num_heads, eps,
+        float(attn.scale), block.bsr_prefix, block.bsr_fuse, approximate)
+
+
 class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, x, *params):
@@ -102,18 +174,33 @@ class _LeanBlock(torch.autograd.Function):
             return x_, idx
 
         out = block.body(x, linear=record_linear, drop=record_drop)
-        ctx.block, ctx.names, ctx.dtype = block, names, x.dtype
-        store = block.bsr_activation_dtype or x.dtype
-        ctx.save_for_backward(x.to(store), *(saved[n].to(store) for n in names), *kept)
+        ctx.block, ctx.names = block, names
+        ctx.cpp = _use_frozen_cpp(block, x, params)
+        # Backward replays the body under the forward's autocast state (autocast is thread-local
+        # and the autograd engine does not carry it over).
+        ctx.device_type = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type),
+                        torch.get_autocast_dtype(ctx.device_type))
+        # Each saved tensor keeps its own dtype (under autocast the projections are bf16/fp16)
+        # unless compression asks for another; backward casts back to the recorded dtypes.
+        tensors = [x, *(saved[n] for n in names)]
+        ctx.dtypes = [t.dtype for t in tensors]
+        store = block.bsr_activation_dtype
+        ctx.compressed = store is not None and any(t.dtype != store for t in tensors)
+        ctx.save_for_backward(*(t.to(store) if store else t for t in tensors), *kept)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         block = ctx.block
-        x, *rest = (t.to(ctx.dtype) if t.is_floating_point() else t for t in ctx.saved_tensors)
+        n_float = len(ctx.dtypes)
+        x, *rest = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
+        rest.extend(ctx.saved_tensors[n_float:])
         saved = dict(zip(ctx.names, rest[:len(ctx.names)]))
-        compressed = block.bsr_activation_dtype not in (None, ctx.dtype)
+        compressed = ctx.compressed
         kept = rest[len(ctx.names):]
+        if ctx.cpp:
+            return None, _frozen_backward_cpp(block, x, kept, grad_out)
         fc2_needed = _fc2_output_needed(block)
         params = [p for p in block.parameters() if p.requires_grad]
 
@@ -133,7 +220,8 @@ class _LeanBlock(torch.autograd.Function):
                                    "from the forward's (non-deterministic attention kernel?)")
             return x_, idx
 
-        with torch.enable_grad():
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[1])
             out = block.body(x_, linear=replay_linear, drop=replay_drop)
             inputs = ([x_] if ctx.needs_input_grad[1] else []) + params

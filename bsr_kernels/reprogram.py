@@ -83,6 +83,8 @@ class BSRBlock(Block):
         """
         if self.bsr_keep_rate >= 1.0:
             return x, None
+        if q.dtype != x.dtype:  # autocast: bf16/fp16 q, k beside an fp32 residual stream
+            q, k = q.to(x.dtype), k.to(x.dtype)
         if kept is not None:
             x, kept, _, _ = reference.drop_tokens(x, q, k, self.attn.scale, self.bsr_prefix,
                                                   kept.shape[1], self.bsr_fuse, kept=kept)

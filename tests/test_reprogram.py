@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import bsr_kernels
+import bsr_kernels.backward as lean_backward
 from bsr_kernels.baselines import EagerBSR, configure_eager_bsr, eager_bsr_forward
 from bsr_kernels.measure import saved_activations
 from bsr_kernels.reprogram import BSRBlock, default_drop_at, default_train_blocks
@@ -103,6 +104,114 @@ def test_gradients_equal_plain_autograd_float32(memory_mode):
     assert set(gp) == set(gb) and len(gb) > 0
     for name in gp:
         assert rel_err(gb[name], gp[name]) < 1e-3, name
+
+
+def _plain_autograd(model):
+    """Runs every block that is not before the first trained block under plain autograd."""
+    for blk in model.blocks:
+        if blk.bsr_mode != "nograd":
+            blk.bsr_mode = "plain"
+    return model
+
+
+def _count_cpp_frozen_calls(monkeypatch):
+    calls = []
+    real = lean_backward._frozen_backward_cpp
+
+    def spy(block, *args):
+        calls.append(block)
+        return real(block, *args)
+    monkeypatch.setattr(lean_backward, "_frozen_backward_cpp", spy)
+    return calls
+
+
+FROZEN_CONFIGS = {**CONFIGS, "gelu_tanh": dict(act_layer="gelu_tanh"),
+                  "no_affine_qk_norm": dict(qk_norm=True, init_values=0.3)}
+
+
+@pytest.mark.parametrize("config", sorted(FROZEN_CONFIGS))
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "no_fuse"])
+def test_cpp_frozen_backward_equals_plain_autograd_float64(config, fuse, monkeypatch):
+    """The C++ op bsr_kernels::frozen_block_backward (lean frozen blocks on CPU) against plain
+    autograd through the same body, and against the Python replay of the body."""
+    base = small_vit(**FROZEN_CONFIGS[config])
+    if config == "no_affine_qk_norm":
+        for blk in base.blocks:
+            for norm in (blk.attn.q_norm, blk.attn.k_norm):
+                norm.weight, norm.bias = None, None
+    x, results = images(), {}
+    for path in ("plain", "cpp", "replay"):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), fuse_token=fuse)
+        if path == "plain":
+            _plain_autograd(model)
+        monkeypatch.setattr(lean_backward, "FROZEN_BACKWARD", "replay" if path == "replay" else "auto")
+        calls = _count_cpp_frozen_calls(monkeypatch)
+        model(x).square().sum().backward()
+        # train (3, 7, 11): the frozen blocks 4-6 and 8-10 lie after the first trained block
+        assert [list(model.blocks).index(b) for b in calls] == ([10, 9, 8, 6, 5, 4] if path == "cpp"
+                                                          else [])
+        results[path] = grads(model)
+    assert len(results["plain"]) > 0
+    for path in ("cpp", "replay"):
+        assert set(results[path]) == set(results["plain"])
+        for name, g in results["plain"].items():
+            assert rel_err(results[path][name], g) < 1e-10, (path, name)
+
+
+def test_cpp_frozen_backward_float32_and_compressed(monkeypatch):
+    base = small_vit(dtype=torch.float32, init_values=0.5)
+    x = images(dtype=torch.float32)
+    plain = _plain_autograd(bsr_kernels.reprogram(copy.deepcopy(base)))
+    plain(x).square().mean().backward()
+    for act_dtype, tol in ((None, 1e-3), (torch.bfloat16, 3e-2)):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), activation_dtype=act_dtype)
+        calls = _count_cpp_frozen_calls(monkeypatch)
+        model(x).square().mean().backward()
+        assert len(calls) == 6
+        gp, gb = grads(plain), grads(model)
+        assert set(gp) == set(gb)
+        for name in gp:
+            assert rel_err(gb[name], gp[name]) < tol, (act_dtype, name)
+
+
+def test_cpp_frozen_backward_not_used_where_it_does_not_apply(monkeypatch):
+    x = images(n=2, dtype=torch.float32)
+    for kwargs in (dict(memory_mode="fast"), dict(train_blocks=range(12))):
+        model = bsr_kernels.reprogram(small_vit(dtype=torch.float32), **kwargs)
+        calls = _count_cpp_frozen_calls(monkeypatch)
+        model(x).sum().backward()
+        assert calls == [], kwargs
+
+
+def test_lean_backward_replays_under_the_forward_autocast_state(monkeypatch):
+    """Backward replays the body with the forward's autocast (the engine does not carry it), so
+    the replayed drop sees the forward's bf16 q and k; gradients agree with plain autograd to
+    bf16 precision."""
+    monkeypatch.setenv("BSR_BACKEND", "reference")  # the C++ kernels take fp32/fp64 only
+    base = small_vit(dtype=torch.float32)
+    x = images(dtype=torch.float32)
+    seen, real_drop = [], BSRBlock.drop
+
+    def drop(self, x_, q, k, kept=None):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), q.dtype))
+        return real_drop(self, x_, q, k, kept)
+    monkeypatch.setattr(BSRBlock, "drop", drop)
+    results = {}
+    for path in ("plain", "lean"):
+        model = bsr_kernels.reprogram(copy.deepcopy(base))
+        if path == "plain":
+            _plain_autograd(model)
+        calls = _count_cpp_frozen_calls(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        seen.clear()
+        loss.backward()
+        assert calls == []
+        if path == "lean":  # one replay per block from the first trained one (3) on
+            assert len(seen) == 9 and all(s == (True, True, torch.bfloat16) for s in seen), seen
+        results[path] = grads(model)
+    for name, g in results["plain"].items():
+        assert rel_err(results["lean"][name], g) < 2e-2, name
 
 
 def test_keep_rate_one_all_trained_reproduces_timm():
