@@ -279,6 +279,37 @@ class Target:
                     unit=self.unit, where=self.where, verdict=self.verdict)
 
 
+def section_main(doc: str, run: Callable, table: Callable, argv=None, options=(),
+                 config: Callable = lambda args: {}) -> dict:
+    """The command line of one section module (``python benchmarks/bench_<x>.py``).
+
+    Flags: ``--device``, ``--quick``, ``--json PATH`` and the module's own ``options``
+    (``(flags, add_argument kwargs)`` pairs, turned into SuiteConfig fields by ``config``).
+    Prints the section's table and its targets.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the section to this JSON file")
+    for flags, kwargs in options:
+        parser.add_argument(*flags, **kwargs)
+    args = parser.parse_args(argv)
+    section = run(SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny,
+                              **config(args)))
+    print(table(section))
+    for t in section.get("targets", []):
+        print(Target(**{k: t[k] for k in ("name", "value", "op", "bound", "unit",
+                                          "where")}).line())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(section, f, indent=1)
+    return section
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

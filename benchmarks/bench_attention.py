@@ -20,9 +20,7 @@ Usage: ``python benchmarks/bench_attention.py [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -31,7 +29,7 @@ import torch
 from timm.layers import Attention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig  # noqa: E402
+from _suite import SuiteConfig, section_main  # noqa: E402
 from _timing import format_table, interleaved  # noqa: E402
 
 import bsr_kernels  # noqa: E402
@@ -170,17 +168,7 @@ def table(section: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    section = run(SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny))
-    print(table(section))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(section, f, indent=1)
+    section_main(__doc__, run, table, argv)
 
 
 if __name__ == "__main__":

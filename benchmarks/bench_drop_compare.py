@@ -33,8 +33,6 @@ Usage: ``python benchmarks/bench_drop_compare.py [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -44,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig, Target, error_text, robust_interleaved  # noqa: E402
+from _suite import SuiteConfig, Target, error_text, robust_interleaved, section_main  # noqa: E402
 from _timing import format_table, interleaved  # noqa: E402
 from bench_drop import backend_fn  # noqa: E402
 from bench_triton_drop import min_bytes  # noqa: E402
@@ -316,20 +314,10 @@ def table(section: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    cfg = SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny,
-                      compile=not args.no_compile)
-    section = run(cfg)
-    print(table(section))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(section, f, indent=1)
+    section_main(__doc__, run, table, argv,
+                 options=[(("--no-compile",), dict(action="store_true",
+                                                  help="leave torch.compile(reference) out"))],
+                 config=lambda args: dict(compile=not args.no_compile))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ Usage: ``python benchmarks/bench_scaling.py [--device cpu|cuda] [--quick] [--bud
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
@@ -35,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _suite import (GIB, MIB, VARIANT_LABELS, SuiteConfig, build_variant, create_vit,  # noqa
                     cuda_peak_step, error_text, free_memory, make_step, model_label,
-                    robust_interleaved)
+                    robust_interleaved, section_main)
 from _timing import format_table  # noqa: E402
 from bench_train_step import fixed_memory_bytes  # noqa: E402
 
@@ -270,19 +268,10 @@ def table(section: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--budget-gib", type=float, default=4.0)
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    section = run(SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny,
-                              budget_gib=args.budget_gib))
-    print(table(section))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(section, f, indent=1)
+    section_main(__doc__, run, table, argv,
+                 options=[(("--budget-gib",), dict(type=float, default=4.0,
+                                                  help="memory budget of the largest batch"))],
+                 config=lambda args: dict(budget_gib=args.budget_gib))
 
 
 if __name__ == "__main__":

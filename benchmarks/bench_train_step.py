@@ -33,8 +33,6 @@ Usage: ``python benchmarks/bench_train_step.py [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -44,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _suite import (MIB, VARIANT_LABELS, VARIANTS, SuiteConfig, Target, build_variant,  # noqa
                     create_vit, cuda_peak_step, error_text, free_memory, make_step, model_label,
-                    robust_interleaved)
+                    robust_interleaved, section_main)
 from _timing import format_table  # noqa: E402
 
 import bsr_kernels  # noqa: E402
@@ -288,20 +286,7 @@ def table(section: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    section = run(SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny))
-    print(table(section))
-    for t in section["targets"]:
-        print(Target(**{k: t[k] for k in ("name", "value", "op", "bound", "unit",
-                                          "where")}).line())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(section, f, indent=1)
+    section_main(__doc__, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ One block body (:meth:`BSRBlock.body`) serves every execution mode:
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Iterable, Optional, Sequence
 

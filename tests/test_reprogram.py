@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 import bsr_kernels
 import bsr_kernels.backward as lean_backward
-from bsr_kernels.baselines import EagerBSR, configure_eager_bsr, eager_bsr_forward
+from bsr_kernels.baselines import EagerBSR
 from bsr_kernels.measure import saved_activations
 from bsr_kernels.reprogram import BSRBlock, default_drop_at, default_train_blocks
 

@@ -46,59 +46,30 @@ DIGITS_SHIFT = 1
 
 # --- argument parsing ----------------------------------------------------------------------
 
-def _positive_int(flag: str):
-    def parse(s: str) -> int:
+def _number(kind: type, ok, requirement: str, name: str):
+    """An argparse ``type``: parses ``kind`` (int or float) and checks ``ok(value)``; a finite
+    number is required. ``requirement`` completes the message "must be ..."."""
+    def parse(s: str):
         try:
-            v = int(s)
+            v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {requirement}, got {s!r}") from None
+        if not (math.isfinite(v) and ok(v)):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {requirement}, got {s}")
         return v
-    parse.__name__ = flag
+    parse.__name__ = name  # argparse names the type in its "invalid <name> value" message
     return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
-
-
-def _keep_rate(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s!r}") from None
-    if not (0.0 < v <= 1.0):
-        raise argparse.ArgumentTypeError(
-            f"must be in (0, 1] (the fraction of patch tokens each drop keeps; 1 keeps all), "
-            f"got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {s}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "of at least 1", "positive int")
+_nonneg_int = _number(int, lambda v: v >= 0, "of 0 or more", "int")
+_positive_float = _number(float, lambda v: v > 0, "above 0", "positive float")
+_nonneg_float = _number(float, lambda v: v >= 0, "of 0 or more", "float")
+_keep_rate = _number(float, lambda v: 0.0 < v <= 1.0,
+                     "in (0, 1] (the fraction of patch tokens each drop keeps; 1 keeps all)",
+                     "keep rate")
 
 
 def _blocks(s: str) -> tuple:
@@ -137,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from timm hub weights (needs a network)")
     g.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
-    g.add_argument("--img-size", type=_positive_int("--img-size"), default=None,
+    g.add_argument("--img-size", type=_positive_int, default=None,
                    help="input side in pixels (default: the model's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
@@ -159,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
                    help="BSR: recompute in backward (lean) or store (fast)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
+    g.add_argument("--epochs", type=_positive_int, default=None,
                    help=f"epochs (default: {DEMO_EPOCHS} for digits, {OTHER_EPOCHS} otherwise)")
-    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64,
+    g.add_argument("--batch-size", type=_positive_int, default=64,
                    help="global batch size (split over torchrun processes)")
     g.add_argument("--lr", type=_positive_float, default=None,
                    help="backbone learning rate (default per method, for the digits model: "
@@ -183,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the checkpoints in --out (finished methods are kept)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
-    g.add_argument("--profile-batch", type=_positive_int("--profile-batch"), default=8,
+    g.add_argument("--profile-batch", type=_positive_int, default=8,
                    help="images in the batch that measures memory and FLOPs")
     g.add_argument("--timing-rounds", type=_nonneg_int, default=10,
                    help="rounds of side-by-side step timing (0: skip)")

@@ -120,8 +120,10 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
 
 
 def teardown_distributed() -> None:
-    """Leaves the process group, if any."""
+    """Leaves the process group, if any, once every process has arrived (destroying a gloo
+    group while a peer still has collectives in flight can abort that peer)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

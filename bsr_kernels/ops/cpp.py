@@ -24,9 +24,15 @@ _DTYPES = (torch.float32, torch.float64)
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
 
-    _LOAD_ERROR: str | None = None
+    #: Every operator the extension registers; a build from older sources lacks some.
+    _OPS = ("cpp_cls_scores", "cpp_cls_scores_backward", "cpp_drop_forward", "cpp_drop_backward",
+            "cpp_gather_backward", "frozen_block_backward")
+    _missing = [n for n in _OPS if not hasattr(torch.ops.bsr_kernels, n)]
+    _LOAD_ERROR: str | None = (
+        f"bsr_kernels._C is out of date: it lacks {', '.join(_missing)}" if _missing else None)
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+if _LOAD_ERROR is not None:
     warnings.warn(
         "bsr_kernels: the C++ extension bsr_kernels._C could not be loaded "
         f"({_LOAD_ERROR}); the 'cpp' backend is unavailable. Build it from the repository root "
