@@ -17,3 +17,31 @@ def test_finetune_example_runs():
     acc = float(lines[1].rsplit(" ", 1)[1].rstrip("%"))
     assert 20.0 < acc <= 100.0           # 5 classes: better than chance after 2 epochs
     assert "saved activations" in lines[2] and "tokens per block" in lines[2]
+
+
+def _readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python", text.index(heading)) + len("```python")
+    return text[start:text.index("```", start)]
+
+
+def test_readme_training_loop_runs():
+    """The README's own training loop, as printed there: random init instead of hub weights
+    (no network here), a two-batch loader and a small test set of random images."""
+    code = _readme_block("## Your own training loop")
+    assert "pretrained=True" in code
+    setup = ("import torch\n"
+             "g = torch.Generator().manual_seed(0)\n"
+             "loader = [(torch.randn(4, 3, 224, 224, generator=g), torch.randint(0, 10, (4,), "
+             "generator=g)) for _ in range(2)]\n"
+             "test_images = torch.randn(8, 3, 224, 224, generator=g)\n"
+             "test_labels = torch.randint(0, 10, (8,), generator=g)\n")
+    check = ("\nassert 0.0 <= float(accuracy) <= 1.0\n"
+             "import timm.models.vision_transformer as vt\n"
+             "assert all(type(b) is vt.Block for b in model.blocks)  # restored\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", setup + code.replace("pretrained=True",
+                                                                   "pretrained=False") + check],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "'tokens_per_block': [197, 197, 197, 197, 100, 100, 100, 52, 52, 52, 28, 28]" in r.stdout
