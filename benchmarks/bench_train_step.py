@@ -38,6 +38,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _suite import (MIB, VARIANT_LABELS, VARIANTS, SuiteConfig, Target, build_variant,  # noqa
@@ -102,6 +103,35 @@ def profile_variant(cfg: SuiteConfig, variant: str, model_name: str, batch: int,
     return prof
 
 
+def compressed_gradient_error(cfg: SuiteConfig) -> dict:
+    """How far the compressed lean backward (bf16 saved activations) is from the exact one:
+    gradients of one fp32 cross-entropy step of the memory model, same weights and batch.
+
+    Returns:
+        ``{"global_rel_err", "max_param_rel_err", "max_param"}``: ||g~ - g|| / ||g|| over all
+        trained parameters together, and the worst single parameter.
+    """
+    grads = {}
+    for variant in ("bsr_lean", "bsr_lean_bf16"):
+        model = create_vit(cfg.memory_model, None, cfg.device)
+        module, _ = build_variant(variant, model)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(cfg.memory_batch, 3, *model.patch_embed.img_size, generator=g)
+        labels = torch.randint(0, model.num_classes, (cfg.memory_batch,), generator=g)
+        F.cross_entropy(module(images.to(cfg.device)), labels.to(cfg.device)).backward()
+        grads[variant] = {n: p.grad.detach().double() for n, p in model.named_parameters()
+                          if p.grad is not None}
+        del module, model
+        free_memory(cfg.device)
+    exact, approx = grads["bsr_lean"], grads["bsr_lean_bf16"]
+    errs = {n: ((approx[n] - exact[n]).norm() / exact[n].norm().clamp_min(1e-30)).item()
+            for n in exact}
+    worst = max(errs, key=errs.get)
+    total = (sum((approx[n] - exact[n]).square().sum() for n in exact)
+             / sum(exact[n].square().sum() for n in exact)).sqrt().item()
+    return dict(global_rel_err=total, max_param_rel_err=errs[worst], max_param=worst)
+
+
 def _setup_step(cfg: SuiteConfig, variant: str, g: torch.Generator):
     model = create_vit(cfg.time_model, None, cfg.device)
     module, params = build_variant(variant, model)
@@ -162,6 +192,11 @@ def run(cfg: SuiteConfig, log=print) -> dict:
             free_memory(cfg.device)
         log(f"  train_step: profiled {variant} ({time.perf_counter() - t0:.0f} s)"
             + (f" FAILED: {prof_errors[variant]}" if variant in prof_errors else ""))
+    try:
+        compressed = compressed_gradient_error(cfg)
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        compressed = dict(error=error_text(e))
+    log(f"  train_step: compressed gradient error ({time.perf_counter() - t0:.0f} s)")
     full, eager = timings.get("full"), timings.get("eager_bsr")
     rows = []
     for variant in VARIANTS:
@@ -203,9 +238,16 @@ def run(cfg: SuiteConfig, log=print) -> dict:
         f"{model_label(cfg.memory_model)}, B={cfg.memory_batch}); the SDPA kernels are counted "
         "(the design's FLOP anchors left them out: see the 'SDPA uncounted' column).",
         "Step time: median of interleaved rounds; speedups are medians of per-round ratios.",
+        ("Compressed lean (bf16 saved activations) against exact lean, same "
+         f"{model_label(cfg.memory_model)} weights and batch (fp32): gradient relative error "
+         f"{compressed['global_rel_err']:.2e} over all trained parameters, worst parameter "
+         f"{compressed['max_param_rel_err']:.2e} ({compressed['max_param']})."
+         if "error" not in compressed else
+         f"Compressed gradient error not measured: {compressed['error']}"),
     ] + [f"{r['variant']} FAILED ({r['error']}): its figures are missing."
          for r in rows if "error" in r]
-    return dict(config=config, rows=rows, targets=targets(cfg, rows), notes=notes)
+    return dict(config=config, rows=rows, targets=targets(cfg, rows), notes=notes,
+                compressed_gradient_error=compressed)
 
 
 def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:

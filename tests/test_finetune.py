@@ -275,3 +275,18 @@ def test_any_timm_vit_by_name(tmp_path, capsys):
     # 4 patches: 2 kept + 1 fused at block 3; then 3 candidates: 2 kept + 1 fused, twice
     assert bsr["tokens_per_block"] == [5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4]
     assert bsr["train_gflops_per_image"] < full["train_gflops_per_image"]
+
+
+def test_compressed_activations_flag(tmp_path, capsys):
+    """--activation-dtype bfloat16: BSR stores its saved activations in bf16 (about half)."""
+    rc, _, err = _run(["--method", "bsr", "--activation-dtype", "bfloat16", *TINY,
+                       "--out", tmp_path / "bf16"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["--method", "bsr", *TINY, "--out", tmp_path / "exact"], capsys)
+    assert rc == 0, err
+    bf16, exact = (json.loads((tmp_path / d / "summary.json").read_text())["methods"]["bsr"]
+                   for d in ("bf16", "exact"))
+    assert bf16["activation_dtype"] == "bfloat16" and exact["activation_dtype"] == "exact"
+    ratio = bf16["saved_activation_mib_per_image"] / exact["saved_activation_mib_per_image"]
+    assert 0.4 < ratio < 0.6
+    assert 0.0 <= bf16["accuracy"] <= 1.0

@@ -44,6 +44,9 @@ DEMO_EPOCHS, OTHER_EPOCHS = 30, 10
 DIGITS_SHIFT = 1
 
 
+_ACTIVATION_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 # --- argument parsing ----------------------------------------------------------------------
 
 def _number(kind: type, ok, requirement: str, name: str):
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSR: fraction of patch tokens kept at each drop, in (0, 1]")
     g.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
                    help="BSR: recompute in backward (lean) or store (fast)")
+    g.add_argument("--activation-dtype", choices=("bfloat16", "float16"), default=None,
+                   help="BSR: store the saved activations in this dtype (compressed, "
+                        "approximate gradients; default: the compute dtype, exact)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=None,
                    help=f"epochs (default: {DEMO_EPOCHS} for digits, {OTHER_EPOCHS} otherwise)")
@@ -175,7 +181,8 @@ def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float) 
             else None, "keep_rate": args.keep_rate if method == "bsr" else None,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
             "head_lr_scale": args.head_lr_scale, "weight_decay": args.weight_decay,
-            "warmup_epochs": args.warmup_epochs, "seed": args.seed}
+            "warmup_epochs": args.warmup_epochs, "seed": args.seed,
+            "activation_dtype": args.activation_dtype if method == "bsr" else None}
 
 
 def _unnormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -230,7 +237,8 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
         model = adapt(copy.deepcopy(base), method,
                       train_blocks=args.train_blocks if method == "bsr" else None,
                       drop_at=args.drop_at if method == "bsr" else None,
-                      keep_rate=args.keep_rate, memory_mode=args.memory_mode)
+                      keep_rate=args.keep_rate, memory_mode=args.memory_mode,
+                      activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
         model.to(info.device)
         fp = _fingerprint(args, method, data.num_classes, img_size, lr)
         ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
@@ -258,7 +266,9 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
         if method == "bsr":
             cfg = model._bsr_config
             res.update({"train_blocks": list(cfg["train_blocks"]),
-                        "drop_at": list(cfg["drop_at"]), "keep_rate": cfg["keep_rate"]})
+                        "drop_at": list(cfg["drop_at"]), "keep_rate": cfg["keep_rate"],
+                        "memory_mode": args.memory_mode,
+                        "activation_dtype": args.activation_dtype or "exact"})
         if info.is_main and args.out is not None:
             from ..delta import save_delta
             delta = save_delta(model, args.out / method / "delta.safetensors",

@@ -136,14 +136,16 @@ def _barrier(info: DistInfo) -> None:
 
 def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] = None,
           drop_at: Optional[Sequence[int]] = None, keep_rate: float = 0.5,
-          memory_mode: str = "lean") -> nn.Module:
+          memory_mode: str = "lean", activation_dtype: Optional[torch.dtype] = None
+          ) -> nn.Module:
     """Sets what trains (``requires_grad``) for ``method``; BSR also reprograms the model.
 
     Args:
         model: a timm ``VisionTransformer``.
         method: "full" (everything), "linear" (head), "bitfit" (biases and head) or "bsr"
             (:func:`bsr_kernels.reprogram` with ``train_blocks``, ``drop_at``, ``keep_rate``).
-        train_blocks, drop_at, keep_rate, memory_mode: BSR settings (``None``: defaults).
+        train_blocks, drop_at, keep_rate, memory_mode, activation_dtype: BSR settings
+            (``None``: defaults), passed to :func:`bsr_kernels.reprogram`.
 
     Returns:
         The same model.
@@ -155,7 +157,7 @@ def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] =
     if method == "bsr":
         from ..reprogram import reprogram
         return reprogram(model, train_blocks=train_blocks, drop_at=drop_at, keep_rate=keep_rate,
-                         memory_mode=memory_mode)
+                         memory_mode=memory_mode, activation_dtype=activation_dtype)
     head = ("head.", "head_dist.")
     for name, p in model.named_parameters():
         if method == "full":
