@@ -86,6 +86,12 @@ def performance_section(results: dict, link: str | None = None) -> str:
         lines.append(format_table(rows, ["variant", "step speedup vs full FT",
                                          "vs eager BSR", "saved MiB/img", "train GFLOP/img"]
                                   + (["peak MiB"] if peak else [])))
+        comp = ts.get("compressed_gradient_error") or {}
+        if "global_rel_err" in comp:
+            lines += ["", f"Compressed mode (bf16 saved activations) against exact lean, same "
+                          f"{c['memory_model']} weights and batch: gradient relative error "
+                          f"{comp['global_rel_err']:.1e} over all trained parameters (worst "
+                          f"parameter {comp['max_param_rel_err']:.1e})."]
 
     dt = results.get("drop_tokens")
     if _ok(dt) and dt.get("rows"):
