@@ -81,15 +81,25 @@ def sdpa_gflops(model: torch.nn.Module, variant: str, batch: int) -> float | Non
     return total / 1e9
 
 
+def _variant_batch(cfg: SuiteConfig, variant: str, model_name: str, batch: int,
+                   g: torch.Generator, img_size: int | None = None):
+    """A fresh model set up as ``variant`` and a random batch for it, on ``cfg.device``.
+
+    Returns:
+        ``(model, module, params, images, labels)`` (see ``build_variant``).
+    """
+    model = create_vit(model_name, img_size, cfg.device)
+    module, params = build_variant(variant, model)
+    images = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g).to(cfg.device)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+    return model, module, params, images, labels
+
+
 def profile_variant(cfg: SuiteConfig, variant: str, model_name: str, batch: int,
                     img_size: int | None = None) -> dict:
     """``bsr_kernels.profile`` of one variant on a fresh model (fp32), per image."""
-    model = create_vit(model_name, img_size, cfg.device)
-    module, _ = build_variant(variant, model)
-    g = torch.Generator().manual_seed(0)
-    size = model.patch_embed.img_size
-    images = torch.randn(batch, 3, *size, generator=g).to(cfg.device)
-    labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+    model, module, _, images, labels = _variant_batch(
+        cfg, variant, model_name, batch, torch.Generator().manual_seed(0), img_size)
     prof = bsr_kernels.profile(module, images, labels)
     if variant == "eager_bsr" and module.last is not None:
         prof["tokens_per_block"] = list(module.last.tokens_in)
@@ -113,12 +123,9 @@ def compressed_gradient_error(cfg: SuiteConfig) -> dict:
     """
     grads = {}
     for variant in ("bsr_lean", "bsr_lean_bf16"):
-        model = create_vit(cfg.memory_model, None, cfg.device)
-        module, _ = build_variant(variant, model)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(cfg.memory_batch, 3, *model.patch_embed.img_size, generator=g)
-        labels = torch.randint(0, model.num_classes, (cfg.memory_batch,), generator=g)
-        F.cross_entropy(module(images.to(cfg.device)), labels.to(cfg.device)).backward()
+        model, module, _, images, labels = _variant_batch(
+            cfg, variant, cfg.memory_model, cfg.memory_batch, torch.Generator().manual_seed(0))
+        F.cross_entropy(module(images), labels).backward()
         grads[variant] = {n: p.grad.detach().double() for n, p in model.named_parameters()
                           if p.grad is not None}
         del module, model
@@ -133,11 +140,8 @@ def compressed_gradient_error(cfg: SuiteConfig) -> dict:
 
 
 def _setup_step(cfg: SuiteConfig, variant: str, g: torch.Generator):
-    model = create_vit(cfg.time_model, None, cfg.device)
-    module, params = build_variant(variant, model)
-    size = model.patch_embed.img_size
-    images = torch.randn(cfg.time_batch, 3, *size, generator=g).to(cfg.device)
-    labels = torch.randint(0, model.num_classes, (cfg.time_batch,), generator=g).to(cfg.device)
+    _, module, params, images, labels = _variant_batch(cfg, variant, cfg.time_model,
+                                                       cfg.time_batch, g)
     return make_step(module, params, images, labels, cfg)
 
 

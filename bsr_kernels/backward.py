@@ -127,16 +127,19 @@ def _frozen_cpp_config(block) -> Optional[tuple[list[float], str]]:
     return (eps, approximate) if simple else None
 
 
-def _use_frozen_cpp(block, x: torch.Tensor, params) -> bool:
-    return (FROZEN_BACKWARD == "auto" and not params and block.bsr_mode == "lean"
+def _frozen_cpp_plan(block, x: torch.Tensor, params, autocast: bool):
+    """The C++ frozen backward's config (see :func:`_frozen_cpp_config`) when it applies to
+    this block and input, else None."""
+    if not (FROZEN_BACKWARD == "auto" and not params and block.bsr_mode == "lean"
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu") and extension_error() is None
-            and _frozen_cpp_config(block) is not None)
+            and not autocast and extension_error() is None):
+        return None
+    return _frozen_cpp_config(block)
 
 
-def _frozen_backward_cpp(block, x, kept, grad_out):
+def _frozen_backward_cpp(block, config, x, kept, grad_out):
     attn, mlp = block.attn, block.mlp
-    eps, approximate = _frozen_cpp_config(block)
+    eps, approximate = config
 
     def gamma(ls):
         return ls.gamma if isinstance(ls, LayerScale) else None
@@ -175,12 +178,12 @@ class _LeanBlock(torch.autograd.Function):
 
         out = block.body(x, linear=record_linear, drop=record_drop)
         ctx.block, ctx.names = block, names
-        ctx.cpp = _use_frozen_cpp(block, x, params)
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type),
                         torch.get_autocast_dtype(ctx.device_type))
+        ctx.cpp = _frozen_cpp_plan(block, x, params, ctx.autocast[0])
         # Each saved tensor keeps its own dtype (under autocast the projections are bf16/fp16)
         # unless compression asks for another; backward casts back to the recorded dtypes.
         tensors = [x, *(saved[n] for n in names)]
@@ -194,13 +197,12 @@ class _LeanBlock(torch.autograd.Function):
     def backward(ctx, grad_out):
         block = ctx.block
         n_float = len(ctx.dtypes)
-        x, *rest = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
-        rest.extend(ctx.saved_tensors[n_float:])
-        saved = dict(zip(ctx.names, rest[:len(ctx.names)]))
+        x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
+        saved = dict(zip(ctx.names, projections))
+        kept = ctx.saved_tensors[n_float:]
         compressed = ctx.compressed
-        kept = rest[len(ctx.names):]
-        if ctx.cpp:
-            return None, _frozen_backward_cpp(block, x, kept, grad_out)
+        if ctx.cpp is not None:
+            return None, _frozen_backward_cpp(block, ctx.cpp, x, kept, grad_out)
         fc2_needed = _fc2_output_needed(block)
         params = [p for p in block.parameters() if p.requires_grad]
 
