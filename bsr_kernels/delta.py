@@ -44,13 +44,8 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
 
 
 def _bsr_config(model: nn.Module) -> Optional[dict]:
-    cfg = getattr(model, "_bsr_config", None)
-    if cfg is None:
-        return None
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-    if out.get("activation_dtype") is not None:
-        out["activation_dtype"] = str(out["activation_dtype"]).replace("torch.", "")
-    return out
+    cfg = getattr(model, "bsr_config", None)
+    return None if cfg is None else cfg.to_dict()
 
 
 def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str]] = None,
@@ -179,7 +174,7 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
                              "delta was trained on (other pre-trained weights?); pass "
                              "check_base=False to apply it anyway")
     bsr = config.get("bsr")
-    if bsr is not None and not hasattr(model, "_bsr_config"):
+    if bsr is not None and getattr(model, "bsr_config", None) is None:
         from .reprogram import reprogram
         dtype = bsr.get("activation_dtype")
         reprogram(model, train_blocks=bsr["train_blocks"], drop_at=bsr["drop_at"],
