@@ -279,8 +279,8 @@ def part_sweep(cuda: bool, device: str) -> dict:
     from bsr_kernels.ops import triton_backend as tb
     g = torch.Generator(device=device).manual_seed(2)
     base = dict(tb.LAUNCH)
-    grid = [dict(programs_per_sm=pps, num_warps=w, tile_elems=te)
-            for pps in (2, 4, 8) for w in (4, 8) for te in (2048, 4096, 8192)]
+    grid = [dict(programs_per_sm=pps, num_warps=w, tile_elems=4096)
+            for pps in (2, 4, 8) for w in (4, 8)]
     out = {}
     for label, b, h, n, d in [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
                               ("ViT-B B=8", 8, 12, 197, 64)]:
@@ -344,8 +344,7 @@ def part_step(cuda: bool, device: str, budget_s: float) -> dict:
         return vit, module, step
 
     variants = ["full", "peer", "bsr autograd", "bsr fast", "bsr lean",
-                "full compile", "peer compile", "bsr autograd compile", "bsr lean compile",
-                "bsr fast compile"]
+                "full compile", "peer compile", "bsr autograd compile", "bsr lean compile"]
     out, steps, resident = {}, {}, {}
     for v in variants:
         if time.time() - T0 > budget_s:
@@ -419,13 +418,15 @@ def part_sync_and_compile_equality(cuda: bool, device: str) -> dict:
                 torch.cuda.set_sync_debug_mode(0)
         eager_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         m.zero_grad()
+        if cuda:  # compiled == eager is checked on CPU by the tests; spare the lease
+            continue
         try:
             cm = torch.compile(m, dynamic=False)
             cl = cm(images)
             cl.sum().backward()
             diffs = [float((p.grad - eager_grads[n]).norm() / eager_grads[n].norm())
                      for n, p in m.named_parameters() if p.grad is not None]
-            out[f"{mode} compiled logits max diff"] = float((cl - logits).abs().max())
+            out[f"{mode} compiled logits max diff"] = float((cl - logits).detach().abs().max())
             out[f"{mode} compiled grad max rel"] = max(diffs)
         except Exception as e:
             out[f"{mode} compiled"] = err(e)
