@@ -133,6 +133,29 @@ def _kernels(interpret: bool) -> dict:
     return {name: wrap(_rebind(getattr(raw, name), helpers)) for name in raw.KERNELS}
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None.
+
+    Triton before 3.7 wraps every scalar of an interpreted kernel in a 1-element array whose
+    ``__index__`` (a loop bound such as ``range(0, N, BLOCK_N)``) calls ``int()`` on it; numpy
+    2.4 and later refuse that ("only 0-dimensional arrays can be converted to Python scalars").
+    Triton 3.8 makes them 0-d. Compiled (CUDA) kernels are unaffected.
+    """
+    if _TRITON_ERROR is not None:
+        return None
+    import numpy
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with numpy "
+                f"{numpy.__version__} (it calls int() on 1-element arrays); use triton >= 3.7 or "
+                "numpy < 2.4 for TRITON_INTERPRET=1")
+    return None
+
+
 def _kernel(name: str):
     return _kernels(_config.triton_interpret())[name]
 
@@ -289,6 +312,8 @@ class TritonBackend(Backend):
         elif device.type == "cpu":
             if not _config.triton_interpret():
                 reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
+            elif interpreter_problem():
+                reasons.append(interpreter_problem())
             if dtype not in _CPU_DTYPES:
                 reasons.append(f"dtype {dtype} is not supported by the interpreter here "
                                "(float32, float64 are)")
