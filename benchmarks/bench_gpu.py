@@ -10,11 +10,13 @@ Parts (``--parts``, default all):
   composite (N x N probabilities), the CLS-row composite (plain PyTorch) and ``torch.compile`` of
   it; a device-to-device copy measured in the same run gives the bandwidth bound. Inputs rotate
   over several sets so L2 does not hold them; q and k are views of one qkv tensor, as in timm.
-  ``triton.testing.do_bench`` medians, candidates interleaved over rounds.
+  ``triton.testing.do_bench`` medians, candidates interleaved over rounds; each forward is also
+  timed as CUDA-graph replays (GPU time without launch overhead), which the ratios use.
 * ``sweep``: the Triton launch table (programs per SM, warps, tile budget) at the op shapes.
 * ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW): timm full fine-tuning eager and
   compiled, the plain-PyTorch BSR peer (:mod:`peer_bsr`) eager and compiled, and ``reprogram`` in
-  each memory mode, eager and compiled; ms/step medians (interleaved), peak memory above the
+  each memory mode, eager and compiled (autograd mode also under CUDA graphs,
+  ``mode="reduce-overhead"``); ms/step medians (interleaved), peak memory above the
   resident model, compiled-vs-eager logits and gradients, and a CUDA sync check of each mode.
 
 Usage (device machine): ``python benchmarks/bench_gpu.py --out $OUT``;
@@ -52,6 +54,7 @@ except ImportError:  # pragma: no cover
 
 T0 = time.time()
 RESULTS: dict = {"parts": {}}
+OUT_DIR = "."
 
 
 def log(*a):
@@ -63,6 +66,20 @@ def err(e: BaseException) -> str:
 
 
 # --- timing ---------------------------------------------------------------------------------------
+
+def graph_ms(fn, n_calls: int) -> float:
+    """GPU time per call of ``fn`` with launch overhead removed: ``n_calls`` calls captured in one
+    CUDA graph, replays timed by ``do_bench`` (median)."""
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n_calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
+                                   return_mode="median") / n_calls
+
 
 def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:
     """Median ms per call of each candidate, interleaved over ``rounds`` rounds."""
@@ -223,6 +240,13 @@ def part_op(cuda: bool, device: str) -> dict:
             "compile(CLS-row composite)": Rotating(compiled, sets),
         }
         res = {"forward": bench(fwd, cuda)}
+        if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
+            res["forward_graph"] = {}
+            for name, fn in fwd.items():
+                try:
+                    res["forward_graph"][name] = {"ms": graph_ms(fn, len(sets))}
+                except Exception as e:  # compile or capture can fail: report, go on
+                    res["forward_graph"][name] = {"error": err(e)}
         # fwd+bwd: grads to x and qkv with a fixed cotangent
         gsets = []
         for _ in range(3 if cuda else 1):
@@ -243,7 +267,7 @@ def part_op(cuda: bool, device: str) -> dict:
         }, cuda)
         nbytes = min_bytes(b, h, n, d, c, torch.finfo(dtype).bits // 8)
         res["min_bytes"] = nbytes
-        f = res["forward"]
+        f = res["forward_graph"] if cuda else res["forward"]
         if "ms" in f.get("bsr triton", {}):
             t = f["bsr triton"]["ms"]
             res["gbps"] = nbytes / t / 1e6
@@ -266,6 +290,8 @@ def part_op(cuda: bool, device: str) -> dict:
                 "gather": lambda: tb._launch_gather(x, slot, scores, 1, num_kept(0.5, n - 1), True),
             }, cuda, rounds=2)
         out[label] = res
+        RESULTS["parts"]["op"] = out  # written per shape: a later hang loses nothing
+        write(OUT_DIR)
         log(label, json.dumps({k: v for k, v in res.items() if k not in ("passes",)},
                               default=str)[:900])
         del sets, gsets
@@ -344,7 +370,8 @@ def part_step(cuda: bool, device: str, budget_s: float) -> dict:
         return vit, module, step
 
     variants = ["full", "peer", "bsr autograd", "bsr fast", "bsr lean",
-                "full compile", "peer compile", "bsr autograd compile", "bsr lean compile"]
+                "full compile", "peer compile", "bsr autograd compile", "bsr lean compile",
+                "bsr autograd compile cudagraphs"]
     out, steps, resident = {}, {}, {}
     for v in variants:
         if time.time() - T0 > budget_s:
@@ -449,6 +476,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="skip remaining step variants after this many seconds")
     args = ap.parse_args(argv)
+    global OUT_DIR
+    OUT_DIR = args.out
+    # On the lent H100 (2026-11-26) torch.compile of the CLS-row composite did not finish within
+    # minutes; compiling in-process (no worker pool) is the first thing to rule out there.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton check runs in the interpreter
