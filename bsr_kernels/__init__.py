@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from .attention import TokenDropAttention
 from .ops import available_backends, cls_attention, drop_tokens
+from . import export as _export  # noqa: F401  (registers the ONNX decomposition of the drop op)
+from .export import export_onnx
 from .profile import profile
 from .reprogram import kept_patches, reprogram, restore
 

@@ -25,7 +25,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from .attention import TokenDropAttention
 from .ops import drop_tokens, reference
-from .ops.common import check_keep_rate
+from .ops.common import check_keep_rate, num_kept
+from . import timm_hooks
+from .timm_hooks import drop_half_cpu as _drop_half_cpu
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed"]
@@ -89,11 +91,23 @@ class BSRBlock(Block):
                                                   kept.shape[1], self.bsr_fuse, kept=kept)
             return x, kept
         n_candidates = x.shape[1] - self.bsr_prefix
+        if torch.jit.is_tracing():  # jit.trace / ONNX dynamo=False: record plain aten ops
+            from .export import drop_tokens_aten
+            x, kept, _, _ = drop_tokens_aten(x, q, k, self.attn.scale, self.bsr_prefix,
+                                             num_kept(self.bsr_keep_rate, n_candidates),
+                                             self.bsr_fuse)
+            return x, kept
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            return _drop_half_cpu(self, x, q, k)
         x, kept = drop_tokens(x, q, k, self.bsr_keep_rate, fuse_token=self.bsr_fuse,
                               num_prefix_tokens=self.bsr_prefix)
         if self._bsr_trace is not None:
             self._bsr_trace.append((kept.detach(), n_candidates))
         return x, kept
+
+    def __prepare_scriptable__(self):
+        from .export import SCRIPT_REFUSAL
+        raise RuntimeError(SCRIPT_REFUSAL)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -103,7 +117,7 @@ class BSRBlock(Block):
         if self.bsr_mode == "nograd":
             with torch.no_grad():
                 return self.body(x)
-        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled():
+        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled() and not torch.jit.is_tracing():
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x)
@@ -244,6 +258,7 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         blk.bsr_mode = "nograd" if i < first_trained else memory_mode
         blk.bsr_activation_dtype = activation_dtype
         blk._bsr_trace = None
+    timm_hooks.install(model)
     return model
 
 
@@ -263,6 +278,7 @@ def restore(model: nn.Module) -> nn.Module:
             delattr(blk, attr)
     for name, p in model.named_parameters():
         p.requires_grad_(model._bsr_requires_grad.get(name, True))
+    timm_hooks.uninstall(model)
     del model._bsr_config, model._bsr_requires_grad
     return model
 
