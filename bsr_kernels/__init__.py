@@ -16,13 +16,14 @@ from .export import export_onnx
 from .profile import ProfileResult, profile
 from .reprogram import kept_patches, reprogram, restore
 from .summary import TrainableSummary, draw_kept, trainable_summary
+from .saving import load_checkpoint, save_checkpoint, saved_bsr_config
 
 __version__ = "0.1.0"
 
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "TokenDropAttention",
            "reprogram", "restore", "profile", "ProfileResult", "kept_patches", "load_delta",
            "save_delta", "trainable_summary", "TrainableSummary", "draw_kept", "export_onnx",
-           "__version__"]
+           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "__version__"]
 
 
 def load_delta(model, path):

@@ -66,7 +66,10 @@ class _BoundOverride:
 
 
 def install(model: nn.Module) -> None:
-    """Replaces the timm methods listed in the module doc on ``model``."""
+    """Replaces the timm methods listed in the module doc on ``model``, and makes its saved
+    forms carry its BSR config (:func:`bsr_kernels.saving.attach`)."""
+    from . import saving
+    saving.attach(model)
     for name in _METHODS:
         if hasattr(type(model), name):
             model.__dict__[name] = _BoundOverride(model, name)
@@ -74,6 +77,8 @@ def install(model: nn.Module) -> None:
 
 def uninstall(model: nn.Module) -> None:
     """Undoes :func:`install`."""
+    from . import saving
+    saving.detach(model)
     for name in _METHODS:
         if isinstance(model.__dict__.get(name), _BoundOverride):
             del model.__dict__[name]
