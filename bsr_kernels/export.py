@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 import torch
 
 from .ops import reference
+from .ops.common import num_kept
 
-__all__ = ["export_onnx", "SCRIPT_REFUSAL", "drop_tokens_aten", "select_aten",
+__all__ = ["export_onnx", "SCRIPT_REFUSAL", "drop_tokens_aten", "select_aten", "drop_traced",
            "drop_tokens_decomposition", "cls_attention_decomposition"]
 
 #: The message of the error :func:`torch.jit.script` raises on a reprogrammed model.
@@ -79,6 +80,15 @@ def drop_tokens_aten(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,
         fused = torch.einsum("bm,bmc->bc", weights, xp.to(scores.dtype))
         parts.append(fused.to(x.dtype).unsqueeze(1))
     return torch.cat(parts, dim=1), kept, scores, lse
+
+
+def drop_traced(block, x, q, k):
+    """A reprogrammed block's drop while ``torch.jit.trace`` records it: plain aten ops, so the
+    traced graph (and the TorchScript ONNX exporter) needs no custom op."""
+    n_keep = num_kept(block.bsr_keep_rate, x.shape[1] - block.bsr_prefix)
+    x, kept, _, _ = drop_tokens_aten(x, q, k, block.attn.scale, block.bsr_prefix, n_keep,
+                                     block.bsr_fuse)
+    return x, kept
 
 
 def drop_tokens_decomposition(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,

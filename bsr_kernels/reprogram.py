@@ -23,11 +23,12 @@ import torch.nn as nn
 from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .attention import TokenDropAttention
-from .ops import drop_tokens, reference
-from .ops.common import check_keep_rate, num_kept
 from . import timm_hooks
-from .timm_hooks import drop_half_cpu as _drop_half_cpu
+from .attention import TokenDropAttention
+from .export import SCRIPT_REFUSAL, drop_traced
+from .ops import drop_tokens, reference
+from .ops.common import check_keep_rate
+from .timm_hooks import drop_half_cpu
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed"]
@@ -92,21 +93,16 @@ class BSRBlock(Block):
             return x, kept
         n_candidates = x.shape[1] - self.bsr_prefix
         if torch.jit.is_tracing():  # jit.trace / ONNX dynamo=False: record plain aten ops
-            from .export import drop_tokens_aten
-            x, kept, _, _ = drop_tokens_aten(x, q, k, self.attn.scale, self.bsr_prefix,
-                                             num_kept(self.bsr_keep_rate, n_candidates),
-                                             self.bsr_fuse)
-            return x, kept
+            return drop_traced(self, x, q, k)
         if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return _drop_half_cpu(self, x, q, k)
+            return drop_half_cpu(self, x, q, k)
         x, kept = drop_tokens(x, q, k, self.bsr_keep_rate, fuse_token=self.bsr_fuse,
                               num_prefix_tokens=self.bsr_prefix)
         if self._bsr_trace is not None:
             self._bsr_trace.append((kept.detach(), n_candidates))
         return x, kept
 
-    def __prepare_scriptable__(self):
-        from .export import SCRIPT_REFUSAL
+    def __prepare_scriptable__(self):  # torch.jit.script: refused, naming the supported routes
         raise RuntimeError(SCRIPT_REFUSAL)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,

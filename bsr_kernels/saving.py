@@ -108,7 +108,7 @@ def _from_notes(pretrained_cfg) -> Optional[dict]:
     return None
 
 
-# --- reading and writing ---------------------------------------------------------------------------
+# --- reading and writing ---------------------------------------------------------------------
 
 def _from_state_dict(sd) -> Optional[dict]:
     meta = getattr(sd, "_metadata", None) or {}
