@@ -61,7 +61,7 @@ setup(
     # installed (CI tests the version pinned in scripts/install.sh).
     install_requires=[
         "torch>=2.11",
-        "timm>=1.0.20,<2",
+        "timm>=1.0.28,<2",   # Attention.gate, which reprogram checks, came in 1.0.28
         "safetensors",
         "numpy",
     ],

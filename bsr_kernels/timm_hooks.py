@@ -104,8 +104,11 @@ def _forward_intermediates(model: nn.Module, x: torch.Tensor, indices=None,
     from timm.models._features import feature_take_indices
 
     timm_fi = type(model).forward_intermediates
-    kwargs = dict(indices=indices, norm=norm, stop_early=stop_early, attn_mask=attn_mask,
-                  is_causal=is_causal)
+    kwargs = dict(indices=indices, norm=norm, stop_early=stop_early)
+    if attn_mask is not None:   # passed only when set: older timm lacks is_causal
+        kwargs["attn_mask"] = attn_mask
+    if is_causal:
+        kwargs["is_causal"] = is_causal
     if output_fmt != "NCHW":
         return timm_fi(model, x, return_prefix_tokens=return_prefix_tokens, output_fmt=output_fmt,
                        intermediates_only=intermediates_only, output_dict=output_dict, **kwargs)

@@ -26,6 +26,7 @@ def test_requirements_are_a_range_and_the_app_is_an_extra():
     names = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs)
     assert names == ["numpy", "safetensors", "timm", "torch"]
     assert "torch>=2.11" in reqs and not any("==" in r for r in reqs)
+    assert "timm>=1.0.28,<2" in reqs          # the oldest timm the suite passed with
     assert set(kw["extras_require"]["app"]) == {"tqdm", "matplotlib", "scikit-learn"}
     assert {"onnx", "onnxscript", "onnxruntime", "pytest"} <= set(kw["extras_require"]["test"])
     assert '"torch>=2.11"' in (REPO / "pyproject.toml").read_text()

@@ -52,7 +52,7 @@ def test_save_for_hf_carries_the_config(tmp_path):
     # timm's own reload: a plain model, which does not drop tokens (the 0.36 logits)
     weights = tmp_path / "pytorch_model.bin"
     reloaded = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(weights)), **KW).eval()
+        file=str(weights), custom_load=False), **KW).eval()   # (older timm: not the npz loader)
     assert not torch.allclose(logits(reloaded, x), want, atol=1e-3)
     assert bsr_kernels.saved_bsr_config(weights)["keep_rate"] == 0.3
     bsr_kernels.load_checkpoint(reloaded, tmp_path)      # the directory, or either weights file
@@ -64,7 +64,7 @@ def test_save_for_hf_carries_the_config(tmp_path):
         torch.testing.assert_close(logits(again, x), want)
 
     # create_model("local-dir:...") keeps the config in pretrained_cfg; re-apply from there
-    hub = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    hub = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, **KW).eval()
     assert bsr_kernels.saved_bsr_config(hub)["drop_at"] == bsr_config_dict(model)["drop_at"]
     bsr_kernels.load_checkpoint(hub, None)
     torch.testing.assert_close(logits(hub, x), want)
