@@ -2,8 +2,9 @@
 
 The extension is compiled against the torch that is installed, so build without isolation:
 
-    pip install --no-build-isolation -e .      # development (the suite runs from the repo root)
-    pip install --no-build-isolation .         # regular install
+    pip install --no-build-isolation -e ".[test,app]"  # development (tests and bsr-finetune)
+    pip install --no-build-isolation .                 # the library: torch, timm, safetensors, numpy
+    pip install --no-build-isolation ".[app]"          # and the bsr-finetune application
 
 ``DEBUG=1`` builds the extension with ``-O0 -g`` instead of ``-O3``.
 """
@@ -56,16 +57,20 @@ setup(
     include_package_data=True,
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
+    # The kernel library needs only these; the extension builds against whichever torch is
+    # installed (CI tests the version pinned in scripts/install.sh).
     install_requires=[
-        "torch==2.14.1",
-        "timm>=1.0.20,<2",
+        "torch>=2.11",
+        "timm>=1.0.28,<2",   # Attention.gate, which reprogram checks, came in 1.0.28
         "safetensors",
-        "tqdm",
-        "matplotlib",
-        "scikit-learn",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        # bsr-finetune (the application): digits data, the PNG report, progress bars.
+        "app": ["tqdm", "matplotlib", "scikit-learn"],
+        # the test suite, including the ONNX export tests (onnxruntime runs the exported files).
+        "test": ["pytest", "hypothesis", "onnx", "onnxscript", "onnxruntime"],
+    },
     entry_points={"console_scripts": ["bsr-finetune = bsr_kernels.finetune.cli:main"]},
     zip_safe=False,
 )

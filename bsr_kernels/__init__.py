@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from .attention import TokenDropAttention
 from .ops import available_backends, cls_attention, drop_tokens
-from .profile import profile
+from . import export as _export  # noqa: F401  (registers the ONNX decomposition of the drop op)
+from .export import export_onnx
+from .profile import ProfileResult, profile
 from .reprogram import kept_patches, reprogram, restore
+from .summary import TrainableSummary, draw_kept, trainable_summary
+from .saving import load_checkpoint, save_checkpoint, saved_bsr_config
 
 __version__ = "0.1.0"
 
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "TokenDropAttention",
-           "reprogram", "restore", "profile", "kept_patches", "load_delta", "__version__"]
+           "reprogram", "restore", "profile", "ProfileResult", "kept_patches", "load_delta",
+           "save_delta", "trainable_summary", "TrainableSummary", "draw_kept", "export_onnx",
+           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "__version__"]
 
 
 def load_delta(model, path):
@@ -25,3 +31,10 @@ def load_delta(model, path):
     :func:`bsr_kernels.delta.load_delta`."""
     from .delta import load_delta as _load_delta
     return _load_delta(model, path)
+
+
+def save_delta(model, path, names=None, extra=None):
+    """Writes a delta checkpoint: the trained parameters and the BSR config; see
+    :func:`bsr_kernels.delta.save_delta`."""
+    from .delta import save_delta as _save_delta
+    return _save_delta(model, path, names=names, extra=extra)

@@ -137,6 +137,13 @@ class BSRConfig:
         """Whether block ``i`` runs under ``torch.no_grad()`` (before the first trained block)."""
         return i < self.first_trained
 
+    def reprogram_kwargs(self) -> dict:
+        """The arguments of :func:`bsr_kernels.reprogram` that give this config."""
+        return dict(train_blocks=self.train_blocks, drop_at=self.drop_at,
+                    keep_rate=self.keep_rate, fuse_token=self.fuse_token,
+                    memory_mode=self.memory_mode, train_norm=self.train_norm,
+                    activation_dtype=self.activation_dtype)
+
     # --- checkpoints -----------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-safe dict (lists, and the dtype by name)."""

@@ -7,7 +7,9 @@ fairly), forward multiply-adds, and the tokens entering each block.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -15,7 +17,73 @@ import torch.nn.functional as F
 
 from .measure import count_flops, saved_activations
 
-__all__ = ["profile"]
+__all__ = ["profile", "ProfileResult"]
+
+
+@dataclass(eq=False)
+class ProfileResult(MutableMapping):
+    """What :func:`profile` measured, per image. ``print(result)`` shows a table.
+
+    It is also a mapping with the keys of its fields (``result["tokens_per_block"]``), as
+    ``profile`` returned a dict before; keys that are not fields go to ``extra``.
+    """
+
+    saved_activation_mib_per_image: float
+    train_gflops_per_image: float
+    forward_gmacs_per_image: float
+    tokens_per_block: list = field(default_factory=list)
+    batch_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def _names(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "extra"]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._names():
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._names():
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in self._names():
+            raise KeyError(f"{key!r} is a field of ProfileResult and cannot be deleted")
+        del self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._names()
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return len(self._names()) + len(self.extra)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (ProfileResult, dict)):
+            return NotImplemented
+        return dict(self) == dict(other)
+
+    def to_dict(self) -> dict:
+        """A plain dict (JSON-ready), as ``profile`` returned before."""
+        return dict(self)
+
+    def __str__(self) -> str:
+        rows = [("saved activations", f"{self.saved_activation_mib_per_image:.4g} MiB",
+                 "distinct storages autograd keeps, parameters excluded"),
+                ("training FLOPs", f"{self.train_gflops_per_image:.4g} GFLOP",
+                 "forward + backward"),
+                ("forward MACs", f"{self.forward_gmacs_per_image:.4g} GMAC", "")]
+        if self.tokens_per_block:
+            rows.append(("tokens per block", str(list(self.tokens_per_block)), "entering each"))
+        rows += [(str(k), repr(v), "") for k, v in self.extra.items()]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        lines = [f"one training step, per image (batch of {self.batch_size}):"]
+        lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+        return "\n".join(lines)
 
 
 def _default_loss(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -25,7 +93,7 @@ def _default_loss(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch
 
 
 def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-            loss_fn: Optional[Callable] = None) -> dict:
+            loss_fn: Optional[Callable] = None) -> ProfileResult:
     """Measures one training step of ``model`` on ``images``, per image.
 
     The model's ``requires_grad`` flags decide what is trained (a plain timm model is full
@@ -38,7 +106,8 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
         loss_fn: ``loss_fn(logits, labels) -> scalar`` to use instead.
 
     Returns:
-        dict with ``saved_activation_mib_per_image``, ``train_gflops_per_image``,
+        A :class:`ProfileResult` (``print`` it for a table; it is also a mapping) with
+        ``saved_activation_mib_per_image``, ``train_gflops_per_image``,
         ``forward_gmacs_per_image`` and ``tokens_per_block`` (list of ints; empty for models
         without ``blocks``), plus ``batch_size``.
     """
@@ -64,10 +133,10 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
     flops = count_flops(lambda: loss_fn(model(images), labels), count_cpu_sdpa=True)
     for p, g in zip(params, old_grads):
         p.grad = g
-    return {
-        "saved_activation_mib_per_image": mib,
-        "train_gflops_per_image": flops.total / batch / 1e9,
-        "forward_gmacs_per_image": flops.forward_macs / batch / 1e9,
-        "tokens_per_block": tokens,
-        "batch_size": batch,
-    }
+    return ProfileResult(
+        saved_activation_mib_per_image=mib,
+        train_gflops_per_image=flops.total / batch / 1e9,
+        forward_gmacs_per_image=flops.forward_macs / batch / 1e9,
+        tokens_per_block=tokens,
+        batch_size=batch,
+    )

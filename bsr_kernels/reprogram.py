@@ -24,9 +24,12 @@ import torch.nn as nn
 from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from . import timm_hooks
 from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
+from .export import SCRIPT_REFUSAL, drop_traced
 from .ops import drop_tokens
+from .timm_hooks import drop_half_cpu
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
@@ -66,13 +69,27 @@ class BSRBlock(Block):
         if self.bsr_drops:
             cfg = self.bsr_config
             n_candidates = x.shape[1] - cfg.num_prefix_tokens
-            x, kept = drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
-                                  num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
+            x, kept = self.drop(x, q, k, kept)
             if record is not None:
                 record(kept, n_candidates)
         mlp = self.mlp
         h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
         return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
+
+    def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+             kept: Optional[torch.Tensor] = None):
+        """The block's token drop (``kept`` replays a recorded selection). Under
+        ``torch.jit.trace`` it records plain aten ops; CPU float16/bfloat16 runs in float32."""
+        cfg = self.bsr_config
+        if torch.jit.is_tracing():  # jit.trace / ONNX dynamo=False: record plain aten ops
+            return drop_traced(x, q, k, self.attn.scale, cfg)
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            return drop_half_cpu(x, q, k, cfg, kept)
+        return drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
+                           num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
+
+    def __prepare_scriptable__(self):  # torch.jit.script: refused, naming the supported routes
+        raise RuntimeError(SCRIPT_REFUSAL)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -85,7 +102,7 @@ class BSRBlock(Block):
             with torch.no_grad():
                 return self.body(x, record=record)
         if self.bsr_config.memory_mode != "autograd" and torch.is_grad_enabled() \
-                and record is None:
+                and record is None and not torch.jit.is_tracing():
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x, record=record)
@@ -204,6 +221,7 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         blk.bsr_config = config
         blk.bsr_index = i
         blk._bsr_trace = None
+    timm_hooks.install(model)
     return model
 
 
@@ -222,6 +240,7 @@ def restore(model: nn.Module) -> nn.Module:
             delattr(blk, attr)
     for name, p in model.named_parameters():
         p.requires_grad_(model._bsr_requires_grad.get(name, True))
+    timm_hooks.uninstall(model)
     del model.bsr_config, model._bsr_requires_grad
     return model
 

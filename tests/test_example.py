@@ -1,5 +1,6 @@
 """The copyable example in python/ runs as a user would run it."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,4 +45,6 @@ def test_readme_training_loop_runs():
                                                                    "pretrained=False") + check],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "'tokens_per_block': [197, 197, 197, 197, 100, 100, 100, 52, 52, 52, 28, 28]" in r.stdout
+    # print(bsr_kernels.profile(...)) shows its table (a ProfileResult)
+    assert re.search(r"tokens per block +\[197, 197, 197, 197, 100, 100, 100, 52, 52, 52, 28, 28\]",
+                     r.stdout), r.stdout

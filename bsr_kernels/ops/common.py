@@ -121,6 +121,7 @@ def resolve_scale(scale, head_dim: int) -> float:
 
 def num_kept(keep_rate: float, n_candidates: int) -> int:
     """``ceil(keep_rate * n_candidates)``, robust to float noise (0.3 * 10 keeps 3), at least 1."""
+    n_candidates = int(n_candidates)  # a traced size (jit.trace) arrives as a tensor
     return max(1, min(n_candidates, math.ceil(round(keep_rate * n_candidates, 9))))
 
 

@@ -1,0 +1,245 @@
+"""The BSR config travels with every saved form of a reprogrammed model.
+
+Token dropping is part of a fine-tuned BSR model: its weights alone give other logits in a plain
+timm model. So a reprogrammed model carries its settings (:func:`bsr_kernels.reprogram`'s
+arguments, as a JSON dict) wherever it is saved:
+
+* **state_dict**: in its metadata (``state_dict._metadata[prefix]["bsr_config"]``), which
+  ``torch.save`` keeps. Full checkpoints (``torch.save(model.state_dict())``, timm's
+  ``train.py`` checkpoints, ``save_for_hf``'s ``pytorch_model.bin``) hold it.
+* **timm's** ``save_for_hf``: in ``config.json``, as a line of ``pretrained_cfg["notes"]`` (a
+  reprogrammed model's ``pretrained_cfg`` holds it; timm's ``PretrainedCfg`` takes no new keys),
+  so models made by ``create_model("local-dir:...")`` / ``"hf-hub:..."`` know it too
+  (:func:`saved_bsr_config` of the model).
+* **safetensors** full checkpoints written by :func:`save_checkpoint`: in the file's metadata.
+* **delta** checkpoints (:func:`bsr_kernels.save_delta`): in their config.
+
+Loading: :func:`load_checkpoint` reads any of these and re-applies ``reprogram`` to a plain
+model (or to one reprogrammed differently). A reprogrammed model that is given a state_dict
+saved under other BSR settings through ``load_state_dict`` warns. A plain model loaded by
+torch or timm alone cannot know, as no bsr_kernels code runs there: load through
+:func:`load_checkpoint`, or call :func:`saved_bsr_config` on what you loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .config_access import bsr_config_dict, reprogram_from_dict
+
+__all__ = ["save_checkpoint", "load_checkpoint", "saved_bsr_config", "BSRConfigWarning",
+           "attach", "detach"]
+
+KEY = "bsr_config"
+#: How the config is written into timm's ``pretrained_cfg["notes"]`` (``PretrainedCfg`` takes no
+#: other keys, so a new one would break ``create_model("local-dir:...")``).
+NOTE_PREFIX = "bsr_kernels.reprogram config: "
+
+
+class BSRConfigWarning(UserWarning):
+    """Weights saved under other BSR settings than the model's (or none) were loaded."""
+
+
+# --- attached to a reprogrammed model (reprogram / restore) --------------------------------------
+
+def _state_dict_hook(module, state_dict, prefix, local_metadata):
+    cfg = bsr_config_dict(module)
+    if cfg is not None:
+        local_metadata[KEY] = json.dumps(cfg, sort_keys=True)
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                   errors):
+    saved = local_metadata.get(KEY)
+    mine = bsr_config_dict(module)
+    if saved is None or mine is None:
+        return
+    saved = json.loads(saved)
+    if saved != mine:
+        warnings.warn(
+            f"these weights were saved from a model reprogrammed with {saved}, but this model is "
+            f"reprogrammed with {mine}; its logits will differ. Use "
+            "bsr_kernels.load_checkpoint(model, path) to re-apply the saved settings.",
+            BSRConfigWarning, stacklevel=3)
+
+
+def attach(model: nn.Module) -> None:
+    """Makes ``model``'s state_dict and ``pretrained_cfg`` carry its BSR config (on reprogram)."""
+    detach(model)
+    model.register_state_dict_post_hook(_state_dict_hook)
+    model.register_load_state_dict_pre_hook(_load_pre_hook)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        note = NOTE_PREFIX + json.dumps(bsr_config_dict(model), sort_keys=True)
+        notes = tuple(n for n in (cfg.get("notes") or ()) if not str(n).startswith(NOTE_PREFIX))
+        _set_pretrained_cfg(model, {**cfg, "notes": notes + (note,)})  # a copy: timm shares it
+
+
+def detach(model: nn.Module) -> None:
+    """Undoes :func:`attach` (on restore)."""
+    for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):
+        for key in [k for k, h in hooks.items()
+                    if getattr(h, "hook", h) in (_state_dict_hook, _load_pre_hook)]:
+            del hooks[key]
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and _from_notes(cfg) is not None:
+        notes = tuple(n for n in cfg["notes"] if not str(n).startswith(NOTE_PREFIX))
+        _set_pretrained_cfg(model, {**cfg, "notes": notes or None})
+
+
+def _set_pretrained_cfg(model: nn.Module, cfg: dict) -> None:
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
+
+
+def _from_notes(pretrained_cfg) -> Optional[dict]:
+    """The config in a timm ``pretrained_cfg``'s ``notes`` (a dict or a saved config.json's)."""
+    notes = (pretrained_cfg or {}).get("notes") or ()
+    for n in ([notes] if isinstance(notes, str) else notes):
+        if str(n).startswith(NOTE_PREFIX):
+            return json.loads(str(n)[len(NOTE_PREFIX):])
+    return None
+
+
+# --- reading and writing ---------------------------------------------------------------------
+
+def _from_state_dict(sd) -> Optional[dict]:
+    meta = getattr(sd, "_metadata", None) or {}
+    found = [(k, v[KEY]) for k, v in meta.items() if isinstance(v, dict) and KEY in v]
+    if not found:
+        return None
+    return json.loads(min(found, key=lambda kv: len(kv[0]))[1])   # the outermost module's
+
+
+def saved_bsr_config(source) -> Optional[dict]:
+    """The BSR settings saved with ``source``, or None when it holds none.
+
+    Args:
+        source: a state_dict (or a checkpoint dict holding one under ``state_dict``/``model``),
+            a model (its ``pretrained_cfg``, as timm fills it from a ``save_for_hf`` config), a
+            ``.safetensors``/``.pth``/``.bin`` file, or a ``save_for_hf`` directory.
+    """
+    if isinstance(source, nn.Module):
+        cfg = getattr(source, "pretrained_cfg", None)
+        return _from_notes(cfg) if isinstance(cfg, dict) else None
+    if isinstance(source, dict):
+        if _from_state_dict(source) is not None:
+            return _from_state_dict(source)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(source.get(key), dict) and _from_state_dict(source[key]) is not None:
+                return _from_state_dict(source[key])
+        return None
+    return _read(Path(source))[1]
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    raise ValueError(f"path {directory}: a directory without model.safetensors or "
+                     "pytorch_model.bin (not a save_for_hf output)")
+
+
+def _read(path: Path) -> tuple[dict, Optional[dict]]:
+    """(state_dict, bsr config or None) of a file or save_for_hf directory."""
+    if path.is_dir():
+        weights = _weights_file(path)
+        sd, cfg = _read(weights)
+        config_json = path / "config.json"
+        if cfg is None and config_json.is_file():
+            cfg = _from_notes(json.loads(config_json.read_text()).get("pretrained_cfg"))
+        return sd, cfg
+    if not path.is_file():
+        raise ValueError(f"path {path}: no such checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(meta[KEY]) if KEY in meta else None
+        if cfg is None:
+            config_json = path.with_name("config.json")   # a save_for_hf directory
+            if config_json.is_file():
+                cfg = _from_notes(json.loads(config_json.read_text()).get("pretrained_cfg"))
+        return sd, cfg
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = saved_bsr_config(ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if cfg is None and path.with_name("config.json").is_file():
+        cfg = _from_notes(json.loads(path.with_name("config.json").read_text()).get(
+            "pretrained_cfg"))
+    return ckpt, cfg
+
+
+def save_checkpoint(model: nn.Module, path: os.PathLike) -> Path:
+    """Saves the full state_dict with the BSR config: ``.safetensors`` (config in the metadata)
+    or any other suffix through ``torch.save`` (config in the state_dict's metadata).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    cfg = bsr_config_dict(model)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+        save_file(tensors, str(path), metadata={KEY: json.dumps(cfg)} if cfg else None)
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], strict: bool = True,
+                    reprogram: bool = True) -> nn.Module:
+    """Loads full weights and re-applies the BSR settings saved with them.
+
+    Args:
+        model: a plain or reprogrammed timm ViT of the same architecture.
+        source: a ``.safetensors``/``.pth``/``.bin`` file, a ``save_for_hf`` directory, or a
+            state_dict (or timm checkpoint dict). None: the weights are already loaded (e.g.
+            ``timm.create_model("hf-hub:...", pretrained=True)``); only the settings saved in the
+            model's ``pretrained_cfg`` are re-applied.
+        strict: passed to ``load_state_dict``.
+        reprogram: re-apply the saved BSR settings when they differ from the model's (a plain
+            model gets reprogrammed). With False, a mismatch only warns.
+
+    Returns:
+        The same model.
+    """
+    if source is None:
+        sd, cfg = None, saved_bsr_config(model)
+    elif isinstance(source, dict):
+        cfg = saved_bsr_config(source)
+        sd = source
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if _from_state_dict(sd) is None and isinstance(source.get(key), dict):
+                sd = source[key]
+    else:
+        sd, cfg = _read(Path(source))
+    mine = bsr_config_dict(model)
+    if cfg is not None and cfg != mine:
+        if reprogram:
+            reprogram_from_dict(model, cfg)
+        else:
+            warnings.warn(f"the checkpoint was saved from a model reprogrammed with {cfg}, but "
+                          f"this model is {'reprogrammed with ' + str(mine) if mine else 'plain'}"
+                          "; its logits will differ from the saved model's", BSRConfigWarning,
+                          stacklevel=2)
+    if sd is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BSRConfigWarning)   # handled above
+            model.load_state_dict(sd, strict=strict)
+    return model

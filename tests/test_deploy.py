@@ -1,0 +1,160 @@
+"""Deploying a reprogrammed model: torch.export, ONNX (dynamo and TorchScript exporters) in
+onnxruntime, jit.trace, and jit.script's refusal."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import bsr_kernels
+from bsr_kernels.export import drop_tokens_aten
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.common import num_kept
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx, onnxscript or onnxruntime is not "
+                                "installed (pip install -e '.[test]')")
+
+
+def tiny_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2, num_classes=5)
+    args.update(kw)
+    model = VisionTransformer(**args)
+    bsr_kernels.reprogram(model, keep_rate=0.4)
+    return model.eval()
+
+
+def images(n=3, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _ort_logits(onnx_bytes_or_path, x):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(onnx_bytes_or_path, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_num_kept_takes_traced_sizes():
+    assert num_kept(0.3, torch.tensor(10)) == 3 == num_kept(0.3, 10)
+    assert num_kept(0.5, torch.tensor(64)) == 32
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_aten_drop_is_the_reference(fuse):
+    """The export form of the drop (no stable sort) follows the selection rule exactly: random
+    scores, all-equal scores (ties go to the lower position) and NaN scores (ranked lowest)."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d, c, p = 3, 2, 17, 4, 6, 1
+    x = torch.randn(b, n, c, generator=g, dtype=torch.float64)
+    q, k = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    q_tie = q.clone()
+    q_tie[:, :, 0] = 0          # CLS query 0: uniform scores, every candidate tied
+    q_nan = q.clone()
+    k_nan = k.clone()
+    k_nan[1, :, 5] = float("nan")    # one NaN score
+    for qq, kk in ((q, k), (q_tie, k), (q_nan, k_nan)):
+        for n_keep in (1, 7, 15, 16):
+            want = reference.drop_tokens(x, qq, kk, 0.5, p, n_keep, fuse)
+            got = drop_tokens_aten(x, qq, kk, 0.5, p, n_keep, fuse)
+            assert torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0], want[0], equal_nan=True, rtol=0, atol=1e-12)
+    kept_tie = drop_tokens_aten(x, q_tie, k, 0.5, p, 7, fuse)[1]
+    assert kept_tie.tolist() == [list(range(7))] * b
+
+
+def test_torch_export_gives_the_eager_logits():
+    model, x = tiny_vit(), images()
+    with torch.no_grad():
+        want = model(x)
+        ep = torch.export.export(model, (x,))
+        got = ep.module()(x)
+    assert "bsr_kernels.drop_tokens" in str(ep.graph)    # the fast op stays in the graph
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_gives_the_eager_logits(grad):
+    """Traced with or without grad mode (the lean backward's custom Function is not traced);
+    the graph holds plain aten ops only, so it runs where bsr_kernels is not installed."""
+    model, x = tiny_vit(), images()
+    with torch.no_grad():
+        want = model(x)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)
+    assert "bsr_kernels::" not in str(traced.inlined_graph)   # no custom op
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(buf)(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_is_refused_naming_the_supported_routes():
+    model = tiny_vit()
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support.*"
+                                           r"torch\.export\.export.*dynamo=True.*jit\.trace"):
+        torch.jit.script(model)
+
+
+@needs_onnx
+def test_onnx_dynamo_export_in_onnxruntime():
+    """Plain ``torch.onnx.export(dynamo=True)``, no extra arguments: the drop op is decomposed.
+    One model whose CLS query is zero in a dropping block, so its scores are all tied."""
+    model, x = tiny_vit(), images(4)
+    first = next(b for b in model.blocks if b.bsr_keep_rate < 1)
+    with torch.no_grad():
+        dim = model.embed_dim
+        first.attn.qkv.weight[:dim] = 0
+        first.attn.qkv.bias[:dim] = 0
+        want = model(x)
+    prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    got = _ort_logits(prog.model_proto.SerializeToString(), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_onnx
+def test_onnx_torchscript_exporter_in_onnxruntime():
+    model, x = tiny_vit(seed=3, reg_tokens=2, no_embed_class=True), images(2)
+    with torch.no_grad():
+        want = model(x)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False)
+    torch.testing.assert_close(_ort_logits(buf.getvalue(), x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_checks_its_arguments():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="images"):
+        bsr_kernels.export_onnx(model, torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="at least 2"):
+        bsr_kernels.export_onnx(model, images(1))
+
+
+@needs_onnx
+def test_export_onnx_example_runs(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1",   # this checkout's bsr_kernels, installed or not
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "python/export_onnx.py", "--out",
+                        str(tmp_path / "m.onnx")], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 100_000
+    m = re.search(r"on 7 images: max \|logit diff\| (\S+), same predictions: (\w+)", r.stdout)
+    assert m, r.stdout
+    assert float(m.group(1).rstrip(",")) < 1e-4 and m.group(2) == "True"

@@ -1,0 +1,110 @@
+"""Helpers: trainable_summary, draw_kept and profile's readable result."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import bsr_kernels
+from bsr_kernels.profile import ProfileResult
+
+
+def vit(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2,
+                             num_classes=5)
+
+
+def images(n=2):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_trainable_summary_counts_like_peft():
+    model = vit()
+    full = bsr_kernels.trainable_summary(model)
+    total = sum(p.numel() for p in model.parameters())
+    assert full.trainable == full.total == total and full.bsr is None
+    bsr_kernels.reprogram(model)
+    s = bsr_kernels.trainable_summary(model)
+    want = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (s.trainable, s.total) == (want, total)
+    assert s.trainable_percent == pytest.approx(100 * want / total)
+    trained_groups = [g for g, (t, _) in s.groups.items() if t]
+    assert trained_groups == [f"blocks.{i}" for i in (1, 3, 5)] + ["head"]
+    assert s.groups["patch_embed"] == (0, model.patch_embed.proj.weight.numel()
+                                       + model.patch_embed.proj.bias.numel())
+    assert sum(n for _, n in s.groups.values()) == total
+    text = str(s)
+    assert re.match(rf"trainable params: {want:,} \|\| all params: {total:,} \|\| "
+                    rf"trainable%: {100 * want / total:.4f}\n", text)
+    assert "trained: blocks.1, blocks.3, blocks.5, head" in text
+    assert "BSR: drops tokens in blocks (2, 3, 4) (keep_rate 0.5" in text
+
+
+def test_trainable_summary_counts_shared_parameters_once():
+    lin = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(lin, lin)
+    assert bsr_kernels.trainable_summary(model).total == 20
+    with pytest.raises(TypeError, match="nn.Module"):
+        bsr_kernels.trainable_summary("model")
+
+
+def test_draw_kept_shades_the_dropped_patches():
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.4).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)
+    pics = bsr_kernels.draw_kept(x, kept, model.patch_embed.patch_size)
+    assert pics.shape == (len(kept), 2, 32, 32, 3)
+    img = x.permute(0, 2, 3, 1)
+    for s, idx in enumerate(kept):
+        for b in range(2):
+            keep = torch.zeros(64, dtype=torch.bool)
+            keep[idx[b][idx[b] >= 0]] = True
+            mask = keep.view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)
+            assert torch.equal(pics[s, b][mask], img[b][mask])
+            shade = img[b][~mask] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35])
+            torch.testing.assert_close(pics[s, b][~mask], shade)
+    assert int(keep.sum()) < 64
+
+
+def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)
+    with pytest.raises(ValueError, match="patches"):
+        bsr_kernels.draw_kept(x, kept, 5)
+    with pytest.raises(ValueError, match=r"kept\[0\]"):
+        bsr_kernels.draw_kept(x[:1], kept, 4)
+    with pytest.raises(ValueError, match="images"):
+        bsr_kernels.draw_kept(x[:, :1], kept, 4)
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "kept.png"
+    bsr_kernels.draw_kept(x, kept, 4, path=path, titles=["block 2", "block 3", "block 4"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_result_reads_as_a_table_and_as_the_old_dict():
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5)
+    prof = bsr_kernels.profile(model, images(4))
+    assert isinstance(prof, ProfileResult)
+    # 64 patches + CLS; drops in blocks 2, 3, 4 keep half (+ the fused token)
+    assert prof["tokens_per_block"] == prof.tokens_per_block == [65, 65, 65, 34, 19, 11]
+    assert set(prof) == {"saved_activation_mib_per_image", "train_gflops_per_image",
+                         "forward_gmacs_per_image", "tokens_per_block", "batch_size"}
+    assert prof.batch_size == prof["batch_size"] == 4 and prof.get("missing") is None
+    prof["trained_params"] = 7           # existing callers add keys (benchmarks)
+    prof.update({"param_bytes": 28})
+    assert prof["trained_params"] == 7 and prof.extra == {"trained_params": 7, "param_bytes": 28}
+    assert json.loads(json.dumps(prof.to_dict()))["param_bytes"] == 28
+    assert prof == dict(prof)
+    text = str(prof)
+    assert text.startswith("one training step, per image (batch of 4):")
+    assert re.search(rf"saved activations +{prof.saved_activation_mib_per_image:.4g} MiB", text)
+    assert re.search(rf"training FLOPs +{prof.train_gflops_per_image:.4g} GFLOP", text)
+    assert re.search(r"tokens per block +\[65, 65, 65, 34, 19, 11\]", text)
+    assert "trained_params" in text
+    with pytest.raises(KeyError):
+        del prof["batch_size"]
