@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ops import reference
-from .ops.common import num_kept
+from .ops.common import DropPlan, compute_dtype, num_kept
 
 __all__ = ["export_onnx", "SCRIPT_REFUSAL", "drop_tokens_aten", "select_aten", "drop_traced",
            "drop_tokens_decomposition", "cls_attention_decomposition"]
@@ -69,12 +69,12 @@ def drop_tokens_aten(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,
         x_out (B, P + n_keep [+ 1], C), kept (B, n_keep) int64 ascending, scores (B, M), lse (B, H).
     """
     p = num_prefix_tokens
-    scores, lse = reference.cls_scores(q, k, scale, p)
+    scores, lse = reference.cls_scores(q, k, scale, p, compute_dtype(x.dtype, q.dtype))
     kept = select_aten(scores, n_keep)
     xp = x[:, p:]
     c = x.shape[-1]
     parts = [x[:, :p], torch.gather(xp, 1, kept.unsqueeze(-1).expand(-1, -1, c))]
-    if fuse_token and n_keep < xp.shape[1]:
+    if DropPlan(p, xp.shape[1], n_keep, fuse_token).fused:
         kept_mask = torch.zeros_like(scores).scatter(1, kept, torch.ones_like(scores[:, :n_keep]))
         weights = torch.where(kept_mask > 0, torch.zeros_like(scores), scores)
         fused = torch.einsum("bm,bmc->bc", weights, xp.to(scores.dtype))
@@ -92,14 +92,14 @@ def drop_traced(x, q, k, scale: float, config):
 
 
 def drop_tokens_decomposition(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,
-                              fuse_token: bool):
+                              fuse_token: bool, backend: str = ""):
     """``bsr_kernels::drop_tokens`` in aten ops (:func:`drop_tokens_aten`), same outputs."""
     x_out, kept, scores, lse = drop_tokens_aten(x, q, k, scale, num_prefix_tokens, n_keep,
                                                 fuse_token)
     return x_out, kept.to(torch.int32), scores, lse
 
 
-def cls_attention_decomposition(q, k, scale: float, num_prefix_tokens: int):
+def cls_attention_decomposition(q, k, scale: float, num_prefix_tokens: int, backend: str = ""):
     """``bsr_kernels::cls_attention`` in aten ops: the reference definition."""
     return reference.cls_scores(q, k, scale, num_prefix_tokens)
 

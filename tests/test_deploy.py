@@ -115,7 +115,7 @@ def test_onnx_dynamo_export_in_onnxruntime():
     """Plain ``torch.onnx.export(dynamo=True)``, no extra arguments: the drop op is decomposed.
     One model whose CLS query is zero in a dropping block, so its scores are all tied."""
     model, x = tiny_vit(), images(4)
-    first = next(b for b in model.blocks if b.bsr_keep_rate < 1)
+    first = next(b for b in model.blocks if b.bsr_drops)
     with torch.no_grad():
         dim = model.embed_dim
         first.attn.qkv.weight[:dim] = 0

@@ -49,6 +49,16 @@ def rel_err(a, b, floor=1e-12):
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 
+def assert_grad_close(got, ref, scale, rtol, what):
+    """``got`` equals ``ref`` to ``rtol`` relative error; where ``ref`` is numerically zero next
+    to the model's gradient scale (a gradient that is mathematically zero, such as the k_norm
+    bias, to which softmax is invariant), both must be rounding noise of that scale (1e-14)."""
+    if ref.norm() < 1e-14 * scale:
+        assert got.norm() < 1e-14 * scale, (what, float(got.norm()), float(scale))
+    else:
+        assert rel_err(got, ref) < rtol, (what, rel_err(got, ref))
+
+
 def to_patches(kept_stages, fuse=True):
     """Maps per-stage kept positions (as the eager formulation returns them) to original patches."""
     out, mapping = [], None
@@ -154,10 +164,11 @@ def test_cpp_frozen_backward_equals_plain_autograd_float64(config, fuse, monkeyp
                                                           else [])
         results[path] = grads(model)
     assert len(results["plain"]) > 0
+    scale = max(g.norm() for g in results["plain"].values())
     for path in ("cpp", "replay"):
         assert set(results[path]) == set(results["plain"])
         for name, g in results["plain"].items():
-            assert rel_err(results[path][name], g) < 1e-10, (path, name)
+            assert_grad_close(results[path][name], g, scale, 1e-10, (path, name))
 
 
 def test_cpp_frozen_backward_float32_and_compressed(monkeypatch):
@@ -209,8 +220,8 @@ def test_lean_backward_replays_under_the_forward_autocast_state(monkeypatch):
         seen.clear()
         loss.backward()
         assert calls == []
-        if path == "lean":  # one replay per block from the first trained one (3) on
-            assert len(seen) == 9 and all(s == (True, True, torch.bfloat16) for s in seen), seen
+        if path == "lean":  # one replayed drop per dropping block (3, 6, 9)
+            assert len(seen) == 3 and all(s == (True, True, torch.bfloat16) for s in seen), seen
         results[path] = grads(model)
     for name, g in results["plain"].items():
         assert rel_err(results["lean"][name], g) < 2e-2, name
