@@ -1,7 +1,10 @@
-"""Reports of ``bsr-finetune``: the printed table, ``summary.json`` and the PNG figure."""
+"""Reports of ``bsr-finetune``: the printed table, ``summary.json``, the per-epoch
+``summary.csv`` and the PNG figure. Every file is written atomically, JSON strictly (a NaN
+becomes null), through :mod:`bsr_kernels.checkpoint`."""
 from __future__ import annotations
 
-import json
+import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -9,7 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["format_table", "write_summary", "draw_report", "kept_masks"]
+from ..checkpoint import atomic_write, write_json
+
+__all__ = ["format_table", "write_summary", "write_history_csv", "draw_report", "kept_masks",
+           "HISTORY_COLUMNS"]
+
+#: Columns of ``summary.csv``, one row per method and epoch.
+HISTORY_COLUMNS = ("method", "epoch", "train_loss", "test_loss", "accuracy", "lr")
 
 _LABELS = {"full": "full fine-tuning", "linear": "linear probe", "bitfit": "BitFit (bias)",
            "bsr": "BSR"}
@@ -56,26 +65,31 @@ def format_table(results: dict) -> str:
 
 
 def write_summary(path: os.PathLike, results: dict, meta: Optional[dict] = None) -> Path:
-    """Writes ``{"methods": results, **meta}`` as JSON, atomically.
+    """Writes ``{"methods": results, **meta}`` as strict JSON (NaN becomes null), atomically.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"methods": results, **(meta or {})}, indent=2,
-                              default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, {"methods": results, **(meta or {})})
 
 
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def write_history_csv(path: os.PathLike, histories: dict) -> Path:
+    """Writes ``summary.csv``: one row per method and epoch (:data:`HISTORY_COLUMNS`),
+    atomically.
+
+    Args:
+        path: the CSV file.
+        histories: ``{method: [per-epoch dict, ...]}`` as in ``fit``'s ``history``.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(HISTORY_COLUMNS)
+    for method, history in histories.items():
+        for h in history:
+            row = [method] + [h.get(k) for k in HISTORY_COLUMNS[1:]]
+            w.writerow(["" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                        else v for v in row])
+    return atomic_write(path, buf.getvalue())
 
 
 def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
@@ -169,8 +183,8 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
                                  fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -3,8 +3,10 @@
 * :func:`adapt` turns a timm ViT into one of the four methods: ``full`` fine-tuning, a
   ``linear`` probe, ``bitfit`` (biases and head) and ``bsr`` (:func:`bsr_kernels.reprogram`).
 * :func:`fit` trains for some epochs, evaluates after each, and (with an output directory)
-  writes a checkpoint per epoch atomically (temporary file, then rename). ``resume=True``
-  continues from it exactly: weights, optimizer, scheduler, RNG states and step.
+  writes a checkpoint per epoch atomically (:func:`bsr_kernels.checkpoint.atomic_write`).
+  ``resume=True`` continues from it exactly: weights, optimizer, scheduler, RNG states and
+  step; a resumed run may ask for more epochs than the checkpoint's run did. A non-finite
+  training loss stops it at once (:class:`TrainingDivergedError`).
 * :func:`setup_distributed` joins a ``torchrun`` job: NCCL on GPUs, gloo on CPU. The batch size
   is global; :class:`~bsr_kernels.finetune.data.GlobalBatchSampler` gives every process its
   share of the same global batches, and DDP averages the gradients.
@@ -16,7 +18,6 @@ import dataclasses
 import math
 import os
 import random
-import signal
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..checkpoint import atomic_write
 from .data import DataBundle, GlobalBatchSampler, ShardSampler
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "train_step",
     "evaluate",
     "CheckpointError",
+    "TrainingDivergedError",
     "save_checkpoint",
     "load_checkpoint",
     "FitOptions",
@@ -60,8 +63,6 @@ DEFAULT_LR = {"full": 1e-4, "linear": 1e-3, "bitfit": 1e-3, "bsr": 3e-4}
 #: The same for the digits demo's small ViT, each tuned over 1e-4 .. 1e-1 (30 epochs, seed 0;
 #: see the package notes): the small model and few steps want larger rates.
 DEMO_LR = {"full": 1e-3, "linear": 3e-2, "bitfit": 1e-3, "bsr": 3e-3}
-#: Set to a step number to SIGKILL the process right after that optimizer step (resume tests).
-KILL_ENV = "BSR_FINETUNE_KILL_AT_STEP"
 CHECKPOINT_FORMAT = "bsr-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -283,29 +284,25 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite (learning rate too high, bad data...)."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. A crash leaves either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Writes ``state`` to ``path`` atomically (:func:`bsr_kernels.checkpoint.atomic_write`):
+    a crash leaves either the old or the new file."""
+    atomic_write(path, lambda tmp: torch.save(state, str(tmp)))
 
 
-def load_checkpoint(path: Path, fingerprint: Optional[dict] = None) -> dict:
+def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
+                    extendable: Sequence[str] = ()) -> dict:
     """Reads a training checkpoint and checks that it belongs to this run.
 
     Args:
         path: the checkpoint file.
         fingerprint: the run settings that must match (model, method, data, schedule...).
+        extendable: settings of ``fingerprint`` that may differ (``"epochs"``: a resumed run
+            may train longer than the run that wrote the checkpoint).
 
     Raises:
         CheckpointError: if the file is missing, unreadable (corrupt, truncated), not a
@@ -331,7 +328,7 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None) -> dict:
     if fingerprint is not None:
         saved = state.get("fingerprint", {})
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
-                 for k, v in fingerprint.items() if saved.get(k) != v]
+                 for k, v in fingerprint.items() if saved.get(k) != v and k not in extendable]
         diffs += [f"{k}: checkpoint {saved[k]!r}, now unset" for k in saved
                   if k not in fingerprint]
         if diffs:
@@ -358,7 +355,10 @@ class FitOptions:
         seed: seed of the shuffling and of torch's RNG.
         progress: show progress bars.
         checkpoint: where to write the per-epoch checkpoint (None: none).
-        resume: continue from ``checkpoint`` when it exists.
+        resume: continue from ``checkpoint`` when it exists; ``epochs`` may exceed the
+            checkpoint's (training is extended, the cosine schedule stretched to the new end).
+        on_epoch: called on the main process after each epoch (and its checkpoint) with the
+            history so far (a list of per-epoch dicts).
     """
 
     epochs: int = 10
@@ -372,6 +372,7 @@ class FitOptions:
     progress: bool = False
     checkpoint: Optional[Path] = None
     resume: bool = False
+    on_epoch: Optional[Callable[[list], None]] = None
 
 
 def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device) -> DataLoader:
@@ -421,11 +422,17 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                         else None)
     optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay)
     total = opts.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, total, int(round(opts.warmup_epochs * steps_per_epoch)))
+    # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
+    warmup = int(round(min(opts.warmup_epochs * steps_per_epoch, total)))
+    scheduler = make_scheduler(optimizer, total, warmup)
 
     start_epoch, step, history = 0, 0, []
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
-        state = load_checkpoint(opts.checkpoint, fingerprint)
+        state = load_checkpoint(opts.checkpoint, fingerprint, extendable=("epochs",))
+        if int(state["epoch"]) > opts.epochs:
+            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
+                                  f"{int(state['epoch'])} epochs, more than --epochs "
+                                  f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -440,7 +447,6 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 f"(step {step})")
     resumed_from = start_epoch
 
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     step_times: list[float] = []
     train_time = 0.0
     for epoch in range(start_epoch, opts.epochs):
@@ -459,11 +465,10 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 torch.cuda.synchronize(info.device)
             step_times.append(time.perf_counter() - t0)
             step += 1
+            _check_finite(loss, info, name, epoch, step, optimizer, opts.checkpoint)
             loss_sum, n_batches = loss_sum + loss, n_batches + 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
         train_time += time.perf_counter() - t_epoch
         acc, test_loss = evaluate(ddp_model, test_loader, info, opts.progress and info.is_main,
                                   f"{name} eval")
@@ -481,13 +486,35 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                     "history": history})
+            if opts.on_epoch is not None:
+                opts.on_epoch(history)
         _barrier(info)
 
-    last = history[-1] if history else {"accuracy": float("nan"), "test_loss": float("nan")}
+    last = history[-1] if history else {"accuracy": None, "test_loss": None}
     return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
             "train_time_s": train_time,
             "step_time_s": statistics.median(step_times) if step_times else None,
             "steps": step, "resumed_from_epoch": resumed_from}
+
+
+def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
+                  optimizer: torch.optim.Optimizer, checkpoint: Optional[Path]) -> None:
+    """Raises :class:`TrainingDivergedError` on every process when any process's loss is not
+    finite (before the epoch's checkpoint, so the last one on disk holds finite weights)."""
+    bad = not math.isfinite(loss)
+    if info.distributed:
+        flag = torch.tensor([float(bad)], device=info.device)
+        dist.all_reduce(flag)
+        bad = flag.item() > 0
+    if not bad:
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    kept = (f"; the checkpoint {checkpoint} still holds the last finished epoch"
+            if checkpoint is not None and Path(checkpoint).exists() else "")
+    raise TrainingDivergedError(
+        f"{name + ': ' if name else ''}the training loss became {loss} at step {step} (epoch "
+        f"{epoch + 1}, learning rate {lr:.3g}); training stopped and nothing of this epoch was "
+        f"saved{kept}. Lower --lr (or --head-lr-scale) and start again")
 
 
 def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds: int = 10,
