@@ -113,7 +113,8 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         if ("default" in text or not action.option_strings
-                or action.default in (None, False, argparse.SUPPRESS)):
+                or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -294,7 +295,8 @@ def _claim_out(args: argparse.Namespace, warn) -> RunLock:
             warn(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted "
                  f"write: {', '.join(str(p.relative_to(out)) for p in removed[:4])}")
         found = _run_files(out)
-        if found and not args.resume and not args.overwrite:
+        # args.json alone (a run stopped before its first epoch ended) holds nothing to lose.
+        if found and found != ["args.json"] and not args.resume and not args.overwrite:
             raise ValueError(f"--out {out} already holds a run ({', '.join(found[:4])}"
                              f"{', ...' if len(found) > 4 else ''}); pass --resume to continue "
                              "it, --overwrite to replace it, or choose another folder")
