@@ -362,3 +362,25 @@ def test_no_kill_switch_in_the_training_loop():
     assert not hasattr(train, "KILL_ENV")
     src = inspect.getsource(train)
     assert "SIGKILL" not in src and "os.kill" not in src
+
+
+def test_report_draws_curves_from_the_history(tmp_path):
+    from bsr_kernels.finetune.report import draw_report
+    hist = lambda a: [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e,  # noqa: E731
+                       "accuracy": a * e / 3, "lr": 1e-3} for e in (1, 2, 3)]
+    results = {"full": {"accuracy": 0.9, "history": hist(0.9)},
+               "bsr": {"accuracy": 0.8, "history": hist(0.8) + [{"epoch": 4,
+                                                                  "train_loss": None}]}}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    drawn = []
+    real_plot = plt.Axes.plot
+    plt.Axes.plot = lambda self, *a, **k: drawn.append(k.get("label")) or real_plot(self, *a,
+                                                                                     **k)
+    try:
+        path = draw_report(tmp_path / "r.png", results)
+    finally:
+        plt.Axes.plot = real_plot
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert drawn == ["full", "bsr"] * 3                  # train loss, test loss, accuracy

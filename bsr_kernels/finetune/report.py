@@ -115,8 +115,9 @@ def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Ten
 def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor] = None,
                 kept: Optional[Sequence[torch.Tensor]] = None, patch_size: int = 1,
                 drop_at: Sequence[int] = (), title: str = "") -> Path:
-    """Draws bars (accuracy, saved memory, training FLOPs, step time per method) and, when
-    given, the tokens BSR keeps after each drop stage over sample images.
+    """Draws bars (accuracy, saved memory, training FLOPs, step time per method), the loss and
+    accuracy curves over epochs (from each record's ``history``, when there are 2 or more
+    epochs) and, when given, the tokens BSR keeps after each drop stage over sample images.
 
     Args:
         path: PNG file to write.
@@ -133,6 +134,7 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +147,16 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
     show_kept = images is not None and kept is not None and len(kept) > 0
     n_img = images.shape[0] if show_kept else 0
     n_cols = max(len(metrics), (len(kept) + 1) if show_kept else 0)
-    n_rows = 1 + n_img
-    fig = plt.figure(figsize=(3.2 * n_cols, 3.0 + 1.9 * n_img), constrained_layout=True)
-    gs = fig.add_gridspec(n_rows, n_cols, height_ratios=[1.6] + [1.0] * n_img)
+    curves = [("train_loss", "train loss per epoch"), ("test_loss", "test loss per epoch"),
+              ("accuracy", "test accuracy (%) per epoch")]
+    show_curves = any(len(results[m].get("history") or []) > 1 for m in methods)
+    n_cols = max(n_cols, len(curves) if show_curves else 0)
+    first_img = 1 + show_curves
+    n_rows = first_img + n_img
+    fig = plt.figure(figsize=(3.2 * n_cols, 3.0 + 2.6 * show_curves + 1.9 * n_img),
+                     constrained_layout=True)
+    gs = fig.add_gridspec(n_rows, n_cols,
+                          height_ratios=[1.6] + [1.4] * show_curves + [1.0] * n_img)
     for i, (key, label, scale) in enumerate(metrics):
         ax = fig.add_subplot(gs[0, i])
         vals = [(results[m].get(key) or 0.0) * scale for m in methods]
@@ -158,13 +167,28 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.margins(y=0.15)
+    if show_curves:   # loss and accuracy curves from each method's per-epoch history
+        for i, (key, label) in enumerate(curves):
+            ax = fig.add_subplot(gs[1, i])
+            for m in methods:
+                hist = [h for h in results[m].get("history") or []
+                        if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+                if hist:
+                    scale = 100.0 if key == "accuracy" else 1.0
+                    ax.plot([h["epoch"] for h in hist], [scale * h[key] for h in hist],
+                            marker=".", color=_COLORS.get(m, "#999"), label=m)
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            if i == 0:
+                ax.legend(fontsize=7)
     if show_kept:
         h, w = images.shape[2:]
         grid = (h // patch_size, w // patch_size)
         masks = kept_masks(kept, grid)
         for r in range(n_img):
             img = images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
-            ax = fig.add_subplot(gs[1 + r, 0])
+            ax = fig.add_subplot(gs[first_img + r, 0])
             ax.imshow(img, interpolation="nearest")
             ax.set_axis_off()
             if r == 0:
@@ -174,7 +198,7 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
                 shown = img.copy()
                 dark = ~m.numpy()
                 shown[dark] = shown[dark] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35]).numpy()
-                ax = fig.add_subplot(gs[1 + r, 1 + s])
+                ax = fig.add_subplot(gs[first_img + r, 1 + s])
                 ax.imshow(shown, interpolation="nearest")
                 ax.set_axis_off()
                 if r == 0:
