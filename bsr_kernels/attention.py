@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
-__all__ = ["TokenDropAttention", "LinearFn"]
+__all__ = ["TokenDropAttention", "LinearFn", "call_linear"]
 
 #: ``linear(name, module, input) -> output``: how a caller may run the attention's projections
 #: ("qkv" and "proj"); the default calls the module. The memory-lean backward uses it to replay
@@ -28,7 +28,8 @@ __all__ = ["TokenDropAttention", "LinearFn"]
 LinearFn = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
 
 
-def _call_linear(name: str, module: nn.Linear, inp: torch.Tensor) -> torch.Tensor:
+def call_linear(name: str, module: nn.Linear, inp: torch.Tensor) -> torch.Tensor:
+    """The default :data:`LinearFn`: calls the module."""
     return module(inp)
 
 
@@ -46,7 +47,7 @@ class TokenDropAttention(Attention):
         return self.forward_qk(x, attn_mask, is_causal)[0]
 
     def forward_qk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                   is_causal: bool = False, linear: LinearFn = _call_linear):
+                   is_causal: bool = False, linear: LinearFn = call_linear):
         """Attention output plus q and k.
 
         Args:

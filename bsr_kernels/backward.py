@@ -25,9 +25,11 @@ run their backward in C++ instead: ``torch.ops.bsr_kernels.frozen_block_backward
 applies the chain rule by hand, with the token-drop backward through the registered ops. Other
 blocks, CUDA tensors and autocast use the replay; :data:`FROZEN_BACKWARD` = ``"replay"`` forces it.
 
+Backward always replays the token selection recorded in forward (the int32 kept indices), never a
+recomputed one: no host sync, and compiled or compressed recomputes cannot pick other tokens.
+
 Opt-in compression (``reprogram(..., activation_dtype=torch.bfloat16)``) stores the saved tensors in
-that dtype; backward casts them back and replays the recorded token selection, so gradients are
-approximate (their effect on accuracy is reported by the benchmarks and the application).
+that dtype; backward casts them back, so gradients are approximate (their effect on accuracy is reported by the benchmarks and the application).
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ class _Holder:
 
 def _saved_names(block) -> tuple[str, ...]:
     """Projections whose outputs are saved (and replayed in backward) instead of recomputed."""
-    if block.bsr_mode == "fast":
+    if block.bsr_config.memory_mode == "fast":
         return ("qkv", "proj", "fc1")
     return ("qkv", "fc1") if block.bsr_trained else ()
 
@@ -130,7 +132,7 @@ def _frozen_cpp_config(block) -> Optional[tuple[list[float], str]]:
 def _frozen_cpp_plan(block, x: torch.Tensor, params, autocast: bool):
     """The C++ frozen backward's config (see :func:`_frozen_cpp_config`) when it applies to
     this block and input, else None."""
-    if not (FROZEN_BACKWARD == "auto" and not params and block.bsr_mode == "lean"
+    if not (FROZEN_BACKWARD == "auto" and not params and block.bsr_config.memory_mode == "lean"
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not autocast and extension_error() is None):
         return None
@@ -154,7 +156,8 @@ def _frozen_backward_cpp(block, config, x, kept, grad_out):
     weights = [None if w is None else w.detach() for w in weights]
     return torch.ops.bsr_kernels.frozen_block_backward(
         grad_out.contiguous(), x, kept[0] if kept else None, weights, attn.num_heads, eps,
-        float(attn.scale), block.bsr_prefix, block.bsr_fuse, approximate)
+        float(attn.scale), block.bsr_config.num_prefix_tokens, block.bsr_config.fuse_token,
+        approximate)
 
 
 class _LeanBlock(torch.autograd.Function):
@@ -170,13 +173,8 @@ class _LeanBlock(torch.autograd.Function):
                 saved[name] = out
             return out
 
-        def record_drop(x_, q, k):
-            x_, idx = block.drop(x_, q, k)
-            if idx is not None:
-                kept.append(idx.to(torch.int32))
-            return x_, idx
-
-        out = block.body(x, linear=record_linear, drop=record_drop)
+        out = block.body(x, linear=record_linear,
+                         record=lambda idx, _: kept.append(idx.to(torch.int32)))
         ctx.block, ctx.names = block, names
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
@@ -188,8 +186,7 @@ class _LeanBlock(torch.autograd.Function):
         # unless compression asks for another; backward casts back to the recorded dtypes.
         tensors = [x, *(saved[n] for n in names)]
         ctx.dtypes = [t.dtype for t in tensors]
-        store = block.bsr_activation_dtype
-        ctx.compressed = store is not None and any(t.dtype != store for t in tensors)
+        store = block.bsr_config.activation_dtype
         ctx.save_for_backward(*(t.to(store) if store else t for t in tensors), *kept)
         return out
 
@@ -200,7 +197,6 @@ class _LeanBlock(torch.autograd.Function):
         x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
         kept = ctx.saved_tensors[n_float:]
-        compressed = ctx.compressed
         if ctx.cpp is not None:
             return None, _frozen_backward_cpp(block, ctx.cpp, x, kept, grad_out)
         fc2_needed = _fc2_output_needed(block)
@@ -213,19 +209,12 @@ class _LeanBlock(torch.autograd.Function):
                 return _GradOnlyLinear.apply(inp, module.weight, module.bias, _Holder(None))
             return module(inp)
 
-        def replay_drop(x_, q, k):
-            if compressed:  # approximate recompute: replay the recorded selection
-                return block.drop(x_, q, k, kept=kept[0] if kept else None)
-            x_, idx = block.drop(x_, q, k)
-            if idx is not None and not torch.equal(idx.to(torch.int32), kept[0]):
-                raise RuntimeError("BSR lean backward: the recomputed token selection differs "
-                                   "from the forward's (non-deterministic attention kernel?)")
-            return x_, idx
-
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = block.body(x_, linear=replay_linear, drop=replay_drop)
+            # the recorded selection is replayed, never recomputed: no host sync, and the same
+            # tokens even where a recompute would round differently (compressed, compiled)
+            out = block.body(x_, linear=replay_linear, kept=kept[0] if kept else None)
             inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
             grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
         grad_x = grads.pop(0) if ctx.needs_input_grad[1] else None

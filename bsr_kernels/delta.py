@@ -45,6 +45,8 @@ _META_KEY = "bsr_kernels"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _BSR_KEYS = ("train_blocks", "drop_at", "keep_rate", "fuse_token", "memory_mode", "train_norm",
              "activation_dtype")
+#: Facts of the model a BSR config also records (``BSRConfig.to_dict()``); checked, not set.
+_BSR_MODEL_KEYS = ("depth", "num_prefix_tokens")
 
 
 def _digest(items) -> str:
@@ -71,16 +73,9 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
 
 
 def _bsr_config(model: nn.Module) -> Optional[dict]:
-    """The model's BSR settings as plain JSON values (lists, dtype names), or None."""
-    cfg = getattr(model, "_bsr_config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "to_dict"):
-        cfg = cfg.to_dict()
-    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items()}
-    if out.get("activation_dtype") is not None:
-        out["activation_dtype"] = str(out["activation_dtype"]).replace("torch.", "")
-    return out
+    """The model's BSR config as JSON values (``BSRConfig.to_dict()``), or None."""
+    cfg = getattr(model, "bsr_config", None)
+    return None if cfg is None else cfg.to_dict()
 
 
 def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str]] = None,
@@ -187,6 +182,8 @@ def _schema_errors(config) -> list:
             "train_norm": (lambda v: isinstance(v, bool), "true or false"),
             "activation_dtype": (lambda v: v is None or (isinstance(v, str) and isinstance(
                 getattr(torch, v, None), torch.dtype)), "null or a dtype name"),
+            "depth": (lambda v: is_int(v) and v >= 1, "a positive int"),
+            "num_prefix_tokens": (lambda v: is_int(v) and v >= 1, "a positive int"),
         }
         for key, (ok, what) in checks.items():
             if key not in bsr:
@@ -194,7 +191,7 @@ def _schema_errors(config) -> list:
                     errs.append(f"bsr.{key} is missing")
             elif not ok(bsr[key]):
                 errs.append(f"bsr.{key} must be {what}, got {bsr[key]!r}"[:200])
-        unknown = sorted(set(bsr) - set(_BSR_KEYS))
+        unknown = sorted(set(bsr) - set(_BSR_KEYS) - set(_BSR_MODEL_KEYS))
         if unknown:
             errs.append(f"bsr holds unknown settings {unknown}")
     return errs
@@ -267,7 +264,7 @@ def _model_bsr_state(config: dict) -> Optional[dict]:
     if bsr is None:
         return None
     out = {"memory_mode": "lean", "train_norm": False, "activation_dtype": None}
-    out.update(bsr)
+    out.update({k: v for k, v in bsr.items() if k in _BSR_KEYS})
     return out
 
 
@@ -316,6 +313,14 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
             problems.append(f"{n}: delta {tuple(t.shape)} vs model {tuple(want)}")
         elif t.is_floating_point() != params[n].is_floating_point():
             problems.append(f"{n}: delta dtype {t.dtype} vs model {params[n].dtype}")
+    bsr = config.get("bsr") or {}
+    depth = len(getattr(model, "blocks", ()))
+    if bsr.get("depth", depth) != depth:
+        problems.append(f"the delta is for a {bsr['depth']}-block model, this one has {depth}")
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is not None and bsr.get("num_prefix_tokens", prefix) != prefix:
+        problems.append(f"the delta is for a model with {bsr['num_prefix_tokens']} prefix "
+                        f"tokens, this one has {prefix}")
     if missing or problems:
         raise ValueError(f"path {path}: the delta does not fit this model: "
                          + "; ".join([f"not in the model: {missing[:5]}"] * bool(missing)
@@ -327,7 +332,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
                              "delta was trained on (other pre-trained weights?); pass "
                              "check_base=False to apply it anyway")
     want_bsr = _model_bsr_state(config)
-    have_bsr = _bsr_config(model)
+    have = _bsr_config(model)
+    have_bsr = None if have is None else {k: have.get(k) for k in _BSR_KEYS}
     if want_bsr is not None and want_bsr != have_bsr:
         from .reprogram import reprogram
         if have_bsr is not None:

@@ -3,125 +3,92 @@
 The model is changed in place by swapping ``__class__`` (ToMe-style): each block becomes a
 :class:`BSRBlock` (a subclass of timm's ``Block``) and its attention a
 :class:`~bsr_kernels.attention.TokenDropAttention`. Weights, state_dict keys, hooks and the model's
-own class stay untouched, and :func:`restore` undoes it.
+own class stay untouched, and :func:`restore` undoes it. Every block refers to the model's one
+:class:`~bsr_kernels.config.BSRConfig` (``model.bsr_config``); what a block does is derived from it.
 
 One block body (:meth:`BSRBlock.body`) serves every execution mode:
 
-* ``"nograd"``: blocks before the first trained block run under ``torch.no_grad()``.
+* blocks before the first trained block run under ``torch.no_grad()``;
+* ``memory_mode="autograd"``: the body under plain autograd (SDPA and the fused drop op);
 * ``"lean"`` / ``"fast"``: a custom autograd function (:mod:`bsr_kernels.backward`) runs the body
   without autograd, saves the block input and some projection outputs (which, by memory mode),
-  and replays the body inside backward, recomputing only what the gradients need.
-* Without grad mode (evaluation), the body simply runs.
+  and replays the body inside backward with the recorded token selection;
+* without grad mode (evaluation), the body simply runs.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .attention import TokenDropAttention
-from .ops import drop_tokens, reference
-from .ops.common import check_keep_rate
+from .attention import TokenDropAttention, call_linear
+from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
+from .ops import drop_tokens
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
-           "kept_patches", "is_reprogrammed"]
-
-MEMORY_MODES = ("lean", "fast")
-
-
-def default_train_blocks(depth: int) -> tuple[int, ...]:
-    """``(d/3*k - 1 for k = 1..3)``: (3, 7, 11) for 12 blocks."""
-    return tuple(sorted({max(0, round(depth / 3 * k) - 1) for k in (1, 2, 3)}))
-
-
-def default_drop_at(depth: int) -> tuple[int, ...]:
-    """``(d/4*k for k = 1..3)``: (3, 6, 9) for 12 blocks."""
-    return tuple(sorted({min(depth - 1, round(depth / 4 * k)) for k in (1, 2, 3)}))
-
-
-def _plain_linear(name, module, inp):
-    return module(inp)
+           "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
 
 
 class BSRBlock(Block):
     """A timm ``Block`` that may drop tokens after attention, and run memory-lean.
 
-    Attributes set by :func:`reprogram`: ``bsr_keep_rate`` (1.0 means no drop), ``bsr_fuse``,
-    ``bsr_prefix`` (P), ``bsr_mode`` ("nograd", "lean" or "fast") and ``bsr_trained``.
+    Attributes set by :func:`reprogram`: ``bsr_config`` (the model's one
+    :class:`~bsr_kernels.config.BSRConfig`) and ``bsr_index`` (this block's position).
     """
 
-    def body(self, x: torch.Tensor, linear=_plain_linear, drop=None) -> torch.Tensor:
+    @property
+    def bsr_drops(self) -> bool:
+        return self.bsr_config.drops(self.bsr_index)
+
+    @property
+    def bsr_trained(self) -> bool:
+        return self.bsr_config.trains(self.bsr_index)
+
+    def body(self, x: torch.Tensor, linear=call_linear, kept: Optional[torch.Tensor] = None,
+             record=None) -> torch.Tensor:
         """The block's computation, written once for every mode.
 
         Args:
             x: (B, N, C) tokens.
             linear: ``linear(name, module, input)`` runs the projections "qkv", "proj", "fc1"
                 and "fc2"; replaced by the lean backward to replay saved outputs.
-            drop: ``drop(x, q, k) -> (x, kept)``; defaults to :meth:`drop`.
+            kept: replay this recorded selection instead of selecting (lean/fast backward).
+            record: ``record(kept, n_candidates)`` is called at a drop (``kept_patches``).
 
         Returns:
             (B, N', C) tokens, N' < N after a drop.
         """
         out, q, k = self.attn.forward_qk(self.norm1(x), linear=linear)
         x = x + self.drop_path1(self.ls1(out))
-        x, _ = (drop or self.drop)(x, q, k)
+        if self.bsr_drops:
+            cfg = self.bsr_config
+            n_candidates = x.shape[1] - cfg.num_prefix_tokens
+            x, kept = drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
+                                  num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
+            if record is not None:
+                record(kept, n_candidates)
         mlp = self.mlp
         h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
         return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
-
-    def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-             kept: Optional[torch.Tensor] = None):
-        """The block's token drop; identity when ``bsr_keep_rate`` is 1.
-
-        ``kept`` replays a recorded selection (the compressed lean backward, whose recomputed
-        scores are approximate); the fusion weights are then the differentiable scores of q, k.
-        """
-        if self.bsr_keep_rate >= 1.0:
-            return x, None
-        if q.dtype != x.dtype:  # autocast: bf16/fp16 q, k beside an fp32 residual stream
-            q, k = q.to(x.dtype), k.to(x.dtype)
-        if kept is not None:
-            x, kept, _, _ = reference.drop_tokens(x, q, k, self.attn.scale, self.bsr_prefix,
-                                                  kept.shape[1], self.bsr_fuse, kept=kept)
-            return x, kept
-        n_candidates = x.shape[1] - self.bsr_prefix
-        x, kept = drop_tokens(x, q, k, self.bsr_keep_rate, fuse_token=self.bsr_fuse,
-                              num_prefix_tokens=self.bsr_prefix)
-        if self._bsr_trace is not None:
-            self._bsr_trace.append((kept.detach(), n_candidates))
-        return x, kept
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a reprogrammed (BSR) block takes no attn_mask/is_causal: token "
                              "dropping changes the sequence; call bsr_kernels.restore(model) first")
-        if self.bsr_mode == "nograd":
+        trace = self._bsr_trace
+        record = None if trace is None else (lambda kept, m: trace.append((kept.detach(), m)))
+        if self.bsr_config.without_grad(self.bsr_index):
             with torch.no_grad():
-                return self.body(x)
-        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled():
+                return self.body(x, record=record)
+        if self.bsr_config.memory_mode != "autograd" and torch.is_grad_enabled() \
+                and record is None:
             from .backward import lean_block
             return lean_block(self, x)
-        return self.body(x)
-
-
-def _check_blocks(name: str, value, depth: int) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a sequence of block indices, got {value!r}")
-    out = []
-    for i in value:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise ValueError(f"{name} must hold ints, got {i!r}")
-        if not 0 <= int(i) < depth:
-            raise ValueError(f"{name} index {int(i)} is outside the model's blocks 0..{depth - 1}")
-        out.append(int(i))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name} has repeated indices: {out}")
-    return tuple(sorted(out))
+        return self.body(x, record=record)
 
 
 def _unsupported_reasons(model: nn.Module) -> list[str]:
@@ -167,7 +134,7 @@ def _unsupported_reasons(model: nn.Module) -> list[str]:
 
 def is_reprogrammed(model: nn.Module) -> bool:
     """Whether :func:`reprogram` has been applied to ``model``."""
-    return hasattr(model, "_bsr_config")
+    return isinstance(getattr(model, "bsr_config", None), BSRConfig)
 
 
 def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
@@ -184,7 +151,14 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         drop_at: blocks that drop tokens after attention; default ``(d/4*k for k = 1..3)``.
         keep_rate: fraction of non-prefix tokens kept at each drop, in (0, 1].
         fuse_token: fuse the dropped tokens into one extra token (EViT).
-        memory_mode: "lean" (recompute in backward, least memory) or "fast" (plain autograd).
+        memory_mode: what backward stores; all three give the same gradients.
+            ``"autograd"``: plain autograd through the block (SDPA, the fused drop op); stores
+            what autograd stores, recomputes nothing; compiles best.
+            ``"fast"``: stores the block input and the qkv, proj and fc1 outputs; recomputes
+            LayerNorm, GELU and attention in backward, never a matmul.
+            ``"lean"`` (default): stores the input of frozen blocks (plus the qkv and fc1 outputs
+            of trained ones); recomputes the rest, never fc2's output. The least memory.
+            Blocks before the first trained block need no backward in any mode.
         train_norm: also train the final norm (``model.norm`` / ``model.fc_norm``).
         activation_dtype: opt-in compression of what the lean/fast backward saves (e.g.
             ``torch.bfloat16``, in the spirit of Mesa): saved activations are stored in this
@@ -192,57 +166,37 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
             them exact.
 
     Returns:
-        The same model object, reprogrammed. Its class and state_dict keys are unchanged.
+        The same model object, reprogrammed, with ``model.bsr_config`` set. Its class and
+        state_dict keys are unchanged.
 
     Raises:
         ValueError: on a bad argument (named in the message) or an unsupported model; the model
-            is then left unchanged.
+            is then left unchanged. TypeError: ``keep_rate`` is not a number.
     """
     reasons = _unsupported_reasons(model)
     if reasons:
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
-    depth = len(model.blocks)
-    train_blocks = _check_blocks("train_blocks", default_train_blocks(depth)
-                                 if train_blocks is None else train_blocks, depth)
-    drop_at = _check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
-                            depth)
-    keep_rate = check_keep_rate(keep_rate)
-    if memory_mode not in MEMORY_MODES:
-        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
-    if not isinstance(fuse_token, bool):
-        raise ValueError(f"fuse_token must be a bool, got {fuse_token!r}")
-    if not isinstance(train_norm, bool):
-        raise ValueError(f"train_norm must be a bool, got {train_norm!r}")
-    if activation_dtype is not None and not (isinstance(activation_dtype, torch.dtype)
-                                             and activation_dtype.is_floating_point):
-        raise ValueError(f"activation_dtype must be a floating torch.dtype or None, "
-                         f"got {activation_dtype!r}")
+    config = BSRConfig.create(len(model.blocks), model.num_prefix_tokens, train_blocks, drop_at,
+                              keep_rate, fuse_token, memory_mode, train_norm, activation_dtype)
 
     if is_reprogrammed(model):
         restore(model)
-    model._bsr_config = dict(train_blocks=train_blocks, drop_at=drop_at, keep_rate=keep_rate,
-                             fuse_token=fuse_token, memory_mode=memory_mode,
-                             train_norm=train_norm, activation_dtype=activation_dtype)
+    model.bsr_config = config
     model._bsr_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     trained_names = {"head.", "head_dist."}
     if train_norm:
         trained_names |= {"norm.", "fc_norm."}
-    trained_names |= {f"blocks.{i}." for i in train_blocks}
+    trained_names |= {f"blocks.{i}." for i in config.train_blocks}
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(t) for t in trained_names))
 
-    first_trained = min(train_blocks, default=depth)
     for i, blk in enumerate(model.blocks):
         blk._bsr_orig_class = type(blk)
         blk.__class__ = BSRBlock
         blk.attn.__class__ = TokenDropAttention
-        blk.bsr_keep_rate = keep_rate if i in drop_at else 1.0
-        blk.bsr_fuse = fuse_token
-        blk.bsr_prefix = model.num_prefix_tokens
-        blk.bsr_trained = i in train_blocks
-        blk.bsr_mode = "nograd" if i < first_trained else memory_mode
-        blk.bsr_activation_dtype = activation_dtype
+        blk.bsr_config = config
+        blk.bsr_index = i
         blk._bsr_trace = None
     return model
 
@@ -258,12 +212,11 @@ def restore(model: nn.Module) -> nn.Module:
     for blk in model.blocks:
         blk.__class__ = blk._bsr_orig_class
         blk.attn.__class__ = Attention
-        for attr in ("_bsr_orig_class", "bsr_keep_rate", "bsr_fuse", "bsr_prefix",
-                     "bsr_trained", "bsr_mode", "bsr_activation_dtype", "_bsr_trace"):
+        for attr in ("_bsr_orig_class", "bsr_config", "bsr_index", "_bsr_trace"):
             delattr(blk, attr)
     for name, p in model.named_parameters():
         p.requires_grad_(model._bsr_requires_grad.get(name, True))
-    del model._bsr_config, model._bsr_requires_grad
+    del model.bsr_config, model._bsr_requires_grad
     return model
 
 
@@ -295,6 +248,6 @@ def kept_patches(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
         mapped = kept if mapping is None else torch.gather(mapping, 1, kept)
         out.append(mapped)
         mapping = mapped
-        if model._bsr_config["fuse_token"] and kept.shape[1] < n_candidates:
+        if model.bsr_config.fuse_token and kept.shape[1] < n_candidates:
             mapping = torch.cat([mapping, mapping.new_full((mapping.shape[0], 1), -1)], dim=1)
     return out

@@ -132,7 +132,7 @@ Tensor frozen_block_backward(const Tensor& grad_out, const Tensor& x, const OptT
     std::vector<Tensor> parts = {x1.narrow(1, 0, P),
                                  at::gather(xp, 1, kept_long.unsqueeze(-1).expand({B, n_keep, C}))};
     if (fused) {
-      auto s = call_op("bsr_kernels::cls_attention", {q, k, scale, P});
+      auto s = call_op("bsr_kernels::cls_attention", {q, k, scale, P, std::string()});
       scores = s[0].toTensor();
       lse = s[1].toTensor();
       Tensor weights = scores.scatter(1, kept_long, 0.0);  // dropped tokens' scores, kept: 0
@@ -157,12 +157,13 @@ Tensor frozen_block_backward(const Tensor& grad_out, const Tensor& x, const OptT
   Tensor g_x1 = g_x2, g_q_drop, g_k_drop;
   if (fused) {
     auto g = call_op("bsr_kernels::drop_tokens_backward",
-                     {g_x2.contiguous(), x1, q, k, *kept, scores, lse, scale, P});
+                     {g_x2.contiguous(), x1, q, k, *kept, scores, lse, scale, P,
+                      std::string()});
     g_x1 = g[0].toTensor();
     g_q_drop = g[1].toTensor();
     g_k_drop = g[2].toTensor();
   } else if (drops) {
-    g_x1 = call_op("bsr_kernels::gather_tokens_backward", {g_x2.contiguous(), *kept, N, P})[0]
+    g_x1 = call_op("bsr_kernels::gather_tokens_backward", {g_x2.contiguous(), *kept, N, P, std::string()})[0]
                .toTensor();
   }
 

@@ -45,7 +45,7 @@ def test_bsr_delta_holds_trained_blocks_only_and_round_trips(tmp_path):
     # A fresh base model (plain timm) becomes the fine-tuned BSR model.
     base = _vit()
     bsr_kernels.load_delta(base, path)
-    assert hasattr(base, "_bsr_config")
+    assert hasattr(base, "bsr_config")
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         expected, got = tuned(x), base(x)
@@ -67,7 +67,7 @@ def test_delta_of_other_head_size_resets_the_classifier(tmp_path):
     path = save_delta(model, tmp_path / "bitfit.safetensors")
     bsr_kernels.load_delta(base, path)
     assert base.head.out_features == 5
-    assert not hasattr(base, "_bsr_config")
+    assert not hasattr(base, "bsr_config")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(base(x), model(x), rtol=0, atol=0)
@@ -79,16 +79,16 @@ def test_delta_refuses_another_base_and_bad_files(tmp_path):
     other = _vit(seed=123)                   # other pre-trained weights
     with pytest.raises(ValueError, match="frozen weights differ"):
         bsr_kernels.load_delta(other, path)
-    assert not hasattr(other, "_bsr_config")            # a refused delta changes nothing
+    assert not hasattr(other, "bsr_config")            # a refused delta changes nothing
     bsr_kernels.delta.load_delta(other, path, check_base=False)   # explicit opt-out works
-    assert hasattr(other, "_bsr_config")
+    assert hasattr(other, "bsr_config")
 
     from timm.models.vision_transformer import VisionTransformer
     small = VisionTransformer(img_size=64, patch_size=16, num_classes=10, embed_dim=192,
                               depth=6, num_heads=3)
     with pytest.raises(ValueError, match="does not fit this model"):
         bsr_kernels.load_delta(small, path)
-    assert not hasattr(small, "_bsr_config")
+    assert not hasattr(small, "bsr_config")
 
     with pytest.raises(ValueError, match="no such delta"):
         bsr_kernels.load_delta(_vit(), tmp_path / "missing.safetensors")
@@ -135,7 +135,7 @@ def _tiny():
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             {n: p.requires_grad for n, p in model.named_parameters()},
-            dict(getattr(model, "_bsr_config", {}) or {}), type(model.blocks[3]))
+            (model.bsr_config if hasattr(model, "bsr_config") else None), type(model.blocks[3]))
 
 
 def _assert_unchanged(model, snap):
@@ -179,7 +179,7 @@ def test_load_delta_replaces_other_bsr_settings_with_the_deltas(tuned_delta):
         bsr_kernels.load_delta(t, path)
     assert "keep_rate 0.9 -> 0.5" in str(w[0].message)
     assert "drop_at [1] -> [3, 6, 9]" in str(w[0].message)
-    assert t._bsr_config == tuned._bsr_config
+    assert t.bsr_config == tuned.bsr_config
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(t(x), tuned(x), rtol=0, atol=0)
@@ -196,7 +196,7 @@ def test_load_delta_of_a_plain_model_restores_a_reprogrammed_one(tmp_path):
     t = bsr_kernels.reprogram(_tiny())
     with pytest.warns(UserWarning, match="not reprogrammed"):
         bsr_kernels.load_delta(t, path)
-    assert not hasattr(t, "_bsr_config")
+    assert not hasattr(t, "bsr_config")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(t(x), plain(x), rtol=0, atol=0)

@@ -583,7 +583,6 @@ _BAD_DROP = {
     "q-int": (_bad(q_dtype=torch.int64), TypeError, "q"),
     "k-int": (_bad(k_dtype=torch.int16), TypeError, "k"),
     "x-bool": (_bad(x_dtype=torch.bool), TypeError, "x"),
-    "x-float64-vs-q-float32": (_bad(x_dtype=torch.float64), TypeError, "x"),
     "k-float64-vs-q-float32": (_bad(k_dtype=torch.float64), TypeError, "k"),
     "q-list": (_bad(q_obj=[[1.0]]), TypeError, "q"),
     "x-numpy": (_bad(x_obj="numpy"), TypeError, "x"),
@@ -627,6 +626,31 @@ def _bad_inputs(spec):
     kwargs = dict(keep_rate=0.5)
     kwargs.update(spec)
     return made["x"], made["q"], made["k"], kwargs
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_mixed_dtypes_match_upcast(name):
+    """Autocast hands the drop bf16 q, k beside an fp32 residual stream: that is accepted (no
+    cast to fp32 is required of the caller) and equals the drop on q, k cast up to fp32."""
+    if name not in bsr_kernels.available_backends("cpu"):
+        pytest.skip(f"{name} backend not built")
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 17, 8, generator=g, requires_grad=True)
+    q = torch.randn(3, 2, 17, 4, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(3, 2, 17, 4, generator=g).bfloat16().requires_grad_()
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5, backend=name)
+    assert out.dtype == torch.float32
+    q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
+    r_out, r_kept = bsr_kernels.drop_tokens(x, q32, k32, 0.5, backend="reference")
+    assert torch.equal(kept, r_kept)
+    torch.testing.assert_close(out, r_out)
+    g_out = torch.randn(out.shape, generator=g)
+    gx, gq, gk = torch.autograd.grad(out, (x, q, k), g_out)
+    rx, rq, rk = torch.autograd.grad(r_out, (x, q32, k32), g_out)
+    assert gq.dtype == torch.bfloat16 and gk.dtype == torch.bfloat16
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gq.float(), rq, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gk.float(), rk, rtol=2e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("spec,exc,arg", list(_BAD_DROP.values()), ids=list(_BAD_DROP))
@@ -806,17 +830,22 @@ def test_opcheck_registered_ops(backend, layout):
             failures.append(f"{name}: {str(exc).splitlines()[0][:400]}")
 
     xr, qr, kr = (t.detach().requires_grad_() for t in (x, q, k))
-    check("drop_tokens(fuse)", ops.drop_tokens.default, (xr, qr, kr, scale, p, n_keep, True))
-    check("drop_tokens(nofuse)", ops.drop_tokens.default, (xr, qr, kr, scale, p, n_keep, False))
-    check("cls_attention", ops.cls_attention.default, (qr, kr, scale, p))
-    out, kept, scores, lse = ops.drop_tokens(x, q, k, scale, p, n_keep, True)
+    be = ""  # the fixture forces the backend through BSR_BACKEND
+    check("drop_tokens(fuse)", ops.drop_tokens.default, (xr, qr, kr, scale, p, n_keep, True, be))
+    check("drop_tokens(nofuse)", ops.drop_tokens.default,
+          (xr, qr, kr, scale, p, n_keep, False, be))
+    check("cls_attention", ops.cls_attention.default, (qr, kr, scale, p, be))
+    out, kept, scores, lse = ops.drop_tokens(x, q, k, scale, p, n_keep, True, be)
+    for fuse in (True, False):
+        check(f"drop_tokens_replay({fuse})", ops.drop_tokens_replay.default,
+              (xr, qr, kr, kept, scale, p, fuse, be))
     g = torch.randn_like(out)
     check("drop_tokens_backward", ops.drop_tokens_backward.default,
-          (g, x, q, k, kept, scores, lse, scale, p))
+          (g, x, q, k, kept, scores, lse, scale, p, be))
     check("gather_tokens_backward", ops.gather_tokens_backward.default,
-          (torch.randn(2, p + n_keep, x.shape[2], dtype=x.dtype), kept, n, p))
+          (torch.randn(2, p + n_keep, x.shape[2], dtype=x.dtype), kept, n, p, be))
     check("cls_attention_backward", ops.cls_attention_backward.default,
-          (torch.randn_like(scores), q, k, lse, scale, p))
+          (torch.randn_like(scores), q, k, lse, scale, p, be))
     assert not failures, "\n".join(failures)
 
 

@@ -93,11 +93,8 @@ def test_gradients_equal_plain_autograd_float32(memory_mode):
     base = small_vit(dtype=torch.float32, init_values=0.5)
     plain, bsr = copy.deepcopy(base), copy.deepcopy(base)
     x = images(dtype=torch.float32)
-    for m, mode in ((plain, memory_mode), (bsr, memory_mode)):
+    for m, mode in ((plain, "autograd"), (bsr, memory_mode)):  # autograd: the plain body
         bsr_kernels.reprogram(m, memory_mode=mode)
-    for blk in plain.blocks:  # run every block's body under plain autograd
-        if blk.bsr_mode != "nograd":
-            blk.bsr_mode = "plain"
     plain(x).square().mean().backward()
     bsr(x).square().mean().backward()
     gp, gb = grads(plain), grads(bsr)
@@ -108,10 +105,15 @@ def test_gradients_equal_plain_autograd_float32(memory_mode):
 
 def _plain_autograd(model):
     """Runs every block that is not before the first trained block under plain autograd."""
-    for blk in model.blocks:
-        if blk.bsr_mode != "nograd":
-            blk.bsr_mode = "plain"
+    bsr_kernels.reprogram(model, **_kwargs(model, "autograd"))
     return model
+
+
+def _kwargs(model, memory_mode):
+    """The reprogram arguments of ``model``'s config with another memory mode."""
+    cfg = model.bsr_config
+    return dict(train_blocks=cfg.train_blocks, drop_at=cfg.drop_at, keep_rate=cfg.keep_rate,
+                fuse_token=cfg.fuse_token, memory_mode=memory_mode, train_norm=cfg.train_norm)
 
 
 def _count_cpp_frozen_calls(monkeypatch):
@@ -255,13 +257,9 @@ def test_blocks_before_first_trained_run_without_autograd():
 def test_lean_saves_less_and_never_attention_probabilities():
     x = images(n=2, dtype=torch.float32)
     sizes = {}
-    for mode in ("plain", "fast", "lean"):
+    for mode in ("autograd", "fast", "lean"):
         model = small_vit(dtype=torch.float32)
-        bsr_kernels.reprogram(model, memory_mode="lean" if mode == "plain" else mode)
-        if mode == "plain":
-            for blk in model.blocks:
-                if blk.bsr_mode != "nograd":
-                    blk.bsr_mode = "plain"
+        bsr_kernels.reprogram(model, memory_mode=mode)
         shapes = []
 
         def pack(t):
@@ -271,7 +269,7 @@ def test_lean_saves_less_and_never_attention_probabilities():
             sizes[mode] = saved_activations(lambda: model(x).sum(), exclude=[model]).bytes
         n_tokens = 65
         assert not any(len(s) >= 2 and s[-1] == s[-2] == n_tokens for s in shapes), mode
-    assert sizes["lean"] < sizes["fast"] < sizes["plain"]
+    assert sizes["lean"] < sizes["fast"] < sizes["autograd"]
 
 
 def test_eval_and_no_grad_match_training_logits():
@@ -361,7 +359,7 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         bsr_kernels.reprogram(model, **kwargs)
     assert _same(model, snap)
-    assert not hasattr(model, "_bsr_config")
+    assert not hasattr(model, "bsr_config")
 
 
 def test_bad_arguments_on_reprogrammed_model_keep_its_configuration():
@@ -369,7 +367,7 @@ def test_bad_arguments_on_reprogrammed_model_keep_its_configuration():
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="drop_at"):
         bsr_kernels.reprogram(model, drop_at=[40])
-    assert _same(model, snap) and model._bsr_config["keep_rate"] == 0.5
+    assert _same(model, snap) and model.bsr_config.keep_rate == 0.5
 
 
 @pytest.mark.parametrize("make, match", [

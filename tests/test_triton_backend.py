@@ -111,9 +111,9 @@ def test_kernels_wrapped_per_mode_at_call_time(monkeypatch):
     assert all(isinstance(f, InterpretedFunction) for f in tb._kernels(True).values())
     assert all(isinstance(f, JITFunction) for f in tb._kernels(False).values())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert isinstance(tb._kernel("drop_fwd_kernel"), InterpretedFunction)
+    assert isinstance(tb._kernel("select_kernel"), InterpretedFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert isinstance(tb._kernel("drop_fwd_kernel"), JITFunction)
+    assert isinstance(tb._kernel("select_kernel"), JITFunction)
 
 
 _IMPORT_ORDER_SCRIPT = r"""
@@ -181,20 +181,36 @@ def _compile_for_sm90(name, pointers, constexprs, num_warps):
 
 def test_kernels_compile_for_gpu():
     """The interpreter accepts code the compiler rejects: compile each kernel for sm_90 (ViT-B
-    sizes, bf16 and fp64, fused and cls-only forward, both backward kernels) without a GPU."""
+    sizes, bf16 and fp64, selecting and scores-only, fused and plain gather, both backward
+    kernels) without a GPU, and check the launch table fills an H100 (132 SMs)."""
     import triton.language as tl
 
-    for dt, acc in (("bf16", tl.float32), ("fp64", tl.float64)):
-        cd = "fp64" if dt == "fp64" else "fp32"
-        fwd_ptrs = dict(x_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=f"*{dt}", out_ptr=f"*{dt}",
-                        kept_ptr="*i32", scores_ptr=f"*{cd}", lse_ptr=f"*{cd}",
-                        logit_ws_ptr=f"*{cd}", slot_ws_ptr="*i32")
-        for drop in (True, False):
-            blocks = tb._fwd_blocks(197, 196, 64, 768 if drop else 1)
-            kernel = _compile_for_sm90("drop_fwd_kernel", fwd_ptrs,
-                                       dict(ACC=acc, DO_DROP=drop, FUSE=drop, P=1, **blocks),
-                                       tb.LAUNCH["fwd_num_warps"])
-            assert "cubin" in kernel.asm and ".entry drop_fwd_kernel" in kernel.asm["ptx"]
+    for dt, cd in (("bf16", torch.float32), ("fp64", torch.float64)):
+        acc = "fp64" if dt == "fp64" else "fp32"
+        kernel = _compile_for_sm90(
+            "cls_logits_kernel", dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", logit_ws_ptr=f"*{acc}",
+                                      lse_ptr=f"*{acc}"),
+            dict(ACC=tb._acc(cd), **tb.logits_blocks(64)), tb.LAUNCH["num_warps"])
+        assert "cubin" in kernel.asm and ".entry cls_logits_kernel" in kernel.asm["ptx"]
+        for select in (True, False):
+            kernel = _compile_for_sm90(
+                "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
+                                      scores_ptr=f"*{acc}", kept_ptr="*i32", slot_ws_ptr="*i32"),
+                dict(ACC=tb._acc(cd), DO_SELECT=select, **tb.select_blocks(196, cd)),
+                tb.LAUNCH["num_warps"])
+            assert "cubin" in kernel.asm
+        for fuse in (True, False):
+            blocks = tb.gather_blocks(128, 197, 768, 132)
+            kernel = _compile_for_sm90(
+                "gather_kernel", dict(x_ptr=f"*{dt}", slot_ws_ptr="*i32", scores_ptr=f"*{acc}",
+                                      out_ptr=f"*{dt}"),
+                dict(ACC=tb._acc(cd), FUSE=fuse, **blocks), tb.LAUNCH["num_warps"])
+            assert "cubin" in kernel.asm
+    # the gather grid gives every SM several programs at ViT-B sizes, small batches included
+    for b in (8, 32, 128, 256):
+        blocks = tb.gather_blocks(b, 197, 768, 132)
+        programs = b * -(-768 // blocks["BLOCK_C"])
+        assert programs >= min(tb.LAUNCH["programs_per_sm"] * 132, b * 768 // 32), (b, blocks)
     rows_ptrs = dict(gout_ptr="*bf16", kept_ptr="*i32", x_ptr="*bf16", scores_ptr="*fp32",
                      gx_ptr="*bf16", gs_ptr="*fp32")
     kernel = _compile_for_sm90("rows_bwd_kernel", rows_ptrs,
@@ -444,11 +460,15 @@ def test_gradcheck_public_api(device, calls):
 
 
 def test_opcheck_drop_op(device):
-    from bsr_kernels.ops import _drop_op
+    from bsr_kernels.ops import _drop_op, _replay_op
 
     x, q, k = _inputs(2, 2, 9, 4, 5, device, torch.float32, seed=15)
     x, q, k = (t.requires_grad_() for t in (x, q, k))
-    torch.library.opcheck(_drop_op, (x, q, k, 0.5, 1, 3, True),
+    torch.library.opcheck(_drop_op, (x, q, k, 0.5, 1, 3, True, "triton"),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    kept = torch.tensor([[0, 3, 5], [1, 2, 7]], dtype=torch.int32, device=x.device)
+    torch.library.opcheck(_replay_op, (x, q, k, kept, 0.5, 1, True, "triton"),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
 

@@ -440,9 +440,9 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
                     "trainable_params": sum(p.numel() for p in trained.values()),
                     "total_params": sum(p.numel() for p in model.parameters())})
         if method == "bsr":
-            cfg = model._bsr_config
-            res.update({"train_blocks": list(cfg["train_blocks"]),
-                        "drop_at": list(cfg["drop_at"]), "keep_rate": cfg["keep_rate"],
+            cfg = model.bsr_config
+            res.update({"train_blocks": list(cfg.train_blocks),
+                        "drop_at": list(cfg.drop_at), "keep_rate": cfg.keep_rate,
                         "memory_mode": args.memory_mode,
                         "activation_dtype": args.activation_dtype or "exact"})
         if info.is_main and out is not None:
@@ -510,12 +510,12 @@ def _draw(models: dict, results: dict, data, args, path: Path) -> Optional[Path]
     images = kept = None
     drop_at: Sequence[int] = ()
     model = models.get("bsr")
-    if model is not None and args.samples and model._bsr_config["drop_at"]:
+    if model is not None and args.samples and model.bsr_config.drop_at:
         x, _ = _first_batch(data.test, args.samples)
         model.eval()
         kept = kept_patches(model, x.to(next(model.parameters()).device))
         images = _unnormalise(x, data.mean, data.std)
-        drop_at = model._bsr_config["drop_at"]
+        drop_at = model.bsr_config.drop_at
     patch = model.patch_embed.patch_size[0] if model is not None else 1
     try:
         return draw_report(path, results, images, kept, patch, drop_at,

@@ -1,30 +1,33 @@
 """The token-drop ops: ``cls_attention`` and ``drop_tokens``, one dispatcher, three backends.
 
 The ops are registered with ``torch.library`` (namespace ``bsr_kernels``), with fake kernels and
-autograd, so ``torch.compile`` treats them as opaque and gives the eager result.
+autograd, so ``torch.compile`` treats them as opaque and gives the eager result. Every registered
+op takes a ``backend`` string ("" for the dispatcher's choice), so a forced backend also runs the
+backward. ``drop_tokens_replay`` is the forward with a recorded selection (``kept=``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .common import (check_keep_rate, check_prefix, check_qk, check_x, compute_dtype, num_kept,
-                     out_tokens, resolve_scale)
-from .dispatch import available_backends, select_backend
+from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
+                     check_qk, check_x, compute_dtype, out_tokens, resolve_scale)
+from .dispatch import available_backends, select_backend, use_backend
 
-__all__ = ["cls_attention", "drop_tokens", "available_backends"]
+__all__ = ["cls_attention", "drop_tokens", "available_backends", "use_backend", "DropPlan"]
 
 
 # --- registered ops (inputs already checked) ------------------------------------------------
 
 @torch.library.custom_op("bsr_kernels::cls_attention", mutates_args=())
-def _cls_attention_op(q: Tensor, k: Tensor, scale: float, num_prefix_tokens: int
+def _cls_attention_op(q: Tensor, k: Tensor, scale: float, num_prefix_tokens: int, backend: str
                       ) -> tuple[Tensor, Tensor]:
-    return select_backend(q.device, q.dtype).cls_scores(q, k, scale, num_prefix_tokens)
+    return select_backend(q.device, q.dtype, name=backend).cls_scores(q, k, scale,
+                                                                       num_prefix_tokens)
 
 
 @_cls_attention_op.register_fake
-def _(q, k, scale, num_prefix_tokens):
+def _(q, k, scale, num_prefix_tokens, backend):
     b, h, n, _ = q.shape
     cd = compute_dtype(q.dtype)
     return q.new_empty(b, n - num_prefix_tokens, dtype=cd), q.new_empty(b, h, dtype=cd)
@@ -32,27 +35,28 @@ def _(q, k, scale, num_prefix_tokens):
 
 @torch.library.custom_op("bsr_kernels::cls_attention_backward", mutates_args=())
 def _cls_attention_bwd_op(grad_scores: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float,
-                          num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
-    return select_backend(q.device, q.dtype).cls_scores_backward(
+                          num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor]:
+    return select_backend(q.device, q.dtype, name=backend).cls_scores_backward(
         grad_scores, q, k, lse, scale, num_prefix_tokens)
 
 
 @_cls_attention_bwd_op.register_fake
-def _(grad_scores, q, k, lse, scale, num_prefix_tokens):
+def _(grad_scores, q, k, lse, scale, num_prefix_tokens, backend):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 def _cls_attention_setup(ctx, inputs, output):
-    q, k, scale, p = inputs
+    q, k, scale, p, backend = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.scale, ctx.p = scale, p
+    ctx.scale, ctx.p, ctx.backend = scale, p, backend
     ctx.save_for_backward(q, k, output[1])
 
 
 def _cls_attention_backward(ctx, grad_scores, grad_lse):
     q, k, lse = ctx.saved_tensors
-    gq, gk = _cls_attention_bwd_op(grad_scores.contiguous(), q, k, lse, ctx.scale, ctx.p)
-    return gq, gk, None, None
+    gq, gk = _cls_attention_bwd_op(grad_scores.contiguous(), q, k, lse, ctx.scale, ctx.p,
+                                   ctx.backend)
+    return gq, gk, None, None, None
 
 
 _cls_attention_op.register_autograd(_cls_attention_backward, setup_context=_cls_attention_setup)
@@ -60,77 +64,114 @@ _cls_attention_op.register_autograd(_cls_attention_backward, setup_context=_cls_
 
 @torch.library.custom_op("bsr_kernels::drop_tokens", mutates_args=())
 def _drop_op(x: Tensor, q: Tensor, k: Tensor, scale: float, num_prefix_tokens: int, n_keep: int,
-             fuse_token: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return select_backend(x.device, x.dtype).drop_forward(
+             fuse_token: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return select_backend(x.device, x.dtype, q.dtype, name=backend).drop_forward(
         x, q, k, scale, num_prefix_tokens, n_keep, fuse_token)
 
 
 @_drop_op.register_fake
-def _(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
+def _(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token, backend):
     b, n, c = x.shape
     m = n - num_prefix_tokens
-    cd = compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype, q.dtype)
     return (x.new_empty(b, out_tokens(num_prefix_tokens, n_keep, m, fuse_token), c),
             x.new_empty(b, n_keep, dtype=torch.int32),
             x.new_empty(b, m, dtype=cd), x.new_empty(b, q.shape[1], dtype=cd))
 
 
+@torch.library.custom_op("bsr_kernels::drop_tokens_replay", mutates_args=())
+def _replay_op(x: Tensor, q: Tensor, k: Tensor, kept: Tensor, scale: float,
+               num_prefix_tokens: int, fuse_token: bool, backend: str
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    return select_backend(x.device, x.dtype, q.dtype, name=backend).drop_replay(
+        x, q, k, kept, scale, num_prefix_tokens, fuse_token)
+
+
+@_replay_op.register_fake
+def _(x, q, k, kept, scale, num_prefix_tokens, fuse_token, backend):
+    b, n, c = x.shape
+    m = n - num_prefix_tokens
+    n_keep = kept.shape[1]
+    cd = compute_dtype(x.dtype, q.dtype)
+    return (x.new_empty(b, out_tokens(num_prefix_tokens, n_keep, m, fuse_token), c),
+            x.new_empty(b, m, dtype=cd), x.new_empty(b, q.shape[1], dtype=cd))
+
+
 @torch.library.custom_op("bsr_kernels::drop_tokens_backward", mutates_args=())
 def _drop_bwd_op(grad_out: Tensor, x: Tensor, q: Tensor, k: Tensor, kept: Tensor, scores: Tensor,
-                 lse: Tensor, scale: float, num_prefix_tokens: int
+                 lse: Tensor, scale: float, num_prefix_tokens: int, backend: str
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    return select_backend(x.device, x.dtype).drop_backward(
+    return select_backend(x.device, x.dtype, q.dtype, name=backend).drop_backward(
         grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens)
 
 
 @_drop_bwd_op.register_fake
-def _(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
+def _(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens, backend):
     return torch.empty_like(x), torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.custom_op("bsr_kernels::gather_tokens_backward", mutates_args=())
-def _gather_bwd_op(grad_out: Tensor, kept: Tensor, n_tokens: int, num_prefix_tokens: int
-                   ) -> Tensor:
-    return select_backend(grad_out.device, grad_out.dtype).gather_backward(
+def _gather_bwd_op(grad_out: Tensor, kept: Tensor, n_tokens: int, num_prefix_tokens: int,
+                   backend: str) -> Tensor:
+    return select_backend(grad_out.device, grad_out.dtype, name=backend).gather_backward(
         grad_out, kept, n_tokens, num_prefix_tokens)
 
 
 @_gather_bwd_op.register_fake
-def _(grad_out, kept, n_tokens, num_prefix_tokens):
+def _(grad_out, kept, n_tokens, num_prefix_tokens, backend):
     return grad_out.new_empty(grad_out.shape[0], n_tokens, grad_out.shape[2])
 
 
-def _drop_setup(ctx, inputs, output):
-    x, q, k, scale, p, n_keep, fuse_token = inputs
-    x_out, kept, scores, lse = output
-    ctx.mark_non_differentiable(kept, scores, lse)
-    ctx.scale, ctx.p, ctx.n_tokens = scale, p, x.shape[1]
-    ctx.fused = x_out.shape[1] > p + n_keep
+def _save_drop(ctx, x, q, k, kept, scores, lse, scale, p, backend, fused):
+    ctx.scale, ctx.p, ctx.n_tokens, ctx.backend, ctx.fused = scale, p, x.shape[1], backend, fused
     # Saved: int32 indices always; for the fused token also x, q, k (q and k are views of the
     # block's qkv, which attention saves anyway), the (B, M) scores and the (B, H) logsumexp.
-    if ctx.fused:
+    if fused:
         ctx.save_for_backward(kept, x, q, k, scores, lse)
     else:
         ctx.save_for_backward(kept)
 
 
-def _drop_backward(ctx, grad_out, *_):
+def _drop_setup(ctx, inputs, output):
+    x, q, k, scale, p, n_keep, fuse_token, backend = inputs
+    x_out, kept, scores, lse = output
+    ctx.mark_non_differentiable(kept, scores, lse)
+    _save_drop(ctx, x, q, k, kept, scores, lse, scale, p, backend, x_out.shape[1] > p + n_keep)
+
+
+def _replay_setup(ctx, inputs, output):
+    x, q, k, kept, scale, p, fuse_token, backend = inputs
+    x_out, scores, lse = output
+    ctx.mark_non_differentiable(scores, lse)
+    _save_drop(ctx, x, q, k, kept, scores, lse, scale, p, backend,
+               x_out.shape[1] > p + kept.shape[1])
+
+
+def _drop_input_grads(ctx, grad_out):
     grad_out = grad_out.contiguous()
     if ctx.fused:
         kept, x, q, k, scores, lse = ctx.saved_tensors
-        gx, gq, gk = _drop_bwd_op(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p)
-        return gx, gq, gk, None, None, None, None
+        return _drop_bwd_op(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p, ctx.backend)
     (kept,) = ctx.saved_tensors
-    return _gather_bwd_op(grad_out, kept, ctx.n_tokens, ctx.p), None, None, None, None, None, None
+    return _gather_bwd_op(grad_out, kept, ctx.n_tokens, ctx.p, ctx.backend), None, None
+
+
+def _drop_backward(ctx, grad_out, *_):
+    return (*_drop_input_grads(ctx, grad_out), None, None, None, None, None)
+
+
+def _replay_backward(ctx, grad_out, *_):
+    return (*_drop_input_grads(ctx, grad_out), None, None, None, None, None)
 
 
 _drop_op.register_autograd(_drop_backward, setup_context=_drop_setup)
+_replay_op.register_autograd(_replay_backward, setup_context=_replay_setup)
 
 
 # --- public functional API --------------------------------------------------------------------
 
 def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
-                  num_prefix_tokens: int = 1) -> Tensor:
+                  num_prefix_tokens: int = 1, backend: str | None = None) -> Tensor:
     """CLS-row attention probabilities, averaged over heads, for the non-prefix tokens.
 
     ``s_j = mean_h softmax(q_cls,h . K_h^T * scale)[j]`` for ``j`` in ``P .. N-1``; the softmax
@@ -140,6 +181,8 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
         q, k: (B, H, N, d); token 0 is the CLS token.
         scale: softmax scale, default ``d ** -0.5``.
         num_prefix_tokens: P, the CLS token plus register tokens.
+        backend: "reference", "cpp" or "triton" to force one (as ``use_backend`` does); default:
+            the dispatcher's choice.
 
     Returns:
         (B, N - P) scores, float32 (float64 for float64 inputs). Differentiable w.r.t. q and k.
@@ -147,11 +190,14 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     check_qk(q, k)
     p = check_prefix(num_prefix_tokens, q.shape[2])
     scale = resolve_scale(scale, q.shape[3])
-    return _cls_attention_op(q, k, scale, p)[0]
+    backend = check_backend_name(backend)
+    select_backend(q.device, q.dtype, name=backend)  # an unavailable backend raises here
+    return _cls_attention_op(q, k, scale, p, backend)[0]
 
 
 def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: bool = True,
-                num_prefix_tokens: int = 1, scale: float | None = None) -> tuple[Tensor, Tensor]:
+                num_prefix_tokens: int = 1, scale: float | None = None, *,
+                kept: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """Keeps the prefix tokens and the most CLS-attended tokens of x.
 
     ``n_keep = ceil(keep_rate * (N - P))`` tokens are kept, in ascending original order, after the
@@ -160,12 +206,16 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     to the lower position.
 
     Args:
-        x: (B, N, C) residual stream.
+        x: (B, N, C) residual stream (its dtype may differ from q's: autocast).
         q, k: (B, H, N, d) of the same block's attention.
         keep_rate: fraction of non-prefix tokens to keep, in (0, 1].
         fuse_token: append the score-weighted sum of the dropped tokens.
         num_prefix_tokens: P, the CLS token plus register tokens.
         scale: softmax scale, default ``d ** -0.5``.
+        kept: replay a recorded selection, (B, n_keep) ascending positions among the non-prefix
+            tokens (as returned earlier), instead of selecting; the fusion weights are still the
+            differentiable scores of q and k. ``keep_rate`` must give the same n_keep.
+        backend: force "reference", "cpp" or "triton" for this call and its backward.
 
     Returns:
         x_out (B, P + n_keep [+ 1], C) and kept_idx (B, n_keep) int64, positions among the
@@ -179,10 +229,19 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     scale = resolve_scale(scale, q.shape[3])
     if not isinstance(fuse_token, bool):
         raise TypeError(f"fuse_token must be a bool, got {fuse_token!r}")
-    select_backend(x.device, x.dtype)  # a bad or unavailable BSR_BACKEND raises even for a no-op
-    m = x.shape[1] - p
-    n_keep = num_kept(keep_rate, m)
-    if n_keep == m:
-        return x, torch.arange(m, device=x.device).expand(x.shape[0], m)
-    x_out, kept, _, _ = _drop_op(x, q, k, scale, p, n_keep, bool(fuse_token))
+    backend = check_backend_name(backend)
+    # an unavailable backend raises even for a no-op drop
+    impl = select_backend(x.device, x.dtype, q.dtype, name=backend)
+    plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
+    if kept is not None:
+        check_kept(kept, x.shape[0], plan)
+    if plan.n_keep == plan.n_candidates:
+        return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
+    if q.dtype != x.dtype and not impl.mixed_dtypes:
+        q, k = q.to(x.dtype), k.to(x.dtype)
+    if kept is not None:
+        x_out, _, _ = _replay_op(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token,
+                                 backend)
+        return x_out, kept
+    x_out, kept, _, _ = _drop_op(x, q, k, scale, p, plan.n_keep, plan.fuse_token, backend)
     return x_out, kept.long()

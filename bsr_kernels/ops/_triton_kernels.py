@@ -19,11 +19,12 @@ before the reads of a later phase.
 """
 import triton.language as tl
 
-__all__ = ["KERNELS", "drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel", "add_combine",
-           "max_combine"]
+__all__ = ["KERNELS", "cls_logits_kernel", "select_kernel", "gather_kernel", "rows_bwd_kernel",
+           "cls_bwd_kernel", "add_combine", "max_combine"]
 
 #: The launchable kernels (the combine functions are helpers, bound per mode by the backend).
-KERNELS = ("drop_fwd_kernel", "rows_bwd_kernel", "cls_bwd_kernel")
+KERNELS = ("cls_logits_kernel", "select_kernel", "gather_kernel", "rows_bwd_kernel",
+           "cls_bwd_kernel")
 
 # Reductions and scans go through ``tl.reduce`` / ``tl.associative_scan`` with the combine
 # functions ``_SUM`` and ``_MAX`` instead of ``tl.sum`` / ``tl.max`` / ``tl.cumsum``: those are
@@ -48,135 +49,179 @@ def max_combine(a, b):
     return tl.maximum(a, b)
 
 
-def drop_fwd_kernel(
-        x_ptr, q_ptr, k_ptr, out_ptr, kept_ptr, scores_ptr, lse_ptr, logit_ws_ptr, slot_ws_ptr,
-        H, N, D, C, P, n_keep,
+def cls_logits_kernel(
+        q_ptr, k_ptr, logit_ws_ptr, lse_ptr,
+        H, N, D,
         scale: "fp64",
-        stride_xb, stride_xn, stride_xc,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_ob, stride_on, stride_oc,
-        ACC: tl.constexpr, DO_DROP: tl.constexpr, FUSE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Fused CLS scores + top-k + gather (+ fused token) for one batch element per program.
+        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1 of the forward, one (batch, head) per program; grid (B, H).
 
-    Shapes: x (B, N, C), q/k (B, H, N, D), out (B, P + n_keep [+1], C), kept (B, n_keep) int32,
-    scores (B, M) and lse (B, H) in ACC, logit_ws (B, H, N) in ACC, slot_ws (B, M) int32, with
-    M = N - P. With ``DO_DROP=False`` only scores and lse are written (x/out/kept/slot_ws unused).
+    Writes the scaled CLS-row logits ``q_cls . k_n * scale`` of every key n to ``logit_ws``
+    (B, H, N) and their logsumexp to ``lse`` (B, H), both in ACC. Reads the q_cls row and K once.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    sc = tl.full([], scale, ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q0 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=dmask,
+                 other=0.0).to(ACC)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    ws_base = logit_ws_ptr + (b * H + h) * N
+    # online logsumexp with torch's convention: the shift is the running max, or 0 while that max
+    # is infinite (so a +inf logit gives lse = +inf, as torch.logsumexp does)
+    m_i = tl.full([], float("-inf"), ACC)
+    shift = tl.full([], 0.0, ACC)
+    l_i = tl.full([], 0.0, ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        logit = tl.reduce(kt * q0[None, :], 1, _SUM) * sc
+        logit = tl.where(nmask, logit, float("-inf"))
+        tl.store(ws_base + offs_n, logit, mask=nmask)
+        m_i = tl.maximum(m_i, tl.reduce(logit, 0, _MAX))
+        new_shift = tl.where(tl.abs(m_i) == float("inf"), 0.0, m_i)
+        l_i = l_i * tl.exp(shift - new_shift) + tl.reduce(tl.exp(logit - new_shift), 0, _SUM)
+        shift = new_shift
+    tl.store(lse_ptr + b * H + h, shift + tl.log(l_i))
 
-    Phases:
-      1. per head: CLS-row logits tile by tile (kept in logit_ws), online max/sum -> lse; then
-         p = exp(logit - lse) for the M candidate columns, summed over heads into ``scores``
-         (divided by H at the last head).
-      2. rank_j = #{i : key_i > key_j or (key_i == key_j and i < j)}, key = score with NaN -> -inf;
-         kept iff rank_j < n_keep; slot = exclusive cumsum of the kept flags (ascending order).
-      3. per C tile: copy prefix and kept rows of x to their slots in out; sum the dropped rows
-         weighted by their scores into the fused row (when FUSE).
+
+def select_kernel(
+        logit_ws_ptr, lse_ptr, scores_ptr, kept_ptr, slot_ws_ptr,
+        H, N, P, n_keep,
+        ACC: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
+        KEY_FLIP: tl.constexpr, DO_SELECT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Pass 2 of the forward, one batch element per program; grid (B,).
+
+    1. ``scores[j] = mean_h exp(logit[h, P + j] - lse[h])`` for the M = N - P candidates.
+    2. With DO_SELECT, the exact selection rule without sorting: each score becomes an integer
+       key of the same order (NaN -> -inf, -0.0 -> +0.0, IEEE bits with the magnitude bits
+       flipped for negatives), the n_keep-th largest key T is found bit by bit from the top
+       (KEY_BITS counting passes over the M keys: T is the largest value with
+       #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
+       positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
+       ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
+    Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks.
     """
     b = tl.program_id(0).to(tl.int64)
     M = N - P
     hf = H * 1.0
-    sc = tl.full([], scale, ACC)
-
-    # ---- phase 1: scores and lse ----------------------------------------------------------------
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    for h in range(0, H):
-        q0 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=dmask,
-                     other=0.0).to(ACC)
-        k_base = k_ptr + b * stride_kb + h * stride_kh
-        ws_base = logit_ws_ptr + (b * H + h) * N
-        # online logsumexp with torch's convention: the shift is the running max, or 0 while
-        # that max is infinite (so a +inf logit gives lse = +inf, as torch.logsumexp does)
-        m_i = tl.full([], float("-inf"), ACC)
-        shift = tl.full([], 0.0, ACC)
-        l_i = tl.full([], 0.0, ACC)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < N
-            kt = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                         mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
-            logit = tl.reduce(kt * q0[None, :], 1, _SUM) * sc
-            logit = tl.where(nmask, logit, float("-inf"))
-            tl.store(ws_base + offs_n, logit, mask=nmask)
-            m_i = tl.maximum(m_i, tl.reduce(logit, 0, _MAX))
-            new_shift = tl.where(tl.abs(m_i) == float("inf"), 0.0, m_i)
-            l_i = l_i * tl.exp(shift - new_shift) + tl.reduce(tl.exp(logit - new_shift), 0, _SUM)
-            shift = new_shift
-        lse = shift + tl.log(l_i)
-        tl.store(lse_ptr + b * H + h, lse)
+    for j0 in range(0, M, BLOCK_M):
+        offs_j = j0 + tl.arange(0, BLOCK_M)
+        jmask = offs_j < M
+        acc = tl.full([BLOCK_M], 0.0, ACC)
+        for h in range(0, H):
+            lse = tl.load(lse_ptr + b * H + h)
+            logit = tl.load(logit_ws_ptr + (b * H + h) * N + P + offs_j, mask=jmask,
+                            other=float("-inf"))
+            acc += tl.exp(logit - lse)
+        tl.store(scores_ptr + b * M + offs_j, acc / hf, mask=jmask)
+    if DO_SELECT:
         tl.debug_barrier()
+        # the sign: are at least n_keep keys >= 0?
+        cnt = tl.full([], 0, tl.int32)
         for j0 in range(0, M, BLOCK_M):
             offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            logit = tl.load(ws_base + P + offs_j, mask=jmask, other=float("-inf"))
-            prob = tl.exp(logit - lse)
-            prev = tl.load(scores_ptr + b * M + offs_j, mask=jmask & (h > 0), other=0.0)
-            acc = prev + prob
-            acc = tl.where(h == H - 1, acc / hf, acc)
-            tl.store(scores_ptr + b * M + offs_j, acc, mask=jmask)
-        tl.debug_barrier()
-
-    if DO_DROP:
-        # ---- phase 2: ranks, kept indices (ascending) and each candidate's output slot ----------
-        running = tl.full([], 0, tl.int32)
-        for j0 in range(0, M, BLOCK_R):
-            offs_j = j0 + tl.arange(0, BLOCK_R)
+            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
+            s = tl.where(s != s, float("-inf"), s) + 0.0
+            bits = s.to(KEY, bitcast=True)
+            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            cnt += tl.reduce(((key >= 0) & jmask).to(tl.int32), 0, _SUM)
+        thr = tl.where(cnt >= n_keep, tl.full([], 0, KEY), tl.full([], KEY_MIN, KEY))
+        one = tl.full([], 1, KEY)
+        for i in range(0, KEY_BITS - 1):
+            trial = thr | (one << (KEY_BITS - 2 - i))
+            cnt = tl.full([], 0, tl.int32)
+            for j0 in range(0, M, BLOCK_M):
+                offs_j = j0 + tl.arange(0, BLOCK_M)
+                jmask = offs_j < M
+                s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
+                s = tl.where(s != s, float("-inf"), s) + 0.0
+                bits = s.to(KEY, bitcast=True)
+                key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+                cnt += tl.reduce(((key >= trial) & jmask).to(tl.int32), 0, _SUM)
+            thr = tl.where(cnt >= n_keep, trial, thr)
+        # keys above the threshold, then the lowest positions among the keys equal to it
+        above = tl.full([], 0, tl.int32)
+        for j0 in range(0, M, BLOCK_M):
+            offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            s_j = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
-            key_j = tl.where(s_j != s_j, float("-inf"), s_j)
-            rank = tl.full([BLOCK_R], 0, tl.int32)
-            for i0 in range(0, M, BLOCK_R):
-                offs_i = i0 + tl.arange(0, BLOCK_R)
-                imask = offs_i < M
-                s_i = tl.load(scores_ptr + b * M + offs_i, mask=imask, other=0.0)
-                key_i = tl.where(s_i != s_i, float("-inf"), s_i)
-                beats = (key_i[None, :] > key_j[:, None]) | (
-                    (key_i[None, :] == key_j[:, None]) & (offs_i[None, :] < offs_j[:, None]))
-                beats = beats & imask[None, :]
-                rank += tl.reduce(beats.to(tl.int32), 1, _SUM)
-            keep = (rank < n_keep) & jmask
+            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
+            s = tl.where(s != s, float("-inf"), s) + 0.0
+            bits = s.to(KEY, bitcast=True)
+            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            above += tl.reduce(((key > thr) & jmask).to(tl.int32), 0, _SUM)
+        n_equal = n_keep - above
+        eq_seen = tl.full([], 0, tl.int32)
+        slot_base = tl.full([], 0, tl.int32)
+        for j0 in range(0, M, BLOCK_M):
+            offs_j = j0 + tl.arange(0, BLOCK_M)
+            jmask = offs_j < M
+            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
+            s = tl.where(s != s, float("-inf"), s) + 0.0
+            bits = s.to(KEY, bitcast=True)
+            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            eq = ((key == thr) & jmask).to(tl.int32)
+            eq_rank = eq_seen + tl.associative_scan(eq, 0, _SUM) - eq
+            keep = jmask & ((key > thr) | ((eq > 0) & (eq_rank < n_equal)))
             flag = keep.to(tl.int32)
-            slot = running + tl.associative_scan(flag, 0, _SUM) - flag
+            slot = slot_base + tl.associative_scan(flag, 0, _SUM) - flag
             tl.store(kept_ptr + b * n_keep + slot, offs_j.to(tl.int32), mask=keep)
             tl.store(slot_ws_ptr + b * M + offs_j, tl.where(keep, slot, -1), mask=jmask)
-            running += tl.reduce(flag, 0, _SUM)
-        tl.debug_barrier()
+            eq_seen += tl.reduce(eq, 0, _SUM)
+            slot_base += tl.reduce(flag, 0, _SUM)
 
-        # ---- phase 3: gather prefix + kept rows, fuse the dropped rows ------------------------
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            cmask = offs_c < C
-            fused = tl.full([BLOCK_C], 0, ACC)
-            for n0 in range(0, N, BLOCK_ROWS):
-                offs_n = n0 + tl.arange(0, BLOCK_ROWS)
-                nmask = offs_n < N
-                is_pre = offs_n < P
-                is_cand = nmask & (offs_n >= P)
-                j = offs_n - P
-                slot = tl.load(slot_ws_ptr + b * M + j, mask=is_cand, other=-1)
-                is_kept = is_cand & (slot >= 0)
-                write = is_pre | is_kept
-                dest = tl.where(is_pre, offs_n, P + slot)
-                if FUSE:
-                    rmask = nmask
-                else:
-                    rmask = write
-                xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
-                             + offs_c[None, :] * stride_xc,
-                             mask=rmask[:, None] & cmask[None, :], other=0.0)
-                tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on
-                         + offs_c[None, :] * stride_oc, xt,
-                         mask=write[:, None] & cmask[None, :])
-                if FUSE:
-                    s = tl.load(scores_ptr + b * M + j, mask=is_cand, other=0.0)
-                    w = tl.where(is_kept, 0.0, s)
-                    contrib = tl.where(is_cand[:, None], w[:, None] * xt.to(ACC), 0.0)
-                    fused += tl.reduce(contrib, 0, _SUM)
-            if FUSE:
-                tl.store(out_ptr + b * stride_ob + (P + n_keep) * stride_on + offs_c * stride_oc,
-                         fused.to(out_ptr.dtype.element_ty), mask=cmask)
+
+def gather_kernel(
+        x_ptr, slot_ws_ptr, scores_ptr, out_ptr,
+        N, C, P, n_keep,
+        stride_xb, stride_xn, stride_xc,
+        stride_ob, stride_on, stride_oc,
+        ACC: tl.constexpr, FUSE: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Pass 3 of the forward, one (batch, channel tile) per program; grid (B, cdiv(C, BLOCK_C)).
+
+    Copies the prefix rows and the kept rows of x (their slots from ``slot_ws``) to out, and with
+    FUSE sums the dropped rows weighted by their scores into the fused row P + n_keep. Without
+    FUSE dropped rows are never read. Each x element is read once over the whole grid.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    M = N - P
+    fused = tl.full([BLOCK_C], 0, ACC)
+    for n0 in range(0, N, BLOCK_ROWS):
+        offs_n = n0 + tl.arange(0, BLOCK_ROWS)
+        nmask = offs_n < N
+        is_pre = offs_n < P
+        is_cand = nmask & (offs_n >= P)
+        j = offs_n - P
+        slot = tl.load(slot_ws_ptr + b * M + j, mask=is_cand, other=-1)
+        is_kept = is_cand & (slot >= 0)
+        write = is_pre | is_kept
+        dest = tl.where(is_pre, offs_n, P + slot)
+        if FUSE:
+            rmask = nmask
+        else:
+            rmask = write
+        xt = tl.load(x_ptr + b * stride_xb + offs_n[:, None] * stride_xn
+                     + offs_c[None, :] * stride_xc,
+                     mask=rmask[:, None] & cmask[None, :], other=0.0)
+        tl.store(out_ptr + b * stride_ob + dest[:, None] * stride_on + offs_c[None, :] * stride_oc,
+                 xt, mask=write[:, None] & cmask[None, :])
+        if FUSE:
+            s = tl.load(scores_ptr + b * M + j, mask=is_cand, other=0.0)
+            w = tl.where(is_kept, 0.0, s)
+            contrib = tl.where(is_cand[:, None], w[:, None] * xt.to(ACC), 0.0)
+            fused += tl.reduce(contrib, 0, _SUM)
+    if FUSE:
+        tl.store(out_ptr + b * stride_ob + (P + n_keep) * stride_on + offs_c * stride_oc,
+                 fused.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 def rows_bwd_kernel(

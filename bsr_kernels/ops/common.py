@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
+from .. import _config
+
 __all__ = [
     "Backend",
+    "DropPlan",
+    "check_backend_name",
+    "check_kept",
     "compute_dtype",
     "check_qk",
     "check_x",
@@ -34,9 +40,10 @@ __all__ = [
 ]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for scores and the fused token: float64 stays, all else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for scores and the fused token: float64 if any input is float64, else
+    float32 (x and q/k may differ under autocast: bf16 q, k beside an fp32 residual stream)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _check_tensor(t, name: str, ndim: int, dims: str) -> None:
@@ -67,14 +74,13 @@ def check_qk(q, k) -> None:
 
 
 def check_x(x, q) -> None:
-    """Checks x: (B, N, C) with the B and N of q, and q's dtype and device."""
+    """Checks x: (B, N, C) with the B and N of q, on q's device. x may have another floating
+    dtype than q and k (autocast makes bf16/fp16 q, k beside an fp32 residual stream)."""
     _check_tensor(x, "x", 3, "(B, N, C)")
     if x.shape[0] != q.shape[0]:
         raise ValueError(f"x has batch size {x.shape[0]} but q has {q.shape[0]}")
     if x.shape[1] != q.shape[2]:
         raise ValueError(f"x has {x.shape[1]} tokens but q has N={q.shape[2]}")
-    if x.dtype != q.dtype:
-        raise TypeError(f"x must have the dtype of q ({q.dtype}), got {x.dtype}")
     if x.device != q.device:
         raise ValueError(f"x must be on the device of q ({q.device}), got {x.device}")
 
@@ -120,7 +126,64 @@ def num_kept(keep_rate: float, n_candidates: int) -> int:
 
 def out_tokens(n_prefix: int, n_keep: int, n_candidates: int, fuse_token: bool) -> int:
     """Tokens after a drop: prefix + kept (+ 1 fused token when something was dropped)."""
-    return n_prefix + n_keep + int(bool(fuse_token) and n_keep < n_candidates)
+    return n_prefix + n_keep + int(DropPlan(n_prefix, n_candidates, n_keep, fuse_token).fused)
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """The sizes of one drop, computed once in Python from shapes and handed to every backend.
+
+    Attributes:
+        n_prefix: P, prefix tokens kept first (CLS, registers).
+        n_candidates: M = N - P, the scored tokens.
+        n_keep: ceil(keep_rate * M), at least 1.
+        fuse_token: whether the caller asked for a fused token.
+    """
+
+    n_prefix: int
+    n_candidates: int
+    n_keep: int
+    fuse_token: bool
+
+    @classmethod
+    def make(cls, n_tokens: int, n_prefix: int, keep_rate: float, fuse_token: bool) -> "DropPlan":
+        m = n_tokens - n_prefix
+        return cls(n_prefix, m, num_kept(keep_rate, m), bool(fuse_token))
+
+    @property
+    def drops(self) -> bool:
+        """Whether any token is dropped."""
+        return self.n_keep < self.n_candidates
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused token is appended: asked for, and something was dropped. The one place
+        this rule lives; backends receive it as a flag."""
+        return self.fuse_token and self.drops
+
+    @property
+    def out_tokens(self) -> int:
+        return self.n_prefix + self.n_keep + int(self.fused)
+
+
+def check_backend_name(backend) -> str:
+    """A backend name for the registered ops: "" (dispatcher's choice) or a known name."""
+    if backend is None or backend == "":
+        return ""
+    if not isinstance(backend, str) or backend not in _config.BACKEND_NAMES:
+        raise ValueError(f"backend must be None or one of {', '.join(_config.BACKEND_NAMES)}, "
+                         f"got {backend!r}")
+    return backend
+
+
+def check_kept(kept, batch: int, plan: "DropPlan") -> None:
+    """Checks a recorded selection for replay: integer (B, n_keep) on any device."""
+    if not isinstance(kept, torch.Tensor) or kept.is_floating_point() or kept.is_complex() \
+            or kept.dtype == torch.bool:
+        raise TypeError(f"kept must be an integer tensor, got {kept!r:.60}")
+    if tuple(kept.shape) != (batch, plan.n_keep):
+        raise ValueError(f"kept must have shape (B, n_keep) = {(batch, plan.n_keep)} for this "
+                         f"keep_rate, got {tuple(kept.shape)}")
 
 
 class Backend:
@@ -131,6 +194,8 @@ class Backend:
     """
 
     name: str = "?"
+    #: Whether x may have another dtype than q and k (else the caller casts q, k to x's dtype).
+    mixed_dtypes: bool = False
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
         """Why this backend cannot run on ``device``/``dtype``; empty when it can."""
@@ -148,6 +213,11 @@ class Backend:
     def drop_forward(self, x, q, k, scale: float, num_prefix_tokens: int, n_keep: int,
                      fuse_token: bool):
         """-> (x_out (B, out_tokens, C) in x.dtype, kept int32 (B, n_keep), scores, lse)."""
+        raise NotImplementedError
+
+    def drop_replay(self, x, q, k, kept, scale: float, num_prefix_tokens: int, fuse_token: bool):
+        """The forward with a recorded selection ``kept`` (int32, ascending).
+        -> (x_out, scores, lse)."""
         raise NotImplementedError
 
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale: float,

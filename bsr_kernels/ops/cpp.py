@@ -76,6 +76,12 @@ class CppBackend(Backend):
         return torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, scale, num_prefix_tokens, n_keep,
                                                       fuse_token)
 
+    def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
+        # The C++ forward selects inside its kernel and has no replay entry point; a replay
+        # (scores + gather of given rows) runs the reference formulation, a few torch ops.
+        from .reference import ReferenceBackend
+        return ReferenceBackend().drop_replay(x, q, k, kept, scale, num_prefix_tokens, fuse_token)
+
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         return torch.ops.bsr_kernels.cpp_drop_backward(grad_out, x, q, k, kept, scores, lse,
                                                        scale, num_prefix_tokens)

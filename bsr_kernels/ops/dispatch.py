@@ -1,20 +1,46 @@
 """Backend selection: one dispatcher for every op.
 
-``BSR_BACKEND=reference|cpp|triton`` forces a backend (an unavailable forced backend raises).
+A backend is forced, in this order, by an op's ``backend=`` argument, by the innermost
+``use_backend(name)`` context, or by ``BSR_BACKEND=reference|cpp|triton`` (for users; an
+unavailable forced backend raises).
 Otherwise CUDA tensors go to Triton and CPU tensors to the C++ extension. There is no silent
 fallback to the reference: when no backend fits, the error lists every backend and why it was
 rejected.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 
 from .. import _config
-from .common import Backend
+from .common import Backend, check_backend_name
 
-__all__ = ["get_backend", "all_backends", "available_backends", "select_backend"]
+__all__ = ["get_backend", "all_backends", "available_backends", "select_backend", "use_backend"]
 
 _BACKENDS: dict[str, Backend] = {}
+_FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("bsr_backend", default="")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Forces backend ``name`` ("reference", "cpp", "triton"; None: no forcing) for the ops called
+    inside the block, ahead of ``BSR_BACKEND``::
+
+        with bsr_kernels.use_backend("reference"):
+            x, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+    """
+    token = _FORCED.set(check_backend_name(name))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``use_backend`` or ``BSR_BACKEND``, or None."""
+    return _FORCED.get() or _config.forced_backend()
 
 
 def _load() -> dict[str, Backend]:
@@ -52,23 +78,33 @@ def available_backends(device: torch.device | str | None = None,
     return [name for name, b in _load().items() if not b.not_supported_reasons(device, dtype)]
 
 
-def select_backend(device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend for tensors on ``device`` with ``dtype``.
+def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -> Backend:
+    """The backend for tensors on ``device`` with ``dtypes`` (x's, then q's when they differ).
+
+    ``name`` forces a backend (an op's ``backend=``); else ``use_backend`` / ``BSR_BACKEND``.
 
     Raises:
         RuntimeError: when the forced backend, or every default candidate, cannot run; the message
             lists each backend with its reasons.
     """
     backends = _load()
-    forced = _config.forced_backend()
+    forced = name or forced_backend()
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
-    for name in candidates:
-        if not backends[name].not_supported_reasons(device, dtype):
-            return backends[name]
-    lines = [f"  {name}: {'; '.join(b.not_supported_reasons(device, dtype)) or 'available'}"
-             for name, b in backends.items()]
-    how = (f"BSR_BACKEND={forced} was forced" if forced
+
+    def reasons(b: Backend) -> list[str]:
+        out = b.not_supported_reasons(device, dtypes[0])
+        if b.mixed_dtypes:  # else the op casts q, k to x's dtype
+            out += [r for dt in dtypes[1:] for r in b.not_supported_reasons(device, dt)
+                    if r not in out]
+        return out
+
+    for cand in candidates:
+        if not reasons(backends[cand]):
+            return backends[cand]
+    lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in backends.items()]
+    how = (f"backend {forced!r} was forced" if forced
            else f"the default for {device.type} tensors is {candidates[0]}")
     raise RuntimeError(
-        f"no bsr_kernels backend can run on {device} {dtype} ({how}).\n" + "\n".join(lines)
-        + "\nSet BSR_BACKEND=reference to use the slow pure-PyTorch definition explicitly.")
+        f"no bsr_kernels backend can run on {device} {dtypes[0]} ({how}).\n" + "\n".join(lines)
+        + "\nUse backend='reference' (or bsr_kernels.use_backend('reference'), or "
+        "BSR_BACKEND=reference) to run the slow pure-PyTorch definition explicitly.")

@@ -15,18 +15,20 @@ __all__ = ["cls_scores", "select_tokens", "drop_tokens", "cls_scores_backward", 
            "drop_backward", "ReferenceBackend"]
 
 
-def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int):
+def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
+               cd: torch.dtype | None = None):
     """Head-mean CLS-row attention probabilities over the non-prefix tokens.
 
     Args:
         q, k: (B, H, N, d).
         scale: softmax scale.
         num_prefix_tokens: P; the softmax runs over all N keys, only columns P.. are returned.
+        cd: accumulation dtype, default ``compute_dtype(q.dtype)``.
 
     Returns:
-        scores (B, N - P) and lse (B, H), in ``compute_dtype(q.dtype)``.
+        scores (B, N - P) and lse (B, H), in ``cd``.
     """
-    cd = compute_dtype(q.dtype)
+    cd = cd or compute_dtype(q.dtype)
     logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].to(cd), k.to(cd)) * scale
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.unsqueeze(-1))
@@ -58,7 +60,7 @@ def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse
         x_out (B, P + n_keep [+ 1], C), kept (B, n_keep) int64, scores (B, M), lse (B, H).
     """
     p = num_prefix_tokens
-    scores, lse = cls_scores(q, k, scale, p)
+    scores, lse = cls_scores(q, k, scale, p, compute_dtype(x.dtype, q.dtype))
     if kept is None:
         kept, dropped = select_tokens(scores, n_keep)
     else:
@@ -120,6 +122,7 @@ class ReferenceBackend(Backend):
     """The definition wrapped as a backend, with the analytic torch-op backward."""
 
     name = "reference"
+    mixed_dtypes = True
 
     def not_supported_reasons(self, device, dtype):
         return []
@@ -134,6 +137,11 @@ class ReferenceBackend(Backend):
         x_out, kept, scores, lse = drop_tokens(x, q, k, scale, num_prefix_tokens, n_keep,
                                                fuse_token)
         return x_out, kept.to(torch.int32), scores, lse
+
+    def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
+        x_out, _, scores, lse = drop_tokens(x, q, k, scale, num_prefix_tokens, kept.shape[1],
+                                            fuse_token, kept=kept)
+        return x_out, scores, lse
 
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         return drop_backward(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens)

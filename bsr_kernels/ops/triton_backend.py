@@ -67,10 +67,14 @@ _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 
 #: Launch parameters (the benchmark sweeps them; tests shrink them to force multi-tile loops):
-#: warps per program, element budget of a 2-D tile, widest channel tile, widest score tile, and
-#: the side of the pairwise rank tile. Block sizes are powers of two derived from these.
-LAUNCH = {"num_warps": 4, "fwd_num_warps": 8, "tile_elems": 4096, "max_block_c": 256,
-          "max_block_m": 1024, "rank_block": 64}
+#: warps per program, element budget of a 2-D tile, widest channel tile of the gather, widest
+#: score tile of the selection, programs per SM the gather grid aims for, and pipeline stages.
+LAUNCH = {"num_warps": 4, "tile_elems": 4096, "max_block_c": 256, "min_block_c": 32,
+          "max_block_m": 1024, "programs_per_sm": 4, "num_stages": 3, "rank_block": 64}
+
+#: Selection keys per compute dtype: (int dtype, bits, most negative value, magnitude-bit mask).
+_KEYS = {torch.float32: ("int32", 32, -(2 ** 31), 2 ** 31 - 1),
+         torch.float64: ("int64", 64, -(2 ** 63), 2 ** 63 - 1)}
 
 
 def _rebind(fn, bindings: dict):
@@ -113,51 +117,89 @@ def _p2(n: int) -> int:
 
 
 def _acc(dtype: torch.dtype):
-    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _fwd_blocks(n: int, m: int, d: int, c: int) -> dict:
-    budget = LAUNCH["tile_elems"]
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one "SM", so the smallest grid rule applies
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def logits_blocks(d: int) -> dict:
+    """Tiles of :func:`cls_logits_kernel`: the whole head dim, as many keys as the budget allows."""
     block_d = _p2(d)
-    block_c = min(_p2(c), LAUNCH["max_block_c"])
-    return dict(BLOCK_D=block_d,
-                BLOCK_N=max(1, min(_p2(n), budget // block_d)),
-                BLOCK_M=min(_p2(m), LAUNCH["max_block_m"]),
-                BLOCK_R=min(_p2(m), LAUNCH["rank_block"]),
-                BLOCK_ROWS=max(1, min(_p2(n), budget // block_c)),
-                BLOCK_C=block_c)
+    return dict(BLOCK_D=block_d, BLOCK_N=max(1, min(128, LAUNCH["tile_elems"] // block_d)))
 
 
-def _launch_fwd(x, q, k, scale, p, n_keep, fuse, do_drop):
+def select_blocks(m: int, cd: torch.dtype) -> dict:
+    """Constants of :func:`select_kernel` for M candidates and compute dtype ``cd``."""
+    key, bits, kmin, flip = _KEYS[cd]
+    return dict(KEY=getattr(tl, key), KEY_BITS=bits, KEY_MIN=kmin, KEY_FLIP=flip,
+                BLOCK_M=min(_p2(m), LAUNCH["max_block_m"]))
+
+
+def gather_blocks(b: int, n: int, c: int, sm_count: int) -> dict:
+    """Tiles of :func:`gather_kernel`: the widest channel tile that still gives every SM
+    ``programs_per_sm`` programs (B * cdiv(C, BLOCK_C) of them), then as many rows as the
+    element budget allows."""
+    want = LAUNCH["programs_per_sm"] * sm_count
+    block_c = max(1, min(_p2(c), LAUNCH["max_block_c"]))
+    while block_c > LAUNCH["min_block_c"] and b * triton.cdiv(c, block_c) < want:
+        block_c //= 2
+    return dict(BLOCK_C=block_c, BLOCK_ROWS=max(1, min(_p2(n), LAUNCH["tile_elems"] // block_c)))
+
+
+def _launch_scores(q, k, scale, p, cd, n_keep=0):
+    """Passes 1 and 2: logits and lse, then scores (and with ``n_keep`` the selection)."""
     b, h, n, d = q.shape
     m = n - p
-    cd = compute_dtype(q.dtype)
     dev = q.device
-    scores = torch.empty(b, m, dtype=cd, device=dev)
-    lse = torch.empty(b, h, dtype=cd, device=dev)
     logit_ws = torch.empty(b, h, n, dtype=cd, device=dev)
-    if do_drop:
-        c = x.shape[2]
-        x_out = torch.empty(b, out_tokens(p, n_keep, m, fuse), c, dtype=x.dtype, device=dev)
-        kept = torch.empty(b, n_keep, dtype=torch.int32, device=dev)
-        slot_ws = torch.empty(b, m, dtype=torch.int32, device=dev)
-        fuse = bool(fuse) and n_keep < m
-    else:  # scores only: the x-side pointers are placeholders the kernel never touches
-        c, x, x_out, kept, slot_ws, fuse = 1, q, q, lse, lse, False
-    xs = x.stride() if do_drop else (0, 0, 0)
-    os_ = x_out.stride() if do_drop else (0, 0, 0)
-    _kernel("drop_fwd_kernel")[(b,)](
-        x, q, k, x_out, kept, scores, lse, logit_ws, slot_ws,
-        h, n, d, c, p, n_keep, float(scale),
-        xs[0], xs[1], xs[2],
-        q.stride(0), q.stride(1), q.stride(3),
-        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-        os_[0], os_[1], os_[2],
-        ACC=_acc(q.dtype), DO_DROP=bool(do_drop), FUSE=fuse,
-        **_fwd_blocks(n, m, d, c), num_warps=LAUNCH["fwd_num_warps"])
-    if do_drop:
-        return x_out, kept, scores, lse
-    return scores, lse
+    lse = torch.empty(b, h, dtype=cd, device=dev)
+    scores = torch.empty(b, m, dtype=cd, device=dev)
+    _kernel("cls_logits_kernel")[(b, h)](
+        q, k, logit_ws, lse, h, n, d, float(scale),
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(),
+        ACC=_acc(cd), **logits_blocks(d), num_warps=LAUNCH["num_warps"])
+    select = n_keep > 0
+    kept = torch.empty(b, n_keep if select else 1, dtype=torch.int32, device=dev)
+    slot_ws = torch.empty(b, m if select else 1, dtype=torch.int32, device=dev)
+    _kernel("select_kernel")[(b,)](
+        logit_ws, lse, scores, kept, slot_ws, h, n, p, n_keep,
+        ACC=_acc(cd), DO_SELECT=select, **select_blocks(m, cd), num_warps=LAUNCH["num_warps"])
+    return scores, lse, kept, slot_ws
+
+
+def _launch_gather(x, slot_ws, scores, p, n_keep, fuse):
+    b, n, c = x.shape
+    x_out = torch.empty(b, out_tokens(p, n_keep, n - p, fuse), c, dtype=x.dtype, device=x.device)
+    blocks = gather_blocks(b, n, c, _sm_count(x.device))
+    grid = (b, triton.cdiv(c, blocks["BLOCK_C"]))
+    _kernel("gather_kernel")[grid](
+        x, slot_ws, scores, x_out, n, c, p, n_keep, *x.stride(), *x_out.stride(),
+        ACC=_acc(scores.dtype), FUSE=x_out.shape[1] > p + n_keep, **blocks,
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+    return x_out
+
+
+def _launch_fwd(x, q, k, scale, p, n_keep, fuse):
+    cd = compute_dtype(x.dtype, q.dtype)
+    scores, lse, kept, slot_ws = _launch_scores(q, k, scale, p, cd, n_keep)
+    return _launch_gather(x, slot_ws, scores, p, n_keep, fuse), kept, scores, lse
+
+
+def _launch_replay(x, q, k, kept, scale, p, fuse):
+    """The forward with a given selection: scores from q and k, the rows of ``kept``."""
+    cd = compute_dtype(x.dtype, q.dtype)
+    scores, lse, _, _ = _launch_scores(q, k, scale, p, cd)
+    b, m = scores.shape
+    kept = kept.to(torch.int32)
+    slot_ws = torch.full((b, m), -1, dtype=torch.int32, device=x.device)
+    slot_ws.scatter_(1, kept.long(), torch.arange(kept.shape[1], dtype=torch.int32,
+                                                  device=x.device).expand_as(kept).contiguous())
+    return _launch_gather(x, slot_ws, scores, p, kept.shape[1], fuse), scores, lse
 
 
 def _launch_rows_bwd(grad_out, kept, x, scores, n_tokens, p, fuse):
@@ -180,7 +222,7 @@ def _launch_rows_bwd(grad_out, kept, x, scores, n_tokens, p, fuse):
         grad_out, kept, x, scores, grad_x, grad_scores,
         n_tokens, c, p, n_keep,
         gs[0], gs[1], gs[2], xs[0], xs[1], xs[2], gxs[0], gxs[1], gxs[2],
-        ACC=_acc(grad_out.dtype), FUSE=bool(fuse),
+        ACC=_acc(scores.dtype if fuse else grad_out.dtype), FUSE=bool(fuse),
         BLOCK_ROWS=block_rows, BLOCK_K=min(_p2(n_keep), LAUNCH["rank_block"]), BLOCK_C=block_c,
         num_warps=LAUNCH["num_warps"])
     return (grad_x, grad_scores) if fuse else grad_x
@@ -188,7 +230,7 @@ def _launch_rows_bwd(grad_out, kept, x, scores, n_tokens, p, fuse):
 
 def _launch_cls_bwd(grad_scores, q, k, lse, scale, p):
     b, h, n, d = q.shape
-    grad_scores = grad_scores.to(compute_dtype(q.dtype)).contiguous()
+    grad_scores = grad_scores.to(lse.dtype).contiguous()
     lse = lse.contiguous()
     grad_q = torch.empty_like(q)  # the layouts of the registered fake kernels
     grad_k = torch.empty_like(k)
@@ -198,7 +240,7 @@ def _launch_cls_bwd(grad_scores, q, k, lse, scale, p):
         grad_scores, q, k, lse, grad_q, grad_k,
         h, n, d, p, float(scale),
         *q.stride(), *k.stride(), *grad_q.stride(), *grad_k.stride(),
-        ACC=_acc(q.dtype), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=LAUNCH["num_warps"])
+        ACC=_acc(lse.dtype), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=LAUNCH["num_warps"])
     return grad_q, grad_k
 
 
@@ -206,6 +248,7 @@ class TritonBackend(Backend):
     """Fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
     name = "triton"
+    mixed_dtypes = True
 
     def not_supported_reasons(self, device, dtype):
         reasons = []
@@ -230,13 +273,16 @@ class TritonBackend(Backend):
         return reasons
 
     def cls_scores(self, q, k, scale, num_prefix_tokens):
-        return _launch_fwd(None, q, k, scale, num_prefix_tokens, 0, False, do_drop=False)
+        return _launch_scores(q, k, scale, num_prefix_tokens, compute_dtype(q.dtype))[:2]
 
     def cls_scores_backward(self, grad_scores, q, k, lse, scale, num_prefix_tokens):
         return _launch_cls_bwd(grad_scores, q, k, lse, scale, num_prefix_tokens)
 
     def drop_forward(self, x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
-        return _launch_fwd(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token, do_drop=True)
+        return _launch_fwd(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token)
+
+    def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
+        return _launch_replay(x, q, k, kept, scale, num_prefix_tokens, fuse_token)
 
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         grad_x, grad_scores = _launch_rows_bwd(grad_out, kept, x, scores, x.shape[1],
