@@ -220,15 +220,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _hostname() -> str:
+    import socket
+    return socket.gethostname() or "-"
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RunLockedError(ValueError):
     """An output folder that another live process is writing."""
 
 
 class RunLock:
-    """A lock file (``<folder>/.lock``, holding the owner's PID) for one writer per folder.
+    """A lock file (``<folder>/.lock``) for one writer per folder.
 
-    The lock is taken with ``O_CREAT | O_EXCL``. A lock whose PID is no longer alive (its
-    process was killed) is stale and is taken over.
+    The lock is taken with ``O_CREAT | O_EXCL`` and holds the owner's PID, the process's start
+    time (from ``/proc``, where there is one) and the host name. A lock of this host whose
+    process is gone, or whose PID now belongs to a process started at another time (PID
+    reuse), is stale and is taken over. A lock of another host (a shared file system) is
+    respected; the message says to delete it if that run is over.
 
     Raises (on :meth:`acquire`):
         RunLockedError: when a live process holds the lock.
@@ -248,11 +265,17 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
             except FileExistsError:
-                pid = self._owner()
+                pid, started, host = self._owner()
                 if pid is None and self._age() < 5.0:   # being created right now
                     pid = -1
-                if pid == -1 or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
-                    who = f"process {pid}" if pid > 0 else "a process starting now"
+                if host is not None and host != _hostname():
+                    live = True
+                else:
+                    live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
+                        started is None or _start_time(pid) in (None, started))
+                if pid == -1 or live:
+                    who = (f"process {pid}" + (f" on {host}" if host and host != _hostname()
+                                               else "") if pid > 0 else "a process starting now")
                     raise RunLockedError(
                         f"{self.what} {self.path.parent}: another bsr-finetune ({who}) is "
                         f"writing there (lock file {self.path}); wait for it to finish, use "
@@ -264,7 +287,7 @@ class RunLock:
                     pass
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{os.getpid()} {_start_time(os.getpid()) or '-'} {_hostname()}\n")
             self.held = True
             return self
         raise RunLockedError(f"{self.what} {self.path.parent}: could not take the lock file "
@@ -277,16 +300,24 @@ class RunLock:
         except OSError:
             return float("inf")
 
-    def _owner(self) -> Optional[int]:
+    def _owner(self) -> tuple:
+        """(pid, start time, host) of the lock's owner; None for what cannot be read."""
         try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+            fields = self.path.read_text().split()
+        except OSError:
+            fields = []
+        try:
+            pid = int(fields[0])
+        except (ValueError, IndexError):
+            return None, None, None
+        started = fields[1] if len(fields) > 1 and fields[1] != "-" else None
+        host = fields[2] if len(fields) > 2 else None
+        return pid, started, host
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            if self._owner() == os.getpid():
+            if self._owner()[0] == os.getpid():
                 try:
                     self.path.unlink()
                 except FileNotFoundError:

@@ -98,7 +98,8 @@ def test_out_is_locked_by_a_live_process_and_a_stale_lock_is_taken_over(tmp_path
 
 def test_run_lock_unit(tmp_path):
     lock = checkpoint.RunLock(tmp_path).acquire()
-    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    pid, started, host = (tmp_path / ".lock").read_text().split()
+    assert int(pid) == os.getpid() and host == checkpoint._hostname()
     lock.release()
     assert not (tmp_path / ".lock").exists()
     (tmp_path / ".lock").write_text("")                      # being created by someone now
@@ -384,3 +385,23 @@ def test_report_draws_curves_from_the_history(tmp_path):
         plt.Axes.plot = real_plot
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert drawn == ["full", "bsr"] * 3                  # train loss, test loss, accuracy
+
+
+def test_run_lock_sees_pid_reuse_and_other_hosts(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock_file = tmp_path / ".lock"
+    try:
+        started = checkpoint._start_time(live.pid)
+        host = checkpoint._hostname()
+        lock_file.write_text(f"{live.pid} {started} {host}\n")
+        with pytest.raises(checkpoint.RunLockedError, match=f"process {live.pid}"):
+            checkpoint.RunLock(tmp_path).acquire()
+        if started is not None:       # the PID now names another process: stale
+            lock_file.write_text(f"{live.pid} 1 {host}\n")
+            checkpoint.RunLock(tmp_path).acquire().release()
+        lock_file.write_text(f"{_dead_pid()} - other-host-xyz\n")
+        with pytest.raises(checkpoint.RunLockedError, match="on other-host-xyz"):
+            checkpoint.RunLock(tmp_path).acquire()
+    finally:
+        live.kill()
+        live.wait()
