@@ -405,3 +405,24 @@ def test_run_lock_sees_pid_reuse_and_other_hosts(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_photo_transforms_follow_the_model_data_config():
+    """timm's data config (interpolation, crop_pct) drives the transforms (issue 12)."""
+    from torchvision import transforms as T
+
+    from bsr_kernels.finetune.data import _transforms
+    from bsr_kernels.finetune.models import model_data_config
+    cfg = model_data_config("vit_base_patch16_224")       # bicubic, crop_pct 0.9: no download
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9
+    train, test = _transforms(224, cfg["mean"], cfg["std"], False, cfg)
+    flat = lambda c: [t for s in c.transforms for t in (flat(s) if isinstance(s, T.Compose)  # noqa: E731
+                                                       else [s])]
+    resize = next(t for t in flat(test) if isinstance(t, T.Resize))
+    assert resize.size == 248 and resize.interpolation == T.InterpolationMode.BICUBIC
+    crop = next(t for t in flat(train) if "RandomResizedCrop" in type(t).__name__)
+    assert crop.scale == (0.35, 1.0)
+    assert "bicubic" in str(crop.interpolation).lower()
+    from PIL import Image
+    img = Image.new("L", (300, 260))                    # grey: converted to RGB first
+    assert test(img).shape == (3, 224, 224) and train(img).shape == (3, 224, 224)

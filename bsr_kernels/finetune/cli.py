@@ -36,7 +36,7 @@ import torch
 from ..checkpoint import RunLock, clean_orphans, read_json, write_json
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
-                     model_input_config)
+                     model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
                     TrainingDivergedError, adapt, fit, load_checkpoint, setup_distributed,
@@ -373,10 +373,12 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
 
 
 def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
-    img_size, mean, std = model_input_config(args.model, args.img_size)
+    data_config = model_data_config(args.model, args.img_size)
+    img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
+        data_config["std"]
     shift = DIGITS_SHIFT * img_size // 8
     data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
-                      bad_images=args.bad_images, warn=warn)
+                      bad_images=args.bad_images, warn=warn, data_config=data_config)
     torch.manual_seed(args.seed)
     base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
                               args.checkpoint)

@@ -14,10 +14,9 @@ global batches as a single process.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -161,29 +160,46 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BSR_DATA", Path.home() / ".cache" / "bsr_kernels" / "data"))
 
 
-def _transforms(img_size: int, mean, std, small_images: bool):
+def _to_rgb(im):
+    return im.convert("RGB")
+
+
+def _transforms(img_size: int, mean, std, small_images: bool,
+                data_config: Optional[dict] = None):
+    """Train and test transforms. Photos use timm's :func:`~timm.data.create_transform` with
+    the model's data config (interpolation, crop_pct, crop_mode, mean, std): random resized
+    crops (scale 0.35-1) and flips for training, resize and centre crop for testing. Small
+    images (CIFAR) are upscaled whole, with padded random crops and flips for training."""
+    from timm.data import create_transform
     from torchvision import transforms as T
 
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
-    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    cfg = dict(data_config or {})
+    interp = cfg.get("interpolation") or "bilinear"
+    to_rgb = T.Lambda(_to_rgb)
     if small_images:   # CIFAR: 32 px images, upscaled whole
-        train = T.Compose([to_rgb, T.Resize((img_size, img_size)),
+        from timm.data.transforms import str_to_interp_mode
+        mode = str_to_interp_mode(interp)
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
+        train = T.Compose([to_rgb, T.Resize((img_size, img_size), interpolation=mode),
                            T.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect"),
                            T.RandomHorizontalFlip(), *norm])
-        test = T.Compose([to_rgb, T.Resize((img_size, img_size)), *norm])
-    else:              # photos: random resized crops for training, centre crop for testing
-        train = T.Compose([to_rgb, T.RandomResizedCrop(img_size, scale=(0.35, 1.0)),
-                           T.RandomHorizontalFlip(), *norm])
-        test = T.Compose([to_rgb, T.Resize(int(math.ceil(img_size / 0.875))),
-                          T.CenterCrop(img_size), *norm])
-    return train, test
+        test = T.Compose([to_rgb, T.Resize((img_size, img_size), interpolation=mode), *norm])
+        return train, test
+    common = dict(input_size=(3, img_size, img_size), interpolation=interp, mean=tuple(mean),
+                  std=tuple(std))
+    train = create_transform(is_training=True, scale=(0.35, 1.0), hflip=0.5,
+                             color_jitter=None, **common)
+    test = create_transform(is_training=False, crop_pct=cfg.get("crop_pct", 0.875),
+                            crop_mode=cfg.get("crop_mode", "center"), **common)
+    return T.Compose([to_rgb, train]), T.Compose([to_rgb, test])
 
 
-def _torchvision_set(name: str, root: Path, img_size: int, mean, std) -> DataBundle:
+def _torchvision_set(name: str, root: Path, img_size: int, mean, std,
+                     data_config: Optional[dict] = None) -> DataBundle:
     import torchvision.datasets as D
 
     small = name.startswith("cifar")
-    train_tf, test_tf = _transforms(img_size, mean, std, small)
+    train_tf, test_tf = _transforms(img_size, mean, std, small, data_config)
     try:
         if name in ("cifar10", "cifar100"):
             cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
@@ -276,8 +292,9 @@ def _image_folder(path: Path, transform):
 
 
 def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
-                warn: Callable = warnings.warn) -> DataBundle:
-    train_tf, test_tf = _transforms(img_size, mean, std, small_images=False)
+                warn: Callable = warnings.warn, data_config: Optional[dict] = None
+                ) -> DataBundle:
+    train_tf, test_tf = _transforms(img_size, mean, std, False, data_config)
     test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if (path / "train").is_dir():
         if test_dir is None:
@@ -316,7 +333,8 @@ def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
 
 def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],
                root: Optional[os.PathLike] = None, digits_shift: int = 0,
-               bad_images: str = "error", warn: Callable = warnings.warn) -> DataBundle:
+               bad_images: str = "error", warn: Callable = warnings.warn,
+               data_config: Optional[dict] = None) -> DataBundle:
     """The train/test data named by ``--data``.
 
     Args:
@@ -331,6 +349,8 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
             start-up): "error" refuses the data naming them, "skip" leaves them out with a
             counted warning.
         warn: where warnings go (a callable taking the message).
+        data_config: the model's timm data config (``models.model_data_config``):
+            interpolation, crop_pct and crop_mode of the photo transforms.
 
     Raises:
         ValueError: for a path that does not exist, is not a directory, holds no images, or
@@ -346,7 +366,7 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
                           [str(c) for c in DIGITS_TARGET_CLASSES], tuple(mean), tuple(std))
     if data.lower() in TORCHVISION_SETS:
         return _torchvision_set(data.lower(), Path(root or default_data_root()), img_size, mean,
-                                std)
+                                std, data_config)
     path = Path(data).expanduser()
     if not path.exists():
         raise ValueError(f"--data {data}: no such directory; pass an ImageFolder directory or "
@@ -354,7 +374,7 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
     if not path.is_dir():
         raise ValueError(f"--data {data}: not a directory; pass an ImageFolder directory or "
                          f"one of digits, {', '.join(TORCHVISION_SETS)}")
-    return _folder_set(path, img_size, mean, std, bad_images, warn)
+    return _folder_set(path, img_size, mean, std, bad_images, warn, data_config)
 
 
 class GlobalBatchSampler(Sampler):

@@ -28,6 +28,7 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "model_input_config",
+    "model_data_config",
     "WeightsUnavailableError",
 ]
 
@@ -221,25 +222,46 @@ def _offline_hub():
         constants.HF_HUB_OFFLINE = old
 
 
+def model_data_config(name: str, img_size: Optional[int] = None) -> dict:
+    """The model's data config as timm resolves it, without building the model.
+
+    Args:
+        name: :data:`DIGITS_MODEL` or a timm model name (its ``pretrained_cfg`` is metadata
+            shipped with timm: no download).
+        img_size: an explicit input side, which wins over the model's.
+
+    Returns:
+        ``{"input_size": (3, S, S), "interpolation", "mean", "std", "crop_pct", "crop_mode"}``
+        (timm's :func:`~timm.data.resolve_data_config` keys).
+    """
+    check_model_name(name)
+    if name == DIGITS_MODEL:
+        cfg = digits_vit_config()
+        side = img_size or int(cfg["arch"]["img_size"])
+        return {"input_size": (3, side, side), "interpolation": "bilinear",
+                "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": 1.0,
+                "crop_mode": "center"}
+    import timm
+    from timm.data import resolve_data_config
+    pcfg = timm.get_pretrained_cfg(name)
+    out = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    side = img_size or int(out["input_size"][-1])
+    out["input_size"] = (3, side, side)
+    out["mean"], out["std"] = tuple(out["mean"]), tuple(out["std"])
+    return out
+
+
 def model_input_config(name: str, img_size: Optional[int] = None
                        ) -> tuple[int, tuple, tuple]:
-    """``(img_size, mean, std)`` of a model, without building it.
+    """``(img_size, mean, std)`` of a model, without building it (see
+    :func:`model_data_config`).
 
     Args:
         name: :data:`DIGITS_MODEL` or a timm model name.
         img_size: an explicit input side, which wins over the model's.
     """
-    check_model_name(name)
-    if name == DIGITS_MODEL:
-        cfg = digits_vit_config()
-        return (img_size or int(cfg["arch"]["img_size"]), tuple(cfg["mean"]),
-                tuple(cfg["std"]))
-    import timm
-    cfg = timm.get_pretrained_cfg(name)
-    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
-    mean = tuple(cfg.mean) if cfg is not None and cfg.mean else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg is not None and cfg.std else (0.229, 0.224, 0.225)
-    return img_size or int(size), mean, std
+    cfg = model_data_config(name, img_size)
+    return int(cfg["input_size"][-1]), cfg["mean"], cfg["std"]
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
