@@ -426,3 +426,16 @@ def test_photo_transforms_follow_the_model_data_config():
     from PIL import Image
     img = Image.new("L", (300, 260))                    # grey: converted to RGB first
     assert test(img).shape == (3, 224, 224) and train(img).shape == (3, 224, 224)
+
+
+def test_opt_picks_any_timm_optimizer(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--opt", "bogus_opt", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and "--opt" in err and "timm" in err
+    assert not (tmp_path / "x").exists()                 # refused before --out is touched
+    rc, _, err = _run([*FAST, "--opt", "SGD", "--out", tmp_path / "sgd"], capsys)
+    assert rc == 0, err
+    state = torch.load(tmp_path / "sgd" / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["fingerprint"]["opt"] == "sgd"
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    default = train.make_optimizer(torch.nn.Linear(2, 2), 1e-3)
+    assert type(default) is torch.optim.AdamW             # the default is unchanged

@@ -39,8 +39,8 @@ from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_m
                      model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
-                    TrainingDivergedError, adapt, fit, load_checkpoint, setup_distributed,
-                    teardown_distributed, time_steps, trainable_parameters)
+                    TrainingDivergedError, adapt, check_optimizer_name, fit, load_checkpoint,
+                    setup_distributed, teardown_distributed, time_steps, trainable_parameters)
 
 __all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
 
@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
                    help="the head trains at this multiple of --lr (the BSR authors use 10)")
+    g.add_argument("--opt", default="adamw", metavar="NAME", type=str.lower,
+                   help="optimizer, any timm.optim name (adamw, sgd, lamb, adan, ...)")
     g.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
-                   help="AdamW weight decay of weight matrices (not biases, norms, embeddings)")
+                   help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
                    help="linear learning-rate warm-up, in epochs (may be fractional; longer "
                         "than the run means warm-up throughout), then cosine decay to 0")
@@ -218,6 +220,7 @@ def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float) 
             else None, "keep_rate": args.keep_rate if method == "bsr" else None,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
             "head_lr_scale": args.head_lr_scale, "weight_decay": args.weight_decay,
+            "opt": args.opt,
             "warmup_epochs": args.warmup_epochs, "seed": args.seed,
             "activation_dtype": args.activation_dtype if method == "bsr" else None}
 
@@ -354,6 +357,7 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     t_start = time.perf_counter()
     warn = warn or (lambda s: None)
     check_model_name(args.model)
+    check_optimizer_name(args.opt)
     _resolve_resume(args)
     methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
     if args.epochs is None:
@@ -431,7 +435,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
                 continue
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
-                          warmup_epochs=args.warmup_epochs, workers=args.workers,
+                          opt=args.opt, warmup_epochs=args.warmup_epochs, workers=args.workers,
                           seed=args.seed, progress=progress, checkpoint=ckpt,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))

@@ -175,10 +175,25 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def check_optimizer_name(opt: str) -> str:
+    """``opt`` lower-cased if timm's optimizer registry knows it; ValueError naming --opt."""
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if not isinstance(opt, str) or opt.lower() not in names:
+        raise ValueError(f"--opt must be a timm optimizer name such as adamw, sgd, lamb or "
+                         f"adan (timm.optim.list_optimizers()), got {opt!r}")
+    return opt.lower()
+
+
 def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
-                   weight_decay: float = 0.05) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: the head at ``lr * head_lr_scale``, no weight decay
-    on biases, norms and embeddings."""
+                   weight_decay: float = 0.05, opt: str = "adamw") -> torch.optim.Optimizer:
+    """A timm optimizer (``timm.optim.create_optimizer_v2``, default AdamW) over the trainable
+    parameters: the head at ``lr * head_lr_scale``, no weight decay on biases, norms and
+    embeddings."""
+    from timm.optim import create_optimizer_v2
+
+    opt = check_optimizer_name(opt)
     groups: dict = {}
     for name, p in trainable_parameters(model).items():
         head = name.startswith(("head.", "head_dist."))
@@ -190,7 +205,8 @@ def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
         groups[key]["params"].append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=lr)
+    return create_optimizer_v2([groups[k] for k in sorted(groups)], opt=opt, lr=lr,
+                               weight_decay=weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
@@ -349,7 +365,8 @@ class FitOptions:
         batch_size: global batch size (split over processes).
         lr: backbone learning rate; the head trains at ``lr * head_lr_scale``.
         head_lr_scale: head learning-rate multiplier (the BSR authors use 10).
-        weight_decay: AdamW weight decay of matrices.
+        weight_decay: weight decay of matrices.
+        opt: timm optimizer name (``timm.optim.list_optimizers()``).
         warmup_epochs: linear warm-up length.
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
@@ -366,6 +383,7 @@ class FitOptions:
     lr: float = 3e-4
     head_lr_scale: float = 10.0
     weight_decay: float = 0.05
+    opt: str = "adamw"
     warmup_epochs: float = 1.0
     workers: int = 0
     seed: int = 0
@@ -420,7 +438,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda"
                         else None)
-    optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay)
+    optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay, opts.opt)
     total = opts.epochs * steps_per_epoch
     # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
     warmup = int(round(min(opts.warmup_epochs * steps_per_epoch, total)))
