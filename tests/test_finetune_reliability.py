@@ -439,3 +439,29 @@ def test_opt_picks_any_timm_optimizer(tmp_path, capsys):
     assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
     default = train.make_optimizer(torch.nn.Linear(2, 2), 1e-3)
     assert type(default) is torch.optim.AdamW             # the default is unchanged
+
+
+def test_amp_flag(tmp_path, capsys, monkeypatch):
+    # CPU: --amp bf16 autocasts the plain methods (recorded in the checkpoint fingerprint) ...
+    seen = []
+    real = train._autocast
+    monkeypatch.setattr(train, "_autocast", lambda d, amp="auto": seen.append(
+        train.resolve_amp(amp, d)) or real(d, amp))
+    rc, _, err = _run([*FAST, "--amp", "bf16", "--out", tmp_path / "bf16"], capsys)
+    assert rc == 0, err
+    assert seen and set(seen) == {torch.bfloat16}
+    fp = torch.load(tmp_path / "bf16" / "linear" / "checkpoint.pt", weights_only=True)
+    assert fp["fingerprint"]["amp"] == "bfloat16"
+    monkeypatch.undo()
+    # ... and BSR runs under it, or (while the CPU kernels are float32 only) is refused naming
+    # --amp, before anything is loaded.
+    try:
+        cli._check_amp("bf16", torch.device("cpu"))
+    except ValueError as e:
+        _no_loading(monkeypatch)
+        rc, _, err = _run(["--method", "bsr", *FAST[2:], "--amp", "bf16"], capsys)
+        assert rc == 2 and "--amp bf16" in err and "--amp off" in err, err
+        assert str(e) in err
+    with pytest.raises(SystemExit):
+        cli.main(["--amp", "fp8", *FAST])
+    assert "--amp" in capsys.readouterr().err

@@ -39,8 +39,9 @@ from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_m
                      model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
-                    TrainingDivergedError, adapt, check_optimizer_name, fit, load_checkpoint,
-                    setup_distributed, teardown_distributed, time_steps, trainable_parameters)
+                    AMP_MODES, TrainingDivergedError, adapt, check_optimizer_name, fit,
+                    load_checkpoint, resolve_amp, setup_distributed, teardown_distributed,
+                    time_steps, trainable_parameters)
 
 __all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
 
@@ -185,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the weights of new layers, the shuffling and the "
                         "augmentation")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when available (bf16 autocast), else cpu")
+                   help="default: cuda when available, else cpu")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="mixed precision: auto is bf16 autocast on CUDA and none on CPU; bf16 "
+                        "asks for it on either; off computes in float32 (default: auto)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write args.json, summary.json, summary.csv, report.png, and per "
@@ -210,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- the run -------------------------------------------------------------------------------
 
-def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
+def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float,
+                 device: torch.device) -> dict:
+    fp = _settings(args, method, num_classes, img_size, lr)
+    amp = resolve_amp(args.amp, device)
+    if amp != resolve_amp("auto", device):   # recorded when not the device's default
+        fp["amp"] = str(amp).replace("torch.", "")
+    return fp
+
+
+def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
     return {"model": args.model, "weights": "hub" if args.pretrained else
             (str(args.checkpoint) if args.checkpoint else "default"),
             "data": str(args.data), "num_classes": num_classes, "img_size": img_size,
@@ -263,6 +276,30 @@ def _resolve_resume(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume {p} continues that run in its own folder {run_dir}; drop "
                          f"--out {args.out}, or pass --out {run_dir}")
     args.out, args.resume = run_dir, True
+
+
+def _check_amp(amp: str, device: torch.device) -> None:
+    """Refuses an autocast dtype that BSR's kernels cannot run on ``device`` (tried on a tiny
+    reprogrammed model, forward and backward), naming --amp."""
+    dtype = resolve_amp(amp, device)
+    if dtype is None:
+        return
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ..reprogram import reprogram
+    from .train import _autocast
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = reprogram(VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=4,
+                                            num_heads=2, num_classes=2)).to(device)
+        try:
+            with _autocast(device, dtype):
+                out = probe(torch.randn(2, 3, 16, 16, device=device))
+            out.float().sum().backward()
+        except (TypeError, RuntimeError, ValueError, NotImplementedError) as e:
+            raise ValueError(f"--amp {amp}: bsr_kernels cannot run BSR under "
+                             f"{str(dtype).replace('torch.', '')} autocast on {device.type} "
+                             f"({type(e).__name__}: {e}); use --amp off"
+                             + (" or a GPU" if device.type == "cpu" else "")) from None
 
 
 def _run_files(out: Path) -> list:
@@ -367,6 +404,8 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
+    if "bsr" in methods:
+        _check_amp(args.amp, info.device)
     # --out is checked (and locked) before any data or weights are loaded.
     lock = _prepare_out(args, info, warn)
     try:
@@ -415,7 +454,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
                       keep_rate=args.keep_rate, memory_mode=args.memory_mode,
                       activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
         model.to(info.device)
-        fp = _fingerprint(args, method, data.num_classes, img_size, lr)
+        fp = _fingerprint(args, method, data.num_classes, img_size, lr, info.device)
         ckpt = out / method / "checkpoint.pt" if out is not None else None
         done_file = out / method / "result.json" if out is not None else None
         if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
@@ -435,7 +474,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
                 continue
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
-                          opt=args.opt, warmup_epochs=args.warmup_epochs, workers=args.workers,
+                          opt=args.opt, amp=args.amp, warmup_epochs=args.warmup_epochs, workers=args.workers,
                           seed=args.seed, progress=progress, checkpoint=ckpt,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
@@ -500,7 +539,7 @@ def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> No
         per_rank = args.batch_size // info.world_size
         images, labels = _first_batch(data.train, per_rank)
         times = time_steps(models, images.to(info.device), labels.to(info.device),
-                           rounds=args.timing_rounds)
+                           rounds=args.timing_rounds, amp=args.amp)
         for method, t in times.items():
             results[method]["step_time_s"] = t
             results[method]["timing_batch_size"] = images.shape[0]

@@ -46,6 +46,8 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "train_step",
+    "AMP_MODES",
+    "resolve_amp",
     "evaluate",
     "CheckpointError",
     "TrainingDivergedError",
@@ -222,20 +224,40 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+#: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` asks for
+#: bf16 autocast on either; ``off`` computes in the parameters' dtype.
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``amp`` (an :data:`AMP_MODES` name, a dtype or None) on
+    ``device``; None for no autocast."""
+    if amp is None or isinstance(amp, torch.dtype):
+        return amp
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def _autocast(device: torch.device, amp="auto"):
+    dtype = resolve_amp(amp, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer,
-               scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> float:
-    """One optimizer step on a batch (bf16 autocast on GPU); returns the loss.
+               scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+               amp="auto") -> float:
+    """One optimizer step on a batch; returns the loss.
 
-    Under DDP, ``model`` is the wrapped model and the gradients are averaged over processes.
+    ``amp`` (see :func:`resolve_amp`): by default bf16 autocast on GPU, none on CPU. Under DDP,
+    ``model`` is the wrapped model and the gradients are averaged over processes.
     """
-    with _autocast(images.device):
+    with _autocast(images.device, amp):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -256,14 +278,14 @@ def _bar(iterable, desc: str, enabled: bool, total: Optional[int] = None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, progress: bool = False,
-             desc: str = "eval") -> tuple[float, float]:
+             desc: str = "eval", amp="auto") -> tuple[float, float]:
     """Accuracy (0-1) and mean cross-entropy over the whole test set, summed over processes."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)   # correct, loss sum, count
     for images, labels in _bar(loader, desc, progress):
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
-        with _autocast(info.device):
+        with _autocast(info.device, amp):
             logits = model(images).float()
         stats[0] += (logits.argmax(-1) == labels).sum()
         stats[1] += F.cross_entropy(logits, labels, reduction="sum")
@@ -367,6 +389,7 @@ class FitOptions:
         head_lr_scale: head learning-rate multiplier (the BSR authors use 10).
         weight_decay: weight decay of matrices.
         opt: timm optimizer name (``timm.optim.list_optimizers()``).
+        amp: mixed precision, one of :data:`AMP_MODES` (see :func:`resolve_amp`).
         warmup_epochs: linear warm-up length.
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
@@ -384,6 +407,7 @@ class FitOptions:
     head_lr_scale: float = 10.0
     weight_decay: float = 0.05
     opt: str = "adamw"
+    amp: str = "auto"
     warmup_epochs: float = 1.0
     workers: int = 0
     seed: int = 0
@@ -478,7 +502,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             t0 = time.perf_counter()
-            loss = train_step(ddp_model, images, labels, optimizer, scheduler)
+            loss = train_step(ddp_model, images, labels, optimizer, scheduler, amp=opts.amp)
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             step_times.append(time.perf_counter() - t0)
@@ -489,7 +513,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 bar.set_postfix(loss=f"{loss:.3f}")
         train_time += time.perf_counter() - t_epoch
         acc, test_loss = evaluate(ddp_model, test_loader, info, opts.progress and info.is_main,
-                                  f"{name} eval")
+                                  f"{name} eval", amp=opts.amp)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
                         "test_loss": test_loss, "accuracy": acc,
                         "lr": optimizer.param_groups[0]["lr"]})
@@ -536,7 +560,7 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
 
 
 def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds: int = 10,
-               warmup: int = 2) -> dict:
+               warmup: int = 2, amp="auto") -> dict:
     """Median training-step time of several models measured side by side (A B A B ...).
 
     Each model takes a full step (forward, backward, AdamW update) with learning rate 0, so its
@@ -547,6 +571,7 @@ def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds:
         images, labels: one batch, on the models' device.
         rounds: timed rounds; each round times every model once, in turn.
         warmup: untimed rounds first.
+        amp: mixed precision (see :func:`resolve_amp`).
 
     Returns:
         ``{name: median seconds per step}``.
@@ -561,7 +586,7 @@ def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train_step(m, images, labels, opts[k])
+            train_step(m, images, labels, opts[k], amp=amp)
             if cuda:
                 torch.cuda.synchronize()
             if r >= warmup:
