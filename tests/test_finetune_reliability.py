@@ -465,3 +465,13 @@ def test_amp_flag(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["--amp", "fp8", *FAST])
     assert "--amp" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*FAST, "--data", tmp_path / "no_such_dir", "--out", tmp_path,
+                       "--overwrite"], capsys)
+    assert rc == 2 and "--data" in err
+    assert (tmp_path / "linear" / "checkpoint.pt").is_file()
+    assert (tmp_path / "summary.json").is_file()

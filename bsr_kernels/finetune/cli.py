@@ -340,13 +340,9 @@ def _claim_out(args: argparse.Namespace, warn) -> RunLock:
             raise ValueError(f"--out {out} already holds a run ({', '.join(found[:4])}"
                              f"{', ...' if len(found) > 4 else ''}); pass --resume to continue "
                              "it, --overwrite to replace it, or choose another folder")
-        if found and args.overwrite:
-            for name in found:
-                (out / name).unlink()
-            for m in METHODS:
-                if (out / m).is_dir() and not any((out / m).iterdir()):
-                    (out / m).rmdir()
-            warn(f"--overwrite: deleted the earlier run in {out} ({len(found)} files)")
+        # --overwrite deletes the earlier run later, once data and weights have loaded: a
+        # mistake in the other arguments must not cost the old run.
+        lock.replaced = [n for n in found if n != "args.json"] if args.overwrite else []
         write_json(out / "args.json", _args_record(args), format=ARGS_FORMAT, version=1)
     except OSError as e:
         lock.release()
@@ -356,6 +352,20 @@ def _claim_out(args: argparse.Namespace, warn) -> RunLock:
         lock.release()
         raise
     return lock
+
+
+def _delete_replaced(out: Path, lock: Optional[RunLock], warn) -> None:
+    """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`)."""
+    names = getattr(lock, "replaced", None)
+    if not names:
+        return
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    for m in METHODS:
+        if (out / m).is_dir() and not any((out / m).iterdir()):
+            (out / m).rmdir()
+    warn(f"--overwrite: deleted the earlier run in {out} ({len(names)} files)")
+    lock.replaced = []
 
 
 def _prepare_out(args: argparse.Namespace, info: DistInfo, warn) -> Optional[RunLock]:
@@ -409,13 +419,14 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     # --out is checked (and locked) before any data or weights are loaded.
     lock = _prepare_out(args, info, warn)
     try:
-        return _run(args, info, log, warn, methods, t_start)
+        return _run(args, info, log, warn, methods, t_start, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
+def _run(args, info: DistInfo, log, warn, methods, t_start: float,
+         lock: Optional[RunLock] = None) -> dict:
     data_config = model_data_config(args.model, args.img_size)
     img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
         data_config["std"]
@@ -436,6 +447,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float) -> dict:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     out = Path(args.out) if args.out is not None else None
+    if out is not None and info.is_main:
+        _delete_replaced(out, lock, warn)
     histories: dict = {}
 
     def on_epoch(method: str, history: list) -> None:
