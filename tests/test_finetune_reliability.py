@@ -416,8 +416,8 @@ def test_photo_transforms_follow_the_model_data_config():
     cfg = model_data_config("vit_base_patch16_224")       # bicubic, crop_pct 0.9: no download
     assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9
     train, test = _transforms(224, cfg["mean"], cfg["std"], False, cfg)
-    flat = lambda c: [t for s in c.transforms for t in (flat(s) if isinstance(s, T.Compose)  # noqa: E731
-                                                       else [s])]
+    def flat(c):
+        return [t for s in c.transforms for t in (flat(s) if isinstance(s, T.Compose) else [s])]
     resize = next(t for t in flat(test) if isinstance(t, T.Resize))
     assert resize.size == 248 and resize.interpolation == T.InterpolationMode.BICUBIC
     crop = next(t for t in flat(train) if "RandomResizedCrop" in type(t).__name__)

@@ -487,8 +487,9 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                 continue
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
-                          opt=args.opt, amp=args.amp, warmup_epochs=args.warmup_epochs, workers=args.workers,
-                          seed=args.seed, progress=progress, checkpoint=ckpt,
+                          opt=args.opt, amp=args.amp, warmup_epochs=args.warmup_epochs,
+                          workers=args.workers, seed=args.seed, progress=progress,
+                          checkpoint=ckpt,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
