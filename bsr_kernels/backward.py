@@ -160,10 +160,32 @@ def _frozen_backward_cpp(block, config, x, kept, grad_out):
         approximate)
 
 
+def _stochastic(block) -> bool:
+    """Whether the block draws random numbers in this forward: dropout or drop-path with a
+    non-zero rate, in training mode (e.g. turned on after ``reprogram``)."""
+    if not block.training:
+        return False
+    attn, mlp = block.attn, block.mlp
+    rates = [getattr(attn, "attn_drop", None), getattr(attn, "proj_drop", None),
+             getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)]
+    paths = [getattr(block, "drop_path1", None), getattr(block, "drop_path2", None)]
+    return (any(getattr(m, "p", 0) > 0 for m in rates)
+            or any(getattr(m, "drop_prob", 0) > 0 for m in paths))
+
+
+def _rng_states(device: torch.device):
+    """The generator states that dropout on ``device`` draws from (CPU, plus the device's)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
 class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, x, *params):
         names = _saved_names(block)
+        # Dropout turned on after reprogram: backward must draw the same masks, so it replays
+        # the body from the forward's generator states (as torch.utils.checkpoint does).
+        ctx.rng = _rng_states(x.device) if _stochastic(block) else None
         saved: dict[str, torch.Tensor] = {}
         kept: list[torch.Tensor] = []
 
@@ -181,7 +203,8 @@ class _LeanBlock(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type),
                         torch.get_autocast_dtype(ctx.device_type))
-        ctx.cpp = _frozen_cpp_plan(block, x, params, ctx.autocast[0])
+        ctx.cpp = (None if ctx.rng is not None
+                   else _frozen_cpp_plan(block, x, params, ctx.autocast[0]))
         # Each saved tensor keeps its own dtype (under autocast the projections are bf16/fp16)
         # unless compression asks for another; backward casts back to the recorded dtypes.
         tensors = [x, *(saved[n] for n in names)]
@@ -209,14 +232,27 @@ class _LeanBlock(torch.autograd.Function):
                 return _GradOnlyLinear.apply(inp, module.weight, module.bias, _Holder(None))
             return module(inp)
 
-        enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            x_ = x.detach().requires_grad_(ctx.needs_input_grad[1])
-            # the recorded selection is replayed, never recomputed: no host sync, and the same
-            # tokens even where a recompute would round differently (compressed, compiled)
-            out = block.body(x_, linear=replay_linear, kept=kept[0] if kept else None)
-            inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
-            grads = list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        def replay():
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype,
+                                                     enabled=enabled):
+                x_ = x.detach().requires_grad_(ctx.needs_input_grad[1])
+                # the recorded selection is replayed, never recomputed: no host sync, and the
+                # same tokens even where a recompute would round differently (compressed,
+                # compiled)
+                out = block.body(x_, linear=replay_linear, kept=kept[0] if kept else None)
+                inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
+                return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+
+        if ctx.rng is None:
+            grads = replay()
+        else:  # the forward's dropout masks: replay from its generator states
+            devices = [x.device] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.set_rng_state(ctx.rng[0])
+                if devices:
+                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+                grads = replay()
         grad_x = grads.pop(0) if ctx.needs_input_grad[1] else None
         return (None, grad_x, *grads)
 

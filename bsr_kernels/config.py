@@ -89,13 +89,16 @@ class BSRConfig:
     def create(cls, depth: int, num_prefix_tokens: int = 1, train_blocks=None, drop_at=None,
                keep_rate=0.5, fuse_token=True, memory_mode="lean", train_norm=False,
                activation_dtype=None) -> "BSRConfig":
-        """Validates every argument (ValueError naming it; TypeError for a keep_rate that is not
-        a number) and fills the defaults for ``depth``."""
+        """Validates every argument (ValueError naming it) and fills the defaults for
+        ``depth``."""
         train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
                                     if train_blocks is None else train_blocks, depth)
         drop_at = check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
                                depth)
-        keep_rate = check_keep_rate(keep_rate)
+        try:
+            keep_rate = check_keep_rate(keep_rate)
+        except TypeError as e:  # reprogram's contract: every bad argument is a ValueError
+            raise ValueError(str(e)) from None
         if memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
         if not isinstance(fuse_token, bool):

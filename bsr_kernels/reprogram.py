@@ -171,13 +171,19 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
 
     Raises:
         ValueError: on a bad argument (named in the message) or an unsupported model; the model
-            is then left unchanged. TypeError: ``keep_rate`` is not a number.
+            is then left unchanged.
     """
     reasons = _unsupported_reasons(model)
     if reasons:
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
     config = BSRConfig.create(len(model.blocks), model.num_prefix_tokens, train_blocks, drop_at,
                               keep_rate, fuse_token, memory_mode, train_norm, activation_dtype)
+    pool = getattr(model, "global_pool", "token")
+    if pool not in ("token", "") and config.fuse_token and config.keep_rate < 1 and config.drop_at:
+        raise ValueError(
+            f"global_pool={pool!r} would pool the fused token (a score-weighted sum of the dropped "
+            "tokens) together with the patch tokens; use fuse_token=False (pooling then averages "
+            "the kept tokens) or a model with global_pool='token'")
 
     if is_reprogrammed(model):
         restore(model)

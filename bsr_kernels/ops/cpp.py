@@ -42,6 +42,14 @@ if _LOAD_ERROR is not None:
     )
 
 
+if _LOAD_ERROR is None:
+    @torch.library.register_fake("bsr_kernels::frozen_block_backward")
+    def _(grad_out, x, kept, weights, num_heads, eps, scale, num_prefix_tokens, fuse_token,
+          gelu_approximate):
+        # the input gradient of a frozen block: x's shape (lets torch.compile trace the call)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def extension_error() -> str | None:
     """Why ``bsr_kernels._C`` failed to load, or None when it is loaded."""
     return _LOAD_ERROR

@@ -1,0 +1,221 @@
+"""The three memory modes as a user runs them: no host syncs, torch.compile gives the eager
+result, what backward stores (never attention probabilities, in any block of any mode), dropout
+turned on after reprogram, and the model-level argument checks."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from timm.models.vision_transformer import VisionTransformer
+
+import bsr_kernels
+from bsr_kernels.config import MEMORY_MODES, BSRConfig
+
+MODES = list(MEMORY_MODES)
+
+
+def tiny(seed=0, dtype=torch.float32, depth=12, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=4, embed_dim=48, depth=depth, num_heads=4, num_classes=5)
+    args.update(kw)
+    return VisionTransformer(**args).to(dtype)
+
+
+def images(n=2, seed=1, dtype=torch.float32):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class _NoHostSync(TorchFunctionMode):
+    """Raises on the calls that read a tensor's value on the host (a device sync on CUDA)."""
+
+    SYNCS = {torch.Tensor.item, torch.equal, torch.Tensor.__bool__, torch.Tensor.tolist,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.nonzero, torch.Tensor.nonzero,
+             torch.Tensor.any, torch.Tensor.all, torch.any, torch.all}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            raise AssertionError(f"host sync: {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_sync_detector_catches_syncs():
+    with pytest.raises(AssertionError, match="host sync"):
+        with _NoHostSync():
+            torch.ones(2).sum().item()
+    with pytest.raises(AssertionError, match="host sync"):
+        with _NoHostSync():
+            torch.equal(torch.ones(2), torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_and_backward_without_host_syncs(mode):
+    """No .item()/torch.equal/bool(tensor) anywhere in a training forward + backward (on CUDA the
+    benchmark checks the same with torch.cuda.set_sync_debug_mode("error"))."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    x = images()
+    model(x).sum().backward()  # warm (first-call setup may inspect values)
+    model.zero_grad()
+    with _NoHostSync():
+        model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_modes_give_the_same_gradients(mode):
+    base = tiny(dtype=torch.float64, init_values=0.3)
+    ref = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode="autograd")
+    got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+    x = images(dtype=torch.float64)
+    torch.testing.assert_close(got(x), ref(x), rtol=0, atol=1e-12)
+    ref(x).square().sum().backward()
+    got(x).square().sum().backward()
+    gr, gg = grads(ref), grads(got)
+    assert set(gr) == set(gg) and gr
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_matches_eager(mode):
+    """torch.compile of a reprogrammed model: the eager logits and gradients; autograd mode
+    compiles without a graph break, fast/lean break at most twice per replayed block (their
+    backward calls torch.autograd.grad)."""
+    base = tiny(depth=4)
+    cfg = dict(memory_mode=mode, train_blocks=[1, 3], drop_at=[1, 2])
+    eager = bsr_kernels.reprogram(copy.deepcopy(base), **cfg)
+    model = bsr_kernels.reprogram(copy.deepcopy(base), **cfg)
+    x = images()
+    logits = eager(x)
+    logits.square().sum().backward()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    replayed = sum(1 for i in range(4) if not model.bsr_config.without_grad(i))
+    limit = 0 if mode == "autograd" else 2 * replayed
+    assert explained.graph_break_count <= limit, \
+        [str(r.reason)[:200] for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    ge, gc = grads(eager), grads(model)
+    assert set(ge) == set(gc) and ge
+    for n in ge:
+        torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_block_stores_attention_probabilities(mode):
+    """Whatever backward keeps, in every block and at every token count the blocks see (65, then
+    34, 18 and 10 after the drops), holds no (.., n, n) attention matrix."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    counts = set()
+    hooks = [blk.register_forward_pre_hook(lambda m, a: counts.add(a[0].shape[1]))
+             for blk in model.blocks]
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images()).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert counts == {65, 34, 18, 10}, counts
+    assert saved
+    square = [s for s in saved if len(s) >= 3 and s[-1] == s[-2] and s[-1] in counts]
+    assert not square, square
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_dropout_turned_on_after_reprogram_gives_exact_gradients(mode):
+    """Dropout enabled after reprogram (issue 13, item 2): the replaying backward draws the
+    forward's masks, so gradients equal plain autograd's with the same seed."""
+    base = tiny(dtype=torch.float64)
+    models = {}
+    for m in (mode, "autograd"):
+        models[m] = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=m)
+        models[m].blocks[7].mlp.drop1.p = 0.5
+        models[m].blocks[5].attn.proj_drop.p = 0.3
+        models[m].train()
+    x = images(dtype=torch.float64)
+    for m in models.values():
+        torch.manual_seed(123)
+        m(x).square().sum().backward()
+    gr, gg = grads(models["autograd"]), grads(models[mode])
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+    # and against finite differences along a random direction of block 7's fc1 weight
+    model = models[mode]
+    w = model.blocks[7].mlp.fc1.weight
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(5), dtype=w.dtype)
+
+    def loss():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model(x).square().sum()
+    eps = 1e-6
+    with torch.no_grad():
+        w.add_(eps * v)
+    up = loss()
+    with torch.no_grad():
+        w.sub_(2 * eps * v)
+    down = loss()
+    with torch.no_grad():
+        w.add_(eps * v)
+    fd = (up - down) / (2 * eps)
+    torch.testing.assert_close((gg["blocks.7.mlp.fc1.weight"] * v).sum(), fd, rtol=1e-5, atol=1e-7)
+
+
+def test_avg_pool_with_fused_token_is_refused_and_model_unchanged():
+    model = tiny(global_pool="avg", class_token=True)
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="global_pool='avg'.*fused token"):
+        bsr_kernels.reprogram(model)
+    assert not hasattr(model, "bsr_config")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in snap.items())
+    bsr_kernels.reprogram(model, fuse_token=False)  # then pooling averages the kept tokens
+    assert model(images()).shape == (2, 5)
+
+
+@pytest.mark.parametrize("bad", ["0.5", None, True])
+def test_keep_rate_of_wrong_type_is_a_value_error(bad):
+    model = tiny()
+    with pytest.raises(ValueError, match="keep_rate"):
+        bsr_kernels.reprogram(model, keep_rate=bad)
+    assert not hasattr(model, "bsr_config")
+
+
+def test_keep_rate_one_returns_a_fresh_index():
+    g = torch.Generator().manual_seed(0)
+    x, q, k = torch.randn(2, 9, 4, generator=g), *torch.randn(2, 2, 2, 9, 3, generator=g)
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 1.0)
+    assert torch.equal(kept, torch.arange(8).repeat(2, 1))
+    assert 0 not in kept.stride()
+    kept[0, 0] = 5  # writable, and not shared between rows
+    assert kept[1, 0] == 0
+
+
+def test_config_round_trips_and_is_shared():
+    model = bsr_kernels.reprogram(tiny(), keep_rate=0.7, drop_at=[2, 5], train_blocks=[5, 9],
+                                  memory_mode="fast", activation_dtype=torch.bfloat16)
+    cfg = model.bsr_config
+    assert all(blk.bsr_config is cfg for blk in model.blocks)
+    d = cfg.to_dict()
+    assert d["activation_dtype"] == "bfloat16" and d["drop_at"] == [2, 5]
+    assert BSRConfig.from_dict(d) == cfg
+    assert [cfg.drops(i) for i in range(12)] == [i in (2, 5) for i in range(12)]
+    assert [cfg.without_grad(i) for i in range(12)] == [i < 5 for i in range(12)]
+    with pytest.raises(ValueError, match="memory_mode"):
+        BSRConfig.from_dict({**d, "memory_mode": "plain"})
+    with pytest.raises(ValueError, match="malformed"):
+        BSRConfig.from_dict({k: v for k, v in d.items() if k != "train_blocks"})
