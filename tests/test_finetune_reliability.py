@@ -475,3 +475,19 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp_path, c
     assert rc == 2 and "--data" in err
     assert (tmp_path / "linear" / "checkpoint.pt").is_file()
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_torchcompile_trains_through_torch_compile(tmp_path, capsys, monkeypatch):
+    """The plumbing only (compiling takes about a minute here); tests/test_modes.py checks that
+    compiled BSR equals eager."""
+    compiled = []
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rc, _, err = _run([*FAST, "--torchcompile", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert len(compiled) == 1
+    state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])

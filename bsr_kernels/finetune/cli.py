@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "augmentation")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
+    g.add_argument("--torchcompile", action="store_true",
+                   help="train and evaluate through torch.compile (compiling takes a while; "
+                        "the step-time measurement stays eager)")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="mixed precision: auto is bf16 autocast on CUDA and none on CPU; bf16 "
                         "asks for it on either; off computes in float32 (default: auto)")
@@ -487,7 +490,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                 continue
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
-                          opt=args.opt, amp=args.amp, warmup_epochs=args.warmup_epochs,
+                          opt=args.opt, amp=args.amp, compile=args.torchcompile,
+                          warmup_epochs=args.warmup_epochs,
                           workers=args.workers, seed=args.seed, progress=progress,
                           checkpoint=ckpt,
                           resume=args.resume,

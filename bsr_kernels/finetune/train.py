@@ -390,6 +390,8 @@ class FitOptions:
         weight_decay: weight decay of matrices.
         opt: timm optimizer name (``timm.optim.list_optimizers()``).
         amp: mixed precision, one of :data:`AMP_MODES` (see :func:`resolve_amp`).
+        compile: train and evaluate through ``torch.compile`` of the (DDP-wrapped) model; the
+            checkpoint still holds the plain model's state dict.
         warmup_epochs: linear warm-up length.
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
@@ -408,6 +410,7 @@ class FitOptions:
     weight_decay: float = 0.05
     opt: str = "adamw"
     amp: str = "auto"
+    compile: bool = False
     warmup_epochs: float = 1.0
     workers: int = 0
     seed: int = 0
@@ -462,6 +465,8 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda"
                         else None)
+    if opts.compile:
+        ddp_model = torch.compile(ddp_model)
     optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay, opts.opt)
     total = opts.epochs * steps_per_epoch
     # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
