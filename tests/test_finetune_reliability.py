@@ -491,3 +491,27 @@ def test_torchcompile_trains_through_torch_compile(tmp_path, capsys, monkeypatch
     assert len(compiled) == 1
     state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
+
+
+def test_sched_timm_schedules_resume_exactly(tmp_path, capsys):
+    """--sched step: timm's scheduler, stepped per update, saved and restored with the
+    checkpoint (an extended resume continues its schedule)."""
+    args = ["--method", "linear", "--batch-size", "128", "--timing-rounds", "0",
+            "--profile-batch", "2", "--samples", "0", "--no-progress", "--sched", "step"]
+    rc, _, err = _run([*args, "--epochs", "3", "--out", tmp_path / "whole"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*args, "--epochs", "2", "--out", tmp_path / "parts"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*args, "--epochs", "3", "--resume", tmp_path / "parts"], capsys)
+    assert rc == 0, err
+    a, b = (torch.load(tmp_path / d / "linear" / "checkpoint.pt", weights_only=True)
+            for d in ("whole", "parts"))
+    assert a["fingerprint"]["sched"] == "step"
+    assert a["scheduler"]["num_updates"] == b["scheduler"]["num_updates"] == 12
+    lrs = [h["lr"] for h in a["history"]]
+    assert lrs[0] > lrs[1] > lrs[2] > 0          # decayed x0.1 once per epoch (3 epochs / 3)
+    assert lrs[1] == pytest.approx(lrs[0] * 0.1) and lrs[2] == pytest.approx(lrs[0] * 0.01)
+    assert [h["lr"] for h in b["history"]][:2] == lrs[:2]
+    with pytest.raises(SystemExit):
+        cli.main(["--sched", "plateau", *FAST])
+    assert "--sched" in capsys.readouterr().err

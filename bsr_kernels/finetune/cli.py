@@ -39,7 +39,7 @@ from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_m
                      model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
-                    AMP_MODES, TrainingDivergedError, adapt, check_optimizer_name, fit,
+                    AMP_MODES, SCHEDULES, TrainingDivergedError, adapt, check_optimizer_name, fit,
                     load_checkpoint, resolve_amp, setup_distributed, teardown_distributed,
                     time_steps, trainable_parameters)
 
@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the head trains at this multiple of --lr (the BSR authors use 10)")
     g.add_argument("--opt", default="adamw", metavar="NAME", type=str.lower,
                    help="optimizer, any timm.optim name (adamw, sgd, lamb, adan, ...)")
+    g.add_argument("--sched", choices=SCHEDULES, default="cosine",
+                   help="learning-rate schedule per step: cosine is linear warm-up then cosine "
+                        "decay to 0; step (decay x0.1 every third of the run), multistep "
+                        "(at 1/2 and 3/4), poly and tanh are timm.scheduler's, with the same "
+                        "warm-up (default: cosine)")
     g.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
                    help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
@@ -219,9 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float,
                  device: torch.device) -> dict:
+    """The settings a checkpoint must share with the run resuming it. The options added after
+    checkpoint version 1 (--opt, --sched, --amp) are recorded only when not at their default,
+    so that older checkpoints still resume."""
     fp = _settings(args, method, num_classes, img_size, lr)
+    if args.opt != "adamw":
+        fp["opt"] = args.opt
+    if args.sched != "cosine":
+        fp["sched"] = args.sched
     amp = resolve_amp(args.amp, device)
-    if amp != resolve_amp("auto", device):   # recorded when not the device's default
+    if amp != resolve_amp("auto", device):
         fp["amp"] = str(amp).replace("torch.", "")
     return fp
 
@@ -236,7 +248,6 @@ def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> 
             else None, "keep_rate": args.keep_rate if method == "bsr" else None,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
             "head_lr_scale": args.head_lr_scale, "weight_decay": args.weight_decay,
-            "opt": args.opt,
             "warmup_epochs": args.warmup_epochs, "seed": args.seed,
             "activation_dtype": args.activation_dtype if method == "bsr" else None}
 
@@ -491,6 +502,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
                           opt=args.opt, amp=args.amp, compile=args.torchcompile,
+                          sched=args.sched,
                           warmup_epochs=args.warmup_epochs,
                           workers=args.workers, seed=args.seed, progress=progress,
                           checkpoint=ckpt,

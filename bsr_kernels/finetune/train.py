@@ -45,6 +45,8 @@ __all__ = [
     "trainable_parameters",
     "make_optimizer",
     "make_scheduler",
+    "make_timm_scheduler",
+    "SCHEDULES",
     "train_step",
     "AMP_MODES",
     "resolve_amp",
@@ -224,6 +226,49 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+#: ``--sched`` choices: ``cosine`` is the built-in per-step linear warm-up then cosine decay to
+#: 0 (:func:`make_scheduler`); the others are timm's (``timm.scheduler.create_scheduler_v2``),
+#: stepped per optimizer update.
+SCHEDULES = ("cosine", "step", "multistep", "poly", "tanh")
+
+
+class TimmStepScheduler:
+    """A timm scheduler driven per optimizer update, with the ``step()`` / ``state_dict()`` /
+    ``load_state_dict()`` of a torch LR scheduler (what :func:`fit` and its checkpoints use)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.num_updates = scheduler, 0
+
+    def step(self) -> None:
+        self.num_updates += 1
+        self.scheduler.step_update(self.num_updates)
+
+    # The schedule is a function of its settings and the update count, so the count is the
+    # whole state: a resumed run with more --epochs follows the new, longer schedule.
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.scheduler.step_update(self.num_updates)
+
+
+def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int,
+                        steps_per_epoch: int, warmup_epochs: float) -> TimmStepScheduler:
+    """timm's ``sched`` schedule over ``epochs`` (warm-up from 0 included), per update."""
+    from timm.scheduler import create_scheduler_v2
+
+    if sched not in SCHEDULES or sched == "cosine":
+        raise ValueError(f"--sched must be one of {', '.join(SCHEDULES[1:])} for a timm "
+                         f"scheduler, got {sched!r}")
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs, warmup_epochs=min(warmup_epochs, epochs),
+        warmup_lr=0.0, min_lr=0.0, decay_epochs=max(1, epochs // 3),
+        decay_milestones=[max(1, epochs // 2), max(1, 3 * epochs // 4)],
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return TimmStepScheduler(scheduler)
+
+
 #: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` asks for
 #: bf16 autocast on either; ``off`` computes in the parameters' dtype.
 AMP_MODES = ("auto", "bf16", "off")
@@ -390,6 +435,7 @@ class FitOptions:
         weight_decay: weight decay of matrices.
         opt: timm optimizer name (``timm.optim.list_optimizers()``).
         amp: mixed precision, one of :data:`AMP_MODES` (see :func:`resolve_amp`).
+        sched: learning-rate schedule, one of :data:`SCHEDULES`.
         compile: train and evaluate through ``torch.compile`` of the (DDP-wrapped) model; the
             checkpoint still holds the plain model's state dict.
         warmup_epochs: linear warm-up length.
@@ -411,6 +457,7 @@ class FitOptions:
     opt: str = "adamw"
     amp: str = "auto"
     compile: bool = False
+    sched: str = "cosine"
     warmup_epochs: float = 1.0
     workers: int = 0
     seed: int = 0
@@ -471,7 +518,11 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     total = opts.epochs * steps_per_epoch
     # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
     warmup = int(round(min(opts.warmup_epochs * steps_per_epoch, total)))
-    scheduler = make_scheduler(optimizer, total, warmup)
+    if opts.sched == "cosine":
+        scheduler = make_scheduler(optimizer, total, warmup)
+    else:
+        scheduler = make_timm_scheduler(optimizer, opts.sched, opts.epochs, steps_per_epoch,
+                                        opts.warmup_epochs)
 
     start_epoch, step, history = 0, 0, []
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
