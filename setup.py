@@ -1,4 +1,4 @@
-"""Build script of bsr_kernels: the Python package and its C++ CPU extension ``bsr_kernels._C``.
+"""Build script of bsr_kernels: the Python package and its C++ CPU extension ``bsr_kernels.ops._C``.
 
 The extension is compiled against the torch that is installed, so build without isolation:
 
@@ -25,7 +25,7 @@ def _extensions() -> list:
     opt = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
     return [
         CppExtension(
-            name="bsr_kernels._C",
+            name="bsr_kernels.ops._C",
             sources=sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             # OpenMP: at::parallel_for runs on torch's OpenMP pool only when compiled with it.

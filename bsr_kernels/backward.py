@@ -132,6 +132,10 @@ def _frozen_cpp_config(block) -> Optional[tuple[list[float], str]]:
 def _frozen_cpp_plan(block, x: torch.Tensor, params, autocast: bool):
     """The C++ frozen backward's config (see :func:`_frozen_cpp_config`) when it applies to
     this block and input, else None."""
+    # Under torch.compile the replay is traced instead: the C++ op runs its own local autograd
+    # graph, which fake tensors cannot run through.
+    if torch.compiler.is_compiling():
+        return None
     if not (FROZEN_BACKWARD == "auto" and not params and block.bsr_config.memory_mode == "lean"
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not autocast and extension_error() is None):

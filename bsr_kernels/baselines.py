@@ -1,8 +1,10 @@
 """The anchors bsr_kernels measures itself against: the authors' eager formulation of BSR.
 
 Everything here is plain PyTorch on top of timm, written from the design document and
-independent of the library's own model code (it uses only the input checks of
-``bsr_kernels.ops.common``):
+independent of the library's model code: it keeps its own block forward (eager attention with
+materialised probabilities), because an anchor that ran the library's block body would only
+measure the library against itself. It shares only the argument checks and the default block
+choices (``bsr_kernels.ops.common``, ``bsr_kernels.config``):
 
 * :func:`eager_drop_composite`: the token drop as the authors (EViT style) write it: the full
   (B, H, N, N) attention probabilities, the head-mean CLS row, ``torch.topk``, a gather and the
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from .config import check_blocks, default_drop_at, default_train_blocks
 from .ops.common import (check_keep_rate, check_prefix, check_qk, check_x, num_kept,
                          resolve_scale)
 
@@ -104,42 +106,7 @@ def eager_drop_composite(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep
     return _drop_from_probs(x, attn, p, n_keep, bool(fuse_token))
 
 
-# --- defaults and argument checks ------------------------------------------------------------
-
-def default_train_blocks(depth: int) -> tuple[int, ...]:
-    """``(depth // 3 * k - 1 for k = 1..3)``: (3, 7, 11) for depth 12."""
-    depth = _check_depth(depth)
-    return tuple(depth // 3 * k - 1 for k in (1, 2, 3))
-
-
-def default_drop_at(depth: int) -> tuple[int, ...]:
-    """``(depth // 4 * k for k = 1..3)``: (3, 6, 9) for depth 12."""
-    depth = _check_depth(depth)
-    return tuple(depth // 4 * k for k in (1, 2, 3))
-
-
-def _check_depth(depth) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral):
-        raise TypeError(f"depth must be an int, got {depth!r}")
-    if depth < 4:
-        raise ValueError(f"depth must be >= 4 for the default block choices, got {depth}")
-    return int(depth)
-
-
-def _check_blocks(blocks, name: str, depth: int) -> tuple[int, ...]:
-    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
-        raise TypeError(f"{name} must be a sequence of block indices, got {blocks!r}")
-    out = []
-    for i in blocks:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"{name} must hold ints, got {i!r}")
-        if not 0 <= int(i) < depth:
-            raise ValueError(f"{name} holds block {i}, outside 0..{depth - 1}")
-        out.append(int(i))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name} holds a block more than once: {tuple(out)}")
-    return tuple(sorted(out))
-
+# --- argument checks (the defaults and block checks are the library's: bsr_kernels.config) -----
 
 def check_vit(model) -> None:
     """Raises TypeError/ValueError unless ``model`` is a timm ViT this baseline can run.
@@ -166,10 +133,10 @@ def check_vit(model) -> None:
 
 def _resolve(model, train_blocks, drop_at, keep_rate):
     depth = len(model.blocks)
-    train_blocks = (default_train_blocks(depth) if train_blocks is None
-                    else _check_blocks(train_blocks, "train_blocks", depth))
-    drop_at = (default_drop_at(depth) if drop_at is None
-               else _check_blocks(drop_at, "drop_at", depth))
+    train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
+                                if train_blocks is None else train_blocks, depth)
+    drop_at = check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
+                           depth)
     return train_blocks, drop_at, check_keep_rate(keep_rate)
 
 
@@ -188,8 +155,8 @@ def configure_eager_bsr(model, train_blocks: Sequence[int] | None = None) -> tup
     """
     check_vit(model)
     depth = len(model.blocks)
-    train_blocks = (default_train_blocks(depth) if train_blocks is None
-                    else _check_blocks(train_blocks, "train_blocks", depth))
+    train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
+                                if train_blocks is None else train_blocks, depth)
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     for i in train_blocks:

@@ -28,13 +28,21 @@ __all__ = ["BSRConfig", "MEMORY_MODES", "default_train_blocks", "default_drop_at
 MEMORY_MODES = ("autograd", "fast", "lean")
 
 
+def _check_depth(depth) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    return int(depth)
+
+
 def default_train_blocks(depth: int) -> tuple[int, ...]:
     """``(round(d/3*k) - 1 for k = 1..3)``: (3, 7, 11) for 12 blocks."""
+    depth = _check_depth(depth)
     return tuple(sorted({max(0, round(depth / 3 * k) - 1) for k in (1, 2, 3)}))
 
 
 def default_drop_at(depth: int) -> tuple[int, ...]:
     """``(round(d/4*k) for k = 1..3)``: (3, 6, 9) for 12 blocks."""
+    depth = _check_depth(depth)
     return tuple(sorted({min(depth - 1, round(depth / 4 * k)) for k in (1, 2, 3)}))
 
 
@@ -152,9 +160,7 @@ class BSRConfig:
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"activation_dtype must be one of {sorted(_DTYPES)} or None, "
                              f"got {dtype!r}")
-        depth = d["depth"]
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        depth = _check_depth(d["depth"])
         kwargs = {k: v for k, v in d.items() if k not in ("depth", "activation_dtype")}
         return cls.create(depth, activation_dtype=None if dtype is None else _DTYPES[dtype],
                           **kwargs)

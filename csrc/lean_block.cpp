@@ -192,7 +192,7 @@ TORCH_LIBRARY_FRAGMENT(bsr_kernels, m) {
         " str gelu_approximate) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bsr_kernels, CPU, m) {
+TORCH_LIBRARY_IMPL(bsr_kernels, CompositeImplicitAutograd, m) {
   m.impl("frozen_block_backward", &frozen_block_backward);
 }
 

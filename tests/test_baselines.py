@@ -196,8 +196,13 @@ def test_defaults():
     assert default_drop_at(12) == (3, 6, 9)
     assert default_train_blocks(24) == (7, 15, 23)
     assert default_drop_at(24) == (6, 12, 18)
-    with pytest.raises(ValueError, match="depth"):
-        default_drop_at(3)
+    # one definition with reprogram's (round(d/3*k) - 1, round(d/4*k)), also at other depths
+    assert default_train_blocks(8) == (2, 4, 7) and default_drop_at(8) == (2, 4, 6)
+    assert default_train_blocks(10) == (2, 6, 9) and default_drop_at(10) == (2, 5, 8)
+    assert bsr_kernels.reprogram(small_vit(depth=10)).bsr_config.train_blocks == (2, 6, 9)
+    for bad in (0, -1, 2.5, "12", True):
+        with pytest.raises(ValueError, match="depth"):
+            default_drop_at(bad)
 
 
 def test_configure_and_gradients():
@@ -238,7 +243,7 @@ def test_bad_arguments():
         eager_bsr_forward(model, x, train_blocks=(3, 12))
     with pytest.raises(ValueError, match="train_blocks"):
         configure_eager_bsr(model, (3, 3))
-    with pytest.raises(TypeError, match="drop_at"):
+    with pytest.raises(ValueError, match="drop_at"):  # ValueError, as in reprogram
         eager_bsr_forward(model, x, drop_at="3")
     with pytest.raises(ValueError, match="drop_at"):
         eager_bsr_forward(model, x, drop_at=(-1,))

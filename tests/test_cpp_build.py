@@ -1,4 +1,4 @@
-"""The C++ extension bsr_kernels._C: it is built, loads, registers its ops, and the cpp backend
+"""The C++ extension bsr_kernels.ops._C: it is built, loads, registers its ops, and the cpp backend
 reports clearly what it cannot run. Numerical agreement of every backend with the reference is
 tested in test_ops.py (BSR_BACKEND=cpp); here only a few build-level checks touch numbers."""
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _qkvx(b=3, h=2, n=13, d=8, c=5, dtype=torch.float32, seed=0):
 
 
 def test_extension_loads():
-    from bsr_kernels import _C  # noqa: F401
+    from bsr_kernels.ops import _C  # noqa: F401
 
     assert cpp_mod.extension_error() is None, cpp_mod.extension_error()
     assert Path(_C.__file__).name.startswith("_C")
@@ -92,14 +92,15 @@ def test_loads_with_python_ops_in_either_order(first):
     namespace in bsr_kernels.ops coexist whichever is registered first."""
     load_ext_first = """
         import glob, importlib.util, os, torch
-        pkg = importlib.util.find_spec("bsr_kernels").submodule_search_locations[0]
+        pkg = os.path.join(importlib.util.find_spec("bsr_kernels").submodule_search_locations[0],
+                           "ops")  # find_spec("bsr_kernels.ops") would import the package first
         (so,) = glob.glob(os.path.join(pkg, "_C*.so")) + glob.glob(os.path.join(pkg, "_C*.pyd"))
         torch.ops.load_library(so)
         import bsr_kernels
     """
     load_pkg_first = """
         import torch, bsr_kernels
-        from bsr_kernels import _C
+        from bsr_kernels.ops import _C
     """
     code = (load_ext_first if first == "extension" else load_pkg_first) + """
         x = torch.randn(2, 9, 4); q = torch.randn(2, 3, 9, 8); k = torch.randn(2, 3, 9, 8)
@@ -120,8 +121,8 @@ def test_missing_extension_warns_once_and_reports_build_command():
         import sys, warnings
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name == "bsr_kernels._C":
-                    raise ImportError("simulated: no bsr_kernels._C")
+                if name == "bsr_kernels.ops._C":
+                    raise ImportError("simulated: no bsr_kernels.ops._C")
         sys.meta_path.insert(0, Block())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -129,7 +130,7 @@ def test_missing_extension_warns_once_and_reports_build_command():
             from bsr_kernels.ops.dispatch import all_backends
             backends = all_backends()
             import bsr_kernels.ops.cpp  # a second import must not warn again
-        mine = [w for w in caught if "bsr_kernels._C" in str(w.message)]
+        mine = [w for w in caught if "bsr_kernels.ops._C" in str(w.message)]
         assert len(mine) == 1, [str(w.message) for w in caught]
         print("WARNING:", mine[0].message)
         reasons = backends["cpp"].not_supported_reasons(torch.device("cpu"), torch.float32)

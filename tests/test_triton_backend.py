@@ -32,6 +32,8 @@ GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5),
 def device(request, monkeypatch):
     """CPU runs the interpreter; CUDA runs compiled kernels. Forces BSR_BACKEND=triton."""
     if request.param == "cpu":
+        if tb.interpreter_problem():
+            pytest.skip(tb.interpreter_problem())
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -93,8 +95,9 @@ def test_not_supported_reasons(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert any("TRITON_INTERPRET" in r for r in BACKEND.not_supported_reasons(cpu, torch.float32))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert BACKEND.not_supported_reasons(cpu, torch.float32) == []
-    assert BACKEND.not_supported_reasons(cpu, torch.float64) == []
+    problem = [tb.interpreter_problem()] if tb.interpreter_problem() else []
+    assert BACKEND.not_supported_reasons(cpu, torch.float32) == problem
+    assert BACKEND.not_supported_reasons(cpu, torch.float64) == problem
     assert any("bfloat16" in r for r in BACKEND.not_supported_reasons(cpu, torch.bfloat16))
     assert any("int32" in r for r in BACKEND.not_supported_reasons(cuda, torch.int32))
     assert BACKEND.not_supported_reasons(torch.device("meta"), torch.float32)
@@ -135,6 +138,7 @@ print("OK")
 """
 
 
+@pytest.mark.skipif(tb.interpreter_problem() is not None, reason=str(tb.interpreter_problem()))
 def test_interpreter_set_after_import_triton():
     """TRITON_INTERPRET=1 set *after* ``import triton`` still runs the kernels (the reverse order,
     compiling while the variable is set, is covered by test_kernels_compile_for_gpu under
@@ -177,6 +181,25 @@ def _compile_for_sm90(name, pointers, constexprs, num_warps):
     src = ASTSource(fn=tb._kernels(False)[name], signature=signature,
                     constexprs={(params.index(p),): v for p, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def test_interpreter_problem_names_the_versions(monkeypatch):
+    """Triton < 3.7 with numpy >= 2.4 cannot interpret the kernels: a reason naming both versions,
+    not an InterpreterError from inside a kernel; compiled CUDA kernels are unaffected."""
+    import numpy
+    monkeypatch.setattr(tb.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    reason = tb.interpreter_problem()
+    assert reason and "3.6.0" in reason and "2.4.6" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert reason in BACKEND.not_supported_reasons(torch.device("cpu"), torch.float32)
+    if torch.cuda.is_available():
+        assert BACKEND.not_supported_reasons(torch.device("cuda"), torch.float32) == []
+    monkeypatch.setattr(numpy, "__version__", "2.3.1")
+    assert tb.interpreter_problem() is None
+    monkeypatch.setattr(tb.triton, "__version__", "3.8.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert tb.interpreter_problem() is None
 
 
 def test_kernels_compile_for_gpu():

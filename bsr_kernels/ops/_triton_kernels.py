@@ -13,9 +13,10 @@ Conventions (as in the Triton tutorials): pointers, then sizes, then the scale, 
 ``tl.constexpr`` flags and block sizes. Loads and stores are masked; accumulation is in ``ACC``
 (float32, or float64 for float64 inputs). Tensors the backend allocates itself (``kept``,
 ``scores``, ``lse``, workspaces) are contiguous and indexed without strides. Every program owns
-one batch element (forward) or one (batch, head) / (batch, row tile) pair (backward), so there
-are no cross-program races; ``tl.debug_barrier()`` orders a program's own global-memory writes
-before the reads of a later phase.
+its outputs: one (batch, head) (logits), one batch element (selection), one (batch, channel tile)
+(gather), one (batch, row tile) / (batch, head) pair (backward), so there are no cross-program
+races and no atomics (results are deterministic); ``tl.debug_barrier()`` orders a program's own
+global-memory writes before the reads of a later phase.
 """
 import triton.language as tl
 

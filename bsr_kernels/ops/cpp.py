@@ -1,4 +1,4 @@
-"""C++ (CPU) backend: the ``bsr_kernels::cpp_*`` operators of the extension ``bsr_kernels._C``.
+"""C++ (CPU) backend: the ``bsr_kernels::cpp_*`` operators of the extension ``bsr_kernels.ops._C``.
 
 The kernels (``csrc/``) follow :mod:`bsr_kernels.ops.reference` exactly, never build an N x N
 matrix, and run in parallel over the batch. They take float32 and float64 CPU tensors.
@@ -22,19 +22,19 @@ BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _DTYPES = (torch.float32, torch.float64)
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
 
     #: Every operator the extension registers; a build from older sources lacks some.
     _OPS = ("cpp_cls_scores", "cpp_cls_scores_backward", "cpp_drop_forward", "cpp_drop_backward",
             "cpp_gather_backward", "frozen_block_backward")
     _missing = [n for n in _OPS if not hasattr(torch.ops.bsr_kernels, n)]
     _LOAD_ERROR: str | None = (
-        f"bsr_kernels._C is out of date: it lacks {', '.join(_missing)}" if _missing else None)
+        f"bsr_kernels.ops._C is out of date: it lacks {', '.join(_missing)}" if _missing else None)
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 if _LOAD_ERROR is not None:
     warnings.warn(
-        "bsr_kernels: the C++ extension bsr_kernels._C could not be loaded "
+        "bsr_kernels: the C++ extension bsr_kernels.ops._C could not be loaded "
         f"({_LOAD_ERROR}); the 'cpp' backend is unavailable. Build it from the repository root "
         f"with: {BUILD_COMMAND}",
         RuntimeWarning,
@@ -42,16 +42,8 @@ if _LOAD_ERROR is not None:
     )
 
 
-if _LOAD_ERROR is None:
-    @torch.library.register_fake("bsr_kernels::frozen_block_backward")
-    def _(grad_out, x, kept, weights, num_heads, eps, scale, num_prefix_tokens, fuse_token,
-          gelu_approximate):
-        # the input gradient of a frozen block: x's shape (lets torch.compile trace the call)
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 def extension_error() -> str | None:
-    """Why ``bsr_kernels._C`` failed to load, or None when it is loaded."""
+    """Why ``bsr_kernels.ops._C`` failed to load, or None when it is loaded."""
     return _LOAD_ERROR
 
 
@@ -63,7 +55,7 @@ class CppBackend(Backend):
     def not_supported_reasons(self, device, dtype) -> list[str]:
         reasons = []
         if _LOAD_ERROR is not None:
-            reasons.append(f"the C++ extension bsr_kernels._C is not built or failed to load "
+            reasons.append(f"the C++ extension bsr_kernels.ops._C is not built or failed to load "
                            f"({_LOAD_ERROR}); build it from the repository root with: "
                            f"{BUILD_COMMAND}")
         device = torch.device(device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Backend, compute_dtype
+from .common import Backend, DropPlan, compute_dtype
 
 __all__ = ["cls_scores", "select_tokens", "drop_tokens", "cls_scores_backward", "gather_backward",
            "drop_backward", "ReferenceBackend"]
@@ -68,7 +68,7 @@ def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse
         dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept, False)
     xp = x[:, p:]
     parts = [x[:, :p], torch.gather(xp, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))]
-    if fuse_token and n_keep < xp.shape[1]:
+    if DropPlan(p, xp.shape[1], n_keep, fuse_token).fused:
         weights = torch.where(dropped, scores, torch.zeros_like(scores))
         fused = torch.einsum("bm,bmc->bc", weights, xp.to(scores.dtype))
         parts.append(fused.to(x.dtype).unsqueeze(1))

@@ -1,20 +1,45 @@
-"""Triton backend of the token-drop ops: one fused forward kernel, Triton backward kernels.
+"""Triton backend of the token-drop ops: a three-pass forward that fills the GPU at every batch
+size, and Triton backward kernels.
 
 Kernels live in :mod:`._triton_kernels`; this module chooses block sizes, allocates outputs and
 launches them.
 
-* ``drop_forward`` and ``cls_scores``: ONE launch of ``drop_fwd_kernel`` per call, grid (B,). It
-  computes the CLS-row logits per head, the softmax statistics (lse), the head-mean scores of the
-  non-prefix columns, the top-k by pairwise ranks (no sort, exact tie rule), and gathers the prefix
-  and kept rows of x (plus the score-weighted fused token). Only (B, H, N) logits and (B, M) slots
-  are kept as workspaces; no N x N matrix exists.
-* ``gather_backward`` / ``drop_backward``: ``rows_bwd_kernel`` scatters grad_out back, adds the
-  fusion-weight rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens;
-  ``drop_backward`` then runs ``cls_bwd_kernel`` (grid (B, H)) for grad_q and grad_k.
-* Strides: every input (x, q, k, grad_out) may be non-contiguous; its strides go to the kernel.
-  Outputs get the layouts of the fake kernels registered in ``bsr_kernels.ops`` (torch.compile
-  checks them): x_out, kept, scores, lse and gather_backward's grad_x contiguous; drop_backward's
-  grad_x like x, grad_q / grad_k like q / k (``torch.empty_like``).
+Forward (``drop_forward``; ``cls_scores`` runs passes 1-2 only; ``drop_replay`` runs 1, 2 without
+selecting, and 3 with the recorded rows):
+
+1. ``cls_logits_kernel``, grid (B, H): the CLS-row logits of one head (q_cls against every key,
+   tile by tile) and their logsumexp. Reads each K row once. (B, H, N) fp32 logits go to a
+   workspace: 0.6 % of the bytes of K at head dim 64.
+2. ``select_kernel``, grid (B,): head-mean probabilities of the candidates, then the exact
+   selection without a sort: the n_keep-th largest score is found bit by bit on an integer key
+   of the same order (32 counting passes for fp32, 64 for fp64, each over the M scores in L1),
+   ties to the lower position by a prefix count. O(32 M) instead of O(M^2) pairwise ranks. Writes
+   ``kept`` and each candidate's output slot.
+3. ``gather_kernel``, grid (B, cdiv(C, BLOCK_C)): copies the prefix and kept rows to their slots
+   and sums the dropped rows, weighted by their scores, into the fused row. Reads each x element
+   once; without a fused token dropped rows are never read.
+
+Occupancy (H100: 132 SMs, 4 warps per program). Passes 1 and 3 carry almost all the bytes (K, x,
+x_out). Pass 1 has B*H programs: 1536 at ViT-B B=128 (11.6 per SM), 384 at B=32 N=577 (2.9 per
+SM, each walking 577 keys), 96 at B=8 (under one per SM, but 8 images move only ~6 MB). Pass 3
+picks the widest channel tile that still gives ``programs_per_sm`` (4) programs per SM:
+BLOCK_C=128 at B=128 (768 programs), 32 at B=32 (768), 32 at B=8 (192, the narrowest tile; rows of
+64 bytes in bf16). Pass 2 has B programs of small work (M scores in L1); at B=8 it is latency
+bound (~32 dependent reductions). Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at
+ViT-B B=128 N=197 (46 % of the measured copy bandwidth), 70 us at B=32 N=577 (35 %), 27 us at B=8
+(see benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and the op's
+dispatch add host-side time of the same order; inside a captured or compiled step it vanishes.
+
+Backward: ``rows_bwd_kernel`` (grid (B, row tiles)) scatters grad_out back, adds the fusion-weight
+rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens; ``drop_backward``
+then runs ``cls_bwd_kernel`` (grid (B, H)) for grad_q and grad_k. Both grids are already
+parallel over more than the batch.
+
+Strides: every input (x, q, k, grad_out) may be non-contiguous; its strides go to the kernel.
+Outputs get the layouts of the fake kernels registered in ``bsr_kernels.ops`` (torch.compile
+checks them): x_out, kept, scores, lse and gather_backward's grad_x contiguous; drop_backward's
+grad_x like x, grad_q / grad_k like q / k (``torch.empty_like``). x may have another dtype than q
+and k (autocast); scores accumulate in float32 (float64 when either is float64).
 
 TRITON_INTERPRET (finding for triton 3.8.0, from ``triton/runtime/jit.py``, ``triton/knobs.py``,
 ``triton/language/standard.py`` and ``triton/runtime/interpreter.py``):
@@ -106,6 +131,29 @@ def _kernels(interpret: bool) -> dict:
         helpers = {"_SUM": JITFunction(_rebind(raw.add_combine, {})),
                    "_MAX": JITFunction(_rebind(raw.max_combine, {}))}
     return {name: wrap(_rebind(getattr(raw, name), helpers)) for name in raw.KERNELS}
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels here, or None.
+
+    Triton before 3.7 wraps every scalar of an interpreted kernel in a 1-element array whose
+    ``__index__`` (a loop bound such as ``range(0, N, BLOCK_N)``) calls ``int()`` on it; numpy
+    2.4 and later refuse that ("only 0-dimensional arrays can be converted to Python scalars").
+    Triton 3.8 makes them 0-d. Compiled (CUDA) kernels are unaffected.
+    """
+    if _TRITON_ERROR is not None:
+        return None
+    import numpy
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with numpy "
+                f"{numpy.__version__} (it calls int() on 1-element arrays); use triton >= 3.7 or "
+                "numpy < 2.4 for TRITON_INTERPRET=1")
+    return None
 
 
 def _kernel(name: str):
@@ -264,6 +312,8 @@ class TritonBackend(Backend):
         elif device.type == "cpu":
             if not _config.triton_interpret():
                 reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
+            elif interpreter_problem():
+                reasons.append(interpreter_problem())
             if dtype not in _CPU_DTYPES:
                 reasons.append(f"dtype {dtype} is not supported by the interpreter here "
                                "(float32, float64 are)")
