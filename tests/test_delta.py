@@ -121,3 +121,165 @@ def test_base_fingerprint_sees_any_change():
     assert base_fingerprint(a) != base_fingerprint(b)
     assert base_fingerprint(a, exclude=["blocks.5.mlp.fc1.weight"]) == \
         base_fingerprint(b, exclude=["blocks.5.mlp.fc1.weight"])
+
+
+# --- issue 13: a delta brings the exact saved state, or refuses; damaged files are refused ---
+
+def _tiny():
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=12, num_heads=4,
+                             num_classes=5).eval()
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            (model.bsr_config if hasattr(model, "bsr_config") else None), type(model.blocks[3]))
+
+
+def _assert_unchanged(model, snap):
+    sd, rg, cfg, cls = _snapshot(model)
+    assert sd.keys() == snap[0].keys()
+    for k in sd:
+        assert torch.equal(sd[k], snap[0][k]), k
+    assert rg == snap[1] and cfg == snap[2] and cls is snap[3]
+
+
+def _edit_header(path, edit):
+    """Rewrites a safetensors header: ``edit(header_dict)`` changes it in place."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def _edit_config(path, edit):
+    def go(header):
+        cfg = json.loads(header["__metadata__"]["bsr_kernels"])
+        if edit(cfg) == "as a list":
+            cfg = list(cfg.values())
+        header["__metadata__"]["bsr_kernels"] = json.dumps(cfg)
+    _edit_header(path, go)
+
+
+@pytest.fixture
+def tuned_delta(tmp_path):
+    tuned = _finetune_like(bsr_kernels.reprogram(_tiny()))       # keep 0.5, drop at 3, 6, 9
+    return tuned, save_delta(tuned, tmp_path / "d.safetensors")
+
+
+def test_load_delta_replaces_other_bsr_settings_with_the_deltas(tuned_delta):
+    tuned, path = tuned_delta
+    t = bsr_kernels.reprogram(_tiny(), keep_rate=0.9, drop_at=[1])
+    with pytest.warns(UserWarning, match="other BSR settings") as w:
+        bsr_kernels.load_delta(t, path)
+    assert "keep_rate 0.9 -> 0.5" in str(w[0].message)
+    assert "drop_at [1] -> [3, 6, 9]" in str(w[0].message)
+    assert t.bsr_config == tuned.bsr_config
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), tuned(x), rtol=0, atol=0)
+    assert {n for n, p in t.named_parameters() if p.requires_grad} == \
+        {n for n, p in tuned.named_parameters() if p.requires_grad}
+
+
+def test_load_delta_of_a_plain_model_restores_a_reprogrammed_one(tmp_path):
+    plain = _tiny()
+    for n, p in plain.named_parameters():
+        p.requires_grad_(n.startswith("head.") or n.endswith(".bias"))   # BitFit
+    _finetune_like(plain)
+    path = save_delta(plain, tmp_path / "bitfit.safetensors")
+    t = bsr_kernels.reprogram(_tiny())
+    with pytest.warns(UserWarning, match="not reprogrammed"):
+        bsr_kernels.load_delta(t, path)
+    assert not hasattr(t, "bsr_config")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), plain(x), rtol=0, atol=0)
+
+
+def test_load_delta_refuses_a_header_dtype_change(tuned_delta):
+    _, path = tuned_delta
+    _edit_header(path, lambda h: h["head.weight"].update(dtype="I32"))
+    t = _tiny()
+    snap = _snapshot(t)
+    with pytest.raises(ValueError, match=r"damaged or edited.*head\.weight is int32, saved as "
+                                         r"float32"):
+        bsr_kernels.load_delta(t, path)
+    _assert_unchanged(t, snap)
+
+
+def test_load_delta_refuses_an_int_tensor_for_a_float_parameter_even_in_version_1(tuned_delta):
+    _, path = tuned_delta
+
+    def to_v1(cfg):
+        cfg["version"] = 1
+        del cfg["dtypes"], cfg["checksum"]
+    _edit_config(path, to_v1)
+    _edit_header(path, lambda h: h["head.weight"].update(dtype="I32"))
+    t = _tiny()
+    snap = _snapshot(t)
+    with pytest.raises(ValueError, match=r"does not fit.*head\.weight: delta dtype torch\.int32"):
+        bsr_kernels.load_delta(t, path)
+    _assert_unchanged(t, snap)
+
+
+def test_load_delta_refuses_changed_tensor_bytes(tuned_delta):
+    _, path = tuned_delta
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        bsr_kernels.load_delta(_tiny(), path)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(base_fingerprint=""), "base_fingerprint must be a SHA-256"),
+    (lambda c: c.pop("base_fingerprint"), "base_fingerprint is missing"),
+    (lambda c: c["bsr"].pop("train_blocks"), r"bsr\.train_blocks is missing"),
+    (lambda c: c.update(bsr=[3, 7, 11]), "bsr must be null or an object"),
+    (lambda c: c["bsr"].update(keep_rate=7), r"bsr\.keep_rate must be a number in \(0, 1\]"),
+    (lambda c: c.update(parameters="head.weight"), "parameters must be a non-empty list"),
+    (lambda c: "as a list", "config is a JSON list"),
+])
+def test_load_delta_refuses_damaged_metadata_with_a_clear_error(tuned_delta, edit, match):
+    _, path = tuned_delta
+    _edit_config(path, edit)
+    t = _tiny()
+    snap = _snapshot(t)
+    with pytest.raises(ValueError, match=match) as e:
+        bsr_kernels.load_delta(t, path)
+    assert str(path) in str(e.value)
+    _assert_unchanged(t, snap)
+
+
+def test_save_delta_refuses_a_json_name(tmp_path):
+    tuned = _finetune_like(bsr_kernels.reprogram(_tiny()))
+    with pytest.raises(ValueError, match=r"w\.json.*overwrite the delta.*w\.safetensors"):
+        save_delta(tuned, tmp_path / "w.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_delta_refuses_non_finite_parameters(tmp_path):
+    tuned = bsr_kernels.reprogram(_tiny())
+    with torch.no_grad():
+        tuned.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        save_delta(tuned, tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_delta_files_get_ordinary_permissions(tuned_delta):
+    import os
+    import stat
+    _, path = tuned_delta
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (path, path.with_suffix(".json")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+    assert sorted(q.name for q in path.parent.iterdir()) == ["d.json", "d.safetensors"]
+    json.loads(path.with_suffix(".json").read_text())      # strict JSON

@@ -1,17 +1,21 @@
-"""No data lost: a run killed with SIGKILL mid-epoch and resumed ends with the weights of an
-uninterrupted run; damaged or foreign checkpoints get clear errors."""
+"""No data lost: a run killed with SIGKILL mid-epoch, or while writing result.json, and resumed
+ends with the weights of an uninterrupted run; damaged or foreign checkpoints get clear errors.
+
+The kills come from hooks this test installs in the child process (a wrapped ``train_step``, an
+interrupted rename in :mod:`bsr_kernels.checkpoint`); production code has no kill switch."""
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from bsr_kernels.finetune import cli
-from bsr_kernels.finetune.train import (KILL_ENV, CheckpointError, load_checkpoint,
-                                        save_checkpoint)
+from bsr_kernels.finetune.train import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # 597 training images / 128 = 4 steps per epoch; the digits data is augmented (random shifts),
@@ -20,11 +24,45 @@ ARGS = ["--method", "bsr", "--epochs", "3", "--batch-size", "128", "--seed", "3"
         "--timing-rounds", "0", "--profile-batch", "2", "--samples", "0", "--no-progress"]
 
 
+# Runs bsr-finetune with kill hooks: TEST_KILL_AT_STEP=N SIGKILLs right after the N-th optimizer
+# step; TEST_KILL_WRITING=NAME SIGKILLs while NAME is written (its temporary file cut to half,
+# before the rename), as a crash mid-write would leave it.
+_HOOKED_CLI = textwrap.dedent("""
+    import os, signal, sys
+    from bsr_kernels import checkpoint
+    from bsr_kernels.finetune import cli, train
+
+    kill_at = int(os.environ.get("TEST_KILL_AT_STEP", "0"))
+    if kill_at:
+        real_step, done = train.train_step, [0]
+
+        def train_step(*args, **kwargs):
+            loss = real_step(*args, **kwargs)
+            done[0] += 1
+            if done[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return loss
+        train.train_step = train_step
+
+    kill_writing = os.environ.get("TEST_KILL_WRITING")
+    if kill_writing:
+        real_replace = checkpoint._replace
+
+        def replace(src, dst):
+            if os.path.basename(dst) == kill_writing:
+                data = open(src, "rb").read()
+                open(src, "wb").write(data[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+        checkpoint._replace = replace
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
 def _cli(out: Path, *extra, env=None):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "bsr_kernels.finetune", *ARGS, "--out",
-                           str(out), *extra], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", _HOOKED_CLI, *ARGS, "--out", str(out), *extra],
+                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +71,22 @@ def runs(tmp_path_factory):
     whole = _cli(root / "whole")
     assert whole.returncode == 0, whole.stderr
     # Killed right after step 6: mid-way through epoch 2, epoch 1's checkpoint on disk.
-    killed = _cli(root / "killed", env={KILL_ENV: "6"})
+    killed = _cli(root / "killed", env={"TEST_KILL_AT_STEP": "6"})
     after_kill = load_checkpoint(root / "killed" / "bsr" / "checkpoint.pt")
     resumed = _cli(root / "killed", "--resume")
     return root, whole, killed, after_kill, resumed
+
+
+def _assert_same_training(a, b):
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 12
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert a["scheduler"] == b["scheduler"]
+    assert a["history"] == b["history"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights(runs):
@@ -63,6 +113,36 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(runs):
     assert (root / "killed" / "bsr" / "delta.safetensors").is_file()
     # no temporary files left behind by the atomic writes of the finished run
     assert not [p for p in (root / "killed" / "bsr").iterdir() if ".tmp" in p.name]
+
+
+def test_sigkill_while_writing_result_json_then_resume(runs):
+    """Killed with result.json half written (a torn temporary file, no result.json): the resume
+    removes the orphan, rebuilds result.json from the finished checkpoint without training, and
+    everything equals the uninterrupted run."""
+    root = runs[0]
+    out = root / "killed_in_result"
+    killed = _cli(out, env={"TEST_KILL_WRITING": "result.json"})
+    assert killed.returncode == -signal.SIGKILL
+    orphans = [p for p in (out / "bsr").iterdir() if ".tmp" in p.name]
+    assert [p.name for p in orphans] == [f".result.json.tmp{p.name.rsplit('tmp', 1)[1]}"
+                                         for p in orphans] and len(orphans) == 1
+    assert not (out / "bsr" / "result.json").exists()
+    assert (out / "bsr" / "checkpoint.pt").is_file()
+    assert (out / "bsr" / "delta.safetensors").is_file()
+
+    refused = _cli(out)                           # forgetting --resume destroys nothing
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    assert "removed 1 temporary file" in refused.stderr   # the orphan goes on any start
+    assert (out / "bsr" / "checkpoint.pt").is_file()
+
+    resumed = _cli(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    _assert_same_training(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),
+                          load_checkpoint(out / "bsr" / "checkpoint.pt"))
+    whole = json.loads((root / "whole" / "bsr" / "result.json").read_text())
+    got = json.loads((out / "bsr" / "result.json").read_text())
+    assert got["history"] == whole["history"] and got["accuracy"] == whole["accuracy"]
 
 
 def test_resume_of_a_finished_run_keeps_its_result(runs, capsys):

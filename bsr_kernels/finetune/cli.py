@@ -3,13 +3,19 @@
 With no arguments it runs the built-in demo, offline: a 12-block ViT shipped pre-trained on
 digits 0-4 is adapted to digits 5-9 (scikit-learn's ``load_digits``, upscaled) by full
 fine-tuning, a linear probe, BitFit and BSR, and a table compares test accuracy, saved
-activation memory, training FLOPs and step time. ``--out DIR`` also writes ``summary.json``,
-``report.png``, and per method a resumable checkpoint and a delta checkpoint.
+activation memory, training FLOPs and step time. ``--out DIR`` also writes ``args.json``,
+``summary.json``, ``summary.csv`` (one row per method and epoch), ``report.png``, and per
+method a resumable checkpoint, ``result.json`` and a delta checkpoint, every file atomically.
+
+A folder that holds a run is refused unless ``--resume`` (continue it, possibly with more
+``--epochs``) or ``--overwrite`` (replace it) is given, and one process at a time writes it
+(a lock file ``DIR/.lock``, taken over when its process has died).
 
 Examples::
 
     bsr-finetune                                            # the digits demo, all methods
     bsr-finetune --out runs/demo                            # ... and keep the results
+    bsr-finetune --resume runs/demo --epochs 40             # continue it, 10 epochs more
     bsr-finetune --model vit_base_patch16_224 --pretrained --data cifar10 --method bsr \\
         --epochs 10 --batch-size 128 --workers 8 --out runs/c10
     torchrun --nproc_per_node 4 -m bsr_kernels.finetune --data /data/pets --method bsr ...
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -28,12 +33,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .data import TORCHVISION_SETS, DatasetUnavailableError, build_data
+from ..checkpoint import RunLock, clean_orphans, read_json, write_json
+from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
-                     model_input_config)
-from .report import draw_report, format_table, write_summary
+                     model_data_config)
+from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
-                    adapt, fit, load_checkpoint, setup_distributed, teardown_distributed,
+                    AMP_MODES, SCHEDULES, TrainingDivergedError, adapt, check_optimizer_name, fit,
+                    load_checkpoint, resolve_amp, setup_distributed, teardown_distributed,
                     time_steps, trainable_parameters)
 
 __all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
@@ -45,6 +52,9 @@ DIGITS_SHIFT = 1
 
 
 _ACTIVATION_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESULT_FORMAT, ARGS_FORMAT = "bsr-finetune-result", "bsr-finetune-args"
+#: Exit status when the training loss became NaN/inf (2 is a usage or input error).
+EXIT_DIVERGED = 3
 
 
 # --- argument parsing ----------------------------------------------------------------------
@@ -70,6 +80,7 @@ _positive_int = _number(int, lambda v: v >= 1, "of at least 1", "positive int")
 _nonneg_int = _number(int, lambda v: v >= 0, "of 0 or more", "int")
 _positive_float = _number(float, lambda v: v > 0, "above 0", "positive float")
 _nonneg_float = _number(float, lambda v: v >= 0, "of 0 or more", "float")
+_seed = _number(int, lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (2**32 - 1)", "seed")
 _keep_rate = _number(float, lambda v: 0.0 < v <= 1.0,
                      "in (0, 1] (the fraction of patch tokens each drop keeps; 1 keeps all)",
                      "keep rate")
@@ -96,6 +107,19 @@ def _methods(s: str) -> tuple:
     return tuple(dict.fromkeys(names))
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help, unless the help already states its default or
+    there is none to state (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bsr-finetune`` argument parser."""
     p = argparse.ArgumentParser(
@@ -103,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a timm ViT by Block Selective Reprogramming (train a few blocks, "
                     "drop the least attended tokens) and compare it with full fine-tuning, a "
                     "linear probe and BitFit. Without arguments: the offline digits demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DIGITS_MODEL,
                    help=f"timm ViT name, or {DIGITS_MODEL} (the shipped digits 0-4 model)")
@@ -120,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download folder of torchvision sets (default: $BSR_DATA or "
                         "~/.cache/bsr_kernels/data)")
     g.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader workers")
+    g.add_argument("--bad-images", choices=BAD_IMAGE_MODES, default="error",
+                   help="ImageFolder images that cannot be read (every file is verified at "
+                        "start-up): error stops and lists them, skip trains without them and "
+                        "says how many (default: error)")
     g = p.add_argument_group("method")
     g.add_argument("--method", type=_methods, default=None,
                    help=f"{'|'.join(METHODS)}, a comma-separated list, or all (default: all for "
@@ -147,17 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
                    help="the head trains at this multiple of --lr (the BSR authors use 10)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=0.05)
-    g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0)
-    g.add_argument("--seed", type=_nonneg_int, default=0)
+    g.add_argument("--opt", default="adamw", metavar="NAME", type=str.lower,
+                   help="optimizer, any timm.optim name (adamw, sgd, lamb, adan, ...)")
+    g.add_argument("--sched", choices=SCHEDULES, default="cosine",
+                   help="learning-rate schedule per step: cosine is linear warm-up then cosine "
+                        "decay to 0; step (decay x0.1 every third of the run), multistep "
+                        "(at 1/2 and 3/4), poly and tanh are timm.scheduler's, with the same "
+                        "warm-up (default: cosine)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
+                   help="weight decay of weight matrices (not biases, norms, embeddings)")
+    g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
+                   help="linear learning-rate warm-up, in epochs (may be fractional; longer "
+                        "than the run means warm-up throughout), then cosine decay to 0")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the weights of new layers, the shuffling and the "
+                        "augmentation")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when available (bf16 autocast), else cpu")
+                   help="default: cuda when available, else cpu")
+    g.add_argument("--torchcompile", action="store_true",
+                   help="train and evaluate through torch.compile (compiling takes a while; "
+                        "the step-time measurement stays eager)")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="mixed precision: auto is bf16 autocast on CUDA and none on CPU; bf16 "
+                        "asks for it on either; off computes in float32 (default: auto)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="write summary.json, report.png, and per method checkpoint.pt "
-                        "(each epoch, atomically) and delta.safetensors")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in --out (finished methods are kept)")
+                   help="write args.json, summary.json, summary.csv, report.png, and per "
+                        "method checkpoint.pt (each epoch), result.json and delta.safetensors; "
+                        "a folder holding a run needs --resume or --overwrite")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue a run: PATH is its --out folder or one of its "
+                        "<method>/checkpoint.pt; bare --resume continues --out. Finished "
+                        "methods are kept; a larger --epochs trains them further")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its files are deleted first)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     g.add_argument("--profile-batch", type=_positive_int, default=8,
@@ -171,7 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- the run -------------------------------------------------------------------------------
 
-def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
+def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float,
+                 device: torch.device) -> dict:
+    """The settings a checkpoint must share with the run resuming it. The options added after
+    checkpoint version 1 (--opt, --sched, --amp) are recorded only when not at their default,
+    so that older checkpoints still resume."""
+    fp = _settings(args, method, num_classes, img_size, lr)
+    if args.opt != "adamw":
+        fp["opt"] = args.opt
+    if args.sched != "cosine":
+        fp["sched"] = args.sched
+    amp = resolve_amp(args.amp, device)
+    if amp != resolve_amp("auto", device):
+        fp["amp"] = str(amp).replace("torch.", "")
+    return fp
+
+
+def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
     return {"model": args.model, "weights": "hub" if args.pretrained else
             (str(args.checkpoint) if args.checkpoint else "default"),
             "data": str(args.data), "num_classes": num_classes, "img_size": img_size,
@@ -196,16 +263,163 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
+def _resolve_resume(args: argparse.Namespace) -> None:
+    """Turns ``--resume [PATH]`` into ``args.resume`` (bool) and ``args.out`` (the run folder)."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         "--out, or replace it")
+    if not args.resume:
+        args.resume = False
+        return
+    if args.resume is True:
+        if args.out is None:
+            raise ValueError("--resume needs --out (the folder holding the checkpoints), or "
+                             "name that folder: --resume DIR")
+        return
+    p = Path(args.resume).expanduser()
+    if p.is_dir():
+        run_dir = p
+    elif p.is_file() and p.name == "checkpoint.pt" and p.parent.name in METHODS:
+        run_dir = p.parent.parent
+    elif p.exists():
+        raise ValueError(f"--resume {p}: expected the --out folder of an earlier run or one of "
+                         "its <method>/checkpoint.pt files")
+    else:
+        raise ValueError(f"--resume {p}: no such run folder or checkpoint file")
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {p} continues that run in its own folder {run_dir}; drop "
+                         f"--out {args.out}, or pass --out {run_dir}")
+    args.out, args.resume = run_dir, True
+
+
+def _check_amp(amp: str, device: torch.device) -> None:
+    """Refuses an autocast dtype that BSR's kernels cannot run on ``device`` (tried on a tiny
+    reprogrammed model, forward and backward), naming --amp."""
+    dtype = resolve_amp(amp, device)
+    if dtype is None:
+        return
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ..reprogram import reprogram
+    from .train import _autocast
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = reprogram(VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=4,
+                                            num_heads=2, num_classes=2)).to(device)
+        try:
+            with _autocast(device, dtype):
+                out = probe(torch.randn(2, 3, 16, 16, device=device))
+            out.float().sum().backward()
+        except (TypeError, RuntimeError, ValueError, NotImplementedError) as e:
+            raise ValueError(f"--amp {amp}: bsr_kernels cannot run BSR under "
+                             f"{str(dtype).replace('torch.', '')} autocast on {device.type} "
+                             f"({type(e).__name__}: {e}); use --amp off"
+                             + (" or a GPU" if device.type == "cpu" else "")) from None
+
+
+def _run_files(out: Path) -> list:
+    """The files of a bsr-finetune run that ``out`` holds (relative paths)."""
+    names = ["args.json", "summary.json", "summary.csv", "report.png"]
+    names += [f"{m}/{f}" for m in METHODS for f in ("checkpoint.pt", "result.json",
+                                                      "delta.safetensors", "delta.json")]
+    return [n for n in names if (out / n).is_file()]
+
+
+def _args_record(args: argparse.Namespace) -> dict:
+    from .. import __version__
+    return {"argv": sys.argv[1:], "bsr_kernels": __version__, "torch": torch.__version__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+def _claim_out(args: argparse.Namespace, warn) -> RunLock:
+    """Checks ``--out`` and takes it: a writable folder, locked, holding no other run (unless
+    --resume/--overwrite); removes orphaned temporary files and writes ``args.json``."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder; choose a folder (it is created "
+                         "if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out, "--out").acquire()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); choose a "
+                         "writable folder") from e
+    try:
+        removed = clean_orphans(out)
+        if removed:
+            warn(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted "
+                 f"write: {', '.join(str(p.relative_to(out)) for p in removed[:4])}")
+        found = _run_files(out)
+        # args.json alone (a run stopped before its first epoch ended) holds nothing to lose.
+        if found and found != ["args.json"] and not args.resume and not args.overwrite:
+            raise ValueError(f"--out {out} already holds a run ({', '.join(found[:4])}"
+                             f"{', ...' if len(found) > 4 else ''}); pass --resume to continue "
+                             "it, --overwrite to replace it, or choose another folder")
+        # --overwrite deletes the earlier run later, once data and weights have loaded: a
+        # mistake in the other arguments must not cost the old run.
+        lock.replaced = [n for n in found if n != "args.json"] if args.overwrite else []
+        write_json(out / "args.json", _args_record(args), format=ARGS_FORMAT, version=1)
+    except OSError as e:
+        lock.release()
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); choose a "
+                         "writable folder") from e
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _delete_replaced(out: Path, lock: Optional[RunLock], warn) -> None:
+    """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`)."""
+    names = getattr(lock, "replaced", None)
+    if not names:
+        return
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    for m in METHODS:
+        if (out / m).is_dir() and not any((out / m).iterdir()):
+            (out / m).rmdir()
+    warn(f"--overwrite: deleted the earlier run in {out} ({len(names)} files)")
+    lock.replaced = []
+
+
+def _prepare_out(args: argparse.Namespace, info: DistInfo, warn) -> Optional[RunLock]:
+    """:func:`_claim_out` on the main process; every process raises if it failed."""
+    if args.out is None:
+        return None
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = _claim_out(args, warn)
+        except ValueError as e:
+            error = e
+    if info.distributed:
+        import torch.distributed as dist
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if error is None and box[0] is not None:
+            raise ValueError(box[0])
+    if error is not None:
+        raise error
+    return lock
+
+
+def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     """Runs the parsed command: trains every method, measures, reports.
+
+    Args:
+        args: from :func:`build_parser`.
+        info: this process.
+        log: where progress lines go (main process).
+        warn: where warnings go (main process; default: nowhere).
 
     Returns:
         The summary dict (``{"methods": {...}, ...}``), also on non-main processes.
     """
     t_start = time.perf_counter()
+    warn = warn or (lambda s: None)
     check_model_name(args.model)
-    if args.resume and args.out is None:
-        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
+    check_optimizer_name(args.opt)
+    _resolve_resume(args)
     methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
     if args.epochs is None:
         args.epochs = DEMO_EPOCHS if args.data == "digits" else OTHER_EPOCHS
@@ -214,10 +428,25 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
+    if "bsr" in methods:
+        _check_amp(args.amp, info.device)
+    # --out is checked (and locked) before any data or weights are loaded.
+    lock = _prepare_out(args, info, warn)
+    try:
+        return _run(args, info, log, warn, methods, t_start, lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    img_size, mean, std = model_input_config(args.model, args.img_size)
+
+def _run(args, info: DistInfo, log, warn, methods, t_start: float,
+         lock: Optional[RunLock] = None) -> dict:
+    data_config = model_data_config(args.model, args.img_size)
+    img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
+        data_config["std"]
     shift = DIGITS_SHIFT * img_size // 8
-    data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift)
+    data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
+                      bad_images=args.bad_images, warn=warn, data_config=data_config)
     torch.manual_seed(args.seed)
     base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
                               args.checkpoint)
@@ -227,7 +456,19 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
             f"{len(data.train)} train / {len(data.test)} test images, {data.num_classes} "
             f"classes; {info.world_size} process(es) on {info.device}; methods "
             f"{', '.join(methods)}, {args.epochs} epochs")
+        for note in minfo.get("notes", ()):
+            warn(note)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and info.is_main:
+        _delete_replaced(out, lock, warn)
+    histories: dict = {}
+
+    def on_epoch(method: str, history: list) -> None:
+        histories[method] = list(history)
+        if out is not None:
+            write_history_csv(out / "summary.csv", histories)
 
     models, results = {}, {}
     for method in methods:
@@ -240,25 +481,35 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
                       keep_rate=args.keep_rate, memory_mode=args.memory_mode,
                       activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
         model.to(info.device)
-        fp = _fingerprint(args, method, data.num_classes, img_size, lr)
-        ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
-        done_file = args.out / method / "result.json" if args.out is not None else None
+        fp = _fingerprint(args, method, data.num_classes, img_size, lr, info.device)
+        ckpt = out / method / "checkpoint.pt" if out is not None else None
+        done_file = out / method / "result.json" if out is not None else None
         if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
-            state = load_checkpoint(ckpt, fp)
-            if int(state["epoch"]) >= args.epochs:   # finished earlier: reuse, do not retrain
+            state = load_checkpoint(ckpt, fp, extendable=("epochs",))
+            if int(state["epoch"]) == args.epochs:   # finished earlier: reuse, do not retrain
+                res = read_json(done_file, f"the result of method {method}",
+                                f"delete it and rerun with --resume: it is rebuilt from "
+                                f"{ckpt} without training again",
+                                format=RESULT_FORMAT, versions=(1,))
+                res.pop("format"), res.pop("version")
                 model.load_state_dict(state["model"])
-                res = json.loads(done_file.read_text())
                 if info.is_main:
                     log(f"{method}: finished in an earlier run, accuracy "
                         f"{100 * res['accuracy']:.2f}%")
                 models[method], results[method] = model, res
+                histories[method] = list(res.get("history", []))
                 continue
         opts = FitOptions(epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                           head_lr_scale=args.head_lr_scale, weight_decay=args.weight_decay,
-                          warmup_epochs=args.warmup_epochs, workers=args.workers,
-                          seed=args.seed, progress=progress, checkpoint=ckpt,
-                          resume=args.resume)
+                          opt=args.opt, amp=args.amp, compile=args.torchcompile,
+                          sched=args.sched,
+                          warmup_epochs=args.warmup_epochs,
+                          workers=args.workers, seed=args.seed, progress=progress,
+                          checkpoint=ckpt,
+                          resume=args.resume,
+                          on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
+        histories[method] = list(res["history"])
         trained = trainable_parameters(model)
         res.update({"lr": lr, "head_lr": lr * args.head_lr_scale, "epochs": args.epochs,
                     "trainable_params": sum(p.numel() for p in trained.values()),
@@ -269,17 +520,20 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
                         "drop_at": list(cfg.drop_at), "keep_rate": cfg.keep_rate,
                         "memory_mode": args.memory_mode,
                         "activation_dtype": args.activation_dtype or "exact"})
-        if info.is_main and args.out is not None:
+        if info.is_main and out is not None:
             from ..delta import save_delta
-            delta = save_delta(model, args.out / method / "delta.safetensors",
+            delta = save_delta(model, out / method / "delta.safetensors",
                                extra={"model": args.model, "data": data.name,
                                       "classes": data.classes, "img_size": img_size,
                                       "accuracy": res["accuracy"]})
             res["delta_mib"] = delta.stat().st_size / 2**20
-            done_file.write_text(json.dumps(res, indent=2) + "\n")
+            write_json(done_file, res, format=RESULT_FORMAT, version=1)
         models[method], results[method] = model, res
 
     if info.is_main:
+        log(f"measuring: saved activation memory and FLOPs ({args.profile_batch} images)"
+            + (f", then step times ({args.timing_rounds} rounds side by side)"
+               if args.timing_rounds else "") + "...")
         _measure(models, results, data, args, info, log)
     summary = {"methods": results, "model": args.model, "weights": minfo["weights"],
                "data": data.name, "num_classes": data.num_classes, "img_size": img_size,
@@ -290,11 +544,12 @@ def run(args: argparse.Namespace, info: DistInfo, log=print) -> dict:
     if info.is_main:
         log("")
         log(format_table(results))
-        if args.out is not None:
-            path = write_summary(args.out / "summary.json", results,
+        if out is not None:
+            write_history_csv(out / "summary.csv", histories)
+            path = write_summary(out / "summary.json", results,
                                  {k: v for k, v in summary.items() if k != "methods"})
-            png = _draw(models, results, data, args, args.out / "report.png")
-            log(f"\nwrote {path}" + (f" and {png}" if png else ""))
+            png = _draw(models, results, data, args, out / "report.png")
+            log(f"\nwrote {path}, {out / 'summary.csv'}" + (f" and {png}" if png else ""))
         log(f"wall time {summary['wall_time_s']:.1f} s")
     return summary
 
@@ -314,7 +569,7 @@ def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> No
         per_rank = args.batch_size // info.world_size
         images, labels = _first_batch(data.train, per_rank)
         times = time_steps(models, images.to(info.device), labels.to(info.device),
-                           rounds=args.timing_rounds)
+                           rounds=args.timing_rounds, amp=args.amp)
         for method, t in times.items():
             results[method]["step_time_s"] = t
             results[method]["timing_batch_size"] = images.shape[0]
@@ -346,21 +601,28 @@ def _draw(models: dict, results: dict, data, args, path: Path) -> Optional[Path]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``bsr-finetune``; returns the exit status (2 on a usage error)."""
+    """Entry point of ``bsr-finetune``; returns the exit status: 0, 2 on a usage or input
+    error, 3 (:data:`EXIT_DIVERGED`) when the training loss became NaN or infinite."""
     parser = build_parser()
     args = parser.parse_args(argv)
     info = None
     try:
         info = setup_distributed(args.device)
         log = print if info.is_main else (lambda *a, **k: None)
-        run(args, info, log=lambda s: log(s, flush=True))
+
+        def warn(s: str) -> None:
+            if info.is_main:
+                print(f"bsr-finetune: warning: {s}", file=sys.stderr, flush=True)
+
+        run(args, info, log=lambda s: log(s, flush=True), warn=warn)
     except (ValueError, FileNotFoundError, DatasetUnavailableError,
             WeightsUnavailableError) as e:
         if os.environ.get("BSR_FINETUNE_DEBUG"):   # the full traceback, for developers
             raise
-        kind = "checkpoint error" if isinstance(e, CheckpointError) else "error"
+        kind = ("checkpoint error" if isinstance(e, CheckpointError) else
+                "training diverged" if isinstance(e, TrainingDivergedError) else "error")
         print(f"bsr-finetune: {kind}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2
     except KeyboardInterrupt:
         print("bsr-finetune: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

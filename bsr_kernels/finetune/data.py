@@ -14,10 +14,10 @@ global batches as a single process.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,17 @@ __all__ = [
     "ShardSampler",
     "default_data_root",
     "DatasetUnavailableError",
+    "BAD_IMAGE_MODES",
 ]
 
 DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
 DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
 #: Names ``--data`` accepts besides a directory.
 TORCHVISION_SETS = ("cifar10", "cifar100", "flowers102", "pets")
+#: What ``--bad-images`` does with ImageFolder files that cannot be read: every file is checked
+#: at start-up (opened and verified by PIL); ``error`` stops with the list of bad files,
+#: ``skip`` leaves them out with a counted warning.
+BAD_IMAGE_MODES = ("error", "skip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -155,29 +160,46 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BSR_DATA", Path.home() / ".cache" / "bsr_kernels" / "data"))
 
 
-def _transforms(img_size: int, mean, std, small_images: bool):
+def _to_rgb(im):
+    return im.convert("RGB")
+
+
+def _transforms(img_size: int, mean, std, small_images: bool,
+                data_config: Optional[dict] = None):
+    """Train and test transforms. Photos use timm's :func:`~timm.data.create_transform` with
+    the model's data config (interpolation, crop_pct, crop_mode, mean, std): random resized
+    crops (scale 0.35-1) and flips for training, resize and centre crop for testing. Small
+    images (CIFAR) are upscaled whole, with padded random crops and flips for training."""
+    from timm.data import create_transform
     from torchvision import transforms as T
 
-    norm = [T.ToTensor(), T.Normalize(mean, std)]
-    to_rgb = T.Lambda(lambda im: im.convert("RGB"))
+    cfg = dict(data_config or {})
+    interp = cfg.get("interpolation") or "bilinear"
+    to_rgb = T.Lambda(_to_rgb)
     if small_images:   # CIFAR: 32 px images, upscaled whole
-        train = T.Compose([to_rgb, T.Resize((img_size, img_size)),
+        from timm.data.transforms import str_to_interp_mode
+        mode = str_to_interp_mode(interp)
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
+        train = T.Compose([to_rgb, T.Resize((img_size, img_size), interpolation=mode),
                            T.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect"),
                            T.RandomHorizontalFlip(), *norm])
-        test = T.Compose([to_rgb, T.Resize((img_size, img_size)), *norm])
-    else:              # photos: random resized crops for training, centre crop for testing
-        train = T.Compose([to_rgb, T.RandomResizedCrop(img_size, scale=(0.35, 1.0)),
-                           T.RandomHorizontalFlip(), *norm])
-        test = T.Compose([to_rgb, T.Resize(int(math.ceil(img_size / 0.875))),
-                          T.CenterCrop(img_size), *norm])
-    return train, test
+        test = T.Compose([to_rgb, T.Resize((img_size, img_size), interpolation=mode), *norm])
+        return train, test
+    common = dict(input_size=(3, img_size, img_size), interpolation=interp, mean=tuple(mean),
+                  std=tuple(std))
+    train = create_transform(is_training=True, scale=(0.35, 1.0), hflip=0.5,
+                             color_jitter=None, **common)
+    test = create_transform(is_training=False, crop_pct=cfg.get("crop_pct", 0.875),
+                            crop_mode=cfg.get("crop_mode", "center"), **common)
+    return T.Compose([to_rgb, train]), T.Compose([to_rgb, test])
 
 
-def _torchvision_set(name: str, root: Path, img_size: int, mean, std) -> DataBundle:
+def _torchvision_set(name: str, root: Path, img_size: int, mean, std,
+                     data_config: Optional[dict] = None) -> DataBundle:
     import torchvision.datasets as D
 
     small = name.startswith("cifar")
-    train_tf, test_tf = _transforms(img_size, mean, std, small)
+    train_tf, test_tf = _transforms(img_size, mean, std, small, data_config)
     try:
         if name in ("cifar10", "cifar100"):
             cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
@@ -203,11 +225,65 @@ def _torchvision_set(name: str, root: Path, img_size: int, mean, std) -> DataBun
     return DataBundle(name, train, test, len(classes), classes, tuple(mean), tuple(std))
 
 
+def _load_image(path: str):
+    """ImageFolder's loader, with an error that names the file (a file that passed the
+    start-up check but fails to decode, e.g. truncated)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise ValueError(f"--data: cannot read image {path} ({type(e).__name__}: {e}); remove "
+                         "or replace it") from e
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why PIL cannot open and verify the image file ``path``, or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) -> None:
+    """Verifies every image of the ImageFolder datasets ``folders`` (which may share files);
+    ``bad_images="skip"`` removes the unreadable ones from all of them."""
+    if bad_images not in BAD_IMAGE_MODES:
+        raise ValueError(f"--bad-images must be one of {', '.join(BAD_IMAGE_MODES)}, "
+                         f"got {bad_images!r}")
+    files = sorted({f for ds in folders for f, _ in ds.samples})
+    bad = {}
+    for f in files:
+        why = _unreadable(f)
+        if why is not None:
+            bad[f] = why
+    if not bad:
+        return
+    listed = "; ".join(f"{f} ({why})" for f, why in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    if bad_images == "error":
+        raise ValueError(f"--data {path}: {len(bad)} of {len(files)} image files cannot be read: "
+                         f"{listed}{more}. Remove or replace them, or pass --bad-images skip to "
+                         "train without them")
+    for ds in folders:
+        ds.samples = [(f, c) for f, c in ds.samples if f not in bad]
+        ds.imgs = ds.samples
+        ds.targets = [c for _, c in ds.samples]
+    warn(f"--data {path}: skipped {len(bad)} of {len(files)} image files that cannot be read "
+         f"(--bad-images skip): {listed}{more}")
+
+
 def _image_folder(path: Path, transform):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=_load_image)
     except FileNotFoundError as e:
         raise ValueError(
             f"--data {path}: the image folder holds no images ({e}); expected one subfolder per "
@@ -215,14 +291,17 @@ def _image_folder(path: Path, transform):
             f"folders laid out that way") from e
 
 
-def _folder_set(path: Path, img_size: int, mean, std) -> DataBundle:
-    train_tf, test_tf = _transforms(img_size, mean, std, small_images=False)
+def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
+                warn: Callable = warnings.warn, data_config: Optional[dict] = None
+                ) -> DataBundle:
+    train_tf, test_tf = _transforms(img_size, mean, std, False, data_config)
     test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
     if (path / "train").is_dir():
         if test_dir is None:
             raise ValueError(f"--data {path}: found train/ but neither val/ nor test/")
         train = _image_folder(path / "train", train_tf)
         test = _image_folder(test_dir, test_tf)
+        _check_images(path, [train, test], bad_images, warn)
         if train.classes != test.classes:
             raise ValueError(f"--data {path}: train/ and {test_dir.name}/ have different class "
                              f"folders ({train.classes} vs {test.classes})")
@@ -230,11 +309,20 @@ def _folder_set(path: Path, img_size: int, mean, std) -> DataBundle:
     else:  # one folder: hold out a fifth of every class
         full_train = _image_folder(path, train_tf)
         full_test = _image_folder(path, test_tf)
+        _check_images(path, [full_train, full_test], bad_images, warn)
         labels = torch.tensor(full_train.targets)
         tr, te = _stratified_split(labels, 0.2, 0)
         if te.numel() == 0 or tr.numel() == 0:
             raise ValueError(f"--data {path}: too few images ({labels.numel()}) to hold out a "
                              "test split; add images or use train/ and val/ folders")
+        in_test = set(labels[te].tolist())
+        absent = [f"{full_train.classes[c]} ({int((labels == c).sum())} image"
+                  f"{'s' if int((labels == c).sum()) != 1 else ''})"
+                  for c in torch.unique(labels).tolist() if c not in in_test]
+        if absent:
+            warn(f"--data {path}: {len(absent)} class(es) have too few images to hold out a "
+                 f"fifth for testing, so the test accuracy does not cover them: "
+                 f"{', '.join(absent[:10])}; add images or use train/ and val/ folders")
         train, test = Subset(full_train, tr.tolist()), Subset(full_test, te.tolist())
         classes = list(full_train.classes)
     if len(classes) < 2:
@@ -244,7 +332,9 @@ def _folder_set(path: Path, img_size: int, mean, std) -> DataBundle:
 
 
 def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],
-               root: Optional[os.PathLike] = None, digits_shift: int = 0) -> DataBundle:
+               root: Optional[os.PathLike] = None, digits_shift: int = 0,
+               bad_images: str = "error", warn: Callable = warnings.warn,
+               data_config: Optional[dict] = None) -> DataBundle:
     """The train/test data named by ``--data``.
 
     Args:
@@ -255,9 +345,16 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
         mean, std: the model's normalisation.
         root: download directory of torchvision sets; default :func:`default_data_root`.
         digits_shift: random-shift augmentation (pixels) of the digits training images.
+        bad_images: ImageFolder files that cannot be read (every file is verified at
+            start-up): "error" refuses the data naming them, "skip" leaves them out with a
+            counted warning.
+        warn: where warnings go (a callable taking the message).
+        data_config: the model's timm data config (``models.model_data_config``):
+            interpolation, crop_pct and crop_mode of the photo transforms.
 
     Raises:
-        ValueError: for a path that does not exist, is not a directory, or holds no images.
+        ValueError: for a path that does not exist, is not a directory, holds no images, or
+            (with ``bad_images="error"``) holds unreadable images.
         DatasetUnavailableError: when a torchvision set cannot be downloaded (offline).
     """
     if not isinstance(data, str) or not data:
@@ -269,7 +366,7 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
                           [str(c) for c in DIGITS_TARGET_CLASSES], tuple(mean), tuple(std))
     if data.lower() in TORCHVISION_SETS:
         return _torchvision_set(data.lower(), Path(root or default_data_root()), img_size, mean,
-                                std)
+                                std, data_config)
     path = Path(data).expanduser()
     if not path.exists():
         raise ValueError(f"--data {data}: no such directory; pass an ImageFolder directory or "
@@ -277,7 +374,7 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
     if not path.is_dir():
         raise ValueError(f"--data {data}: not a directory; pass an ImageFolder directory or "
                          f"one of digits, {', '.join(TORCHVISION_SETS)}")
-    return _folder_set(path, img_size, mean, std)
+    return _folder_set(path, img_size, mean, std, bad_images, warn, data_config)
 
 
 class GlobalBatchSampler(Sampler):

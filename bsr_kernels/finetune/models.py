@@ -7,8 +7,10 @@ build a ``VisionTransformer``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +28,7 @@ __all__ = [
     "load_weights",
     "read_state_dict",
     "model_input_config",
+    "model_data_config",
     "WeightsUnavailableError",
 ]
 
@@ -123,14 +126,15 @@ def read_state_dict(path) -> dict:
     return sd
 
 
-def load_weights(model: nn.Module, path) -> list:
+def load_weights(model: nn.Module, path, report: bool = False):
     """Loads a checkpoint into a timm ViT, resampling position embeddings to the model's grid.
 
     A classifier head of another shape (another number of classes) is skipped and stays
     freshly initialised.
 
     Returns:
-        The names of the skipped head parameters.
+        The names of the skipped head parameters; with ``report``, ``(skipped, notes)`` where
+        notes says which position embedding was resampled.
 
     Raises:
         ValueError: if the file cannot be read, or its weights do not fit the model.
@@ -138,6 +142,7 @@ def load_weights(model: nn.Module, path) -> list:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     sd = read_state_dict(path)
+    pos_before = sd.get("pos_embed")
     try:
         sd = checkpoint_filter_fn(sd, model)
     except Exception as e:  # noqa: BLE001
@@ -162,28 +167,101 @@ def load_weights(model: nn.Module, path) -> list:
         raise ValueError(f"--checkpoint {path}: does not match the model: "
                          + ", ".join(parts) + " parameters")
     model.load_state_dict(sd, strict=False)
-    return skipped
+    if not report:
+        return skipped
+    notes = []
+    pos_after = sd.get("pos_embed")
+    if pos_before is not None and pos_after is not None and pos_before.shape != pos_after.shape:
+        notes.append(f"weights {path}: the position embedding was resampled from "
+                     f"{pos_before.shape[1]} to {pos_after.shape[1]} tokens to fit "
+                     f"{model.patch_embed.img_size[0]} px inputs")
+    return skipped, notes
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``$HF_ENDPOINT`` or huggingface.co) answers a TCP connect
+    within ``timeout`` seconds. Run in a thread, so a hanging DNS lookup cannot stall it."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http"
+                                                                  else 443)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Makes huggingface_hub use its cache only (as ``HF_HUB_OFFLINE=1`` would), for a while."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def model_data_config(name: str, img_size: Optional[int] = None) -> dict:
+    """The model's data config as timm resolves it, without building the model.
+
+    Args:
+        name: :data:`DIGITS_MODEL` or a timm model name (its ``pretrained_cfg`` is metadata
+            shipped with timm: no download).
+        img_size: an explicit input side, which wins over the model's.
+
+    Returns:
+        ``{"input_size": (3, S, S), "interpolation", "mean", "std", "crop_pct", "crop_mode"}``
+        (timm's :func:`~timm.data.resolve_data_config` keys).
+    """
+    check_model_name(name)
+    if name == DIGITS_MODEL:
+        cfg = digits_vit_config()
+        side = img_size or int(cfg["arch"]["img_size"])
+        return {"input_size": (3, side, side), "interpolation": "bilinear",
+                "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": 1.0,
+                "crop_mode": "center"}
+    import timm
+    from timm.data import resolve_data_config
+    pcfg = timm.get_pretrained_cfg(name)
+    out = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    side = img_size or int(out["input_size"][-1])
+    out["input_size"] = (3, side, side)
+    out["mean"], out["std"] = tuple(out["mean"]), tuple(out["std"])
+    return out
 
 
 def model_input_config(name: str, img_size: Optional[int] = None
                        ) -> tuple[int, tuple, tuple]:
-    """``(img_size, mean, std)`` of a model, without building it.
+    """``(img_size, mean, std)`` of a model, without building it (see
+    :func:`model_data_config`).
 
     Args:
         name: :data:`DIGITS_MODEL` or a timm model name.
         img_size: an explicit input side, which wins over the model's.
     """
-    check_model_name(name)
-    if name == DIGITS_MODEL:
-        cfg = digits_vit_config()
-        return (img_size or int(cfg["arch"]["img_size"]), tuple(cfg["mean"]),
-                tuple(cfg["std"]))
-    import timm
-    cfg = timm.get_pretrained_cfg(name)
-    size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
-    mean = tuple(cfg.mean) if cfg is not None and cfg.mean else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg is not None and cfg.std else (0.229, 0.224, 0.225)
-    return img_size or int(size), mean, std
+    cfg = model_data_config(name, img_size)
+    return int(cfg["input_size"][-1]), cfg["mean"], cfg["std"]
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
@@ -200,8 +278,9 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         checkpoint: a local checkpoint file to start from.
 
     Returns:
-        (model, info) with info holding ``img_size``, ``mean``, ``std`` and ``weights`` (where
-        the starting weights came from).
+        (model, info) with info holding ``img_size``, ``mean``, ``std``, ``weights`` (where
+        the starting weights came from) and ``notes`` (warnings for the user: random
+        weights, a new classifier head, a resampled position embedding).
 
     Raises:
         ValueError: unknown or non-ViT model, bad checkpoint.
@@ -211,38 +290,76 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
     from timm.models.vision_transformer import VisionTransformer
 
     check_model_name(name)
+    notes: list = []
     if name == DIGITS_MODEL:
         cfg = digits_vit_config()
         model = create_digits_vit(num_classes, img_size)
         if checkpoint is None:
-            load_weights(model, assets_dir() / f"{DIGITS_MODEL}.safetensors")
+            notes += load_weights(model, assets_dir() / f"{DIGITS_MODEL}.safetensors",
+                                  report=True)[1]
             weights = f"shipped {DIGITS_MODEL} (pre-trained on digits 0-4)"
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     else:
         kwargs = {"num_classes": num_classes}
         if img_size is not None:
             kwargs["img_size"] = img_size
+        hub = pretrained and checkpoint is None
+        # Offline, the hub client retries for about a minute before failing: find out in a
+        # few seconds, and then use the local cache only (cached weights still load).
+        offline = hub and (_hub_offline() or not hub_reachable())
         try:
-            model = timm.create_model(name, pretrained=pretrained and checkpoint is None,
-                                      **kwargs)
+            with _offline_hub() if offline else contextlib.nullcontext():
+                model = timm.create_model(name, pretrained=hub, **kwargs)
         except TypeError as e:
             raise ValueError(f"--model {name}: cannot build it with {kwargs} ({e}); it is "
                              "probably not a ViT") from e
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             if pretrained:
+                where = ("the Hugging Face hub is not reachable and the weights are not in the "
+                         "local cache" if offline else "the download failed")
                 raise WeightsUnavailableError(
-                    f"--pretrained: could not fetch the hub weights of {name} "
-                    f"({type(e).__name__}: {e}); offline, pass a local file with --checkpoint"
-                ) from e
+                    f"--pretrained: could not fetch the hub weights of {name}: {where} "
+                    f"({type(e).__name__}: {str(e)[:300]}). Offline, pass a local file with "
+                    "--checkpoint, or download the weights once online (they are cached) and "
+                    "set HF_HUB_OFFLINE=1 to use the cache without network retries") from e
             raise
         if not isinstance(model, VisionTransformer):
             raise ValueError(f"--model {name}: a {type(model).__name__}, not a ViT; "
                              "bsr-finetune needs a timm VisionTransformer (vit_*, deit_*)")
-        weights = "timm hub" if pretrained and checkpoint is None else "random init"
+        weights = "timm hub" if hub else "random init"
         data_cfg = timm.data.resolve_data_config({}, model=model)
         mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        if hub:
+            notes += _hub_surgery(model, name, num_classes)
+        else:
+            notes.append(f"--model {name} starts from random weights (no --pretrained or "
+                         "--checkpoint): fine-tuning methods assume pre-trained weights, so "
+                         "expect low accuracy")
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        skipped, resized = load_weights(model, checkpoint, report=True)
         weights = f"checkpoint {checkpoint}"
+        if skipped:
+            notes.append(f"--checkpoint {checkpoint}: its classifier head has another shape "
+                         f"({', '.join(skipped)}); the model's {num_classes}-class head starts "
+                         "from random weights")
+        notes += resized
     side = model.patch_embed.img_size
-    return model, {"img_size": int(side[0]), "mean": mean, "std": std, "weights": weights}
+    return model, {"img_size": int(side[0]), "mean": mean, "std": std, "weights": weights,
+                   "notes": notes}
+
+
+def _hub_surgery(model: nn.Module, name: str, num_classes: int) -> list:
+    """What timm changed on the hub weights to fit ``model``: a new head, a resized position
+    embedding (as messages)."""
+    notes = []
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    hub_classes = cfg.get("num_classes")
+    if hub_classes and hub_classes != num_classes:
+        notes.append(f"--pretrained {name}: the hub weights have a {hub_classes}-class head; a "
+                     f"new {num_classes}-class head starts from random weights")
+    size = cfg.get("input_size")
+    side = model.patch_embed.img_size
+    if size and tuple(size[-2:]) != tuple(side):
+        notes.append(f"--pretrained {name}: the position embedding was resampled from "
+                     f"{size[-2]}x{size[-1]} px to {side[0]}x{side[1]} px")
+    return notes

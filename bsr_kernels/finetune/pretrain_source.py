@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import sys
 import time
@@ -111,10 +110,12 @@ def main(argv=None) -> int:
     model, record = pretrain(arch, epochs=args.epochs, lr=args.lr, seed=args.seed)
 
     from safetensors.torch import save_file
-    args.out.mkdir(parents=True, exist_ok=True)
+
+    from ..checkpoint import atomic_write, write_json
     weights = args.out / f"{DIGITS_MODEL}.safetensors"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": "pt", "model": DIGITS_MODEL})
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={
+        "format": "pt", "model": DIGITS_MODEL}))
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     config = {
         "name": DIGITS_MODEL,
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         "built_with": {"torch": torch.__version__, "python": platform.python_version(),
                        "threads": args.threads},
     }
-    (args.out / f"{DIGITS_MODEL}.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(args.out / f"{DIGITS_MODEL}.json", config)
     print(f"wrote {weights} ({weights.stat().st_size / 2**20:.2f} MiB, sha256 {sha[:12]}...) "
           f"and {DIGITS_MODEL}.json; source accuracy {100 * record['source_test_accuracy']:.2f}%")
     return 0

@@ -1,7 +1,10 @@
-"""Reports of ``bsr-finetune``: the printed table, ``summary.json`` and the PNG figure."""
+"""Reports of ``bsr-finetune``: the printed table, ``summary.json``, the per-epoch
+``summary.csv`` and the PNG figure. Every file is written atomically, JSON strictly (a NaN
+becomes null), through :mod:`bsr_kernels.checkpoint`."""
 from __future__ import annotations
 
-import json
+import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -9,7 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["format_table", "write_summary", "draw_report", "kept_masks"]
+from ..checkpoint import atomic_write, write_json
+
+__all__ = ["format_table", "write_summary", "write_history_csv", "draw_report", "kept_masks",
+           "HISTORY_COLUMNS"]
+
+#: Columns of ``summary.csv``, one row per method and epoch.
+HISTORY_COLUMNS = ("method", "epoch", "train_loss", "test_loss", "accuracy", "lr")
 
 _LABELS = {"full": "full fine-tuning", "linear": "linear probe", "bitfit": "BitFit (bias)",
            "bsr": "BSR"}
@@ -56,26 +65,31 @@ def format_table(results: dict) -> str:
 
 
 def write_summary(path: os.PathLike, results: dict, meta: Optional[dict] = None) -> Path:
-    """Writes ``{"methods": results, **meta}`` as JSON, atomically.
+    """Writes ``{"methods": results, **meta}`` as strict JSON (NaN becomes null), atomically.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"methods": results, **(meta or {})}, indent=2,
-                              default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, {"methods": results, **(meta or {})})
 
 
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def write_history_csv(path: os.PathLike, histories: dict) -> Path:
+    """Writes ``summary.csv``: one row per method and epoch (:data:`HISTORY_COLUMNS`),
+    atomically.
+
+    Args:
+        path: the CSV file.
+        histories: ``{method: [per-epoch dict, ...]}`` as in ``fit``'s ``history``.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(HISTORY_COLUMNS)
+    for method, history in histories.items():
+        for h in history:
+            row = [method] + [h.get(k) for k in HISTORY_COLUMNS[1:]]
+            w.writerow(["" if v is None or (isinstance(v, float) and not math.isfinite(v))
+                        else v for v in row])
+    return atomic_write(path, buf.getvalue())
 
 
 def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
@@ -101,8 +115,9 @@ def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Ten
 def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor] = None,
                 kept: Optional[Sequence[torch.Tensor]] = None, patch_size: int = 1,
                 drop_at: Sequence[int] = (), title: str = "") -> Path:
-    """Draws bars (accuracy, saved memory, training FLOPs, step time per method) and, when
-    given, the tokens BSR keeps after each drop stage over sample images.
+    """Draws bars (accuracy, saved memory, training FLOPs, step time per method), the loss and
+    accuracy curves over epochs (from each record's ``history``, when there are 2 or more
+    epochs) and, when given, the tokens BSR keeps after each drop stage over sample images.
 
     Args:
         path: PNG file to write.
@@ -119,6 +134,7 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,9 +147,16 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
     show_kept = images is not None and kept is not None and len(kept) > 0
     n_img = images.shape[0] if show_kept else 0
     n_cols = max(len(metrics), (len(kept) + 1) if show_kept else 0)
-    n_rows = 1 + n_img
-    fig = plt.figure(figsize=(3.2 * n_cols, 3.0 + 1.9 * n_img), constrained_layout=True)
-    gs = fig.add_gridspec(n_rows, n_cols, height_ratios=[1.6] + [1.0] * n_img)
+    curves = [("train_loss", "train loss per epoch"), ("test_loss", "test loss per epoch"),
+              ("accuracy", "test accuracy (%) per epoch")]
+    show_curves = any(len(results[m].get("history") or []) > 1 for m in methods)
+    n_cols = max(n_cols, len(curves) if show_curves else 0)
+    first_img = 1 + show_curves
+    n_rows = first_img + n_img
+    fig = plt.figure(figsize=(3.2 * n_cols, 3.0 + 2.6 * show_curves + 1.9 * n_img),
+                     constrained_layout=True)
+    gs = fig.add_gridspec(n_rows, n_cols,
+                          height_ratios=[1.6] + [1.4] * show_curves + [1.0] * n_img)
     for i, (key, label, scale) in enumerate(metrics):
         ax = fig.add_subplot(gs[0, i])
         vals = [(results[m].get(key) or 0.0) * scale for m in methods]
@@ -144,13 +167,28 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
             ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.margins(y=0.15)
+    if show_curves:   # loss and accuracy curves from each method's per-epoch history
+        for i, (key, label) in enumerate(curves):
+            ax = fig.add_subplot(gs[1, i])
+            for m in methods:
+                hist = [h for h in results[m].get("history") or []
+                        if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+                if hist:
+                    scale = 100.0 if key == "accuracy" else 1.0
+                    ax.plot([h["epoch"] for h in hist], [scale * h[key] for h in hist],
+                            marker=".", color=_COLORS.get(m, "#999"), label=m)
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            if i == 0:
+                ax.legend(fontsize=7)
     if show_kept:
         h, w = images.shape[2:]
         grid = (h // patch_size, w // patch_size)
         masks = kept_masks(kept, grid)
         for r in range(n_img):
             img = images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
-            ax = fig.add_subplot(gs[1 + r, 0])
+            ax = fig.add_subplot(gs[first_img + r, 0])
             ax.imshow(img, interpolation="nearest")
             ax.set_axis_off()
             if r == 0:
@@ -160,7 +198,7 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
                 shown = img.copy()
                 dark = ~m.numpy()
                 shown[dark] = shown[dark] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35]).numpy()
-                ax = fig.add_subplot(gs[1 + r, 1 + s])
+                ax = fig.add_subplot(gs[first_img + r, 1 + s])
                 ax.imshow(shown, interpolation="nearest")
                 ax.set_axis_off()
                 if r == 0:
@@ -169,8 +207,8 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
                                  fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

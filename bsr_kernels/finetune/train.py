@@ -3,8 +3,10 @@
 * :func:`adapt` turns a timm ViT into one of the four methods: ``full`` fine-tuning, a
   ``linear`` probe, ``bitfit`` (biases and head) and ``bsr`` (:func:`bsr_kernels.reprogram`).
 * :func:`fit` trains for some epochs, evaluates after each, and (with an output directory)
-  writes a checkpoint per epoch atomically (temporary file, then rename). ``resume=True``
-  continues from it exactly: weights, optimizer, scheduler, RNG states and step.
+  writes a checkpoint per epoch atomically (:func:`bsr_kernels.checkpoint.atomic_write`).
+  ``resume=True`` continues from it exactly: weights, optimizer, scheduler, RNG states and
+  step; a resumed run may ask for more epochs than the checkpoint's run did. A non-finite
+  training loss stops it at once (:class:`TrainingDivergedError`).
 * :func:`setup_distributed` joins a ``torchrun`` job: NCCL on GPUs, gloo on CPU. The batch size
   is global; :class:`~bsr_kernels.finetune.data.GlobalBatchSampler` gives every process its
   share of the same global batches, and DDP averages the gradients.
@@ -16,7 +18,6 @@ import dataclasses
 import math
 import os
 import random
-import signal
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..checkpoint import atomic_write
 from .data import DataBundle, GlobalBatchSampler, ShardSampler
 
 __all__ = [
@@ -43,9 +45,14 @@ __all__ = [
     "trainable_parameters",
     "make_optimizer",
     "make_scheduler",
+    "make_timm_scheduler",
+    "SCHEDULES",
     "train_step",
+    "AMP_MODES",
+    "resolve_amp",
     "evaluate",
     "CheckpointError",
+    "TrainingDivergedError",
     "save_checkpoint",
     "load_checkpoint",
     "FitOptions",
@@ -60,8 +67,6 @@ DEFAULT_LR = {"full": 1e-4, "linear": 1e-3, "bitfit": 1e-3, "bsr": 3e-4}
 #: The same for the digits demo's small ViT, each tuned over 1e-4 .. 1e-1 (30 epochs, seed 0;
 #: see the package notes): the small model and few steps want larger rates.
 DEMO_LR = {"full": 1e-3, "linear": 3e-2, "bitfit": 1e-3, "bsr": 3e-3}
-#: Set to a step number to SIGKILL the process right after that optimizer step (resume tests).
-KILL_ENV = "BSR_FINETUNE_KILL_AT_STEP"
 CHECKPOINT_FORMAT = "bsr-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -174,10 +179,25 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def check_optimizer_name(opt: str) -> str:
+    """``opt`` lower-cased if timm's optimizer registry knows it; ValueError naming --opt."""
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    if not isinstance(opt, str) or opt.lower() not in names:
+        raise ValueError(f"--opt must be a timm optimizer name such as adamw, sgd, lamb or "
+                         f"adan (timm.optim.list_optimizers()), got {opt!r}")
+    return opt.lower()
+
+
 def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
-                   weight_decay: float = 0.05) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: the head at ``lr * head_lr_scale``, no weight decay
-    on biases, norms and embeddings."""
+                   weight_decay: float = 0.05, opt: str = "adamw") -> torch.optim.Optimizer:
+    """A timm optimizer (``timm.optim.create_optimizer_v2``, default AdamW) over the trainable
+    parameters: the head at ``lr * head_lr_scale``, no weight decay on biases, norms and
+    embeddings."""
+    from timm.optim import create_optimizer_v2
+
+    opt = check_optimizer_name(opt)
     groups: dict = {}
     for name, p in trainable_parameters(model).items():
         head = name.startswith(("head.", "head_dist."))
@@ -189,7 +209,8 @@ def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
         groups[key]["params"].append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=lr)
+    return create_optimizer_v2([groups[k] for k in sorted(groups)], opt=opt, lr=lr,
+                               weight_decay=weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
@@ -205,20 +226,83 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+#: ``--sched`` choices: ``cosine`` is the built-in per-step linear warm-up then cosine decay to
+#: 0 (:func:`make_scheduler`); the others are timm's (``timm.scheduler.create_scheduler_v2``),
+#: stepped per optimizer update.
+SCHEDULES = ("cosine", "step", "multistep", "poly", "tanh")
+
+
+class TimmStepScheduler:
+    """A timm scheduler driven per optimizer update, with the ``step()`` / ``state_dict()`` /
+    ``load_state_dict()`` of a torch LR scheduler (what :func:`fit` and its checkpoints use)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.num_updates = scheduler, 0
+
+    def step(self) -> None:
+        self.num_updates += 1
+        self.scheduler.step_update(self.num_updates)
+
+    # The schedule is a function of its settings and the update count, so the count is the
+    # whole state: a resumed run with more --epochs follows the new, longer schedule.
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.scheduler.step_update(self.num_updates)
+
+
+def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int,
+                        steps_per_epoch: int, warmup_epochs: float) -> TimmStepScheduler:
+    """timm's ``sched`` schedule over ``epochs`` (warm-up from 0 included), per update."""
+    from timm.scheduler import create_scheduler_v2
+
+    if sched not in SCHEDULES or sched == "cosine":
+        raise ValueError(f"--sched must be one of {', '.join(SCHEDULES[1:])} for a timm "
+                         f"scheduler, got {sched!r}")
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=epochs, warmup_epochs=min(warmup_epochs, epochs),
+        warmup_lr=0.0, min_lr=0.0, decay_epochs=max(1, epochs // 3),
+        decay_milestones=[max(1, epochs // 2), max(1, 3 * epochs // 4)],
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return TimmStepScheduler(scheduler)
+
+
+#: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` asks for
+#: bf16 autocast on either; ``off`` computes in the parameters' dtype.
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``amp`` (an :data:`AMP_MODES` name, a dtype or None) on
+    ``device``; None for no autocast."""
+    if amp is None or isinstance(amp, torch.dtype):
+        return amp
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def _autocast(device: torch.device, amp="auto"):
+    dtype = resolve_amp(amp, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer,
-               scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> float:
-    """One optimizer step on a batch (bf16 autocast on GPU); returns the loss.
+               scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+               amp="auto") -> float:
+    """One optimizer step on a batch; returns the loss.
 
-    Under DDP, ``model`` is the wrapped model and the gradients are averaged over processes.
+    ``amp`` (see :func:`resolve_amp`): by default bf16 autocast on GPU, none on CPU. Under DDP,
+    ``model`` is the wrapped model and the gradients are averaged over processes.
     """
-    with _autocast(images.device):
+    with _autocast(images.device, amp):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -239,14 +323,14 @@ def _bar(iterable, desc: str, enabled: bool, total: Optional[int] = None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, progress: bool = False,
-             desc: str = "eval") -> tuple[float, float]:
+             desc: str = "eval", amp="auto") -> tuple[float, float]:
     """Accuracy (0-1) and mean cross-entropy over the whole test set, summed over processes."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)   # correct, loss sum, count
     for images, labels in _bar(loader, desc, progress):
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
-        with _autocast(info.device):
+        with _autocast(info.device, amp):
             logits = model(images).float()
         stats[0] += (logits.argmax(-1) == labels).sum()
         stats[1] += F.cross_entropy(logits, labels, reduction="sum")
@@ -283,29 +367,25 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss became NaN or infinite (learning rate too high, bad data...)."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. A crash leaves either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Writes ``state`` to ``path`` atomically (:func:`bsr_kernels.checkpoint.atomic_write`):
+    a crash leaves either the old or the new file."""
+    atomic_write(path, lambda tmp: torch.save(state, str(tmp)))
 
 
-def load_checkpoint(path: Path, fingerprint: Optional[dict] = None) -> dict:
+def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
+                    extendable: Sequence[str] = ()) -> dict:
     """Reads a training checkpoint and checks that it belongs to this run.
 
     Args:
         path: the checkpoint file.
         fingerprint: the run settings that must match (model, method, data, schedule...).
+        extendable: settings of ``fingerprint`` that may differ (``"epochs"``: a resumed run
+            may train longer than the run that wrote the checkpoint).
 
     Raises:
         CheckpointError: if the file is missing, unreadable (corrupt, truncated), not a
@@ -331,7 +411,7 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None) -> dict:
     if fingerprint is not None:
         saved = state.get("fingerprint", {})
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
-                 for k, v in fingerprint.items() if saved.get(k) != v]
+                 for k, v in fingerprint.items() if saved.get(k) != v and k not in extendable]
         diffs += [f"{k}: checkpoint {saved[k]!r}, now unset" for k in saved
                   if k not in fingerprint]
         if diffs:
@@ -352,13 +432,21 @@ class FitOptions:
         batch_size: global batch size (split over processes).
         lr: backbone learning rate; the head trains at ``lr * head_lr_scale``.
         head_lr_scale: head learning-rate multiplier (the BSR authors use 10).
-        weight_decay: AdamW weight decay of matrices.
+        weight_decay: weight decay of matrices.
+        opt: timm optimizer name (``timm.optim.list_optimizers()``).
+        amp: mixed precision, one of :data:`AMP_MODES` (see :func:`resolve_amp`).
+        sched: learning-rate schedule, one of :data:`SCHEDULES`.
+        compile: train and evaluate through ``torch.compile`` of the (DDP-wrapped) model; the
+            checkpoint still holds the plain model's state dict.
         warmup_epochs: linear warm-up length.
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
         progress: show progress bars.
         checkpoint: where to write the per-epoch checkpoint (None: none).
-        resume: continue from ``checkpoint`` when it exists.
+        resume: continue from ``checkpoint`` when it exists; ``epochs`` may exceed the
+            checkpoint's (training is extended, the cosine schedule stretched to the new end).
+        on_epoch: called on the main process after each epoch (and its checkpoint) with the
+            history so far (a list of per-epoch dicts).
     """
 
     epochs: int = 10
@@ -366,12 +454,17 @@ class FitOptions:
     lr: float = 3e-4
     head_lr_scale: float = 10.0
     weight_decay: float = 0.05
+    opt: str = "adamw"
+    amp: str = "auto"
+    compile: bool = False
+    sched: str = "cosine"
     warmup_epochs: float = 1.0
     workers: int = 0
     seed: int = 0
     progress: bool = False
     checkpoint: Optional[Path] = None
     resume: bool = False
+    on_epoch: Optional[Callable[[list], None]] = None
 
 
 def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device) -> DataLoader:
@@ -419,13 +512,25 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda"
                         else None)
-    optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay)
+    if opts.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay, opts.opt)
     total = opts.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, total, int(round(opts.warmup_epochs * steps_per_epoch)))
+    # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
+    warmup = int(round(min(opts.warmup_epochs * steps_per_epoch, total)))
+    if opts.sched == "cosine":
+        scheduler = make_scheduler(optimizer, total, warmup)
+    else:
+        scheduler = make_timm_scheduler(optimizer, opts.sched, opts.epochs, steps_per_epoch,
+                                        opts.warmup_epochs)
 
     start_epoch, step, history = 0, 0, []
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
-        state = load_checkpoint(opts.checkpoint, fingerprint)
+        state = load_checkpoint(opts.checkpoint, fingerprint, extendable=("epochs",))
+        if int(state["epoch"]) > opts.epochs:
+            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
+                                  f"{int(state['epoch'])} epochs, more than --epochs "
+                                  f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -440,7 +545,6 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 f"(step {step})")
     resumed_from = start_epoch
 
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
     step_times: list[float] = []
     train_time = 0.0
     for epoch in range(start_epoch, opts.epochs):
@@ -454,19 +558,18 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device, non_blocking=True)
             t0 = time.perf_counter()
-            loss = train_step(ddp_model, images, labels, optimizer, scheduler)
+            loss = train_step(ddp_model, images, labels, optimizer, scheduler, amp=opts.amp)
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             step_times.append(time.perf_counter() - t0)
             step += 1
+            _check_finite(loss, info, name, epoch, step, optimizer, opts.checkpoint)
             loss_sum, n_batches = loss_sum + loss, n_batches + 1
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if kill_at and step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
         train_time += time.perf_counter() - t_epoch
         acc, test_loss = evaluate(ddp_model, test_loader, info, opts.progress and info.is_main,
-                                  f"{name} eval")
+                                  f"{name} eval", amp=opts.amp)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
                         "test_loss": test_loss, "accuracy": acc,
                         "lr": optimizer.param_groups[0]["lr"]})
@@ -481,17 +584,39 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                     "history": history})
+            if opts.on_epoch is not None:
+                opts.on_epoch(history)
         _barrier(info)
 
-    last = history[-1] if history else {"accuracy": float("nan"), "test_loss": float("nan")}
+    last = history[-1] if history else {"accuracy": None, "test_loss": None}
     return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
             "train_time_s": train_time,
             "step_time_s": statistics.median(step_times) if step_times else None,
             "steps": step, "resumed_from_epoch": resumed_from}
 
 
+def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
+                  optimizer: torch.optim.Optimizer, checkpoint: Optional[Path]) -> None:
+    """Raises :class:`TrainingDivergedError` on every process when any process's loss is not
+    finite (before the epoch's checkpoint, so the last one on disk holds finite weights)."""
+    bad = not math.isfinite(loss)
+    if info.distributed:
+        flag = torch.tensor([float(bad)], device=info.device)
+        dist.all_reduce(flag)
+        bad = flag.item() > 0
+    if not bad:
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    kept = (f"; the checkpoint {checkpoint} still holds the last finished epoch"
+            if checkpoint is not None and Path(checkpoint).exists() else "")
+    raise TrainingDivergedError(
+        f"{name + ': ' if name else ''}the training loss became {loss} at step {step} (epoch "
+        f"{epoch + 1}, learning rate {lr:.3g}); training stopped and nothing of this epoch was "
+        f"saved{kept}. Lower --lr (or --head-lr-scale) and start again")
+
+
 def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds: int = 10,
-               warmup: int = 2) -> dict:
+               warmup: int = 2, amp="auto") -> dict:
     """Median training-step time of several models measured side by side (A B A B ...).
 
     Each model takes a full step (forward, backward, AdamW update) with learning rate 0, so its
@@ -502,6 +627,7 @@ def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds:
         images, labels: one batch, on the models' device.
         rounds: timed rounds; each round times every model once, in turn.
         warmup: untimed rounds first.
+        amp: mixed precision (see :func:`resolve_amp`).
 
     Returns:
         ``{name: median seconds per step}``.
@@ -516,7 +642,7 @@ def time_steps(models: dict, images: torch.Tensor, labels: torch.Tensor, rounds:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            train_step(m, images, labels, opts[k])
+            train_step(m, images, labels, opts[k], amp=amp)
             if cuda:
                 torch.cuda.synchronize()
             if r >= warmup:

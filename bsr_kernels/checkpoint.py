@@ -1,0 +1,330 @@
+"""The one way bsr_kernels writes files: atomically, with ordinary permissions, strict JSON.
+
+Every file the library and ``bsr-finetune`` write (training checkpoints, delta checkpoints and
+their JSON sidecars, ``result.json``, ``summary.json``, ``summary.csv``, ``args.json``, the
+report picture) goes through :func:`atomic_write`:
+
+* the bytes go to a temporary file ``.<name>.tmp<PID>`` in the target's folder, flushed and
+  fsync'ed, then renamed over the target: a crash (even SIGKILL) leaves either the old file or the
+  new one, never a torn one;
+* the new file gets the mode an ordinary ``open(path, "w")`` would give (``0o666`` less the
+  umask), whatever the writer used for its temporary file (safetensors writes ``0o600``);
+* a temporary file left by a process that was killed mid-write is recognised by its name and
+  removed by :func:`clean_orphans` (``bsr-finetune`` calls it on start).
+
+Formats are versioned: a JSON document written by :func:`write_json` with ``format=...`` carries
+``"format"`` and ``"version"`` keys, and :func:`read_json` checks them and names the file and
+the fix when it is damaged or of another version. JSON is strict: NaN and infinities become
+``null`` (Python's ``json`` would write a bare ``NaN``, which is not JSON).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+__all__ = ["atomic_write", "write_json", "read_json", "to_strict_json", "clean_orphans",
+           "tmp_name", "DamagedFileError", "RunLock", "RunLockedError"]
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+# os.replace, reached through a module global so that tests can interrupt a write right before
+# the rename (a kill mid-write); production code never changes it.
+_replace = os.replace
+
+
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be read back (torn, truncated, hand-edited, other version)."""
+
+
+def tmp_name(path: Union[str, os.PathLike]) -> Path:
+    """The temporary file :func:`atomic_write` uses for ``path`` in this process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: Union[str, os.PathLike],
+                 data: Union[bytes, str, Callable[[Path], None]]) -> Path:
+    """Writes ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    Args:
+        path: the file to write; its folder is created if needed.
+        data: the bytes or text (UTF-8) to write, or a callable ``writer(tmp_path)`` that writes
+            the temporary file itself (for libraries that only write to a path, like
+            safetensors or matplotlib).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: if the folder cannot be created or written; the temporary file is removed and
+            an existing ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    try:
+        if callable(data):
+            data(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            with open(tmp, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        _replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:   # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def to_strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, tensors by lists, paths by
+    strings, tuples by lists: something ``json.dumps(..., allow_nan=False)`` accepts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_strict_json(obj.tolist())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    if hasattr(obj, "item") and callable(obj.item):   # numpy scalars
+        return to_strict_json(obj.item())
+    return obj
+
+
+def write_json(path: Union[str, os.PathLike], obj: dict, format: Optional[str] = None,
+               version: Optional[int] = None) -> Path:
+    """Writes ``obj`` as strict, indented JSON, atomically.
+
+    Args:
+        path: the file.
+        obj: a JSON-able dict (NaN/inf become null, see :func:`to_strict_json`).
+        format, version: stamped into the document as ``"format"`` and ``"version"`` (first
+            keys) when given, for :func:`read_json` to check.
+    """
+    doc = {}
+    if format is not None:
+        doc["format"] = format
+        doc["version"] = version
+    doc.update(obj)
+    text = json.dumps(to_strict_json(doc), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, text)
+
+
+def read_json(path: Union[str, os.PathLike], what: str, fix: str,
+              format: Optional[str] = None, versions: Iterable[int] = ()) -> dict:
+    """Reads a JSON object written by :func:`write_json`.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message (e.g. "the result of method bsr").
+        fix: what the user should do when it is damaged (completes the message).
+        format, versions: the expected ``"format"`` and accepted ``"version"`` values, when the
+            file is versioned.
+
+    Raises:
+        DamagedFileError: naming ``path``, ``what`` is wrong with it and ``fix``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DamagedFileError(f"{path} ({what}) is damaged or unreadable "
+                               f"({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(obj, dict):
+        raise DamagedFileError(f"{path} ({what}) is damaged: it holds a JSON "
+                               f"{type(obj).__name__}, not an object; {fix}")
+    if format is not None:
+        versions = tuple(versions)
+        if obj.get("format") != format or obj.get("version") not in versions:
+            raise DamagedFileError(
+                f"{path} ({what}) has format {obj.get('format')!r} version "
+                f"{obj.get('version')!r}; this bsr_kernels reads {format!r} version "
+                f"{' or '.join(map(str, versions))}; {fix}")
+    return obj
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def clean_orphans(folder: Union[str, os.PathLike], recursive: bool = True) -> list:
+    """Removes the temporary files of :func:`atomic_write` left by processes that died mid-write.
+
+    A file named ``.<name>.tmp<PID>`` is removed when no process ``PID`` is alive (or it is this
+    process's own, which cannot be in the middle of a write when this runs).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    files = folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*")
+    for p in sorted(files):
+        m = _TMP_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, someone else's
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _hostname() -> str:
+    import socket
+    return socket.gethostname() or "-"
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class RunLockedError(ValueError):
+    """An output folder that another live process is writing."""
+
+
+class RunLock:
+    """A lock file (``<folder>/.lock``) for one writer per folder.
+
+    The lock is taken with ``O_CREAT | O_EXCL`` and holds the owner's PID, the process's start
+    time (from ``/proc``, where there is one) and the host name. A lock of this host whose
+    process is gone, or whose PID now belongs to a process started at another time (PID
+    reuse), is stale and is taken over. A lock of another host (a shared file system) is
+    respected; the message says to delete it if that run is over.
+
+    Raises (on :meth:`acquire`):
+        RunLockedError: when a live process holds the lock.
+        OSError: when the folder cannot be written.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Union[str, os.PathLike], what: str = "--out"):
+        self.path = Path(folder) / self.NAME
+        self.what = what
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
+            except FileExistsError:
+                pid, started, host = self._owner()
+                if pid is None and self._age() < 5.0:   # being created right now
+                    pid = -1
+                if host is not None and host != _hostname():
+                    live = True
+                else:
+                    live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
+                        started is None or _start_time(pid) in (None, started))
+                if pid == -1 or live:
+                    who = (f"process {pid}" + (f" on {host}" if host and host != _hostname()
+                                               else "") if pid > 0 else "a process starting now")
+                    raise RunLockedError(
+                        f"{self.what} {self.path.parent}: another bsr-finetune ({who}) is "
+                        f"writing there (lock file {self.path}); wait for it to finish, use "
+                        "another folder, or delete the lock file if that process is not "
+                        "bsr-finetune") from None
+                try:   # stale: its process died
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid()) or '-'} {_hostname()}\n")
+            self.held = True
+            return self
+        raise RunLockedError(f"{self.what} {self.path.parent}: could not take the lock file "
+                             f"{self.path} (other processes keep taking it)")
+
+    def _age(self) -> float:
+        import time
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return float("inf")
+
+    def _owner(self) -> tuple:
+        """(pid, start time, host) of the lock's owner; None for what cannot be read."""
+        try:
+            fields = self.path.read_text().split()
+        except OSError:
+            fields = []
+        try:
+            pid = int(fields[0])
+        except (ValueError, IndexError):
+            return None, None, None
+        started = fields[1] if len(fields) > 1 and fields[1] != "-" else None
+        host = fields[2] if len(fields) > 2 else None
+        return pid, started, host
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            if self._owner()[0] == os.getpid():
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

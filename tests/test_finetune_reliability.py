@@ -1,0 +1,517 @@
+"""bsr-finetune reliability (issue 13) and its timm-like command line (issue 12): no silent
+wrong results, no lost runs, early and clear errors."""
+import csv
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsr_kernels import checkpoint
+from bsr_kernels.finetune import cli, train
+
+FAST = ["--method", "linear", "--epochs", "1", "--batch-size", "128", "--timing-rounds", "0",
+        "--profile-batch", "2", "--samples", "0", "--no-progress"]
+
+
+def _run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise ValueError(f"{path}: bare {name}")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def _no_loading(monkeypatch):
+    """Fails the test if data or weights are loaded."""
+    def boom(*a, **k):
+        raise AssertionError("data or weights were loaded before --out was checked")
+    monkeypatch.setattr(cli, "build_data", boom)
+    monkeypatch.setattr(cli, "build_model", boom)
+
+
+# --- 4: NaN guard ------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_with_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    rc, out, err = _run(["--method", "bsr", "--epochs", "2", "--lr", "1e10", *FAST[4:],
+                         "--out", tmp_path], capsys)
+    assert rc == cli.EXIT_DIVERGED == 3
+    assert "training diverged" in err and "nan" in err and "--lr" in err
+    assert not (tmp_path / "bsr").exists()                  # no delta of NaN tensors
+    assert not (tmp_path / "summary.json").exists()
+    for p in tmp_path.rglob("*.json"):
+        _strict_json(p)
+
+
+def test_json_is_strict_everywhere(tmp_path):
+    from bsr_kernels.finetune.report import write_summary
+    path = write_summary(tmp_path / "s.json", {"bsr": {"accuracy": float("nan"),
+                                                       "loss": float("inf")}})
+    assert _strict_json(path)["methods"]["bsr"] == {"accuracy": None, "loss": None}
+
+
+# --- 6: a used --out is not destroyed; one writer at a time ------------------------------
+
+def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    ckpt = tmp_path / "linear" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    rc, _, err = _run([*FAST, "--epochs", "2", "--out", tmp_path], capsys)
+    assert rc == 2
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert ckpt.read_bytes() == before
+    rc, _, err = _run([*FAST, "--seed", "1", "--out", tmp_path, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert "--overwrite: deleted the earlier run" in err
+    assert torch.load(ckpt, weights_only=True)["fingerprint"]["seed"] == 1
+    assert not (tmp_path / ".lock").exists()                 # released at the end
+
+
+def test_out_is_locked_by_a_live_process_and_a_stale_lock_is_taken_over(tmp_path, capsys,
+                                                                         monkeypatch):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{sleeper.pid}\n")
+        _no_loading(monkeypatch)
+        rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+        assert rc == 2
+        assert f"process {sleeper.pid}" in err and ".lock" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    monkeypatch.undo()
+    # Its process is dead now: the lock is stale and taken over.
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_run_lock_unit(tmp_path):
+    lock = checkpoint.RunLock(tmp_path).acquire()
+    pid, started, host = (tmp_path / ".lock").read_text().split()
+    assert int(pid) == os.getpid() and host == checkpoint._hostname()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text("")                      # being created by someone now
+    with pytest.raises(checkpoint.RunLockedError, match="starting now"):
+        checkpoint.RunLock(tmp_path).acquire()
+
+
+# --- 8: damaged result.json ----------------------------------------------------------------
+
+def test_damaged_result_json_is_named_and_rebuilt_after_deleting_it(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    result = tmp_path / "linear" / "result.json"
+    good = _strict_json(result)
+    assert good["format"] == cli.RESULT_FORMAT and good["version"] == 1
+    result.write_text("")
+    rc, _, err = _run([*FAST, "--out", tmp_path, "--resume"], capsys)
+    assert rc == 2
+    assert str(result) in err and "damaged" in err and "delete it" in err
+    result.unlink()
+    rc, out, err = _run([*FAST, "--out", tmp_path, "--resume"], capsys)
+    assert rc == 0, err
+    assert "after epoch 1" in out                           # rebuilt, not retrained
+    rebuilt = _strict_json(result)
+    assert rebuilt["history"] == good["history"] and rebuilt["accuracy"] == good["accuracy"]
+
+
+# --- 9: orphaned temporary files -----------------------------------------------------------
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_orphaned_temporary_files_are_removed_on_start(tmp_path, capsys):
+    (tmp_path / "linear").mkdir()
+    orphan = tmp_path / "linear" / f".checkpoint.pt.tmp{_dead_pid()}"
+    orphan.write_bytes(b"\0" * 1000)
+    rc, _, err = _run([*FAST, "--out", tmp_path, "--resume"], capsys)
+    assert rc == 0, err
+    assert not orphan.exists() and "removed 1 temporary file" in err
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_clean_orphans_keeps_files_of_live_writers(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = tmp_path / f".a.tmp{live.pid}"
+        dead = tmp_path / f".b.tmp{_dead_pid()}"
+        other = tmp_path / ".notes.tmpx"
+        for p in (mine, dead, other):
+            p.write_text("x")
+        assert checkpoint.clean_orphans(tmp_path) == [dead]
+        assert mine.exists() and other.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_atomic_write_gives_ordinary_modes_and_leaves_no_temporary_file(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = checkpoint.atomic_write(tmp_path / "x.bin", lambda t: (t.write_bytes(b"1"),
+                                                                   os.chmod(t, 0o600)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(tmp_path / "x.bin", lambda t: (t.write_bytes(b"2"),
+                                                               (_ for _ in ()).throw(
+                                                                   RuntimeError("disk"))))
+    assert path.read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+# --- 10: a bad --out is found before anything is loaded ------------------------------------
+
+def test_out_that_is_a_file_fails_before_loading(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    f = tmp_path / "file"
+    f.write_text("x")
+    t0 = time.perf_counter()
+    rc, _, err = _run([*FAST, "--out", f], capsys)
+    assert rc == 2 and "--out" in err and "is a file" in err
+    assert time.perf_counter() - t0 < 5
+
+
+def test_out_that_cannot_be_written_fails_before_loading(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:       # root writes anywhere: make the lock file creation fail
+        def denied(self):
+            raise PermissionError(13, "Permission denied", str(self.path))
+        monkeypatch.setattr(checkpoint.RunLock, "acquire", denied)
+    else:
+        ro.chmod(0o500)
+    try:
+        rc, _, err = _run([*FAST, "--out", ro], capsys)
+    finally:
+        ro.chmod(0o700)
+    assert rc == 2 and "--out" in err and "cannot write there" in err
+    assert "Permission denied" in err and "Traceback" not in err
+
+
+# --- 11 and 13: image folders -------------------------------------------------------------
+
+def _write_image_folder(root: Path, counts):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = (torch.rand(20, 20, 3, generator=g) * 120).to(torch.uint8)
+            img[..., c % 3] += 120
+            Image.fromarray(img.numpy()).save(root / name / f"{i}.png")
+
+
+def _folder_args(path, out=None):
+    return ["--data", path, "--method", "linear", "--epochs", "1", "--batch-size", "4",
+            "--timing-rounds", "0", "--profile-batch", "2", "--samples", "0", "--no-progress",
+            *(["--out", out] if out else [])]
+
+
+def test_unreadable_images_are_listed_at_start_or_skipped_with_a_count(tmp_path, capsys):
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 6, "dog": 6})
+    (pics / "cat" / "empty.png").write_bytes(b"")
+    (pics / "dog" / "junk.jpg").write_bytes(b"not an image at all")
+    rc, _, err = _run(_folder_args(pics), capsys)
+    assert rc == 2
+    assert "2 of 14 image files cannot be read" in err
+    assert "empty.png" in err and "junk.jpg" in err and "--bad-images skip" in err
+    rc, _, err = _run(_folder_args(pics) + ["--bad-images", "skip"], capsys)
+    assert rc == 0, err
+    assert "warning" in err and "skipped 2 of 14 image files" in err
+
+
+def test_a_class_missing_from_the_test_split_is_warned(tmp_path, capsys):
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 6, "dog": 6, "owl": 1})
+    rc, _, err = _run(_folder_args(pics), capsys)
+    assert rc == 0, err
+    assert "warning" in err and "owl (1 image)" in err and "test accuracy does not cover" in err
+
+
+# --- 12: overflows -----------------------------------------------------------------------
+
+def test_huge_warmup_is_warmup_throughout(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--warmup-epochs", "1e308", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert "OverflowError" not in err
+
+
+@pytest.mark.parametrize("seed", ["9223372036854775808", "4294967296", "-1"])
+def test_seed_out_of_range_names_the_flag(seed, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--seed", seed, *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "4294967295" in err
+
+
+# --- issue 12: the command line in timm's habits -----------------------------------------
+
+def test_resume_path_extends_training_and_writes_args_and_csv(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, out, err = _run([*FAST, "--out", run], capsys)
+    assert rc == 0, err
+    args = _strict_json(run / "args.json")
+    assert args["format"] == "bsr-finetune-args" and args["args"]["epochs"] == 1
+    assert "measuring" in out and out.index("measuring") < out.index("linear probe")
+    # --resume PATH (the run folder), two more epochs: continues after epoch 1.
+    rc, out, err = _run([*[a for a in FAST if a != "1"][:2], "--epochs", "3",
+                         *FAST[4:], "--resume", run], capsys)
+    assert rc == 0, err
+    assert "after epoch 1" in out
+    hist = _strict_json(run / "linear" / "result.json")["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    with open(run / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["epoch"]) for r in rows] == [("linear", "1"), ("linear", "2"),
+                                                           ("linear", "3")]
+    assert float(rows[-1]["accuracy"]) == pytest.approx(hist[-1]["accuracy"])
+    # --resume a checkpoint file; fewer epochs than trained is refused clearly.
+    rc, _, err = _run([*FAST, "--resume", run / "linear" / "checkpoint.pt"], capsys)
+    assert rc == 2 and "already trained 3 epochs" in err and "--epochs 3" in err
+    rc, _, err = _run([*FAST, "--resume", tmp_path / "nowhere"], capsys)
+    assert rc == 2 and "no such run folder" in err
+    rc, _, err = _run([*FAST, "--resume", run, "--out", tmp_path / "other"], capsys)
+    assert rc == 2 and "its own folder" in err
+
+
+def test_random_init_and_surgery_are_warned(tmp_path, capsys, monkeypatch):
+    _no_train = ["--epochs", "1", "--batch-size", "128", "--timing-rounds", "0",
+                 "--profile-batch", "2", "--samples", "0", "--no-progress", "--method", "linear"]
+    rc, _, err = _run(["--model", "vit_tiny_patch16_224", "--img-size", "32", *_no_train],
+                      capsys)
+    assert rc == 0, err
+    assert "warning" in err and "random weights" in err
+    # The shipped digits weights at another input size: the position embedding is resampled.
+    rc, _, err = _run(["--img-size", "32", *_no_train], capsys)
+    assert rc == 0, err
+    assert "position embedding was resampled" in err
+
+
+def test_checkpoint_with_another_head_is_warned(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from bsr_kernels.finetune.models import DIGITS_MODEL, assets_dir
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 6, "dog": 6})
+    ckpt = tmp_path / "start.pt"
+    torch.save({"state_dict": load_file(str(assets_dir() / f"{DIGITS_MODEL}.safetensors"))},
+               ckpt)
+    rc, _, err = _run(_folder_args(pics) + ["--checkpoint", ckpt], capsys)
+    assert rc == 0, err
+    assert "classifier head has another shape" in err and "2-class head" in err
+
+
+def test_pretrained_offline_fails_fast_with_the_offline_hint(monkeypatch, capsys):
+    import huggingface_hub.constants as hf
+    import timm
+
+    from bsr_kernels.finetune import models
+    seen = []
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kwargs):
+        if pretrained:
+            seen.append(hf.HF_HUB_OFFLINE)
+            raise OSError("Cannot find the requested files in the local cache")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(timm, "create_model", create)
+    before = hf.HF_HUB_OFFLINE
+    rc, _, err = _run(["--model", "vit_tiny_patch16_224", "--pretrained", "--img-size", "32",
+                       *FAST], capsys)
+    assert rc == 2
+    assert seen == [True]                       # the hub client ran cache-only: no retries
+    assert hf.HF_HUB_OFFLINE == before
+    assert "not reachable" in err and "HF_HUB_OFFLINE=1" in err and "--checkpoint" in err
+
+
+def test_help_is_clean():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+            full = cli._HelpFormatter("x")._get_help_string(action).replace(
+                "%(default)s", str(action.default))
+            assert full.count("(default") <= 1, (action.option_strings, full)
+    for flag in ("--resume", "--overwrite", "--bad-images", "--seed", "--weight-decay",
+                 "--warmup-epochs"):
+        assert flag in text
+
+
+def test_no_kill_switch_in_the_training_loop():
+    import inspect
+    assert not hasattr(train, "KILL_ENV")
+    src = inspect.getsource(train)
+    assert "SIGKILL" not in src and "os.kill" not in src
+
+
+def test_report_draws_curves_from_the_history(tmp_path):
+    from bsr_kernels.finetune.report import draw_report
+    hist = lambda a: [{"epoch": e, "train_loss": 1 / e, "test_loss": 1.2 / e,  # noqa: E731
+                       "accuracy": a * e / 3, "lr": 1e-3} for e in (1, 2, 3)]
+    results = {"full": {"accuracy": 0.9, "history": hist(0.9)},
+               "bsr": {"accuracy": 0.8, "history": hist(0.8) + [{"epoch": 4,
+                                                                  "train_loss": None}]}}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    drawn = []
+    real_plot = plt.Axes.plot
+    plt.Axes.plot = lambda self, *a, **k: drawn.append(k.get("label")) or real_plot(self, *a,
+                                                                                     **k)
+    try:
+        path = draw_report(tmp_path / "r.png", results)
+    finally:
+        plt.Axes.plot = real_plot
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert drawn == ["full", "bsr"] * 3                  # train loss, test loss, accuracy
+
+
+def test_run_lock_sees_pid_reuse_and_other_hosts(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock_file = tmp_path / ".lock"
+    try:
+        started = checkpoint._start_time(live.pid)
+        host = checkpoint._hostname()
+        lock_file.write_text(f"{live.pid} {started} {host}\n")
+        with pytest.raises(checkpoint.RunLockedError, match=f"process {live.pid}"):
+            checkpoint.RunLock(tmp_path).acquire()
+        if started is not None:       # the PID now names another process: stale
+            lock_file.write_text(f"{live.pid} 1 {host}\n")
+            checkpoint.RunLock(tmp_path).acquire().release()
+        lock_file.write_text(f"{_dead_pid()} - other-host-xyz\n")
+        with pytest.raises(checkpoint.RunLockedError, match="on other-host-xyz"):
+            checkpoint.RunLock(tmp_path).acquire()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_photo_transforms_follow_the_model_data_config():
+    """timm's data config (interpolation, crop_pct) drives the transforms (issue 12)."""
+    from torchvision import transforms as T
+
+    from bsr_kernels.finetune.data import _transforms
+    from bsr_kernels.finetune.models import model_data_config
+    cfg = model_data_config("vit_base_patch16_224")       # bicubic, crop_pct 0.9: no download
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.9
+    train, test = _transforms(224, cfg["mean"], cfg["std"], False, cfg)
+    def flat(c):
+        return [t for s in c.transforms for t in (flat(s) if isinstance(s, T.Compose) else [s])]
+    resize = next(t for t in flat(test) if isinstance(t, T.Resize))
+    assert resize.size == 248 and resize.interpolation == T.InterpolationMode.BICUBIC
+    crop = next(t for t in flat(train) if "RandomResizedCrop" in type(t).__name__)
+    assert crop.scale == (0.35, 1.0)
+    assert "bicubic" in str(crop.interpolation).lower()
+    from PIL import Image
+    img = Image.new("L", (300, 260))                    # grey: converted to RGB first
+    assert test(img).shape == (3, 224, 224) and train(img).shape == (3, 224, 224)
+
+
+def test_opt_picks_any_timm_optimizer(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--opt", "bogus_opt", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and "--opt" in err and "timm" in err
+    assert not (tmp_path / "x").exists()                 # refused before --out is touched
+    rc, _, err = _run([*FAST, "--opt", "SGD", "--out", tmp_path / "sgd"], capsys)
+    assert rc == 0, err
+    state = torch.load(tmp_path / "sgd" / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["fingerprint"]["opt"] == "sgd"
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
+    default = train.make_optimizer(torch.nn.Linear(2, 2), 1e-3)
+    assert type(default) is torch.optim.AdamW             # the default is unchanged
+
+
+def test_amp_flag(tmp_path, capsys, monkeypatch):
+    # CPU: --amp bf16 autocasts the plain methods (recorded in the checkpoint fingerprint) ...
+    seen = []
+    real = train._autocast
+    monkeypatch.setattr(train, "_autocast", lambda d, amp="auto": seen.append(
+        train.resolve_amp(amp, d)) or real(d, amp))
+    rc, _, err = _run([*FAST, "--amp", "bf16", "--out", tmp_path / "bf16"], capsys)
+    assert rc == 0, err
+    assert seen and set(seen) == {torch.bfloat16}
+    fp = torch.load(tmp_path / "bf16" / "linear" / "checkpoint.pt", weights_only=True)
+    assert fp["fingerprint"]["amp"] == "bfloat16"
+    monkeypatch.undo()
+    # ... and BSR runs under it, or (while the CPU kernels are float32 only) is refused naming
+    # --amp, before anything is loaded.
+    try:
+        cli._check_amp("bf16", torch.device("cpu"))
+    except ValueError as e:
+        _no_loading(monkeypatch)
+        rc, _, err = _run(["--method", "bsr", *FAST[2:], "--amp", "bf16"], capsys)
+        assert rc == 2 and "--amp bf16" in err and "--amp off" in err, err
+        assert str(e) in err
+    with pytest.raises(SystemExit):
+        cli.main(["--amp", "fp8", *FAST])
+    assert "--amp" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp_path, capsys):
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*FAST, "--data", tmp_path / "no_such_dir", "--out", tmp_path,
+                       "--overwrite"], capsys)
+    assert rc == 2 and "--data" in err
+    assert (tmp_path / "linear" / "checkpoint.pt").is_file()
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_torchcompile_trains_through_torch_compile(tmp_path, capsys, monkeypatch):
+    """The plumbing only (compiling takes about a minute here); tests/test_modes.py checks that
+    compiled BSR equals eager."""
+    compiled = []
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return model
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rc, _, err = _run([*FAST, "--torchcompile", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert len(compiled) == 1
+    state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+
+
+def test_sched_timm_schedules_resume_exactly(tmp_path, capsys):
+    """--sched step: timm's scheduler, stepped per update, saved and restored with the
+    checkpoint (an extended resume continues its schedule)."""
+    args = ["--method", "linear", "--batch-size", "128", "--timing-rounds", "0",
+            "--profile-batch", "2", "--samples", "0", "--no-progress", "--sched", "step"]
+    rc, _, err = _run([*args, "--epochs", "3", "--out", tmp_path / "whole"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*args, "--epochs", "2", "--out", tmp_path / "parts"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*args, "--epochs", "3", "--resume", tmp_path / "parts"], capsys)
+    assert rc == 0, err
+    a, b = (torch.load(tmp_path / d / "linear" / "checkpoint.pt", weights_only=True)
+            for d in ("whole", "parts"))
+    assert a["fingerprint"]["sched"] == "step"
+    assert a["scheduler"]["num_updates"] == b["scheduler"]["num_updates"] == 12
+    lrs = [h["lr"] for h in a["history"]]
+    assert lrs[0] > lrs[1] > lrs[2] > 0          # decayed x0.1 once per epoch (3 epochs / 3)
+    assert lrs[1] == pytest.approx(lrs[0] * 0.1) and lrs[2] == pytest.approx(lrs[0] * 0.01)
+    assert [h["lr"] for h in b["history"]][:2] == lrs[:2]
+    with pytest.raises(SystemExit):
+        cli.main(["--sched", "plateau", *FAST])
+    assert "--sched" in capsys.readouterr().err
