@@ -218,7 +218,8 @@ def test_kernels_compile_for_gpu():
         for select in (True, False):
             kernel = _compile_for_sm90(
                 "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
-                                      scores_ptr=f"*{acc}", kept_ptr="*i32", slot_ws_ptr="*i32"),
+                                      scores_ptr=f"*{acc}", kept_ptr="*i32", slot_ws_ptr="*i32",
+                                      key_ws_ptr="*i64" if acc == "fp64" else "*i32"),
                 dict(ACC=tb._acc(cd), DO_SELECT=select, **tb.select_blocks(196, cd)),
                 tb.LAUNCH["num_warps"])
             assert "cubin" in kernel.asm

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..checkpoint import atomic_write, write_json
+from ..summary import draw_kept, kept_masks
 
-__all__ = ["format_table", "write_summary", "write_history_csv", "draw_report", "kept_masks",
+__all__ = ["format_table", "write_summary", "write_history_csv", "draw_report",
            "HISTORY_COLUMNS"]
 
 #: Columns of ``summary.csv``, one row per method and epoch.
@@ -92,26 +93,6 @@ def write_history_csv(path: os.PathLike, histories: dict) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
-def kept_masks(kept: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-    """Boolean patch masks of the tokens kept after each drop stage.
-
-    Args:
-        kept: one (B, n_keep) int64 tensor per stage, original patch indices (row-major;
-            -1 marks a fused token, which is not a patch and is ignored).
-        grid: (rows, cols) of the patch grid.
-
-    Returns:
-        (stages, B, rows, cols) bool.
-    """
-    rows, cols = grid
-    out = []
-    for idx in kept:
-        m = torch.zeros(idx.shape[0], rows * cols + 1, dtype=torch.bool)
-        m.scatter_(1, torch.where(idx < 0, rows * cols, idx).cpu(), True)
-        out.append(m[:, :-1].view(-1, rows, cols))
-    return torch.stack(out) if out else torch.zeros(0, 0, rows, cols, dtype=torch.bool)
-
-
 def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor] = None,
                 kept: Optional[Sequence[torch.Tensor]] = None, patch_size: int = 1,
                 drop_at: Sequence[int] = (), title: str = "") -> Path:
@@ -183,9 +164,8 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
             if i == 0:
                 ax.legend(fontsize=7)
     if show_kept:
-        h, w = images.shape[2:]
-        grid = (h // patch_size, w // patch_size)
-        masks = kept_masks(kept, grid)
+        pics = draw_kept(images, kept, patch_size)        # (stages, B, H, W, 3), dropped shaded
+        masks = kept_masks(kept, (images.shape[2] // patch_size, images.shape[3] // patch_size))
         for r in range(n_img):
             img = images[r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
             ax = fig.add_subplot(gs[first_img + r, 0])
@@ -194,12 +174,8 @@ def draw_report(path: os.PathLike, results: dict, images: Optional[torch.Tensor]
             if r == 0:
                 ax.set_title("input", fontsize=10)
             for s in range(masks.shape[0]):
-                m = masks[s, r].repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-                shown = img.copy()
-                dark = ~m.numpy()
-                shown[dark] = shown[dark] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35]).numpy()
                 ax = fig.add_subplot(gs[first_img + r, 1 + s])
-                ax.imshow(shown, interpolation="nearest")
+                ax.imshow(pics[s, r].numpy(), interpolation="nearest")
                 ax.set_axis_off()
                 if r == 0:
                     where = f" (block {drop_at[s]})" if s < len(drop_at) else ""

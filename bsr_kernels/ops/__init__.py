@@ -69,14 +69,19 @@ def _drop_op(x: Tensor, q: Tensor, k: Tensor, scale: float, num_prefix_tokens: i
         x, q, k, scale, num_prefix_tokens, n_keep, fuse_token)
 
 
-@_drop_op.register_fake
-def _(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token, backend):
+def _fake_drop(x, q, num_prefix_tokens, n_keep, fuse_token):
+    """x_out, scores and lse of a drop, shapes and dtypes only (the fake kernels)."""
     b, n, c = x.shape
     m = n - num_prefix_tokens
     cd = compute_dtype(x.dtype, q.dtype)
     return (x.new_empty(b, out_tokens(num_prefix_tokens, n_keep, m, fuse_token), c),
-            x.new_empty(b, n_keep, dtype=torch.int32),
             x.new_empty(b, m, dtype=cd), x.new_empty(b, q.shape[1], dtype=cd))
+
+
+@_drop_op.register_fake
+def _(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token, backend):
+    x_out, scores, lse = _fake_drop(x, q, num_prefix_tokens, n_keep, fuse_token)
+    return x_out, x.new_empty(x.shape[0], n_keep, dtype=torch.int32), scores, lse
 
 
 @torch.library.custom_op("bsr_kernels::drop_tokens_replay", mutates_args=())
@@ -89,12 +94,7 @@ def _replay_op(x: Tensor, q: Tensor, k: Tensor, kept: Tensor, scale: float,
 
 @_replay_op.register_fake
 def _(x, q, k, kept, scale, num_prefix_tokens, fuse_token, backend):
-    b, n, c = x.shape
-    m = n - num_prefix_tokens
-    n_keep = kept.shape[1]
-    cd = compute_dtype(x.dtype, q.dtype)
-    return (x.new_empty(b, out_tokens(num_prefix_tokens, n_keep, m, fuse_token), c),
-            x.new_empty(b, m, dtype=cd), x.new_empty(b, q.shape[1], dtype=cd))
+    return _fake_drop(x, q, num_prefix_tokens, kept.shape[1], fuse_token)
 
 
 @torch.library.custom_op("bsr_kernels::drop_tokens_backward", mutates_args=())

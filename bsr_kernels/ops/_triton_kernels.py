@@ -92,7 +92,7 @@ def cls_logits_kernel(
 
 
 def select_kernel(
-        logit_ws_ptr, lse_ptr, scores_ptr, kept_ptr, slot_ws_ptr,
+        logit_ws_ptr, lse_ptr, scores_ptr, kept_ptr, slot_ws_ptr, key_ws_ptr,
         H, N, P, n_keep,
         ACC: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
         KEY_FLIP: tl.constexpr, DO_SELECT: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -101,8 +101,8 @@ def select_kernel(
     1. ``scores[j] = mean_h exp(logit[h, P + j] - lse[h])`` for the M = N - P candidates.
     2. With DO_SELECT, the exact selection rule without sorting: each score becomes an integer
        key of the same order (NaN -> -inf, -0.0 -> +0.0, IEEE bits with the magnitude bits
-       flipped for negatives), the n_keep-th largest key T is found bit by bit from the top
-       (KEY_BITS counting passes over the M keys: T is the largest value with
+       flipped for negatives; kept in ``key_ws``), the n_keep-th largest key T is found bit by
+       bit from the top (KEY_BITS counting passes over the M keys: T is the largest value with
        #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
        positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
        ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
@@ -120,31 +120,24 @@ def select_kernel(
             logit = tl.load(logit_ws_ptr + (b * H + h) * N + P + offs_j, mask=jmask,
                             other=float("-inf"))
             acc += tl.exp(logit - lse)
-        tl.store(scores_ptr + b * M + offs_j, acc / hf, mask=jmask)
+        s = acc / hf
+        tl.store(scores_ptr + b * M + offs_j, s, mask=jmask)
+        if DO_SELECT:
+            bits = (tl.where(s != s, float("-inf"), s) + 0.0).to(KEY, bitcast=True)
+            tl.store(key_ws_ptr + b * M + offs_j, tl.where(bits >= 0, bits, bits ^ KEY_FLIP),
+                     mask=jmask)
     if DO_SELECT:
         tl.debug_barrier()
-        # the sign: are at least n_keep keys >= 0?
-        cnt = tl.full([], 0, tl.int32)
-        for j0 in range(0, M, BLOCK_M):
-            offs_j = j0 + tl.arange(0, BLOCK_M)
-            jmask = offs_j < M
-            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
-            s = tl.where(s != s, float("-inf"), s) + 0.0
-            bits = s.to(KEY, bitcast=True)
-            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
-            cnt += tl.reduce(((key >= 0) & jmask).to(tl.int32), 0, _SUM)
-        thr = tl.where(cnt >= n_keep, tl.full([], 0, KEY), tl.full([], KEY_MIN, KEY))
+        # the sign first (are at least n_keep keys >= 0?), then the lower bits one by one
+        thr = tl.full([], KEY_MIN, KEY)
         one = tl.full([], 1, KEY)
-        for i in range(0, KEY_BITS - 1):
-            trial = thr | (one << (KEY_BITS - 2 - i))
+        for i in range(0, KEY_BITS):
+            trial = tl.where(i == 0, tl.full([], 0, KEY), thr | (one << (KEY_BITS - 1 - i)))
             cnt = tl.full([], 0, tl.int32)
             for j0 in range(0, M, BLOCK_M):
                 offs_j = j0 + tl.arange(0, BLOCK_M)
                 jmask = offs_j < M
-                s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
-                s = tl.where(s != s, float("-inf"), s) + 0.0
-                bits = s.to(KEY, bitcast=True)
-                key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+                key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
                 cnt += tl.reduce(((key >= trial) & jmask).to(tl.int32), 0, _SUM)
             thr = tl.where(cnt >= n_keep, trial, thr)
         # keys above the threshold, then the lowest positions among the keys equal to it
@@ -152,10 +145,7 @@ def select_kernel(
         for j0 in range(0, M, BLOCK_M):
             offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
-            s = tl.where(s != s, float("-inf"), s) + 0.0
-            bits = s.to(KEY, bitcast=True)
-            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
             above += tl.reduce(((key > thr) & jmask).to(tl.int32), 0, _SUM)
         n_equal = n_keep - above
         eq_seen = tl.full([], 0, tl.int32)
@@ -163,10 +153,7 @@ def select_kernel(
         for j0 in range(0, M, BLOCK_M):
             offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            s = tl.load(scores_ptr + b * M + offs_j, mask=jmask, other=0.0)
-            s = tl.where(s != s, float("-inf"), s) + 0.0
-            bits = s.to(KEY, bitcast=True)
-            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
             eq = ((key == thr) & jmask).to(tl.int32)
             eq_rank = eq_seen + tl.associative_scan(eq, 0, _SUM) - eq
             keep = jmask & ((key > thr) | ((eq > 0) & (eq_rank < n_equal)))

@@ -100,6 +100,7 @@ LAUNCH = {"num_warps": 4, "tile_elems": 4096, "max_block_c": 256, "min_block_c":
 #: Selection keys per compute dtype: (int dtype, bits, most negative value, magnitude-bit mask).
 _KEYS = {torch.float32: ("int32", 32, -(2 ** 31), 2 ** 31 - 1),
          torch.float64: ("int64", 64, -(2 ** 63), 2 ** 63 - 1)}
+_KEY_TORCH = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def _rebind(fn, bindings: dict):
@@ -214,8 +215,9 @@ def _launch_scores(q, k, scale, p, cd, n_keep=0):
     select = n_keep > 0
     kept = torch.empty(b, n_keep if select else 1, dtype=torch.int32, device=dev)
     slot_ws = torch.empty(b, m if select else 1, dtype=torch.int32, device=dev)
+    key_ws = torch.empty(b, m if select else 1, dtype=_KEY_TORCH[cd], device=dev)
     _kernel("select_kernel")[(b,)](
-        logit_ws, lse, scores, kept, slot_ws, h, n, p, n_keep,
+        logit_ws, lse, scores, kept, slot_ws, key_ws, h, n, p, n_keep,
         ACC=_acc(cd), DO_SELECT=select, **select_blocks(m, cd), num_warps=LAUNCH["num_warps"])
     return scores, lse, kept, slot_ws
 
