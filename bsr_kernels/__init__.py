@@ -10,6 +10,7 @@ attends to least::
 from __future__ import annotations
 
 from .attention import TokenDropAttention
+from .moe import MultiTaskViT, to_moe
 from .ops import available_backends, cls_attention, drop_tokens
 from .profile import profile
 from .reprogram import kept_patches, reprogram, restore
@@ -17,7 +18,8 @@ from .reprogram import kept_patches, reprogram, restore
 __version__ = "0.1.0"
 
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "TokenDropAttention",
-           "reprogram", "restore", "profile", "kept_patches", "load_delta", "__version__"]
+           "reprogram", "restore", "profile", "kept_patches", "load_delta", "to_moe",
+           "MultiTaskViT", "__version__"]
 
 
 def load_delta(model, path):

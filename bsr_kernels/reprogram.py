@@ -70,6 +70,8 @@ class BSRBlock(Block):
         x = x + self.drop_path1(self.ls1(out))
         x, _ = (drop or self.drop)(x, q, k)
         mlp = self.mlp
+        if getattr(mlp, "bsr_moe", False):   # bsr_kernels.moe.MoEMlp: routed experts, whole
+            return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
         h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
         return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
 
@@ -103,7 +105,8 @@ class BSRBlock(Block):
         if self.bsr_mode == "nograd":
             with torch.no_grad():
                 return self.body(x)
-        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled():
+        if self.bsr_mode in MEMORY_MODES and torch.is_grad_enabled() and not (
+                getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(self.bsr_mode)):
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x)
@@ -147,7 +150,9 @@ def _unsupported_reasons(model: nn.Module) -> list[str]:
                            "Attention is supported")
         elif blk.attn.gate is not None:
             reasons.append(f"{where} attention is gated, which is not supported")
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc2, nn.Linear):
+        if getattr(blk.mlp, "bsr_moe", False):
+            pass   # bsr_kernels.moe.MoEMlp (to_moe), called whole by BSRBlock.body
+        elif type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc2, nn.Linear):
             reasons.append(f"{where} MLP is a {type(blk.mlp).__name__}, only timm Mlp is supported")
         elif not isinstance(blk.mlp.norm, nn.Identity):
             reasons.append(f"{where} MLP has a hidden norm (scale_mlp_norm), not supported")
@@ -198,6 +203,11 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         ValueError: on a bad argument (named in the message) or an unsupported model; the model
             is then left unchanged.
     """
+    backbone = getattr(model, "bsr_backbone", None)
+    if isinstance(backbone, nn.Module):   # a wrapper (bsr_kernels.MultiTaskViT): its ViT
+        reprogram(backbone, train_blocks, drop_at, keep_rate, fuse_token, memory_mode,
+                  train_norm, activation_dtype)
+        return model
     reasons = _unsupported_reasons(model)
     if reasons:
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
@@ -253,6 +263,10 @@ def restore(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: if ``model`` was not reprogrammed.
     """
+    backbone = getattr(model, "bsr_backbone", None)
+    if isinstance(backbone, nn.Module):   # a wrapper (bsr_kernels.MultiTaskViT): its ViT
+        restore(backbone)
+        return model
     if not is_reprogrammed(model):
         raise ValueError("model was not reprogrammed by bsr_kernels.reprogram")
     for blk in model.blocks:
