@@ -177,6 +177,7 @@ class _LeanBlock(torch.autograd.Function):
             return x_, idx
 
         out = block.body(x, linear=record_linear, drop=record_drop)
+        names = tuple(n for n in names if n in saved)   # a MoE MLP (moe.py) runs no fc1
         ctx.block, ctx.names = block, names
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).

@@ -213,7 +213,7 @@ def moe_reference(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: 
 
 
 def _cv_squared(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if x.numel() <= 1:
         return x.new_zeros(())
     return x.var() / (x.mean() ** 2 + 1e-10)
