@@ -72,12 +72,21 @@ def _slices(counts: list[int]):
         start += n
 
 
+def _gelu_approximate(act: nn.Module) -> Optional[str]:
+    """The ``approximate`` of a GELU module (so backward calls ``gelu_backward``), else None."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return None
+
+
 class _RoutedExperts(torch.autograd.Function):
     """``out[t] = sum_j w[t, j] * expert_{idx[t, j]}(h[t])`` with the experts' stacked weights.
 
     Forward sorts the (token, expert) pairs by expert and runs each expert on its contiguous
-    slice. Saved for backward: ``h``, the sort order (int32), the weights, the fc1
-    pre-activations and the expert outputs (the latter give the gradient of the weights).
+    slice (one gather of the token rows, two matmuls per expert), then combines with one
+    batched matmul per token over its k outputs. Saved for backward: ``h``, the sort order
+    (int32), the weights, the fc1 pre-activations and activations, and the expert outputs
+    (they give the gradient of the weights); never a per-expert copy of the input tokens.
     """
 
     @staticmethod
@@ -86,10 +95,8 @@ class _RoutedExperts(torch.autograd.Function):
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
-        tok = order // k
-        xs = h.index_select(0, tok)
-        hidden = w1.shape[1]
-        a = h.new_empty(t * k, hidden)
+        xs = h.index_select(0, order // k)
+        a = h.new_empty(t * k, w1.shape[1])
         for e, s0, s1 in _slices(counts):
             if b1 is None:
                 torch.mm(xs[s0:s1], w1[e].t(), out=a[s0:s1])
@@ -103,66 +110,70 @@ class _RoutedExperts(torch.autograd.Function):
                 torch.mm(z[s0:s1], w2[e].t(), out=y[s0:s1])
             else:
                 torch.addmm(b2[e], z[s0:s1], w2[e].t(), out=y[s0:s1])
-        del z
-        ws = w.reshape(-1).index_select(0, order)
-        out = h.new_zeros(t, w2.shape[1]).index_add_(0, tok, y * ws[:, None])
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                      device=order.device))
+        yt = y.index_select(0, inv).view(t, k, -1)     # token-major expert outputs
+        out = torch.bmm(w.unsqueeze(1), yt).squeeze(1)
         ctx.counts, ctx.k, ctx.act = counts, k, act
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.save_for_backward(h, w, order.to(torch.int32), a, y, w1, w2)
+        ctx.save_for_backward(h, w, order.to(torch.int32), inv.to(torch.int32), a, z, yt,
+                              w1, w2)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, w, order, a, y, w1, w2 = ctx.saved_tensors
-        order = order.long()
+        h, w, order, inv, a, z, yt, w1, w2 = ctx.saved_tensors
+        order, inv = order.long(), inv.long()
         k, counts = ctx.k, ctx.counts
+        t = h.shape[0]
         need_h, need_w, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         need_b1, need_b2 = need_b1 and ctx.has_b1, need_b2 and ctx.has_b2
-        tok = order // k
         g = g.contiguous()
-        gs = g.index_select(0, tok)
-        grad_w = None
-        if need_w:
-            grad_w = torch.empty_like(w).reshape(-1)
-            grad_w[order] = (gs * y).sum(-1)
-            grad_w = grad_w.view_as(w)
-        ws = w.reshape(-1).index_select(0, order)
-        dy = gs.mul_(ws[:, None])
-        del gs
-        with torch.enable_grad():
-            a_ = a.detach().requires_grad_()
-            z = ctx.act(a_)
+        grad_w = torch.bmm(yt, g.unsqueeze(2)).squeeze(2) if need_w else None
+        # d y for each (token, expert) pair, in expert order
+        dy = (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, -1).index_select(0, order)
+        empty = [e for e, n in enumerate(counts) if n == 0]
+
+        def weight_grad(shape_like, needed):
+            if not needed:
+                return None
+            out = torch.empty_like(shape_like)
+            for e in empty:
+                out[e].zero_()
+            return out
+
+        g_w1, g_w2 = weight_grad(w1, need_w1), weight_grad(w2, need_w2)
+        g_b1 = weight_grad(w1[:, :, 0], need_b1)
+        g_b2 = weight_grad(w2[:, :, 0], need_b2)
         dz = torch.empty_like(a)
-        g_w1 = torch.zeros_like(w1) if need_w1 else None
-        g_b1 = w1.new_zeros(w1.shape[:2]) if need_b1 else None
-        g_w2 = torch.zeros_like(w2) if need_w2 else None
-        g_b2 = w2.new_zeros(w2.shape[:2]) if need_b2 else None
         for e, s0, s1 in _slices(counts):
             torch.mm(dy[s0:s1], w2[e], out=dz[s0:s1])
             if need_w2:
-                torch.mm(dy[s0:s1].t(), z[s0:s1].detach(), out=g_w2[e])
+                torch.mm(dy[s0:s1].t(), z[s0:s1], out=g_w2[e])
             if need_b2:
                 torch.sum(dy[s0:s1], 0, out=g_b2[e])
-        (da,) = torch.autograd.grad(z, a_, dz)
-        del z, a_, dz
+        del dy
+        approximate = _gelu_approximate(ctx.act)
+        if approximate is not None:
+            da = torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
+        else:
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_()
+                (da,) = torch.autograd.grad(ctx.act(a_), a_, dz)
+        del dz
         grad_h = None
-        if need_w1 or need_h:
-            xs = h.index_select(0, tok) if need_w1 else None
-            dxs = torch.empty(da.shape[0], h.shape[1], dtype=h.dtype, device=h.device) \
-                if need_h else None
-            for e, s0, s1 in _slices(counts):
-                if need_w1:
-                    torch.mm(da[s0:s1].t(), xs[s0:s1], out=g_w1[e])
-                if need_b1:
-                    torch.sum(da[s0:s1], 0, out=g_b1[e])
-                if need_h:
-                    torch.mm(da[s0:s1], w1[e], out=dxs[s0:s1])
-            if need_h:
-                grad_h = torch.zeros_like(h).index_add_(0, tok, dxs)
-        elif need_b1:
-            for e, s0, s1 in _slices(counts):
+        xs = h.index_select(0, order // k) if need_w1 else None
+        dxs = h.new_empty(t * k, h.shape[1]) if need_h else None
+        for e, s0, s1 in _slices(counts):
+            if need_w1:
+                torch.mm(da[s0:s1].t(), xs[s0:s1], out=g_w1[e])
+            if need_b1:
                 torch.sum(da[s0:s1], 0, out=g_b1[e])
+            if need_h:
+                torch.mm(da[s0:s1], w1[e], out=dxs[s0:s1])
+        if need_h:
+            grad_h = dxs.index_select(0, inv).view(t, k, -1).sum(1)
         return grad_h, grad_w, None, g_w1, g_b1, g_w2, g_b2, None
 
 
