@@ -329,3 +329,37 @@ def test_lean_saved_activations_near_the_dense_model():
     saved["moe_full"] = saved_activations(lambda: full(x).square().mean(), exclude=[full]).bytes
     assert saved["moe"] <= 1.05 * saved["dense"], saved
     assert saved["moe_full"] >= 5 * saved["moe"], saved
+
+
+# --- bsr-finetune --multitask ----------------------------------------------------------------
+
+def test_multitask_demo_smoke(tmp_path):
+    """The demo end to end through the bsr-finetune entry point, on a small budget."""
+    import json
+
+    from bsr_kernels.finetune.cli import main
+
+    out = tmp_path / "mt"
+    rc = main(["--multitask", "--epochs", "1", "--batch-size", "32", "--max-train-images", "96",
+               "--experts", "4", "--top-k", "2", "--timing-rounds", "1", "--profile-batch", "4",
+               "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    methods = summary["methods"]
+    assert list(methods) == ["moe_full", "bsr_moe", "bsr_dense", "linear"]
+    for name, r in methods.items():
+        accs = [r["tasks"][t]["accuracy"] for t in ("digit", "parity", "ge7")]
+        assert all(0.0 <= a <= 1.0 for a in accs), name
+        assert r["mean_accuracy"] == pytest.approx(sum(accs) / 3), name
+        assert r["saved_activation_mib_per_image"] > 0 and r["step_time_s"] > 0, name
+        assert (out / name / "delta.safetensors").is_file(), name
+    assert methods["bsr_moe"]["saved_activation_mib_per_image"] * 5 \
+        <= methods["moe_full"]["saved_activation_mib_per_image"]
+    assert methods["linear"]["trainable_params"] < methods["bsr_dense"]["trainable_params"] \
+        < methods["bsr_moe"]["trainable_params"] < methods["moe_full"]["trainable_params"]
+    usage = methods["bsr_moe"]["expert_usage"]
+    assert sorted(usage, key=int) == ["3", "7", "11"] and "expert_usage" not in methods["linear"]
+    for rows in usage.values():
+        assert len(rows) == 3 and all(len(r) == 4 and abs(sum(r) - 1) < 1e-9 for r in rows)
+    assert (out / "report.png").stat().st_size > 10_000
+    assert main(["--multitask", "--top-k", "5", "--experts", "4"]) == 2

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -114,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-batch", type=_positive_int, default=8)
     p.add_argument("--timing-rounds", type=int, default=8,
                    help="rounds of side-by-side step timing (0: skip)")
+    p.add_argument("--max-train-images", type=_positive_int, default=None,
+                   help="train on only the first N training images (quick checks)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write summary.json, report.png and per-method delta checkpoints")
     return p
@@ -260,6 +261,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
     img_size, mean, std = model_input_config(DIGITS_MODEL)
     train_set, test_set = digits_split(DIGITS_TARGET_CLASSES, img_size, mean, std,
                                        max_shift=img_size // 8)
+    if args.max_train_images is not None and args.max_train_images < len(train_set):
+        from .data import TensorImageDataset
+        n = args.max_train_images
+        train_set = TensorImageDataset(train_set.images[:n], train_set.labels[:n],
+                                       train_set.max_shift)
     test_images = test_set.images.to(device)
     test_digits = (test_set.labels + 5).to(device)
     num_classes = [c for c, _, _ in TASKS.values()]
