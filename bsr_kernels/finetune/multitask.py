@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-batch", type=_positive_int, default=8)
     p.add_argument("--timing-rounds", type=int, default=8,
                    help="rounds of side-by-side step timing (0: skip)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--max-train-images", type=_positive_int, default=None,
                    help="train on only the first N training images (quick checks)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -253,6 +255,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from .train import time_steps
 
     t_start = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not 0.0 < args.keep_rate <= 1.0:
         raise ValueError(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
