@@ -499,6 +499,12 @@ class MultiTaskViT(nn.Module):
         return self.vit
 
     @property
+    def _bsr_config(self) -> dict:
+        """The backbone's BSR config (AttributeError when it is not reprogrammed), so that
+        ``save_delta``/``load_delta``/``kept_patches`` treat the wrapper as its ViT."""
+        return self.vit._bsr_config
+
+    @property
     def blocks(self) -> nn.ModuleList:
         """The backbone's blocks (so ``bsr_kernels.profile`` reports tokens per block)."""
         return self.vit.blocks

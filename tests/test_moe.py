@@ -363,3 +363,29 @@ def test_multitask_demo_smoke(tmp_path):
         assert len(rows) == 3 and all(len(r) == 4 and abs(sum(r) - 1) < 1e-9 for r in rows)
     assert (out / "report.png").stat().st_size > 10_000
     assert main(["--multitask", "--top-k", "5", "--experts", "4"]) == 2
+
+
+def test_delta_of_a_multitask_moe_model_round_trips(tmp_path):
+    from bsr_kernels.delta import save_delta
+
+    def build(seed):
+        vit = small_vit(seed=0, dtype=torch.float32)        # the same base weights
+        torch.manual_seed(seed)                              # other gate and head inits
+        bsr_kernels.to_moe(vit, num_experts=4, top_k=2, num_tasks=2)
+        return bsr_kernels.MultiTaskViT(vit, num_classes=[3, 2])
+
+    trained = bsr_kernels.reprogram(build(1), train_norm=True)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    path = save_delta(trained, tmp_path / "mt.safetensors")
+    fresh = build(2)
+    assert not hasattr(fresh, "_bsr_config")
+    bsr_kernels.load_delta(fresh, path)
+    assert fresh.vit._bsr_config == trained.vit._bsr_config
+    x = images(n=2, dtype=torch.float32)
+    trained.eval(), fresh.eval()
+    for task in (0, 1):
+        torch.testing.assert_close(fresh(x, task), trained(x, task), rtol=0, atol=0)
+    assert len(bsr_kernels.kept_patches(fresh, x)) == 3
