@@ -316,7 +316,8 @@ class MoEMlp(nn.Module):
         """(T, E) gate logits of the active task, noisy in training when ``noise_std`` > 0."""
         if not 0 <= self.task < self.num_tasks:
             raise ValueError(f"task {self.task} is out of range for {self.num_tasks} gates")
-        logits = self.gates[self.task](h)
+        weight = self.gates[self.task].weight
+        logits = F.linear(h, weight if weight.dtype == h.dtype else weight.to(h.dtype))
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         return logits

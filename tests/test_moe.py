@@ -389,3 +389,19 @@ def test_delta_of_a_multitask_moe_model_round_trips(tmp_path):
     for task in (0, 1):
         torch.testing.assert_close(fresh(x, task), trained(x, task), rtol=0, atol=0)
     assert len(bsr_kernels.kept_patches(fresh, x)) == 3
+
+
+def test_moe_under_autocast_runs_in_the_autocast_dtype():
+    """Under (CPU) bf16 autocast the experts and the gate run in bf16 with fp32 weights."""
+    torch.manual_seed(0)   # fixed inputs: bf16 rounding could flip a near-tied routing choice
+    mlp = Mlp(32, 64)
+    moe = MoEMlp.from_mlp(mlp, num_experts=4, top_k=2)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    ref = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    assert moe.fc1_weight.grad.dtype == torch.float32 and moe.fc1_weight.grad.abs().sum() > 0
+    assert x.grad.dtype == torch.float32
