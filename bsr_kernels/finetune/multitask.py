@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-batch", type=_positive_int, default=8)
     p.add_argument("--timing-rounds", type=int, default=8,
                    help="rounds of side-by-side step timing (0: skip)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default); the width-64 digits model's ops "
+                        "are too small to gain from more, and on shared cores extra OpenMP "
+                        "threads made the demo many times slower")
     p.add_argument("--max-train-images", type=_positive_int, default=None,
                    help="train on only the first N training images (quick checks)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
