@@ -427,3 +427,37 @@ def test_bench_moe_tiny_section():
     assert rows[0]["time_vs_dense"] == 1.0
     assert section["targets"][0]["verdict"] == "NOT MEASURED"
     assert "bsr_kernels MoEMlp" in bench_moe.table(section)
+
+
+def _image_folder(root, classes, per_class=6, size=20, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = (torch.rand(size, size, 3, generator=g) * 120).to(torch.uint8)
+            img[..., c % 3] += 120
+            Image.fromarray(img.numpy()).save(root / name / f"{i}.png")
+
+
+def test_multitask_tasks_from_image_folders(tmp_path):
+    import json
+
+    from bsr_kernels.finetune.multitask import main
+
+    _image_folder(tmp_path / "a", ("cat", "dog"))
+    _image_folder(tmp_path / "b", ("red", "green", "blue"), seed=1)
+    out = tmp_path / "o"
+    rc = main(["--task", f"pets={tmp_path / 'a'}", "--task", f"colours={tmp_path / 'b'}",
+               "--method", "bsr_moe,linear", "--epochs", "1", "--batch-size", "4",
+               "--experts", "4", "--top-k", "2", "--timing-rounds", "0", "--profile-batch", "2",
+               "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"]["pets"]["num_classes"] == 2
+    assert summary["tasks"]["colours"]["num_classes"] == 3
+    r = summary["methods"]["bsr_moe"]
+    assert list(r["tasks"]) == ["pets", "colours"]
+    assert all(len(rows) == 2 for rows in r["expert_usage"].values())
+    assert main(["--task", "nonsense", "--epochs", "1"]) == 2
+    assert main(["--task", f"x={tmp_path / 'missing'}", "--epochs", "1"]) == 2

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 __all__ = ["TASKS", "METHODS", "build_parser", "run", "main", "build_method"]
 
@@ -94,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "parity, >= 7) with the shipped digits ViT: MoE full fine-tuning, BSR-MoE, "
                     "dense multitask BSR and a linear probe per task.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", action="append", default=None, metavar="NAME=DATA",
+                   help="a task from real data (repeat for each task): DATA an ImageFolder "
+                        "directory or a torchvision set name (as --data of bsr-finetune); "
+                        "default: the embedded digits tasks digit, parity, ge7")
+    p.add_argument("--model", default="bsr_digits_vit",
+                   help="bsr_digits_vit (shipped) or a timm ViT name")
+    p.add_argument("--pretrained", action="store_true", help="timm hub weights (online)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="local weights")
+    p.add_argument("--img-size", type=_positive_int, default=None)
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="download folder of torchvision sets")
+    p.add_argument("--lr", type=float, default=None,
+                   help="backbone learning rate (default per method: "
+                        + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
     p.add_argument("--method", type=_methods, default=METHODS,
                    help=f"{'|'.join(METHODS)}, comma-separated, or all")
     p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
@@ -160,30 +176,87 @@ def _optimizer(model: nn.Module, lr: float, head_lr_scale: float, weight_decay: 
     return torch.optim.AdamW([groups[k] for k in sorted(groups)], lr=lr)
 
 
-def _task_labels(digits: torch.Tensor) -> list[torch.Tensor]:
-    return [fn(digits).long() for _, fn, _ in TASKS.values()]
+@dataclasses.dataclass
+class Task:
+    """One task: its datasets (items ``(image, label)``), classes, and how a dataset label
+    becomes the task's label (the digits tasks share one dataset of digits 5-9)."""
+
+    name: str
+    num_classes: int
+    train: Dataset
+    test: Dataset
+    label_fn: Callable[[torch.Tensor], torch.Tensor]
+    description: str
+
+
+def digits_tasks(img_size: int, mean, std) -> list[Task]:
+    """The embedded tasks (:data:`TASKS`) on scikit-learn's digits 5-9."""
+    from .data import DIGITS_TARGET_CLASSES, digits_split
+
+    train, test = digits_split(DIGITS_TARGET_CLASSES, img_size, mean, std,
+                               max_shift=img_size // 8)
+    return [Task(name, c, train, test, (lambda y, fn=fn: fn(y + 5).long()), desc)
+            for name, (c, fn, desc) in TASKS.items()]
+
+
+def data_tasks(specs: Sequence[str], img_size: int, mean, std, root=None) -> list[Task]:
+    """Tasks from ``NAME=DATA`` specs, DATA an ImageFolder directory or a torchvision set
+    name (see ``bsr-finetune --data``)."""
+    from .data import build_data
+
+    tasks, seen = [], set()
+    for spec in specs:
+        name, sep, data = spec.partition("=")
+        if not sep or not name or not data:
+            raise ValueError(f"--task must be NAME=DATA (DATA a directory or a dataset name), "
+                             f"got {spec!r}")
+        if name in seen:
+            raise ValueError(f"--task {spec}: task name {name!r} given twice")
+        seen.add(name)
+        bundle = build_data(data, img_size, mean, std, root)
+        tasks.append(Task(name, bundle.num_classes, bundle.train, bundle.test,
+                          lambda y: y.long(), f"{bundle.name}, {bundle.num_classes} classes"))
+    return tasks
+
+
+def _batches(ds: Dataset, batch_size: int, limit: Optional[int] = None):
+    """(images, labels) batches of ``ds`` in order (tensor slices for tensor datasets)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    images = getattr(ds, "images", None)
+    for i in range(0, n, batch_size):
+        j = min(n, i + batch_size)
+        if images is not None and not getattr(ds, "max_shift", 0):
+            yield images[i:j], ds.labels[i:j]
+        else:
+            items = [ds[k] for k in range(i, j)]
+            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _first(task: Task, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = next(_batches(task.test, n, n))
+    return x.to(device), task.label_fn(y).to(device)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, digits: torch.Tensor,
-             batch_size: int = 256) -> list[float]:
-    """Accuracy (0-1) of every task on the test images."""
+def evaluate(model: nn.Module, tasks: Sequence[Task], device, batch_size: int = 256
+             ) -> list[float]:
+    """Accuracy (0-1) of every task on its test set."""
     model.eval()
-    labels = _task_labels(digits)
     out = []
-    for t in range(len(TASKS)):
-        correct = 0
-        for i in range(0, images.shape[0], batch_size):
-            logits = model(images[i:i + batch_size], t)
-            correct += (logits.argmax(-1) == labels[t][i:i + batch_size]).sum().item()
-        out.append(correct / images.shape[0])
+    for t, task in enumerate(tasks):
+        correct = total = 0
+        for x, y in _batches(task.test, batch_size):
+            logits = model(x.to(device), t)
+            correct += (logits.argmax(-1) == task.label_fn(y).to(device)).sum().item()
+            total += y.numel()
+        out.append(correct / max(1, total))
     return out
 
 
 @torch.no_grad()
-def expert_usage(model: nn.Module, images: torch.Tensor) -> dict:
-    """``{block: (tasks, E) fractions}``: how often each task routes to each expert on
-    ``images`` (each row sums to 1)."""
+def expert_usage(model: nn.Module, tasks: Sequence[Task], device, limit: int = 512) -> dict:
+    """``{block: (tasks, E) fractions}``: how often each task routes to each expert on (up to
+    ``limit`` of) its test images; each row sums to 1."""
     from ..moe import moe_blocks
 
     blocks = moe_blocks(model)
@@ -194,38 +267,40 @@ def expert_usage(model: nn.Module, images: torch.Tensor) -> dict:
         m.usage.zero_()
         m.track_usage = True
     try:
-        for t in range(len(TASKS)):
-            model(images, t)
+        for t, task in enumerate(tasks):
+            for x, _ in _batches(task.test, 256, limit):
+                model(x.to(device), t)
     finally:
         for _, m in blocks:
             m.track_usage = False
     return {i: (m.usage / m.usage.sum(1, keepdim=True).clamp_min(1)).tolist() for i, m in blocks}
 
 
-def train(model: nn.Module, train_set, test_images, test_digits, epochs: int, batch_size: int,
-          lr: float, head_lr_scale: float, weight_decay: float, seed: int, device,
-          log=print, name: str = "") -> dict:
+def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int, lr: float,
+          head_lr_scale: float, weight_decay: float, seed: int, device, log=print,
+          name: str = "") -> dict:
     """Round-robin training: for each batch position, one optimizer step per task, each task
-    on its own shuffle of the training images."""
+    on its own shuffle of its training images (a task with fewer batches cycles)."""
     from .train import make_scheduler
 
-    n = len(train_set)
-    steps_per_epoch = max(1, n // batch_size) * len(TASKS)
+    n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
+    positions = max(n_batches)
+    steps_per_epoch = positions * len(tasks)
     opt = _optimizer(model, lr, head_lr_scale, weight_decay)
     sched = make_scheduler(opt, epochs * steps_per_epoch, steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     history, step_times, t_train = [], [], 0.0
     for epoch in range(epochs):
         model.train()
-        perms = [torch.randperm(n, generator=gen) for _ in TASKS]
+        perms = [torch.randperm(len(t.train), generator=gen) for t in tasks]
         t0, loss_sum = time.perf_counter(), 0.0
-        for b in range(max(1, n // batch_size)):
-            for t in range(len(TASKS)):
-                idx = perms[t][b * batch_size:(b + 1) * batch_size].tolist()
-                items = [train_set[i] for i in idx]      # random-shift augmentation
+        for b in range(positions):
+            for t, task in enumerate(tasks):
+                bb = b % n_batches[t]
+                idx = perms[t][bb * batch_size:(bb + 1) * batch_size].tolist()
+                items = [task.train[i] for i in idx]      # with the training augmentation
                 x = torch.stack([im for im, _ in items]).to(device)
-                digit = torch.tensor([5 + y for _, y in items], device=device)
-                y = _task_labels(digit)[t]
+                y = task.label_fn(torch.tensor([lab for _, lab in items])).to(device)
                 ts = time.perf_counter()
                 loss = F.cross_entropy(model(x, t), y)
                 aux = model.aux_loss()
@@ -238,11 +313,12 @@ def train(model: nn.Module, train_set, test_images, test_digits, epochs: int, ba
                 step_times.append(time.perf_counter() - ts)
                 loss_sum += loss.item()
         t_train += time.perf_counter() - t0
-        acc = evaluate(model, test_images, test_digits)
+        acc = evaluate(model, tasks, device)
+        names = [t.name for t in tasks]
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
-                        "accuracy": dict(zip(TASKS, acc))})
+                        "accuracy": dict(zip(names, acc))})
         log(f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
-            + ", ".join(f"{k} {100 * a:.1f}%" for k, a in zip(TASKS, acc)))
+            + ", ".join(f"{k} {100 * a:.1f}%" for k, a in zip(names, acc)))
     return {"history": history, "train_time_s": t_train,
             "median_step_time_s": sorted(step_times)[len(step_times) // 2]}
 
@@ -252,8 +328,8 @@ def train(model: nn.Module, train_set, test_images, test_digits, epochs: int, ba
 def run(args: argparse.Namespace, log=print) -> dict:
     """Trains and measures every method; returns the summary dict."""
     from ..profile import profile
-    from .data import DIGITS_TARGET_CLASSES, digits_split
-    from .models import DIGITS_MODEL, build_model, model_input_config
+    from .data import TensorImageDataset
+    from .models import DIGITS_MODEL, build_model, check_model_name, model_input_config
     from .train import time_steps
 
     t_start = time.perf_counter()
@@ -264,58 +340,61 @@ def run(args: argparse.Namespace, log=print) -> dict:
         raise ValueError(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
-    img_size, mean, std = model_input_config(DIGITS_MODEL)
-    train_set, test_set = digits_split(DIGITS_TARGET_CLASSES, img_size, mean, std,
-                                       max_shift=img_size // 8)
-    if args.max_train_images is not None and args.max_train_images < len(train_set):
-        from .data import TensorImageDataset
+    check_model_name(args.model)
+    img_size, mean, std = model_input_config(args.model, args.img_size)
+    if args.task:
+        tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
+    else:
+        tasks = digits_tasks(img_size, mean, std)
+    if args.max_train_images is not None:
         n = args.max_train_images
-        train_set = TensorImageDataset(train_set.images[:n], train_set.labels[:n],
-                                       train_set.max_shift)
-    test_images = test_set.images.to(device)
-    test_digits = (test_set.labels + 5).to(device)
-    num_classes = [c for c, _, _ in TASKS.values()]
+        for task in tasks:
+            if isinstance(task.train, TensorImageDataset) and n < len(task.train):
+                task.train = TensorImageDataset(task.train.images[:n], task.train.labels[:n],
+                                                task.train.max_shift)
+            elif n < len(task.train):
+                task.train = torch.utils.data.Subset(task.train, range(n))
+    num_classes = [t.num_classes for t in tasks]
     torch.manual_seed(args.seed)
-    base, minfo = build_model(DIGITS_MODEL, 1, img_size)
-    log(f"bsr-finetune --multitask: {DIGITS_MODEL} ({minfo['weights']}), tasks "
-        + ", ".join(f"{k} ({c} classes: {d})" for k, (c, _, d) in TASKS.items())
-        + f" on digits 5-9: {len(train_set)} train / {len(test_set)} test images; methods "
-        f"{', '.join(args.method)}; {args.epochs} epochs; {args.experts} experts, top-"
-        f"{args.top_k}")
+    base, minfo = build_model(args.model, 1, args.img_size, args.pretrained, args.checkpoint)
+    log(f"bsr-finetune --multitask: {args.model} ({minfo['weights']}), {img_size} px; tasks "
+        + ", ".join(f"{t.name} ({t.num_classes} classes: {t.description}; {len(t.train)} train "
+                    f"/ {len(t.test)} test images)" for t in tasks)
+        + f"; methods {', '.join(args.method)}; {args.epochs} epochs; {args.experts} experts, "
+        f"top-{args.top_k}")
 
     models, results = {}, {}
     for method in args.method:
+        lr = args.lr if args.lr is not None else LR[method]
         torch.manual_seed(args.seed)
         model = build_method(base, method, num_classes, args.experts, args.top_k,
                              args.noise_std, args.aux_loss_weight, args.keep_rate,
                              args.memory_mode).to(device)
-        res = train(model, train_set, test_images, test_digits, args.epochs, args.batch_size,
-                    LR[method], args.head_lr_scale, args.weight_decay, args.seed, device,
-                    log=log, name=method)
+        res = train(model, tasks, args.epochs, args.batch_size, lr, args.head_lr_scale,
+                    args.weight_decay, args.seed, device, log=log, name=method)
         acc = res["history"][-1]["accuracy"]
         res.update({"mean_accuracy": sum(acc.values()) / len(acc),
-                    "tasks": {t: {"accuracy": a, "num_classes": TASKS[t][0]}
-                              for t, a in acc.items()},
-                    "lr": LR[method],
+                    "tasks": {t.name: {"accuracy": acc[t.name], "num_classes": t.num_classes}
+                              for t in tasks},
+                    "lr": lr,
                     "trainable_params": sum(p.numel() for p in model.parameters()
                                             if p.requires_grad),
                     "total_params": sum(p.numel() for p in model.parameters())})
-        usage = expert_usage(model, test_images)
+        usage = expert_usage(model, tasks, device)
         if usage:
             res["expert_usage"] = {str(k): v for k, v in usage.items()}
         models[method], results[method] = model, res
 
-    # memory, FLOPs (task 0 batch) and side-by-side step time
-    labels0 = _task_labels(test_digits[:args.profile_batch])[0]
+    # memory, FLOPs (a batch of the first task) and side-by-side step time
+    x0, y0 = _first(tasks[0], args.profile_batch, device)
     for method, model in models.items():
         model.set_task(0)
-        prof = profile(model, test_images[:args.profile_batch], labels0)
+        prof = profile(model, x0, y0)
         results[method].update({k: prof[k] for k in (
             "saved_activation_mib_per_image", "train_gflops_per_image",
             "forward_gmacs_per_image", "tokens_per_block")})
     if args.timing_rounds > 0:
-        x = test_images[:args.batch_size]
-        y = _task_labels(test_digits[:args.batch_size])[0]
+        x, y = _first(tasks[0], args.batch_size, device)
         times = time_steps(models, x, y, rounds=args.timing_rounds)
         for method, t in times.items():
             results[method]["step_time_s"] = t
@@ -323,9 +402,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 results[method]["step_time_vs_moe_full"] = t / times["moe_full"]
 
     summary = {"methods": results,
-               "tasks": {k: {"num_classes": c, "description": d}
-                         for k, (c, _, d) in TASKS.items()},
-               "model": DIGITS_MODEL, "weights": minfo["weights"], "data": "digits 5-9",
+               "tasks": {t.name: {"num_classes": t.num_classes, "description": t.description}
+                         for t in tasks},
+               "model": args.model, "weights": minfo["weights"], "img_size": img_size,
+               "data": "digits 5-9" if not args.task else list(args.task),
                "epochs": args.epochs, "batch_size": args.batch_size, "experts": args.experts,
                "top_k": args.top_k, "keep_rate": args.keep_rate,
                "memory_mode": args.memory_mode, "seed": args.seed, "device": str(device),
@@ -338,7 +418,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         from .report import write_summary
         path = write_summary(args.out / "summary.json", results,
                              {k: v for k, v in summary.items() if k != "methods"})
-        _save_deltas(models, args.out)
+        _save_deltas(models, args.out, [t.name for t in tasks])
         try:
             png = draw_report(args.out / "report.png", results)
         except ImportError as e:
@@ -349,22 +429,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return summary
 
 
-def _save_deltas(models: dict, out: Path) -> None:
+def _save_deltas(models: dict, out: Path, tasks: Sequence[str]) -> None:
     from ..delta import save_delta
     for method, model in models.items():
         save_delta(model, out / method / "delta.safetensors",
-                   extra={"method": method, "tasks": list(TASKS)})
+                   extra={"method": method, "tasks": list(tasks)})
 
 
 def format_table(results: dict) -> str:
     """One row per method: per-task and mean accuracy, memory, FLOPs, step time."""
-    head = ["method", *TASKS, "mean", "saved MiB/img", "train GFLOP/img", "step ms",
+    names = list(next(iter(results.values()))["tasks"]) if results else []
+    head = ["method", *names, "mean", "saved MiB/img", "train GFLOP/img", "step ms",
             "vs moe_full", "trained params"]
     rows = []
     for m, r in results.items():
         f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         rows.append([_LABELS.get(m, m),
-                     *(f"{100 * r['tasks'][t]['accuracy']:.1f} %" for t in TASKS),
+                     *(f"{100 * r['tasks'][t]['accuracy']:.1f} %" for t in names),
                      f"{100 * r['mean_accuracy']:.1f} %",
                      f(r.get("saved_activation_mib_per_image"), ".3f"),
                      f(r.get("train_gflops_per_image"), ".4f"),
@@ -392,10 +473,11 @@ def draw_report(path: Path, results: dict) -> Path:
     fig = plt.figure(figsize=(4.0 * n_cols, 3.4 * (1 + len(map_rows))), constrained_layout=True)
     gs = fig.add_gridspec(1 + len(map_rows), n_cols)
     ax = fig.add_subplot(gs[0, :2])
-    groups = [*TASKS, "mean"]
+    names = list(results[methods[0]]["tasks"])
+    groups = [*names, "mean"]
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        vals = [100 * results[m]["tasks"][t]["accuracy"] for t in TASKS]
+        vals = [100 * results[m]["tasks"][t]["accuracy"] for t in names]
         vals.append(100 * results[m]["mean_accuracy"])
         ax.bar([g + i * width for g in range(len(groups))], vals, width,
                label=_LABELS.get(m, m), color=_COLORS.get(m, "#999"))
@@ -416,12 +498,11 @@ def draw_report(path: Path, results: dict) -> Path:
         for c, (_, block, u) in enumerate([x for x in maps if x[0] == m]):
             ax = fig.add_subplot(gs[1 + r, c])
             im = ax.imshow(u.numpy(), aspect="auto", cmap="viridis", vmin=0)
-            ax.set_yticks(range(len(TASKS)), list(TASKS))
+            ax.set_yticks(range(len(names)), names)
             ax.set_xlabel("expert")
             ax.set_title(f"{_LABELS.get(m, m)}: block {block} expert usage", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.suptitle("bsr-finetune --multitask: digits 5-9, three tasks on one backbone",
-                 fontsize=11)
+    fig.suptitle(f"bsr-finetune --multitask: {len(names)} tasks on one backbone", fontsize=11)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -432,10 +513,14 @@ def draw_report(path: Path, results: dict) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``bsr-finetune --multitask``; returns the exit status."""
+    from .data import DatasetUnavailableError
+    from .models import WeightsUnavailableError
+
     args = build_parser().parse_args(argv)
     try:
         run(args, log=lambda s: print(s, flush=True))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DatasetUnavailableError,
+            WeightsUnavailableError) as e:
         print(f"bsr-finetune --multitask: error: {e}", file=sys.stderr)
         return 2
     return 0
