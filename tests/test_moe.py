@@ -461,3 +461,34 @@ def test_multitask_tasks_from_image_folders(tmp_path):
     assert all(len(rows) == 2 for rows in r["expert_usage"].values())
     assert main(["--task", "nonsense", "--epochs", "1"]) == 2
     assert main(["--task", f"x={tmp_path / 'missing'}", "--epochs", "1"]) == 2
+
+
+def test_multitask_resume_continues_exactly(tmp_path, monkeypatch):
+    """Interrupted after epoch 1 of 2, --resume gives the uninterrupted run's history."""
+    import json
+
+    import bsr_kernels.finetune.multitask as mtd
+
+    args = ["--method", "bsr_moe", "--epochs", "2", "--batch-size", "16", "--max-train-images",
+            "48", "--experts", "4", "--top-k", "2", "--timing-rounds", "0", "--profile-batch", "2"]
+    assert mtd.main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = mtd.evaluate, []
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mtd, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        mtd.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(mtd, "evaluate", real)
+    assert mtd.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())["methods"]["bsr_moe"]
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())["methods"]["bsr_moe"]
+    assert cut["resumed_from_epoch"] == 1 and whole["resumed_from_epoch"] == 0
+    assert cut["history"] == whole["history"]
+    # another setting is refused, naming it
+    assert mtd.main(args[:3] + ["3"] + args[4:] + ["--out", str(tmp_path / "cut"),
+                                                   "--resume"]) == 2

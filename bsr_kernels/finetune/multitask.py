@@ -136,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-images", type=_positive_int, default=None,
                    help="train on only the first N training images (quick checks)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="write summary.json, report.png and per-method delta checkpoints")
+                   help="write summary.json, report.png, and per method a checkpoint (each "
+                        "epoch, atomically) and a delta checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in --out (finished methods retrain "
+                        "no epoch)")
     return p
 
 
@@ -278,10 +282,16 @@ def expert_usage(model: nn.Module, tasks: Sequence[Task], device, limit: int = 5
 
 def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int, lr: float,
           head_lr_scale: float, weight_decay: float, seed: int, device, log=print,
-          name: str = "") -> dict:
+          name: str = "", checkpoint: Optional[Path] = None, resume: bool = False,
+          fingerprint: Optional[dict] = None) -> dict:
     """Round-robin training: for each batch position, one optimizer step per task, each task
-    on its own shuffle of its training images (a task with fewer batches cycles)."""
-    from .train import make_scheduler
+    on its own shuffle of its training images (a task with fewer batches cycles).
+
+    With ``checkpoint``, the state (weights, optimizer, scheduler, RNGs, history) is written
+    after every epoch, atomically; ``resume`` continues from it exactly."""
+    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
+                        _rng_state, _set_rng_state, load_checkpoint, make_scheduler,
+                        save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
@@ -289,8 +299,22 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     opt = _optimizer(model, lr, head_lr_scale, weight_decay)
     sched = make_scheduler(opt, epochs * steps_per_epoch, steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
-    history, step_times, t_train = [], [], 0.0
-    for epoch in range(epochs):
+    history, step_times, t_train, start, step = [], [], 0.0, 0, 0
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint, fingerprint)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"--resume: checkpoint {checkpoint} does not fit this model "
+                                  f"({e})") from e
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        gen.set_state(state["generator"])
+        start, step, history = int(state["epoch"]), int(state["step"]), state["history"]
+        t_train = float(state.get("train_time_s", 0.0))
+        log(f"{name}: resumed from {checkpoint} after epoch {start}")
+    for epoch in range(start, epochs):
         model.train()
         perms = [torch.randperm(len(t.train), generator=gen) for t in tasks]
         t0, loss_sum = time.perf_counter(), 0.0
@@ -312,6 +336,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                 sched.step()
                 step_times.append(time.perf_counter() - ts)
                 loss_sum += loss.item()
+                step += 1
         t_train += time.perf_counter() - t0
         acc = evaluate(model, tasks, device)
         names = [t.name for t in tasks]
@@ -319,8 +344,16 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                         "accuracy": dict(zip(names, acc))})
         log(f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
             + ", ".join(f"{k} {100 * a:.1f}%" for k, a in zip(names, acc)))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "fingerprint": dict(fingerprint or {}), "epoch": epoch + 1, "step": step,
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "generator": gen.get_state(), "history": history, "train_time_s": t_train})
     return {"history": history, "train_time_s": t_train,
-            "median_step_time_s": sorted(step_times)[len(step_times) // 2]}
+            "median_step_time_s": (sorted(step_times)[len(step_times) // 2] if step_times
+                                   else None), "resumed_from_epoch": start}
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -341,6 +374,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
     check_model_name(args.model)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
     img_size, mean, std = model_input_config(args.model, args.img_size)
     if args.task:
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
@@ -370,8 +405,17 @@ def run(args: argparse.Namespace, log=print) -> dict:
         model = build_method(base, method, num_classes, args.experts, args.top_k,
                              args.noise_std, args.aux_loss_weight, args.keep_rate,
                              args.memory_mode).to(device)
+        fp = {"method": method, "model": args.model, "weights": minfo["weights"],
+              "tasks": [[t.name, t.num_classes, t.description, len(t.train)] for t in tasks],
+              "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
+              "experts": args.experts, "top_k": args.top_k, "noise_std": args.noise_std,
+              "aux_loss_weight": args.aux_loss_weight, "keep_rate": args.keep_rate,
+              "memory_mode": args.memory_mode, "head_lr_scale": args.head_lr_scale,
+              "weight_decay": args.weight_decay, "seed": args.seed}
+        ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
         res = train(model, tasks, args.epochs, args.batch_size, lr, args.head_lr_scale,
-                    args.weight_decay, args.seed, device, log=log, name=method)
+                    args.weight_decay, args.seed, device, log=log, name=method,
+                    checkpoint=ckpt, resume=args.resume, fingerprint=fp)
         acc = res["history"][-1]["accuracy"]
         res.update({"mean_accuracy": sum(acc.values()) / len(acc),
                     "tasks": {t.name: {"accuracy": acc[t.name], "num_classes": t.num_classes}
