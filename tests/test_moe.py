@@ -492,3 +492,28 @@ def test_multitask_resume_continues_exactly(tmp_path, monkeypatch):
     # another setting is refused, naming it
     assert mtd.main(args[:3] + ["3"] + args[4:] + ["--out", str(tmp_path / "cut"),
                                                    "--resume"]) == 2
+
+
+def test_multitask_under_torchrun(tmp_path):
+    """Two gloo processes (DDP with unused other-task heads/gates); main writes the summary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "bsr_kernels.finetune", "--multitask",
+                        "--method", "bsr_moe,moe_full", "--epochs", "1", "--batch-size", "16",
+                        "--max-train-images", "48", "--experts", "4", "--top-k", "2",
+                        "--timing-rounds", "0", "--profile-batch", "2", "--out",
+                        str(tmp_path / "o")], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert set(summary["methods"]) == {"bsr_moe", "moe_full"}
+    assert r.stdout.count("bsr_moe epoch 1/1") == 1      # only the main process logs

@@ -283,12 +283,14 @@ def expert_usage(model: nn.Module, tasks: Sequence[Task], device, limit: int = 5
 def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int, lr: float,
           head_lr_scale: float, weight_decay: float, seed: int, device, log=print,
           name: str = "", checkpoint: Optional[Path] = None, resume: bool = False,
-          fingerprint: Optional[dict] = None) -> dict:
+          fingerprint: Optional[dict] = None, info=None) -> dict:
     """Round-robin training: for each batch position, one optimizer step per task, each task
     on its own shuffle of its training images (a task with fewer batches cycles).
 
     With ``checkpoint``, the state (weights, optimizer, scheduler, RNGs, history) is written
-    after every epoch, atomically; ``resume`` continues from it exactly."""
+    after every epoch, atomically; ``resume`` continues from it exactly. Under ``torchrun``
+    (``info.distributed``) every process takes its share of each global batch and DDP averages
+    the gradients (other tasks' heads and gates are unused in a step)."""
     from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
                         _rng_state, _set_rng_state, load_checkpoint, make_scheduler,
                         save_checkpoint)
@@ -298,6 +300,13 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     steps_per_epoch = positions * len(tasks)
     opt = _optimizer(model, lr, head_lr_scale, weight_decay)
     sched = make_scheduler(opt, epochs * steps_per_epoch, steps_per_epoch)
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    main_proc = rank == 0
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=True)
     gen = torch.Generator().manual_seed(seed)
     history, step_times, t_train, start, step = [], [], 0.0, 0, 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
@@ -313,7 +322,8 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
         gen.set_state(state["generator"])
         start, step, history = int(state["epoch"]), int(state["step"]), state["history"]
         t_train = float(state.get("train_time_s", 0.0))
-        log(f"{name}: resumed from {checkpoint} after epoch {start}")
+        if main_proc:
+            log(f"{name}: resumed from {checkpoint} after epoch {start}")
     for epoch in range(start, epochs):
         model.train()
         perms = [torch.randperm(len(t.train), generator=gen) for t in tasks]
@@ -321,12 +331,12 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
         for b in range(positions):
             for t, task in enumerate(tasks):
                 bb = b % n_batches[t]
-                idx = perms[t][bb * batch_size:(bb + 1) * batch_size].tolist()
+                idx = perms[t][bb * batch_size:(bb + 1) * batch_size][rank::world].tolist()
                 items = [task.train[i] for i in idx]      # with the training augmentation
                 x = torch.stack([im for im, _ in items]).to(device)
                 y = task.label_fn(torch.tensor([lab for _, lab in items])).to(device)
                 ts = time.perf_counter()
-                loss = F.cross_entropy(model(x, t), y)
+                loss = F.cross_entropy(ddp_model(x, t), y)
                 aux = model.aux_loss()
                 if aux is not None:
                     loss = loss + aux
@@ -342,9 +352,10 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
         names = [t.name for t in tasks]
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
                         "accuracy": dict(zip(names, acc))})
-        log(f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
-            + ", ".join(f"{k} {100 * a:.1f}%" for k, a in zip(names, acc)))
-        if checkpoint is not None:
+        if main_proc:
+            log(f"{name} epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, "
+                + ", ".join(f"{k} {100 * a:.1f}%" for k, a in zip(names, acc)))
+        if checkpoint is not None and main_proc:
             save_checkpoint(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "fingerprint": dict(fingerprint or {}), "epoch": epoch + 1, "step": step,
@@ -358,7 +369,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
 
 # --- the run -------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, log=print) -> dict:
+def run(args: argparse.Namespace, log=print, info=None) -> dict:
     """Trains and measures every method; returns the summary dict."""
     from ..profile import profile
     from .data import TensorImageDataset
@@ -368,7 +379,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
     t_start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if info is None:
+        from .train import DistInfo
+        info = DistInfo(device=torch.device(args.device or ("cuda" if torch.cuda.is_available()
+                                                            else "cpu")))
+    device = info.device
+    if not info.is_main:
+        log = (lambda *a, **k: None)
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
+                         f"processes ({info.world_size})")
     if not 0.0 < args.keep_rate <= 1.0:
         raise ValueError(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
     if args.top_k > args.experts:
@@ -415,7 +435,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
         res = train(model, tasks, args.epochs, args.batch_size, lr, args.head_lr_scale,
                     args.weight_decay, args.seed, device, log=log, name=method,
-                    checkpoint=ckpt, resume=args.resume, fingerprint=fp)
+                    checkpoint=ckpt, resume=args.resume, fingerprint=fp, info=info)
         acc = res["history"][-1]["accuracy"]
         res.update({"mean_accuracy": sum(acc.values()) / len(acc),
                     "tasks": {t.name: {"accuracy": acc[t.name], "num_classes": t.num_classes}
@@ -429,6 +449,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
             res["expert_usage"] = {str(k): v for k, v in usage.items()}
         models[method], results[method] = model, res
 
+    summary_meta = {"world_size": info.world_size}
+    if not info.is_main:    # measuring and writing are the main process's
+        return {"methods": results, **summary_meta}
     # memory, FLOPs (a batch of the first task) and side-by-side step time
     x0, y0 = _first(tasks[0], args.profile_batch, device)
     for method, model in models.items():
@@ -454,7 +477,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                "top_k": args.top_k, "keep_rate": args.keep_rate,
                "memory_mode": args.memory_mode, "seed": args.seed, "device": str(device),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "wall_time_s": time.perf_counter() - t_start}
+               **summary_meta, "wall_time_s": time.perf_counter() - t_start}
     log("")
     log(format_table(results))
     if args.out is not None:
@@ -560,13 +583,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DatasetUnavailableError
     from .models import WeightsUnavailableError
 
+    from .train import setup_distributed, teardown_distributed
+
     args = build_parser().parse_args(argv)
     try:
-        run(args, log=lambda s: print(s, flush=True))
+        info = setup_distributed(args.device)
+        run(args, log=lambda s: print(s, flush=True), info=info)
     except (ValueError, FileNotFoundError, DatasetUnavailableError,
             WeightsUnavailableError) as e:
         print(f"bsr-finetune --multitask: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        teardown_distributed()
     return 0
 
 
