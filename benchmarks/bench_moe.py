@@ -6,8 +6,8 @@ forward + backward (gradients to the input and to every weight, a random cotange
 * ``dense MLP (hidden k x H)``: timm ``Mlp(C, k*H)``, the baseline: it does the same multiply-adds
   per token as k experts of hidden H (for ViT-B, E=16, top-4: hidden 4 x 3072);
 * ``bsr_kernels MoEMlp``: :class:`bsr_kernels.moe.MoEMlp` (E experts of ``Mlp(C, H)``, a gate,
-  softmax + top-k, (token, expert) pairs sorted by expert, each expert's matmuls on its contiguous
-  slice, custom backward);
+  softmax + top-k, (token, expert) pairs sorted by expert, the experts' matmuls batched over a
+  padded layout when loads are balanced, else one per expert slice; custom backward);
 * ``naive MoE (mask loop, autograd)``: what one writes without a grouped kernel: for each expert,
   find its tokens with a mask, run ``F.linear`` on them under autograd, ``index_add`` back.
 

@@ -9,11 +9,15 @@ then the top-k; the top-k probabilities weight the expert outputs and are not re
 experts. Optional Gaussian noise on the gate logits (training only) and an optional
 load-balancing loss ``aux_loss_weight * (cv²(importance) + cv²(load))``.
 
-Expert compute is grouped: the ``T·k`` (token, expert) pairs are sorted by expert, the token rows
-gathered once, and each expert runs its two matmuls on its contiguous slice
-(:class:`_RoutedExperts`, a custom autograd function that saves the fc1 pre-activations and the
-expert outputs, never per-expert copies of the input tokens). The combine is a weighted
-``index_add`` back onto the tokens.
+Expert compute is grouped: the ``T·k`` (token, expert) pairs are sorted by expert and the token
+rows gathered once. When the expert loads are balanced (padding every expert to the largest
+adds at most 10 % rows) the experts run as one batched matmul over a padded (E, max_n, .) layout
+(:class:`_PaddedExperts`); otherwise each expert runs its matmuls on its contiguous slice
+(:class:`_RoutedExperts`). Both are custom autograd functions that save the fc1 pre-activations,
+activations and expert outputs, never per-expert copies of the input tokens; the combine is one
+batched matmul per token over its k expert outputs. On CPU the padded batched matmul measured
+about 7 % faster than the per-expert loop at ViT-B width; ``torch._grouped_mm`` measured no
+faster than the loop.
 
 State dict: a MoE block's ``mlp.fc1.*``/``mlp.fc2.*`` keys become ::
 
@@ -177,6 +181,104 @@ class _RoutedExperts(torch.autograd.Function):
         return grad_h, grad_w, None, g_w1, g_b1, g_w2, g_b2, None
 
 
+#: How the experts' matmuls are grouped: "auto" (a batched matmul over experts padded to the
+#: largest expert's row count when that pads at most :data:`PAD_LIMIT` extra rows, else one
+#: matmul per expert slice), "loop" or "bmm" (forced; for tests and benchmarks).
+GROUPING = "auto"
+PAD_LIMIT = 0.1
+
+
+def _use_bmm(counts: list[int], rows: int) -> bool:
+    if GROUPING != "auto":
+        return GROUPING == "bmm"
+    return len(counts) * max(counts) <= (1 + PAD_LIMIT) * rows
+
+
+class _PaddedExperts(torch.autograd.Function):
+    """:class:`_RoutedExperts` with the experts' rows padded to one (E, max_n, .) batch, so that
+    each of the six matmuls of forward + backward is one ``bmm`` over experts (padding rows are
+    zero in the gradients, so they add no gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, w, idx, w1, b1, w2, b2, act, order, counts):
+        t, k = idx.shape
+        e, c = w1.shape[0], h.shape[1]
+        m = max(counts)
+        cnt = torch.tensor(counts, device=h.device)
+        starts = torch.cumsum(cnt, 0) - cnt
+        sorted_e = idx.reshape(-1).index_select(0, order)
+        pad = sorted_e * m + torch.arange(t * k, device=h.device) - starts.index_select(0, sorted_e)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
+                                                                      device=order.device))
+        tm = pad.index_select(0, inv)            # padded row of each (token, slot) pair
+        xs = h.new_zeros(e * m, c).index_copy_(0, pad, h.index_select(0, order // k))
+        xs = xs.view(e, m, c)
+        if b1 is None:
+            a = torch.bmm(xs, w1.transpose(1, 2))
+        else:
+            a = torch.baddbmm(b1.unsqueeze(1), xs, w1.transpose(1, 2))
+        del xs
+        z = act(a)
+        if b2 is None:
+            y = torch.bmm(z, w2.transpose(1, 2))
+        else:
+            y = torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))
+        yt = y.view(e * m, -1).index_select(0, tm).view(t, k, -1)
+        out = torch.bmm(w.unsqueeze(1), yt).squeeze(1)
+        ctx.k, ctx.act, ctx.m = k, act, m
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.save_for_backward(h, w, order.to(torch.int32), pad.to(torch.int32),
+                              tm.to(torch.int32), a, z, yt, w1, w2)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, w, order, pad, tm, a, z, yt, w1, w2 = ctx.saved_tensors
+        order, pad, tm = order.long(), pad.long(), tm.long()
+        k, m = ctx.k, ctx.m
+        t, e, c = h.shape[0], w1.shape[0], h.shape[1]
+        need_h, need_w, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:7]
+        need_b1, need_b2 = need_b1 and ctx.has_b1, need_b2 and ctx.has_b2
+        g = g.contiguous()
+        grad_w = torch.bmm(yt, g.unsqueeze(2)).squeeze(2) if need_w else None
+        dy = h.new_zeros(e * m, c).index_copy_(
+            0, tm, (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, c)).view(e, m, c)
+        g_w2 = torch.bmm(dy.transpose(1, 2), z) if need_w2 else None
+        g_b2 = dy.sum(1) if need_b2 else None
+        dz = torch.bmm(dy, w2)
+        del dy
+        approximate = _gelu_approximate(ctx.act)
+        if approximate is not None:
+            da = torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
+        else:
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_()
+                (da,) = torch.autograd.grad(ctx.act(a_), a_, dz)
+        del dz
+        g_b1 = da.sum(1) if need_b1 else None
+        g_w1 = grad_h = None
+        if need_w1:
+            xs = h.new_zeros(e * m, c).index_copy_(0, pad, h.index_select(0, order // k))
+            g_w1 = torch.bmm(da.transpose(1, 2), xs.view(e, m, c))
+            del xs
+        if need_h:
+            dxs = torch.bmm(da, w1).view(e * m, c)
+            grad_h = dxs.index_select(0, tm).view(t, k, c).sum(1)
+        return grad_h, grad_w, None, g_w1, g_b1, g_w2, g_b2, None, None, None
+
+
+def _experts(h, w, idx, w1, b1, w2, b2, act):
+    """The routed experts and the weighted combine: :class:`_PaddedExperts` when the expert
+    loads are balanced enough (see :data:`GROUPING`), else :class:`_RoutedExperts`."""
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    if _use_bmm(counts, flat.numel()):
+        order = torch.argsort(flat, stable=True)
+        return _PaddedExperts.apply(h, w, idx, w1, b1, w2, b2, act, order, counts)
+    return _RoutedExperts.apply(h, w, idx, w1, b1, w2, b2, act)
+
+
 def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: int,
                 renormalize: bool = False, act: Optional[nn.Module] = None):
     """The routed MoE: top-k routing of ``logits`` and the weighted combine of the experts.
@@ -194,7 +296,7 @@ def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: in
     """
     act = act if act is not None else nn.GELU()
     probs, weights, idx = route(logits, top_k, renormalize)
-    out = _RoutedExperts.apply(h, weights, idx, w1, b1, w2, b2, act)
+    out = _experts(h, weights, idx, w1, b1, w2, b2, act)
     return out, probs, idx
 
 

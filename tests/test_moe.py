@@ -51,9 +51,17 @@ def rel_err(a, b, floor=1e-12):
 
 # --- the routed op against the dense reference ---------------------------------------------
 
+@pytest.fixture(params=["loop", "bmm"])
+def grouping(request, monkeypatch):
+    """Both expert groupings: one matmul per expert slice, and the padded batched matmul."""
+    import bsr_kernels.moe as moe_module
+    monkeypatch.setattr(moe_module, "GROUPING", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_routed_moe_gradcheck_and_matches_dense_reference(renormalize, bias):
+def test_routed_moe_gradcheck_and_matches_dense_reference(renormalize, bias, grouping):
     t, c, hd, e, k = 11, 5, 7, 6, 3
     g = torch.Generator().manual_seed(3)
     h = torch.randn(t, c, generator=g, dtype=F64, requires_grad=True)
@@ -77,7 +85,7 @@ def test_routed_moe_gradcheck_and_matches_dense_reference(renormalize, bias):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_four_tasks_route_like_the_dense_reference():
+def test_four_tasks_route_like_the_dense_reference(grouping):
     """4 tasks (gates) on the same tokens: identical expert choices, outputs and gradients
     within rounding; different tasks make different choices."""
     c, hd, e, k = 16, 24, 8, 2
@@ -259,7 +267,7 @@ def _plain_autograd(model):
 
 @pytest.mark.parametrize("memory_mode", ["lean", "fast"])
 @pytest.mark.parametrize("target", ["wrapper", "vit"])
-def test_reprogram_moe_gradients_equal_plain_autograd_float64(memory_mode, target):
+def test_reprogram_moe_gradients_equal_plain_autograd_float64(memory_mode, target, grouping):
     """Blocks 1, 3, 5 trained (MoE) and block 4 a frozen MoE after the first trained one."""
     base = _moe_multitask(blocks=[1, 3, 4, 5])
     x = images()
@@ -405,6 +413,13 @@ def test_moe_under_autocast_runs_in_the_autocast_dtype():
     out.float().square().sum().backward()
     assert moe.fc1_weight.grad.dtype == torch.float32 and moe.fc1_weight.grad.abs().sum() > 0
     assert x.grad.dtype == torch.float32
+
+
+def test_expert_grouping_auto_pads_only_balanced_loads():
+    from bsr_kernels.moe import _use_bmm
+    assert _use_bmm([100, 104, 98, 101], 403)           # 4 x 104 = 416 <= 1.1 x 403
+    assert not _use_bmm([100, 200, 50, 53], 403)        # 4 x 200 = 800 rows for 403
+    assert not _use_bmm([0, 0, 0, 40], 40)
 
 
 def test_bench_moe_tiny_section():
