@@ -1,4 +1,4 @@
-"""The ``moe`` section: a Mixture-of-Experts MLP layer against the dense MLP of the same active FLOPs.
+"""The ``moe`` section: a Mixture-of-Experts MLP against the dense MLP of the same active FLOPs.
 
 Candidates, timed side by side (``_timing.interleaved``: A B A B rounds, medians, paired ratios),
 forward + backward (gradients to the input and to every weight, a random cotangent):

@@ -373,7 +373,7 @@ def run(args: argparse.Namespace, log=print, info=None) -> dict:
     """Trains and measures every method; returns the summary dict."""
     from ..profile import profile
     from .data import TensorImageDataset
-    from .models import DIGITS_MODEL, build_model, check_model_name, model_input_config
+    from .models import build_model, check_model_name, model_input_config
     from .train import time_steps
 
     t_start = time.perf_counter()
