@@ -10,6 +10,7 @@ attends to least::
 from __future__ import annotations
 
 from .attention import TokenDropAttention
+from .moe import MultiTaskViT, to_moe
 from .ops import available_backends, cls_attention, drop_tokens
 from . import export as _export  # noqa: F401  (registers the ONNX decomposition of the drop op)
 from .export import export_onnx
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "TokenDropAttention",
            "reprogram", "restore", "profile", "ProfileResult", "kept_patches", "load_delta",
            "save_delta", "trainable_summary", "TrainableSummary", "draw_kept", "export_onnx",
-           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "__version__"]
+           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "to_moe", "MultiTaskViT",
+           "__version__"]
 
 
 def load_delta(model, path):

@@ -201,6 +201,10 @@ class _LeanBlock(torch.autograd.Function):
 
         out = block.body(x, linear=record_linear,
                          record=lambda idx, _: kept.append(idx.to(torch.int32)))
+        names = tuple(n for n in names if n in saved)   # a MoE MLP (moe.py) runs no fc1
+        # a MoE MLP routes with the active task's gate: backward replays with the forward's task
+        ctx.task = getattr(block.mlp, "task", None) if getattr(block.mlp, "bsr_moe", False) \
+            else None
         ctx.block, ctx.names = block, names
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
@@ -248,6 +252,16 @@ class _LeanBlock(torch.autograd.Function):
                 inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
                 return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
 
+        if ctx.task is not None:
+            task, block.mlp.task = block.mlp.task, ctx.task
+            try:
+                return _LeanBlock._grads(ctx, replay, x)
+            finally:
+                block.mlp.task = task
+        return _LeanBlock._grads(ctx, replay, x)
+
+    @staticmethod
+    def _grads(ctx, replay, x):
         if ctx.rng is None:
             grads = replay()
         else:  # the forward's dropout masks: replay from its generator states

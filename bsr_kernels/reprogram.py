@@ -73,6 +73,8 @@ class BSRBlock(Block):
             if record is not None:
                 record(kept, n_candidates)
         mlp = self.mlp
+        if getattr(mlp, "bsr_moe", False):   # bsr_kernels.moe.MoEMlp: routed experts, whole
+            return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
         h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
         return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
 
@@ -101,8 +103,10 @@ class BSRBlock(Block):
         if self.bsr_config.without_grad(self.bsr_index):
             with torch.no_grad():
                 return self.body(x, record=record)
-        if self.bsr_config.memory_mode != "autograd" and torch.is_grad_enabled() \
-                and record is None and not torch.jit.is_tracing():
+        mode = self.bsr_config.memory_mode
+        if mode != "autograd" and torch.is_grad_enabled() and record is None \
+                and not torch.jit.is_tracing() \
+                and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x, record=record)
@@ -131,7 +135,9 @@ def _unsupported_reasons(model: nn.Module) -> list[str]:
                            "Attention is supported")
         elif blk.attn.gate is not None:
             reasons.append(f"{where} attention is gated, which is not supported")
-        if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc2, nn.Linear):
+        if getattr(blk.mlp, "bsr_moe", False):
+            pass   # bsr_kernels.moe.MoEMlp (to_moe), called whole by BSRBlock.body
+        elif type(blk.mlp) is not Mlp or not isinstance(blk.mlp.fc2, nn.Linear):
             reasons.append(f"{where} MLP is a {type(blk.mlp).__name__}, only timm Mlp is supported")
         elif not isinstance(blk.mlp.norm, nn.Identity):
             reasons.append(f"{where} MLP has a hidden norm (scale_mlp_norm), not supported")
@@ -190,6 +196,11 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         ValueError: on a bad argument (named in the message) or an unsupported model; the model
             is then left unchanged.
     """
+    backbone = getattr(model, "bsr_backbone", None)
+    if isinstance(backbone, nn.Module):   # a wrapper (bsr_kernels.MultiTaskViT): its ViT
+        reprogram(backbone, train_blocks, drop_at, keep_rate, fuse_token, memory_mode,
+                  train_norm, activation_dtype)
+        return model
     reasons = _unsupported_reasons(model)
     if reasons:
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
@@ -231,6 +242,10 @@ def restore(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: if ``model`` was not reprogrammed.
     """
+    backbone = getattr(model, "bsr_backbone", None)
+    if isinstance(backbone, nn.Module):   # a wrapper (bsr_kernels.MultiTaskViT): its ViT
+        restore(backbone)
+        return model
     if not is_reprogrammed(model):
         raise ValueError("model was not reprogrammed by bsr_kernels.reprogram")
     for blk in model.blocks:

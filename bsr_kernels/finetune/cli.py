@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rounds of side-by-side step timing (0: skip)")
     g.add_argument("--samples", type=_nonneg_int, default=4,
                    help="sample images in the kept-token picture")
+    p.add_argument("--multitask", action="store_true", help="run the multitask MoE demo instead "
+                   "(its own options: bsr-finetune --multitask --help)")
     return p
 
 
@@ -603,6 +605,10 @@ def _draw(models: dict, results: dict, data, args, path: Path) -> Optional[Path]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``bsr-finetune``; returns the exit status: 0, 2 on a usage or input
     error, 3 (:data:`EXIT_DIVERGED`) when the training loss became NaN or infinite."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--multitask" in argv:   # bsr_kernels.finetune.multitask parses its own options
+        from .multitask import main as multitask_main
+        return multitask_main([a for a in argv if a != "--multitask"])
     parser = build_parser()
     args = parser.parse_args(argv)
     info = None
