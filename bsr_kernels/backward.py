@@ -19,11 +19,9 @@ Backward replays the same body (:meth:`BSRBlock.body`) with autograd on, where
 Frozen blocks get no weight gradients; no attention probabilities are ever stored. Gradients equal
 those of plain autograd through the same body (tested in tests/test_reprogram.py).
 
-Frozen blocks of the standard timm form (LayerNorm, GELU MLP, optional qk_norm/LayerScale) on CPU
-run their backward in C++ instead: ``torch.ops.bsr_kernels.frozen_block_backward``
-(``csrc/lean_block.cpp``) recomputes from the saved input only what the input gradient needs and
-applies the chain rule by hand, with the token-drop backward through the registered ops. Other
-blocks, CUDA tensors and autocast use the replay; :data:`FROZEN_BACKWARD` = ``"replay"`` forces it.
+A C++ op for the frozen blocks' backward (a hand-written chain rule) existed until 2026-11-26; it
+was measured at 4-9 % of the CPU lean step (DeiT-S, B=16), under the 10 % that would pay for a
+second definition of the block, and deleted: every block replays the one body.
 
 Backward always replays the token selection recorded in forward (the int32 kept indices), never a
 recomputed one: no host sync, and compiled or compressed recomputes cannot pick other tokens.
@@ -33,22 +31,12 @@ that dtype; backward casts them back, so gradients are approximate (their effect
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import GELU, GELUTanh, LayerNorm, LayerScale
+from timm.layers import LayerScale
 
-from .ops.cpp import extension_error
-
-__all__ = ["lean_block", "FROZEN_BACKWARD"]
-
-#: "auto": frozen blocks that fit use the C++ backward (see the module doc); "replay": never.
-FROZEN_BACKWARD = "auto"
-
-_LAYER_NORMS = (nn.LayerNorm, LayerNorm)
-_GELU_APPROXIMATE = {GELU: "none", GELUTanh: "tanh"}
-
+__all__ = ["lean_block"]
 
 class _GradOnlyLinear(torch.autograd.Function):
     """A linear layer whose output is given (replayed) or not needed (a zero placeholder).
@@ -100,70 +88,6 @@ def _fc2_output_needed(block) -> bool:
     return isinstance(ls2, LayerScale) and ls2.gamma.requires_grad
 
 
-def _gelu_approximate(act: nn.Module) -> Optional[str]:
-    if type(act) is nn.GELU:
-        return act.approximate
-    return _GELU_APPROXIMATE.get(type(act))
-
-
-def _layer_norm_eps(norm: nn.Module, absent_ok: bool = False) -> Optional[float]:
-    """eps of a plain LayerNorm over the last dim; -1 for Identity when ``absent_ok``; else None."""
-    if absent_ok and type(norm) is nn.Identity:
-        return -1.0
-    if type(norm) in _LAYER_NORMS and len(norm.normalized_shape) == 1:
-        return float(norm.eps)
-    return None
-
-
-def _frozen_cpp_config(block) -> Optional[tuple[list[float], str]]:
-    """(eps list, GELU approximation) when the C++ frozen backward computes this block's
-    gradient exactly; None when the block must replay its body instead."""
-    attn, mlp = block.attn, block.mlp
-    eps = [_layer_norm_eps(block.norm1), _layer_norm_eps(attn.q_norm, True),
-           _layer_norm_eps(attn.k_norm, True), _layer_norm_eps(block.norm2)]
-    approximate = _gelu_approximate(mlp.act)
-    simple = (all(e is not None for e in eps) and approximate is not None
-              and type(attn.norm) is nn.Identity and getattr(attn, "gate", None) is None
-              and all(type(m) in (nn.Identity, LayerScale) for m in (block.ls1, block.ls2))
-              and all(type(m) is nn.Linear for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)))
-    return (eps, approximate) if simple else None
-
-
-def _frozen_cpp_plan(block, x: torch.Tensor, params, autocast: bool):
-    """The C++ frozen backward's config (see :func:`_frozen_cpp_config`) when it applies to
-    this block and input, else None."""
-    # Under torch.compile the replay is traced instead: the C++ op runs its own local autograd
-    # graph, which fake tensors cannot run through.
-    if torch.compiler.is_compiling():
-        return None
-    if not (FROZEN_BACKWARD == "auto" and not params and block.bsr_config.memory_mode == "lean"
-            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not autocast and extension_error() is None):
-        return None
-    return _frozen_cpp_config(block)
-
-
-def _frozen_backward_cpp(block, config, x, kept, grad_out):
-    attn, mlp = block.attn, block.mlp
-    eps, approximate = config
-
-    def gamma(ls):
-        return ls.gamma if isinstance(ls, LayerScale) else None
-
-    def affine(norm):
-        return [getattr(norm, "weight", None), getattr(norm, "bias", None)]
-
-    weights = [*affine(block.norm1), attn.qkv.weight, attn.qkv.bias, *affine(attn.q_norm),
-               *affine(attn.k_norm), attn.proj.weight, attn.proj.bias, gamma(block.ls1),
-               *affine(block.norm2), mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight,
-               gamma(block.ls2)]
-    weights = [None if w is None else w.detach() for w in weights]
-    return torch.ops.bsr_kernels.frozen_block_backward(
-        grad_out.contiguous(), x, kept[0] if kept else None, weights, attn.num_heads, eps,
-        float(attn.scale), block.bsr_config.num_prefix_tokens, block.bsr_config.fuse_token,
-        approximate)
-
-
 def _stochastic(block) -> bool:
     """Whether the block draws random numbers in this forward: dropout or drop-path with a
     non-zero rate, in training mode (e.g. turned on after ``reprogram``)."""
@@ -211,8 +135,6 @@ class _LeanBlock(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type),
                         torch.get_autocast_dtype(ctx.device_type))
-        ctx.cpp = (None if ctx.rng is not None
-                   else _frozen_cpp_plan(block, x, params, ctx.autocast[0]))
         # Each saved tensor keeps its own dtype (under autocast the projections are bf16/fp16)
         # unless compression asks for another; backward casts back to the recorded dtypes.
         tensors = [x, *(saved[n] for n in names)]
@@ -228,8 +150,6 @@ class _LeanBlock(torch.autograd.Function):
         x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
         kept = ctx.saved_tensors[n_float:]
-        if ctx.cpp is not None:
-            return None, _frozen_backward_cpp(block, ctx.cpp, x, kept, grad_out)
         fc2_needed = _fc2_output_needed(block)
         params = [p for p in block.parameters() if p.requires_grad]
 

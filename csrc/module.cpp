@@ -1,7 +1,6 @@
 // The Python module bsr_kernels._C. It holds no Python functions: importing it loads this shared
 // library, whose static initialisers register the bsr_kernels::cpp_* operators (drop_tokens.cpp)
-// and bsr_kernels::frozen_block_backward (lean_block.cpp) with the PyTorch
-// dispatcher. Call them as torch.ops.bsr_kernels.*.
+// with the PyTorch dispatcher. Call them as torch.ops.bsr_kernels.*.
 #include <Python.h>
 
 extern "C" {

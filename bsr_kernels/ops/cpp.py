@@ -26,7 +26,7 @@ try:
 
     #: Every operator the extension registers; a build from older sources lacks some.
     _OPS = ("cpp_cls_scores", "cpp_cls_scores_backward", "cpp_drop_forward", "cpp_drop_backward",
-            "cpp_gather_backward", "frozen_block_backward")
+            "cpp_gather_backward")
     _missing = [n for n in _OPS if not hasattr(torch.ops.bsr_kernels, n)]
     _LOAD_ERROR: str | None = (
         f"bsr_kernels.ops._C is out of date: it lacks {', '.join(_missing)}" if _missing else None)
