@@ -37,8 +37,8 @@ import bsr_kernels
 from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
-__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS", "create_vit", "model_label",
-           "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
+__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS", "create_vit",
+           "model_label", "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
            "free_memory", "MIB", "GIB"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
