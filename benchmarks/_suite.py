@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark suite (``benchmarks/run.py``): configuration, models, variants.
+"""Shared pieces of the benchmark suite (``python -m benchmarks.run``): configuration, models,
+variants, inputs.
 
 * :class:`SuiteConfig`: device, dtype, sizes and repetitions of one run (``--quick``,
   ``--tiny``, ``--device``).
@@ -10,7 +11,11 @@
 * :func:`cuda_peak_step`: peak ``torch.cuda.max_memory_allocated`` of a training step.
 * :class:`Target`: a target value with its PASS/FAIL verdict.
 
-Timing itself is ``_timing.interleaved`` (A B A B, medians).
+* :func:`make_inputs`: the one input builder (x, q, k, v of one qkv tensor) of the drop and
+  attention benchmarks, ``bench_gpu.py`` and ``gpu_probe.py`` included; :func:`min_bytes`: the
+  bytes a drop must move.
+
+Timing itself is :mod:`benchmarks._timing` (A B A B, medians).
 """
 from __future__ import annotations
 
@@ -20,29 +25,23 @@ import gc
 import os
 import platform
 import subprocess
-import sys
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (HERE, ROOT):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import timm
 
-import timm  # noqa: E402
+import bsr_kernels
+from bsr_kernels import methods
+from bsr_kernels.ops.common import num_kept
 
-import bsr_kernels  # noqa: E402
-from bsr_kernels.baselines import EagerBSR  # noqa: E402
-from bsr_kernels.reprogram import default_drop_at, default_train_blocks  # noqa: E402
-
-__all__ = ["robust_interleaved", "error_text", "SuiteConfig", "VARIANTS", "VARIANT_LABELS", "create_vit", "model_label",
-           "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
+__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS", "create_vit",
+           "model_label", "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
            "free_memory", "MIB", "GIB"]
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = float(1 << 20)
 GIB = float(1 << 30)
 
@@ -176,32 +175,66 @@ def create_vit(name: str, img_size: Optional[int] = None, device: str = "cpu",
     return timm.create_model(timm_name, pretrained=False, **kwargs).to(device).train()
 
 
+#: Suite variant -> (method of :mod:`bsr_kernels.methods`, its options).
+_VARIANT_METHODS = {
+    "full": ("full", {}),
+    "linear_probe": ("linear", {}),
+    "eager_bsr": ("eager_bsr", {}),
+    "bsr_lean": ("bsr", dict(memory_mode="lean")),
+    "bsr_fast": ("bsr", dict(memory_mode="fast")),
+    "bsr_lean_bf16": ("bsr", dict(memory_mode="lean", activation_dtype=torch.bfloat16)),
+}
+
+
 def build_variant(variant: str, model: nn.Module):
-    """Sets up ``model`` (a fresh timm ViT) as one training variant.
+    """Sets up ``model`` (a fresh timm ViT) as one training variant, a method of
+    :mod:`bsr_kernels.methods` (BSR variants: the default blocks and drops for the depth).
 
     Returns:
         ``(module, params)``: the module mapping images to logits and its trained parameters.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    depth = len(model.blocks)
-    train_blocks, drop_at = default_train_blocks(depth), default_drop_at(depth)
-    if variant == "full":
-        model.requires_grad_(True)
-        module = model
-    elif variant == "linear_probe":
-        model.requires_grad_(False)
-        model.get_classifier().requires_grad_(True)
-        module = model
-    elif variant == "eager_bsr":
-        module = EagerBSR(model, train_blocks=train_blocks, drop_at=drop_at)
-    else:
-        mode = "fast" if variant == "bsr_fast" else "lean"
-        dtype = torch.bfloat16 if variant == "bsr_lean_bf16" else None
-        module = bsr_kernels.reprogram(model, train_blocks=train_blocks, drop_at=drop_at,
-                                       memory_mode=mode, activation_dtype=dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return module, params
+    name, options = _VARIANT_METHODS[variant]
+    method = methods.setup(model, name, **options)
+    return method.module, method.params
+
+
+def make_inputs(b: int, n: int, h: int, c: int, dtype: torch.dtype = torch.float32,
+                device="cpu", requires_grad: bool = False, seed: int = 0,
+                generator: Optional[torch.Generator] = None):
+    """The benchmarks' one input builder for the drop op and attention: x (B, N, C) and q, k, v
+    (B, H, N, C/H) views of one qkv tensor, as timm's Attention makes them.
+
+    Drawn in float32 from ``generator`` (default: a generator on ``device`` seeded with ``seed``),
+    then cast to ``dtype``. With ``requires_grad``, x and qkv are leaves that need grad.
+
+    Returns:
+        ``(x, q, k, v, qkv)``.
+    """
+    g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, n, c, generator=g, device=device, dtype=torch.float32).to(dtype)
+    qkv = torch.randn(b, n, 3, h, c // h, generator=g, device=device,
+                      dtype=torch.float32).to(dtype)
+    if requires_grad:
+        x.requires_grad_()
+        qkv.requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return x, q, k, v, qkv
+
+
+def min_bytes(b: int, h: int, n: int, c: int, keep_rate: float = 0.5, p: int = 1,
+              dtype: torch.dtype = torch.bfloat16, fused: Optional[bool] = None) -> int:
+    """Bytes a token drop must move: read x, the q_cls rows and K; write x_out (prefix, kept and,
+    when ``fused`` (default: when something is dropped), the fused row)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n_keep = num_kept(keep_rate, n - p)
+    if fused is None:
+        fused = n_keep < n - p
+    d = c // h
+    read = b * n * c + b * h * d + b * h * n * d
+    write = b * (p + n_keep + int(fused)) * c
+    return (read + write) * itemsize
 
 
 def make_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Tensor,
@@ -281,7 +314,7 @@ class Target:
 
 def section_main(doc: str, run: Callable, table: Callable, argv=None, options=(),
                  config: Callable = lambda args: {}) -> dict:
-    """The command line of one section module (``python benchmarks/bench_<x>.py``).
+    """The command line of one section module (``python -m benchmarks.bench_<x>``).
 
     Flags: ``--device``, ``--quick``, ``--json PATH`` and the module's own ``options``
     (``(flags, add_argument kwargs)`` pairs, turned into SuiteConfig fields by ``config``).
@@ -350,28 +383,3 @@ def machine_info(device: str) -> dict:
         except ImportError:
             pass
     return info
-
-
-def error_text(e: BaseException) -> str:
-    """``Type: first line of the message``."""
-    msg = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {msg}"
-
-
-def robust_interleaved(steps: dict, errors: dict, **kwargs) -> dict:
-    """``_timing.interleaved`` over ``steps``; when one raises, each is tried alone, those that
-    fail are moved to ``errors`` (name -> message) and the rest are timed again."""
-    from _timing import interleaved
-    if not steps:
-        return {}
-    try:
-        return interleaved(steps, **kwargs)
-    except Exception:  # noqa: BLE001 - find which candidate fails
-        ok = {}
-        for name, fn in steps.items():
-            try:
-                fn()
-                ok[name] = fn
-            except Exception as e:  # noqa: BLE001 - reported in the results
-                errors[name] = error_text(e)
-        return interleaved(ok, **kwargs) if ok else {}

@@ -1,4 +1,9 @@
-"""Side-by-side timing: candidates run interleaved (A B A B ...), medians and ratios.
+"""The benchmarks' one timer module: candidates run interleaved (A B A B ...), medians and ratios.
+
+* :func:`interleaved`: wall-clock samples of every candidate in turn (CPU, and CUDA with syncs);
+  :func:`robust_interleaved` the same, setting aside the candidates that raise.
+* :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
+  (``bench_gpu.py``); :func:`graph_ms`: time per call inside one CUDA graph.
 
 The machines this runs on are shared and noisy, so absolute times mean little; what is reported
 is the ratio of medians of samples taken in one run, alternating between the candidates so that
@@ -93,6 +98,79 @@ def interleaved(candidates: Mapping[str, Callable[[], object]], reps: int = 15,
             _sync(device_sync)
             results[name].samples.append((time.perf_counter() - start) / number)
     return results
+
+
+def error_text(e: BaseException, limit: int | None = None) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it)."""
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg[:limit] if limit is not None else msg}"
+
+
+def robust_interleaved(steps: dict, errors: dict, **kwargs) -> dict:
+    """:func:`interleaved` over ``steps``; when one raises, each is tried alone, those that
+    fail are moved to ``errors`` (name -> message) and the rest are timed again."""
+    if not steps:
+        return {}
+    try:
+        return interleaved(steps, **kwargs)
+    except Exception:  # noqa: BLE001 - find which candidate fails
+        ok = {}
+        for name, fn in steps.items():
+            try:
+                fn()
+                ok[name] = fn
+            except Exception as e:  # noqa: BLE001 - reported in the results
+                errors[name] = error_text(e)
+        return interleaved(ok, **kwargs) if ok else {}
+
+
+def graph_ms(fn, n_calls: int) -> float:
+    """GPU time per call of ``fn`` with launch overhead removed: ``n_calls`` calls captured in one
+    CUDA graph, replays timed by ``do_bench`` (median)."""
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n_calls):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
+                                   return_mode="median") / n_calls
+
+
+def do_bench_rounds(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60,
+                    log=print, limit: int | None = 300) -> dict:
+    """Median ms per call of each candidate, interleaved over ``rounds`` rounds: on CUDA each
+    sample is ``triton.testing.do_bench``'s median, on CPU the mean of 3 calls after one.
+
+    Returns:
+        name -> ``{"ms", "spread"}`` (spread: (max - min) / median over rounds), or
+        ``{"error"}`` for a candidate that raised (the others go on).
+    """
+    samples = {k: [] for k in fns}
+    errors = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            try:
+                if cuda:
+                    import triton.testing
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+                else:
+                    fn()
+                    t = time.perf_counter()
+                    for _ in range(3):
+                        fn()
+                    ms = (time.perf_counter() - t) / 3 * 1e3
+                samples[name].append(ms)
+            except Exception as e:  # one failing candidate must not stop the others
+                errors[name] = error_text(e, limit)
+                log("  FAILED", name, errors[name])
+    out = {k: {"ms": statistics.median(v), "spread": (max(v) - min(v)) / statistics.median(v)}
+           for k, v in samples.items() if v}
+    out.update({k: {"error": e} for k, e in errors.items()})
+    return out
 
 
 def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:

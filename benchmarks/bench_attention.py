@@ -16,25 +16,22 @@ a module with the same weights (qkv_bias=True, as in ViT/DeiT), forward and forw
 Shapes: ViT-S (H=6, C=384) and ViT-B (H=12, C=768) at N=197 (and N=577 in the full run);
 fp32 on CPU, bf16 autocast on CUDA; keep_rate 0.5 with the fused token.
 
-Usage: ``python benchmarks/bench_attention.py [--device cpu|cuda] [--quick]``
+Usage: ``python -m benchmarks.bench_attention [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 
 import torch
 from timm.layers import Attention
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig, section_main  # noqa: E402
-from _timing import format_table, interleaved  # noqa: E402
+import bsr_kernels
+from bsr_kernels.baselines import _drop_from_probs
+from bsr_kernels.ops.common import num_kept
 
-import bsr_kernels  # noqa: E402
-from bsr_kernels.baselines import _drop_from_probs  # noqa: E402
-from bsr_kernels.ops.common import num_kept  # noqa: E402
+from ._suite import SuiteConfig, section_main
+from ._timing import format_table, interleaved
 
 __all__ = ["run", "shapes", "candidates", "eager_attention", "table"]
 

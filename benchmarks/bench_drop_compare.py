@@ -26,35 +26,31 @@ head dim 64, N=197 (224 px) and N=577 (384 px), several batch sizes; fp32 on CPU
 keep_rate 0.5, fused token, one prefix token.
 
 Bandwidth: achieved GB/s of the op's forward over the bytes that must move
-(``bench_triton_drop.min_bytes``: read x, the q_cls and K rows, write x_out); on CUDA also the
+(``_suite.min_bytes``: read x, the q_cls and K rows, write x_out); on CUDA also the
 fraction of the bound given by the GPU's nominal peak bandwidth (and of a measured device copy).
 
-Usage: ``python benchmarks/bench_drop_compare.py [--device cpu|cuda] [--quick]``
+Usage: ``python -m benchmarks.bench_drop_compare [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig, Target, error_text, robust_interleaved, section_main  # noqa: E402
-from _timing import format_table, interleaved  # noqa: E402
-from bench_drop import backend_fn  # noqa: E402
-from bench_triton_drop import min_bytes  # noqa: E402
+import bsr_kernels
+from bsr_kernels import _config
+from bsr_kernels.baselines import _drop_from_probs, eager_drop_composite
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.common import num_kept
 
-import bsr_kernels  # noqa: E402
-from bsr_kernels import _config  # noqa: E402
-from bsr_kernels.baselines import _drop_from_probs, eager_drop_composite  # noqa: E402
-from bsr_kernels.ops import reference  # noqa: E402
-from bsr_kernels.ops.common import num_kept  # noqa: E402
+from ._suite import SuiteConfig, Target, make_inputs, min_bytes, section_main
+from ._timing import error_text, format_table, interleaved, robust_interleaved
 
 __all__ = ["run", "shapes", "op_candidates", "block_candidates", "peak_bandwidth",
-           "NOMINAL_GBPS"]
+           "backend_fn", "NOMINAL_GBPS"]
 
 KEEP_RATE = 0.5
 PREFIX = 1
@@ -87,16 +83,19 @@ def _block_batch(cfg: SuiteConfig, n: int) -> int:
     return max(b for (_, _, _, nn_, b) in shapes(cfg) if nn_ == n)
 
 
-def make_inputs(b, n, h, c, dtype, device, requires_grad, seed=0):
-    """x (B, N, C); q, k, v (B, H, N, C/H) views of one qkv tensor (as timm's Attention)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(b, n, c, generator=g, device=device, dtype=dtype)
-    qkv = torch.randn(b, n, 3, h, c // h, generator=g, device=device, dtype=dtype)
-    if requires_grad:
-        x.requires_grad_()
-        qkv.requires_grad_()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return x, q, k, v, qkv
+def backend_fn(name: str) -> Callable:
+    """``bsr_kernels.drop_tokens`` with ``BSR_BACKEND`` forced to ``name`` for the call."""
+    def fn(x, q, k):
+        old = os.environ.get("BSR_BACKEND")
+        os.environ["BSR_BACKEND"] = name
+        try:
+            return bsr_kernels.drop_tokens(x, q, k, KEEP_RATE)
+        finally:
+            if old is None:
+                del os.environ["BSR_BACKEND"]
+            else:
+                os.environ["BSR_BACKEND"] = old
+    return fn
 
 
 def _timed_backends(cfg: SuiteConfig) -> list[str]:
@@ -243,7 +242,7 @@ def run(cfg: SuiteConfig, log=print) -> dict:
 
         x, q, k, _, _ = make(False)
         agreement.append(dict(size=size, N=n, B=b, **_agreement(cfg, x, q, k, scale, n_keep)))
-        nbytes = min_bytes(b, h, n, c, n_keep, PREFIX, n_keep < n - PREFIX, dtype)
+        nbytes = min_bytes(b, h, n, c, KEEP_RATE, PREFIX, dtype)
         scopes = [("op", op_candidates(cfg, scale, n_keep))]
         if b == _block_batch(cfg, n):
             scopes.append(("attention+drop", block_candidates(cfg, scale, n_keep)))

@@ -19,7 +19,7 @@ Parts (``--parts``, default all):
   ``mode="reduce-overhead"``); ms/step medians (interleaved), peak memory above the
   resident model, compiled-vs-eager logits and gradients, and a CUDA sync check of each mode.
 
-Usage (device machine): ``python benchmarks/bench_gpu.py --out $OUT``;
+Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``;
 ``--smoke`` runs every part on tiny CPU shapes (for testing this script without a GPU).
 """
 from __future__ import annotations
@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -37,20 +35,14 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(HERE) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(HERE))
+import bsr_kernels
+from bsr_kernels.baselines import eager_drop_composite
+from bsr_kernels.ops import reference
+from bsr_kernels.ops.common import num_kept
 
-import bsr_kernels  # noqa: E402
-from bsr_kernels.baselines import eager_drop_composite  # noqa: E402
-from bsr_kernels.ops import reference  # noqa: E402
-from bsr_kernels.ops.common import num_kept  # noqa: E402
-
-try:
-    from benchmarks.peer_bsr import PeerBSR  # noqa: E402
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, HERE)
-    from peer_bsr import PeerBSR  # noqa: E402
+from ._suite import make_inputs, min_bytes
+from ._timing import do_bench_rounds, error_text, graph_ms
+from .peer_bsr import PeerBSR
 
 T0 = time.time()
 RESULTS: dict = {"parts": {}}
@@ -62,51 +54,14 @@ def log(*a):
 
 
 def err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return error_text(e, 300)
 
 
-# --- timing ---------------------------------------------------------------------------------------
-
-def graph_ms(fn, n_calls: int) -> float:
-    """GPU time per call of ``fn`` with launch overhead removed: ``n_calls`` calls captured in one
-    CUDA graph, replays timed by ``do_bench`` (median)."""
-    import triton.testing
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n_calls):
-            fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
-                                   return_mode="median") / n_calls
-
+# --- timing (benchmarks._timing) ------------------------------------------------------------------
 
 def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:
     """Median ms per call of each candidate, interleaved over ``rounds`` rounds."""
-    samples = {k: [] for k in fns}
-    errors = {}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name in errors:
-                continue
-            try:
-                if cuda:
-                    import triton.testing
-                    ms = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
-                else:
-                    fn()
-                    t = time.perf_counter()
-                    for _ in range(3):
-                        fn()
-                    ms = (time.perf_counter() - t) / 3 * 1e3
-                samples[name].append(ms)
-            except Exception as e:  # one failing candidate must not stop the others
-                errors[name] = err(e)
-                log("  FAILED", name, errors[name])
-    out = {k: {"ms": statistics.median(v), "spread": (max(v) - min(v)) / statistics.median(v)}
-           for k, v in samples.items() if v}
-    out.update({k: {"error": e} for k, e in errors.items()})
-    return out
+    return do_bench_rounds(fns, cuda, rounds, rep_ms, log=log)
 
 
 class Rotating:
@@ -122,17 +77,6 @@ class Rotating:
 
 # --- the drop op ----------------------------------------------------------------------------------
 
-def qkv_inputs(b, h, n, d, dtype, device, g, requires_grad=False):
-    c = h * d
-    x = torch.randn(b, n, c, generator=g, device=device, dtype=torch.float32).to(dtype)
-    qkv = torch.randn(b, n, 3, h, d, generator=g, device=device, dtype=torch.float32).to(dtype)
-    if requires_grad:
-        x.requires_grad_()
-        qkv.requires_grad_()
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return x, q, k, qkv
-
-
 def cls_row_composite(x, q, k, keep_rate=0.5, p=1):
     """The CLS-row composite of issue 9 (six lines of PyTorch, fp32 scores)."""
     b, n, c = x.shape
@@ -145,12 +89,6 @@ def cls_row_composite(x, q, k, keep_rate=0.5, p=1):
     w = scores.scatter(1, kept, 0.0)
     fused = torch.einsum("bm,bmc->bc", w, xp.float()).to(x.dtype).unsqueeze(1)
     return torch.cat([x[:, :p], xp.gather(1, kept.unsqueeze(-1).expand(-1, -1, c)), fused], 1)
-
-
-def min_bytes(b, h, n, d, c, itemsize, keep_rate=0.5, p=1):
-    """Read x, the q_cls rows and K; write x_out (prefix + kept + fused rows)."""
-    n_out = p + num_kept(keep_rate, n - p) + 1
-    return itemsize * (b * n * c + b * h * d + b * h * n * d + b * n_out * c)
 
 
 def part_check(cuda: bool, device: str) -> dict:
@@ -168,7 +106,7 @@ def part_check(cuda: bool, device: str) -> dict:
     for (b, h, n, d, c, p, nk) in shapes:
         for dt in dtypes:
             for fuse in (True, False):
-                x, q, k, _ = qkv_inputs(b, h, n, d, dt, device, g)
+                x, q, k, _, _ = make_inputs(b, n, h, h * d, dt, device, generator=g)
                 scale = d ** -0.5
                 out1 = tb.drop_forward(x, q, k, scale, p, nk, fuse)
                 out2 = tb.drop_forward(x, q, k, scale, p, nk, fuse)
@@ -232,7 +170,8 @@ def part_op(cuda: bool, device: str) -> dict:
     compiled = torch.compile(cls_row_composite, dynamic=False)
     for label, b, h, n, d in shapes:
         c = h * d
-        sets = [qkv_inputs(b, h, n, d, dtype, device, g)[:3] for _ in range(4 if cuda else 1)]
+        sets = [make_inputs(b, n, h, h * d, dtype, device, generator=g)[:3]
+                for _ in range(4 if cuda else 1)]
         fwd = {
             "bsr triton": Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets),
             "eager composite": Rotating(lambda x, q, k: eager_drop_composite(x, q, k, 0.5), sets),
@@ -250,7 +189,7 @@ def part_op(cuda: bool, device: str) -> dict:
         # fwd+bwd: grads to x and qkv with a fixed cotangent
         gsets = []
         for _ in range(3 if cuda else 1):
-            x, q, k, qkv = qkv_inputs(b, h, n, d, dtype, device, g, requires_grad=True)
+            x, q, k, _, qkv = make_inputs(b, n, h, h * d, dtype, device, True, generator=g)
             gsets.append((x, q, k, qkv))
 
         def fb(fn):
@@ -265,7 +204,7 @@ def part_op(cuda: bool, device: str) -> dict:
             "CLS-row composite": fb(cls_row_composite),
             "compile(CLS-row composite)": fb(compiled),
         }, cuda)
-        nbytes = min_bytes(b, h, n, d, c, torch.finfo(dtype).bits // 8)
+        nbytes = min_bytes(b, h, n, c, dtype=dtype, fused=True)
         res["min_bytes"] = nbytes
         f = res["forward_graph"] if cuda else res["forward"]
         if "ms" in f.get("bsr triton", {}):
@@ -310,7 +249,8 @@ def part_sweep(cuda: bool, device: str) -> dict:
     out = {}
     for label, b, h, n, d in [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
                               ("ViT-B B=8", 8, 12, 197, 64)]:
-        sets = [qkv_inputs(b, h, n, d, torch.bfloat16, device, g)[:3] for _ in range(4)]
+        sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
+                for _ in range(4)]
         fn = Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets)
         res = []
         for setting in grid:

@@ -18,26 +18,22 @@ and the largest batch that fits a memory budget.
   fine-tuning, the eager formulation and BSR lean: DeiT-S on CPU at small batches, ViT-B/16 on
   CUDA up to B=128.
 
-Usage: ``python benchmarks/bench_scaling.py [--device cpu|cuda] [--quick] [--budget-gib 4]``
+Usage: ``python -m benchmarks.bench_scaling [--device cpu|cuda] [--quick] [--budget-gib 4]``
 """
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import (GIB, MIB, VARIANT_LABELS, SuiteConfig, build_variant, create_vit,  # noqa
-                    cuda_peak_step, error_text, free_memory, make_step, model_label,
-                    robust_interleaved, section_main)
-from _timing import format_table  # noqa: E402
-from bench_train_step import fixed_memory_bytes  # noqa: E402
+from bsr_kernels.measure import saved_activations
 
-from bsr_kernels.measure import saved_activations  # noqa: E402
+from ._suite import (GIB, MIB, VARIANT_LABELS, SuiteConfig, build_variant, create_vit,
+                     cuda_peak_step, free_memory, make_step, model_label, section_main)
+from ._timing import error_text, format_table, robust_interleaved
+from .bench_train_step import fixed_memory_bytes
 
 __all__ = ["run", "plan", "fit_slope", "max_batch", "table"]
 

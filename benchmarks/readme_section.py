@@ -1,8 +1,8 @@
 """Prints the README's Performance section from a suite run's results.
 
-    python benchmarks/readme_section.py benchmarks/results/2026-11-25-cpu.json [--link PATH]
+    python -m benchmarks.readme_section benchmarks/results/2026-11-25-cpu.json [--link PATH]
 
-Accepts the ``results.json`` of ``benchmarks/run.py``, its directory, or the ``.md`` next to it
+Accepts the ``results.json`` of ``python -m benchmarks.run``, its directory, or the ``.md`` next to it
 (the ``.json`` with the same stem is read). The section names the machine, the date and the
 command, and summarises: the training step (speed, saved memory, FLOPs), the drop op, the
 largest batch within the memory budget, and every target with its PASS/FAIL verdict.
@@ -14,9 +14,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import Target  # noqa: E402
-from _timing import format_table  # noqa: E402
+from ._suite import Target
+from ._timing import format_table
 
 __all__ = ["load_results", "performance_section", "main"]
 
@@ -32,7 +31,7 @@ def load_results(path: str) -> dict:
     with open(path) as f:
         results = json.load(f)
     if "meta" not in results:
-        raise ValueError(f"path: {path!r} is not a benchmarks/run.py results.json (no 'meta')")
+        raise ValueError(f"path: {path!r} is not a benchmarks.run results.json (no 'meta')")
     return results
 
 

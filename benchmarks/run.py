@@ -1,6 +1,8 @@
 """The bsr_kernels benchmark suite: one command, every comparison side by side.
 
-    python benchmarks/run.py --device cpu|cuda [--quick] --out DIR
+    python -m benchmarks.run --device cpu|cuda [--quick] --out DIR
+
+(from the repository root: ``benchmarks`` is a package).
 
 writes ``DIR/results.json`` (sections ``drop_tokens``, ``attention``, ``train_step``,
 ``memory``, plus ``meta`` and ``targets``), ``DIR/results.md`` (readable tables and one
@@ -28,7 +30,7 @@ On a GPU machine with a per-command time limit, run the sections one at a time i
 directory: ``--sections drop_tokens`` first, then ``--sections attention --append`` and so on
 (the last one with ``--archive``).
 
-README: ``python benchmarks/readme_section.py DIR/results.json`` prints the Performance section.
+README: ``python -m benchmarks.readme_section DIR/results.json`` prints the Performance section.
 """
 from __future__ import annotations
 
@@ -45,10 +47,9 @@ import traceback
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from ._suite import SuiteConfig, Target, machine_info
 
-from _suite import SuiteConfig, Target, machine_info  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 __all__ = ["main", "run_suite", "merge_results", "SECTIONS", "write_markdown", "write_plots"]
 
@@ -59,7 +60,7 @@ SECTIONS = {"drop_tokens": "bench_drop_compare", "attention": "bench_attention",
 
 def _module(section: str):
     import importlib
-    return importlib.import_module(SECTIONS[section])
+    return importlib.import_module(f"{__package__}.{SECTIONS[section]}")
 
 
 def run_suite(cfg: SuiteConfig, sections=None, command: str = "", log=print) -> dict:
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     cfg = SuiteConfig(device=args.device, quick=args.quick, tiny=args.tiny,
                       compile=not args.no_compile, budget_gib=args.budget_gib)
     os.makedirs(args.out, exist_ok=True)
-    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (
         argv if argv is not None else sys.argv[1:]))
     results = run_suite(cfg, sections, command)
     prev_path = os.path.join(args.out, "results.json")

@@ -1,6 +1,6 @@
 """The benchmark suite runs end to end on tiny models and writes every section.
 
-``benchmarks/run.py --tiny --quick --no-compile`` runs all four sections on a tiny 12-block ViT
+``python -m benchmarks.run --tiny --quick --no-compile`` runs all four sections on a tiny 12-block ViT
 (one torch thread) in a subprocess; the test checks the files it writes, that the figures are
 consistent with each other (not their speed: timings never go into assertions), and that the
 README section prints from them. Also unit tests of the suite's small helpers.
@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -24,7 +25,7 @@ VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_le
 def suite_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "run.py"), "--tiny", "--quick", "--no-compile",
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--quick", "--no-compile",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,7 +41,7 @@ def test_results_json_has_every_section(suite_run):
         assert "error" not in results[name], results[name].get("traceback")
     meta = results["meta"]
     assert meta["config"]["tiny"] and meta["config"]["device"] == "cpu"
-    assert meta["command"].startswith("python benchmarks/run.py")
+    assert meta["command"].startswith("python -m benchmarks.run")
     assert meta["machine"]["cpu_count"] >= 1 and meta["date"]
     assert set(meta["section_seconds"]) == set(SECTIONS)
 
@@ -143,7 +144,7 @@ def test_markdown_plots_and_readme(suite_run):
     # run.py prints one verdict line per target
     assert sum(line.split(":")[0] in ("PASS", "FAIL", "NOT MEASURED")
                for line in stdout.splitlines()) == len(results["targets"])
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "readme_section.py"),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.readme_section",
                            str(out / "results.md"), "--link", "benchmarks/results/x.md"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -154,10 +155,65 @@ def test_markdown_plots_and_readme(suite_run):
 
 
 def _import_bench(name):
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
     import importlib
-    return importlib.import_module(name)
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def test_benchmarks_is_a_package_without_path_hacks():
+    """``benchmarks`` imports as a package; no module in it edits ``sys.path``, and the suite
+    has one timer module, one input builder and one anchors table."""
+    import glob
+    files = sorted(glob.glob(os.path.join(BENCH, "*.py")))
+    assert os.path.join(BENCH, "__init__.py") in files
+    texts = {os.path.basename(f): open(f).read() for f in files}
+    for name, text in texts.items():
+        assert "sys.path" not in text, name
+        assert "def make_inputs" not in text or name == "_suite.py", name
+        assert "def qkv_inputs" not in text, name
+        assert "ANCHORS = " not in text or name == "bench_train_step.py", name
+        assert "def interleaved" not in text or name == "_timing.py", name
+    suite = _import_bench("_suite")
+    x, q, k, v, qkv = suite.make_inputs(2, 5, 2, 8, requires_grad=True)
+    assert x.shape == (2, 5, 8) and q.shape == k.shape == v.shape == (2, 2, 5, 4)
+    assert q._base is qkv and x.requires_grad and qkv.requires_grad
+    # read x (2*5*8), q_cls (2*2*4), K (2*2*5*4); write CLS + ceil(4/2) kept + fused rows
+    assert suite.min_bytes(2, 2, 5, 8, 0.5, 1, torch.float32) == 4 * (80 + 16 + 80 + 2 * 4 * 8)
+    assert suite.min_bytes(2, 2, 2, 8, 0.5, 1, torch.float32) == 4 * (32 + 16 + 32 + 2 * 2 * 8)
+
+
+def test_variants_are_the_methods_registry():
+    """The suite's variants are methods of ``bsr_kernels.methods`` with the same trained
+    parameters as the methods themselves."""
+    import timm
+    from bsr_kernels import methods
+    suite = _import_bench("_suite")
+
+    def fresh():
+        torch.manual_seed(0)
+        return suite.create_vit("tiny")
+
+    def names(model, params):
+        ids = {id(p) for p in params}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    head = {"head.weight", "head.bias"}
+    for variant, method, options in [
+            ("full", "full", {}), ("linear_probe", "linear", {}), ("eager_bsr", "eager_bsr", {}),
+            ("bsr_lean", "bsr", {}), ("bsr_fast", "bsr", dict(memory_mode="fast")),
+            ("bsr_lean_bf16", "bsr", dict(activation_dtype=torch.bfloat16))]:
+        a, b = fresh(), fresh()
+        _, params = suite.build_variant(variant, a)
+        m = methods.setup(b, method, **options)
+        assert names(a, params) == names(b, m.params) == set(methods.trainable_parameters(b))
+        if variant == "linear_probe":
+            assert names(a, params) == head
+        if variant == "full":
+            assert len(params) == len(list(a.parameters()))
+    bsr = set(methods.trainable_parameters(methods.setup(fresh(), "bsr").model))
+    eager = set(methods.trainable_parameters(methods.setup(fresh(), "eager_bsr").model))
+    assert bsr == eager and head < bsr
+    assert {n.split(".")[1] for n in bsr if n.startswith("blocks.")} == {"3", "7", "11"}
+    assert isinstance(methods.setup(fresh(), "full").module, timm.models.VisionTransformer)
 
 
 def test_scaling_helpers():
@@ -198,7 +254,7 @@ def test_readme_section_rejects_bad_path(tmp_path):
 
 
 def test_run_rejects_unknown_section(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--out",
                            str(tmp_path), "--sections", "drop_tokens,speed"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--sections" in proc.stderr

@@ -290,3 +290,39 @@ def test_compressed_activations_flag(tmp_path, capsys):
     ratio = bf16["saved_activation_mib_per_image"] / exact["saved_activation_mib_per_image"]
     assert 0.4 < ratio < 0.6
     assert 0.0 <= bf16["accuracy"] <= 1.0
+
+
+# --- the methods registry and the distributed module ----------------------------------------
+
+def test_adapt_uses_the_methods_registry():
+    """bsr-finetune's methods are bsr_kernels.methods' (less the eager baseline): the same
+    trained parameters, and adapt refuses eager_bsr and block settings outside BSR."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from bsr_kernels import methods
+    from bsr_kernels.finetune import distributed, train
+
+    def vit():
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=4, num_heads=2,
+                                 num_classes=3)
+
+    assert train.METHODS == ("full", "linear", "bitfit", "bsr")
+    assert set(train.METHODS) < set(methods.METHODS)
+    for name in train.METHODS:
+        a = train.adapt(vit(), name)
+        b = methods.setup(vit(), name).module
+        assert set(train.trainable_parameters(a)) == set(methods.trainable_parameters(b))
+    names = set(methods.trainable_parameters(methods.setup(vit(), "bitfit").model))
+    assert names == {n for n, _ in vit().named_parameters()
+                     if n.endswith(".bias") or n.startswith("head.")}
+    assert set(methods.trainable_parameters(methods.setup(vit(), "linear").model)) \
+        == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match="--method"):
+        train.adapt(vit(), "eager_bsr")
+    with pytest.raises(ValueError, match="--train-blocks"):
+        methods.setup(vit(), "bitfit", train_blocks=(1,))
+    # the process group and the samplers live in one module; the old names still import
+    assert train.setup_distributed is distributed.setup_distributed
+    assert GlobalBatchSampler is distributed.GlobalBatchSampler
+    assert ShardSampler is distributed.ShardSampler

@@ -7,7 +7,8 @@ The built-in task needs no network: scikit-learn's ``load_digits`` (1,797 real 8
 hand-written digits, shipped with scikit-learn) upscaled bilinearly. The source task is digits
 0-4 (what the shipped model was pre-trained on), the target task digits 5-9.
 
-Batches are drawn by :class:`GlobalBatchSampler`, which makes the samples of every optimizer step
+Batches are drawn by :class:`~bsr_kernels.finetune.distributed.GlobalBatchSampler` (re-exported
+here), which makes the samples of every optimizer step
 independent of the number of processes: a run with ``torchrun --nproc_per_node 2`` sees the same
 global batches as a single process.
 """
@@ -17,11 +18,13 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
+
+from .distributed import GlobalBatchSampler, ShardSampler  # noqa: F401  (re-exported)
 
 __all__ = [
     "DIGITS_SOURCE_CLASSES",
@@ -375,70 +378,3 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
         raise ValueError(f"--data {data}: not a directory; pass an ImageFolder directory or "
                          f"one of digits, {', '.join(TORCHVISION_SETS)}")
     return _folder_set(path, img_size, mean, std, bad_images, warn, data_config)
-
-
-class GlobalBatchSampler(Sampler):
-    """Batches whose union over processes is the same whatever the number of processes.
-
-    Each epoch shuffles ``range(n)`` with a generator seeded by ``(seed, epoch)``, cuts it into
-    global batches of ``batch_size`` (the last, incomplete one is dropped when ``drop_last``),
-    and gives process ``rank`` the ``rank``-th of ``world_size`` equal slices of each.
-
-    Args:
-        n: dataset length.
-        batch_size: global batch size, a multiple of ``world_size``.
-        rank, world_size: this process and the number of processes.
-        seed: base seed of the shuffling.
-        shuffle: shuffle (training) or keep the order.
-        drop_last: drop the last incomplete global batch (keeps every step's batch equal).
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True):
-        if batch_size < 1 or batch_size % world_size:
-            raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of the "
-                             f"number of processes ({world_size})")
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the shuffle of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        local = self.batch_size // self.world_size
-        for b in range(len(self)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if len(batch) < self.batch_size:   # last batch, not dropped: share it out evenly
-                per = -(-len(batch) // self.world_size)
-                yield batch[self.rank * per:(self.rank + 1) * per]
-            else:
-                yield batch[self.rank * local:(self.rank + 1) * local]
-
-
-class ShardSampler(Sampler):
-    """Contiguous evaluation shards: process ``rank`` gets its slice of ``range(n)``, no padding.
-
-    Args:
-        n: dataset length.
-        rank, world_size: this process and the number of processes.
-    """
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        per = -(-n // world_size)
-        self.indices = list(range(min(n, rank * per), min(n, (rank + 1) * per)))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)

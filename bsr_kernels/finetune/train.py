@@ -1,22 +1,22 @@
 """Training of ``bsr-finetune``: methods, optimizer, the epoch loop, checkpoints, DDP, timing.
 
-* :func:`adapt` turns a timm ViT into one of the four methods: ``full`` fine-tuning, a
-  ``linear`` probe, ``bitfit`` (biases and head) and ``bsr`` (:func:`bsr_kernels.reprogram`).
+* :func:`adapt` turns a timm ViT into one of the four methods (:mod:`bsr_kernels.methods`):
+  ``full`` fine-tuning, a ``linear`` probe, ``bitfit`` (biases and head) and ``bsr``
+  (:func:`bsr_kernels.reprogram`).
 * :func:`fit` trains for some epochs, evaluates after each, and (with an output directory)
   writes a checkpoint per epoch atomically (:func:`bsr_kernels.checkpoint.atomic_write`).
   ``resume=True`` continues from it exactly: weights, optimizer, scheduler, RNG states and
   step; a resumed run may ask for more epochs than the checkpoint's run did. A non-finite
   training loss stops it at once (:class:`TrainingDivergedError`).
-* :func:`setup_distributed` joins a ``torchrun`` job: NCCL on GPUs, gloo on CPU. The batch size
-  is global; :class:`~bsr_kernels.finetune.data.GlobalBatchSampler` gives every process its
-  share of the same global batches, and DDP averages the gradients.
+* DDP: :mod:`bsr_kernels.finetune.distributed` holds the process group
+  (:func:`setup_distributed`, re-exported here) and the samplers; the batch size is global, and
+  DDP averages the gradients.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import statistics
 import sys
@@ -31,8 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .. import methods
 from ..checkpoint import atomic_write
-from .data import DataBundle, GlobalBatchSampler, ShardSampler
+from ..methods import trainable_parameters
+from .data import DataBundle
+from .distributed import (DistInfo, GlobalBatchSampler, ShardSampler, barrier,
+                          setup_distributed, teardown_distributed)
 
 __all__ = [
     "METHODS",
@@ -60,7 +64,9 @@ __all__ = [
     "time_steps",
 ]
 
-METHODS = ("full", "linear", "bitfit", "bsr")
+#: The methods ``bsr-finetune`` trains (:data:`bsr_kernels.methods.METHODS` without the eager
+#: BSR baseline).
+METHODS = tuple(m for m in methods.METHODS if m != "eager_bsr")
 #: Backbone learning rate per method for pre-trained timm ViTs (the head trains at
 #: ``head_lr_scale`` times it). Conventional starting points, not tuned here.
 DEFAULT_LR = {"full": 1e-4, "linear": 1e-3, "bitfit": 1e-3, "bsr": 3e-4}
@@ -71,72 +77,6 @@ CHECKPOINT_FORMAT = "bsr-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-# --- processes -----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class DistInfo:
-    """Where this process runs: ``rank`` of ``world_size``, on ``device``."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes files and prints."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """Whether there is more than one process."""
-        return self.world_size > 1
-
-
-def setup_distributed(device: Optional[str] = None) -> DistInfo:
-    """Joins the ``torchrun`` process group when there is one.
-
-    Args:
-        device: "cpu", "cuda" or None (CUDA when available).
-
-    Returns:
-        This process's :class:`DistInfo`. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) no
-        process group is made.
-    """
-    if device not in (None, "cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        if local_world > 1:  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local, dev)
-
-
-def teardown_distributed() -> None:
-    """Leaves the process group, if any, once every process has arrived (destroying a gloo
-    group while a peer still has collectives in flight can abort that peer)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()
-
-
 # --- methods and optimizer -----------------------------------------------------------------
 
 def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] = None,
@@ -144,6 +84,9 @@ def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] =
           memory_mode: str = "lean", activation_dtype: Optional[torch.dtype] = None
           ) -> nn.Module:
     """Sets what trains (``requires_grad``) for ``method``; BSR also reprograms the model.
+
+    The methods are :mod:`bsr_kernels.methods` (shared with the benchmarks); ``bsr-finetune``
+    offers :data:`METHODS` of them.
 
     Args:
         model: a timm ``VisionTransformer``.
@@ -157,26 +100,9 @@ def adapt(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] =
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "bsr" and (train_blocks is not None or drop_at is not None):
-        raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
-    if method == "bsr":
-        from ..reprogram import reprogram
-        return reprogram(model, train_blocks=train_blocks, drop_at=drop_at, keep_rate=keep_rate,
-                         memory_mode=memory_mode, activation_dtype=activation_dtype)
-    head = ("head.", "head_dist.")
-    for name, p in model.named_parameters():
-        if method == "full":
-            p.requires_grad_(True)
-        elif method == "linear":
-            p.requires_grad_(name.startswith(head))
-        else:
-            p.requires_grad_(name.startswith(head) or name.endswith(".bias"))
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> dict:
-    """``{name: parameter}`` of the parameters that train."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return methods.setup(model, method, train_blocks=train_blocks, drop_at=drop_at,
+                         keep_rate=keep_rate, memory_mode=memory_mode,
+                         activation_dtype=activation_dtype).module
 
 
 def check_optimizer_name(opt: str) -> str:
@@ -586,7 +512,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                     "history": history})
             if opts.on_epoch is not None:
                 opts.on_epoch(history)
-        _barrier(info)
+        barrier(info)
 
     last = history[-1] if history else {"accuracy": None, "test_loss": None}
     return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
