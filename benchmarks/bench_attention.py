@@ -27,13 +27,13 @@ import torch
 from timm.layers import Attention
 
 import bsr_kernels
-from bsr_kernels.baselines import _drop_from_probs
+from bsr_kernels.baselines import _drop_from_probs, eager_attention
 from bsr_kernels.ops.common import num_kept
 
 from ._suite import SuiteConfig, section_main
 from ._timing import format_table, interleaved
 
-__all__ = ["run", "shapes", "candidates", "eager_attention", "table"]
+__all__ = ["run", "shapes", "candidates", "table"]
 
 KEEP_RATE = 0.5
 SIZES = {"ViT-S": (6, 384), "ViT-B": (12, 768)}
@@ -48,25 +48,6 @@ def shapes(cfg: SuiteConfig) -> list[tuple[str, int, int, int, int]]:
     else:
         per_n = ((197, 8),) if cfg.quick else ((197, 32), (577, 8))
     return [(s, h, c, n, b) for s, (h, c) in SIZES.items() for n, b in per_n]
-
-
-def eager_attention(attn: Attention, x: torch.Tensor):
-    """timm ``Attention`` computed eagerly from its weights; returns (output, probabilities).
-
-    Args:
-        attn: timm Attention (no gate).
-        x: (B, N, C).
-
-    Returns:
-        out (B, N, C) and probs (B, H, N, N).
-    """
-    b, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
-    return attn.proj(attn.norm(out)), probs
 
 
 def candidates(dim: int, heads: int, n: int, device: str):
@@ -86,12 +67,9 @@ def candidates(dim: int, heads: int, n: int, device: str):
         out, probs = eager_attention(drop_eager, x)
         return _drop_from_probs(x + out, probs, 1, n_keep, True)[0]
 
-    def ours(x):
+    def ours(x):  # under autocast: fp32 residual beside bf16 q, k, which the drop takes as is
         out, q, k = drop_tda.forward_qk(x)
-        y = x + out
-        if q.dtype != y.dtype:  # autocast: fp32 residual, bf16 q and k (drop_tokens wants one)
-            q, k = q.to(y.dtype), k.to(y.dtype)
-        return bsr_kernels.drop_tokens(y, q, k, KEEP_RATE, num_prefix_tokens=1)[0]
+        return bsr_kernels.drop_tokens(x + out, q, k, KEEP_RATE, num_prefix_tokens=1)[0]
 
     return {
         "timm Attention (fused)": (fused, fused),

@@ -5,7 +5,7 @@ Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, me
 * ``op``: the drop alone, from x, q and k:
     - ``eager composite``: :func:`bsr_kernels.baselines.eager_drop_composite`, the authors' way:
       the full (B, H, N, N) attention probabilities, head mean, topk, gather, fused token;
-    - ``bsr <backend>``: the public ``bsr_kernels.drop_tokens`` with ``BSR_BACKEND`` forced, for
+    - ``bsr <backend>``: the public ``bsr_kernels.drop_tokens`` with ``backend=`` forced, for
       every backend available on the device (the Triton interpreter on CPU is left out: it is for
       testing, not timing);
     - ``torch.compile(reference)``: the pure-PyTorch definition
@@ -33,7 +33,6 @@ Usage: ``python -m benchmarks.bench_drop_compare [--device cpu|cuda] [--quick]``
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -84,17 +83,9 @@ def _block_batch(cfg: SuiteConfig, n: int) -> int:
 
 
 def backend_fn(name: str) -> Callable:
-    """``bsr_kernels.drop_tokens`` with ``BSR_BACKEND`` forced to ``name`` for the call."""
+    """``bsr_kernels.drop_tokens`` on backend ``name`` (its ``backend=`` argument)."""
     def fn(x, q, k):
-        old = os.environ.get("BSR_BACKEND")
-        os.environ["BSR_BACKEND"] = name
-        try:
-            return bsr_kernels.drop_tokens(x, q, k, KEEP_RATE)
-        finally:
-            if old is None:
-                del os.environ["BSR_BACKEND"]
-            else:
-                os.environ["BSR_BACKEND"] = old
+        return bsr_kernels.drop_tokens(x, q, k, KEEP_RATE, backend=name)
     return fn
 
 

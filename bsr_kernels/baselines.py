@@ -30,6 +30,7 @@ from .ops.common import (check_keep_rate, check_prefix, check_qk, check_x, num_k
 
 __all__ = [
     "eager_drop_composite",
+    "eager_attention",
     "default_train_blocks",
     "default_drop_at",
     "check_vit",
@@ -184,13 +185,17 @@ class EagerBSROutput:
     tokens_out: list[int]
 
 
-def _eager_block(blk, x: torch.Tensor, num_prefix_tokens: int, n_keep_rate: float | None,
-                 fuse_token: bool):
-    """One timm ``Block`` with eager attention; drops after the attention residual when
-    ``n_keep_rate`` is given. Returns (x, kept or None)."""
-    attn_mod = blk.attn
-    b, n, _ = x.shape
-    h = blk.norm1(x)
+def eager_attention(attn_mod, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` computed eagerly from its weights, the authors' way.
+
+    Args:
+        attn_mod: a timm ``Attention`` (q_norm/k_norm, norm, gate and dropouts honoured).
+        h: (B, N, C) normalised input.
+
+    Returns:
+        out (B, N, C) and the materialised probabilities (B, H, N, N).
+    """
+    b, n, _ = h.shape
     gate = attn_mod.gate(h).sigmoid() if getattr(attn_mod, "gate", None) is not None else None
     qkv = attn_mod.qkv(h).reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -200,11 +205,18 @@ def _eager_block(blk, x: torch.Tensor, num_prefix_tokens: int, n_keep_rate: floa
     a = attn_mod.norm(a)
     if gate is not None:
         a = a * gate
-    a = attn_mod.proj_drop(attn_mod.proj(a))
+    return attn_mod.proj_drop(attn_mod.proj(a)), attn
+
+
+def _eager_block(blk, x: torch.Tensor, num_prefix_tokens: int, n_keep_rate: float | None,
+                 fuse_token: bool):
+    """One timm ``Block`` with eager attention; drops after the attention residual when
+    ``n_keep_rate`` is given. Returns (x, kept or None)."""
+    a, attn = eager_attention(blk.attn, blk.norm1(x))
     x = x + blk.drop_path1(blk.ls1(a))
     kept = None
     if n_keep_rate is not None:
-        n_keep = num_kept(n_keep_rate, n - num_prefix_tokens)
+        n_keep = num_kept(n_keep_rate, x.shape[1] - num_prefix_tokens)
         x, kept = _drop_from_probs(x, attn, num_prefix_tokens, n_keep, fuse_token)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, kept
