@@ -15,23 +15,21 @@ The gate is randomly initialised and the tokens random, so the load is close to 
 max/mean is reported). Shapes: ViT-B width (C=768, H=3072), E=16, top-4, 100 tokens x B=32 on
 CPU in fp32; B=128 under bf16 autocast on CUDA.
 
-Usage: ``python benchmarks/bench_moe.py [--device cpu|cuda] [--quick]``
+Usage: ``python -m benchmarks.bench_moe [--device cpu|cuda] [--quick]``, or the suite's ``moe``
+section (``python -m benchmarks.run --sections moe``).
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _suite import SuiteConfig, Target, section_main  # noqa: E402
-from _timing import format_table, interleaved  # noqa: E402
+from bsr_kernels.moe import MoEMlp
 
-from bsr_kernels.moe import MoEMlp  # noqa: E402
+from ._suite import SuiteConfig, Target, section_main
+from ._timing import format_table, interleaved
 
 __all__ = ["run", "shapes", "candidates", "naive_moe", "table", "targets"]
 

@@ -55,7 +55,7 @@ __all__ = ["main", "run_suite", "merge_results", "SECTIONS", "write_markdown", "
 
 #: Section name -> module implementing ``run(cfg, log)`` and ``table(section)``.
 SECTIONS = {"drop_tokens": "bench_drop_compare", "attention": "bench_attention",
-            "train_step": "bench_train_step", "memory": "bench_scaling"}
+            "train_step": "bench_train_step", "memory": "bench_scaling", "moe": "bench_moe"}
 
 
 def _module(section: str):

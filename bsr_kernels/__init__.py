@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .attention import TokenDropAttention
 from .moe import MultiTaskViT, to_moe
-from .ops import available_backends, cls_attention, drop_tokens
+from .config import BSRConfig
+from .ops import available_backends, cls_attention, drop_tokens, use_backend
 from . import export as _export  # noqa: F401  (registers the ONNX decomposition of the drop op)
 from .export import export_onnx
 from .profile import ProfileResult, profile
@@ -21,7 +22,8 @@ from .saving import load_checkpoint, save_checkpoint, saved_bsr_config
 
 __version__ = "0.1.0"
 
-__all__ = ["cls_attention", "drop_tokens", "available_backends", "TokenDropAttention",
+__all__ = ["cls_attention", "drop_tokens", "available_backends", "use_backend", "BSRConfig",
+           "TokenDropAttention",
            "reprogram", "restore", "profile", "ProfileResult", "kept_patches", "load_delta",
            "save_delta", "trainable_summary", "TrainableSummary", "draw_kept", "export_onnx",
            "save_checkpoint", "load_checkpoint", "saved_bsr_config", "to_moe", "MultiTaskViT",

@@ -76,8 +76,9 @@ class BackendCase:
 
 
 @pytest.fixture
-def backend(request, monkeypatch) -> BackendCase:
-    """Forces ``BSR_BACKEND`` for the test. Parametrise it indirectly with ``backend_params()``."""
+def backend(request):
+    """Forces the backend for the test (``bsr_kernels.use_backend``). Parametrise it indirectly
+    with ``backend_params()``."""
     name, device, dtype = request.param
-    monkeypatch.setenv("BSR_BACKEND", name)
-    return BackendCase(name, device, dtype)
+    with bsr_kernels.use_backend(name):
+        yield BackendCase(name, device, dtype)

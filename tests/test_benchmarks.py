@@ -1,6 +1,6 @@
 """The benchmark suite runs end to end on tiny models and writes every section.
 
-``python -m benchmarks.run --tiny --quick --no-compile`` runs all four sections on a tiny 12-block ViT
+``python -m benchmarks.run --tiny --quick --no-compile`` runs all five sections on a tiny 12-block ViT
 (one torch thread) in a subprocess; the test checks the files it writes, that the figures are
 consistent with each other (not their speed: timings never go into assertions), and that the
 README section prints from them. Also unit tests of the suite's small helpers.
@@ -17,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
-SECTIONS = ("drop_tokens", "attention", "train_step", "memory")
+SECTIONS = ("drop_tokens", "attention", "train_step", "memory", "moe")
 VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16")
 
 

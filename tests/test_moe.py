@@ -447,14 +447,8 @@ def test_expert_grouping_auto_pads_only_balanced_loads():
 def test_bench_moe_tiny_section():
     """benchmarks/bench_moe.py on tiny shapes: its MoE equals the naive masked loop, and the
     target is left unmeasured off the ViT-B shape."""
-    import os
-    import sys
-
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import bench_moe
-    from _suite import SuiteConfig
+    from benchmarks import bench_moe
+    from benchmarks._suite import SuiteConfig
 
     section = bench_moe.run(SuiteConfig(tiny=True), log=lambda *a: None)
     rows = section["rows"]

@@ -879,3 +879,38 @@ def test_saved_for_backward(backend, fuse):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         bsr_kernels.cls_attention(q, k)
     assert all(t.numel() < big and list(t.shape).count(case.n) < 2 for t in saved)
+
+
+def test_use_backend_and_backend_argument_force_forward_and_backward(monkeypatch):
+    """``use_backend`` and ``backend=`` pick the backend of the forward and of its backward
+    (resolved at the call and carried into backward, which may run in another thread); the
+    innermost choice wins, ahead of BSR_BACKEND; a bad name is a ValueError naming backend."""
+    from bsr_kernels.ops.dispatch import all_backends
+
+    calls = []
+    for name, b in all_backends().items():
+        for method in ("drop_forward", "drop_backward", "drop_replay"):
+            real = getattr(type(b), method)
+
+            def spy(self, *a, _real=real, _name=name, _m=method):
+                calls.append((_name, _m))
+                return _real(self, *a)
+            monkeypatch.setattr(type(b), method, spy)
+    monkeypatch.setenv("BSR_BACKEND", "cpp")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 4, generator=g, requires_grad=True)
+    q, k = (torch.randn(2, 2, 9, 3, generator=g, requires_grad=True) for _ in range(2))
+    with bsr_kernels.use_backend("reference"):
+        out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+    out.sum().backward()  # outside the block: the forward's choice still holds
+    assert calls == [("reference", "drop_forward"), ("reference", "drop_backward")], calls
+    calls.clear()
+    with bsr_kernels.use_backend("reference"):
+        out, _ = bsr_kernels.drop_tokens(x, q, k, 0.5, kept=kept, backend="cpp")
+    out.sum().backward()
+    assert calls == [("cpp", "drop_replay"), ("cpp", "drop_backward")], calls
+    with pytest.raises(ValueError, match="backend"):
+        bsr_kernels.drop_tokens(x, q, k, 0.5, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        with bsr_kernels.use_backend("nonsense"):
+            pass

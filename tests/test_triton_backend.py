@@ -30,15 +30,15 @@ GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5),
 
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
-    """CPU runs the interpreter; CUDA runs compiled kernels. Forces BSR_BACKEND=triton."""
+    """CPU runs the interpreter; CUDA runs compiled kernels. Forces the triton backend."""
     if request.param == "cpu":
         if tb.interpreter_problem():
             pytest.skip(tb.interpreter_problem())
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("BSR_BACKEND", "triton")
-    return torch.device(request.param)
+    with bsr_kernels.use_backend("triton"):
+        yield torch.device(request.param)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
                      check_qk, check_x, compute_dtype, out_tokens, resolve_scale)
-from .dispatch import available_backends, select_backend, use_backend
+from .dispatch import available_backends, context_backend, select_backend, use_backend
 
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "use_backend", "DropPlan"]
 
@@ -190,7 +190,7 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     check_qk(q, k)
     p = check_prefix(num_prefix_tokens, q.shape[2])
     scale = resolve_scale(scale, q.shape[3])
-    backend = check_backend_name(backend)
+    backend = check_backend_name(backend) or context_backend()
     select_backend(q.device, q.dtype, name=backend)  # an unavailable backend raises here
     return _cls_attention_op(q, k, scale, p, backend)[0]
 
@@ -229,7 +229,7 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     scale = resolve_scale(scale, q.shape[3])
     if not isinstance(fuse_token, bool):
         raise TypeError(f"fuse_token must be a bool, got {fuse_token!r}")
-    backend = check_backend_name(backend)
+    backend = check_backend_name(backend) or context_backend()
     # an unavailable backend raises even for a no-op drop
     impl = select_backend(x.device, x.dtype, q.dtype, name=backend)
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)

@@ -17,7 +17,8 @@ import torch
 from .. import _config
 from .common import Backend, check_backend_name
 
-__all__ = ["get_backend", "all_backends", "available_backends", "select_backend", "use_backend"]
+__all__ = ["get_backend", "all_backends", "available_backends", "select_backend", "use_backend",
+           "context_backend", "forced_backend"]
 
 _BACKENDS: dict[str, Backend] = {}
 _FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("bsr_backend", default="")
@@ -36,6 +37,12 @@ def use_backend(name: str | None):
         yield
     finally:
         _FORCED.reset(token)
+
+
+def context_backend() -> str:
+    """The backend forced by the innermost ``use_backend`` block, or "" (the ops resolve it when
+    called and carry it into their backward, which may run in another thread)."""
+    return _FORCED.get()
 
 
 def forced_backend() -> str | None:
