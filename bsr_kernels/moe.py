@@ -75,6 +75,17 @@ def _slices(counts: list[int]):
         start += n
 
 
+def _act_backward(act: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """Gradient through the experts' activation at its input ``a``: GELU's own backward kernel,
+    or autograd for any other activation."""
+    approximate = _gelu_approximate(act)
+    if approximate is not None:
+        return torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_()
+        return torch.autograd.grad(act(a_), a_, dz)[0]
+
+
 def _gelu_approximate(act: nn.Module) -> Optional[str]:
     """The ``approximate`` of a GELU module (so backward calls ``gelu_backward``), else None."""
     if isinstance(act, nn.GELU):
@@ -157,13 +168,7 @@ class _RoutedExperts(torch.autograd.Function):
             if need_b2:
                 torch.sum(dy[s0:s1], 0, out=g_b2[e])
         del dy
-        approximate = _gelu_approximate(ctx.act)
-        if approximate is not None:
-            da = torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
-        else:
-            with torch.enable_grad():
-                a_ = a.detach().requires_grad_()
-                (da,) = torch.autograd.grad(ctx.act(a_), a_, dz)
+        da = _act_backward(ctx.act, a, dz)
         del dz
         grad_h = None
         xs = h.index_select(0, order // k) if need_w1 else None
@@ -247,13 +252,7 @@ class _PaddedExperts(torch.autograd.Function):
         g_b2 = dy.sum(1) if need_b2 else None
         dz = torch.bmm(dy, w2)
         del dy
-        approximate = _gelu_approximate(ctx.act)
-        if approximate is not None:
-            da = torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
-        else:
-            with torch.enable_grad():
-                a_ = a.detach().requires_grad_()
-                (da,) = torch.autograd.grad(ctx.act(a_), a_, dz)
+        da = _act_backward(ctx.act, a, dz)
         del dz
         g_b1 = da.sum(1) if need_b1 else None
         g_w1 = grad_h = None

@@ -291,9 +291,8 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     after every epoch, atomically; ``resume`` continues from it exactly. Under ``torchrun``
     (``info.distributed``) every process takes its share of each global batch and DDP averages
     the gradients (other tasks' heads and gates are unused in a step)."""
-    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
-                        _rng_state, _set_rng_state, load_checkpoint, make_scheduler,
-                        save_checkpoint)
+    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _rng_state, load_checkpoint,
+                        make_scheduler, restore_training_state, save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
@@ -311,14 +310,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     history, step_times, t_train, start, step = [], [], 0.0, 0, 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         state = load_checkpoint(checkpoint, fingerprint)
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"--resume: checkpoint {checkpoint} does not fit this model "
-                                  f"({e})") from e
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        restore_training_state(state, model, opt, sched, str(checkpoint))
         gen.set_state(state["generator"])
         start, step, history = int(state["epoch"]), int(state["step"]), state["history"]
         t_train = float(state.get("train_time_s", 0.0))

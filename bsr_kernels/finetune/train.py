@@ -293,6 +293,20 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def restore_training_state(state: dict, model: nn.Module, optimizer, scheduler,
+                           where: str) -> None:
+    """Loads weights, optimizer, scheduler and RNG states from a checkpoint's ``state`` (one
+    code path for every resumable run), naming ``where`` when they do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"--resume: checkpoint {where} does not fit this model or "
+                              f"optimizer ({e})") from e
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+
+
 class TrainingDivergedError(ValueError):
     """The training loss became NaN or infinite (learning rate too high, bad data...)."""
 
@@ -457,14 +471,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
                                   f"{int(state['epoch'])} epochs, more than --epochs "
                                   f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} does not fit this "
-                                  f"model or optimizer ({e})") from e
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        restore_training_state(state, model, optimizer, scheduler, str(opts.checkpoint))
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), state["history"]
         if info.is_main:
             log(f"{name}: resumed from {opts.checkpoint} after epoch {start_epoch} "
