@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .cli import _nonneg_float, _positive_int  # the app's one numeric-flag parser
 
 __all__ = ["TASKS", "METHODS", "build_parser", "run", "main", "build_method"]
 
@@ -67,26 +68,6 @@ def _methods(s: str) -> tuple:
         raise argparse.ArgumentTypeError(f"must be one or more of {', '.join(METHODS)} "
                                          f"(comma-separated) or all, got {s!r}")
     return names
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
