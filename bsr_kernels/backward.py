@@ -27,16 +27,17 @@ Backward always replays the token selection recorded in forward (the int32 kept 
 recomputed one: no host sync, and compiled or compressed recomputes cannot pick other tokens.
 
 Opt-in compression (``reprogram(..., activation_dtype=torch.bfloat16)``) stores the saved tensors in
-that dtype; backward casts them back, so gradients are approximate (their effect on accuracy is reported by the benchmarks and the application).
+that dtype; backward casts them back, so gradients are approximate (their effect on accuracy is
+reported by the benchmarks and the application).
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale
 
 __all__ = ["lean_block"]
+
 
 class _GradOnlyLinear(torch.autograd.Function):
     """A linear layer whose output is given (replayed) or not needed (a zero placeholder).
@@ -172,25 +173,21 @@ class _LeanBlock(torch.autograd.Function):
                 inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
                 return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
 
-        if ctx.task is not None:
+        if ctx.task is not None:  # a MoE block routes with the gate of the forward's task
             task, block.mlp.task = block.mlp.task, ctx.task
-            try:
-                return _LeanBlock._grads(ctx, replay, x)
-            finally:
-                block.mlp.task = task
-        return _LeanBlock._grads(ctx, replay, x)
-
-    @staticmethod
-    def _grads(ctx, replay, x):
-        if ctx.rng is None:
-            grads = replay()
-        else:  # the forward's dropout masks: replay from its generator states
-            devices = [x.device] if x.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.set_rng_state(ctx.rng[0])
-                if devices:
-                    torch.cuda.set_rng_state(ctx.rng[1], x.device)
+        try:
+            if ctx.rng is None:
                 grads = replay()
+            else:  # the forward's dropout masks: replay from its generator states
+                devices = [x.device] if x.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.set_rng_state(ctx.rng[0])
+                    if devices:
+                        torch.cuda.set_rng_state(ctx.rng[1], x.device)
+                    grads = replay()
+        finally:
+            if ctx.task is not None:
+                block.mlp.task = task
         grad_x = grads.pop(0) if ctx.needs_input_grad[1] else None
         return (None, grad_x, *grads)
 

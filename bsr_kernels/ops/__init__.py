@@ -157,15 +157,12 @@ def _drop_input_grads(ctx, grad_out):
 
 
 def _drop_backward(ctx, grad_out, *_):
-    return (*_drop_input_grads(ctx, grad_out), None, None, None, None, None)
-
-
-def _replay_backward(ctx, grad_out, *_):
+    """Backward of the drop and of its replay: both take 8 inputs, x, q and k first."""
     return (*_drop_input_grads(ctx, grad_out), None, None, None, None, None)
 
 
 _drop_op.register_autograd(_drop_backward, setup_context=_drop_setup)
-_replay_op.register_autograd(_replay_backward, setup_context=_replay_setup)
+_replay_op.register_autograd(_drop_backward, setup_context=_replay_setup)
 
 
 # --- public functional API --------------------------------------------------------------------

@@ -79,10 +79,8 @@ class CppBackend(Backend):
     def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
         # The C++ forward selects inside its kernel and has no replay entry point; a replay
         # (scores + gather of given rows) runs the reference formulation, a few torch ops.
-        from . import reference
-        x_out, _, scores, lse = reference.drop_tokens(x, q, k, scale, num_prefix_tokens,
-                                                      kept.shape[1], fuse_token, kept=kept)
-        return x_out, scores, lse
+        from .reference import drop_replay
+        return drop_replay(x, q, k, kept, scale, num_prefix_tokens, fuse_token)
 
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         return torch.ops.bsr_kernels.cpp_drop_backward(grad_out, x, q, k, kept, scores, lse,

@@ -12,7 +12,7 @@ import torch
 from .common import Backend, DropPlan, compute_dtype
 
 __all__ = ["cls_scores", "select_tokens", "drop_tokens", "cls_scores_backward", "gather_backward",
-           "drop_backward", "ReferenceBackend"]
+           "drop_backward", "drop_replay", "ReferenceBackend"]
 
 
 def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
@@ -118,6 +118,13 @@ def drop_backward(grad_out, x, q, k, kept, scores, lse, scale: float, num_prefix
     return _like(x, grad_x), grad_q, grad_k
 
 
+def drop_replay(x, q, k, kept, scale: float, num_prefix_tokens: int, fuse_token: bool):
+    """The drop with a recorded selection ``kept``: -> (x_out, scores, lse)."""
+    x_out, _, scores, lse = drop_tokens(x, q, k, scale, num_prefix_tokens, kept.shape[1],
+                                        fuse_token, kept=kept)
+    return x_out, scores, lse
+
+
 class ReferenceBackend(Backend):
     """The definition wrapped as a backend, with the analytic torch-op backward."""
 
@@ -139,9 +146,7 @@ class ReferenceBackend(Backend):
         return x_out, kept.to(torch.int32), scores, lse
 
     def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
-        x_out, _, scores, lse = drop_tokens(x, q, k, scale, num_prefix_tokens, kept.shape[1],
-                                            fuse_token, kept=kept)
-        return x_out, scores, lse
+        return drop_replay(x, q, k, kept, scale, num_prefix_tokens, fuse_token)
 
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         return drop_backward(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens)

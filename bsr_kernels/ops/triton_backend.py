@@ -314,8 +314,8 @@ class TritonBackend(Backend):
         elif device.type == "cpu":
             if not _config.triton_interpret():
                 reasons.append("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)")
-            elif interpreter_problem():
-                reasons.append(interpreter_problem())
+            elif problem := interpreter_problem():
+                reasons.append(problem)
             if dtype not in _CPU_DTYPES:
                 reasons.append(f"dtype {dtype} is not supported by the interpreter here "
                                "(float32, float64 are)")
