@@ -5,8 +5,8 @@
   (train_step) and ``bench_scaling`` (memory), each also runnable alone
   (``python -m benchmarks.bench_train_step --quick``).
 * ``python -m benchmarks.readme_section DIR/results.json``: the README's Performance section.
-* ``python -m benchmarks.bench_gpu`` and ``python -m benchmarks.gpu_probe``: the GPU run's
-  scripts (with ``peer_bsr``, the CLS-row peer).
+* ``python -m benchmarks.bench_gpu --out DIR``: the GPU run (with ``peer_bsr``, the plain-PyTorch
+  BSR peer and its CLS-row drop).
 
 Shared pieces: ``_suite`` (configuration, models, the training variants of
 :mod:`bsr_kernels.methods`, the one input builder ``make_inputs``) and ``_timing`` (the one

@@ -12,7 +12,7 @@ variants, inputs.
 * :class:`Target`: a target value with its PASS/FAIL verdict.
 
 * :func:`make_inputs`: the one input builder (x, q, k, v of one qkv tensor) of the drop and
-  attention benchmarks, ``bench_gpu.py`` and ``gpu_probe.py`` included; :func:`min_bytes`: the
+  attention benchmarks, ``bench_gpu.py`` included; :func:`min_bytes`: the
   bytes a drop must move.
 
 Timing itself is :mod:`benchmarks._timing` (A B A B, medians).

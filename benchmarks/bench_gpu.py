@@ -1,33 +1,52 @@
 """One prepared GPU run for issues 9 and 10: correctness, the drop op against its peers, and the
-training step against its peers. Made for a short lease on a lent GPU: every part catches its own
-errors, prints as it goes and writes ``results.json`` / ``results.md`` under ``--out``.
+training step against its peers. Made for a short lease on a lent GPU, where a hung
+``torch.compile`` once cost a whole run (2026-11-26: the compile of a six-line function did not
+return in 145 s, then 440 s, and the run produced no tables).
 
-Parts (``--parts``, default all):
+So every part runs in a child process of its own, in priority order, under one deadline, and
+writes its results as it goes (``--out``/``part-<name>.json``). Each compilation runs under a
+watchdog (``--compile-timeout-s``): when it overruns, the child dumps the stacks of all its threads
+to ``stacks-<part>-<what>.txt`` (where it hung) and exits; the parent records the hang and starts
+the part again without that candidate, so the others are still measured. The parent merges the
+parts into ``results.json`` and ``results.md`` after each one and prints the summary tables last.
+``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, no worker pool: the known workaround for
+inductor pool hangs) is the default; set it in the environment to override.
+
+Parts (``--parts``, default all, in this order):
 
 * ``check``: the Triton forward, replay and backward against the float64 reference on edge and
   ViT shapes in fp32 / bf16 / fp16 (poisoned outputs, fresh random inputs, run twice).
-* ``op``: forward and fwd+bwd of the drop at ViT shapes: the library op (Triton), the eager
-  composite (N x N probabilities), the CLS-row composite (plain PyTorch) and ``torch.compile`` of
-  it; a device-to-device copy measured in the same run gives the bandwidth bound. Inputs rotate
-  over several sets so L2 does not hold them; q and k are views of one qkv tensor, as in timm.
-  ``triton.testing.do_bench`` medians, candidates interleaved over rounds; each forward is also
-  timed as CUDA-graph replays (GPU time without launch overhead), which the ratios use.
-* ``sweep``: the Triton launch table (programs per SM, warps, tile budget) at the op shapes.
-* ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW): timm full fine-tuning eager and
-  compiled, the plain-PyTorch BSR peer (:mod:`peer_bsr`) eager and compiled, and ``reprogram`` in
-  each memory mode, eager and compiled (autograd mode also under CUDA graphs,
-  ``mode="reduce-overhead"``); ms/step medians (interleaved), peak memory above the
-  resident model, compiled-vs-eager logits and gradients, and a CUDA sync check of each mode.
+* ``op``: forward and fwd+bwd of the drop at ViT shapes: the library op, the eager composite
+  (N x N probabilities) and the CLS-row composite (plain PyTorch); a device-to-device copy
+  measured in the same run gives the bandwidth bound. Inputs rotate over several sets so L2 does
+  not hold them; q and k are views of one qkv tensor, as in timm. ``triton.testing.do_bench``
+  medians, candidates interleaved over rounds; each forward is also timed as CUDA-graph replays
+  (GPU time without launch overhead), which the ratios use. Also the op's passes alone.
+* ``sync``: no host sync in any memory mode's step (``torch.cuda.set_sync_debug_mode("error")``).
+* ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW), eager: timm full fine-tuning,
+  the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in each memory mode; ms/step
+  medians (interleaved), img/s, ratios, peak memory above the resident model.
+* ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
+  itself), forward and fwd+bwd, ratios in this process.
+* ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
+  in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
+  fine-tuning and eager autograd mode timed beside them for in-process ratios.
+* ``sweep``: the Triton launch table (programs per SM, warps) at the op shapes.
 
-Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``;
-``--smoke`` runs every part on tiny CPU shapes (for testing this script without a GPU).
+Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``
+(``--deadline-s`` bounds the whole run; ``--parts op,step`` runs some parts). ``--smoke`` runs
+the parts on tiny CPU shapes, the Triton check in its interpreter (tests this script without a GPU).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import gc
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 import traceback
@@ -42,11 +61,19 @@ from bsr_kernels.ops.common import num_kept
 
 from ._suite import make_inputs, min_bytes
 from ._timing import do_bench_rounds, error_text, graph_ms
-from .peer_bsr import PeerBSR
+from .peer_bsr import PeerBSR, cls_row_drop
 
-T0 = time.time()
-RESULTS: dict = {"parts": {}}
-OUT_DIR = "."
+#: Start of the run; children log on the parent's clock.
+T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
+
+#: The parts, in the order a short lease should spend its time on them.
+PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "sweep")
+
+#: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
+#: first two eager ones beside the compiled ones, so every ratio is taken in one process).
+EAGER_STEPS = ("full", "peer", "bsr autograd", "bsr fast", "bsr lean")
+COMPILED_STEPS = ("full", "bsr autograd", "peer compile", "bsr autograd compile", "full compile",
+                  "bsr lean compile", "bsr fast compile", "bsr autograd compile cudagraphs")
 
 
 def log(*a):
@@ -57,7 +84,64 @@ def err(e: BaseException) -> str:
     return error_text(e, 300)
 
 
-# --- timing (benchmarks._timing) ------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str, allow_nan=True)
+    os.replace(tmp, path)
+
+
+class Skipped(Exception):
+    """A candidate left out: it hung in an earlier attempt of this part."""
+
+
+class Worker:
+    """The part running in this process: its results and what it is doing right now, saved to
+    ``part-<name>.json`` after every change, so that a hang or a crash loses nothing and the
+    parent knows what hung."""
+
+    def __init__(self, part: str, out_dir: str, skip: list[str], compile_timeout_s: float,
+                 deadline: float):
+        self.part, self.out_dir, self.skip = part, out_dir, set(skip)
+        self.compile_timeout_s, self.deadline = compile_timeout_s, deadline
+        self.path = os.path.join(out_dir, f"part-{part}.json")
+        self.state = {"part": part, "running": None, "result": {}}
+
+    def save(self) -> None:
+        _write_json(self.path, self.state)
+
+    def put(self, key: str, value) -> None:
+        self.state["result"][key] = value
+        self.save()
+
+    @contextlib.contextmanager
+    def watchdog(self, label: str, seconds: float | None = None):
+        """Runs the block with ``label`` recorded as running; past ``seconds`` (default the
+        compile timeout) the stacks of every thread go to ``stacks-<part>-<label>.txt`` and the
+        process exits. Raises :class:`Skipped` for a label that hung before."""
+        if label in self.skip:
+            raise Skipped(f"hung in an earlier attempt (stacks-{self.part}-{_slug(label)}.txt)")
+        seconds = self.compile_timeout_s if seconds is None else seconds
+        self.state["running"] = label
+        self.save()
+        path = os.path.join(self.out_dir, f"stacks-{self.part}-{_slug(label)}.txt")
+        with open(path, "w") as f:
+            faulthandler.dump_traceback_later(seconds, exit=True, file=f)
+            try:
+                yield
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+        os.remove(path)  # finished in time: nothing to keep
+        self.state["running"] = None
+        self.save()
+
+
+WORKER: Worker | None = None
+
 
 def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:
     """Median ms per call of each candidate, interleaved over ``rounds`` rounds."""
@@ -75,20 +159,115 @@ class Rotating:
         return self.fn(*self.sets[self.i])
 
 
+def warmed(candidates: dict, errors: dict, compiled: set[str]) -> dict:
+    """The candidates that ran once: compiled ones under the watchdog (a hang ends this process
+    and its next attempt skips the candidate); failures go to ``errors``."""
+    ok = {}
+    for name, fn in candidates.items():
+        try:
+            if name in compiled:
+                with WORKER.watchdog(name):
+                    fn()
+            else:
+                fn()
+            ok[name] = fn
+        except Exception as e:  # a failing candidate is reported; the others go on
+            errors[name] = err(e)
+            log("  FAILED", name, errors[name])
+    return ok
+
+
 # --- the drop op ----------------------------------------------------------------------------------
 
-def cls_row_composite(x, q, k, keep_rate=0.5, p=1):
-    """The CLS-row composite of issue 9 (six lines of PyTorch, fp32 scores)."""
-    b, n, c = x.shape
-    m = n - p
-    n_keep = num_kept(keep_rate, m)
-    logits = (q[:, :, :1].float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
-    scores = logits.softmax(-1)[:, :, 0, p:].mean(1)
-    kept = scores.topk(n_keep, dim=1).indices.sort(dim=1).values
-    xp = x[:, p:]
-    w = scores.scatter(1, kept, 0.0)
-    fused = torch.einsum("bm,bmc->bc", w, xp.float()).to(x.dtype).unsqueeze(1)
-    return torch.cat([x[:, :p], xp.gather(1, kept.unsqueeze(-1).expand(-1, -1, c)), fused], 1)
+OP_SHAPES = [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
+             ("ViT-S B=256", 256, 6, 197, 64), ("ViT-B B=8", 8, 12, 197, 64)]
+EAGER_PEER, ROW_PEER, COMPILED_PEER = ("eager composite", "CLS-row composite",
+                                       "compile(CLS-row composite)")
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second / 1e9), measured now."""
+    import triton.testing
+    buf = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    ms = triton.testing.do_bench(lambda: dst.copy_(buf), warmup=10, rep=100, return_mode="median")
+    return 2 * buf.numel() / ms / 1e6
+
+
+def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
+    """The drop against its eager peers (``compiled=False``) or against the compiled CLS-row
+    composite (``compiled=True``); ratios are taken within this call."""
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = OP_SHAPES if cuda else [("tiny", 4, 2, 17, 8)]
+    g = torch.Generator(device=device).manual_seed(1)
+    out = {}
+    if cuda:
+        out["copy_gbps"] = copy_gbps()
+        WORKER.put("copy_gbps", out["copy_gbps"])
+        log(f"copy: {out['copy_gbps']:.0f} GB/s")
+    ours = "bsr " + bsr_kernels.ops.select_backend(torch.device(device), dtype).name
+    op = lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5)  # noqa: E731
+    peers = {ROW_PEER: cls_row_drop}
+    if compiled:
+        peers[COMPILED_PEER] = torch.compile(cls_row_drop, dynamic=False)
+    else:
+        peers[EAGER_PEER] = lambda x, q, k: eager_drop_composite(x, q, k, 0.5)
+    for label, b, h, n, d in shapes:
+        c = h * d
+        sets = [make_inputs(b, n, h, c, dtype, device, generator=g)[:3]
+                for _ in range(4 if cuda else 1)]
+        res, errors = {}, {}
+        fwd = warmed({ours: Rotating(op, sets),
+                      **{name: Rotating(fn, sets) for name, fn in peers.items()}},
+                     errors, {COMPILED_PEER})
+        res["forward"] = bench(fwd, cuda)
+        if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
+            res["forward_graph"] = {}
+            for name, fn in fwd.items():
+                try:
+                    res["forward_graph"][name] = {"ms": graph_ms(fn, len(sets))}
+                except Exception as e:  # capture can fail: report, go on
+                    res["forward_graph"][name] = {"error": err(e)}
+        gsets = [make_inputs(b, n, h, c, dtype, device, True, generator=g)
+                 for _ in range(3 if cuda else 1)]
+
+        def fb(fn):  # grads to x and the qkv tensor with a fixed cotangent
+            def run(x, q, k, v, qkv):
+                o = fn(x, q, k)
+                o = o[0] if isinstance(o, tuple) else o
+                return torch.autograd.grad(o, (x, qkv), torch.ones_like(o))
+            return Rotating(run, gsets)
+        res["fwd+bwd"] = bench(warmed({name: fb(fn) for name, fn in [(ours, op), *peers.items()]
+                                       if name in fwd}, errors, {COMPILED_PEER}), cuda)
+        res["errors"] = errors
+        res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
+        f = res["forward_graph"] if cuda else res["forward"]
+        t = f.get(ours, {}).get("ms")
+        if t:
+            res["gbps"] = res["min_bytes"] / t / 1e6
+            if "copy_gbps" in out:
+                res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
+            for peer in peers:
+                if "ms" in f.get(peer, {}):
+                    res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
+                fbt = res["fwd+bwd"]
+                if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
+                    res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
+        if cuda and not compiled:  # the passes of the forward, alone
+            from bsr_kernels.ops import triton_backend as tb
+            x, q, k = sets[0]
+            nk = num_kept(0.5, n - 1)
+            scores, lse, kept, slot = tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk)
+            res["passes"] = bench({
+                "logits+select": lambda: tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk),
+                "gather": lambda: tb._launch_gather(x, slot, scores, 1, nk, True),
+            }, cuda, rounds=2)
+        out[label] = res
+        WORKER.put(label, res)  # per shape: a later hang loses nothing
+        log(label, json.dumps({k: v for k, v in res.items() if k != "passes"}, default=str)[:900])
+        sets = gsets = None  # free before the next shape
+        gc.collect()
+    return out
 
 
 def part_check(cuda: bool, device: str) -> dict:
@@ -135,7 +314,8 @@ def part_check(cuda: bool, device: str) -> dict:
                            deterministic=det,
                            kept_is_rule_of_own_scores=bool(torch.equal(kept, own_kept)),
                            scores_rel=rel(scores, r_scores), lse_rel=rel(lse, r_lse),
-                           out_rel=rel(x_out, r_out), replay_equal=bool(torch.equal(rep_out, x_out)),
+                           out_rel=rel(x_out, r_out),
+                           replay_equal=bool(torch.equal(rep_out, x_out)),
                            grad_rel=gerr)
                 tol = 1e-5 if dt == torch.float32 else 2e-2
                 ok = (det and row["kept_is_rule_of_own_scores"] and row["replay_equal"]
@@ -143,6 +323,7 @@ def part_check(cuda: bool, device: str) -> dict:
                       and row["grad_rel"] < (1e-4 if dt == torch.float32 else 3e-2))
                 row["ok"] = ok
                 rows.append(row)
+                WORKER.put("cases", rows)
                 if not ok:
                     failures.append(row)
     log(f"check: {len(rows)} cases, {len(failures)} failures")
@@ -151,104 +332,16 @@ def part_check(cuda: bool, device: str) -> dict:
     return {"cases": rows, "failures": len(failures)}
 
 
-def part_op(cuda: bool, device: str) -> dict:
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = ([("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
-               ("ViT-S B=256", 256, 6, 197, 64), ("ViT-B B=8", 8, 12, 197, 64)]
-              if cuda else [("tiny", 4, 2, 17, 8)])
-    g = torch.Generator(device=device).manual_seed(1)
-    out = {}
-    if cuda:
-        buf = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(buf)
-        import triton.testing
-        ms = triton.testing.do_bench(lambda: dst.copy_(buf), warmup=10, rep=100,
-                                     return_mode="median")
-        out["copy_gbps"] = 2 * buf.numel() / ms / 1e6
-        del buf, dst
-        log(f"copy: {out['copy_gbps']:.0f} GB/s")
-    compiled = torch.compile(cls_row_composite, dynamic=False)
-    for label, b, h, n, d in shapes:
-        c = h * d
-        sets = [make_inputs(b, n, h, h * d, dtype, device, generator=g)[:3]
-                for _ in range(4 if cuda else 1)]
-        fwd = {
-            "bsr triton": Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets),
-            "eager composite": Rotating(lambda x, q, k: eager_drop_composite(x, q, k, 0.5), sets),
-            "CLS-row composite": Rotating(cls_row_composite, sets),
-            "compile(CLS-row composite)": Rotating(compiled, sets),
-        }
-        res = {"forward": bench(fwd, cuda)}
-        if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
-            res["forward_graph"] = {}
-            for name, fn in fwd.items():
-                try:
-                    res["forward_graph"][name] = {"ms": graph_ms(fn, len(sets))}
-                except Exception as e:  # compile or capture can fail: report, go on
-                    res["forward_graph"][name] = {"error": err(e)}
-        # fwd+bwd: grads to x and qkv with a fixed cotangent
-        gsets = []
-        for _ in range(3 if cuda else 1):
-            x, q, k, _, qkv = make_inputs(b, n, h, h * d, dtype, device, True, generator=g)
-            gsets.append((x, q, k, qkv))
-
-        def fb(fn):
-            def run(x, q, k, qkv):
-                o = fn(x, q, k)
-                o = o[0] if isinstance(o, tuple) else o
-                return torch.autograd.grad(o, (x, qkv), torch.ones_like(o))
-            return Rotating(run, gsets)
-        res["fwd+bwd"] = bench({
-            "bsr triton": fb(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5)),
-            "eager composite": fb(lambda x, q, k: eager_drop_composite(x, q, k, 0.5)),
-            "CLS-row composite": fb(cls_row_composite),
-            "compile(CLS-row composite)": fb(compiled),
-        }, cuda)
-        nbytes = min_bytes(b, h, n, c, dtype=dtype, fused=True)
-        res["min_bytes"] = nbytes
-        f = res["forward_graph"] if cuda else res["forward"]
-        if "ms" in f.get("bsr triton", {}):
-            t = f["bsr triton"]["ms"]
-            res["gbps"] = nbytes / t / 1e6
-            if "copy_gbps" in out:
-                res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
-            for peer in ("eager composite", "CLS-row composite", "compile(CLS-row composite)"):
-                if "ms" in f.get(peer, {}):
-                    res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
-                if "ms" in res["fwd+bwd"].get(peer, {}) and "ms" in res["fwd+bwd"]["bsr triton"]:
-                    res[f"fwd+bwd speedup vs {peer}"] = (res["fwd+bwd"][peer]["ms"]
-                                                         / res["fwd+bwd"]["bsr triton"]["ms"])
-        if cuda:  # the passes of the forward, alone
-            from bsr_kernels.ops import triton_backend as tb
-            x, q, k = sets[0]
-            cd = torch.float32
-            scores, lse, kept, slot = tb._launch_scores(q, k, d ** -0.5, 1, cd, num_kept(0.5, n - 1))
-            res["passes"] = bench({
-                "logits+select": lambda: tb._launch_scores(q, k, d ** -0.5, 1, cd,
-                                                           num_kept(0.5, n - 1)),
-                "gather": lambda: tb._launch_gather(x, slot, scores, 1, num_kept(0.5, n - 1), True),
-            }, cuda, rounds=2)
-        out[label] = res
-        RESULTS["parts"]["op"] = out  # written per shape: a later hang loses nothing
-        write(OUT_DIR)
-        log(label, json.dumps({k: v for k, v in res.items() if k not in ("passes",)},
-                              default=str)[:900])
-        del sets, gsets
-        gc.collect()
-    return out
-
-
 def part_sweep(cuda: bool, device: str) -> dict:
+    """Forward time of the op over a grid of launch settings (programs per SM, warps)."""
     if not cuda:
         return {}
     from bsr_kernels.ops import triton_backend as tb
     g = torch.Generator(device=device).manual_seed(2)
     base = dict(tb.LAUNCH)
-    grid = [dict(programs_per_sm=pps, num_warps=w, tile_elems=4096)
-            for pps in (2, 4, 8) for w in (4, 8)]
+    grid = [dict(programs_per_sm=pps, num_warps=w) for pps in (2, 4, 8) for w in (4, 8)]
     out = {}
-    for label, b, h, n, d in [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
-                              ("ViT-B B=8", 8, 12, 197, 64)]:
+    for label, b, h, n, d in [s for s in OP_SHAPES if s[0] != "ViT-S B=256"]:
         sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
                 for _ in range(4)]
         fn = Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets)
@@ -256,24 +349,42 @@ def part_sweep(cuda: bool, device: str) -> dict:
         for setting in grid:
             tb.LAUNCH.update(setting)
             try:
-                import triton.testing
-                ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
-                res.append((ms, setting))
+                res.append((graph_ms(fn, len(sets)), setting))
             except Exception as e:
                 res.append((float("inf"), {**setting, "error": err(e)}))
-            tb.LAUNCH.clear()
-            tb.LAUNCH.update(base)
+            finally:
+                tb.LAUNCH.clear()
+                tb.LAUNCH.update(base)
         res.sort(key=lambda r: r[0])
-        out[label] = {"best": res[0], "default": [r for r in res if all(
-            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "tile_elems"))][:1],
-            "all": res}
+        out[label] = {"best": res[0], "all": res, "default": [r for r in res if all(
+            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps"))][:1]}
+        WORKER.put(label, out[label])
         log("sweep", label, "best", res[0])
     return out
 
 
 # --- the training step ----------------------------------------------------------------------------
 
-def part_step(cuda: bool, device: str, budget_s: float) -> dict:
+def _digest(logits: torch.Tensor, params: list) -> dict:
+    """The first step's logits and a fixed random projection of each trained parameter's
+    gradient: enough to compare compiled with eager without keeping the gradients."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    proj = []
+    for p in params:
+        r = torch.randn(p.numel(), generator=g).to(p.device)
+        proj.append(float(p.grad.float().flatten() @ r) if p.grad is not None else 0.0)
+    return {"logits": logits.detach().float().cpu().flatten().tolist(), "grad_proj": proj}
+
+
+def _digest_diff(a: dict, b: dict) -> dict:
+    la, lb = torch.tensor(a["logits"]), torch.tensor(b["logits"])
+    ga, gb = torch.tensor(a["grad_proj"]), torch.tensor(b["grad_proj"])
+    return {"logits_rel": float((la - lb).norm() / lb.norm().clamp_min(1e-30)),
+            "grad_proj_rel": float((ga - gb).norm() / gb.norm().clamp_min(1e-30))}
+
+
+def part_step(cuda: bool, device: str, variants) -> dict:
+    """ms per training step of each variant, interleaved; peak memory; first-step digests."""
     import timm
     if cuda:
         name, batch, img = "vit_base_patch16_224", 128, 224
@@ -293,163 +404,274 @@ def part_step(cuda: bool, device: str, budget_s: float) -> dict:
         elif variant.startswith("peer"):
             module = PeerBSR(vit)
         else:
-            mode = variant.split()[1]
-            module = bsr_kernels.reprogram(vit, memory_mode=mode)
+            module = bsr_kernels.reprogram(vit, memory_mode=variant.split()[1])
         if "compile" in variant:
             module = torch.compile(module, dynamic=False,
                                    mode="reduce-overhead" if "cudagraphs" in variant else None)
         params = [p for p in vit.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+        first = {}
 
         def step():
             with amp:
                 logits = module(images)
             F.cross_entropy(logits.float(), labels).backward()
+            if not first:
+                first.update(_digest(logits, params))
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return vit, module, step
+        return step, first
 
-    variants = ["full", "peer", "bsr autograd", "bsr fast", "bsr lean",
-                "full compile", "peer compile", "bsr autograd compile", "bsr lean compile",
-                "bsr autograd compile cudagraphs"]
-    out, steps, resident = {}, {}, {}
+    out, steps = {}, {}
+    reserve_s = 90 if cuda else 5  # left for the interleaved timing of the prepared variants
     for v in variants:
-        if time.time() - T0 > budget_s:
-            out[v] = {"error": "skipped: time budget"}
+        if time.time() > WORKER.deadline - reserve_s:
+            out[v] = {"error": "skipped: out of time"}
             continue
         try:
             if cuda:
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
-            vit, module, step = make(v)
-            if cuda:
-                resident[v] = torch.cuda.memory_allocated() - base
             t = time.time()
-            step()
-            step()
+            with WORKER.watchdog(v, None if "compile" in v else 180):
+                step, first = make(v)
+                resident = torch.cuda.memory_allocated() - base if cuda else 0
+                step()
+                step()
+            out[v] = {"first_steps_s": time.time() - t}
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
                 step()
                 torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() - base - resident[v]
-            else:
-                peak = float("nan")
-            out[v] = {"first_steps_s": time.time() - t, "peak_gib_above_model": peak / 2 ** 30}
+                out[v]["peak_gib_above_model"] = (torch.cuda.max_memory_allocated() - base
+                                                  - resident) / 2 ** 30
+            out[v]["digest"] = dict(first)
             steps[v] = step
-            log("step ready", v, out[v])
+            log("step ready", v, {k: x for k, x in out[v].items() if k != "digest"})
         except Exception as e:
             out[v] = {"error": err(e)}
             log("step FAILED", v, out[v]["error"])
-            traceback.print_exc()
+            if not isinstance(e, Skipped):
+                traceback.print_exc()
+        WORKER.put("variants", out)
     timing = bench(steps, cuda, rounds=3, rep_ms=400 if cuda else 1)
     for v, tm in timing.items():
         out[v].update(tm)
-    if "ms" in out.get("full", {}):
-        for v in out:
-            if "ms" in out[v]:
-                out[v]["x_full"] = out["full"]["ms"] / out[v]["ms"]
-                if "ms" in out.get("full compile", {}):
-                    out[v]["x_full_compiled"] = out["full compile"]["ms"] / out[v]["ms"]
-                if "ms" in out.get("peer compile", {}):
-                    out[v]["x_peer_compiled"] = out["peer compile"]["ms"] / out[v]["ms"]
+        if "ms" in tm:
+            out[v]["img_per_s"] = batch / tm["ms"] * 1e3
+    for v in out:
+        for ref in ("full", "full compile", "peer compile"):
+            if "ms" in out[v] and "ms" in out.get(ref, {}):
+                out[v][f"x_{_slug(ref)}"] = out[ref]["ms"] / out[v]["ms"]
+        if " compile" in v:  # compiled against eager of the same model, when both ran here
+            eager = v.split(" compile")[0]
+            if "digest" in out[v] and "digest" in out.get(eager, {}):
+                out[v]["vs_eager"] = _digest_diff(out[v]["digest"], out[eager]["digest"])
+    WORKER.put("variants", out)
     del steps
     gc.collect()
-    return out
+    return {"variants": out, "batch": batch, "model": name}
 
 
-def part_sync_and_compile_equality(cuda: bool, device: str) -> dict:
-    """No host sync in any mode's step (CUDA sync debug mode), and compiled == eager."""
-    import timm
+def part_sync(cuda: bool, device: str) -> dict:
+    """No host sync in the forward and backward of any memory mode (CUDA sync debug mode)."""
+    from timm.models.vision_transformer import VisionTransformer
     out = {}
     g = torch.Generator(device=device).manual_seed(4)
     kw = dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, num_classes=5)
     images = torch.randn(4, 3, 64, 64, generator=g, device=device)
     for mode in ("autograd", "fast", "lean"):
         torch.manual_seed(0)
-        from timm.models.vision_transformer import VisionTransformer
         m = bsr_kernels.reprogram(VisionTransformer(**kw).to(device), memory_mode=mode)
         m(images).sum().backward()  # warm
         m.zero_grad()
         try:
             if cuda:
                 torch.cuda.set_sync_debug_mode("error")
-            logits = m(images)
-            logits.sum().backward()
+            m(images).sum().backward()
             out[f"{mode} sync-free"] = True
         except Exception as e:
             out[f"{mode} sync-free"] = err(e)
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
-        eager_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-        m.zero_grad()
-        if cuda:  # compiled == eager is checked on CPU by the tests; spare the lease
-            continue
-        try:
-            cm = torch.compile(m, dynamic=False)
-            cl = cm(images)
-            cl.sum().backward()
-            diffs = [float((p.grad - eager_grads[n]).norm() / eager_grads[n].norm())
-                     for n, p in m.named_parameters() if p.grad is not None]
-            out[f"{mode} compiled logits max diff"] = float((cl - logits).detach().abs().max())
-            out[f"{mode} compiled grad max rel"] = max(diffs)
-        except Exception as e:
-            out[f"{mode} compiled"] = err(e)
-        log("sync/compile", mode, {k: v for k, v in out.items() if k.startswith(mode)})
+        WORKER.put(mode, out[f"{mode} sync-free"])
+    log("sync", out)
     return out
 
 
-def write(out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str, allow_nan=True)
+def run_worker(part: str, args) -> dict:
+    """This process's side of ``--worker PART``: runs the part and saves its result."""
+    global WORKER
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    WORKER = Worker(part, args.out, [s for s in args.skip.split("|") if s],
+                    args.compile_timeout_s, args.deadline_at or float("inf"))
+    WORKER.save()
+    parts = {"check": part_check, "op": part_op, "sync": part_sync, "sweep": part_sweep,
+             "op-compiled": lambda c, d: part_op(c, d, compiled=True),
+             "step": lambda c, d: part_step(c, d, EAGER_STEPS),
+             "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS)}
+    try:
+        WORKER.state["result"] = parts[part](cuda, device)
+    except Exception as e:  # recorded; the parent goes on with the next part
+        WORKER.state["result"]["error"] = err(e)
+        traceback.print_exc()
+    WORKER.state["running"] = None
+    WORKER.save()
+    return WORKER.state
+
+
+def run_part(part: str, args, deadline_at: float) -> dict:
+    """Runs ``part`` in child processes until it completes: when a child dies inside a watched
+    block (a hang or a crash), the part starts again without that candidate."""
+    hangs, skip = [], []
+    path = os.path.join(args.out, f"part-{part}.json")
+    while True:
+        left = deadline_at - time.time()
+        if left < 15:
+            return {"error": "skipped: out of time", "hangs": hangs}
+        cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--worker", part, "--out", args.out,
+               "--skip", "|".join(skip), "--compile-timeout-s", str(args.compile_timeout_s),
+               "--deadline-at", str(deadline_at)] + (["--smoke"] if args.smoke else [])
+        if os.path.exists(path):
+            os.remove(path)
+        try:
+            rc = subprocess.run(cmd, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            rc = "killed at the deadline"
+        state = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+        result = state.get("result", {})
+        running = state.get("running")
+        if rc == 0 and not running:
+            result["hangs"] = hangs
+            return result
+        stacks = f"stacks-{part}-{_slug(running)}.txt" if running else None
+        hangs.append({"while": running, "exit": rc, "stacks": stacks})
+        log(f"part {part}: the worker ended ({rc}) while running {running!r}"
+            + (f"; thread stacks in {stacks}" if stacks else ""))
+        if not running or running in skip or rc == "killed at the deadline":
+            result["error"] = f"worker ended ({rc}) while running {running!r}"
+            result["hangs"] = hangs
+            return result
+        skip.append(running)
+
+
+def _fmt(x, spec=".2f", suffix="") -> str:
+    return f"{x:{spec}}{suffix}" if isinstance(x, (int, float)) else "—"
+
+
+def summarize(results: dict) -> str:
+    """The tables of ``results.md``: the op per shape, the training step per variant."""
+    env, parts = results.get("env", {}), results.get("parts", {})
+    lines = [f"# bench_gpu: {env.get('device')} · torch {env.get('torch')} · triton "
+             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""]
+    if "check" in parts:
+        c = parts["check"]
+        lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
+                  + (f" ({c['error']})" if "error" in c else ""), ""]
+    op, opc = parts.get("op", {}), parts.get("op-compiled", {})
+    shapes = [k for k in {**op, **opc} if isinstance(op.get(k, opc.get(k)), dict)
+              and "forward" in op.get(k, opc.get(k))]
+    if shapes:
+        lines += [f"## drop op, forward GPU time (CUDA-graph replay), copy "
+                  f"{_fmt(op.get('copy_gbps', opc.get('copy_gbps')), '.0f')} GB/s", "",
+                  "| shape | bsr µs | of copy | × eager composite | × CLS-row | "
+                  "× compiled CLS-row | fwd+bwd × CLS-row | fwd+bwd × compiled |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in shapes:
+            r, rc = op.get(s, {}), opc.get(s, {})
+            timed = r or rc  # the op's own time: from the eager part when it ran
+            ours = next((k for k in timed["forward"] if k.startswith("bsr")), None)
+            t = timed.get("forward_graph", timed["forward"]).get(ours, {}).get("ms")
+            lines.append("| " + " | ".join([
+                s, _fmt(t * 1e3 if t else None, ".1f"), _fmt(timed.get("fraction_of_copy"), ".0%"),
+                _fmt(r.get(f"forward speedup vs {EAGER_PEER}"), ".2f", "×"),
+                _fmt(r.get(f"forward speedup vs {ROW_PEER}"), ".2f", "×"),
+                _fmt(rc.get(f"forward speedup vs {COMPILED_PEER}"), ".2f", "×"),
+                _fmt(r.get(f"fwd+bwd speedup vs {ROW_PEER}"), ".2f", "×"),
+                _fmt(rc.get(f"fwd+bwd speedup vs {COMPILED_PEER}"), ".2f", "×")]) + " |")
+        lines.append("")
+    for name in ("step", "step-compiled"):
+        vs = parts.get(name, {}).get("variants", {})
+        if not vs:
+            continue
+        lines += [f"## training step ({name}: ratios within this part's process)", "",
+                  "| variant | ms/step | img/s | × full | × full compiled | × peer compiled | "
+                  "peak GiB above model | compiled vs eager (logits, grads) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for v, r in vs.items():
+            ve = r.get("vs_eager", {})
+            lines.append("| " + " | ".join([
+                v, _fmt(r.get("ms")), _fmt(r.get("img_per_s"), ".0f"), _fmt(r.get("x_full")),
+                _fmt(r.get("x_full_compile")), _fmt(r.get("x_peer_compile")),
+                _fmt(r.get("peak_gib_above_model")),
+                f"{_fmt(ve.get('logits_rel'), '.1e')}, {_fmt(ve.get('grad_proj_rel'), '.1e')}"
+                if ve else ("error: " + r["error"][:80] if "error" in r else "")]) + " |")
+        lines.append("")
+    hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
+    for p, h in hung:
+        lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "
+                     f"stacks: {h['stacks']}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for results.json")
-    ap.add_argument("--parts", default="check,op,sweep,sync,step",
-                    help="comma-separated parts to run (default: all)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Each part runs in a child process; see the module docstring.")
+    ap.add_argument("--out", required=True, help="folder for results.json, results.md, part-*.json")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated parts, run in the order given "
+                         f"(default: {','.join(PARTS)})")
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="stop starting work after this many seconds (default 540: a 600 s call)")
+    ap.add_argument("--compile-timeout-s", type=float, default=240.0,
+                    help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
+                         "and the part goes on without it (default 240)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
-    ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="skip remaining step variants after this many seconds")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global OUT_DIR
-    OUT_DIR = args.out
-    # On the lent H100 (2026-11-26) torch.compile of the CLS-row composite did not finish within
-    # minutes; compiling in-process (no worker pool) is the first thing to rule out there.
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    cuda = torch.cuda.is_available() and not args.smoke
+    if args.compile_timeout_s <= 0:
+        ap.error(f"--compile-timeout-s must be > 0, got {args.compile_timeout_s}")
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton check runs in the interpreter
-    device = "cuda" if cuda else "cpu"
-    RESULTS["env"] = dict(torch=torch.__version__, device=torch.cuda.get_device_name()
-                          if cuda else "cpu", cuda=torch.version.cuda)
+    os.makedirs(args.out, exist_ok=True)
+    if args.worker:
+        run_worker(args.worker, args)
+        sys.stdout.flush()
+        os._exit(0)  # skip interpreter teardown: compile worker pools have hung at exit
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        ap.error(f"--parts: unknown {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    os.environ["BSR_BENCH_T0"] = str(T0)
+    cuda = torch.cuda.is_available() and not args.smoke
+    results = {"env": dict(torch=torch.__version__, cuda=torch.version.cuda,
+                           device=torch.cuda.get_device_name() if cuda else "cpu",
+                           compile_threads=os.environ["TORCHINDUCTOR_COMPILE_THREADS"]),
+               "parts": {}}
     try:
         import triton
-        RESULTS["env"]["triton"] = triton.__version__
+        results["env"]["triton"] = triton.__version__
     except ImportError:
         pass
-    log("env", RESULTS["env"])
-    parts = {"check": part_check, "op": part_op, "sweep": part_sweep,
-             "sync": part_sync_and_compile_equality}
-    for name in args.parts.split(","):
-        log("== part", name)
-        try:
-            if name == "step":
-                RESULTS["parts"][name] = part_step(cuda, device, args.budget_s)
-            else:
-                RESULTS["parts"][name] = parts[name](cuda, device)
-        except Exception as e:
-            RESULTS["parts"][name] = {"error": err(e)}
-            traceback.print_exc()
-        write(args.out)
+    log("env", results["env"])
+    deadline_at = T0 + args.deadline_s
+    for part in args.parts.split(","):
+        log("== part", part)
+        results["parts"][part] = run_part(part, args, deadline_at)
+        _write_json(os.path.join(args.out, "results.json"), results)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(summarize(results))
     log("done")
-    step = RESULTS["parts"].get("step", {})
-    for v, r in step.items():
-        log(f"{v:24s}", {k: (round(x, 3) if isinstance(x, float) else x) for k, x in r.items()})
+    print(summarize(results), flush=True)
     return 0
 
 

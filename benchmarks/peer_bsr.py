@@ -14,11 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PeerBSR"]
+__all__ = ["PeerBSR", "cls_row_drop"]
 
 
-def _cls_row_drop(x, q, k, keep_rate: float, p: int):
-    """The six-line CLS-row drop with a fused token (fp32 scores)."""
+def cls_row_drop(x, q, k, keep_rate: float = 0.5, p: int = 1):
+    """The CLS-row composite of issue 9: the six-line drop with a fused token (fp32 scores),
+    also timed alone (eager and compiled) against the library's op by ``bench_gpu``."""
     b, n, c = x.shape
     m = n - p
     n_keep = max(1, math.ceil(keep_rate * m - 1e-9))
@@ -53,7 +54,7 @@ class PeerBSR(torch.nn.Module):
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         x = x + blk.ls1(a.proj(o))
         if i in self.drop_at:
-            x = _cls_row_drop(x, q, k, self.keep_rate, self.vit.num_prefix_tokens)
+            x = cls_row_drop(x, q, k, self.keep_rate, self.vit.num_prefix_tokens)
         return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
     def forward(self, images):
