@@ -22,6 +22,8 @@ Parts (``--parts``, default all, in this order):
   not hold them; q and k are views of one qkv tensor, as in timm. ``triton.testing.do_bench``
   medians, candidates interleaved over rounds; each forward is also timed as CUDA-graph replays
   (GPU time without launch overhead), which the ratios use. Also the op's passes alone.
+* ``sweep``: the Triton launch table (programs per SM, warps of the gather and of the selection)
+  at the op shapes, CUDA-graph times.
 * ``sync``: no host sync in any memory mode's step (``torch.cuda.set_sync_debug_mode("error")``).
 * ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW), eager: timm full fine-tuning,
   the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in each memory mode; ms/step
@@ -31,7 +33,6 @@ Parts (``--parts``, default all, in this order):
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
   in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
   fine-tuning and eager autograd mode timed beside them for in-process ratios.
-* ``sweep``: the Triton launch table (programs per SM, warps) at the op shapes.
 
 Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``
 (``--deadline-s`` bounds the whole run; ``--parts op,step`` runs some parts). ``--smoke`` runs
@@ -67,7 +68,7 @@ from .peer_bsr import PeerBSR, cls_row_drop
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 
 #: The parts, in the order a short lease should spend its time on them.
-PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "sweep")
+PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled")
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
@@ -339,7 +340,8 @@ def part_sweep(cuda: bool, device: str) -> dict:
     from bsr_kernels.ops import triton_backend as tb
     g = torch.Generator(device=device).manual_seed(2)
     base = dict(tb.LAUNCH)
-    grid = [dict(programs_per_sm=pps, num_warps=w) for pps in (2, 4, 8) for w in (4, 8)]
+    grid = [dict(programs_per_sm=pps, num_warps=w, select_warps=sw)
+            for pps in (2, 4, 8) for w in (4, 8) for sw in (1, 2, 4)]
     out = {}
     for label, b, h, n, d in [s for s in OP_SHAPES if s[0] != "ViT-S B=256"]:
         sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
@@ -357,7 +359,7 @@ def part_sweep(cuda: bool, device: str) -> dict:
                 tb.LAUNCH.update(base)
         res.sort(key=lambda r: r[0])
         out[label] = {"best": res[0], "all": res, "default": [r for r in res if all(
-            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps"))][:1]}
+            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "select_warps"))][:1]}
         WORKER.put(label, out[label])
         log("sweep", label, "best", res[0])
     return out

@@ -105,14 +105,18 @@ def performance_section(results: dict, link: str | None = None) -> str:
         for cand in dict.fromkeys(r["candidate"] for r in sel):
             fw = next((r for r in sel if r["candidate"] == cand and r["pass_"] == "forward"), None)
             bw = next((r for r in sel if r["candidate"] == cand and r["pass_"] == "fwd+bwd"), None)
+            lv = next((r for r in sel if r["candidate"] == cand
+                       and r["pass_"] == "fwd+bwd leaves"), None)
             rows.append([cand, f"{fw['median_ms']:.3f}" if fw else "",
                          f"{fw['paired_speedup_vs_eager']:.2f}x" if fw else "",
                          f"{bw['paired_speedup_vs_eager']:.2f}x" if bw else "",
+                         f"{lv['paired_speedup_vs_eager']:.2f}x" if lv else "",
                          f"{fw['gbps']:.0f}" if fw and "gbps" in fw else "",
                          f"{100 * fw['bound_fraction']:.0f}%" if fw and "bound_fraction" in fw
                          else ""])
         lines.append(format_table(rows, ["candidate", "forward ms", "forward speedup",
-                                         "fwd+bwd speedup", "GB/s", "% of bound"]))
+                                         "fwd+bwd speedup", "fwd+bwd speedup, q/k leaves",
+                                         "GB/s", "% of bound"]))
 
     mem = results.get("memory")
     if _ok(mem) and mem.get("max_batch"):

@@ -215,14 +215,16 @@ def test_kernels_compile_for_gpu():
                                       lse_ptr=f"*{acc}"),
             dict(ACC=tb._acc(cd), **tb.logits_blocks(64)), tb.LAUNCH["num_warps"])
         assert "cubin" in kernel.asm and ".entry cls_logits_kernel" in kernel.asm["ptx"]
-        for select in (True, False):
+        for select, warps in ((True, 1), (True, 4), (False, tb.LAUNCH["select_warps"])):
             kernel = _compile_for_sm90(
                 "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
                                       scores_ptr=f"*{acc}", kept_ptr="*i32", slot_ws_ptr="*i32",
                                       key_ws_ptr="*i64" if acc == "fp64" else "*i32"),
-                dict(ACC=tb._acc(cd), DO_SELECT=select, **tb.select_blocks(196, cd)),
-                tb.LAUNCH["num_warps"])
+                dict(ACC=tb._acc(cd), DO_SELECT=select, **tb.select_blocks(196, cd)), warps)
             assert "cubin" in kernel.asm
+            if select and warps == 1:  # the counting passes need no block barrier: only the
+                # one that orders the key workspace (tl.debug_barrier) is left
+                assert kernel.asm["ptx"].count("bar.sync") == 1
         for fuse in (True, False):
             blocks = tb.gather_blocks(128, 197, 768, 132)
             kernel = _compile_for_sm90(

@@ -106,11 +106,14 @@ def select_kernel(
        #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
        positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
        ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
-    Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks.
+    Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks. The keys of the
+    first tile (all of them when M <= BLOCK_M, the ViT shapes) stay in registers (``key0``): the
+    counting passes then make no memory round trip; later tiles are read back from ``key_ws``.
     """
     b = tl.program_id(0).to(tl.int64)
     M = N - P
     hf = H * 1.0
+    key0 = tl.full([BLOCK_M], KEY_MIN, KEY)
     for j0 in range(0, M, BLOCK_M):
         offs_j = j0 + tl.arange(0, BLOCK_M)
         jmask = offs_j < M
@@ -124,8 +127,9 @@ def select_kernel(
         tl.store(scores_ptr + b * M + offs_j, s, mask=jmask)
         if DO_SELECT:
             bits = (tl.where(s != s, float("-inf"), s) + 0.0).to(KEY, bitcast=True)
-            tl.store(key_ws_ptr + b * M + offs_j, tl.where(bits >= 0, bits, bits ^ KEY_FLIP),
-                     mask=jmask)
+            key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
+            tl.store(key_ws_ptr + b * M + offs_j, key, mask=jmask)
+            key0 = tl.where(j0 == 0, key, key0)
     if DO_SELECT:
         tl.debug_barrier()
         # the sign first (are at least n_keep keys >= 0?), then the lower bits one by one
@@ -137,7 +141,8 @@ def select_kernel(
             for j0 in range(0, M, BLOCK_M):
                 offs_j = j0 + tl.arange(0, BLOCK_M)
                 jmask = offs_j < M
-                key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
+                key = tl.where(j0 == 0, key0, tl.load(key_ws_ptr + b * M + offs_j,
+                                                      mask=jmask & (j0 > 0), other=KEY_MIN))
                 cnt += tl.reduce(((key >= trial) & jmask).to(tl.int32), 0, _SUM)
             thr = tl.where(cnt >= n_keep, trial, thr)
         # keys above the threshold, then the lowest positions among the keys equal to it
@@ -145,7 +150,8 @@ def select_kernel(
         for j0 in range(0, M, BLOCK_M):
             offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
+            key = tl.where(j0 == 0, key0, tl.load(key_ws_ptr + b * M + offs_j,
+                                                  mask=jmask & (j0 > 0), other=KEY_MIN))
             above += tl.reduce(((key > thr) & jmask).to(tl.int32), 0, _SUM)
         n_equal = n_keep - above
         eq_seen = tl.full([], 0, tl.int32)
@@ -153,7 +159,8 @@ def select_kernel(
         for j0 in range(0, M, BLOCK_M):
             offs_j = j0 + tl.arange(0, BLOCK_M)
             jmask = offs_j < M
-            key = tl.load(key_ws_ptr + b * M + offs_j, mask=jmask, other=KEY_MIN)
+            key = tl.where(j0 == 0, key0, tl.load(key_ws_ptr + b * M + offs_j,
+                                                  mask=jmask & (j0 > 0), other=KEY_MIN))
             eq = ((key == thr) & jmask).to(tl.int32)
             eq_rank = eq_seen + tl.associative_scan(eq, 0, _SUM) - eq
             keep = jmask & ((key > thr) | ((eq > 0) & (eq_rank < n_equal)))

@@ -24,8 +24,12 @@ x_out). Pass 1 has B*H programs: 1536 at ViT-B B=128 (11.6 per SM), 384 at B=32 
 SM, each walking 577 keys), 96 at B=8 (under one per SM, but 8 images move only ~6 MB). Pass 3
 picks the widest channel tile that still gives ``programs_per_sm`` (4) programs per SM:
 BLOCK_C=128 at B=128 (768 programs), 32 at B=32 (768), 32 at B=8 (192, the narrowest tile; rows of
-64 bytes in bf16). Pass 2 has B programs of small work (M scores in L1); at B=8 it is latency
-bound (~32 dependent reductions). Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at
+64 bytes in bf16). Pass 2 has B programs of small work and is latency bound at every size: 32 dependent
+counts. Since the 2026-11-26 H100 timing it keeps the keys in registers (no memory round trip
+per count) and runs one warp per program, so each count is 5 warp shuffles instead of two block
+barriers and a shared-memory exchange (the compiled PTX has one ``bar.sync``, against 13 with 4
+warps). Prediction, not yet measured: about 5-10 us off every shape (at B=128, 71 us toward the
+66 us of 50 % of the copy bound); ``bench_gpu --parts op,sweep`` checks it. Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at
 ViT-B B=128 N=197 (46 % of the measured copy bandwidth), 70 us at B=32 N=577 (35 %), 27 us at B=8
 (see benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and the op's
 dispatch add host-side time of the same order; inside a captured or compiled step it vanishes.
@@ -93,9 +97,12 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 
 #: Launch parameters (the benchmark sweeps them; tests shrink them to force multi-tile loops):
 #: warps per program, element budget of a 2-D tile, widest channel tile of the gather, widest
-#: score tile of the selection, programs per SM the gather grid aims for, and pipeline stages.
+#: score tile of the selection, programs per SM the gather grid aims for, pipeline stages, and
+#: the warps of the selection (one warp: its 32 counts are warp shuffles, no block barriers; see
+#: the module docstring; ``bench_gpu --parts sweep`` times 1, 2 and 4).
 LAUNCH = {"num_warps": 4, "tile_elems": 4096, "max_block_c": 256, "min_block_c": 32,
-          "max_block_m": 1024, "programs_per_sm": 4, "num_stages": 3, "rank_block": 64}
+          "max_block_m": 1024, "programs_per_sm": 4, "num_stages": 3, "rank_block": 64,
+          "select_warps": 1}
 
 #: Selection keys per compute dtype: (int dtype, bits, most negative value, magnitude-bit mask).
 _KEYS = {torch.float32: ("int32", 32, -(2 ** 31), 2 ** 31 - 1),
@@ -218,7 +225,8 @@ def _launch_scores(q, k, scale, p, cd, n_keep=0):
     key_ws = torch.empty(b, m if select else 1, dtype=_KEY_TORCH[cd], device=dev)
     _kernel("select_kernel")[(b,)](
         logit_ws, lse, scores, kept, slot_ws, key_ws, h, n, p, n_keep,
-        ACC=_acc(cd), DO_SELECT=select, **select_blocks(m, cd), num_warps=LAUNCH["num_warps"])
+        ACC=_acc(cd), DO_SELECT=select, **select_blocks(m, cd),
+        num_warps=LAUNCH["select_warps"])
     return scores, lse, kept, slot_ws
 
 
