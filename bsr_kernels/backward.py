@@ -130,7 +130,9 @@ class _LeanBlock(torch.autograd.Function):
         # a MoE MLP routes with the active task's gate: backward replays with the forward's task
         ctx.task = getattr(block.mlp, "task", None) if getattr(block.mlp, "bsr_moe", False) \
             else None
-        ctx.block, ctx.names = block, names
+        # backward differentiates to exactly these parameters (in this order), even if
+        # requires_grad changes in between
+        ctx.block, ctx.names, ctx.params = block, names, params
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
         ctx.device_type = x.device.type
@@ -152,7 +154,10 @@ class _LeanBlock(torch.autograd.Function):
         saved = dict(zip(ctx.names, projections))
         kept = ctx.saved_tensors[n_float:]
         fc2_needed = _fc2_output_needed(block)
-        params = [p for p in block.parameters() if p.requires_grad]
+        # the forward's parameters; one frozen since gets no gradient, as AccumulateGrad skips a
+        # parameter that no longer requires grad in plain autograd
+        live = [i for i, p in enumerate(ctx.params) if p.requires_grad]
+        params = [ctx.params[i] for i in live]
 
         def replay_linear(name, module, inp):
             if name in saved:
@@ -189,7 +194,10 @@ class _LeanBlock(torch.autograd.Function):
             if ctx.task is not None:
                 block.mlp.task = task
         grad_x = grads.pop(0) if ctx.needs_input_grad[1] else None
-        return (None, grad_x, *grads)
+        param_grads = [None] * len(ctx.params)
+        for i, g in zip(live, grads):
+            param_grads[i] = g
+        return (None, grad_x, *param_grads)
 
 
 def lean_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -219,3 +219,25 @@ def test_config_round_trips_and_is_shared():
         BSRConfig.from_dict({**d, "memory_mode": "plain"})
     with pytest.raises(ValueError, match="malformed"):
         BSRConfig.from_dict({k: v for k, v in d.items() if k != "train_blocks"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_uses_the_parameters_of_its_forward(mode):
+    """requires_grad switched off between forward and backward: as in plain autograd (whose
+    AccumulateGrad then skips the parameter) that parameter gets no gradient and every other one
+    gets its usual gradient (before, the replay re-listed the parameters in backward and raised,
+    or could hand a gradient to the wrong parameter)."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    x = images()
+    model(x).square().sum().backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    loss = model(x).square().sum()
+    frozen = model.blocks[7].attn.qkv.weight  # in a trained block, not its last parameter
+    assert frozen.requires_grad
+    frozen.requires_grad_(False)
+    loss.backward()
+    got = grads(model)
+    assert set(got) == set(want) - {"blocks.7.attn.qkv.weight"}
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], msg=name)

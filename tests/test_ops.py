@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bsr_kernels
-from bsr_kernels.ops import reference
+from bsr_kernels.ops import dispatch, reference
 from bsr_kernels.ops.common import compute_dtype, num_kept
 from bsr_kernels.ops.dispatch import all_backends, available_backends, get_backend, select_backend
 
@@ -711,6 +711,7 @@ def test_forced_backend_patched_unavailable_raises(monkeypatch):
     """Always runs, whatever is built: a backend that reports a reason is refused when forced."""
     monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
                         lambda device, dtype: ["patched reason for the test"])
+    monkeypatch.setattr(dispatch, "_SELECTED", {})  # select_backend's answers were cached
     monkeypatch.setenv("BSR_BACKEND", "reference")
     x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
     for call in (lambda: bsr_kernels.drop_tokens(x, q, k, 0.5),
@@ -724,6 +725,7 @@ def test_default_cpu_backend_has_no_silent_fallback(monkeypatch):
     monkeypatch.delenv("BSR_BACKEND", raising=False)
     monkeypatch.setattr(get_backend("cpp"), "not_supported_reasons",
                         lambda device, dtype: ["patched: not built"])
+    monkeypatch.setattr(dispatch, "_SELECTED", {})  # select_backend's answers were cached
     x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
     with pytest.raises(RuntimeError) as err:
         bsr_kernels.drop_tokens(x, q, k, 0.5)

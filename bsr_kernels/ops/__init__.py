@@ -226,9 +226,11 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     scale = resolve_scale(scale, q.shape[3])
     if not isinstance(fuse_token, bool):
         raise TypeError(f"fuse_token must be a bool, got {fuse_token!r}")
-    backend = check_backend_name(backend) or context_backend()
-    # an unavailable backend raises even for a no-op drop
-    impl = select_backend(x.device, x.dtype, q.dtype, name=backend)
+    # resolved once, here (an unavailable backend raises even for a no-op drop); the ops and
+    # their backward get the name
+    impl = select_backend(x.device, x.dtype, q.dtype,
+                          name=check_backend_name(backend) or context_backend())
+    backend = impl.name
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
     if kept is not None:
         check_kept(kept, x.shape[0], plan)

@@ -21,6 +21,9 @@ __all__ = ["get_backend", "all_backends", "available_backends", "select_backend"
            "context_backend", "forced_backend"]
 
 _BACKENDS: dict[str, Backend] = {}
+#: select_backend's answers by (device, dtypes, forced name, TRITON_INTERPRET): what decides
+#: them (extension loaded, CUDA present, triton importable) does not change within a process.
+_SELECTED: dict[tuple, Backend] = {}
 _FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("bsr_backend", default="")
 
 
@@ -94,8 +97,12 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
         RuntimeError: when the forced backend, or every default candidate, cannot run; the message
             lists each backend with its reasons.
     """
-    backends = _load()
     forced = name or forced_backend()
+    key = (device.type, device.index, dtypes, forced, _config.triton_interpret())
+    hit = _SELECTED.get(key)
+    if hit is not None:
+        return hit
+    backends = _load()
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
 
     def reasons(b: Backend) -> list[str]:
@@ -107,6 +114,7 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
 
     for cand in candidates:
         if not reasons(backends[cand]):
+            _SELECTED[key] = backends[cand]
             return backends[cand]
     lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in backends.items()]
     how = (f"backend {forced!r} was forced" if forced
