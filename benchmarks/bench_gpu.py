@@ -9,8 +9,9 @@ watchdog (``--compile-timeout-s``): when it overruns, the child dumps the stacks
 to ``stacks-<part>-<what>.txt`` (where it hung) and exits; the parent records the hang and starts
 the part again without that candidate, so the others are still measured. The parent merges the
 parts into ``results.json`` and ``results.md`` after each one and prints the summary tables last.
-``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, no worker pool: the known workaround for
-inductor pool hangs) is the default; set it in the environment to override.
+A first hang under inductor's compile-worker pool switches the rest of the run to
+``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process: the known workaround for pool hangs, and
+slower) and retries; set that variable beforehand to start that way.
 
 Parts (``--parts``, default all, in this order):
 
@@ -526,8 +527,11 @@ def run_worker(part: str, args) -> dict:
 
 
 def run_part(part: str, args, deadline_at: float) -> dict:
-    """Runs ``part`` in child processes until it completes: when a child dies inside a watched
-    block (a hang or a crash), the part starts again without that candidate."""
+    """Runs ``part`` in child processes until it completes. When a child dies inside a watched
+    block (a hang or a crash): the first time while inductor compiles with its worker pool, the
+    part starts again with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, the known
+    workaround for pool hangs; kept for the rest of the run); otherwise it starts again without
+    that candidate."""
     hangs, skip = [], []
     path = os.path.join(args.out, f"part-{part}.json")
     while True:
@@ -560,6 +564,10 @@ def run_part(part: str, args, deadline_at: float) -> dict:
             result["error"] = f"worker ended ({rc}) while running {running!r}"
             result["hangs"] = hangs
             return result
+        if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") != "1":
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+            hangs[-1]["then"] = "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
+            continue
         skip.append(running)
 
 
@@ -618,7 +626,7 @@ def summarize(results: dict) -> str:
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
         lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "
-                     f"stacks: {h['stacks']}")
+                     f"stacks: {h['stacks']}" + (f"; {h['then']}" if "then" in h else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -632,9 +640,9 @@ def main(argv=None) -> int:
                          f"(default: {','.join(PARTS)})")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="stop starting work after this many seconds (default 540: a 600 s call)")
-    ap.add_argument("--compile-timeout-s", type=float, default=240.0,
+    ap.add_argument("--compile-timeout-s", type=float, default=180.0,
                     help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
-                         "and the part goes on without it (default 240)")
+                         "and the part goes on without it (default 180)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
@@ -652,12 +660,10 @@ def main(argv=None) -> int:
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:
         ap.error(f"--parts: unknown {', '.join(unknown)}; known: {', '.join(PARTS)}")
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     os.environ["BSR_BENCH_T0"] = str(T0)
     cuda = torch.cuda.is_available() and not args.smoke
     results = {"env": dict(torch=torch.__version__, cuda=torch.version.cuda,
-                           device=torch.cuda.get_device_name() if cuda else "cpu",
-                           compile_threads=os.environ["TORCHINDUCTOR_COMPILE_THREADS"]),
+                           device=torch.cuda.get_device_name() if cuda else "cpu"),
                "parts": {}}
     try:
         import triton
@@ -669,6 +675,8 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         log("== part", part)
         results["parts"][part] = run_part(part, args, deadline_at)
+        results["env"]["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
+                                                           "inductor's default")
         _write_json(os.path.join(args.out, "results.json"), results)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(summarize(results))
