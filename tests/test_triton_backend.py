@@ -215,12 +215,15 @@ def test_kernels_compile_for_gpu():
                                       lse_ptr=f"*{acc}"),
             dict(ACC=tb._acc(cd), **tb.logits_blocks(64)), tb.LAUNCH["num_warps"])
         assert "cubin" in kernel.asm and ".entry cls_logits_kernel" in kernel.asm["ptx"]
-        for select, warps in ((True, 1), (True, 4), (False, tb.LAUNCH["select_warps"])):
+        sw = tb.LAUNCH["select_warps"]
+        for select, replay, warps in ((True, False, 1), (True, False, 4), (False, False, sw),
+                                      (False, True, sw)):
             kernel = _compile_for_sm90(
                 "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
                                       scores_ptr=f"*{acc}", kept_ptr="*i32", slot_ws_ptr="*i32",
                                       key_ws_ptr="*i64" if acc == "fp64" else "*i32"),
-                dict(ACC=tb._acc(cd), DO_SELECT=select, **tb.select_blocks(196, cd)), warps)
+                dict(ACC=tb._acc(cd), DO_SELECT=select, REPLAY=replay,
+                     **tb.select_blocks(196, cd)), warps)
             assert "cubin" in kernel.asm
             if select and warps == 1:  # the counting passes need no block barrier: only the
                 # one that orders the key workspace (tl.debug_barrier) is left
@@ -284,6 +287,20 @@ def test_forward_many_tiles(dtype, device, small_tiles):
     x, q, k = _inputs(2, 2, 31, 8, 10, device, dtype, seed=3)
     _check_forward(x, q, k, 5, 11, True, dtype, scale=0.7)
     _check_forward(x, q, k, 1, 9, False, dtype)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_replay_many_tiles(device, small_tiles, fuse):
+    """``drop_replay`` writes the slots of a given selection inside the selection kernel, over
+    several tiles of M and of kept: equal to the reference's replay of the same set."""
+    x, q, k = _inputs(3, 2, 31, 8, 10, device, torch.float64, seed=8)
+    g = torch.Generator().manual_seed(4)
+    kept = torch.stack([torch.randperm(26, generator=g)[:11].sort().values for _ in range(3)])
+    kept = kept.to(device=device, dtype=torch.int32)
+    got = BACKEND.drop_replay(x, q, k, kept, 0.7, 5, fuse)
+    want = ref.drop_replay(x, q, k, kept, 0.7, 5, fuse)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_forward_large_shapes(device):

@@ -95,7 +95,8 @@ def select_kernel(
         logit_ws_ptr, lse_ptr, scores_ptr, kept_ptr, slot_ws_ptr, key_ws_ptr,
         H, N, P, n_keep,
         ACC: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
-        KEY_FLIP: tl.constexpr, DO_SELECT: tl.constexpr, BLOCK_M: tl.constexpr):
+        KEY_FLIP: tl.constexpr, DO_SELECT: tl.constexpr, REPLAY: tl.constexpr,
+        BLOCK_M: tl.constexpr):
     """Pass 2 of the forward, one batch element per program; grid (B,).
 
     1. ``scores[j] = mean_h exp(logit[h, P + j] - lse[h])`` for the M = N - P candidates.
@@ -106,6 +107,8 @@ def select_kernel(
        #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
        positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
        ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
+    3. With REPLAY instead, ``kept`` is given (a recorded selection, ascending): ``slot_ws`` gets
+       slot s at position kept[s] and -1 elsewhere.
     Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks. The keys of the
     first tile (all of them when M <= BLOCK_M, the ViT shapes) stay in registers (``key0``): the
     counting passes then make no memory round trip; later tiles are read back from ``key_ws``.
@@ -130,6 +133,17 @@ def select_kernel(
             key = tl.where(bits >= 0, bits, bits ^ KEY_FLIP)
             tl.store(key_ws_ptr + b * M + offs_j, key, mask=jmask)
             key0 = tl.where(j0 == 0, key, key0)
+    if REPLAY:
+        for j0 in range(0, M, BLOCK_M):
+            offs_j = j0 + tl.arange(0, BLOCK_M)
+            tl.store(slot_ws_ptr + b * M + offs_j, tl.full([BLOCK_M], -1, tl.int32),
+                     mask=offs_j < M)
+        tl.debug_barrier()  # the -1s land before the slots written over them
+        for s0 in range(0, n_keep, BLOCK_M):
+            offs_s = s0 + tl.arange(0, BLOCK_M)
+            smask = offs_s < n_keep
+            kv = tl.load(kept_ptr + b * n_keep + offs_s, mask=smask, other=0)
+            tl.store(slot_ws_ptr + b * M + kv, offs_s.to(tl.int32), mask=smask)
     if DO_SELECT:
         tl.debug_barrier()
         # the sign first (are at least n_keep keys >= 0?), then the lower bits one by one

@@ -4,8 +4,8 @@ size, and Triton backward kernels.
 Kernels live in :mod:`._triton_kernels`; this module chooses block sizes, allocates outputs and
 launches them.
 
-Forward (``drop_forward``; ``cls_scores`` runs passes 1-2 only; ``drop_replay`` runs 1, 2 without
-selecting, and 3 with the recorded rows):
+Forward (``drop_forward``; ``cls_scores`` runs passes 1-2 only; ``drop_replay`` runs 1, 2 with the
+recorded rows in place of the selection, and 3):
 
 1. ``cls_logits_kernel``, grid (B, H): the CLS-row logits of one head (q_cls against every key,
    tile by tile) and their logsumexp. Reads each K row once. (B, H, N) fp32 logits go to a
@@ -207,8 +207,9 @@ def gather_blocks(b: int, n: int, c: int, sm_count: int) -> dict:
     return dict(BLOCK_C=block_c, BLOCK_ROWS=max(1, min(_p2(n), LAUNCH["tile_elems"] // block_c)))
 
 
-def _launch_scores(q, k, scale, p, cd, n_keep=0):
-    """Passes 1 and 2: logits and lse, then scores (and with ``n_keep`` the selection)."""
+def _launch_scores(q, k, scale, p, cd, n_keep=0, kept=None):
+    """Passes 1 and 2: logits and lse, then scores, and with ``n_keep`` the selection, or with
+    ``kept`` (int32, contiguous) the output slots of that recorded selection."""
     b, h, n, d = q.shape
     m = n - p
     dev = q.device
@@ -219,13 +220,17 @@ def _launch_scores(q, k, scale, p, cd, n_keep=0):
         q, k, logit_ws, lse, h, n, d, float(scale),
         q.stride(0), q.stride(1), q.stride(3), *k.stride(),
         ACC=_acc(cd), **logits_blocks(d), num_warps=LAUNCH["num_warps"])
-    select = n_keep > 0
-    kept = torch.empty(b, n_keep if select else 1, dtype=torch.int32, device=dev)
-    slot_ws = torch.empty(b, m if select else 1, dtype=torch.int32, device=dev)
+    replay = kept is not None
+    select = n_keep > 0 and not replay
+    if replay:
+        n_keep = kept.shape[1]
+    else:
+        kept = torch.empty(b, n_keep if select else 1, dtype=torch.int32, device=dev)
+    slot_ws = torch.empty(b, m if select or replay else 1, dtype=torch.int32, device=dev)
     key_ws = torch.empty(b, m if select else 1, dtype=_KEY_TORCH[cd], device=dev)
     _kernel("select_kernel")[(b,)](
         logit_ws, lse, scores, kept, slot_ws, key_ws, h, n, p, n_keep,
-        ACC=_acc(cd), DO_SELECT=select, **select_blocks(m, cd),
+        ACC=_acc(cd), DO_SELECT=select, REPLAY=replay, **select_blocks(m, cd),
         num_warps=LAUNCH["select_warps"])
     return scores, lse, kept, slot_ws
 
@@ -251,12 +256,8 @@ def _launch_fwd(x, q, k, scale, p, n_keep, fuse):
 def _launch_replay(x, q, k, kept, scale, p, fuse):
     """The forward with a given selection: scores from q and k, the rows of ``kept``."""
     cd = compute_dtype(x.dtype, q.dtype)
-    scores, lse, _, _ = _launch_scores(q, k, scale, p, cd)
-    b, m = scores.shape
-    kept = kept.to(torch.int32)
-    slot_ws = torch.full((b, m), -1, dtype=torch.int32, device=x.device)
-    slot_ws.scatter_(1, kept.long(), torch.arange(kept.shape[1], dtype=torch.int32,
-                                                  device=x.device).expand_as(kept).contiguous())
+    kept = kept.to(torch.int32).contiguous()
+    scores, lse, _, slot_ws = _launch_scores(q, k, scale, p, cd, kept=kept)
     return _launch_gather(x, slot_ws, scores, p, kept.shape[1], fuse), scores, lse
 
 
