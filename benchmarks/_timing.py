@@ -3,7 +3,8 @@
 * :func:`interleaved`: wall-clock samples of every candidate in turn (CPU, and CUDA with syncs);
   :func:`robust_interleaved` the same, setting aside the candidates that raise.
 * :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
-  (``bench_gpu.py``); :func:`graph_ms`: time per call inside one CUDA graph.
+  (``bench_gpu.py``); :func:`graph_ms`: time per call inside one CUDA graph; :func:`copy_gbps`:
+  the device copy bandwidth that drop timings are compared with.
 
 The machines this runs on are shared and noisy, so absolute times mean little; what is reported
 is the ratio of medians of samples taken in one run, alternating between the candidates so that
@@ -19,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Timing", "interleaved", "format_table"]
+__all__ = ["Timing", "interleaved", "format_table", "copy_gbps"]
 
 
 @dataclasses.dataclass
@@ -136,6 +137,16 @@ def graph_ms(fn, n_calls: int) -> float:
             fn()
     return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
                                    return_mode="median") / n_calls
+
+
+def copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth on CUDA, measured now: bytes read + written per second /
+    1e9 (``triton.testing.do_bench`` median). The bound the drop kernels are held against."""
+    import triton.testing
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    return 2 * nbytes / ms / 1e6
 
 
 def do_bench_rounds(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60,

@@ -23,10 +23,11 @@ Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, me
 Passes: ``forward`` (tensors need no grad), ``fwd+bwd`` (``torch.autograd.grad`` to x and
 the qkv tensor with random cotangents: q and k are views of it, as in timm, so autograd's
 ``UnbindBackward`` stacks grad_q, grad_k and zeros for v into one new (3, B, H, N, d) tensor for
-every candidate) and, for the op alone, ``fwd+bwd leaves`` (q and k are leaf tensors of their own:
-the op's forward and backward without that stack, which a model pays once for attention anyway). Shapes: ViT-S (H=6, C=384) and ViT-B (H=12, C=768),
-head dim 64, N=197 (224 px) and N=577 (384 px), several batch sizes; fp32 on CPU, bf16 on CUDA;
-keep_rate 0.5, fused token, one prefix token.
+every candidate) and, for the op alone, ``fwd+bwd leaves`` (q and k are leaf tensors of their
+own: the op's forward and backward without that stack, which a model pays once for attention
+anyway). Shapes: ViT-S (H=6, C=384) and ViT-B (H=12, C=768), head dim 64, N=197 (224 px) and
+N=577 (384 px), several batch sizes; fp32 on CPU, bf16 on CUDA; keep_rate 0.5, fused token, one
+prefix token.
 
 Bandwidth: achieved GB/s of the op's forward over the bytes that must move
 (``_suite.min_bytes``: read x, the q_cls and K rows, write x_out); on CUDA also the
@@ -49,7 +50,7 @@ from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
 from ._suite import SuiteConfig, Target, make_inputs, min_bytes, section_main
-from ._timing import error_text, format_table, interleaved, robust_interleaved
+from ._timing import copy_gbps, error_text, format_table, robust_interleaved
 
 __all__ = ["run", "shapes", "op_candidates", "block_candidates", "peak_bandwidth",
            "backend_fn", "NOMINAL_GBPS"]
@@ -154,11 +155,7 @@ def peak_bandwidth(cfg: SuiteConfig) -> dict:
         return {}
     name = torch.cuda.get_device_name(0)
     nominal = next((gbps for key, gbps in NOMINAL_GBPS if key in name), None)
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    t = interleaved({"copy": lambda: dst.copy_(src)}, reps=10, device_sync=True)["copy"]
-    measured = 2 * src.numel() * src.element_size() / t.median / 1e9
-    del src, dst
+    measured = copy_gbps()
     return dict(device=name, nominal_gbps=nominal, copy_gbps=measured,
                 bound_gbps=nominal if nominal is not None else measured,
                 bound_source="nominal" if nominal is not None else "measured copy")
@@ -199,8 +196,7 @@ def _time(cands: dict[str, Callable], make, grad: str | None, cfg: SuiteConfig, 
 
             def step(fn=fn, cots=cots):
                 o = fn(x, q, k, v)
-                return torch.autograd.grad(o if isinstance(o, tuple) else (o,), wrt, cots,
-                                           allow_unused=True)
+                return torch.autograd.grad(o if isinstance(o, tuple) else (o,), wrt, cots)
             fns[name] = step
     return robust_interleaved(fns, errors, reps=reps, warmup=2, min_sample_s=min_sample,
                               device_sync=cfg.cuda)
@@ -316,9 +312,7 @@ def cpu_targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
 def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
     """The GPU targets of the drop op (ViT-B, N=197, B=128, bf16, forward), and on CPU
     :func:`cpu_targets`."""
-    if not cfg.cuda and not cfg.tiny:
-        return cpu_targets(cfg, rows) + _gpu_targets(cfg, rows)
-    return _gpu_targets(cfg, rows)
+    return cpu_targets(cfg, rows) + _gpu_targets(cfg, rows)
 
 
 def _gpu_targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:

@@ -62,7 +62,7 @@ from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
 from ._suite import make_inputs, min_bytes
-from ._timing import do_bench_rounds, error_text, graph_ms
+from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import PeerBSR, cls_row_drop
 
 #: Start of the run; children log on the parent's clock.
@@ -97,6 +97,11 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def stacks_file(part: str, label: str) -> str:
+    """Where the watchdog dumps the thread stacks of ``label`` hanging in ``part``."""
+    return f"stacks-{part}-{_slug(label)}.txt"
+
+
 class Skipped(Exception):
     """A candidate left out: it hung in an earlier attempt of this part."""
 
@@ -125,12 +130,13 @@ class Worker:
         """Runs the block with ``label`` recorded as running; past ``seconds`` (default the
         compile timeout) the stacks of every thread go to ``stacks-<part>-<label>.txt`` and the
         process exits. Raises :class:`Skipped` for a label that hung before."""
+        stacks = stacks_file(self.part, label)
         if label in self.skip:
-            raise Skipped(f"hung in an earlier attempt (stacks-{self.part}-{_slug(label)}.txt)")
+            raise Skipped(f"hung in an earlier attempt ({stacks})")
         seconds = self.compile_timeout_s if seconds is None else seconds
         self.state["running"] = label
         self.save()
-        path = os.path.join(self.out_dir, f"stacks-{self.part}-{_slug(label)}.txt")
+        path = os.path.join(self.out_dir, stacks)
         with open(path, "w") as f:
             faulthandler.dump_traceback_later(seconds, exit=True, file=f)
             try:
@@ -162,8 +168,8 @@ class Rotating:
 
 
 def warmed(candidates: dict, errors: dict, compiled: set[str]) -> dict:
-    """The candidates that ran once: compiled ones under the watchdog (a hang ends this process
-    and its next attempt skips the candidate); failures go to ``errors``."""
+    """The candidates that ran once: compiled ones under the watchdog (a hang ends this process;
+    :func:`run_part` retries or skips the candidate); failures go to ``errors``."""
     ok = {}
     for name, fn in candidates.items():
         try:
@@ -185,15 +191,6 @@ OP_SHAPES = [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577
              ("ViT-S B=256", 256, 6, 197, 64), ("ViT-B B=8", 8, 12, 197, 64)]
 EAGER_PEER, ROW_PEER, COMPILED_PEER = ("eager composite", "CLS-row composite",
                                        "compile(CLS-row composite)")
-
-
-def copy_gbps() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second / 1e9), measured now."""
-    import triton.testing
-    buf = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(buf)
-    ms = triton.testing.do_bench(lambda: dst.copy_(buf), warmup=10, rep=100, return_mode="median")
-    return 2 * buf.numel() / ms / 1e6
 
 
 def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
@@ -556,7 +553,7 @@ def run_part(part: str, args, deadline_at: float) -> dict:
         if rc == 0 and not running:
             result["hangs"] = hangs
             return result
-        stacks = f"stacks-{part}-{_slug(running)}.txt" if running else None
+        stacks = stacks_file(part, running) if running else None
         hangs.append({"while": running, "exit": rc, "stacks": stacks})
         log(f"part {part}: the worker ended ({rc}) while running {running!r}"
             + (f"; thread stacks in {stacks}" if stacks else ""))

@@ -187,8 +187,9 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     check_qk(q, k)
     p = check_prefix(num_prefix_tokens, q.shape[2])
     scale = resolve_scale(scale, q.shape[3])
-    backend = check_backend_name(backend) or context_backend()
-    select_backend(q.device, q.dtype, name=backend)  # an unavailable backend raises here
+    # resolved once, here (an unavailable backend raises here); the op and its backward get it
+    backend = select_backend(q.device, q.dtype,
+                             name=check_backend_name(backend) or context_backend()).name
     return _cls_attention_op(q, k, scale, p, backend)[0]
 
 

@@ -24,15 +24,16 @@ x_out). Pass 1 has B*H programs: 1536 at ViT-B B=128 (11.6 per SM), 384 at B=32 
 SM, each walking 577 keys), 96 at B=8 (under one per SM, but 8 images move only ~6 MB). Pass 3
 picks the widest channel tile that still gives ``programs_per_sm`` (4) programs per SM:
 BLOCK_C=128 at B=128 (768 programs), 32 at B=32 (768), 32 at B=8 (192, the narrowest tile; rows of
-64 bytes in bf16). Pass 2 has B programs of small work and is latency bound at every size: 32 dependent
-counts. Since the 2026-11-26 H100 timing it keeps the keys in registers (no memory round trip
-per count) and runs one warp per program, so each count is 5 warp shuffles instead of two block
-barriers and a shared-memory exchange (the compiled PTX has one ``bar.sync``, against 13 with 4
-warps). Prediction, not yet measured: about 5-10 us off every shape (at B=128, 71 us toward the
-66 us of 50 % of the copy bound); ``bench_gpu --parts op,sweep`` checks it. Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at
-ViT-B B=128 N=197 (46 % of the measured copy bandwidth), 70 us at B=32 N=577 (35 %), 27 us at B=8
-(see benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and the op's
-dispatch add host-side time of the same order; inside a captured or compiled step it vanishes.
+64 bytes in bf16). Pass 2 has B programs of small work and is latency bound at every size: 32
+dependent counts. Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at ViT-B B=128
+N=197 (46 % of the measured copy bandwidth), 70 us at B=32 N=577 (35 %), 27 us at B=8 (see
+benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and the op's dispatch
+add host-side time of the same order; inside a captured or compiled step it vanishes. Since that
+timing pass 2 keeps the keys in registers (no memory round trip per count) and runs one warp per
+program, so each count is 5 warp shuffles instead of two block barriers and a shared-memory
+exchange (the compiled PTX has one ``bar.sync``, against 13 with 4 warps). Prediction, not yet
+measured: about 5-10 us off every shape (at B=128, 71 us toward the 66 us of 50 % of the copy
+bound); ``bench_gpu --parts op,sweep`` checks it.
 
 Backward: ``rows_bwd_kernel`` (grid (B, row tiles)) scatters grad_out back, adds the fusion-weight
 rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens; ``drop_backward``
