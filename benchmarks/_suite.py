@@ -5,9 +5,11 @@ variants, inputs.
   ``--tiny``, ``--device``).
 * :func:`create_vit`: random-init timm ViTs by suite name (``vit_b16``, ``deit_s``, ``tiny``).
 * :func:`build_variant`: one training variant of a model (timm full fine-tuning, linear probe,
-  the authors' eager BSR formulation, ``bsr_kernels.reprogram`` lean / fast / compressed).
+  the authors' eager BSR formulation, the plain-PyTorch BSR peer, ``bsr_kernels.reprogram``
+  autograd / lean / fast / compressed), eager or under ``torch.compile`` (``+compile``,
+  ``+cudagraphs``).
 * :func:`make_step`: one optimizer step (forward, cross-entropy, backward, AdamW), with bf16
-  autocast on CUDA.
+  autocast on CUDA; :func:`step_digest` / :func:`digest_diff` compare two runs of a step.
 * :func:`cuda_peak_step`: peak ``torch.cuda.max_memory_allocated`` of a training step.
 * :class:`Target`: a target value with its PASS/FAIL verdict.
 
@@ -37,24 +39,54 @@ import bsr_kernels
 from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
-__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS", "create_vit",
-           "model_label", "build_variant", "make_step", "cuda_peak_step", "Target", "machine_info",
-           "free_memory", "MIB", "GIB"]
+__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
+           "COMPILE_MODES", "COMPILED_VARIANTS", "split_variant", "variant_label", "create_vit",
+           "model_label", "build_variant", "make_step", "step_digest", "digest_diff",
+           "cuda_peak_step", "Target", "machine_info", "free_memory", "MIB", "GIB"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = float(1 << 20)
 GIB = float(1 << 30)
 
-#: Training variants, in table order.
-VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16")
+#: Eager training variants, in table order.
+VARIANTS = ("full", "linear_probe", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_lean", "bsr_fast",
+            "bsr_lean_bf16")
 VARIANT_LABELS = {
     "full": "timm full fine-tuning",
     "linear_probe": "timm linear probe",
     "eager_bsr": "BSR, authors' eager formulation",
+    "peer_bsr": "BSR in plain PyTorch (peer_bsr)",
+    "bsr_autograd": "bsr_kernels reprogram, autograd",
     "bsr_lean": "bsr_kernels reprogram, lean",
     "bsr_fast": "bsr_kernels reprogram, fast",
     "bsr_lean_bf16": "bsr_kernels reprogram, lean, bf16 saved activations",
 }
+#: How a variant may run besides eagerly: ``<variant>+<how>`` -> ``torch.compile`` keywords.
+COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
+#: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only), in order.
+COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
+                     "bsr_fast+compile", "bsr_lean+compile", "bsr_autograd+cudagraphs")
+
+
+def split_variant(variant: str) -> tuple[str, Optional[str]]:
+    """``"bsr_lean+compile"`` -> ``("bsr_lean", "compile")``; an eager variant -> ``(v, None)``.
+
+    Raises:
+        ValueError: naming the variant, when its base or its compile mode is unknown.
+    """
+    base, _, how = variant.partition("+")
+    if base not in VARIANTS or (how and how not in COMPILE_MODES):
+        raise ValueError(f"variant must be one of {VARIANTS}, optionally with "
+                         f"+{'|+'.join(COMPILE_MODES)}, got {variant!r}")
+    return base, how or None
+
+
+def variant_label(variant: str) -> str:
+    """Human name of a variant, compiled ones included."""
+    base, how = split_variant(variant)
+    return VARIANT_LABELS[base] + {None: "", "compile": ", torch.compile",
+                                   "cudagraphs": ", torch.compile + CUDA graphs"}[how]
+
 
 #: Suite model names -> (timm name, extra create_model kwargs).
 _MODELS = {
@@ -180,6 +212,7 @@ _VARIANT_METHODS = {
     "full": ("full", {}),
     "linear_probe": ("linear", {}),
     "eager_bsr": ("eager_bsr", {}),
+    "bsr_autograd": ("bsr", dict(memory_mode="autograd")),
     "bsr_lean": ("bsr", dict(memory_mode="lean")),
     "bsr_fast": ("bsr", dict(memory_mode="fast")),
     "bsr_lean_bf16": ("bsr", dict(memory_mode="lean", activation_dtype=torch.bfloat16)),
@@ -187,17 +220,26 @@ _VARIANT_METHODS = {
 
 
 def build_variant(variant: str, model: nn.Module):
-    """Sets up ``model`` (a fresh timm ViT) as one training variant, a method of
-    :mod:`bsr_kernels.methods` (BSR variants: the default blocks and drops for the depth).
+    """Sets ``model`` (a fresh timm ViT) up as one training variant (see :func:`split_variant`):
+    a method of :mod:`bsr_kernels.methods` (BSR variants: the default blocks and drops for the
+    depth) or the plain-PyTorch peer (:class:`benchmarks.peer_bsr.PeerBSR`), wrapped in
+    ``torch.compile`` for ``+compile`` / ``+cudagraphs``.
 
     Returns:
         ``(module, params)``: the module mapping images to logits and its trained parameters.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    name, options = _VARIANT_METHODS[variant]
-    method = methods.setup(model, name, **options)
-    return method.module, method.params
+    base, how = split_variant(variant)
+    if base == "peer_bsr":
+        from .peer_bsr import PeerBSR
+        module = PeerBSR(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        name, options = _VARIANT_METHODS[base]
+        method = methods.setup(model, name, **options)
+        module, params = method.module, method.params
+    if how is not None:
+        module = torch.compile(module, dynamic=False, **COMPILE_MODES[how])
+    return module, params
 
 
 def make_inputs(b: int, n: int, h: int, c: int, dtype: torch.dtype = torch.float32,
@@ -238,20 +280,47 @@ def min_bytes(b: int, h: int, n: int, c: int, keep_rate: float = 0.5, p: int = 1
 
 
 def make_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Tensor,
-              cfg: SuiteConfig) -> Callable[[], None]:
-    """One training step: forward (bf16 autocast on CUDA), cross-entropy, backward, AdamW."""
-    opt = torch.optim.AdamW(params, lr=1e-5)
+              cfg: SuiteConfig, digest: bool = False) -> Callable[[], None]:
+    """One training step: forward (bf16 autocast on CUDA), cross-entropy, backward, AdamW (fused
+    on CUDA). With ``digest``, the first call leaves :func:`step_digest` of its logits and
+    gradients in ``step.first`` (compiled variants are checked against eager ones with it)."""
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True if cfg.cuda else None)
+    first: dict = {}
 
     def step():
         with cfg.autocast():
             logits = module(images)
         loss = F.cross_entropy(logits.float(), labels)
         loss.backward()
+        if digest and not first:
+            first.update(step_digest(logits, params))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     step.optimizer = opt
+    step.first = first
     return step
+
+
+def step_digest(logits: torch.Tensor, params) -> dict:
+    """A training step's logits and a fixed random projection of each parameter's gradient:
+    enough to compare two runs of a step (compiled and eager) without keeping the gradients."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    proj = []
+    for p in params:
+        r = torch.randn(p.numel(), generator=g).to(p.device)
+        proj.append(float(p.grad.float().flatten() @ r) if p.grad is not None else 0.0)
+    return {"logits": logits.detach().float().cpu().flatten().tolist(), "grad_proj": proj}
+
+
+def digest_diff(a: dict, b: dict) -> dict:
+    """Relative differences of two :func:`step_digest` results (``b`` the reference):
+    ``{"logits_rel", "grad_proj_rel"}``."""
+    def rel(x, y):
+        x, y = torch.tensor(x), torch.tensor(y)
+        return float((x - y).norm() / y.norm().clamp_min(1e-30))
+    return {"logits_rel": rel(a["logits"], b["logits"]),
+            "grad_proj_rel": rel(a["grad_proj"], b["grad_proj"])}
 
 
 def free_memory(device: str) -> None:

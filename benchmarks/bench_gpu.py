@@ -27,8 +27,10 @@ Parts (``--parts``, default all, in this order):
   at the op shapes, CUDA-graph times.
 * ``sync``: no host sync in any memory mode's step (``torch.cuda.set_sync_debug_mode("error")``).
 * ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW), eager: timm full fine-tuning,
-  the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in each memory mode; ms/step
-  medians (interleaved), img/s, ratios, peak memory above the resident model.
+  the authors' formulation, the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in
+  each memory mode; ms/step medians (interleaved), img/s, ratios, peak memory above the resident
+  model. The ``train_step`` section's own code (:func:`bench_train_step.step_rows`) and
+  variant names.
 * ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
   itself), forward and fwd+bwd, ratios in this process.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
@@ -54,16 +56,15 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 import bsr_kernels
 from bsr_kernels.baselines import eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
-from ._suite import make_inputs, min_bytes
+from ._suite import SuiteConfig, make_inputs, min_bytes, model_label
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
-from .peer_bsr import PeerBSR, cls_row_drop
+from .peer_bsr import cls_row_drop
 
 #: Start of the run; children log on the parent's clock.
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
@@ -73,9 +74,10 @@ PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled")
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
-EAGER_STEPS = ("full", "peer", "bsr autograd", "bsr fast", "bsr lean")
-COMPILED_STEPS = ("full", "bsr autograd", "peer compile", "bsr autograd compile", "full compile",
-                  "bsr lean compile", "bsr fast compile", "bsr autograd compile cudagraphs")
+EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
+COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
+                  "full+compile", "bsr_lean+compile", "bsr_fast+compile",
+                  "bsr_autograd+cudagraphs")
 
 
 def log(*a):
@@ -365,113 +367,18 @@ def part_sweep(cuda: bool, device: str) -> dict:
 
 # --- the training step ----------------------------------------------------------------------------
 
-def _digest(logits: torch.Tensor, params: list) -> dict:
-    """The first step's logits and a fixed random projection of each trained parameter's
-    gradient: enough to compare compiled with eager without keeping the gradients."""
-    g = torch.Generator(device="cpu").manual_seed(5)
-    proj = []
-    for p in params:
-        r = torch.randn(p.numel(), generator=g).to(p.device)
-        proj.append(float(p.grad.float().flatten() @ r) if p.grad is not None else 0.0)
-    return {"logits": logits.detach().float().cpu().flatten().tolist(), "grad_proj": proj}
-
-
-def _digest_diff(a: dict, b: dict) -> dict:
-    la, lb = torch.tensor(a["logits"]), torch.tensor(b["logits"])
-    ga, gb = torch.tensor(a["grad_proj"]), torch.tensor(b["grad_proj"])
-    return {"logits_rel": float((la - lb).norm() / lb.norm().clamp_min(1e-30)),
-            "grad_proj_rel": float((ga - gb).norm() / gb.norm().clamp_min(1e-30))}
-
-
 def part_step(cuda: bool, device: str, variants) -> dict:
-    """ms per training step of each variant, interleaved; peak memory; first-step digests."""
-    import timm
-    if cuda:
-        name, batch, img = "vit_base_patch16_224", 128, 224
-    else:
-        name, batch, img = "vit_tiny_patch16_224", 2, 64
-    g = torch.Generator(device=device).manual_seed(3)
-    images = torch.randn(batch, 3, img, img, generator=g, device=device)
-    labels = torch.randint(0, 10, (batch,), generator=g, device=device)
-    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-
-    def make(variant):
-        torch.manual_seed(0)
-        kw = {} if cuda else dict(img_size=img)
-        vit = timm.create_model(name, pretrained=False, num_classes=10, **kw).to(device)
-        if variant.startswith("full"):
-            module = vit
-        elif variant.startswith("peer"):
-            module = PeerBSR(vit)
-        else:
-            module = bsr_kernels.reprogram(vit, memory_mode=variant.split()[1])
-        if "compile" in variant:
-            module = torch.compile(module, dynamic=False,
-                                   mode="reduce-overhead" if "cudagraphs" in variant else None)
-        params = [p for p in vit.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
-        first = {}
-
-        def step():
-            with amp:
-                logits = module(images)
-            F.cross_entropy(logits.float(), labels).backward()
-            if not first:
-                first.update(_digest(logits, params))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, first
-
-    out, steps = {}, {}
-    reserve_s = 90 if cuda else 5  # left for the interleaved timing of the prepared variants
-    for v in variants:
-        if time.time() > WORKER.deadline - reserve_s:
-            out[v] = {"error": "skipped: out of time"}
-            continue
-        try:
-            if cuda:
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-            t = time.time()
-            with WORKER.watchdog(v, None if "compile" in v else 180):
-                step, first = make(v)
-                resident = torch.cuda.memory_allocated() - base if cuda else 0
-                step()
-                step()
-            out[v] = {"first_steps_s": time.time() - t}
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                out[v]["peak_gib_above_model"] = (torch.cuda.max_memory_allocated() - base
-                                                  - resident) / 2 ** 30
-            out[v]["digest"] = dict(first)
-            steps[v] = step
-            log("step ready", v, {k: x for k, x in out[v].items() if k != "digest"})
-        except Exception as e:
-            out[v] = {"error": err(e)}
-            log("step FAILED", v, out[v]["error"])
-            if not isinstance(e, Skipped):
-                traceback.print_exc()
-        WORKER.put("variants", out)
-    timing = bench(steps, cuda, rounds=3, rep_ms=400 if cuda else 1)
-    for v, tm in timing.items():
-        out[v].update(tm)
-        if "ms" in tm:
-            out[v]["img_per_s"] = batch / tm["ms"] * 1e3
-    for v in out:
-        for ref in ("full", "full compile", "peer compile"):
-            if "ms" in out[v] and "ms" in out.get(ref, {}):
-                out[v][f"x_{_slug(ref)}"] = out[ref]["ms"] / out[v]["ms"]
-        if " compile" in v:  # compiled against eager of the same model, when both ran here
-            eager = v.split(" compile")[0]
-            if "digest" in out[v] and "digest" in out.get(eager, {}):
-                out[v]["vs_eager"] = _digest_diff(out[v]["digest"], out[eager]["digest"])
-    WORKER.put("variants", out)
-    del steps
-    gc.collect()
-    return {"variants": out, "batch": batch, "model": name}
+    """The ``train_step`` section's step timings (:func:`bench_train_step.step_rows`) of
+    ``variants``: ms/step (interleaved medians), img/s, ratios, peak memory, compiled-vs-eager
+    differences; each variant built and compiled under the watchdog."""
+    from .bench_train_step import step_rows
+    cfg = SuiteConfig(device=device, tiny=not cuda)
+    variants = [v for v in variants if cuda or "cudagraphs" not in v]
+    reserve_s = 60 if cuda else 5  # left for the interleaved timing of the prepared variants
+    rows = step_rows(cfg, variants, log,
+                     guard=lambda v: WORKER.watchdog(v, None if "+" in v else 180),
+                     deadline=WORKER.deadline - reserve_s)
+    return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
 def part_sync(cuda: bool, device: str) -> dict:
@@ -604,22 +511,12 @@ def summarize(results: dict) -> str:
                 _fmt(rc.get(f"fwd+bwd speedup vs {COMPILED_PEER}"), ".2f", "×")]) + " |")
         lines.append("")
     for name in ("step", "step-compiled"):
-        vs = parts.get(name, {}).get("variants", {})
-        if not vs:
-            continue
-        lines += [f"## training step ({name}: ratios within this part's process)", "",
-                  "| variant | ms/step | img/s | × full | × full compiled | × peer compiled | "
-                  "peak GiB above model | compiled vs eager (logits, grads) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for v, r in vs.items():
-            ve = r.get("vs_eager", {})
-            lines.append("| " + " | ".join([
-                v, _fmt(r.get("ms")), _fmt(r.get("img_per_s"), ".0f"), _fmt(r.get("x_full")),
-                _fmt(r.get("x_full_compile")), _fmt(r.get("x_peer_compile")),
-                _fmt(r.get("peak_gib_above_model")),
-                f"{_fmt(ve.get('logits_rel'), '.1e')}, {_fmt(ve.get('grad_proj_rel'), '.1e')}"
-                if ve else ("error: " + r["error"][:80] if "error" in r else "")]) + " |")
-        lines.append("")
+        rows = parts.get(name, {}).get("rows")
+        if rows:
+            from .bench_train_step import step_table
+            lines += [f"## training step ({name}: ratios within this part's process)", "",
+                      step_table(rows), ""]
+            lines += [f"- {r['variant']}: {r['error']}" for r in rows if "error" in r]
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
         lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "

@@ -80,10 +80,12 @@ def performance_section(results: dict, link: str | None = None) -> str:
         peak = any("peak_mib" in r for r in ts["rows"])
         rows = [[r["label"] + (" (failed)" if "error" in r else ""),
                  _f(r["speedup_vs_full"], ".2f", "x"), _f(r["speedup_vs_eager"], ".2f", "x"),
+                 _f(r.get("speedup_vs_peer_compiled"), ".2f", "x"),
                  _f(r["saved_mib_per_image"], ".1f"), _f(r["train_gflops_per_image"], ".1f")]
                 + ([_f(r.get("peak_mib"), ".0f")] if peak else []) for r in ts["rows"]]
         lines.append(format_table(rows, ["variant", "step speedup vs full FT",
-                                         "vs eager BSR", "saved MiB/img", "train GFLOP/img"]
+                                         "vs eager BSR", "vs compiled plain-PyTorch BSR",
+                                         "saved MiB/img", "train GFLOP/img"]
                                   + (["peak MiB"] if peak else [])))
         comp = ts.get("compressed_gradient_error") or {}
         if "global_rel_err" in comp:

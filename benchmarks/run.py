@@ -16,8 +16,9 @@ Sections (each module documents what it measures):
 * ``attention`` (:mod:`bench_attention`): TokenDropAttention against timm ``Attention``, fused
   and eager, forward and forward+backward, with and without the drop.
 * ``train_step`` (:mod:`bench_train_step`): timm full fine-tuning, linear probe, the authors'
-  eager BSR formulation and ``reprogram`` lean / fast / compressed: step time, saved activation
-  MiB/image, training GFLOPs/image, CUDA peak memory; the model-layer targets.
+  eager BSR formulation, the plain-PyTorch BSR peer and ``reprogram`` autograd / lean / fast /
+  compressed, eager and under ``torch.compile`` (and CUDA graphs on CUDA): step time, img/s,
+  saved activation MiB/image, training GFLOPs/image, CUDA peak memory; the model-layer targets.
 * ``memory`` (:mod:`bench_scaling`): memory and time against batch (1 to 128) and image size
   (224, 384); the largest batch within a memory budget (default 4 GiB).
 
@@ -221,14 +222,14 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
             panels.append(("peak MiB (CUDA)", [r["peak_mib"] for r in rows]))
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
         for ax, (label, vals) in zip(axes, panels):
-            # a failed variant has no bar (None), but keeps its place on the axis
+            # a failed (or, compiled, not profiled) variant has no bar but keeps its place
             ax.bar(range(len(vals)), [0.0 if v is None else v for v in vals], color="tab:blue")
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
             ax.set_title(label, fontsize=9)
             for k, v in enumerate(vals):
-                ax.text(k, v or 0.0, "failed" if v is None else f"{v:.3g}", ha="center",
-                        va="bottom", fontsize=7)
+                text = f"{v:.3g}" if v is not None else ("failed" if "error" in rows[k] else "")
+                ax.text(k, v or 0.0, text, ha="center", va="bottom", fontsize=7)
         cfg = sec["config"]
         fig.suptitle(f"train step: time {cfg['time_model']} B={cfg['time_batch']}, memory/FLOPs "
                      f"{cfg['memory_model']} B={cfg['memory_batch']} ({title})", fontsize=10)
@@ -302,7 +303,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=4.0,
                         help="memory budget of the largest-batch figure (default 4)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="leave torch.compile(reference) out of the drop comparison")
+                        help="leave torch.compile out: of the drop comparison (the reference) "
+                             "and of the training step (the compiled variants)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice; 1 with --tiny)")
     parser.add_argument("--archive", action="store_true",

@@ -18,7 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 SECTIONS = ("drop_tokens", "attention", "train_step", "memory", "moe")
-VARIANTS = ("full", "linear_probe", "eager_bsr", "bsr_lean", "bsr_fast", "bsr_lean_bf16")
+VARIANTS = ("full", "linear_probe", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_lean", "bsr_fast",
+            "bsr_lean_bf16")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,13 @@ def test_train_step_section_consistency(suite_run):
     assert by["bsr_lean"]["saved_mib_per_image"] < by["eager_bsr"]["saved_mib_per_image"] \
         < by["full"]["saved_mib_per_image"]
     assert by["bsr_lean_bf16"]["saved_mib_per_image"] < by["bsr_lean"]["saved_mib_per_image"]
-    assert by["bsr_lean"]["saved_mib_per_image"] <= by["bsr_fast"]["saved_mib_per_image"]
+    assert by["bsr_lean"]["saved_mib_per_image"] <= by["bsr_fast"]["saved_mib_per_image"] \
+        <= by["bsr_autograd"]["saved_mib_per_image"] < by["full"]["saved_mib_per_image"]
+    # the plain-PyTorch peer trains what BSR trains and computes what autograd mode computes
+    assert by["peer_bsr"]["trained_params"] == by["bsr_autograd"]["trained_params"] \
+        == by["bsr_lean"]["trained_params"]
+    assert by["peer_bsr"]["train_gflops_per_image"] == pytest.approx(
+        by["bsr_autograd"]["train_gflops_per_image"], rel=0.05)
     assert by["bsr_fast"]["train_gflops_per_image"] < by["full"]["train_gflops_per_image"]
     assert by["linear_probe"]["trained_params"] < by["bsr_lean"]["trained_params"] \
         < by["full"]["trained_params"]
@@ -202,6 +209,7 @@ def test_variants_are_the_methods_registry():
     for variant, method, options in [
             ("full", "full", {}), ("linear_probe", "linear", {}), ("eager_bsr", "eager_bsr", {}),
             ("bsr_lean", "bsr", {}), ("bsr_fast", "bsr", dict(memory_mode="fast")),
+            ("bsr_autograd", "bsr", dict(memory_mode="autograd")),
             ("bsr_lean_bf16", "bsr", dict(activation_dtype=torch.bfloat16))]:
         a, b = fresh(), fresh()
         _, params = suite.build_variant(variant, a)
@@ -211,6 +219,9 @@ def test_variants_are_the_methods_registry():
             assert names(a, params) == head
         if variant == "full":
             assert len(params) == len(list(a.parameters()))
+    peer = fresh()
+    assert names(peer, suite.build_variant("peer_bsr", peer)[1]) == set(
+        methods.trainable_parameters(methods.setup(fresh(), "bsr").model))
     bsr = set(methods.trainable_parameters(methods.setup(fresh(), "bsr").model))
     eager = set(methods.trainable_parameters(methods.setup(fresh(), "eager_bsr").model))
     assert bsr == eager and head < bsr
@@ -243,6 +254,12 @@ def test_target_verdicts_and_config_errors():
         suite.SuiteConfig(budget_gib=0)
     with pytest.raises(ValueError, match="variant"):
         suite.build_variant("lora", None)
+    for bad in ("bsr_lean+jit", "lora+compile", "+compile"):
+        with pytest.raises(ValueError, match="variant"):
+            suite.split_variant(bad)
+    assert suite.split_variant("bsr_lean+cudagraphs") == ("bsr_lean", "cudagraphs")
+    assert suite.split_variant("full") == ("full", None)
+    assert suite.variant_label("full+compile") == "timm full fine-tuning, torch.compile"
 
 
 def test_readme_section_rejects_bad_path(tmp_path):
@@ -322,6 +339,36 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
 
 
+def test_compiled_step_variant_matches_eager():
+    """A compiled variant of the train_step section is timed beside its eager form and checked
+    against it: the same first-step logits and gradients (``vs_eager``), ratios to the others."""
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    cfg = suite.SuiteConfig(tiny=True, quick=True)
+    assert ts.step_variants(cfg) == suite.VARIANTS + tuple(
+        v for v in suite.COMPILED_VARIANTS if "cudagraphs" not in v)
+    assert ts.step_variants(suite.SuiteConfig(tiny=True, compile=False)) == suite.VARIANTS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = ts.step_rows(cfg, ["full", "bsr_autograd", "bsr_autograd+compile"],
+                            log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    by = {r["variant"]: r for r in rows}
+    assert not any("error" in r for r in rows), rows
+    comp = by["bsr_autograd+compile"]
+    assert comp["vs_eager"]["logits_rel"] < 1e-4 and comp["vs_eager"]["grad_proj_rel"] < 1e-4
+    assert "vs_eager" not in by["bsr_autograd"]
+    assert comp["speedup_vs_full"] > 0 and comp["speedup_vs_peer_compiled"] is None
+    assert len(comp["step_samples_s"]) == cfg.reps
+    assert "autograd, torch.compile" in ts.step_table(rows)
+    # a digest tells different gradients apart (the check above can fail)
+    d = suite.digest_diff({"logits": [1.0, 2.0], "grad_proj": [1.0]},
+                          {"logits": [1.0, 2.5], "grad_proj": [3.0]})
+    assert d["logits_rel"] > 0.1 and d["grad_proj_rel"] > 0.5
+
+
 def test_bench_gpu_survives_a_hung_compile(tmp_path):
     """``bench_gpu`` (the GPU run, here its ``--smoke`` CPU form): a compilation that overruns
     ``--compile-timeout-s`` leaves its thread stacks behind; the part is retried once compiling
@@ -331,7 +378,7 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
         pytest.skip(_triton_interpreter_problem())
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_gpu", "--smoke", "--out", str(tmp_path),
-         "--parts", "check,op-compiled", "--compile-timeout-s", "0.2"],
+         "--parts", "check,step,op-compiled", "--compile-timeout-s", "0.2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -351,8 +398,13 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "ms" in tiny["forward"]["bsr cpp"] and "ms" in tiny["forward"]["CLS-row composite"]
     assert "hung in an earlier attempt" in tiny["errors"]["compile(CLS-row composite)"]
     assert tiny["forward speedup vs CLS-row composite"] > 0
+    step = {r["variant"]: r for r in parts["step"]["rows"]}  # the train_step section's rows
+    assert tuple(step) == ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast",
+                           "bsr_lean")
+    assert all(r["step_s"] > 0 and r["speedup_vs_full"] > 0 for r in step.values()), step
     md = (tmp_path / "results.md").read_text()
     assert "| tiny |" in md and "while running 'compile(CLS-row composite)'" in md
+    assert "| BSR in plain PyTorch (peer_bsr)" in md
 
 
 def _triton_interpreter_problem():
