@@ -169,15 +169,19 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     compile there, inside ``guard(variant)`` when given: ``bench_gpu`` puts its watchdog there).
     On CUDA a third step gives the peak memory: ``max_memory_allocated`` above what was allocated
     before the variant was built (its parameters, gradients, AdamW state and activations), and
-    the same above its resident model and batch. Then all are timed in turn
-    (:func:`_timing.robust_interleaved`). A variant that raises is left out with its error; with
-    ``deadline`` (``time.time()``) the variants not built by then are skipped.
+    the same above its resident model and batch. Before any of that, each compiled variant's
+    forward goes through ``torch._dynamo.explain`` (:func:`graph_breaks`). Then all are timed
+    in turn (:func:`_timing.robust_interleaved`). A variant that raises is left out with its
+    error; with ``deadline`` (``time.time()``) the variants not built by then are skipped.
 
     Returns:
         ``{"timings": {v: Timing}, "peaks": {v: {"peak_mib", "peak_gib_above_model"}},
-        "digests": {v: step_digest of the first step}, "errors": {v: message}}``.
+        "digests": {v: step_digest of the first step}, "errors": {v: message},
+        "graph_breaks": {compiled v: graph_breaks(...)}}``.
     """
     steps, peaks, digests, errors = {}, {}, {}, {}
+    # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
+    breaks = {v: graph_breaks(cfg, v) for v in variants if split_variant(v)[1] is not None}
     for variant in variants:
         if deadline is not None and time.time() > deadline:
             errors[variant] = "skipped: out of time"
@@ -216,7 +220,26 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
                                  device_sync=cfg.cuda)
     del steps
     free_memory(cfg.device)
-    return dict(timings=timings, peaks=peaks, digests=digests, errors=errors)
+    return dict(timings=timings, peaks=peaks, digests=digests, errors=errors,
+                graph_breaks=breaks)
+
+
+def graph_breaks(cfg: SuiteConfig, variant: str) -> dict:
+    """``torch._dynamo.explain`` of the forward of ``variant``'s module (uncompiled, a fresh model,
+    under the step's autocast): ``{"count", "reasons"}`` (at most 3 reasons, shortened), or
+    ``{"error"}``. Resets dynamo: call it before anything is compiled."""
+    base, _ = split_variant(variant)
+    try:
+        _, module, _, images, _ = _variant_batch(cfg, base, cfg.time_model, 2,
+                                                 torch.Generator().manual_seed(0))
+        with cfg.autocast():
+            out = torch._dynamo.explain(module)(images)
+        return dict(count=out.graph_break_count,
+                    reasons=[str(r.reason)[:160] for r in out.break_reasons[:3]])
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        return dict(error=error_text(e, 300))
+    finally:
+        free_memory(cfg.device)
 
 
 def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
@@ -244,6 +267,8 @@ def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
         base, how = split_variant(variant)
         if how is not None and variant in res["digests"] and base in res["digests"]:
             row["vs_eager"] = digest_diff(res["digests"][variant], res["digests"][base])
+        if variant in res["graph_breaks"]:
+            row["graph_breaks"] = res["graph_breaks"][variant]
         if variant in errors:
             row["error"] = f"step: {errors[variant]}"
         rows.append(row)
@@ -299,9 +324,9 @@ def run(cfg: SuiteConfig, log=print) -> dict:
                   memory_model=model_label(cfg.memory_model), memory_batch=cfg.memory_batch,
                   reps=cfg.reps, precision="bf16 autocast" if cfg.cuda else "fp32",
                   variants=list(variants),
-                  optimizer="AdamW (fused)" if cfg.cuda else "AdamW", bsr=dict(train_blocks="default (3, 7, 11 for 12 blocks)",
-                                              drop_at="default (3, 6, 9)", keep_rate=0.5,
-                                              fuse_token=True))
+                  optimizer="AdamW (fused)" if cfg.cuda else "AdamW",
+                  bsr=dict(train_blocks="default (3, 7, 11 for 12 blocks)",
+                           drop_at="default (3, 6, 9)", keep_rate=0.5, fuse_token=True))
     notes = [
         "Saved MiB/image and GFLOPs/image come from bsr_kernels.profile (fp32, "
         f"{model_label(cfg.memory_model)}, B={cfg.memory_batch}); the SDPA kernels are counted "
@@ -413,7 +438,8 @@ def _f(v, fmt, suffix=""):
 
 def step_table(rows: list[dict]) -> str:
     """The timing columns of the rows (also ``bench_gpu``'s step table): ms, img/s, speedups,
-    peak memory (CUDA) and compiled-against-eager differences; empty cells: not measured."""
+    peak memory (CUDA), compiled-against-eager differences and the forward's graph breaks;
+    empty cells: not measured."""
     cuda = any("peak_mib" in r for r in rows)
     cells = []
     for r in rows:
@@ -426,11 +452,12 @@ def step_table(rows: list[dict]) -> str:
                       _f(r["speedup_vs_eager"], ".2f", "x")]
                      + ([_f(r.get("peak_mib"), ".0f"), _f(r.get("peak_gib_above_model"), ".2f")]
                         if cuda else [])
-                     + [f"{ve['logits_rel']:.1e} / {ve['grad_proj_rel']:.1e}" if ve else ""])
+                     + [f"{ve['logits_rel']:.1e} / {ve['grad_proj_rel']:.1e}" if ve else "",
+                        str(r.get("graph_breaks", {}).get("count", ""))])
     header = (["variant", "step ms", "img/s", "x full", "x full compiled", "x peer compiled",
                "x eager formulation"]
               + (["peak MiB", "peak GiB above model"] if cuda else [])
-              + ["vs eager (logits / grads)"])
+              + ["vs eager (logits / grads)", "graph breaks"])
     return format_table(cells, header)
 
 

@@ -35,20 +35,21 @@ __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "B
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
 
 
+#: What a block does, set on it by :func:`reprogram` from the config (which is frozen): whether
+#: it runs without grad (before the first trained block), trains, and drops tokens.
+_ROLE = ("bsr_no_grad", "bsr_trained", "bsr_drops")
+
+
 class BSRBlock(Block):
     """A timm ``Block`` that may drop tokens after attention, and run memory-lean.
 
     Attributes set by :func:`reprogram`: ``bsr_config`` (the model's one
-    :class:`~bsr_kernels.config.BSRConfig`) and ``bsr_index`` (this block's position).
+    :class:`~bsr_kernels.config.BSRConfig`), ``bsr_index`` (this block's position) and its role
+    in that config, ``bsr_no_grad``, ``bsr_trained`` and ``bsr_drops`` (bools). Forward reads
+    the role, never the index: ``torch.compile`` then keeps one compiled entry per kind of block
+    (5 for the defaults), not one per block, which would pass dynamo's recompile limit (8) at 12
+    blocks where a memory mode's custom backward makes every block a frame of its own.
     """
-
-    @property
-    def bsr_drops(self) -> bool:
-        return self.bsr_config.drops(self.bsr_index)
-
-    @property
-    def bsr_trained(self) -> bool:
-        return self.bsr_config.trains(self.bsr_index)
 
     def body(self, x: torch.Tensor, linear=call_linear, kept: Optional[torch.Tensor] = None,
              record=None) -> torch.Tensor:
@@ -100,7 +101,7 @@ class BSRBlock(Block):
                              "dropping changes the sequence; call bsr_kernels.restore(model) first")
         trace = self._bsr_trace
         record = None if trace is None else (lambda kept, m: trace.append((kept.detach(), m)))
-        if self.bsr_config.without_grad(self.bsr_index):
+        if self.bsr_no_grad:
             with torch.no_grad():
                 return self.body(x, record=record)
         mode = self.bsr_config.memory_mode
@@ -231,6 +232,8 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         blk.attn.__class__ = TokenDropAttention
         blk.bsr_config = config
         blk.bsr_index = i
+        blk.bsr_no_grad, blk.bsr_trained, blk.bsr_drops = (
+            config.without_grad(i), config.trains(i), config.drops(i))
         blk._bsr_trace = None
     timm_hooks.install(model)
     return model
@@ -251,7 +254,7 @@ def restore(model: nn.Module) -> nn.Module:
     for blk in model.blocks:
         blk.__class__ = blk._bsr_orig_class
         blk.attn.__class__ = Attention
-        for attr in ("_bsr_orig_class", "bsr_config", "bsr_index", "_bsr_trace"):
+        for attr in ("_bsr_orig_class", "bsr_config", "bsr_index", "_bsr_trace", *_ROLE):
             delattr(blk, attr)
     for name, p in model.named_parameters():
         p.requires_grad_(model._bsr_requires_grad.get(name, True))

@@ -359,7 +359,8 @@ def test_compiled_step_variant_matches_eager():
     assert not any("error" in r for r in rows), rows
     comp = by["bsr_autograd+compile"]
     assert comp["vs_eager"]["logits_rel"] < 1e-4 and comp["vs_eager"]["grad_proj_rel"] < 1e-4
-    assert "vs_eager" not in by["bsr_autograd"]
+    assert "vs_eager" not in by["bsr_autograd"] and "graph_breaks" not in by["bsr_autograd"]
+    assert comp["graph_breaks"] == {"count": 0, "reasons": []}  # torch._dynamo.explain
     assert comp["speedup_vs_full"] > 0 and comp["speedup_vs_peer_compiled"] is None
     assert len(comp["step_samples_s"]) == cfg.reps
     assert "autograd, torch.compile" in ts.step_table(rows)

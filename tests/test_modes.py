@@ -110,6 +110,30 @@ def test_torch_compile_matches_eager(mode):
         torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["lean", "fast"])
+def test_torch_compile_stays_within_the_recompile_limit(mode):
+    """12 blocks under torch.compile: the custom backward of fast/lean makes each block a frame of
+    its own, and blocks compile into one entry per kind of block (they read their role, not
+    their index), so dynamo's recompile limit (8) is not hit and no block silently falls back
+    to eager; logits and gradients are the eager ones."""
+    base = tiny()
+    eager = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+    model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+    x = images()
+    logits = eager(x)
+    logits.square().sum().backward()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8):
+        out = torch.compile(model)(x)
+        out.square().sum().backward()
+    torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
+    ge, gc = grads(eager), grads(model)
+    assert set(ge) == set(gc) and ge
+    for n in ge:
+        torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_no_block_stores_attention_probabilities(mode):
     """Whatever backward keeps, in every block and at every token count the blocks see (65, then
