@@ -63,9 +63,12 @@ VARIANT_LABELS = {
 }
 #: How a variant may run besides eagerly: ``<variant>+<how>`` -> ``torch.compile`` keywords.
 COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
-#: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only), in order.
+#: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only), in order:
+#: those that compile into one graph first. Once fast or lean (graph breaks in the loop over the
+#: blocks) has compiled, dynamo skips that loop's code object for the rest of the process, and a
+#: model compiled later would run as one graph per block.
 COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
-                     "bsr_fast+compile", "bsr_lean+compile", "bsr_autograd+cudagraphs")
+                     "bsr_autograd+cudagraphs", "bsr_fast+compile", "bsr_lean+compile")
 
 
 def split_variant(variant: str) -> tuple[str, Optional[str]]:

@@ -76,8 +76,8 @@ PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled")
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
 EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
-                  "full+compile", "bsr_lean+compile", "bsr_fast+compile",
-                  "bsr_autograd+cudagraphs")
+                  "full+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
+                  "bsr_fast+compile")  # one-graph variants first (see _suite.COMPILED_VARIANTS)
 
 
 def log(*a):

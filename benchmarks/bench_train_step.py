@@ -179,6 +179,18 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
         "digests": {v: step_digest of the first step}, "errors": {v: message},
         "graph_breaks": {compiled v: graph_breaks(...)}}``.
     """
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _time_steps(cfg, variants, log, guard, deadline)
+
+
+#: dynamo's recompile limit while the section compiles: the compiled variants share the code
+#: objects of timm's and bsr_kernels' modules, so their entries add up (a fast and a lean model
+#: fill the default 8 of ``_LeanBlock.forward``); alone in a process each stays within 8
+#: (tests/test_modes.py).
+RECOMPILE_LIMIT = 64
+
+
+def _time_steps(cfg, variants, log, guard, deadline) -> dict:
     steps, peaks, digests, errors = {}, {}, {}, {}
     # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
     breaks = {v: graph_breaks(cfg, v) for v in variants if split_variant(v)[1] is not None}

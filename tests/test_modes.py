@@ -134,6 +134,20 @@ def test_torch_compile_stays_within_the_recompile_limit(mode):
     torch._dynamo.reset()
 
 
+def test_compiled_code_does_not_guard_on_the_backend_cache():
+    """select_backend's cache is for eager calls: a compiled entry guarded on its contents would
+    be dead after the first eager write, and take one of dynamo's 8 entries per code object."""
+    from bsr_kernels.ops import dispatch
+    model = bsr_kernels.reprogram(tiny(depth=4), memory_mode="autograd", train_blocks=[1, 3],
+                                  drop_at=[1, 2])
+    dispatch._SELECTED.clear()
+    torch._dynamo.reset()
+    guards = [g.name for g in torch._dynamo.explain(model)(images()).out_guards]
+    assert any("_drop_op" in g for g in guards)  # the trace went through the drop
+    assert not [g for g in guards if "_SELECTED" in g]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_no_block_stores_attention_probabilities(mode):
     """Whatever backward keeps, in every block and at every token count the blocks see (65, then

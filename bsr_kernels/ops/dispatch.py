@@ -16,11 +16,17 @@ import torch
 
 from .. import _config
 from .common import Backend, check_backend_name
+from .cpp import CppBackend
+from .reference import ReferenceBackend
+from .triton_backend import TritonBackend
 
 __all__ = ["get_backend", "all_backends", "available_backends", "select_backend", "use_backend",
            "context_backend", "forced_backend"]
 
-_BACKENDS: dict[str, Backend] = {}
+#: Every backend by name, made at import: a dict filled at first use would be seen empty by the
+#: first ``torch.compile`` trace through an op, leaving a compiled entry guarded on that.
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CppBackend(),
+                                                     TritonBackend())}
 #: select_backend's answers by (device, dtypes, forced name, TRITON_INTERPRET): what decides
 #: them (extension loaded, CUDA present, triton importable) does not change within a process.
 _SELECTED: dict[tuple, Backend] = {}
@@ -53,28 +59,16 @@ def forced_backend() -> str | None:
     return _FORCED.get() or _config.forced_backend()
 
 
-def _load() -> dict[str, Backend]:
-    if not _BACKENDS:
-        from .cpp import CppBackend
-        from .reference import ReferenceBackend
-        from .triton_backend import TritonBackend
-
-        for backend in (ReferenceBackend(), CppBackend(), TritonBackend()):
-            _BACKENDS[backend.name] = backend
-    return _BACKENDS
-
-
 def all_backends() -> dict[str, Backend]:
     """Every known backend by name, available here or not."""
-    return dict(_load())
+    return dict(_BACKENDS)
 
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``."""
-    backends = _load()
-    if name not in backends:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(backends)}")
-    return backends[name]
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
 
 
 def _device_for_listing() -> torch.device:
@@ -85,7 +79,7 @@ def available_backends(device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> list[str]:
     """Names of the backends that can run here (on ``device``, default CUDA if present else CPU)."""
     device = torch.device(device) if device is not None else _device_for_listing()
-    return [name for name, b in _load().items() if not b.not_supported_reasons(device, dtype)]
+    return [name for name, b in _BACKENDS.items() if not b.not_supported_reasons(device, dtype)]
 
 
 def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -> Backend:
@@ -99,10 +93,13 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
     """
     forced = name or forced_backend()
     key = (device.type, device.index, dtypes, forced, _config.triton_interpret())
-    hit = _SELECTED.get(key)
+    # the cache is for eager calls: a torch.compile trace that read it would guard on its
+    # contents, and the entry compiled while it was empty would be dead after the first write
+    cached = not torch.compiler.is_compiling()
+    hit = _SELECTED.get(key) if cached else None
     if hit is not None:
         return hit
-    backends = _load()
+    backends = _BACKENDS
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
 
     def reasons(b: Backend) -> list[str]:
@@ -114,7 +111,8 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
 
     for cand in candidates:
         if not reasons(backends[cand]):
-            _SELECTED[key] = backends[cand]
+            if cached:
+                _SELECTED[key] = backends[cand]
             return backends[cand]
     lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in backends.items()]
     how = (f"backend {forced!r} was forced" if forced
