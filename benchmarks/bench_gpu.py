@@ -36,6 +36,8 @@ Parts (``--parts``, default all, in this order):
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
   in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
   fine-tuning and eager autograd mode timed beside them for in-process ratios.
+* ``sac`` (last: an experiment): :mod:`probe_sac`'s step timings, lean and fast written as
+  selective activation checkpointing (compiles into one graph) against the library's modes.
 
 Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``
 (``--deadline-s`` bounds the whole run; ``--parts op,step`` runs some parts). ``--smoke`` runs
@@ -70,7 +72,7 @@ from .peer_bsr import cls_row_drop
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 
 #: The parts, in the order a short lease should spend its time on them.
-PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled")
+PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled", "sac")
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
@@ -381,6 +383,15 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
+def part_sac(cuda: bool, device: str) -> dict:
+    """The SAC probe's step timings (:mod:`probe_sac`: lean and fast as selective checkpointing,
+    eager and compiled, against the library's modes); its other checks are device independent
+    and run on CPU."""
+    from .probe_sac import run
+    cfg = SuiteConfig(device=device, tiny=not cuda, quick=True)
+    return run(cfg, parts=("time",) if cuda else ("exact",), log=log)
+
+
 def part_sync(cuda: bool, device: str) -> dict:
     """No host sync in the forward and backward of any memory mode (CUDA sync debug mode)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -419,7 +430,7 @@ def run_worker(part: str, args) -> dict:
     parts = {"check": part_check, "op": part_op, "sync": part_sync, "sweep": part_sweep,
              "op-compiled": lambda c, d: part_op(c, d, compiled=True),
              "step": lambda c, d: part_step(c, d, EAGER_STEPS),
-             "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS)}
+             "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac}
     try:
         WORKER.state["result"] = parts[part](cuda, device)
     except Exception as e:  # recorded; the parent goes on with the next part
@@ -517,6 +528,15 @@ def summarize(results: dict) -> str:
             lines += [f"## training step ({name}: ratios within this part's process)", "",
                       step_table(rows), ""]
             lines += [f"- {r['variant']}: {r['error']}" for r in rows if "error" in r]
+    sac = parts.get("sac", {}).get("time", {})
+    if sac:
+        lines += ["## SAC probe (lean/fast as selective checkpointing; probe_sac.py)", "",
+                  "| model | ms/step | × autograd compiled | peak GiB above model |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {_fmt(r.get('step_ms'))} | {_fmt(r.get('speed_vs_autograd_compiled'))}"
+                  f" | {_fmt(r.get('peak_gib_above_model'))} |" + (f" {r['error'][:80]}"
+                                                                   if "error" in r else "")
+                  for k, r in sac.items()] + [""]
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
         lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "

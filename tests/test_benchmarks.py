@@ -411,3 +411,24 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
 def _triton_interpreter_problem():
     from bsr_kernels.ops.triton_backend import _TRITON_ERROR, interpreter_problem
     return _TRITON_ERROR or interpreter_problem()
+
+
+def test_sac_probe_is_exact_and_counts_what_profile_counts():
+    """benchmarks/probe_sac.py (lean/fast as selective checkpointing, an experiment): the same
+    float64 gradients as autograd mode, and its live-storage memory measure agrees with
+    bsr_kernels.profile on the library's modes (SAC keeps its saved outputs where profile's
+    hooks do not see them, which is why the probe counts live storages); the SAC forms keep
+    more than lean/fast only by the drop outputs they save, and less than autograd mode."""
+    probe = _import_bench("probe_sac")
+    exact = probe.check_exact()
+    for mode in ("sac_lean", "sac_fast"):
+        assert exact[mode]["same_parameters"] and exact[mode]["max_abs_grad_diff"] < 1e-12
+    mem = probe.check_memory(quick=True)
+    for mode in ("autograd", "lean", "fast"):
+        assert mem[mode]["live_mib_per_image"] == pytest.approx(
+            mem[mode]["profile_mib_per_image"], rel=0.01), mode
+    assert mem["lean"]["live_mib_per_image"] < mem["sac_lean"]["live_mib_per_image"] \
+        < mem["sac_fast"]["live_mib_per_image"] < mem["autograd"]["live_mib_per_image"]
+    assert mem["sac_lean"]["live_mib_per_image"] < 1.2 * mem["lean"]["live_mib_per_image"]
+    with pytest.raises(ValueError, match="mode"):
+        probe.sac_model(torch.nn.Linear(2, 2), "sac_turbo")
