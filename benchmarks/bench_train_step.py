@@ -161,9 +161,14 @@ def step_variants(cfg: SuiteConfig) -> tuple[str, ...]:
 
 
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
-               deadline: float | None = None) -> dict:
+               deadline: float | None = None, build=None) -> dict:
     """Training steps of ``variants`` (:func:`_suite.split_variant` names) at
     ``cfg.time_model`` / ``cfg.time_batch``, timed side by side.
+
+    ``build(variant, batch)`` makes a variant's ``(model, module, params, images, labels)``;
+    default: :func:`_suite.build_variant` on a fresh ``cfg.time_model`` and a random batch, the
+    same weights and batch for every variant (``probe_sac`` passes its own). A name with ``+``
+    (``<base>+compile``) is a compiled variant of ``<base>``.
 
     Each variant gets its own fresh model and batch and takes two steps first (compiled variants
     compile there, inside ``guard(variant)`` when given: ``bench_gpu`` puts its watchdog there).
@@ -179,8 +184,12 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
         "digests": {v: step_digest of the first step}, "errors": {v: message},
         "graph_breaks": {compiled v: graph_breaks(...)}}``.
     """
+    if build is None:
+        def build(variant, batch):  # same weights and batch for every variant
+            return _variant_batch(cfg, variant, cfg.time_model, batch,
+                                  torch.Generator().manual_seed(0))
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _time_steps(cfg, variants, log, guard, deadline)
+        return _time_steps(cfg, variants, log, guard, deadline, build)
 
 
 #: dynamo's recompile limit while the section compiles: the compiled variants share the code
@@ -190,10 +199,10 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
 RECOMPILE_LIMIT = 64
 
 
-def _time_steps(cfg, variants, log, guard, deadline) -> dict:
+def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
     steps, peaks, digests, errors = {}, {}, {}, {}
     # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
-    breaks = {v: graph_breaks(cfg, v) for v in variants if split_variant(v)[1] is not None}
+    breaks = {v: graph_breaks(cfg, v, build) for v in variants if "+" in v}
     for variant in variants:
         if deadline is not None and time.time() > deadline:
             errors[variant] = "skipped: out of time"
@@ -204,8 +213,7 @@ def _time_steps(cfg, variants, log, guard, deadline) -> dict:
                 free_memory("cuda")
                 base = torch.cuda.memory_allocated()
             with guard(variant) if guard is not None else contextlib.nullcontext():
-                _, module, params, images, labels = _variant_batch(  # same weights and batch
-                    cfg, variant, cfg.time_model, cfg.time_batch, torch.Generator().manual_seed(0))
+                _, module, params, images, labels = build(variant, cfg.time_batch)
                 resident = torch.cuda.memory_allocated() - base if cfg.cuda else 0
                 step = make_step(module, params, images, labels, cfg, digest=True)
                 step()
@@ -224,7 +232,6 @@ def _time_steps(cfg, variants, log, guard, deadline) -> dict:
         except Exception as e:  # noqa: BLE001 - reported in the results
             errors[variant] = error_text(e)
             log(f"  train_step: {variant} FAILED: {errors[variant]}")
-            step = None
             free_memory(cfg.device)
     log(f"  train_step: timing {len(steps)} variants of {model_label(cfg.time_model)} at "
         f"B={cfg.time_batch}, {cfg.reps} rounds")
@@ -236,14 +243,13 @@ def _time_steps(cfg, variants, log, guard, deadline) -> dict:
                 graph_breaks=breaks)
 
 
-def graph_breaks(cfg: SuiteConfig, variant: str) -> dict:
-    """``torch._dynamo.explain`` of the forward of ``variant``'s module (uncompiled, a fresh model,
-    under the step's autocast): ``{"count", "reasons"}`` (at most 3 reasons, shortened), or
-    ``{"error"}``. Resets dynamo: call it before anything is compiled."""
-    base, _ = split_variant(variant)
+def graph_breaks(cfg: SuiteConfig, variant: str, build) -> dict:
+    """``torch._dynamo.explain`` of the forward of ``variant``'s module (its uncompiled base from
+    ``build``, see :func:`time_steps`, at batch 2, under the step's autocast): ``{"count",
+    "reasons"}`` (at most 3 reasons, shortened), or ``{"error"}``. Resets dynamo: call it before
+    anything is compiled."""
     try:
-        _, module, _, images, _ = _variant_batch(cfg, base, cfg.time_model, 2,
-                                                 torch.Generator().manual_seed(0))
+        _, module, _, images, _ = build(variant.partition("+")[0], 2)
         with cfg.autocast():
             out = torch._dynamo.explain(module)(images)
         return dict(count=out.graph_break_count,

@@ -43,8 +43,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
 
 import bsr_kernels
 
-from ._suite import GIB, SuiteConfig, create_vit, free_memory, make_step
-from ._timing import interleaved
+from ._suite import COMPILE_MODES, SuiteConfig, create_vit
 
 __all__ = ["sac_model", "live_bytes", "run", "MODES"]
 
@@ -191,50 +190,36 @@ def check_compile() -> dict:
 
 
 def time_modes(cfg: SuiteConfig, log=print) -> dict:
-    """Step times (and CUDA peaks) of each mode, eager and compiled, side by side. Compiled
-    variants that break graphs (lean, fast) are compiled last (see _suite.COMPILED_VARIANTS)."""
-    order = ["autograd", "sac_lean", "sac_fast", "lean", "fast"]
-    variants = ([(m, False) for m in order] + [(m, True) for m in order])
-    g = torch.Generator().manual_seed(0)
-    steps, out = {}, {}
-    with torch._dynamo.config.patch(recompile_limit=64):
-        for mode, compiled in variants:
-            name = mode + ("+compile" if compiled else "")
-            t0 = time.perf_counter()
-            try:
-                if cfg.cuda:
-                    free_memory("cuda")
-                    base = torch.cuda.memory_allocated()
-                model = sac_model(create_vit(cfg.time_model, device=cfg.device), mode)
-                images = torch.randn(cfg.time_batch, 3, *model.patch_embed.img_size,
-                                     generator=g).to(cfg.device)
-                labels = torch.randint(0, model.num_classes, (cfg.time_batch,),
-                                       generator=g).to(cfg.device)
-                resident = torch.cuda.memory_allocated() - base if cfg.cuda else 0
-                module = torch.compile(model, dynamic=False) if compiled else model
-                step = make_step(module, [p for p in model.parameters() if p.requires_grad],
-                                 images, labels, cfg)
-                step()
-                step()
-                out[name] = {}
-                if cfg.cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    step()
-                    torch.cuda.synchronize()
-                    out[name]["peak_gib_above_model"] = (torch.cuda.max_memory_allocated()
-                                                         - base - resident) / GIB
-                steps[name] = step
-                log(f"  probe_sac: {name} ready ({time.perf_counter() - t0:.0f} s)")
-            except Exception as e:  # noqa: BLE001 - reported
-                out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                log(f"  probe_sac: {name} FAILED {out[name]['error']}")
-        timings = interleaved(steps, reps=cfg.reps, warmup=1, min_sample_s=0.0,
-                              device_sync=cfg.cuda)
+    """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
+    ``train_step`` section's timer (:func:`bench_train_step.time_steps`). Compiled variants that
+    break graphs (lean, fast) are compiled last (see ``_suite.COMPILED_VARIANTS``)."""
+    from .bench_train_step import time_steps
+    order = ("autograd", "sac_lean", "sac_fast", "lean", "fast")
+    variants = [*order, *(m + "+compile" for m in order)]
+
+    def build(variant, batch):
+        mode, _, how = variant.partition("+")
+        model = sac_model(create_vit(cfg.time_model, device=cfg.device), mode)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(batch, 3, *model.patch_embed.img_size, generator=g).to(cfg.device)
+        labels = torch.randint(0, model.num_classes, (batch,), generator=g).to(cfg.device)
+        module = torch.compile(model, dynamic=False, **COMPILE_MODES[how]) if how else model
+        return model, module, [p for p in model.parameters() if p.requires_grad], images, labels
+
+    res = time_steps(cfg, variants, log, build=build)
+    timings = res["timings"]
     ref = timings.get("autograd+compile") or timings.get("autograd")
-    for name, t in timings.items():
-        out[name].update(step_ms=t.median * 1e3,
-                         speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
+    out = {}
+    for name in variants:
+        t = timings.get(name)
+        out[name] = dict(res["peaks"].get(name, {}))
+        if t is not None:
+            out[name].update(step_ms=t.median * 1e3,
+                             speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
+        if name in res["errors"]:
+            out[name]["error"] = res["errors"][name]
+        if name in res["graph_breaks"]:
+            out[name]["graph_breaks"] = res["graph_breaks"][name].get("count")
     return out
 
 

@@ -99,7 +99,6 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
     hit = _SELECTED.get(key) if cached else None
     if hit is not None:
         return hit
-    backends = _BACKENDS
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
 
     def reasons(b: Backend) -> list[str]:
@@ -110,11 +109,11 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
         return out
 
     for cand in candidates:
-        if not reasons(backends[cand]):
+        if not reasons(_BACKENDS[cand]):
             if cached:
-                _SELECTED[key] = backends[cand]
-            return backends[cand]
-    lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in backends.items()]
+                _SELECTED[key] = _BACKENDS[cand]
+            return _BACKENDS[cand]
+    lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in _BACKENDS.items()]
     how = (f"backend {forced!r} was forced" if forced
            else f"the default for {device.type} tensors is {candidates[0]}")
     raise RuntimeError(
