@@ -54,6 +54,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -133,7 +134,13 @@ class Worker:
     def watchdog(self, label: str, seconds: float | None = None):
         """Runs the block with ``label`` recorded as running; past ``seconds`` (default the
         compile timeout) the stacks of every thread go to ``stacks-<part>-<label>.txt`` and the
-        process exits. Raises :class:`Skipped` for a label that hung before."""
+        process exits. Raises :class:`Skipped` for a label that hung before.
+
+        A Python thread takes the stacks (:func:`dump_stacks`, under the GIL).
+        ``faulthandler``'s own watchdog reads the frames without the GIL: on a thread that is
+        still busy (a slow compile rather than a deadlock) it has died mid-dump and left a
+        truncated file. It stays as the backstop ``WATCHDOG_BACKSTOP_S`` later, for code that
+        hangs holding the GIL."""
         stacks = stacks_file(self.part, label)
         if label in self.skip:
             raise Skipped(f"hung in an earlier attempt ({stacks})")
@@ -142,10 +149,20 @@ class Worker:
         self.save()
         path = os.path.join(self.out_dir, stacks)
         with open(path, "w") as f:
-            faulthandler.dump_traceback_later(seconds, exit=True, file=f)
+            done = threading.Event()
+
+            def expire():
+                if not done.wait(seconds):
+                    dump_stacks(f.fileno(), f"Timeout ({seconds} s) while running {label!r}")
+                    os._exit(1)
+
+            threading.Thread(target=expire, name="bench_gpu watchdog", daemon=True).start()
+            # The backstop, for code that hangs holding the GIL: faulthandler's C thread
+            faulthandler.dump_traceback_later(seconds + WATCHDOG_BACKSTOP_S, exit=True, file=f)
             try:
                 yield
             finally:
+                done.set()
                 faulthandler.cancel_dump_traceback_later()
         os.remove(path)  # finished in time: nothing to keep
         self.state["running"] = None
@@ -153,6 +170,24 @@ class Worker:
 
 
 WORKER: Worker | None = None
+WATCHDOG_BACKSTOP_S = 20.0
+
+
+def dump_stacks(fd: int, header: str) -> None:
+    """Writes the stack of every other thread to ``fd`` in one write, innermost call first (the
+    ``faulthandler`` layout, every frame). Names and line numbers only: reading source could
+    wait on the import lock that a hung thread holds."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    lines = [header]
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        lines.append(f"\nThread {ident:#x} ({names.get(ident, '?')}) (most recent call first):")
+        while frame is not None:
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {frame.f_lineno} in {code.co_name}')
+            frame = frame.f_back
+    os.write(fd, ("\n".join(lines) + "\n").encode(errors="replace"))
 
 
 def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:

@@ -408,6 +408,38 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "| BSR in plain PyTorch (peer_bsr)" in md
 
 
+def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
+    """The watchdog's stack dump reads frames under the GIL (faulthandler's watchdog, reading
+    them without it, died mid-dump on a busy compile and left a truncated file): a thread deep
+    in a recursion (past faulthandler's 100 frames) that is still running appears whole."""
+    import threading
+    bench_gpu = _import_bench("bench_gpu")
+    ready, stop = threading.Event(), threading.Event()
+
+    def deep(n):
+        if n:
+            return deep(n - 1)
+        ready.set()
+        while not stop.is_set():  # busy, not blocked
+            sum(range(100))
+
+    t = threading.Thread(target=deep, args=(150,), name="busy")
+    t.start()
+    try:
+        assert ready.wait(10)
+        with open(tmp_path / "stacks.txt", "w") as f:
+            bench_gpu.dump_stacks(f.fileno(), "Timeout (1 s) while running 'x'")
+    finally:
+        stop.set()
+        t.join()
+    text = (tmp_path / "stacks.txt").read_text()
+    assert text.startswith("Timeout (1 s) while running 'x'\n")
+    busy = text.split("(busy) (most recent call first):\n")[1].split("\n\n")[0].splitlines()
+    assert sum(" in deep" in line for line in busy) == 151, busy[:5]
+    assert busy[0].startswith(f'  File "{__file__}", line ') and busy[0].endswith(" in deep")
+    assert "in test_bench_gpu_watchdog_dumps" not in text  # the dumping thread is left out
+
+
 def _triton_interpreter_problem():
     from bsr_kernels.ops.triton_backend import _TRITON_ERROR, interpreter_problem
     return _TRITON_ERROR or interpreter_problem()
