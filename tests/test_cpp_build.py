@@ -103,6 +103,7 @@ def test_loads_with_python_ops_in_either_order(first):
         from bsr_kernels.ops import _C
     """
     code = (load_ext_first if first == "extension" else load_pkg_first) + """
+        torch.manual_seed(0)
         x = torch.randn(2, 9, 4); q = torch.randn(2, 3, 9, 8); k = torch.randn(2, 3, 9, 8)
         out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
         o2 = torch.ops.bsr_kernels.cpp_drop_forward(x, q, k, 8 ** -0.5, 1, 4, True)
@@ -166,7 +167,7 @@ def test_bad_inputs_raise_naming_the_argument():
     bad = kept.clone()
     bad[1, 2] = 12  # M = 12 candidates: 12 is out of range
     with pytest.raises(ValueError, match="kept indices"):
-        ops.cpp_drop_backward(torch.randn_like(out), x, q, k, bad, scores, lse, 0.3, 1)
+        ops.cpp_drop_backward(torch.ones_like(out), x, q, k, bad, scores, lse, 0.3, 1)
     with pytest.raises(ValueError, match="kept indices"):
         ops.cpp_gather_backward(out[:, :5], -bad.abs() - 1, 13, 1)
     with pytest.raises(ValueError, match="grad_out must have shape"):
@@ -179,12 +180,16 @@ def test_opcheck(op):
     ops = torch.ops.bsr_kernels
     x, q, k = _qkvx(n=11, c=6)
     out, kept, scores, lse = ops.cpp_drop_forward(x, q, k, 0.5, 2, 4, True)
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(like):
+        return torch.randn(like.shape, generator=g, dtype=like.dtype)
     args = {
         "cpp_cls_scores": (q, k, 0.5, 2),
-        "cpp_cls_scores_backward": (torch.randn_like(scores), q, k, lse, 0.5, 2),
+        "cpp_cls_scores_backward": (rnd(scores), q, k, lse, 0.5, 2),
         "cpp_drop_forward": (x, q, k, 0.5, 2, 4, True),
-        "cpp_drop_backward": (torch.randn_like(out), x, q, k, kept, scores, lse, 0.5, 2),
-        "cpp_gather_backward": (torch.randn(3, 6, 6), kept, 11, 2),
+        "cpp_drop_backward": (rnd(out), x, q, k, kept, scores, lse, 0.5, 2),
+        "cpp_gather_backward": (rnd(out[:, :6]), kept, 11, 2),
     }[op]
     torch.library.opcheck(getattr(ops, op).default, args)
 

@@ -52,8 +52,10 @@ def test_bsr_delta_holds_trained_blocks_only_and_round_trips(tmp_path):
         plain = _vit()(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.allclose(got, plain, atol=1e-3)
-    for (n, a), (_, b) in zip(tuned.state_dict().items(), base.state_dict().items()):
-        assert torch.equal(a, b), n
+    tuned_sd, base_sd = tuned.state_dict(), base.state_dict()
+    assert list(tuned_sd) == list(base_sd) and tuned_sd
+    for n, a in tuned_sd.items():
+        assert a.dtype == base_sd[n].dtype and torch.equal(a, base_sd[n]), n
 
 
 def test_delta_of_other_head_size_resets_the_classifier(tmp_path):

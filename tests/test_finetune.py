@@ -25,6 +25,13 @@ def _run(argv, capsys):
     return rc, out, err
 
 
+def _assert_accuracy_counts_test_images(accuracy, img_size):
+    """``accuracy`` is correct / total over the digits test set: a whole number of its images."""
+    n = len(digits_split(DIGITS_TARGET_CLASSES, img_size)[1])
+    correct = accuracy * n
+    assert abs(correct - round(correct)) < 1e-6 and 0 <= round(correct) <= n, (accuracy, n)
+
+
 # --- the shipped model and data ------------------------------------------------------------
 
 def test_shipped_checkpoint_is_small_and_described():
@@ -106,7 +113,8 @@ def test_cli_end_to_end_all_methods(tmp_path, capsys):
     methods = summary["methods"]
     assert list(methods) == ["full", "linear", "bitfit", "bsr"]
     for name, r in methods.items():
-        assert 0.0 <= r["accuracy"] <= 1.0
+        _assert_accuracy_counts_test_images(r["accuracy"], summary["img_size"])
+        assert r["accuracy"] == r["history"][-1]["accuracy"], name
         for key in ("saved_activation_mib_per_image", "train_gflops_per_image", "step_time_s"):
             assert r[key] > 0, (name, key)
         assert len(r["history"]) == 1
@@ -289,7 +297,8 @@ def test_compressed_activations_flag(tmp_path, capsys):
     assert bf16["activation_dtype"] == "bfloat16" and exact["activation_dtype"] == "exact"
     ratio = bf16["saved_activation_mib_per_image"] / exact["saved_activation_mib_per_image"]
     assert 0.4 < ratio < 0.6
-    assert 0.0 <= bf16["accuracy"] <= 1.0
+    img_size = json.loads((tmp_path / "bf16" / "summary.json").read_text())["img_size"]
+    _assert_accuracy_counts_test_images(bf16["accuracy"], img_size)
 
 
 # --- the methods registry and the distributed module ----------------------------------------

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bsr_kernels.finetune.data import GlobalBatchSampler, build_data
+from bsr_kernels.finetune.data import (DIGITS_TARGET_CLASSES, GlobalBatchSampler, build_data,
+                                       digits_split)
 from bsr_kernels.finetune.models import DIGITS_MODEL, build_model, model_input_config
 from bsr_kernels.finetune.train import adapt
 
@@ -83,15 +84,25 @@ def test_two_process_gradients_match_one_process_on_the_same_global_batch(ddp_di
 
 
 def test_torchrun_gloo_run_completes(tmp_path):
+    """Two gloo processes train and evaluate; the accuracy (the test set sharded over the
+    processes, counts summed) is that of the saved weights over the whole test set in one
+    process."""
     r = _torchrun("-m", "bsr_kernels.finetune", "--method", "bsr,linear", "--epochs", "2",
                   "--batch-size", "128", "--timing-rounds", "0", "--profile-batch", "2",
                   "--samples", "2", "--no-progress", "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
+    _, test = digits_split(DIGITS_TARGET_CLASSES, summary["img_size"])
     for m in ("bsr", "linear"):
         res = summary["methods"][m]
-        assert len(res["history"]) == 2 and 0 <= res["accuracy"] <= 1
+        assert len(res["history"]) == 2 and res["accuracy"] == res["history"][-1]["accuracy"]
         assert res["steps"] == 2 * (597 // 128)        # global steps, not per process
         assert (tmp_path / "o" / m / "checkpoint.pt").is_file()
+        state = torch.load(tmp_path / "o" / m / "checkpoint.pt", weights_only=True)
+        model, _ = build_model(DIGITS_MODEL, 5)
+        adapt(model, m).load_state_dict(state["model"])
+        with torch.no_grad():
+            correct = (model.eval()(test.images).argmax(-1) == test.labels).sum().item()
+        assert res["accuracy"] == pytest.approx(correct / len(test), abs=1e-12), m
     assert r.stdout.count("epoch 2/2") == 2                # only rank 0 prints

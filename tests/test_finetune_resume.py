@@ -17,6 +17,8 @@ import torch
 from bsr_kernels.finetune import cli
 from bsr_kernels.finetune.train import CheckpointError, load_checkpoint, save_checkpoint
 
+from _same import assert_same
+
 REPO = Path(__file__).resolve().parents[1]
 # 597 training images / 128 = 4 steps per epoch; the digits data is augmented (random shifts),
 # so the RNG state must be restored too.
@@ -77,13 +79,20 @@ def runs(tmp_path_factory):
     return root, whole, killed, after_kill, resumed
 
 
+def _assert_same_optimizer(a, b):
+    """The same optimizer state: the same parameters with state, every tensor and value of each
+    (AdamW: step, exp_avg, exp_avg_sq) and the param groups (lr, betas, params, ...)."""
+    sa, sb = a["optimizer"], b["optimizer"]
+    assert sa["state"] and all("exp_avg" in s for s in sa["state"].values())
+    assert_same(sa, sb, "optimizer")
+
+
 def _assert_same_training(a, b):
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 12
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    _assert_same_optimizer(a, b)
     assert a["scheduler"] == b["scheduler"]
     assert a["history"] == b["history"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
@@ -105,8 +114,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(runs):
         assert torch.equal(a["model"][k], b["model"][k]), k
         changed += not torch.equal(a["model"][k], after_kill["model"][k])
     assert changed > 10                     # training really moved the weights after the kill
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    _assert_same_optimizer(a, b)
     assert a["scheduler"] == b["scheduler"]
     assert a["history"] == b["history"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])

@@ -66,8 +66,9 @@ def test_forward_and_backward_without_host_syncs(mode):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["fast", "lean"])
 def test_memory_modes_give_the_same_gradients(mode):
+    """fast/lean give plain autograd's logits and gradients (float64, LayerScale trained)."""
     base = tiny(dtype=torch.float64, init_values=0.3)
     ref = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode="autograd")
     got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
@@ -186,10 +187,18 @@ def test_dropout_turned_on_after_reprogram_gives_exact_gradients(mode):
         models[m].blocks[5].attn.proj_drop.p = 0.3
         models[m].train()
     x = images(dtype=torch.float64)
-    for m in models.values():
+    logits = {}
+    for name, m in models.items():
         torch.manual_seed(123)
-        m(x).square().sum().backward()
+        logits[name] = m(x)
+        logits[name].square().sum().backward()
+    torch.testing.assert_close(logits[mode], logits["autograd"], rtol=0, atol=1e-12)
+    with torch.no_grad():  # dropout is really active: another seed draws other masks
+        torch.manual_seed(124)
+        other = models[mode](x)
+    assert (other - logits[mode]).abs().max() > 1e-3
     gr, gg = grads(models["autograd"]), grads(models[mode])
+    assert set(gr) == set(gg) and gr
     for n in gr:
         torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
     # and against finite differences along a random direction of block 7's fc1 weight

@@ -56,18 +56,24 @@ def test_draw_kept_shades_the_dropped_patches():
     model = bsr_kernels.reprogram(vit(), keep_rate=0.4).eval()
     x = images()
     kept = bsr_kernels.kept_patches(model, x)
+    assert len(kept) == 3                                   # drops in blocks 2, 3, 4
     pics = bsr_kernels.draw_kept(x, kept, model.patch_embed.patch_size)
     assert pics.shape == (len(kept), 2, 32, 32, 3)
     img = x.permute(0, 2, 3, 1)
-    for s, idx in enumerate(kept):
-        for b in range(2):
+    for b in range(2):
+        counts = []
+        for s, idx in enumerate(kept):
             keep = torch.zeros(64, dtype=torch.bool)
             keep[idx[b][idx[b] >= 0]] = True
+            # every stage and image: distinct patches, some kept and some shaded
+            assert int(keep.sum()) == int((idx[b] >= 0).sum()), (s, b)
+            assert 0 < int(keep.sum()) < 64, (s, b)
+            counts.append(int(keep.sum()))
             mask = keep.view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)
             assert torch.equal(pics[s, b][mask], img[b][mask])
             shade = img[b][~mask] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35])
             torch.testing.assert_close(pics[s, b][~mask], shade)
-    assert int(keep.sum()) < 64
+        assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0], counts
 
 
 def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):

@@ -7,8 +7,6 @@ definition in :mod:`bsr_kernels.ops.reference`.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -19,6 +17,8 @@ from bsr_kernels.ops import reference as ref  # noqa: E402
 from bsr_kernels.ops import triton_backend as tb  # noqa: E402
 from bsr_kernels.ops.common import num_kept  # noqa: E402
 from bsr_kernels.ops.dispatch import select_backend  # noqa: E402
+
+from _backends import assert_kept_matches, expected_from_kept  # noqa: E402
 
 BACKEND = tb.TritonBackend()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -433,7 +433,8 @@ def test_backward_many_tiles(device, small_tiles):
     b, h, n, d, c, p, n_keep = 2, 2, 31, 8, 10, 5, 11
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=4)
     x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
-    grad_out = torch.randn(x_out.shape, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, dtype)
     got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
     want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
     for a, w in zip(got, want):
@@ -464,12 +465,13 @@ def test_public_api_uses_triton_and_matches_reference(device, calls):
     assert select_backend(device, torch.float32).name == "triton"
     x, q, k = _inputs(2, 3, 15, 8, 6, device, torch.float32, seed=9)
     x, q, k = (t.requires_grad_() for t in (x, q, k))
+    g = torch.Generator().manual_seed(2)
     for fuse in (True, False):
         x_out, kept = bsr_kernels.drop_tokens(x, q, k, 0.4, fuse_token=fuse, num_prefix_tokens=2)
         r_out, r_kept, _, _ = ref.drop_tokens(x, q, k, 8 ** -0.5, 2, num_kept(0.4, 13), fuse)
         assert kept.dtype == torch.int64 and torch.equal(kept, r_kept)
         torch.testing.assert_close(x_out, r_out, **TOL[torch.float32])
-        go = torch.randn_like(x_out)
+        go = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(x_out)
         got = torch.autograd.grad(x_out, (x, q, k), go, allow_unused=True)
         want = torch.autograd.grad(r_out, (x, q, k), go, allow_unused=True)
         for a, w in zip(got, want):
@@ -516,24 +518,48 @@ def test_opcheck_drop_op(device):
                                       "test_autograd_registration"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled half precision)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_cuda(dtype, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    b, h, n, d, c, p, n_keep = 4, 12, 197, 64, 768, 1, 98
-    x, q, k = _inputs(b, h, n, d, c, "cuda", dtype, seed=16)
+def _check_low_precision_forward(x, q, k, p, n_keep):
+    """Checks a kernel forward whose inputs are rounded (bf16/fp16; fp32 in the interpreter
+    variant) and whose scores accumulate in fp32, against the reference on the same inputs:
+    scores and lse, kept (the rule on the kernel's own scores, and the reference's set up to
+    swaps of candidates that the score tolerance cannot tell apart), copied rows exact, and the
+    fused row, finite, against fp32 arithmetic on the reference's scores and the kernel's set."""
+    d, c = q.shape[-1], x.shape[-1]
     x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, d ** -0.5, p, n_keep, True)
-    r_out, _, r_scores, r_lse = ref.drop_tokens(x, q, k, d ** -0.5, p, n_keep, True)
-    assert scores.dtype == torch.float32
-    torch.testing.assert_close(scores, r_scores, rtol=1e-4, atol=1e-6)
+    r_out, r_kept, r_scores, r_lse = ref.drop_tokens(x, q, k, d ** -0.5, p, n_keep, True)
+    assert scores.dtype == torch.float32 and x_out.dtype == x.dtype
+    assert x_out.shape == r_out.shape and kept.shape == r_kept.shape
+    rtol, atol = 1e-4, 1e-6
+    torch.testing.assert_close(scores, r_scores, rtol=rtol, atol=atol)
     torch.testing.assert_close(lse, r_lse, rtol=1e-4, atol=1e-4)
     assert torch.equal(kept, _selection(scores, n_keep))
+    # two candidates may swap only if the scores' tolerance cannot order them
+    tie_tol = 2 * (atol + rtol * float(r_scores.abs().max()))
+    assert_kept_matches(kept.long(), r_kept, r_scores, tie_tol)
+    assert bool(x_out.isfinite().all()), "NaN or inf in the kernel's output"
     rows = p + n_keep
     assert torch.equal(x_out[:, :p], x[:, :p])
     assert torch.equal(x_out[:, p:rows], x[:, p:].gather(
         1, kept.long().unsqueeze(-1).expand(-1, -1, c)))
-    # fused row against fp32 arithmetic on the kernel's own kept set and scores
-    dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept.long(), False)
-    fused = torch.einsum("bm,bmc->bc", torch.where(dropped, scores, 0.0), x[:, p:].float())
-    torch.testing.assert_close(x_out[:, -1].float(), fused, rtol=1e-2, atol=1e-2)
-    assert not math.isnan(float(r_out.float().sum()))
+    want = expected_from_kept(x, r_scores, kept, p, True)  # fp32 sum, rounded to x's dtype
+    tol = dict(rtol=1e-2, atol=1e-2) if x.element_size() < 4 else TOL[torch.float32]
+    torch.testing.assert_close(x_out[:, -1].float(), want[:, -1].float(), **tol)
+    return x_out, kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled half precision)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_cuda(dtype, monkeypatch):
+    """bf16/fp16 compiled kernels on a ViT-B/16-sized drop against the reference."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    b, h, n, d, c, p, n_keep = 4, 12, 197, 64, 768, 1, 98
+    x, q, k = _inputs(b, h, n, d, c, "cuda", dtype, seed=16)
+    _check_low_precision_forward(x, q, k, p, n_keep)
+
+
+def test_low_precision_checks_in_the_interpreter(device):
+    """The checks of ``test_half_precision_cuda`` on fp32 inputs (the dtypes the interpreter
+    takes), on a small shape: the helper runs wherever Triton does."""
+    x, q, k = _inputs(2, 3, 21, 8, 10, device, torch.float32, seed=16)
+    x_out, kept = _check_low_precision_forward(x, q, k, 1, 9)
+    assert x_out.shape == (2, 1 + 9 + 1, 10) and kept.shape == (2, 9)
