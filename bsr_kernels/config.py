@@ -117,6 +117,11 @@ class BSRConfig:
                                                  and activation_dtype.is_floating_point):
             raise ValueError(f"activation_dtype must be a floating torch.dtype or None, "
                              f"got {activation_dtype!r}")
+        if activation_dtype is not None and memory_mode == "autograd":
+            raise ValueError(f"activation_dtype={activation_dtype} compresses what the lean and "
+                             "fast backward save; memory_mode='autograd' saves what autograd "
+                             "saves and would ignore it: pass memory_mode='lean' or 'fast', or "
+                             "activation_dtype=None")
         return cls(depth, train_blocks, drop_at, keep_rate, fuse_token, memory_mode, train_norm,
                    activation_dtype, int(num_prefix_tokens))
 

@@ -31,6 +31,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write
 from .config_access import bsr_config_dict, reprogram_from_dict
 
 __all__ = ["save_checkpoint", "load_checkpoint", "saved_bsr_config", "BSRConfigWarning",
@@ -160,16 +161,24 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
         raise ValueError(f"path {path}: no such checkpoint")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:   # SafetensorError and OSError: a clear message naming the file
+            raise ValueError(f"path {path}: cannot read it as safetensors ({e})") from e
         cfg = json.loads(meta[KEY]) if KEY in meta else None
         if cfg is None:
             config_json = path.with_name("config.json")   # a save_for_hf directory
             if config_json.is_file():
                 cfg = _from_notes(json.loads(config_json.read_text()).get("pretrained_cfg"))
         return sd, cfg
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # not a torch.save file, truncated, or holding arbitrary objects
+        raise ValueError(f"path {path}: cannot read it as a torch checkpoint of tensors (loaded "
+                         f"with weights_only=True): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
     cfg = saved_bsr_config(ckpt) if isinstance(ckpt, dict) else None
     if isinstance(ckpt, dict):
         for key in ("state_dict", "model", "state_dict_ema"):
@@ -186,20 +195,21 @@ def save_checkpoint(model: nn.Module, path: os.PathLike) -> Path:
     """Saves the full state_dict with the BSR config: ``.safetensors`` (config in the metadata)
     or any other suffix through ``torch.save`` (config in the state_dict's metadata).
 
+    The file is replaced atomically (:func:`bsr_kernels.checkpoint.atomic_write`): a crash
+    while saving leaves the previous file whole.
+
     Returns:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
     cfg = bsr_config_dict(model)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
         tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-        save_file(tensors, str(path), metadata={KEY: json.dumps(cfg)} if cfg else None)
-    else:
-        torch.save(sd, path)
-    return path
+        meta = {KEY: json.dumps(cfg)} if cfg else None
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
 
 
 def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], strict: bool = True,
@@ -218,7 +228,13 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
 
     Returns:
         The same model.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (other depth, missing or unexpected
+            keys with ``strict``, other shapes), or a path cannot be read; the model is then left
+            unchanged (settings and weights).
     """
+    where = "source (a state_dict)" if isinstance(source, dict) else f"path {source}"
     if source is None:
         sd, cfg = None, saved_bsr_config(model)
     elif isinstance(source, dict):
@@ -230,6 +246,13 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
     else:
         sd, cfg = _read(Path(source))
     mine = bsr_config_dict(model)
+    depth = len(getattr(model, "blocks", ()))
+    if isinstance(cfg, dict) and cfg.get("depth") not in (None, depth):
+        raise ValueError(f"{where}: saved from a model of depth {cfg['depth']}, this model has "
+                         f"{depth} blocks")
+    if sd is not None:
+        _check_fits(model, sd, strict, where)
+    changed = cfg is not None and cfg != mine and reprogram
     if cfg is not None and cfg != mine:
         if reprogram:
             reprogram_from_dict(model, cfg)
@@ -239,7 +262,33 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
                           "; its logits will differ from the saved model's", BSRConfigWarning,
                           stacklevel=2)
     if sd is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", BSRConfigWarning)   # handled above
-            model.load_state_dict(sd, strict=strict)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", BSRConfigWarning)   # handled above
+                model.load_state_dict(sd, strict=strict)
+        except BaseException:
+            if changed:   # put the model's own settings back
+                from .reprogram import restore
+                restore(model) if mine is None else reprogram_from_dict(model, mine)
+            raise
     return model
+
+
+def _check_fits(model: nn.Module, sd: dict, strict: bool, where: str) -> None:
+    """ValueError (before anything changes) where ``load_state_dict`` would fail: other shapes,
+    and with ``strict`` missing or unexpected keys. Reprogramming keeps the keys and shapes, so
+    the model's current ones are the ones to compare with."""
+    own = model.state_dict()
+    problems = [f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in "
+                "the model" for k, v in sd.items()
+                if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if strict:
+        for what, keys in (("missing", [k for k in own if k not in sd]),
+                           ("unexpected", [k for k in sd if k not in own])):
+            if keys:
+                problems.append(f"{len(keys)} {what} key(s): {', '.join(keys[:5])}"
+                                f"{', ...' if len(keys) > 5 else ''}")
+    if problems:
+        raise ValueError(f"{where} does not fit this model ({'; '.join(problems)}); the model "
+                         "is unchanged" + ("" if not strict else
+                                           " (strict=False loads matching keys only)"))

@@ -127,3 +127,85 @@ def test_save_delta_is_public(tmp_path):
     bsr_kernels.load_delta(base, path)
     torch.testing.assert_close(logits(base, x), logits(model, x))
     assert "save_delta" in bsr_kernels.__all__
+
+
+def _snapshot(model):
+    return bsr_config_dict(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    cfg, sd = snapshot
+    assert bsr_config_dict(model) == cfg
+    now = model.state_dict()
+    assert set(now) == set(sd) and all(torch.equal(now[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("target", ["plain", "reprogrammed"])
+def test_load_checkpoint_that_does_not_fit_leaves_the_model_unchanged(tmp_path, target):
+    """Another head size, another depth or a missing key: a ValueError naming the source and
+    what does not fit, raised before the model's settings or weights change (load_state_dict
+    alone would have reprogrammed the model and copied the matching weights first)."""
+    saved = tuned()                                           # keep_rate 0.3, 5 classes
+    path = bsr_kernels.save_checkpoint(saved, tmp_path / "c.safetensors")
+    model = plain(seed=7) if target == "plain" else \
+        bsr_kernels.reprogram(plain(seed=7), keep_rate=0.75)
+    other_head = timm.create_model(NAME, **{**KW, "num_classes": 3})
+    other_head = bsr_kernels.reprogram(other_head, keep_rate=0.75) \
+        if target == "reprogrammed" else other_head
+    snap = _snapshot(other_head)
+    with pytest.raises(ValueError, match=r"c\.safetensors.*head\.weight: shape \(5, 32\)"):
+        bsr_kernels.load_checkpoint(other_head, path)
+    _assert_unchanged(other_head, snap)
+
+    deeper = timm.create_model(NAME, **{**KW, "depth": 6})
+    snap = _snapshot(deeper)
+    with pytest.raises(ValueError, match="depth 4, this model has 6 blocks"):
+        bsr_kernels.load_checkpoint(deeper, path)
+    _assert_unchanged(deeper, snap)
+
+    partial = saved.state_dict()   # its metadata carries the settings
+    del partial["head.bias"]
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="1 missing key.*head.bias"):
+        bsr_kernels.load_checkpoint(model, partial)
+    _assert_unchanged(model, snap)
+    bsr_kernels.load_checkpoint(model, partial, strict=False)  # allowed: the rest loads
+    assert bsr_config_dict(model) == bsr_config_dict(saved)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, saved.blocks[1].attn.qkv.weight)
+
+
+def test_load_checkpoint_of_an_unreadable_file_names_the_path(tmp_path):
+    """A corrupt file: a ValueError naming the path (not safetensors' or pickle's own error,
+    whose advice to pass weights_only=False is not one to follow for an unknown file)."""
+    model = plain()
+    snap = _snapshot(model)
+    for name in ("bad.safetensors", "bad.pth"):
+        (tmp_path / name).write_bytes(b"\x00garbage" * 7)
+        with pytest.raises(ValueError, match=f"path .*{name}: cannot read it"):
+            bsr_kernels.load_checkpoint(model, tmp_path / name)
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_save_checkpoint_failing_midway_keeps_the_previous_file(tmp_path, monkeypatch, suffix):
+    """A crash while saving (here the writer raises after writing part of the file) leaves the
+    previous checkpoint whole and loadable, and no temporary file behind."""
+    import safetensors.torch
+    model, x = tuned(), images()
+    path = bsr_kernels.save_checkpoint(model, tmp_path / f"c{suffix}")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        target = args[1] if len(args) > 1 else kwargs.get("filename", kwargs.get("f"))
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        bsr_kernels.save_checkpoint(tuned(seed=9), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    fresh = bsr_kernels.load_checkpoint(plain(seed=3), path)
+    torch.testing.assert_close(logits(fresh, x), logits(model, x))

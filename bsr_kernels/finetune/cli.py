@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..checkpoint import RunLock, clean_orphans, read_json, write_json
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
@@ -425,6 +426,9 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
     if args.epochs is None:
         args.epochs = DEMO_EPOCHS if args.data == "digits" else OTHER_EPOCHS
+    if args.pretrained and args.checkpoint is not None:
+        raise ValueError("--pretrained and --checkpoint both choose the starting weights: "
+                         "pass one of them")
     if "bsr" not in methods and (args.train_blocks is not None or args.drop_at is not None):
         raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
     if args.batch_size % info.world_size:
@@ -464,6 +468,10 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
 
     out = Path(args.out) if args.out is not None else None
     if out is not None and info.is_main:
+        if getattr(lock, "replaced", None):   # a mistake in the arguments keeps the old run
+            with torch.random.fork_rng(devices=[]):
+                for method in methods:
+                    _adapt(base, method, args)
         _delete_replaced(out, lock, warn)
     histories: dict = {}
 
@@ -477,11 +485,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         lr = args.lr if args.lr is not None else (
             DEMO_LR if args.model == DIGITS_MODEL else DEFAULT_LR)[method]
         torch.manual_seed(args.seed)
-        model = adapt(copy.deepcopy(base), method,
-                      train_blocks=args.train_blocks if method == "bsr" else None,
-                      drop_at=args.drop_at if method == "bsr" else None,
-                      keep_rate=args.keep_rate, memory_mode=args.memory_mode,
-                      activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
+        model = _adapt(base, method, args)
         model.to(info.device)
         fp = _fingerprint(args, method, data.num_classes, img_size, lr, info.device)
         ckpt = out / method / "checkpoint.pt" if out is not None else None
@@ -554,6 +558,15 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
             log(f"\nwrote {path}, {out / 'summary.csv'}" + (f" and {png}" if png else ""))
         log(f"wall time {summary['wall_time_s']:.1f} s")
     return summary
+
+
+def _adapt(base: nn.Module, method: str, args) -> nn.Module:
+    """A copy of ``base`` set up for ``method`` with the command line's BSR settings."""
+    return adapt(copy.deepcopy(base), method,
+                 train_blocks=args.train_blocks if method == "bsr" else None,
+                 drop_at=args.drop_at if method == "bsr" else None,
+                 keep_rate=args.keep_rate, memory_mode=args.memory_mode,
+                 activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
 
 
 def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> None:
