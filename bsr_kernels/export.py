@@ -141,6 +141,8 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
+    if path is not None and os.path.isdir(path):   # checked before the export's minutes
+        raise ValueError(f"path {os.fspath(path)} is a folder; give the .onnx file to write")
     if dynamic_batch and images.shape[0] < 2:
         raise ValueError("dynamic_batch needs an example batch of at least 2 images "
                          "(torch.export specialises a size of 1)")

@@ -129,7 +129,13 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
-    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    pair = (patch_size, patch_size) if not isinstance(patch_size, (tuple, list)) \
+        else tuple(patch_size)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                 for v in pair):
+        raise ValueError(f"patch_size must be a positive int or an (h, w) pair of them, got "
+                         f"{patch_size!r}")
+    ph, pw = pair
     b, _, h, w = images.shape
     if h % ph or w % pw:
         raise ValueError(f"images of {h}x{w} px are not a whole number of {ph}x{pw} patches")

@@ -146,6 +146,15 @@ def test_export_onnx_checks_its_arguments():
         bsr_kernels.export_onnx(model, images(1))
 
 
+def test_export_onnx_refuses_a_folder_as_path_before_exporting(tmp_path, monkeypatch):
+    def export(*args, **kwargs):
+        raise AssertionError("exported before the path was checked")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(ValueError, match=f"path {tmp_path} is a folder"):
+        bsr_kernels.export_onnx(tiny_vit(), images(2), tmp_path)
+
+
 @needs_onnx
 def test_export_onnx_example_runs(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",   # this checkout's bsr_kernels, installed or not

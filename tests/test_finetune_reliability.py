@@ -516,6 +516,45 @@ def test_overwrite_keeps_the_old_run_when_the_bsr_settings_are_refused(tmp_path,
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_resume_continues_the_run_as_it_was_started(tmp_path, capsys):
+    """``--resume DIR`` alone takes the options the run was started with (its args.json): the
+    same methods (not the demo's four), BSR settings and epochs; options given on the command
+    line win, and a changed --epochs is said. args.json keeps the earlier command lines."""
+    start = ["--method", "bsr", "--keep-rate", "0.75", "--epochs", "1", "--batch-size", "128",
+             "--timing-rounds", "0", "--profile-batch", "2", "--samples", "0", "--no-progress"]
+    rc, _, err = _run([*start, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["--resume", tmp_path], capsys)          # finished: nothing to train
+    assert rc == 0, err
+    assert "--resume: as the run was started: --method bsr --keep-rate 0.75 --epochs 1" in out
+    assert "bsr: finished in an earlier run" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["bsr"]
+    rc, out, err = _run(["--resume", tmp_path, "--epochs", "2"], capsys)   # trained further
+    assert rc == 0, err
+    assert "--epochs 2: the run was started for 1 epochs" in err
+    state = torch.load(tmp_path / "bsr" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["fingerprint"]["keep_rate"] == 0.75
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["bsr"]
+    record = _strict_json(tmp_path / "args.json")
+    assert record["argv"] == ["--resume", str(tmp_path), "--epochs", "2"]
+    assert record["earlier_argv"] == [[*start, "--out", str(tmp_path)],
+                                      ["--resume", str(tmp_path)]]
+    assert record["args"]["keep_rate"] == 0.75 and record["args"]["method"] == ["bsr"]
+
+
+def test_memory_mode_autograd(tmp_path, capsys, monkeypatch):
+    """--memory-mode autograd (plain autograd through the blocks) trains BSR and is recorded;
+    with --activation-dtype it is refused before anything loads (it would compress nothing)."""
+    bsr = ["--method", "bsr", *FAST[2:], "--memory-mode", "autograd"]
+    rc, _, err = _run([*bsr, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    res = _strict_json(tmp_path / "bsr" / "result.json")
+    assert res["memory_mode"] == "autograd" and res["trainable_params"] > 0
+    _no_loading(monkeypatch)
+    rc, _, err = _run([*bsr, "--activation-dtype", "bfloat16"], capsys)
+    assert rc == 2 and "--activation-dtype" in err and "--memory-mode autograd" in err, err
+
+
 def test_pretrained_and_checkpoint_are_refused_together(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     rc, _, err = _run([*FAST, "--pretrained", "--checkpoint", tmp_path / "w.safetensors"],

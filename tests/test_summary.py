@@ -86,6 +86,9 @@ def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):
         bsr_kernels.draw_kept(x[:1], kept, 4)
     with pytest.raises(ValueError, match="images"):
         bsr_kernels.draw_kept(x[:, :1], kept, 4)
+    for bad in (0, -4, (4, 0), 4.0):
+        with pytest.raises(ValueError, match="patch_size"):
+            bsr_kernels.draw_kept(x, kept, bad)
     pytest.importorskip("matplotlib")
     path = tmp_path / "kept.png"
     bsr_kernels.draw_kept(x, kept, 4, path=path, titles=["block 2", "block 3", "block 4"])

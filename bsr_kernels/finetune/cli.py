@@ -159,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BSR: blocks that drop tokens, e.g. 3,6,9, or none (default: d/4*k)")
     g.add_argument("--keep-rate", type=_keep_rate, default=0.5,
                    help="BSR: fraction of patch tokens kept at each drop, in (0, 1]")
-    g.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
-                   help="BSR: recompute in backward (lean) or store (fast)")
+    g.add_argument("--memory-mode", choices=("lean", "fast", "autograd"), default="lean",
+                   help="BSR: what backward stores. lean: the least (recomputes the rest); "
+                        "fast: also the projections (recomputes no matmul); autograd: what "
+                        "plain autograd stores (the most memory; compiles best, see "
+                        "--torchcompile). The same gradients in all three")
     g.add_argument("--activation-dtype", choices=("bfloat16", "float16"), default=None,
                    help="BSR: store the saved activations in this dtype (compressed, "
                         "approximate gradients; default: the compute dtype, exact)")
@@ -206,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a folder holding a run needs --resume or --overwrite")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue a run: PATH is its --out folder or one of its "
-                        "<method>/checkpoint.pt; bare --resume continues --out. Finished "
-                        "methods are kept; a larger --epochs trains them further")
+                        "<method>/checkpoint.pt; bare --resume continues --out. Options not "
+                        "given are the run's own (its args.json). Finished methods are kept; "
+                        "a larger --epochs trains them further")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its files are deleted first)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -266,19 +270,65 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def _resolve_resume(args: argparse.Namespace) -> None:
-    """Turns ``--resume [PATH]`` into ``args.resume`` (bool) and ``args.out`` (the run folder)."""
+#: Options about where a run executes rather than what it computes, and the bookkeeping of
+#: args.json: ``--resume`` does not take them from the earlier run.
+_NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "multitask",
+                "given", "argv", "earlier_argv")
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The options (``dest`` names) that ``argv`` gives, as opposed to those left at their
+    defaults: argparse sets a default only where the namespace has no value yet."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions
+                               if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return sorted(k for k, v in vars(ns).items() if v is not unset)
+
+
+def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn) -> list[str]:
+    """``--resume``: every option the command line leaves out is the earlier run's (its
+    args.json), so ``bsr-finetune --resume DIR`` continues that run as it was started: the same
+    methods, epochs, data and settings. Returns the options taken, as ``--name value``."""
+    given = getattr(args, "given", None)
+    path = run_dir / "args.json"
+    if given is None or not path.is_file():   # run() called without main(), or no record
+        return []
+    record = read_json(path, "the options of the run to resume",
+                       "pass the run's options on the command line", format=ARGS_FORMAT,
+                       versions=(1,))
+    taken = []
+    for name, value in record.get("args", {}).items():
+        if name in given or name in _NOT_RESUMED or not hasattr(args, name):
+            continue
+        value = tuple(value) if isinstance(value, list) else value   # JSON has no tuples
+        if getattr(args, name) != value:
+            setattr(args, name, value)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            taken.append(f"--{name.replace('_', '-')} {shown}")
+    args.earlier_argv = [*record.get("earlier_argv", []), record.get("argv")]
+    epochs = record.get("args", {}).get("epochs")
+    if "epochs" in given and epochs is not None and args.epochs != epochs:
+        warn(f"--epochs {args.epochs}: the run was started for {epochs} epochs; the "
+             f"learning-rate schedule now follows {args.epochs}")
+    return taken
+
+
+def _resolve_resume(args: argparse.Namespace, warn) -> list[str]:
+    """Turns ``--resume [PATH]`` into ``args.resume`` (bool) and ``args.out`` (the run folder),
+    and takes the options not given from the earlier run (:func:`_take_earlier_options`, whose
+    list it returns)."""
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run in "
                          "--out, or replace it")
     if not args.resume:
         args.resume = False
-        return
+        return []
     if args.resume is True:
         if args.out is None:
             raise ValueError("--resume needs --out (the folder holding the checkpoints), or "
                              "name that folder: --resume DIR")
-        return
+        return _take_earlier_options(args, Path(args.out), warn)
     p = Path(args.resume).expanduser()
     if p.is_dir():
         run_dir = p
@@ -293,6 +343,7 @@ def _resolve_resume(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume {p} continues that run in its own folder {run_dir}; drop "
                          f"--out {args.out}, or pass --out {run_dir}")
     args.out, args.resume = run_dir, True
+    return _take_earlier_options(args, run_dir, warn)
 
 
 def _check_amp(amp: str, device: torch.device) -> None:
@@ -329,8 +380,11 @@ def _run_files(out: Path) -> list:
 
 def _args_record(args: argparse.Namespace) -> dict:
     from .. import __version__
-    return {"argv": sys.argv[1:], "bsr_kernels": __version__, "torch": torch.__version__,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    return {"argv": getattr(args, "argv", sys.argv[1:]),
+            "earlier_argv": getattr(args, "earlier_argv", []),
+            "bsr_kernels": __version__, "torch": torch.__version__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("argv", "earlier_argv")}}
 
 
 def _claim_out(args: argparse.Namespace, warn) -> RunLock:
@@ -420,12 +474,17 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     """
     t_start = time.perf_counter()
     warn = warn or (lambda s: None)
+    taken = _resolve_resume(args, warn)
+    if taken and info.is_main:
+        log(f"--resume: as the run was started: {' '.join(taken)}")
     check_model_name(args.model)
     check_optimizer_name(args.opt)
-    _resolve_resume(args)
     methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
     if args.epochs is None:
         args.epochs = DEMO_EPOCHS if args.data == "digits" else OTHER_EPOCHS
+    if args.activation_dtype is not None and args.memory_mode == "autograd":
+        raise ValueError("--activation-dtype compresses what --memory-mode lean or fast saves; "
+                         "--memory-mode autograd saves what autograd saves")
     if args.pretrained and args.checkpoint is not None:
         raise ValueError("--pretrained and --checkpoint both choose the starting weights: "
                          "pass one of them")
@@ -624,6 +683,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return multitask_main([a for a in argv if a != "--multitask"])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = given_options(parser, argv)   # --resume takes the rest from the earlier run
+    args.argv = argv
     info = None
     try:
         info = setup_distributed(args.device)
