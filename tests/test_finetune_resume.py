@@ -27,8 +27,9 @@ ARGS = ["--method", "bsr", "--epochs", "3", "--batch-size", "128", "--seed", "3"
 
 
 # Runs bsr-finetune with kill hooks: TEST_KILL_AT_STEP=N SIGKILLs right after the N-th optimizer
-# step; TEST_KILL_WRITING=NAME SIGKILLs while NAME is written (its temporary file cut to half,
-# before the rename), as a crash mid-write would leave it.
+# step (TEST_SIGNAL=SIG[xK]: sends SIG instead, K times); TEST_KILL_WRITING=NAME SIGKILLs while
+# NAME is written (its temporary file cut to half, before the rename), as a crash mid-write
+# would leave it.
 _HOOKED_CLI = textwrap.dedent("""
     import os, signal, sys
     from bsr_kernels import checkpoint
@@ -42,7 +43,9 @@ _HOOKED_CLI = textwrap.dedent("""
             loss = real_step(*args, **kwargs)
             done[0] += 1
             if done[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                sig, _, times = os.environ.get("TEST_SIGNAL", "SIGKILL").partition("x")
+                for _ in range(int(times or 1)):
+                    os.kill(os.getpid(), getattr(signal, sig))
             return loss
         train.train_step = train_step
 
@@ -195,3 +198,54 @@ def test_checkpoint_files_are_validated(tmp_path):
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]      # no temporary files
+
+
+def _assert_same_run(a, b):
+    """Two final checkpoints of the same training, bitwise: weights, the whole optimizer state,
+    scheduler, history (losses and accuracies per epoch) and RNG."""
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    for key in ("model", "optimizer", "scheduler", "history", "rng"):
+        assert_same(a[key], b[key], key)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_step_boundary_and_resume_is_exact(runs, tmp_path, sig):
+    """SIGTERM (preemption) or Ctrl-C mid-epoch: the step finishes, the checkpoint is written
+    inside the epoch (2 of its 4 batches done), the exit status is 128 + the signal; --resume
+    continues from that step and ends bitwise where the uninterrupted run ended."""
+    root = runs[0]
+    stopped = _cli(tmp_path, env={"TEST_KILL_AT_STEP": "6", "TEST_SIGNAL": sig})
+    assert stopped.returncode == 128 + getattr(signal, sig), stopped.stderr
+    assert "at a step boundary" in stopped.stderr and "--resume" in stopped.stderr
+    state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["step"] == 6
+    assert state["partial_epoch"]["batches"] == 2 and len(state["history"]) == 1
+    resumed = _cli(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch 1 and 2 batches of the next (step 6)" in resumed.stdout
+    _assert_same_run(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),
+                     load_checkpoint(tmp_path / "bsr" / "checkpoint.pt"))
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """Two Ctrl-C: the second stops at once (exit 130) without writing a checkpoint of the
+    unfinished epoch; epoch 1's is still there."""
+    stopped = _cli(tmp_path, env={"TEST_KILL_AT_STEP": "6", "TEST_SIGNAL": "SIGINTx2"})
+    assert stopped.returncode == 130, stopped.stderr
+    assert "interrupted" in stopped.stderr
+    state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["step"] == 4 and "partial_epoch" not in state
+
+
+def test_save_every_steps_loses_at_most_those_steps_to_a_kill(runs, tmp_path):
+    """--save-every-steps 3 and a SIGKILL after step 7: the checkpoint of step 6 (mid epoch 2)
+    is on disk, and --resume from it ends bitwise where the uninterrupted run ended."""
+    root = runs[0]
+    killed = _cli(tmp_path, "--save-every-steps", "3", env={"TEST_KILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
+    assert state["step"] == 6 and state["partial_epoch"]["batches"] == 2
+    resumed = _cli(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),
+                     load_checkpoint(tmp_path / "bsr" / "checkpoint.pt"))

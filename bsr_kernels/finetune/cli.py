@@ -40,9 +40,10 @@ from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_m
                      model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
-                    AMP_MODES, SCHEDULES, TrainingDivergedError, adapt, check_optimizer_name, fit,
-                    load_checkpoint, resolve_amp, setup_distributed, teardown_distributed,
-                    time_steps, trainable_parameters)
+                    AMP_MODES, SCHEDULES, TrainingDivergedError, TrainingInterrupted, adapt,
+                    check_optimizer_name, fit,
+                    load_checkpoint, resolve_amp, seed_all, setup_distributed,
+                    teardown_distributed, time_steps, trainable_parameters)
 
 __all__ = ["build_parser", "main", "run", "DEMO_EPOCHS"]
 
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "<method>/checkpoint.pt; bare --resume continues --out. Options not "
                         "given are the run's own (its args.json). Finished methods are kept; "
                         "a larger --epochs trains them further")
+    g.add_argument("--save-every-steps", type=_nonneg_int, default=0, metavar="N",
+                   help="with --out, also write the checkpoint every N training steps inside an "
+                        "epoch (default 0: at the end of each epoch). SIGTERM and Ctrl-C always "
+                        "write it at the next step boundary, then stop (exit 128+signal); "
+                        "--resume continues from that step (bitwise with --workers 0)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its files are deleted first)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -512,7 +518,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     shift = DIGITS_SHIFT * img_size // 8
     data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
                       bad_images=args.bad_images, warn=warn, data_config=data_config)
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
                               args.checkpoint)
     if info.is_main:
@@ -543,7 +549,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     for method in methods:
         lr = args.lr if args.lr is not None else (
             DEMO_LR if args.model == DIGITS_MODEL else DEFAULT_LR)[method]
-        torch.manual_seed(args.seed)
+        seed_all(args.seed)
         model = _adapt(base, method, args)
         model.to(info.device)
         fp = _fingerprint(args, method, data.num_classes, img_size, lr, info.device)
@@ -570,7 +576,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                           sched=args.sched,
                           warmup_epochs=args.warmup_epochs,
                           workers=args.workers, seed=args.seed, progress=progress,
-                          checkpoint=ckpt,
+                          checkpoint=ckpt, save_every_steps=args.save_every_steps,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
@@ -703,6 +709,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "training diverged" if isinstance(e, TrainingDivergedError) else "error")
         print(f"bsr-finetune: {kind}: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2
+    except TrainingInterrupted as e:
+        where = f"; {e.saved} holds the training up to that step" if e.saved else ""
+        print(f"bsr-finetune: stopped by signal {e.signal} at a step boundary{where}; rerun "
+              "with --resume to continue", file=sys.stderr)
+        return 128 + int(e.signal)
     except KeyboardInterrupt:
         print("bsr-finetune: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

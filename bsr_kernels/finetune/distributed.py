@@ -112,11 +112,12 @@ class GlobalBatchSampler(Sampler):
                              f"number of processes ({world_size})")
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the shuffle of ``epoch``."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the shuffle of ``epoch``, and its first batch ``start`` (resuming a run
+        inside an epoch); the length stays the whole epoch's."""
+        self.epoch, self.start = int(epoch), int(start)
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
@@ -128,7 +129,7 @@ class GlobalBatchSampler(Sampler):
         else:
             order = list(range(self.n))
         local = self.batch_size // self.world_size
-        for b in range(len(self)):
+        for b in range(self.start, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             if len(batch) < self.batch_size:   # last batch, not dropped: share it out evenly
                 per = -(-len(batch) // self.world_size)

@@ -18,8 +18,10 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -239,12 +241,12 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss.item()
 
 
-def _bar(iterable, desc: str, enabled: bool, total: Optional[int] = None):
+def _bar(iterable, desc: str, enabled: bool, total: Optional[int] = None, initial: int = 0):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                file=sys.stderr)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False,
+                dynamic_ncols=True, file=sys.stderr)
 
 
 @torch.no_grad()
@@ -271,6 +273,14 @@ def evaluate(model: nn.Module, loader: DataLoader, info: DistInfo, progress: boo
 
 class CheckpointError(ValueError):
     """A checkpoint that is corrupt, of another format, or of another run configuration."""
+
+
+def seed_all(seed: int) -> None:
+    """Seeds every generator a run draws from: torch (CPU and CUDA), Python's ``random`` (timm's
+    augmentations draw from it) and NumPy's, as timm's train script does."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _rng_state() -> dict:
@@ -309,6 +319,41 @@ def restore_training_state(state: dict, model: nn.Module, optimizer, scheduler,
 
 class TrainingDivergedError(ValueError):
     """The training loss became NaN or infinite (learning rate too high, bad data...)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped :func:`fit` at a step boundary, after it saved the checkpoint
+    (``signal``: the signal's number; ``saved``: the checkpoint written, or None)."""
+
+    def __init__(self, signum: int, saved: Optional[Path]):
+        super().__init__(signum, saved)
+        self.signal, self.saved = signum, saved
+
+
+class _StopRequests:
+    """While active (main thread only), SIGTERM and SIGINT ask the training loop to stop at the
+    next step boundary instead of killing it mid-step; a second one stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:   # the second request: stop now
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -383,8 +428,12 @@ class FitOptions:
         seed: seed of the shuffling and of torch's RNG.
         progress: show progress bars.
         checkpoint: where to write the per-epoch checkpoint (None: none).
-        resume: continue from ``checkpoint`` when it exists; ``epochs`` may exceed the
-            checkpoint's (training is extended, the cosine schedule stretched to the new end).
+        save_every_steps: also write it every this many steps inside an epoch (0: at the end of
+            each epoch only). SIGTERM and Ctrl-C (SIGINT) write it at the next step boundary
+            too, then stop (:class:`TrainingInterrupted`).
+        resume: continue from ``checkpoint`` when it exists, inside an epoch too; ``epochs``
+            may exceed the checkpoint's (training is extended, the cosine schedule stretched to
+            the new end).
         on_epoch: called on the main process after each epoch (and its checkpoint) with the
             history so far (a list of per-epoch dicts).
     """
@@ -403,6 +452,7 @@ class FitOptions:
     seed: int = 0
     progress: bool = False
     checkpoint: Optional[Path] = None
+    save_every_steps: int = 0
     resume: bool = False
     on_epoch: Optional[Callable[[list], None]] = None
 
@@ -464,7 +514,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         scheduler = make_timm_scheduler(optimizer, opts.sched, opts.epochs, steps_per_epoch,
                                         opts.warmup_epochs)
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, partial = 0, 0, [], None
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
         state = load_checkpoint(opts.checkpoint, fingerprint, extendable=("epochs",))
         if int(state["epoch"]) > opts.epochs:
@@ -473,53 +523,77 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                                   f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
         restore_training_state(state, model, optimizer, scheduler, str(opts.checkpoint))
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), state["history"]
+        partial = state.get("partial_epoch")
         if info.is_main:
-            log(f"{name}: resumed from {opts.checkpoint} after epoch {start_epoch} "
-                f"(step {step})")
+            log(f"{name}: resumed from {opts.checkpoint} after epoch {start_epoch}"
+                + (f" and {partial['batches']} batches of the next" if partial else "")
+                + f" (step {step})")
     resumed_from = start_epoch
+
+    def checkpoint_state(epoch_done: int, partial_epoch: Optional[dict] = None) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "fingerprint": fingerprint, "epoch": epoch_done, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                **({"partial_epoch": partial_epoch} if partial_epoch else {})}
 
     step_times: list[float] = []
     train_time = 0.0
-    for epoch in range(start_epoch, opts.epochs):
-        train_sampler.set_epoch(epoch)
-        ddp_model.train()
-        loss_sum, n_batches = 0.0, 0
-        t_epoch = time.perf_counter()
-        bar = _bar(train_loader, f"{name} epoch {epoch + 1}/{opts.epochs}",
-                   opts.progress and info.is_main, total=steps_per_epoch)
-        for images, labels in bar:
-            images = images.to(info.device, non_blocking=True)
-            labels = labels.to(info.device, non_blocking=True)
-            t0 = time.perf_counter()
-            loss = train_step(ddp_model, images, labels, optimizer, scheduler, amp=opts.amp)
-            if info.device.type == "cuda":
-                torch.cuda.synchronize(info.device)
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            _check_finite(loss, info, name, epoch, step, optimizer, opts.checkpoint)
-            loss_sum, n_batches = loss_sum + loss, n_batches + 1
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.3f}")
-        train_time += time.perf_counter() - t_epoch
-        acc, test_loss = evaluate(ddp_model, test_loader, info, opts.progress and info.is_main,
-                                  f"{name} eval", amp=opts.amp)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
-                        "test_loss": test_loss, "accuracy": acc,
-                        "lr": optimizer.param_groups[0]["lr"]})
-        if info.is_main:
-            log(f"{name} epoch {epoch + 1}/{opts.epochs}: train loss "
-                f"{history[-1]['train_loss']:.4f}, test loss {test_loss:.4f}, "
-                f"accuracy {100 * acc:.2f}%")
-            if opts.checkpoint is not None:
-                save_checkpoint(opts.checkpoint, {
-                    "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                    "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                    "history": history})
-            if opts.on_epoch is not None:
-                opts.on_epoch(history)
-        barrier(info)
+    with _StopRequests() as stop:
+        for epoch in range(start_epoch, opts.epochs):
+            skip = int(partial["batches"]) if partial else 0
+            loss_sum, n_batches = (float(partial["loss_sum"]), skip) if partial else (0.0, 0)
+            train_sampler.set_epoch(epoch, start=skip)
+            ddp_model.train()
+            t_epoch = time.perf_counter()
+            batches = iter(train_loader)   # draws the workers' base seed from torch's RNG
+            if partial:   # ... so the RNG of the interrupted step is set after it: exact
+                _set_rng_state(state["rng"])
+                partial = None
+            bar = _bar(batches, f"{name} epoch {epoch + 1}/{opts.epochs}",
+                       opts.progress and info.is_main, total=steps_per_epoch, initial=skip)
+            for images, labels in bar:
+                images = images.to(info.device, non_blocking=True)
+                labels = labels.to(info.device, non_blocking=True)
+                t0 = time.perf_counter()
+                loss = train_step(ddp_model, images, labels, optimizer, scheduler, amp=opts.amp)
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                step_times.append(time.perf_counter() - t0)
+                step += 1
+                stopping = _check_finite(loss, info, name, epoch, step, optimizer,
+                                         opts.checkpoint, stop.signum is not None)
+                loss_sum, n_batches = loss_sum + loss, n_batches + 1
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if n_batches == steps_per_epoch:   # the epoch's end saves (and stops) below
+                    break
+                every = opts.save_every_steps
+                if stopping or (every and step % every == 0):
+                    if info.is_main and opts.checkpoint is not None:
+                        save_checkpoint(opts.checkpoint, checkpoint_state(
+                            epoch, {"batches": n_batches, "loss_sum": loss_sum}))
+                    barrier(info)
+                if stopping:
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, opts.checkpoint)
+            train_time += time.perf_counter() - t_epoch
+            acc, test_loss = evaluate(ddp_model, test_loader, info,
+                                      opts.progress and info.is_main, f"{name} eval",
+                                      amp=opts.amp)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
+                            "test_loss": test_loss, "accuracy": acc,
+                            "lr": optimizer.param_groups[0]["lr"]})
+            if info.is_main:
+                log(f"{name} epoch {epoch + 1}/{opts.epochs}: train loss "
+                    f"{history[-1]['train_loss']:.4f}, test loss {test_loss:.4f}, "
+                    f"accuracy {100 * acc:.2f}%")
+                if opts.checkpoint is not None:
+                    save_checkpoint(opts.checkpoint, checkpoint_state(epoch + 1))
+                if opts.on_epoch is not None:
+                    opts.on_epoch(history)
+            barrier(info)
+            if stopping and epoch + 1 < opts.epochs:
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, opts.checkpoint)
 
     last = history[-1] if history else {"accuracy": None, "test_loss": None}
     return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
@@ -529,22 +603,24 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
 
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
-                  optimizer: torch.optim.Optimizer, checkpoint: Optional[Path]) -> None:
+                  optimizer: torch.optim.Optimizer, checkpoint: Optional[Path],
+                  stop: bool = False) -> bool:
     """Raises :class:`TrainingDivergedError` on every process when any process's loss is not
-    finite (before the epoch's checkpoint, so the last one on disk holds finite weights)."""
+    finite (before any checkpoint of this step, so the last one on disk holds finite weights).
+    Returns whether any process was asked to stop (``stop``): one all-reduce per step."""
     bad = not math.isfinite(loss)
     if info.distributed:
-        flag = torch.tensor([float(bad)], device=info.device)
-        dist.all_reduce(flag)
-        bad = flag.item() > 0
+        flags = torch.tensor([float(bad), float(stop)], device=info.device)
+        dist.all_reduce(flags)
+        bad, stop = flags[0].item() > 0, flags[1].item() > 0
     if not bad:
-        return
+        return stop
     lr = optimizer.param_groups[0]["lr"]
-    kept = (f"; the checkpoint {checkpoint} still holds the last finished epoch"
+    kept = (f"; the checkpoint {checkpoint} holds the training from before"
             if checkpoint is not None and Path(checkpoint).exists() else "")
     raise TrainingDivergedError(
         f"{name + ': ' if name else ''}the training loss became {loss} at step {step} (epoch "
-        f"{epoch + 1}, learning rate {lr:.3g}); training stopped and nothing of this epoch was "
+        f"{epoch + 1}, learning rate {lr:.3g}); training stopped and this step was not "
         f"saved{kept}. Lower --lr (or --head-lr-scale) and start again")
 
 
