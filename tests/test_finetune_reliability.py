@@ -512,7 +512,7 @@ def test_overwrite_keeps_the_old_run_when_the_bsr_settings_are_refused(tmp_path,
     assert tmp_path / "linear" / "checkpoint.pt" in before
     rc, _, err = _run(["--method", "bsr", *FAST[2:], "--train-blocks", "3,99", "--out",
                        tmp_path, "--overwrite"], capsys)
-    assert rc == 2 and "99" in err and "deleted" not in err, err
+    assert rc == 2 and "--train-blocks index 99" in err and "deleted" not in err, err
     assert {p: p.read_bytes() for p in before} == before
 
 

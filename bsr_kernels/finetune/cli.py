@@ -626,12 +626,20 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
 
 
 def _adapt(base: nn.Module, method: str, args) -> nn.Module:
-    """A copy of ``base`` set up for ``method`` with the command line's BSR settings."""
-    return adapt(copy.deepcopy(base), method,
-                 train_blocks=args.train_blocks if method == "bsr" else None,
-                 drop_at=args.drop_at if method == "bsr" else None,
-                 keep_rate=args.keep_rate, memory_mode=args.memory_mode,
-                 activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
+    """A copy of ``base`` set up for ``method`` with the command line's BSR settings; a refused
+    setting is named by its flag (``--train-blocks``, not reprogram's ``train_blocks``)."""
+    try:
+        return adapt(copy.deepcopy(base), method,
+                     train_blocks=args.train_blocks if method == "bsr" else None,
+                     drop_at=args.drop_at if method == "bsr" else None,
+                     keep_rate=args.keep_rate, memory_mode=args.memory_mode,
+                     activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
+    except ValueError as e:
+        message = str(e)
+        for name in ("train_blocks", "drop_at", "keep_rate", "memory_mode", "activation_dtype"):
+            if message.startswith(name):
+                raise ValueError(f"--{name.replace('_', '-')}{message[len(name):]}") from e
+        raise
 
 
 def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> None:
