@@ -518,8 +518,8 @@ def test_multitask_resume_continues_exactly(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(mtd, "evaluate", interrupt_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        mtd.main(args + ["--out", str(tmp_path / "cut")])
+    assert mtd.main(args + ["--out", str(tmp_path / "cut")]) == 130   # Ctrl-C: exit 130
+    assert len(calls) == 2
     monkeypatch.setattr(mtd, "evaluate", real)
     assert mtd.main(args + ["--out", str(tmp_path / "cut"), "--resume"]) == 0
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())["methods"]["bsr_moe"]

@@ -376,10 +376,11 @@ def _check_amp(amp: str, device: torch.device) -> None:
                              + (" or a GPU" if device.type == "cpu" else "")) from None
 
 
-def _run_files(out: Path) -> list:
-    """The files of a bsr-finetune run that ``out`` holds (relative paths)."""
+def _run_files(out: Path, methods: Sequence[str] = METHODS) -> list:
+    """The files of a bsr-finetune run that ``out`` holds (relative paths); ``methods``: the
+    per-method folders (``--multitask`` passes its own)."""
     names = ["args.json", "summary.json", "summary.csv", "report.png"]
-    names += [f"{m}/{f}" for m in METHODS for f in ("checkpoint.pt", "result.json",
+    names += [f"{m}/{f}" for m in methods for f in ("checkpoint.pt", "result.json",
                                                       "delta.safetensors", "delta.json")]
     return [n for n in names if (out / n).is_file()]
 
@@ -393,9 +394,10 @@ def _args_record(args: argparse.Namespace) -> dict:
                      if k not in ("argv", "earlier_argv")}}
 
 
-def _claim_out(args: argparse.Namespace, warn) -> RunLock:
+def _claim_out(args: argparse.Namespace, warn, methods: Sequence[str] = METHODS) -> RunLock:
     """Checks ``--out`` and takes it: a writable folder, locked, holding no other run (unless
-    --resume/--overwrite); removes orphaned temporary files and writes ``args.json``."""
+    --resume/--overwrite; a run of ``methods``); removes orphaned temporary files and writes
+    ``args.json``."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder; choose a folder (it is created "
@@ -411,7 +413,7 @@ def _claim_out(args: argparse.Namespace, warn) -> RunLock:
         if removed:
             warn(f"removed {len(removed)} temporary file(s) left in {out} by an interrupted "
                  f"write: {', '.join(str(p.relative_to(out)) for p in removed[:4])}")
-        found = _run_files(out)
+        found = _run_files(out, methods)
         # args.json alone (a run stopped before its first epoch ended) holds nothing to lose.
         if found and found != ["args.json"] and not args.resume and not args.overwrite:
             raise ValueError(f"--out {out} already holds a run ({', '.join(found[:4])}"
@@ -431,28 +433,31 @@ def _claim_out(args: argparse.Namespace, warn) -> RunLock:
     return lock
 
 
-def _delete_replaced(out: Path, lock: Optional[RunLock], warn) -> None:
-    """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`)."""
+def _delete_replaced(out: Path, lock: Optional[RunLock], warn,
+                     methods: Sequence[str] = METHODS) -> None:
+    """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`) and the
+    method folders left empty."""
     names = getattr(lock, "replaced", None)
     if not names:
         return
     for name in names:
         (out / name).unlink(missing_ok=True)
-    for m in METHODS:
+    for m in methods:
         if (out / m).is_dir() and not any((out / m).iterdir()):
             (out / m).rmdir()
     warn(f"--overwrite: deleted the earlier run in {out} ({len(names)} files)")
     lock.replaced = []
 
 
-def _prepare_out(args: argparse.Namespace, info: DistInfo, warn) -> Optional[RunLock]:
+def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
+                 methods: Sequence[str] = METHODS) -> Optional[RunLock]:
     """:func:`_claim_out` on the main process; every process raises if it failed."""
     if args.out is None:
         return None
     lock, error = None, None
     if info.is_main:
         try:
-            lock = _claim_out(args, warn)
+            lock = _claim_out(args, warn, methods)
         except ValueError as e:
             error = e
     if info.distributed:

@@ -18,16 +18,23 @@ task batch):
 * ``bsr_dense``: BSR on the dense model (no MoE), the same heads;
 * ``linear``: a linear probe per task (frozen backbone).
 
-``--out DIR`` writes ``summary.json`` (``methods.<m>.mean_accuracy``,
-``methods.<m>.tasks.<t>.accuracy``, ``methods.<m>.saved_activation_mib_per_image``, GFLOPs and
-step time), ``report.png`` (accuracy per task and method, memory, and the task x expert usage of
-every MoE block) and per method a delta checkpoint (trained parameters: experts, gates, heads).
+``--out DIR`` writes ``args.json`` (the command line), ``summary.json``
+(``methods.<m>.mean_accuracy``, ``methods.<m>.tasks.<t>.accuracy``,
+``methods.<m>.saved_activation_mib_per_image``, GFLOPs and step time), ``report.png`` (accuracy
+per task and method, memory, and the task x expert usage of every MoE block) and per method a
+resumable checkpoint (each epoch) and a delta checkpoint (trained parameters: experts, gates,
+heads), every file atomically. As in ``bsr-finetune``, a folder that holds a run is refused
+unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is given, one process at a time
+writes it (``DIR/.lock``), and ``--out`` is checked before anything is loaded. Exit status: 0; 2
+on a usage or input error; 3 when the training loss became NaN or infinite (nothing of that
+epoch is saved); 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +45,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .cli import _nonneg_float, _positive_int  # the app's one numeric-flag parser
+from . import cli
+# bsr-finetune's flag parsers and help formatter: one definition of each check and message
+from .cli import (_HelpFormatter, _keep_rate, _nonneg_float, _nonneg_int, _positive_float,
+                  _positive_int, _seed)
 
 __all__ = ["TASKS", "METHODS", "build_parser", "run", "main", "build_method"]
 
@@ -71,57 +81,84 @@ def _methods(s: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bsr-finetune --multitask`` argument parser (``bsr-finetune``'s flag checks and
+    help formatter: a default is shown unless the help states it)."""
     p = argparse.ArgumentParser(
         prog="bsr-finetune --multitask",
         description="Multitask Mixture-of-Experts BSR on the offline digits tasks (digit 5-9, "
                     "parity, >= 7) with the shipped digits ViT: MoE full fine-tuning, BSR-MoE, "
                     "dense multitask BSR and a linear probe per task.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--task", action="append", default=None, metavar="NAME=DATA",
                    help="a task from real data (repeat for each task): DATA an ImageFolder "
                         "directory or a torchvision set name (as --data of bsr-finetune); "
                         "default: the embedded digits tasks digit, parity, ge7")
     p.add_argument("--model", default="bsr_digits_vit",
-                   help="bsr_digits_vit (shipped) or a timm ViT name")
-    p.add_argument("--pretrained", action="store_true", help="timm hub weights (online)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="local weights")
-    p.add_argument("--img-size", type=_positive_int, default=None)
+                   help="bsr_digits_vit (the shipped digits 0-4 model) or a timm ViT name")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from timm hub weights (needs a network)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
+    p.add_argument("--img-size", type=_positive_int, default=None,
+                   help="input side in pixels (default: the model's)")
     p.add_argument("--data-root", default=None, metavar="DIR",
-                   help="download folder of torchvision sets")
-    p.add_argument("--lr", type=float, default=None,
+                   help="download folder of torchvision sets (default: $BSR_DATA or "
+                        "~/.cache/bsr_kernels/data)")
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help="backbone learning rate (default per method: "
                         + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
     p.add_argument("--method", type=_methods, default=METHODS,
-                   help=f"{'|'.join(METHODS)}, comma-separated, or all")
+                   help=f"{'|'.join(METHODS)}, comma-separated, or all (default: all)")
     p.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS,
                    help="passes over the training images (each pass steps every task)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--experts", type=_positive_int, default=16, help="experts per MoE block")
-    p.add_argument("--top-k", type=_positive_int, default=4, help="experts per token")
-    p.add_argument("--noise-std", type=_nonneg_float, default=0.0, help="gate noise std")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="images of one task per optimizer step (split over torchrun "
+                        "processes)")
+    p.add_argument("--experts", type=_positive_int, default=16,
+                   help="experts per MoE block (moe_full, bsr_moe)")
+    p.add_argument("--top-k", type=_positive_int, default=4,
+                   help="experts per token, at most --experts")
+    p.add_argument("--noise-std", type=_nonneg_float, default=0.0,
+                   help="std of the noise added to the gate logits in training")
     p.add_argument("--aux-loss-weight", type=_nonneg_float, default=0.0,
                    help="weight of the cv^2 load-balancing loss")
-    p.add_argument("--keep-rate", type=float, default=0.5, help="BSR token keep rate")
-    p.add_argument("--memory-mode", choices=("lean", "fast"), default="lean")
-    p.add_argument("--head-lr-scale", type=_nonneg_float, default=10.0)
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.add_argument("--profile-batch", type=_positive_int, default=8)
-    p.add_argument("--timing-rounds", type=int, default=8,
+    p.add_argument("--keep-rate", type=_keep_rate, default=0.5,
+                   help="BSR (bsr_moe, bsr_dense): fraction of patch tokens kept at each drop, "
+                        "in (0, 1]")
+    p.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
+                   help="BSR: what backward stores. lean: the least (recomputes the rest); "
+                        "fast: also the projections (recomputes no matmul). The same gradients "
+                        "in both")
+    p.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
+                   help="the task heads train at this multiple of the backbone learning rate")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
+                   help="weight decay of weight matrices (not biases, norms, embeddings)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the weights of new layers (gates, heads), the shuffling and "
+                        "the augmentation")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--profile-batch", type=_positive_int, default=8,
+                   help="images in the batch that measures memory and FLOPs")
+    p.add_argument("--timing-rounds", type=_nonneg_int, default=8,
                    help="rounds of side-by-side step timing (0: skip)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default); the width-64 digits model's ops "
-                        "are too small to gain from more, and on shared cores extra OpenMP "
-                        "threads made the demo many times slower")
+    p.add_argument("--threads", type=_nonneg_int, default=1,
+                   help="torch CPU threads (0: as many as torch picks); the width-64 digits "
+                        "model's ops are too small to gain from more, and on shared cores extra "
+                        "OpenMP threads made the demo many times slower")
     p.add_argument("--max-train-images", type=_positive_int, default=None,
-                   help="train on only the first N training images (quick checks)")
+                   help="train on only the first N training images of each task (quick "
+                        "checks; default: all)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="write summary.json, report.png, and per method a checkpoint (each "
-                        "epoch, atomically) and a delta checkpoint")
+                   help="write args.json, summary.json, report.png, and per method "
+                        "checkpoint.pt (each epoch) and delta.safetensors; a folder holding a "
+                        "run needs --resume or --overwrite (default: write nothing)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (finished methods retrain "
                         "no epoch)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its files are deleted once the data "
+                        "and the model have loaded and every method is set up)")
     return p
 
 
@@ -271,16 +308,21 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     With ``checkpoint``, the state (weights, optimizer, scheduler, RNGs, history) is written
     after every epoch, atomically; ``resume`` continues from it exactly. Under ``torchrun``
     (``info.distributed``) every process takes its share of each global batch and DDP averages
-    the gradients (other tasks' heads and gates are unused in a step)."""
-    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _rng_state, load_checkpoint,
-                        make_scheduler, restore_training_state, save_checkpoint)
+    the gradients (other tasks' heads and gates are unused in a step).
+
+    A NaN or infinite loss stops the training at that step (:class:`TrainingDivergedError`,
+    raised on every process), before the epoch's checkpoint is written."""
+    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DistInfo, _check_finite,
+                        _rng_state, load_checkpoint, make_scheduler, restore_training_state,
+                        save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
     steps_per_epoch = positions * len(tasks)
     opt = _optimizer(model, lr, head_lr_scale, weight_decay)
     sched = make_scheduler(opt, epochs * steps_per_epoch, steps_per_epoch)
-    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    info = info if info is not None else DistInfo(device=torch.device(device))
+    rank, world = info.rank, info.world_size
     main_proc = rank == 0
     ddp_model = model
     if world > 1:
@@ -318,8 +360,10 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                 opt.step()
                 sched.step()
                 step_times.append(time.perf_counter() - ts)
-                loss_sum += loss.item()
+                value = loss.item()
                 step += 1
+                _check_finite(value, info, name, epoch, step, opt, checkpoint)
+                loss_sum += value
         t_train += time.perf_counter() - t0
         acc = evaluate(model, tasks, device)
         names = [t.name for t in tasks]
@@ -342,33 +386,51 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
 
 # --- the run -------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace, log=print, info=None) -> dict:
-    """Trains and measures every method; returns the summary dict."""
-    from ..profile import profile
-    from .data import TensorImageDataset
-    from .models import build_model, check_model_name, model_input_config
-    from .train import time_steps
+def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
+    """Trains and measures every method; returns the summary dict.
 
+    The arguments that need nothing loaded are checked, and ``--out`` claimed
+    (:func:`cli._prepare_out`), before any data or weights are loaded; ``warn`` gets the warnings
+    (main process; default: nowhere)."""
     t_start = time.perf_counter()
+    warn = warn or (lambda s: None)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if info is None:
         from .train import DistInfo
         info = DistInfo(device=torch.device(args.device or ("cuda" if torch.cuda.is_available()
                                                             else "cpu")))
-    device = info.device
     if not info.is_main:
         log = (lambda *a, **k: None)
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
-    if not 0.0 < args.keep_rate <= 1.0:
-        raise ValueError(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
+    from .models import check_model_name
     check_model_name(args.model)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         "--out, or replace it")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out (the folder holding the checkpoints)")
+    # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
+    # of these methods without --resume/--overwrite, args.json written
+    lock = cli._prepare_out(args, info, warn, METHODS)
+    try:
+        return _run(args, log, info, warn, t_start, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dict:
+    from ..profile import profile
+    from .data import TensorImageDataset
+    from .models import build_model, model_input_config
+    from .train import seed_all, time_steps
+
+    device = info.device
     img_size, mean, std = model_input_config(args.model, args.img_size)
     if args.task:
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
@@ -383,18 +445,26 @@ def run(args: argparse.Namespace, log=print, info=None) -> dict:
             elif n < len(task.train):
                 task.train = torch.utils.data.Subset(task.train, range(n))
     num_classes = [t.num_classes for t in tasks]
-    torch.manual_seed(args.seed)
+    seed_all(args.seed)
     base, minfo = build_model(args.model, 1, args.img_size, args.pretrained, args.checkpoint)
     log(f"bsr-finetune --multitask: {args.model} ({minfo['weights']}), {img_size} px; tasks "
         + ", ".join(f"{t.name} ({t.num_classes} classes: {t.description}; {len(t.train)} train "
                     f"/ {len(t.test)} test images)" for t in tasks)
         + f"; methods {', '.join(args.method)}; {args.epochs} epochs; {args.experts} experts, "
         f"top-{args.top_k}")
+    if args.out is not None and info.is_main:
+        if getattr(lock, "replaced", None):   # a mistake in the arguments keeps the old run
+            with torch.random.fork_rng(devices=[]):
+                for method in args.method:
+                    build_method(base, method, num_classes, args.experts, args.top_k,
+                                 args.noise_std, args.aux_loss_weight, args.keep_rate,
+                                 args.memory_mode)
+        cli._delete_replaced(Path(args.out), lock, warn, METHODS)
 
     models, results = {}, {}
     for method in args.method:
         lr = args.lr if args.lr is not None else LR[method]
-        torch.manual_seed(args.seed)
+        seed_all(args.seed)
         model = build_method(base, method, num_classes, args.experts, args.top_k,
                              args.noise_std, args.aux_loss_weight, args.keep_rate,
                              args.memory_mode).to(device)
@@ -454,7 +524,6 @@ def run(args: argparse.Namespace, log=print, info=None) -> dict:
     log("")
     log(format_table(results))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         from .report import write_summary
         path = write_summary(args.out / "summary.json", results,
                              {k: v for k, v in summary.items() if k != "methods"})
@@ -552,20 +621,47 @@ def draw_report(path: Path, results: dict) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``bsr-finetune --multitask``; returns the exit status."""
+    """Entry point of ``bsr-finetune --multitask``; returns the exit status: 0, 2 on a usage or
+    input error, 3 (:data:`cli.EXIT_DIVERGED`) when the training loss became NaN or infinite,
+    130 when interrupted (Ctrl-C)."""
     from .data import DatasetUnavailableError
     from .models import WeightsUnavailableError
+    from .train import (CheckpointError, TrainingDivergedError, setup_distributed,
+                        teardown_distributed)
 
-    from .train import setup_distributed, teardown_distributed
-
+    prog = "bsr-finetune --multitask"
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = ["--multitask", *argv]   # args.json: the command line bsr-finetune takes
+    debug = bool(os.environ.get("BSR_FINETUNE_DEBUG"))   # the full traceback, for developers
     try:
         info = setup_distributed(args.device)
-        run(args, log=lambda s: print(s, flush=True), info=info)
+
+        def warn(s: str) -> None:
+            if info.is_main:
+                print(f"{prog}: warning: {s}", file=sys.stderr, flush=True)
+
+        run(args, log=lambda s: print(s, flush=True), info=info, warn=warn)
     except (ValueError, FileNotFoundError, DatasetUnavailableError,
             WeightsUnavailableError) as e:
-        print(f"bsr-finetune --multitask: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        kind = ("checkpoint error" if isinstance(e, CheckpointError) else
+                "training diverged" if isinstance(e, TrainingDivergedError) else "error")
+        print(f"{prog}: {kind}: {e}", file=sys.stderr)
+        return cli.EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2
+    except OSError as e:   # a file or folder that cannot be read or written, named
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; "
+              + ("rerun with --resume to continue (the checkpoints in --out hold every "
+                 "finished epoch)" if args.out is not None else "nothing was saved (no --out)"),
+              file=sys.stderr)
+        return 130
     finally:
         teardown_distributed()
     return 0

@@ -1,0 +1,218 @@
+"""``bsr-finetune --multitask`` has the single-task mode's protections: a used --out is refused
+without --resume or --overwrite, one process writes it (``.lock``), --out is checked before
+anything loads, a NaN/inf loss stops the run (exit 3) before a checkpoint of it is written, flags
+are checked naming them, Ctrl-C and I/O errors end without a traceback, --help is complete."""
+
+import pytest
+import torch
+
+from bsr_kernels import checkpoint
+from bsr_kernels.finetune import cli, models
+from bsr_kernels.finetune import multitask as mt
+
+#: The smallest run: one cheap method, one epoch of one batch per task, nothing timed.
+FAST = ["--method", "linear", "--epochs", "1", "--batch-size", "16", "--max-train-images", "16",
+        "--experts", "2", "--top-k", "1", "--timing-rounds", "0", "--profile-batch", "2"]
+TWO = ["--method", "linear,bsr_dense", *FAST[2:]]   # bsr_dense: a folder cli.py does not know
+
+
+def _run(argv, capsys):
+    rc = mt.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _no_loading(monkeypatch):
+    """Fails the test if data or weights are loaded."""
+    def boom(*a, **k):
+        raise AssertionError("data or weights were loaded before the arguments were checked")
+    monkeypatch.setattr(mt, "digits_tasks", boom)
+    monkeypatch.setattr(mt, "data_tasks", boom)
+    monkeypatch.setattr(models, "build_model", boom)
+
+
+def _files(folder):
+    """The bytes of every file of a run but args.json (rewritten by each start) and .lock."""
+    return {p: p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name not in ("args.json", ".lock")}
+
+
+# --- a used --out --------------------------------------------------------------------------
+
+def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    """The same command twice: the second is refused (exit 2) and the first run's files keep
+    their bytes; also when only a checkpoint of a multitask method is there (a run killed in
+    its first method's training), which bsr-finetune's own file list does not cover."""
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    before = _files(tmp_path)
+    assert tmp_path / "bsr_dense" / "checkpoint.pt" in before
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 2
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert _files(tmp_path) == before
+    for p in before:
+        if p.name != "checkpoint.pt" or p.parent.name != "bsr_dense":
+            p.unlink()
+    (tmp_path / "linear").rmdir()
+    ckpt = tmp_path / "bsr_dense" / "checkpoint.pt"
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 2 and "bsr_dense/checkpoint.pt" in err, err
+    assert ckpt.read_bytes() == before[ckpt]
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_overwrite_replaces_the_run_and_args_json_records_it(tmp_path, capsys):
+    """--overwrite deletes the earlier run (also the folder of a method the new run does not
+    train) and trains afresh; args.json holds the new command line; the lock is released."""
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    argv = [*FAST, "--seed", "1", "--out", str(tmp_path), "--overwrite"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert "--overwrite: deleted the earlier run" in err
+    assert not (tmp_path / "bsr_dense").exists()
+    state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["fingerprint"]["seed"] == 1
+    record = checkpoint.read_json(tmp_path / "args.json", "args", "-", format=cli.ARGS_FORMAT,
+                                  versions=(1,))
+    assert record["argv"] == ["--multitask", *argv] and record["args"]["overwrite"] is True
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("refusal", ["missing task data", "second method's set-up"])
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(refusal, tmp_path, capsys,
+                                                                  monkeypatch):
+    """--overwrite with a mistake found only once loading starts (task data that does not
+    exist) or once the methods are set up (here the second method's build refused): exit 2
+    and the old run is still there, byte for byte."""
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    before = _files(tmp_path)
+    argv = [*TWO, "--out", tmp_path, "--overwrite"]
+    if refusal == "missing task data":
+        argv += ["--task", f"x={tmp_path / 'no_such_dir'}"]
+        expected = "no_such_dir"
+    else:
+        real = mt.build_method
+
+        def refuse_bsr_dense(base, method, *a, **k):
+            if method == "bsr_dense":
+                raise ValueError("blocks: refused for this test")
+            return real(base, method, *a, **k)
+        monkeypatch.setattr(mt, "build_method", refuse_bsr_dense)
+        expected = "refused for this test"
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and expected in err and "deleted" not in err, err
+    assert _files(tmp_path) == before
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    rc, _, err = _run([*FAST, "--out", tmp_path, "--resume", "--overwrite"], capsys)
+    assert rc == 2 and "--resume and --overwrite exclude each other" in err, err
+
+
+# --- --out checked first (the lock is bsr-finetune's own claim: test_finetune_reliability)
+
+def test_out_that_is_a_file_fails_before_loading(tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, _, err = _run([*FAST, "--out", f], capsys)
+    assert rc == 2 and f"--out {f}" in err and "is a file" in err, err
+    assert f.read_text() == "x"
+
+
+def test_an_unwritable_method_folder_is_a_clear_error_naming_it(tmp_path, capsys):
+    """An OSError during the run (the method's folder is a file, so its checkpoint cannot be
+    written) ends with exit 2 and a message naming the path, not a traceback; the lock is
+    released."""
+    (tmp_path / "linear").write_text("not a folder")
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 2 and f"error: {tmp_path / 'linear'}" in err, err
+    assert "Traceback" not in err and not (tmp_path / ".lock").exists()
+
+
+# --- divergence, interruption ---------------------------------------------------------------
+
+def test_non_finite_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
+    """The reviewer's case (--lr 1e8): the loss becomes NaN in epoch 1; the run stops there
+    with exit 3 naming --lr, and writes no checkpoint, delta or summary."""
+    rc, _, err = _run(["--method", "bsr_dense", "--lr", "1e8", *FAST[2:], "--max-train-images",
+                       "32", "--out", tmp_path], capsys)
+    assert rc == cli.EXIT_DIVERGED == 3, err
+    assert "training diverged" in err and ("nan" in err or "inf" in err) and "--lr" in err
+    assert not (tmp_path / "bsr_dense" / "checkpoint.pt").exists()
+    assert not (tmp_path / "bsr_dense" / "delta.safetensors").exists()
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / ".lock").exists()
+
+
+def test_non_finite_loss_in_epoch_2_keeps_the_finite_epoch_1_checkpoint(tmp_path, capsys,
+                                                                        monkeypatch):
+    """The loss turns NaN in epoch 2 (the loss function made to return NaN from the first step
+    of epoch 2 on): exit 3, and the checkpoint on disk is epoch 1's, every tensor finite."""
+    real, calls = torch.nn.functional.cross_entropy, []
+    steps_per_epoch = 3 * 2        # 3 tasks x 2 batches of 16 of the 32 training images
+
+    def nan_from_epoch_2(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) > steps_per_epoch else loss
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_epoch_2)
+    rc, _, err = _run(["--method", "bsr_dense", *FAST[2:], "--epochs", "2",
+                       "--max-train-images", "32", "--out", tmp_path], capsys)
+    assert rc == 3 and "epoch 2" in err, err
+    assert len(calls) == steps_per_epoch + 1       # stopped at the first NaN step
+    state = torch.load(tmp_path / "bsr_dense" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt mid-run: exit 130, a hint to --resume, no traceback, lock released."""
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mt, "evaluate", interrupt)
+    try:
+        rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    except KeyboardInterrupt:   # escaping main, it would also stop pytest itself
+        pytest.fail("KeyboardInterrupt escaped main()")
+    assert rc == 130 and "interrupted" in err and "--resume" in err, err
+    assert "Traceback" not in err and not (tmp_path / ".lock").exists()
+
+
+# --- flags ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [
+    ("--lr", "-1"), ("--lr", "nan"), ("--lr", "0"), ("--seed", "-5"), ("--seed", "4294967296"),
+    ("--head-lr-scale", "0"), ("--timing-rounds", "-3"), ("--threads", "-2"),
+    ("--keep-rate", "2"), ("--keep-rate", "0"), ("--weight-decay", "-1"),
+    ("--noise-std", "inf"), ("--profile-batch", "0")])
+def test_bad_flag_values_exit_2_naming_the_flag(flag, value, capsys, monkeypatch):
+    """Refused by the argument parser (exit 2, the flag named), before anything loads."""
+    _no_loading(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        mt.main([*FAST, flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    """``bsr-finetune --multitask --help``: every option has help; no "(default: None)" /
+    "(default: False)" noise nor a Python tuple; what a None default means is said."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--multitask", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "('moe_full'" not in text
+    parser = mt.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+            assert all(s in text for s in action.option_strings), action.option_strings
+            if action.default is None and action.dest != "checkpoint":
+                assert "default" in action.help, action.option_strings
+    assert "(default: all)" in text and "--overwrite" in text
