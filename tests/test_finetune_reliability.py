@@ -540,6 +540,11 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path, capsys):
     assert record["earlier_argv"] == [[*start, "--out", str(tmp_path)],
                                       ["--resume", str(tmp_path)]]
     assert record["args"]["keep_rate"] == 0.75 and record["args"]["method"] == ["bsr"]
+    # options that do not fit the checkpoint are refused, and args.json stays the run's
+    before = (tmp_path / "args.json").read_bytes()
+    rc, _, err = _run(["--resume", tmp_path, "--batch-size", "64"], capsys)
+    assert rc == 2 and "checkpoint error" in err and "batch_size" in err, err
+    assert (tmp_path / "args.json").read_bytes() == before
 
 
 def test_memory_mode_autograd(tmp_path, capsys, monkeypatch):
@@ -553,6 +558,18 @@ def test_memory_mode_autograd(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     rc, _, err = _run([*bsr, "--activation-dtype", "bfloat16"], capsys)
     assert rc == 2 and "--activation-dtype" in err and "--memory-mode autograd" in err, err
+
+
+def test_given_options_tells_given_options_from_defaults():
+    """What --resume leaves to the earlier run: the options argv does not give, also for a value
+    equal to the default and for repeated (append) options."""
+    from bsr_kernels.finetune import multitask
+    assert cli.given_options(cli.build_parser(), ["--resume", "d", "--keep-rate", "0.5",
+                                                  "--no-progress"]) == ["keep_rate", "progress",
+                                                                        "resume"]
+    mt = multitask.build_parser()
+    assert cli.given_options(mt, ["--task", "a=b", "--task", "c=d"]) == ["task"]
+    assert cli.given_options(mt, []) == []
 
 
 def test_pretrained_and_checkpoint_are_refused_together(tmp_path, capsys, monkeypatch):

@@ -529,6 +529,15 @@ def test_multitask_resume_continues_exactly(tmp_path, monkeypatch):
     # another setting is refused, naming it
     assert mtd.main(args[:3] + ["3"] + args[4:] + ["--out", str(tmp_path / "cut"),
                                                    "--resume"]) == 2
+    # a bare --resume takes the run's options from its args.json (not the four default methods,
+    # the default 16 experts, ...): the finished run is reused, nothing trains again
+    before = (tmp_path / "cut" / "bsr_moe" / "checkpoint.pt").read_bytes()
+    assert mtd.main(["--out", str(tmp_path / "cut"), "--resume", "--timing-rounds", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir() if p.is_dir()) == ["bsr_moe"]
+    assert (tmp_path / "cut" / "bsr_moe" / "checkpoint.pt").read_bytes() == before
+    record = json.loads((tmp_path / "cut" / "args.json").read_text())
+    assert record["args"]["experts"] == 4 and record["earlier_argv"][0][:2] == ["--multitask",
+                                                                                "--method"]
 
 
 def test_multitask_under_torchrun(tmp_path):

@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -34,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint import RunLock, clean_orphans, read_json, write_json
+from ..checkpoint import RunLock, atomic_write, clean_orphans, read_json, write_json
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
                      model_data_config)
@@ -286,10 +287,15 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
     """The options (``dest`` names) that ``argv`` gives, as opposed to those left at their
     defaults: argparse sets a default only where the namespace has no value yet."""
     unset = object()
-    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions
-                               if a.dest != argparse.SUPPRESS})
+    # append/count actions add to the value already there: they start from None instead
+    adding = {a.dest for a in parser._actions
+              if isinstance(a, (argparse._AppendAction, argparse._AppendConstAction,
+                                argparse._CountAction))}
+    ns = argparse.Namespace(**{a.dest: None if a.dest in adding else unset
+                               for a in parser._actions if a.dest != argparse.SUPPRESS})
     parser.parse_args(argv, namespace=ns)
-    return sorted(k for k, v in vars(ns).items() if v is not unset)
+    return sorted(k for k, v in vars(ns).items()
+                  if v is not unset and not (k in adding and v is None))
 
 
 def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn) -> list[str]:
@@ -471,6 +477,28 @@ def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
     return lock
 
 
+@contextlib.contextmanager
+def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
+                methods: Sequence[str] = METHODS):
+    """``--out`` claimed (:func:`_prepare_out`) for the block, released after it. A --resume
+    whose options do not fit the run's checkpoints (:class:`CheckpointError`) puts the run's
+    own args.json back, so that the next bare --resume takes the run's options again."""
+    out = Path(args.out) if args.out is not None else None
+    previous = None
+    if info.is_main and args.resume and out is not None and (out / "args.json").is_file():
+        previous = (out / "args.json").read_bytes()
+    lock = _prepare_out(args, info, warn, methods)
+    try:
+        yield lock
+    except CheckpointError:
+        if previous is not None:
+            atomic_write(out / "args.json", previous)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     """Runs the parsed command: trains every method, measures, reports.
 
@@ -507,12 +535,8 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if "bsr" in methods:
         _check_amp(args.amp, info.device)
     # --out is checked (and locked) before any data or weights are loaded.
-    lock = _prepare_out(args, info, warn)
-    try:
+    with claimed_out(args, info, warn) as lock:
         return _run(args, info, log, warn, methods, t_start, lock)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run(args, info: DistInfo, log, warn, methods, t_start: float,

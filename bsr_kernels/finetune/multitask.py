@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run needs --resume or --overwrite (default: write nothing)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in --out (finished methods retrain "
-                        "no epoch)")
+                        "no epoch); options not given are the run's own (its args.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its files are deleted once the data "
                         "and the model have loaded and every method is set up)")
@@ -402,6 +402,15 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
                                                             else "cpu")))
     if not info.is_main:
         log = (lambda *a, **k: None)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
+                         "--out, or replace it")
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
+    if args.resume:   # options not given are the run's own, as in bsr-finetune --resume
+        taken = cli._take_earlier_options(args, Path(args.out), warn)
+        if taken:
+            log(f"--resume: as the run was started: {' '.join(taken)}")
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
@@ -409,19 +418,10 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
     from .models import check_model_name
     check_model_name(args.model)
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
-                         "--out, or replace it")
-    if args.resume and args.out is None:
-        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
     # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
     # of these methods without --resume/--overwrite, args.json written
-    lock = cli._prepare_out(args, info, warn, METHODS)
-    try:
+    with cli.claimed_out(args, info, warn, METHODS) as lock:
         return _run(args, log, info, warn, t_start, lock)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dict:
@@ -631,7 +631,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     prog = "bsr-finetune --multitask"
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = cli.given_options(parser, argv)   # --resume takes the rest from args.json
     args.argv = ["--multitask", *argv]   # args.json: the command line bsr-finetune takes
     debug = bool(os.environ.get("BSR_FINETUNE_DEBUG"))   # the full traceback, for developers
     try:
