@@ -234,7 +234,8 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
             keys with ``strict``, other shapes), or a path cannot be read; the model is then left
             unchanged (settings and weights).
     """
-    where = "source (a state_dict)" if isinstance(source, dict) else f"path {source}"
+    where = ("the model's pretrained_cfg" if source is None else
+             "source (a state_dict)" if isinstance(source, dict) else f"path {source}")
     if source is None:
         sd, cfg = None, saved_bsr_config(model)
     elif isinstance(source, dict):
@@ -252,8 +253,8 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
                          f"{depth} blocks")
     if sd is not None:
         _check_fits(model, sd, strict, where)
-    changed = cfg is not None and cfg != mine and reprogram
-    if cfg is not None and cfg != mine:
+    differs = cfg is not None and cfg != mine
+    if differs:
         if reprogram:
             reprogram_from_dict(model, cfg)
         else:
@@ -267,7 +268,7 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
                 warnings.simplefilter("ignore", BSRConfigWarning)   # handled above
                 model.load_state_dict(sd, strict=strict)
         except BaseException:
-            if changed:   # put the model's own settings back
+            if differs and reprogram:   # put the model's own settings back
                 from .reprogram import restore
                 restore(model) if mine is None else reprogram_from_dict(model, mine)
             raise

@@ -309,8 +309,8 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn) -> list
     record = read_json(path, "the options of the run to resume",
                        "pass the run's options on the command line", format=ARGS_FORMAT,
                        versions=(1,))
-    taken = []
-    for name, value in record.get("args", {}).items():
+    earlier, taken = record.get("args", {}), []
+    for name, value in earlier.items():
         if name in given or name in _NOT_RESUMED or not hasattr(args, name):
             continue
         value = tuple(value) if isinstance(value, list) else value   # JSON has no tuples
@@ -319,7 +319,7 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn) -> list
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             taken.append(f"--{name.replace('_', '-')} {shown}")
     args.earlier_argv = [*record.get("earlier_argv", []), record.get("argv")]
-    epochs = record.get("args", {}).get("epochs")
+    epochs = earlier.get("epochs")
     if "epochs" in given and epochs is not None and args.epochs != epochs:
         warn(f"--epochs {args.epochs}: the run was started for {epochs} epochs; the "
              f"learning-rate schedule now follows {args.epochs}")
@@ -439,18 +439,24 @@ def _claim_out(args: argparse.Namespace, warn, methods: Sequence[str] = METHODS)
     return lock
 
 
-def _delete_replaced(out: Path, lock: Optional[RunLock], warn,
-                     methods: Sequence[str] = METHODS) -> None:
+def _delete_replaced(out: Path, lock: Optional[RunLock], warn, methods: Sequence[str] = (),
+                     build=None) -> None:
     """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`) and the
-    method folders left empty."""
+    folders they leave empty. First ``build(method)`` sets up each of the new run's ``methods``
+    (on a copy, torch's RNG left as it was): a setting refused there raises and keeps the old
+    run."""
     names = getattr(lock, "replaced", None)
     if not names:
         return
+    if build is not None:
+        with torch.random.fork_rng(devices=[]):
+            for method in methods:
+                build(method)
     for name in names:
         (out / name).unlink(missing_ok=True)
-    for m in methods:
-        if (out / m).is_dir() and not any((out / m).iterdir()):
-            (out / m).rmdir()
+    for folder in {(out / name).parent for name in names} - {out}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     warn(f"--overwrite: deleted the earlier run in {out} ({len(names)} files)")
     lock.replaced = []
 
@@ -561,12 +567,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     out = Path(args.out) if args.out is not None else None
-    if out is not None and info.is_main:
-        if getattr(lock, "replaced", None):   # a mistake in the arguments keeps the old run
-            with torch.random.fork_rng(devices=[]):
-                for method in methods:
-                    _adapt(base, method, args)
-        _delete_replaced(out, lock, warn)
+    if out is not None and info.is_main:   # a mistake in the arguments keeps the old run
+        _delete_replaced(out, lock, warn, methods, build=lambda m: _adapt(base, m, args))
     histories: dict = {}
 
     def on_epoch(method: str, history: list) -> None:
@@ -738,22 +740,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"bsr-finetune: warning: {s}", file=sys.stderr, flush=True)
 
         run(args, info, log=lambda s: log(s, flush=True), warn=warn)
-    except (ValueError, FileNotFoundError, DatasetUnavailableError,
-            WeightsUnavailableError) as e:
-        if os.environ.get("BSR_FINETUNE_DEBUG"):   # the full traceback, for developers
-            raise
-        kind = ("checkpoint error" if isinstance(e, CheckpointError) else
-                "training diverged" if isinstance(e, TrainingDivergedError) else "error")
-        print(f"bsr-finetune: {kind}: {e}", file=sys.stderr)
-        return EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2
-    except TrainingInterrupted as e:
-        where = f"; {e.saved} holds the training up to that step" if e.saved else ""
-        print(f"bsr-finetune: stopped by signal {e.signal} at a step boundary{where}; rerun "
-              "with --resume to continue", file=sys.stderr)
-        return 128 + int(e.signal)
-    except KeyboardInterrupt:
-        print("bsr-finetune: interrupted; rerun with --resume to continue", file=sys.stderr)
-        return 130
+    except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
+            KeyboardInterrupt) as e:
+        return exit_status("bsr-finetune", e, args.out)
     finally:
         teardown_distributed()
     return 0
+
+
+def exit_status(prog: str, e: BaseException, out) -> int:
+    """Reports ``e``, raised by a run (called in its ``except``), on stderr and returns the exit
+    status, for both modes of bsr-finetune: 2 for a usage, input or I/O error (``out``: the run's
+    folder, None without --out), 3 (:data:`EXIT_DIVERGED`) for a NaN/inf training loss, 128 + the
+    signal for a stop at a step boundary, 130 for another Ctrl-C. ``BSR_FINETUNE_DEBUG`` set:
+    errors are raised again, with their traceback."""
+    if isinstance(e, TrainingInterrupted):
+        where = f"; {e.saved} holds the training up to that step" if e.saved else ""
+        print(f"{prog}: stopped by signal {e.signal} at a step boundary{where}; rerun with "
+              "--resume to continue", file=sys.stderr)
+        return 128 + int(e.signal)
+    if isinstance(e, KeyboardInterrupt):
+        print(f"{prog}: interrupted; " + ("rerun with --resume to continue (the checkpoints in "
+                                          "--out hold every finished epoch)" if out is not None
+                                          else "nothing was saved (no --out)"), file=sys.stderr)
+        return 130
+    if os.environ.get("BSR_FINETUNE_DEBUG"):   # the full traceback, for developers
+        raise e
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        # a file or folder that cannot be read or written, named
+        print(f"{prog}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
+        return 2
+    kind = ("checkpoint error" if isinstance(e, CheckpointError) else
+            "training diverged" if isinstance(e, TrainingDivergedError) else "error")
+    print(f"{prog}: {kind}: {e}", file=sys.stderr)
+    return EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2

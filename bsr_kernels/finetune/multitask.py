@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -452,14 +451,10 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                     f"/ {len(t.test)} test images)" for t in tasks)
         + f"; methods {', '.join(args.method)}; {args.epochs} epochs; {args.experts} experts, "
         f"top-{args.top_k}")
-    if args.out is not None and info.is_main:
-        if getattr(lock, "replaced", None):   # a mistake in the arguments keeps the old run
-            with torch.random.fork_rng(devices=[]):
-                for method in args.method:
-                    build_method(base, method, num_classes, args.experts, args.top_k,
-                                 args.noise_std, args.aux_loss_weight, args.keep_rate,
-                                 args.memory_mode)
-        cli._delete_replaced(Path(args.out), lock, warn, METHODS)
+    if args.out is not None and info.is_main:   # a mistake in the arguments keeps the old run
+        cli._delete_replaced(Path(args.out), lock, warn, args.method, build=lambda m: build_method(
+            base, m, num_classes, args.experts, args.top_k, args.noise_std, args.aux_loss_weight,
+            args.keep_rate, args.memory_mode))
 
     models, results = {}, {}
     for method in args.method:
@@ -626,8 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     130 when interrupted (Ctrl-C)."""
     from .data import DatasetUnavailableError
     from .models import WeightsUnavailableError
-    from .train import (CheckpointError, TrainingDivergedError, setup_distributed,
-                        teardown_distributed)
+    from .train import setup_distributed, teardown_distributed
 
     prog = "bsr-finetune --multitask"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -635,7 +629,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.given = cli.given_options(parser, argv)   # --resume takes the rest from args.json
     args.argv = ["--multitask", *argv]   # args.json: the command line bsr-finetune takes
-    debug = bool(os.environ.get("BSR_FINETUNE_DEBUG"))   # the full traceback, for developers
     try:
         info = setup_distributed(args.device)
 
@@ -644,26 +637,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{prog}: warning: {s}", file=sys.stderr, flush=True)
 
         run(args, log=lambda s: print(s, flush=True), info=info, warn=warn)
-    except (ValueError, FileNotFoundError, DatasetUnavailableError,
-            WeightsUnavailableError) as e:
-        if debug:
-            raise
-        kind = ("checkpoint error" if isinstance(e, CheckpointError) else
-                "training diverged" if isinstance(e, TrainingDivergedError) else "error")
-        print(f"{prog}: {kind}: {e}", file=sys.stderr)
-        return cli.EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else 2
-    except OSError as e:   # a file or folder that cannot be read or written, named
-        if debug:
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; "
-              + ("rerun with --resume to continue (the checkpoints in --out hold every "
-                 "finished epoch)" if args.out is not None else "nothing was saved (no --out)"),
-              file=sys.stderr)
-        return 130
+    except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
+            KeyboardInterrupt) as e:
+        return cli.exit_status(prog, e, args.out)
     finally:
         teardown_distributed()
     return 0
