@@ -123,15 +123,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bsr-finetune`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="bsr-finetune",
-        description="Fine-tune a timm ViT by Block Selective Reprogramming (train a few blocks, "
-                    "drop the least attended tokens) and compare it with full fine-tuning, a "
-                    "linear probe and BitFit. Without arguments: the offline digits demo.",
-        formatter_class=_HelpFormatter)
-    g = p.add_argument_group("model")
+def add_model_options(g) -> None:
+    """The options that choose the model and its starting weights (both modes of bsr-finetune):
+    --model, --pretrained, --checkpoint, --img-size."""
     g.add_argument("--model", default=DIGITS_MODEL,
                    help=f"timm ViT name, or {DIGITS_MODEL} (the shipped digits 0-4 model)")
     g.add_argument("--pretrained", action="store_true",
@@ -140,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
     g.add_argument("--img-size", type=_positive_int, default=None,
                    help="input side in pixels (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bsr-finetune`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="bsr-finetune",
+        description="Fine-tune a timm ViT by Block Selective Reprogramming (train a few blocks, "
+                    "drop the least attended tokens) and compare it with full fine-tuning, a "
+                    "linear probe and BitFit. Without arguments: the offline digits demo.",
+        formatter_class=_HelpFormatter)
+    add_model_options(p.add_argument_group("model"))
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
                    help=f"digits, {', '.join(TORCHVISION_SETS)}, or an ImageFolder directory")

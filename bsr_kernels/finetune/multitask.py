@@ -92,14 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task from real data (repeat for each task): DATA an ImageFolder "
                         "directory or a torchvision set name (as --data of bsr-finetune); "
                         "default: the embedded digits tasks digit, parity, ge7")
-    p.add_argument("--model", default="bsr_digits_vit",
-                   help="bsr_digits_vit (the shipped digits 0-4 model) or a timm ViT name")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from timm hub weights (needs a network)")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
-    p.add_argument("--img-size", type=_positive_int, default=None,
-                   help="input side in pixels (default: the model's)")
+    cli.add_model_options(p)
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="download folder of torchvision sets (default: $BSR_DATA or "
                         "~/.cache/bsr_kernels/data)")
