@@ -131,6 +131,12 @@ int64_t batch_grain(int64_t values_per_element) {
   return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_element));
 }
 
+// slot[m] = position of candidate m in kept[0..n_keep), or -1 when it is dropped.
+void fill_slots(const int32_t* kept, int64_t n_keep, int64_t M, int32_t* slot) {
+  std::fill(slot, slot + M, int32_t(-1));
+  for (int64_t i = 0; i < n_keep; ++i) slot[kept[i]] = static_cast<int32_t>(i);
+}
+
 // --- CPU kernels ---------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> cls_scores_cpu(const Tensor& q_in, const Tensor& k_in, double scale,
@@ -183,11 +189,13 @@ std::tuple<Tensor, Tensor> cls_scores_backward_cpu(const Tensor& grad_scores_in,
     const T* l = lse.const_data_ptr<T>();
     const auto gq = out_heads_of<T>(grad_q.second), gk = out_heads_of<T>(grad_k.second);
     at::parallel_for(0, B, batch_grain(2 * H * N * D), [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(H * N);
+      std::vector<T> work(H * N), row(D);
       for (int64_t b = b0; b < b1; ++b) {
         cpu::cls_scores_backward_one<T>(gs + b * M, qv, kv, l + b * H, b, H, N, D,
-                                        static_cast<T>(scale), P, gq, gk, work.data());
+                                        static_cast<T>(scale), P, gq, gk, work.data(),
+                                        row.data());
       }
+      cpu::stream_fence();
     });
   });
   return {finish_like(grad_q), finish_like(grad_k)};
@@ -233,6 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> drop_forward_cpu(const Tensor& x_in, 
         cpu::drop_rows_one<T>(xv, b, C, P, M, n_keep, slot.data(), sb, fuse,
                               out + b * n_out * C);
       }
+      cpu::stream_fence();
     });
   });
   return {x_out, kept, scores, lse};
@@ -275,18 +284,18 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
     T* gx = grad_x.second.data_ptr<T>();
     const auto gq = out_heads_of<T>(grad_q.second), gk = out_heads_of<T>(grad_k.second);
     at::parallel_for(0, B, batch_grain(2 * H * N * D + N * C), [&](int64_t b0, int64_t b1) {
-      std::vector<T> work(H * N), grad_scores(M);
+      std::vector<T> work(H * N), grad_scores(M), row(std::max(C, D));
       std::vector<int32_t> slot(M);
       for (int64_t b = b0; b < b1; ++b) {
-        const int32_t* kb = kp + b * n_keep;
-        std::fill(slot.begin(), slot.end(), int32_t(-1));
-        for (int64_t i = 0; i < n_keep; ++i) slot[kb[i]] = static_cast<int32_t>(i);
+        fill_slots(kp + b * n_keep, n_keep, M, slot.data());
         cpu::drop_rows_backward_one<T>(go + b * (P + n_keep + 1) * C, xv, b, slot.data(),
                                        s + b * M, n_keep, M, C, P, gx + b * gx_sb, gx_sn,
-                                       grad_scores.data());
+                                       grad_scores.data(), row.data());
         cpu::cls_scores_backward_one<T>(grad_scores.data(), qv, kv, l + b * H, b, H, N, D,
-                                        static_cast<T>(scale), P, gq, gk, work.data());
+                                        static_cast<T>(scale), P, gq, gk, work.data(),
+                                        row.data());
       }
+      cpu::stream_fence();
     });
   });
   return {finish_like(grad_x), finish_like(grad_q), finish_like(grad_k)};
@@ -316,10 +325,12 @@ Tensor gather_backward_cpu(const Tensor& grad_out_in, const Tensor& kept_in, int
     const int32_t* kp = kept.const_data_ptr<int32_t>();
     T* gx = grad_x.data_ptr<T>();
     at::parallel_for(0, B, batch_grain(N * C), [&](int64_t b0, int64_t b1) {
+      std::vector<int32_t> slot(M);
       for (int64_t b = b0; b < b1; ++b) {
-        cpu::gather_backward_one<T>(go + b * T_out * C, kp + b * n_keep, n_keep, N, C, P,
-                                    gx + b * N * C);
+        fill_slots(kp + b * n_keep, n_keep, M, slot.data());
+        cpu::gather_backward_one<T>(go + b * T_out * C, slot.data(), N, C, P, gx + b * N * C);
       }
+      cpu::stream_fence();
     });
   });
   return grad_x;

@@ -275,6 +275,49 @@ def test_gradcheck_drop_tokens(backend, fuse, p):
         fast_mode=_fast_gradcheck(backend))
 
 
+VIT_B_FAST = (backend_params(devices=("cpu",), dtypes=(torch.float32,), names=("cpp",))
+              + backend_params(devices=("cuda",), dtypes=(torch.float32,), names=("triton",)))
+
+
+@pytest.mark.parametrize("layout", ["timm-views", "contiguous"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", VIT_B_FAST, indirect=True)
+def test_vit_b_size_values_and_grads(backend, fuse, layout):
+    """ViT-B at 224 px (H=12, N=197, d=64, C=768), q and k as views of timm's qkv tensor or
+    contiguous: the row lengths and strides at which the kernels take their vector paths (the C++
+    streaming stores and K prefetch; the Triton tiles), against the float64 definition on the
+    backend's own selection, values and gradients to x and to the tensor q and k come from."""
+    b, n, h, d = 2, 197, 12, 64
+    case = DropCase(b=b, h=h, n=n, d=d, c=h * d, fuse=fuse, seed=3)
+    qkv, q, k = timm_qk(b, n, h, d, backend.device, backend.dtype, seed=3, requires_grad=True)
+    src = qkv
+    if layout == "contiguous":
+        q, k = (t.detach().contiguous().requires_grad_() for t in (q, k))
+        src = None
+    x = seeded_like((b, n, h * d), backend.dtype, backend.device, 3).requires_grad_()
+    wrt = (x, qkv) if src is not None else (x, q, k)
+
+    def run():
+        out, kept = drop(x, q, k, case)
+        g = seeded_like(out.shape, backend.dtype, backend.device, 4)
+        return (out, kept, g, *grads_of(out, wrt, g))
+
+    out, kept, g, *got = twice(run)
+    ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    assert_kept_matches(kept, ref_kept, ref_scores, TIE_TOL[backend.dtype])
+    assert_drop_matches(out, kept, x.detach(), q.detach(), k.detach(), case, backend.dtype)
+    wrt6 = float64_leaves(*wrt)
+    if src is not None:
+        x6, qkv6 = wrt6
+        q6, k6, _ = qkv6.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        x6, q6, k6 = wrt6
+    out6 = expected_from_kept(x6, reference.cls_scores(q6, k6, d ** -0.5, 1)[0], kept, 1, fuse)
+    ref = expected_from_kept(x, ref_scores, kept, 1, fuse)
+    assert_grads_accurate(got, grads_of(out6, wrt6, g.double()), grads_of(ref, wrt, g),
+                          [f"grad {i}" for i in range(len(wrt))], backend.dtype)
+
+
 @pytest.mark.parametrize("backend", F64, indirect=True)
 def test_gradcheck_drop_tokens_timm_views(backend):
     """gradcheck with q and k as non-contiguous views of one qkv tensor, as timm makes them."""
