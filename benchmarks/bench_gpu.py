@@ -31,6 +31,10 @@ Parts (``--parts``, default all, in this order):
   each memory mode; ms/step medians (interleaved), img/s, ratios, peak memory above the resident
   model. The ``train_step`` section's own code (:func:`bench_train_step.step_rows`) and
   variant names.
+* ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), eager
+  variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
+  how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
+  the wall time means a launch-bound step (then CUDA graphs or compile are the lever).
 * ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
   itself), forward and fwd+bwd, ratios in this process.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
@@ -73,11 +77,14 @@ from .peer_bsr import cls_row_drop
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 
 #: The parts, in the order a short lease should spend its time on them.
-PARTS = ("check", "op", "sweep", "sync", "step", "op-compiled", "step-compiled", "sac")
+PARTS = ("check", "op", "sweep", "sync", "step", "profile", "op-compiled", "step-compiled",
+         "sac")
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
 EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
+#: Variants of the ``profile`` part (where a step's time goes: host or device, which kernels).
+PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
                   "full+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
                   "bsr_fast+compile")  # one-graph variants first (see _suite.COMPILED_VARIANTS)
@@ -418,6 +425,22 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
+def part_profile(cuda: bool, device: str) -> dict:
+    """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS`."""
+    from .bench_train_step import step_profile
+    cfg = SuiteConfig(device=device, tiny=not cuda)
+    out = {"model": model_label(cfg.time_model), "batch": cfg.time_batch, "rows": []}
+    for variant in PROFILED_STEPS:
+        if time.time() > WORKER.deadline - 20:
+            out["rows"].append(dict(variant=variant, error="skipped: out of time"))
+            continue
+        with WORKER.watchdog(variant, 180):
+            out["rows"].append(step_profile(cfg, variant))
+        WORKER.put("rows", out["rows"])
+        log("profile", out["rows"][-1])
+    return out
+
+
 def part_sac(cuda: bool, device: str) -> dict:
     """The SAC probe's step timings (:mod:`probe_sac`: lean and fast as selective checkpointing,
     eager and compiled, against the library's modes); its other checks are device independent
@@ -465,7 +488,8 @@ def run_worker(part: str, args) -> dict:
     parts = {"check": part_check, "op": part_op, "sync": part_sync, "sweep": part_sweep,
              "op-compiled": lambda c, d: part_op(c, d, compiled=True),
              "step": lambda c, d: part_step(c, d, EAGER_STEPS),
-             "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac}
+             "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac,
+             "profile": part_profile}
     try:
         WORKER.state["result"] = parts[part](cuda, device)
     except Exception as e:  # recorded; the parent goes on with the next part
@@ -563,6 +587,22 @@ def summarize(results: dict) -> str:
             lines += [f"## training step ({name}: ratios within this part's process)", "",
                       step_table(rows), ""]
             lines += [f"- {r['variant']}: {r['error']}" for r in rows if "error" in r]
+    prof = parts.get("profile", {}).get("rows")
+    if prof:
+        p = parts["profile"]
+        lines += [f"## where a step's time goes ({p.get('model')}, B={p.get('batch')}, eager; "
+                  "host: until step() returns)", "",
+                  "| variant | wall ms | host ms | kernels/step | kernel ms | GPU busy | "
+                  "copies/casts | top kernel |", "|---|---|---|---|---|---|---|---|"]
+        for r in prof:
+            top = (r.get("top") or [{}])[0]
+            lines.append("| " + " | ".join([
+                r["variant"], _fmt(r.get("wall_ms"), ".1f"), _fmt(r.get("host_ms"), ".1f"),
+                _fmt(r.get("kernels_per_step"), ".0f"), _fmt(r.get("kernel_ms_per_step"), ".1f"),
+                _fmt(r.get("device_busy"), ".0%"), _fmt(r.get("copy_share"), ".0%"),
+                f"{top.get('name', '')[:50]} {_fmt(top.get('share'), '.0%')}"
+                if top else r.get("error", "")[:60]]) + " |")
+        lines.append("")
     sac = parts.get("sac", {}).get("time", {})
     if sac:
         lines += ["## SAC probe (lean/fast as selective checkpointing; probe_sac.py)", "",

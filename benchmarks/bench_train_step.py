@@ -184,12 +184,103 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
         "digests": {v: step_digest of the first step}, "errors": {v: message},
         "graph_breaks": {compiled v: graph_breaks(...)}}``.
     """
-    if build is None:
-        def build(variant, batch):  # same weights and batch for every variant
-            return _variant_batch(cfg, variant, cfg.time_model, batch,
-                                  torch.Generator().manual_seed(0))
+    build = build or _default_build(cfg)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         return _time_steps(cfg, variants, log, guard, deadline, build)
+
+
+def _default_build(cfg: SuiteConfig):
+    def build(variant, batch):  # same weights and batch for every variant
+        return _variant_batch(cfg, variant, cfg.time_model, batch,
+                              torch.Generator().manual_seed(0))
+    return build
+
+
+def step_profile(cfg: SuiteConfig, variant: str, steps: int = 3, top: int = 8,
+                 build=None) -> dict:
+    """Where one training step of ``variant`` spends its time (``cfg.time_model`` at
+    ``cfg.time_batch``, after three warm steps):
+
+    * ``wall_ms``: the step to completion (device synchronised before and after), median;
+    * ``host_ms``: until ``step()`` returns, from an idle device, median: the time Python and
+      the launches take to issue the step. When it is close to ``wall_ms`` the step is bound by
+      the host, and fewer launches (fusion, ``torch.compile``, CUDA graphs) are what helps;
+    * from ``torch.profiler`` over ``steps`` steps: ``ops_per_step`` (aten ops called on the
+      host) and on CUDA ``kernels_per_step``, ``kernel_ms_per_step`` (the sum of the kernels'
+      own device time), ``device_busy`` (that over ``wall_ms``) and the ``top`` kernels by
+      device time (``name``, ``ms_per_step``, ``share``), and ``copy_share``: the share of
+      kernel time in copies and dtype casts.
+
+    Returns that dict, or ``{"error"}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    build = build or _default_build(cfg)
+    sync = torch.cuda.synchronize if cfg.cuda else (lambda: None)
+    try:
+        _, module, params, images, labels = build(variant, cfg.time_batch)
+        step = make_step(module, params, images, labels, cfg)
+        for _ in range(3):
+            step()
+        host, wall = [], []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - t0)
+            sync()
+            wall.append(time.perf_counter() - t0)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+        out = dict(variant=variant, wall_ms=1e3 * statistics.median(wall),
+                   host_ms=1e3 * statistics.median(host), steps_profiled=steps)
+        events = prof.events()
+        device = [e for e in events if _on_device(e)]
+        out["ops_per_step"] = sum(1 for e in events if not _on_device(e)
+                                  and e.name.startswith("aten::")) / steps
+        if cfg.cuda:
+            out.update(kernel_summary(device, steps, out["wall_ms"], top))
+        return out
+    except Exception as e:  # noqa: BLE001 - reported in the results
+        return dict(variant=variant, error=error_text(e))
+    finally:
+        free_memory(cfg.device)
+
+
+def kernel_summary(kernels, steps: int, wall_ms: float, top: int = 8) -> dict:
+    """Per-step figures of the device events ``kernels`` (profiler events, ``name`` and their
+    own device time in µs) recorded over ``steps`` steps of ``wall_ms`` each: see
+    :func:`step_profile`."""
+    per_name: dict[str, float] = {}
+    for e in kernels:
+        per_name[e.name] = per_name.get(e.name, 0.0) + _device_us(e)
+    total = sum(per_name.values())
+    kernel_ms = total / 1e3 / steps
+    return dict(
+        kernels_per_step=len(kernels) / steps, kernel_ms_per_step=kernel_ms,
+        device_busy=kernel_ms / wall_ms,
+        copy_share=sum(v for k, v in per_name.items() if _is_copy(k)) / total if total else None,
+        top=[dict(name=k[:120], ms_per_step=v / 1e3 / steps, share=v / total if total else None)
+             for k, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]])
+
+
+def _on_device(event) -> bool:
+    return str(getattr(event, "device_type", "")).endswith("CUDA")
+
+
+def _device_us(event) -> float:
+    for name in ("self_device_time_total", "self_cuda_time_total", "device_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def _is_copy(kernel_name: str) -> bool:
+    """Copy and dtype-cast kernels (``aten::copy_`` and ``.to()`` on CUDA)."""
+    low = kernel_name.lower()
+    return "copy" in low or "memcpy" in low or "bfloat16_copy" in low
 
 
 #: dynamo's recompile limit while the section compiles: the compiled variants share the code

@@ -373,6 +373,36 @@ def test_compiled_step_variant_matches_eager():
     assert d["logits_rel"] > 0.1 and d["grad_proj_rel"] > 0.5
 
 
+def test_step_profile_on_cpu_and_kernel_summary():
+    """``step_profile`` (the ``profile`` part of bench_gpu): wall and host time of a step and its
+    aten ops; on CPU no kernel figures. ``kernel_summary`` (the CUDA side) aggregates kernels by
+    name, per step, and tells copies and casts apart."""
+    from types import SimpleNamespace
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = ts.step_profile(suite.SuiteConfig(tiny=True), "bsr_lean")
+    finally:
+        torch.set_num_threads(threads)
+    assert "error" not in r, r
+    assert r["wall_ms"] >= r["host_ms"] > 0 and r["ops_per_step"] > 100
+    assert "kernels_per_step" not in r
+    assert "error" in ts.step_profile(suite.SuiteConfig(tiny=True), "no_such_variant")
+
+    def k(name, us):
+        return SimpleNamespace(name=name, self_device_time_total=us)
+    kernels = [k("gemm_a", 300.0), k("copy_kernel_bf16", 100.0), k("gemm_a", 300.0),
+               k("elementwise_gelu", 50.0), k("Memcpy DtoD", 50.0), k("gemm_b", 200.0)]
+    s = ts.kernel_summary(kernels, steps=2, wall_ms=1.0, top=2)
+    assert s["kernels_per_step"] == 3 and s["kernel_ms_per_step"] == pytest.approx(0.5)
+    assert s["device_busy"] == pytest.approx(0.5)
+    assert s["copy_share"] == pytest.approx(150 / 1000)
+    assert [t["name"] for t in s["top"]] == ["gemm_a", "gemm_b"]
+    assert s["top"][0]["ms_per_step"] == pytest.approx(0.3) and s["top"][0]["share"] == 0.6
+
+
 def test_bench_gpu_survives_a_hung_compile(tmp_path):
     """``bench_gpu`` (the GPU run, here its ``--smoke`` CPU form): a compilation that overruns
     ``--compile-timeout-s`` leaves its thread stacks behind; the part is retried once compiling
@@ -382,7 +412,7 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
         pytest.skip(_triton_interpreter_problem())
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_gpu", "--smoke", "--out", str(tmp_path),
-         "--parts", "check,step,op-compiled", "--compile-timeout-s", "0.2"],
+         "--parts", "check,step,profile,op-compiled", "--compile-timeout-s", "0.2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -406,9 +436,14 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert tuple(step) == ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast",
                            "bsr_lean")
     assert all(r["step_s"] > 0 and r["speedup_vs_full"] > 0 for r in step.values()), step
+    prof = parts["profile"]["rows"]
+    assert [r["variant"] for r in prof] == ["full", "peer_bsr", "bsr_autograd", "bsr_fast",
+                                            "bsr_lean"]
+    assert all(r["wall_ms"] >= r["host_ms"] > 0 for r in prof), prof
     md = (tmp_path / "results.md").read_text()
     assert "| tiny |" in md and "while running 'compile(CLS-row composite)'" in md
     assert "| BSR in plain PyTorch (peer_bsr)" in md
+    assert "## where a step's time goes" in md and "| bsr_lean | " in md
 
 
 def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
