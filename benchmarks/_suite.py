@@ -40,9 +40,9 @@ from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
 __all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
-           "COMPILE_MODES", "COMPILED_VARIANTS", "split_variant", "variant_label", "create_vit",
-           "model_label", "build_variant", "make_step", "step_digest", "digest_diff",
-           "cuda_peak_step", "Target", "machine_info", "free_memory", "MIB", "GIB"]
+           "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "split_variant",
+           "variant_label", "create_vit", "model_label", "build_variant", "make_step",
+           "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info", "free_memory", "MIB", "GIB"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = float(1 << 20)
@@ -69,6 +69,12 @@ COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
 #: model compiled later would run as one graph per block.
 COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
                      "bsr_autograd+cudagraphs", "bsr_fast+compile", "bsr_lean+compile")
+#: ``<base>+graph``: the eager step (forward, backward, fused AdamW) captured whole in one CUDA
+#: graph by hand (``torch.cuda.graph``, see :func:`make_step`) and replayed: no Python and no
+#: launches per step, and nothing compiled, so the memory modes' custom backward is captured as
+#: it is. CUDA only.
+GRAPH = "graph"
+GRAPHED_VARIANTS = ("peer_bsr+graph", "bsr_autograd+graph", "bsr_fast+graph", "bsr_lean+graph")
 
 
 def split_variant(variant: str) -> tuple[str, Optional[str]]:
@@ -78,9 +84,9 @@ def split_variant(variant: str) -> tuple[str, Optional[str]]:
         ValueError: naming the variant, when its base or its compile mode is unknown.
     """
     base, _, how = variant.partition("+")
-    if base not in VARIANTS or (how and how not in COMPILE_MODES):
+    if base not in VARIANTS or (how and how not in (*COMPILE_MODES, GRAPH)):
         raise ValueError(f"variant must be one of {VARIANTS}, optionally with "
-                         f"+{'|+'.join(COMPILE_MODES)}, got {variant!r}")
+                         f"+{'|+'.join((*COMPILE_MODES, GRAPH))}, got {variant!r}")
     return base, how or None
 
 
@@ -88,7 +94,8 @@ def variant_label(variant: str) -> str:
     """Human name of a variant, compiled ones included."""
     base, how = split_variant(variant)
     return VARIANT_LABELS[base] + {None: "", "compile": ", torch.compile",
-                                   "cudagraphs": ", torch.compile + CUDA graphs"}[how]
+                                   "cudagraphs": ", torch.compile + CUDA graphs",
+                                   GRAPH: ", whole step in one CUDA graph"}[how]
 
 
 #: Suite model names -> (timm name, extra create_model kwargs).
@@ -143,10 +150,11 @@ class SuiteConfig:
         """dtype of the drop op's inputs: bf16 on CUDA, fp32 on CPU."""
         return torch.bfloat16 if self.cuda else torch.float32
 
-    def autocast(self):
-        """bf16 autocast on CUDA; nothing on CPU (fp32)."""
+    def autocast(self, cache: bool = True):
+        """bf16 autocast on CUDA (``cache``: autocast's weight-cast cache); nothing on CPU
+        (fp32)."""
         if self.cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     # --- sizes --------------------------------------------------------------------------------
@@ -226,7 +234,8 @@ def build_variant(variant: str, model: nn.Module):
     """Sets ``model`` (a fresh timm ViT) up as one training variant (see :func:`split_variant`):
     a method of :mod:`bsr_kernels.methods` (BSR variants: the default blocks and drops for the
     depth) or the plain-PyTorch peer (:class:`benchmarks.peer_bsr.PeerBSR`), wrapped in
-    ``torch.compile`` for ``+compile`` / ``+cudagraphs``.
+    ``torch.compile`` for ``+compile`` / ``+cudagraphs`` (``+graph`` is made by
+    :func:`make_step`).
 
     Returns:
         ``(module, params)``: the module mapping images to logits and its trained parameters.
@@ -240,7 +249,7 @@ def build_variant(variant: str, model: nn.Module):
         name, options = _VARIANT_METHODS[base]
         method = methods.setup(model, name, **options)
         module, params = method.module, method.params
-    if how is not None:
+    if how in COMPILE_MODES:
         module = torch.compile(module, dynamic=False, **COMPILE_MODES[how])
     return module, params
 
@@ -283,10 +292,14 @@ def min_bytes(b: int, h: int, n: int, c: int, keep_rate: float = 0.5, p: int = 1
 
 
 def make_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Tensor,
-              cfg: SuiteConfig, digest: bool = False) -> Callable[[], None]:
+              cfg: SuiteConfig, digest: bool = False, graph: bool = False
+              ) -> Callable[[], None]:
     """One training step: forward (bf16 autocast on CUDA), cross-entropy, backward, AdamW (fused
     on CUDA). With ``digest``, the first call leaves :func:`step_digest` of its logits and
-    gradients in ``step.first`` (compiled variants are checked against eager ones with it)."""
+    gradients in ``step.first`` (compiled variants are checked against eager ones with it).
+    With ``graph`` (CUDA), that step captured whole in one CUDA graph (:func:`_graphed_step`)."""
+    if graph:
+        return _graphed_step(module, params, images, labels, cfg, digest)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True if cfg.cuda else None)
     first: dict = {}
 
@@ -302,6 +315,58 @@ def make_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Ten
 
     step.optimizer = opt
     step.first = first
+    return step
+
+
+def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch.Tensor,
+                  cfg: SuiteConfig, digest: bool) -> Callable[[], None]:
+    """:func:`make_step`'s step captured in one CUDA graph, as PyTorch's whole-network capture
+    does it: three warm steps on a side stream (lazy initialisation, Triton compilation), then
+    the parameters and the optimizer state are put back, so the first replay is the eager first
+    step; the capture runs with the gradients unset, so the graph allocates and writes them; a
+    call replays it. AdamW is fused and ``capturable``; autocast runs without its cast cache (a
+    cache filled during capture would hold the graph's own buffers)."""
+    if not cfg.cuda:
+        raise ValueError("variant: +graph needs CUDA (the step is captured in a CUDA graph)")
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True, capturable=True)
+    start = [p.detach().clone() for p in params]
+
+    def body():
+        with cfg.autocast(cache=False):
+            logits = module(images)
+        F.cross_entropy(logits.float(), labels).backward()
+        opt.step()
+        return logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+        for state in opt.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+    del start
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = body()
+    first: dict = {}
+
+    def step():
+        graph.replay()
+        if digest and not first:
+            first.update(step_digest(logits, params))
+
+    step.optimizer = opt
+    step.first = first
+    step.graph = graph
     return step
 
 

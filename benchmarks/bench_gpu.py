@@ -35,6 +35,10 @@ Parts (``--parts``, default all, in this order):
   variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
   how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
   the wall time means a launch-bound step (then CUDA graphs or compile are the lever).
+* ``step-graphs``: the eager step of the peer and of each memory mode captured whole in one CUDA
+  graph by hand (``<variant>+graph``, :func:`_suite.make_step`; nothing compiled, so lean and
+  fast are captured with their custom backward), beside full fine-tuning and the eager forms,
+  checked against the eager first step (logits and gradients).
 * ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
   itself), forward and fwd+bwd, ratios in this process.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
@@ -77,14 +81,18 @@ from .peer_bsr import cls_row_drop
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 
 #: The parts, in the order a short lease should spend its time on them.
-PARTS = ("check", "op", "sweep", "sync", "step", "profile", "op-compiled", "step-compiled",
-         "sac")
+PARTS = ("check", "op", "sweep", "sync", "step", "profile", "step-graphs", "op-compiled",
+         "step-compiled", "sac")
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
 EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 #: Variants of the ``profile`` part (where a step's time goes: host or device, which kernels).
 PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
+#: Variants of the ``step-graphs`` part: whole steps captured in one CUDA graph, with their
+#: eager forms and full fine-tuning timed beside them.
+GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_lean", "peer_bsr+graph",
+                 "bsr_autograd+graph", "bsr_fast+graph", "bsr_lean+graph")
 COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
                   "full+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
                   "bsr_fast+compile")  # one-graph variants first (see _suite.COMPILED_VARIANTS)
@@ -417,7 +425,7 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     differences; each variant built and compiled under the watchdog."""
     from .bench_train_step import step_rows
     cfg = SuiteConfig(device=device, tiny=not cuda)
-    variants = [v for v in variants if cuda or "cudagraphs" not in v]
+    variants = [v for v in variants if cuda or not v.endswith(("cudagraphs", "+graph"))]
     reserve_s = 60 if cuda else 5  # left for the interleaved timing of the prepared variants
     rows = step_rows(cfg, variants, log,
                      guard=lambda v: WORKER.watchdog(v, None if "+" in v else 180),
@@ -489,7 +497,8 @@ def run_worker(part: str, args) -> dict:
              "op-compiled": lambda c, d: part_op(c, d, compiled=True),
              "step": lambda c, d: part_step(c, d, EAGER_STEPS),
              "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac,
-             "profile": part_profile}
+             "profile": part_profile,
+             "step-graphs": lambda c, d: part_step(c, d, GRAPHED_STEPS)}
     try:
         WORKER.state["result"] = parts[part](cuda, device)
     except Exception as e:  # recorded; the parent goes on with the next part
@@ -580,7 +589,7 @@ def summarize(results: dict) -> str:
                 _fmt(r.get(f"fwd+bwd speedup vs {ROW_PEER}"), ".2f", "×"),
                 _fmt(rc.get(f"fwd+bwd speedup vs {COMPILED_PEER}"), ".2f", "×")]) + " |")
         lines.append("")
-    for name in ("step", "step-compiled"):
+    for name in ("step", "step-graphs", "step-compiled"):
         rows = parts.get(name, {}).get("rows")
         if rows:
             from .bench_train_step import step_table

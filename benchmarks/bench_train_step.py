@@ -54,9 +54,9 @@ import torch.nn.functional as F
 
 import bsr_kernels
 
-from ._suite import (COMPILED_VARIANTS, GIB, MIB, VARIANTS, SuiteConfig, Target, build_variant,
-                     create_vit, digest_diff, free_memory, make_step, model_label, section_main,
-                     split_variant, variant_label)
+from ._suite import (COMPILED_VARIANTS, GIB, GRAPH, GRAPHED_VARIANTS, MIB, VARIANTS,
+                     SuiteConfig, Target, build_variant, create_vit, digest_diff, free_memory,
+                     make_step, model_label, section_main, split_variant, variant_label)
 from ._timing import error_text, format_table, robust_interleaved
 
 __all__ = ["run", "step_variants", "time_steps", "step_rows", "profile_variant",
@@ -155,9 +155,11 @@ def compressed_gradient_error(cfg: SuiteConfig) -> dict:
 def step_variants(cfg: SuiteConfig) -> tuple[str, ...]:
     """The variants the section times: every eager one, then (``cfg.compile``) the compiled
     ones, ``+cudagraphs`` on CUDA only."""
+    graphed = GRAPHED_VARIANTS if cfg.cuda else ()
     if not cfg.compile:
-        return VARIANTS
-    return VARIANTS + tuple(v for v in COMPILED_VARIANTS if cfg.cuda or "cudagraphs" not in v)
+        return VARIANTS + graphed
+    return VARIANTS + tuple(v for v in COMPILED_VARIANTS if cfg.cuda or "cudagraphs" not in v) \
+        + graphed
 
 
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
@@ -306,7 +308,8 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
             with guard(variant) if guard is not None else contextlib.nullcontext():
                 _, module, params, images, labels = build(variant, cfg.time_batch)
                 resident = torch.cuda.memory_allocated() - base if cfg.cuda else 0
-                step = make_step(module, params, images, labels, cfg, digest=True)
+                step = make_step(module, params, images, labels, cfg, digest=True,
+                                 graph=variant.partition("+")[2] == GRAPH)
                 step()
                 step()
             if cfg.cuda:

@@ -263,6 +263,26 @@ def test_target_verdicts_and_config_errors():
     assert suite.split_variant("bsr_lean+cudagraphs") == ("bsr_lean", "cudagraphs")
     assert suite.split_variant("full") == ("full", None)
     assert suite.variant_label("full+compile") == "timm full fine-tuning, torch.compile"
+    assert suite.split_variant("bsr_lean+graph") == ("bsr_lean", "graph")
+    assert suite.variant_label("bsr_lean+graph").endswith(", whole step in one CUDA graph")
+    ts = _import_bench("bench_train_step")
+    assert ts.step_variants(suite.SuiteConfig(device="cpu", compile=False)) == suite.VARIANTS
+    if torch.cuda.is_available():
+        assert ts.step_variants(suite.SuiteConfig(device="cuda", compile=False)) \
+            == suite.VARIANTS + suite.GRAPHED_VARIANTS
+
+
+def test_graphed_step_refuses_cpu():
+    """``+graph`` (a whole step captured in one CUDA graph) is CUDA only: on CPU the variant is
+    built as its eager base, and making its step says why it cannot run."""
+    suite = _import_bench("_suite")
+    cfg = suite.SuiteConfig(device="cpu", tiny=True)
+    model = suite.create_vit("tiny")
+    module, params = suite.build_variant("bsr_lean+graph", model)
+    assert module is model  # not compiled: the step is what gets captured
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="variant: \\+graph needs CUDA"):
+        suite.make_step(module, params, images, torch.tensor([0, 1]), cfg, graph=True)
 
 
 def test_readme_section_rejects_bad_path(tmp_path):
