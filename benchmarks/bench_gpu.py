@@ -621,6 +621,12 @@ def summarize(results: dict) -> str:
                   f" | {_fmt(r.get('peak_gib_above_model'))} |" + (f" {r['error'][:80]}"
                                                                    if "error" in r else "")
                   for k, r in sac.items()] + [""]
+    failed = [(p, r["error"]) for p, r in parts.items() if isinstance(r, dict) and "error" in r]
+    lines += [f"- part {p}: {e}" for p, e in failed]
+    late = [p for p, e in failed if str(e).startswith("skipped: out of time")]
+    if late:
+        lines += [f"- not reached before the deadline; next: `python -m benchmarks.bench_gpu "
+                  f"--out DIR --parts {','.join(late)}`"]
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
         lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "

@@ -466,6 +466,19 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "## where a step's time goes" in md and "| bsr_lean | " in md
 
 
+def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
+    """A part that failed is listed with its error; the parts the deadline left out are also
+    given as the command that runs them next (a second call on the device)."""
+    bench_gpu = _import_bench("bench_gpu")
+    md = bench_gpu.summarize({"env": {}, "parts": {
+        "check": {"cases": [], "failures": 0}, "op": {"error": "RuntimeError: boom"},
+        "sweep": {"error": "skipped: out of time", "hangs": []},
+        "sac": {"error": "skipped: out of time", "hangs": []}}})
+    assert "- part op: RuntimeError: boom" in md
+    assert "--parts sweep,sac`" in md and "--parts op" not in md
+    assert "next:" not in bench_gpu.summarize({"env": {}, "parts": {"op": {"error": "x"}}})
+
+
 def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
     """The watchdog's stack dump reads frames under the GIL (faulthandler's watchdog, reading
     them without it, died mid-dump on a busy compile and left a truncated file): a thread deep
