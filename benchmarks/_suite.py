@@ -325,7 +325,9 @@ def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch
     the parameters and the optimizer state are put back, so the first replay is the eager first
     step; the capture runs with the gradients unset, so the graph allocates and writes them; a
     call replays it. AdamW is fused and ``capturable``; autocast runs without its cast cache (a
-    cache filled during capture would hold the graph's own buffers)."""
+    cache filled during capture would hold the graph's own buffers). ``step.peak_bytes``: the
+    peak allocated during capture (replays allocate nothing, so a peak taken around a replay
+    would miss the activations held in the graph's pool)."""
     if not cfg.cuda:
         raise ValueError("variant: +graph needs CUDA (the step is captured in a CUDA graph)")
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True, capturable=True)
@@ -355,8 +357,12 @@ def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch
     del start
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     with torch.cuda.graph(graph):
         logits = body()
+    # replays allocate nothing; the step's memory is what the capture allocated (its pool)
+    peak_bytes = torch.cuda.max_memory_allocated()
     first: dict = {}
 
     def step():
@@ -367,6 +373,7 @@ def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch
     step.optimizer = opt
     step.first = first
     step.graph = graph
+    step.peak_bytes = peak_bytes
     return step
 
 
