@@ -466,22 +466,6 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "## where a step's time goes" in md and "| bsr_lean | " in md
 
 
-def test_bench_allocator_alternates_child_processes():
-    """bench_allocator: one child per setting and round (the setting is process-wide), a row per
-    variant with both times and the system/keep ratio."""
-    ba = _import_bench("bench_allocator")
-    logs = []
-    res = ba.run("tiny", 2, ["bsr_lean", "full"], rounds=1, steps=1, threads=1,
-                 log=logs.append)
-    assert [r["variant"] for r in res["rows"]] == ["bsr_lean", "full"]
-    for r in res["rows"]:
-        assert r["system_ms"] > 0 and r["keep_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["system_ms"] / r["keep_ms"])
-    assert [line.split(":")[1].strip() for line in logs] == ["round 1/1 system",
-                                                              "round 1/1 keep"]
-    assert res["machine"]["git_commit"] and "| bsr_lean |" in ba.table(res)
-
-
 def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
     """A part that failed is listed with its error; the parts the deadline left out are also
     given as the command that runs them next (a second call on the device)."""

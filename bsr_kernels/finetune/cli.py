@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import RunLock, atomic_write, clean_orphans, read_json, write_json
-from .allocator import keep_freed_memory
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
                      model_data_config)
@@ -137,24 +136,6 @@ def add_model_options(g) -> None:
                    help="input side in pixels (default: the model's)")
 
 
-def add_allocator_option(g) -> None:
-    """--keep-freed-memory (both modes of bsr-finetune)."""
-    g.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU (glibc), keep the memory a step frees for the next step instead "
-                        "of handing it back to the system, so that steps do not page-fault "
-                        "their activations in again (bsr_kernels.finetune.allocator; "
-                        "measured on 2 cores: full fine-tuning 1.11x, BSR lean 1.04x faster "
-                        "steps). The process then holds the memory of its largest step until it "
-                        "exits (default: on)")
-
-
-def apply_allocator_option(args, device: torch.device, log) -> None:
-    """Applies --keep-freed-memory on a CPU run, saying so."""
-    if device.type == "cpu" and args.keep_freed_memory and keep_freed_memory():
-        log("bsr-finetune: CPU: freed memory is kept for the next step "
-            "(--no-keep-freed-memory turns this off)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``bsr-finetune`` argument parser."""
     p = argparse.ArgumentParser(
@@ -222,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "augmentation")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    add_allocator_option(g)
     g.add_argument("--torchcompile", action="store_true",
                    help="train and evaluate through torch.compile (compiling takes a while; "
                         "the step-time measurement stays eager)")
@@ -305,7 +285,7 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 #: Options about where a run executes rather than what it computes, and the bookkeeping of
 #: args.json: ``--resume`` does not take them from the earlier run.
 _NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "multitask",
-                "keep_freed_memory", "given", "argv", "earlier_argv")
+                "given", "argv", "earlier_argv")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -565,7 +545,6 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
                          f"processes ({info.world_size})")
     if "bsr" in methods:
         _check_amp(args.amp, info.device)
-    apply_allocator_option(args, info.device, log)
     # --out is checked (and locked) before any data or weights are loaded.
     with claimed_out(args, info, warn) as lock:
         return _run(args, info, log, warn, methods, t_start, lock)

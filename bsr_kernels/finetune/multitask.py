@@ -130,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "the augmentation")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    cli.add_allocator_option(p)
     p.add_argument("--profile-batch", type=_positive_int, default=8,
                    help="images in the batch that measures memory and FLOPs")
     p.add_argument("--timing-rounds", type=_nonneg_int, default=8,
@@ -411,7 +410,6 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
     from .models import check_model_name
     check_model_name(args.model)
-    cli.apply_allocator_option(args, info.device, log)
     # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
     # of these methods without --resume/--overwrite, args.json written
     with cli.claimed_out(args, info, warn, METHODS) as lock:
