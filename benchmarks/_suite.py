@@ -42,7 +42,8 @@ from bsr_kernels.ops.common import num_kept
 __all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
            "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
-           "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info", "free_memory", "MIB", "GIB"]
+           "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info",
+           "free_memory", "MIB", "GIB"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = float(1 << 20)
@@ -354,7 +355,7 @@ def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch
             for value in state.values():
                 if torch.is_tensor(value):
                     value.zero_()
-    del start
+    del start, p0  # not counted in the capture's peak
     opt.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
@@ -374,6 +375,9 @@ def _graphed_step(module: nn.Module, params, images: torch.Tensor, labels: torch
     step.first = first
     step.graph = graph
     step.peak_bytes = peak_bytes
+    # a graph holds no reference to what it reads from outside its pool: the inputs, and the
+    # module with its frozen weights, must live as long as the step
+    step.keep = (module, images, labels, body)
     return step
 
 

@@ -91,7 +91,7 @@ EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr
 PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 #: Variants of the ``step-graphs`` part: whole steps captured in one CUDA graph, with their
 #: eager forms and full fine-tuning timed beside them.
-GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_lean", "peer_bsr+graph",
+GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "peer_bsr+graph",
                  "bsr_autograd+graph", "bsr_fast+graph", "bsr_lean+graph")
 COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
                   "full+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
@@ -623,7 +623,8 @@ def summarize(results: dict) -> str:
                   for k, r in sac.items()] + [""]
     failed = [(p, r["error"]) for p, r in parts.items() if isinstance(r, dict) and "error" in r]
     lines += [f"- part {p}: {e}" for p, e in failed]
-    late = [p for p, e in failed if str(e).startswith("skipped: out of time")]
+    late = [p for p, e in failed if str(e).startswith("skipped: out of time")
+            or "killed at the deadline" in str(e)]
     if late:
         lines += [f"- not reached before the deadline; next: `python -m benchmarks.bench_gpu "
                   f"--out DIR --parts {','.join(late)}`"]

@@ -269,7 +269,10 @@ def kernel_summary(kernels, steps: int, wall_ms: float, top: int = 8) -> dict:
 
 
 def _on_device(event) -> bool:
-    return str(getattr(event, "device_type", "")).endswith("CUDA")
+    """A kernel or copy on the GPU; the device-side ranges of ``record_function`` annotations
+    (``is_user_annotation``) are left out, as PyTorch's own tables do."""
+    return (str(getattr(event, "device_type", "")).endswith("CUDA")
+            and not getattr(event, "is_user_annotation", False))
 
 
 def _device_us(event) -> float:
@@ -295,7 +298,8 @@ RECOMPILE_LIMIT = 64
 def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
     steps, peaks, digests, errors = {}, {}, {}, {}
     # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
-    breaks = {v: graph_breaks(cfg, v, build) for v in variants if "+" in v}
+    breaks = {v: graph_breaks(cfg, v, build) for v in variants
+              if "+" in v and not v.endswith("+" + GRAPH)}  # +graph compiles nothing
     for variant in variants:
         if deadline is not None and time.time() > deadline:
             errors[variant] = "skipped: out of time"
@@ -472,9 +476,12 @@ GPU_STEP_TARGETS = (
 
 def best_bsr(rows: list[dict], prefix: str = "bsr_") -> dict | None:
     """The fastest timed row whose variant starts with ``prefix`` (eager or compiled), the
-    compressed lean variant left out (its gradients are approximate)."""
+    compressed lean variant left out (its gradients are approximate), and so are the ``+graph``
+    variants: the targets compare with the compiled peer, not with a peer captured by hand
+    (they are in the table, beside ``peer_bsr+graph``)."""
     timed = [r for r in rows if r["variant"].startswith(prefix) and r.get("step_s")
-             and not r["variant"].startswith("bsr_lean_bf16")]
+             and not r["variant"].startswith("bsr_lean_bf16")
+             and not r["variant"].endswith("+" + GRAPH)]
     return min(timed, key=lambda r: r["step_s"]) if timed else None
 
 

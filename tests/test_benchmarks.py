@@ -411,6 +411,11 @@ def test_step_profile_on_cpu_and_kernel_summary():
     assert "kernels_per_step" not in r
     assert "error" in ts.step_profile(suite.SuiteConfig(tiny=True), "no_such_variant")
 
+    assert ts._on_device(SimpleNamespace(device_type="DeviceType.CUDA"))
+    assert not ts._on_device(SimpleNamespace(device_type="DeviceType.CUDA",
+                                             is_user_annotation=True))  # record_function range
+    assert not ts._on_device(SimpleNamespace(device_type="DeviceType.CPU"))
+
     def k(name, us):
         return SimpleNamespace(name=name, self_device_time_total=us)
     kernels = [k("gemm_a", 300.0), k("copy_kernel_bf16", 100.0), k("gemm_a", 300.0),
@@ -464,6 +469,80 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "| tiny |" in md and "while running 'compile(CLS-row composite)'" in md
     assert "| BSR in plain PyTorch (peer_bsr)" in md
     assert "## where a step's time goes" in md and "| bsr_lean | " in md
+
+
+def test_graphed_step_restores_the_start_and_keeps_its_inputs_alive(monkeypatch):
+    """``+graph`` without a GPU: torch.cuda's capture API replaced by CPU stand-ins (the capture
+    runs the step eagerly once). At capture the trained parameters are back at their start and
+    AdamW's state is zero (the first replay is the eager first step); the step keeps the module
+    and the batch alive (a CUDA graph holds no reference to its inputs); the peak is taken from
+    the capture."""
+    import contextlib
+    import gc
+    import weakref
+    from types import SimpleNamespace
+    suite = _import_bench("_suite")
+    seen = {}
+
+    class FakeGraph:
+        def replay(self):
+            seen["replays"] = seen.get("replays", 0) + 1
+
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        params = opt_box[0].param_groups[0]["params"]
+        seen["params_at_capture"] = [p.detach().clone() for p in params]
+        seen["state_at_capture"] = [v.clone() for st in opt_box[0].state.values()
+                                    for v in st.values() if torch.is_tensor(v)]
+        seen["grads_at_capture"] = [p.grad for p in params]
+        yield
+
+    opt_box, real_adamw = [], torch.optim.AdamW
+
+    def adamw(ps, lr, fused, capturable):
+        assert fused and capturable
+        opt_box.append(real_adamw(ps, lr=1e-2))  # large: the warm-up steps move the weights
+        return opt_box[0]
+
+    a_stream = SimpleNamespace(wait_stream=lambda s: None)
+    stand_ins = dict(Stream=lambda: a_stream, stream=lambda s: contextlib.nullcontext(),
+                     current_stream=lambda: a_stream,
+                     synchronize=lambda: None, reset_peak_memory_stats=lambda: None,
+                     max_memory_allocated=lambda: 1234, CUDAGraph=FakeGraph, graph=fake_capture)
+    for name, value in stand_ins.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    model = suite.create_vit("tiny")
+    module, params = suite.build_variant("bsr_lean+graph", model)
+    start = [p.detach().clone() for p in params]
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    cfg = SimpleNamespace(cuda=True, autocast=lambda cache=True: contextlib.nullcontext())
+    step = suite._graphed_step(module, params, images, labels, cfg, digest=True)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(seen["params_at_capture"], start))
+    assert seen["state_at_capture"] and all(not v.any() for v in seen["state_at_capture"])
+    assert all(g is None for g in seen["grads_at_capture"])  # the graph allocates them
+    assert step.peak_bytes == 1234
+    refs = [weakref.ref(t) for t in (module, images, model.patch_embed.proj.weight)]
+    del module, images, labels, model, params
+    gc.collect()
+    assert all(r() is not None for r in refs)  # kept by the step
+    step()
+    assert seen["replays"] == 1 and set(step.first) == {"logits", "grad_proj"}
+    del step
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_best_bsr_mode_leaves_out_hand_captured_graphs():
+    """The GPU step targets compare the best BSR mode with the compiled peer: a ``+graph`` row
+    (captured by hand) is not a candidate, nor is compressed lean."""
+    ts = _import_bench("bench_train_step")
+    rows = [dict(variant="bsr_lean+graph", step_s=0.5), dict(variant="bsr_lean_bf16", step_s=0.6),
+            dict(variant="bsr_fast+compile", step_s=0.9), dict(variant="bsr_lean", step_s=1.0),
+            dict(variant="peer_bsr+graph", step_s=0.4)]
+    assert ts.best_bsr(rows)["variant"] == "bsr_fast+compile"
+    assert ts.best_bsr(rows, "bsr_lean")["variant"] == "bsr_lean"
 
 
 def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
