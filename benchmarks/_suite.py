@@ -40,7 +40,8 @@ from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
 __all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
-           "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "split_variant",
+           "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "is_graphed",
+           "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
            "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info",
            "free_memory", "MIB", "GIB"]
@@ -76,6 +77,11 @@ COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
 #: it is. CUDA only.
 GRAPH = "graph"
 GRAPHED_VARIANTS = ("peer_bsr+graph", "bsr_autograd+graph", "bsr_fast+graph", "bsr_lean+graph")
+
+
+def is_graphed(variant: str) -> bool:
+    """Whether ``variant`` is a ``<base>+graph`` one (any base: probe_sac names its own)."""
+    return variant.partition("+")[2] == GRAPH
 
 
 def split_variant(variant: str) -> tuple[str, Optional[str]]:

@@ -73,7 +73,7 @@ from bsr_kernels.baselines import eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
-from ._suite import SuiteConfig, make_inputs, min_bytes, model_label
+from ._suite import SuiteConfig, is_graphed, make_inputs, min_bytes, model_label
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
 
@@ -425,7 +425,7 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     differences; each variant built and compiled under the watchdog."""
     from .bench_train_step import step_rows
     cfg = SuiteConfig(device=device, tiny=not cuda)
-    variants = [v for v in variants if cuda or not v.endswith(("cudagraphs", "+graph"))]
+    variants = [v for v in variants if cuda or not (v.endswith("cudagraphs") or is_graphed(v))]
     reserve_s = 60 if cuda else 5  # left for the interleaved timing of the prepared variants
     rows = step_rows(cfg, variants, log,
                      guard=lambda v: WORKER.watchdog(v, None if "+" in v else 180),

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 import bsr_kernels
 
-from ._suite import (COMPILED_VARIANTS, GIB, GRAPH, GRAPHED_VARIANTS, MIB, VARIANTS,
-                     SuiteConfig, Target, build_variant, create_vit, digest_diff, free_memory,
+from ._suite import (COMPILED_VARIANTS, GIB, GRAPHED_VARIANTS, MIB, VARIANTS, SuiteConfig,
+                     Target, build_variant, create_vit, digest_diff, free_memory, is_graphed,
                      make_step, model_label, section_main, split_variant, variant_label)
 from ._timing import error_text, format_table, robust_interleaved
 
@@ -285,7 +285,7 @@ def _device_us(event) -> float:
 def _is_copy(kernel_name: str) -> bool:
     """Copy and dtype-cast kernels (``aten::copy_`` and ``.to()`` on CUDA)."""
     low = kernel_name.lower()
-    return "copy" in low or "memcpy" in low or "bfloat16_copy" in low
+    return "copy" in low or "memcpy" in low  # copy_kernel, bfloat16_copy_kernel; Memcpy DtoD
 
 
 #: dynamo's recompile limit while the section compiles: the compiled variants share the code
@@ -299,7 +299,7 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
     steps, peaks, digests, errors = {}, {}, {}, {}
     # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
     breaks = {v: graph_breaks(cfg, v, build) for v in variants
-              if "+" in v and not v.endswith("+" + GRAPH)}  # +graph compiles nothing
+              if "+" in v and not is_graphed(v)}  # +graph compiles nothing
     for variant in variants:
         if deadline is not None and time.time() > deadline:
             errors[variant] = "skipped: out of time"
@@ -313,7 +313,7 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
                 _, module, params, images, labels = build(variant, cfg.time_batch)
                 resident = torch.cuda.memory_allocated() - base if cfg.cuda else 0
                 step = make_step(module, params, images, labels, cfg, digest=True,
-                                 graph=variant.partition("+")[2] == GRAPH)
+                                 graph=is_graphed(variant))
                 step()
                 step()
             if cfg.cuda:
@@ -481,7 +481,7 @@ def best_bsr(rows: list[dict], prefix: str = "bsr_") -> dict | None:
     (they are in the table, beside ``peer_bsr+graph``)."""
     timed = [r for r in rows if r["variant"].startswith(prefix) and r.get("step_s")
              and not r["variant"].startswith("bsr_lean_bf16")
-             and not r["variant"].endswith("+" + GRAPH)]
+             and not is_graphed(r["variant"])]
     return min(timed, key=lambda r: r["step_s"]) if timed else None
 
 

@@ -131,12 +131,6 @@ int64_t batch_grain(int64_t values_per_element) {
   return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, values_per_element));
 }
 
-// slot[m] = position of candidate m in kept[0..n_keep), or -1 when it is dropped.
-void fill_slots(const int32_t* kept, int64_t n_keep, int64_t M, int32_t* slot) {
-  std::fill(slot, slot + M, int32_t(-1));
-  for (int64_t i = 0; i < n_keep; ++i) slot[kept[i]] = static_cast<int32_t>(i);
-}
-
 // --- CPU kernels ---------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> cls_scores_cpu(const Tensor& q_in, const Tensor& k_in, double scale,
@@ -287,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor> drop_backward_cpu(const Tensor& grad_out_in, 
       std::vector<T> work(H * N), grad_scores(M), row(std::max(C, D));
       std::vector<int32_t> slot(M);
       for (int64_t b = b0; b < b1; ++b) {
-        fill_slots(kp + b * n_keep, n_keep, M, slot.data());
+        cpu::fill_slots(kp + b * n_keep, n_keep, M, slot.data());
         cpu::drop_rows_backward_one<T>(go + b * (P + n_keep + 1) * C, xv, b, slot.data(),
                                        s + b * M, n_keep, M, C, P, gx + b * gx_sb, gx_sn,
                                        grad_scores.data(), row.data());
@@ -327,7 +321,7 @@ Tensor gather_backward_cpu(const Tensor& grad_out_in, const Tensor& kept_in, int
     at::parallel_for(0, B, batch_grain(N * C), [&](int64_t b0, int64_t b1) {
       std::vector<int32_t> slot(M);
       for (int64_t b = b0; b < b1; ++b) {
-        fill_slots(kp + b * n_keep, n_keep, M, slot.data());
+        cpu::fill_slots(kp + b * n_keep, n_keep, M, slot.data());
         cpu::gather_backward_one<T>(go + b * T_out * C, slot.data(), N, C, P, gx + b * N * C);
       }
       cpu::stream_fence();

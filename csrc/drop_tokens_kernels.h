@@ -210,6 +210,13 @@ inline T rank_key(T s) {
   return s;
 }
 
+// slot[m] = position of candidate m in kept[0..n_keep), or -1 when it is dropped (for duplicate
+// entries in kept, the last one).
+inline void fill_slots(const int32_t* kept, int64_t n_keep, int64_t M, int32_t* slot) {
+  std::fill(slot, slot + M, int32_t(-1));
+  for (int64_t i = 0; i < n_keep; ++i) slot[kept[i]] = static_cast<int32_t>(i);
+}
+
 // The selection rule: the n_keep best of M scores (highest first, NaN lowest, ties to the lower
 // position), written to kept[0..n_keep) in ascending order. slot[m] is set to the position of m in
 // kept, or -1 when m is dropped. keys holds M values, order holds M indices.
@@ -228,11 +235,8 @@ void select_one(const T* scores, int64_t M, int64_t n_keep, T* keys, int32_t* or
   };
   if (n_keep < M) std::nth_element(order, order + n_keep, order + M, better);
   std::sort(order, order + n_keep);
-  std::fill(slot, slot + M, int32_t(-1));
-  for (int64_t i = 0; i < n_keep; ++i) {
-    kept[i] = order[i];
-    slot[order[i]] = static_cast<int32_t>(i);
-  }
+  std::copy(order, order + n_keep, kept);
+  fill_slots(kept, n_keep, M, slot);
 }
 
 // Output rows of batch element b: the P prefix rows, the kept rows, and when fuse is set the
