@@ -4,7 +4,7 @@
   :func:`robust_interleaved` the same, setting aside the candidates that raise.
 * :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
   (``bench_gpu.py``); :func:`graph_ms`: time per call inside one CUDA graph; :func:`copy_gbps`:
-  the device copy bandwidth that drop timings are compared with.
+  the copy bandwidth (CPU or CUDA) that drop timings are compared with.
 
 The machines this runs on are shared and noisy, so absolute times mean little; what is reported
 is the ratio of medians of samples taken in one run, alternating between the candidates so that
@@ -139,14 +139,35 @@ def graph_ms(fn, n_calls: int) -> float:
                                    return_mode="median") / n_calls
 
 
-def copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth on CUDA, measured now: bytes read + written per second /
-    1e9 (``triton.testing.do_bench`` median). The bound the drop kernels are held against."""
-    import triton.testing
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def copy_gbps(device: str = "cuda", nbytes: int | None = None) -> float:
+    """Copy bandwidth of ``device``, measured now: bytes read + written per second / 1e9, of
+    ``dst.copy_(src)`` between two existing buffers. The bound the drop kernels are held against.
+
+    CUDA: a device-to-device copy of ``nbytes`` (default 1 GiB), ``triton.testing.do_bench``
+    median. CPU: ``nbytes`` default 256 MiB (far beyond the last-level cache, so the copy streams
+    from and to memory), with torch's threads as they are; median of 9 copies after 2."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if nbytes is None:
+        nbytes = 1 << 30 if device == "cuda" else 1 << 28
+    if nbytes <= 0:
+        raise ValueError(f"nbytes must be > 0, got {nbytes}")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    return 2 * nbytes / ms / 1e6
+    if device == "cuda":
+        import triton.testing
+        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100,
+                                     return_mode="median")
+        return 2 * nbytes / ms / 1e6
+    src.fill_(1)
+    dst.fill_(0)  # both buffers paged in before timing
+    times = []
+    for i in range(11):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def do_bench_rounds(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60,

@@ -73,7 +73,7 @@ from bsr_kernels.baselines import eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
-from ._suite import SuiteConfig, is_graphed, make_inputs, min_bytes, model_label
+from ._suite import SuiteConfig, Target, is_graphed, make_inputs, min_bytes, model_label
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
 
@@ -253,11 +253,9 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = OP_SHAPES if cuda else [("tiny", 4, 2, 17, 8)]
     g = torch.Generator(device=device).manual_seed(1)
-    out = {}
-    if cuda:
-        out["copy_gbps"] = copy_gbps()
-        WORKER.put("copy_gbps", out["copy_gbps"])
-        log(f"copy: {out['copy_gbps']:.0f} GB/s")
+    out = {"copy_gbps": copy_gbps(device, None if cuda else 1 << 24)}
+    WORKER.put("copy_gbps", out["copy_gbps"])
+    log(f"copy: {out['copy_gbps']:.0f} GB/s")
     ours = "bsr " + bsr_kernels.ops.select_backend(torch.device(device), dtype).name
     op = lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5)  # noqa: E731
     peers = {ROW_PEER: cls_row_drop}
@@ -298,8 +296,7 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
         t = f.get(ours, {}).get("ms")
         if t:
             res["gbps"] = res["min_bytes"] / t / 1e6
-            if "copy_gbps" in out:
-                res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
+            res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
             for peer in peers:
                 if "ms" in f.get(peer, {}):
                     res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
@@ -474,7 +471,7 @@ def part_sync(cuda: bool, device: str) -> dict:
             if cuda:
                 torch.cuda.set_sync_debug_mode("error")
             m(images).sum().backward()
-            out[f"{mode} sync-free"] = True
+            out[f"{mode} sync-free"] = True if cuda else None  # None: not checked (no CUDA)
         except Exception as e:
             out[f"{mode} sync-free"] = err(e)
         finally:
@@ -554,6 +551,53 @@ def run_part(part: str, args, deadline_at: float) -> dict:
         skip.append(running)
 
 
+#: Issue 9's targets for the drop op (H100, bf16): (name, part, shape, key of the shape's result,
+#: op, bound). The op's forward against the bandwidth of a copy measured in the same part, and
+#: against the CLS-row composite (six lines of PyTorch), compiled or not.
+_TARGET_SHAPES = ("ViT-B B=128", "ViT-B B=32 N=577", "ViT-S B=256")
+OP_TARGETS = (
+    ("drop forward: fraction of the measured copy bandwidth", "op", "ViT-B B=128",
+     "fraction_of_copy", ">=", 0.5),
+    ("drop forward: fraction of the measured copy bandwidth", "op", "ViT-B B=32 N=577",
+     "fraction_of_copy", ">=", 0.3),
+    *[("drop forward: speedup vs compiled CLS-row composite", "op-compiled", shape,
+       f"forward speedup vs {COMPILED_PEER}", ">=", 2.5) for shape in _TARGET_SHAPES],
+    ("drop forward: speedup vs compiled CLS-row composite", "op-compiled", "ViT-B B=8",
+     f"forward speedup vs {COMPILED_PEER}", ">=", 1.5),
+    *[("drop fwd+bwd: speedup vs CLS-row composite", "op", shape,
+       f"fwd+bwd speedup vs {ROW_PEER}", ">=", 2.0) for shape in _TARGET_SHAPES],
+)
+
+
+def targets(results: dict) -> list[Target]:
+    """Verdicts of issues 9 and 10 from a run's parts: :data:`OP_TARGETS`, and the step targets
+    (:func:`bench_train_step.gpu_step_targets`) over the ``step-compiled`` rows (the compiled
+    peer and full fine-tuning are timed there; the ``step`` rows when it did not run), with
+    lean's peak memory from the eager ``step`` part. NOT MEASURED where a part or shape is
+    missing; a part's error is named."""
+    from .bench_train_step import gpu_step_targets
+    env, parts = results.get("env", {}), results.get("parts", {})
+    gpu = env.get("device") not in (None, "cpu")
+    dtype = "bf16" if gpu else "fp32 (--smoke: tiny CPU shapes)"
+    out = []
+    for name, part, shape, key, op, bound in OP_TARGETS:
+        res = parts.get(part, {})
+        value = res.get(shape, {}).get(key) if isinstance(res.get(shape), dict) else None
+        why = ([f"part {part}: {res['error']}"] if "error" in res
+               else [] if value is not None else [f"part {part} has no {key!r} for it"])
+        out.append(Target(name, value, op, bound, "" if "fraction" in key else "x",
+                          "; ".join([f"{shape}, {dtype}, {env.get('device')}"] + why)))
+    step = parts.get("step", {})
+    timed_in = "step-compiled" if parts.get("step-compiled", {}).get("rows") else "step"
+    timed = parts.get(timed_in, {})
+    rows = timed.get("rows") or []
+    where = (f"{timed.get('model')} B={timed.get('batch')} "
+             f"{'bf16 autocast' if gpu else dtype}, {env.get('device')}; ratios within part "
+             f"{timed_in}") if rows else "the step parts did not run"
+    out += gpu_step_targets(rows, where, memory_rows=step.get("rows") or [])
+    return out
+
+
 def _fmt(x, spec=".2f", suffix="") -> str:
     return f"{x:{spec}}{suffix}" if isinstance(x, (int, float)) else "—"
 
@@ -567,6 +611,12 @@ def summarize(results: dict) -> str:
         c = parts["check"]
         lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
                   + (f" ({c['error']})" if "error" in c else ""), ""]
+    sync = {k: v for k, v in parts.get("sync", {}).items() if k.endswith("sync-free")}
+    if sync:
+        lines += ["no host sync in forward and backward (CUDA sync debug mode 'error'): "
+                  + ", ".join(f"{k.split()[0]} " + ("yes" if v is True else "not checked (no CUDA)"
+                                                    if v is None else f"NO: {v}")
+                              for k, v in sync.items()), ""]
     op, opc = parts.get("op", {}), parts.get("op-compiled", {})
     shapes = [k for k in {**op, **opc} if isinstance(op.get(k, opc.get(k)), dict)
               and "forward" in op.get(k, opc.get(k))]
@@ -621,6 +671,8 @@ def summarize(results: dict) -> str:
                   f" | {_fmt(r.get('peak_gib_above_model'))} |" + (f" {r['error'][:80]}"
                                                                    if "error" in r else "")
                   for k, r in sac.items()] + [""]
+    lines += ["## targets (issues 9 and 10)", ""] + [f"- {t.line()}" for t in targets(results)]
+    lines.append("")
     failed = [(p, r["error"]) for p, r in parts.items() if isinstance(r, dict) and "error" in r]
     lines += [f"- part {p}: {e}" for p, e in failed]
     late = [p for p, e in failed if str(e).startswith("skipped: out of time")
@@ -682,6 +734,7 @@ def main(argv=None) -> int:
         results["parts"][part] = run_part(part, args, deadline_at)
         results["env"]["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
                                                            "inductor's default")
+        results["targets"] = [t.to_dict() for t in targets(results)]
         _write_json(os.path.join(args.out, "results.json"), results)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(summarize(results))

@@ -66,6 +66,10 @@ def test_drop_section_rows(suite_run):
             assert r["paired_speedup_vs_eager"] == 1.0
     fwd = [r for r in rows if r["scope"] == "op" and r["pass_"] == "forward"]
     assert all(r["min_bytes"] > 0 and r["gbps"] > 0 for r in fwd)
+    bw = sec["bandwidth"]  # a copy measured in this run is the bound, on CPU too
+    assert bw["bound_source"] == "measured copy" and bw["bound_gbps"] == bw["copy_gbps"] > 0
+    for r in fwd:
+        assert r["bound_fraction"] == pytest.approx(r["gbps"] / bw["copy_gbps"])
     # every backend kept the same tokens as the reference on the random inputs, every shape
     assert sec["agreement"], "no kept-set agreement was measured"
     for a in sec["agreement"]:
@@ -250,6 +254,12 @@ def test_target_verdicts_and_config_errors():
     assert suite.Target("a", 3.1, "<=", 3.0).verdict == "FAIL"
     assert suite.Target("a", 3.3, ">=", 3.3).verdict == "PASS"
     assert suite.Target("a", None, ">=", 3.3).verdict == "NOT MEASURED"
+    timing = _import_bench("_timing")
+    assert timing.copy_gbps("cpu", 1 << 20) > 0
+    with pytest.raises(ValueError, match="device"):
+        timing.copy_gbps("tpu")
+    with pytest.raises(ValueError, match="nbytes"):
+        timing.copy_gbps("cpu", 0)
     assert "FAIL: a: 2" in suite.Target("a", 2.0, ">=", 3.3, "x").line()
     with pytest.raises(ValueError, match="device"):
         suite.SuiteConfig(device="tpu")
@@ -556,6 +566,57 @@ def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
     assert "- part op: RuntimeError: boom" in md
     assert "--parts sweep,sac`" in md and "--parts op" not in md
     assert "next:" not in bench_gpu.summarize({"env": {}, "parts": {"op": {"error": "x"}}})
+
+
+def test_bench_gpu_targets_read_the_parts():
+    """bench_gpu's verdicts of issues 9 and 10: op figures per shape from op / op-compiled, step
+    ratios from the step-compiled rows (best BSR mode: +graph and compressed lean left out), lean's
+    peak from the eager step part; a missing part is NOT MEASURED with its error named."""
+    bench_gpu = _import_bench("bench_gpu")
+    row = f"fwd+bwd speedup vs {bench_gpu.ROW_PEER}"
+    comp = f"forward speedup vs {bench_gpu.COMPILED_PEER}"
+    def step_row(variant, s, **ratios):  # a step_rows row: what is not given was not measured
+        return dict(dict.fromkeys(("images_per_s", "speedup_vs_full", "speedup_vs_eager",
+                                   "speedup_vs_full_compiled", "speedup_vs_peer_compiled")),
+                    variant=variant, label=variant, step_s=s,
+                    step_samples_s=[s * f for f in (0.9, 1.0, 1.1)], **ratios)
+
+    step_compiled = [
+        step_row("full", 0.05), step_row("peer_bsr+compile", 0.0145),
+        step_row("bsr_autograd+compile", 0.012, speedup_vs_peer_compiled=1.21,
+                 speedup_vs_full=4.1, speedup_vs_full_compiled=2.7),
+        step_row("bsr_lean+compile", 0.015), step_row("bsr_lean+graph", 0.001)]
+    results = {"env": {"device": "NVIDIA H100 80GB HBM3"}, "parts": {
+        "op": {"ViT-B B=128": {"fraction_of_copy": 0.55, row: 1.9},
+               "ViT-B B=32 N=577": {"fraction_of_copy": 0.29, row: 2.0}},
+        "op-compiled": {"error": "RuntimeError: boom"},
+        "step": {"rows": [step_row("bsr_lean", 0.02, peak_gib_above_model=1.04)]},
+        "step-compiled": {"rows": step_compiled, "model": "ViT-B/16", "batch": 128}}}
+    got = {(t.name, t.where.split(",")[0]): t for t in bench_gpu.targets(results)}
+    frac = "drop forward: fraction of the measured copy bandwidth"
+    assert got[(frac, "ViT-B B=128")].verdict == "PASS"
+    assert got[(frac, "ViT-B B=32 N=577")].verdict == "FAIL"  # 0.29 < 0.3
+    fb = "drop fwd+bwd: speedup vs CLS-row composite"
+    assert got[(fb, "ViT-B B=128")].verdict == "FAIL"
+    assert got[(fb, "ViT-B B=32 N=577")].verdict == "PASS"
+    assert got[(fb, "ViT-S B=256")].verdict == "NOT MEASURED"
+    compiled = [t for (name, _), t in got.items() if name.endswith("compiled CLS-row composite")]
+    assert len(compiled) == 4 and all(t.verdict == "NOT MEASURED" for t in compiled)
+    assert all("op-compiled: RuntimeError: boom" in t.where for t in compiled)
+    assert {t.bound for t in compiled} == {2.5, 1.5}
+    step = {name: t for (name, _), t in got.items() if name.startswith("GPU step")}
+    assert step["GPU step: best BSR mode / compiled plain-PyTorch BSR"].value == 1.21
+    assert step["GPU step: best BSR mode / compiled plain-PyTorch BSR"].verdict == "PASS"
+    assert step["GPU step: best BSR mode / timm full fine-tuning"].verdict == "PASS"
+    assert step["GPU step: best BSR mode / timm full fine-tuning compiled"].verdict == "FAIL"
+    lean = step["GPU step: lean throughput / best BSR mode"]
+    assert lean.value == pytest.approx(0.012 / 0.015) and lean.verdict == "FAIL"
+    assert "best: bsr_autograd+compile" in lean.where
+    assert step["GPU step: lean peak memory above the resident model"].value == 1.04
+    md = bench_gpu.summarize(results)
+    assert "## targets (issues 9 and 10)" in md and "PASS: GPU step: best BSR mode" in md
+    nothing = bench_gpu.targets({"env": {}, "parts": {}})
+    assert nothing and all(t.verdict == "NOT MEASURED" for t in nothing)
 
 
 def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
