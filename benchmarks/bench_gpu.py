@@ -600,7 +600,9 @@ def targets(results: dict) -> list[Target]:
     where = (f"{timed.get('model')} B={timed.get('batch')} "
              f"{'bf16 autocast' if gpu else dtype}, {env.get('device')}; ratios within part "
              f"{timed_in}") if rows else "the step parts did not run"
-    out += gpu_step_targets(rows, where, memory_rows=step.get("rows") or [])
+    memory_where = (f"{step.get('model')} B={step.get('batch')}, {env.get('device')}; eager "
+                    "lean in part step") if step.get("rows") else "part step did not run"
+    out += gpu_step_targets(rows, where, step.get("rows") or [], memory_where)
     return out
 
 

@@ -530,11 +530,12 @@ def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
     return [t.to_dict() for t in out + gpu_step_targets(rows, time_where)]
 
 
-def gpu_step_targets(rows: list[dict], where: str,
-                     memory_rows: list[dict] | None = None) -> list[Target]:
+def gpu_step_targets(rows: list[dict], where: str, memory_rows: list[dict] | None = None,
+                     memory_where: str | None = None) -> list[Target]:
     """Issue 10's GPU step targets (:data:`GPU_STEP_TARGETS`, lean against the best mode, lean's
     peak memory) over ``rows`` timed in one process (their ratios are paired within it); lean's
-    peak memory from ``memory_rows`` (default ``rows``), where eager lean ran. The suite's
+    peak memory from ``memory_rows`` (default ``rows``, described by ``memory_where``, default
+    ``where``), where eager lean ran. The suite's
     ``train_step`` section on CUDA and ``bench_gpu``'s summary both use it."""
     best, lean = best_bsr(rows), best_bsr(rows, "bsr_lean")
     best_where = lean_where = where  # no rows: nothing ran (the CPU suite's NOT MEASURED lines)
@@ -553,8 +554,9 @@ def gpu_step_targets(rows: list[dict], where: str,
                    bound=0.85, unit="x"),
             Target("GPU step: lean peak memory above the resident model",
                    value=lean_mem.get("peak_gib_above_model"),
-                   where="; ".join([where] + ([f"bsr_lean failed: {lean_mem['error']}"]
-                                              if "error" in lean_mem else [])),
+                   where="; ".join([memory_where or where]
+                                   + ([f"bsr_lean failed: {lean_mem['error']}"]
+                                      if "error" in lean_mem else [])),
                    op="<=", bound=1.1, unit="GiB")]
     return out
 
