@@ -182,12 +182,12 @@ class Worker:
             faulthandler.dump_traceback_later(seconds + WATCHDOG_BACKSTOP_S, exit=True, file=f)
             try:
                 yield
-            finally:
+            finally:  # finished in time, or raised: nothing to keep, nothing running
                 done.set()
                 faulthandler.cancel_dump_traceback_later()
-        os.remove(path)  # finished in time: nothing to keep
-        self.state["running"] = None
-        self.save()
+                os.remove(path)
+                self.state["running"] = None
+                self.save()
 
 
 WORKER: Worker | None = None
@@ -265,7 +265,9 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     ours = "bsr " + bsr_kernels.ops.select_backend(torch.device(device), dtype).name
     op = lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5)  # noqa: E731
     peers = {ROW_PEER: cls_row_drop}
-    if compiled:
+    if compiled:  # one dynamo entry per shape and pass: the limit must not leave some eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   4 * len(shapes))
         peers[COMPILED_PEER] = torch.compile(cls_row_drop, dynamic=False)
     else:
         peers[EAGER_PEER] = lambda x, q, k: eager_drop_composite(x, q, k, 0.5)
@@ -298,17 +300,21 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
                                        if name in fwd}, errors, {COMPILED_PEER}), cuda)
         res["errors"] = errors
         res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
-        f = res["forward_graph"] if cuda else res["forward"]
+        # forward ratios from the graph replays (GPU time); where ours could not be captured,
+        # from the eager calls (res["forward_from"] says which)
+        graphed = res.get("forward_graph", {}).get(ours, {}).get("ms")
+        f = res["forward_graph"] if graphed else res["forward"]
+        res["forward_from"] = "forward_graph" if graphed else "forward"
         t = f.get(ours, {}).get("ms")
         if t:
             res["gbps"] = res["min_bytes"] / t / 1e6
             res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
-            for peer in peers:
-                if "ms" in f.get(peer, {}):
-                    res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
-                fbt = res["fwd+bwd"]
-                if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
-                    res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
+        fbt = res["fwd+bwd"]
+        for peer in peers:
+            if t and "ms" in f.get(peer, {}):
+                res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
+            if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
+                res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
         if cuda and not compiled:  # the passes of the forward, alone
             from bsr_kernels.ops import triton_backend as tb
             x, q, k = sets[0]
@@ -422,6 +428,12 @@ def part_sweep(cuda: bool, device: str) -> dict:
 
 # --- the training step ----------------------------------------------------------------------------
 
+def _step_guard(variant: str):
+    """The watchdog of a step variant's build: the compile timeout for a compiled one, 180 s
+    for an eager one."""
+    return WORKER.watchdog(variant, None if "+" in variant else 180)
+
+
 def part_step(cuda: bool, device: str, variants) -> dict:
     """The ``train_step`` section's step timings (:func:`bench_train_step.step_rows`) of
     ``variants``: ms/step (interleaved medians), img/s, ratios, peak memory, compiled-vs-eager
@@ -430,9 +442,7 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     cfg = SuiteConfig(device=device, tiny=not cuda)
     variants = [v for v in variants if cuda or not (v.endswith("cudagraphs") or is_graphed(v))]
     reserve_s = 60 if cuda else 5  # left for the interleaved timing of the prepared variants
-    rows = step_rows(cfg, variants, log,
-                     guard=lambda v: WORKER.watchdog(v, None if "+" in v else 180),
-                     deadline=WORKER.deadline - reserve_s)
+    rows = step_rows(cfg, variants, log, guard=_step_guard, deadline=WORKER.deadline - reserve_s)
     return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
@@ -458,7 +468,8 @@ def part_sac(cuda: bool, device: str) -> dict:
     and run on CPU."""
     from .probe_sac import run
     cfg = SuiteConfig(device=device, tiny=not cuda, quick=True)
-    return run(cfg, parts=("time",) if cuda else ("exact",), log=log)
+    return run(cfg, parts=("time",) if cuda else ("exact",), log=log, guard=_step_guard,
+               deadline=WORKER.deadline - (60 if cuda else 5))
 
 
 def part_sync(cuda: bool, device: str) -> dict:
@@ -629,7 +640,7 @@ def summarize(results: dict) -> str:
     shapes = [k for k in {**op, **opc} if isinstance(op.get(k, opc.get(k)), dict)
               and "forward" in op.get(k, opc.get(k))]
     if shapes:
-        lines += [f"## drop op, forward GPU time (CUDA-graph replay), copy "
+        lines += [f"## drop op, forward GPU time (CUDA-graph replay on CUDA), copy "
                   f"{_fmt(op.get('copy_gbps', opc.get('copy_gbps')), '.0f')} GB/s", "",
                   "| shape | bsr µs | of copy | × eager composite | × CLS-row | "
                   "× compiled CLS-row | fwd+bwd × CLS-row | fwd+bwd × compiled |",
@@ -638,9 +649,12 @@ def summarize(results: dict) -> str:
             r, rc = op.get(s, {}), opc.get(s, {})
             timed = r or rc  # the op's own time: from the eager part when it ran
             ours = next((k for k in timed["forward"] if k.startswith("bsr")), None)
-            t = timed.get("forward_graph", timed["forward"]).get(ours, {}).get("ms")
+            t = timed.get(timed.get("forward_from", "forward_graph"),
+                          timed["forward"]).get(ours, {}).get("ms")
+            eager = timed.get("forward_from") == "forward"  # no graph replay of ours
             lines.append("| " + " | ".join([
-                s, _fmt(t * 1e3 if t else None, ".1f"), _fmt(timed.get("fraction_of_copy"), ".0%"),
+                s, _fmt(t * 1e3 if t else None, ".1f") + (" (eager calls)" if eager else ""),
+                _fmt(timed.get("fraction_of_copy"), ".0%"),
                 _fmt(r.get(f"forward speedup vs {EAGER_PEER}"), ".2f", "×"),
                 _fmt(r.get(f"forward speedup vs {ROW_PEER}"), ".2f", "×"),
                 _fmt(rc.get(f"forward speedup vs {COMPILED_PEER}"), ".2f", "×"),

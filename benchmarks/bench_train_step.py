@@ -162,6 +162,12 @@ def step_variants(cfg: SuiteConfig) -> tuple[str, ...]:
         + graphed
 
 
+#: Seconds a compiled variant's build (compilation and two steps) is expected to take before
+#: one has been measured in this call: with a deadline, a compiled build starts only when the
+#: slowest compiled build so far (this at first) fits, 1.2 times, before it.
+FIRST_COMPILE_S = 60.0
+
+
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
                deadline: float | None = None, build=None) -> dict:
     """Training steps of ``variants`` (:func:`_suite.split_variant` names) at
@@ -176,10 +182,13 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     compile there, inside ``guard(variant)`` when given: ``bench_gpu`` puts its watchdog there).
     On CUDA a third step gives the peak memory: ``max_memory_allocated`` above what was allocated
     before the variant was built (its parameters, gradients, AdamW state and activations), and
-    the same above its resident model and batch. Before any of that, each compiled variant's
-    forward goes through ``torch._dynamo.explain`` (:func:`graph_breaks`). Then all are timed
-    in turn (:func:`_timing.robust_interleaved`). A variant that raises is left out with its
-    error; with ``deadline`` (``time.time()``) the variants not built by then are skipped.
+    the same above its resident model and batch. Then all are timed in turn
+    (:func:`_timing.robust_interleaved`), and after that the forward of each compiled variant's
+    base goes through ``torch._dynamo.explain`` (:func:`graph_breaks`, once per base). A variant
+    that raises is left out with its error. With ``deadline`` (``time.time()``), a variant is
+    not built after it, nor a compiled one that would likely end after it (the slowest compiled
+    build so far, or :data:`FIRST_COMPILE_S`, times 1.2: a build killed at a caller's deadline
+    would lose every timing), and no explain starts after it.
 
     Returns:
         ``{"timings": {v: Timing}, "peaks": {v: {"peak_mib", "peak_gib_above_model"}},
@@ -297,12 +306,14 @@ RECOMPILE_LIMIT = 64
 
 def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
     steps, peaks, digests, errors = {}, {}, {}, {}
-    # first (torch._dynamo.explain resets dynamo, which would drop the compiled variants' code)
-    breaks = {v: graph_breaks(cfg, v, build) for v in variants
-              if "+" in v and not is_graphed(v)}  # +graph compiles nothing
+    compiled = [v for v in variants if "+" in v and not is_graphed(v)]  # +graph compiles nothing
+    builds: list[float] = []  # seconds of each compiled build so far
     for variant in variants:
-        if deadline is not None and time.time() > deadline:
-            errors[variant] = "skipped: out of time"
+        slowest = max(builds, default=FIRST_COMPILE_S)
+        need = 1.2 * slowest if variant in compiled else 0.0
+        if deadline is not None and time.time() + need > deadline:
+            errors[variant] = ("skipped: out of time" if not need else
+                               f"skipped: out of time (a compiled build takes ~{slowest:.0f} s)")
             continue
         t0 = time.perf_counter()
         try:
@@ -326,6 +337,8 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
                                       peak_gib_above_model=(peak - resident) / GIB)
             digests[variant] = dict(step.first)
             steps[variant] = step
+            if variant in compiled:
+                builds.append(time.perf_counter() - t0)
             log(f"  train_step: {variant} ready ({time.perf_counter() - t0:.0f} s)")
         except Exception as e:  # noqa: BLE001 - reported in the results
             errors[variant] = error_text(e)
@@ -337,6 +350,15 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
                                  device_sync=cfg.cuda)
     del steps
     free_memory(cfg.device)
+    # last: torch._dynamo.explain resets dynamo (the compiled variants' code is then dropped)
+    by_base: dict[str, dict] = {}
+    for variant in compiled:
+        base = variant.partition("+")[0]
+        if base not in by_base:
+            by_base[base] = (graph_breaks(cfg, variant, build)
+                             if deadline is None or time.time() < deadline
+                             else dict(error="skipped: out of time"))
+    breaks = {v: by_base[v.partition("+")[0]] for v in compiled}
     return dict(timings=timings, peaks=peaks, digests=digests, errors=errors,
                 graph_breaks=breaks)
 
@@ -344,8 +366,8 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
 def graph_breaks(cfg: SuiteConfig, variant: str, build) -> dict:
     """``torch._dynamo.explain`` of the forward of ``variant``'s module (its uncompiled base from
     ``build``, see :func:`time_steps`, at batch 2, under the step's autocast): ``{"count",
-    "reasons"}`` (at most 3 reasons, shortened), or ``{"error"}``. Resets dynamo: call it before
-    anything is compiled."""
+    "reasons"}`` (at most 3 reasons, shortened), or ``{"error"}``. Resets dynamo: compiled
+    modules recompile after it (call it when they are done)."""
     try:
         _, module, _, images, _ = build(variant.partition("+")[0], 2)
         with cfg.autocast():

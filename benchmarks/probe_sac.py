@@ -189,10 +189,11 @@ def check_compile() -> dict:
     return out
 
 
-def time_modes(cfg: SuiteConfig, log=print) -> dict:
+def time_modes(cfg: SuiteConfig, log=print, guard=None, deadline: float | None = None) -> dict:
     """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
-    ``train_step`` section's timer (:func:`bench_train_step.time_steps`). Compiled variants that
-    break graphs (lean, fast) are compiled last (see ``_suite.COMPILED_VARIANTS``)."""
+    ``train_step`` section's timer (:func:`bench_train_step.time_steps`, which takes ``guard``
+    and ``deadline``). Compiled variants that break graphs (lean, fast) are compiled last (see
+    ``_suite.COMPILED_VARIANTS``)."""
     from .bench_train_step import time_steps
     order = ("autograd", "sac_lean", "sac_fast", "lean", "fast")
     variants = [*order, *(m + "+compile" for m in order)]
@@ -206,7 +207,7 @@ def time_modes(cfg: SuiteConfig, log=print) -> dict:
         module = torch.compile(model, dynamic=False, **COMPILE_MODES[how]) if how else model
         return model, module, [p for p in model.parameters() if p.requires_grad], images, labels
 
-    res = time_steps(cfg, variants, log, build=build)
+    res = time_steps(cfg, variants, log, guard, deadline, build=build)
     timings = res["timings"]
     ref = timings.get("autograd+compile") or timings.get("autograd")
     out = {}
@@ -223,10 +224,12 @@ def time_modes(cfg: SuiteConfig, log=print) -> dict:
     return out
 
 
-def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print) -> dict:
+def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print, guard=None,
+        deadline: float | None = None) -> dict:
+    """The probe's ``parts``; ``guard`` and ``deadline`` go to :func:`time_modes`."""
     res = {"device": cfg.device, "time_model": cfg.time_model, "time_batch": cfg.time_batch}
     fns = {"exact": check_exact, "memory": lambda: check_memory(cfg.tiny),
-           "compile": check_compile, "time": lambda: time_modes(cfg, log)}
+           "compile": check_compile, "time": lambda: time_modes(cfg, log, guard, deadline)}
     for part in parts:
         t0 = time.perf_counter()
         res[part] = fns[part]()

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -372,6 +373,30 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
 
 
+def test_step_timing_starts_no_compile_that_would_overrun_the_deadline(monkeypatch):
+    """With a deadline, a compiled build starts only if the slowest compiled build so far
+    (FIRST_COMPILE_S before any) fits before it, so a caller's kill at its deadline cannot take
+    the built variants' timings with it; the graph-break count comes after the timing."""
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    cfg = suite.SuiteConfig(tiny=True, quick=True)
+    variants = ["full", "bsr_autograd+compile", "peer_bsr+compile"]
+    monkeypatch.setattr(ts, "FIRST_COMPILE_S", 3600.0)
+    res = ts.time_steps(cfg, variants, log=lambda *a: None, deadline=time.time() + 600)
+    assert set(res["timings"]) == {"full"}
+    for v in variants[1:]:
+        assert res["errors"][v] == "skipped: out of time (a compiled build takes ~3600 s)"
+    # explained after the timing (once per base), the deadline not reached yet
+    assert res["graph_breaks"]["bsr_autograd+compile"] == {"count": 0, "reasons": []}
+    monkeypatch.setattr(ts, "FIRST_COMPILE_S", 0.0)
+    calls = []
+    real = ts.graph_breaks
+    monkeypatch.setattr(ts, "graph_breaks", lambda *a: calls.append(a[1]) or real(*a))
+    res = ts.time_steps(cfg, variants[:2], log=lambda *a: None, deadline=time.time() + 600)
+    assert set(res["timings"]) == {"full", "bsr_autograd+compile"} and not res["errors"]
+    assert calls == ["bsr_autograd+compile"]
+
+
 def test_compiled_step_variant_matches_eager():
     """A compiled variant of the train_step section is timed beside its eager form and checked
     against it: the same first-step logits and gradients (``vs_eager``), ratios to the others."""
@@ -650,6 +675,26 @@ def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
     assert sum(" in deep" in line for line in busy) == 151, busy[:5]
     assert busy[0].startswith(f'  File "{__file__}", line ') and busy[0].endswith(" in deep")
     assert "in test_bench_gpu_watchdog_dumps" not in text  # the dumping thread is left out
+
+
+def test_bench_gpu_watchdog_clears_a_block_that_raised(tmp_path):
+    """A watched block that raises (a compile error, an OOM) is not left 'running': a later crash
+    outside any watched block must not be blamed on it (run_part would retry or skip the wrong
+    candidate); it leaves no stacks file, and a block that finished leaves none either."""
+    import json as json_
+    bench_gpu = _import_bench("bench_gpu")
+    w = bench_gpu.Worker("op", str(tmp_path), [], 30.0, float("inf"))
+    with pytest.raises(ValueError, match="boom"):
+        with w.watchdog("bad candidate"):
+            assert json_.load(open(w.path))["running"] == "bad candidate"
+            raise ValueError("boom")
+    with w.watchdog("good candidate"):
+        pass
+    assert json_.load(open(w.path))["running"] is None
+    assert not list(tmp_path.glob("stacks-*"))
+    with pytest.raises(bench_gpu.Skipped):
+        with bench_gpu.Worker("op", str(tmp_path), ["x"], 30.0, 0.0).watchdog("x"):
+            pass
 
 
 def _triton_interpreter_problem():
