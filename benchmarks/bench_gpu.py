@@ -428,6 +428,12 @@ def part_sweep(cuda: bool, device: str) -> dict:
 
 # --- the training step ----------------------------------------------------------------------------
 
+def _step_deadline(cuda: bool) -> float:
+    """When a step part stops building variants: the run's deadline less what the interleaved
+    timing of the variants it has needs."""
+    return WORKER.deadline - (60 if cuda else 5)
+
+
 def _step_guard(variant: str):
     """The watchdog of a step variant's build: the compile timeout for a compiled one, 180 s
     for an eager one."""
@@ -441,8 +447,7 @@ def part_step(cuda: bool, device: str, variants) -> dict:
     from .bench_train_step import step_rows
     cfg = SuiteConfig(device=device, tiny=not cuda)
     variants = [v for v in variants if cuda or not (v.endswith("cudagraphs") or is_graphed(v))]
-    reserve_s = 60 if cuda else 5  # left for the interleaved timing of the prepared variants
-    rows = step_rows(cfg, variants, log, guard=_step_guard, deadline=WORKER.deadline - reserve_s)
+    rows = step_rows(cfg, variants, log, guard=_step_guard, deadline=_step_deadline(cuda))
     return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
@@ -469,7 +474,7 @@ def part_sac(cuda: bool, device: str) -> dict:
     from .probe_sac import run
     cfg = SuiteConfig(device=device, tiny=not cuda, quick=True)
     return run(cfg, parts=("time",) if cuda else ("exact",), log=log, guard=_step_guard,
-               deadline=WORKER.deadline - (60 if cuda else 5))
+               deadline=_step_deadline(cuda))
 
 
 def part_sync(cuda: bool, device: str) -> dict:

@@ -46,6 +46,7 @@ GPU, each compilation under a watchdog).
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 
@@ -507,20 +508,22 @@ def best_bsr(rows: list[dict], prefix: str = "bsr_") -> dict | None:
     return min(timed, key=lambda r: r["step_s"]) if timed else None
 
 
+def _measured(by: dict[str, dict], variant: str, key: str, where: str, *others: str) -> dict:
+    """``by[variant][key]`` and ``where`` as Target keywords (value, where): where names a failure
+    of the variant (or of what it is compared to)."""
+    failed = [f"{v} failed: {by[v]['error']}" for v in (variant,) + others
+              if v in by and "error" in by[v]]
+    return dict(value=by.get(variant, {}).get(key), where="; ".join([where] + failed))
+
+
 def targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
     """The model-layer targets (CPU) and the GPU step targets, with verdicts."""
     by = {r["variant"]: r for r in rows}
+    val = functools.partial(_measured, by)
     mem_where = f"{model_label(cfg.memory_model)} B={cfg.memory_batch} fp32"
     time_where = (f"{model_label(cfg.time_model)} B={cfg.time_batch} "
                   + (f"bf16 autocast, {torch.cuda.get_device_name(0)}" if cfg.cuda
                      else "fp32 CPU"))
-
-    def val(variant, key, where, *others):
-        """value and where (as Target keywords): where names a failure of the variant (or of
-        what it is compared to)."""
-        failed = [f"{v} failed: {by[v]['error']}" for v in (variant,) + others
-                  if v in by and "error" in by[v]]
-        return dict(value=by.get(variant, {}).get(key), where="; ".join([where] + failed))
 
     out = [
         Target("saved activations, lean", **val("bsr_lean", "saved_mib_per_image", mem_where),
@@ -567,7 +570,6 @@ def gpu_step_targets(rows: list[dict], where: str, memory_rows: list[dict] | Non
     out = [Target(name, value=best.get(key) if best else None, where=best_where, op=op,
                   bound=bound, unit=unit) for name, key, op, bound, unit in GPU_STEP_TARGETS]
     mem = {r["variant"]: r for r in (rows if memory_rows is None else memory_rows)}
-    lean_mem = mem.get("bsr_lean", {})
     out += [Target("GPU step: lean throughput / best BSR mode",
                    value=statistics.median(
                        b / v for b, v in zip(best["step_samples_s"], lean["step_samples_s"]))
@@ -575,10 +577,7 @@ def gpu_step_targets(rows: list[dict], where: str, memory_rows: list[dict] | Non
                    where=lean_where + (f", best: {best['variant']}" if best else ""), op=">=",
                    bound=0.85, unit="x"),
             Target("GPU step: lean peak memory above the resident model",
-                   value=lean_mem.get("peak_gib_above_model"),
-                   where="; ".join([memory_where or where]
-                                   + ([f"bsr_lean failed: {lean_mem['error']}"]
-                                      if "error" in lean_mem else [])),
+                   **_measured(mem, "bsr_lean", "peak_gib_above_model", memory_where or where),
                    op="<=", bound=1.1, unit="GiB")]
     return out
 
