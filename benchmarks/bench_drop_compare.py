@@ -29,6 +29,15 @@ anyway). Shapes: ViT-S (H=6, C=384) and ViT-B (H=12, C=768), head dim 64, N=197 
 N=577 (384 px), several batch sizes; fp32 on CPU, bf16 on CUDA; keep_rate 0.5, fused token, one
 prefix token.
 
+Host time (scope ``host``): per-call time at a tiny shape (B=1, N=17, H=2, C=16), where the
+kernels take next to nothing and what is measured is the Python and dispatch path, with inputs
+that need grad: ``registered op`` (``torch.ops.bsr_kernels.drop_tokens`` called directly: the
+``torch.library.custom_op`` autograd, which every call went through before the eager path, and
+which tracers still get), ``bsr_kernels.drop_tokens`` (the public function: checks, backend
+choice, the eager path's ``autograd.Function``) and ``backend kernel`` (the default backend's
+forward, and backward, called with no autograd at all: the floor). Its "speedup vs eager"
+column is against the registered op.
+
 Bandwidth: achieved GB/s of the op's forward over the bytes that must move
 (``_suite.min_bytes``: read x, the q_cls and K rows, write x_out), and its fraction of the
 bound: a copy between two buffers measured in the same run on the same device (CPU or GPU; on
@@ -49,12 +58,13 @@ from bsr_kernels import _config
 from bsr_kernels.baselines import _drop_from_probs, eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
+from bsr_kernels.ops.dispatch import get_backend
 
 from ._suite import SuiteConfig, Target, make_inputs, min_bytes, section_main
 from ._timing import copy_gbps, error_text, format_table, robust_interleaved
 
-__all__ = ["run", "shapes", "op_candidates", "block_candidates", "peak_bandwidth",
-           "backend_fn", "NOMINAL_GBPS"]
+__all__ = ["run", "shapes", "op_candidates", "block_candidates", "host_candidates",
+           "peak_bandwidth", "backend_fn", "NOMINAL_GBPS", "HOST_SHAPE"]
 
 KEEP_RATE = 0.5
 PREFIX = 1
@@ -204,6 +214,61 @@ def _time(cands: dict[str, Callable], make, grad: str | None, cfg: SuiteConfig, 
                               device_sync=cfg.cuda)
 
 
+#: (B, N, H, C) of the host-time scope: small enough that the kernels cost next to nothing.
+HOST_SHAPE = (1, 17, 2, 16)
+
+
+def host_candidates(cfg: SuiteConfig, grad: bool) -> dict[str, Callable]:
+    """name -> fn() of the host-time scope (module doc), the registered op first. ``grad``:
+    forward and backward (``torch.autograd.grad`` to x, q and k; the backend kernel's own
+    backward for the floor), else the forward alone, its inputs still needing grad."""
+    b, n, h, c = HOST_SHAPE
+    x, q, k, _, _ = make_inputs(b, n, h, c, cfg.op_dtype, cfg.device)
+    x, q, k = (t.contiguous().requires_grad_() for t in (x, q, k))
+    scale, n_keep = (c // h) ** -0.5, num_kept(KEEP_RATE, n - PREFIX)
+    name = _default_backend_name(cfg)[len("bsr "):]
+    impl = get_backend(name)
+    calls = {
+        "registered op": lambda: torch.ops.bsr_kernels.drop_tokens(x, q, k, scale, PREFIX,
+                                                                    n_keep, True, name)[0],
+        "bsr_kernels.drop_tokens": lambda: bsr_kernels.drop_tokens(
+            x, q, k, KEEP_RATE, num_prefix_tokens=PREFIX)[0]}
+    cot = torch.randn(b, PREFIX + n_keep + 1, c, device=cfg.device, dtype=cfg.op_dtype)
+
+    def kernel():
+        with torch.no_grad():
+            out, kept, scores, lse = impl.drop_forward(x, q, k, scale, PREFIX, n_keep, True)
+            if grad:
+                impl.drop_backward(cot, x, q, k, kept, scores, lse, scale, PREFIX)
+        return out
+
+    fns = {cand: ((lambda f=f: torch.autograd.grad(f(), (x, q, k), cot)) if grad else f)
+           for cand, f in calls.items()}
+    return {**fns, "backend kernel": kernel}
+
+
+def host_rows(cfg: SuiteConfig, reps: int, min_sample: float, failed: list) -> list[dict]:
+    """Rows of the host-time scope: forward and fwd+bwd, interleaved per pass."""
+    b, n, h, c = HOST_SHAPE
+    rows = []
+    for pass_, grad in (("forward, inputs need grad", False), ("fwd+bwd", True)):
+        errors: dict = {}
+        timings = robust_interleaved(host_candidates(cfg, grad), errors, reps=reps, warmup=2,
+                                     min_sample_s=min_sample, device_sync=cfg.cuda)
+        failed += [dict(scope="host", size="tiny", N=n, B=b, pass_=pass_, candidate=name,
+                        error=err) for name, err in errors.items()]
+        base = timings.get("registered op")
+        for name, t in timings.items():
+            rows.append(dict(scope="host", size="tiny", H=h, C=c, N=n, B=b,
+                             dtype=str(cfg.op_dtype)[6:], pass_=pass_, candidate=name,
+                             median_ms=t.median * 1e3,
+                             speedup_vs_eager=base.median / t.median if base else float("nan"),
+                             paired_speedup_vs_eager=(base.paired_ratio(t) if base
+                                                      else float("nan")),
+                             reps=len(t.samples), number=t.number))
+    return rows
+
+
 def _agreement(cfg, x, q, k, scale, n_keep) -> dict[str, float]:
     """Fraction of batch rows whose kept set equals the reference's, per backend (None: the
     backend raised)."""
@@ -274,6 +339,8 @@ def run(cfg: SuiteConfig, log=print) -> dict:
                             row["bound_fraction"] = row["gbps"] / bw["bound_gbps"]
                     rows.append(row)
         log(f"  drop_tokens {size} N={n} B={b}: done ({time.perf_counter() - t0:.0f} s)")
+    rows += host_rows(cfg, reps, min_sample, failed)
+    log(f"  drop_tokens host time: done ({time.perf_counter() - t0:.0f} s)")
     return dict(config=dict(keep_rate=KEEP_RATE, fuse_token=True, prefix=PREFIX,
                             dtype=str(dtype)[6:], reps=reps, min_sample_s=min_sample,
                             backends=_timed_backends(cfg)),

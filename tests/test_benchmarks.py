@@ -60,10 +60,17 @@ def test_drop_section_rows(suite_run):
     assert block == {"eager attention + composite", "SDPA + CLS-row softmax", "SDPA + bsr drop"}
     assert {r["pass_"] for r in rows if r["scope"] == "op"} == {"forward", "fwd+bwd",
                                                                  "fwd+bwd leaves"}
-    assert {r["pass_"] for r in rows if r["scope"] != "op"} == {"forward", "fwd+bwd"}
+    assert {r["pass_"] for r in rows if r["scope"] == "attention+drop"} == {"forward", "fwd+bwd"}
+    # host time at a tiny shape: the registered op (the baseline), the public function and the
+    # backend kernel alone, in both passes
+    host = {(r["pass_"], r["candidate"]) for r in rows if r["scope"] == "host"}
+    assert host == {(p, c) for p in ("forward, inputs need grad", "fwd+bwd")
+                    for c in ("registered op", "bsr_kernels.drop_tokens", "backend kernel")}
+    assert {r["scope"] for r in rows} == {"op", "attention+drop", "host"}
     for r in rows:
         assert r["median_ms"] > 0 and r["paired_speedup_vs_eager"] > 0
-        if r["candidate"] in ("eager composite", "eager attention + composite"):
+        if r["candidate"] in ("eager composite", "eager attention + composite",
+                              "registered op"):
             assert r["paired_speedup_vs_eager"] == 1.0
     fwd = [r for r in rows if r["scope"] == "op" and r["pass_"] == "forward"]
     assert all(r["min_bytes"] > 0 and r["gbps"] > 0 for r in fwd)

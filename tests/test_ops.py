@@ -8,6 +8,7 @@ give bit-identical results.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsr_kernels
 from bsr_kernels.ops import dispatch, reference
@@ -943,6 +945,127 @@ def test_opcheck_registered_ops(backend, layout):
           (seeded_like(scores.shape, scores.dtype, backend.device, 3), q, k, lse, scale, p,
            be))
     assert not failures, "\n".join(failures)
+
+
+# --- the eager path and the registered ops ------------------------------------------------------
+
+class _OpLog(TorchDispatchMode):
+    """Records the ops that reach the Python dispatch mode, and runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+_REGISTERED = ("_cls_attention_op", "_cls_attention_bwd_op", "_drop_op", "_replay_op",
+               "_drop_bwd_op", "_gather_bwd_op")
+
+
+def _all_paths_of_the_ops(x, q, k, case: DropCase, kept):
+    """Outputs and gradients of drop_tokens, of its replay of ``kept`` and of cls_attention."""
+    out, got_kept = drop(x, q, k, case)
+    g = seeded_like(out.shape, out.dtype, x.device, case.seed)
+    replayed = bsr_kernels.drop_tokens(x, q, k, case.keep_rate, case.fuse, case.p, case.scale,
+                                       kept=kept)[0]
+    scores = bsr_kernels.cls_attention(q, k, case.scale, case.p)
+    gs = seeded_like(scores.shape, scores.dtype, x.device, case.seed + 1)
+    return (out, got_kept, *grads_of(out, (x, q, k), g), replayed,
+            *grads_of(replayed, (x, q, k), g), scores, *grads_of(scores, (q, k), gs))
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_eager_path_and_registered_ops_agree(backend, fuse, monkeypatch):
+    """A plain call skips the registered ops (they are made to raise) and runs the backend
+    through an autograd.Function; the same call under a dispatch mode (what a tracer is) goes
+    through the registered forward and backward ops. Both give bit-identical outputs, kept sets
+    and gradients, for the drop, its replay of another selection and cls_attention."""
+    case = DropCase(b=3, h=2, n=19, d=5, c=7, p=2, keep_rate=0.4, fuse=fuse, seed=5)
+    x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    other = torch.stack([torch.randperm(case.m, generator=g)[:case.n_keep].sort().values
+                         for _ in range(case.b)]).to(backend.device)
+
+    log = _OpLog()
+    with log:
+        registered = _all_paths_of_the_ops(x, q, k, case, other)
+    backward = "drop_tokens_backward" if fuse else "gather_tokens_backward"
+    for name in ("drop_tokens", "drop_tokens_replay", backward, "cls_attention",
+                 "cls_attention_backward"):
+        assert f"bsr_kernels.{name}.default" in log.names, (name, sorted(set(log.names)))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain eager call reached a registered op")
+    for name in _REGISTERED:
+        monkeypatch.setattr(bsr_kernels.ops, name, refuse)
+    eager = _all_paths_of_the_ops(x, q, k, case, other)
+    assert len(eager) == len(registered) == 12
+    for i, (a, b) in enumerate(zip(eager, registered)):
+        assert _same(a, b), f"output {i} differs between the eager path and the registered ops"
+
+
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_second_order_gradient_raises_on_both_paths(backend):
+    """The backward kernels have no derivative: a gradient of a gradient through the drop raises
+    on the eager path as on the registered ops, instead of coming out silently missing."""
+    case = DropCase(b=2, h=2, n=9, d=3, c=6, p=1, keep_rate=0.5, fuse=True, seed=4)
+    x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
+    for mode in (contextlib.nullcontext(), _OpLog()):
+        with mode:
+            out = drop(x, q, k, case)[0]
+            gq = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)[0]
+            with pytest.raises(RuntimeError, match="no autograd formula"):
+                torch.autograd.grad(gq.sum(), k, allow_unused=True)
+
+
+def test_plain_eager_is_false_under_tracers_and_modes():
+    """What sends a call to the registered ops: a dispatch mode, a function mode (a device
+    context), jit.trace, a functorch transform, a tensor subclass; plain tensors do not."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bsr_kernels.ops import _plain_eager
+    t = torch.randn(2, 3)
+    assert _plain_eager(t, t.requires_grad_())
+    with _OpLog():
+        assert not _plain_eager(t)
+    with torch.device("cpu"):
+        assert not _plain_eager(t)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(2))
+    assert not _plain_eager(fake)
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _plain_eager(t, torch.randn(2).as_subclass(Sub))
+    seen = []
+    torch.jit.trace(lambda a: seen.append(_plain_eager(a)) or a * 2, (torch.randn(2),),
+                    check_trace=False)  # the check re-runs it untraced
+    torch.func.grad(lambda a: seen.append(_plain_eager(a)) or a.sum())(torch.randn(2))
+    make_fx(lambda a: seen.append(_plain_eager(a)) or a * 2)(torch.randn(2))
+    assert seen == [False, False, False]
+
+
+def test_make_fx_graph_keeps_the_registered_ops():
+    """A traced forward and backward (make_fx, as AOTAutograd and export trace) record the
+    registered drop ops, not the backend's kernels."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    case = DropCase(b=2, h=2, n=9, d=4, c=6, p=1, keep_rate=0.5, fuse=True, seed=2)
+    x, q, k = make_inputs(case, CPU, torch.float32)
+
+    def fwd_bwd(x, q, k):
+        x, q, k = (t.requires_grad_() for t in (x, q, k))
+        out = drop(x, q, k, case)[0]
+        return torch.autograd.grad(out.sum(), (x, q, k))
+
+    graph = str(make_fx(fwd_bwd)(x.clone(), q.clone(), k.clone()).graph)
+    assert "bsr_kernels.drop_tokens.default" in graph
+    assert "bsr_kernels.drop_tokens_backward.default" in graph
+    assert "cpp_drop" not in graph
 
 
 # --- saved for backward ------------------------------------------------------------------------

@@ -4,6 +4,17 @@ The ops are registered with ``torch.library`` (namespace ``bsr_kernels``), with 
 autograd, so ``torch.compile`` treats them as opaque and gives the eager result. Every registered
 op takes a ``backend`` string ("" for the dispatcher's choice), so a forced backend also runs the
 backward. ``drop_tokens_replay`` is the forward with a recorded selection (``kept=``).
+
+Two paths, one autograd definition. A plain eager call (:func:`_plain_eager`: plain tensors, no
+tracer, no dispatch or function mode) runs the backend through an ``autograd.Function``
+(``_DropFunction`` and friends) and skips the registered ops: the ``custom_op`` machinery costs
+host time on every call (forward and backward of a drop: about 190 us against 80 us, CPU, tiny
+shapes), which on a GPU is the same order as the kernels. Everything else (``torch.compile``,
+``torch.export``, ``jit.trace``, ``make_fx``, fake tensors, ``FlopCounterMode``, selective
+checkpointing, tensor subclasses) goes through the registered ops, which those tools see as one
+opaque node. Both paths share the setup (what is saved) and the backward
+(:func:`_drop_input_grads`); they differ only in how a backward kernel is reached (the backend
+itself, or the registered backward op).
 """
 from __future__ import annotations
 
@@ -48,14 +59,15 @@ def _(grad_scores, q, k, lse, scale, num_prefix_tokens, backend):
 def _cls_attention_setup(ctx, inputs, output):
     q, k, scale, p, backend = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.scale, ctx.p, ctx.backend = scale, p, backend
+    ctx.scale, ctx.p = scale, p
+    _save_backend(ctx, backend)
     ctx.save_for_backward(q, k, output[1])
 
 
 def _cls_attention_backward(ctx, grad_scores, grad_lse):
     q, k, lse = ctx.saved_tensors
-    gq, gk = _cls_attention_bwd_op(grad_scores.contiguous(), q, k, lse, ctx.scale, ctx.p,
-                                   ctx.backend)
+    gq, gk = _backward_kernels(ctx).cls_scores_backward(grad_scores.contiguous(), q, k, lse, ctx.scale,
+                                             ctx.p)
     return gq, gk, None, None, None
 
 
@@ -123,7 +135,8 @@ def _(grad_out, kept, n_tokens, num_prefix_tokens, backend):
 
 
 def _save_drop(ctx, x, q, k, kept, scores, lse, scale, p, backend, fused):
-    ctx.scale, ctx.p, ctx.n_tokens, ctx.backend, ctx.fused = scale, p, x.shape[1], backend, fused
+    ctx.scale, ctx.p, ctx.n_tokens, ctx.fused = scale, p, x.shape[1], fused
+    _save_backend(ctx, backend)
     # Saved: int32 indices always; for the fused token also x, q, k (q and k are views of the
     # block's qkv, which attention saves anyway), the (B, M) scores and the (B, H) logsumexp.
     if fused:
@@ -151,9 +164,9 @@ def _drop_input_grads(ctx, grad_out):
     grad_out = grad_out.contiguous()
     if ctx.fused:
         kept, x, q, k, scores, lse = ctx.saved_tensors
-        return _drop_bwd_op(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p, ctx.backend)
+        return _backward_kernels(ctx).drop_backward(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p)
     (kept,) = ctx.saved_tensors
-    return _gather_bwd_op(grad_out, kept, ctx.n_tokens, ctx.p, ctx.backend), None, None
+    return _backward_kernels(ctx).gather_backward(grad_out, kept, ctx.n_tokens, ctx.p), None, None
 
 
 def _drop_backward(ctx, grad_out, *_):
@@ -163,6 +176,78 @@ def _drop_backward(ctx, grad_out, *_):
 
 _drop_op.register_autograd(_drop_backward, setup_context=_drop_setup)
 _replay_op.register_autograd(_drop_backward, setup_context=_replay_setup)
+
+
+# --- the eager path -------------------------------------------------------------------------
+
+class _RegisteredBackward:
+    """The backward kernels of the registered-op path: the registered backward ops (which a
+    tracer records), with the backend name the forward resolved."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def cls_scores_backward(self, grad_scores, q, k, lse, scale, num_prefix_tokens):
+        return _cls_attention_bwd_op(grad_scores, q, k, lse, scale, num_prefix_tokens,
+                                     self.backend)
+
+    def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
+        return _drop_bwd_op(grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens,
+                            self.backend)
+
+    def gather_backward(self, grad_out, kept, n_tokens, num_prefix_tokens):
+        return _gather_bwd_op(grad_out, kept, n_tokens, num_prefix_tokens, self.backend)
+
+
+def _save_backend(ctx, backend) -> None:
+    """Keeps the forward's backend: an object on the eager path, a name on the registered one."""
+    ctx.impl = None if isinstance(backend, str) else backend
+    ctx.backend = backend if ctx.impl is None else backend.name
+
+
+def _backward_kernels(ctx):
+    """What a backward calls: the backend itself on the eager path; the registered backward ops
+    on the registered path, and on either under ``create_graph=True``. Those ops have no
+    derivative, so a second backward through them raises; the bare kernels' outputs would carry
+    no graph, and second-order gradients would come out silently missing."""
+    if ctx.impl is not None and not torch.is_grad_enabled():
+        return ctx.impl
+    return _RegisteredBackward(ctx.backend)
+
+
+def _plain_eager(*tensors: Tensor) -> bool:
+    """Whether a call can skip the registered ops: plain tensors, and nothing that traces or
+    intercepts ops (torch.compile / export, jit.trace, functorch transforms, a dispatch mode
+    such as fake tensors, make_fx, FlopCounterMode or selective checkpointing, a function mode).
+    Anything else must see the op itself."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(type(t) is Tensor for t in tensors)
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _eager_function(name: str, method: str, setup, backward) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` whose forward is the backend's ``method`` (the backend object is
+    the last input), with the registered op's ``setup`` and ``backward``. Old-style (``forward``
+    takes ctx): a Function with ``setup_context`` binds its arguments through ``inspect`` on
+    every call (about 40 us); functorch transforms, which need that style, take the registered
+    ops instead (:func:`_plain_eager`)."""
+    def forward(ctx, *inputs):
+        output = getattr(inputs[-1], method)(*inputs[:-1])
+        setup(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,),
+                dict(forward=staticmethod(forward), backward=staticmethod(backward),
+                     __doc__=f"The eager path of the registered op; runs Backend.{method}."))
+
+
+_ClsAttentionFunction = _eager_function("_ClsAttentionFunction", "cls_scores",
+                                        _cls_attention_setup, _cls_attention_backward)
+_DropFunction = _eager_function("_DropFunction", "drop_forward", _drop_setup, _drop_backward)
+_ReplayFunction = _eager_function("_ReplayFunction", "drop_replay", _replay_setup,
+                                  _drop_backward)
 
 
 # --- public functional API --------------------------------------------------------------------
@@ -188,9 +273,11 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     p = check_prefix(num_prefix_tokens, q.shape[2])
     scale = resolve_scale(scale, q.shape[3])
     # resolved once, here (an unavailable backend raises here); the op and its backward get it
-    backend = select_backend(q.device, q.dtype,
-                             name=check_backend_name(backend) or context_backend()).name
-    return _cls_attention_op(q, k, scale, p, backend)[0]
+    impl = select_backend(q.device, q.dtype,
+                          name=check_backend_name(backend) or context_backend())
+    if _plain_eager(q, k):
+        return _ClsAttentionFunction.apply(q, k, scale, p, impl)[0]
+    return _cls_attention_op(q, k, scale, p, impl.name)[0]
 
 
 def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: bool = True,
@@ -231,7 +318,6 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     # their backward get the name
     impl = select_backend(x.device, x.dtype, q.dtype,
                           name=check_backend_name(backend) or context_backend())
-    backend = impl.name
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
     if kept is not None:
         check_kept(kept, x.shape[0], plan)
@@ -239,9 +325,13 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     if q.dtype != x.dtype and not impl.mixed_dtypes:
         q, k = q.to(x.dtype), k.to(x.dtype)
+    eager = _plain_eager(x, q, k)
     if kept is not None:
-        x_out, _, _ = _replay_op(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token,
-                                 backend)
+        replay = _ReplayFunction.apply if eager else _replay_op
+        x_out, _, _ = replay(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token,
+                             impl if eager else impl.name)
         return x_out, kept
-    x_out, kept, _, _ = _drop_op(x, q, k, scale, p, plan.n_keep, plan.fuse_token, backend)
+    drop = _DropFunction.apply if eager else _drop_op
+    x_out, kept, _, _ = drop(x, q, k, scale, p, plan.n_keep, plan.fuse_token,
+                             impl if eager else impl.name)
     return x_out, kept.long()
