@@ -1,6 +1,7 @@
 """The ``drop_tokens`` section of the suite: the drop op against every way of writing it.
 
-Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, medians, ratios):
+Three scopes (the third, ``host``, is described below), each timed side by side
+(``_timing.interleaved``: A B A B rounds, medians, ratios):
 
 * ``op``: the drop alone, from x, q and k:
     - ``eager composite``: :func:`bsr_kernels.baselines.eager_drop_composite`, the authors' way:
@@ -8,6 +9,8 @@ Two scopes, each timed side by side (``_timing.interleaved``: A B A B rounds, me
     - ``bsr <backend>``: the public ``bsr_kernels.drop_tokens`` with ``backend=`` forced, for
       every backend available on the device (the Triton interpreter on CPU is left out: it is for
       testing, not timing);
+    - ``no-compute floor`` (backward passes only): an autograd.Function with the op's output and
+      gradient shapes that computes nothing, what an infinitely fast kernel would take there;
     - ``torch.compile(reference)``: the pure-PyTorch definition
       (:func:`bsr_kernels.ops.reference.drop_tokens`) through ``torch.compile(dynamic=True)``:
       one compilation serves every shape (compilation is not timed).
@@ -63,7 +66,7 @@ from bsr_kernels.ops.dispatch import get_backend
 from ._suite import SuiteConfig, Target, make_inputs, min_bytes, section_main
 from ._timing import copy_gbps, error_text, format_table, robust_interleaved
 
-__all__ = ["run", "shapes", "op_candidates", "block_candidates", "host_candidates",
+__all__ = ["run", "shapes", "op_candidates", "block_candidates", "host_candidates", "FLOOR",
            "peak_bandwidth", "backend_fn", "NOMINAL_GBPS", "HOST_SHAPE"]
 
 KEEP_RATE = 0.5
@@ -129,8 +132,30 @@ def _compiled_reference(cfg: SuiteConfig):
     return _COMPILED[key]
 
 
+#: Candidate of the op scope's backward passes only: an autograd.Function with the op's output
+#: and gradient shapes and layouts that computes nothing (:class:`_NoCompute`). Its time is what
+#: an infinitely fast kernel would take in that pass: autograd, the allocations and, through
+#: qkv, autograd's UnbindBackward stack of the gradient.
+FLOOR = "no-compute floor"
+
+
+class _NoCompute(torch.autograd.Function):
+    """x, q, k -> an uninitialised (B, P + n_keep + 1, C) output; backward: uninitialised
+    gradients laid out like x, q and k (as the backends' are)."""
+
+    @staticmethod
+    def forward(ctx, x, q, k, n_keep):
+        ctx.save_for_backward(x, q, k)
+        return x.new_empty(x.shape[0], PREFIX + n_keep + 1, x.shape[2])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*(torch.empty_like(t) for t in ctx.saved_tensors), None)
+
+
 def op_candidates(cfg: SuiteConfig, scale: float, n_keep: int) -> dict[str, Callable]:
-    """name -> fn(x, q, k, v) -> x_out, the eager composite first."""
+    """name -> fn(x, q, k, v) -> x_out, the eager composite first; :data:`FLOOR` last (the
+    backward passes only)."""
     out: dict[str, Callable] = {
         "eager composite": lambda x, q, k, v: eager_drop_composite(
             x, q, k, KEEP_RATE, num_prefix_tokens=PREFIX)[0]}
@@ -140,6 +165,7 @@ def op_candidates(cfg: SuiteConfig, scale: float, n_keep: int) -> dict[str, Call
     if cfg.compile:
         comp = _compiled_reference(cfg)
         out["torch.compile(reference)"] = lambda x, q, k, v: comp(x, q, k, scale, n_keep)
+    out[FLOOR] = lambda x, q, k, v: _NoCompute.apply(x, q, k, n_keep)
     return out
 
 
@@ -320,7 +346,9 @@ def run(cfg: SuiteConfig, log=print) -> dict:
                 if grad == "leaves" and scope != "op":
                     continue
                 errors: dict = {}
-                timings = _time(cands, make, grad, cfg, reps, min_sample, errors)
+                timed = {name: fn for name, fn in cands.items()
+                         if grad is not None or name != FLOOR}
+                timings = _time(timed, make, grad, cfg, reps, min_sample, errors)
                 failed += [dict(scope=scope, size=size, N=n, B=b, pass_=pass_, candidate=name,
                                 error=err) for name, err in errors.items()]
                 eager = timings.get(next(iter(cands)))
@@ -374,6 +402,9 @@ def cpu_targets(cfg: SuiteConfig, rows: list[dict]) -> list[dict]:
     leaves = _vs_compiled(rows, "fwd+bwd leaves", "ViT-B", 197, 32, "bsr cpp")
     if leaves is not None:
         where += f"; with q, k as leaves (no UnbindBackward stack): {leaves:.2f}x"
+    floor = _vs_compiled(rows, "fwd+bwd", "ViT-B", 197, 32, FLOOR)
+    if floor is not None:
+        where += f"; the {FLOOR} of this pass: {floor:.2f}x"
     return [Target("CPU drop fwd+bwd speedup vs torch.compile(reference)", value, ">=", 2.0, "x",
                    where).to_dict()]
 

@@ -56,6 +56,9 @@ def test_drop_section_rows(suite_run):
     assert "eager composite" in op_candidates
     assert {"bsr reference", "bsr cpp"} <= op_candidates
     assert "torch.compile(reference)" not in op_candidates  # --no-compile
+    # the no-compute floor runs in the backward passes only
+    assert {r["pass_"] for r in rows if r["candidate"] == "no-compute floor"} == {
+        "fwd+bwd", "fwd+bwd leaves"}
     block = {r["candidate"] for r in rows if r["scope"] == "attention+drop"}
     assert block == {"eager attention + composite", "SDPA + CLS-row softmax", "SDPA + bsr drop"}
     assert {r["pass_"] for r in rows if r["scope"] == "op"} == {"forward", "fwd+bwd",
