@@ -8,8 +8,9 @@ backward. ``drop_tokens_replay`` is the forward with a recorded selection (``kep
 Two paths, one autograd definition. A plain eager call (:func:`_plain_eager`: plain tensors, no
 tracer, no dispatch or function mode) runs the backend through an ``autograd.Function``
 (``_DropFunction`` and friends) and skips the registered ops: the ``custom_op`` machinery costs
-host time on every call (forward and backward of a drop: about 190 us against 80 us, CPU, tiny
-shapes), which on a GPU is the same order as the kernels. Everything else (``torch.compile``,
+host time on every call (a forward and ``autograd.grad`` of a tiny drop on CPU: 172 us through the
+registered op, 138 us for the whole public call; ``benchmarks`` section ``drop_tokens``, scope
+``host``), which on a GPU is the same order as the kernels. Everything else (``torch.compile``,
 ``torch.export``, ``jit.trace``, ``make_fx``, fake tensors, ``FlopCounterMode``, selective
 checkpointing, tensor subclasses) goes through the registered ops, which those tools see as one
 opaque node. Both paths share the setup (what is saved) and the backward
