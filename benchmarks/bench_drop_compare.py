@@ -61,7 +61,7 @@ from bsr_kernels import _config
 from bsr_kernels.baselines import _drop_from_probs, eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
-from bsr_kernels.ops.dispatch import get_backend
+from bsr_kernels.ops.dispatch import select_backend
 
 from ._suite import SuiteConfig, Target, make_inputs, min_bytes, section_main
 from ._timing import copy_gbps, error_text, format_table, robust_interleaved
@@ -252,8 +252,8 @@ def host_candidates(cfg: SuiteConfig, grad: bool) -> dict[str, Callable]:
     x, q, k, _, _ = make_inputs(b, n, h, c, cfg.op_dtype, cfg.device)
     x, q, k = (t.contiguous().requires_grad_() for t in (x, q, k))
     scale, n_keep = (c // h) ** -0.5, num_kept(KEEP_RATE, n - PREFIX)
-    name = _default_backend_name(cfg)[len("bsr "):]
-    impl = get_backend(name)
+    impl = select_backend(torch.device(cfg.device), cfg.op_dtype)  # what the public call uses
+    name = impl.name
     calls = {
         "registered op": lambda: torch.ops.bsr_kernels.drop_tokens(x, q, k, scale, PREFIX,
                                                                     n_keep, True, name)[0],

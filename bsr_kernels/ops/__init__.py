@@ -67,8 +67,8 @@ def _cls_attention_setup(ctx, inputs, output):
 
 def _cls_attention_backward(ctx, grad_scores, grad_lse):
     q, k, lse = ctx.saved_tensors
-    gq, gk = _backward_kernels(ctx).cls_scores_backward(grad_scores.contiguous(), q, k, lse, ctx.scale,
-                                             ctx.p)
+    gq, gk = _backward_kernels(ctx).cls_scores_backward(grad_scores.contiguous(), q, k, lse,
+                                                        ctx.scale, ctx.p)
     return gq, gk, None, None, None
 
 
@@ -165,7 +165,8 @@ def _drop_input_grads(ctx, grad_out):
     grad_out = grad_out.contiguous()
     if ctx.fused:
         kept, x, q, k, scores, lse = ctx.saved_tensors
-        return _backward_kernels(ctx).drop_backward(grad_out, x, q, k, kept, scores, lse, ctx.scale, ctx.p)
+        return _backward_kernels(ctx).drop_backward(grad_out, x, q, k, kept, scores, lse,
+                                                    ctx.scale, ctx.p)
     (kept,) = ctx.saved_tensors
     return _backward_kernels(ctx).gather_backward(grad_out, kept, ctx.n_tokens, ctx.p), None, None
 
@@ -326,13 +327,13 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     if q.dtype != x.dtype and not impl.mixed_dtypes:
         q, k = q.to(x.dtype), k.to(x.dtype)
+    # the eager path's Functions take the backend object, the registered ops its name
     eager = _plain_eager(x, q, k)
+    backend = impl if eager else impl.name
     if kept is not None:
         replay = _ReplayFunction.apply if eager else _replay_op
-        x_out, _, _ = replay(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token,
-                             impl if eager else impl.name)
+        x_out, _, _ = replay(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token, backend)
         return x_out, kept
     drop = _DropFunction.apply if eager else _drop_op
-    x_out, kept, _, _ = drop(x, q, k, scale, p, plan.n_keep, plan.fuse_token,
-                             impl if eager else impl.name)
+    x_out, kept, _, _ = drop(x, q, k, scale, p, plan.n_keep, plan.fuse_token, backend)
     return x_out, kept.long()
