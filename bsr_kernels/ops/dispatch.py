@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 
@@ -31,6 +32,11 @@ _BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CppBack
 #: them (extension loaded, CUDA present, triton importable) does not change within a process.
 _SELECTED: dict[tuple, Backend] = {}
 _FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("bsr_backend", default="")
+#: How many ``use_backend`` blocks are open, in any thread. While none is, nothing reads
+#: ``_FORCED``: torch.compile of torch 2.11 cannot trace ``ContextVar.get`` (a graph break at every
+#: op call), and a compiled entry guards on this count instead, so entering a block recompiles.
+_OPEN_BLOCKS = 0
+_OPEN_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -41,22 +47,27 @@ def use_backend(name: str | None):
         with bsr_kernels.use_backend("reference"):
             x, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
     """
+    global _OPEN_BLOCKS
     token = _FORCED.set(check_backend_name(name))
+    with _OPEN_LOCK:
+        _OPEN_BLOCKS += 1
     try:
         yield
     finally:
         _FORCED.reset(token)
+        with _OPEN_LOCK:
+            _OPEN_BLOCKS -= 1
 
 
 def context_backend() -> str:
     """The backend forced by the innermost ``use_backend`` block, or "" (the ops resolve it when
     called and carry it into their backward, which may run in another thread)."""
-    return _FORCED.get()
+    return _FORCED.get() if _OPEN_BLOCKS else ""
 
 
 def forced_backend() -> str | None:
     """The backend forced by ``use_backend`` or ``BSR_BACKEND``, or None."""
-    return _FORCED.get() or _config.forced_backend()
+    return context_backend() or _config.forced_backend()
 
 
 def all_backends() -> dict[str, Backend]:
