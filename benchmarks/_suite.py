@@ -39,7 +39,7 @@ import bsr_kernels
 from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
-__all__ = ["SuiteConfig", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
+__all__ = ["SuiteConfig", "doc_summary", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
            "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "is_graphed",
            "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
@@ -466,6 +466,12 @@ class Target:
                     unit=self.unit, where=self.where, verdict=self.verdict)
 
 
+def doc_summary(doc: str) -> str:
+    """The first paragraph of a module docstring, on one line: a command's ``--help``
+    description (its first line alone may stop mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def section_main(doc: str, run: Callable, table: Callable, argv=None, options=(),
                  config: Callable = lambda args: {}) -> dict:
     """The command line of one section module (``python -m benchmarks.bench_<x>``).
@@ -477,7 +483,7 @@ def section_main(doc: str, run: Callable, table: Callable, argv=None, options=()
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc_summary(doc))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)

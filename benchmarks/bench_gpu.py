@@ -716,8 +716,7 @@ def summarize(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        epilog="Each part runs in a child process; see the module docstring.")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for results.json, results.md, part-*.json")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="comma-separated parts, run in the order given "

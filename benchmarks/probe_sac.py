@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
 
 import bsr_kernels
 
-from ._suite import COMPILE_MODES, SuiteConfig, create_vit
+from ._suite import COMPILE_MODES, SuiteConfig, create_vit, doc_summary
 
 __all__ = ["sac_model", "live_bytes", "run", "MODES"]
 
@@ -239,7 +239,7 @@ def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=prin
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc_summary(__doc__))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     ap.add_argument("--tiny", action="store_true", help="tiny models (tests; figures meaningless)")

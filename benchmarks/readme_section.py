@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from ._suite import Target
+from ._suite import Target, doc_summary
 from ._timing import format_table
 
 __all__ = ["load_results", "performance_section", "main"]
@@ -154,7 +154,7 @@ def performance_section(results: dict, link: str | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=doc_summary(__doc__))
     parser.add_argument("path", help="results.json, its directory, or the .md beside it")
     parser.add_argument("--link", help="path of the full report to link from the section")
     args = parser.parse_args(argv)

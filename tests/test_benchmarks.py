@@ -208,6 +208,29 @@ def test_benchmarks_is_a_package_without_path_hacks():
     assert suite.min_bytes(2, 2, 2, 8, 0.5, 1, torch.float32) == 4 * (32 + 16 + 32 + 2 * 2 * 8)
 
 
+def test_every_benchmark_command_help_describes_it_in_whole_sentences():
+    """``--help`` of every benchmark command starts with its module docstring's first paragraph,
+    whole: the docstrings' first lines alone stop mid-sentence."""
+    import contextlib
+    import io
+    import pkgutil
+    suite = _import_bench("_suite")
+    names = [m.name for m in pkgutil.iter_modules([BENCH])
+             if m.name.startswith(("bench_", "probe_")) or m.name in ("run", "readme_section")]
+    assert {"bench_gpu", "bench_train_step", "probe_sac", "run"} <= set(names), names
+    for name in names:
+        module = _import_bench(name)
+        if not hasattr(module, "main"):
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = " ".join(out.getvalue().split())
+        if name != "run":   # run.py's description is its own line
+            summary = suite.doc_summary(module.__doc__)
+            assert summary.endswith((".", ")")) and summary in text, (name, summary)
+
+
 def test_variants_are_the_methods_registry():
     """The suite's variants are methods of ``bsr_kernels.methods`` with the same trained
     parameters as the methods themselves."""
