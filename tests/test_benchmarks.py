@@ -1,7 +1,7 @@
 """The benchmark suite runs end to end on tiny models and writes every section.
 
-``python -m benchmarks.run --tiny --quick --no-compile`` runs all five sections on a tiny 12-block ViT
-(one torch thread) in a subprocess; the test checks the files it writes, that the figures are
+``python -m benchmarks.run --tiny --quick --no-compile`` runs all five sections on a tiny 12-block
+ViT (one torch thread) in a subprocess; the test checks the files it writes, that the figures are
 consistent with each other (not their speed: timings never go into assertions), and that the
 README section prints from them. Also unit tests of the suite's small helpers.
 """
@@ -674,6 +674,14 @@ def test_bench_gpu_targets_read_the_parts():
     assert peak.value == 1.04 and "eager lean in part step" in peak.where
     md = bench_gpu.summarize(results)
     assert "## targets (issues 9 and 10)" in md and "PASS: GPU step: best BSR mode" in md
+    # op-compiled measured: 2.5x at the three large shapes, 1.5x at B=8
+    results["parts"]["op-compiled"] = {"ViT-B B=128": {comp: 2.6}, "ViT-B B=32 N=577": {comp: 2.4},
+                                       "ViT-B B=8": {comp: 1.6}}
+    got = {(t.name, t.where.split(",")[0]): t for t in bench_gpu.targets(results)}
+    verdicts = {shape: t.verdict for (name, shape), t in got.items()
+                if name.endswith("compiled CLS-row composite")}
+    assert verdicts == {"ViT-B B=128": "PASS", "ViT-B B=32 N=577": "FAIL",
+                        "ViT-S B=256": "NOT MEASURED", "ViT-B B=8": "PASS"}, verdicts
     nothing = bench_gpu.targets({"env": {}, "parts": {}})
     assert nothing and all(t.verdict == "NOT MEASURED" for t in nothing)
 
