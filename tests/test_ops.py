@@ -1136,35 +1136,21 @@ def test_use_backend_and_backend_argument_force_forward_and_backward(monkeypatch
             pass
 
 
-def test_use_backend_reads_no_context_var_outside_blocks_and_recompiles_inside(monkeypatch):
-    """Outside every ``use_backend`` block the ops never read the ContextVar (torch 2.11's dynamo
-    cannot trace ``ContextVar.get``: it was a graph break at every op call), so a compiled call
-    has no graph break; it guards on the open-block count instead, so calling it inside a block
-    recompiles and runs the forced backend. A block left by an exception closes its count."""
+def test_use_backend_under_torch_compile_and_in_threads(monkeypatch):
+    """A compiled op call has no graph break inside or outside a ``use_backend`` block (torch
+    2.11's dynamo cannot trace ``ContextVar.get``, where the forced name used to live: a graph
+    break at every op call, an error under ``fullgraph=True``); entering a block recompiles and
+    runs the forced backend, leaving it runs the default again. A block forces nothing in another
+    thread, and one left by an exception gives the outer block's choice back."""
+    import threading
     from bsr_kernels.ops import dispatch
 
-    class CountingVar:
-        def __init__(self, var):
-            self.var, self.reads = var, 0
-
-        def get(self):
-            self.reads += 1
-            return self.var.get()
-
-        def set(self, value):
-            return self.var.set(value)
-
-        def reset(self, token):
-            self.var.reset(token)
-
-    var = CountingVar(dispatch._FORCED)
-    monkeypatch.setattr(dispatch, "_FORCED", var)
     forwards = []
     for name, b in dispatch.all_backends().items():
         real = type(b).drop_forward
 
         def spy(self, *a, _real=real, _name=name):
-            forwards.append(_name)
+            forwards.append((threading.current_thread().name, _name))
             return _real(self, *a)
         monkeypatch.setattr(type(b), "drop_forward", spy)
 
@@ -1175,23 +1161,34 @@ def test_use_backend_reads_no_context_var_outside_blocks_and_recompiles_inside(m
     def fn(x, q, k):
         return bsr_kernels.drop_tokens(x, q, k, 0.5)[0] * 2
 
+    def breaks():
+        explained = torch._dynamo.explain(fn)(x, q, k)
+        return explained.graph_break_count, [str(r.reason)[:200] for r in explained.break_reasons]
+
+    main = threading.current_thread().name
     torch._dynamo.reset()
     eager = fn(x, q, k)
-    explained = torch._dynamo.explain(fn)(x, q, k)
-    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="eager")
+    assert breaks()[0] == 0, breaks()
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x, q, k), eager)
-    assert var.reads == 0 and forwards and set(forwards) == {"cpp"}, (var.reads, forwards)
+    assert set(forwards) == {(main, "cpp")}, forwards
     forwards.clear()
     with bsr_kernels.use_backend("reference"):
-        assert dispatch._OPEN_BLOCKS == 1
         out = compiled(x, q, k)
-    assert var.reads > 0 and forwards == ["reference"], (var.reads, forwards)
+        assert forwards == [(main, "reference")], forwards
+        assert breaks()[0] == 0, breaks()
+        forwards.clear()
+        worker = threading.Thread(target=fn, args=(x, q, k), name="worker")
+        worker.start()
+        worker.join()
+        assert forwards == [("worker", "cpp")], forwards
     torch.testing.assert_close(out, eager)
-    assert dispatch._OPEN_BLOCKS == 0
-    with pytest.raises(RuntimeError, match="inside"):
-        with bsr_kernels.use_backend("reference"):
-            raise RuntimeError("raised inside the block")
-    assert dispatch._OPEN_BLOCKS == 0 and dispatch.context_backend() == ""
+    forwards.clear()
+    assert torch.equal(compiled(x, q, k), eager) and forwards == [(main, "cpp")], forwards
+    with bsr_kernels.use_backend("cpp"):
+        with pytest.raises(RuntimeError, match="inside"):
+            with bsr_kernels.use_backend("reference"):
+                raise RuntimeError("raised inside the block")
+        assert dispatch.context_backend() == "cpp"
+    assert dispatch.context_backend() == ""
     torch._dynamo.reset()

@@ -10,7 +10,6 @@ rejected.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 
 import torch
@@ -31,12 +30,11 @@ _BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CppBack
 #: select_backend's answers by (device, dtypes, forced name, TRITON_INTERPRET): what decides
 #: them (extension loaded, CUDA present, triton importable) does not change within a process.
 _SELECTED: dict[tuple, Backend] = {}
-_FORCED: contextvars.ContextVar[str] = contextvars.ContextVar("bsr_backend", default="")
-#: How many ``use_backend`` blocks are open, in any thread. While none is, nothing reads
-#: ``_FORCED``: torch.compile of torch 2.11 cannot trace ``ContextVar.get`` (a graph break at every
-#: op call), and a compiled entry guards on this count instead, so entering a block recompiles.
-_OPEN_BLOCKS = 0
-_OPEN_LOCK = threading.Lock()
+#: ``forced``: the backend of the innermost ``use_backend`` block open in this thread. A
+#: thread-local, not a ContextVar: torch.compile (dynamo) of torch 2.11 cannot trace
+#: ``ContextVar.get`` (a graph break at every op call, an error under ``fullgraph=True``), while it
+#: reads a thread-local's attribute and guards on it, so entering or leaving a block recompiles.
+_LOCAL = threading.local()
 
 
 @contextlib.contextmanager
@@ -47,22 +45,17 @@ def use_backend(name: str | None):
         with bsr_kernels.use_backend("reference"):
             x, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
     """
-    global _OPEN_BLOCKS
-    token = _FORCED.set(check_backend_name(name))
-    with _OPEN_LOCK:
-        _OPEN_BLOCKS += 1
+    outer, _LOCAL.forced = context_backend(), check_backend_name(name)
     try:
         yield
     finally:
-        _FORCED.reset(token)
-        with _OPEN_LOCK:
-            _OPEN_BLOCKS -= 1
+        _LOCAL.forced = outer
 
 
 def context_backend() -> str:
     """The backend forced by the innermost ``use_backend`` block, or "" (the ops resolve it when
     called and carry it into their backward, which may run in another thread)."""
-    return _FORCED.get() if _OPEN_BLOCKS else ""
+    return getattr(_LOCAL, "forced", "")
 
 
 def forced_backend() -> str | None:
