@@ -32,6 +32,8 @@ def test_requirements_are_a_range_and_the_app_is_an_extra():
     assert '"torch>=2.11"' in (REPO / "pyproject.toml").read_text()
     install = (REPO / "scripts" / "install.sh").read_text()
     assert "torch==2.14.1" in install and '-e ".[test,app]"' in install
+    oldest = (REPO / "scripts" / "test_oldest_torch.sh").read_text()  # the lower bound, tested
+    assert "torch==2.11.0" in oldest and '-e ".[test,app]"' in oldest
 
 
 def test_import_and_reprogram_without_the_app_packages():
