@@ -18,7 +18,8 @@ from .export import export_onnx
 from .profile import ProfileResult, profile
 from .reprogram import kept_patches, reprogram, restore
 from .summary import TrainableSummary, draw_kept, trainable_summary
-from .saving import load_checkpoint, save_checkpoint, saved_bsr_config
+from .saving import BSRConfigWarning, load_checkpoint, save_checkpoint, saved_bsr_config
+from .delta import load_delta, save_delta
 
 __version__ = "0.1.0"
 
@@ -26,19 +27,6 @@ __all__ = ["cls_attention", "drop_tokens", "available_backends", "use_backend", 
            "TokenDropAttention",
            "reprogram", "restore", "profile", "ProfileResult", "kept_patches", "load_delta",
            "save_delta", "trainable_summary", "TrainableSummary", "draw_kept", "export_onnx",
-           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "to_moe", "MultiTaskViT",
-           "__version__"]
+           "save_checkpoint", "load_checkpoint", "saved_bsr_config", "BSRConfigWarning", "to_moe",
+           "MultiTaskViT", "__version__"]
 
-
-def load_delta(model, path):
-    """Applies a delta checkpoint (trained parameters only) to ``model``; see
-    :func:`bsr_kernels.delta.load_delta`."""
-    from .delta import load_delta as _load_delta
-    return _load_delta(model, path)
-
-
-def save_delta(model, path, names=None, extra=None):
-    """Writes a delta checkpoint: the trained parameters and the BSR config; see
-    :func:`bsr_kernels.delta.save_delta`."""
-    from .delta import save_delta as _save_delta
-    return _save_delta(model, path, names=names, extra=extra)

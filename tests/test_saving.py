@@ -11,7 +11,7 @@ import torch
 
 import bsr_kernels
 from bsr_kernels.config_access import bsr_config_dict
-from bsr_kernels.saving import BSRConfigWarning
+from bsr_kernels import BSRConfigWarning  # exported for warnings filters
 
 KW = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=5)
 NAME = "vit_tiny_patch16_224"
