@@ -516,6 +516,84 @@ def test_overwrite_keeps_the_old_run_when_the_bsr_settings_are_refused(tmp_path,
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_an_error_before_training_leaves_the_out_folder_as_it_was(tmp_path, capsys):
+    """A run that stops on a usage or input error before writing anything leaves ``--out`` as it
+    found it: the run's own args.json after a failed --resume or --overwrite (so a bare
+    --resume still takes the run's options), and no folder where there was none."""
+    run = tmp_path / "run"
+    rc, _, err = _run([*FAST, "--out", run], capsys)
+    assert rc == 0, err
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad_data = ["--data", tmp_path / "no_such_dir"]
+    for extra in (["--resume", run], ["--out", run, "--overwrite"]):
+        rc, _, err = _run([*bad_data, *extra], capsys)
+        assert rc == 2 and "--data" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, extra
+    rc, out, err = _run(["--resume", run], capsys)            # the run's own options again
+    assert rc == 0 and "linear: finished in an earlier run" in out, (out, err)
+    fresh = tmp_path / "fresh" / "deeper"
+    for extra in (bad_data, ["--train-blocks", "3,99", "--method", "bsr"]):
+        rc, _, err = _run([*FAST, *extra, "--out", fresh], capsys)
+        assert rc == 2 and not fresh.exists(), (extra, err)
+
+
+def test_img_size_off_the_patch_grid_is_refused_before_training(tmp_path, capsys,
+                                                                monkeypatch):
+    """An --img-size that is not a whole number of patches (timm would drop the last pixels
+    silently) is refused, naming it, before any training; too small for the digits too."""
+    def no_training(*a, **k):
+        raise AssertionError("trained before --img-size was checked")
+    monkeypatch.setattr(cli, "fit", no_training)
+    for size, says in ((17, "--img-size 17: not a whole number of"), (4, "--img-size 4")):
+        rc, _, err = _run([*FAST, "--img-size", size, "--out", tmp_path / "run"], capsys)
+        assert rc == 2 and says in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_is_an_error_message_not_a_traceback(monkeypatch, capsys):
+    """An allocation failure (CPU allocator, CUDA, MemoryError) ends the run with exit status 2
+    and a line that names it and what to lower; any other RuntimeError still propagates."""
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 35840000000000 bytes.")
+    for error in (cpu, torch.OutOfMemoryError("CUDA out of memory."), MemoryError()):
+        def boom(*a, _e=error, **k):
+            raise _e
+        monkeypatch.setattr(cli, "run", boom)
+        rc, _, err = _run(FAST, capsys)
+        assert rc == 2 and "out of memory" in err and "--batch-size" in err, (error, err)
+    monkeypatch.setattr(cli, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        cli.main(FAST)
+
+
+def test_log_interval_prints_plain_step_lines_without_progress_bars(capsys):
+    """Without progress bars (a log file) --log-interval N prints the step, loss and images/s
+    every N steps, one plain line each; epoch lines end with the epoch's time; 0: none."""
+    import re
+    argv = [*FAST, "--batch-size", "64", "--log-interval", "3"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    steps = re.findall(r"^linear epoch 1/1 step (\d+)/(\d+): loss [\d.]+, [\d.]+ img/s$", out,
+                       re.M)
+    total = int(steps[0][1])
+    assert [int(s) for s, _ in steps] == list(range(3, total, 3)) and "\r" not in out, out
+    assert re.search(r"^linear epoch 1/1: train loss .*accuracy [\d.]+%, [\d.]+ s$", out, re.M)
+    rc, out, err = _run([*argv, "--log-interval", "0"], capsys)
+    assert rc == 0 and "epoch 1/1 step" not in out, out
+
+
+def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, monkeypatch):
+    """--resume of a folder that holds no run (a typo, an empty folder) is an error naming
+    it, not a fresh run from scratch."""
+    _no_loading(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    for argv in (["--resume", tmp_path / "empty"], ["--resume", "--out", tmp_path / "empty"],
+                 ["--resume", "--out", tmp_path / "missing"]):
+        rc, _, err = _run([*FAST, *argv], capsys)
+        assert rc == 2 and "no run to resume" in err, (argv, err)
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "missing").exists()
+
+
 def test_resume_continues_the_run_as_it_was_started(tmp_path, capsys):
     """``--resume DIR`` alone takes the options the run was started with (its args.json): the
     same methods (not the demo's four), BSR settings and epochs; options given on the command

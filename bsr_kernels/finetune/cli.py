@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in --out (its files are deleted first)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
+    g.add_argument("--log-interval", type=_nonneg_int, default=50, metavar="N",
+                   help="without progress bars (a log file, --no-progress), print the step, "
+                        "loss and images/s every N training steps (0: epoch lines only)")
     g.add_argument("--profile-batch", type=_positive_int, default=8,
                    help="images in the batch that measures memory and FLOPs")
     g.add_argument("--timing-rounds", type=_nonneg_int, default=10,
@@ -284,8 +287,8 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 #: Options about where a run executes rather than what it computes, and the bookkeeping of
 #: args.json: ``--resume`` does not take them from the earlier run.
-_NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "multitask",
-                "given", "argv", "earlier_argv")
+_NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "log_interval",
+                "multitask", "given", "argv", "earlier_argv")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -303,13 +306,19 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
                   if v is not unset and not (k in adding and v is None))
 
 
-def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn) -> list[str]:
+def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
+                          methods: Sequence[str] = METHODS) -> list[str]:
     """``--resume``: every option the command line leaves out is the earlier run's (its
     args.json), so ``bsr-finetune --resume DIR`` continues that run as it was started: the same
     methods, epochs, data and settings. Returns the options taken, as ``--name value``."""
     given = getattr(args, "given", None)
     path = run_dir / "args.json"
-    if given is None or not path.is_file():   # run() called without main(), or no record
+    if given is None:   # run() called without main()
+        return []
+    if not path.is_file():   # a run writes args.json first; its method folders come next
+        if not any((run_dir / m).is_dir() for m in methods):
+            raise ValueError(f"--resume {run_dir}: no run to resume there (no args.json, no "
+                             f"method folder); start one with --out {run_dir}")
         return []
     record = read_json(path, "the options of the run to resume",
                        "pass the run's options on the command line", format=ARGS_FORMAT,
@@ -488,26 +497,50 @@ def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
     return lock
 
 
+def _written(out: Path, methods: Sequence[str]) -> dict:
+    """The run files in ``out`` other than args.json, with their sizes and times."""
+    stats = {n: (out / n).stat() for n in _run_files(out, methods) if n != "args.json"}
+    return {n: (s.st_size, s.st_mtime_ns) for n, s in stats.items()}
+
+
+#: What a run stops on before it trains: a usage or input error (data, weights, checkpoints).
+_SETUP_ERRORS = (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError)
+
+
 @contextlib.contextmanager
 def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
                 methods: Sequence[str] = METHODS):
-    """``--out`` claimed (:func:`_prepare_out`) for the block, released after it. A --resume
-    whose options do not fit the run's checkpoints (:class:`CheckpointError`) puts the run's
-    own args.json back, so that the next bare --resume takes the run's options again."""
+    """``--out`` claimed (:func:`_prepare_out`) for the block, released after it.
+
+    A usage or input error (:data:`_SETUP_ERRORS`: a missing data folder, a model that does not
+    fit, a checkpoint of other options) raised before the run has written any file leaves the
+    folder as it was: the earlier args.json back (so that the next bare --resume takes the
+    run's own options again), or none, and no folder where there was none. An interrupt, or an
+    error once the run has written a file, keeps the new args.json, which describes those
+    files and lets --resume continue them."""
     out = Path(args.out) if args.out is not None else None
-    previous = None
-    if info.is_main and args.resume and out is not None and (out / "args.json").is_file():
-        previous = (out / "args.json").read_bytes()
+    main = info.is_main and out is not None
+    existed = main and out.is_dir()
+    previous = (out / "args.json").read_bytes() if existed and (out / "args.json").is_file() \
+        else None
     lock = _prepare_out(args, info, warn, methods)
+    written = _written(out, methods) if main else None
+    restore = False
     try:
         yield lock
-    except CheckpointError:
-        if previous is not None:
-            atomic_write(out / "args.json", previous)
+    except _SETUP_ERRORS:
+        restore = main and _written(out, methods) == written
+        if restore:
+            if previous is not None:
+                atomic_write(out / "args.json", previous)
+            else:
+                (out / "args.json").unlink(missing_ok=True)
         raise
     finally:
         if lock is not None:
             lock.release()
+        if restore and not existed and not any(out.iterdir()):
+            out.rmdir()
 
 
 def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
@@ -561,6 +594,10 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     seed_all(args.seed)
     base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
                               args.checkpoint)
+    patch = tuple(base.patch_embed.patch_size)
+    if img_size % patch[0] or img_size % patch[1]:   # timm would drop the last pixels silently
+        raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
+                         f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
     if info.is_main:
         log(f"bsr-finetune: {args.model} ({minfo['weights']}), {img_size} px, "
             f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; data {data.name}: "
@@ -612,7 +649,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                           sched=args.sched,
                           warmup_epochs=args.warmup_epochs,
                           workers=args.workers, seed=args.seed, progress=progress,
-                          checkpoint=ckpt, save_every_steps=args.save_every_steps,
+                          log_interval=args.log_interval, checkpoint=ckpt, save_every_steps=args.save_every_steps,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
@@ -746,11 +783,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run(args, info, log=lambda s: log(s, flush=True), warn=warn)
     except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
-            KeyboardInterrupt) as e:
+            KeyboardInterrupt, MemoryError) as e:
+        return exit_status("bsr-finetune", e, args.out)
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
         return exit_status("bsr-finetune", e, args.out)
     finally:
         teardown_distributed()
     return 0
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError, or Python's MemoryError."""
+    return (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 
 def exit_status(prog: str, e: BaseException, out) -> int:
@@ -771,6 +819,11 @@ def exit_status(prog: str, e: BaseException, out) -> int:
         return 130
     if os.environ.get("BSR_FINETUNE_DEBUG"):   # the full traceback, for developers
         raise e
+    if out_of_memory(e):
+        what = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"{prog}: error: out of memory ({what}); lower --batch-size or --img-size",
+              file=sys.stderr)
+        return 2
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         # a file or folder that cannot be read or written, named
         print(f"{prog}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",

@@ -141,7 +141,7 @@ def digits_split(classes: Sequence[int], img_size: int, mean: Sequence[float] = 
     from sklearn.datasets import load_digits
 
     if not isinstance(img_size, int) or img_size < 8:
-        raise ValueError(f"img_size must be an int >= 8 for the digits data, got {img_size!r}")
+        raise ValueError(f"--img-size {img_size!r}: the digits data needs at least 8 px")
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0   # (N, 1, 8, 8)
     target = torch.tensor(digits.target)

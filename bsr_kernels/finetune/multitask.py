@@ -400,7 +400,7 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out (the folder holding the checkpoints)")
     if args.resume:   # options not given are the run's own, as in bsr-finetune --resume
-        taken = cli._take_earlier_options(args, Path(args.out), warn)
+        taken = cli._take_earlier_options(args, Path(args.out), warn, METHODS)
         if taken:
             log(f"--resume: as the run was started: {' '.join(taken)}")
     if args.batch_size % info.world_size:
@@ -631,7 +631,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run(args, log=lambda s: print(s, flush=True), info=info, warn=warn)
     except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
-            KeyboardInterrupt) as e:
+            KeyboardInterrupt, MemoryError) as e:
+        return cli.exit_status(prog, e, args.out)
+    except RuntimeError as e:
+        if not cli.out_of_memory(e):
+            raise
         return cli.exit_status(prog, e, args.out)
     finally:
         teardown_distributed()

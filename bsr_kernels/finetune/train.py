@@ -427,6 +427,8 @@ class FitOptions:
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
         progress: show progress bars.
+        log_interval: without progress bars, a plain line (step, loss, images/s) every this many
+            training steps (0: none), readable in a log file.
         checkpoint: where to write the per-epoch checkpoint (None: none).
         save_every_steps: also write it every this many steps inside an epoch (0: at the end of
             each epoch only). SIGTERM and Ctrl-C (SIGINT) write it at the next step boundary
@@ -451,6 +453,7 @@ class FitOptions:
     workers: int = 0
     seed: int = 0
     progress: bool = False
+    log_interval: int = 0
     checkpoint: Optional[Path] = None
     save_every_steps: int = 0
     resume: bool = False
@@ -566,6 +569,12 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 loss_sum, n_batches = loss_sum + loss, n_batches + 1
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{loss:.3f}")
+                elif (opts.log_interval and info.is_main and n_batches % opts.log_interval == 0
+                      and n_batches < steps_per_epoch):
+                    seen = (n_batches - skip) * images.shape[0] * info.world_size
+                    log(f"{name} epoch {epoch + 1}/{opts.epochs} step {n_batches}/"
+                        f"{steps_per_epoch}: loss {loss:.4f}, "
+                        f"{seen / (time.perf_counter() - t_epoch):.1f} img/s")
                 if n_batches == steps_per_epoch:   # the epoch's end saves (and stops) below
                     break
                 every = opts.save_every_steps
@@ -586,7 +595,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             if info.is_main:
                 log(f"{name} epoch {epoch + 1}/{opts.epochs}: train loss "
                     f"{history[-1]['train_loss']:.4f}, test loss {test_loss:.4f}, "
-                    f"accuracy {100 * acc:.2f}%")
+                    f"accuracy {100 * acc:.2f}%, {time.perf_counter() - t_epoch:.1f} s")
                 if opts.checkpoint is not None:
                     save_checkpoint(opts.checkpoint, checkpoint_state(epoch + 1))
                 if opts.on_epoch is not None:
