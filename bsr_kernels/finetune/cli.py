@@ -161,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{'|'.join(METHODS)}, a comma-separated list, or all (default: all for "
                         "the digits demo, bsr otherwise)")
     g.add_argument("--train-blocks", type=_blocks, default=None,
-                   help="BSR: blocks to train, e.g. 3,7,11 (default: d/3*k-1)")
+                   help="BSR: blocks to train, 0-based, e.g. 3,7,11 (default for a depth d: "
+                        "d/3*k-1 for k=1..3, i.e. 3,7,11 at d=12)")
     g.add_argument("--drop-at", type=_blocks, default=None,
-                   help="BSR: blocks that drop tokens, e.g. 3,6,9, or none (default: d/4*k)")
+                   help="BSR: blocks that drop tokens, 0-based, e.g. 3,6,9, or none (default for a "
+                        "depth d: d/4*k for k=1..3, i.e. 3,6,9 at d=12)")
     g.add_argument("--keep-rate", type=_keep_rate, default=0.5,
                    help="BSR: fraction of patch tokens kept at each drop, in (0, 1]")
     g.add_argument("--memory-mode", choices=("lean", "fast", "autograd"), default="lean",
@@ -197,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
                    help="linear learning-rate warm-up, in epochs (may be fractional; longer "
-                        "than the run means warm-up throughout), then cosine decay to 0")
+                        "than the run means warm-up throughout), then the --sched schedule (default: "
+                        "cosine decay to 0)")
     g.add_argument("--seed", type=_seed, default=0,
                    help="seed of the weights of new layers, the shuffling and the "
                         "augmentation")
@@ -212,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write args.json, summary.json, summary.csv, report.png, and per "
-                        "method checkpoint.pt (each epoch), result.json and delta.safetensors; "
-                        "a folder holding a run needs --resume or --overwrite")
+                        "method checkpoint.pt (each epoch), result.json, delta.safetensors and "
+                        "delta.json; a folder holding a run needs --resume or --overwrite "
+                        "(default: write nothing)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue a run: PATH is its --out folder or one of its "
                         "<method>/checkpoint.pt; bare --resume continues --out. Options not "
