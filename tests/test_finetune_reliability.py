@@ -582,6 +582,25 @@ def test_log_interval_prints_plain_step_lines_without_progress_bars(capsys):
     assert rc == 0 and "epoch 1/1 step" not in out, out
 
 
+def test_options_that_would_do_nothing_are_refused(capsys, monkeypatch):
+    """BSR settings with methods that are not BSR, and --out settings without --out, are
+    refused before anything loads, naming each option (timm and argparse habit: no option is
+    silently ignored)."""
+    _no_loading(monkeypatch)
+    cases = [(["--method", "linear", "--keep-rate", "0.3", "--memory-mode", "fast"],
+              "--keep-rate, --memory-mode: apply to --method bsr only"),
+             (["--method", "full", "--activation-dtype", "bfloat16"],
+              "--activation-dtype: applies to --method bsr only"),
+             (["--method", "linear", "--train-blocks", "3"],
+              "--train-blocks: applies to --method bsr only"),
+             (["--overwrite"], "--overwrite: applies to a run written with --out DIR"),
+             (["--save-every-steps", "5", "--overwrite"],
+              "--overwrite, --save-every-steps: apply to a run written with --out DIR")]
+    for extra, says in cases:
+        rc, _, err = _run([*FAST, *extra], capsys)
+        assert rc == 2 and says in err, (extra, err)
+
+
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, monkeypatch):
     """--resume of a folder that holds no run (a typo, an empty folder) is an error naming
     it, not a fresh run from scratch."""

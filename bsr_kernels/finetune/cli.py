@@ -310,6 +310,11 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
                   if v is not unset and not (k in adding and v is None))
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of an argparse destination: ``keep_rate`` -> ``--keep-rate``."""
+    return "--" + name.replace("_", "-")
+
+
 def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
                           methods: Sequence[str] = METHODS) -> list[str]:
     """``--resume``: every option the command line leaves out is the earlier run's (its
@@ -335,7 +340,7 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
         if getattr(args, name) != value:
             setattr(args, name, value)
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            taken.append(f"--{name.replace('_', '-')} {shown}")
+            taken.append(f"{_flag(name)} {shown}")
     args.earlier_argv = [*record.get("earlier_argv", []), record.get("argv")]
     epochs = earlier.get("epochs")
     if "epochs" in given and epochs is not None and args.epochs != epochs:
@@ -575,8 +580,18 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if args.pretrained and args.checkpoint is not None:
         raise ValueError("--pretrained and --checkpoint both choose the starting weights: "
                          "pass one of them")
-    if "bsr" not in methods and (args.train_blocks is not None or args.drop_at is not None):
-        raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
+    given = set(getattr(args, "given", ()))   # options on the command line (main() sets it)
+    bsr_only = [n for n in ("train_blocks", "drop_at", "keep_rate", "memory_mode",
+                            "activation_dtype")
+                if n in given or (n in ("train_blocks", "drop_at") and getattr(args, n))]
+    if "bsr" not in methods and bsr_only:
+        raise ValueError(f"{', '.join(_flag(n) for n in bsr_only)}: "
+                         f"{'apply' if len(bsr_only) > 1 else 'applies'} to --method bsr only")
+    needs_out = [n for n in ("overwrite", "save_every_steps") if n in given]
+    if args.out is None and needs_out:
+        raise ValueError(f"{', '.join(_flag(n) for n in needs_out)}: "
+                         f"{'apply' if len(needs_out) > 1 else 'applies'} to a run written with "
+                         "--out DIR")
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
