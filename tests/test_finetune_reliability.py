@@ -601,6 +601,18 @@ def test_options_that_would_do_nothing_are_refused(capsys, monkeypatch):
         assert rc == 2 and says in err, (extra, err)
 
 
+def test_resume_with_fewer_methods_says_what_the_summary_leaves_out(tmp_path, capsys):
+    """--resume with a --method list that leaves out methods of the run warns, naming them
+    and the list that keeps them; their files stay."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["--resume", tmp_path, "--method", "bitfit"], capsys)
+    assert rc == 0, err
+    assert ("also holds linear, which this run's summary and report leave out" in err
+            and "--method bitfit,linear keeps them in" in err), err
+    assert (tmp_path / "linear" / "result.json").is_file()
+
+
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, monkeypatch):
     """--resume of a folder that holds no run (a typo, an empty folder) is an error naming
     it, not a fresh run from scratch."""

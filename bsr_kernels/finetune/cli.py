@@ -598,6 +598,12 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if "bsr" in methods:
         _check_amp(args.amp, info.device)
     # --out is checked (and locked) before any data or weights are loaded.
+    if args.resume and info.is_main:
+        left = [m for m in METHODS if m not in methods and (Path(args.out) / m).is_dir()]
+        if left:
+            warn(f"--method {','.join(methods)}: the run in {args.out} also holds "
+                 f"{', '.join(left)}, which this run's summary and report leave out (their "
+                 f"files stay; --method {','.join([*methods, *left])} keeps them in)")
     with claimed_out(args, info, warn) as lock:
         return _run(args, info, log, warn, methods, t_start, lock)
 
