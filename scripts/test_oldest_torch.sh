@@ -22,7 +22,8 @@ VENV=$(realpath -m "${VENV:-.venv-oldest-torch}")
 "$VENV/bin/pip" install -q torch==2.11.0 "numpy<2.4" timm==1.0.29 "setuptools>=64" wheel ninja
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK"
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK"
 cd "$WORK"
 # the installed torch, numpy and timm satisfy the package's ranges, so pip keeps them
 "$VENV/bin/pip" install -q --no-build-isolation -e ".[test,app]"

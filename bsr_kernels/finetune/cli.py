@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
                    help="linear learning-rate warm-up, in epochs (may be fractional; longer "
-                        "than the run means warm-up throughout), then the --sched schedule (default: "
-                        "cosine decay to 0)")
+                        "than the run means warm-up throughout), then the --sched schedule "
+                        "(default: cosine decay to 0)")
     g.add_argument("--seed", type=_seed, default=0,
                    help="seed of the weights of new layers, the shuffling and the "
                         "augmentation")
@@ -674,7 +674,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                           sched=args.sched,
                           warmup_epochs=args.warmup_epochs,
                           workers=args.workers, seed=args.seed, progress=progress,
-                          log_interval=args.log_interval, checkpoint=ckpt, save_every_steps=args.save_every_steps,
+                          log_interval=args.log_interval, checkpoint=ckpt,
+                          save_every_steps=args.save_every_steps,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
