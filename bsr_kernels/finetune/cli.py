@@ -315,6 +315,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _refuse_unused(names: Sequence[str], where: str) -> None:
+    """Raises a ValueError naming the options ``names`` (argparse destinations), if any, that
+    would do nothing here: they apply to ``where``."""
+    if names:
+        raise ValueError(f"{', '.join(_flag(n) for n in names)}: "
+                         f"{'apply' if len(names) > 1 else 'applies'} to {where}")
+
+
 def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
                           methods: Sequence[str] = METHODS) -> list[str]:
     """``--resume``: every option the command line leaves out is the earlier run's (its
@@ -514,6 +522,9 @@ def _written(out: Path, methods: Sequence[str]) -> dict:
 
 #: What a run stops on before it trains: a usage or input error (data, weights, checkpoints).
 _SETUP_ERRORS = (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError)
+#: What the ``main`` of either mode hands to :func:`exit_status` (a line and an exit status);
+#: exit_status raises any other RuntimeError than an allocation failure again, traceback and all.
+RUN_ERRORS = (*_SETUP_ERRORS, KeyboardInterrupt, MemoryError, RuntimeError)
 
 
 @contextlib.contextmanager
@@ -584,14 +595,11 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     bsr_only = [n for n in ("train_blocks", "drop_at", "keep_rate", "memory_mode",
                             "activation_dtype")
                 if n in given or (n in ("train_blocks", "drop_at") and getattr(args, n))]
-    if "bsr" not in methods and bsr_only:
-        raise ValueError(f"{', '.join(_flag(n) for n in bsr_only)}: "
-                         f"{'apply' if len(bsr_only) > 1 else 'applies'} to --method bsr only")
-    needs_out = [n for n in ("overwrite", "save_every_steps") if n in given]
-    if args.out is None and needs_out:
-        raise ValueError(f"{', '.join(_flag(n) for n in needs_out)}: "
-                         f"{'apply' if len(needs_out) > 1 else 'applies'} to a run written with "
-                         "--out DIR")
+    if "bsr" not in methods:
+        _refuse_unused(bsr_only, "--method bsr only")
+    if args.out is None:
+        _refuse_unused([n for n in ("overwrite", "save_every_steps") if n in given],
+                       "a run written with --out DIR")
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
@@ -808,12 +816,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"bsr-finetune: warning: {s}", file=sys.stderr, flush=True)
 
         run(args, info, log=lambda s: log(s, flush=True), warn=warn)
-    except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
-            KeyboardInterrupt, MemoryError) as e:
-        return exit_status("bsr-finetune", e, args.out)
-    except RuntimeError as e:
-        if not out_of_memory(e):
-            raise
+    except RUN_ERRORS as e:
         return exit_status("bsr-finetune", e, args.out)
     finally:
         teardown_distributed()
@@ -832,7 +835,11 @@ def exit_status(prog: str, e: BaseException, out) -> int:
     status, for both modes of bsr-finetune: 2 for a usage, input or I/O error (``out``: the run's
     folder, None without --out), 3 (:data:`EXIT_DIVERGED`) for a NaN/inf training loss, 128 + the
     signal for a stop at a step boundary, 130 for another Ctrl-C. ``BSR_FINETUNE_DEBUG`` set:
-    errors are raised again, with their traceback."""
+    errors are raised again, with their traceback, as is a RuntimeError that is neither an
+    allocation failure nor a data or weights error (a bug)."""
+    if isinstance(e, RuntimeError) and not isinstance(e, _SETUP_ERRORS) \
+            and not out_of_memory(e):
+        raise e
     if isinstance(e, TrainingInterrupted):
         where = f"; {e.saved} holds the training up to that step" if e.saved else ""
         print(f"{prog}: stopped by signal {e.signal} at a step boundary{where}; rerun with "

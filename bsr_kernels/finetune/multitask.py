@@ -612,8 +612,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``bsr-finetune --multitask``; returns the exit status: 0, 2 on a usage or
     input error, 3 (:data:`cli.EXIT_DIVERGED`) when the training loss became NaN or infinite,
     130 when interrupted (Ctrl-C)."""
-    from .data import DatasetUnavailableError
-    from .models import WeightsUnavailableError
     from .train import setup_distributed, teardown_distributed
 
     prog = "bsr-finetune --multitask"
@@ -630,12 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{prog}: warning: {s}", file=sys.stderr, flush=True)
 
         run(args, log=lambda s: print(s, flush=True), info=info, warn=warn)
-    except (ValueError, OSError, DatasetUnavailableError, WeightsUnavailableError,
-            KeyboardInterrupt, MemoryError) as e:
-        return cli.exit_status(prog, e, args.out)
-    except RuntimeError as e:
-        if not cli.out_of_memory(e):
-            raise
+    except cli.RUN_ERRORS as e:
         return cli.exit_status(prog, e, args.out)
     finally:
         teardown_distributed()
