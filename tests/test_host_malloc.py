@@ -151,3 +151,51 @@ def test_bsr_finetune_child_process_really_retains(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "kept for reuse" in summary["malloc"], summary["malloc"]
     assert "kept for reuse" in p.stdout
+
+
+def test_bench_malloc_rows_pair_rounds_and_settings():
+    from benchmarks import bench_malloc as bm
+    children = [dict(variant="full", setting=s, round=r, step_ms=ms, faults_per_step=f,
+                     peak_rss_mib=p, rss_after_mib=p - 1)
+                for s, r, ms, f, p in [
+                    ("system", 0, 120.0, 900, 500), ("retained", 0, 100.0, 9, 510),
+                    ("system", 1, 90.0, 800, 505), ("retained", 1, 100.0, 7, 520),
+                    ("system", 2, 150.0, 700, 499)]]
+    children += [dict(variant="drop_op", setting=s, round=r, peak_rss_mib=1, rss_after_mib=1,
+                      passes={"fwd+bwd": {"bsr cpp": c, "torch.compile(reference)": 2 * c,
+                                          "no-compute floor": 1.0, "speedup_vs_compiled": x}})
+                 for s, r, c, x in [("system", 0, 3.0, 1.5), ("retained", 0, 2.0, 2.5),
+                                    ("retained", 1, 4.0, 1.9)]]
+    rows = {r["setting"]: r for r in bm._rows(children, ("full", "drop_op"))}
+    assert rows["system"]["step_ms"] == 120.0 and rows["system"]["runs"] == 3
+    assert rows["system"]["speedup_vs_system"] == 1.0
+    # per-round ratios 1.2 and 0.9 (round 2 has no retained run): median 1.05
+    assert abs(rows["retained"]["speedup_vs_system"] - 1.05) < 1e-12
+    assert rows["retained"]["peak_rss_mib"] == 520 and rows["retained"]["faults_per_step"] == 8
+    op = {r["setting"]: r for r in bm._op_rows(children)}
+    assert op["retained"]["speedup_vs_compiled"] == 2.2 and op["retained"]["bsr cpp"] == 3.0
+    assert op["system"]["runs"] == 1 and op["system"]["torch.compile(reference)"] == 6.0
+    text = bm.table(dict(rows=list(rows.values()), op_rows=list(op.values())))
+    assert "1.05x" in text and "2.20x" in text and "Drop op" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "full,nope"], "nope"), (["--variants", ","], "none given"),
+    (["--rounds", "0"], "rounds"), (["--steps", "-1"], "steps")])
+def test_bench_malloc_refuses_bad_arguments(argv, message, capsys):
+    from benchmarks import bench_malloc as bm
+    with pytest.raises(SystemExit) as e:
+        bm.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@needs_glibc
+def test_bench_malloc_runs_children(tmp_path):
+    from benchmarks import bench_malloc as bm
+    lines = []
+    result = bm.run(("full",), rounds=1, steps=1, batch=2, model="tiny", log=lines.append)
+    assert not result["errors"], result["errors"]
+    assert {(c["setting"], c["variant"]) for c in result["children"]} == {
+        ("system", "full"), ("retained", "full")}
+    assert all(c["step_ms"] > 0 and c["peak_rss_mib"] > 0 for c in result["children"])
+    assert len(lines) == 2 and "full" in lines[0]

@@ -510,7 +510,8 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                "top_k": args.top_k, "keep_rate": args.keep_rate,
                "memory_mode": args.memory_mode, "seed": args.seed, "device": str(device),
                "threads": torch.get_num_threads(), "malloc": malloc,
-               "torch": torch.__version__, **summary_meta, "wall_time_s": time.perf_counter() - t_start}
+               "torch": torch.__version__, **summary_meta,
+               "wall_time_s": time.perf_counter() - t_start}
     log("")
     log(format_table(results))
     if args.out is not None:
