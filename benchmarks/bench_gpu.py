@@ -4,14 +4,24 @@ training step against its peers. Made for a short lease on a lent GPU, where a h
 return in 145 s, then 440 s, and the run produced no tables).
 
 So every part runs in a child process of its own, in priority order, under one deadline, and
-writes its results as it goes (``--out``/``part-<name>.json``). Each compilation runs under a
-watchdog (``--compile-timeout-s``): when it overruns, the child dumps the stacks of all its threads
-to ``stacks-<part>-<what>.txt`` (where it hung) and exits; the parent records the hang and starts
-the part again without that candidate, so the others are still measured. The parent merges the
-parts into ``results.json`` and ``results.md`` after each one and prints the summary tables last.
-A first hang under inductor's compile-worker pool switches the rest of the run to
-``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process: the known workaround for pool hangs, and
-slower) and retries; set that variable beforehand to start that way.
+writes its results as it goes (``--out``/``part-<name>.json``; a step part after each variant's
+build and after the timing). Each compilation and each step build runs under a watchdog
+(``--compile-timeout-s`` for a compilation): when it overruns, the child dumps the stacks of all
+its threads to ``stacks-<part>-<what>.txt`` (where it hung) and exits; the parent records the
+hang and starts the part again, reusing what the child measured (op shapes, profiled steps; a
+step part times all its variants again: their ratios are paired within one timing). A first
+hang inside a compilation retries with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling
+in-process: the known workaround for pool hangs, and slower; kept for the rest of the run; set
+that variable beforehand to start that way); any other hang retries without that candidate, so
+the others are still measured. A child stops itself at the deadline (``check``, ``op``,
+``sync`` and ``sweep`` also at a time limit of their own, against a hang in a first Triton
+compile), its stacks in ``stacks-<part>-time_limit.txt`` and what it saved kept; the parent
+kills it only if it has not stopped 10 s later. So that a stop loses no timing, a step part
+starts a compiled build only when a whole compile timeout and 60 s for the timing fit before the
+deadline, and ``op-compiled`` starts no shape after the targets' first one when less is left
+than ``step-compiled`` needs for one compiled build (the summary lists what time left out). The
+parent merges the parts into ``results.json`` and ``results.md`` after each one and prints the
+summary tables last.
 
 Parts (``--parts``, default all, in this order):
 
@@ -30,10 +40,11 @@ Parts (``--parts``, default all, in this order):
   model. The ``train_step`` section's own code (:func:`bench_train_step.step_rows`) and
   variant names.
 * ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
-  itself), forward and fwd+bwd, ratios in this process.
+  itself), forward and fwd+bwd, ratios in this process; ViT-B B=128 first.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
   in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
-  fine-tuning and eager autograd mode timed beside them for in-process ratios.
+  fine-tuning and eager autograd mode timed beside them for in-process ratios. The targets'
+  best BSR mode is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
 * ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), eager
   variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
   how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
@@ -73,7 +84,8 @@ from bsr_kernels.baselines import eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
-from ._suite import SuiteConfig, Target, is_graphed, make_inputs, min_bytes, model_label
+from ._suite import (COMPILE_MODES, SuiteConfig, Target, is_graphed, make_inputs, min_bytes,
+                     model_label)
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
 
@@ -132,17 +144,37 @@ class Skipped(Exception):
     """A candidate left out: it hung in an earlier attempt of this part."""
 
 
+#: Exit status of a worker that its own clock stopped (:func:`run_worker`: the run's deadline
+#: or the part's time limit); a watchdog's exit is 1.
+STOPPED = 3
+#: The label of the part's own clock in its stacks file (``stacks-<part>-time_limit.txt``).
+TIME_LIMIT = "time limit"
+
+
 class Worker:
     """The part running in this process: its results and what it is doing right now, saved to
     ``part-<name>.json`` after every change, so that a hang or a crash loses nothing and the
-    parent knows what hung."""
+    parent knows what hung (``running``) and whether it was compiling (``compiling``).
+
+    A retry of the part finds the file its earlier attempt left (:func:`run_part` removes it
+    only before the first): its results are ``previous`` and this attempt's start, and the part
+    takes what it can reuse from them (:meth:`reuse`) instead of measuring it again.
+    ``reserve_s``: seconds to leave to the parts after this one (``op-compiled`` starts no new
+    shape with less than that before ``deadline``)."""
 
     def __init__(self, part: str, out_dir: str, skip: list[str], compile_timeout_s: float,
-                 deadline: float):
+                 deadline: float, reserve_s: float = 0.0):
         self.part, self.out_dir, self.skip = part, out_dir, set(skip)
-        self.compile_timeout_s, self.deadline = compile_timeout_s, deadline
+        self.compile_timeout_s, self.deadline, self.reserve_s = (compile_timeout_s, deadline,
+                                                                 reserve_s)
         self.path = os.path.join(out_dir, f"part-{part}.json")
-        self.state = {"part": part, "running": None, "result": {}}
+        self.previous = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.previous = json.load(f).get("result", {})
+            self.previous.pop("error", None)
+        self.state = {"part": part, "running": None, "compiling": False,
+                      "result": dict(self.previous)}
 
     def save(self) -> None:
         _write_json(self.path, self.state)
@@ -151,47 +183,66 @@ class Worker:
         self.state["result"][key] = value
         self.save()
 
+    def reuse(self, key: str):
+        """What the earlier attempt measured under ``key`` (None: nothing, or only an error)."""
+        value = self.previous.get(key)
+        return None if isinstance(value, dict) and "error" in value else value
+
     @contextlib.contextmanager
     def watchdog(self, label: str, seconds: float | None = None):
-        """Runs the block with ``label`` recorded as running; past ``seconds`` (default the
-        compile timeout) the stacks of every thread go to ``stacks-<part>-<label>.txt`` and the
-        process exits. Raises :class:`Skipped` for a label that hung before.
-
-        A Python thread takes the stacks (:func:`dump_stacks`, under the GIL).
-        ``faulthandler``'s own watchdog reads the frames without the GIL: on a thread that is
-        still busy (a slow compile rather than a deadlock) it has died mid-dump and left a
-        truncated file. It stays as the backstop ``WATCHDOG_BACKSTOP_S`` later, for code that
-        hangs holding the GIL."""
+        """Runs the block with ``label`` recorded as running; past ``seconds`` (default: the
+        compile timeout, and the block is recorded as compiling) the stacks of every thread go
+        to ``stacks-<part>-<label>.txt`` and the process exits (:func:`expiring`). Raises
+        :class:`Skipped` for a label that hung before."""
         stacks = stacks_file(self.part, label)
         if label in self.skip:
             raise Skipped(f"hung in an earlier attempt ({stacks})")
-        seconds = self.compile_timeout_s if seconds is None else seconds
-        self.state["running"] = label
+        compiling = seconds is None
+        seconds = self.compile_timeout_s if compiling else seconds
+        self.state["running"], self.state["compiling"] = label, compiling
         self.save()
-        path = os.path.join(self.out_dir, stacks)
-        with open(path, "w") as f:
-            done = threading.Event()
-
-            def expire():
-                if not done.wait(seconds):
-                    dump_stacks(f.fileno(), f"Timeout ({seconds} s) while running {label!r}")
-                    os._exit(1)
-
-            threading.Thread(target=expire, name="bench_gpu watchdog", daemon=True).start()
-            # The backstop, for code that hangs holding the GIL: faulthandler's C thread
-            faulthandler.dump_traceback_later(seconds + WATCHDOG_BACKSTOP_S, exit=True, file=f)
-            try:
+        try:
+            with expiring(os.path.join(self.out_dir, stacks), seconds,
+                          f"Timeout ({seconds} s) while running {label!r}", 1, backstop=True):
                 yield
-            finally:  # finished in time, or raised: nothing to keep, nothing running
-                done.set()
-                faulthandler.cancel_dump_traceback_later()
-                os.remove(path)
-                self.state["running"] = None
-                self.save()
+        finally:  # finished in time, or raised: nothing running
+            self.state["running"], self.state["compiling"] = None, False
+            self.save()
 
 
 WORKER: Worker | None = None
 WATCHDOG_BACKSTOP_S = 20.0
+
+
+@contextlib.contextmanager
+def expiring(path: str, seconds: float, header: str, status: int, backstop: bool = False):
+    """Runs the block; past ``seconds`` the stacks of every thread go to ``path`` (``header``
+    first) and the process exits with ``status``. A block that ends in time (or raises) leaves
+    no file.
+
+    A Python thread takes the stacks (:func:`dump_stacks`, under the GIL). ``faulthandler``'s
+    own watchdog reads the frames without the GIL: on a thread that is still busy (a slow
+    compile rather than a deadlock) it has died mid-dump and left a truncated file. With
+    ``backstop`` it stays, ``WATCHDOG_BACKSTOP_S`` later, for code that hangs holding the GIL
+    (one per process: the innermost block has it)."""
+    with open(path, "w") as f:
+        done = threading.Event()
+
+        def expire():
+            if not done.wait(max(seconds, 0.0)):
+                dump_stacks(f.fileno(), header)
+                os._exit(status)
+
+        threading.Thread(target=expire, name="bench_gpu watchdog", daemon=True).start()
+        if backstop:
+            faulthandler.dump_traceback_later(seconds + WATCHDOG_BACKSTOP_S, exit=True, file=f)
+        try:
+            yield
+        finally:
+            done.set()
+            if backstop:
+                faulthandler.cancel_dump_traceback_later()
+            os.remove(path)
 
 
 def dump_stacks(fd: int, header: str) -> None:
@@ -249,17 +300,24 @@ def warmed(candidates: dict, errors: dict, compiled: set[str]) -> dict:
 
 OP_SHAPES = [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577, 64),
              ("ViT-S B=256", 256, 6, 197, 64), ("ViT-B B=8", 8, 12, 197, 64)]
+#: The op shape of ``--smoke`` (CPU).
+SMOKE_OP_SHAPES = [("tiny", 4, 2, 17, 8)]
 EAGER_PEER, ROW_PEER, COMPILED_PEER = ("eager composite", "CLS-row composite",
                                        "compile(CLS-row composite)")
 
 
 def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     """The drop against its eager peers (``compiled=False``) or against the compiled CLS-row
-    composite (``compiled=True``); ratios are taken within this call."""
+    composite (``compiled=True``); ratios are taken within this call. The shapes in
+    :data:`OP_SHAPES` order, the targets' shape first; a shape measured by an earlier attempt
+    of the part is kept (with its copy bandwidth). ``op-compiled`` (a cold compile per shape and
+    pass) starts no shape after the first with less than the worker's ``reserve_s`` left: those
+    are ``{"error"}`` and listed in ``skipped_for_time``."""
     dtype = torch.bfloat16 if cuda else torch.float32
-    shapes = OP_SHAPES if cuda else [("tiny", 4, 2, 17, 8)]
+    shapes = OP_SHAPES if cuda else SMOKE_OP_SHAPES
     g = torch.Generator(device=device).manual_seed(1)
-    out = {"copy_gbps": copy_gbps(device, None if cuda else 1 << 24)}
+    out = {"copy_gbps": WORKER.reuse("copy_gbps") or copy_gbps(device, None if cuda else 1 << 24),
+           "skipped_for_time": []}
     WORKER.put("copy_gbps", out["copy_gbps"])
     log(f"copy: {out['copy_gbps']:.0f} GB/s")
     ours = "bsr " + bsr_kernels.ops.select_backend(torch.device(device), dtype).name
@@ -271,7 +329,20 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
         peers[COMPILED_PEER] = torch.compile(cls_row_drop, dynamic=False)
     else:
         peers[EAGER_PEER] = lambda x, q, k: eager_drop_composite(x, q, k, 0.5)
-    for label, b, h, n, d in shapes:
+    for i, (label, b, h, n, d) in enumerate(shapes):
+        if WORKER.reuse(label) is not None:
+            out[label] = WORKER.reuse(label)
+            log(label, "measured by an earlier attempt of this part")
+            continue
+        left = WORKER.deadline - time.time()
+        if compiled and i and left < WORKER.reserve_s:
+            out[label] = {"error": f"skipped: out of time ({left:.0f} s left, "
+                                   f"{WORKER.reserve_s:.0f} s kept for the later parts)"}
+            out["skipped_for_time"].append(label)
+            WORKER.put(label, out[label])
+            WORKER.put("skipped_for_time", out["skipped_for_time"])
+            log(label, out[label]["error"])
+            continue
         c = h * d
         sets = [make_inputs(b, n, h, c, dtype, device, generator=g)[:3]
                 for _ in range(4 if cuda else 1)]
@@ -428,42 +499,78 @@ def part_sweep(cuda: bool, device: str) -> dict:
 
 # --- the training step ----------------------------------------------------------------------------
 
-def _step_deadline(cuda: bool) -> float:
-    """When a step part stops building variants: the run's deadline less what the interleaved
-    timing of the variants it has needs."""
-    return WORKER.deadline - (60 if cuda else 5)
+#: Seconds a step part keeps at the end of the run for timing the variants it has built (on
+#: CUDA; 5 s in ``--smoke``): it builds none after ``deadline - this``.
+STEP_TIMING_RESERVE_S = 60.0
+#: Watchdog of an eager build (a step variant, a profiled step): Triton compiles the library's
+#: kernels there the first time.
+EAGER_BUILD_S = 180.0
+
+
+def _step_timing(cuda: bool) -> dict:
+    """The keywords of :func:`bench_train_step.time_steps` for a step part: each build under the
+    watchdog (``guard``), none after the run's deadline less the timing reserve, and a compiled
+    one only when its compile timeout fits before that (``compile_s``): a build the run's
+    deadline stopped would leave its part's variants untimed."""
+    return dict(guard=_step_guard, deadline=WORKER.deadline - (STEP_TIMING_RESERVE_S if cuda
+                                                               else 5.0),
+                compile_s=WORKER.compile_timeout_s)
+
+
+def _compiled_step_reserve(compile_timeout_s: float) -> float:
+    """Seconds ``step-compiled`` needs to build and time one compiled variant: its eager builds
+    and the process start (30 s), a compile timeout (a compiled build starts only when that
+    fits, :func:`_step_timing`) and the timing reserve. What ``op-compiled`` leaves it."""
+    return 30.0 + compile_timeout_s + STEP_TIMING_RESERVE_S
 
 
 def _step_guard(variant: str):
-    """The watchdog of a step variant's build: the compile timeout for a compiled one, 180 s
-    for an eager one."""
-    return WORKER.watchdog(variant, None if "+" in variant else 180)
+    """The watchdog of a step variant's build: the compile timeout for a compiled one (a
+    compilation: a hang there retries with TORCHINDUCTOR_COMPILE_THREADS=1), ``EAGER_BUILD_S``
+    for an eager or hand-captured (``+graph``) one."""
+    compiles = variant.partition("+")[2] in COMPILE_MODES
+    return WORKER.watchdog(variant, None if compiles else EAGER_BUILD_S)
 
 
 def part_step(cuda: bool, device: str, variants) -> dict:
     """The ``train_step`` section's step timings (:func:`bench_train_step.step_rows`) of
     ``variants``: ms/step (interleaved medians), img/s, ratios, peak memory, compiled-vs-eager
-    differences; each variant built and compiled under the watchdog."""
+    differences; each variant built and compiled under the watchdog. The rows so far are saved
+    after each build and after the timing (a stop keeps them). A retry builds and times every
+    variant again: ratios are paired within one timing."""
     from .bench_train_step import step_rows
     cfg = SuiteConfig(device=device, tiny=not cuda)
     variants = [v for v in variants if cuda or not (v.endswith("cudagraphs") or is_graphed(v))]
-    rows = step_rows(cfg, variants, log, guard=_step_guard, deadline=_step_deadline(cuda))
+    WORKER.put("batch", cfg.time_batch)
+    WORKER.put("model", model_label(cfg.time_model))
+    rows = step_rows(cfg, variants, log, report=lambda rows: WORKER.put("rows", rows),
+                     **_step_timing(cuda))
     return {"rows": rows, "batch": cfg.time_batch, "model": model_label(cfg.time_model)}
 
 
 def part_profile(cuda: bool, device: str) -> dict:
-    """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS`."""
+    """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS`, each under the
+    watchdog; a variant that hung in an earlier attempt, or that the deadline leaves out, gets a
+    row with the error and the others go on; rows an earlier attempt measured are kept."""
     from .bench_train_step import step_profile
     cfg = SuiteConfig(device=device, tiny=not cuda)
     out = {"model": model_label(cfg.time_model), "batch": cfg.time_batch, "rows": []}
+    done = {r["variant"]: r for r in WORKER.reuse("rows") or []
+            if not r.get("error", "").startswith("skipped")}
     for variant in PROFILED_STEPS:
-        if time.time() > WORKER.deadline - 20:
-            out["rows"].append(dict(variant=variant, error="skipped: out of time"))
-            continue
-        with WORKER.watchdog(variant, 180):
-            out["rows"].append(step_profile(cfg, variant))
+        if variant in done:
+            row = done[variant]
+        elif time.time() > WORKER.deadline - 20:
+            row = dict(variant=variant, error="skipped: out of time")
+        else:
+            try:
+                with WORKER.watchdog(variant, EAGER_BUILD_S):
+                    row = step_profile(cfg, variant)
+            except Skipped as e:
+                row = dict(variant=variant, error=f"skipped: {e}")
+        out["rows"].append(row)
         WORKER.put("rows", out["rows"])
-        log("profile", out["rows"][-1])
+        log("profile", row)
     return out
 
 
@@ -473,8 +580,8 @@ def part_sac(cuda: bool, device: str) -> dict:
     and run on CPU."""
     from .probe_sac import run
     cfg = SuiteConfig(device=device, tiny=not cuda, quick=True)
-    return run(cfg, parts=("time",) if cuda else ("exact",), log=log, guard=_step_guard,
-               deadline=_step_deadline(cuda))
+    return run(cfg, parts=("time",) if cuda else ("exact",), log=log,
+               report=lambda t: WORKER.put("time", t), **_step_timing(cuda))
 
 
 def part_sync(cuda: bool, device: str) -> dict:
@@ -504,13 +611,30 @@ def part_sync(cuda: bool, device: str) -> dict:
     return out
 
 
+#: Time limits (s) of the parts that have no watchdog of their own: a hang there (a first
+#: Triton compile) ends the part at its limit instead of eating the run. Every part also stops
+#: at the run's deadline.
+PART_LIMITS_S = {"check": 150.0, "op": 150.0, "sync": 120.0, "sweep": 180.0}
+#: Seconds the parent waits past a worker's own stop (the deadline or the part's limit) before
+#: it kills the worker: the worker stops itself first, its stacks dumped.
+KILL_GRACE_S = 10.0
+
+
 def run_worker(part: str, args) -> dict:
-    """This process's side of ``--worker PART``: runs the part and saves its result."""
+    """This process's side of ``--worker PART``: runs the part and saves its result. The part
+    stops at the run's deadline or at its time limit (:data:`PART_LIMITS_S`), whichever comes
+    first: its thread stacks go to ``stacks-<part>-time_limit.txt`` and the process exits with
+    :data:`STOPPED`; what it saved stays (``state["stop"]`` says why it stopped)."""
     global WORKER
+    started = time.time()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     WORKER = Worker(part, args.out, [s for s in args.skip.split("|") if s],
-                    args.compile_timeout_s, args.deadline_at or float("inf"))
+                    args.compile_timeout_s, args.deadline_at or float("inf"), args.reserve_s)
+    limit = PART_LIMITS_S.get(part, float("inf"))
+    stop_at = min(WORKER.deadline, started + limit)
+    WORKER.state["stop"] = ("at the deadline" if stop_at == WORKER.deadline
+                            else f"at its {limit:.0f} s time limit")
     WORKER.save()
     parts = {"check": part_check, "op": part_op, "sync": part_sync, "sweep": part_sweep,
              "op-compiled": lambda c, d: part_op(c, d, compiled=True),
@@ -518,8 +642,12 @@ def run_worker(part: str, args) -> dict:
              "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac,
              "profile": part_profile,
              "step-graphs": lambda c, d: part_step(c, d, GRAPHED_STEPS)}
+    clock = (expiring(os.path.join(args.out, stacks_file(part, TIME_LIMIT)),
+                      stop_at - time.time(), f"Stopped {WORKER.state['stop']}", STOPPED)
+             if stop_at < float("inf") else contextlib.nullcontext())
     try:
-        WORKER.state["result"] = parts[part](cuda, device)
+        with clock:
+            WORKER.state["result"] = parts[part](cuda, device)
     except Exception as e:  # recorded; the parent goes on with the next part
         WORKER.state["result"]["error"] = err(e)
         traceback.print_exc()
@@ -528,25 +656,34 @@ def run_worker(part: str, args) -> dict:
     return WORKER.state
 
 
-def run_part(part: str, args, deadline_at: float) -> dict:
-    """Runs ``part`` in child processes until it completes. When a child dies inside a watched
-    block (a hang or a crash): the first time while inductor compiles with its worker pool, the
-    part starts again with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, the known
-    workaround for pool hangs; kept for the rest of the run); otherwise it starts again without
-    that candidate."""
+def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0) -> dict:
+    """Runs ``part`` in child processes until it completes, leaving ``reserve_s`` to the parts
+    after it (:class:`Worker`). When a child dies inside a watched block (a hang or a crash),
+    the part starts again, reusing what that child measured (:meth:`Worker.reuse`): after the
+    first hang in a compilation while inductor compiles with its worker pool, with
+    ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, the known workaround for pool
+    hangs; kept for the rest of the run); otherwise without that candidate. A child stopped at
+    the deadline or at its part's time limit (:func:`run_worker`) is not retried; the parent
+    kills one that overruns that by :data:`KILL_GRACE_S`. Results a child saved are kept."""
     hangs, skip = [], []
     path = os.path.join(args.out, f"part-{part}.json")
+    if os.path.exists(path):
+        os.remove(path)  # an earlier run's: only this run's attempts are reused
+    limit = PART_LIMITS_S.get(part, float("inf"))
+    result = {}
     while True:
         left = deadline_at - time.time()
         if left < 15:
-            return {"error": "skipped: out of time", "hangs": hangs}
+            result["error"] = ("skipped: out of time" if not hangs else "out of time to retry "
+                               f"after the worker ended while running {hangs[-1]['while']!r}")
+            result["hangs"] = hangs
+            return result
         cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--worker", part, "--out", args.out,
                "--skip", "|".join(skip), "--compile-timeout-s", str(args.compile_timeout_s),
-               "--deadline-at", str(deadline_at)] + (["--smoke"] if args.smoke else [])
-        if os.path.exists(path):
-            os.remove(path)
+               "--deadline-at", str(deadline_at), "--reserve-s", str(reserve_s)] + (
+                   ["--smoke"] if args.smoke else [])
         try:
-            rc = subprocess.run(cmd, timeout=left).returncode
+            rc = subprocess.run(cmd, timeout=min(left, limit) + KILL_GRACE_S).returncode
         except subprocess.TimeoutExpired:
             rc = "killed at the deadline"
         state = {}
@@ -558,19 +695,28 @@ def run_part(part: str, args, deadline_at: float) -> dict:
         if rc == 0 and not running:
             result["hangs"] = hangs
             return result
-        stacks = stacks_file(part, running) if running else None
+        stacks = (stacks_file(part, TIME_LIMIT) if rc == STOPPED
+                  else stacks_file(part, running) if running else None)
         hangs.append({"while": running, "exit": rc, "stacks": stacks})
         log(f"part {part}: the worker ended ({rc}) while running {running!r}"
             + (f"; thread stacks in {stacks}" if stacks else ""))
-        if not running or running in skip or rc == "killed at the deadline":
+        if rc == STOPPED:
+            if running:  # the stacks file of the block it was in, left empty
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.out, stacks_file(part, running)))
+            result["error"] = f"stopped {state.get('stop')} while running {running!r}"
+        elif not running or running in skip or rc == "killed at the deadline":
             result["error"] = f"worker ended ({rc}) while running {running!r}"
-            result["hangs"] = hangs
-            return result
-        if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") != "1":
+        elif state.get("compiling") and os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") != "1":
             os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
             hangs[-1]["then"] = "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
             continue
-        skip.append(running)
+        else:
+            skip.append(running)
+            hangs[-1]["then"] = f"retried without {running!r}"
+            continue
+        result["hangs"] = hangs
+        return result
 
 
 #: Issue 9's targets for the drop op (H100, bf16): (name, part, shape, key of the shape's result,
@@ -594,9 +740,9 @@ OP_TARGETS = (
 def targets(results: dict) -> list[Target]:
     """Verdicts of issues 9 and 10 from a run's parts: :data:`OP_TARGETS`, and the step targets
     (:func:`bench_train_step.gpu_step_targets`) over the ``step-compiled`` rows (the compiled
-    peer and full fine-tuning are timed there; the ``step`` rows when it did not run), with
+    peer and full fine-tuning are timed there; the ``step`` rows when it timed none), with
     lean's peak memory from the eager ``step`` part. NOT MEASURED where a part or shape is
-    missing; a part's error is named."""
+    missing; a part's or shape's error is named."""
     from .bench_train_step import gpu_step_targets
     env, parts = results.get("env", {}), results.get("parts", {})
     gpu = env.get("device") not in (None, "cpu")
@@ -604,13 +750,17 @@ def targets(results: dict) -> list[Target]:
     out = []
     for name, part, shape, key, op, bound in OP_TARGETS:
         res = parts.get(part, {})
-        value = res.get(shape, {}).get(key) if isinstance(res.get(shape), dict) else None
-        why = ([f"part {part}: {res['error']}"] if "error" in res
-               else [] if value is not None else [f"part {part} has no {key!r} for it"])
+        at = res.get(shape) if isinstance(res.get(shape), dict) else {}
+        value = at.get(key)
+        why = ([] if value is not None else [f"part {part}: {at['error']}"] if "error" in at
+               else [f"part {part}: {res['error']}"] if "error" in res
+               else [f"part {part} has no {key!r} for it"])
         out.append(Target(name, value, op, bound, "" if "fraction" in key else "x",
                           "; ".join([f"{shape}, {dtype}, {env.get('device')}"] + why)))
     step = parts.get("step", {})
-    timed_in = "step-compiled" if parts.get("step-compiled", {}).get("rows") else "step"
+    timed_in = ("step-compiled" if any(r.get("step_s") for r in
+                                       parts.get("step-compiled", {}).get("rows") or [])
+                else "step")
     timed = parts.get(timed_in, {})
     rows = timed.get("rows") or []
     where = (f"{timed.get('model')} B={timed.get('batch')} "
@@ -624,6 +774,15 @@ def targets(results: dict) -> list[Target]:
 
 def _fmt(x, spec=".2f", suffix="") -> str:
     return f"{x:{spec}}{suffix}" if isinstance(x, (int, float)) else "—"
+
+
+def _left_for_time(part: dict) -> list[str]:
+    """What a part left out for time while it ran: op shapes (``skipped_for_time``), step
+    variants (rows whose error says so)."""
+    if not isinstance(part, dict):
+        return []
+    return list(part.get("skipped_for_time", [])) + [
+        r["variant"] for r in part.get("rows") or [] if "out of time" in r.get("error", "")]
 
 
 def summarize(results: dict) -> str:
@@ -702,8 +861,10 @@ def summarize(results: dict) -> str:
     lines.append("")
     failed = [(p, r["error"]) for p, r in parts.items() if isinstance(r, dict) and "error" in r]
     lines += [f"- part {p}: {e}" for p, e in failed]
-    late = [p for p, e in failed if str(e).startswith("skipped: out of time")
-            or "killed at the deadline" in str(e)]
+    lines += [f"- part {p}: left out for time: {', '.join(left)}"
+              for p, r in parts.items() for left in [_left_for_time(r)] if left]
+    late = [p for p, r in parts.items() if _left_for_time(r) or any(
+        why in str(r.get("error", "")) for why in ("out of time", "at the deadline"))]
     if late:
         lines += [f"- not reached before the deadline; next: `python -m benchmarks.bench_gpu "
                   f"--out DIR --parts {','.join(late)}`"]
@@ -725,11 +886,14 @@ def main(argv=None) -> int:
                     help="stop starting work after this many seconds (default 540: a 600 s call)")
     ap.add_argument("--compile-timeout-s", type=float, default=180.0,
                     help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
-                         "and the part goes on without it (default 180)")
+                         "and the part goes on without it; a step part starts a compiled build "
+                         "only when this (and 60 s for the timing) fits before the deadline "
+                         "(default 180)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--reserve-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_timeout_s <= 0:
         ap.error(f"--compile-timeout-s must be > 0, got {args.compile_timeout_s}")
@@ -755,9 +919,12 @@ def main(argv=None) -> int:
         pass
     log("env", results["env"])
     deadline_at = T0 + args.deadline_s
-    for part in args.parts.split(","):
+    parts = args.parts.split(",")
+    for i, part in enumerate(parts):
         log("== part", part)
-        results["parts"][part] = run_part(part, args, deadline_at)
+        reserve_s = (_compiled_step_reserve(args.compile_timeout_s)
+                     if "step-compiled" in parts[i + 1:] else 0.0)
+        results["parts"][part] = run_part(part, args, deadline_at, reserve_s)
         results["env"]["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
                                                            "inductor's default")
         results["targets"] = [t.to_dict() for t in targets(results)]

@@ -163,14 +163,9 @@ def step_variants(cfg: SuiteConfig) -> tuple[str, ...]:
         + graphed
 
 
-#: Seconds a compiled variant's build (compilation and two steps) is expected to take before
-#: one has been measured in this call: with a deadline, a compiled build starts only when the
-#: slowest compiled build so far (this at first) fits, 1.2 times, before it.
-FIRST_COMPILE_S = 60.0
-
-
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
-               deadline: float | None = None, build=None) -> dict:
+               deadline: float | None = None, build=None, compile_s: float = 0.0,
+               report=None) -> dict:
     """Training steps of ``variants`` (:func:`_suite.split_variant` names) at
     ``cfg.time_model`` / ``cfg.time_batch``, timed side by side.
 
@@ -181,15 +176,22 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
 
     Each variant gets its own fresh model and batch and takes two steps first (compiled variants
     compile there, inside ``guard(variant)`` when given: ``bench_gpu`` puts its watchdog there).
-    On CUDA a third step gives the peak memory: ``max_memory_allocated`` above what was allocated
-    before the variant was built (its parameters, gradients, AdamW state and activations), and
-    the same above its resident model and batch. Then all are timed in turn
+    On CUDA a third step follows, and the peak memory is ``max_memory_allocated`` over the
+    second and third steps (a variant under CUDA graphs records its graphs in one of them: a
+    replay allocates nothing; a ``+graph`` step gives its capture's peak) above what was
+    allocated before the variant was built (its parameters, gradients, AdamW state and
+    activations), and the same above its resident model and batch. Then all are timed in turn
     (:func:`_timing.robust_interleaved`), and after that the forward of each compiled variant's
-    base goes through ``torch._dynamo.explain`` (:func:`graph_breaks`, once per base). A variant
-    that raises is left out with its error. With ``deadline`` (``time.time()``), a variant is
-    not built after it, nor a compiled one that would likely end after it (the slowest compiled
-    build so far, or :data:`FIRST_COMPILE_S`, times 1.2: a build killed at a caller's deadline
-    would lose every timing), and no explain starts after it.
+    base (of those built) goes through ``torch._dynamo.explain`` (:func:`graph_breaks`, once per
+    base). A variant that raises is left out with its error. With ``deadline``
+    (``time.time()``), a variant is not built after it, nor a compiled one that could end after
+    it: one starts only when ``compile_s`` (the longest a compiled build may take: the limit
+    ``guard`` puts on it) fits before the deadline; and no explain starts after it.
+
+    ``report(partial)``, when given, is called with the result so far after each variant is
+    built (or fails, or is skipped) and after the timing, so that a caller killed later keeps
+    what was measured (the timings, peaks and errors so far; ``timings`` stays empty until all
+    are timed: their ratios are paired within one timing).
 
     Returns:
         ``{"timings": {v: Timing}, "peaks": {v: {"peak_mib", "peak_gib_above_model"}},
@@ -198,7 +200,8 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     """
     build = build or _default_build(cfg)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _time_steps(cfg, variants, log, guard, deadline, build)
+        return _time_steps(cfg, variants, log, guard, deadline, build, compile_s,
+                           report or (lambda partial: None))
 
 
 def _default_build(cfg: SuiteConfig):
@@ -221,7 +224,8 @@ def step_profile(cfg: SuiteConfig, variant: str, steps: int = 3, top: int = 8,
       host) and on CUDA ``kernels_per_step``, ``kernel_ms_per_step`` (the sum of the kernels'
       own device time), ``device_busy`` (that over ``wall_ms``) and the ``top`` kernels by
       device time (``name``, ``ms_per_step``, ``share``), and ``copy_share``: the share of
-      kernel time in copies and dtype casts.
+      kernel time in copies and dtype casts. When the profiler records no device kernel on
+      CUDA (CUPTI not permitted), ``error`` says so instead (the other figures stay).
 
     Returns that dict, or ``{"error"}``.
     """
@@ -264,7 +268,11 @@ def step_profile(cfg: SuiteConfig, variant: str, steps: int = 3, top: int = 8,
 def kernel_summary(kernels, steps: int, wall_ms: float, top: int = 8) -> dict:
     """Per-step figures of the device events ``kernels`` (profiler events, ``name`` and their
     own device time in µs) recorded over ``steps`` steps of ``wall_ms`` each: see
-    :func:`step_profile`."""
+    :func:`step_profile`. No kernels: ``{"error"}`` saying so, not zero kernels and an idle
+    GPU."""
+    if not kernels:  # a CUDA step launches kernels: the profiler could not see them
+        return dict(error="the profiler recorded no device kernels (CUPTI unavailable or not "
+                          "permitted?): kernel figures not measured")
     per_name: dict[str, float] = {}
     for e in kernels:
         per_name[e.name] = per_name.get(e.name, 0.0) + _device_us(e)
@@ -305,16 +313,17 @@ def _is_copy(kernel_name: str) -> bool:
 RECOMPILE_LIMIT = 64
 
 
-def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
-    steps, peaks, digests, errors = {}, {}, {}, {}
+def _time_steps(cfg, variants, log, guard, deadline, build, compile_s, report) -> dict:
+    res = dict(timings={}, peaks={}, digests={}, errors={}, graph_breaks={})
+    peaks, digests, errors = res["peaks"], res["digests"], res["errors"]
+    steps = {}
     compiled = [v for v in variants if "+" in v and not is_graphed(v)]  # +graph compiles nothing
-    builds: list[float] = []  # seconds of each compiled build so far
     for variant in variants:
-        slowest = max(builds, default=FIRST_COMPILE_S)
-        need = 1.2 * slowest if variant in compiled else 0.0
+        need = compile_s if variant in compiled else 0.0
         if deadline is not None and time.time() + need > deadline:
-            errors[variant] = ("skipped: out of time" if not need else
-                               f"skipped: out of time (a compiled build takes ~{slowest:.0f} s)")
+            errors[variant] = ("skipped: out of time" if variant not in compiled else
+                               f"skipped: out of time (a compiled build may take {need:.0f} s)")
+            report(res)
             continue
         t0 = time.perf_counter()
         try:
@@ -327,10 +336,11 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
                 step = make_step(module, params, images, labels, cfg, digest=True,
                                  graph=is_graphed(variant))
                 step()
+                if cfg.cuda:  # the peak of steps 2 and 3: see the docstring
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 step()
             if cfg.cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
                 step()
                 torch.cuda.synchronize()
                 peak = getattr(step, "peak_bytes", torch.cuda.max_memory_allocated()) - base
@@ -338,30 +348,30 @@ def _time_steps(cfg, variants, log, guard, deadline, build) -> dict:
                                       peak_gib_above_model=(peak - resident) / GIB)
             digests[variant] = dict(step.first)
             steps[variant] = step
-            if variant in compiled:
-                builds.append(time.perf_counter() - t0)
             log(f"  train_step: {variant} ready ({time.perf_counter() - t0:.0f} s)")
         except Exception as e:  # noqa: BLE001 - reported in the results
             errors[variant] = error_text(e)
             log(f"  train_step: {variant} FAILED: {errors[variant]}")
             free_memory(cfg.device)
+        report(res)
     log(f"  train_step: timing {len(steps)} variants of {model_label(cfg.time_model)} at "
         f"B={cfg.time_batch}, {cfg.reps} rounds")
-    timings = robust_interleaved(steps, errors, reps=cfg.reps, warmup=1, min_sample_s=0.0,
-                                 device_sync=cfg.cuda)
+    res["timings"] = robust_interleaved(steps, errors, reps=cfg.reps, warmup=1,
+                                        min_sample_s=0.0, device_sync=cfg.cuda)
+    report(res)
     del steps
     free_memory(cfg.device)
     # last: torch._dynamo.explain resets dynamo (the compiled variants' code is then dropped)
+    built = [v for v in compiled if v in digests]  # none for a variant that did not run
     by_base: dict[str, dict] = {}
-    for variant in compiled:
+    for variant in built:
         base = variant.partition("+")[0]
         if base not in by_base:
             by_base[base] = (graph_breaks(cfg, variant, build)
                              if deadline is None or time.time() < deadline
                              else dict(error="skipped: out of time"))
-    breaks = {v: by_base[v.partition("+")[0]] for v in compiled}
-    return dict(timings=timings, peaks=peaks, digests=digests, errors=errors,
-                graph_breaks=breaks)
+    res["graph_breaks"] = {v: by_base[v.partition("+")[0]] for v in built}
+    return res
 
 
 def graph_breaks(cfg: SuiteConfig, variant: str, build) -> dict:
@@ -382,15 +392,26 @@ def graph_breaks(cfg: SuiteConfig, variant: str, build) -> dict:
 
 
 def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
-              deadline: float | None = None) -> list[dict]:
+              deadline: float | None = None, compile_s: float = 0.0,
+              report=None) -> list[dict]:
     """:func:`time_steps` as one row per variant: ms, img/s, speedups over timm full fine-tuning
     (eager and compiled), the eager formulation and the compiled peer (paired medians, when those
     ran), peak memory (CUDA), and for a compiled variant how far its first step's logits and
-    gradients are from its eager form's (``vs_eager``, when both ran)."""
-    res = time_steps(cfg, variants, log, guard, deadline)
+    gradients are from its eager form's (``vs_eager``, when both ran). ``report(rows)``, when
+    given, gets the rows of the variants tried so far each time :func:`time_steps` reports."""
+    res = time_steps(cfg, variants, log, guard, deadline, compile_s=compile_s,
+                     report=report and (lambda partial: report(_rows(cfg, variants, partial))))
+    return _rows(cfg, variants, res)
+
+
+def _rows(cfg: SuiteConfig, variants, res: dict) -> list[dict]:
+    """:func:`step_rows`' rows from a (partial) :func:`time_steps` result: the variants built or
+    failed so far."""
     timings, errors = res["timings"], res["errors"]
     rows = []
     for variant in variants:
+        if variant not in res["digests"] and variant not in errors:
+            continue  # not tried yet
         t = timings.get(variant)
         row = dict(variant=variant, label=variant_label(variant),
                    step_s=t.median if t else None,
@@ -497,14 +518,22 @@ GPU_STEP_TARGETS = (
 )
 
 
+#: How a BSR variant may run to be compared with the peers of :data:`GPU_STEP_TARGETS` (eager
+#: full fine-tuning, ``full+compile``, ``peer_bsr+compile``): eagerly ('') or compiled without
+#: CUDA graphs.
+COMPARABLE = ("", "compile")
+
+
 def best_bsr(rows: list[dict], prefix: str = "bsr_") -> dict | None:
-    """The fastest timed row whose variant starts with ``prefix`` (eager or compiled), the
-    compressed lean variant left out (its gradients are approximate), and so are the ``+graph``
-    variants: the targets compare with the compiled peer, not with a peer captured by hand
-    (they are in the table, beside ``peer_bsr+graph``)."""
+    """The fastest timed row whose variant starts with ``prefix``, among those run as the peers
+    of :data:`GPU_STEP_TARGETS` are (:data:`COMPARABLE`: eager or ``torch.compile``d without
+    CUDA graphs); the compressed lean variant is left out (its gradients are approximate).
+    Under CUDA graphs (``+cudagraphs``, ``+graph``) a step sheds its launch overhead, which the
+    compiled peer and full fine-tuning keep: those rows stay in the table, beside their own
+    peers (``peer_bsr+graph``), and are not the best mode of the targets."""
     timed = [r for r in rows if r["variant"].startswith(prefix) and r.get("step_s")
              and not r["variant"].startswith("bsr_lean_bf16")
-             and not is_graphed(r["variant"])]
+             and r["variant"].partition("+")[2] in COMPARABLE]
     return min(timed, key=lambda r: r["step_s"]) if timed else None
 
 

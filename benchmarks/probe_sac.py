@@ -189,11 +189,12 @@ def check_compile() -> dict:
     return out
 
 
-def time_modes(cfg: SuiteConfig, log=print, guard=None, deadline: float | None = None) -> dict:
+def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
     """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
-    ``train_step`` section's timer (:func:`bench_train_step.time_steps`, which takes ``guard``
-    and ``deadline``). Compiled variants that break graphs (lean, fast) are compiled last (see
-    ``_suite.COMPILED_VARIANTS``)."""
+    ``train_step`` section's timer (:func:`bench_train_step.time_steps`; ``timing``: its
+    ``guard``, ``deadline`` and ``compile_s``). Compiled variants that break graphs (lean, fast)
+    are compiled last (see ``_suite.COMPILED_VARIANTS``). ``report(partial)``, when given, gets
+    this function's result so far each time the timer reports."""
     from .bench_train_step import time_steps
     order = ("autograd", "sac_lean", "sac_fast", "lean", "fast")
     variants = [*order, *(m + "+compile" for m in order)]
@@ -207,29 +208,34 @@ def time_modes(cfg: SuiteConfig, log=print, guard=None, deadline: float | None =
         module = torch.compile(model, dynamic=False, **COMPILE_MODES[how]) if how else model
         return model, module, [p for p in model.parameters() if p.requires_grad], images, labels
 
-    res = time_steps(cfg, variants, log, guard, deadline, build=build)
-    timings = res["timings"]
-    ref = timings.get("autograd+compile") or timings.get("autograd")
-    out = {}
-    for name in variants:
-        t = timings.get(name)
-        out[name] = dict(res["peaks"].get(name, {}))
-        if t is not None:
-            out[name].update(step_ms=t.median * 1e3,
-                             speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
-        if name in res["errors"]:
-            out[name]["error"] = res["errors"][name]
-        if name in res["graph_breaks"]:
-            out[name]["graph_breaks"] = res["graph_breaks"][name].get("count")
-    return out
+    def table(res):
+        timings = res["timings"]
+        ref = timings.get("autograd+compile") or timings.get("autograd")
+        out = {}
+        for name in variants:
+            t = timings.get(name)
+            out[name] = dict(res["peaks"].get(name, {}))
+            if t is not None:
+                out[name].update(step_ms=t.median * 1e3,
+                                 speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
+            if name in res["errors"]:
+                out[name]["error"] = res["errors"][name]
+            if name in res["graph_breaks"]:
+                out[name]["graph_breaks"] = res["graph_breaks"][name].get("count")
+        return out
+
+    return table(time_steps(cfg, variants, log, build=build,
+                            report=report and (lambda partial: report(table(partial))),
+                            **timing))
 
 
-def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print, guard=None,
-        deadline: float | None = None) -> dict:
-    """The probe's ``parts``; ``guard`` and ``deadline`` go to :func:`time_modes`."""
+def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print,
+        **timing) -> dict:
+    """The probe's ``parts``; ``timing`` (``guard``, ``deadline``, ``compile_s``, ``report``)
+    goes to :func:`time_modes`."""
     res = {"device": cfg.device, "time_model": cfg.time_model, "time_batch": cfg.time_batch}
     fns = {"exact": check_exact, "memory": lambda: check_memory(cfg.tiny),
-           "compile": check_compile, "time": lambda: time_modes(cfg, log, guard, deadline)}
+           "compile": check_compile, "time": lambda: time_modes(cfg, log, **timing)}
     for part in parts:
         t0 = time.perf_counter()
         res[part] = fns[part]()

@@ -406,28 +406,79 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
 
 
-def test_step_timing_starts_no_compile_that_would_overrun_the_deadline(monkeypatch):
-    """With a deadline, a compiled build starts only if the slowest compiled build so far
-    (FIRST_COMPILE_S before any) fits before it, so a caller's kill at its deadline cannot take
-    the built variants' timings with it; the graph-break count comes after the timing."""
+def test_step_timing_starts_no_compile_that_could_overrun_the_deadline(monkeypatch):
+    """With a deadline, a compiled build starts only if the longest it may take (``compile_s``,
+    the watchdog's limit) fits before it, so a caller's stop at its deadline cannot take the
+    built variants' timings with it; the rows so far are reported after each build and after
+    the timing (what a stop keeps); graph breaks are counted after the timing, only for the
+    variants built."""
     ts = _import_bench("bench_train_step")
     suite = _import_bench("_suite")
     cfg = suite.SuiteConfig(tiny=True, quick=True)
     variants = ["full", "bsr_autograd+compile", "peer_bsr+compile"]
-    monkeypatch.setattr(ts, "FIRST_COMPILE_S", 3600.0)
-    res = ts.time_steps(cfg, variants, log=lambda *a: None, deadline=time.time() + 600)
-    assert set(res["timings"]) == {"full"}
-    for v in variants[1:]:
-        assert res["errors"][v] == "skipped: out of time (a compiled build takes ~3600 s)"
-    # explained after the timing (once per base), the deadline not reached yet
-    assert res["graph_breaks"]["bsr_autograd+compile"] == {"count": 0, "reasons": []}
-    monkeypatch.setattr(ts, "FIRST_COMPILE_S", 0.0)
+    reports = []
+
+    def report(rows):
+        reports.append([(r["variant"], r["step_s"] is not None, r.get("error")) for r in rows])
+
+    rows = ts.step_rows(cfg, variants, log=lambda *a: None, deadline=time.time() + 600,
+                        compile_s=3600.0, report=report)
+    skipped = "step: skipped: out of time (a compiled build may take 3600 s)"
+    assert reports == [[("full", False, None)],
+                       [("full", False, None), ("bsr_autograd+compile", False, skipped)],
+                       [("full", False, None), ("bsr_autograd+compile", False, skipped),
+                        ("peer_bsr+compile", False, skipped)],
+                       [("full", True, None), ("bsr_autograd+compile", False, skipped),
+                        ("peer_bsr+compile", False, skipped)]]
+    assert [r["variant"] for r in rows] == variants and rows[0]["step_s"] > 0
+    assert not any("graph_breaks" in r for r in rows)  # nothing compiled: nothing explained
     calls = []
     real = ts.graph_breaks
     monkeypatch.setattr(ts, "graph_breaks", lambda *a: calls.append(a[1]) or real(*a))
-    res = ts.time_steps(cfg, variants[:2], log=lambda *a: None, deadline=time.time() + 600)
+    res = ts.time_steps(cfg, variants[:2], log=lambda *a: None, deadline=time.time() + 600,
+                        compile_s=60.0)
     assert set(res["timings"]) == {"full", "bsr_autograd+compile"} and not res["errors"]
     assert calls == ["bsr_autograd+compile"]
+    assert res["graph_breaks"]["bsr_autograd+compile"] == {"count": 0, "reasons": []}
+
+
+def test_step_peak_memory_covers_the_recording_of_cuda_graphs(monkeypatch):
+    """On CUDA a step's peak memory is taken over its second and third steps: a variant under
+    CUDA graphs (cudagraph trees: warm-up, then recording) records in one of them, and a replay
+    allocates nothing, so a peak taken around the third step alone misses the graph's
+    activations. torch.cuda's memory counters replaced by a CPU stand-in."""
+    import contextlib
+    from types import SimpleNamespace
+    ts = _import_bench("bench_train_step")
+    mib = 1 << 20
+    mem = dict(now=0, peak=0)
+    stand_ins = dict(synchronize=lambda: None, empty_cache=lambda: None,
+                     memory_allocated=lambda: mem["now"], max_memory_allocated=lambda: mem["peak"],
+                     reset_peak_memory_stats=lambda: mem.update(peak=mem["now"]))
+    for name, value in stand_ins.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def make_step(module, params, images, labels, cfg, digest=False, graph=False):
+        calls = []
+
+        def step():  # warm-up 3 MiB, recording 5 MiB above the resident model, replays none
+            calls.append(1)
+            transient = {1: 3 * mib, 2: 5 * mib}.get(len(calls), 0)
+            mem["peak"] = max(mem["peak"], mem["now"] + transient)
+        step.first = {"logits": [0.0], "grad_proj": [0.0]}
+        return step
+
+    def build(variant, batch):
+        mem["now"] += mib  # the resident model
+        return None, None, [], None, None
+
+    monkeypatch.setattr(ts, "make_step", make_step)
+    cfg = SimpleNamespace(cuda=True, device="cuda", time_batch=2, time_model="tiny", reps=2,
+                          autocast=contextlib.nullcontext)
+    res = ts.time_steps(cfg, ["bsr_autograd+cudagraphs"], log=lambda *a: None, build=build)
+    peak = res["peaks"]["bsr_autograd+cudagraphs"]
+    assert peak["peak_mib"] == pytest.approx(6.0)
+    assert peak["peak_gib_above_model"] * 1024 == pytest.approx(5.0)
 
 
 def test_compiled_step_variant_matches_eager():
@@ -494,6 +545,9 @@ def test_step_profile_on_cpu_and_kernel_summary():
     assert s["copy_share"] == pytest.approx(150 / 1000)
     assert [t["name"] for t in s["top"]] == ["gemm_a", "gemm_b"]
     assert s["top"][0]["ms_per_step"] == pytest.approx(0.3) and s["top"][0]["share"] == 0.6
+    # a CUDA step with no kernel recorded: the profiler could not see them (CUPTI), not 0 % busy
+    none = ts.kernel_summary([], steps=2, wall_ms=1.0)
+    assert set(none) == {"error"} and "no device kernels" in none["error"]
 
 
 def test_bench_gpu_survives_a_hung_compile(tmp_path):
@@ -518,7 +572,7 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     op = parts["op-compiled"]
     assert [h["while"] for h in op["hangs"]] == ["compile(CLS-row composite)"] * 2
     assert op["hangs"][0]["then"] == "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
-    assert "then" not in op["hangs"][1]
+    assert op["hangs"][1]["then"] == "retried without 'compile(CLS-row composite)'"
     stacks = (tmp_path / op["hangs"][1]["stacks"]).read_text()
     assert "Timeout" in stacks and "torch/_dynamo" in stacks  # where the compile was
     tiny = op["tiny"]
@@ -602,15 +656,24 @@ def test_graphed_step_restores_the_start_and_keeps_its_inputs_alive(monkeypatch)
     assert all(r() is None for r in refs)
 
 
-def test_best_bsr_mode_leaves_out_hand_captured_graphs():
-    """The GPU step targets compare the best BSR mode with the compiled peer: a ``+graph`` row
-    (captured by hand) is not a candidate, nor is compressed lean."""
+def test_best_bsr_mode_is_run_as_its_peers_are():
+    """The GPU step targets compare the best BSR mode with the compiled peer and full fine-tuning
+    (eager or compiled, no CUDA graphs): a row under CUDA graphs (``+cudagraphs``, ``+graph``)
+    is not a candidate, however fast, nor is compressed lean; the targets name the mode that
+    was best, and the graphed rows keep their own rows."""
     ts = _import_bench("bench_train_step")
     rows = [dict(variant="bsr_lean+graph", step_s=0.5), dict(variant="bsr_lean_bf16", step_s=0.6),
-            dict(variant="bsr_fast+compile", step_s=0.9), dict(variant="bsr_lean", step_s=1.0),
-            dict(variant="peer_bsr+graph", step_s=0.4)]
+            dict(variant="bsr_autograd+cudagraphs", step_s=0.45, speedup_vs_peer_compiled=2.0),
+            dict(variant="bsr_fast+compile", step_s=0.9, speedup_vs_peer_compiled=1.1),
+            dict(variant="bsr_lean", step_s=1.0), dict(variant="peer_bsr+graph", step_s=0.4)]
     assert ts.best_bsr(rows)["variant"] == "bsr_fast+compile"
     assert ts.best_bsr(rows, "bsr_lean")["variant"] == "bsr_lean"
+    assert ts.best_bsr(rows, "bsr_autograd") is None
+    for r in rows:
+        r.setdefault("step_samples_s", [r["step_s"]] * 3)
+    peer = {t.name: t for t in ts.gpu_step_targets(rows, "here")}[
+        "GPU step: best BSR mode / compiled plain-PyTorch BSR"]
+    assert peer.value == 1.1 and peer.where == "here; best: bsr_fast+compile"
 
 
 def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
@@ -684,6 +747,124 @@ def test_bench_gpu_targets_read_the_parts():
                         "ViT-S B=256": "NOT MEASURED", "ViT-B B=8": "PASS"}, verdicts
     nothing = bench_gpu.targets({"env": {}, "parts": {}})
     assert nothing and all(t.verdict == "NOT MEASURED" for t in nothing)
+
+
+def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
+    """run_part's policy on a worker's exit (children replaced by stand-ins that save what a
+    worker saves): a hang in an eager block retries without that candidate and keeps inductor's
+    compile threads; a first hang in a compilation retries it compiling in-process; a worker its
+    own clock stopped (the deadline, the part's limit) is not retried; every retry finds what the
+    earlier attempt saved (Worker.previous / reuse), and the result keeps it. The parent waits
+    for a worker until its part's limit (or the deadline) plus a grace period."""
+    from types import SimpleNamespace
+    bench_gpu = _import_bench("bench_gpu")
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")  # restored when the test ends
+    script, seen = [], []
+
+    def fake_run(cmd, timeout):
+        arg = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+        w = bench_gpu.Worker(arg("--worker"), arg("--out"), [x for x in arg("--skip").split("|")
+                                                             if x], 30.0, float("inf"))
+        seen.append(dict(timeout=timeout, skip=sorted(w.skip), previous=dict(w.previous),
+                         threads=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")))
+        return SimpleNamespace(returncode=script.pop(0)(w))
+
+    def hang(label, compiling, status=1, **saved):
+        def child(w):
+            for k, v in saved.items():
+                w.put(k, v)
+            w.state.update(running=label, compiling=compiling, stop="at the deadline")
+            w.save()
+            return status
+        return child
+
+    def finish(**saved):
+        def child(w):
+            for k, v in saved.items():
+                w.put(k, v)
+            return 0
+        return child
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), compile_timeout_s=30.0, smoke=True)
+    (tmp_path / "part-profile.json").write_text('{"result": {"rows": ["an earlier run"]}}')
+    script[:] = [hang("peer_bsr", False, rows=["full"]), finish(rows=["full", "bsr_lean"])]
+    res = bench_gpu.run_part("profile", args, time.time() + 300)
+    assert seen[0]["previous"] == {}  # an earlier run's file is not this run's attempt
+    assert seen[1]["skip"] == ["peer_bsr"] and seen[1]["previous"] == {"rows": ["full"]}
+    assert seen[1]["threads"] is None  # an eager hang: inductor's compile threads as they were
+    assert res["rows"] == ["full", "bsr_lean"] and "error" not in res
+    assert res["hangs"] == [{"while": "peer_bsr", "exit": 1, "then": "retried without 'peer_bsr'",
+                             "stacks": bench_gpu.stacks_file("profile", "peer_bsr")}]
+    assert 300 < seen[0]["timeout"] <= 300 + bench_gpu.KILL_GRACE_S
+
+    seen.clear()
+    script[:] = [hang("full+compile", True, rows=["full"]),
+                 hang("bsr_autograd+compile", True, bench_gpu.STOPPED, rows=["full", "peer"])]
+    res = bench_gpu.run_part("step-compiled", args, time.time() + 300)
+    assert [s["threads"] for s in seen] == [None, "1"] and seen[1]["skip"] == []
+    assert seen[1]["previous"] == {"rows": ["full"]}
+    assert res["rows"] == ["full", "peer"]
+    assert res["error"] == "stopped at the deadline while running 'bsr_autograd+compile'"
+    assert res["hangs"][0]["then"] == "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
+    assert res["hangs"][1]["stacks"] == bench_gpu.stacks_file("step-compiled",
+                                                              bench_gpu.TIME_LIMIT)
+    assert "then" not in res["hangs"][1]
+
+    seen.clear()
+    script[:] = [finish(cases=[])]
+    bench_gpu.run_part("check", args, time.time() + 300)
+    limit = bench_gpu.PART_LIMITS_S["check"]
+    assert seen[0]["timeout"] == pytest.approx(limit + bench_gpu.KILL_GRACE_S)
+
+
+def test_bench_gpu_profile_goes_on_past_a_hung_variant(tmp_path, monkeypatch):
+    """The profile part: a variant that hung in an earlier attempt gets a row with the error and
+    the variants after it are still profiled; rows the earlier attempt measured are kept."""
+    bench_gpu = _import_bench("bench_gpu")
+    ts = _import_bench("bench_train_step")
+    (tmp_path / "part-profile.json").write_text(json.dumps({"result": {"rows": [
+        {"variant": "full", "wall_ms": 1.0}]}}))
+    w = bench_gpu.Worker("profile", str(tmp_path), ["peer_bsr"], 30.0, time.time() + 300)
+    monkeypatch.setattr(bench_gpu, "WORKER", w)
+    monkeypatch.setattr(ts, "step_profile", lambda cfg, v: {"variant": v, "wall_ms": 2.0})
+    rows = bench_gpu.part_profile(False, "cpu")["rows"]
+    assert [r["variant"] for r in rows] == list(bench_gpu.PROFILED_STEPS)
+    assert rows[0] == {"variant": "full", "wall_ms": 1.0}  # kept
+    assert rows[1]["error"].startswith("skipped: hung in an earlier attempt (stacks-profile-")
+    assert all(r["wall_ms"] == 2.0 for r in rows[2:])
+
+
+def test_bench_gpu_op_compiled_keeps_time_for_the_step_parts(tmp_path, monkeypatch):
+    """op-compiled: a shape an earlier attempt measured is kept (its copy bandwidth too); after
+    the first shape none starts with less than the reserve left for the later parts, and those
+    left out are named in the part, in the summary and in the command for a next call."""
+    bench_gpu = _import_bench("bench_gpu")
+    measured = {"forward": {"bsr cpp": {"ms": 1.0}}, "errors": {}}
+    (tmp_path / "part-op-compiled.json").write_text(json.dumps({"result": {
+        "copy_gbps": 12.5, "tiny": measured}}))
+    w = bench_gpu.Worker("op-compiled", str(tmp_path), [], 30.0, time.time() + 300,
+                         reserve_s=1000.0)
+    monkeypatch.setattr(bench_gpu, "WORKER", w)
+    monkeypatch.setattr(bench_gpu, "SMOKE_OP_SHAPES", [("tiny", 4, 2, 17, 8),
+                                                        ("tiny N=33", 4, 2, 33, 8)])
+    out = bench_gpu.part_op(False, "cpu", compiled=True)
+    assert out["copy_gbps"] == 12.5 and out["tiny"] == measured
+    assert out["skipped_for_time"] == ["tiny N=33"]
+    assert out["tiny N=33"]["error"].startswith("skipped: out of time (")
+    assert "1000 s kept for the later parts" in out["tiny N=33"]["error"]
+    md = bench_gpu.summarize({"env": {}, "parts": {"op-compiled": out, "step-compiled": {
+        "rows": [{"variant": "full", "label": "full", "step_s": 0.1, "images_per_s": 1.0,
+                  "speedup_vs_full": 1.0, "speedup_vs_full_compiled": None,
+                  "speedup_vs_peer_compiled": None, "speedup_vs_eager": None},
+                 {"variant": "full+compile", "label": "full, compiled", "step_s": None,
+                  "images_per_s": None, "speedup_vs_full": None,
+                  "speedup_vs_full_compiled": None, "speedup_vs_peer_compiled": None,
+                  "speedup_vs_eager": None, "error": "step: skipped: out of time (...)"}]}}})
+    assert "- part op-compiled: left out for time: tiny N=33" in md
+    assert "- part step-compiled: left out for time: full+compile" in md
+    assert "--parts op-compiled,step-compiled`" in md
 
 
 def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
