@@ -22,7 +22,8 @@ from bsr_kernels.ops.common import num_kept
 from bsr_kernels.ops.dispatch import all_backends
 
 __all__ = [
-    "DEVICES", "DTYPES", "BACKEND_NAMES", "VALUE_TOL", "SCORE_TOL", "GRAD_REL_FLOOR", "GRAD_ABS_FLOOR", "TIE_TOL",
+    "DEVICES", "DTYPES", "BACKEND_NAMES", "VALUE_TOL", "SCORE_TOL", "GRAD_REL_FLOOR",
+    "GRAD_ABS_FLOOR", "TIE_TOL",
     "backend_params", "is_slow", "examples", "DropCase", "make_inputs", "timm_qk", "nan_padded",
     "resolved_scale", "reference_drop", "expected_from_kept", "assert_kept_matches",
     "assert_valid_kept", "assert_drop_matches", "grads_of", "float64_leaves",
@@ -199,13 +200,24 @@ def assert_valid_kept(kept: torch.Tensor, b: int, n_keep: int, m: int) -> None:
 def assert_kept_matches(kept, ref_kept, ref_scores, tie_tol: float) -> None:
     """kept equals ref_kept, except for swaps between candidates that are (near-)tied.
 
-    Every token kept by one side and not the other must have a reference score within
-    ``tie_tol`` of every token in the opposite situation. NaN scores tie with NaN only.
+    Each row of ``kept`` must be a valid selection first: strictly ascending (so no index twice)
+    and inside [0, M), M the number of reference scores; comparing sets alone would let a
+    duplicated index, standing in for a missing one, pass. Every token kept by one side and not
+    the other must have a reference score within ``tie_tol`` of every token in the opposite
+    situation. NaN scores tie with NaN only.
     """
     assert kept.shape == ref_kept.shape, (kept.shape, ref_kept.shape)
+    assert not kept.is_floating_point(), kept.dtype
+    m = ref_scores.shape[-1]
     for bi in range(kept.shape[0]):
-        got, want = set(kept[bi].tolist()), set(ref_kept[bi].tolist())
+        row = kept[bi].tolist()
+        assert all(a < b for a, b in zip(row, row[1:])), (
+            f"batch {bi}: kept {row} is not strictly ascending (an index repeated or out of "
+            "order)")
+        assert all(0 <= a < m for a in row), f"batch {bi}: kept {row} leaves [0, {m})"
+        got, want = set(row), set(ref_kept[bi].tolist())
         extra, missing = sorted(got - want), sorted(want - got)
+        assert len(extra) == len(missing), (bi, row, sorted(want))
         s = ref_scores[bi].detach().double().cpu()
         for a in extra:
             for r in missing:
@@ -248,18 +260,33 @@ def float64_leaves(*tensors):
     return tuple(t.detach().double().requires_grad_() for t in tensors)
 
 
-def assert_grads_accurate(got, want64, ref, names, dtype) -> None:
+def assert_grads_accurate(got, want64, ref, names, dtype, nonfinite: bool = False) -> None:
     """Each gradient in ``got`` (backend) is as accurate as ``ref`` (autograd through the
     definition at the same precision), both measured against ``want64`` (float64 definition).
 
     ``max|got - want64| <= 2 * max|ref - want64| + GRAD_REL_FLOOR * max|want64| + GRAD_ABS_FLOOR``.
+
+    With ``nonfinite`` (NaN / inf inputs), ``got`` and ``want64`` must first have NaN exactly
+    where ``ref`` has NaN and the same infinities where it has them; the rule then applies to the
+    entries where ``ref`` is finite. Without it, any NaN fails (it makes the error NaN).
     """
     for g, w, r, name in zip(got, want64, ref, names):
         assert g.shape == w.shape == r.shape, (name, g.shape, w.shape, r.shape)
         assert g.dtype == r.dtype, (name, g.dtype, r.dtype)
         w = w.detach().double()
-        err = float((g.detach().double() - w).abs().max()) if g.numel() else 0.0
-        err_ref = float((r.detach().double() - w).abs().max()) if g.numel() else 0.0
+        g, r = g.detach(), r.detach()
+        if nonfinite:
+            fin = r.isfinite()
+            for t, what in ((g, "backend"), (w, "float64 definition")):
+                assert torch.equal(t.isnan(), r.isnan()), (
+                    f"grad {name}: the {what} has NaN at {int(t.isnan().sum())} places, "
+                    f"autograd through the definition at {int(r.isnan().sum())}, or elsewhere")
+                inf = r.isinf()
+                assert torch.equal(t.isinf(), inf) and torch.equal(
+                    t[inf].double(), r[inf].double()), f"grad {name}: infinities differ"
+            g, w, r = g[fin], w[fin], r[fin]
+        err = float((g.double() - w).abs().max()) if g.numel() else 0.0
+        err_ref = float((r.double() - w).abs().max()) if g.numel() else 0.0
         scale = float(w.abs().max()) if g.numel() else 0.0
         bound = 2 * err_ref + GRAD_REL_FLOOR[dtype] * scale + GRAD_ABS_FLOOR[dtype]
         assert err <= bound, (f"grad {name}: max error {err:.3g} vs float64 definition exceeds "

@@ -23,9 +23,9 @@ from bsr_kernels.ops import dispatch, reference
 from bsr_kernels.ops.common import compute_dtype, num_kept
 from bsr_kernels.ops.dispatch import all_backends, available_backends, get_backend, select_backend
 
-from _backends import (SCORE_TOL, TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches,
-                       assert_grads_accurate, assert_kept_matches, assert_valid_kept,
-                       backend_params, examples, expected_from_kept, float64_leaves, grads_of,
+from _backends import (BACKEND_NAMES, DEVICES, GRAD_ABS_FLOOR, GRAD_REL_FLOOR, SCORE_TOL,
+                       TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches, assert_grads_accurate,
+                       assert_kept_matches, assert_valid_kept, backend_params, examples, expected_from_kept, float64_leaves, grads_of,
                        is_slow, make_inputs, nan_padded, reference_drop, resolved_scale, timm_qk)
 
 CPU = torch.device("cpu")
@@ -155,7 +155,7 @@ def test_cpp_backend_is_built():
         "`pip install --no-build-isolation -e .`, or set BSR_ALLOW_NO_CPP=1 to allow this")
 
 
-def test_triton_interpret_set_before_kernels_were_defined():
+def test_triton_interpret_set_before_kernels_were_defined(monkeypatch):
     """conftest.py must set TRITON_INTERPRET before triton.language is imported and before any
     kernel is defined: ``triton.jit`` picks compiler or interpreter at decoration time, and the
     standard library (``tl.sum``, ...) is decorated when ``triton.language`` is first imported."""
@@ -163,8 +163,6 @@ def test_triton_interpret_set_before_kernels_were_defined():
         pytest.skip("TRITON_INTERPRET is off (CUDA present, or turned off in the environment): "
                     "no interpreted Triton here")
     pytest.importorskip("triton")
-    import sys
-
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -172,11 +170,47 @@ def test_triton_interpret_set_before_kernels_were_defined():
     assert isinstance(tl.sum, InterpretedFunction), (
         "triton.language was imported before TRITON_INTERPRET=1 was set: its standard library "
         "is compiled-mode only")
-    compiled = sorted(
-        f"{mod_name}.{attr}" for mod_name, mod in list(sys.modules.items())
-        if mod_name.startswith("bsr_kernels") and mod is not None
-        for attr, obj in vars(mod).items() if isinstance(obj, JITFunction))
-    assert not compiled, f"Triton kernels defined before TRITON_INTERPRET=1 was set: {compiled}"
+    # The kernels are wrapped per mode inside a cache (triton_backend._kernels), so no module
+    # attribute shows their kind: record what a forward and backward through the public API
+    # actually launch, and require every kernel to be the interpreted kind.
+    from bsr_kernels.ops import _triton_kernels, triton_backend
+
+    if triton_backend.interpreter_problem():
+        pytest.skip(triton_backend.interpreter_problem())
+    launched = {}
+    real = triton_backend._kernel
+
+    def spy(name):
+        launched[name] = real(name)
+        return launched[name]
+
+    monkeypatch.setattr(triton_backend, "_kernel", spy)
+    case = DropCase(b=1, h=1, n=5, d=2, c=3)
+    x, q, k = make_inputs(case, CPU, torch.float32, requires_grad=True)
+    out = bsr_kernels.drop_tokens(x, q, k, 0.5, backend="triton")[0]
+    out.sum().backward()
+    bsr_kernels.drop_tokens(x, q, k, 0.5, fuse_token=False, backend="triton")[0].sum().backward()
+    assert sorted(launched) == sorted(_triton_kernels.KERNELS), sorted(launched)
+    kinds = {name: type(fn).__name__ for name, fn in launched.items()}
+    assert all(isinstance(fn, InterpretedFunction) and not isinstance(fn, JITFunction)
+               for fn in launched.values()), f"launched compiled kernels on CPU: {kinds}"
+
+
+def test_assert_kept_matches_catches_duplicates_and_wrong_sets():
+    """The helper behind check_grads and the value checks: a repeated index standing in for a
+    missing one, an unordered or out-of-range row, a wrong count or a non-tied swap fails; a
+    swap of tied candidates passes."""
+    scores = torch.tensor([[0.1, 0.5, 0.4, 0.3]], dtype=torch.float64)
+    ref = torch.tensor([[1, 2]])
+    assert_kept_matches(torch.tensor([[1, 2]]), ref, scores, 1e-6)
+    for bad in ([[1, 1]], [[2, 2]], [[2, 1]], [[1, 4]], [[-1, 1]], [[0, 1]], [[1, 2, 3]],
+                [[1]]):
+        with pytest.raises(AssertionError):
+            assert_kept_matches(torch.tensor(bad), ref, scores, 1e-6)
+    with pytest.raises(AssertionError):
+        assert_kept_matches(torch.tensor([[1.0, 2.0]]), ref, scores, 1e-6)
+    tied = torch.tensor([[0.1, 0.5, 0.4, 0.4]], dtype=torch.float64)
+    assert_kept_matches(torch.tensor([[1, 3]]), ref, tied, 1e-6)
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -354,6 +388,37 @@ def test_gradcheck_cls_attention(backend, p):
         fast_mode=_fast_gradcheck(backend))
 
 
+@pytest.mark.parametrize("p", [1, 3])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_gradcheck_replay(backend, fuse, p):
+    """torch.autograd.gradcheck through a replay (``kept=``): a given selection that is not the
+    rule's, so no tie can flip it; gradients reach x through the kept and fused rows and q, k
+    through the fusion weights. The Triton interpreter gets fast mode, as above, x apart from
+    q and k."""
+    case = DropCase(b=2, h=2, n=8, d=2, c=3, p=p, keep_rate=0.4, fuse=fuse, seed=17)
+    x, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(10 + p)
+    kept = torch.stack([torch.randperm(case.m, generator=g)[:case.n_keep].sort().values
+                        for _ in range(case.b)]).to(backend.device)
+    rule = reference_drop(x, q, k, case)[1]
+    assert not torch.equal(kept, rule), "the replayed selection should not be the rule's"
+
+    def fn(x, q, k):
+        return bsr_kernels.drop_tokens(x, q, k, case.keep_rate, fuse, p, kept=kept)[0]
+
+    if _fast_gradcheck(backend):
+        # Fast mode compares one random projection of the Jacobian onto unit vectors: a number
+        # of order 1e-3 here, so gradcheck's default atol (1e-5) would pass a 1 % error in the
+        # q, k part (seen with a mutated kernel). Central differences in float64 are good to
+        # ~1e-10, hence the tolerances; and x's large part apart from the small q, k part.
+        tol = dict(fast_mode=True, atol=1e-8, rtol=1e-5)
+        assert torch.autograd.gradcheck(lambda x: fn(x, q, k), (x,), **tol)
+        assert torch.autograd.gradcheck(lambda q, k: fn(x, q, k), (q, k), **tol)
+    else:
+        assert torch.autograd.gradcheck(fn, (x, q, k))
+
+
 # --- edge cases --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ALL, indirect=True)
@@ -366,6 +431,62 @@ def test_two_tokens_is_identity(backend):
         assert torch.equal(x_out, x)
         assert kept.tolist() == [[0], [0]]
         check_grads(case, backend.device, backend.dtype)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("n,p", [(2, 1), (7, 3), (9, 1)], ids=["N2", "N7-P3", "N9"])
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_kernels_when_nothing_is_dropped(backend, n, p, fuse):
+    """n_keep == M (N=2 has a single candidate; here also every candidate of N=7 with 3 prefix
+    tokens and of N=9): the public drop_tokens returns x without calling a backend, so the
+    backend's kernels are called here directly (drop_forward, drop_replay, gather_backward,
+    cls_scores, cls_scores_backward), and through the registered ops with the backend's name
+    (forward and autograd backward), against the definition and autograd through it. No fused
+    token is appended, so drop_backward (the backward of a fused drop) never applies."""
+    name, device, dtype = backend.name, backend.device, backend.dtype
+    impl = get_backend(name)
+    m = n - p
+    case = DropCase(b=2, h=2, n=n, d=3, c=5, p=p, keep_rate=1.0, fuse=fuse, seed=40 + n)
+    assert case.n_keep == m
+    x, q, k = make_inputs(case, device, dtype, requires_grad=True)
+    scale = resolved_scale(None, case.d)
+    with torch.no_grad():
+        r_out, r_kept, r_scores, r_lse = reference.drop_tokens(x, q, k, scale, p, m, fuse)
+        out, kept, scores, lse = twice(lambda: impl.drop_forward(x, q, k, scale, p, m, fuse))
+        assert kept.dtype == torch.int32 and torch.equal(kept.long(), r_kept)
+        assert r_kept.tolist() == [list(range(m))] * 2
+        assert out.shape == r_out.shape == x.shape and torch.equal(out, x)
+        assert scores.dtype == r_scores.dtype and lse.dtype == r_lse.dtype
+        torch.testing.assert_close(scores, r_scores, **SCORE_TOL[dtype])
+        torch.testing.assert_close(lse, r_lse, **SCORE_TOL[dtype])
+        replayed, scores2, lse2 = twice(lambda: impl.drop_replay(x, q, k, kept, scale, p, fuse))
+        assert torch.equal(replayed, x)
+        torch.testing.assert_close(scores2, r_scores, **SCORE_TOL[dtype])
+        torch.testing.assert_close(lse2, r_lse, **SCORE_TOL[dtype])
+        g = seeded_like(x.shape, dtype, device, n)
+        gx = twice(lambda: impl.gather_backward(g, kept, n, p))
+        assert torch.equal(gx, g) and torch.equal(gx, reference.gather_backward(g, kept, n, p))
+        s, lse1 = impl.cls_scores(q, k, scale, p)
+        torch.testing.assert_close(s, r_scores, **SCORE_TOL[dtype])
+        torch.testing.assert_close(lse1, r_lse, **SCORE_TOL[dtype])
+        gs = seeded_like(s.shape, s.dtype, device, n + 1)
+        got_cls = impl.cls_scores_backward(gs, q, k, lse1, scale, p)
+    x6, q6, k6 = float64_leaves(x, q, k)
+    ref_cls = grads_of(reference.cls_scores(q, k, scale, p)[0], (q, k), gs)
+    want_cls = grads_of(reference.cls_scores(q6, k6, scale, p)[0], (q6, k6), gs.double())
+    assert_grads_accurate(got_cls, want_cls, ref_cls, ("q", "k"), dtype)
+
+    ops = torch.ops.bsr_kernels
+    out, kept, _, _ = ops.drop_tokens(x, q, k, scale, p, m, fuse, name)
+    assert torch.equal(out, x) and torch.equal(kept.long(), r_kept)
+    replayed = ops.drop_tokens_replay(x, q, k, kept, scale, p, fuse, name)[0]
+    assert torch.equal(replayed, x)
+    ref_out = reference.drop_tokens(x, q, k, scale, p, m, fuse)[0]
+    want = grads_of(ref_out, (x, q, k), g)
+    assert torch.equal(want[0], g) and not want[1].any() and not want[2].any()
+    for got in (grads_of(out, (x, q, k), g), grads_of(replayed, (x, q, k), g)):
+        for a, w in zip(got, want):
+            assert torch.equal(a, w)
 
 
 @pytest.mark.parametrize("backend", ALL, indirect=True)
@@ -515,7 +636,7 @@ def _poison(kind: str, x, q, k, p: int):
         k[1, 0, p + 2, -1] = nan  # one key of batch 1: that head's softmax is NaN everywhere
         return x, q, k, [1]
     if kind == "nan_k_prefix":
-        k[0, 0, 0, 0] = nan  # the CLS key takes part in the softmax too
+        k[0, 0, p - 1, 0] = nan  # prefix keys (CLS, registers) take part in the softmax too
         return x, q, k, [0]
     if kind == "neg_inf_logit":
         k[0, 0, p + 3] = -inf * torch.sign(q[0, 0, 0])  # logit -inf: probability exactly 0
@@ -532,36 +653,59 @@ def _poison(kind: str, x, q, k, p: int):
     raise ValueError(kind)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
+@pytest.mark.parametrize("p", [1, 3])
 @pytest.mark.parametrize("kind", ["nan_q_cls", "nan_k_row", "nan_k_prefix", "neg_inf_logit",
                                   "pos_inf_logit", "inf_q_cls", "nan_q_other_rows"])
 @pytest.mark.parametrize("backend", ALL, indirect=True)
-def test_nan_and_inf_inputs(backend, kind):
+def test_nan_and_inf_inputs(backend, kind, p, fuse):
     """NaN/inf in q or k: valid indices, no crash, and the definition's scores (NaN where it has
     NaN), kept set (NaN ranks as -inf, ties to the lower position) and output, fused row
-    included, for every batch element. A head whose softmax is NaN makes every score of that
-    batch element NaN, so the lowest positions are kept there; +inf logits make single NaN
-    scores (inf - inf) among real ones."""
-    case = DropCase(b=3, h=2, n=15, d=4, c=6, p=1, keep_rate=0.5, seed=31)
-    x, q, k = make_inputs(case, backend.device, backend.dtype)
-    clean_out, clean_kept = drop(x, q, k, case)
+    included, for every batch element, with one prefix token or several, fused or not. A head
+    whose softmax is NaN makes every score of that batch element NaN, so the lowest positions
+    are kept there; +inf logits make single NaN scores (inf - inf) among real ones. Gradients
+    to x, q and k equal autograd through the definition on the backend's kept set: NaN and inf
+    at the same places, the finite entries as accurate (``assert_grads_accurate``)."""
+    case = DropCase(b=3, h=2, n=15, d=4, c=6, p=p, keep_rate=0.5, fuse=fuse, seed=31)
+    dtype = backend.dtype
+    x, q, k = make_inputs(case, backend.device, dtype)
+    if kind == "nan_q_other_rows":
+        clean_out, clean_kept = drop(x, q, k, case)
     x, q, k, all_nan = _poison(kind, x, q, k, case.p)
-    x_out, kept = twice(lambda: drop(x, q, k, case))
-    scores = twice(lambda: bsr_kernels.cls_attention(q, k))
-    with torch.no_grad():
-        ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    x, q, k = (t.detach().requires_grad_() for t in (x, q, k))
+
+    def run():
+        out, kept = drop(x, q, k, case)
+        g = seeded_like(out.shape, dtype, backend.device, 3)
+        return (out, kept, g, *grads_of(out, (x, q, k), g))
+
+    x_out, kept, g, *got = twice(run)
+    scores = twice(lambda: bsr_kernels.cls_attention(q, k, num_prefix_tokens=case.p)).detach()
+    x_out = x_out.detach()
+    ref_out, ref_kept, ref_scores, _ = reference_drop(x, q, k, case)
+    ref_scores = ref_scores.detach()
     assert_valid_kept(kept, case.b, case.n_keep, case.m)
-    assert x_out.shape == ref_out.shape == (case.b, case.p + case.n_keep + 1, case.c)
-    torch.testing.assert_close(scores, ref_scores, **SCORE_TOL[backend.dtype], equal_nan=True)
-    assert_kept_matches(kept, ref_kept, ref_scores, TIE_TOL[backend.dtype])
+    assert x_out.shape == ref_out.shape == (case.b, case.p + case.n_keep + int(fuse), case.c)
+    torch.testing.assert_close(scores, ref_scores, **SCORE_TOL[dtype], equal_nan=True)
+    assert_kept_matches(kept, ref_kept, ref_scores, TIE_TOL[dtype])
     # The rule, applied to the backend's own scores.
     assert_kept_matches(kept, reference.select_tokens(scores, case.n_keep)[0], scores,
-                        TIE_TOL[backend.dtype])
+                        TIE_TOL[dtype])
     with torch.no_grad():
-        want = expected_from_kept(x, ref_scores, kept, case.p, True)
+        want = expected_from_kept(x, ref_scores, kept, case.p, fuse)
     rows = case.p + case.n_keep
     assert torch.equal(x_out[:, :rows], want[:, :rows]), "prefix/kept rows are not copies of x"
-    torch.testing.assert_close(x_out[:, rows:], want[:, rows:], **VALUE_TOL[backend.dtype],
+    torch.testing.assert_close(x_out[:, rows:], want[:, rows:], **VALUE_TOL[dtype],
                                equal_nan=True)
+    # gradients: autograd through the definition replaying the backend's selection
+    scale = resolved_scale(case.scale, case.d)
+    ref_k = reference.drop_tokens(x, q, k, scale, case.p, case.n_keep, fuse, kept=kept)[0]
+    x6, q6, k6 = float64_leaves(x, q, k)
+    out6 = reference.drop_tokens(x6, q6, k6, scale, case.p, case.n_keep, fuse, kept=kept)[0]
+    assert_grads_accurate(got, grads_of(out6, (x6, q6, k6), g.double()),
+                          grads_of(ref_k, (x, q, k), g), ("x", "q", "k"), dtype, nonfinite=True)
+    if fuse and kind != "nan_q_other_rows":  # the poison reaches the gradients
+        assert not all(bool(t.isfinite().all()) for t in got), "no NaN/inf reached a gradient"
     if kind == "nan_q_other_rows":
         assert torch.equal(kept, clean_kept) and torch.equal(x_out, clean_out)
     if all_nan is None:  # +inf logits: NaN only where inf - inf happens, among real scores
@@ -571,7 +715,9 @@ def test_nan_and_inf_inputs(backend, kind):
         if bi in all_nan:
             assert bool(scores[bi].isnan().all())
             assert kept[bi].tolist() == list(range(case.n_keep))
-            assert bool(x_out[bi, -1].isnan().all())  # NaN fusion weights
+            # NaN fusion weights make the fused row NaN; copied rows stay finite
+            assert bool(x_out[bi, rows:].isnan().all()) and x_out.shape[1] == rows + int(fuse)
+            assert not bool(x_out[bi, :rows].isnan().any())
         else:
             assert not bool(scores[bi].isnan().any())
             assert not bool(x_out[bi].isnan().any())
@@ -722,29 +868,92 @@ def _bad_inputs(spec):
     return made["x"], made["q"], made["k"], kwargs
 
 
-@pytest.mark.parametrize("name", ["reference", "cpp"])
-def test_mixed_dtypes_match_upcast(name):
-    """Autocast hands the drop bf16 q, k beside an fp32 residual stream: that is accepted (no
-    cast to fp32 is required of the caller) and equals the drop on q, k cast up to fp32."""
-    if name not in bsr_kernels.available_backends("cpu"):
-        pytest.skip(f"{name} backend not built")
-    g = torch.Generator().manual_seed(21)
-    x = torch.randn(3, 17, 8, generator=g, requires_grad=True)
-    q = torch.randn(3, 2, 17, 4, generator=g).bfloat16().requires_grad_()
-    k = torch.randn(3, 2, 17, 4, generator=g).bfloat16().requires_grad_()
-    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5, backend=name)
-    assert out.dtype == torch.float32
-    q32, k32 = (t.detach().float().requires_grad_() for t in (q, k))
-    r_out, r_kept = bsr_kernels.drop_tokens(x, q32, k32, 0.5, backend="reference")
-    assert torch.equal(kept, r_kept)
-    torch.testing.assert_close(out, r_out)
-    g_out = torch.randn(out.shape, generator=g)
-    gx, gq, gk = torch.autograd.grad(out, (x, q, k), g_out)
-    rx, rq, rk = torch.autograd.grad(r_out, (x, q32, k32), g_out)
-    assert gq.dtype == torch.bfloat16 and gk.dtype == torch.bfloat16
-    torch.testing.assert_close(gx, rx)
-    torch.testing.assert_close(gq.float(), rq, rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(gk.float(), rk, rtol=2e-2, atol=1e-3)
+#: (x dtype, q/k dtype) pairs: autocast's bf16/fp16 q, k beside an fp32 residual stream, and
+#: float32 beside float64 either way.
+_MIXED = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+          (torch.float32, torch.float64), (torch.float64, torch.float32)]
+
+
+def _mixed_refusal(name: str, device: str, x_dtype, q_dtype) -> list[str]:
+    """Why the dispatcher refuses this backend for x and q of these dtypes (its rule: x's dtype,
+    and q's too for a backend that takes mixed dtypes; the others get all three cast to the
+    compute dtype)."""
+    b, dev = get_backend(name), torch.device(device)
+    return b.not_supported_reasons(dev, x_dtype) + (
+        b.not_supported_reasons(dev, q_dtype) if b.mixed_dtypes else [])
+
+
+def _near_tie_inputs(x_dtype, q_dtype, device):
+    """N=4, P=1, one head: candidates 0 and 1 have keys that differ by a factor 1 + 1e-9 (exact
+    in float64, equal once rounded to float32), candidate 2 a low score. Keeping one token, a
+    float64 computation keeps candidate 1, a float32 one sees an exact tie and keeps 0."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+    q = torch.zeros(1, 1, 4, 2, dtype=torch.float64)
+    q[0, 0, 0] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    k = torch.tensor([[[[0.25, 0.0], [1.0, 0.5], [1.0, 0.5], [-1.0, -0.5]]]],
+                     dtype=torch.float64)
+    k[0, 0, 2] *= 1 + 1e-9
+    return x.to(device, x_dtype), q.to(device, q_dtype), k.to(device, q_dtype)
+
+
+@pytest.mark.parametrize("xq", _MIXED, ids=lambda t: f"x{str(t[0])[6:]}-q{str(t[1])[6:]}")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_mixed_dtypes_follow_the_compute_dtype(name, device, xq):
+    """x may have another dtype than q and k (``drop_tokens``; ``common.compute_dtype``): scores
+    and the fused token accumulate in float32, float64 when either input is float64; x_out has
+    x's dtype, each gradient its input's. So every backend that runs the pair equals the
+    definition on those very inputs (which casts q, k up to the compute dtype): the kept set
+    exactly, including a float64 near-tie that float32 scores would break the other way; copied
+    rows exactly, the fused row and the gradients as accurate as the definition's. A backend
+    that cannot run the pair here refuses it with its reasons."""
+    x_dtype, q_dtype = xq
+    cd = compute_dtype(x_dtype, q_dtype)
+    reasons = _mixed_refusal(name, device, x_dtype, q_dtype)
+    case = DropCase(b=3, h=2, n=17, d=4, c=8, p=2, keep_rate=0.5, fuse=True, seed=21)
+    x64, q64, k64 = make_inputs(case, device, torch.float64)
+    x = x64.to(x_dtype).requires_grad_()
+    q, k = (t.to(q_dtype).requires_grad_() for t in (q64, k64))
+    if reasons:
+        with pytest.raises(RuntimeError) as err:
+            bsr_kernels.drop_tokens(x, q, k, 0.5, backend=name)
+        assert all(r in str(err.value) for r in reasons), str(err.value)
+        return
+
+    tx, tq, tk = _near_tie_inputs(x_dtype, q_dtype, device)
+    out, kept = bsr_kernels.drop_tokens(tx, tq, tk, 1 / 3, backend=name)
+    r_kept = reference.drop_tokens(tx, tq, tk, 2 ** -0.5, 1, 1, True)[1]
+    want = 1 if cd == torch.float64 and q_dtype == torch.float64 else 0
+    assert r_kept.tolist() == [[want]]  # the construction does what it says
+    assert kept.tolist() == [[want]], f"kept {kept.tolist()}: scored in another dtype than {cd}"
+    assert out.dtype == x_dtype
+
+    scale = resolved_scale(None, case.d)
+    out, kept = twice(lambda: bsr_kernels.drop_tokens(x, q, k, 0.5, True, case.p, backend=name))
+    assert out.dtype == x_dtype and kept.dtype == torch.int64
+    ref_out, ref_kept, ref_scores, _ = reference.drop_tokens(x, q, k, scale, case.p,
+                                                            case.n_keep, True)
+    assert ref_scores.dtype == cd
+    assert torch.equal(kept, ref_kept)
+    rows = case.p + case.n_keep
+    assert torch.equal(out[:, :rows], ref_out[:, :rows])
+    torch.testing.assert_close(out[:, rows:], ref_out[:, rows:], **VALUE_TOL[x_dtype])
+    g_out = seeded_like(out.shape, x_dtype, device, 5)
+    got = grads_of(out, (x, q, k), g_out)
+    assert [t.dtype for t in got] == [x_dtype, q_dtype, q_dtype]
+    ref = grads_of(ref_out, (x, q, k), g_out)
+    x6, q6, k6 = float64_leaves(x, q, k)
+    want64 = grads_of(reference.drop_tokens(x6, q6, k6, scale, case.p, case.n_keep, True,
+                                            kept=kept)[0], (x6, q6, k6), g_out.double())
+    for a, w, r, nm in zip(got, want64, ref, "xqk"):
+        if a.dtype in (torch.float32, torch.float64):
+            assert_grads_accurate([a], [w], [r], [nm], a.dtype)
+        else:  # computed in float32, rounded once to bf16/fp16: within that rounding
+            eps, big = torch.finfo(a.dtype).eps, float(w.abs().max())
+            err = (a.double() - w).abs()
+            bound = eps * w.abs() + GRAD_REL_FLOOR[cd] * big + GRAD_ABS_FLOOR[cd]
+            assert bool((err <= bound).all()), (nm, float(err.max()), float(bound.min()))
 
 
 @pytest.mark.parametrize("spec,exc,arg", list(_BAD_DROP.values()), ids=list(_BAD_DROP))
@@ -784,21 +993,39 @@ def test_nonsense_backend_raises(monkeypatch):
 
 
 def _unavailable_here():
-    names = [n for n, b in all_backends().items() if b.not_supported_reasons(CPU, torch.float32)]
-    return names or [pytest.param("none", marks=pytest.mark.skip(
-        reason="every backend is available on cpu float32 here"))]
+    """(backend, dtype) pairs that cannot run on CPU here, each with its reasons: at least the
+    C++ backend for bfloat16 and float16 (float32/float64 only), and Triton's interpreter for
+    them too, whatever is built."""
+    pairs = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+             for name, b in all_backends().items()
+             for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+             if b.not_supported_reasons(CPU, dtype)]
+    assert any(p.values[0] == "cpp" for p in pairs), "cpp accepts half precision on CPU?"
+    return pairs
 
 
-@pytest.mark.parametrize("name", _unavailable_here())
-def test_forcing_an_unavailable_backend_raises_with_reasons(name, monkeypatch):
-    monkeypatch.setenv("BSR_BACKEND", name)
-    reasons = get_backend(name).not_supported_reasons(CPU, torch.float32)
-    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, torch.float32)
-    with pytest.raises(RuntimeError) as err:
-        bsr_kernels.drop_tokens(x, q, k, 0.5)
-    for reason in reasons:
-        assert reason in str(err.value)
-    assert name in str(err.value)
+@pytest.mark.parametrize("name,dtype", _unavailable_here())
+def test_forcing_an_unavailable_backend_raises_with_reasons(name, dtype, monkeypatch):
+    """Forcing a backend that cannot take these CPU inputs (BSR_BACKEND, use_backend or
+    backend=) raises, naming the backend and each of its reasons, for both ops; no silent
+    fallback to another backend."""
+    reasons = get_backend(name).not_supported_reasons(CPU, dtype)
+    assert reasons
+    x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, dtype)
+    for route in ("BSR_BACKEND", "use_backend", "backend="):
+        if route == "BSR_BACKEND":
+            monkeypatch.setenv("BSR_BACKEND", name)
+        else:
+            monkeypatch.delenv("BSR_BACKEND", raising=False)
+        kw = {"backend": name} if route == "backend=" else {}
+        for op in (lambda: bsr_kernels.drop_tokens(x, q, k, 0.5, **kw),
+                   lambda: bsr_kernels.cls_attention(q, k, **kw)):
+            with (bsr_kernels.use_backend(name) if route == "use_backend"
+                  else contextlib.nullcontext()), pytest.raises(RuntimeError) as err:
+                op()
+            for reason in reasons:
+                assert reason in str(err.value), (route, str(err.value))
+            assert f"backend {name!r} was forced" in str(err.value), (route, str(err.value))
 
 
 def test_forced_backend_patched_unavailable_raises(monkeypatch):

@@ -325,15 +325,19 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         check_kept(kept, x.shape[0], plan)
     if plan.n_keep == plan.n_candidates:
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
+    x_dtype = x.dtype
     if q.dtype != x.dtype and not impl.mixed_dtypes:
-        q, k = q.to(x.dtype), k.to(x.dtype)
+        # one dtype for a backend that takes one: the compute dtype, as the definition casts to
+        # (casting float64 q, k down to float32 x would score and select in float32)
+        cd = compute_dtype(x.dtype, q.dtype)
+        x, q, k = x.to(cd), q.to(cd), k.to(cd)
     # the eager path's Functions take the backend object, the registered ops its name
     eager = _plain_eager(x, q, k)
     backend = impl if eager else impl.name
     if kept is not None:
         replay = _ReplayFunction.apply if eager else _replay_op
         x_out, _, _ = replay(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token, backend)
-        return x_out, kept
+        return x_out.to(x_dtype), kept
     drop = _DropFunction.apply if eager else _drop_op
     x_out, kept, _, _ = drop(x, q, k, scale, p, plan.n_keep, plan.fuse_token, backend)
-    return x_out, kept.long()
+    return x_out.to(x_dtype), kept.long()

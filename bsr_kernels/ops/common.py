@@ -191,11 +191,13 @@ class Backend:
     """One implementation of the token-drop ops. Subclasses fill in every method.
 
     All tensors arrive checked and on one device. ``scores`` and ``lse`` are in
-    ``compute_dtype(q.dtype)``; ``kept`` is int32 (B, n_keep), ascending.
+    ``compute_dtype(x.dtype, q.dtype)`` (``compute_dtype(q.dtype)`` for ``cls_scores``); ``kept``
+    is int32 (B, n_keep), ascending.
     """
 
     name: str = "?"
-    #: Whether x may have another dtype than q and k (else the caller casts q, k to x's dtype).
+    #: Whether x may have another dtype than q and k (else the caller casts x, q and k to their
+    #: ``compute_dtype`` and x_out back to x's dtype).
     mixed_dtypes: bool = False
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:

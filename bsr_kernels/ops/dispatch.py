@@ -107,7 +107,7 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
 
     def reasons(b: Backend) -> list[str]:
         out = b.not_supported_reasons(device, dtypes[0])
-        if b.mixed_dtypes:  # else the op casts q, k to x's dtype
+        if b.mixed_dtypes:  # else the op casts x, q, k to their compute dtype
             out += [r for dt in dtypes[1:] for r in b.not_supported_reasons(device, dt)
                     if r not in out]
         return out

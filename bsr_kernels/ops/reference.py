@@ -2,7 +2,8 @@
 
 ``cls_scores``, ``select_tokens`` and ``drop_tokens`` are plain differentiable PyTorch: autograd
 through them *is* the definition of the gradients. The ``*_backward`` functions are the analytic
-gradients in torch ops, used by the reference backend (and by backends without a backward kernel). They build no N x N matrix either (only the CLS row of the logits), but they favour
+gradients in torch ops, used by the reference backend (and by backends without a backward
+kernel). They build no N x N matrix either (only the CLS row of the logits), but they favour
 clarity over speed.
 """
 from __future__ import annotations
@@ -76,8 +77,11 @@ def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse
 
 
 def cls_scores_backward(grad_scores, q, k, lse, scale: float, num_prefix_tokens: int):
-    """Analytic backward of :func:`cls_scores` from the saved logsumexp (torch ops, any device)."""
-    cd = compute_dtype(q.dtype)
+    """Analytic backward of :func:`cls_scores` from the saved logsumexp (torch ops, any device).
+
+    Computes in lse's dtype when that is wider: a drop of float64 x with float32 q, k scores in
+    float64 (``compute_dtype(x.dtype, q.dtype)``)."""
+    cd = compute_dtype(q.dtype, lse.dtype)
     q0, kk = q[:, :, 0].to(cd), k.to(cd)
     probs = torch.exp(torch.einsum("bhd,bhnd->bhn", q0, kk) * scale - lse.unsqueeze(-1))
     grad_p = torch.zeros_like(probs)
@@ -90,7 +94,8 @@ def cls_scores_backward(grad_scores, q, k, lse, scale: float, num_prefix_tokens:
 
 
 def _like(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` in the layout of ``torch.empty_like(t)``, as the registered fake kernels promise."""
+    """``value`` in the layout of ``torch.empty_like(t)``, as the registered fake kernels
+    promise."""
     return torch.empty_like(t).copy_(value)
 
 
