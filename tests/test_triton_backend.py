@@ -557,6 +557,78 @@ def test_half_precision_cuda(dtype, monkeypatch):
     _check_low_precision_forward(x, q, k, p, n_keep)
 
 
+def _check_low_precision_backward(x, q, k, p, n_keep):
+    """Checks the backward kernels (drop_backward, gather_backward, cls_scores_backward) on
+    inputs of a rounded dtype (bf16/fp16; fp32 in the interpreter variant) against autograd
+    through the definition on float32 copies of the same inputs (exact upcasts), on the kernel's
+    own selection, with the kernel's scores and lse as its backward takes them.
+
+    Tolerance, per element: the kernels accumulate in float32 and round each gradient once to
+    the input dtype, which moves it by at most half an ulp (``eps * |grad|`` bounds one ulp);
+    float32 accumulation in another order differs by ~1e-7 of the summed magnitudes, bounded by
+    ``1e-5 * max|grad|`` (the fp32 absolute tolerance of GRAD_TOL); and fp16 gradients below
+    6e-5 are subnormal, with half a subnormal spacing of rounding (``eps * smallest_normal``).
+    Gathered rows are copies of grad_out: exact."""
+    dtype, dev = x.dtype, x.device
+    n, d = x.shape[1], q.shape[-1]
+    scale = d ** -0.5
+    fi = torch.finfo(dtype)
+
+    def close(got, want, name):
+        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, got.shape)
+        assert bool(got.isfinite().all()), f"{name}: NaN or inf"
+        err = (got.float() - want).abs()
+        bound = (fi.eps * want.abs() + 1e-5 * float(want.abs().max())
+                 + fi.eps * fi.smallest_normal)
+        bad = err > bound
+        assert not bool(bad.any()), (f"{name}: {int(bad.sum())} of {bad.numel()} elements "
+                                     f"off, max error {float(err.max()):.3g}, max|grad| "
+                                     f"{float(want.abs().max()):.3g}")
+
+    x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, scale, p, n_keep, True)
+    g = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(x_out.shape, generator=g).to(dev, dtype)
+    xf, qf, kf = (t.detach().float().requires_grad_() for t in (x, q, k))
+    out_f = ref.drop_tokens(xf, qf, kf, scale, p, n_keep, True, kept=kept)[0]
+    want = torch.autograd.grad(out_f, (xf, qf, kf), grad_out.float())
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    for name, a, w in zip(("grad_x", "grad_q", "grad_k"), got, want):
+        close(a, w, name)
+    assert not bool(got[1][:, :, 1:].any()) and bool(got[1][:, :, 0].any())
+
+    go = grad_out[:, :p + n_keep]
+    out_f = ref.drop_tokens(xf, qf, kf, scale, p, n_keep, False, kept=kept)[0]
+    want = torch.autograd.grad(out_f, xf, go.float())[0]
+    gx = BACKEND.gather_backward(go, kept, n, p)
+    assert gx.dtype == dtype and torch.equal(gx.float(), want), "gathered rows are not copies"
+
+    s, lse = BACKEND.cls_scores(q, k, scale, p)
+    gs = torch.randn(s.shape, generator=g).to(dev, s.dtype)
+    want = torch.autograd.grad(ref.cls_scores(qf, kf, scale, p)[0], (qf, kf), gs)
+    got = BACKEND.cls_scores_backward(gs, q, k, lse, scale, p)
+    for name, a, w in zip(("cls grad_q", "cls grad_k"), got, want):
+        close(a, w, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled half precision)")
+@pytest.mark.parametrize("p,n_keep", [(1, 98), (5, 96)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_backward_cuda(dtype, p, n_keep, monkeypatch):
+    """bf16/fp16 compiled backward kernels on a ViT-B/16-sized drop against the definition on
+    the same inputs upcast to fp32 (tolerance: ``_check_low_precision_backward``)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    b, h, n, d, c = 4, 12, 197, 64, 768
+    x, q, k = _inputs(b, h, n, d, c, "cuda", dtype, seed=17)
+    _check_low_precision_backward(x, q, k, p, n_keep)
+
+
+def test_low_precision_backward_checks_in_the_interpreter(device):
+    """The checks of ``test_half_precision_backward_cuda`` on fp32 inputs (the dtypes the
+    interpreter takes), on a small shape with registers: the helper runs wherever Triton does."""
+    x, q, k = _inputs(2, 3, 21, 8, 10, device, torch.float32, seed=17)
+    _check_low_precision_backward(x, q, k, 3, 8)
+
+
 def test_low_precision_checks_in_the_interpreter(device):
     """The checks of ``test_half_precision_cuda`` on fp32 inputs (the dtypes the interpreter
     takes), on a small shape: the helper runs wherever Triton does."""
