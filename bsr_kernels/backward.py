@@ -32,6 +32,8 @@ reported by the benchmarks and the application).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale
@@ -62,7 +64,8 @@ class _GradOnlyLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_inp = grad @ weight.to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            g_w = grad.reshape(-1, grad.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1]).to(grad.dtype)
+            g_w = (grad.reshape(-1, grad.shape[-1]).t()
+                   @ inp.reshape(-1, inp.shape[-1]).to(grad.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             g_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return g_inp, g_w, g_b, None
@@ -108,9 +111,34 @@ def _rng_states(device: torch.device):
     return torch.get_rng_state(), cuda
 
 
+def _parameter_slots(block) -> list:
+    """(module, name, tensor) of every parameter the block's modules hold, in ``parameters()``
+    order (a shared one once per module holding it)."""
+    return [(m, name, p) for m in block.modules() for name, p in m._parameters.items()
+            if p is not None]
+
+
+@contextlib.contextmanager
+def _forward_parameters(slots):
+    """Binds the forward's parameter tensors to the block for the replay where the block now
+    holds others: a forward under ``torch.func.functional_call`` (gradcheck of a parameter, a
+    meta-learning step) swapped its tensors in, and the swap is undone before backward. The
+    replay reads the module, so without this it would use the module's own values and give
+    those tensors no gradient."""
+    stale = [(m, name, p) for m, name, p in slots if m._parameters.get(name) is not p]
+    held = [m._parameters.get(name) for m, name, _ in stale]
+    for m, name, p in stale:
+        m._parameters[name] = p
+    try:
+        yield
+    finally:
+        for (m, name, _), h in zip(stale, held):
+            m._parameters[name] = h
+
+
 class _LeanBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, block, x, *params):
+    def forward(ctx, block, slots, x, *params):
         names = _saved_names(block)
         # Dropout turned on after reprogram: backward must draw the same masks, so it replays
         # the body from the forward's generator states (as torch.utils.checkpoint does).
@@ -131,8 +159,8 @@ class _LeanBlock(torch.autograd.Function):
         ctx.task = getattr(block.mlp, "task", None) if getattr(block.mlp, "bsr_moe", False) \
             else None
         # backward differentiates to exactly these parameters (in this order), even if
-        # requires_grad changes in between
-        ctx.block, ctx.names, ctx.params = block, names, params
+        # requires_grad changes in between, and replays with the forward's parameter tensors
+        ctx.block, ctx.names, ctx.params, ctx.slots = block, names, params, slots
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
         ctx.device_type = x.device.type
@@ -169,13 +197,14 @@ class _LeanBlock(torch.autograd.Function):
         def replay():
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype,
-                                                     enabled=enabled):
-                x_ = x.detach().requires_grad_(ctx.needs_input_grad[1])
+                                                     enabled=enabled), \
+                    _forward_parameters(ctx.slots):
+                x_ = x.detach().requires_grad_(ctx.needs_input_grad[2])
                 # the recorded selection is replayed, never recomputed: no host sync, and the
                 # same tokens even where a recompute would round differently (compressed,
                 # compiled)
                 out = block.body(x_, linear=replay_linear, kept=kept[0] if kept else None)
-                inputs = ([x_] if ctx.needs_input_grad[1] else []) + params
+                inputs = ([x_] if ctx.needs_input_grad[2] else []) + params
                 return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
 
         if ctx.task is not None:  # a MoE block routes with the gate of the forward's task
@@ -193,16 +222,17 @@ class _LeanBlock(torch.autograd.Function):
         finally:
             if ctx.task is not None:
                 block.mlp.task = task
-        grad_x = grads.pop(0) if ctx.needs_input_grad[1] else None
+        grad_x = grads.pop(0) if ctx.needs_input_grad[2] else None
         param_grads = [None] * len(ctx.params)
         for i, g in zip(live, grads):
             param_grads[i] = g
-        return (None, grad_x, *param_grads)
+        return (None, None, grad_x, *param_grads)
 
 
 def lean_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs a reprogrammed block through the memory-lean autograd function."""
-    params = [p for p in block.parameters() if p.requires_grad]
+    slots = _parameter_slots(block)
+    params = list({id(p): p for _, _, p in slots if p.requires_grad}.values())  # parameters()
     if not x.requires_grad and not params:
         return block.body(x)
-    return _LeanBlock.apply(block, x, *params)
+    return _LeanBlock.apply(block, slots, x, *params)

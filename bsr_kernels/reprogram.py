@@ -17,6 +17,7 @@ One block body (:meth:`BSRBlock.body`) serves every execution mode:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -86,10 +87,16 @@ class BSRBlock(Block):
         cfg = self.bsr_config
         if torch.jit.is_tracing():  # jit.trace / ONNX dynamo=False: record plain aten ops
             return drop_traced(x, q, k, self.attn.scale, cfg)
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return drop_half_cpu(x, q, k, cfg, kept)
-        return drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
-                           num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
+        # The drop accumulates in float32 (its kernels ignore autocast); so must its torch-op
+        # forms, the reference and the replay of a lean/fast backward (which runs under the
+        # forward's autocast): bf16 replay scores failed the C++ backward.
+        device = x.device.type
+        with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
+              else contextlib.nullcontext()):
+            if device == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+                return drop_half_cpu(x, q, k, cfg, kept)
+            return drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
+                               num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
 
     def __prepare_scriptable__(self):  # torch.jit.script: refused, naming the supported routes
         raise RuntimeError(SCRIPT_REFUSAL)

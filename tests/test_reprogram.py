@@ -1,4 +1,5 @@
-"""reprogram / restore / the memory-lean backward, against the authors' eager formulation and timm."""
+"""reprogram / restore / the memory-lean backward, against the authors' eager formulation and
+timm."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +10,10 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import bsr_kernels
+import bsr_kernels.backward
 from bsr_kernels.baselines import EagerBSR
 from bsr_kernels.measure import saved_activations
+from bsr_kernels.ops.common import num_kept
 from bsr_kernels.reprogram import BSRBlock, default_drop_at, default_train_blocks
 
 CONFIGS = {
@@ -64,7 +67,9 @@ def to_patches(kept_stages, fuse=True):
     for kept in kept_stages:
         mapped = kept if mapping is None else torch.gather(mapping, 1, kept)
         out.append(mapped)
-        mapping = torch.cat([mapped, mapped.new_full((mapped.shape[0], 1), -1)], 1) if fuse else mapped
+        if fuse:
+            mapped = torch.cat([mapped, mapped.new_full((mapped.shape[0], 1), -1)], 1)
+        mapping = mapped
     return out
 
 
@@ -175,7 +180,9 @@ def test_lean_backward_replays_under_the_forward_autocast_state(monkeypatch):
     """Backward replays the body with the forward's autocast (the engine does not carry it), so
     the replayed drop sees the forward's bf16 q and k; gradients agree with plain autograd to
     bf16 precision."""
-    monkeypatch.setenv("BSR_BACKEND", "reference")  # the C++ kernels take fp32/fp64 only
+    # the reference backend takes the bf16 q and k as they are (the C++ one casts them to x's
+    # float32)
+    monkeypatch.setenv("BSR_BACKEND", "reference")
     base = small_vit(dtype=torch.float32)
     x = images(dtype=torch.float32)
     seen, real_drop = [], BSRBlock.drop
@@ -198,6 +205,131 @@ def test_lean_backward_replays_under_the_forward_autocast_state(monkeypatch):
         results[path] = grads(model)
     for name, g in results["plain"].items():
         assert rel_err(results["lean"][name], g) < 2e-2, name
+
+
+@pytest.mark.skipif("cpp" not in bsr_kernels.available_backends("cpu"),
+                    reason="the C++ extension is not built")
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+def test_memory_modes_under_cpu_bf16_autocast_with_the_cpp_backend(memory_mode):
+    """CPU bf16 autocast with the C++ kernels (the CPU default): lean/fast run and give
+    autograd mode's logits and gradients. The drop runs outside autocast, in forward and in the
+    replay (the replay's bf16 scores failed the C++ backward, so bsr-finetune refused --amp
+    bf16 on CPU)."""
+    base = small_vit(dtype=torch.float32, init_values=0.5)
+    x = images(dtype=torch.float32)
+    results = {}
+    for mode in ("autograd", memory_mode):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+        with bsr_kernels.use_backend("cpp"):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().mean().backward()
+        results[mode] = out, grads(model)
+    (out_ref, g_ref), (out, g) = results["autograd"], results[memory_mode]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)  # the same bf16 ops in forward
+    assert set(g) == set(g_ref) and g
+    # backward differs only in the float32 rounding of the replayed drop (the reference
+    # formulation against the C++ forward), which a bf16 rounding of a recomputed activation
+    # can turn into 2^-8 on an element; a wrong term would be > 1e-2
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-4, name
+
+def gradcheck_vit(fuse, memory_mode, seed=0):
+    """A reprogrammed ViT small enough for gradcheck: two 8x8 one-channel images, 4 patches of
+    4x4, two register tokens (3 prefix tokens), 2 blocks, LayerScale; block 0 trained (its qkv
+    and fc1 outputs saved in lean mode), block 1 frozen (replayed from its input alone in lean
+    mode), both dropping half the tokens. Weights are drawn at scale 0.5 (norms and LayerScale
+    around their initial values), so that CLS attention is far from uniform and the selection
+    has a margin (checked by the test)."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2,
+                              num_heads=2, num_classes=3, reg_tokens=2, init_values=0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.2 * torch.randn_like(p)) if "norm" in name or "gamma" in name \
+                else p.copy_(0.5 * torch.randn_like(p))
+    return bsr_kernels.reprogram(model.double(), train_blocks=[0], drop_at=[0, 1],
+                                 fuse_token=fuse, memory_mode=memory_mode)
+
+
+def selection_margin(model, x, monkeypatch):
+    """The smallest gap, over the drops and the images, between the lowest kept score and the
+    highest dropped one in ``model(x)``."""
+    margins, real = [], BSRBlock.drop
+
+    def drop(self, x_, q, k, kept=None):
+        cfg = self.bsr_config
+        scores = bsr_kernels.cls_attention(q, k, self.attn.scale, cfg.num_prefix_tokens)
+        n = num_kept(cfg.keep_rate, scores.shape[1])
+        top = scores.sort(dim=1, descending=True).values
+        margins.append(float((top[:, n - 1] - top[:, n]).min()))
+        return real(self, x_, q, k, kept)
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(BSRBlock, "drop", drop)
+        model(x)
+    assert len(margins) == 2
+    return min(margins)
+
+
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "no_fuse"])
+def test_lean_and_fast_backward_pass_gradcheck(memory_mode, fuse, monkeypatch):
+    """torch.autograd.gradcheck (float64) of the custom backward of the lean/fast modes
+    (_LeanBlock), through a whole reprogrammed ViT with register tokens, with respect to the
+    images and three parameters of the trained block (qkv bias, LayerScale gamma: fc2's output
+    is then needed, fc2 bias), taken through torch.func.functional_call."""
+    model = gradcheck_vit(fuse, memory_mode)
+    x = images(n=2, size=8)[:, :1]
+    # gradcheck moves each input by eps = 1e-6: no selection flips at a margin of 1e-3
+    assert selection_margin(model, x, monkeypatch) > 1e-3
+    names = ["blocks.0.attn.qkv.bias", "blocks.0.ls2.gamma", "blocks.0.mlp.fc2.bias"]
+    params = dict(model.named_parameters())
+    inputs = [x.clone().requires_grad_()]
+    inputs += [params[n].detach().clone().requires_grad_() for n in names]
+    calls, apply = [], bsr_kernels.backward._LeanBlock.apply
+
+    def lean_apply(*args):
+        calls.append(args[0].bsr_index)
+        return apply(*args)
+    monkeypatch.setattr(bsr_kernels.backward._LeanBlock, "apply", lean_apply)
+
+    def logits(images_, *tensors):
+        return torch.func.functional_call(model, dict(zip(names, tensors)), (images_,))
+    logits(*inputs)
+    assert calls == [0, 1]  # both blocks ran through the custom backward
+    # float64 central differences are good to ~1e-9 here; gradcheck's default rtol (1e-3)
+    # would pass a gradient 0.1 % wrong
+    assert torch.autograd.gradcheck(logits, inputs, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+def test_backward_replays_with_the_parameters_given_to_forward(memory_mode):
+    """A forward under torch.func.functional_call with other values for a frozen and a trained
+    parameter: the lean/fast backward replays with those values (not the module's own, back in
+    place by backward time) and gives the passed trained tensor its gradient, as plain
+    autograd does."""
+    base = small_vit()
+    x = images()
+    results = {}
+    for mode in ("autograd", memory_mode):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+        own = dict(model.named_parameters())
+        given = {"blocks.5.mlp.fc1.weight": 1.5 * own["blocks.5.mlp.fc1.weight"].detach(),
+                 "blocks.7.attn.qkv.bias": (own["blocks.7.attn.qkv.bias"].detach() + 0.1
+                                            ).requires_grad_()}
+        out = torch.func.functional_call(model, given, (x,))
+        out.square().sum().backward()
+        assert dict(model.named_parameters()) == own  # the module's own tensors, back in place
+        results[mode] = (out, given["blocks.7.attn.qkv.bias"].grad, grads(model))
+    (out_ref, g_ref, rest_ref), (out, g, rest) = results["autograd"], results[memory_mode]
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-12)
+    assert g is not None and g.norm() > 0
+    assert rel_err(g, g_ref) < 1e-10
+    assert set(rest) == set(rest_ref) and "blocks.7.attn.qkv.bias" not in rest
+    scale = max(v.norm() for v in rest_ref.values())
+    for name, v in rest_ref.items():
+        assert_grad_close(rest[name], v, scale, 1e-10, name)
 
 
 def test_keep_rate_one_all_trained_reproduces_timm():
