@@ -3,15 +3,17 @@ result, what backward stores (never attention probabilities, in any block of any
 turned on after reprogram, and the model-level argument checks."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from timm.models.vision_transformer import VisionTransformer
 
 import bsr_kernels
+import bsr_kernels.backward
 from bsr_kernels.config import MEMORY_MODES, BSRConfig
+from bsr_kernels.ops.dispatch import select_backend
 
 MODES = list(MEMORY_MODES)
 
@@ -31,38 +33,169 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-class _NoHostSync(TorchFunctionMode):
-    """Raises on the calls that read a tensor's value on the host (a device sync on CUDA)."""
+#: What reads a tensor's value on the host (a device sync on CUDA): Tensor methods (also Python's
+#: ``if t:``, ``int(t)``, ``float(t)``, ``range(t)``) and torch functions; nonzero, unique,
+#: masked_select and argwhere because their output's size depends on the values, as does
+#: indexing with a boolean mask (guarded too). any/all are not among them: they return a tensor
+#: (``if t.any():`` is caught at ``__bool__``).
+_SYNC_METHODS = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__",
+                 "equal", "allclose", "nonzero", "unique", "masked_select", "argwhere")
+_SYNC_FUNCTIONS = ("equal", "allclose", "is_nonzero", "nonzero", "unique", "masked_select",
+                   "argwhere")
+_ABSENT = object()
 
-    SYNCS = {torch.Tensor.item, torch.equal, torch.Tensor.__bool__, torch.Tensor.tolist,
-             torch.Tensor.__int__, torch.Tensor.__float__, torch.nonzero, torch.Tensor.nonzero,
-             torch.Tensor.any, torch.Tensor.all, torch.any, torch.all}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCS:
-            raise AssertionError(f"host sync: {getattr(func, '__name__', func)}")
-        return func(*args, **(kwargs or {}))
+@contextlib.contextmanager
+def no_host_syncs():
+    """Replaces every call of ``_SYNC_METHODS`` / ``_SYNC_FUNCTIONS`` by one that records its name
+    and raises, in every thread (the autograd engine's included) and on every path (the eager
+    ``autograd.Function`` path of the ops too: no dispatch or function mode is pushed, which
+    would send the ops down the registered-op path). Yields the list of names hit, for code that
+    catches the exception. C++ code (the extension) is not seen: on CUDA,
+    ``test_cuda_step_without_host_syncs`` checks everything with the sync debug mode."""
+    hits: list[str] = []
+    patched = []
+
+    def guard(owner, name):
+        def sync(*args, **kwargs):
+            hits.append(name)
+            raise AssertionError(f"host sync: {name}")
+        patched.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+        setattr(owner, name, sync)
+
+    def guard_mask_index(name):
+        orig = getattr(torch.Tensor, name)
+
+        def index(self, idx, *value):
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                   for i in (idx if isinstance(idx, tuple) else (idx,))):
+                hits.append(f"{name} with a boolean mask")
+                raise AssertionError(f"host sync: {hits[-1]}")
+            return orig(self, idx, *value)
+        patched.append((torch.Tensor, name, torch.Tensor.__dict__.get(name, _ABSENT)))
+        setattr(torch.Tensor, name, index)
+
+    try:
+        guard_mask_index("__getitem__")
+        guard_mask_index("__setitem__")
+        for name in _SYNC_METHODS:
+            guard(torch.Tensor, name)
+        for name in _SYNC_FUNCTIONS:
+            guard(torch, name)
+        yield hits
+    finally:
+        for owner, name, orig in reversed(patched):
+            if orig is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
 
 
-def test_no_sync_detector_catches_syncs():
+@pytest.mark.parametrize("sync", [
+    lambda t: t.item(), lambda t: t.tolist(), lambda t: bool(t), lambda t: int(t),
+    lambda t: float(t), lambda t: [0, 1][t], lambda t: torch.equal(t, t), lambda t: t.equal(t),
+    lambda t: torch.allclose(t, t), lambda t: t.nonzero(), lambda t: torch.unique(t),
+    lambda t: t[t > 0], lambda t: t.__setitem__(t < 0, 0), lambda t: t.numpy()])
+def test_no_sync_detector_catches_syncs(sync):
+    t = torch.tensor(1)
     with pytest.raises(AssertionError, match="host sync"):
-        with _NoHostSync():
-            torch.ones(2).sum().item()
-    with pytest.raises(AssertionError, match="host sync"):
-        with _NoHostSync():
-            torch.equal(torch.ones(2), torch.ones(2))
+        with no_host_syncs():
+            sync(t)
+    sync(t)  # and every patched call works again after it
+
+
+def _eager_path_recorded(monkeypatch):
+    """Records, for each drop_tokens call, whether it took the eager autograd.Function path."""
+    seen: list[bool] = []
+    plain = bsr_kernels.ops._plain_eager
+
+    def spy(*tensors):
+        seen.append(plain(*tensors))
+        return seen[-1]
+    monkeypatch.setattr(bsr_kernels.ops, "_plain_eager", spy)
+    return seen
+
+
+def _step_without_host_syncs(model, x):
+    """A training forward + backward under :func:`no_host_syncs`; raises at a host sync."""
+    with no_host_syncs() as hits:
+        model(x).sum().backward()
+    assert not hits, f"host sync: {hits}"  # also when something caught the AssertionError
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_forward_and_backward_without_host_syncs(mode):
-    """No .item()/torch.equal/bool(tensor) anywhere in a training forward + backward (on CUDA the
-    benchmark checks the same with torch.cuda.set_sync_debug_mode("error"))."""
+def test_forward_and_backward_without_host_syncs(mode, monkeypatch):
+    """No .item()/torch.equal/bool(tensor)/... anywhere in a training forward + backward, on the
+    eager path that training takes (on CUDA, test_cuda_step_without_host_syncs checks the
+    same with torch.cuda.set_sync_debug_mode("error"))."""
     model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
     x = images()
     model(x).sum().backward()  # warm (first-call setup may inspect values)
     model.zero_grad()
-    with _NoHostSync():
+    eager = _eager_path_recorded(monkeypatch)
+    _step_without_host_syncs(model, x)
+    # 3 drops in forward, and for fast/lean their 3 replays in backward, all on the eager path
+    assert eager == [True] * (3 if mode == "autograd" else 6)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _inject(monkeypatch, owner, name, sync):
+    """Makes ``owner.name`` (a method or static method) do the host sync ``sync`` first, on its
+    first tensor argument."""
+    orig = owner.__dict__[name]
+    fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+
+    def synced(*args, **kwargs):
+        sync(next(a for a in args if isinstance(a, torch.Tensor)))
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(owner, name, staticmethod(synced) if isinstance(orig, staticmethod)
+                        else synced)
+
+
+_BACKEND = type(select_backend(torch.device("cpu"), torch.float32))  # what the CPU steps run
+
+
+@pytest.mark.parametrize("mode, owner, name, sync, seen", [
+    ("autograd", _BACKEND, "drop_forward", lambda t: t.sum().item(), "item"),
+    ("autograd", _BACKEND, "drop_backward", lambda t: bool(t.sum() > 0), "__bool__"),
+    ("lean", _BACKEND, "drop_replay", lambda t: torch.equal(t, t), "equal"),
+    ("fast", bsr_kernels.backward._GradOnlyLinear, "backward", lambda t: t.sum().tolist(),
+     "tolist"),
+    ("lean", bsr_kernels.backward._LeanBlock, "backward", lambda t: int(t.flatten()[0]),
+     "__int__"),
+], ids=["backend-forward", "backend-backward", "backend-replay", "grad-only-linear",
+        "lean-block-backward"])
+def test_host_sync_detector_sees_backend_and_backward_code(mode, owner, name, sync, seen,
+                                                           monkeypatch):
+    """A host sync added to the backend's Python code (forward, backward, the replay in a lean
+    backward) or to the custom backward of backward.py fails the step check."""
+    model = bsr_kernels.reprogram(tiny(depth=4), memory_mode=mode)
+    x = images()
+    model(x).sum().backward()
+    _step_without_host_syncs(model, x)
+    _inject(monkeypatch, owner, name, sync)
+    with pytest.raises(AssertionError, match=f"host sync: {seen}$"):
+        _step_without_host_syncs(model, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="torch.cuda.set_sync_debug_mode needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_step_without_host_syncs(mode):
+    """On CUDA, no host sync anywhere in a training step, C++ and Triton included: the CUDA
+    sync debug mode raises at any synchronizing call (checked first on a .item())."""
+    model = bsr_kernels.reprogram(tiny().cuda(), memory_mode=mode)
+    x = images().cuda()
+    model(x).sum().backward()  # warm (first-call setup, Triton compiles)
+    torch.cuda.synchronize()
+    model.zero_grad()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            x.sum().item()
         model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
