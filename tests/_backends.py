@@ -27,7 +27,7 @@ __all__ = [
     "backend_params", "is_slow", "examples", "DropCase", "make_inputs", "timm_qk", "nan_padded",
     "resolved_scale", "reference_drop", "expected_from_kept", "assert_kept_matches",
     "assert_valid_kept", "assert_drop_matches", "grads_of", "float64_leaves",
-    "assert_grads_accurate",
+    "assert_grads_accurate", "FAST_GRADCHECK", "gradcheck",
 ]
 
 #: Devices tests are generated for. CUDA joins when present (then without TRITON_INTERPRET).
@@ -293,3 +293,22 @@ def assert_grads_accurate(got, want64, ref, names, dtype, nonfinite: bool = Fals
                               f"{bound:.3g} (2 x reference error {err_ref:.3g} + "
                               f"{GRAD_REL_FLOOR[dtype]:g} x max|grad| {scale:.3g} + "
                               f"{GRAD_ABS_FLOOR[dtype]:g})")
+
+
+#: gradcheck's fast mode compares one random projection of the Jacobian onto unit vectors. For the
+#: q, k part of a drop that is a number of order 1e-3, so the default atol (1e-5) would pass a 1 %
+#: error there (seen with a mutated kernel). Central differences in float64 are good to ~1e-10.
+FAST_GRADCHECK = dict(fast_mode=True, atol=1e-8, rtol=1e-5)
+
+
+def gradcheck(fn, inputs, fast: bool) -> bool:
+    """``torch.autograd.gradcheck`` of ``fn(*inputs)``; with ``fast`` (the slow Triton
+    interpreter), fast mode at :data:`FAST_GRADCHECK`, one input at a time, so that x's large
+    part of the projection cannot hide an error in q's and k's small one."""
+    if not fast:
+        return torch.autograd.gradcheck(fn, tuple(inputs))
+    for i, t in enumerate(inputs):
+        def only(t_i, i=i):
+            return fn(*inputs[:i], t_i, *inputs[i + 1:])
+        assert torch.autograd.gradcheck(only, (t,), **FAST_GRADCHECK), f"input {i}"
+    return True

@@ -25,8 +25,9 @@ from bsr_kernels.ops.dispatch import all_backends, available_backends, get_backe
 
 from _backends import (BACKEND_NAMES, DEVICES, GRAD_ABS_FLOOR, GRAD_REL_FLOOR, SCORE_TOL,
                        TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches, assert_grads_accurate,
-                       assert_kept_matches, assert_valid_kept, backend_params, examples, expected_from_kept, float64_leaves, grads_of,
-                       is_slow, make_inputs, nan_padded, reference_drop, resolved_scale, timm_qk)
+                       assert_kept_matches, assert_valid_kept, backend_params, examples,
+                       expected_from_kept, float64_leaves, gradcheck, grads_of, is_slow,
+                       make_inputs, nan_padded, reference_drop, resolved_scale, timm_qk)
 
 CPU = torch.device("cpu")
 ALL = backend_params()
@@ -306,9 +307,8 @@ def test_gradcheck_drop_tokens(backend, fuse, p):
     the Jacobian); full Jacobians of every backend are compared with the reference elsewhere."""
     case = separated_case(DropCase(b=2, h=2, n=7, d=2, c=3, p=p, keep_rate=0.5, fuse=fuse))
     x, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5, fuse, p)[0], (x, q, k),
-        fast_mode=_fast_gradcheck(backend))
+    assert gradcheck(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5, fuse, p)[0],
+                     (x, q, k), _fast_gradcheck(backend))
 
 
 VIT_B_FAST = (backend_params(devices=("cpu",), dtypes=(torch.float32,), names=("cpp",))
@@ -372,7 +372,7 @@ def test_gradcheck_drop_tokens_timm_views(backend):
         q, k, _ = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         return bsr_kernels.drop_tokens(x, q, k, 0.5)[0]
 
-    assert torch.autograd.gradcheck(fn, (x, qkv), fast_mode=_fast_gradcheck(backend))
+    assert gradcheck(fn, (x, qkv), _fast_gradcheck(backend))
 
 
 @pytest.mark.parametrize("p", [1, 5])
@@ -380,12 +380,11 @@ def test_gradcheck_drop_tokens_timm_views(backend):
 def test_gradcheck_cls_attention(backend, p):
     case = DropCase(b=2, h=2, n=7, d=3, c=1, p=p)
     _, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda q, k: bsr_kernels.cls_attention(q, k, num_prefix_tokens=p), (q, k),
-        fast_mode=_fast_gradcheck(backend))
-    assert torch.autograd.gradcheck(
+    assert gradcheck(lambda q, k: bsr_kernels.cls_attention(q, k, num_prefix_tokens=p), (q, k),
+                     _fast_gradcheck(backend))
+    assert gradcheck(
         lambda q, k: bsr_kernels.cls_attention(q, k, scale=0.7, num_prefix_tokens=p), (q, k),
-        fast_mode=_fast_gradcheck(backend))
+        _fast_gradcheck(backend))
 
 
 @pytest.mark.parametrize("p", [1, 3])
@@ -407,16 +406,7 @@ def test_gradcheck_replay(backend, fuse, p):
     def fn(x, q, k):
         return bsr_kernels.drop_tokens(x, q, k, case.keep_rate, fuse, p, kept=kept)[0]
 
-    if _fast_gradcheck(backend):
-        # Fast mode compares one random projection of the Jacobian onto unit vectors: a number
-        # of order 1e-3 here, so gradcheck's default atol (1e-5) would pass a 1 % error in the
-        # q, k part (seen with a mutated kernel). Central differences in float64 are good to
-        # ~1e-10, hence the tolerances; and x's large part apart from the small q, k part.
-        tol = dict(fast_mode=True, atol=1e-8, rtol=1e-5)
-        assert torch.autograd.gradcheck(lambda x: fn(x, q, k), (x,), **tol)
-        assert torch.autograd.gradcheck(lambda q, k: fn(x, q, k), (q, k), **tol)
-    else:
-        assert torch.autograd.gradcheck(fn, (x, q, k))
+    assert gradcheck(fn, (x, q, k), _fast_gradcheck(backend))
 
 
 # --- edge cases --------------------------------------------------------------------------------
