@@ -13,15 +13,21 @@ step part times all its variants again: their ratios are paired within one timin
 hang inside a compilation retries with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling
 in-process: the known workaround for pool hangs, and slower; kept for the rest of the run; set
 that variable beforehand to start that way); any other hang retries without that candidate, so
-the others are still measured. A child stops itself at the deadline (``check``, ``op``,
-``sync`` and ``sweep`` also at a time limit of their own, against a hang in a first Triton
-compile), its stacks in ``stacks-<part>-time_limit.txt`` and what it saved kept; the parent
-kills it only if it has not stopped 10 s later. So that a stop loses no timing, a step part
-starts a compiled build only when a whole compile timeout and 60 s for the timing fit before the
-deadline, and ``op-compiled`` starts no shape after the targets' first one when less is left
-than ``step-compiled`` needs for one compiled build (the summary lists what time left out). The
-parent merges the parts into ``results.json`` and ``results.md`` after each one and prints the
-summary tables last.
+the others are still measured. Before the run's first compilation (in whichever part compiles
+first) a trivial function is compiled and run under a 60 s watchdog (the compile pool probe):
+when it hangs, that part is retried, and every later part runs, with
+``TORCHINDUCTOR_COMPILE_THREADS=1`` at once, instead of after a real build's compile timeout;
+``results.md`` says how the probe went. A child stops itself at the deadline (``check``,
+``op``, ``sync`` and ``sweep`` also at a time limit of their own, against a hang in a first
+Triton compile), its stacks in ``stacks-<part>-time_limit.txt`` and what it saved kept; the
+parent kills it only if it has not stopped 10 s later. A step part keeps the run's last 60 s
+for timing the variants it has built (their ratios are paired within one timing): it starts a
+compiled build only when the time one is expected to take fits before then (the slowest
+compiled build so far in the run, 1.3 times; 75 s before any), and stops a build still running
+then, so that the others are timed. ``op-compiled`` starts no shape after the targets' first one
+when less is left than ``step-compiled`` needs for one compiled build (the summary lists what
+time left out). The parent merges the parts into ``results.json`` and ``results.md`` after each
+one and prints the summary tables last.
 
 Parts (``--parts``, default all, in this order):
 
@@ -43,8 +49,9 @@ Parts (``--parts``, default all, in this order):
   itself), forward and fwd+bwd, ratios in this process; ViT-B B=128 first.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
   in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
-  fine-tuning and eager autograd mode timed beside them for in-process ratios. The targets'
-  best BSR mode is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
+  fine-tuning and eager autograd and lean modes timed beside them for in-process ratios; built
+  in :data:`COMPILED_STEPS` order, the targets' compiled peers first. The targets' best BSR mode
+  is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
 * ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), eager
   variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
   how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
@@ -111,9 +118,17 @@ PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 #: eager forms and full fine-tuning timed beside them.
 GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "peer_bsr+graph",
                  "bsr_autograd+graph", "bsr_fast+graph", "bsr_lean+graph")
-COMPILED_STEPS = ("full", "bsr_autograd", "peer_bsr+compile", "bsr_autograd+compile",
-                  "full+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
-                  "bsr_fast+compile")  # one-graph variants first (see _suite.COMPILED_VARIANTS)
+#: ``step-compiled`` builds them in this order until the deadline allows no more, and times those
+#: it built. The eager ones first (seconds each): full fine-tuning and the BSR modes the targets
+#: need in this process (:func:`targets` reads one part's rows: lean's target needs a lean row).
+#: Then the peers the targets compare with, compiled (one call of the run may build only one or
+#: two compiled variants): the peer, then full fine-tuning, so that every step target is
+#: measured; with only eager BSR modes beside them a target reads low, never high (a compiled
+#: mode can only raise the best). Then compiled autograd mode, the likely best mode, and
+#: the rest; one-graph variants before lean and fast (see _suite.COMPILED_VARIANTS).
+COMPILED_STEPS = ("full", "bsr_autograd", "bsr_lean", "peer_bsr+compile", "full+compile",
+                  "bsr_autograd+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
+                  "bsr_fast+compile")
 
 
 def log(*a):
@@ -160,19 +175,26 @@ class Worker:
     only before the first): its results are ``previous`` and this attempt's start, and the part
     takes what it can reuse from them (:meth:`reuse`) instead of measuring it again.
     ``reserve_s``: seconds to leave to the parts after this one (``op-compiled`` starts no new
-    shape with less than that before ``deadline``)."""
+    shape with less than that before ``deadline``). ``build_s``: the slowest compiled step build
+    of the run so far (the parent's earlier parts and this part's earlier attempts; None: none),
+    what a step part expects of its next one. ``probe_pool``: probe inductor's compile worker
+    pool before the first compilation (:meth:`watchdog`, :func:`probe_compile_pool`)."""
 
     def __init__(self, part: str, out_dir: str, skip: list[str], compile_timeout_s: float,
-                 deadline: float, reserve_s: float = 0.0):
+                 deadline: float, reserve_s: float = 0.0, build_s: float | None = None,
+                 probe_pool: bool = False):
         self.part, self.out_dir, self.skip = part, out_dir, set(skip)
         self.compile_timeout_s, self.deadline, self.reserve_s = (compile_timeout_s, deadline,
                                                                  reserve_s)
+        self.probe_pool, self.device = probe_pool, "cpu"
         self.path = os.path.join(out_dir, f"part-{part}.json")
         self.previous = {}
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.previous = json.load(f).get("result", {})
             self.previous.pop("error", None)
+        self.build_s = max(filter(None, [build_s, slowest_compiled_build({part: self.previous})]),
+                           default=None)
         self.state = {"part": part, "running": None, "compiling": False,
                       "result": dict(self.previous)}
 
@@ -189,16 +211,19 @@ class Worker:
         return None if isinstance(value, dict) and "error" in value else value
 
     @contextlib.contextmanager
-    def watchdog(self, label: str, seconds: float | None = None):
+    def watchdog(self, label: str, seconds: float | None = None, compiling: bool | None = None):
         """Runs the block with ``label`` recorded as running; past ``seconds`` (default: the
-        compile timeout, and the block is recorded as compiling) the stacks of every thread go
-        to ``stacks-<part>-<label>.txt`` and the process exits (:func:`expiring`). Raises
-        :class:`Skipped` for a label that hung before."""
+        compile timeout, and the block is recorded as compiling, as it is with ``compiling``)
+        the stacks of every thread go to ``stacks-<part>-<label>.txt`` and the process exits
+        (:func:`expiring`). Raises :class:`Skipped` for a label that hung before. Before the
+        first compilation, with ``probe_pool``, :meth:`probe` runs (under its own watchdog)."""
         stacks = stacks_file(self.part, label)
         if label in self.skip:
             raise Skipped(f"hung in an earlier attempt ({stacks})")
-        compiling = seconds is None
-        seconds = self.compile_timeout_s if compiling else seconds
+        compiling = seconds is None if compiling is None else compiling
+        if compiling and self.probe_pool:
+            self.probe()
+        seconds = self.compile_timeout_s if seconds is None else seconds
         self.state["running"], self.state["compiling"] = label, compiling
         self.save()
         try:
@@ -208,6 +233,76 @@ class Worker:
         finally:  # finished in time, or raised: nothing running
             self.state["running"], self.state["compiling"] = None, False
             self.save()
+
+    def probe(self) -> None:
+        """Once: :func:`probe_compile_pool` under a watchdog of :data:`POOL_PROBE_S` (at most the
+        compile timeout), recorded as a compilation (:data:`POOL_PROBE`): when it overruns, this
+        process exits and the parent retries the part with ``TORCHINDUCTOR_COMPILE_THREADS=1``
+        (:func:`run_part`), as after any hung compilation, but within a minute instead of a
+        whole compile timeout. What it measured goes to ``state["pool_probe"]``."""
+        self.probe_pool = False
+        limit = min(POOL_PROBE_S, self.compile_timeout_s)
+        log(f"{POOL_PROBE}: a trivial function compiled and run (limit {limit:.0f} s)")
+        try:
+            with self.watchdog(POOL_PROBE, limit, compiling=True):
+                record = probe_compile_pool(self.device)
+        except Exception as e:  # not a hang: the part's own compilations will say more
+            record = {"error": err(e)}
+        record.update(part=self.part, limit_s=limit, threads=os.environ.get(
+            "TORCHINDUCTOR_COMPILE_THREADS", "inductor's default"))
+        self.state["pool_probe"] = record
+        self.save()
+        log(POOL_PROBE, record)
+
+
+#: Seconds the compile pool probe (:func:`probe_compile_pool`) may take before it counts as a
+#: hang (at most ``--compile-timeout-s``). On an H100 host it should take seconds: the pool's
+#: start, inductor's import and one small kernel.
+POOL_PROBE_S = 60.0
+#: The probe's label: what a part file says is running while it runs, its stacks file.
+POOL_PROBE = "compile pool probe"
+
+
+def _probe_fn(x):  # a few elementwise ops: one fused kernel
+    return torch.relu(x.sin() * 2.0 + x.cos()) - 0.5 * x
+
+
+def probe_compile_pool(device: str) -> dict:
+    """Whether inductor's parallel compile works here, cheaply: on CUDA waits until its worker
+    pool is ready (when inductor uses one), then compiles (``dynamic=False``) and runs a few
+    elementwise ops; a kernel compiled once the pool is ready is compiled in it. Returns
+    ``{"seconds", "pool_ready_s" (CUDA), "matches_eager"}``. A hung pool hangs here, within the
+    probe's watchdog (:meth:`Worker.probe`), not in a real build's compile timeout."""
+    t0 = time.perf_counter()
+    out = {}
+    if device == "cuda":
+        from torch._inductor.async_compile import AsyncCompile
+        wait = getattr(AsyncCompile, "wait_pool_ready", None)  # not in every torch
+        if wait is not None:
+            wait(timeout=10 * POOL_PROBE_S)  # the watchdog is the limit
+            out["pool_ready_s"] = time.perf_counter() - t0
+    x = torch.randn(4096, device=device, generator=torch.Generator(device=device).manual_seed(3))
+    y = torch.compile(_probe_fn, dynamic=False)(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    out["seconds"] = time.perf_counter() - t0
+    out["matches_eager"] = bool(torch.allclose(y, _probe_fn(x), atol=1e-5))
+    return out
+
+
+def slowest_compiled_build(parts: dict) -> float | None:
+    """The longest compiled step build (``build_s`` of a ``+compile`` or ``+cudagraphs`` step
+    row or SAC entry) in ``parts`` (part name -> result); None: none was measured."""
+    found = []
+    for res in parts.values():
+        if not isinstance(res, dict):
+            continue
+        entries = [(r.get("variant"), r) for r in res.get("rows") or [] if isinstance(r, dict)]
+        if isinstance(res.get("time"), dict):
+            entries += list(res["time"].items())
+        found += [r["build_s"] for v, r in entries if isinstance(r, dict) and r.get("build_s")
+                  and str(v).partition("+")[2] in COMPILE_MODES]
+    return max(found, default=None)
 
 
 WORKER: Worker | None = None
@@ -509,19 +604,23 @@ EAGER_BUILD_S = 180.0
 
 def _step_timing(cuda: bool) -> dict:
     """The keywords of :func:`bench_train_step.time_steps` for a step part: each build under the
-    watchdog (``guard``), none after the run's deadline less the timing reserve, and a compiled
-    one only when its compile timeout fits before that (``compile_s``): a build the run's
-    deadline stopped would leave its part's variants untimed."""
+    watchdog (``guard``: a hang), and the build deadline, the run's deadline less the timing
+    reserve: no build starts after it, a compiled one only when the time it is expected to take
+    fits before it (:func:`bench_train_step.compiled_build_room_s` of the run's slowest compiled
+    build so far, ``build_s``), and one still running there is stopped, so that the variants
+    built are timed (a build the run's deadline stopped would leave them all untimed)."""
     return dict(guard=_step_guard, deadline=WORKER.deadline - (STEP_TIMING_RESERVE_S if cuda
                                                                else 5.0),
-                compile_s=WORKER.compile_timeout_s)
+                build_s=WORKER.build_s)
 
 
-def _compiled_step_reserve(compile_timeout_s: float) -> float:
+def _compiled_step_reserve(build_s: float | None) -> float:
     """Seconds ``step-compiled`` needs to build and time one compiled variant: its eager builds
-    and the process start (30 s), a compile timeout (a compiled build starts only when that
-    fits, :func:`_step_timing`) and the timing reserve. What ``op-compiled`` leaves it."""
-    return 30.0 + compile_timeout_s + STEP_TIMING_RESERVE_S
+    and the process start (30 s), the room a compiled build needs to start
+    (:func:`bench_train_step.compiled_build_room_s` of ``build_s``, the run's slowest compiled
+    build so far) and the timing reserve. What ``op-compiled`` leaves it."""
+    from .bench_train_step import compiled_build_room_s
+    return 30.0 + compiled_build_room_s(build_s) + STEP_TIMING_RESERVE_S
 
 
 def _step_guard(variant: str):
@@ -630,7 +729,9 @@ def run_worker(part: str, args) -> dict:
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     WORKER = Worker(part, args.out, [s for s in args.skip.split("|") if s],
-                    args.compile_timeout_s, args.deadline_at or float("inf"), args.reserve_s)
+                    args.compile_timeout_s, args.deadline_at or float("inf"), args.reserve_s,
+                    build_s=args.build_s or None, probe_pool=args.probe_pool)
+    WORKER.device = device
     limit = PART_LIMITS_S.get(part, float("inf"))
     stop_at = min(WORKER.deadline, started + limit)
     WORKER.state["stop"] = ("at the deadline" if stop_at == WORKER.deadline
@@ -656,16 +757,24 @@ def run_worker(part: str, args) -> dict:
     return WORKER.state
 
 
-def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0) -> dict:
+def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
+             build_s: float | None = None, probe: dict | None = None) -> dict:
     """Runs ``part`` in child processes until it completes, leaving ``reserve_s`` to the parts
-    after it (:class:`Worker`). When a child dies inside a watched block (a hang or a crash),
-    the part starts again, reusing what that child measured (:meth:`Worker.reuse`): after the
-    first hang in a compilation while inductor compiles with its worker pool, with
-    ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling in-process, the known workaround for pool
-    hangs; kept for the rest of the run); otherwise without that candidate. A child stopped at
+    after it (:class:`Worker`; ``build_s``: the run's slowest compiled step build so far). When
+    a child dies inside a watched block (a hang or a crash), the part starts again, reusing what
+    that child measured (:meth:`Worker.reuse`): after the first hang in a compilation while
+    inductor compiles with its worker pool, with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling
+    in-process, the known workaround for pool hangs; kept for the rest of the run: the children
+    inherit this process's environment); otherwise without that candidate. A child stopped at
     the deadline or at its part's time limit (:func:`run_worker`) is not retried; the parent
-    kills one that overruns that by :data:`KILL_GRACE_S`. Results a child saved are kept."""
+    kills one that overruns that by :data:`KILL_GRACE_S`. Results a child saved are kept.
+
+    ``probe``: the run's record of the compile pool probe, filled here. While it is empty and
+    the pool is in use (``TORCHINDUCTOR_COMPILE_THREADS`` is not 1), a child probes the pool
+    before its first compilation (:meth:`Worker.probe`); a probe that hangs is a hung
+    compilation, so the retry and every later child compile in-process."""
     hangs, skip = [], []
+    threads = "TORCHINDUCTOR_COMPILE_THREADS"
     path = os.path.join(args.out, f"part-{part}.json")
     if os.path.exists(path):
         os.remove(path)  # an earlier run's: only this run's attempts are reused
@@ -678,10 +787,12 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0) -> dic
                                f"after the worker ended while running {hangs[-1]['while']!r}")
             result["hangs"] = hangs
             return result
+        probing = probe is not None and not probe and os.environ.get(threads) != "1"
         cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--worker", part, "--out", args.out,
                "--skip", "|".join(skip), "--compile-timeout-s", str(args.compile_timeout_s),
-               "--deadline-at", str(deadline_at), "--reserve-s", str(reserve_s)] + (
-                   ["--smoke"] if args.smoke else [])
+               "--deadline-at", str(deadline_at), "--reserve-s", str(reserve_s),
+               "--build-s", str(build_s or 0.0)] + (["--smoke"] if args.smoke else []) + (
+                   ["--probe-pool"] if probing else [])
         try:
             rc = subprocess.run(cmd, timeout=min(left, limit) + KILL_GRACE_S).returncode
         except subprocess.TimeoutExpired:
@@ -692,6 +803,8 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0) -> dic
                 state = json.load(f)
         result = state.get("result", {})
         running = state.get("running")
+        if probing and state.get("pool_probe"):
+            probe.update(state["pool_probe"])
         if rc == 0 and not running:
             result["hangs"] = hangs
             return result
@@ -707,9 +820,13 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0) -> dic
             result["error"] = f"stopped {state.get('stop')} while running {running!r}"
         elif not running or running in skip or rc == "killed at the deadline":
             result["error"] = f"worker ended ({rc}) while running {running!r}"
-        elif state.get("compiling") and os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") != "1":
-            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+        elif state.get("compiling") and os.environ.get(threads) != "1":
+            os.environ[threads] = "1"
             hangs[-1]["then"] = "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
+            if probing and running == POOL_PROBE:
+                probe.update(part=part, hung=True, limit_s=min(POOL_PROBE_S,
+                                                              args.compile_timeout_s),
+                             stacks=stacks, threads="1 from then on")
             continue
         else:
             skip.append(running)
@@ -785,11 +902,32 @@ def _left_for_time(part: dict) -> list[str]:
         r["variant"] for r in part.get("rows") or [] if "out of time" in r.get("error", "")]
 
 
+def _probe_line(env: dict) -> list[str]:
+    """The compile pool probe's outcome (``env["compile_pool_probe"]``), as summary lines."""
+    p = env.get("compile_pool_probe")
+    if not p:
+        return []
+    where = f"{POOL_PROBE} (part {p.get('part')})"
+    if "skipped" in p:
+        line = f"{POOL_PROBE}: not run ({p['skipped']})"
+    elif p.get("hung"):
+        line = (f"{where}: did not finish in {_fmt(p.get('limit_s'), '.0f')} s (stacks: "
+                f"{p.get('stacks')}): TORCHINDUCTOR_COMPILE_THREADS=1 from its retry on")
+    elif "error" in p:
+        line = f"{where} failed: {p['error']}"
+    else:
+        ready = (f" (pool ready after {p['pool_ready_s']:.1f} s)" if "pool_ready_s" in p
+                 else "")
+        line = (f"{where}: a trivial compile ran in {_fmt(p.get('seconds'), '.1f')} s{ready}, "
+                f"compile threads {p.get('threads')}")
+    return [line, ""]
+
+
 def summarize(results: dict) -> str:
     """The tables of ``results.md``: the op per shape, the training step per variant."""
     env, parts = results.get("env", {}), results.get("parts", {})
     lines = [f"# bench_gpu: {env.get('device')} · torch {env.get('torch')} · triton "
-             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""]
+             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + _probe_line(env)
     if "check" in parts:
         c = parts["check"]
         lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
@@ -886,14 +1024,16 @@ def main(argv=None) -> int:
                     help="stop starting work after this many seconds (default 540: a 600 s call)")
     ap.add_argument("--compile-timeout-s", type=float, default=180.0,
                     help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
-                         "and the part goes on without it; a step part starts a compiled build "
-                         "only when this (and 60 s for the timing) fits before the deadline "
-                         "(default 180)")
+                         "and the part goes on without it, after one retry compiling in-process "
+                         f"(default 180; the compile pool probe's limit is {POOL_PROBE_S:.0f} s "
+                         "or this, if less)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--reserve-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--build-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-pool", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_timeout_s <= 0:
         ap.error(f"--compile-timeout-s must be > 0, got {args.compile_timeout_s}")
@@ -920,13 +1060,18 @@ def main(argv=None) -> int:
     log("env", results["env"])
     deadline_at = T0 + args.deadline_s
     parts = args.parts.split(",")
+    probe = ({} if os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") != "1" else
+             {"skipped": "TORCHINDUCTOR_COMPILE_THREADS=1 was set: no pool"})
     for i, part in enumerate(parts):
         log("== part", part)
-        reserve_s = (_compiled_step_reserve(args.compile_timeout_s)
+        build_s = slowest_compiled_build(results["parts"])
+        reserve_s = (_compiled_step_reserve(build_s)
                      if "step-compiled" in parts[i + 1:] else 0.0)
-        results["parts"][part] = run_part(part, args, deadline_at, reserve_s)
+        results["parts"][part] = run_part(part, args, deadline_at, reserve_s, build_s, probe)
         results["env"]["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
                                                            "inductor's default")
+        if probe:
+            results["env"]["compile_pool_probe"] = probe
         results["targets"] = [t.to_dict() for t in targets(results)]
         _write_json(os.path.join(args.out, "results.json"), results)
         with open(os.path.join(args.out, "results.md"), "w") as f:

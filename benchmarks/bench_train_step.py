@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import statistics
+import threading
 import time
 
 import torch
@@ -62,7 +64,7 @@ from ._timing import error_text, format_table, robust_interleaved
 
 __all__ = ["run", "step_variants", "time_steps", "step_rows", "profile_variant",
            "fixed_memory_bytes", "sdpa_gflops", "ANCHORS", "table", "step_table", "targets",
-           "best_bsr"]
+           "best_bsr", "compiled_build_room_s", "OutOfTime"]
 
 #: The DESIGN.md anchors (the one table), ViT-B/16 B=8 fp32 CPU: variant -> (saved MiB/img,
 #: train GFLOP/img, forward GMAC/img).
@@ -163,8 +165,76 @@ def step_variants(cfg: SuiteConfig) -> tuple[str, ...]:
         + graphed
 
 
+#: Seconds a compiled step build (the compilation and the first two steps) is expected to take
+#: before one has been measured in the run: ViT-B/16 forward and backward graphs compiled cold.
+COMPILED_BUILD_PRIOR_S = 75.0
+#: Margin on that expectation: builds of one run differ (full fine-tuning's backward is the
+#: largest graph; later builds find kernels already compiled).
+COMPILED_BUILD_MARGIN = 1.3
+
+
+def compiled_build_room_s(slowest_s: float | None = None) -> float:
+    """The time a compiled step build must have before the build deadline to be started: the
+    slowest compiled build measured so far in the run (``slowest_s``; before any,
+    :data:`COMPILED_BUILD_PRIOR_S`) times :data:`COMPILED_BUILD_MARGIN`. An expectation, not a
+    limit: a build still running at the deadline is stopped there (:func:`time_steps`), and a
+    hang is a caller's watchdog's business (``bench_gpu --compile-timeout-s``). The one place
+    that rule is written (``bench_gpu`` also keeps this room for ``step-compiled``)."""
+    return COMPILED_BUILD_MARGIN * (COMPILED_BUILD_PRIOR_S if slowest_s is None else slowest_s)
+
+
+class OutOfTime(BaseException):
+    """Raised inside a build still running at the build deadline (:func:`stopped_at`). A
+    BaseException, like KeyboardInterrupt: the compiler's ``except Exception`` fallbacks must
+    not swallow it."""
+
+
+#: The signal that :func:`stopped_at` sends to the main thread (None: not on this platform).
+STOP_SIGNAL = getattr(signal, "SIGALRM", None)
+
+
+@contextlib.contextmanager
+def stopped_at(when: float | None):
+    """Runs the block; if it is still running at ``when`` (``time.time()``), raises
+    :class:`OutOfTime` in it. A thread sends :data:`STOP_SIGNAL` to the main thread, whose
+    handler raises: a wait on a compile worker pool is interrupted too (lock waits are), while
+    code that holds the GIL in C++ is left at its next Python line. No ``when``, not in the
+    main thread or no :data:`STOP_SIGNAL`: the block runs uninterrupted."""
+    if (when is None or STOP_SIGNAL is None
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    armed = [True]
+    started = time.time()
+
+    def handler(signum, frame):
+        if armed[0]:  # a signal that arrives after the block ended is dropped
+            armed[0] = False
+            raise OutOfTime(f"stopped at the deadline after {time.time() - started:.0f} s")
+
+    previous = signal.signal(STOP_SIGNAL, handler)
+    done = threading.Event()
+    main = threading.main_thread().ident
+
+    def fire():
+        if not done.wait(max(when - time.time(), 0.0)):
+            signal.pthread_kill(main, STOP_SIGNAL)
+
+    timer = threading.Thread(target=fire, name="build deadline", daemon=True)
+    timer.start()
+    try:
+        yield
+    finally:
+        try:
+            armed[0] = False  # no call before it: a pending signal is not handled in between
+        finally:
+            done.set()
+            timer.join()
+            signal.signal(STOP_SIGNAL, previous)  # handles a pending signal first (dropped)
+
+
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
-               deadline: float | None = None, build=None, compile_s: float = 0.0,
+               deadline: float | None = None, build=None, build_s: float | None = None,
                report=None) -> dict:
     """Training steps of ``variants`` (:func:`_suite.split_variant` names) at
     ``cfg.time_model`` / ``cfg.time_batch``, timed side by side.
@@ -183,10 +253,14 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     activations), and the same above its resident model and batch. Then all are timed in turn
     (:func:`_timing.robust_interleaved`), and after that the forward of each compiled variant's
     base (of those built) goes through ``torch._dynamo.explain`` (:func:`graph_breaks`, once per
-    base). A variant that raises is left out with its error. With ``deadline``
-    (``time.time()``), a variant is not built after it, nor a compiled one that could end after
-    it: one starts only when ``compile_s`` (the longest a compiled build may take: the limit
-    ``guard`` puts on it) fits before the deadline; and no explain starts after it.
+    base). A variant that raises is left out with its error.
+
+    With ``deadline`` (``time.time()``; the caller keeps its time for the timing after it): no
+    variant is built after it, and a compiled one starts only when
+    :func:`compiled_build_room_s` of the slowest compiled build so far (``build_s``: measured
+    before this call, e.g. by an earlier part of the run; then each one built here) fits before
+    it. A build still running at the deadline is stopped there (:func:`stopped_at`; its error
+    says so) and the variants built are timed; no explain starts after it.
 
     ``report(partial)``, when given, is called with the result so far after each variant is
     built (or fails, or is skipped) and after the timing, so that a caller killed later keeps
@@ -196,11 +270,12 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     Returns:
         ``{"timings": {v: Timing}, "peaks": {v: {"peak_mib", "peak_gib_above_model"}},
         "digests": {v: step_digest of the first step}, "errors": {v: message},
+        "build_s": {v: seconds of its build (inside ``guard``)},
         "graph_breaks": {compiled v: graph_breaks(...)}}``.
     """
     build = build or _default_build(cfg)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _time_steps(cfg, variants, log, guard, deadline, build, compile_s,
+        return _time_steps(cfg, variants, log, guard, deadline, build, build_s,
                            report or (lambda partial: None))
 
 
@@ -313,24 +388,28 @@ def _is_copy(kernel_name: str) -> bool:
 RECOMPILE_LIMIT = 64
 
 
-def _time_steps(cfg, variants, log, guard, deadline, build, compile_s, report) -> dict:
-    res = dict(timings={}, peaks={}, digests={}, errors={}, graph_breaks={})
+def _time_steps(cfg, variants, log, guard, deadline, build, slowest, report) -> dict:
+    res = dict(timings={}, peaks={}, digests={}, errors={}, build_s={}, graph_breaks={})
     peaks, digests, errors = res["peaks"], res["digests"], res["errors"]
     steps = {}
     compiled = [v for v in variants if "+" in v and not is_graphed(v)]  # +graph compiles nothing
     for variant in variants:
-        need = compile_s if variant in compiled else 0.0
-        if deadline is not None and time.time() + need > deadline:
+        need = compiled_build_room_s(slowest) if variant in compiled else 0.0
+        left = deadline - time.time() if deadline is not None else float("inf")
+        if need > left:
             errors[variant] = ("skipped: out of time" if variant not in compiled else
-                               f"skipped: out of time (a compiled build may take {need:.0f} s)")
+                               f"skipped: out of time ({max(left, 0):.0f} s left; a compiled "
+                               f"build needs {need:.0f} s)")
             report(res)
             continue
-        t0 = time.perf_counter()
         try:
             if cfg.cuda:
                 free_memory("cuda")
                 base = torch.cuda.memory_allocated()
-            with guard(variant) if guard is not None else contextlib.nullcontext():
+            # the stop inside the guard: the guard's own work and cleanup are not interrupted
+            with guard(variant) if guard is not None else contextlib.nullcontext(), \
+                    stopped_at(deadline):
+                t0 = time.perf_counter()
                 _, module, params, images, labels = build(variant, cfg.time_batch)
                 resident = torch.cuda.memory_allocated() - base if cfg.cuda else 0
                 step = make_step(module, params, images, labels, cfg, digest=True,
@@ -340,6 +419,7 @@ def _time_steps(cfg, variants, log, guard, deadline, build, compile_s, report) -
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 step()
+                res["build_s"][variant] = time.perf_counter() - t0
             if cfg.cuda:
                 step()
                 torch.cuda.synchronize()
@@ -348,10 +428,18 @@ def _time_steps(cfg, variants, log, guard, deadline, build, compile_s, report) -
                                       peak_gib_above_model=(peak - resident) / GIB)
             digests[variant] = dict(step.first)
             steps[variant] = step
-            log(f"  train_step: {variant} ready ({time.perf_counter() - t0:.0f} s)")
+            if variant in compiled:
+                slowest = max(slowest or 0.0, res["build_s"][variant])
+            log(f"  train_step: {variant} ready ({res['build_s'][variant]:.0f} s)")
+        except OutOfTime as e:  # the variants built are still timed
+            errors[variant] = f"out of time: {e}"
+            log(f"  train_step: {variant} {errors[variant]}")
         except Exception as e:  # noqa: BLE001 - reported in the results
             errors[variant] = error_text(e)
             log(f"  train_step: {variant} FAILED: {errors[variant]}")
+        if variant in errors:  # what the failed build made is freed before the next one
+            res["build_s"].pop(variant, None)
+            module = params = images = labels = step = None
             free_memory(cfg.device)
         report(res)
     log(f"  train_step: timing {len(steps)} variants of {model_label(cfg.time_model)} at "
@@ -392,14 +480,15 @@ def graph_breaks(cfg: SuiteConfig, variant: str, build) -> dict:
 
 
 def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
-              deadline: float | None = None, compile_s: float = 0.0,
+              deadline: float | None = None, build_s: float | None = None,
               report=None) -> list[dict]:
     """:func:`time_steps` as one row per variant: ms, img/s, speedups over timm full fine-tuning
     (eager and compiled), the eager formulation and the compiled peer (paired medians, when those
-    ran), peak memory (CUDA), and for a compiled variant how far its first step's logits and
-    gradients are from its eager form's (``vs_eager``, when both ran). ``report(rows)``, when
-    given, gets the rows of the variants tried so far each time :func:`time_steps` reports."""
-    res = time_steps(cfg, variants, log, guard, deadline, compile_s=compile_s,
+    ran), peak memory (CUDA), its build's seconds (``build_s``: a compiled one's compilation),
+    and for a compiled variant how far its first step's logits and gradients are from its eager
+    form's (``vs_eager``, when both ran). ``report(rows)``, when given, gets the rows of the
+    variants tried so far each time :func:`time_steps` reports."""
+    res = time_steps(cfg, variants, log, guard, deadline, build_s=build_s,
                      report=report and (lambda partial: report(_rows(cfg, variants, partial))))
     return _rows(cfg, variants, res)
 
@@ -423,6 +512,7 @@ def _rows(cfg: SuiteConfig, variants, res: dict) -> list[dict]:
             row[key] = timings[ref].paired_ratio(t) if t and ref in timings else None
         row["time_vs_eager"] = (t.paired_ratio(timings["eager_bsr"])
                                 if t and "eager_bsr" in timings else None)
+        row["build_s"] = res.get("build_s", {}).get(variant)
         row.update(res["peaks"].get(variant, {}))
         base, how = split_variant(variant)
         if how is not None and variant in res["digests"] and base in res["digests"]:

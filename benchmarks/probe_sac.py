@@ -192,7 +192,7 @@ def check_compile() -> dict:
 def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
     """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
     ``train_step`` section's timer (:func:`bench_train_step.time_steps`; ``timing``: its
-    ``guard``, ``deadline`` and ``compile_s``). Compiled variants that break graphs (lean, fast)
+    ``guard``, ``deadline`` and ``build_s``). Compiled variants that break graphs (lean, fast)
     are compiled last (see ``_suite.COMPILED_VARIANTS``). ``report(partial)``, when given, gets
     this function's result so far each time the timer reports."""
     from .bench_train_step import time_steps
@@ -218,6 +218,8 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
             if t is not None:
                 out[name].update(step_ms=t.median * 1e3,
                                  speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
+            if name in res["build_s"]:
+                out[name]["build_s"] = res["build_s"][name]
             if name in res["errors"]:
                 out[name]["error"] = res["errors"][name]
             if name in res["graph_breaks"]:
@@ -231,7 +233,7 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
 
 def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print,
         **timing) -> dict:
-    """The probe's ``parts``; ``timing`` (``guard``, ``deadline``, ``compile_s``, ``report``)
+    """The probe's ``parts``; ``timing`` (``guard``, ``deadline``, ``build_s``, ``report``)
     goes to :func:`time_modes`."""
     res = {"device": cfg.device, "time_model": cfg.time_model, "time_batch": cfg.time_batch}
     fns = {"exact": check_exact, "memory": lambda: check_memory(cfg.tiny),

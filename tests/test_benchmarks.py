@@ -406,40 +406,106 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
 
 
-def test_step_timing_starts_no_compile_that_could_overrun_the_deadline(monkeypatch):
-    """With a deadline, a compiled build starts only if the longest it may take (``compile_s``,
-    the watchdog's limit) fits before it, so a caller's stop at its deadline cannot take the
-    built variants' timings with it; the rows so far are reported after each build and after
-    the timing (what a stop keeps); graph breaks are counted after the timing, only for the
-    variants built."""
+def test_step_timing_starts_a_compiled_build_when_its_expected_time_fits(monkeypatch):
+    """With a deadline, a compiled build starts only when the slowest compiled build so far (a
+    prior of 75 s before any, or what an earlier part measured: ``build_s``) fits before it,
+    1.3 times (bench_train_step.compiled_build_room_s, the one place of that rule); eager
+    builds need no room. A fake clock stands in for the compilations (80 s, then 30 s); the
+    rows so far are reported after each build and after the timing (what a stop keeps), with
+    each build's seconds; graph breaks are counted after the timing, only for those built."""
+    from types import SimpleNamespace
     ts = _import_bench("bench_train_step")
     suite = _import_bench("_suite")
     cfg = suite.SuiteConfig(tiny=True, quick=True)
-    variants = ["full", "bsr_autograd+compile", "peer_bsr+compile"]
+    assert ts.compiled_build_room_s() == pytest.approx(1.3 * 75)
+    assert ts.compiled_build_room_s(10.0) == pytest.approx(13.0)
+    clock = [1000.0]
+    monkeypatch.setattr(ts, "time", SimpleNamespace(time=lambda: clock[0],
+                                                    perf_counter=lambda: clock[0]))
+    explained = []
+    monkeypatch.setattr(ts, "graph_breaks", lambda cfg, v, build: explained.append(v) or {})
+    real = ts._default_build(cfg)
+    costs = {"peer_bsr+compile": 80.0, "bsr_autograd+compile": 30.0, "full+compile": 1.0}
+
+    def build(variant, batch):  # eager modules: only the clock says they compiled
+        clock[0] += costs.get(variant, 0.0)
+        return real(variant.partition("+")[0], batch)
+
+    variants = ["full", "peer_bsr+compile", "bsr_autograd+compile", "full+compile"]
     reports = []
 
     def report(rows):
         reports.append([(r["variant"], r["step_s"] is not None, r.get("error")) for r in rows])
 
-    rows = ts.step_rows(cfg, variants, log=lambda *a: None, deadline=time.time() + 600,
-                        compile_s=3600.0, report=report)
-    skipped = "step: skipped: out of time (a compiled build may take 3600 s)"
+    monkeypatch.setattr(ts, "_default_build", lambda cfg: build)
+    rows = ts.step_rows(cfg, variants, log=lambda *a: None, deadline=1200.0, report=report)
+    # peer: 200 s left >= 97.5 (the prior); autograd: 120 s left >= 104 (1.3 x 80 measured);
+    # full+compile: 90 s left < 104
+    skipped = "step: skipped: out of time (90 s left; a compiled build needs 104 s)"
     assert reports == [[("full", False, None)],
-                       [("full", False, None), ("bsr_autograd+compile", False, skipped)],
-                       [("full", False, None), ("bsr_autograd+compile", False, skipped),
-                        ("peer_bsr+compile", False, skipped)],
-                       [("full", True, None), ("bsr_autograd+compile", False, skipped),
-                        ("peer_bsr+compile", False, skipped)]]
-    assert [r["variant"] for r in rows] == variants and rows[0]["step_s"] > 0
-    assert not any("graph_breaks" in r for r in rows)  # nothing compiled: nothing explained
-    calls = []
-    real = ts.graph_breaks
-    monkeypatch.setattr(ts, "graph_breaks", lambda *a: calls.append(a[1]) or real(*a))
-    res = ts.time_steps(cfg, variants[:2], log=lambda *a: None, deadline=time.time() + 600,
-                        compile_s=60.0)
-    assert set(res["timings"]) == {"full", "bsr_autograd+compile"} and not res["errors"]
-    assert calls == ["bsr_autograd+compile"]
-    assert res["graph_breaks"]["bsr_autograd+compile"] == {"count": 0, "reasons": []}
+                       [("full", False, None), ("peer_bsr+compile", False, None)],
+                       [("full", False, None), ("peer_bsr+compile", False, None),
+                        ("bsr_autograd+compile", False, None)],
+                       [("full", False, None), ("peer_bsr+compile", False, None),
+                        ("bsr_autograd+compile", False, None), ("full+compile", False, skipped)],
+                       [("full", True, None), ("peer_bsr+compile", True, None),
+                        ("bsr_autograd+compile", True, None), ("full+compile", False, skipped)]]
+    assert [r["build_s"] for r in rows] == [0.0, 80.0, 30.0, None]
+    assert explained == ["peer_bsr+compile", "bsr_autograd+compile"]
+    # an earlier part's slowest build (100 s) sets the first expectation: 130 s > 100 s left
+    clock[0] = 1000.0
+    res = ts.time_steps(cfg, variants[:2], log=lambda *a: None, deadline=1100.0, build=build,
+                        build_s=100.0)
+    assert set(res["timings"]) == {"full"}
+    assert res["errors"] == {"peer_bsr+compile": "skipped: out of time (100 s left; a "
+                                                 "compiled build needs 130 s)"}
+
+
+def test_step_timing_stops_a_build_still_running_at_the_deadline():
+    """A build still running at the deadline (here: waiting for an answer that never comes, as
+    on a hung compile worker pool) is stopped there: its error says so, the guard around it
+    cleans up, nothing is built after it and the variants built before it are timed (a
+    stop of the whole process would have lost their timing). The signal handler is restored."""
+    import contextlib
+    import signal
+    import threading
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    cfg = suite.SuiteConfig(tiny=True, quick=True)
+    real = ts._default_build(cfg)
+    never = threading.Event()
+    guarded = []
+
+    def build(variant, batch):
+        if variant == "bsr_autograd+compile":
+            never.wait()
+        return real(variant.partition("+")[0], batch)
+
+    @contextlib.contextmanager
+    def guard(variant):  # bench_gpu's watchdog: its cleanup must run
+        guarded.append(("enter", variant))
+        try:
+            yield
+        finally:
+            guarded.append(("exit", variant))
+
+    previous = signal.getsignal(ts.STOP_SIGNAL)
+    t0 = time.time()
+    res = ts.time_steps(cfg, ["full", "bsr_autograd+compile", "peer_bsr"], log=lambda *a: None,
+                        guard=guard, deadline=t0 + 10, build=build, build_s=0.01)
+    assert 9 < time.time() - t0 < 60
+    assert set(res["timings"]) == {"full"} and res["timings"]["full"].median > 0
+    assert res["errors"]["bsr_autograd+compile"].startswith(
+        "out of time: stopped at the deadline after ")
+    assert res["errors"]["peer_bsr"] == "skipped: out of time"
+    assert guarded == [("enter", "full"), ("exit", "full"), ("enter", "bsr_autograd+compile"),
+                       ("exit", "bsr_autograd+compile")]
+    assert set(res["build_s"]) == {"full"} and res["graph_breaks"] == {}
+    assert signal.getsignal(ts.STOP_SIGNAL) is previous
+    with ts.stopped_at(time.time() + 60):  # a block that ends in time is not interrupted
+        pass
+    time.sleep(0.1)
+    assert signal.getsignal(ts.STOP_SIGNAL) is previous
 
 
 def test_step_peak_memory_covers_the_recording_of_cuda_graphs(monkeypatch):
@@ -552,9 +618,11 @@ def test_step_profile_on_cpu_and_kernel_summary():
 
 def test_bench_gpu_survives_a_hung_compile(tmp_path):
     """``bench_gpu`` (the GPU run, here its ``--smoke`` CPU form): a compilation that overruns
-    ``--compile-timeout-s`` leaves its thread stacks behind; the part is retried once compiling
-    in-process (TORCHINDUCTOR_COMPILE_THREADS=1), then without that candidate, and the other
-    candidates are still measured; results.json and results.md are written."""
+    ``--compile-timeout-s`` leaves its thread stacks behind. The first, the compile pool probe
+    (its limit is the compile timeout when that is shorter), has the part retried compiling
+    in-process (TORCHINDUCTOR_COMPILE_THREADS=1, no second probe); then the candidate that
+    hangs there too is left out, and the other candidates are still measured; results.json
+    and results.md are written, with the probe's outcome."""
     if _triton_interpreter_problem():
         pytest.skip(_triton_interpreter_problem())
     proc = subprocess.run(
@@ -570,11 +638,17 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     check = parts["check"]
     assert check["failures"] == 0 and len(check["cases"]) == 6, check
     op = parts["op-compiled"]
-    assert [h["while"] for h in op["hangs"]] == ["compile(CLS-row composite)"] * 2
+    assert [h["while"] for h in op["hangs"]] == ["compile pool probe",
+                                                 "compile(CLS-row composite)"]
     assert op["hangs"][0]["then"] == "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
     assert op["hangs"][1]["then"] == "retried without 'compile(CLS-row composite)'"
+    stacks = (tmp_path / op["hangs"][0]["stacks"]).read_text()
+    assert "Timeout (0.2 s) while running 'compile pool probe'" in stacks
+    assert "in probe_compile_pool" in stacks
     stacks = (tmp_path / op["hangs"][1]["stacks"]).read_text()
     assert "Timeout" in stacks and "torch/_dynamo" in stacks  # where the compile was
+    probe = results["env"]["compile_pool_probe"]
+    assert probe["hung"] and probe["part"] == "op-compiled" and probe["limit_s"] == 0.2
     tiny = op["tiny"]
     assert "ms" in tiny["forward"]["bsr cpp"] and "ms" in tiny["forward"]["CLS-row composite"]
     assert "hung in an earlier attempt" in tiny["errors"]["compile(CLS-row composite)"]
@@ -589,6 +663,7 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert all(r["wall_ms"] >= r["host_ms"] > 0 for r in prof), prof
     md = (tmp_path / "results.md").read_text()
     assert "| tiny |" in md and "while running 'compile(CLS-row composite)'" in md
+    assert "compile pool probe (part op-compiled): did not finish in 0 s" in md
     assert "| BSR in plain PyTorch (peer_bsr)" in md
     assert "## where a step's time goes" in md and "| bsr_lean | " in md
 
@@ -817,6 +892,132 @@ def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
     bench_gpu.run_part("check", args, time.time() + 300)
     limit = bench_gpu.PART_LIMITS_S["check"]
     assert seen[0]["timeout"] == pytest.approx(limit + bench_gpu.KILL_GRACE_S)
+
+
+def test_bench_gpu_compile_pool_probe_switches_to_in_process_compiles(tmp_path, monkeypatch):
+    """The compile pool probe, once per run (children replaced by stand-ins): the parent asks
+    children to probe until one has; a probe that hangs is a hung compilation, so the part is
+    retried with TORCHINDUCTOR_COMPILE_THREADS=1 at once and every later child inherits it (no
+    more probes); the outcome goes to results' env and to the summary. A probe that finishes is
+    recorded with its time and ends the probing."""
+    from types import SimpleNamespace
+    bench_gpu = _import_bench("bench_gpu")
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")  # restored when the test ends
+    script, seen = [], []
+
+    def fake_run(cmd, timeout):
+        arg = lambda name: cmd[cmd.index(name) + 1]  # noqa: E731
+        w = bench_gpu.Worker(arg("--worker"), arg("--out"), [], 30.0, float("inf"))
+        seen.append(dict(part=arg("--worker"), probe="--probe-pool" in cmd,
+                         threads=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")))
+        return SimpleNamespace(returncode=script.pop(0)(w))
+
+    def probe_hangs(w):  # what Worker.probe leaves when its watchdog ends the process
+        w.state.update(running=bench_gpu.POOL_PROBE, compiling=True)
+        w.save()
+        return 1
+
+    def finish(w):
+        w.put("rows", [])
+        return 0
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), compile_timeout_s=180.0, smoke=True)
+    probe = {}
+    script[:] = [finish, probe_hangs, finish, finish]
+    bench_gpu.run_part("step", args, time.time() + 300, probe=probe)  # compiles nothing
+    res = bench_gpu.run_part("op-compiled", args, time.time() + 300, probe=probe)
+    bench_gpu.run_part("step-compiled", args, time.time() + 300, probe=probe)
+    assert [(s["part"], s["probe"], s["threads"]) for s in seen] == [
+        ("step", True, None), ("op-compiled", True, None), ("op-compiled", False, "1"),
+        ("step-compiled", False, "1")]
+    assert res["hangs"] == [{"while": bench_gpu.POOL_PROBE, "exit": 1,
+                             "stacks": bench_gpu.stacks_file("op-compiled", bench_gpu.POOL_PROBE),
+                             "then": "retried with TORCHINDUCTOR_COMPILE_THREADS=1"}]
+    assert probe == {"part": "op-compiled", "hung": True, "limit_s": 60.0,
+                     "stacks": res["hangs"][0]["stacks"], "threads": "1 from then on"}
+    md = bench_gpu.summarize({"env": {"compile_pool_probe": probe}, "parts": {}})
+    assert ("compile pool probe (part op-compiled): did not finish in 60 s (stacks: "
+            "stacks-op-compiled-compile_pool_probe.txt): TORCHINDUCTOR_COMPILE_THREADS=1") in md
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    seen.clear()
+    probe = {}
+
+    def probe_finishes(w):
+        w.state["pool_probe"] = {"seconds": 4.2, "pool_ready_s": 3.0, "part": w.part,
+                                 "threads": "inductor's default"}
+        return finish(w)
+
+    script[:] = [probe_finishes, finish]
+    bench_gpu.run_part("op-compiled", args, time.time() + 300, probe=probe)
+    bench_gpu.run_part("step-compiled", args, time.time() + 300, probe=probe)
+    assert [(s["probe"], s["threads"]) for s in seen] == [(True, None), (False, None)]
+    assert probe["seconds"] == 4.2
+    md = bench_gpu.summarize({"env": {"compile_pool_probe": probe}, "parts": {}})
+    assert ("compile pool probe (part op-compiled): a trivial compile ran in 4.2 s (pool ready "
+            "after 3.0 s)") in md
+
+
+def test_bench_gpu_worker_probes_the_pool_before_its_first_compilation(tmp_path, monkeypatch):
+    """Worker.watchdog runs the probe (a stand-in here) once, before the first compilation and
+    not before an eager block, under a watchdog of its own recorded as a compilation (what the
+    parent reads when it hangs); its outcome, or its error, is saved in the part's state."""
+    bench_gpu = _import_bench("bench_gpu")
+    calls = []
+
+    def probe(device):
+        state = json.load(open(tmp_path / "part-step-compiled.json"))
+        calls.append((device, state["running"], state["compiling"]))
+        return {"seconds": 1.5}
+
+    monkeypatch.setattr(bench_gpu, "probe_compile_pool", probe)
+    w = bench_gpu.Worker("step-compiled", str(tmp_path), [], 30.0, float("inf"),
+                         probe_pool=True)
+    with w.watchdog("full", 180):  # eager: no probe
+        pass
+    assert calls == []
+    with w.watchdog("full+compile"):
+        assert json.load(open(w.path))["running"] == "full+compile"
+    with w.watchdog("peer_bsr+compile"):
+        pass
+    assert calls == [("cpu", bench_gpu.POOL_PROBE, True)]
+    saved = json.load(open(w.path))["pool_probe"]
+    assert saved == {"seconds": 1.5, "part": "step-compiled", "limit_s": 30.0,
+                     "threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
+                                               "inductor's default")}
+    monkeypatch.setattr(bench_gpu, "probe_compile_pool", lambda d: 1 / 0)
+    w = bench_gpu.Worker("step-compiled", str(tmp_path), [], 300.0, float("inf"),
+                         probe_pool=True)
+    with w.watchdog("full+compile"):
+        pass
+    assert w.state["pool_probe"]["error"].startswith("ZeroDivisionError")
+    assert w.state["pool_probe"]["limit_s"] == bench_gpu.POOL_PROBE_S
+
+
+def test_bench_gpu_expects_compiled_builds_from_the_run_so_far(tmp_path):
+    """The slowest compiled step build measured so far in the run (step rows, SAC entries; not
+    eager or hand-captured ones) is what a step part and op-compiled's reserve expect of the
+    next; a part's retry also counts what its earlier attempt built."""
+    bench_gpu = _import_bench("bench_gpu")
+    ts = _import_bench("bench_train_step")
+    parts = {"step": {"rows": [{"variant": "full", "build_s": 500.0}]},
+             "step-compiled": {"rows": [{"variant": "peer_bsr+compile", "build_s": 40.0},
+                                        {"variant": "bsr_lean+graph", "build_s": 300.0},
+                                        {"variant": "full+compile", "build_s": None}]},
+             "sac": {"time": {"lean+compile": {"build_s": 55.0}, "lean": {"build_s": 99.0}}},
+             "check": {"error": "x"}}
+    assert bench_gpu.slowest_compiled_build(parts) == 55.0
+    assert bench_gpu.slowest_compiled_build({"step": parts["step"]}) is None
+    assert bench_gpu._compiled_step_reserve(None) == pytest.approx(
+        30 + ts.compiled_build_room_s() + bench_gpu.STEP_TIMING_RESERVE_S)
+    assert bench_gpu._compiled_step_reserve(55.0) == pytest.approx(30 + 1.3 * 55 + 60)
+    (tmp_path / "part-step-compiled.json").write_text(json.dumps(
+        {"result": {"rows": parts["step-compiled"]["rows"]}}))
+    w = bench_gpu.Worker("step-compiled", str(tmp_path), [], 30.0, float("inf"), build_s=20.0)
+    assert w.build_s == 40.0
+    assert bench_gpu.Worker("sac", str(tmp_path), [], 30.0, float("inf")).build_s is None
 
 
 def test_bench_gpu_profile_goes_on_past_a_hung_variant(tmp_path, monkeypatch):
