@@ -1,10 +1,8 @@
-"""CPU training steps under glibc's default malloc settings and with freed memory retained.
-
-``bsr-finetune`` on the CPU calls :func:`bsr_kernels.finetune.host_malloc.retain_freed_memory`
-(unless ``--system-malloc``): glibc then keeps the blocks a step frees for the next step instead
-of returning them to the kernel and faulting them in again. This measures what that buys and
-what it costs, for the training steps of the suite's ``train_step`` section (DeiT-S, fp32, the
-same variants, weights and batch).
+"""CPU training steps and the drop op under glibc's default malloc settings and with freed memory
+retained (:func:`benchmarks._malloc.retain_freed_memory`: glibc keeps the blocks a step frees for
+the next step instead of returning them to the kernel and faulting them in again). This measures
+what that buys and what it costs, for the training steps of the suite's ``train_step`` section
+(DeiT-S, fp32, the same variants, weights and batch) and for the drop op.
 
 The setting is process-wide and cannot be undone, so every measurement is a child process of
 its own: one variant, one setting (``system``: glibc's defaults; ``retained``: the call above).
@@ -54,7 +52,7 @@ def measure_child(variant: str, setting: str, steps: int, batch: int, model: str
     """One child's measurement (module doc), in this process: call it in a fresh one."""
     import torch
 
-    from bsr_kernels.finetune.host_malloc import retain_freed_memory
+    from ._malloc import retain_freed_memory
 
     from ._suite import SuiteConfig, make_step
     from .bench_train_step import _variant_batch
@@ -117,7 +115,7 @@ def _measure_op(cfg, setting: str) -> dict:
 def _child_env() -> dict:
     """The environment of a child: this one without glibc malloc options, so that the
     ``system`` setting is glibc's defaults and ``retained`` is not refused."""
-    from bsr_kernels.finetune.host_malloc import ENV_SETTINGS
+    from ._malloc import ENV_SETTINGS
     return {k: v for k, v in os.environ.items() if k not in ENV_SETTINGS}
 
 

@@ -82,20 +82,3 @@ def backend(request):
     name, device, dtype = request.param
     with bsr_kernels.use_backend(name):
         yield BackendCase(name, device, dtype)
-
-
-@pytest.fixture(autouse=True)
-def _recorded_malloc_retention(monkeypatch):
-    """bsr-finetune on the CPU has glibc retain freed memory (``host_malloc``): a process-wide
-    change that cannot be undone. In-process CLI tests get a recorder in its place, so the test
-    process keeps glibc's defaults; ``test_host_malloc.py`` runs the real call in children.
-    The recorder's calls are in ``cli.retain_freed_memory.calls``."""
-    from bsr_kernels.finetune import cli
-
-    def recorder():
-        recorder.calls += 1
-        return True, "malloc: retained (recorded by tests/conftest.py)"
-
-    recorder.calls = 0
-    monkeypatch.setattr(cli, "retain_freed_memory", recorder)
-    return recorder

@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import RunLock, atomic_write, clean_orphans, read_json, write_json
-from .host_malloc import retain_freed_memory
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
                      model_data_config)
@@ -207,7 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "augmentation")
     g.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    add_malloc_option(g)
     g.add_argument("--torchcompile", action="store_true",
                    help="train and evaluate through torch.compile (compiling takes a while; "
                         "the step-time measurement stays eager)")
@@ -294,7 +292,7 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 #: Options about where a run executes rather than what it computes, and the bookkeeping of
 #: args.json: ``--resume`` does not take them from the earlier run.
 _NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "log_interval",
-                "system_malloc", "multitask", "given", "argv", "earlier_argv")
+                "multitask", "given", "argv", "earlier_argv")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -618,35 +616,8 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
         return _run(args, info, log, warn, methods, t_start, lock)
 
 
-def add_malloc_option(group) -> None:
-    """``--system-malloc``, an option of both modes of bsr-finetune (see
-    :func:`host_memory`)."""
-    group.add_argument("--system-malloc", action="store_true",
-                       help="on the CPU, leave glibc's malloc settings as they are (default: "
-                            "the memory a step frees is kept for the next step instead of going "
-                            "back to the kernel and being faulted in again: faster steps, and "
-                            "the process holds its peak memory until it ends; see "
-                            "bsr_kernels.finetune.host_malloc)")
-
-
-def host_memory(args, info: DistInfo, log) -> str:
-    """Sets the host allocator up for training (:mod:`.host_malloc`): on the CPU, unless
-    ``--system-malloc``, freed memory is retained for reuse. Logs and returns what was done
-    (summary.json's ``malloc``)."""
-    if info.device.type != "cpu":
-        return "malloc settings left as they are: training on " + info.device.type
-    if getattr(args, "system_malloc", False):
-        what = "malloc settings left as they are: --system-malloc"
-    else:
-        what = retain_freed_memory()[1]
-    if info.is_main:
-        log(what)
-    return what
-
-
 def _run(args, info: DistInfo, log, warn, methods, t_start: float,
          lock: Optional[RunLock] = None) -> dict:
-    malloc = host_memory(args, info, log)
     data_config = model_data_config(args.model, args.img_size)
     img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
         data_config["std"]
@@ -746,8 +717,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                "data": data.name, "num_classes": data.num_classes, "img_size": img_size,
                "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                "device": str(info.device), "world_size": info.world_size,
-               "threads": torch.get_num_threads(), "malloc": malloc,
-               "torch": torch.__version__, "wall_time_s": time.perf_counter() - t_start}
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "wall_time_s": time.perf_counter() - t_start}
     if info.is_main:
         log("")
         log(format_table(results))

@@ -130,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "the augmentation")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    cli.add_malloc_option(p)
     p.add_argument("--profile-batch", type=_positive_int, default=8,
                    help="images in the batch that measures memory and FLOPs")
     p.add_argument("--timing-rounds", type=_nonneg_int, default=8,
@@ -424,7 +423,6 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
     from .train import seed_all, time_steps
 
     device = info.device
-    malloc = cli.host_memory(args, info, log)
     img_size, mean, std = model_input_config(args.model, args.img_size)
     if args.task:
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
@@ -509,9 +507,8 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                "epochs": args.epochs, "batch_size": args.batch_size, "experts": args.experts,
                "top_k": args.top_k, "keep_rate": args.keep_rate,
                "memory_mode": args.memory_mode, "seed": args.seed, "device": str(device),
-               "threads": torch.get_num_threads(), "malloc": malloc,
-               "torch": torch.__version__, **summary_meta,
-               "wall_time_s": time.perf_counter() - t_start}
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               **summary_meta, "wall_time_s": time.perf_counter() - t_start}
     log("")
     log(format_table(results))
     if args.out is not None:

@@ -1,23 +1,22 @@
-"""glibc ``malloc`` settings for training on the CPU: keep freed memory for the next step.
+"""glibc ``malloc`` with freed memory retained: the setting ``bench_malloc`` measures.
 
 PyTorch's CPU tensors come from the C library's ``malloc``. By default glibc serves every block
 above its mmap threshold (128 KiB at start, raised after frees up to 32 MiB) with fresh pages
 from the kernel, and hands the free top of its heap back to the kernel once it exceeds the trim
 threshold (twice the mmap threshold). A training step allocates and frees the same large
 activation and gradient buffers every step, so those pages go back to the kernel and are faulted
-in again, each one zeroed by the kernel first, at every step: on a 2-core CPU that was about 1,000
-to 2,400 page faults and 40 % of the time of the drop op's forward and backward at ViT-B size.
+in again, each one zeroed by the kernel first, at every step.
 
 :func:`retain_freed_memory` raises both thresholds (``mallopt``), so that freed blocks stay in
-the process and the next step reuses them. It is what ``bsr-finetune`` does on the CPU (unless
-``--system-malloc``), and what ``python -m benchmarks.bench_malloc`` measures against glibc's
-defaults. The cost: the process keeps the memory of its largest step until it exits, instead of
-returning it between steps. Nothing changes with another allocator (``LD_PRELOAD`` of jemalloc,
-tcmalloc or mimalloc), off glibc, or when the environment already sets glibc's malloc options
-(``MALLOC_*_`` variables or ``GLIBC_TUNABLES``): the user's choice stands.
+the process and are reused. ``python -m benchmarks.bench_malloc`` compares it with glibc's
+defaults: it cuts page faults 10 to 100 times and makes the C++ drop's forward and backward
+through timm's qkv tensor twice as fast, but DeiT-S training steps no faster (README,
+"Host memory allocator"), so neither the library nor ``bsr-finetune`` sets it. The cost would be
+a process that keeps the memory of its largest step until it exits. Nothing changes with another
+allocator (``LD_PRELOAD`` of jemalloc, tcmalloc or mimalloc), off glibc, or when the environment
+already sets glibc's malloc options (``MALLOC_*_`` variables or ``GLIBC_TUNABLES``).
 
-This is process-wide state, set once, for a process that trains: an application's call, not a
-library's (``bsr_kernels`` itself never calls it).
+Process-wide state, set once, that cannot be undone: call it in a child process.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""bsr-finetune's host allocator setting (bsr_kernels.finetune.host_malloc): glibc keeps the
-memory a step frees for the next step. The real call changes the whole process for good, so it
-runs in child processes here; in-process CLI runs get tests/conftest.py's recorder."""
+"""benchmarks.bench_malloc and the setting it measures (benchmarks._malloc): glibc keeping the
+memory a step frees for the next step. The call changes the whole process for good, so it runs in
+child processes here."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from bsr_kernels.finetune import cli, host_malloc
-from bsr_kernels.finetune import multitask as mt
+from benchmarks import _malloc as host_malloc
+from benchmarks import bench_malloc as bm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ needs_glibc = pytest.mark.skipif(not _is_glibc(), reason="glibc's malloc only (L
 _CHILD = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from bsr_kernels.finetune.host_malloc import retain_freed_memory
+    from benchmarks._malloc import retain_freed_memory
     result = retain_freed_memory() if sys.argv[1] == "retain" else (False, "")
     def step():
         x = torch.randn(64, 197, 768)
@@ -107,54 +107,7 @@ def test_bad_threshold_is_refused_naming_it(bad):
         host_malloc.retain_freed_memory(bad)
 
 
-FAST = ["--method", "linear", "--epochs", "1", "--batch-size", "128", "--timing-rounds", "0",
-        "--profile-batch", "2", "--samples", "0", "--no-progress", "--device", "cpu"]
-
-
-def test_bsr_finetune_retains_on_cpu_unless_system_malloc(tmp_path, capsys,
-                                                          _recorded_malloc_retention):
-    assert cli.main([*FAST, "--out", str(tmp_path / "a")]) == 0
-    out = capsys.readouterr().out
-    assert _recorded_malloc_retention.calls == 1
-    assert "recorded by tests/conftest.py" in out
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert "recorded by tests/conftest.py" in summary["malloc"]
-
-    assert cli.main([*FAST, "--system-malloc", "--out", str(tmp_path / "b")]) == 0
-    assert _recorded_malloc_retention.calls == 1   # not called again
-    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
-    assert summary["malloc"] == "malloc settings left as they are: --system-malloc"
-    # a resumed run asks again: where it runs is not taken from the earlier run
-    assert "system_malloc" in cli._NOT_RESUMED
-
-
-def test_multitask_mode_retains_too(capsys, _recorded_malloc_retention):
-    argv = ["--method", "linear", "--epochs", "1", "--batch-size", "16", "--max-train-images",
-            "16", "--experts", "2", "--top-k", "1", "--timing-rounds", "0", "--profile-batch",
-            "2", "--device", "cpu"]
-    assert mt.main(argv) == 0
-    assert _recorded_malloc_retention.calls == 1
-    assert mt.main([*argv, "--system-malloc"]) == 0
-    assert _recorded_malloc_retention.calls == 1
-    assert "--system-malloc" in capsys.readouterr().out
-
-
-@needs_glibc
-def test_bsr_finetune_child_process_really_retains(tmp_path):
-    """The real call, end to end, in a child bsr-finetune (no conftest there)."""
-    environ = {k: v for k, v in os.environ.items() if k not in host_malloc.ENV_SETTINGS}
-    environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "bsr_kernels.finetune", *FAST, "--out",
-                        str(tmp_path)], capture_output=True, text=True, env=environ,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "kept for reuse" in summary["malloc"], summary["malloc"]
-    assert "kept for reuse" in p.stdout
-
-
 def test_bench_malloc_rows_pair_rounds_and_settings():
-    from benchmarks import bench_malloc as bm
     children = [dict(variant="full", setting=s, round=r, step_ms=ms, faults_per_step=f,
                      peak_rss_mib=p, rss_after_mib=p - 1)
                 for s, r, ms, f, p in [
@@ -183,7 +136,6 @@ def test_bench_malloc_rows_pair_rounds_and_settings():
     (["--variants", "full,nope"], "nope"), (["--variants", ","], "none given"),
     (["--rounds", "0"], "rounds"), (["--steps", "-1"], "steps")])
 def test_bench_malloc_refuses_bad_arguments(argv, message, capsys):
-    from benchmarks import bench_malloc as bm
     with pytest.raises(SystemExit) as e:
         bm.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -191,7 +143,6 @@ def test_bench_malloc_refuses_bad_arguments(argv, message, capsys):
 
 @needs_glibc
 def test_bench_malloc_runs_children(tmp_path):
-    from benchmarks import bench_malloc as bm
     lines = []
     result = bm.run(("full",), rounds=1, steps=1, batch=2, model="tiny", log=lines.append)
     assert not result["errors"], result["errors"]
