@@ -46,7 +46,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _child(mode: str, **env) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k not in host_malloc.ENV_SETTINGS}
+    environ = bm._child_env()   # glibc's defaults, as bench_malloc's children get them
     environ.update(env)
     environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True,
