@@ -119,11 +119,29 @@ def _from_state_dict(sd) -> Optional[dict]:
     return json.loads(min(found, key=lambda kv: len(kv[0]))[1])   # the outermost module's
 
 
+#: Where a checkpoint dict (timm's ``train.py`` and others) keeps the model's state_dict, in
+#: order: the first key that holds a dict is the one loaded, so a timm checkpoint with both
+#: ``state_dict`` and ``state_dict_ema`` gives the model's own weights, not the EMA's.
+CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema")
+
+
+def _state_dict_of(ckpt: dict) -> dict:
+    """The state_dict in ``ckpt``: ``ckpt`` itself when it is one (its metadata carries a BSR
+    config, or no :data:`CHECKPOINT_KEYS` key holds a dict), else the first such key's dict.
+    The one rule of :func:`load_checkpoint` and :func:`saved_bsr_config`, for a dict and for a
+    file alike."""
+    if _from_state_dict(ckpt) is None:
+        for key in CHECKPOINT_KEYS:
+            if isinstance(ckpt.get(key), dict):
+                return ckpt[key]
+    return ckpt
+
+
 def saved_bsr_config(source) -> Optional[dict]:
     """The BSR settings saved with ``source``, or None when it holds none.
 
     Args:
-        source: a state_dict (or a checkpoint dict holding one under ``state_dict``/``model``),
+        source: a state_dict (or a checkpoint dict holding one, see :data:`CHECKPOINT_KEYS`),
             a model (its ``pretrained_cfg``, as timm fills it from a ``save_for_hf`` config), a
             ``.safetensors``/``.pth``/``.bin`` file, or a ``save_for_hf`` directory.
     """
@@ -131,12 +149,7 @@ def saved_bsr_config(source) -> Optional[dict]:
         cfg = getattr(source, "pretrained_cfg", None)
         return _from_notes(cfg) if isinstance(cfg, dict) else None
     if isinstance(source, dict):
-        if _from_state_dict(source) is not None:
-            return _from_state_dict(source)
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(source.get(key), dict) and _from_state_dict(source[key]) is not None:
-                return _from_state_dict(source[key])
-        return None
+        return _from_state_dict(_state_dict_of(source))
     return _read(Path(source))[1]
 
 
@@ -179,12 +192,10 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
         raise ValueError(f"path {path}: cannot read it as a torch checkpoint of tensors (loaded "
                          f"with weights_only=True): {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    cfg = saved_bsr_config(ckpt) if isinstance(ckpt, dict) else None
+    cfg = None
     if isinstance(ckpt, dict):
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
+        ckpt = _state_dict_of(ckpt)
+        cfg = _from_state_dict(ckpt)
     if cfg is None and path.with_name("config.json").is_file():
         cfg = _from_notes(json.loads(path.with_name("config.json").read_text()).get(
             "pretrained_cfg"))
@@ -219,9 +230,10 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
     Args:
         model: a plain or reprogrammed timm ViT of the same architecture.
         source: a ``.safetensors``/``.pth``/``.bin`` file, a ``save_for_hf`` directory, or a
-            state_dict (or timm checkpoint dict). None: the weights are already loaded (e.g.
-            ``timm.create_model("hf-hub:...", pretrained=True)``); only the settings saved in the
-            model's ``pretrained_cfg`` are re-applied.
+            state_dict (or timm checkpoint dict: the first of :data:`CHECKPOINT_KEYS` it
+            holds, so ``state_dict`` rather than ``state_dict_ema``). None: the weights are
+            already loaded (e.g. ``timm.create_model("hf-hub:...", pretrained=True)``); only the
+            settings saved in the model's ``pretrained_cfg`` are re-applied.
         strict: passed to ``load_state_dict``.
         reprogram: re-apply the saved BSR settings when they differ from the model's (a plain
             model gets reprogrammed). With False, a mismatch only warns.
@@ -239,11 +251,8 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
     if source is None:
         sd, cfg = None, saved_bsr_config(model)
     elif isinstance(source, dict):
-        cfg = saved_bsr_config(source)
-        sd = source
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if _from_state_dict(sd) is None and isinstance(source.get(key), dict):
-                sd = source[key]
+        sd = _state_dict_of(source)
+        cfg = _from_state_dict(sd)
     else:
         sd, cfg = _read(Path(source))
     mine = bsr_config_dict(model)

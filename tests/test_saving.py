@@ -97,6 +97,27 @@ def test_full_checkpoint_carries_the_config(tmp_path, suffix):
     assert set(fresh.state_dict()) == set(plain().state_dict())     # keys unchanged
 
 
+@pytest.mark.parametrize("make", [plain, tuned], ids=["plain", "reprogrammed"])
+def test_timm_checkpoint_with_ema_loads_its_state_dict_from_a_dict_and_a_file(tmp_path, make):
+    """A timm train.py checkpoint holds the model's weights under ``state_dict`` and the EMA's
+    under ``state_dict_ema``: loading it as a dict and as a file gives the same weights, the
+    model's (a dict of plain weights went on to the EMA's). Only an EMA in it is loaded as the
+    fallback."""
+    model, ema, x = make(seed=0), make(seed=1), images()
+    ckpt = {"epoch": 3, "state_dict": model.state_dict(), "state_dict_ema": ema.state_dict()}
+    torch.save(ckpt, tmp_path / "train.pth")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    for source in (ckpt, tmp_path / "train.pth"):
+        fresh = bsr_kernels.load_checkpoint(plain(seed=2), source)
+        got = fresh.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        torch.testing.assert_close(logits(fresh, x), logits(model, x))
+        assert bsr_config_dict(fresh) == bsr_config_dict(model)
+    only_ema = {"epoch": 3, "state_dict_ema": ema.state_dict()}
+    fresh = bsr_kernels.load_checkpoint(plain(seed=2), only_ema)
+    torch.testing.assert_close(logits(fresh, x), logits(ema, x))
+
+
 def test_state_dict_into_a_differently_reprogrammed_model_warns():
     model = tuned()
     sd = model.state_dict()
