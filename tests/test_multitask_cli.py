@@ -216,3 +216,39 @@ def test_help_documents_every_option(capsys):
             if action.default is None and action.dest != "checkpoint":
                 assert "default" in action.help, action.option_strings
     assert "(default: all)" in text and "--overwrite" in text
+
+
+# --- optimizer ------------------------------------------------------------------------------
+
+def _decay_split(opt, model):
+    """(names with weight decay, names without) of ``opt``'s parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return tuple({names[id(p)] for g in opt.param_groups if (g["weight_decay"] > 0) == decay
+                  for p in g["params"]} for decay in (True, False))
+
+
+@pytest.mark.parametrize("method", mt.METHODS)
+def test_weight_decay_skips_every_bias_the_experts_included(method):
+    """--weight-decay decays weights, never biases: also not the MoE experts' stacked
+    ``fc1_bias`` (E, H) and ``fc2_bias`` (E, C), which are 2-D (they were decayed). The rule is
+    bsr-finetune's own (make_optimizer splits the same way)."""
+    from timm.models.vision_transformer import VisionTransformer
+    from bsr_kernels.finetune.train import make_optimizer
+
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=5)
+    model = mt.build_method(base, method, [3, 2], experts=4, top_k=2)
+    decayed, kept = _decay_split(mt._optimizer(model, 1e-3, 10.0, 0.05), model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | kept == trainable and not decayed & kept
+    assert not [n for n in decayed if n.endswith("bias")]
+    matrices = {n for n, p in model.named_parameters()
+                if p.requires_grad and p.dim() >= 2 and n.endswith("weight")}
+    assert matrices and matrices <= decayed                  # weights are still decayed
+    if method in ("moe_full", "bsr_moe"):
+        for name in ("vit.blocks.1.mlp.fc1_bias", "vit.blocks.1.mlp.fc2_bias"):
+            assert name in kept
+        for name in ("vit.blocks.1.mlp.fc1_weight", "vit.blocks.1.mlp.fc2_weight"):
+            assert name in decayed
+    assert _decay_split(make_optimizer(model, 1e-3, 10.0, 0.05), model) == (decayed, kept)

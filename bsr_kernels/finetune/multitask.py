@@ -177,12 +177,16 @@ def build_method(base: nn.Module, method: str, num_classes: Sequence[int], exper
 
 
 def _optimizer(model: nn.Module, lr: float, head_lr_scale: float, weight_decay: float):
+    """AdamW: the task heads at ``lr * head_lr_scale``; weight decay by
+    :func:`bsr_kernels.finetune.train.decays` (not on biases, the experts' included)."""
+    from .train import decays
+
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         head = name.startswith("heads.")
-        decay = p.dim() >= 2 and "pos_embed" not in name and "token" not in name
+        decay = decays(name, p)
         g = groups.setdefault((head, decay), {"params": [], "lr": lr * (head_lr_scale if head
                                                                           else 1.0),
                                               "weight_decay": weight_decay if decay else 0.0})

@@ -49,6 +49,7 @@ __all__ = [
     "teardown_distributed",
     "adapt",
     "trainable_parameters",
+    "decays",
     "make_optimizer",
     "make_scheduler",
     "make_timm_scheduler",
@@ -118,18 +119,27 @@ def check_optimizer_name(opt: str) -> str:
     return opt.lower()
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` gets weight decay (the one rule of :func:`make_optimizer` and
+    the multitask demo): weight matrices and kernels, not biases (also the MoE experts' stacked
+    ``fc1_bias`` (E, H) and ``fc2_bias`` (E, C), which are 2-D), norms, position embeddings or
+    tokens."""
+    return (p.dim() >= 2 and not name.endswith("bias") and "pos_embed" not in name
+            and "token" not in name)
+
+
 def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 10.0,
                    weight_decay: float = 0.05, opt: str = "adamw") -> torch.optim.Optimizer:
     """A timm optimizer (``timm.optim.create_optimizer_v2``, default AdamW) over the trainable
     parameters: the head at ``lr * head_lr_scale``, no weight decay on biases, norms and
-    embeddings."""
+    embeddings (:func:`decays`)."""
     from timm.optim import create_optimizer_v2
 
     opt = check_optimizer_name(opt)
     groups: dict = {}
     for name, p in trainable_parameters(model).items():
         head = name.startswith(("head.", "head_dist."))
-        decay = p.dim() >= 2 and "pos_embed" not in name and "token" not in name
+        decay = decays(name, p)
         key = (head, decay)
         if key not in groups:
             groups[key] = {"params": [], "lr": lr * (head_lr_scale if head else 1.0),
