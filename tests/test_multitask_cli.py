@@ -3,6 +3,8 @@ without --resume or --overwrite, one process writes it (``.lock``), --out is che
 anything loads, a NaN/inf loss stops the run (exit 3) before a checkpoint of it is written, flags
 are checked naming them, Ctrl-C and I/O errors end without a traceback, --help is complete."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,7 +220,7 @@ def test_help_documents_every_option(capsys):
     assert "(default: all)" in text and "--overwrite" in text
 
 
-# --- optimizer ------------------------------------------------------------------------------
+# --- optimizer and report -------------------------------------------------------------------
 
 def _decay_split(opt, model):
     """(names with weight decay, names without) of ``opt``'s parameters."""
@@ -252,3 +254,44 @@ def test_weight_decay_skips_every_bias_the_experts_included(method):
         for name in ("vit.blocks.1.mlp.fc1_weight", "vit.blocks.1.mlp.fc2_weight"):
             assert name in decayed
     assert _decay_split(make_optimizer(model, 1e-3, 10.0, 0.05), model) == (decayed, kept)
+
+
+def _report_results():
+    usage = [[0.5, 0.5], [0.25, 0.75]]
+    return {m: {"tasks": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.75}},
+                "mean_accuracy": 0.625, "saved_activation_mib_per_image": 1.5,
+                **({"expert_usage": {"1": usage}} if "moe" in m else {})}
+            for m in ("moe_full", "linear")}
+
+
+def test_report_png_is_written_atomically(tmp_path, monkeypatch):
+    """report.png goes through atomic_write like the single-task report: written to the temp
+    file clean_orphans knows, fsync'ed, renamed; a savefig that fails midway leaves neither a
+    partial report nor a temp file, and an earlier report whole (it left a .report.tmp.png)."""
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "report.png"
+    real_savefig, written = Figure.savefig, []
+
+    def recorded(self, fname, *a, **k):
+        written.append(Path(fname))
+        return real_savefig(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", recorded)
+    assert mt.draw_report(path, _report_results()) == path
+    assert written == [checkpoint.tmp_name(path)]
+    before = path.read_bytes()
+    assert before[:4] == b"\x89PNG"
+
+    def torn(self, fname, *a, **k):
+        Path(fname).write_bytes(before[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", torn)
+    with pytest.raises(OSError, match="disk full"):
+        mt.draw_report(path, _report_results())
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+    path.unlink()
+    with pytest.raises(OSError, match="disk full"):
+        mt.draw_report(path, _report_results())
+    assert list(tmp_path.iterdir()) == []

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_write
 from . import cli
 # bsr-finetune's flag parsers and help formatter: one definition of each check and message
 from .cli import (_HelpFormatter, _keep_rate, _nonneg_float, _nonneg_int, _positive_float,
@@ -561,7 +562,9 @@ def format_table(results: dict) -> str:
 
 def draw_report(path: Path, results: dict) -> Path:
     """Accuracy per task and method, saved memory per method, and task x expert heat maps of
-    every MoE block of every MoE method."""
+    every MoE block of every MoE method; written atomically
+    (:func:`bsr_kernels.checkpoint.atomic_write`), so a failed or killed write leaves an
+    earlier report whole."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -604,12 +607,11 @@ def draw_report(path: Path, results: dict) -> Path:
             ax.set_title(f"{_LABELS.get(m, m)}: block {block} expert usage", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.05)
     fig.suptitle(f"bsr-finetune --multitask: {len(names)} tasks on one backbone", fontsize=11)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
