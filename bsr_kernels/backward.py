@@ -105,6 +105,11 @@ def _stochastic(block) -> bool:
             or any(getattr(m, "drop_prob", 0) > 0 for m in paths))
 
 
+def _moe_of(block):
+    """The block's MoE MLP (``bsr_kernels.moe.MoEMlp``), or None."""
+    return block.mlp if getattr(block.mlp, "bsr_moe", False) else None
+
+
 def _rng_states(device: torch.device):
     """The generator states that dropout on ``device`` draws from (CPU, plus the device's)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -152,12 +157,16 @@ class _LeanBlock(torch.autograd.Function):
                 saved[name] = out
             return out
 
-        out = block.body(x, linear=record_linear,
-                         record=lambda idx, _: kept.append(idx.to(torch.int32)))
+        moe = _moe_of(block)
+        routes: list[torch.Tensor] = []
+        with moe.recorded_routing(record=routes) if moe else contextlib.nullcontext():
+            out = block.body(x, linear=record_linear,
+                             record=lambda idx, _: kept.append(idx.to(torch.int32)))
         names = tuple(n for n in names if n in saved)   # a MoE MLP (moe.py) runs no fc1
         # a MoE MLP routes with the active task's gate: backward replays with the forward's task
-        ctx.task = getattr(block.mlp, "task", None) if getattr(block.mlp, "bsr_moe", False) \
-            else None
+        # and the forward's experts (the routing, like the token selection, is replayed)
+        ctx.task = moe.task if moe else None
+        ctx.n_kept = len(kept)
         # backward differentiates to exactly these parameters (in this order), even if
         # requires_grad changes in between, and replays with the forward's parameter tensors
         ctx.block, ctx.names, ctx.params, ctx.slots = block, names, params, slots
@@ -171,7 +180,7 @@ class _LeanBlock(torch.autograd.Function):
         tensors = [x, *(saved[n] for n in names)]
         ctx.dtypes = [t.dtype for t in tensors]
         store = block.bsr_config.activation_dtype
-        ctx.save_for_backward(*(t.to(store) if store else t for t in tensors), *kept)
+        ctx.save_for_backward(*(t.to(store) if store else t for t in tensors), *kept, *routes)
         return out
 
     @staticmethod
@@ -180,7 +189,9 @@ class _LeanBlock(torch.autograd.Function):
         n_float = len(ctx.dtypes)
         x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
-        kept = ctx.saved_tensors[n_float:]
+        kept = ctx.saved_tensors[n_float:n_float + ctx.n_kept]
+        routes = ctx.saved_tensors[n_float + ctx.n_kept:]
+        moe = _moe_of(block)
         fc2_needed = _fc2_output_needed(block)
         # the forward's parameters; one frozen since gets no gradient, as AccumulateGrad skips a
         # parameter that no longer requires grad in plain autograd
@@ -198,7 +209,9 @@ class _LeanBlock(torch.autograd.Function):
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype,
                                                      enabled=enabled), \
-                    _forward_parameters(ctx.slots):
+                    _forward_parameters(ctx.slots), \
+                    (moe.recorded_routing(replay=routes[0]) if routes
+                     else contextlib.nullcontext()):
                 x_ = x.detach().requires_grad_(ctx.needs_input_grad[2])
                 # the recorded selection is replayed, never recomputed: no host sync, and the
                 # same tokens even where a recompute would round differently (compressed,
@@ -207,7 +220,7 @@ class _LeanBlock(torch.autograd.Function):
                 inputs = ([x_] if ctx.needs_input_grad[2] else []) + params
                 return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
 
-        if ctx.task is not None:  # a MoE block routes with the gate of the forward's task
+        if ctx.task is not None:  # a MoE block weights with the gate of the forward's task
             task, block.mlp.task = block.mlp.task, ctx.task
         try:
             if ctx.rng is None:

@@ -34,6 +34,7 @@ backward of a loss summed over tasks is exact too.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 from typing import Optional, Sequence
@@ -49,19 +50,26 @@ __all__ = ["MoEMlp", "to_moe", "MultiTaskViT", "moe_forward", "moe_reference", "
 
 # --- routing and grouped expert compute ----------------------------------------------------
 
-def route(logits: torch.Tensor, top_k: int, renormalize: bool = False):
+def route(logits: torch.Tensor, top_k: int, renormalize: bool = False,
+          idx: Optional[torch.Tensor] = None):
     """Softmax over experts, then top-k.
 
     Args:
         logits: (T, E) gate logits.
         top_k: experts per token.
         renormalize: divide the top-k probabilities by their sum.
+        idx: (T, top_k) experts to route to instead of the top-k (a recorded routing, which a
+            lean backward replays); the weights are then these experts' probabilities.
 
     Returns:
         (probs (T, E), weights (T, k), idx (T, k) int64); weights are differentiable.
     """
     probs = logits.softmax(dim=-1)
-    weights, idx = probs.topk(top_k, dim=-1)
+    if idx is None:
+        weights, idx = probs.topk(top_k, dim=-1)
+    else:
+        idx = idx.long()
+        weights = probs.gather(1, idx)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return probs, weights, idx
@@ -126,7 +134,7 @@ class _RoutedExperts(torch.autograd.Function):
                 torch.addmm(b2[e], z[s0:s1], w2[e].t(), out=y[s0:s1])
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(),
                                                                       device=order.device))
-        yt = y.index_select(0, inv).view(t, k, -1)     # token-major expert outputs
+        yt = y.index_select(0, inv).view(t, k, y.shape[1])     # token-major expert outputs
         out = torch.bmm(w.unsqueeze(1), yt).squeeze(1)
         ctx.counts, ctx.k, ctx.act = counts, k, act
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -146,7 +154,7 @@ class _RoutedExperts(torch.autograd.Function):
         g = g.contiguous()
         grad_w = torch.bmm(yt, g.unsqueeze(2)).squeeze(2) if need_w else None
         # d y for each (token, expert) pair, in expert order
-        dy = (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, -1).index_select(0, order)
+        dy = (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, g.shape[1]).index_select(0, order)
         empty = [e for e, n in enumerate(counts) if n == 0]
 
         def weight_grad(shape_like, needed):
@@ -181,7 +189,7 @@ class _RoutedExperts(torch.autograd.Function):
             if need_h:
                 torch.mm(da[s0:s1], w1[e], out=dxs[s0:s1])
         if need_h:
-            grad_h = dxs.index_select(0, inv).view(t, k, -1).sum(1)
+            grad_h = dxs.index_select(0, inv).view(t, k, h.shape[1]).sum(1)
         return grad_h, grad_w, None, g_w1, g_b1, g_w2, g_b2, None
 
 
@@ -206,7 +214,7 @@ class _PaddedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, idx, w1, b1, w2, b2, act, order, counts):
         t, k = idx.shape
-        e, c = w1.shape[0], h.shape[1]
+        e, c, c_out = w1.shape[0], h.shape[1], w2.shape[1]
         m = max(counts)
         cnt = torch.tensor(counts, device=h.device)
         starts = torch.cumsum(cnt, 0) - cnt
@@ -227,7 +235,7 @@ class _PaddedExperts(torch.autograd.Function):
             y = torch.bmm(z, w2.transpose(1, 2))
         else:
             y = torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))
-        yt = y.view(e * m, -1).index_select(0, tm).view(t, k, -1)
+        yt = y.view(e * m, c_out).index_select(0, tm).view(t, k, c_out)
         out = torch.bmm(w.unsqueeze(1), yt).squeeze(1)
         ctx.k, ctx.act, ctx.m = k, act, m
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
@@ -277,8 +285,33 @@ def _experts(h, w, idx, w1, b1, w2, b2, act):
     return _RoutedExperts.apply(h, w, idx, w1, b1, w2, b2, act)
 
 
+def _dense_experts(h, w, idx, w1, b1, w2, b2, act):
+    """The experts and the combine in ops a tracer or exporter can record (no data-dependent
+    shapes): every expert runs on every token and its output is weighted by the token's gate
+    weight for it, zero where it was not routed. The same function as :func:`_experts` (the
+    routing is the same; only the summation order of the combine differs) at ``E`` times the
+    MLP compute of the routed form."""
+    gate = torch.zeros(h.shape[0], w1.shape[0], dtype=w.dtype, device=w.device)
+    gate = gate.scatter(1, idx, w)
+    out = None
+    for e in range(w1.shape[0]):
+        y = F.linear(act(F.linear(h, w1[e], None if b1 is None else b1[e])), w2[e],
+                     None if b2 is None else b2[e])
+        y = gate[:, e:e + 1] * y
+        out = y if out is None else out + y
+    return out
+
+
+def _tracing() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` (and so the dynamo ONNX exporter) is
+    recording the call: the routed experts' shapes depend on the routing, which they cannot
+    record."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: int,
-                renormalize: bool = False, act: Optional[nn.Module] = None):
+                renormalize: bool = False, act: Optional[nn.Module] = None,
+                idx: Optional[torch.Tensor] = None):
     """The routed MoE: top-k routing of ``logits`` and the weighted combine of the experts.
 
     Args:
@@ -286,16 +319,25 @@ def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: in
         logits: (T, E) gate logits.
         w1, b1, w2, b2: stacked expert weights (E, H, C), (E, H) or None, (E, C, H), (E, C) or
             None.
-        top_k, renormalize: see :func:`route`.
+        top_k, renormalize, idx: see :func:`route` (``idx`` replays a recorded routing).
         act: the activation (default GELU).
+
+    While ``torch.jit.trace`` or ``torch.export`` records the call, every expert runs on every
+    token, weighted by its gate weight (zero where not routed): the same outputs (summed in
+    another order) with no data-dependent shape, at ``E`` times the MLP compute.
 
     Returns:
         (out (T, C), probs (T, E), idx (T, k)).
     """
+    probs, weights, idx = route(logits, top_k, renormalize, idx)
+    return _combine(h, weights, idx, w1, b1, w2, b2, act), probs, idx
+
+
+def _combine(h, weights, idx, w1, b1, w2, b2, act):
+    """The experts of a routing and their weighted combine (:func:`moe_forward`)."""
     act = act if act is not None else nn.GELU()
-    probs, weights, idx = route(logits, top_k, renormalize)
-    out = _experts(h, weights, idx, w1, b1, w2, b2, act)
-    return out, probs, idx
+    experts = _dense_experts if _tracing() else _experts
+    return experts(h, weights, idx, w1, b1, w2, b2, act)
 
 
 def moe_reference(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: int,
@@ -347,7 +389,8 @@ class MoEMlp(nn.Module):
         renormalize: renormalise the top-k probabilities to sum to 1.
         aux_loss_weight: weight of ``cv²(importance) + cv²(load)``; after each training forward
             :attr:`aux_loss` holds the weighted loss (None when the weight is 0). ``load``
-            counts routed tokens and carries no gradient; ``importance`` sums probabilities.
+            counts routed tokens and carries no gradient; ``importance`` sums each expert's
+            gate weights (zero for a token not routed to it; Shazeer et al., 2017).
 
     Attributes:
         task: the active task (its gate routes); set by :class:`MultiTaskViT`.
@@ -381,6 +424,8 @@ class MoEMlp(nn.Module):
         self.aux_loss: Optional[torch.Tensor] = None
         self.track_usage = False
         self.usage = torch.zeros(num_tasks, e, dtype=torch.float64)
+        self._record: Optional[list] = None          # see recorded_routing
+        self._replay: Optional[torch.Tensor] = None
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, num_experts: int, top_k: int, num_tasks: int = 1,
@@ -422,29 +467,52 @@ class MoEMlp(nn.Module):
             logits = logits + torch.randn_like(logits) * self.noise_std
         return logits
 
+    @contextlib.contextmanager
+    def recorded_routing(self, record: Optional[list] = None,
+                         replay: Optional[torch.Tensor] = None):
+        """Within the block, each forward appends its routing (the (T, k) int32 experts of its
+        tokens) to ``record``; or, with ``replay``, routes with those experts rather than its
+        gate's top-k and leaves :attr:`usage` and :attr:`aux_loss` as they are. ``reprogram``'s
+        lean backward replays a MoE block this way, so that it differentiates the experts the
+        forward used even where a recompute would round the gate differently (compressed
+        activations), and counts its tokens once."""
+        held = self._record, self._replay
+        self._record, self._replay = record, replay
+        try:
+            yield
+        finally:
+            self._record, self._replay = held
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
+        width = self.fc2_weight.shape[1]
         dev = h.device.type
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._run(h.to(dt), dt).reshape(*shape[:-1], -1)
-        return self._run(h, h.dtype).reshape(*shape[:-1], -1)
+                return self._run(h.to(dt), dt).reshape(*shape[:-1], width)
+        return self._run(h, h.dtype).reshape(*shape[:-1], width)
 
     def _run(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         cast = (lambda p: p if p is None or p.dtype == dt else p.to(dt))
-        logits = self.logits(h)
-        out, probs, idx = moe_forward(h, logits, cast(self.fc1_weight), cast(self.fc1_bias),
-                                      cast(self.fc2_weight), cast(self.fc2_bias), self.top_k,
-                                      self.renormalize, self.act)
+        _, weights, idx = route(self.logits(h), self.top_k, self.renormalize, self._replay)
+        out = _combine(h, weights, idx, cast(self.fc1_weight), cast(self.fc1_bias),
+                       cast(self.fc2_weight), cast(self.fc2_bias), self.act)
+        if self._record is not None:
+            self._record.append(idx.to(torch.int32))
+        if self._replay is not None:   # the forward replayed counted and set the aux loss
+            return out
         counts = None
         if self.track_usage or (self.training and self.aux_loss_weight > 0):
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.track_usage:
             self.usage[self.task] += counts.to(self.usage.device, self.usage.dtype)
         if self.training and self.aux_loss_weight > 0:
-            self.aux_loss = self.aux_loss_weight * (_cv_squared(probs.sum(0))
+            # importance: each expert's summed gate weights (zero where a token is not routed
+            # to it), as Shazeer et al. (2017) define it; load: its routed tokens
+            importance = weights.new_zeros(h.shape[0], self.num_experts).scatter(1, idx, weights)
+            self.aux_loss = self.aux_loss_weight * (_cv_squared(importance.sum(0))
                                                     + _cv_squared(counts))
         else:
             self.aux_loss = None

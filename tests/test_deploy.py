@@ -103,6 +103,50 @@ def test_jit_trace_gives_the_eager_logits(grad):
         torch.testing.assert_close(torch.jit.load(buf)(x), want, rtol=1e-5, atol=1e-5)
 
 
+def moe_model(seed=0):
+    """A reprogrammed multitask MoE model (4 experts, top-2, in blocks 1, 3, 5) whose experts
+    differ, set to task 1."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2,
+                            num_classes=5)
+    bsr_kernels.to_moe(vit, num_experts=4, top_k=2, num_tasks=2)
+    with torch.no_grad():
+        for _, moe in bsr_kernels.moe.moe_blocks(vit):
+            for p in (moe.fc1_weight, moe.fc2_weight):
+                p.add_(0.2 * torch.randn_like(p))
+    model = bsr_kernels.MultiTaskViT(vit, num_classes=[3, 4])
+    bsr_kernels.reprogram(model, keep_rate=0.4)
+    model.set_task(1)
+    return model.eval()
+
+
+def test_moe_model_exports_and_traces_with_data_dependent_routing():
+    """A MoE model's routed experts have data-dependent sizes, which neither tracer records:
+    while one records, every expert runs on every token, weighted by its gate weight. The
+    exported and traced graphs route each new input anew (checked on images other than the
+    example), giving the eager logits."""
+    model, x, other = moe_model(), images(4), images(4, seed=7)
+    with torch.no_grad():
+        want = model(other)
+        ep = torch.export.export(model, (x,))
+        torch.testing.assert_close(ep.module()(other), want, rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(other), want, rtol=1e-5, atol=1e-5)
+    assert "bsr_kernels::" not in str(traced.inlined_graph)
+
+
+@needs_onnx
+def test_moe_model_in_onnxruntime(tmp_path):
+    model, x, other = moe_model(seed=2), images(4), images(3, seed=7)
+    with torch.no_grad():
+        want = model(other)
+    bsr_kernels.export_onnx(model, x, tmp_path / "moe.onnx")
+    torch.testing.assert_close(_ort_logits(str(tmp_path / "moe.onnx"), other), want,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_jit_script_is_refused_naming_the_supported_routes():
     model = tiny_vit()
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support.*"

@@ -129,8 +129,10 @@ def test_aux_loss_is_cv_squared_of_importance_and_load_and_trains_the_gate():
     x = torch.randn(3, 5, 8, dtype=F64)
     moe(x)
     probs = moe.gates[0](x.reshape(-1, 8)).softmax(-1)
-    idx = probs.topk(2, dim=-1).indices
-    imp, load = probs.sum(0), torch.bincount(idx.reshape(-1), minlength=4).to(F64)
+    ranks = probs.argsort(dim=-1, descending=True).argsort(dim=-1)
+    gates = torch.where(ranks < 2, probs, 0)        # the top-2 gate weights, zero elsewhere
+    imp, load = gates.sum(0), (ranks < 2).sum(0).to(F64)
+    assert not torch.allclose(imp, probs.sum(0))    # not the dense probabilities' sum
     cv2 = lambda v: v.var() / (v.mean() ** 2 + 1e-10)  # noqa: E731
     torch.testing.assert_close(moe.aux_loss, 0.01 * (cv2(imp) + cv2(load)))
     (g,) = torch.autograd.grad(moe.aux_loss, moe.gates[0].weight)
@@ -314,6 +316,85 @@ def test_lean_backward_of_a_loss_summed_over_tasks_routes_with_each_forwards_tas
     assert set(gp) == set(gl) and "vit.blocks.3.mlp.gates.2.weight" in gp
     for name in gp:
         assert rel_err(gl[name], gp[name]) < 1e-10, name
+
+
+def _lean_routings(monkeypatch, replay: bool):
+    """(forward, backward) routings of each MoE block of a bf16-compressed lean model, one
+    forward and backward; ``replay=False`` switches the recorded routing off (the recompute
+    of the routing that lean backward did before it was replayed)."""
+    import contextlib
+
+    import bsr_kernels.moe as moe_module
+    if not replay:
+        monkeypatch.setattr(MoEMlp, "recorded_routing",
+                            lambda self, **kw: contextlib.nullcontext())
+    real_route, seen = moe_module.route, []
+
+    def route(*args):
+        probs, weights, idx = real_route(*args)
+        seen.append(idx.sort(dim=-1).values)
+        return probs, weights, idx
+    monkeypatch.setattr(moe_module, "route", route)
+    vit = bsr_kernels.to_moe(small_vit(dtype=torch.float32), num_experts=16, top_k=4,
+                             num_tasks=2)
+    mt = bsr_kernels.MultiTaskViT(vit, num_classes=[3, 2])
+    bsr_kernels.reprogram(mt, activation_dtype=torch.bfloat16)
+    out = mt(images(n=8, dtype=torch.float32), 1)
+    n_forward = len(seen)
+    out.square().mean().backward()
+    assert n_forward == 3 and len(seen) == 6   # blocks 1, 3, 5; backward replays 5, 3, 1
+    return seen[:n_forward], seen[n_forward:][::-1]
+
+
+def test_lean_backward_replays_the_forwards_routing_under_compressed_activations(monkeypatch):
+    """With bf16-compressed activations, routing again from the stored (rounded) block input
+    picks other experts for near-tied tokens, and so differentiates experts the forward never
+    ran (shown with the replay switched off, so this test can fail); lean backward replays the
+    forward's experts instead, as it replays the token selection."""
+    with monkeypatch.context() as m:
+        forward, backward = _lean_routings(m, replay=False)
+        assert sum((f != b).any(dim=-1).sum().item() for f, b in zip(forward, backward)) > 0
+    forward, backward = _lean_routings(monkeypatch, replay=True)
+    for f, b in zip(forward, backward):
+        assert torch.equal(f, b)
+
+
+@pytest.mark.parametrize("memory_mode", ["lean", "fast"])
+def test_usage_counts_each_forward_once_whatever_backward_replays(memory_mode):
+    """``track_usage`` counts the tokens of each forward once: a lean backward's replay of the
+    block adds nothing (the counts equal plain autograd's)."""
+    usage = {}
+    for path in ("plain", memory_mode):
+        mt = bsr_kernels.reprogram(_moe_multitask(num_tasks=2), memory_mode=memory_mode)
+        if path == "plain":
+            _plain_autograd(mt)
+        for _, moe in moe_blocks(mt.vit):
+            moe.track_usage = True
+        for task in (1, 0):
+            mt(images(), task).square().mean().backward()
+        usage[path] = torch.stack([moe.usage for _, moe in moe_blocks(mt.vit)])
+    tokens = 3 * 65 * 2   # 3 images of 64 patches + CLS, top-2; block 1 drops after its MLP
+    assert usage["plain"][0].sum(dim=1).tolist() == [tokens, tokens]
+    assert torch.equal(usage[memory_mode], usage["plain"])
+
+
+def test_empty_batch_through_routed_experts_and_models(grouping):
+    """No tokens: an empty output of the right width and zero expert gradients, as a dense MLP
+    gives; a batch of no images through a MoE model, reprogrammed or not."""
+    w1, b1, w2, b2 = expert_weights(4, 6, 10)
+    h = torch.randn(0, 6, dtype=F64, requires_grad=True)
+    gate = torch.randn(6, 4, dtype=F64, requires_grad=True)
+    out, probs, idx = moe_forward(h, h @ gate, w1, b1, w2, b2, 2)
+    assert out.shape == (0, 6) and idx.shape == (0, 2)
+    out.sum().backward()
+    for p in (w1, b1, w2, b2, gate):
+        assert p.grad is not None and not p.grad.any()
+    mt = _moe_multitask(num_tasks=2)
+    assert mt(images(n=0), 1).shape == (0, 2)
+    bsr_kernels.reprogram(mt)
+    out = mt(images(n=0), 0)
+    assert out.shape == (0, 4)
+    out.sum().backward()
 
 
 def test_reprogram_moe_with_noise_and_aux_loss_runs_under_plain_autograd():
