@@ -506,9 +506,9 @@ def test_single_kept_token(backend, fuse):
 def test_replay_of_a_given_selection(backend, fuse):
     """``kept=`` replays a recorded selection: the backend's own selection gives back its forward
     (bit for bit; the C++ backend replays with the reference formulation, so its fused row may
-    round differently); any other ascending selection (random, so not the rule's) gives the
-    definition's output for that set, and gradients through its fusion weights match the
-    definition's."""
+    round differently); any other selection (random, so not the rule's), ascending or in another
+    order, gives the definition's output for it (kept rows in its order), and gradients through
+    its fusion weights match the definition's."""
     case = DropCase(b=3, h=2, n=23, d=4, c=5, p=2, keep_rate=0.4, fuse=fuse, seed=11)
     x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
     out, kept = drop(x, q, k, case)
@@ -521,22 +521,25 @@ def test_replay_of_a_given_selection(backend, fuse):
     else:
         assert _same(replayed, out)
     g = torch.Generator().manual_seed(3)
-    other = torch.stack([torch.randperm(case.m, generator=g)[:case.n_keep].sort().values
-                         for _ in range(case.b)]).to(backend.device)
-    assert not torch.equal(other, kept.cpu().to(other.device))
-    got_out = bsr_kernels.drop_tokens(x, q, k, case.keep_rate, fuse, case.p, case.scale,
-                                      kept=other)[0]
-    scale = resolved_scale(case.scale, case.d)
-    want_out = expected_from_kept(x, reference.cls_scores(q, k, scale, case.p)[0], other,
+    picks = [torch.randperm(case.m, generator=g)[:case.n_keep] for _ in range(case.b)]
+    for other in (torch.stack([p.sort().values for p in picks]), torch.stack(picks)):
+        other = other.to(backend.device)
+        assert not torch.equal(other, kept.cpu().to(other.device))
+        got_out = bsr_kernels.drop_tokens(x, q, k, case.keep_rate, fuse, case.p, case.scale,
+                                          kept=other)[0]
+        scale = resolved_scale(case.scale, case.d)
+        want_out = expected_from_kept(x, reference.cls_scores(q, k, scale, case.p)[0], other,
+                                      case.p, fuse)
+        torch.testing.assert_close(got_out, want_out, **VALUE_TOL[backend.dtype])
+        gout = torch.randn(got_out.shape, generator=g).to(got_out)
+        x6, q6, k6 = float64_leaves(x, q, k)
+        out6 = expected_from_kept(x6, reference.cls_scores(q6, k6, scale, case.p)[0], other,
                                   case.p, fuse)
-    torch.testing.assert_close(got_out, want_out, **VALUE_TOL[backend.dtype])
-    gout = torch.randn(got_out.shape, generator=g).to(got_out)
-    x6, q6, k6 = float64_leaves(x, q, k)
-    out6 = expected_from_kept(x6, reference.cls_scores(q6, k6, scale, case.p)[0], other, case.p,
-                              fuse)
-    assert_grads_accurate(grads_of(got_out, (x, q, k), gout),
-                          grads_of(out6, (x6, q6, k6), gout.double()),
-                          grads_of(want_out, (x, q, k), gout), ("x", "q", "k"), backend.dtype)
+        assert_grads_accurate(grads_of(got_out, (x, q, k), gout),
+                              grads_of(out6, (x6, q6, k6), gout.double()),
+                              grads_of(want_out, (x, q, k), gout), ("x", "q", "k"),
+                              backend.dtype)
+    assert not (other.diff(dim=1) > 0).all()   # the second selection was not ascending
 
 
 @pytest.mark.parametrize("p", [1, 5])

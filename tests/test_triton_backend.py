@@ -635,3 +635,21 @@ def test_low_precision_checks_in_the_interpreter(device):
     x, q, k = _inputs(2, 3, 21, 8, 10, device, torch.float32, seed=16)
     x_out, kept = _check_low_precision_forward(x, q, k, 1, 9)
     assert x_out.shape == (2, 1 + 9 + 1, 10) and kept.shape == (2, 9)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_gpu_not_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device: inputs on another GPU still run there (forward
+    and backward), with the reference's outputs and gradients."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    b, h, n, d, c, p = 2, 2, 17, 8, 12, 1
+    x, q, k = (t.requires_grad_() for t in _inputs(b, h, n, d, c, "cuda:1", torch.float32, 21))
+    assert torch.cuda.current_device() == 0
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.4, backend="triton")
+    grads = torch.autograd.grad(out.square().sum(), (x, q, k))
+    want = ref.drop_tokens(x, q, k, d ** -0.5, p, kept.shape[1], True,
+                           kept=kept.to(torch.int32))[0]
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    for got, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, q, k))):
+        assert got.device == x.device
+        torch.testing.assert_close(got, w, **TOL[torch.float32])

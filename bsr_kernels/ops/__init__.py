@@ -299,9 +299,12 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         fuse_token: append the score-weighted sum of the dropped tokens.
         num_prefix_tokens: P, the CLS token plus register tokens.
         scale: softmax scale, default ``d ** -0.5``.
-        kept: replay a recorded selection, (B, n_keep) ascending positions among the non-prefix
-            tokens (as returned earlier), instead of selecting; the fusion weights are still the
-            differentiable scores of q and k. ``keep_rate`` must give the same n_keep.
+        kept: replay a recorded selection, (B, n_keep) distinct positions among the
+            non-prefix tokens (as returned earlier, ascending; another order is kept in x_out),
+            instead of selecting; the fusion weights are still the differentiable scores of q
+            and k. ``keep_rate`` must give the same n_keep. Duplicates are not checked, nor
+            the range on CUDA (that would sync with the host): such entries leave rows
+            unspecified.
         backend: force "reference", "cpp" or "triton" for this call and its backward.
 
     Returns:

@@ -107,8 +107,10 @@ def select_kernel(
        #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
        positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
        ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
-    3. With REPLAY instead, ``kept`` is given (a recorded selection, ascending): ``slot_ws`` gets
-       slot s at position kept[s] and -1 elsewhere.
+    3. With REPLAY instead, ``kept`` is given (a recorded selection: distinct positions, in any
+       order): ``slot_ws`` gets slot s at position kept[s] and -1 elsewhere. An entry outside
+       [0, M) writes nothing (its output row is then left unwritten, never memory out of
+       bounds).
     Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks. The keys of the
     first tile (all of them when M <= BLOCK_M, the ViT shapes) stay in registers (``key0``): the
     counting passes then make no memory round trip; later tiles are read back from ``key_ws``.
@@ -143,7 +145,8 @@ def select_kernel(
             offs_s = s0 + tl.arange(0, BLOCK_M)
             smask = offs_s < n_keep
             kv = tl.load(kept_ptr + b * n_keep + offs_s, mask=smask, other=0)
-            tl.store(slot_ws_ptr + b * M + kv, offs_s.to(tl.int32), mask=smask)
+            tl.store(slot_ws_ptr + b * M + kv, offs_s.to(tl.int32),
+                     mask=smask & (kv >= 0) & (kv < M))
     if DO_SELECT:
         tl.debug_barrier()
         # the sign first (are at least n_keep keys >= 0?), then the lower bits one by one
@@ -246,7 +249,8 @@ def rows_bwd_kernel(
     grad_x[n] = grad_out[n] for prefix rows, grad_out[P + slot] for kept rows, 0 for dropped rows;
     with FUSE every candidate row also gets ``w_j * grad_out[fused]`` (w_j = score_j if dropped,
     else 0) and the score gradient ``gs[j] = <grad_out[fused], x[P + j]>`` is written for dropped j
-    (0 for kept j). The slot of row j is #{s : kept[s] < j} (kept is ascending).
+    (0 for kept j). The slot of row j is the s with kept[s] = j (kept holds distinct
+    positions, in any order: a replay keeps the order it is given).
 
     Shapes: grad_out (B, P + n_keep [+1], C), kept (B, n_keep) int32, x (B, N, C),
     scores (B, M) and gs (B, M) in ACC, grad_x (B, N, C).
@@ -259,17 +263,18 @@ def rows_bwd_kernel(
     is_cand = nmask & (offs_n >= P)
     j = offs_n - P
 
-    below = tl.full([BLOCK_ROWS], 0, tl.int32)
+    slot = tl.full([BLOCK_ROWS], 0, tl.int32)
     hits = tl.full([BLOCK_ROWS], 0, tl.int32)
     for s0 in range(0, n_keep, BLOCK_K):
         offs_s = s0 + tl.arange(0, BLOCK_K)
         smask = offs_s < n_keep
         kv = tl.load(kept_ptr + b * n_keep + offs_s, mask=smask, other=0)
-        below += tl.reduce(((kv[None, :] < j[:, None]) & smask[None, :]).to(tl.int32), 1, _SUM)
-        hits += tl.reduce(((kv[None, :] == j[:, None]) & smask[None, :]).to(tl.int32), 1, _SUM)
+        match = (kv[None, :] == j[:, None]) & smask[None, :]
+        slot += tl.reduce(tl.where(match, offs_s[None, :], 0), 1, _SUM)
+        hits += tl.reduce(match.to(tl.int32), 1, _SUM)
     is_kept = is_cand & (hits > 0)
     is_drop = is_cand & (hits == 0)
-    src = tl.where(is_pre, offs_n, P + below)
+    src = tl.where(is_pre, offs_n, P + slot)
     read = is_pre | is_kept
 
     if FUSE:

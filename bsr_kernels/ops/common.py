@@ -192,7 +192,8 @@ class Backend:
 
     All tensors arrive checked and on one device. ``scores`` and ``lse`` are in
     ``compute_dtype(x.dtype, q.dtype)`` (``compute_dtype(q.dtype)`` for ``cls_scores``); ``kept``
-    is int32 (B, n_keep), ascending.
+    is int32 (B, n_keep), distinct positions: ascending from a selection, in any order in a
+    replay (the backward follows it).
     """
 
     name: str = "?"

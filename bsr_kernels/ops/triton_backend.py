@@ -9,7 +9,8 @@ recorded rows in place of the selection, and 3):
 
 1. ``cls_logits_kernel``, grid (B, H): the CLS-row logits of one head (q_cls against every key,
    tile by tile) and their logsumexp. Reads each K row once. (B, H, N) fp32 logits go to a
-   workspace: 0.6 % of the bytes of K at head dim 64.
+   workspace: 4 bytes per key row against K's 128 (bf16, head dim 64), written here and read
+   back by pass 2, so about 6 % over K's traffic (2.4 MB of the 97 MB at ViT-B B=128).
 2. ``select_kernel``, grid (B,): head-mean probabilities of the candidates, then the exact
    selection without a sort: the n_keep-th largest score is found bit by bit on an integer key
    of the same order (32 counting passes for fp32, 64 for fp64, each over the M scores in L1),
@@ -31,7 +32,8 @@ benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and t
 add host-side time of the same order; inside a captured or compiled step it vanishes. Since that
 timing pass 2 keeps the keys in registers (no memory round trip per count) and runs one warp per
 program, so each count is 5 warp shuffles instead of two block barriers and a shared-memory
-exchange (the compiled PTX has one ``bar.sync``, against 13 with 4 warps). Prediction, not yet
+exchange (the compiled PTX has one ``bar.sync``, against 13 with 4 warps under triton 3.8 and
+17 under 3.6). Prediction, not yet
 measured: about 5-10 us off every shape (at B=128, 71 us toward the 66 us of 50 % of the copy
 bound); ``bench_gpu --parts op,sweep`` checks it.
 
@@ -304,6 +306,18 @@ def _launch_cls_bwd(grad_scores, q, k, lse, scale, p):
     return grad_q, grad_k
 
 
+def _on_tensors_device(method):
+    """Runs a backend method with the current CUDA device set to its tensors' (Triton launches
+    on the current device and its current stream), when they lie on another GPU."""
+    @functools.wraps(method)
+    def guarded(self, first, *args):
+        if first.is_cuda and first.device.index != torch.cuda.current_device():
+            with torch.cuda.device(first.device):
+                return method(self, first, *args)
+        return method(self, first, *args)
+    return guarded
+
+
 class TritonBackend(Backend):
     """Fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
@@ -334,24 +348,30 @@ class TritonBackend(Backend):
                            "TRITON_INTERPRET=1)")
         return reasons
 
+    @_on_tensors_device
     def cls_scores(self, q, k, scale, num_prefix_tokens):
         return _launch_scores(q, k, scale, num_prefix_tokens, compute_dtype(q.dtype))[:2]
 
+    @_on_tensors_device
     def cls_scores_backward(self, grad_scores, q, k, lse, scale, num_prefix_tokens):
         return _launch_cls_bwd(grad_scores, q, k, lse, scale, num_prefix_tokens)
 
+    @_on_tensors_device
     def drop_forward(self, x, q, k, scale, num_prefix_tokens, n_keep, fuse_token):
         return _launch_fwd(x, q, k, scale, num_prefix_tokens, n_keep, fuse_token)
 
+    @_on_tensors_device
     def drop_replay(self, x, q, k, kept, scale, num_prefix_tokens, fuse_token):
         return _launch_replay(x, q, k, kept, scale, num_prefix_tokens, fuse_token)
 
+    @_on_tensors_device
     def drop_backward(self, grad_out, x, q, k, kept, scores, lse, scale, num_prefix_tokens):
         grad_x, grad_scores = _launch_rows_bwd(grad_out, kept, x, scores, x.shape[1],
                                                num_prefix_tokens, fuse=True)
         grad_q, grad_k = _launch_cls_bwd(grad_scores, q, k, lse, scale, num_prefix_tokens)
         return grad_x, grad_q, grad_k
 
+    @_on_tensors_device
     def gather_backward(self, grad_out, kept, n_tokens, num_prefix_tokens):
         return _launch_rows_bwd(grad_out, kept, None, None, n_tokens, num_prefix_tokens,
                                 fuse=False)
