@@ -247,8 +247,18 @@ class RunLock:
     reuse), is stale and is taken over. A lock of another host (a shared file system) is
     respected; the message says to delete it if that run is over.
 
+    Taking over is safe when several processes find the same stale lock: each takes an
+    exclusive ``flock`` of the stale file (without waiting), checks again that it is still the
+    file at ``.lock`` and still stale, and only then renames its own lock over it
+    (:func:`atomic_write`). So one process wins; the others find the flock taken, or another
+    file at ``.lock`` (the winner's, whose live process they then respect). (Deleting the stale
+    file and creating a new one let a second process delete the first one's new lock, and both
+    wrote the folder.) A ``flock`` ends with its process, so a takeover that dies leaves nothing
+    that blocks the next one.
+
     Raises (on :meth:`acquire`):
-        RunLockedError: when a live process holds the lock.
+        RunLockedError: when a live process holds the lock, or another process is taking over
+            the stale lock at the same moment.
         OSError: when the folder cannot be written.
     """
 
@@ -261,37 +271,80 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = f"{os.getpid()} {_start_time(os.getpid()) or '-'} {_hostname()}\n"
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _file_mode())
             except FileExistsError:
-                pid, started, host = self._owner()
-                if pid is None and self._age() < 5.0:   # being created right now
-                    pid = -1
-                if host is not None and host != _hostname():
-                    live = True
-                else:
-                    live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
-                        started is None or _start_time(pid) in (None, started))
-                if pid == -1 or live:
-                    who = (f"process {pid}" + (f" on {host}" if host and host != _hostname()
-                                               else "") if pid > 0 else "a process starting now")
-                    raise RunLockedError(
-                        f"{self.what} {self.path.parent}: another bsr-finetune ({who}) is "
-                        f"writing there (lock file {self.path}); wait for it to finish, use "
-                        "another folder, or delete the lock file if that process is not "
-                        "bsr-finetune") from None
-                try:   # stale: its process died
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
+                self._refuse_if_live()
+                if self._take_over(mine):
+                    self.held = True
+                    return self
+                continue   # the lock file went away or was replaced: look again
             with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {_start_time(os.getpid()) or '-'} {_hostname()}\n")
+                f.write(mine)
             self.held = True
             return self
         raise RunLockedError(f"{self.what} {self.path.parent}: could not take the lock file "
                              f"{self.path} (other processes keep taking it)")
+
+    def _refuse_if_live(self) -> None:
+        """RunLockedError when the lock file names a live process (or one creating it now)."""
+        pid, started, host = self._owner()
+        if pid is None and self._age() < 5.0:   # being created right now
+            pid = -1
+        if host is not None and host != _hostname():
+            live = True
+        else:
+            live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
+                started is None or _start_time(pid) in (None, started))
+        if pid == -1 or live:
+            who = (f"process {pid}" + (f" on {host}" if host and host != _hostname()
+                                       else "") if pid > 0 else "a process starting now")
+            raise RunLockedError(
+                f"{self.what} {self.path.parent}: another bsr-finetune ({who}) is "
+                f"writing there (lock file {self.path}); wait for it to finish, use "
+                "another folder, or delete the lock file if that process is not "
+                "bsr-finetune") from None
+
+    def _take_over(self, content: str) -> bool:
+        """Replaces the stale lock file by one holding ``content``, under an exclusive
+        ``flock`` of the stale file (see the class docstring). False when the file at the path
+        went away or is another one by the time the flock is held (the caller looks again);
+        RunLockedError when another process holds the flock or the lock is live now."""
+        import fcntl
+
+        try:
+            try:
+                fd = os.open(self.path, os.O_RDWR)   # NFS's flock needs a writable file
+            except PermissionError:
+                fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLockedError(
+                    f"{self.what} {self.path.parent}: another process is taking over the stale "
+                    f"lock file {self.path} right now; wait for it to finish or use another "
+                    "folder") from None
+            except OSError as e:
+                raise RunLockedError(
+                    f"{self.what} {self.path.parent}: the lock file {self.path} is stale (its "
+                    f"process is gone), but this file system cannot lock it for a safe "
+                    f"takeover ({e}); delete it if no other bsr-finetune writes there") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                return False
+            self._refuse_if_live()   # checked again: it may have changed before the flock
+            atomic_write(self.path, content)
+            return True
+        finally:
+            os.close(fd)   # ends the flock
 
     def _age(self) -> float:
         import time

@@ -109,6 +109,83 @@ def test_run_lock_unit(tmp_path):
         checkpoint.RunLock(tmp_path).acquire()
 
 
+_LOCKER = """import sys, time
+from bsr_kernels.checkpoint import RunLock, RunLockedError
+try:
+    RunLock(sys.argv[1]).acquire()
+except RunLockedError as e:
+    print("refused:", e, flush=True)
+    sys.exit()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _other_process_locks(folder):
+    """(process, its answer): another process tries ``RunLock(folder).acquire()``; its answer is
+    "held" (it then stays alive, holding the lock) or "refused: <message>"."""
+    proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(folder)],
+                            stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_stale_lock_taken_over_by_two_processes_at_once_has_one_winner(tmp_path, monkeypatch):
+    """Processes A and B both find a stale lock: B reads it (its process is dead), then A takes
+    it over, then B acts on what it read. Only A holds the folder, and B names A's process
+    (B deleted A's fresh lock and created its own: both wrote the folder)."""
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text(f"{_dead_pid()} - {checkpoint._hostname()}\n")
+    b = checkpoint.RunLock(tmp_path)
+    real_owner, others = b._owner, []
+
+    def owner_then_a_takes_over():
+        found = real_owner()
+        if not others:                          # B has read the stale lock, A goes first
+            others.append(_other_process_locks(tmp_path))
+        return found
+
+    monkeypatch.setattr(b, "_owner", owner_then_a_takes_over)
+    try:
+        with pytest.raises(checkpoint.RunLockedError) as refused:
+            b.acquire()
+        a, answer = others[0]
+        assert answer == "held"
+        assert f"process {a.pid}" in str(refused.value) and not b.held
+        assert int(lock_file.read_text().split()[0]) == a.pid
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    finally:
+        for proc, _ in others:
+            proc.kill()
+            proc.wait()
+
+
+def test_stale_lock_takeover_shuts_out_a_second_taker_midway(tmp_path, monkeypatch):
+    """While B takes over a stale lock (it holds the stale file's flock and is writing its own
+    lock), process C, which finds the same stale lock, is refused: one winner, B."""
+    lock_file = tmp_path / ".lock"
+    lock_file.write_text(f"{_dead_pid()} - {checkpoint._hostname()}\n")
+    real_write, others = checkpoint.atomic_write, []
+
+    def c_tries_then_write(path, data):
+        if path == lock_file and not others:
+            others.append(_other_process_locks(tmp_path))
+        return real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", c_tries_then_write)
+    try:
+        lock = checkpoint.RunLock(tmp_path).acquire()
+        c, answer = others[0]
+        assert answer.startswith("refused:") and "taking over the stale lock" in answer, answer
+        assert lock.held and int(lock_file.read_text().split()[0]) == os.getpid()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+        lock.release()
+        assert not lock_file.exists()
+    finally:
+        for proc, _ in others:
+            proc.kill()
+            proc.wait()
+
+
 # --- 8: damaged result.json ----------------------------------------------------------------
 
 def test_damaged_result_json_is_named_and_rebuilt_after_deleting_it(tmp_path, capsys):
