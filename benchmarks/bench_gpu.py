@@ -301,8 +301,14 @@ def slowest_compiled_build(parts: dict) -> float | None:
         if isinstance(res.get("time"), dict):
             entries += list(res["time"].items())
         found += [r["build_s"] for v, r in entries if isinstance(r, dict) and r.get("build_s")
-                  and str(v).partition("+")[2] in COMPILE_MODES]
+                  and is_compiled(v)]
     return max(found, default=None)
+
+
+def is_compiled(variant) -> bool:
+    """Whether a step variant (or SAC entry) is compiled: ``+compile`` or ``+cudagraphs``, not
+    eager or captured by hand (``+graph``)."""
+    return str(variant).partition("+")[2] in COMPILE_MODES
 
 
 WORKER: Worker | None = None
@@ -627,8 +633,7 @@ def _step_guard(variant: str):
     """The watchdog of a step variant's build: the compile timeout for a compiled one (a
     compilation: a hang there retries with TORCHINDUCTOR_COMPILE_THREADS=1), ``EAGER_BUILD_S``
     for an eager or hand-captured (``+graph``) one."""
-    compiles = variant.partition("+")[2] in COMPILE_MODES
-    return WORKER.watchdog(variant, None if compiles else EAGER_BUILD_S)
+    return WORKER.watchdog(variant, None if is_compiled(variant) else EAGER_BUILD_S)
 
 
 def part_step(cuda: bool, device: str, variants) -> dict:
@@ -857,7 +862,8 @@ OP_TARGETS = (
 def targets(results: dict) -> list[Target]:
     """Verdicts of issues 9 and 10 from a run's parts: :data:`OP_TARGETS`, and the step targets
     (:func:`bench_train_step.gpu_step_targets`) over the ``step-compiled`` rows (the compiled
-    peer and full fine-tuning are timed there; the ``step`` rows when it timed none), with
+    peer and full fine-tuning are timed there; the ``step`` rows, every eager mode, when it
+    timed no compiled variant: its eager rows alone lack fast), with
     lean's peak memory from the eager ``step`` part. NOT MEASURED where a part or shape is
     missing; a part's or shape's error is named."""
     from .bench_train_step import gpu_step_targets
@@ -875,7 +881,7 @@ def targets(results: dict) -> list[Target]:
         out.append(Target(name, value, op, bound, "" if "fraction" in key else "x",
                           "; ".join([f"{shape}, {dtype}, {env.get('device')}"] + why)))
     step = parts.get("step", {})
-    timed_in = ("step-compiled" if any(r.get("step_s") for r in
+    timed_in = ("step-compiled" if any(r.get("step_s") and is_compiled(r.get("variant")) for r in
                                        parts.get("step-compiled", {}).get("rows") or [])
                 else "step")
     timed = parts.get(timed_in, {})

@@ -824,6 +824,38 @@ def test_bench_gpu_targets_read_the_parts():
     assert nothing and all(t.verdict == "NOT MEASURED" for t in nothing)
 
 
+def test_bench_gpu_step_targets_need_a_compiled_row_of_step_compiled():
+    """The step targets read step-compiled's rows only when it timed a compiled variant: when
+    the deadline left it its eager rows alone (full, autograd, lean), the step part's rows
+    (every eager mode, fast too) are read, so that the best mode is not chosen without fast."""
+    bench_gpu = _import_bench("bench_gpu")
+
+    def step_row(variant, s, **figures):
+        return dict(variant=variant, label=variant, step_s=s,
+                    step_samples_s=[s] * 3 if s else [], **figures)
+
+    skipped = "step: skipped: out of time (90 s left; a compiled build needs 104 s)"
+    eager_only = [step_row("full", 0.05, speedup_vs_full=1.0),
+                  step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
+                  step_row("bsr_lean", 0.025, speedup_vs_full=2.0),
+                  step_row("peer_bsr+compile", None, error=skipped),
+                  step_row("full+compile", None, error=skipped)]
+    results = {"env": {"device": "NVIDIA H100 80GB HBM3"}, "parts": {
+        "step": {"rows": [step_row("full", 0.05, speedup_vs_full=1.0),
+                          step_row("bsr_fast", 0.0125, speedup_vs_full=4.0),
+                          step_row("bsr_autograd", 0.02, speedup_vs_full=2.5)],
+                 "model": "ViT-B/16", "batch": 128},
+        "step-compiled": {"rows": eager_only, "model": "ViT-B/16", "batch": 128}}}
+    full = "GPU step: best BSR mode / timm full fine-tuning"
+    got = {t.name: t for t in bench_gpu.targets(results)}[full]
+    assert got.value == 4.0 and "ratios within part step; best: bsr_fast" in got.where
+    # one compiled variant timed there: step-compiled's rows (paired with the compiled peer)
+    eager_only[3] = step_row("peer_bsr+compile", 0.015, speedup_vs_full=3.3)
+    got = {t.name: t for t in bench_gpu.targets(results)}[full]
+    assert got.value == 2.5
+    assert "ratios within part step-compiled; best: bsr_autograd" in got.where
+
+
 def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
     """run_part's policy on a worker's exit (children replaced by stand-ins that save what a
     worker saves): a hang in an eager block retries without that candidate and keeps inductor's
