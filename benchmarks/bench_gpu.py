@@ -38,7 +38,8 @@ Parts (``--parts``, default all, in this order):
   measured in the same run gives the bandwidth bound. Inputs rotate over several sets so L2 does
   not hold them; q and k are views of one qkv tensor, as in timm. ``triton.testing.do_bench``
   medians, candidates interleaved over rounds; each forward is also timed as CUDA-graph replays
-  (GPU time without launch overhead), which the ratios use. Also the op's passes alone.
+  (GPU time without launch overhead), which the ratios use (a ratio whose two sides were not both
+  captured uses their eager calls, and the table says so). Also the op's passes alone.
 * ``sync``: no host sync in any memory mode's step (``torch.cuda.set_sync_debug_mode("error")``).
 * ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW), eager: timm full fine-tuning,
   the authors' formulation, the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in
@@ -472,19 +473,9 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
                                        if name in fwd}, errors, {COMPILED_PEER}), cuda)
         res["errors"] = errors
         res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
-        # forward ratios from the graph replays (GPU time); where ours could not be captured,
-        # from the eager calls (res["forward_from"] says which)
-        graphed = res.get("forward_graph", {}).get(ours, {}).get("ms")
-        f = res["forward_graph"] if graphed else res["forward"]
-        res["forward_from"] = "forward_graph" if graphed else "forward"
-        t = f.get(ours, {}).get("ms")
-        if t:
-            res["gbps"] = res["min_bytes"] / t / 1e6
-            res["fraction_of_copy"] = res["gbps"] / out["copy_gbps"]
+        forward_figures(res, ours, peers, out["copy_gbps"])
         fbt = res["fwd+bwd"]
         for peer in peers:
-            if t and "ms" in f.get(peer, {}):
-                res[f"forward speedup vs {peer}"] = f[peer]["ms"] / t
             if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
                 res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
         if cuda and not compiled:  # the passes of the forward, alone
@@ -502,6 +493,31 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
         sets = gsets = None  # free before the next shape
         gc.collect()
     return out
+
+
+def forward_figures(res: dict, ours: str, peers, copy_gbps: float) -> None:
+    """The forward figures of one shape's result ``res`` (``forward``: eager calls timed by
+    ``do_bench``; on CUDA ``forward_graph``: CUDA-graph replays, GPU time without launch
+    overhead), set in it: our op's bandwidth (``gbps``, ``fraction_of_copy``) from its graph
+    replays when it was captured, else from its eager calls (``forward_from`` names which), and
+    per peer ``forward speedup vs <peer>`` from the graph replays when both ours and that peer
+    were captured, else from the eager calls of both (``forward_ratio_from[peer]``): a peer
+    whose capture failed keeps its ratio."""
+    def source(*names):  # where all of names have a time: graph replays first
+        return next((key for key in ("forward_graph", "forward")
+                     if all("ms" in res.get(key, {}).get(name, {}) for name in names)), None)
+
+    own = source(ours)
+    res["forward_from"] = own or "forward"
+    if own:
+        res["gbps"] = res["min_bytes"] / res[own][ours]["ms"] / 1e6
+        res["fraction_of_copy"] = res["gbps"] / copy_gbps
+    res["forward_ratio_from"] = {}
+    for peer in peers:
+        key = source(ours, peer)
+        if key:
+            res[f"forward speedup vs {peer}"] = res[key][peer]["ms"] / res[key][ours]["ms"]
+            res["forward_ratio_from"][peer] = key
 
 
 def part_check(cuda: bool, device: str) -> dict:
@@ -899,6 +915,14 @@ def _fmt(x, spec=".2f", suffix="") -> str:
     return f"{x:{spec}}{suffix}" if isinstance(x, (int, float)) else "—"
 
 
+def _forward_ratio(res: dict, peer: str) -> str:
+    """The forward speedup of a shape's result over ``peer``, as a table cell: ``(eager
+    calls)`` where it is not from CUDA-graph replays (:func:`forward_figures`)."""
+    value = res.get(f"forward speedup vs {peer}")
+    eager = value is not None and res.get("forward_ratio_from", {}).get(peer) == "forward"
+    return _fmt(value, ".2f", "×") + (" (eager calls)" if eager else "")
+
+
 def _left_for_time(part: dict) -> list[str]:
     """What a part left out for time while it ran: op shapes (``skipped_for_time``), step
     variants (rows whose error says so)."""
@@ -962,10 +986,8 @@ def summarize(results: dict) -> str:
             eager = timed.get("forward_from") == "forward"  # no graph replay of ours
             lines.append("| " + " | ".join([
                 s, _fmt(t * 1e3 if t else None, ".1f") + (" (eager calls)" if eager else ""),
-                _fmt(timed.get("fraction_of_copy"), ".0%"),
-                _fmt(r.get(f"forward speedup vs {EAGER_PEER}"), ".2f", "×"),
-                _fmt(r.get(f"forward speedup vs {ROW_PEER}"), ".2f", "×"),
-                _fmt(rc.get(f"forward speedup vs {COMPILED_PEER}"), ".2f", "×"),
+                _fmt(timed.get("fraction_of_copy"), ".0%"), _forward_ratio(r, EAGER_PEER),
+                _forward_ratio(r, ROW_PEER), _forward_ratio(rc, COMPILED_PEER),
                 _fmt(r.get(f"fwd+bwd speedup vs {ROW_PEER}"), ".2f", "×"),
                 _fmt(rc.get(f"fwd+bwd speedup vs {COMPILED_PEER}"), ".2f", "×")]) + " |")
         lines.append("")

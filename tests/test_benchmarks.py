@@ -1100,6 +1100,35 @@ def test_bench_gpu_op_compiled_keeps_time_for_the_step_parts(tmp_path, monkeypat
     assert "--parts op-compiled,step-compiled`" in md
 
 
+def test_bench_gpu_forward_ratios_per_peer_from_graphs_or_eager_calls():
+    """Forward ratios of a shape: per peer from the CUDA-graph replays when both ours and that
+    peer were captured, else from the eager calls of both (a peer whose capture failed keeps
+    its ratio); our own time and bandwidth from our replays when captured. The table marks a
+    ratio from eager calls."""
+    bench_gpu = _import_bench("bench_gpu")
+    ours, eager, row = "bsr triton", bench_gpu.EAGER_PEER, bench_gpu.ROW_PEER
+    res = {"min_bytes": 2e6,
+           "forward": {ours: {"ms": 1.0}, eager: {"ms": 8.0}, row: {"ms": 3.0}},
+           "forward_graph": {ours: {"ms": 0.5}, eager: {"ms": 4.0},
+                             row: {"error": "RuntimeError: capture failed"}}}
+    bench_gpu.forward_figures(res, ours, [eager, row], copy_gbps=8.0)
+    assert res["forward_from"] == "forward_graph"
+    assert res["gbps"] == pytest.approx(4.0) and res["fraction_of_copy"] == pytest.approx(0.5)
+    assert res[f"forward speedup vs {eager}"] == pytest.approx(8.0)  # 4.0 / 0.5, replays
+    assert res[f"forward speedup vs {row}"] == pytest.approx(3.0)  # 3.0 / 1.0, eager calls
+    assert res["forward_ratio_from"] == {eager: "forward_graph", row: "forward"}
+    md = bench_gpu.summarize({"env": {}, "parts": {"op": {"copy_gbps": 8.0, "ViT-B B=128": res}}})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| ViT-B B=128 |"))
+    assert "| 500.0 | 50% | 8.00× | 3.00× (eager calls) |" in line, line
+    # ours not captured: every figure from the eager calls
+    res = {"min_bytes": 2e6, "forward": {ours: {"ms": 1.0}, row: {"ms": 3.0}},
+           "forward_graph": {ours: {"error": "x"}, row: {"ms": 0.1}}}
+    bench_gpu.forward_figures(res, ours, [row], copy_gbps=8.0)
+    assert res["forward_from"] == "forward" and res["gbps"] == pytest.approx(2.0)
+    assert res[f"forward speedup vs {row}"] == pytest.approx(3.0)
+    assert res["forward_ratio_from"] == {row: "forward"}
+
+
 def test_bench_gpu_watchdog_dumps_every_frame_of_a_busy_thread(tmp_path):
     """The watchdog's stack dump reads frames under the GIL (faulthandler's watchdog, reading
     them without it, died mid-dump on a busy compile and left a truncated file): a thread deep
