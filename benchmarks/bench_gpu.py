@@ -8,8 +8,9 @@ writes its results as it goes (``--out``/``part-<name>.json``; a step part after
 build and after the timing). Each compilation and each step build runs under a watchdog
 (``--compile-timeout-s`` for a compilation): when it overruns, the child dumps the stacks of all
 its threads to ``stacks-<part>-<what>.txt`` (where it hung) and exits; the parent records the
-hang and starts the part again, reusing what the child measured (op shapes, profiled steps; a
-step part times all its variants again: their ratios are paired within one timing). A first
+hang and starts the part again, reusing what the child measured (op shapes, and the forward of
+a shape whose fwd+bwd it did not finish; profiled steps; a step part times all its variants
+again: their ratios are paired within one timing). A first
 hang inside a compilation retries with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling
 in-process: the known workaround for pool hangs, and slower; kept for the rest of the run; set
 that variable beforehand to start that way); any other hang retries without that candidate, so
@@ -380,14 +381,15 @@ class Rotating:
         return self.fn(*self.sets[self.i])
 
 
-def warmed(candidates: dict, errors: dict, compiled: set[str]) -> dict:
-    """The candidates that ran once: compiled ones under the watchdog (a hang ends this process;
-    :func:`run_part` retries or skips the candidate); failures go to ``errors``."""
+def warmed(candidates: dict, errors: dict, compiled: dict[str, str]) -> dict:
+    """The candidates that ran once: compiled ones (``compiled``: name -> watchdog label) under
+    the watchdog (a hang ends this process; :func:`run_part` retries or skips that label);
+    failures go to ``errors``."""
     ok = {}
     for name, fn in candidates.items():
         try:
             if name in compiled:
-                with WORKER.watchdog(name):
+                with WORKER.watchdog(compiled[name]):
                     fn()
             else:
                 fn()
@@ -406,13 +408,19 @@ OP_SHAPES = [("ViT-B B=128", 128, 12, 197, 64), ("ViT-B B=32 N=577", 32, 12, 577
 SMOKE_OP_SHAPES = [("tiny", 4, 2, 17, 8)]
 EAGER_PEER, ROW_PEER, COMPILED_PEER = ("eager composite", "CLS-row composite",
                                        "compile(CLS-row composite)")
+#: The watchdog label of the compiled peer's fwd+bwd compilation (its forward's is
+#: :data:`COMPILED_PEER`): a hang there leaves the forward compiled at every shape.
+COMPILED_PEER_FWD_BWD = f"{COMPILED_PEER} fwd+bwd"
 
 
 def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     """The drop against its eager peers (``compiled=False``) or against the compiled CLS-row
     composite (``compiled=True``); ratios are taken within this call. The shapes in
     :data:`OP_SHAPES` order, the targets' shape first; a shape measured by an earlier attempt
-    of the part is kept (with its copy bandwidth). ``op-compiled`` (a cold compile per shape and
+    of the part is kept (with its copy bandwidth), and so is the forward of a shape whose
+    fwd+bwd it did not finish (saved before the fwd+bwd starts; the compiled peer's two passes
+    compile under separate watchdog labels, so a hang in its fwd+bwd leaves its forward
+    measured, there and at the later shapes). ``op-compiled`` (a cold compile per shape and
     pass) starts no shape after the first with less than the worker's ``reserve_s`` left: those
     are ``{"error"}`` and listed in ``skipped_for_time``."""
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -432,34 +440,28 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     else:
         peers[EAGER_PEER] = lambda x, q, k: eager_drop_composite(x, q, k, 0.5)
     for i, (label, b, h, n, d) in enumerate(shapes):
-        if WORKER.reuse(label) is not None:
-            out[label] = WORKER.reuse(label)
+        res = WORKER.reuse(label)
+        if res is not None and "fwd+bwd" in res:
+            out[label] = res
             log(label, "measured by an earlier attempt of this part")
             continue
         left = WORKER.deadline - time.time()
-        if compiled and i and left < WORKER.reserve_s:
-            out[label] = {"error": f"skipped: out of time ({left:.0f} s left, "
-                                   f"{WORKER.reserve_s:.0f} s kept for the later parts)"}
+        if compiled and i and left < WORKER.reserve_s:  # a forward measured before is kept
+            out[label] = {**(res or {}), "error": f"skipped: out of time ({left:.0f} s left, "
+                                                  f"{WORKER.reserve_s:.0f} s kept for the later "
+                                                  "parts)"}
             out["skipped_for_time"].append(label)
             WORKER.put(label, out[label])
             WORKER.put("skipped_for_time", out["skipped_for_time"])
             log(label, out[label]["error"])
             continue
         c = h * d
-        sets = [make_inputs(b, n, h, c, dtype, device, generator=g)[:3]
-                for _ in range(4 if cuda else 1)]
-        res, errors = {}, {}
-        fwd = warmed({ours: Rotating(op, sets),
-                      **{name: Rotating(fn, sets) for name, fn in peers.items()}},
-                     errors, {COMPILED_PEER})
-        res["forward"] = bench(fwd, cuda)
-        if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
-            res["forward_graph"] = {}
-            for name, fn in fwd.items():
-                try:
-                    res["forward_graph"][name] = {"ms": graph_ms(fn, len(sets))}
-                except Exception as e:  # capture can fail: report, go on
-                    res["forward_graph"][name] = {"error": err(e)}
+        if res is not None:
+            log(label, "forward measured by an earlier attempt of this part")
+        else:
+            res = _op_forward(ours, op, peers, (b, h, n, d), dtype, device, g, cuda, compiled)
+            forward_figures(res, ours, peers, out["copy_gbps"])
+            WORKER.put(label, res)  # a hang in the fwd+bwd keeps the forward
         gsets = [make_inputs(b, n, h, c, dtype, device, True, generator=g)
                  for _ in range(3 if cuda else 1)]
 
@@ -469,30 +471,57 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
                 o = o[0] if isinstance(o, tuple) else o
                 return torch.autograd.grad(o, (x, qkv), torch.ones_like(o))
             return Rotating(run, gsets)
+        errors = {}
         res["fwd+bwd"] = bench(warmed({name: fb(fn) for name, fn in [(ours, op), *peers.items()]
-                                       if name in fwd}, errors, {COMPILED_PEER}), cuda)
-        res["errors"] = errors
-        res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
-        forward_figures(res, ours, peers, out["copy_gbps"])
+                                       if name in res["forward"]}, errors,
+                                      {COMPILED_PEER: COMPILED_PEER_FWD_BWD}), cuda)
+        res["errors"].update({f"{name} (fwd+bwd)": e for name, e in errors.items()})
         fbt = res["fwd+bwd"]
         for peer in peers:
             if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
                 res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
-        if cuda and not compiled:  # the passes of the forward, alone
-            from bsr_kernels.ops import triton_backend as tb
-            x, q, k = sets[0]
-            nk = num_kept(0.5, n - 1)
-            scores, lse, kept, slot = tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk)
-            res["passes"] = bench({
-                "logits+select": lambda: tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk),
-                "gather": lambda: tb._launch_gather(x, slot, scores, 1, nk, True),
-            }, cuda, rounds=2)
         out[label] = res
         WORKER.put(label, res)  # per shape: a later hang loses nothing
         log(label, json.dumps({k: v for k, v in res.items() if k != "passes"}, default=str)[:900])
-        sets = gsets = None  # free before the next shape
+        gsets = None  # free before the next shape
         gc.collect()
     return out
+
+
+def _op_forward(ours: str, op, peers: dict, shape, dtype, device: str, g, cuda: bool,
+                compiled: bool) -> dict:
+    """One shape's forward in :func:`part_op`: ``forward`` (``do_bench`` medians of ours and
+    the peers), on CUDA ``forward_graph`` (CUDA-graph replays) and, in the eager part,
+    ``passes`` (the op's passes alone); ``errors`` of the candidates that failed, and
+    ``min_bytes``. Inputs rotate over several sets (freed on return)."""
+    b, h, n, d = shape
+    c = h * d
+    sets = [make_inputs(b, n, h, c, dtype, device, generator=g)[:3]
+            for _ in range(4 if cuda else 1)]
+    res, errors = {}, {}
+    fwd = warmed({ours: Rotating(op, sets),
+                  **{name: Rotating(fn, sets) for name, fn in peers.items()}},
+                 errors, {COMPILED_PEER: COMPILED_PEER})
+    res["forward"] = bench(fwd, cuda)
+    if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
+        res["forward_graph"] = {}
+        for name, fn in fwd.items():
+            try:
+                res["forward_graph"][name] = {"ms": graph_ms(fn, len(sets))}
+            except Exception as e:  # capture can fail: report, go on
+                res["forward_graph"][name] = {"error": err(e)}
+    if cuda and not compiled:  # the passes of the forward, alone
+        from bsr_kernels.ops import triton_backend as tb
+        x, q, k = sets[0]
+        nk = num_kept(0.5, n - 1)
+        scores, lse, kept, slot = tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk)
+        res["passes"] = bench({
+            "logits+select": lambda: tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk),
+            "gather": lambda: tb._launch_gather(x, slot, scores, 1, nk, True),
+        }, cuda, rounds=2)
+    res["errors"] = errors
+    res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
+    return res
 
 
 def forward_figures(res: dict, ours: str, peers, copy_gbps: float) -> None:

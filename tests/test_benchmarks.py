@@ -1074,7 +1074,8 @@ def test_bench_gpu_op_compiled_keeps_time_for_the_step_parts(tmp_path, monkeypat
     the first shape none starts with less than the reserve left for the later parts, and those
     left out are named in the part, in the summary and in the command for a next call."""
     bench_gpu = _import_bench("bench_gpu")
-    measured = {"forward": {"bsr cpp": {"ms": 1.0}}, "errors": {}}
+    measured = {"forward": {"bsr cpp": {"ms": 1.0}}, "fwd+bwd": {"bsr cpp": {"ms": 2.0}},
+                "errors": {}}
     (tmp_path / "part-op-compiled.json").write_text(json.dumps({"result": {
         "copy_gbps": 12.5, "tiny": measured}}))
     w = bench_gpu.Worker("op-compiled", str(tmp_path), [], 30.0, time.time() + 300,
@@ -1098,6 +1099,58 @@ def test_bench_gpu_op_compiled_keeps_time_for_the_step_parts(tmp_path, monkeypat
     assert "- part op-compiled: left out for time: tiny N=33" in md
     assert "- part step-compiled: left out for time: full+compile" in md
     assert "--parts op-compiled,step-compiled`" in md
+
+
+def test_bench_gpu_op_compiled_hang_in_fwd_bwd_keeps_the_forward(tmp_path, monkeypatch):
+    """op-compiled: when the compiled peer's fwd+bwd compilation hangs (a stand-in: its watchdog
+    block ends the attempt, as the real one ends the process), the shape's forward was saved
+    before, and the retry without the label that hung keeps it and measures the fwd+bwd of the
+    others; the peer's forward is still compiled and compared at the later shapes (the two
+    passes have separate labels). torch.compile is the identity here: no compiler runs."""
+    import contextlib
+    bench_gpu = _import_bench("bench_gpu")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(bench_gpu, "SMOKE_OP_SHAPES", [("tiny", 4, 2, 17, 8),
+                                                        ("tiny N=33", 4, 2, 33, 8)])
+
+    class Hung(BaseException):
+        pass
+
+    def attempt(skip, hang_at=None):
+        w = bench_gpu.Worker("op-compiled", str(tmp_path), skip, 30.0, time.time() + 300)
+        monkeypatch.setattr(bench_gpu, "WORKER", w)
+        real, labels = w.watchdog, []
+
+        @contextlib.contextmanager
+        def watchdog(label, *a, **kw):
+            with real(label, *a, **kw):
+                labels.append(label)
+                if len(labels) == hang_at:
+                    raise Hung(label)
+                yield
+        monkeypatch.setattr(w, "watchdog", watchdog)
+        try:
+            return bench_gpu.part_op(False, "cpu", compiled=True), labels
+        except Hung:
+            return None, labels
+
+    fwd = f"forward speedup vs {bench_gpu.COMPILED_PEER}"
+    fb = f"fwd+bwd speedup vs {bench_gpu.COMPILED_PEER}"
+    out, labels = attempt([], hang_at=2)  # the first shape's forward, then its fwd+bwd
+    assert out is None and labels[0] == bench_gpu.COMPILED_PEER
+    hung = labels[1]
+    assert hung != bench_gpu.COMPILED_PEER
+    saved = json.load(open(tmp_path / "part-op-compiled.json"))["result"]["tiny"]
+    assert saved[fwd] > 0 and "fwd+bwd" not in saved
+    out, labels = attempt([hung])
+    assert labels == [bench_gpu.COMPILED_PEER]  # the later shape's forward compile
+    for shape in ("tiny", "tiny N=33"):
+        res = out[shape]
+        assert res[fwd] > 0 and fb not in res, shape
+        assert res[f"fwd+bwd speedup vs {bench_gpu.ROW_PEER}"] > 0
+        assert "hung in an earlier attempt" in res["errors"][
+            f"{bench_gpu.COMPILED_PEER} (fwd+bwd)"]
+    assert out["tiny"]["forward"] == saved["forward"]  # reused, not measured again
 
 
 def test_bench_gpu_forward_ratios_per_peer_from_graphs_or_eager_calls():
