@@ -26,9 +26,10 @@ for timing the variants it has built (their ratios are paired within one timing)
 compiled build only when the time one is expected to take fits before then (the slowest
 compiled build so far in the run, 1.3 times; 75 s before any), and stops a build still running
 then, so that the others are timed. ``op-compiled`` starts no shape after the targets' first one
-when less is left than ``step-compiled`` needs for one compiled build (the summary lists what
-time left out). The parent merges the parts into ``results.json`` and ``results.md`` after each
-one and prints the summary tables last.
+unless what ``step-compiled`` needs for one compiled build is left when that shape ends (its
+longest shape so far taken as what the next one takes; the summary lists what time left out).
+The parent merges the parts into ``results.json`` and ``results.md`` after each one and prints
+the summary tables last.
 
 Parts (``--parts``, default all, in this order):
 
@@ -177,10 +178,11 @@ class Worker:
     only before the first): its results are ``previous`` and this attempt's start, and the part
     takes what it can reuse from them (:meth:`reuse`) instead of measuring it again.
     ``reserve_s``: seconds to leave to the parts after this one (``op-compiled`` starts no new
-    shape with less than that before ``deadline``). ``build_s``: the slowest compiled step build
-    of the run so far (the parent's earlier parts and this part's earlier attempts; None: none),
-    what a step part expects of its next one. ``probe_pool``: probe inductor's compile worker
-    pool before the first compilation (:meth:`watchdog`, :func:`probe_compile_pool`)."""
+    shape unless that is left before ``deadline`` when the shape ends). ``build_s``: the slowest
+    compiled step build of the run so far (the parent's earlier parts and this part's earlier
+    attempts; None: none), what a step part expects of its next one. ``probe_pool``: probe
+    inductor's compile worker pool before the first compilation (:meth:`watchdog`,
+    :func:`probe_compile_pool`)."""
 
     def __init__(self, part: str, out_dir: str, skip: list[str], compile_timeout_s: float,
                  deadline: float, reserve_s: float = 0.0, build_s: float | None = None,
@@ -421,8 +423,10 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
     fwd+bwd it did not finish (saved before the fwd+bwd starts; the compiled peer's two passes
     compile under separate watchdog labels, so a hang in its fwd+bwd leaves its forward
     measured, there and at the later shapes). ``op-compiled`` (a cold compile per shape and
-    pass) starts no shape after the first with less than the worker's ``reserve_s`` left: those
-    are ``{"error"}`` and listed in ``skipped_for_time``."""
+    pass) starts no shape after the first unless the worker's ``reserve_s`` and the longest
+    shape so far (``seconds``, its two passes) are left, so that a shape started ends before
+    the reserve: those are ``{"error"}`` (with the forward, if an earlier attempt measured it)
+    and listed in ``skipped_for_time``."""
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = OP_SHAPES if cuda else SMOKE_OP_SHAPES
     g = torch.Generator(device=device).manual_seed(1)
@@ -439,28 +443,32 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
         peers[COMPILED_PEER] = torch.compile(cls_row_drop, dynamic=False)
     else:
         peers[EAGER_PEER] = lambda x, q, k: eager_drop_composite(x, q, k, 0.5)
+    longest = 0.0  # seconds of the longest shape so far: what the next one may take
     for i, (label, b, h, n, d) in enumerate(shapes):
         res = WORKER.reuse(label)
         if res is not None and "fwd+bwd" in res:
             out[label] = res
+            longest = max(longest, res.get("seconds", 0.0))
             log(label, "measured by an earlier attempt of this part")
             continue
         left = WORKER.deadline - time.time()
-        if compiled and i and left < WORKER.reserve_s:  # a forward measured before is kept
+        if compiled and i and left < WORKER.reserve_s + longest:  # a forward measured is kept
             out[label] = {**(res or {}), "error": f"skipped: out of time ({left:.0f} s left, "
                                                   f"{WORKER.reserve_s:.0f} s kept for the later "
-                                                  "parts)"}
+                                                  f"parts, a shape takes {longest:.0f} s)"}
             out["skipped_for_time"].append(label)
             WORKER.put(label, out[label])
             WORKER.put("skipped_for_time", out["skipped_for_time"])
             log(label, out[label]["error"])
             continue
         c = h * d
+        started = time.time() - (res or {}).get("seconds", 0.0)  # the forward's, if measured
         if res is not None:
             log(label, "forward measured by an earlier attempt of this part")
         else:
             res = _op_forward(ours, op, peers, (b, h, n, d), dtype, device, g, cuda, compiled)
             forward_figures(res, ours, peers, out["copy_gbps"])
+            res["seconds"] = time.time() - started
             WORKER.put(label, res)  # a hang in the fwd+bwd keeps the forward
         gsets = [make_inputs(b, n, h, c, dtype, device, True, generator=g)
                  for _ in range(3 if cuda else 1)]
@@ -480,6 +488,8 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
         for peer in peers:
             if "ms" in fbt.get(peer, {}) and "ms" in fbt.get(ours, {}):
                 res[f"fwd+bwd speedup vs {peer}"] = fbt[peer]["ms"] / fbt[ours]["ms"]
+        res["seconds"] = time.time() - started
+        longest = max(longest, res["seconds"])
         out[label] = res
         WORKER.put(label, res)  # per shape: a later hang loses nothing
         log(label, json.dumps({k: v for k, v in res.items() if k != "passes"}, default=str)[:900])

@@ -1101,6 +1101,47 @@ def test_bench_gpu_op_compiled_keeps_time_for_the_step_parts(tmp_path, monkeypat
     assert "--parts op-compiled,step-compiled`" in md
 
 
+def test_bench_gpu_op_compiled_starts_a_shape_only_when_it_ends_before_the_reserve(
+        tmp_path, monkeypatch):
+    """op-compiled starts a shape after the first only when the reserve for step-compiled and
+    the longest shape so far (its seconds, also of a shape an earlier attempt measured) are
+    left: a shape started just above the reserve ran to its end and left step-compiled too
+    little for any compiled build. A fake clock: each timing of a shape's two passes takes
+    15 s (30 s a shape); torch.compile is the identity."""
+    from types import SimpleNamespace
+    bench_gpu = _import_bench("bench_gpu")
+    clock = [1000.0]
+    monkeypatch.setattr(bench_gpu, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    real_bench = bench_gpu.bench
+
+    def bench(fns, cuda, **kw):
+        clock[0] += 15.0
+        return real_bench(fns, cuda, **kw)
+    monkeypatch.setattr(bench_gpu, "bench", bench)
+    monkeypatch.setattr(bench_gpu, "SMOKE_OP_SHAPES", [("tiny", 4, 2, 17, 8),
+                                                        ("tiny 2", 4, 2, 9, 8),
+                                                        ("tiny 3", 4, 2, 33, 8)])
+
+    def attempt(deadline):
+        w = bench_gpu.Worker("op-compiled", str(tmp_path), [], 30.0, deadline, reserve_s=100.0)
+        monkeypatch.setattr(bench_gpu, "WORKER", w)
+        return bench_gpu.part_op(False, "cpu", compiled=True)
+
+    out = attempt(1160.0)
+    # tiny: always (ends with 130 s left); tiny 2: 130 >= 100 + 30, ends with 100 s left;
+    # tiny 3: 100 < 130 (the old rule, 100 >= 100, started it and left 70 s)
+    assert out["skipped_for_time"] == ["tiny 3"]
+    assert out["tiny"]["seconds"] == 30.0 and out["tiny 2"]["seconds"] == 30.0
+    assert out["tiny 3"]["error"] == ("skipped: out of time (100 s left, 100 s kept for the "
+                                      "later parts, a shape takes 30 s)")
+    assert 1160.0 - clock[0] >= 100.0
+    # a retry: the shapes measured before are kept, and their seconds still count
+    clock[0] = 1000.0
+    out = attempt(1129.0)
+    assert out["skipped_for_time"] == ["tiny 3"] and clock[0] == 1000.0
+
+
 def test_bench_gpu_op_compiled_hang_in_fwd_bwd_keeps_the_forward(tmp_path, monkeypatch):
     """op-compiled: when the compiled peer's fwd+bwd compilation hangs (a stand-in: its watchdog
     block ends the attempt, as the real one ends the process), the shape's forward was saved
