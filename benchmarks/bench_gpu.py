@@ -782,10 +782,11 @@ KILL_GRACE_S = 10.0
 def run_worker(part: str, args) -> dict:
     """This process's side of ``--worker PART``: runs the part and saves its result. The part
     stops at the run's deadline or at its time limit (:data:`PART_LIMITS_S`), whichever comes
-    first: its thread stacks go to ``stacks-<part>-time_limit.txt`` and the process exits with
-    :data:`STOPPED`; what it saved stays (``state["stop"]`` says why it stopped)."""
+    first (``--stop-at``: when the parent has it stop, on the parent's clock; without it, the
+    limit counts from here): its thread stacks go to ``stacks-<part>-time_limit.txt`` and the
+    process exits with :data:`STOPPED`; what it saved stays (``state["stop"]`` says why it
+    stopped)."""
     global WORKER
-    started = time.time()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     WORKER = Worker(part, args.out, [s for s in args.skip.split("|") if s],
@@ -793,8 +794,8 @@ def run_worker(part: str, args) -> dict:
                     build_s=args.build_s or None, probe_pool=args.probe_pool)
     WORKER.device = device
     limit = PART_LIMITS_S.get(part, float("inf"))
-    stop_at = min(WORKER.deadline, started + limit)
-    WORKER.state["stop"] = ("at the deadline" if stop_at == WORKER.deadline
+    stop_at = args.stop_at or min(WORKER.deadline, time.time() + limit)
+    WORKER.state["stop"] = ("at the deadline" if stop_at >= WORKER.deadline
                             else f"at its {limit:.0f} s time limit")
     WORKER.save()
     parts = {"check": part_check, "op": part_op, "sync": part_sync, "sweep": part_sweep,
@@ -827,7 +828,9 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
     in-process, the known workaround for pool hangs; kept for the rest of the run: the children
     inherit this process's environment); otherwise without that candidate. A child stopped at
     the deadline or at its part's time limit (:func:`run_worker`) is not retried; the parent
-    kills one that overruns that by :data:`KILL_GRACE_S`. Results a child saved are kept.
+    kills one that overruns that by :data:`KILL_GRACE_S`: it gives the child that stop time
+    (``--stop-at``), counted from the spawn, so that the child's clock (started after its
+    imports) cannot run past the parent's. Results a child saved are kept.
 
     ``probe``: the run's record of the compile pool probe, filled here. While it is empty and
     the pool is in use (``TORCHINDUCTOR_COMPILE_THREADS`` is not 1), a child probes the pool
@@ -848,13 +851,14 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
             result["hangs"] = hangs
             return result
         probing = probe is not None and not probe and os.environ.get(threads) != "1"
+        stop_at = min(deadline_at, time.time() + limit)
         cmd = [sys.executable, "-m", "benchmarks.bench_gpu", "--worker", part, "--out", args.out,
                "--skip", "|".join(skip), "--compile-timeout-s", str(args.compile_timeout_s),
-               "--deadline-at", str(deadline_at), "--reserve-s", str(reserve_s),
-               "--build-s", str(build_s or 0.0)] + (["--smoke"] if args.smoke else []) + (
-                   ["--probe-pool"] if probing else [])
+               "--deadline-at", str(deadline_at), "--stop-at", str(stop_at),
+               "--reserve-s", str(reserve_s), "--build-s", str(build_s or 0.0)] + (
+                   ["--smoke"] if args.smoke else []) + (["--probe-pool"] if probing else [])
         try:
-            rc = subprocess.run(cmd, timeout=min(left, limit) + KILL_GRACE_S).returncode
+            rc = subprocess.run(cmd, timeout=stop_at - time.time() + KILL_GRACE_S).returncode
         except subprocess.TimeoutExpired:
             rc = "killed at the deadline"
         state = {}
@@ -1098,6 +1102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--stop-at", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--reserve-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--build-s", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--probe-pool", action="store_true", help=argparse.SUPPRESS)

@@ -926,6 +926,54 @@ def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
     assert seen[0]["timeout"] == pytest.approx(limit + bench_gpu.KILL_GRACE_S)
 
 
+def test_bench_gpu_worker_stops_on_the_parents_clock(tmp_path, monkeypatch):
+    """The parent gives a child the time it must stop at (--stop-at: the part's limit counted
+    from the spawn, or the deadline if sooner) and kills it KILL_GRACE_S after that; the child
+    stops at that time, not at its limit counted from its own start (after its imports and
+    CUDA init, 10-30 s on a fresh machine, when the parent would have killed it first)."""
+    import contextlib
+    from types import SimpleNamespace
+    bench_gpu = _import_bench("bench_gpu")
+    seen = []
+
+    def fake_run(cmd, timeout):
+        seen.append(dict(stop_at=float(cmd[cmd.index("--stop-at") + 1]), timeout=timeout,
+                         now=time.time()))
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), compile_timeout_s=30.0, smoke=True)
+    limit = bench_gpu.PART_LIMITS_S["check"]
+    for deadline_in, stop_in in ((600.0, limit), (60.0, 60.0)):
+        seen.clear()
+        start = time.time()
+        bench_gpu.run_part("check", args, start + deadline_in)
+        (s,) = seen
+        assert start + stop_in <= s["stop_at"] <= s["now"] + stop_in
+        assert s["timeout"] == pytest.approx(s["stop_at"] - s["now"] + bench_gpu.KILL_GRACE_S,
+                                             abs=0.5)
+    # the child: its clock ends at --stop-at (a stand-in for the clock records its length)
+    clocks = []
+
+    def expiring(path, seconds, header, status, backstop=False):
+        clocks.append((seconds, header, status))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(bench_gpu, "expiring", expiring)
+    monkeypatch.setattr(bench_gpu, "part_check", lambda cuda, device: {"cases": []})
+    monkeypatch.setattr(bench_gpu, "WORKER", None)
+    for stop_in, why in ((42.0, f"at its {limit:.0f} s time limit"), (300.0, "at the deadline")):
+        clocks.clear()
+        start = time.time()  # the parent's stop: its limit's end, or the deadline if sooner
+        state = bench_gpu.run_worker("check", SimpleNamespace(
+            out=str(tmp_path), skip="", compile_timeout_s=30.0, smoke=True, reserve_s=0.0,
+            build_s=0.0, probe_pool=False, deadline_at=start + 300.0, stop_at=start + stop_in))
+        (seconds, header, status), = clocks
+        assert stop_in - 5 < seconds <= stop_in and status == bench_gpu.STOPPED
+        assert header == f"Stopped {why}" and state["stop"] == why
+        assert state["result"] == {"cases": []}
+
+
 def test_bench_gpu_compile_pool_probe_switches_to_in_process_compiles(tmp_path, monkeypatch):
     """The compile pool probe, once per run (children replaced by stand-ins): the parent asks
     children to probe until one has; a probe that hangs is a hung compilation, so the part is
