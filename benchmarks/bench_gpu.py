@@ -69,8 +69,9 @@ Parts (``--parts``, default all, in this order):
   selective activation checkpointing (compiles into one graph) against the library's modes.
 
 Usage (device machine, repository root): ``python -m benchmarks.bench_gpu --out $OUT``
-(``--deadline-s`` bounds the whole run; ``--parts op,step`` runs some parts). ``--smoke`` runs
-the parts on tiny CPU shapes, the Triton check in its interpreter (tests this script without a GPU).
+(``--deadline-s`` bounds the whole run, from the process's start; ``--parts op,step`` runs
+some parts). ``--smoke`` runs the parts on tiny CPU shapes, the Triton check in its interpreter
+(tests this script without a GPU).
 """
 from __future__ import annotations
 
@@ -99,7 +100,24 @@ from ._suite import (COMPILE_MODES, SuiteConfig, Target, is_graphed, make_inputs
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
 
-#: Start of the run; children log on the parent's clock.
+def process_start_time() -> float:
+    """``time.time()`` when this process started (Linux: its start time in ``/proc/self/stat``
+    against ``/proc/uptime``), so that a run counts its interpreter's start and imports (a cold
+    torch import takes 10-30 s on a fresh machine) against its deadline; where ``/proc``
+    cannot be read, now."""
+    now = time.time()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return min(now, now - uptime + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+
+
+#: Start of the run: the parent's (:func:`main`), which its children log on and get from
+#: ``BSR_BENCH_T0``.
 T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 
 #: The parts, in the order a short lease should spend its time on them.
@@ -1085,6 +1103,11 @@ def summarize(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """The run (or, with ``--worker``, one part of it). The run starts, and ``--deadline-s``
+    counts, from this process's start when ``argv`` is None (the command line: the imports
+    before this call count against the caller's hard limit too), else from this call."""
+    global T0
+    started = process_start_time() if argv is None else time.time()
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for results.json, results.md, part-*.json")
@@ -1092,7 +1115,8 @@ def main(argv=None) -> int:
                     help="comma-separated parts, run in the order given "
                          f"(default: {','.join(PARTS)})")
     ap.add_argument("--deadline-s", type=float, default=540.0,
-                    help="stop starting work after this many seconds (default 540: a 600 s call)")
+                    help="stop starting work this many seconds after the process started "
+                         "(default 540: a 600 s call)")
     ap.add_argument("--compile-timeout-s", type=float, default=180.0,
                     help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
                          "and the part goes on without it, after one retry compiling in-process "
@@ -1119,6 +1143,7 @@ def main(argv=None) -> int:
     unknown = [p for p in args.parts.split(",") if p not in PARTS]
     if unknown:
         ap.error(f"--parts: unknown {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    T0 = started
     os.environ["BSR_BENCH_T0"] = str(T0)
     cuda = torch.cuda.is_available() and not args.smoke
     results = {"env": dict(torch=torch.__version__, cuda=torch.version.cuda,

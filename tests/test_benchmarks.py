@@ -974,6 +974,49 @@ def test_bench_gpu_worker_stops_on_the_parents_clock(tmp_path, monkeypatch):
         assert state["result"] == {"cases": []}
 
 
+def test_bench_gpu_run_counts_from_the_process_start(tmp_path, monkeypatch):
+    """The run's deadline counts from its process's start (the imports before main, a cold
+    torch import 10-30 s on a fresh machine, count against the device's hard limit too), read
+    from /proc on Linux, now where it cannot be read; main called with arguments (not the
+    command line) counts from the call."""
+    bench_gpu = _import_bench("bench_gpu")
+    code = ("import time; time.sleep(2); from benchmarks.bench_gpu import process_start_time; "
+            "print(time.time() - process_start_time())")
+    age = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300, check=True).stdout)
+    if sys.platform.startswith("linux"):
+        assert 2.0 <= age < 300.0
+    with monkeypatch.context() as m:  # no /proc: now
+        m.setattr(bench_gpu, "open", _no_proc, raising=False)
+        assert abs(bench_gpu.process_start_time() - time.time()) < 1.0
+
+    seen = []
+
+    def run_part(part, args, deadline_at, *a):
+        seen.append(deadline_at)
+        return {"cases": [], "failures": 0, "hangs": []}
+
+    monkeypatch.setattr(bench_gpu, "run_part", run_part)
+    monkeypatch.setattr(bench_gpu, "T0", bench_gpu.T0)  # main sets it: restored at the end
+    for name in ("BSR_BENCH_T0", "TRITON_INTERPRET"):
+        monkeypatch.setenv(name, "0")
+    started = time.time() - 100.0
+    monkeypatch.setattr(bench_gpu, "process_start_time", lambda: started)
+    argv = ["--out", str(tmp_path), "--parts", "check", "--smoke"]
+    monkeypatch.setattr(sys, "argv", ["bench_gpu"] + argv)
+    assert bench_gpu.main() == 0
+    assert seen == [started + 540.0] and bench_gpu.T0 == started
+    assert os.environ["BSR_BENCH_T0"] == str(started)  # the children's clock
+    seen.clear()
+    now = time.time()
+    bench_gpu.main(argv + ["--deadline-s", "60"])
+    assert now + 60 <= seen[0] <= time.time() + 60
+
+
+def _no_proc(*args):
+    raise OSError("no /proc here")
+
+
 def test_bench_gpu_compile_pool_probe_switches_to_in_process_compiles(tmp_path, monkeypatch):
     """The compile pool probe, once per run (children replaced by stand-ins): the parent asks
     children to probe until one has; a probe that hangs is a hung compilation, so the part is
