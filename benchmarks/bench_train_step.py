@@ -49,6 +49,7 @@ import contextlib
 import functools
 import signal
 import statistics
+import sys
 import threading
 import time
 
@@ -233,6 +234,40 @@ def stopped_at(when: float | None):
             signal.signal(STOP_SIGNAL, previous)  # handles a pending signal first (dropped)
 
 
+#: Seconds the timing waits for inductor's compile workers to shut down after a build was
+#: stopped (:func:`shut_compile_workers`) before it starts anyway.
+WORKERS_SHUTDOWN_S = 20.0
+
+
+def shut_compile_workers(limit_s: float = WORKERS_SHUTDOWN_S) -> str:
+    """Shuts down inductor's compile worker pools (``shutdown_compile_workers``, where this
+    torch has it), so that the compilations a stopped build had handed them do not run beside
+    the timing that follows. The shutdown returns when the workers have finished what they
+    were given (torch 2.11), so it runs in a thread, waited for at most ``limit_s``. Returns
+    what happened (for the stopped build's error), or '' where inductor was not used."""
+    compile_module = sys.modules.get("torch._inductor.async_compile")
+    shutdown = getattr(compile_module, "shutdown_compile_workers", None)
+    if shutdown is None or not getattr(compile_module, "_pool_set", True):  # no pool started
+        return ""
+    done, failed = threading.Event(), []
+
+    def run():
+        try:
+            shutdown()
+        except Exception as e:  # noqa: BLE001 - reported in the stopped build's error
+            failed.append(error_text(e))
+        finally:
+            done.set()
+
+    t0 = time.perf_counter()
+    threading.Thread(target=run, name="compile workers shutdown", daemon=True).start()
+    if not done.wait(limit_s):
+        return f"compile workers still busy after {limit_s:g} s: timings may be skewed"
+    if failed:
+        return f"compile workers shutdown failed: {failed[0]}"
+    return f"compile workers shut down in {time.perf_counter() - t0:.0f} s"
+
+
 def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
                deadline: float | None = None, build=None, build_s: float | None = None,
                report=None) -> dict:
@@ -260,7 +295,9 @@ def time_steps(cfg: SuiteConfig, variants, log=print, guard=None,
     :func:`compiled_build_room_s` of the slowest compiled build so far (``build_s``: measured
     before this call, e.g. by an earlier part of the run; then each one built here) fits before
     it. A build still running at the deadline is stopped there (:func:`stopped_at`; its error
-    says so) and the variants built are timed; no explain starts after it.
+    says so), inductor's compile workers are shut down (:func:`shut_compile_workers`: what
+    they were compiling for it must not run beside the timing) and the variants built are
+    timed; no explain starts after it.
 
     ``report(partial)``, when given, is called with the result so far after each variant is
     built (or fails, or is skipped) and after the timing, so that a caller killed later keeps
@@ -432,7 +469,8 @@ def _time_steps(cfg, variants, log, guard, deadline, build, slowest, report) -> 
                 slowest = max(slowest or 0.0, res["build_s"][variant])
             log(f"  train_step: {variant} ready ({res['build_s'][variant]:.0f} s)")
         except OutOfTime as e:  # the variants built are still timed
-            errors[variant] = f"out of time: {e}"
+            note = shut_compile_workers()  # what the build compiled must not run beside them
+            errors[variant] = f"out of time: {e}" + (f"; {note}" if note else "")
             log(f"  train_step: {variant} {errors[variant]}")
         except Exception as e:  # noqa: BLE001 - reported in the results
             errors[variant] = error_text(e)

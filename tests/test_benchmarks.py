@@ -461,15 +461,22 @@ def test_step_timing_starts_a_compiled_build_when_its_expected_time_fits(monkeyp
                                                  "compiled build needs 130 s)"}
 
 
-def test_step_timing_stops_a_build_still_running_at_the_deadline():
+def test_step_timing_stops_a_build_still_running_at_the_deadline(monkeypatch):
     """A build still running at the deadline (here: waiting for an answer that never comes, as
     on a hung compile worker pool) is stopped there: its error says so, the guard around it
-    cleans up, nothing is built after it and the variants built before it are timed (a
-    stop of the whole process would have lost their timing). The signal handler is restored."""
+    cleans up, inductor's compile workers are shut down before the timing (a stand-in: what
+    they compile for the stopped build must not run beside it), nothing is built after it and
+    the variants built before it are timed (a stop of the whole process would have lost their
+    timing). The signal handler is restored."""
     import contextlib
     import signal
     import threading
+    import torch._inductor.async_compile as async_compile
     ts = _import_bench("bench_train_step")
+    events = []
+    monkeypatch.setattr(async_compile, "shutdown_compile_workers",
+                        lambda: events.append("shutdown"), raising=False)
+    monkeypatch.setattr(async_compile, "_pool_set", {"a pool"}, raising=False)
     suite = _import_bench("_suite")
     cfg = suite.SuiteConfig(tiny=True, quick=True)
     real = ts._default_build(cfg)
@@ -491,12 +498,15 @@ def test_step_timing_stops_a_build_still_running_at_the_deadline():
 
     previous = signal.getsignal(ts.STOP_SIGNAL)
     t0 = time.time()
-    res = ts.time_steps(cfg, ["full", "bsr_autograd+compile", "peer_bsr"], log=lambda *a: None,
-                        guard=guard, deadline=t0 + 10, build=build, build_s=0.01)
+    res = ts.time_steps(cfg, ["full", "bsr_autograd+compile", "peer_bsr"],
+                        log=lambda *a: events.append(a[0].split(" ")[3]), guard=guard,
+                        deadline=t0 + 10, build=build, build_s=0.01)
     assert 9 < time.time() - t0 < 60
     assert set(res["timings"]) == {"full"} and res["timings"]["full"].median > 0
     assert res["errors"]["bsr_autograd+compile"].startswith(
         "out of time: stopped at the deadline after ")
+    assert res["errors"]["bsr_autograd+compile"].endswith("; compile workers shut down in 0 s")
+    assert events.index("shutdown") < events.index("timing")
     assert res["errors"]["peer_bsr"] == "skipped: out of time"
     assert guarded == [("enter", "full"), ("exit", "full"), ("enter", "bsr_autograd+compile"),
                        ("exit", "bsr_autograd+compile")]
@@ -506,6 +516,32 @@ def test_step_timing_stops_a_build_still_running_at_the_deadline():
         pass
     time.sleep(0.1)
     assert signal.getsignal(ts.STOP_SIGNAL) is previous
+
+
+def test_compile_workers_shutdown_is_waited_for_a_bounded_time(monkeypatch):
+    """shut_compile_workers: inductor's shutdown waits until the workers have finished what they
+    were given (torch 2.11), so it is waited for at most the limit, and then said to be still
+    running; a failure is named; no shutdown function, or no pool started: nothing to say."""
+    import threading
+    import torch._inductor.async_compile as async_compile
+    ts = _import_bench("bench_train_step")
+    monkeypatch.setattr(async_compile, "_pool_set", {"a pool"}, raising=False)
+    release = threading.Event()
+    monkeypatch.setattr(async_compile, "shutdown_compile_workers", lambda: release.wait(30),
+                        raising=False)
+    t0 = time.perf_counter()
+    assert ts.shut_compile_workers(0.2) == ("compile workers still busy after 0.2 s: timings "
+                                            "may be skewed")
+    assert time.perf_counter() - t0 < 5
+    release.set()
+    monkeypatch.setattr(async_compile, "shutdown_compile_workers", lambda: 1 / 0)
+    assert ts.shut_compile_workers(5) == ("compile workers shutdown failed: ZeroDivisionError: "
+                                          "division by zero")
+    monkeypatch.setattr(async_compile, "_pool_set", set())
+    assert ts.shut_compile_workers(5) == ""
+    monkeypatch.delattr(async_compile, "shutdown_compile_workers")
+    monkeypatch.setattr(async_compile, "_pool_set", {"a pool"})
+    assert ts.shut_compile_workers(5) == ""
 
 
 def test_step_peak_memory_covers_the_recording_of_cuda_graphs(monkeypatch):
