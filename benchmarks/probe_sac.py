@@ -193,8 +193,10 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
     """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
     ``train_step`` section's timer (:func:`bench_train_step.time_steps`; ``timing``: its
     ``guard``, ``deadline`` and ``build_s``). Compiled variants that break graphs (lean, fast)
-    are compiled last (see ``_suite.COMPILED_VARIANTS``). ``report(partial)``, when given, gets
-    this function's result so far each time the timer reports."""
+    are compiled last (see ``_suite.COMPILED_VARIANTS``). Each timed variant's
+    ``speed_vs_reference`` is its speed over ``reference``: compiled autograd mode, or eager
+    autograd mode where that was not timed (left out for time, failed). ``report(partial)``,
+    when given, gets this function's result so far each time the timer reports."""
     from .bench_train_step import time_steps
     order = ("autograd", "sac_lean", "sac_fast", "lean", "fast")
     variants = [*order, *(m + "+compile" for m in order)]
@@ -210,14 +212,15 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
 
     def table(res):
         timings = res["timings"]
-        ref = timings.get("autograd+compile") or timings.get("autograd")
+        reference = next((v for v in ("autograd+compile", "autograd") if v in timings), None)
         out = {}
         for name in variants:
             t = timings.get(name)
             out[name] = dict(res["peaks"].get(name, {}))
             if t is not None:
-                out[name].update(step_ms=t.median * 1e3,
-                                 speed_vs_autograd_compiled=ref.paired_ratio(t) if ref else None)
+                out[name].update(step_ms=t.median * 1e3, reference=reference,
+                                 speed_vs_reference=timings[reference].paired_ratio(t)
+                                 if reference else None)
             if name in res["build_s"]:
                 out[name]["build_s"] = res["build_s"][name]
             if name in res["errors"]:

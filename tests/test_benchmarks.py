@@ -1426,3 +1426,37 @@ def test_sac_probe_is_exact_and_counts_what_profile_counts():
     assert mem["sac_lean"]["live_mib_per_image"] < 1.2 * mem["lean"]["live_mib_per_image"]
     with pytest.raises(ValueError, match="mode"):
         probe.sac_model(torch.nn.Linear(2, 2), "sac_turbo")
+
+
+def test_sac_probe_names_the_reference_of_its_ratios(monkeypatch):
+    """probe_sac's step ratios are against compiled autograd mode, or against eager autograd
+    where that was not timed (left out for time): each row names its reference and the
+    bench_gpu summary says which (the column read 'x autograd compiled' either way). The
+    timer is a stand-in: no model is built."""
+    probe = _import_bench("probe_sac")
+    ts = _import_bench("bench_train_step")
+    bench_gpu = _import_bench("bench_gpu")
+    timing = _import_bench("_timing")
+    suite = _import_bench("_suite")
+    timed = {}
+
+    def time_steps(cfg, variants, log, build=None, report=None, **kw):
+        return dict(timings={v: timing.Timing(v, [s] * 3, 1) for v, s in timed.items()},
+                    peaks={}, errors={"autograd+compile": "skipped: out of time"}, build_s={},
+                    graph_breaks={})
+
+    monkeypatch.setattr(ts, "time_steps", time_steps)
+    cfg = suite.SuiteConfig(tiny=True, quick=True)
+    timed.update(autograd=0.02, lean=0.04)
+    rows = probe.time_modes(cfg)
+    assert rows["lean"]["reference"] == "autograd"
+    assert rows["lean"]["speed_vs_reference"] == pytest.approx(0.5)
+    md = bench_gpu.summarize({"env": {}, "parts": {"sac": {"time": rows}}})
+    assert "autograd+compile was not timed: the ratios are against eager autograd" in md
+    assert "| model | ms/step | × autograd | peak GiB above model |" in md
+    timed["autograd+compile"] = 0.01
+    rows = probe.time_modes(cfg)
+    assert rows["lean"]["reference"] == "autograd+compile"
+    assert rows["lean"]["speed_vs_reference"] == pytest.approx(0.25)
+    md = bench_gpu.summarize({"env": {}, "parts": {"sac": {"time": rows}}})
+    assert "| × autograd+compile |" in md and "not timed" not in md
