@@ -126,7 +126,7 @@ T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 #: the diagnostics (where a step's time goes, whole-step CUDA graphs), the launch-table sweep
 #: (tuning for a later change) and the SAC experiment. ``step-compiled`` builds its variants
 #: until the deadline allows no more and times those it has, so what follows it may be left
-#: for a second call (the summary prints its command).
+#: for a second call (the summary prints its command, and ``--merge`` joins the calls' results).
 PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "profile", "step-graphs",
          "sweep", "sac")
 
@@ -1014,11 +1014,51 @@ def _probe_line(env: dict) -> list[str]:
     return [line, ""]
 
 
+def _not_run(result: dict) -> bool:
+    """Whether a part's result holds nothing measured: skipped, or out of time to retry."""
+    return str(result.get("error", "")).startswith(("skipped", "out of time to retry"))
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One ``results.json`` from those of several calls, in call order (a lease's 600 s calls:
+    the second runs the parts the first left out): each part from the last call that ran it
+    (a call that skipped a part for time keeps an earlier call's result), the targets taken
+    again from the merged parts. ``env`` is the first call's, its device the devices of the
+    calls that gave parts (joined by " + "); ``calls`` lists each call's env and the parts taken
+    from it, so that parts measured on different devices show as such."""
+    if not runs:
+        raise ValueError("merge_results needs the results of at least one call")
+    parts, origin = {}, {}
+    for i, run in enumerate(runs):
+        for part, result in run.get("parts", {}).items():
+            if part not in parts or not _not_run(result):
+                parts[part], origin[part] = result, i
+    calls = [dict(env=run.get("env", {}), parts=[p for p in parts if origin[p] == i])
+             for i, run in enumerate(runs)]
+    devices = list(dict.fromkeys(str(c["env"].get("device")) for c in calls if c["parts"]))
+    env = dict(runs[0].get("env", {}), device=" + ".join(devices) or runs[0].get("env", {}).get(
+        "device"))
+    merged = {"env": env, "parts": parts, "calls": calls}
+    merged["targets"] = [t.to_dict() for t in targets(merged)]
+    return merged
+
+
+def _calls_lines(results: dict) -> list[str]:
+    calls = results.get("calls")
+    if not calls or len(calls) < 2:
+        return []
+    return ["Merged from calls: " + "; ".join(
+        f"{i + 1}: {c['env'].get('device')}, torch {c['env'].get('torch')}, triton "
+        f"{c['env'].get('triton')} ({', '.join(c['parts']) or 'no part kept'})"
+        for i, c in enumerate(calls)), ""]
+
+
 def summarize(results: dict) -> str:
     """The tables of ``results.md``: the op per shape, the training step per variant."""
     env, parts = results.get("env", {}), results.get("parts", {})
     lines = [f"# bench_gpu: {env.get('device')} · torch {env.get('torch')} · triton "
-             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + _probe_line(env)
+             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + _calls_lines(results) \
+        + _probe_line(env)
     if "check" in parts:
         c = parts["check"]
         lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
@@ -1097,7 +1137,8 @@ def summarize(results: dict) -> str:
         why in str(r.get("error", "")) for why in ("out of time", "at the deadline"))]
     if late:
         lines += [f"- not reached before the deadline; next: `python -m benchmarks.bench_gpu "
-                  f"--out DIR --parts {','.join(late)}`"]
+                  f"--out DIR2 --parts {','.join(late)}`, then `python -m benchmarks.bench_gpu "
+                  "--merge DIR DIR2 --out DIR3` (any machine) for one table of both calls"]
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
         lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "
@@ -1126,6 +1167,10 @@ def main(argv=None) -> int:
                          f"(default 180; the compile pool probe's limit is {POOL_PROBE_S:.0f} s "
                          "or this, if less)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="run nothing: merge the results.json of earlier calls' --out folders "
+                         "(in call order; each part from the last call that ran it) into "
+                         "--out's results.json and results.md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -1139,6 +1184,20 @@ def main(argv=None) -> int:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # the Triton check runs in the interpreter
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        runs = []
+        for folder in args.merge:
+            path = os.path.join(folder, "results.json")
+            if not os.path.isfile(path):
+                ap.error(f"--merge: {folder} holds no results.json")
+            with open(path) as f:
+                runs.append(json.load(f))
+        merged = merge_results(runs)
+        _write_json(os.path.join(args.out, "results.json"), merged)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(summarize(merged))
+        print(summarize(merged), flush=True)
+        return 0
     if args.worker:
         run_worker(args.worker, args)
         sys.stdout.flush()

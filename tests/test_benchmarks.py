@@ -892,6 +892,67 @@ def test_bench_gpu_step_targets_need_a_compiled_row_of_step_compiled():
     assert "ratios within part step-compiled; best: bsr_autograd" in got.where
 
 
+def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
+    """``--merge``: each part from the last call that ran it (a part the second call skipped
+    for time keeps the first call's result), the targets taken again from the merged parts (the
+    op's from call 1, the step's from call 2: neither call alone measures both), each call's
+    device and parts named; no results.json in a folder is a usage error."""
+    bench_gpu = _import_bench("bench_gpu")
+    row = f"fwd+bwd speedup vs {bench_gpu.ROW_PEER}"
+
+    def step_row(variant, s, **figures):  # a step_rows row: what is not given was not measured
+        return {**dict.fromkeys(("images_per_s", "speedup_vs_full", "speedup_vs_eager",
+                                 "speedup_vs_full_compiled", "speedup_vs_peer_compiled")),
+                **dict(variant=variant, label=variant, step_s=s, step_samples_s=[s] * 3,
+                       **figures)}
+
+    skipped = {"error": "skipped: out of time"}
+    first = {"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}, "parts": {
+        "check": {"cases": [1, 2], "failures": 0},
+        "op": {"ViT-B B=128": {"fraction_of_copy": 0.55, row: 2.1}},
+        "step": {"rows": [step_row("bsr_lean", 0.02, peak_gib_above_model=1.04)]},
+        "step-compiled": skipped, "sac": skipped}}
+    second = {"env": {"device": "NVIDIA H200", "torch": "2.11.0"}, "parts": {
+        "step": skipped,
+        "step-compiled": {"rows": [step_row("full", 0.05, speedup_vs_full=1.0),
+                                   step_row("peer_bsr+compile", 0.0145, speedup_vs_full=3.4),
+                                   step_row("bsr_autograd+compile", 0.012, speedup_vs_full=4.2,
+                                            speedup_vs_peer_compiled=1.21)],
+                          "model": "ViT-B/16", "batch": 128},
+        "sac": skipped}}
+    folders = []
+    for i, run in enumerate((first, second)):
+        folders.append(tmp_path / f"call{i}")
+        folders[-1].mkdir()
+        (folders[-1] / "results.json").write_text(json.dumps(run))
+    out = tmp_path / "merged"
+    assert bench_gpu.main(["--merge", *map(str, folders), "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    parts = merged["parts"]
+    assert parts["check"] == first["parts"]["check"] and parts["op"] == first["parts"]["op"]
+    assert parts["step"] == first["parts"]["step"]          # call 2 skipped it
+    assert parts["step-compiled"] == second["parts"]["step-compiled"]
+    assert parts["sac"] == skipped
+    assert [c["parts"] for c in merged["calls"]] == [["check", "op", "step", "sac"],
+                                                    ["step-compiled"]]
+    assert merged["env"]["device"] == "NVIDIA H100 80GB HBM3 + NVIDIA H200"
+    got = {t["name"]: t for t in merged["targets"]}
+    assert got["GPU step: best BSR mode / compiled plain-PyTorch BSR"]["verdict"] == "PASS"
+    assert got["GPU step: lean peak memory above the resident model"]["value"] == 1.04
+    for run in (first, second):   # neither call alone has both verdicts
+        alone = {t.name: t for t in bench_gpu.targets(run)}
+        assert "NOT MEASURED" in {
+            alone["GPU step: best BSR mode / compiled plain-PyTorch BSR"].verdict,
+            alone["GPU step: lean peak memory above the resident model"].verdict}
+    md = (out / "results.md").read_text()
+    assert "Merged from calls: 1: NVIDIA H100 80GB HBM3" in md and "2: NVIDIA H200" in md
+    assert md in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--merge", str(tmp_path), "--out", str(out)])
+    with pytest.raises(ValueError, match="at least one call"):
+        bench_gpu.merge_results([])
+
+
 def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
     """run_part's policy on a worker's exit (children replaced by stand-ins that save what a
     worker saves): a hang in an eager block retries without that candidate and keeps inductor's
