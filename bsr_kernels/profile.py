@@ -119,20 +119,24 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: nothing to profile for training")
+    # Set the existing grads aside: backward would add into them in place (AccumulateGrad).
     old_grads = [p.grad for p in params]
-
+    for p in params:
+        p.grad = None
     tokens: list[int] = []
-    hooks = [blk.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
-             for blk in getattr(model, "blocks", [])]
     try:
-        mib = saved_activations(lambda: loss_fn(model(images), labels),
-                                exclude=[model]).mib_per_image(batch)
+        hooks = [blk.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
+                 for blk in getattr(model, "blocks", [])]
+        try:
+            mib = saved_activations(lambda: loss_fn(model(images), labels),
+                                    exclude=[model]).mib_per_image(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        flops = count_flops(lambda: loss_fn(model(images), labels), count_cpu_sdpa=True)
     finally:
-        for h in hooks:
-            h.remove()
-    flops = count_flops(lambda: loss_fn(model(images), labels), count_cpu_sdpa=True)
-    for p, g in zip(params, old_grads):
-        p.grad = g
+        for p, g in zip(params, old_grads):
+            p.grad = g
     return ProfileResult(
         saved_activation_mib_per_image=mib,
         train_gflops_per_image=flops.total / batch / 1e9,

@@ -105,3 +105,30 @@ def test_bad_arguments():
         count_flops(None)
     with pytest.raises(ValueError, match="backward"):
         count_flops(lambda: torch.ones(2))
+
+
+def _grad_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    model[0].bias.grad = None   # trained, but without a .grad yet
+    return model
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_profile_leaves_existing_grads_as_they_were(raises):
+    from bsr_kernels import profile
+    model, images = _grad_model(), torch.randn(2, 3, 8, 8)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    values = {n: g.clone() for n, g in grads.items() if g is not None}
+    if raises:   # the step fails once a gradient was accumulated: after the last layer's weight
+        model[2].weight.register_post_accumulate_grad_hook(lambda p: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            profile(model, images)
+    else:
+        profile(model, images)
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n], n   # the same tensor, or still None
+        if n in values:
+            assert torch.equal(p.grad, values[n]), n
+    assert model[0].bias.grad is None
