@@ -78,8 +78,8 @@ def attach(model: nn.Module) -> None:
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
         note = NOTE_PREFIX + json.dumps(bsr_config_dict(model), sort_keys=True)
-        notes = tuple(n for n in (cfg.get("notes") or ()) if not str(n).startswith(NOTE_PREFIX))
-        _set_pretrained_cfg(model, {**cfg, "notes": notes + (note,)})  # a copy: timm shares it
+        # a copy: timm shares it
+        _set_pretrained_cfg(model, {**cfg, "notes": _user_notes(cfg) + (note,)})
 
 
 def detach(model: nn.Module) -> None:
@@ -90,8 +90,16 @@ def detach(model: nn.Module) -> None:
             del hooks[key]
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and _from_notes(cfg) is not None:
-        notes = tuple(n for n in cfg["notes"] if not str(n).startswith(NOTE_PREFIX))
-        _set_pretrained_cfg(model, {**cfg, "notes": notes or None})
+        # without notes of its own, the cfg had no "notes" key before attach added one (timm's
+        # pretrained_cfg dicts hold no "notes": None): the key goes, rather than become None
+        notes = _user_notes(cfg)
+        _set_pretrained_cfg(model, {**cfg, "notes": notes} if notes else
+                            {k: v for k, v in cfg.items() if k != "notes"})
+
+
+def _user_notes(cfg: dict) -> tuple:
+    """The notes of a ``pretrained_cfg`` dict, less the line :func:`attach` adds."""
+    return tuple(n for n in (cfg.get("notes") or ()) if not str(n).startswith(NOTE_PREFIX))
 
 
 def _set_pretrained_cfg(model: nn.Module, cfg: dict) -> None:

@@ -82,6 +82,20 @@ def test_restore_removes_the_config_from_pretrained_cfg():
     assert timm.create_model(NAME, **KW).pretrained_cfg.get("notes") == notes   # not shared
 
 
+@pytest.mark.parametrize("notes", [None, ("the user's own note",)])
+def test_reprogram_then_restore_leaves_pretrained_cfg_as_it_was(notes):
+    model = plain()
+    if notes is not None:
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "notes": notes}
+    before = dict(model.pretrained_cfg)
+    assert ("notes" in before) == (notes is not None)
+    bsr_kernels.reprogram(model)
+    bsr_kernels.reprogram(model, keep_rate=0.7)
+    bsr_kernels.restore(model)
+    assert model.pretrained_cfg == before   # no "notes": None where it had no notes
+    assert model.default_cfg is model.pretrained_cfg
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_full_checkpoint_carries_the_config(tmp_path, suffix):
     model, x = tuned(), images()
