@@ -27,27 +27,35 @@ ARGS = ["--method", "bsr", "--epochs", "3", "--batch-size", "128", "--seed", "3"
 
 
 # Runs bsr-finetune with kill hooks: TEST_KILL_AT_STEP=N SIGKILLs right after the N-th optimizer
-# step (TEST_SIGNAL=SIG[xK]: sends SIG instead, K times); TEST_KILL_WRITING=NAME SIGKILLs while
-# NAME is written (its temporary file cut to half, before the rename), as a crash mid-write
-# would leave it.
+# step, TEST_KILL_IN_EVAL=N at the start of the N-th evaluation (TEST_SIGNAL=SIG[xK]: sends SIG
+# instead, K times); TEST_KILL_WRITING=NAME SIGKILLs while NAME is written (its temporary file
+# cut to half, before the rename), as a crash mid-write would leave it.
 _HOOKED_CLI = textwrap.dedent("""
     import os, signal, sys
     from bsr_kernels import checkpoint
     from bsr_kernels.finetune import cli, train
 
-    kill_at = int(os.environ.get("TEST_KILL_AT_STEP", "0"))
-    if kill_at:
-        real_step, done = train.train_step, [0]
+    def send():
+        sig, _, times = os.environ.get("TEST_SIGNAL", "SIGKILL").partition("x")
+        for _ in range(int(times or 1)):
+            os.kill(os.getpid(), getattr(signal, sig))
 
-        def train_step(*args, **kwargs):
-            loss = real_step(*args, **kwargs)
+    def hook(name, env):
+        at, real, done = int(os.environ.get(env, "0")), getattr(train, name), [0]
+
+        def hooked(*args, **kwargs):
             done[0] += 1
-            if done[0] == kill_at:
-                sig, _, times = os.environ.get("TEST_SIGNAL", "SIGKILL").partition("x")
-                for _ in range(int(times or 1)):
-                    os.kill(os.getpid(), getattr(signal, sig))
-            return loss
-        train.train_step = train_step
+            if name == "evaluate" and done[0] == at:
+                send()
+            result = real(*args, **kwargs)
+            if name == "train_step" and done[0] == at:
+                send()
+            return result
+        if at:
+            setattr(train, name, hooked)
+
+    hook("train_step", "TEST_KILL_AT_STEP")
+    hook("evaluate", "TEST_KILL_IN_EVAL")
 
     kill_writing = os.environ.get("TEST_KILL_WRITING")
     if kill_writing:
@@ -225,6 +233,30 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_is_exact(runs, tmp_path,
     assert "after epoch 1 and 2 batches of the next (step 6)" in resumed.stdout
     _assert_same_run(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),
                      load_checkpoint(tmp_path / "bsr" / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("when", ["TEST_KILL_AT_STEP=12", "TEST_KILL_IN_EVAL=3"])
+def test_a_signal_in_the_last_epochs_end_stops_before_the_next_method(runs, tmp_path, when):
+    """SIGTERM at the last step of a method's final epoch, or during its evaluation: the
+    final checkpoint is written and the run stops (exit 143) instead of training the next
+    method; --resume finishes the method from that checkpoint without training it again
+    (bitwise the uninterrupted run), then trains the next one."""
+    root = runs[0]
+    env = dict([when.split("=")], TEST_SIGNAL="SIGTERM")
+    stopped = _cli(tmp_path, "--method", "bsr,linear", env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "at a step boundary" in stopped.stderr and "--resume" in stopped.stderr
+    state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["step"] == 12 and "partial_epoch" not in state
+    assert not (tmp_path / "linear").exists() and not (tmp_path / "bsr" / "result.json").exists()
+    resumed = _cli(tmp_path, "--method", "bsr,linear", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "bsr: resumed from" in resumed.stdout and "after epoch 3 (step 12)" in resumed.stdout
+    assert "bsr epoch" not in resumed.stdout and "linear epoch 3/3" in resumed.stdout
+    _assert_same_run(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),
+                     load_checkpoint(tmp_path / "bsr" / "checkpoint.pt"))
+    assert (tmp_path / "bsr" / "result.json").is_file()
+    assert (tmp_path / "linear" / "result.json").is_file()
 
 
 def test_a_second_signal_stops_at_once(tmp_path):

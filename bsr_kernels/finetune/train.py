@@ -611,7 +611,10 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 if opts.on_epoch is not None:
                     opts.on_epoch(history)
             barrier(info)
-            if stopping and epoch + 1 < opts.epochs:
+            # A stop asked for at the epoch's last step or during its evaluation stops here,
+            # after the epoch's checkpoint: the final epoch too (--resume finishes the method
+            # from that checkpoint without training, and trains the next methods).
+            if _any_process(info, stop.signum is not None):
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, opts.checkpoint)
 
     last = history[-1] if history else {"accuracy": None, "test_loss": None}
@@ -619,6 +622,15 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             "train_time_s": train_time,
             "step_time_s": statistics.median(step_times) if step_times else None,
             "steps": step, "resumed_from_epoch": resumed_from}
+
+
+def _any_process(info: DistInfo, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (one all-reduce under DDP)."""
+    if not info.distributed:
+        return flag
+    flags = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(flags)
+    return flags[0].item() > 0
 
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
