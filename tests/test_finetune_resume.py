@@ -72,10 +72,16 @@ _HOOKED_CLI = textwrap.dedent("""
 """)
 
 
+def _command(out: Path, *extra, env=None) -> tuple[list, dict]:
+    """The hooked bsr-finetune's command line and environment."""
+    return ([sys.executable, "-c", _HOOKED_CLI, *ARGS, "--out", str(out), *extra],
+            dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+
+
 def _cli(out: Path, *extra, env=None):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-c", _HOOKED_CLI, *ARGS, "--out", str(out), *extra],
-                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+    command, full_env = _command(out, *extra, env=env)
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +263,32 @@ def test_a_signal_in_the_last_epochs_end_stops_before_the_next_method(runs, tmp_
                      load_checkpoint(tmp_path / "bsr" / "checkpoint.pt"))
     assert (tmp_path / "bsr" / "result.json").is_file()
     assert (tmp_path / "linear" / "result.json").is_file()
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_at_a_step_boundary(tmp_path):
+    """SIGTERM to the whole process group (SLURM's scancel, ``kill -TERM -PGID``) with
+    --workers 2: the DataLoader workers ignore it (they would die of it, and the run with
+    them), the main process saves at the step boundary and exits 143; --resume continues."""
+    command, env = _command(tmp_path, "--workers", "2", "--log-interval", "1")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "bsr epoch 1/3 step 1/4" in line:     # training: the workers are running
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "at a step boundary" in err and "Traceback" not in err, err
+    state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
+    assert 1 <= state["step"] < 12
+    resumed = _cli(tmp_path, "--workers", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")["step"] == 12
 
 
 def test_a_second_signal_stops_at_once(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import signal
@@ -470,9 +471,25 @@ class FitOptions:
     on_epoch: Optional[Callable[[list], None]] = None
 
 
-def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device) -> DataLoader:
+def _ignore_stop_signals(worker_id: int, chained: Optional[Callable[[int], None]] = None
+                         ) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT, which the main
+    process turns into a stop at the next step boundary (:class:`_StopRequests`). A SIGTERM to
+    the whole process group (SLURM's scancel, ``kill -TERM -PGID``) or a Ctrl-C in a terminal
+    reaches the workers too, which would die of it and take the run with them before it saves.
+    The workers still end with the main process. Then calls ``chained`` (another
+    ``worker_init_fn``); the DataLoader's own seeding of the worker has run before."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if chained is not None:
+        chained(worker_id)
+
+
+def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device,
+            worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
     kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
-              persistent_workers=False)
+              persistent_workers=False,
+              worker_init_fn=functools.partial(_ignore_stop_signals, chained=worker_init_fn))
     if batch_size is None:
         return DataLoader(dataset, batch_sampler=sampler, **kw)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **kw)
