@@ -694,6 +694,28 @@ def test_resume_with_fewer_methods_says_what_the_summary_leaves_out(tmp_path, ca
     assert (tmp_path / "linear" / "result.json").is_file()
 
 
+def test_resume_without_the_checkpoint_of_a_finished_method_is_refused(tmp_path, capsys,
+                                                                         monkeypatch):
+    """--resume of a run whose finished method lost its checkpoint.pt (deleted to save space,
+    result.json and the delta kept) is refused before anything loads, naming the missing file
+    and the ways on, instead of training the method again from the start."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    ckpt = tmp_path / "linear" / "checkpoint.pt"
+    ckpt.unlink()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:
+        _no_loading(m)
+        rc, _, err = _run(["--resume", tmp_path], capsys)
+    assert rc == 2 and "checkpoint error" in err, err
+    assert f"its checkpoint {ckpt} is missing" in err and "result.json" in err, err
+    assert "--method" in err and f"delete {tmp_path / 'linear'}" in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "linear" / "result.json").unlink()            # the delta alone: the same
+    rc, _, err = _run(["--resume", tmp_path], capsys)
+    assert rc == 2 and "delta.safetensors in" in err and not ckpt.exists(), err
+
+
 def test_resume_of_a_folder_without_a_run_is_refused(tmp_path, capsys, monkeypatch):
     """--resume of a folder that holds no run (a typo, an empty folder) is an error naming
     it, not a fresh run from scratch."""

@@ -612,8 +612,27 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
             warn(f"--method {','.join(methods)}: the run in {args.out} also holds "
                  f"{', '.join(left)}, which this run's summary and report leave out (their "
                  f"files stay; --method {','.join([*methods, *left])} keeps them in)")
+    if args.resume:
+        _check_finished_have_checkpoints(Path(args.out), methods)
     with claimed_out(args, info, warn) as lock:
         return _run(args, info, log, warn, methods, t_start, lock)
+
+
+def _check_finished_have_checkpoints(out: Path, methods: Sequence[str]) -> None:
+    """``--resume``: a method that finished earlier (its result.json or delta is in ``out``)
+    but whose checkpoint.pt is gone (deleted to save space) can be neither reused nor continued;
+    CheckpointError naming the file and the ways on, instead of training it again from the
+    start."""
+    for method in methods:
+        folder = out / method
+        found = [f for f in ("result.json", "delta.safetensors") if (folder / f).is_file()]
+        if found and not (folder / "checkpoint.pt").is_file():
+            raise CheckpointError(
+                f"--resume: {method} finished in an earlier run ({' and '.join(found)} in "
+                f"{folder}) but its checkpoint {folder / 'checkpoint.pt'} is missing, so it can "
+                f"be neither reused nor continued. Put the checkpoint back, leave {method} out "
+                f"of --method (its files stay), or delete {folder} to train {method} again "
+                f"from the start")
 
 
 def _run(args, info: DistInfo, log, warn, methods, t_start: float,
