@@ -303,6 +303,31 @@ def test_compressed_activations_flag(tmp_path, capsys):
 
 # --- the methods registry and the distributed module ----------------------------------------
 
+def test_extended_cosine_schedule_resumes_at_its_own_rate():
+    """A cosine schedule loaded into a longer one (--resume with more --epochs) takes its next
+    step at the longer schedule's rate for that step, not the saved run's last rate (0 at the
+    end of a cosine); loaded into the same schedule, the rate is the saved one."""
+    from bsr_kernels.finetune.train import make_scheduler
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = make_scheduler(opt, 18, 4)
+    for _ in range(18):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    for total in (36, 18):
+        opt2 = torch.optim.AdamW([p], lr=1.0)
+        sched2 = make_scheduler(opt2, total, 4)
+        opt2.load_state_dict(saved_opt)
+        sched2.load_state_dict(saved_sched)
+        want = sched2.lr_lambdas[0](18)
+        assert opt2.param_groups[0]["lr"] == want and sched2.get_last_lr() == [want]
+        if total == 36:
+            assert want > 0.5
+        else:
+            assert want == opt.param_groups[0]["lr"] == 0.0
+
+
 def test_adapt_uses_the_methods_registry():
     """bsr-finetune's methods are bsr_kernels.methods' (less the eager baseline): the same
     trained parameters, and adapt refuses eager_bsr and block settings outside BSR."""

@@ -162,7 +162,21 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
             return (step + 1) / warm
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return _LambdaLR(optimizer, factor)
+
+
+class _LambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose ``load_state_dict`` also sets the optimizer's learning rates to the
+    schedule's value at the loaded step (LambdaLR's does not: the optimizer's state keeps the
+    saved run's rate). A run resumed with more --epochs, whose stretched schedule is at another
+    value there, then takes its next step at its own rate, not at the old schedule's last one
+    (0 at the end of a cosine); the same rate when the schedule is unchanged."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group, base, f in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * f(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 #: ``--sched`` choices: ``cosine`` is the built-in per-step linear warm-up then cosine decay to
