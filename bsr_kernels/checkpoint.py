@@ -245,7 +245,9 @@ class RunLock:
     time (from ``/proc``, where there is one) and the host name. A lock of this host whose
     process is gone, or whose PID now belongs to a process started at another time (PID
     reuse), is stale and is taken over. A lock of another host (a shared file system) is
-    respected; the message says to delete it if that run is over.
+    respected, as its process cannot be checked from here, also once that run has ended (a
+    SLURM job requeued on another node); the message says to delete it if that run is no
+    longer running.
 
     Taking over is safe when several processes find the same stale lock: each takes an
     exclusive ``flock`` of the stale file (without waiting), checks again that it is still the
@@ -293,19 +295,22 @@ class RunLock:
         pid, started, host = self._owner()
         if pid is None and self._age() < 5.0:   # being created right now
             pid = -1
-        if host is not None and host != _hostname():
+        other_host = host is not None and host != _hostname()
+        if other_host:
             live = True
         else:
             live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
                 started is None or _start_time(pid) in (None, started))
         if pid == -1 or live:
-            who = (f"process {pid}" + (f" on {host}" if host and host != _hostname()
-                                       else "") if pid > 0 else "a process starting now")
+            who = (f"process {pid}" + (f" on {host}" if other_host else "") if pid > 0
+                   else "a process starting now")
+            unless = ("that run is no longer running (a lock of another host is never taken "
+                      "over: its process cannot be checked from here)" if other_host
+                      else "that process is not bsr-finetune")
             raise RunLockedError(
                 f"{self.what} {self.path.parent}: another bsr-finetune ({who}) is "
                 f"writing there (lock file {self.path}); wait for it to finish, use "
-                "another folder, or delete the lock file if that process is not "
-                "bsr-finetune") from None
+                f"another folder, or delete the lock file if {unless}") from None
 
     def _take_over(self, content: str) -> bool:
         """Replaces the stale lock file by one holding ``content``, under an exclusive

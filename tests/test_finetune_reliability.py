@@ -477,8 +477,12 @@ def test_run_lock_sees_pid_reuse_and_other_hosts(tmp_path):
             lock_file.write_text(f"{live.pid} 1 {host}\n")
             checkpoint.RunLock(tmp_path).acquire().release()
         lock_file.write_text(f"{_dead_pid()} - other-host-xyz\n")
-        with pytest.raises(checkpoint.RunLockedError, match="on other-host-xyz"):
+        with pytest.raises(checkpoint.RunLockedError, match="on other-host-xyz") as refused:
             checkpoint.RunLock(tmp_path).acquire()
+        # its process cannot be checked from here: delete it if that run is over (not "if that
+        # process is not bsr-finetune": it is one, maybe dead, e.g. a requeued SLURM job)
+        assert "delete the lock file if that run is no longer running" in str(refused.value)
+        assert "not bsr-finetune" not in str(refused.value)
     finally:
         live.kill()
         live.wait()
