@@ -763,6 +763,24 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path, capsys):
     assert (tmp_path / "args.json").read_bytes() == before
 
 
+def test_resume_takes_the_default_bsr_blocks_given_explicitly(tmp_path, capsys):
+    """A run with the default BSR blocks resumes with those blocks given explicitly (in any
+    order): --resume compares the blocks as they resolve for the model (the digits ViT's 12
+    blocks: --train-blocks 3,7,11, --drop-at 3,6,9), also for a finished method; other blocks
+    are still refused, named."""
+    bsr = ["--method", "bsr", *FAST[2:], "--out", tmp_path]
+    rc, _, err = _run(bsr, capsys)
+    assert rc == 0, err
+    explicit = ["--train-blocks", "11,7,3", "--drop-at", "3,6,9"]
+    rc, out, err = _run([*bsr, *explicit, "--resume"], capsys)      # finished: reused
+    assert rc == 0 and "bsr: finished in an earlier run" in out, err
+    rc, out, err = _run([*bsr, *explicit, "--epochs", "2", "--resume"], capsys)   # continued
+    assert rc == 0 and "after epoch 1" in out and "bsr epoch 2/2" in out, err
+    rc, _, err = _run([*bsr, "--train-blocks", "3,7", "--epochs", "2", "--resume"], capsys)
+    assert rc == 2 and "train_blocks: checkpoint [11, 7, 3], now [3, 7]" in err, err
+    assert "drop_at" not in err, err
+
+
 def test_memory_mode_autograd(tmp_path, capsys, monkeypatch):
     """--memory-mode autograd (plain autograd through the blocks) trains BSR and is recorded;
     with --activation-dtype it is refused before anything loads (it would compress nothing)."""

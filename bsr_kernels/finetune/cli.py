@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import RunLock, atomic_write, clean_orphans, read_json, write_json
+from ..config import check_blocks, default_drop_at, default_train_blocks
 from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
                      model_data_config)
@@ -276,6 +277,22 @@ def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> 
             "head_lr_scale": args.head_lr_scale, "weight_decay": args.weight_decay,
             "warmup_epochs": args.warmup_epochs, "seed": args.seed,
             "activation_dtype": args.activation_dtype if method == "bsr" else None}
+
+
+def _resolved_blocks(depth: int) -> dict:
+    """How --resume compares the BSR blocks of a checkpoint (``normalize`` of
+    :func:`load_checkpoint`): as reprogram resolves them for a model of ``depth`` blocks, so
+    that the default (None) and the blocks it stands for, or the same blocks in another order,
+    are the same setting."""
+    def resolve(name: str, default):
+        def blocks(value):
+            try:
+                return check_blocks(name, default(depth) if value is None else value, depth)
+            except ValueError:   # not blocks of this model: compared as they are
+                return value
+        return blocks
+    return {"train_blocks": resolve("train_blocks", default_train_blocks),
+            "drop_at": resolve("drop_at", default_drop_at)}
 
 
 def _unnormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -671,6 +688,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
             write_history_csv(out / "summary.csv", histories)
 
     models, results = {}, {}
+    same = _resolved_blocks(len(base.blocks))
     for method in methods:
         lr = args.lr if args.lr is not None else (
             DEMO_LR if args.model == DIGITS_MODEL else DEFAULT_LR)[method]
@@ -681,7 +699,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         ckpt = out / method / "checkpoint.pt" if out is not None else None
         done_file = out / method / "result.json" if out is not None else None
         if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
-            state = load_checkpoint(ckpt, fp, extendable=("epochs",))
+            state = load_checkpoint(ckpt, fp, extendable=("epochs",), normalize=same)
             if int(state["epoch"]) == args.epochs:   # finished earlier: reuse, do not retrain
                 res = read_json(done_file, f"the result of method {method}",
                                 f"delete it and rerun with --resume: it is rebuilt from "
@@ -705,7 +723,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                           save_every_steps=args.save_every_steps,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
-        res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method)
+        res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method,
+                  normalize=same)
         histories[method] = list(res["history"])
         trained = trainable_parameters(model)
         res.update({"lr": lr, "head_lr": lr * args.head_lr_scale, "epochs": args.epochs,
