@@ -329,6 +329,19 @@ def test_huge_warmup_is_warmup_throughout(tmp_path, capsys):
     assert "OverflowError" not in err
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--head-lr-scale"])
+def test_a_learning_rate_above_float32_is_refused_naming_the_flag(flag, capsys):
+    """A rate the optimizer's float32 arithmetic cannot hold (1e39: a traceback from AdamW) is
+    a usage error (exit 2) naming the option and the limit; the largest float32 parses."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([flag, "1e39", *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "3.403e+38" in err and "Traceback" not in err, err
+    top = cli.build_parser().parse_args([flag, str(cli.FLOAT32_MAX)])
+    assert getattr(top, flag[2:].replace("-", "_")) == cli.FLOAT32_MAX
+
+
 @pytest.mark.parametrize("seed", ["9223372036854775808", "4294967296", "-1"])
 def test_seed_out_of_range_names_the_flag(seed, capsys):
     with pytest.raises(SystemExit) as e:

@@ -82,7 +82,12 @@ def _number(kind: type, ok, requirement: str, name: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "of at least 1", "positive int")
 _nonneg_int = _number(int, lambda v: v >= 0, "of 0 or more", "int")
-_positive_float = _number(float, lambda v: v > 0, "above 0", "positive float")
+#: The largest float32: a learning rate (or its head multiple) above it overflows the
+#: optimizer's float32 arithmetic.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_positive_float = _number(float, lambda v: 0 < v <= FLOAT32_MAX,
+                          f"above 0 and at most {FLOAT32_MAX:.4g} (the largest float32)",
+                          "positive float")
 _nonneg_float = _number(float, lambda v: v >= 0, "of 0 or more", "float")
 _seed = _number(int, lambda v: 0 <= v < 2**32, "from 0 to 4294967295 (2**32 - 1)", "seed")
 _keep_rate = _number(float, lambda v: 0.0 < v <= 1.0,
