@@ -80,16 +80,38 @@ class _Holder:
         self.out = out
 
 
+def _projection(block, name: str):
+    """The block's projection ``name`` (qkv, proj, fc1, fc2); None for a MoE MLP's."""
+    owner = block.attn if name in ("qkv", "proj") else block.mlp
+    return getattr(owner, name, None)
+
+
+def _plain_linear(module) -> bool:
+    """Whether ``module`` computes exactly ``x @ W.T + b`` from its own weight and bias: an
+    ``nn.Linear`` itself (a subclass, such as a LoRA layer, may add parameters) with no hooks
+    (which may change the output). Only such a layer's output is replayed from what forward
+    saved, or skipped when unneeded, with :class:`_GradOnlyLinear`; any other is run again."""
+    return type(module) is nn.Linear and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks)
+
+
 def _saved_names(block) -> tuple[str, ...]:
     """Projections whose outputs are saved (and replayed in backward) instead of recomputed."""
     if block.bsr_config.memory_mode == "fast":
-        return ("qkv", "proj", "fc1")
-    return ("qkv", "fc1") if block.bsr_trained else ()
+        names = ("qkv", "proj", "fc1")
+    else:
+        names = ("qkv", "fc1") if block.bsr_trained else ()
+    return tuple(n for n in names if _plain_linear(_projection(block, n)))
 
 
 def _fc2_output_needed(block) -> bool:
+    """Whether backward needs fc2's output: for LayerScale's gamma gradient, or because fc2 is
+    not a plain linear (:func:`_plain_linear`). Read inside the replay, where the forward's
+    parameters are bound."""
     ls2 = block.ls2
-    return isinstance(ls2, LayerScale) and ls2.gamma.requires_grad
+    return (isinstance(ls2, LayerScale) and ls2.gamma.requires_grad) \
+        or not _plain_linear(_projection(block, "fc2"))
 
 
 def _stochastic(block) -> bool:
@@ -189,10 +211,15 @@ class _LeanBlock(torch.autograd.Function):
         n_float = len(ctx.dtypes)
         x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
+        if torch.is_grad_enabled():   # backward(create_graph=True): a second derivative
+            raise RuntimeError(
+                "a double backward (create_graph=True) through a reprogrammed block needs "
+                "memory_mode='autograd': the lean and fast backward replays the block without "
+                "building a graph of its own (reprogram(model, memory_mode='autograd'))")
         kept = ctx.saved_tensors[n_float:n_float + ctx.n_kept]
         routes = ctx.saved_tensors[n_float + ctx.n_kept:]
         moe = _moe_of(block)
-        fc2_needed = _fc2_output_needed(block)
+        fc2_needed = None   # decided in the replay, with the forward's parameters bound
         # the forward's parameters; one frozen since gets no gradient, as AccumulateGrad skips a
         # parameter that no longer requires grad in plain autograd
         live = [i for i, p in enumerate(ctx.params) if p.requires_grad]
@@ -212,6 +239,8 @@ class _LeanBlock(torch.autograd.Function):
                     _forward_parameters(ctx.slots), \
                     (moe.recorded_routing(replay=routes[0]) if routes
                      else contextlib.nullcontext()):
+                nonlocal fc2_needed
+                fc2_needed = _fc2_output_needed(block)
                 x_ = x.detach().requires_grad_(ctx.needs_input_grad[2])
                 # the recorded selection is replayed, never recomputed: no host sync, and the
                 # same tokens even where a recompute would round differently (compressed,

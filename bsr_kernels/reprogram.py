@@ -8,7 +8,8 @@ own class stay untouched, and :func:`restore` undoes it. Every block refers to t
 
 One block body (:meth:`BSRBlock.body`) serves every execution mode:
 
-* blocks before the first trained block run under ``torch.no_grad()``;
+* blocks before the first trained block run under ``torch.no_grad()`` (unless their input or
+  one of their parameters requires grad: input gradients, parameters made trainable later);
 * ``memory_mode="autograd"``: the body under plain autograd (SDPA and the fused drop op);
 * ``"lean"`` / ``"fast"``: a custom autograd function (:mod:`bsr_kernels.backward`) runs the body
   without autograd, saves the block input and some projection outputs (which, by memory mode),
@@ -106,9 +107,14 @@ class BSRBlock(Block):
         if attn_mask is not None or is_causal:
             raise ValueError("a reprogrammed (BSR) block takes no attn_mask/is_causal: token "
                              "dropping changes the sequence; call bsr_kernels.restore(model) first")
+        _refuse_skipped_hooks(self)
         trace = self._bsr_trace
         record = None if trace is None else (lambda kept, m: trace.append((kept.detach(), m)))
-        if self.bsr_no_grad:
+        # before the first trained block nothing needs a gradient, unless the caller asks for
+        # one: an input that requires grad (input gradients, a trainable pos_embed) or a
+        # parameter made trainable after reprogram
+        if self.bsr_no_grad and not x.requires_grad \
+                and not any(p.requires_grad for p in self.parameters()):
             with torch.no_grad():
                 return self.body(x, record=record)
         mode = self.bsr_config.memory_mode
@@ -118,6 +124,25 @@ class BSRBlock(Block):
             from .backward import lean_block
             return lean_block(self, x)
         return self.body(x, record=record)
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _refuse_skipped_hooks(block) -> None:
+    """A reprogrammed block runs its attention's and its (timm) MLP's pieces itself, with the
+    drop between them, so hooks registered on ``attn`` or ``mlp`` would never run: refused, not
+    skipped silently. Hooks on the block, or on the projections inside, run."""
+    for name in ("attn", "mlp"):
+        module = getattr(block, name)
+        if _hooked(module) and not getattr(module, "bsr_moe", False):   # a MoE MLP runs whole
+            raise RuntimeError(
+                f"block {block.bsr_index}.{name} has forward or backward hooks, which a "
+                f"reprogrammed block does not run (it calls the {name}'s pieces itself, with the "
+                "token drop in between): register them on the block, or on attn.qkv / "
+                "attn.proj / mlp.fc1 / mlp.fc2, or call bsr_kernels.restore(model) first")
 
 
 def _unsupported_reasons(model: nn.Module) -> list[str]:
@@ -235,6 +260,7 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
 
     for i, blk in enumerate(model.blocks):
         blk._bsr_orig_class = type(blk)
+        blk._bsr_attn_class = type(blk.attn)   # timm's Attention, or a TokenDropAttention
         blk.__class__ = BSRBlock
         blk.attn.__class__ = TokenDropAttention
         blk.bsr_config = config
@@ -260,7 +286,8 @@ def restore(model: nn.Module) -> nn.Module:
         raise ValueError("model was not reprogrammed by bsr_kernels.reprogram")
     for blk in model.blocks:
         blk.__class__ = blk._bsr_orig_class
-        blk.attn.__class__ = Attention
+        # (a model reprogrammed before the attention's class was recorded had timm's)
+        blk.attn.__class__ = blk.__dict__.pop("_bsr_attn_class", Attention)
         for attr in ("_bsr_orig_class", "bsr_config", "bsr_index", "_bsr_trace", *_ROLE):
             delattr(blk, attr)
     for name, p in model.named_parameters():
