@@ -45,6 +45,19 @@ def test_shipped_checkpoint_is_small_and_described():
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == cfg["sha256"]
 
 
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--img-size", "0"),
+                                         ("--embed-dim", "-4"), ("--lr", "0"),
+                                         ("--threads", "0"), ("--seed", "-1")])
+def test_pretrain_source_refuses_sizes_and_epochs_below_1(flag, value, tmp_path, capsys):
+    """The rebuild of the shipped model refuses --epochs 0 (it wrote an untrained model) and
+    other sizes below 1, naming the option, before anything is trained or written."""
+    from bsr_kernels.finetune import pretrain_source
+    with pytest.raises(SystemExit) as e:
+        pretrain_source.main(["--out", str(tmp_path), flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_shipped_model_knows_the_source_task():
     """The shipped weights really are a digits 0-4 classifier (held-out source images)."""
     from bsr_kernels.finetune.data import DIGITS_SOURCE_CLASSES

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli import _positive_float, _positive_int, _seed
 from .data import DIGITS_SOURCE_CLASSES, digits_split
 from .models import ASSETS, DIGITS_MODEL, create_digits_vit
 
@@ -95,13 +96,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bsr_kernels.finetune.pretrain_source",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ASSETS, help="output folder (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--img-size", type=int, default=DEFAULT_ARCH["img_size"])
-    p.add_argument("--patch-size", type=int, default=DEFAULT_ARCH["patch_size"])
-    p.add_argument("--embed-dim", type=int, default=DEFAULT_ARCH["embed_dim"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--epochs", type=_positive_int, default=120)
+    p.add_argument("--img-size", type=_positive_int, default=DEFAULT_ARCH["img_size"])
+    p.add_argument("--patch-size", type=_positive_int, default=DEFAULT_ARCH["patch_size"])
+    p.add_argument("--embed-dim", type=_positive_int, default=DEFAULT_ARCH["embed_dim"])
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads; fixed so that the bytes reproduce (default: 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
