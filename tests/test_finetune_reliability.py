@@ -342,6 +342,18 @@ def test_a_learning_rate_above_float32_is_refused_naming_the_flag(flag, capsys):
     assert getattr(top, flag[2:].replace("-", "_")) == cli.FLOAT32_MAX
 
 
+def test_an_optimizer_step_that_overflows_float32_is_a_divergence(tmp_path, capsys):
+    """--lr 3e37 parses, but AdamW's first step size (the head's 3e38 / (1 - 0.9)) overflows
+    float32: the run stops as diverged (exit 3, naming the step and --lr), no traceback, and
+    writes no delta."""
+    rc, _, err = _run([*FAST, "--lr", "3e37", "--warmup-epochs", "0", "--out", tmp_path],
+                      capsys)
+    assert rc == cli.EXIT_DIVERGED, err
+    assert "training diverged" in err and "overflowed float32 at step 1" in err, err
+    assert "--lr" in err and "Traceback" not in err
+    assert not (tmp_path / "linear" / "delta.safetensors").exists()
+
+
 @pytest.mark.parametrize("seed", ["9223372036854775808", "4294967296", "-1"])
 def test_seed_out_of_range_names_the_flag(seed, capsys):
     with pytest.raises(SystemExit) as e:

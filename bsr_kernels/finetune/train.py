@@ -606,7 +606,18 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 images = images.to(info.device, non_blocking=True)
                 labels = labels.to(info.device, non_blocking=True)
                 t0 = time.perf_counter()
-                loss = train_step(ddp_model, images, labels, optimizer, scheduler, amp=opts.amp)
+                try:
+                    loss = train_step(ddp_model, images, labels, optimizer, scheduler,
+                                      amp=opts.amp)
+                except RuntimeError as e:   # e.g. AdamW's step size lr / (1 - beta1) > float32
+                    if "without overflow" not in str(e):
+                        raise
+                    raise TrainingDivergedError(
+                        f"{name + ': ' if name else ''}the optimizer step overflowed float32 at "
+                        f"step {step + 1} (epoch {epoch + 1}, learning rate "
+                        f"{optimizer.param_groups[0]['lr']:.3g}: {e}); training stopped and "
+                        f"this step was not saved. Lower --lr (or --head-lr-scale) and start "
+                        f"again") from e
                 if info.device.type == "cuda":
                     torch.cuda.synchronize(info.device)
                 step_times.append(time.perf_counter() - t0)
