@@ -52,8 +52,8 @@ def batch_and_model(method: str, rank: int, world: int):
     return x, y, adapt(model, method).train()
 
 
-def _torchrun(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _torchrun(*args, timeout=300, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -106,3 +106,22 @@ def test_torchrun_gloo_run_completes(tmp_path):
             correct = (model.eval()(test.images).argmax(-1) == test.labels).sum().item()
         assert res["accuracy"] == pytest.approx(correct / len(test), abs=1e-12), m
     assert r.stdout.count("epoch 2/2") == 2                # only rank 0 prints
+
+
+def test_a_signal_to_one_process_in_the_final_evaluation_stops_every_process(tmp_path):
+    """SIGTERM to process 1 only, during the evaluation of a method's final epoch: both
+    processes stop after the final checkpoint (exit 143 each, no hang), and neither trains the
+    next method."""
+    from test_finetune_resume import _HOOKED_CLI
+    script = tmp_path / "hooked.py"
+    script.write_text(_HOOKED_CLI)
+    r = _torchrun(script, "--method", "bsr,linear", "--epochs", "1", "--batch-size", "128",
+                  "--timing-rounds", "0", "--samples", "0", "--no-progress",
+                  "--out", tmp_path / "o",
+                  env={"TEST_KILL_IN_EVAL": "1", "TEST_SIGNAL": "SIGTERM",
+                       "TEST_KILL_RANK": "1"})
+    assert r.returncode != 0 and r.stderr.count("stopped by signal 15") == 2, r.stderr[-3000:]
+    assert "exitcode: 143" in r.stderr or "exit code: 143" in r.stderr, r.stderr[-3000:]
+    state = torch.load(tmp_path / "o" / "bsr" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and "partial_epoch" not in state
+    assert not (tmp_path / "o" / "linear").exists() and "linear epoch" not in r.stdout

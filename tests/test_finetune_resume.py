@@ -28,14 +28,17 @@ ARGS = ["--method", "bsr", "--epochs", "3", "--batch-size", "128", "--seed", "3"
 
 # Runs bsr-finetune with kill hooks: TEST_KILL_AT_STEP=N SIGKILLs right after the N-th optimizer
 # step, TEST_KILL_IN_EVAL=N at the start of the N-th evaluation (TEST_SIGNAL=SIG[xK]: sends SIG
-# instead, K times); TEST_KILL_WRITING=NAME SIGKILLs while NAME is written (its temporary file
-# cut to half, before the rename), as a crash mid-write would leave it.
+# instead, K times; under torchrun TEST_KILL_RANK=R: only in process R); TEST_KILL_WRITING=NAME
+# SIGKILLs while NAME is written (its temporary file cut to half, before the rename), as a
+# crash mid-write would leave it.
 _HOOKED_CLI = textwrap.dedent("""
     import os, signal, sys
     from bsr_kernels import checkpoint
     from bsr_kernels.finetune import cli, train
 
     def send():
+        if os.environ.get("TEST_KILL_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+            return
         sig, _, times = os.environ.get("TEST_SIGNAL", "SIGKILL").partition("x")
         for _ in range(int(times or 1)):
             os.kill(os.getpid(), getattr(signal, sig))
