@@ -41,7 +41,7 @@ from bsr_kernels.ops.common import num_kept
 
 __all__ = ["SuiteConfig", "doc_summary", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
            "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "is_graphed",
-           "split_variant",
+           "is_compiled", "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
            "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info",
            "free_memory", "MIB", "GIB"]
@@ -82,6 +82,12 @@ GRAPHED_VARIANTS = ("peer_bsr+graph", "bsr_autograd+graph", "bsr_fast+graph", "b
 def is_graphed(variant: str) -> bool:
     """Whether ``variant`` is a ``<base>+graph`` one (any base: probe_sac names its own)."""
     return variant.partition("+")[2] == GRAPH
+
+
+def is_compiled(variant) -> bool:
+    """Whether a step variant (or a SAC entry) is compiled: ``+compile`` or ``+cudagraphs``, not
+    eager or captured by hand (``+graph``)."""
+    return str(variant).partition("+")[2] in COMPILE_MODES
 
 
 def split_variant(variant: str) -> tuple[str, Optional[str]]:

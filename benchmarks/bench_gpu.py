@@ -95,7 +95,7 @@ from bsr_kernels.baselines import eager_drop_composite
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
-from ._suite import (COMPILE_MODES, SuiteConfig, Target, is_graphed, make_inputs, min_bytes,
+from ._suite import (SuiteConfig, Target, is_compiled, is_graphed, make_inputs, min_bytes,
                      model_label)
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
@@ -325,12 +325,6 @@ def slowest_compiled_build(parts: dict) -> float | None:
         found += [r["build_s"] for v, r in entries if isinstance(r, dict) and r.get("build_s")
                   and is_compiled(v)]
     return max(found, default=None)
-
-
-def is_compiled(variant) -> bool:
-    """Whether a step variant (or SAC entry) is compiled: ``+compile`` or ``+cudagraphs``, not
-    eager or captured by hand (``+graph``)."""
-    return str(variant).partition("+")[2] in COMPILE_MODES
 
 
 WORKER: Worker | None = None
@@ -1146,6 +1140,16 @@ def summarize(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(out_dir: str, results: dict) -> str:
+    """``results.json`` and ``results.md`` (:func:`summarize`) in ``out_dir``; returns the
+    latter's text."""
+    _write_json(os.path.join(out_dir, "results.json"), results)
+    md = summarize(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    return md
+
+
 def main(argv=None) -> int:
     """The run (or, with ``--worker``, one part of it). The run starts, and ``--deadline-s``
     counts, from this process's start when ``argv`` is None (the command line: the imports
@@ -1192,11 +1196,7 @@ def main(argv=None) -> int:
                 ap.error(f"--merge: {folder} holds no results.json")
             with open(path) as f:
                 runs.append(json.load(f))
-        merged = merge_results(runs)
-        _write_json(os.path.join(args.out, "results.json"), merged)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(summarize(merged))
-        print(summarize(merged), flush=True)
+        print(write_results(args.out, merge_results(runs)), flush=True)
         return 0
     if args.worker:
         run_worker(args.worker, args)
@@ -1232,9 +1232,7 @@ def main(argv=None) -> int:
         if probe:
             results["env"]["compile_pool_probe"] = probe
         results["targets"] = [t.to_dict() for t in targets(results)]
-        _write_json(os.path.join(args.out, "results.json"), results)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(summarize(results))
+        write_results(args.out, results)
     log("done")
     print(summarize(results), flush=True)
     return 0

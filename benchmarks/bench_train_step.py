@@ -59,8 +59,8 @@ import torch.nn.functional as F
 import bsr_kernels
 
 from ._suite import (COMPILED_VARIANTS, GIB, GRAPHED_VARIANTS, MIB, VARIANTS, SuiteConfig,
-                     Target, build_variant, create_vit, digest_diff, free_memory, is_graphed,
-                     make_step, model_label, section_main, split_variant, variant_label)
+                     Target, build_variant, create_vit, digest_diff, free_memory, is_compiled,
+                     is_graphed, make_step, model_label, section_main, split_variant, variant_label)
 from ._timing import error_text, format_table, robust_interleaved
 
 __all__ = ["run", "step_variants", "time_steps", "step_rows", "profile_variant",
@@ -429,7 +429,7 @@ def _time_steps(cfg, variants, log, guard, deadline, build, slowest, report) -> 
     res = dict(timings={}, peaks={}, digests={}, errors={}, build_s={}, graph_breaks={})
     peaks, digests, errors = res["peaks"], res["digests"], res["errors"]
     steps = {}
-    compiled = [v for v in variants if "+" in v and not is_graphed(v)]  # +graph compiles nothing
+    compiled = [v for v in variants if is_compiled(v)]  # +graph compiles nothing
     for variant in variants:
         need = compiled_build_room_s(slowest) if variant in compiled else 0.0
         left = deadline - time.time() if deadline is not None else float("inf")

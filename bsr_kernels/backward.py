@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerScale
 
+from .reprogram import hooked
+
 __all__ = ["lean_block"]
 
 
@@ -91,9 +93,7 @@ def _plain_linear(module) -> bool:
     ``nn.Linear`` itself (a subclass, such as a LoRA layer, may add parameters) with no hooks
     (which may change the output). Only such a layer's output is replayed from what forward
     saved, or skipped when unneeded, with :class:`_GradOnlyLinear`; any other is run again."""
-    return type(module) is nn.Linear and not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks)
+    return type(module) is nn.Linear and not hooked(module)
 
 
 def _saved_names(block) -> tuple[str, ...]:

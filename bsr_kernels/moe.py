@@ -285,14 +285,18 @@ def _experts(h, w, idx, w1, b1, w2, b2, act):
     return _RoutedExperts.apply(h, w, idx, w1, b1, w2, b2, act)
 
 
+def _dense_gates(weights: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(T, E) gate weights: each token's ``weights`` at its routed experts ``idx``, 0 elsewhere."""
+    return weights.new_zeros(weights.shape[0], num_experts).scatter(1, idx, weights)
+
+
 def _dense_experts(h, w, idx, w1, b1, w2, b2, act):
     """The experts and the combine in ops a tracer or exporter can record (no data-dependent
     shapes): every expert runs on every token and its output is weighted by the token's gate
     weight for it, zero where it was not routed. The same function as :func:`_experts` (the
     routing is the same; only the summation order of the combine differs) at ``E`` times the
     MLP compute of the routed form."""
-    gate = torch.zeros(h.shape[0], w1.shape[0], dtype=w.dtype, device=w.device)
-    gate = gate.scatter(1, idx, w)
+    gate = _dense_gates(w, idx, w1.shape[0])
     out = None
     for e in range(w1.shape[0]):
         y = F.linear(act(F.linear(h, w1[e], None if b1 is None else b1[e])), w2[e],
@@ -511,8 +515,8 @@ class MoEMlp(nn.Module):
         if self.training and self.aux_loss_weight > 0:
             # importance: each expert's summed gate weights (zero where a token is not routed
             # to it), as Shazeer et al. (2017) define it; load: its routed tokens
-            importance = weights.new_zeros(h.shape[0], self.num_experts).scatter(1, idx, weights)
-            self.aux_loss = self.aux_loss_weight * (_cv_squared(importance.sum(0))
+            importance = _dense_gates(weights, idx, self.num_experts).sum(0)
+            self.aux_loss = self.aux_loss_weight * (_cv_squared(importance)
                                                     + _cv_squared(counts))
         else:
             self.aux_loss = None

@@ -126,7 +126,8 @@ class BSRBlock(Block):
         return self.body(x, record=record)
 
 
-def _hooked(module) -> bool:
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks (or pre-hooks) of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
@@ -137,7 +138,7 @@ def _refuse_skipped_hooks(block) -> None:
     skipped silently. Hooks on the block, or on the projections inside, run."""
     for name in ("attn", "mlp"):
         module = getattr(block, name)
-        if _hooked(module) and not getattr(module, "bsr_moe", False):   # a MoE MLP runs whole
+        if hooked(module) and not getattr(module, "bsr_moe", False):   # a MoE MLP runs whole
             raise RuntimeError(
                 f"block {block.bsr_index}.{name} has forward or backward hooks, which a "
                 f"reprogrammed block does not run (it calls the {name}'s pieces itself, with the "

@@ -662,7 +662,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             # A stop asked for at the epoch's last step or during its evaluation stops here,
             # after the epoch's checkpoint: the final epoch too (--resume finishes the method
             # from that checkpoint without training, and trains the next methods).
-            if _any_process(info, stop.signum is not None):
+            if _any_process(info, stop.signum is not None)[0]:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, opts.checkpoint)
 
     last = history[-1] if history else {"accuracy": None, "test_loss": None}
@@ -672,13 +672,13 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             "steps": step, "resumed_from_epoch": resumed_from}
 
 
-def _any_process(info: DistInfo, flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (one all-reduce under DDP)."""
+def _any_process(info: DistInfo, *flags: bool) -> tuple[bool, ...]:
+    """Each of ``flags``, true when it is true on any process (one all-reduce under DDP)."""
     if not info.distributed:
-        return flag
-    flags = torch.tensor([float(flag)], device=info.device)
-    dist.all_reduce(flags)
-    return flags[0].item() > 0
+        return flags
+    summed = torch.tensor([float(f) for f in flags], device=info.device)
+    dist.all_reduce(summed)
+    return tuple(v > 0 for v in summed.tolist())
 
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
@@ -687,11 +687,7 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
     """Raises :class:`TrainingDivergedError` on every process when any process's loss is not
     finite (before any checkpoint of this step, so the last one on disk holds finite weights).
     Returns whether any process was asked to stop (``stop``): one all-reduce per step."""
-    bad = not math.isfinite(loss)
-    if info.distributed:
-        flags = torch.tensor([float(bad), float(stop)], device=info.device)
-        dist.all_reduce(flags)
-        bad, stop = flags[0].item() > 0, flags[1].item() > 0
+    bad, stop = _any_process(info, not math.isfinite(loss), stop)
     if not bad:
         return stop
     lr = optimizer.param_groups[0]["lr"]
