@@ -313,6 +313,69 @@ def test_unreadable_images_are_listed_at_start_or_skipped_with_a_count(tmp_path,
     assert "warning" in err and "skipped 2 of 14 image files" in err
 
 
+def test_a_truncated_jpeg_is_found_at_start_up(tmp_path, capsys):
+    """PIL's verify() reads a JPEG's headers only: a JPEG cut in half passed the start-up check
+    and stopped the run when training reached it, --bad-images skip or not."""
+    from PIL import Image
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 6, "dog": 6})
+    noise = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255)
+    Image.fromarray(noise.to(torch.uint8).numpy()).save(tmp_path / "whole.jpg", quality=90)
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (pics / "dog" / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    rc, _, err = _run(_folder_args(pics), capsys)
+    assert rc == 2 and "1 of 13 image files cannot be read" in err and "cut.jpg" in err, err
+    assert "truncated" in err
+    rc, _, err = _run(_folder_args(pics) + ["--bad-images", "skip"], capsys)
+    assert rc == 0 and "skipped 1 of 13 image files" in err, err
+
+
+def test_skipping_every_image_of_a_class_is_refused_naming_it(tmp_path, capsys):
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 6, "dog": 6})
+    (pics / "owl").mkdir()
+    for i in range(3):
+        (pics / "owl" / f"{i}.jpg").write_bytes(b"no image %d" % i)
+    rc, _, err = _run(_folder_args(pics) + ["--bad-images", "skip"], capsys)
+    assert rc == 2 and "class folder(s) owl with no readable training image" in err, err
+
+
+def test_hidden_folders_are_no_class_and_the_folder_set_pickles(tmp_path):
+    """A .ipynb_checkpoints folder (empty here) beside the class folders stopped the run with
+    'holds no images'; the dataset's class is built lazily and must still pickle by name (a
+    DataLoader worker started by spawn unpickles it in a fresh interpreter)."""
+    import pickle
+    from bsr_kernels.finetune import data
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 2, "dog": 3})
+    (pics / ".ipynb_checkpoints").mkdir()
+    ds = data._image_folder(pics, None)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    blob = pickle.dumps(ds)
+    del data._VisibleImageFolder  # as in a fresh interpreter: found again through __getattr__
+    back = pickle.loads(blob)
+    assert back.classes == ["cat", "dog"] and [c for _, c in back.samples] == [0, 0, 1, 1, 1]
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255 (an image of uniform noise came out
+    91 % white)."""
+    import numpy as np
+    from PIL import Image
+    from bsr_kernels.finetune import data
+    g = np.random.default_rng(0)
+    a = g.integers(0, 65536, size=(9, 7), dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(data._load_image(str(tmp_path / "deep.png")))
+    assert rgb.shape == (9, 7, 3) and rgb.dtype == np.uint8
+    want = np.rint(a / 257.0).astype(np.uint8)
+    assert (rgb == want[..., None]).all()
+    eight = g.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)  # 8-bit RGB: unchanged
+    Image.fromarray(eight).save(tmp_path / "rgb.png")
+    assert (np.asarray(data._load_image(str(tmp_path / "rgb.png"))) == eight).all()
+
+
 def test_a_class_missing_from_the_test_split_is_warned(tmp_path, capsys):
     pics = tmp_path / "pics"
     _write_image_folder(pics, {"cat": 6, "dog": 6, "owl": 1})

@@ -46,8 +46,9 @@ DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
 #: Names ``--data`` accepts besides a directory.
 TORCHVISION_SETS = ("cifar10", "cifar100", "flowers102", "pets")
 #: What ``--bad-images`` does with ImageFolder files that cannot be read: every file is checked
-#: at start-up (opened and verified by PIL); ``error`` stops with the list of bad files,
-#: ``skip`` leaves them out with a counted warning.
+#: at start-up (opened, verified and decoded by PIL, JPEGs at an eighth of their size, on a few
+#: threads; a truncated JPEG passes PIL's verify() alone); ``error`` stops with the list of bad
+#: files, ``skip`` leaves them out with a counted warning.
 BAD_IMAGE_MODES = ("error", "skip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -235,37 +236,59 @@ def _load_image(path: str):
 
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+            return _to_rgb(Image.open(f))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise ValueError(f"--data: cannot read image {path} ({type(e).__name__}: {e}); remove "
                          "or replace it") from e
 
 
+#: PIL modes of 16-bit greyscale images (PNG and TIFF; older Pillow opens 16-bit PNGs as "I").
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img):
+    """``img`` as 8-bit RGB. 16-bit greyscale is scaled down (0..65535 to 0..255): PIL's own
+    convert("RGB") clips it at 255, which leaves all but the darkest pixels white."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        import numpy as np
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def _unreadable(path: str) -> Optional[str]:
-    """Why PIL cannot open and verify the image file ``path``, or None when it can."""
+    """Why PIL cannot open, verify and decode the image file ``path``, or None when it can.
+    verify() alone reads a JPEG's headers only, so a truncated one would pass here and stop the
+    run when training reaches it; the decode (at an eighth of the size for a JPEG, which still
+    reads its whole stream) finds it."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.verify()
+        with Image.open(path) as img:  # verify() leaves the image unusable: open it again
+            img.draft(img.mode, (1, 1))
+            img.load()
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) -> None:
-    """Verifies every image of the ImageFolder datasets ``folders`` (which may share files);
-    ``bad_images="skip"`` removes the unreadable ones from all of them."""
+    """Verifies every image of the ImageFolder datasets ``folders`` (which may share files;
+    the first is the one that trains); ``bad_images="skip"`` removes the unreadable ones from
+    all of them, and refuses when that leaves a class of the first with no images."""
     if bad_images not in BAD_IMAGE_MODES:
         raise ValueError(f"--bad-images must be one of {', '.join(BAD_IMAGE_MODES)}, "
                          f"got {bad_images!r}")
     files = sorted({f for ds in folders for f, _ in ds.samples})
-    bad = {}
-    for f in files:
-        why = _unreadable(f)
-        if why is not None:
-            bad[f] = why
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes
+        bad = {f: why for f, why in zip(files, pool.map(_unreadable, files))  # without the GIL
+               if why is not None}
     if not bad:
         return
     listed = "; ".join(f"{f} ({why})" for f, why in list(bad.items())[:5])
@@ -274,6 +297,13 @@ def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) ->
         raise ValueError(f"--data {path}: {len(bad)} of {len(files)} image files cannot be read: "
                          f"{listed}{more}. Remove or replace them, or pass --bad-images skip to "
                          "train without them")
+    left = {c for f, c in folders[0].samples if f not in bad}  # folders[0]: what trains
+    emptied = [name for name, c in folders[0].class_to_idx.items() if c not in left]
+    if emptied:
+        raise ValueError(f"--data {path}: --bad-images skip would leave class folder(s) "
+                         f"{', '.join(emptied)} with no readable training image ({listed}{more});"
+                         " such a class would still get an output that never trains. Remove or "
+                         "replace those files or folders")
     for ds in folders:
         ds.samples = [(f, c) for f, c in ds.samples if f not in bad]
         ds.imgs = ds.samples
@@ -282,16 +312,43 @@ def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) ->
          f"(--bad-images skip): {listed}{more}")
 
 
-def _image_folder(path: Path, transform):
-    from torchvision.datasets import ImageFolder
+def _visible_image_folder() -> type:
+    """torchvision's ImageFolder whose classes are the folders not hidden: a ``.ipynb_checkpoints``
+    or ``.git`` folder beside the class folders is no class. Built on first use (torchvision's
+    import takes about a second) and kept as this module's ``_VisibleImageFolder``."""
+    cls = globals().get("_VisibleImageFolder")
+    if cls is None:
+        from torchvision.datasets import ImageFolder
 
+        class _VisibleImageFolder(ImageFolder):
+            def find_classes(self, directory):
+                classes = sorted(e.name for e in os.scandir(directory)
+                                 if e.is_dir() and not e.name.startswith("."))
+                if not classes:
+                    raise FileNotFoundError(f"found no class folder in {directory}")
+                return classes, {c: i for i, c in enumerate(classes)}
+
+        _VisibleImageFolder.__qualname__ = "_VisibleImageFolder"  # pickled by that name
+        globals()["_VisibleImageFolder"] = cls = _VisibleImageFolder
+    return cls
+
+
+def __getattr__(name: str):
+    """PEP 562: a DataLoader worker started by spawn unpickles the dataset's class by name."""
+    if name == "_VisibleImageFolder":
+        return _visible_image_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _image_folder(path: Path, transform):
     try:
-        return ImageFolder(str(path), transform=transform, loader=_load_image)
+        return _visible_image_folder()(str(path), transform=transform, loader=_load_image)
     except FileNotFoundError as e:
         raise ValueError(
-            f"--data {path}: the image folder holds no images ({e}); expected one subfolder per "
-            f"class holding {', '.join(IMAGE_EXTENSIONS[:3])}... files, or train/ and val/ "
-            f"folders laid out that way") from e
+            f"--data {path}: a class folder holds no images, or there are none ({e}); expected "
+            f"one subfolder per class holding {', '.join(IMAGE_EXTENSIONS[:3])}... files, or "
+            f"train/ and val/ folders laid out that way (hidden folders, named .*, are no "
+            f"class)") from e
 
 
 def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
