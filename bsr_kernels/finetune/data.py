@@ -164,8 +164,21 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BSR_DATA", Path.home() / ".cache" / "bsr_kernels" / "data"))
 
 
-def _to_rgb(im):
-    return im.convert("RGB")
+#: PIL modes of 16-bit greyscale images (PNG and TIFF; older Pillow opens 16-bit PNGs as "I").
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img):
+    """``img`` as 8-bit RGB. 16-bit greyscale is scaled down (0..65535 to 0..255): PIL's own
+    convert("RGB") clips it at 255, which leaves all but the darkest pixels white."""
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        import numpy as np
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 def _transforms(img_size: int, mean, std, small_images: bool,
@@ -240,23 +253,6 @@ def _load_image(path: str):
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise ValueError(f"--data: cannot read image {path} ({type(e).__name__}: {e}); remove "
                          "or replace it") from e
-
-
-#: PIL modes of 16-bit greyscale images (PNG and TIFF; older Pillow opens 16-bit PNGs as "I").
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def _to_rgb(img):
-    """``img`` as 8-bit RGB. 16-bit greyscale is scaled down (0..65535 to 0..255): PIL's own
-    convert("RGB") clips it at 255, which leaves all but the darkest pixels white."""
-    from PIL import Image
-
-    if img.mode in _SIXTEEN_BIT_MODES:
-        import numpy as np
-        a = np.asarray(img, dtype=np.float64)
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    return img.convert("RGB")
 
 
 def _unreadable(path: str) -> Optional[str]:
