@@ -253,6 +253,28 @@ def test_error_other_arguments(tmp_path, capsys):
         assert argv[0] in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_timms_train_script_is_read(tmp_path):
+    """timm's train.py saves {"state_dict", "args": argparse.Namespace, ...}: a plain
+    weights_only load refused it. Other pickled objects are still refused, and the message
+    carries no terminal escape codes."""
+    import argparse
+    import datetime
+
+    from bsr_kernels.finetune.models import read_state_dict
+    g = torch.Generator().manual_seed(0)
+    sd = {"blocks.0.attn.qkv.weight": torch.randn(6, 2, generator=g),
+          "head.bias": torch.randn(3, generator=g)}
+    path = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": sd, "version": 2,
+                "args": argparse.Namespace(model="vit_tiny_patch16_224", lr=1e-3)}, path)
+    got = read_state_dict(path)
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    torch.save({"state_dict": sd, "odd": datetime.date(2026, 11, 27)}, path)
+    with pytest.raises(ValueError, match="cannot read it") as e:
+        read_state_dict(path)
+    assert "\x1b" not in str(e.value) and "datetime.date" in str(e.value)
+
+
 def test_error_offline_torchvision_download(monkeypatch, tmp_path, capsys):
     import urllib.error
 

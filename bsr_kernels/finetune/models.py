@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Optional
@@ -97,7 +98,8 @@ def check_model_name(name: str) -> None:
 def read_state_dict(path) -> dict:
     """Reads a state dict from a safetensors, timm or ``bsr-finetune`` checkpoint file.
 
-    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and a DDP ``module.`` prefix.
+    Loads with ``weights_only=True``, allowing ``argparse.Namespace`` (the ``args`` of a
+    checkpoint that timm's train.py wrote, as timm's own loader does). Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and a DDP ``module.`` prefix.
 
     Raises:
         ValueError: if the file is missing, unreadable or holds no state dict.
@@ -110,10 +112,13 @@ def read_state_dict(path) -> dict:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            import argparse   # timm's train.py saves its arguments beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
-        raise ValueError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {e}); is it "
-                         "a complete PyTorch or safetensors checkpoint?") from e
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has terminal bold codes
+        raise ValueError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {why}); is "
+                         "it a complete PyTorch or safetensors checkpoint?") from e
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
