@@ -58,6 +58,41 @@ def test_pretrain_source_refuses_sizes_and_epochs_below_1(flag, value, tmp_path,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--img-size", "4"], "at least 8 px"), (["--img-size", "18"], "not a whole number"),
+    (["--patch-size", "32"], "at least 2 patches"), (["--embed-dim", "30"], "multiple of the 4")])
+def test_pretrain_source_refuses_an_architecture_that_cannot_build(argv, message, tmp_path,
+                                                                    capsys):
+    """--img-size 18 (patch 4) trained and wrote a model that bsr-finetune then refused naming
+    an --img-size the user never passed; the others stopped with a traceback."""
+    from bsr_kernels.finetune import pretrain_source
+    with pytest.raises(SystemExit) as e:
+        pretrain_source.main(["--out", str(tmp_path), "--epochs", "1", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[0]}" in err and message in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_digits_weights_that_do_not_match_their_config_are_refused(tmp_path, monkeypatch):
+    """A rebuild stopped between writing the weights and the JSON left new weights beside the
+    old config, which loaded silently (resampled position embedding, ~20 % accuracy)."""
+    import shutil
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(assets_dir() / f"{DIGITS_MODEL}{suffix}", tmp_path)
+    monkeypatch.setenv("BSR_FINETUNE_ASSETS", str(tmp_path))
+    model, _ = build_model(DIGITS_MODEL, 5)      # the pair as shipped loads
+    assert model.num_classes == 5
+    weights = tmp_path / f"{DIGITS_MODEL}.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0x01                            # one bit of one weight changed
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="is not the file its config .* describes"):
+        build_model(DIGITS_MODEL, 5)
+    weights.unlink()
+    with pytest.raises(ValueError, match="weights .* are missing"):
+        build_model(DIGITS_MODEL, 5)
+
+
 def test_shipped_model_knows_the_source_task():
     """The shipped weights really are a digits 0-4 classifier (held-out source images)."""
     from bsr_kernels.finetune.data import DIGITS_SOURCE_CLASSES

@@ -63,6 +63,22 @@ def digits_vit_config(assets: Optional[Path] = None) -> dict:
     return json.loads(path.read_text())
 
 
+def _check_sha256(weights: Path, config: dict) -> None:
+    """Refuses digits-model weights that are not the ones its JSON config describes (a rebuild
+    stopped between writing the two files, or files mixed from two folders)."""
+    import hashlib
+
+    want = config.get("sha256")
+    if not weights.is_file():
+        raise ValueError(f"the digits model's weights {weights} are missing; rebuild them with "
+                         "`python -m bsr_kernels.finetune.pretrain_source`")
+    got = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if got != want:
+        raise ValueError(f"{weights} is not the file its config {DIGITS_MODEL}.json describes "
+                         f"(sha256 {got[:12]}..., the config says {str(want)[:12]}...); rebuild "
+                         "both with `python -m bsr_kernels.finetune.pretrain_source`")
+
+
 def create_digits_vit(num_classes: int, img_size: Optional[int] = None,
                       arch: Optional[dict] = None) -> nn.Module:
     """A randomly initialised digits ViT (timm ``VisionTransformer``).
@@ -300,8 +316,9 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         cfg = digits_vit_config()
         model = create_digits_vit(num_classes, img_size)
         if checkpoint is None:
-            notes += load_weights(model, assets_dir() / f"{DIGITS_MODEL}.safetensors",
-                                  report=True)[1]
+            shipped = assets_dir() / f"{DIGITS_MODEL}.safetensors"
+            _check_sha256(shipped, cfg)
+            notes += load_weights(model, shipped, report=True)[1]
             weights = f"shipped {DIGITS_MODEL} (pre-trained on digits 0-4)"
         mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     else:

@@ -105,6 +105,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads; fixed so that the bytes reproduce (default: 1)")
     args = p.parse_args(argv)
+    if args.img_size < 8:
+        p.error(f"argument --img-size: the digits data needs at least 8 px, got {args.img_size}")
+    if 2 * args.patch_size > args.img_size:
+        p.error(f"argument --patch-size: {args.patch_size} px is more than half the --img-size "
+                f"{args.img_size} px; the model needs at least 2 patches per side")
+    if args.img_size % args.patch_size:
+        p.error(f"argument --img-size: {args.img_size} px is not a whole number of --patch-size "
+                f"{args.patch_size} px patches per side")
+    heads = DEFAULT_ARCH["num_heads"]
+    if args.embed_dim % heads:
+        p.error(f"argument --embed-dim: {args.embed_dim} is not a multiple of the {heads} "
+                "attention heads")
     torch.set_num_threads(args.threads)
     arch = dict(DEFAULT_ARCH, img_size=args.img_size, patch_size=args.patch_size,
                 embed_dim=args.embed_dim)
