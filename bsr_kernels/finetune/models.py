@@ -115,7 +115,8 @@ def read_state_dict(path) -> dict:
     """Reads a state dict from a safetensors, timm or ``bsr-finetune`` checkpoint file.
 
     Loads with ``weights_only=True``, allowing ``argparse.Namespace`` (the ``args`` of a
-    checkpoint that timm's train.py wrote, as timm's own loader does). Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and a DDP ``module.`` prefix.
+    checkpoint that timm's train.py wrote, as timm's own loader does). Unwraps
+    ``{"model": ...}`` / ``{"state_dict": ...}`` and a DDP ``module.`` prefix.
 
     Raises:
         ValueError: if the file is missing, unreadable or holds no state dict.
