@@ -3,7 +3,7 @@
 A delta is one safetensors file holding the trained tensors (for BSR on a 12-block ViT: blocks
 3, 7, 11 and the head, about a quarter of the model) with a small JSON config in its metadata:
 the BSR settings, which parameters it holds with their dtypes, a SHA-256 checksum of the tensors,
-and a fingerprint of the frozen base weights it was trained on. A JSON copy of the config is
+and a fingerprint (and the dtypes) of the frozen base weights it was trained on. A JSON copy is
 written next to it (``<stem>.json``) for people to read; loading never reads it. A device keeps
 the base model once and one delta per task::
 
@@ -39,6 +39,7 @@ __all__ = ["DELTA_FORMAT", "DELTA_VERSION", "save_delta", "load_delta", "read_de
 
 DELTA_FORMAT = "bsr-delta"
 #: Version 2 added ``dtypes`` and ``checksum``; version 1 files (without them) still load.
+#: ``base_dtypes`` (the frozen weights' dtypes) is optional in version 2: older files lack it.
 DELTA_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _META_KEY = "bsr_kernels"
@@ -47,6 +48,8 @@ _BSR_KEYS = ("train_blocks", "drop_at", "keep_rate", "fuse_token", "memory_mode"
              "activation_dtype")
 #: Facts of the model a BSR config also records (``BSRConfig.to_dict()``); checked, not set.
 _BSR_MODEL_KEYS = ("depth", "num_prefix_tokens")
+#: The classifier heads ``reset_classifier`` replaces (``head_dist``: timm's distilled DeiT).
+_HEADS = ("head", "head_dist")
 
 
 def _digest(items) -> str:
@@ -72,6 +75,10 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     return _digest((n, p) for n, p in sorted(model.named_parameters()) if n not in excluded)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _bsr_config(model: nn.Module) -> Optional[dict]:
     """The model's BSR config as JSON values (``BSRConfig.to_dict()``), or None."""
     cfg = getattr(model, "bsr_config", None)
@@ -93,9 +100,11 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
         The path of the safetensors file.
 
     Raises:
-        ValueError: if ``path`` ends in ``.json``, there is nothing to store, a name is not a
-            parameter of ``model``, or a parameter holds NaN or infinity. Nothing is written
-            then.
+        ValueError: if ``path`` ends in ``.json``, there is nothing to store, ``names`` is a
+            string or repeats a name, a name is not a parameter of ``model``, a parameter holds
+            NaN or infinity, ``extra`` is not a JSON-serialisable dict, or the config would not
+            pass :func:`read_delta`'s checks. Nothing is written then (an existing file at
+            ``path`` is kept).
     """
     from safetensors.torch import save_file
 
@@ -104,8 +113,17 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
         raise ValueError(f"path {path}: a delta's readable JSON copy is written to "
                          f"<stem>.json, which would overwrite the delta itself; name the delta "
                          f"{path.with_suffix('.safetensors').name} instead")
+    if isinstance(names, str):
+        raise ValueError(f"names must be a list of parameter names, got the string {names!r}; "
+                         f"write names=[{names!r}]")
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict of JSON values (or None), got "
+                         f"{type(extra).__name__} {extra!r}"[:200])
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"names repeats {repeated[:5]}; give each parameter once")
     unknown = [n for n in names if n not in params]
     if unknown:
         raise ValueError(f"names holds non-parameters of the model: {unknown[:5]}")
@@ -121,20 +139,36 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
         "format": DELTA_FORMAT,
         "version": DELTA_VERSION,
         "parameters": names,
-        "dtypes": {n: str(t.dtype).replace("torch.", "") for n, t in tensors.items()},
+        "dtypes": {n: _dtype_name(t.dtype) for n, t in tensors.items()},
         "checksum": tensor_checksum(tensors),
         "numel": sum(t.numel() for t in tensors.values()),
         "model_numel": sum(p.numel() for p in params.values()),
         "num_classes": getattr(head, "out_features", None),
         "bsr": _bsr_config(model),
         "base_fingerprint": base_fingerprint(model, exclude=names),
+        "base_dtypes": _frozen_dtypes(model, names),
         "extra": extra or {},
     }
     config = to_strict_json(config)
-    meta = json.dumps(config, allow_nan=False)
+    try:
+        meta = json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra must hold JSON values only (str, numbers, bools, None, lists, "
+                         f"dicts): {e}") from e
+    errs = _schema_errors(config)   # what read_delta checks: never write a file it refuses
+    if errs:
+        raise ValueError("save_delta would write a delta that read_delta refuses: "
+                         + "; ".join(errs[:6]))
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: meta}))
     write_json(path.with_suffix(".json"), config)
     return path
+
+
+def _frozen_dtypes(model: nn.Module, exclude: Iterable[str]) -> list:
+    """The distinct dtype names of the parameters not in ``exclude`` (the frozen base)."""
+    excluded = set(exclude)
+    return sorted({_dtype_name(p.dtype) for n, p in model.named_parameters()
+                   if n not in excluded})
 
 
 def _schema_errors(config) -> list:
@@ -166,6 +200,10 @@ def _schema_errors(config) -> list:
         need("dtypes", lambda v: isinstance(v, dict) and all(
             isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype)
             for d in v.values()), "an object of dtype names")
+    if "base_dtypes" in config:     # optional: files written before it was recorded lack it
+        need("base_dtypes", lambda v: isinstance(v, list) and all(
+            isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype)
+            for d in v), "a list of dtype names")
     need("bsr", lambda v: v is None or isinstance(v, dict), "null or an object")
     bsr = config.get("bsr")
     if isinstance(bsr, dict):
@@ -268,12 +306,32 @@ def _model_bsr_state(config: dict) -> Optional[dict]:
     return out
 
 
+def _base_difference(model: nn.Module, tensors: dict, config: dict) -> str:
+    """Why a base's fingerprint may differ: another dtype if the delta tells, else other weights.
+
+    The base's dtypes are recorded in ``base_dtypes``; files without it tell the dtypes of the
+    trained parameters (``dtypes``, version 2), which a cast model changes alike.
+    """
+    saved = config.get("base_dtypes")
+    if saved is not None:
+        have = _frozen_dtypes(model, tensors)
+    else:
+        params = dict(model.named_parameters())
+        saved = sorted(set((config.get("dtypes") or {}).values()))
+        have = sorted({_dtype_name(params[n].dtype) for n in tensors if n in params})
+    if saved and have and saved != have:
+        return (f"the model's weights are {', '.join(have)}, the delta was saved from "
+                f"{', '.join(saved)} ones: load the delta into the {', '.join(saved)} model, "
+                "then cast it")
+    return "other pre-trained weights?"
+
+
 def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> nn.Module:
     """Brings ``model`` to exactly the state a delta checkpoint was saved from, in place.
 
     * The trained tensors are copied in.
     * A head of another size is first replaced (``model.reset_classifier``) by one of the
-      delta's number of classes.
+      delta's number of classes (both heads of a distilled DeiT: ``head`` and ``head_dist``).
     * BSR settings: a BSR delta reprograms a plain model with its settings, and *re*-programs
       a model reprogrammed with other settings (``keep_rate``, ``drop_at``...: they change the
       logits), warning with the settings replaced. A delta saved from a plain model restores a
@@ -301,14 +359,17 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     head = getattr(model, "head", None)
     new_head = (n_cls is not None and isinstance(head, nn.Linear) and head.out_features != n_cls
                 and hasattr(model, "reset_classifier"))
+    # The heads reset_classifier replaces: timm's distilled DeiT resizes head_dist with head.
+    heads = {h: getattr(model, h) for h in _HEADS if isinstance(getattr(model, h, None), nn.Linear)}
     missing = [n for n in tensors if n not in params]
     problems = []
     for n, t in tensors.items():
         if n not in params:
             continue
         want = params[n].shape
-        if new_head and n in ("head.weight", "head.bias"):
-            want = (n_cls, head.in_features) if n == "head.weight" else (n_cls,)
+        owner, _, kind = n.rpartition(".")
+        if new_head and owner in heads and kind in ("weight", "bias"):
+            want = (n_cls, heads[owner].in_features) if kind == "weight" else (n_cls,)
         if tuple(want) != tuple(t.shape):
             problems.append(f"{n}: delta {tuple(t.shape)} vs model {tuple(want)}")
         elif t.is_floating_point() != params[n].is_floating_point():
@@ -329,8 +390,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
         fp = base_fingerprint(model, exclude=tensors)
         if fp != config["base_fingerprint"]:
             raise ValueError(f"path {path}: the model's frozen weights differ from the base the "
-                             "delta was trained on (other pre-trained weights?); pass "
-                             "check_base=False to apply it anyway")
+                             f"delta was trained on ({_base_difference(model, tensors, config)});"
+                             " pass check_base=False to apply it anyway")
     want_bsr = _model_bsr_state(config)
     have = _bsr_config(model)
     have_bsr = None if have is None else {k: have.get(k) for k in _BSR_KEYS}
@@ -355,10 +416,11 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
                       stacklevel=2)
         restore(model)
     if new_head:
-        requires = head.weight.requires_grad
+        requires = {h: m.weight.requires_grad for h, m in heads.items()}
         model.reset_classifier(n_cls)
-        for p in model.head.parameters():
-            p.requires_grad_(requires)
+        for h, r in requires.items():
+            for p in getattr(model, h).parameters():
+                p.requires_grad_(r)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in tensors.items():

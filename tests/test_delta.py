@@ -285,3 +285,75 @@ def test_delta_files_get_ordinary_permissions(tuned_delta):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
     assert sorted(q.name for q in path.parent.iterdir()) == ["d.json", "d.safetensors"]
     json.loads(path.with_suffix(".json").read_text())      # strict JSON
+
+
+# --- review: save_delta writes nothing read_delta refuses; distilled heads; cast bases ---
+
+def test_save_delta_refuses_bad_names_and_extra_and_keeps_the_old_file(tuned_delta):
+    tuned, path = tuned_delta
+    before = path.read_bytes()
+    for kwargs, match in (
+            (dict(names=["head.weight", "head.weight", "head.bias"]), r"names repeats"),
+            (dict(names="head.weight"), r"names must be a list.*the string 'head\.weight'"),
+            (dict(extra=["task", "demo"]), r"extra must be a dict.*got list"),
+            (dict(extra={"classes": {1, 2}}), r"extra must hold JSON values.*set")):
+        with pytest.raises(ValueError, match=match):
+            save_delta(tuned, path, **kwargs)
+        assert path.read_bytes() == before, kwargs
+    read_delta(path)
+    assert sorted(q.name for q in path.parent.iterdir()) == ["d.json", "d.safetensors"]
+
+
+def test_save_delta_checks_its_config_as_read_delta_does(tmp_path, monkeypatch):
+    tuned = _finetune_like(bsr_kernels.reprogram(_tiny()))
+    bad = dict(tuned.bsr_config.to_dict(), keep_rate=1.5)     # a config read_delta refuses
+    monkeypatch.setattr(bsr_kernels.delta, "_bsr_config", lambda model: bad)
+    with pytest.raises(ValueError, match=r"read_delta refuses: bsr\.keep_rate must be a number"):
+        save_delta(tuned, tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _distilled(num_classes, seed=0):
+    from timm.models.deit import VisionTransformerDistilled
+    torch.manual_seed(seed)
+    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=12,
+                                      num_heads=4, num_classes=num_classes).eval()
+
+
+def test_delta_resets_both_heads_of_a_distilled_deit(tmp_path):
+    tuned = _finetune_like(bsr_kernels.reprogram(_distilled(5)))
+    path = save_delta(tuned, tmp_path / "deit.safetensors")
+    base = _distilled(1000)                 # the hub model: 1000 classes in head and head_dist
+    base.load_state_dict({k: v for k, v in _distilled(5).state_dict().items()
+                          if not k.startswith("head")}, strict=False)
+    bsr_kernels.load_delta(base, path)
+    assert base.head.out_features == base.head_dist.out_features == 5
+    assert all(p.requires_grad for p in base.head_dist.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), tuned(x), rtol=0, atol=0)
+
+
+def test_load_delta_names_a_cast_base(tuned_delta):
+    _, path = tuned_delta
+    assert read_delta(path)[1]["base_dtypes"] == ["float32"]
+    cast = _tiny().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"weights are bfloat16, the delta was saved from "
+                                         r"float32 ones.*check_base=False"):
+        bsr_kernels.load_delta(cast, path)
+    # A file written before base_dtypes was recorded still loads, and still names the cast
+    # (from the trained parameters' dtypes).
+    _edit_config(path, lambda c: c.pop("base_dtypes"))
+    with pytest.raises(ValueError, match=r"weights are bfloat16, the delta was saved from "
+                                         r"float32"):
+        bsr_kernels.load_delta(cast, path)
+    with pytest.raises(ValueError, match=r"other pre-trained weights\?"):
+        bsr_kernels.load_delta(_other_tiny(), path)
+    bsr_kernels.load_delta(_tiny(), path)
+
+
+def _other_tiny():
+    model = _tiny()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] += 1.0      # a frozen weight
+    return model
