@@ -101,8 +101,8 @@ def atomic_write(path: Union[str, os.PathLike],
 
 
 def to_strict_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None, tensors by lists, paths by
-    strings, tuples by lists: something ``json.dumps(..., allow_nan=False)`` accepts."""
+    """``obj`` with every non-finite float replaced by None, tensors and numpy arrays by lists,
+    paths by strings, tuples by lists: something ``json.dumps(..., allow_nan=False)`` accepts."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -115,7 +115,9 @@ def to_strict_json(obj: Any) -> Any:
         return os.fspath(obj)
     if isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")
-    if hasattr(obj, "item") and callable(obj.item):   # numpy scalars
+    if callable(getattr(obj, "tolist", None)):   # numpy arrays and scalars, as tensors
+        return to_strict_json(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):   # other scalars
         return to_strict_json(obj.item())
     return obj
 

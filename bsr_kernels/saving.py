@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write
-from .config_access import bsr_config_dict, reprogram_from_dict
+from .config_access import bsr_config_dict, config_from_dict, reprogram_from_dict
+from .delta import _META_KEY as DELTA_KEY   # where a delta keeps its config (not a full model)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "saved_bsr_config", "BSRConfigWarning",
            "attach", "detach"]
@@ -89,7 +90,7 @@ def detach(model: nn.Module) -> None:
                     if getattr(h, "hook", h) in (_state_dict_hook, _load_pre_hook)]:
             del hooks[key]
     cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and _from_notes(cfg) is not None:
+    if isinstance(cfg, dict) and _note(cfg) is not None:
         # without notes of its own, the cfg had no "notes" key before attach added one (timm's
         # pretrained_cfg dicts hold no "notes": None): the key goes, rather than become None
         notes = _user_notes(cfg)
@@ -108,23 +109,48 @@ def _set_pretrained_cfg(model: nn.Module, cfg: dict) -> None:
         model.default_cfg = cfg
 
 
-def _from_notes(pretrained_cfg) -> Optional[dict]:
-    """The config in a timm ``pretrained_cfg``'s ``notes`` (a dict or a saved config.json's)."""
+def _note(pretrained_cfg) -> Optional[str]:
+    """The config line (JSON text) in a timm ``pretrained_cfg``'s ``notes``, or None."""
     notes = (pretrained_cfg or {}).get("notes") or ()
+    if not isinstance(notes, (str, list, tuple)):
+        return None
     for n in ([notes] if isinstance(notes, str) else notes):
         if str(n).startswith(NOTE_PREFIX):
-            return json.loads(str(n)[len(NOTE_PREFIX):])
+            return str(n)[len(NOTE_PREFIX):]
     return None
+
+
+def _from_notes(pretrained_cfg, where: str) -> Optional[dict]:
+    """The config in a timm ``pretrained_cfg``'s ``notes`` (a dict or a saved config.json's);
+    ValueError naming ``where`` when it is not a JSON object."""
+    note = _note(pretrained_cfg)
+    return None if note is None else _loads(note, where, "in pretrained_cfg's notes")
+
+
+def _loads(text, where: str, what: str) -> dict:
+    """A saved config (JSON text); ValueError naming ``where`` and ``what`` (where in it) when
+    it is not a JSON object. Its keys and values are checked by :func:`_checked_config`."""
+    try:
+        cfg = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its BSR config ({what}) is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: its BSR config ({what}) is a JSON {type(cfg).__name__}, "
+                         "not an object")
+    return cfg
 
 
 # --- reading and writing ---------------------------------------------------------------------
 
-def _from_state_dict(sd) -> Optional[dict]:
+def _from_state_dict(sd, where: str) -> Optional[dict]:
     meta = getattr(sd, "_metadata", None) or {}
+    if not isinstance(meta, dict):
+        return None
     found = [(k, v[KEY]) for k, v in meta.items() if isinstance(v, dict) and KEY in v]
     if not found:
         return None
-    return json.loads(min(found, key=lambda kv: len(kv[0]))[1])   # the outermost module's
+    prefix, text = min(found, key=lambda kv: len(str(kv[0])))   # the outermost module's
+    return _loads(text, where, f"in the state_dict's metadata[{prefix!r}]")
 
 
 #: Where a checkpoint dict (timm's ``train.py`` and others) keeps the model's state_dict, in
@@ -133,12 +159,12 @@ def _from_state_dict(sd) -> Optional[dict]:
 CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema")
 
 
-def _state_dict_of(ckpt: dict) -> dict:
+def _state_dict_of(ckpt: dict, where: str) -> dict:
     """The state_dict in ``ckpt``: ``ckpt`` itself when it is one (its metadata carries a BSR
     config, or no :data:`CHECKPOINT_KEYS` key holds a dict), else the first such key's dict.
     The one rule of :func:`load_checkpoint` and :func:`saved_bsr_config`, for a dict and for a
     file alike."""
-    if _from_state_dict(ckpt) is None:
+    if _from_state_dict(ckpt, where) is None:
         for key in CHECKPOINT_KEYS:
             if isinstance(ckpt.get(key), dict):
                 return ckpt[key]
@@ -152,12 +178,17 @@ def saved_bsr_config(source) -> Optional[dict]:
         source: a state_dict (or a checkpoint dict holding one, see :data:`CHECKPOINT_KEYS`),
             a model (its ``pretrained_cfg``, as timm fills it from a ``save_for_hf`` config), a
             ``.safetensors``/``.pth``/``.bin`` file, or a ``save_for_hf`` directory.
+
+    Raises:
+        ValueError: a path cannot be read or is a delta checkpoint (its config is in
+            :func:`bsr_kernels.delta.read_delta`'s), or the saved config is not a JSON object.
     """
     if isinstance(source, nn.Module):
         cfg = getattr(source, "pretrained_cfg", None)
-        return _from_notes(cfg) if isinstance(cfg, dict) else None
+        return _from_notes(cfg, "the model's pretrained_cfg") if isinstance(cfg, dict) else None
     if isinstance(source, dict):
-        return _from_state_dict(_state_dict_of(source))
+        where = "source (a state_dict)"
+        return _from_state_dict(_state_dict_of(source, where), where)
     return _read(Path(source))[1]
 
 
@@ -176,7 +207,7 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
         sd, cfg = _read(weights)
         config_json = path / "config.json"
         if cfg is None and config_json.is_file():
-            cfg = _from_notes(json.loads(config_json.read_text()).get("pretrained_cfg"))
+            cfg = _from_config_json(config_json)
         return sd, cfg
     if not path.is_file():
         raise ValueError(f"path {path}: no such checkpoint")
@@ -185,29 +216,66 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+                delta = DELTA_KEY in meta and KEY not in meta
+                sd = {} if delta else {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:   # SafetensorError and OSError: a clear message naming the file
             raise ValueError(f"path {path}: cannot read it as safetensors ({e})") from e
-        cfg = json.loads(meta[KEY]) if KEY in meta else None
+        if delta:
+            raise _delta_error(path)
+        cfg = _loads(meta[KEY], f"path {path}", "in its metadata") if KEY in meta else None
         if cfg is None:
             config_json = path.with_name("config.json")   # a save_for_hf directory
             if config_json.is_file():
-                cfg = _from_notes(json.loads(config_json.read_text()).get("pretrained_cfg"))
+                cfg = _from_config_json(config_json)
         return sd, cfg
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # not a torch.save file, truncated, or holding arbitrary objects
+        if _is_delta(path):   # save_delta writes safetensors whatever the suffix
+            raise _delta_error(path) from None
         raise ValueError(f"path {path}: cannot read it as a torch checkpoint of tensors (loaded "
                          f"with weights_only=True): {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    cfg = None
-    if isinstance(ckpt, dict):
-        ckpt = _state_dict_of(ckpt)
-        cfg = _from_state_dict(ckpt)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"path {path}: holds a {type(ckpt).__name__}, not a state_dict (a dict "
+                         "of tensors) or a checkpoint dict holding one")
+    ckpt = _state_dict_of(ckpt, f"path {path}")
+    cfg = _from_state_dict(ckpt, f"path {path}")
     if cfg is None and path.with_name("config.json").is_file():
-        cfg = _from_notes(json.loads(path.with_name("config.json").read_text()).get(
-            "pretrained_cfg"))
+        cfg = _from_config_json(path.with_name("config.json"))
     return ckpt, cfg
+
+
+def _from_config_json(path: Path) -> Optional[dict]:
+    """The config in a ``save_for_hf`` ``config.json`` (its pretrained_cfg's notes), or None;
+    ValueError naming the file when it is not valid JSON or its pretrained_cfg not an object."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"path {path}: cannot read it as a save_for_hf config.json "
+                         f"({type(e).__name__}: {e})") from None
+    pretrained = doc.get("pretrained_cfg") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(pretrained, (dict, type(None))):
+        raise ValueError(f"path {path}: not a save_for_hf config.json (" + (
+            f"a JSON {type(doc).__name__}, not an object" if not isinstance(doc, dict) else
+            f"its pretrained_cfg is a JSON {type(pretrained).__name__}, not an object") + ")")
+    return _from_notes(pretrained, f"path {path}")
+
+
+def _is_delta(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file with a delta's config in its metadata."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return DELTA_KEY in (f.metadata() or {})
+    except Exception:   # not safetensors at all
+        return False
+
+
+def _delta_error(path: Path) -> ValueError:
+    return ValueError(f"path {path}: a bsr_kernels delta checkpoint (the fine-tuned parameters "
+                      "only, for a base model), not a full checkpoint; load it with "
+                      "bsr_kernels.load_delta(model, path)")
 
 
 def save_checkpoint(model: nn.Module, path: os.PathLike) -> Path:
@@ -250,30 +318,35 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
         The same model.
 
     Raises:
-        ValueError: the checkpoint does not fit the model (other depth, missing or unexpected
-            keys with ``strict``, other shapes), or a path cannot be read; the model is then left
-            unchanged (settings and weights).
+        ValueError: the checkpoint does not fit the model (other depth or prefix tokens,
+            missing or unexpected keys with ``strict``, other shapes, entries that are not
+            tensors or whose dtype cannot be loaded), its saved BSR config is malformed or cannot
+            be applied to the model, a path cannot be read, or it is a delta checkpoint (see
+            :func:`bsr_kernels.load_delta`); the model is then left unchanged (settings and
+            weights).
     """
     where = ("the model's pretrained_cfg" if source is None else
              "source (a state_dict)" if isinstance(source, dict) else f"path {source}")
     if source is None:
         sd, cfg = None, saved_bsr_config(model)
     elif isinstance(source, dict):
-        sd = _state_dict_of(source)
-        cfg = _from_state_dict(sd)
+        sd = _state_dict_of(source, where)
+        cfg = _from_state_dict(sd, where)
     else:
         sd, cfg = _read(Path(source))
     mine = bsr_config_dict(model)
-    depth = len(getattr(model, "blocks", ()))
-    if isinstance(cfg, dict) and cfg.get("depth") not in (None, depth):
-        raise ValueError(f"{where}: saved from a model of depth {cfg['depth']}, this model has "
-                         f"{depth} blocks")
+    if cfg is not None:
+        cfg = _checked_config(model, cfg, where)
     if sd is not None:
         _check_fits(model, sd, strict, where)
     differs = cfg is not None and cfg != mine
     if differs:
         if reprogram:
-            reprogram_from_dict(model, cfg)
+            try:
+                reprogram_from_dict(model, cfg)
+            except ValueError as e:   # a model reprogram refuses; reprogram changed nothing
+                raise ValueError(f"{where}: its BSR settings cannot be applied to this model "
+                                 f"({e}); the model is unchanged") from e
         else:
             warnings.warn(f"the checkpoint was saved from a model reprogrammed with {cfg}, but "
                           f"this model is {'reprogrammed with ' + str(mine) if mine else 'plain'}"
@@ -292,14 +365,37 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
     return model
 
 
+def _checked_config(model: nn.Module, cfg: dict, where: str) -> dict:
+    """A saved config validated (:func:`~bsr_kernels.config_access.config_from_dict`) and
+    checked against ``model``'s depth and prefix tokens, in today's form (``to_dict()``, so an
+    older config equal to the model's compares equal); ValueError naming ``where`` otherwise."""
+    try:
+        config = config_from_dict(cfg, model)
+    except ValueError as e:
+        raise ValueError(f"{where}: its saved BSR config is malformed ("
+                         f"{str(e).removeprefix('malformed BSR config: ')}); the model is "
+                         "unchanged") from None
+    backbone = getattr(model, "bsr_backbone", model)
+    depth = len(getattr(backbone, "blocks", ()))
+    if config.depth != depth:
+        raise ValueError(f"{where}: saved from a model of depth {config.depth}, this model has "
+                         f"{depth} blocks")
+    prefix = getattr(backbone, "num_prefix_tokens", None)
+    if prefix is not None and config.num_prefix_tokens != prefix:
+        raise ValueError(f"{where}: saved from a model with {config.num_prefix_tokens} prefix "
+                         f"tokens (class and register tokens), this model has {prefix}")
+    return config.to_dict()
+
+
 def _check_fits(model: nn.Module, sd: dict, strict: bool, where: str) -> None:
-    """ValueError (before anything changes) where ``load_state_dict`` would fail: other shapes,
-    and with ``strict`` missing or unexpected keys. Reprogramming keeps the keys and shapes, so
-    the model's current ones are the ones to compare with."""
+    """ValueError (before anything changes) where ``load_state_dict`` would fail or lose data:
+    entries that are not tensors, other shapes, dtypes that cannot be copied into the model's
+    (complex into real, no data), and with ``strict`` missing or unexpected keys. Reprogramming
+    keeps the keys, shapes and dtypes, so the model's current ones are the ones to compare
+    with."""
     own = model.state_dict()
-    problems = [f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in "
-                "the model" for k, v in sd.items()
-                if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    problems = [f"{k}: {problem}" for k, v in sd.items() if k in own
+                for problem in [_unloadable(v, own[k])] if problem]
     if strict:
         for what, keys in (("missing", [k for k in own if k not in sd]),
                            ("unexpected", [k for k in sd if k not in own])):
@@ -310,3 +406,22 @@ def _check_fits(model: nn.Module, sd: dict, strict: bool, where: str) -> None:
         raise ValueError(f"{where} does not fit this model ({'; '.join(problems)}); the model "
                          "is unchanged" + ("" if not strict else
                                            " (strict=False loads matching keys only)"))
+
+
+def _unloadable(value, mine: torch.Tensor) -> Optional[str]:
+    """Why ``load_state_dict`` cannot copy a checkpoint's ``value`` into the model's tensor
+    ``mine`` (or would drop part of it), or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__} in the checkpoint, not a tensor"
+    if value.shape != mine.shape:
+        return f"shape {tuple(value.shape)} in the checkpoint, {tuple(mine.shape)} in the model"
+    if value.is_complex() and not mine.is_complex():
+        return (f"dtype {value.dtype} in the checkpoint, {mine.dtype} in the model (its "
+                "imaginary part would be lost)")
+    try:   # one element, as load_state_dict's copy_ would (meta and sparse tensors fail)
+        torch.empty(min(value.numel(), 1), dtype=mine.dtype).copy_(
+            value[(0,) * value.dim()].reshape(1) if value.numel() else value.reshape(0))
+    except Exception as e:
+        return (f"a {value.dtype} tensor in the checkpoint that cannot be copied into the "
+                f"model's {mine.dtype} ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    return None

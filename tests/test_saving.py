@@ -244,3 +244,117 @@ def test_save_checkpoint_failing_midway_keeps_the_previous_file(tmp_path, monkey
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
     fresh = bsr_kernels.load_checkpoint(plain(seed=3), path)
     torch.testing.assert_close(logits(fresh, x), logits(model, x))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_load_checkpoint_of_a_delta_says_to_use_load_delta(tmp_path, suffix):
+    """A delta holds only the trained parameters, its config under its own metadata key: it is
+    refused naming the path and load_delta, also with strict=False (which loaded its tensors
+    into a plain model without the BSR settings), and by saved_bsr_config (which said None)."""
+    path = bsr_kernels.save_delta(tuned(), tmp_path / f"task{suffix}")   # safetensors inside
+    model = plain()   # the delta's base
+    snap = _snapshot(model)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=rf"task\{suffix}: a bsr_kernels delta.*load_delta"):
+            bsr_kernels.load_checkpoint(model, path, strict=strict)
+        _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="delta checkpoint.*load_delta"):
+        bsr_kernels.saved_bsr_config(path)
+    bsr_kernels.load_delta(model, path)            # the way that works
+    assert bsr_config_dict(model)["keep_rate"] == 0.3
+
+
+def test_load_checkpoint_refuses_entries_it_cannot_load_before_changing_the_model():
+    """Entries that are not tensors, complex values for a real parameter and tensors without
+    data: a ValueError naming each key, raised before anything changes (load_state_dict alone
+    reprogrammed the model and copied the other entries before its RuntimeError, and dropped
+    the imaginary part of a complex tensor silently)."""
+    sd = tuned().state_dict()   # reprogrammed: a plain model would be reprogrammed first
+    bad = {"blocks.3.mlp.fc2.bias": sd["blocks.3.mlp.fc2.bias"].tolist(),
+           "pos_embed": sd["pos_embed"].to(torch.complex64),
+           "head.bias": torch.empty(5, device="meta")}
+    for key, value in bad.items():
+        broken = sd.copy()   # keeps the metadata with the settings
+        broken[key] = value
+        model = plain(seed=2)
+        snap = _snapshot(model)
+        for strict in (True, False):
+            with pytest.raises(ValueError, match=rf"\) does not fit this model \({key}: "):
+                bsr_kernels.load_checkpoint(model, broken, strict=strict)
+            _assert_unchanged(model, snap)
+    ok = sd.copy()
+    ok["pos_embed"] = sd["pos_embed"].double()     # real dtypes are converted, as by torch
+    model = bsr_kernels.load_checkpoint(plain(seed=2), ok)
+    assert torch.equal(model.pos_embed, sd["pos_embed"])
+
+
+def test_to_strict_json_converts_numpy_arrays_and_scalars(tmp_path):
+    """numpy arrays (e.g. per-class accuracies in a delta's extra) become lists, NaN in them
+    null, like tensors; ndarray.item() raised for more than one element."""
+    np = pytest.importorskip("numpy")
+    from bsr_kernels.checkpoint import to_strict_json
+    obj = {"per_class": np.array([0.5, np.nan]), "grid": np.arange(4).reshape(2, 2),
+           "acc": np.float32(0.25), "inf": np.float64("inf"), "zero_d": np.array(3)}
+    assert to_strict_json(obj) == {"per_class": [0.5, None], "grid": [[0, 1], [2, 3]],
+                                   "acc": 0.25, "inf": None, "zero_d": 3}
+    path = bsr_kernels.save_delta(tuned(), tmp_path / "d.safetensors", extra=obj)
+    assert json.loads(path.with_suffix(".json").read_text())["extra"]["per_class"] == [0.5, None]
+
+
+def _old_form(cfg):
+    """A config as saved before BSRConfig: reprogram's arguments, no depth or prefix tokens."""
+    return {k: v for k, v in cfg.items() if k not in ("depth", "num_prefix_tokens")}
+
+
+def test_load_checkpoint_of_a_malformed_config_names_the_path(tmp_path):
+    """Config metadata that is not JSON, not an object, with unknown keys or wrong values, for
+    another number of prefix tokens, a broken save_for_hf config.json, a file holding a bare
+    tensor: a ValueError naming the path and the problem, the model unchanged (these raised
+    TypeError, JSONDecodeError or AttributeError, or loaded). A config of the older form
+    without depth still loads."""
+    from safetensors.torch import save_file
+    saved = tuned()
+    cfg = bsr_config_dict(saved)
+    tensors = {k: v.contiguous() for k, v in saved.state_dict().items()}
+    metadata = {
+        "notjson": ("{not json", "not valid JSON"),
+        "list": (json.dumps([1, 2]), "a JSON list, not an object"),
+        "unknown": (json.dumps({**cfg, "bogus": 1}), r"malformed \(missing \[\], unknown "
+                    r"\['bogus'\]"),
+        "old_unknown": (json.dumps({**_old_form(cfg), "num_prefix_tokens": 1}),
+                        r"unknown \['num_prefix_tokens'\]"),
+        "badvalue": (json.dumps({**cfg, "keep_rate": "high"}), "keep_rate"),
+        "badtype": (json.dumps({**cfg, "activation_dtype": [1]}), "activation_dtype"),
+        "prefix": (json.dumps({**cfg, "num_prefix_tokens": 2}), "2 prefix tokens.*has 1"),
+    }
+    model = bsr_kernels.reprogram(plain(seed=2), keep_rate=0.8)
+    snap = _snapshot(model)
+    for name, (text, match) in metadata.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={"bsr_config": text})
+        with pytest.raises(ValueError, match=rf"path .*{name}\.safetensors: .*{match}"):
+            bsr_kernels.load_checkpoint(model, path)
+        _assert_unchanged(model, snap)
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(tensors, str(hf / "model.safetensors"))   # the config only in config.json
+    for text, match in (("{oops", "cannot read it as a save_for_hf config.json"),
+                        ('{"pretrained_cfg": [1]}', "pretrained_cfg is a JSON list"),
+                        (json.dumps({"pretrained_cfg": {"notes": [
+                            "bsr_kernels.reprogram config: {x"]}}), "notes.*not valid JSON")):
+        (hf / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"path .*config\.json: .*{match}"):
+            bsr_kernels.load_checkpoint(model, hf)
+        _assert_unchanged(model, snap)
+
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"tensor\.pth: holds a Tensor, not a state_dict"):
+        bsr_kernels.load_checkpoint(model, tmp_path / "tensor.pth")
+    _assert_unchanged(model, snap)
+
+    old = tmp_path / "old.safetensors"   # the form written before BSRConfig still loads
+    save_file(tensors, str(old), metadata={"bsr_config": json.dumps(_old_form(cfg))})
+    assert bsr_kernels.load_checkpoint(model, old) is model
+    assert bsr_config_dict(model) == cfg
+    torch.testing.assert_close(logits(model, images()), logits(saved, images()))
