@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .checkpoint import atomic_write
 from .config_access import bsr_config_dict
 
 __all__ = ["TrainableSummary", "trainable_summary", "kept_masks", "draw_kept"]
@@ -117,14 +118,22 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
         images: (B, 3, H, W) images in [0, 1] (un-normalised), H and W multiples of the patch.
         kept: :func:`bsr_kernels.kept_patches` of those images.
         patch_size: side of a patch in pixels (an int or an (h, w) pair).
-        path: also write a PNG grid there (a row per image: the input, then one picture per
-            stage); needs matplotlib (the ``app`` extra).
-        color: RGB in [0, 1] that dropped patches are blended towards.
+        path: also write a PNG grid there, atomically (a row per image: the input, then one
+            picture per stage; another suffix matplotlib knows, ``.svg`` or ``.pdf``, picks that
+            format); needs matplotlib (the ``app`` extra), and leaves its backend and pyplot's
+            figures alone.
+        color: RGB in [0, 1] (3 values) that dropped patches are blended towards.
         strength: blend weight of ``color`` on dropped patches, in [0, 1].
         titles: column titles after "input" for the PNG, one per stage.
 
     Returns:
         (stages, B, H, W, 3) float in [0, 1]: image b after stage s, dropped patches shaded.
+        ``stages`` is 0 when the model drops nothing (``keep_rate=1``: ``kept`` is empty).
+
+    Raises:
+        ValueError: for images, ``patch_size``, ``color`` or ``strength`` out of their ranges,
+            or ``kept`` that does not fit the images: another batch size, or patch indices
+            beyond the patch grid (a wrong ``patch_size``, or ``kept`` of other images).
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
@@ -141,43 +150,67 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
         raise ValueError(f"images of {h}x{w} px are not a whole number of {ph}x{pw} patches")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    rgb = _rgb(color)
+    rows, cols = h // ph, w // pw
     for s, idx in enumerate(kept):
         if idx.dim() != 2 or idx.shape[0] != b:
             raise ValueError(f"kept[{s}] must be (B={b}, n_keep), got {tuple(idx.shape)}")
-    masks = kept_masks(kept, (h // ph, w // pw))                     # (S, B, rows, cols)
-    masks = masks.repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (S, B, H, W)
+        if idx.numel() and int(idx.max()) >= rows * cols:
+            raise ValueError(f"kept[{s}] holds patch index {int(idx.max())}, beyond the "
+                             f"{rows}x{cols} grid of {h}x{w} px images in {ph}x{pw} patches: "
+                             f"is patch_size {patch_size!r} the model's, and was kept computed "
+                             "from these images?")
     img = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)   # (B, H, W, 3)
-    shade = img * (1 - strength) + strength * torch.tensor(list(color), dtype=torch.float32)
+    if len(kept):
+        masks = kept_masks(kept, (rows, cols))                           # (S, B, rows, cols)
+        masks = masks.repeat_interleave(ph, 2).repeat_interleave(pw, 3)  # (S, B, H, W)
+    else:                                       # no drop stage: nothing to shade
+        masks = torch.zeros(0, b, h, w, dtype=torch.bool)
+    shade = img * (1 - strength) + strength * torch.tensor(rgb, dtype=torch.float32)
     out = torch.where(masks.unsqueeze(-1), img.unsqueeze(0), shade.unsqueeze(0))
     if path is not None:
         _save_grid(Path(path), img, out, masks, titles)
     return out
 
 
+def _rgb(color) -> list:
+    """``color`` as 3 floats in [0, 1], or a ValueError naming it."""
+    try:
+        rgb = None if isinstance(color, str) else [float(c) for c in color]
+    except (TypeError, ValueError):
+        rgb = None
+    if rgb is None or len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+        raise ValueError(f"color must be 3 values (RGB) in [0, 1], got {color!r}")
+    return rgb
+
+
 def _save_grid(path: Path, img: torch.Tensor, pics: torch.Tensor, masks: torch.Tensor,
                titles: Optional[Sequence[str]]) -> None:
+    # A bare Figure, not pyplot: the user's backend and pyplot's open figures stay as they were.
     try:
         import matplotlib
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("draw_kept(path=...) needs matplotlib: pip install "
                           "'bsr_kernels[app]' (or use the returned tensor)") from e
     stages, b = pics.shape[:2]
-    fig, axes = plt.subplots(b, stages + 1, figsize=(2.0 * (stages + 1), 2.0 * b),
-                             squeeze=False, constrained_layout=True)
-    for r in range(b):
-        axes[r, 0].imshow(img[r].numpy(), interpolation="nearest")
+    fig = Figure(figsize=(2.0 * (stages + 1), 2.0 * b), constrained_layout=True)
+    try:
+        axes = fig.subplots(b, stages + 1, squeeze=False)
+        for r in range(b):
+            axes[r, 0].imshow(img[r].numpy(), interpolation="nearest")
+            for s in range(stages):
+                axes[r, s + 1].imshow(pics[s, r].numpy(), interpolation="nearest")
+            for ax in axes[r]:
+                ax.set_axis_off()
+        axes[0, 0].set_title("input", fontsize=9)
+        ph_pw = masks.shape[2] * masks.shape[3]
         for s in range(stages):
-            axes[r, s + 1].imshow(pics[s, r].numpy(), interpolation="nearest")
-        for ax in axes[r]:
-            ax.set_axis_off()
-    axes[0, 0].set_title("input", fontsize=9)
-    ph_pw = masks.shape[2] * masks.shape[3]
-    for s in range(stages):
-        kept_px = int(masks[s, 0].sum())
-        name = titles[s] if titles and s < len(titles) else f"after drop {s + 1}"
-        axes[0, s + 1].set_title(f"{name}: {100 * kept_px / ph_pw:.0f}% kept", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            kept_px = int(masks[s, 0].sum())
+            name = titles[s] if titles and s < len(titles) else f"after drop {s + 1}"
+            axes[0, s + 1].set_title(f"{name}: {100 * kept_px / ph_pw:.0f}% kept", fontsize=9)
+        # The temporary file's name has no image suffix: the format comes from path's.
+        fmt = path.suffix[1:].lower() or matplotlib.rcParams["savefig.format"]
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
+    finally:
+        fig.clear()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -93,6 +94,68 @@ def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):
     path = tmp_path / "kept.png"
     bsr_kernels.draw_kept(x, kept, 4, path=path, titles=["block 2", "block 3", "block 4"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draw_kept_without_drop_stages_returns_no_pictures(tmp_path):
+    model = bsr_kernels.reprogram(vit(), keep_rate=1.0).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)
+    assert kept == []
+    pics = bsr_kernels.draw_kept(x, kept, 4)
+    assert pics.shape == (0, 2, 32, 32, 3) and pics.dtype == torch.float32
+    pytest.importorskip("matplotlib")
+    bsr_kernels.draw_kept(x, kept, 4, path=tmp_path / "k.png")     # the inputs only
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draw_kept_refuses_kept_beyond_the_grid_and_bad_colors():
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)               # 8x8 grid of 4 px patches
+    assert max(int(k.max()) for k in kept) >= 16
+    with pytest.raises(ValueError, match=r"kept\[0\] holds patch index \d+, beyond the 4x4 "
+                                         r"grid.*patch_size 8"):
+        bsr_kernels.draw_kept(x, kept, 8)
+    with pytest.raises(ValueError, match="beyond the 4x4 grid"):        # kept of other images
+        bsr_kernels.draw_kept(torch.rand(2, 3, 16, 16), kept, 4)
+    for bad in ((1.0, 0.0), (0.2, 0.2, 0.35, 1.0), (0.0, 0.0, 2.0), "red", 0.5):
+        with pytest.raises(ValueError, match="color must be 3 values"):
+            bsr_kernels.draw_kept(x, kept, 4, color=bad)
+    pics = bsr_kernels.draw_kept(x, kept, 4, color=torch.tensor([1.0, 0.0, 0.0]), strength=1.0)
+    dropped = ~bsr_kernels.summary.kept_masks(kept, (8, 8))[0, 0]    # image 0 after stage 1
+    dropped = dropped.repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert torch.equal(pics[0, 0][dropped].unique(dim=0), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_draw_kept_png_leaves_pyplot_alone_and_writes_atomically(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from bsr_kernels import checkpoint
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")                   # stands for a notebook's interactive backend
+    try:
+        figs = plt.get_fignums()
+        renames = []
+
+        def replace(src, dst):
+            renames.append((os.path.basename(src), os.path.basename(dst)))
+            os.replace(src, dst)
+        monkeypatch.setattr(checkpoint, "_replace", replace)
+        path = tmp_path / "kept.png"
+        path.write_bytes(b"old")
+        bsr_kernels.draw_kept(x, kept, 4, path=path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert renames == [(checkpoint.tmp_name(path).name, "kept.png")]
+        with pytest.raises(ValueError, match="unknownext"):
+            bsr_kernels.draw_kept(x, kept, 4, path=tmp_path / "kept.unknownext")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figs
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["kept.png"]
+    finally:
+        matplotlib.use(backend)
 
 
 def test_profile_result_reads_as_a_table_and_as_the_old_dict():
