@@ -18,10 +18,12 @@ routes:
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import atomic_write
 from .ops import reference
 from .ops.common import DropPlan, compute_dtype, num_kept
 
@@ -116,11 +118,32 @@ def _register_decompositions() -> None:
 
 _register_decompositions()
 
+#: Initializers up to this size are saved in one file, written atomically. The exporter moves
+#: them to an external ``<file>.data`` above 1.5 GiB (``ONNXProgram.save``); the margin keeps
+#: both counts of the same initializers on one side of that line.
+_ONE_FILE_BYTES = 1 << 30
+
+
+def _names(value: Union[str, Sequence[str]], arg: str) -> list:
+    """A list of graph names: one string is one name (not a list of its letters)."""
+    names = [value] if isinstance(value, str) else list(value)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{arg} must be a name or a list of non-empty names, got {value!r}")
+    return names
+
+
+def _initializer_bytes(program) -> Optional[int]:
+    try:
+        return sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                   if v.const_value is not None)
+    except AttributeError:    # another exporter version: let ONNXProgram.save decide
+        return None
+
 
 def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.PathLike] = None,
                 *, dynamic_batch: bool = True, opset_version: Optional[int] = None,
-                input_names: Sequence[str] = ("images",),
-                output_names: Sequence[str] = ("logits",)):
+                input_names: Union[str, Sequence[str]] = ("images",),
+                output_names: Union[str, Sequence[str]] = ("logits",)):
     """Exports a (reprogrammed) model to ONNX with the dynamo exporter.
 
     The drop op is decomposed into standard ONNX ops (see the module doc), so onnxruntime runs the
@@ -130,19 +153,34 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
     Args:
         model: the model, in eval mode for deployment.
         images: an example (B, 3, H, W) batch.
-        path: the ``.onnx`` file to write, or None to only return the program.
+        path: the ``.onnx`` file to write, or None to only return the program. Its folder must
+            exist. Written atomically (a temporary file renamed over ``path``) unless the
+            weights exceed 1 GiB; then the exporter writes ``path`` and ``<path>.data`` itself.
         dynamic_batch: export the batch dimension as dynamic (needs B >= 2 in ``images``).
         opset_version: ONNX opset; None for the exporter's default.
-        input_names, output_names: names of the graph's input and output.
+        input_names, output_names: names of the graph's inputs and outputs: a list of str as
+            ``torch.onnx.export`` takes, or one str for one name (``"pixels"``).
 
     Returns:
         The ``torch.onnx.ONNXProgram``.
+
+    Raises:
+        ValueError: for bad arguments, checked before the export (which takes minutes on a
+            ViT-B): ``images`` not (B, C, H, W), ``path`` a folder or in a folder that does not
+            exist, empty or non-str names, a batch of 1 with ``dynamic_batch``.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
-    if path is not None and os.path.isdir(path):   # checked before the export's minutes
-        raise ValueError(f"path {os.fspath(path)} is a folder; give the .onnx file to write")
+    if path is not None:     # checked before the export's minutes
+        if os.path.isdir(path):
+            raise ValueError(f"path {os.fspath(path)} is a folder; give the .onnx file to write")
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise ValueError(f"path {path}: its folder {path.parent} does not exist; create it "
+                             "first")
+    input_names = _names(input_names, "input_names")
+    output_names = _names(output_names, "output_names")
     if dynamic_batch and images.shape[0] < 2:
         raise ValueError("dynamic_batch needs an example batch of at least 2 images "
                          "(torch.export specialises a size of 1)")
@@ -156,8 +194,12 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
-    program = torch.onnx.export(model, (images,), dynamo=True, input_names=list(input_names),
-                                output_names=list(output_names), verbose=False, **kwargs)
+    program = torch.onnx.export(model, (images,), dynamo=True, input_names=input_names,
+                                output_names=output_names, verbose=False, **kwargs)
     if path is not None:
-        program.save(os.fspath(path))
+        size = _initializer_bytes(program)
+        if size is not None and size <= _ONE_FILE_BYTES:
+            atomic_write(path, lambda tmp: program.save(os.fspath(tmp), external_data=False))
+        else:   # external data is named after the file written: write path itself
+            program.save(os.fspath(path))
     return program

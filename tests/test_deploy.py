@@ -138,13 +138,29 @@ def test_moe_model_exports_and_traces_with_data_dependent_routing():
 
 
 @needs_onnx
-def test_moe_model_in_onnxruntime(tmp_path):
+def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
+    """Also export_onnx's file: written atomically (over an older one), one str is one name."""
+    import onnx
+
+    from bsr_kernels import checkpoint
+    renames = []
+
+    def replace(src, dst):
+        renames.append((os.path.basename(src), os.path.basename(dst)))
+        os.replace(src, dst)
+    monkeypatch.setattr(checkpoint, "_replace", replace)
     model, x, other = moe_model(seed=2), images(4), images(3, seed=7)
     with torch.no_grad():
         want = model(other)
-    bsr_kernels.export_onnx(model, x, tmp_path / "moe.onnx")
-    torch.testing.assert_close(_ort_logits(str(tmp_path / "moe.onnx"), other), want,
-                               rtol=1e-4, atol=1e-4)
+    path = tmp_path / "moe.onnx"
+    path.write_bytes(b"an older export")
+    bsr_kernels.export_onnx(model, x, path, input_names="pixels", output_names="probs")
+    assert renames == [(checkpoint.tmp_name(path).name, "moe.onnx")]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["moe.onnx"]
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["pixels"]
+    assert [o.name for o in graph.output] == ["probs"]
+    torch.testing.assert_close(_ort_logits(str(path), other), want, rtol=1e-4, atol=1e-4)
 
 
 def test_jit_script_is_refused_naming_the_supported_routes():
@@ -197,6 +213,21 @@ def test_export_onnx_refuses_a_folder_as_path_before_exporting(tmp_path, monkeyp
     monkeypatch.setattr(torch.onnx, "export", export)
     with pytest.raises(ValueError, match=f"path {tmp_path} is a folder"):
         bsr_kernels.export_onnx(tiny_vit(), images(2), tmp_path)
+
+
+def test_export_onnx_checks_the_folder_and_names_before_exporting(tmp_path, monkeypatch):
+    def export(*args, **kwargs):
+        raise AssertionError("exported before the arguments were checked")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    missing = tmp_path / "missing" / "m.onnx"
+    with pytest.raises(ValueError, match=f"path {missing}: its folder {missing.parent} does "
+                                         "not exist"):
+        bsr_kernels.export_onnx(tiny_vit(), images(2), missing)
+    assert list(tmp_path.iterdir()) == []
+    for bad in ("", [], ["images", 3]):
+        with pytest.raises(ValueError, match="input_names must be a name or a list"):
+            bsr_kernels.export_onnx(tiny_vit(), images(2), input_names=bad)
 
 
 @needs_onnx
