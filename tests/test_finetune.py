@@ -288,6 +288,30 @@ def test_error_other_arguments(tmp_path, capsys):
         assert argv[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, flag, where", [
+    (["--pretrained"], "--pretrained", "timm models"),
+    (["--data-root", "elsewhere"], "--data-root", "cifar10"),
+    (["--bad-images", "skip"], "--bad-images", "image folders")])
+def test_options_that_would_do_nothing_here_are_refused(argv, flag, where, capsys):
+    """With the digits model and data these did nothing, silently (--pretrained was even
+    recorded as hub weights in the checkpoint's fingerprint)."""
+    rc, _, err = _run([*argv, "--method", "linear", *TINY], capsys)
+    assert rc == 2 and f"{flag}: applies to" in err and where in err, err
+
+
+def test_a_folder_named_like_a_dataset_is_named_in_a_warning(tmp_path, monkeypatch):
+    """--data digits with a ./digits folder here trains the built-in set: said, with the way to
+    the folder; the name matches in any case, as the torchvision names do."""
+    from bsr_kernels.finetune.data import build_data, data_kind
+    assert [data_kind(d) for d in ("digits", "DIGITS", "Cifar10", "./digits", "pets/x")] == [
+        "digits", "digits", "torchvision", "folder", "folder"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    said = []
+    bundle = build_data("digits", 16, (0.5,) * 3, (0.5,) * 3, warn=said.append)
+    assert bundle.name == "digits" and len(said) == 1 and "pass ./digits" in said[0]
+
+
 def test_a_checkpoint_of_timms_train_script_is_read(tmp_path):
     """timm's train.py saves {"state_dict", "args": argparse.Namespace, ...}: a plain
     weights_only load refused it. Other pickled objects are still refused, and the message

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ..checkpoint import RunLock, atomic_write, clean_orphans, read_json, write_json
 from ..config import check_blocks, default_drop_at, default_train_blocks
-from .data import BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data
+from .data import (BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data,
+                   data_kind)
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
                      model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
@@ -604,9 +605,10 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
         log(f"--resume: as the run was started: {' '.join(taken)}")
     check_model_name(args.model)
     check_optimizer_name(args.opt)
-    methods = args.method or (METHODS if args.data == "digits" else ("bsr",))
+    kind = data_kind(args.data)
+    methods = args.method or (METHODS if kind == "digits" else ("bsr",))
     if args.epochs is None:
-        args.epochs = DEMO_EPOCHS if args.data == "digits" else OTHER_EPOCHS
+        args.epochs = DEMO_EPOCHS if kind == "digits" else OTHER_EPOCHS
     if args.activation_dtype is not None and args.memory_mode == "autograd":
         raise ValueError("--activation-dtype compresses what --memory-mode lean or fast saves; "
                          "--memory-mode autograd saves what autograd saves")
@@ -619,6 +621,14 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
                 if n in given or (n in ("train_blocks", "drop_at") and getattr(args, n))]
     if "bsr" not in methods:
         _refuse_unused(bsr_only, "--method bsr only")
+    if args.pretrained and args.model == DIGITS_MODEL:
+        _refuse_unused(["pretrained"], f"timm models (--model {DIGITS_MODEL} starts from its "
+                       "shipped weights)")
+    if kind != "torchvision":
+        _refuse_unused([n for n in ("data_root",) if n in given],
+                       f"--data {', '.join(TORCHVISION_SETS)} (their download folder)")
+    if kind != "folder":
+        _refuse_unused([n for n in ("bad_images",) if n in given], "--data DIR (image folders)")
     if args.out is None:
         _refuse_unused([n for n in ("overwrite", "save_every_steps") if n in given],
                        "a run written with --out DIR")

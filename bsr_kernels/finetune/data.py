@@ -39,6 +39,7 @@ __all__ = [
     "default_data_root",
     "DatasetUnavailableError",
     "BAD_IMAGE_MODES",
+    "data_kind",
 ]
 
 DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -387,6 +388,21 @@ def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
     return DataBundle(str(path), train, test, len(classes), classes, tuple(mean), tuple(std))
 
 
+def data_kind(data: str) -> str:
+    """What ``--data`` names: ``"digits"`` (the built-in set), ``"torchvision"`` (one of
+    :data:`TORCHVISION_SETS`) or ``"folder"`` (an ImageFolder path). Names match in any case;
+    a folder of such a name is passed as a path (``./cifar10``).
+
+    Raises:
+        ValueError: when ``data`` is not a non-empty string.
+    """
+    if not isinstance(data, str) or not data:
+        raise ValueError(f"--data must be a name or a directory, got {data!r}")
+    if data.lower() == "digits":
+        return "digits"
+    return "torchvision" if data.lower() in TORCHVISION_SETS else "folder"
+
+
 def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[float],
                root: Optional[os.PathLike] = None, digits_shift: int = 0,
                bad_images: str = "error", warn: Callable = warnings.warn,
@@ -413,14 +429,16 @@ def build_data(data: str, img_size: int, mean: Sequence[float], std: Sequence[fl
             (with ``bad_images="error"``) holds unreadable images.
         DatasetUnavailableError: when a torchvision set cannot be downloaded (offline).
     """
-    if not isinstance(data, str) or not data:
-        raise ValueError(f"--data must be a name or a directory, got {data!r}")
-    if data == "digits":
+    kind = data_kind(data)
+    if kind != "folder" and Path(data).is_dir():
+        warn(f"--data {data}: the {'built-in' if kind == 'digits' else 'torchvision'} set of "
+             f"that name, not the folder {data}/ here; pass ./{data} for the folder")
+    if kind == "digits":
         train, test = digits_split(DIGITS_TARGET_CLASSES, img_size, mean, std,
                                    max_shift=digits_shift)
         return DataBundle("digits", train, test, len(DIGITS_TARGET_CLASSES),
                           [str(c) for c in DIGITS_TARGET_CLASSES], tuple(mean), tuple(std))
-    if data.lower() in TORCHVISION_SETS:
+    if kind == "torchvision":
         return _torchvision_set(data.lower(), Path(root or default_data_root()), img_size, mean,
                                 std, data_config)
     path = Path(data).expanduser()
