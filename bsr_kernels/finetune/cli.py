@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/bsr_kernels/data)")
     g.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader workers")
     g.add_argument("--bad-images", choices=BAD_IMAGE_MODES, default="error",
-                   help="ImageFolder images that cannot be read (every file is verified at "
+                   help="ImageFolder images that cannot be read (every file is decoded at "
                         "start-up): error stops and lists them, skip trains without them and "
                         "says how many (default: error)")
     g = p.add_argument_group("method")
