@@ -717,6 +717,16 @@ def test_img_size_off_the_patch_grid_is_refused_before_training(tmp_path, capsys
     def no_training(*a, **k):
         raise AssertionError("trained before --img-size was checked")
     monkeypatch.setattr(cli, "fit", no_training)
+    real_build_data = cli.build_data
+
+    def data_after_the_check(*a, **k):   # the data's check reads every image: minutes
+        if a[1] == 17:
+            raise AssertionError("data read before --img-size was checked")
+        return real_build_data(*a, **k)
+    monkeypatch.setattr(cli, "build_data", data_after_the_check)
+    from bsr_kernels.finetune.models import model_patch_size
+    assert model_patch_size("vit_tiny_patch16_224") == (16, 16)
+    assert model_patch_size("resnet18") is None   # not a ViT: build_model refuses it
     for size, says in ((17, "--img-size 17: not a whole number of"), (4, "--img-size 4")):
         rc, _, err = _run([*FAST, "--img-size", size, "--out", tmp_path / "run"], capsys)
         assert rc == 2 and says in err, err

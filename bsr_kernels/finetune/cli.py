@@ -40,7 +40,7 @@ from ..config import check_blocks, default_drop_at, default_train_blocks
 from .data import (BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data,
                    data_kind)
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
-                     model_data_config)
+                     model_data_config, model_patch_size)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
                     AMP_MODES, SCHEDULES, TrainingDivergedError, TrainingInterrupted, adapt,
@@ -673,15 +673,16 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
         data_config["std"]
     shift = DIGITS_SHIFT * img_size // 8
+    patch = model_patch_size(args.model)   # before the data, whose check reads every image
+    if patch is not None and (img_size % patch[0] or img_size % patch[1]):
+        # timm would drop the last pixels silently
+        raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
+                         f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
     data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
                       bad_images=args.bad_images, warn=warn, data_config=data_config)
     seed_all(args.seed)
     base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
                               args.checkpoint)
-    patch = tuple(base.patch_embed.patch_size)
-    if img_size % patch[0] or img_size % patch[1]:   # timm would drop the last pixels silently
-        raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
-                         f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
     if info.is_main:
         log(f"bsr-finetune: {args.model} ({minfo['weights']}), {img_size} px, "
             f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; data {data.name}: "

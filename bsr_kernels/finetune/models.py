@@ -30,6 +30,7 @@ __all__ = [
     "read_state_dict",
     "model_input_config",
     "model_data_config",
+    "model_patch_size",
     "WeightsUnavailableError",
 ]
 
@@ -271,6 +272,21 @@ def model_data_config(name: str, img_size: Optional[int] = None) -> dict:
     out["input_size"] = (3, side, side)
     out["mean"], out["std"] = tuple(out["mean"]), tuple(out["std"])
     return out
+
+
+def model_patch_size(name: str) -> Optional[tuple]:
+    """The (height, width) of model ``name``'s patches, without its weights or memory (a timm
+    model is built on the meta device, in well under a second); None for a model without a
+    ``patch_embed`` (not a ViT: :func:`build_model` refuses it)."""
+    check_model_name(name)
+    if name == DIGITS_MODEL:
+        side = int(digits_vit_config()["arch"]["patch_size"])
+        return (side, side)
+    import timm
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return None if patch is None else tuple(int(p) for p in patch)
 
 
 def model_input_config(name: str, img_size: Optional[int] = None
