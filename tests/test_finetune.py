@@ -146,6 +146,26 @@ def test_global_batches_do_not_depend_on_the_number_of_processes(n, batch, world
     assert list(single) != first or n <= batch
 
 
+@pytest.mark.parametrize("n,batch,world", [(5, 8, 4), (1, 2, 2), (6, 8, 4), (13, 6, 3),
+                                            (3, 8, 4)])
+def test_a_short_last_batch_gives_every_process_images(n, batch, world):
+    """drop_last=False: the last global batch was cut into ceil(len / world) slices, so with
+    5 images on 4 processes the last got none (IndexError in its DataLoader, and the others
+    waited for it). Now the slices differ by at most one image, and a batch smaller than the
+    number of processes is cycled to one image each, as torch's DistributedSampler pads."""
+    single = GlobalBatchSampler(n, batch, 0, 1, seed=3, drop_last=False)
+    shards = [GlobalBatchSampler(n, batch, r, world, seed=3, drop_last=False)
+              for r in range(world)]
+    whole = list(single)[-1]
+    last = [list(s)[-1] for s in shards]
+    sizes = sorted(len(p) for p in last)
+    assert sizes[0] >= 1 and sizes[-1] - sizes[0] <= 1, last
+    got = sum(last, [])
+    assert sorted(set(got)) == sorted(whole)
+    assert len(got) == max(len(whole), world)
+    assert all(len(list(s)) == len(single) for s in shards)
+
+
 def test_shards_cover_the_test_set_once():
     for n, world in [(10, 3), (7, 2), (3, 4)]:
         got = sum((list(ShardSampler(n, r, world)) for r in range(world)), [])

@@ -132,8 +132,11 @@ class GlobalBatchSampler(Sampler):
         for b in range(self.start, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             if len(batch) < self.batch_size:   # last batch, not dropped: share it out evenly
-                per = -(-len(batch) // self.world_size)
-                yield batch[self.rank * per:(self.rank + 1) * per]
+                if len(batch) < self.world_size:   # an image for every process: cycle the
+                    batch = (batch * self.world_size)[:self.world_size]  # batch, as torch's
+                per, extra = divmod(len(batch), self.world_size)      # DistributedSampler pads
+                lo = self.rank * per + min(self.rank, extra)
+                yield batch[lo:lo + per + (self.rank < extra)]
             else:
                 yield batch[self.rank * local:(self.rank + 1) * local]
 
