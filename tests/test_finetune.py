@@ -417,6 +417,40 @@ def test_compressed_activations_flag(tmp_path, capsys):
 
 # --- the methods registry and the distributed module ----------------------------------------
 
+@pytest.mark.parametrize("sched", ["step", "multistep", "poly", "tanh"])
+def test_timm_schedules_warm_up_to_the_full_rate_first(sched):
+    """timm's warm-up climbs to its schedule's value at the warm-up's end: with --sched tanh
+    and the warm-up as long as the run (--epochs 1, the default --warmup-epochs 1) that is 0,
+    and every update ran at rate 0. The warm-up is now a linear prefix to the full rate (as
+    the cosine schedule's), then the schedule runs from there; no update runs at rate 0."""
+    from bsr_kernels.finetune.train import make_timm_scheduler
+    w = torch.nn.Parameter(torch.randn(3))
+    h = torch.nn.Parameter(torch.randn(2))
+
+    def rates(total, warm):
+        opt = torch.optim.SGD([{"params": [w], "lr": 0.01}, {"params": [h], "lr": 0.1}], lr=0.01)
+        s = make_timm_scheduler(opt, sched, total, warm)
+        out = []
+        for _ in range(total):
+            out.append([g["lr"] for g in opt.param_groups])
+            s.step()
+        return out, s, opt
+
+    throughout, _, _ = rates(4, 4)
+    assert throughout == [[pytest.approx(0.01 * t / 4), pytest.approx(0.1 * t / 4)]
+                          for t in (1, 2, 3, 4)]
+    lrs, s, opt = rates(12, 3)
+    assert [r[0] for r in lrs[:3]] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])
+    assert lrs[3] == pytest.approx([0.01, 0.1])            # the schedule starts at full rate
+    assert all(r[0] > 0 for r in lrs) and lrs[-1][0] < 0.01
+    assert all(a[0] >= b[0] for a, b in zip(lrs[3:], lrs[4:]))   # then only decays
+    state = s.state_dict()                                  # resume: the same rate
+    opt2 = torch.optim.SGD([{"params": [w], "lr": 0.01}, {"params": [h], "lr": 0.1}], lr=0.01)
+    s2 = make_timm_scheduler(opt2, sched, 12, 3)
+    s2.load_state_dict(state)
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
 def test_extended_cosine_schedule_resumes_at_its_own_rate():
     """A cosine schedule loaded into a longer one (--resume with more --epochs) takes its next
     step at the longer schedule's rate for that step, not the saved run's last rate (0 at the

@@ -186,15 +186,32 @@ SCHEDULES = ("cosine", "step", "multistep", "poly", "tanh")
 
 
 class TimmStepScheduler:
-    """A timm scheduler driven per optimizer update, with the ``step()`` / ``state_dict()`` /
-    ``load_state_dict()`` of a torch LR scheduler (what :func:`fit` and its checkpoints use)."""
+    """A timm scheduler driven per optimizer update, after a linear warm-up of its own, with the
+    ``step()`` / ``state_dict()`` / ``load_state_dict()`` of a torch LR scheduler (what
+    :func:`fit` and its checkpoints use).
 
-    def __init__(self, scheduler):
-        self.scheduler, self.num_updates = scheduler, 0
+    Update ``t`` (from 0) runs at ``base * (t + 1) / warmup_steps`` while ``t < warmup_steps``,
+    as :func:`make_scheduler`'s warm-up does, then at the timm schedule's value for update
+    ``t - warmup_steps``: the warm-up is a prefix and the schedule starts at the full rate.
+    (timm's own warm-up climbs to the schedule's value *at its end*, which for ``tanh`` with the
+    warm-up as long as the run is 0: nothing trained.)"""
+
+    def __init__(self, scheduler, warmup_steps: int = 0):
+        self.scheduler, self.warmup_steps, self.num_updates = scheduler, int(warmup_steps), 0
+        self._apply()
+
+    def _apply(self) -> None:
+        t = self.num_updates
+        if t < self.warmup_steps:
+            for group, base in zip(self.scheduler.optimizer.param_groups,
+                                   self.scheduler.base_values):
+                group[self.scheduler.param_group_field] = base * (t + 1) / self.warmup_steps
+        else:
+            self.scheduler.step_update(t - self.warmup_steps)
 
     def step(self) -> None:
         self.num_updates += 1
-        self.scheduler.step_update(self.num_updates)
+        self._apply()
 
     # The schedule is a function of its settings and the update count, so the count is the
     # whole state: a resumed run with more --epochs follows the new, longer schedule.
@@ -203,23 +220,31 @@ class TimmStepScheduler:
 
     def load_state_dict(self, state: dict) -> None:
         self.num_updates = int(state["num_updates"])
-        self.scheduler.step_update(self.num_updates)
+        self._apply()
 
 
-def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, epochs: int,
-                        steps_per_epoch: int, warmup_epochs: float) -> TimmStepScheduler:
-    """timm's ``sched`` schedule over ``epochs`` (warm-up from 0 included), per update."""
+def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, total_steps: int,
+                        warmup_steps: int, steps_per_epoch: int = 1) -> TimmStepScheduler:
+    """timm's ``sched`` schedule per update, after a linear warm-up from 0 of ``warmup_steps``
+    (see :class:`TimmStepScheduler`), over the ``total_steps - warmup_steps`` updates left.
+    With E = ``total_steps // steps_per_epoch`` epochs: ``step`` decays by 10x every
+    ``max(1, E // 3)`` epochs, ``multistep`` after ``max(1, E // 2)`` and ``max(1, 3E // 4)``
+    epochs (counted from the warm-up's end), ``poly`` and ``tanh`` run to 0 at the end."""
     from timm.scheduler import create_scheduler_v2
 
     if sched not in SCHEDULES or sched == "cosine":
         raise ValueError(f"--sched must be one of {', '.join(SCHEDULES[1:])} for a timm "
                          f"scheduler, got {sched!r}")
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=epochs, warmup_epochs=min(warmup_epochs, epochs),
-        warmup_lr=0.0, min_lr=0.0, decay_epochs=max(1, epochs // 3),
-        decay_milestones=[max(1, epochs // 2), max(1, 3 * epochs // 4)],
-        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    return TimmStepScheduler(scheduler)
+    per = max(1, int(steps_per_epoch))
+    total = max(1, int(total_steps))
+    warm = max(0, min(int(warmup_steps), total))
+    epochs = max(1, total // per)
+    scheduler, _ = create_scheduler_v2(   # in updates: one "epoch" of timm's is one update
+        optimizer, sched=sched, num_epochs=max(1, total - warm), warmup_epochs=0, min_lr=0.0,
+        decay_epochs=max(1, epochs // 3) * per,
+        decay_milestones=[max(1, epochs // 2) * per, max(1, 3 * epochs // 4) * per],
+        step_on_epochs=False, updates_per_epoch=1)
+    return TimmStepScheduler(scheduler, warm)
 
 
 #: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` asks for
@@ -560,8 +585,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     if opts.sched == "cosine":
         scheduler = make_scheduler(optimizer, total, warmup)
     else:
-        scheduler = make_timm_scheduler(optimizer, opts.sched, opts.epochs, steps_per_epoch,
-                                        opts.warmup_epochs)
+        scheduler = make_timm_scheduler(optimizer, opts.sched, total, warmup, steps_per_epoch)
 
     start_epoch, step, history, partial = 0, 0, [], None
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
