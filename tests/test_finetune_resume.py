@@ -312,6 +312,12 @@ def test_save_every_steps_loses_at_most_those_steps_to_a_kill(runs, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     state = load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")
     assert state["step"] == 6 and state["partial_epoch"]["batches"] == 2
+    # --epochs 1: the checkpoint's weights are past epoch 1 (they were returned as its result,
+    # beside epoch 1's accuracy); refused, naming the epoch to pass, the checkpoint untouched
+    short = _cli(tmp_path, "--resume", "--epochs", "1")
+    assert short.returncode == 2 and "saved inside epoch 2" in short.stderr, short.stderr
+    assert "--epochs 2 or more" in short.stderr
+    assert load_checkpoint(tmp_path / "bsr" / "checkpoint.pt")["step"] == 6
     resumed = _cli(tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(load_checkpoint(root / "whole" / "bsr" / "checkpoint.pt"),

@@ -716,7 +716,9 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         done_file = out / method / "result.json" if out is not None else None
         if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
             state = load_checkpoint(ckpt, fp, extendable=("epochs",), normalize=same)
-            if int(state["epoch"]) == args.epochs:   # finished earlier: reuse, do not retrain
+            # finished earlier: reuse, do not retrain (a checkpoint saved inside a later epoch
+            # holds other weights: fit refuses it)
+            if int(state["epoch"]) == args.epochs and not state.get("partial_epoch"):
                 res = read_json(done_file, f"the result of method {method}",
                                 f"delete it and rerun with --resume: it is rebuilt from "
                                 f"{ckpt} without training again",

@@ -595,6 +595,13 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
                                   f"{int(state['epoch'])} epochs, more than --epochs "
                                   f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
+        if state.get("partial_epoch") and int(state["epoch"]) >= opts.epochs:
+            # its weights are past epoch `epoch`: they are not that epoch's result
+            e = int(state["epoch"])
+            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} was saved inside "
+                                  f"epoch {e + 1} (after {state['partial_epoch']['batches']} of "
+                                  f"its batches), past --epochs {opts.epochs}; pass --epochs "
+                                  f"{e + 1} or more to finish that epoch")
         restore_training_state(state, model, optimizer, scheduler, str(opts.checkpoint))
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), state["history"]
         partial = state.get("partial_epoch")
