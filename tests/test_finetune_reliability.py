@@ -376,6 +376,31 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
     assert (np.asarray(data._load_image(str(tmp_path / "rgb.png"))) == eight).all()
 
 
+def test_resume_over_a_changed_image_folder_is_refused(tmp_path, capsys):
+    """Images added to the folder between a run and its --resume re-drew the held-out split
+    (trained images in the test set) and mixed two test sets in the history, silently. The
+    checkpoint now records the split sizes and the classes; one written before resumes."""
+    from PIL import Image
+    pics, out = tmp_path / "pics", tmp_path / "run"
+    _write_image_folder(pics, {"cat": 6, "dog": 6})
+    rc, _, err = _run(_folder_args(pics, out), capsys)
+    assert rc == 0, err
+    ckpt = out / "linear" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["fingerprint"]["data_images"] == [10, 2]
+    assert state["fingerprint"]["data_classes"].startswith("2 classes, sha256 ")
+    for i in range(6, 11):
+        Image.open(pics / "cat" / "0.png").save(pics / "cat" / f"{i}.png")
+    rc, _, err = _run(["--resume", out, "--epochs", "2"], capsys)
+    assert rc == 2 and "other settings" in err and "data_images: checkpoint [10, 2], now " \
+        "[14, 3]" in err, err
+    for k in ("data_images", "data_classes"):   # a checkpoint of before: resumes
+        del state["fingerprint"][k]
+    torch.save(state, ckpt)
+    rc, printed, err = _run(["--resume", out, "--epochs", "2"], capsys)
+    assert rc == 0 and "resumed from" in printed + err, err
+
+
 def test_a_class_missing_from_the_test_split_is_warned(tmp_path, capsys):
     pics = tmp_path / "pics"
     _write_image_folder(pics, {"cat": 6, "dog": 6, "owl": 1})

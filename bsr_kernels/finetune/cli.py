@@ -271,6 +271,20 @@ def _fingerprint(args, method: str, num_classes: int, img_size: int, lr: float,
     return fp
 
 
+#: What a checkpoint records of the data beyond --data (a path whose folder may change):
+#: the train and test sizes, and the classes. Checkpoints written before lack it.
+DATA_IDENTITY = ("data_images", "data_classes")
+
+
+def _data_identity(data) -> dict:
+    """The :data:`DATA_IDENTITY` settings of ``data`` (a DataBundle). Images added to a folder
+    change the held-out split too, so resuming over them would test on trained images."""
+    import hashlib
+    names = hashlib.sha256("\n".join(map(str, data.classes)).encode()).hexdigest()[:12]
+    return {"data_images": [len(data.train), len(data.test)],
+            "data_classes": f"{len(data.classes)} classes, sha256 {names}"}
+
+
 def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
     return {"model": args.model, "weights": "hub" if args.pretrained else
             (str(args.checkpoint) if args.checkpoint else "default"),
@@ -711,11 +725,13 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         seed_all(args.seed)
         model = _adapt(base, method, args)
         model.to(info.device)
-        fp = _fingerprint(args, method, data.num_classes, img_size, lr, info.device)
+        fp = {**_fingerprint(args, method, data.num_classes, img_size, lr, info.device),
+              **_data_identity(data)}
         ckpt = out / method / "checkpoint.pt" if out is not None else None
         done_file = out / method / "result.json" if out is not None else None
         if args.resume and done_file is not None and done_file.is_file() and ckpt.is_file():
-            state = load_checkpoint(ckpt, fp, extendable=("epochs",), normalize=same)
+            state = load_checkpoint(ckpt, fp, extendable=("epochs",), normalize=same,
+                                    optional=DATA_IDENTITY)
             # finished earlier: reuse, do not retrain (a checkpoint saved inside a later epoch
             # holds other weights: fit refuses it)
             if int(state["epoch"]) == args.epochs and not state.get("partial_epoch"):
@@ -742,7 +758,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                           resume=args.resume,
                           on_epoch=lambda h, m=method: on_epoch(m, h))
         res = fit(model, data, opts, info, fingerprint=fp, log=log, name=method,
-                  normalize=same)
+                  normalize=same, optional=DATA_IDENTITY)
         histories[method] = list(res["history"])
         trained = trainable_parameters(model)
         res.update({"lr": lr, "head_lr": lr * args.head_lr_scale, "epochs": args.epochs,

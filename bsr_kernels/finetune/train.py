@@ -413,7 +413,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
-                    extendable: Sequence[str] = (), normalize: Optional[dict] = None) -> dict:
+                    extendable: Sequence[str] = (), normalize: Optional[dict] = None,
+                    optional: Sequence[str] = ()) -> dict:
     """Reads a training checkpoint and checks that it belongs to this run.
 
     Args:
@@ -424,6 +425,8 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
         normalize: ``{setting: function}``: the saved and the current value of such a setting
             are compared as the function gives them (what they stand for: a default None and
             the value it resolves to are the same setting).
+        optional: settings of ``fingerprint`` that checkpoints written before they were
+            recorded lack: compared only when the checkpoint has them.
 
     Raises:
         CheckpointError: if the file is missing, unreadable (corrupt, truncated), not a
@@ -449,8 +452,8 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
     if fingerprint is not None:
         saved, same = state.get("fingerprint", {}), normalize or {}
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in fingerprint.items()
-                 if k not in extendable and (same[k](saved.get(k)) != same[k](v) if k in same
-                                             else saved.get(k) != v)]
+                 if k not in extendable and (k in saved or k not in optional)
+                 and (same[k](saved.get(k)) != same[k](v) if k in same else saved.get(k) != v)]
         diffs += [f"{k}: checkpoint {saved[k]!r}, now unset" for k in saved
                   if k not in fingerprint]
         if diffs:
@@ -540,7 +543,8 @@ def _loader(dataset, sampler, batch_size: Optional[int], workers: int, device,
 
 def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         fingerprint: Optional[dict] = None, log: Callable[[str], None] = print,
-        name: str = "", normalize: Optional[dict] = None) -> dict:
+        name: str = "", normalize: Optional[dict] = None, optional: Sequence[str] = ()
+        ) -> dict:
     """Trains ``model`` (already adapted) on ``data.train``, evaluating on ``data.test`` after
     every epoch.
 
@@ -550,7 +554,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         opts: see :class:`FitOptions`.
         info: this process (from :func:`setup_distributed`).
         fingerprint: settings stored in, and checked against, the checkpoint.
-        normalize: how some of them compare (see :func:`load_checkpoint`).
+        normalize, optional: how some of them compare (see :func:`load_checkpoint`).
         log: where per-epoch lines go (called on the main process only).
         name: label of the progress bars and log lines.
 
@@ -590,7 +594,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     start_epoch, step, history, partial = 0, 0, [], None
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
         state = load_checkpoint(opts.checkpoint, fingerprint, extendable=("epochs",),
-                                normalize=normalize)
+                                normalize=normalize, optional=optional)
         if int(state["epoch"]) > opts.epochs:
             raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
                                   f"{int(state['epoch'])} epochs, more than --epochs "
