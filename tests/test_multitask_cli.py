@@ -3,6 +3,10 @@ without --resume or --overwrite, one process writes it (``.lock``), --out is che
 anything loads, a NaN/inf loss stops the run (exit 3) before a checkpoint of it is written, flags
 are checked naming them, Ctrl-C and I/O errors end without a traceback, --help is complete."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +118,119 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     rc, _, err = _run([*FAST, "--out", tmp_path, "--resume", "--overwrite"], capsys)
     assert rc == 2 and "--resume and --overwrite exclude each other" in err, err
+
+
+# --- --resume -------------------------------------------------------------------------------
+
+def _weights(folder, method="linear"):
+    return torch.load(Path(folder) / method / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_resume_with_more_epochs_continues_the_run(tmp_path, capsys):
+    """The reviewer's case: a 1-epoch run resumed with --epochs 2 was warned that the schedule
+    now follows 2 epochs, then refused (the checkpoint's "epochs: checkpoint 1, now 2"). It
+    trains epoch 2; the warm-up being one epoch either way, it ends as a 2-epoch run from the
+    start does. Fewer --epochs than the checkpoint has trained is refused, the checkpoint kept."""
+    args = [*FAST, "--max-train-images", "32"]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    rc, _, err = _run([*args, "--out", cut], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["--resume", "--out", cut, "--epochs", "2"], capsys)
+    assert rc == 0, err
+    assert "schedule now follows 2" in err and "resumed from" in out and "epoch 2/2" in out
+    rc, _, err = _run([*args, "--epochs", "2", "--out", whole], capsys)
+    assert rc == 0, err
+    runs = [json.loads((d / "summary.json").read_text())["methods"]["linear"]
+            for d in (cut, whole)]
+    assert runs[0]["resumed_from_epoch"] == 1 and len(runs[0]["history"]) == 2
+    assert runs[0]["history"] == runs[1]["history"]
+    for name, w in _weights(whole).items():
+        torch.testing.assert_close(_weights(cut)[name], w, rtol=0, atol=0, msg=name)
+    before = (cut / "linear" / "checkpoint.pt").read_bytes()
+    rc, _, err = _run(["--resume", "--out", cut, "--epochs", "1"], capsys)
+    assert rc == 2 and "already trained 2 epochs, more than --epochs 1" in err, err
+    assert "--epochs 2 or more" in err
+    assert (cut / "linear" / "checkpoint.pt").read_bytes() == before
+
+
+# --- --max-train-images ----------------------------------------------------------------------
+
+def _image_folder(root, classes=("cat", "dog", "fox"), per_class=10):
+    """An ImageFolder of ``per_class`` 8 x 8 noise images per class (a fifth held out)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    return root
+
+
+def test_max_train_images_of_an_image_folder_is_a_seeded_draw_of_every_class(tmp_path, capsys,
+                                                                              monkeypatch):
+    """An ImageFolder lists its images class by class, and --max-train-images 8 took the first
+    8: all cats. The 8 are drawn at random with --seed: of several classes, the same ones on
+    --resume, others with another --seed; the checkpoint records the draw, so a checkpoint
+    without it (a run on the first N) is not resumed on other images."""
+    folder = _image_folder(tmp_path / "imgs")
+    drawn, real = [], mt.train
+
+    def record(model, tasks, *a, **k):
+        ds = tasks[0].train
+        drawn.append((list(ds.indices), [ds[i][1] for i in range(len(ds))]))
+        return real(model, tasks, *a, **k)
+    monkeypatch.setattr(mt, "train", record)
+    argv = [*FAST, "--max-train-images", "8", "--task", f"a={folder}"]
+    out = tmp_path / "run"
+    for extra in (["--out", out], ["--out", out, "--resume"], ["--seed", "1"]):
+        rc, _, err = _run([*argv, *extra], capsys)
+        assert rc == 0, err
+    (first, labels), (resumed, _), (other, _) = drawn
+    assert len(first) == 8 and len(set(labels)) == 3, labels     # cats, dogs and foxes
+    assert resumed == first and other != first
+    ckpt = out / "linear" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["fingerprint"]["train_subsets"] == {"a": "random 8 of 24, seed 0"}
+    del state["fingerprint"]["train_subsets"]
+    torch.save(state, ckpt)
+    rc, _, err = _run([*argv, "--out", out, "--resume"], capsys)
+    assert rc == 2 and "train_subsets: checkpoint None" in err, err
+
+
+# --- torchrun -------------------------------------------------------------------------------
+
+def test_torchrun_with_fewer_training_images_than_processes(tmp_path, capsys):
+    """The reviewer's case: --max-train-images 1 under 2 processes left process 1 no image of
+    the batch (torch.stack of nothing) and the run hung. The short batch is cycled to one image
+    per process, so the run completes and, DDP averaging two gradients of the same image,
+    trains the weights one process trains on that image."""
+    argv = [*FAST, "--device", "cpu", "--batch-size", "2", "--max-train-images", "1"]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / "torchrun.log"     # not a pipe: a hung worker would hold it open
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2", "-m", "bsr_kernels.finetune",
+                                 "--multitask", *argv, "--out", str(tmp_path / "ddp")],
+                                cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.terminate()     # torchrun stops its workers (their own sessions), SIGKILL if need be
+        proc.wait(timeout=60)
+        pytest.fail("the 2-process run hung:\n" + log.read_text()[-3000:])
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    rc, _, err = _run([*argv, "--out", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    one = _weights(tmp_path / "one")
+    for name, w in _weights(tmp_path / "ddp").items():
+        torch.testing.assert_close(w, one[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- --out checked first (the lock is bsr-finetune's own claim: test_finetune_reliability)

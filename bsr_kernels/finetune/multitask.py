@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's ops are too small to gain from more, and on shared cores extra "
                         "OpenMP threads made the demo many times slower")
     p.add_argument("--max-train-images", type=_positive_int, default=None,
-                   help="train on only the first N training images of each task (quick "
-                        "checks; default: all)")
+                   help="train on only N training images of each task (quick checks; "
+                        "the first N of the digits tasks, a random N of a --task's, drawn "
+                        "with --seed: an image folder is in class order; default: all)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write args.json, summary.json, report.png, and per method "
                         "checkpoint.pt (each epoch) and delta.safetensors; a folder holding a "
@@ -238,6 +239,15 @@ def data_tasks(specs: Sequence[str], img_size: int, mean, std, root=None) -> lis
     return tasks
 
 
+def _random_subset(ds: Dataset, n: int, seed: int) -> tuple[Dataset, str]:
+    """``n`` images of ``ds`` drawn at random, the same for the same ``seed`` (a resumed run
+    trains on the images it started with), and how they were drawn. Not the first ``n``: an
+    ImageFolder lists its images class by class, so those would be of the first classes only."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return (torch.utils.data.Subset(ds, sorted(idx.tolist())),
+            f"random {n} of {len(ds)}, seed {seed}")
+
+
 def _batches(ds: Dataset, batch_size: int, limit: Optional[int] = None):
     """(images, labels) batches of ``ds`` in order (tensor slices for tensor datasets)."""
     n = len(ds) if limit is None else min(limit, len(ds))
@@ -303,15 +313,19 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     on its own shuffle of its training images (a task with fewer batches cycles).
 
     With ``checkpoint``, the state (weights, optimizer, scheduler, RNGs, history) is written
-    after every epoch, atomically; ``resume`` continues from it exactly. Under ``torchrun``
+    after every epoch, atomically; ``resume`` continues from it exactly, and may ask for more
+    ``epochs`` than the run that wrote it (the learning-rate schedule then follows ``epochs``;
+    fewer than the checkpoint has trained is refused). Under ``torchrun``
     (``info.distributed``) every process takes its share of each global batch and DDP averages
-    the gradients (other tasks' heads and gates are unused in a step).
+    the gradients (other tasks' heads and gates are unused in a step); a short batch (a task
+    with fewer training images than ``batch_size``) is cycled to a multiple of the number of
+    processes, as torch's ``DistributedSampler`` pads, so that every process has images.
 
     A NaN or infinite loss stops the training at that step (:class:`TrainingDivergedError`,
     raised on every process), before the epoch's checkpoint is written."""
-    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DistInfo, _check_finite,
-                        _rng_state, load_checkpoint, make_scheduler, restore_training_state,
-                        save_checkpoint)
+    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, DistInfo,
+                        _check_finite, _rng_state, load_checkpoint, make_scheduler,
+                        restore_training_state, save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
@@ -329,7 +343,11 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     gen = torch.Generator().manual_seed(seed)
     history, step_times, t_train, start, step = [], [], 0.0, 0, 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint, fingerprint)
+        state = load_checkpoint(checkpoint, fingerprint, extendable=("epochs",))
+        if int(state["epoch"]) > epochs:
+            raise CheckpointError(f"--resume: checkpoint {checkpoint} has already trained "
+                                  f"{int(state['epoch'])} epochs, more than --epochs {epochs}; "
+                                  f"pass --epochs {int(state['epoch'])} or more")
         restore_training_state(state, model, opt, sched, str(checkpoint))
         gen.set_state(state["generator"])
         start, step, history = int(state["epoch"]), int(state["step"]), state["history"]
@@ -343,7 +361,11 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
         for b in range(positions):
             for t, task in enumerate(tasks):
                 bb = b % n_batches[t]
-                idx = perms[t][bb * batch_size:(bb + 1) * batch_size][rank::world].tolist()
+                batch = perms[t][bb * batch_size:(bb + 1) * batch_size]
+                if len(batch) % world:   # short (fewer images than batch_size): cycle it to a
+                    need = -(-len(batch) // world) * world   # multiple of the processes, as
+                    batch = batch[torch.arange(need) % len(batch)]   # DistributedSampler pads
+                idx = batch[rank::world].tolist()
                 items = [task.train[i] for i in idx]      # with the training augmentation
                 x = torch.stack([im for im, _ in items]).to(device)
                 y = task.label_fn(torch.tensor([lab for _, lab in items])).to(device)
@@ -433,6 +455,7 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
     else:
         tasks = digits_tasks(img_size, mean, std)
+    subsets = {}   # task -> how its training images were cut (in the checkpoint fingerprint)
     if args.max_train_images is not None:
         n = args.max_train_images
         for task in tasks:
@@ -440,7 +463,7 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                 task.train = TensorImageDataset(task.train.images[:n], task.train.labels[:n],
                                                 task.train.max_shift)
             elif n < len(task.train):
-                task.train = torch.utils.data.Subset(task.train, range(n))
+                task.train, subsets[task.name] = _random_subset(task.train, n, args.seed)
     num_classes = [t.num_classes for t in tasks]
     seed_all(args.seed)
     base, minfo = build_model(args.model, 1, args.img_size, args.pretrained, args.checkpoint)
@@ -468,6 +491,8 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
               "aux_loss_weight": args.aux_loss_weight, "keep_rate": args.keep_rate,
               "memory_mode": args.memory_mode, "head_lr_scale": args.head_lr_scale,
               "weight_decay": args.weight_decay, "seed": args.seed}
+        if subsets:   # absent otherwise: checkpoints of runs on whole tasks still resume
+            fp["train_subsets"] = subsets
         ckpt = args.out / method / "checkpoint.pt" if args.out is not None else None
         res = train(model, tasks, args.epochs, args.batch_size, lr, args.head_lr_scale,
                     args.weight_decay, args.seed, device, log=log, name=method,
