@@ -125,3 +125,43 @@ def test_a_signal_to_one_process_in_the_final_evaluation_stops_every_process(tmp
     state = torch.load(tmp_path / "o" / "bsr" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and "partial_epoch" not in state
     assert not (tmp_path / "o" / "linear").exists() and "linear epoch" not in r.stdout
+
+
+MAIN_FIRST = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from bsr_kernels.finetune.cli import _main_first
+    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed
+
+    info, out = setup_distributed("cpu"), Path(sys.argv[1])
+    def fetch():   # a download: the main process's copy must be complete before the others
+        if info.is_main:
+            time.sleep(0.5)
+            (out / "fetched").write_text("done")
+            return "fetched"
+        return (out / "fetched").read_text()
+    seen = {"result": _main_first(info, fetch)}
+    def fails():
+        if info.is_main:
+            raise RuntimeError("no network here")
+        return "ran"
+    try:
+        seen["second"] = _main_first(info, fails)
+    except Exception as e:
+        seen["second"] = f"{type(e).__name__}: {e}"
+    (out / f"rank{info.rank}.json").write_text(json.dumps(seen))
+    teardown_distributed()
+""")
+
+
+def test_downloads_run_on_the_main_process_first(tmp_path):
+    """Under torchrun, a torchvision download or hub weights were fetched by every process at
+    once into the same files. _main_first runs them on the main process, then on the others;
+    an error there reaches every process instead of leaving them waiting (no hang)."""
+    script = tmp_path / "main_first.py"
+    script.write_text(MAIN_FIRST)
+    r = _torchrun(script, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert seen[0] == {"result": "fetched", "second": "RuntimeError: no network here"}
+    assert seen[1] == {"result": "done", "second": "ValueError: no network here"}

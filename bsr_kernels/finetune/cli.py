@@ -529,16 +529,17 @@ def _delete_replaced(out: Path, lock: Optional[RunLock], warn, methods: Sequence
     lock.replaced = []
 
 
-def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
-                 methods: Sequence[str] = METHODS) -> Optional[RunLock]:
-    """:func:`_claim_out` on the main process; every process raises if it failed."""
-    if args.out is None:
-        return None
-    lock, error = None, None
+def _main_first(info: DistInfo, fn, others: bool = True):
+    """``fn()`` on the main process, then, once it succeeded and when ``others``, on the
+    other processes (which then find what it downloaded or wrote done); returns its result
+    (None on processes that did not run it). An error of the main process's ``fn`` is raised
+    on every process (on the others as a ValueError with its message) instead of leaving them
+    waiting for the main one."""
+    result, error = None, None
     if info.is_main:
         try:
-            lock = _claim_out(args, warn, methods)
-        except ValueError as e:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised here, its message sent to the others
             error = e
     if info.distributed:
         import torch.distributed as dist
@@ -548,7 +549,17 @@ def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
             raise ValueError(box[0])
     if error is not None:
         raise error
-    return lock
+    if others and not info.is_main:
+        result = fn()
+    return result
+
+
+def _prepare_out(args: argparse.Namespace, info: DistInfo, warn,
+                 methods: Sequence[str] = METHODS) -> Optional[RunLock]:
+    """:func:`_claim_out` on the main process; every process raises if it failed."""
+    if args.out is None:
+        return None
+    return _main_first(info, lambda: _claim_out(args, warn, methods), others=False)
 
 
 def _written(out: Path, methods: Sequence[str]) -> dict:
@@ -692,11 +703,20 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         # timm would drop the last pixels silently
         raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
                          f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
-    data = build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
-                      bad_images=args.bad_images, warn=warn, data_config=data_config)
+    def data_now():
+        return build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
+                          bad_images=args.bad_images, warn=warn, data_config=data_config)
+
+    def model_now():
+        return build_model(args.model, data.num_classes, img_size, args.pretrained,
+                           args.checkpoint)
+
+    # Under torchrun, downloads (a torchvision set, hub weights) happen on the main process
+    # first: processes writing the same files at once can corrupt them.
+    data = (_main_first(info, data_now) if data_kind(args.data) == "torchvision"
+            else data_now())
     seed_all(args.seed)
-    base, minfo = build_model(args.model, data.num_classes, img_size, args.pretrained,
-                              args.checkpoint)
+    base, minfo = _main_first(info, model_now) if args.pretrained else model_now()
     if info.is_main:
         log(f"bsr-finetune: {args.model} ({minfo['weights']}), {img_size} px, "
             f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M params; data {data.name}: "

@@ -283,9 +283,10 @@ def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) ->
                          f"got {bad_images!r}")
     files = sorted({f for ds in folders for f, _ in ds.samples})
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes
-        bad = {f: why for f, why in zip(files, pool.map(_unreadable, files))  # without the GIL
-               if why is not None}
+    # PIL decodes without the GIL; under torchrun every process of this machine checks too
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 1) // local))) as pool:
+        bad = {f: why for f, why in zip(files, pool.map(_unreadable, files)) if why is not None}
     if not bad:
         return
     listed = "; ".join(f"{f} ({why})" for f, why in list(bad.items())[:5])
