@@ -637,8 +637,8 @@ def test_multitask_resume_continues_exactly(tmp_path, monkeypatch):
     cut = json.loads((tmp_path / "cut" / "summary.json").read_text())["methods"]["bsr_moe"]
     assert cut["resumed_from_epoch"] == 1 and whole["resumed_from_epoch"] == 0
     assert cut["history"] == whole["history"]
-    # another setting is refused, naming it
-    assert mtd.main(args[:3] + ["3"] + args[4:] + ["--out", str(tmp_path / "cut"),
+    # another setting is refused (--epochs may grow since 84daedf: --batch-size here)
+    assert mtd.main(args[:5] + ["8"] + args[6:] + ["--out", str(tmp_path / "cut"),
                                                    "--resume"]) == 2
     # a bare --resume takes the run's options from its args.json (not the four default methods,
     # the default 16 experts, ...): the finished run is reused, nothing trains again
