@@ -24,7 +24,9 @@ class TrainableSummary:
         trainable: parameters with ``requires_grad``.
         total: all parameters.
         groups: ``{group: (trainable, total)}`` per top-level part, blocks one by one
-            (``"blocks.3"``, ``"head"``, ``"patch_embed"``...), in model order.
+            (``"blocks.3"``, ``"head"``, ``"patch_embed"``...), in model order; under a
+            compiled or DDP wrapper, the wrapped model's; in a model holding the ViT (a
+            :class:`~bsr_kernels.MultiTaskViT`), its parts by their full name (``"vit.blocks.3"``).
         bsr: the BSR settings of a reprogrammed model, None for a plain one.
     """
 
@@ -53,7 +55,28 @@ class TrainableSummary:
         return line
 
 
-def _group(name: str) -> str:
+#: Name prefixes of wrappers that add no parameters of their own: ``torch.compile``'s
+#: ``OptimizedModule`` and DDP / DataParallel.
+_WRAPPERS = ("_orig_mod.", "module.")
+
+
+def _root(names: Sequence[str]) -> str:
+    """The prefix under which the model's ``blocks.<i>`` are (``"vit."`` in a
+    :class:`~bsr_kernels.MultiTaskViT`), or ""."""
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i] == "blocks" and parts[i + 1].isdigit():
+                return ".".join(parts[:i]) + "." if i else ""
+    return ""
+
+
+def _group(name: str, root: str = "") -> str:
+    """The part of the model ``name`` belongs to: a block (``blocks.3``), another top-level
+    part of the ViT at ``root`` (``head``, ``patch_embed``, ``cls_token``), or a numbered part
+    outside it (``heads.0``)."""
+    if root and name.startswith(root):
+        return root + _group(name[len(root):])
     parts = name.split(".")
     if len(parts) > 2 and parts[1].isdigit():      # blocks.3.attn.qkv.weight -> blocks.3
         return ".".join(parts[:2])
@@ -71,8 +94,13 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     groups: dict[str, list[int]] = {}
     trainable = total = 0
-    for name, p in model.named_parameters():   # named_parameters skips shared duplicates
-        g = groups.setdefault(_group(name), [0, 0])
+    named = list(model.named_parameters())   # named_parameters skips shared duplicates
+    for wrapper in _WRAPPERS:                # compiled or DDP: the wrapped model's names
+        if named and all(n.startswith(wrapper) for n, _ in named):
+            named = [(n[len(wrapper):], p) for n, p in named]
+    root = _root([n for n, _ in named])
+    for name, p in named:
+        g = groups.setdefault(_group(name, root), [0, 0])
         n = p.numel()
         g[1] += n
         total += n

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 import bsr_kernels
@@ -43,6 +44,26 @@ def test_trainable_summary_counts_like_peft():
                     rf"trainable%: {100 * want / total:.4f}\n", text)
     assert "trained: blocks.1, blocks.3, blocks.5, head" in text
     assert "BSR: drops tokens in blocks (2, 3, 4) (keep_rate 0.5" in text
+
+
+def test_trainable_summary_names_blocks_through_wrappers():
+    """Compiled, the summary said "trained: _orig_mod (1,335,557 of 5,488,517)"; for a
+    MultiTaskViT, "trained: vit": the blocks were not named. The wrapped model's parts are."""
+    import copy
+    model = bsr_kernels.reprogram(vit())
+    plain = bsr_kernels.trainable_summary(model)
+    wrapped = nn.Module()
+    wrapped.module = model       # as DDP names its parameters
+    for other in (torch.compile(model), wrapped):
+        s = bsr_kernels.trainable_summary(other)
+        assert s.groups == plain.groups and (s.trainable, s.total) == (plain.trainable,
+                                                                       plain.total)
+    mt = bsr_kernels.MultiTaskViT(copy.deepcopy(model), num_classes=[5, 2])
+    s = bsr_kernels.trainable_summary(mt)
+    trained = [g for g, (t, _) in s.groups.items() if t]
+    assert trained == [f"vit.blocks.{i}" for i in (1, 3, 5)] + ["heads.0", "heads.1"]
+    assert s.groups["vit.patch_embed"] == plain.groups["patch_embed"]
+    assert sum(n for _, n in s.groups.values()) == s.total
 
 
 def test_trainable_summary_counts_shared_parameters_once():
