@@ -62,7 +62,12 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing, 
     mine = bsr_config_dict(module)
     if saved is None or mine is None:
         return
-    saved = json.loads(saved)
+    try:
+        saved = _loads(saved, "load_state_dict", "in the state_dict's metadata")
+    except ValueError as e:   # only a warning compares here: the weights themselves may load
+        warnings.warn(f"{e}; it was not compared with this model's", BSRConfigWarning,
+                      stacklevel=3)
+        return
     if saved != mine:
         warnings.warn(
             f"these weights were saved from a model reprogrammed with {saved}, but this model is "

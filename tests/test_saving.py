@@ -145,6 +145,19 @@ def test_state_dict_into_a_differently_reprogrammed_model_warns():
         bsr_kernels.reprogram(plain(seed=4)).load_state_dict(plain().state_dict())  # plain weights
 
 
+def test_state_dict_with_a_malformed_saved_config_still_loads_with_a_warning():
+    """model.load_state_dict (not load_checkpoint) raised a bare JSONDecodeError from the
+    comparison hook when the metadata's config was not JSON; the comparison only ever warned."""
+    model = tuned()
+    sd = model.state_dict()
+    key = next(k for k, v in sd._metadata.items() if "bsr_config" in v)
+    sd._metadata[key] = {**sd._metadata[key], "bsr_config": "{not json"}
+    other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.3)
+    with pytest.warns(BSRConfigWarning, match="not valid JSON.*not compared"):
+        other.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), sd.values()))
+
+
 def test_load_checkpoint_into_a_plain_model_without_reprogram_warns():
     model, x = tuned(), images()
     target = plain(seed=6)
