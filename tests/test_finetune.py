@@ -385,6 +385,24 @@ def test_error_offline_hub_weights(monkeypatch, capsys):
     assert "--pretrained" in err and "hub weights" in err and "--checkpoint" in err
 
 
+def test_a_model_that_cannot_build_is_not_called_a_download_failure(monkeypatch):
+    """With --pretrained every error of timm.create_model was reported as "could not fetch the
+    hub weights"; one that building the model without weights raises too is the model's."""
+    import timm
+
+    from bsr_kernels.finetune import models
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "_hub_offline", lambda: False)
+
+    def broken(name, pretrained=False, **kwargs):   # an architecture timm cannot build
+        raise AssertionError("dim should be divisible by num_heads")
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(ValueError, match="--model vit_tiny_patch16_224: cannot build it .*"
+                                         "AssertionError: dim should be divisible") as e:
+        models.build_model("vit_tiny_patch16_224", 3, img_size=32, pretrained=True)
+    assert "hub weights" not in str(e.value)
+
+
 def test_any_timm_vit_by_name(tmp_path, capsys):
     """A timm ViT name (random init here: no hub offline) at another input size."""
     rc, out, err = _run(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--method",

@@ -354,6 +354,12 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
                              "probably not a ViT") from e
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
             if pretrained:
+                try:   # the model itself, without weights (meta device: no memory, no time)
+                    with torch.device("meta"):
+                        timm.create_model(name, pretrained=False, **kwargs)
+                except Exception as build:  # noqa: BLE001
+                    raise ValueError(f"--model {name}: cannot build it with {kwargs} "
+                                     f"({type(build).__name__}: {build})") from build
                 where = ("the Hugging Face hub is not reachable and the weights are not in the "
                          "local cache" if offline else "the download failed")
                 raise WeightsUnavailableError(
