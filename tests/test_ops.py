@@ -375,6 +375,25 @@ def test_gradcheck_drop_tokens_timm_views(backend):
     assert gradcheck(fn, (x, qkv), _fast_gradcheck(backend))
 
 
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_replay_with_nothing_dropped_keeps_the_given_order(backend):
+    """keep_rate 1 with ``kept=``: the no-op shortcut ran before the replay, so x came back
+    unreordered and kept as arange, not the selection given."""
+    case = DropCase(b=2, h=2, n=9, d=4, c=3, p=1, keep_rate=1.0, fuse=True, seed=5)
+    x, q, k = make_inputs(case, backend.device, backend.dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    order = torch.stack([torch.randperm(case.m, generator=g) for _ in range(case.b)])
+    order = order.to(backend.device)
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 1.0, True, case.p, kept=order.int())
+    assert kept.dtype == torch.int64 and torch.equal(kept, order)
+    want = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, order[..., None].expand(-1, -1, 3))],
+                     1)
+    assert out.shape == (case.b, case.n, case.c) and torch.equal(out, want)
+    gout = torch.randn(out.shape, generator=g).to(out)
+    gx, = torch.autograd.grad(out, x, gout)
+    torch.testing.assert_close(gx, torch.autograd.grad(want, x, gout)[0])
+
+
 @pytest.mark.parametrize("p", [1, 5])
 @pytest.mark.parametrize("backend", F64, indirect=True)
 def test_gradcheck_cls_attention(backend, p):
@@ -514,7 +533,7 @@ def test_replay_of_a_given_selection(backend, fuse):
     out, kept = drop(x, q, k, case)
     replayed, same = twice(lambda: bsr_kernels.drop_tokens(
         x, q, k, case.keep_rate, fuse, case.p, case.scale, kept=kept.to(torch.int32)))
-    assert same.dtype == torch.int32
+    assert same.dtype == torch.int64 and torch.equal(same, kept.long())   # as documented
     if backend.name == "cpp":
         assert _same(replayed[:, :case.p + case.n_keep], out[:, :case.p + case.n_keep])
         torch.testing.assert_close(replayed, out, **VALUE_TOL[backend.dtype])

@@ -326,7 +326,7 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
     if kept is not None:
         check_kept(kept, x.shape[0], plan)
-    if plan.n_keep == plan.n_candidates:
+    if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     x_dtype = x.dtype
     if q.dtype != x.dtype and not impl.mixed_dtypes:
@@ -340,7 +340,7 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     if kept is not None:
         replay = _ReplayFunction.apply if eager else _replay_op
         x_out, _, _ = replay(x, q, k, kept.to(torch.int32), scale, p, plan.fuse_token, backend)
-        return x_out.to(x_dtype), kept
+        return x_out.to(x_dtype), kept.long()
     drop = _DropFunction.apply if eager else _drop_op
     x_out, kept, _, _ = drop(x, q, k, scale, p, plan.n_keep, plan.fuse_token, backend)
     return x_out.to(x_dtype), kept.long()
