@@ -887,12 +887,41 @@ _MIXED = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
 
 
 def _mixed_refusal(name: str, device: str, x_dtype, q_dtype) -> list[str]:
-    """Why the dispatcher refuses this backend for x and q of these dtypes (its rule: x's dtype,
-    and q's too for a backend that takes mixed dtypes; the others get all three cast to the
-    compute dtype)."""
+    """Why the dispatcher refuses this backend for x and q of these (different) dtypes (its
+    rule: both dtypes for a backend that takes mixed dtypes; the others get all three cast to
+    the compute dtype, so that one: a bf16 x beside float32 q and k was refused on CPU for x's
+    dtype alone, though the C++ backend would have run it in float32)."""
     b, dev = get_backend(name), torch.device(device)
-    return b.not_supported_reasons(dev, x_dtype) + (
-        b.not_supported_reasons(dev, q_dtype) if b.mixed_dtypes else [])
+    if not b.mixed_dtypes:
+        return b.not_supported_reasons(dev, compute_dtype(x_dtype, q_dtype))
+    return b.not_supported_reasons(dev, x_dtype) + [
+        r for r in b.not_supported_reasons(dev, q_dtype)
+        if r not in b.not_supported_reasons(dev, x_dtype)]
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_x_beside_float32_q_and_k_runs_in_float32_on_cpu(x_dtype):
+    """The dispatcher judged the C++ backend by x's dtype alone, so a bf16 or fp16 x beside
+    float32 q and k was refused on CPU, though the op casts all three to the compute dtype
+    (float32), as it does for a float32 x beside bf16 q and k. Now it runs: the definition's
+    kept set, rows and x's dtype; half-precision q and k with a half x are still refused."""
+    case = DropCase(b=2, h=2, n=13, d=4, c=6, p=1, keep_rate=0.5, fuse=True, seed=8)
+    x32, q, k = make_inputs(case, "cpu", torch.float32)
+    x = x32.to(x_dtype).requires_grad_()
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5, True, case.p)
+    assert bsr_kernels.ops.dispatch.select_backend(x.device, x_dtype, q.dtype).name == "cpp"
+    ref_out, ref_kept, _, _ = reference.drop_tokens(x, q, k, resolved_scale(None, case.d),
+                                                    case.p, case.n_keep, True)
+    rows = case.p + case.n_keep
+    assert out.dtype == x_dtype and torch.equal(kept, ref_kept)
+    assert torch.equal(out[:, :rows], ref_out[:, :rows])
+    torch.testing.assert_close(out[:, rows:], ref_out[:, rows:])   # x_dtype's own tolerance
+    g_out = seeded_like(out.shape, x_dtype, "cpu", 5)
+    gx, = torch.autograd.grad(out, x, g_out)
+    assert gx.dtype == x_dtype
+    torch.testing.assert_close(gx, torch.autograd.grad(ref_out, x, g_out)[0])
+    with pytest.raises(RuntimeError, match=f"no bsr_kernels backend can run on cpu {x_dtype} "):
+        bsr_kernels.drop_tokens(x, q.to(x_dtype), k.to(x_dtype), 0.5)
 
 
 def _near_tie_inputs(x_dtype, q_dtype, device):

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from .. import _config
-from .common import Backend, check_backend_name
+from .common import Backend, check_backend_name, compute_dtype
 from .cpp import CppBackend
 from .reference import ReferenceBackend
 from .triton_backend import TritonBackend
@@ -106,10 +106,12 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
 
     def reasons(b: Backend) -> list[str]:
-        out = b.not_supported_reasons(device, dtypes[0])
-        if b.mixed_dtypes:  # else the op casts x, q, k to their compute dtype
-            out += [r for dt in dtypes[1:] for r in b.not_supported_reasons(device, dt)
-                    if r not in out]
+        if not b.mixed_dtypes:  # the op casts x, q, k of different dtypes to their compute
+            one = compute_dtype(*dtypes) if len(set(dtypes)) > 1 else dtypes[0]   # dtype
+            return b.not_supported_reasons(device, one)
+        out = []
+        for dt in dict.fromkeys(dtypes):
+            out += [r for r in b.not_supported_reasons(device, dt) if r not in out]
         return out
 
     for cand in candidates:
@@ -121,6 +123,7 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
     how = (f"backend {forced!r} was forced" if forced
            else f"the default for {device.type} tensors is {candidates[0]}")
     raise RuntimeError(
-        f"no bsr_kernels backend can run on {device} {dtypes[0]} ({how}).\n" + "\n".join(lines)
+        f"no bsr_kernels backend can run on {device} "
+        f"{' and '.join(map(str, dict.fromkeys(dtypes)))} ({how}).\n" + "\n".join(lines)
         + "\nUse backend='reference' (or bsr_kernels.use_backend('reference'), or "
         "BSR_BACKEND=reference) to run the slow pure-PyTorch definition explicitly.")
