@@ -109,12 +109,24 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
         A :class:`ProfileResult` (``print`` it for a table; it is also a mapping) with
         ``saved_activation_mib_per_image``, ``train_gflops_per_image``,
         ``forward_gmacs_per_image`` and ``tokens_per_block`` (list of ints; empty for models
-        without ``blocks``), plus ``batch_size``.
+        without ``blocks``), plus ``batch_size``. The same under ``torch.no_grad()``.
+
+    Raises:
+        ValueError: ``images`` is not 4-d, or the model has no trainable parameters.
+        RuntimeError: under ``torch.inference_mode()``, where no backward can be recorded.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got "
                          f"{getattr(images, 'shape', type(images).__name__)}")
-    loss_fn = loss_fn or _default_loss
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("profile measures a training step (forward and backward): call it "
+                           "outside torch.inference_mode()")
+    with torch.enable_grad():   # called under torch.no_grad() (an eval loop): a training step
+        return _profile(model, images, labels, loss_fn or _default_loss)
+
+
+def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor],
+             loss_fn: Callable) -> ProfileResult:
     batch = images.shape[0]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -132,3 +132,17 @@ def test_profile_leaves_existing_grads_as_they_were(raises):
         if n in values:
             assert torch.equal(p.grad, values[n]), n
     assert model[0].bias.grad is None
+
+
+def test_profile_under_no_grad_measures_the_training_step():
+    """Called from an eval loop (torch.no_grad()), profile measured 0 MiB, then failed with a
+    message about count_flops' backward argument; under inference_mode it says why it cannot."""
+    from bsr_kernels import profile
+    model, images = _grad_model(), torch.randn(2, 3, 8, 8)
+    want = profile(model, images)
+    assert want.saved_activation_mib_per_image > 0 and want.train_gflops_per_image > 0
+    with torch.no_grad():
+        got = profile(model, images)
+    assert dict(got) == dict(want)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference"):
+        profile(model, images)

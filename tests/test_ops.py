@@ -1460,3 +1460,12 @@ def test_use_backend_under_torch_compile_and_in_threads(monkeypatch):
         assert dispatch.context_backend() == "cpp"
     assert dispatch.context_backend() == ""
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad", ["float32", torch.int32, None, 32])
+def test_available_backends_refuses_a_dtype_that_is_not_a_floating_torch_dtype(bad):
+    """available_backends("cpu", "float32") answered ['reference'] (as if the C++ kernels could
+    not run float32); now a TypeError naming dtype."""
+    assert "cpp" in bsr_kernels.available_backends("cpu", torch.float32)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        bsr_kernels.available_backends("cpu", bad)

@@ -81,7 +81,16 @@ def _device_for_listing() -> torch.device:
 
 def available_backends(device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run here (on ``device``, default CUDA if present else CPU)."""
+    """Names of the backends that can run here (on ``device``, default CUDA if present else CPU)
+    for tensors of the floating ``dtype``.
+
+    Raises:
+        TypeError: if ``dtype`` is not a floating torch.dtype (a string such as "float32" was
+            answered as if no kernel could run it).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got "
+                        f"{dtype!r}")
     device = torch.device(device) if device is not None else _device_for_listing()
     return [name for name, b in _BACKENDS.items() if not b.not_supported_reasons(device, dtype)]
 
