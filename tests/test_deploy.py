@@ -47,6 +47,17 @@ def _ort_logits(onnx_bytes_or_path, x):
 
 def test_num_kept_takes_traced_sizes():
     assert num_kept(0.3, torch.tensor(10)) == 3 == num_kept(0.3, 10)
+
+
+def test_num_kept_of_a_float32_keep_rate():
+    """A keep_rate that went through float32 (numpy, tensor.item()) kept one token too many
+    where keep_rate * M is whole: float32 0.1 of 10 kept 2, of 190 kept 20."""
+    import numpy as np
+    for rate, m, want in ((0.1, 10, 1), (0.3, 10, 3), (0.1, 190, 19), (0.7, 196, 138),
+                          (0.5, 197, 99), (0.25, 196, 49)):
+        for r in (rate, float(np.float32(rate)), torch.tensor(rate).item()):
+            assert num_kept(r, m) == want, (r, m)
+    assert num_kept(0.3000004, 10) == 4   # a real excess over a whole count still counts
     assert num_kept(0.5, torch.tensor(64)) == 32
 
 

@@ -120,9 +120,11 @@ def resolve_scale(scale, head_dim: int) -> float:
 
 
 def num_kept(keep_rate: float, n_candidates: int) -> int:
-    """``ceil(keep_rate * n_candidates)``, robust to float noise (0.3 * 10 keeps 3), at least 1."""
+    """``ceil(keep_rate * n_candidates)``, robust to float noise, at least 1: 0.3 * 10 keeps 3,
+    and so does a keep_rate that went through float32 (numpy, ``tensor.item()``:
+    0.30000001192092896 * 10), rounded to 6 decimals before the ceiling."""
     n_candidates = int(n_candidates)  # a traced size (jit.trace) arrives as a tensor
-    return max(1, min(n_candidates, math.ceil(round(keep_rate * n_candidates, 9))))
+    return max(1, min(n_candidates, math.ceil(round(keep_rate * n_candidates, 6))))
 
 
 def out_tokens(n_prefix: int, n_keep: int, n_candidates: int, fuse_token: bool) -> int:
