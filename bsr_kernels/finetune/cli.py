@@ -703,6 +703,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
         # timm would drop the last pixels silently
         raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
                          f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
+
     def data_now():
         return build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,
                           bad_images=args.bad_images, warn=warn, data_config=data_config)

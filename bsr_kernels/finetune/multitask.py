@@ -323,9 +323,9 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
 
     A NaN or infinite loss stops the training at that step (:class:`TrainingDivergedError`,
     raised on every process), before the epoch's checkpoint is written."""
-    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, DistInfo,
-                        _check_finite, _rng_state, load_checkpoint, make_scheduler,
-                        restore_training_state, save_checkpoint)
+    from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DistInfo, _check_finite,
+                        _rng_state, load_checkpoint, make_scheduler, restore_training_state,
+                        save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
@@ -343,11 +343,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     gen = torch.Generator().manual_seed(seed)
     history, step_times, t_train, start, step = [], [], 0.0, 0, 0
     if resume and checkpoint is not None and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint, fingerprint, extendable=("epochs",))
-        if int(state["epoch"]) > epochs:
-            raise CheckpointError(f"--resume: checkpoint {checkpoint} has already trained "
-                                  f"{int(state['epoch'])} epochs, more than --epochs {epochs}; "
-                                  f"pass --epochs {int(state['epoch'])} or more")
+        state = load_checkpoint(checkpoint, fingerprint, extendable=("epochs",), epochs=epochs)
         restore_training_state(state, model, opt, sched, str(checkpoint))
         gen.set_state(state["generator"])
         start, step, history = int(state["epoch"]), int(state["step"]), state["history"]

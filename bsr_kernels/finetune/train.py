@@ -414,7 +414,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
                     extendable: Sequence[str] = (), normalize: Optional[dict] = None,
-                    optional: Sequence[str] = ()) -> dict:
+                    optional: Sequence[str] = (), epochs: Optional[int] = None) -> dict:
     """Reads a training checkpoint and checks that it belongs to this run.
 
     Args:
@@ -427,11 +427,13 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
             the value it resolves to are the same setting).
         optional: settings of ``fingerprint`` that checkpoints written before they were
             recorded lack: compared only when the checkpoint has them.
+        epochs: the resuming run's ``--epochs``: a checkpoint that has trained more epochs, or
+            was saved inside an epoch past them (its weights are no epoch's result), is refused.
 
     Raises:
         CheckpointError: if the file is missing, unreadable (corrupt, truncated), not a
-            ``bsr-finetune`` checkpoint, or written with other settings (each difference is
-            named).
+            ``bsr-finetune`` checkpoint, written with other settings (each difference is
+            named), or past ``epochs``.
     """
     path = Path(path)
     if not path.is_file():
@@ -460,6 +462,17 @@ def load_checkpoint(path: Path, fingerprint: Optional[dict] = None,
             raise CheckpointError(f"--resume: checkpoint {path} was written by a run with other "
                                   "settings (" + "; ".join(diffs) + "); rerun with the same "
                                   "options, or use another --out")
+    if epochs is not None:
+        done, partial = int(state["epoch"]), state.get("partial_epoch")
+        if done > epochs:
+            raise CheckpointError(f"--resume: checkpoint {path} has already trained {done} "
+                                  f"epochs, more than --epochs {epochs}; pass --epochs {done} "
+                                  "or more")
+        if partial and done >= epochs:
+            raise CheckpointError(f"--resume: checkpoint {path} was saved inside epoch "
+                                  f"{done + 1} (after {partial['batches']} of its batches), "
+                                  f"past --epochs {epochs}; pass --epochs {done + 1} or more "
+                                  "to finish that epoch")
     return state
 
 
@@ -594,18 +607,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     start_epoch, step, history, partial = 0, 0, [], None
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
         state = load_checkpoint(opts.checkpoint, fingerprint, extendable=("epochs",),
-                                normalize=normalize, optional=optional)
-        if int(state["epoch"]) > opts.epochs:
-            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} has already trained "
-                                  f"{int(state['epoch'])} epochs, more than --epochs "
-                                  f"{opts.epochs}; pass --epochs {int(state['epoch'])} or more")
-        if state.get("partial_epoch") and int(state["epoch"]) >= opts.epochs:
-            # its weights are past epoch `epoch`: they are not that epoch's result
-            e = int(state["epoch"])
-            raise CheckpointError(f"--resume: checkpoint {opts.checkpoint} was saved inside "
-                                  f"epoch {e + 1} (after {state['partial_epoch']['batches']} of "
-                                  f"its batches), past --epochs {opts.epochs}; pass --epochs "
-                                  f"{e + 1} or more to finish that epoch")
+                                normalize=normalize, optional=optional, epochs=opts.epochs)
         restore_training_state(state, model, optimizer, scheduler, str(opts.checkpoint))
         start_epoch, step, history = int(state["epoch"]), int(state["step"]), state["history"]
         partial = state.get("partial_epoch")
