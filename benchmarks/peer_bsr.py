@@ -19,13 +19,26 @@ __all__ = ["PeerBSR", "cls_row_drop"]
 
 def cls_row_drop(x, q, k, keep_rate: float = 0.5, p: int = 1):
     """The CLS-row composite of issue 9: the six-line drop with a fused token (fp32 scores),
-    also timed alone (eager and compiled) against the library's op by ``bench_gpu``."""
+    also timed alone (eager and compiled) against the library's op by ``bench_gpu``.
+
+    The kept rows keep their order without a sort: ``topk``'s rows are marked in a mask, and a
+    running count gives each its output slot (dropped rows go to a spare slot, cut off). The
+    first form, ``topk(...).indices.sort()``, computes the same, but its ``torch.compile`` did
+    not finish on the H100: on 2026-11-27 the forward's compilation sat in ``ptxas`` for 180 s,
+    twice (stacks in benchmarks/results/2026-11-27-h100.md), and on 2026-11-26 for 145 and 440 s.
+    inductor turns that sort into a Triton bitonic-sort kernel; ``topk`` and ``cumsum`` stay
+    ordinary kernels. Which kernel ptxas was compiling was not recorded, so the sort is the
+    likely cause, not a proven one."""
     b, n, c = x.shape
     m = n - p
     n_keep = max(1, math.ceil(keep_rate * m - 1e-9))
     logits = (q[:, :, :1].float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
     scores = logits.softmax(-1)[:, :, 0, p:].mean(1)                              # (B, M)
-    kept = scores.topk(n_keep, dim=1).indices.sort(dim=1).values
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(
+        1, scores.topk(n_keep, dim=1).indices, True)
+    slot = torch.where(keep, keep.cumsum(1) - 1, n_keep)       # each kept row's output slot
+    where = torch.arange(m, device=x.device).expand(b, m)
+    kept = where.new_empty(b, n_keep + 1).scatter(1, slot, where)[:, :n_keep]  # in order
     xp = x[:, p:]
     parts = [x[:, :p], xp.gather(1, kept.unsqueeze(-1).expand(-1, -1, c))]
     if n_keep < m:

@@ -1521,3 +1521,25 @@ def test_sac_probe_names_the_reference_of_its_ratios(monkeypatch):
     assert rows["lean"]["speed_vs_reference"] == pytest.approx(0.25)
     md = bench_gpu.summarize({"env": {}, "parts": {"sac": {"time": rows}}})
     assert "| × autograd+compile |" in md and "not timed" not in md
+
+
+@pytest.mark.parametrize("b,h,n,d,p,keep_rate", [(3, 2, 2, 4, 1, 0.5), (2, 3, 15, 8, 1, 0.5),
+                                                 (4, 2, 31, 16, 5, 0.3), (2, 2, 9, 4, 1, 1.0),
+                                                 (2, 2, 9, 4, 1, 0.01), (2, 3, 197, 8, 1, 0.5)])
+def test_peer_cls_row_drop_is_the_reference_drop(b, h, n, d, p, keep_rate):
+    """The plain-PyTorch peer's drop (its sort-free ordering of the kept rows) computes the
+    library's reference drop with a fused token: same rows in the same order, same fused row;
+    and so does its ``torch.compile`` (the form the GPU benchmark times)."""
+    from benchmarks.peer_bsr import cls_row_drop
+    from bsr_kernels.ops import reference
+    from bsr_kernels.ops.common import num_kept
+
+    gen = torch.Generator().manual_seed(b * 1000 + n)
+    x, q, k = (torch.randn(*s, generator=gen, dtype=torch.float64)
+               for s in ((b, n, h * d), (b, h, n, d), (b, h, n, d)))
+    want = reference.drop_tokens(x, q, k, d ** -0.5, p, num_kept(keep_rate, n - p), True)[0]
+    torch.testing.assert_close(cls_row_drop(x, q, k, keep_rate, p), want.float().double(),
+                               rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(cls_row_drop, dynamic=False)
+    torch.testing.assert_close(compiled(x, q, k, keep_rate, p), want.float().double(),
+                               rtol=1e-5, atol=1e-5)

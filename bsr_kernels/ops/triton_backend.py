@@ -23,19 +23,23 @@ recorded rows in place of the selection, and 3):
 Occupancy (H100: 132 SMs, 4 warps per program). Passes 1 and 3 carry almost all the bytes (K, x,
 x_out). Pass 1 has B*H programs: 1536 at ViT-B B=128 (11.6 per SM), 384 at B=32 N=577 (2.9 per
 SM, each walking 577 keys), 96 at B=8 (under one per SM, but 8 images move only ~6 MB). Pass 3
-picks the widest channel tile that still gives ``programs_per_sm`` (4) programs per SM:
-BLOCK_C=128 at B=128 (768 programs), 32 at B=32 (768), 32 at B=8 (192, the narrowest tile; rows of
-64 bytes in bf16). Pass 2 has B programs of small work and is latency bound at every size: 32
-dependent counts. Measured on an H100 (bf16, CUDA graph, rotated inputs): 71 us at ViT-B B=128
-N=197 (46 % of the measured copy bandwidth), 70 us at B=32 N=577 (35 %), 27 us at B=8 (see
-benchmarks/results/2026-11-26-h100.md). Called eagerly, the three launches and the op's dispatch
-add host-side time of the same order; inside a captured or compiled step it vanishes. Since that
-timing pass 2 keeps the keys in registers (no memory round trip per count) and runs one warp per
-program, so each count is 5 warp shuffles instead of two block barriers and a shared-memory
-exchange (the compiled PTX has one ``bar.sync``, against 13 with 4 warps under triton 3.8 and
-17 under 3.6). Prediction, not yet
-measured: about 5-10 us off every shape (at B=128, 71 us toward the 66 us of 50 % of the copy
-bound); ``bench_gpu --parts op,sweep`` checks it.
+picks the widest channel tile that still gives ``programs_per_sm`` (8) programs per SM:
+BLOCK_C=64 at B=128 (1536 programs), 32 at B=32 (768: the narrowest tile, rows of 64 bytes in
+bf16), 32 at B=8 (192). Pass 2 has B programs of small work and is latency bound at every size:
+32 dependent counts over the M keys, each a block-wide sum.
+
+The launch table is measured, not predicted (``bench_gpu --parts sweep``: programs per SM 2/4/8
+x gather warps 4/8 x selection warps 1/2/4, each forward a CUDA-graph replay over rotated inputs;
+H100, bf16, 2026-11-27, benchmarks/results/2026-11-27-h100.md). The selection's warps decide
+most of it: one warp per image (its counts as warp shuffles, no block barrier; the table until
+then) was the slowest choice at every shape, four the fastest: 82 -> 72 us at ViT-B B=128,
+128 -> 67 us at B=32 N=577, 36 -> 28 us at B=8. With four warps each warp holds a quarter of
+the keys, so a count costs a barrier but a quarter of the serial work, and N=577 (BLOCK_M=1024)
+no longer keeps 32 keys per thread. Eight programs per SM in the gather then take B=128 from 72
+to 66 us (pass 3 at 64-channel tiles); at the other shapes the narrowest tile is already
+reached and 4 or 8 measure alike. Gather warps 4 beat 8 except at B=8 (27.6 against 26.9 us).
+Called eagerly, the three launches and the op's dispatch add host-side time of the same order;
+inside a captured or compiled step it vanishes.
 
 Backward: ``rows_bwd_kernel`` (grid (B, row tiles)) scatters grad_out back, adds the fusion-weight
 rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens; ``drop_backward``
@@ -101,11 +105,11 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 #: Launch parameters (the benchmark sweeps them; tests shrink them to force multi-tile loops):
 #: warps per program, element budget of a 2-D tile, widest channel tile of the gather, widest
 #: score tile of the selection, programs per SM the gather grid aims for, pipeline stages, and
-#: the warps of the selection (one warp: its 32 counts are warp shuffles, no block barriers; see
-#: the module docstring; ``bench_gpu --parts sweep`` times 1, 2 and 4).
+#: the warps of the selection (measured on an H100 by ``bench_gpu --parts sweep``; see the module
+#: docstring).
 LAUNCH = {"num_warps": 4, "tile_elems": 4096, "max_block_c": 256, "min_block_c": 32,
-          "max_block_m": 1024, "programs_per_sm": 4, "num_stages": 3, "rank_block": 64,
-          "select_warps": 1}
+          "max_block_m": 1024, "programs_per_sm": 8, "num_stages": 3, "rank_block": 64,
+          "select_warps": 4}
 
 #: Selection keys per compute dtype: (int dtype, bits, most negative value, magnitude-bit mask).
 _KEYS = {torch.float32: ("int32", 32, -(2 ** 31), 2 ** 31 - 1),
