@@ -13,7 +13,9 @@ a shape whose fwd+bwd it did not finish; profiled steps; a step part times all i
 again: their ratios are paired within one timing). A first
 hang inside a compilation retries with ``TORCHINDUCTOR_COMPILE_THREADS=1`` (compiling
 in-process: the known workaround for pool hangs, and slower; kept for the rest of the run; set
-that variable beforehand to start that way); any other hang retries without that candidate, so
+that variable beforehand to start that way), unless its stacks show the main thread waiting for
+Triton's ``ptxas`` (:func:`hung_in_ptxas`: a subprocess, slow in-process too); any other hang
+retries without that candidate, so
 the others are still measured. Before the run's first compilation (in whichever part compiles
 first) a trivial function is compiled and run under a 60 s watchdog (the compile pool probe):
 when it hangs, that part is retried, and every later part runs, with
@@ -174,6 +176,25 @@ def _write_json(path: str, obj) -> None:
 def stacks_file(part: str, label: str) -> str:
     """Where the watchdog dumps the thread stacks of ``label`` hanging in ``part``."""
     return f"stacks-{part}-{_slug(label)}.txt"
+
+
+def _read_hung_in_ptxas(path: str) -> bool:
+    """:func:`hung_in_ptxas` of a stacks file; False when it cannot be read."""
+    try:
+        with open(path) as f:
+            return hung_in_ptxas(f.read())
+    except OSError:
+        return False
+
+
+def hung_in_ptxas(stacks: str) -> bool:
+    """Whether a hang's thread stacks (the watchdog's dump) show the main thread waiting for
+    Triton's ``ptxas`` (``make_cubin``): a compiler subprocess, which compiling in-process
+    (``TORCHINDUCTOR_COMPILE_THREADS=1``) runs just the same. Seen on the H100 on 2026-11-27:
+    the CLS-row composite's compilation sat there for 180 s, and its in-process retry for 180 s
+    more."""
+    main = stacks.partition("(MainThread)")[2].split("\n\nThread ", 1)[0]
+    return "in make_cubin" in main
 
 
 class Skipped(Exception):
@@ -886,7 +907,9 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
             return result
         stacks = (stacks_file(part, TIME_LIMIT) if rc == STOPPED
                   else stacks_file(part, running) if running else None)
-        hangs.append({"while": running, "exit": rc, "stacks": stacks})
+        in_ptxas = bool(stacks and state.get("compiling")
+                        and _read_hung_in_ptxas(os.path.join(args.out, stacks)))
+        hangs.append({"while": running, "exit": rc, "stacks": stacks, "in_ptxas": in_ptxas})
         log(f"part {part}: the worker ended ({rc}) while running {running!r}"
             + (f"; thread stacks in {stacks}" if stacks else ""))
         if rc == STOPPED:
@@ -896,7 +919,7 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
             result["error"] = f"stopped {state.get('stop')} while running {running!r}"
         elif not running or running in skip or rc == "killed at the deadline":
             result["error"] = f"worker ended ({rc}) while running {running!r}"
-        elif state.get("compiling") and os.environ.get(threads) != "1":
+        elif state.get("compiling") and os.environ.get(threads) != "1" and not in_ptxas:
             os.environ[threads] = "1"
             hangs[-1]["then"] = "retried with TORCHINDUCTOR_COMPILE_THREADS=1"
             if probing and running == POOL_PROBE:
@@ -1135,8 +1158,9 @@ def summarize(results: dict) -> str:
                   "--merge DIR DIR2 --out DIR3` (any machine) for one table of both calls"]
     hung = [(p, h) for p, r in parts.items() if isinstance(r, dict) for h in r.get("hangs", [])]
     for p, h in hung:
-        lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}; "
-                     f"stacks: {h['stacks']}" + (f"; {h['then']}" if "then" in h else ""))
+        lines.append(f"- {p}: worker ended ({h['exit']}) while running {h['while']!r}"
+                     + ("; the main thread was waiting for ptxas" if h.get("in_ptxas") else "")
+                     + f"; stacks: {h['stacks']}" + (f"; {h['then']}" if "then" in h else ""))
     return "\n".join(lines) + "\n"
 
 

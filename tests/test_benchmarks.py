@@ -1543,3 +1543,21 @@ def test_peer_cls_row_drop_is_the_reference_drop(b, h, n, d, p, keep_rate):
     compiled = torch.compile(cls_row_drop, dynamic=False)
     torch.testing.assert_close(compiled(x, q, k, keep_rate, p), want.float().double(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_hung_in_ptxas_reads_the_main_thread_only():
+    """A compile hang whose main thread waits for ptxas (Triton's ``make_cubin``) is not retried
+    in-process; a pool hang, where a worker thread is in ``make_cubin`` and the main thread
+    waits for the pool, still is."""
+    from benchmarks.bench_gpu import hung_in_ptxas
+
+    def dump(main, other):
+        return ("Timeout (180.0 s) while running 'compile(x)'\n\n"
+                "Thread 0x7f1 (worker) (most recent call first):\n" + other +
+                "\n\nThread 0x7f2 (MainThread) (most recent call first):\n" + main + "\n")
+    cubin = ('  File ".../triton/backends/nvidia/compiler.py", line 494 in make_cubin\n'
+             '  File ".../triton/compiler/compiler.py", line 324 in compile')
+    wait = '  File "/usr/lib/python3.12/concurrent/futures/_base.py", line 451 in result'
+    assert hung_in_ptxas(dump(main=cubin, other=wait))
+    assert not hung_in_ptxas(dump(main=wait, other=cubin))
+    assert not hung_in_ptxas("")
