@@ -150,6 +150,23 @@ def test_missing_extension_warns_once_and_reports_build_command():
         assert BUILD_COMMAND in lines[key], res.stdout
 
 
+def test_unbuilt_extension_is_called_not_built(tmp_path):
+    """A checkout with no compiled ``_C`` (run from PYTHONPATH, as on a GPU machine) is told the
+    extension is not built, not Python's "partially initialized module ... (most likely due to a
+    circular import)"."""
+    import shutil
+
+    shutil.copytree(REPO / "bsr_kernels", tmp_path / "bsr_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", "import bsr_kernels.ops.cpp as c; "
+                          "print('ERROR:', c.extension_error())"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ERROR: ImportError: not built:" in res.stdout, res.stdout
+    assert "circular" not in res.stdout + res.stderr and BUILD_COMMAND in res.stderr
+
+
 def test_bad_inputs_raise_naming_the_argument():
     ops = torch.ops.bsr_kernels
     x, q, k = _qkvx()

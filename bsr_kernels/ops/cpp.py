@@ -8,6 +8,9 @@ itself unavailable, with the command that builds it; nothing raises on import.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -22,6 +25,10 @@ BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _DTYPES = (torch.float32, torch.float64)
 
 try:
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # say so, not Python's "partially
+        # initialized module ... (most likely due to a circular import)"
+        raise ImportError(f"not built: {os.path.dirname(__file__)} holds no "
+                          f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]} for this Python")
     from . import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
 
     #: Every operator the extension registers; a build from older sources lacks some.
