@@ -662,7 +662,7 @@ def part_sweep(cuda: bool, device: str) -> dict:
     g = torch.Generator(device=device).manual_seed(2)
     base = dict(tb.LAUNCH)
     grid = [dict(programs_per_sm=pps, num_warps=w, select_warps=sw)
-            for pps in (2, 4, 8) for w in (4, 8) for sw in (1, 2, 4)]
+            for pps in (4, 8, 16) for w in (4, 8) for sw in (1, 4, 8)]
     out = {}
     for label, b, h, n, d in [s for s in OP_SHAPES if s[0] != "ViT-S B=256"]:
         sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
@@ -1132,6 +1132,16 @@ def summarize(results: dict) -> str:
                 f"{top.get('name', '')[:50]} {_fmt(top.get('share'), '.0%')}"
                 if top else r.get("error", "")[:60]]) + " |")
         lines.append("")
+    sweep = {k: v for k, v in parts.get("sweep", {}).items()
+             if isinstance(v, dict) and v.get("best")}
+    if sweep:
+        def launch(r):
+            return (f"{r[0] * 1e3:.1f} ({r[1]['programs_per_sm']} per SM, {r[1]['num_warps']} "
+                    f"warps, selection {r[1]['select_warps']})")
+        lines += ["## launch sweep (forward, CUDA-graph replay, µs)", "",
+                  "| shape | the table's launch | fastest |", "|---|---|---|"]
+        lines += [f"| {k} | {launch(v['default'][0]) if v.get('default') else '—'} | "
+                  f"{launch(v['best'])} |" for k, v in sweep.items()] + [""]
     sac = parts.get("sac", {}).get("time", {})
     if sac:
         ref = next((r["reference"] for r in sac.values() if r.get("reference")), None)

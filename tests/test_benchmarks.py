@@ -1561,3 +1561,16 @@ def test_hung_in_ptxas_reads_the_main_thread_only():
     assert hung_in_ptxas(dump(main=cubin, other=wait))
     assert not hung_in_ptxas(dump(main=wait, other=cubin))
     assert not hung_in_ptxas("")
+
+
+def test_summary_has_the_launch_sweep():
+    """``results.md`` shows the sweep's launch-table row and its fastest launch per shape."""
+    from benchmarks.bench_gpu import summarize
+
+    def row(ms, pps, w, sw):
+        return [ms, {"programs_per_sm": pps, "num_warps": w, "select_warps": sw}]
+    sweep = {"ViT-B B=128": {"best": row(0.0662, 8, 4, 4), "default": [row(0.0822, 4, 4, 1)],
+                             "all": []}, "stop": "at the deadline"}
+    md = summarize({"env": {"device": "GPU"}, "parts": {"sweep": sweep}})
+    assert ("| ViT-B B=128 | 82.2 (4 per SM, 4 warps, selection 1) | 66.2 (8 per SM, 4 warps, "
+            "selection 4) |") in md
