@@ -188,13 +188,16 @@ def _read_hung_in_ptxas(path: str) -> bool:
 
 
 def hung_in_ptxas(stacks: str) -> bool:
-    """Whether a hang's thread stacks (the watchdog's dump) show the main thread waiting for
-    Triton's ``ptxas`` (``make_cubin``): a compiler subprocess, which compiling in-process
-    (``TORCHINDUCTOR_COMPILE_THREADS=1``) runs just the same. Seen on the H100 on 2026-11-27:
-    the CLS-row composite's compilation sat there for 180 s, and its in-process retry for 180 s
-    more."""
+    """Whether a hang's dump (:func:`dump_stacks`) shows it waiting for Triton's ``ptxas``: the
+    main thread in ``make_cubin`` (compiling in-process), or a ``ptxas`` among the descendant
+    processes (an inductor compile worker's). A compiler subprocess runs just the same when
+    compiling in-process (``TORCHINDUCTOR_COMPILE_THREADS=1``). Seen on the H100 on 2026-11-27:
+    the CLS-row composite's compilation hung for 180 s, and its in-process retry sat in ptxas
+    for 180 s more."""
     main = stacks.partition("(MainThread)")[2].split("\n\nThread ", 1)[0]
-    return "in make_cubin" in main
+    children = stacks.partition(CHILDREN_HEADER + ":\n")[2].splitlines()
+    return "in make_cubin" in main or any(
+        os.path.basename(line.split(": ", 1)[-1].split(" ", 1)[0]) == "ptxas" for line in children)
 
 
 class Skipped(Exception):
@@ -397,7 +400,41 @@ def dump_stacks(fd: int, header: str) -> None:
             code = frame.f_code
             lines.append(f'  File "{code.co_filename}", line {frame.f_lineno} in {code.co_name}')
             frame = frame.f_back
+    children = descendant_commands()
+    if children:
+        lines += ["", f"{CHILDREN_HEADER}:"] + [f"  {pid}: {cmd}" for pid, cmd in children]
     os.write(fd, ("\n".join(lines) + "\n").encode(errors="replace"))
+
+
+#: The heading of :func:`dump_stacks`'s list of the process's descendants.
+CHILDREN_HEADER = "Child processes (pid: command line)"
+
+
+def descendant_commands(root: int | None = None) -> list[tuple[int, str]]:
+    """The processes descended from ``root`` (this one by default) with their command lines
+    (200 characters at most), read from ``/proc`` (empty where it cannot be read): a compile
+    that hangs in a compiler subprocess (``ptxas``, run by an inductor worker or by this
+    process) shows there."""
+    root = os.getpid() if root is None else root
+    parent = {}
+    try:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{entry}/stat") as f:
+                        parent[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+    except OSError:
+        return []
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for child in sorted(c for c, pp in parent.items() if pp == pid):
+            todo.append(child)
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append((child, cmd[:200]))
+    return found
 
 
 def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:

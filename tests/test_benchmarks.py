@@ -1561,6 +1561,32 @@ def test_hung_in_ptxas_reads_the_main_thread_only():
     assert hung_in_ptxas(dump(main=cubin, other=wait))
     assert not hung_in_ptxas(dump(main=wait, other=cubin))
     assert not hung_in_ptxas("")
+    # a pool worker's ptxas, found among the descendant processes
+    kids = "\n\nChild processes (pid: command line):\n  {}\n"
+    assert hung_in_ptxas(dump(main=wait, other=wait) + kids.format(
+        "812: /opt/triton/backends/nvidia/bin/ptxas -lineinfo -v --gpu-name sm_90a /tmp/x.ptx"))
+    assert not hung_in_ptxas(dump(main=wait, other=wait) + kids.format(
+        "811: /usr/bin/python3 -m torch._inductor.compile_worker --workers=16"))
+
+
+def test_dump_stacks_lists_child_processes(tmp_path):
+    """The watchdog's dump names the process's descendants with their command lines (where a
+    hang in a compiler subprocess shows)."""
+    from benchmarks.bench_gpu import CHILDREN_HEADER, dump_stacks
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this system: descendants cannot be listed")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        path = tmp_path / "stacks.txt"
+        with open(path, "w") as f:
+            dump_stacks(f.fileno(), "header")
+        text = path.read_text()
+    finally:
+        child.kill()
+        child.wait()
+    assert text.startswith("header") and f"{CHILDREN_HEADER}:" in text
+    assert f"  {child.pid}: {sys.executable} -c import time; time.sleep(30)" in text, text
 
 
 def test_summary_has_the_launch_sweep():
