@@ -917,6 +917,23 @@ def test_memory_mode_autograd(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "--activation-dtype" in err and "--memory-mode autograd" in err, err
 
 
+def test_memory_mode_auto_is_lean_on_cpu_and_autograd_on_cuda(tmp_path, capsys):
+    """--memory-mode auto (the default) trains lean on CPU, and records the mode it ran;
+    on CUDA it stands for autograd, except with --activation-dtype (which autograd refuses)."""
+    from bsr_kernels.finetune.train import resolve_memory_mode
+    rc, _, err = _run(["--method", "bsr", *FAST[2:], "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert _strict_json(tmp_path / "bsr" / "result.json")["memory_mode"] == "lean"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_memory_mode("auto", cuda) == "autograd"
+    assert resolve_memory_mode("auto", cuda, torch.bfloat16) == "lean"
+    assert resolve_memory_mode("auto", cpu) == "lean"
+    assert [resolve_memory_mode(m, cuda) for m in ("lean", "fast", "autograd")] == [
+        "lean", "fast", "autograd"]
+    with pytest.raises(ValueError, match="--memory-mode must be one of auto, lean"):
+        resolve_memory_mode("eager", cpu)
+
+
 def test_given_options_tells_given_options_from_defaults():
     """What --resume leaves to the earlier run: the options argv does not give, also for a value
     equal to the default and for repeated (append) options."""

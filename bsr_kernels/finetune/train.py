@@ -264,6 +264,27 @@ def resolve_amp(amp, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if amp == "bf16" else None
 
 
+#: ``--memory-mode`` of bsr-finetune: ``auto`` or one of reprogram's memory modes.
+MEMORY_MODE_CHOICES = ("auto", "lean", "fast", "autograd")
+
+
+def resolve_memory_mode(mode: str, device: torch.device, activation_dtype=None) -> str:
+    """The memory mode ``mode`` (a :data:`MEMORY_MODE_CHOICES` name) stands for on ``device``.
+
+    ``auto`` is ``"autograd"`` on CUDA, where it measured the fastest with memory to spare
+    (ViT-B/16, B=128, bf16 autocast, H100, 2026-11-27: 23.0 ms a step against fast's 33.9 and
+    lean's 34.5, eager; 17.2 against 19.4 and 20.5 with the step in one CUDA graph; 2.1 GiB above
+    the resident model against lean's 1.05; benchmarks/results/2026-11-27-h100.md), and
+    ``"lean"`` elsewhere (small devices: the least memory), and whenever ``activation_dtype``
+    is given (it compresses what lean saves; autograd saves what autograd saves)."""
+    if mode not in MEMORY_MODE_CHOICES:
+        raise ValueError(f"--memory-mode must be one of {', '.join(MEMORY_MODE_CHOICES)}, "
+                         f"got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "autograd" if device.type == "cuda" and activation_dtype is None else "lean"
+
+
 def _autocast(device: torch.device, amp="auto"):
     dtype = resolve_amp(amp, device)
     if dtype is None:
