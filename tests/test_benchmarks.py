@@ -1600,3 +1600,22 @@ def test_summary_has_the_launch_sweep():
     md = summarize({"env": {"device": "GPU"}, "parts": {"sweep": sweep}})
     assert ("| ViT-B B=128 | 82.2 (4 per SM, 4 warps, selection 1) | 66.2 (8 per SM, 4 warps, "
             "selection 4) |") in md
+
+
+def test_fwd_bwd_ratio_from_graph_replays_where_both_were_captured():
+    """The op's fwd+bwd speedup over a peer comes from CUDA-graph replays when both were
+    captured (as the forward's), else from the eager calls, and says which; the eager ratio is
+    kept beside it. The summary marks a ratio from eager calls."""
+    from benchmarks.bench_gpu import _forward_ratio, fwd_bwd_figures
+
+    res = {"fwd+bwd": {"ours": {"ms": 1.0}, "a": {"ms": 1.5}, "b": {"ms": 1.6}},
+           "fwd+bwd_graph": {"ours": {"ms": 0.1}, "a": {"ms": 0.4}, "b": {"error": "capture"}}}
+    fwd_bwd_figures(res, "ours", ["a", "b"])
+    assert res["fwd+bwd speedup vs a"] == pytest.approx(4.0)
+    assert res["fwd+bwd speedup vs a (eager calls)"] == pytest.approx(1.5)
+    assert res["fwd+bwd speedup vs b"] == pytest.approx(1.6)
+    assert res["fwd+bwd_ratio_from"] == {"a": "fwd+bwd_graph", "b": "fwd+bwd"}
+    assert _forward_ratio(res, "a", "fwd+bwd") == "4.00×"
+    assert _forward_ratio(res, "b", "fwd+bwd") == "1.60× (eager calls)"
+    # a result of a run before graph replays were taken: its ratio was from eager calls
+    assert _forward_ratio({"fwd+bwd speedup vs a": 1.62}, "a", "fwd+bwd") == "1.62× (eager calls)"
