@@ -57,6 +57,8 @@ Parts (``--parts``, default all, in this order):
   fine-tuning and eager autograd and lean modes timed beside them for in-process ratios; built
   in :data:`COMPILED_STEPS` order, the targets' compiled peers first. The targets' best BSR mode
   is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
+* ``tests``: the test suite's CUDA cases (``pytest tests/test_ops.py tests/test_triton_backend.py
+  tests/test_modes.py -k cuda``; CI has no GPU): counts, failures and skip reasons.
 * ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), eager
   variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
   how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
@@ -84,6 +86,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -129,8 +132,13 @@ T0 = float(os.environ.get("BSR_BENCH_T0", time.time()))
 #: (tuning for a later change) and the SAC experiment. ``step-compiled`` builds its variants
 #: until the deadline allows no more and times those it has, so what follows it may be left
 #: for a second call (the summary prints its command, and ``--merge`` joins the calls' results).
-PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "profile", "step-graphs",
-         "sweep", "sac")
+PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "tests", "profile",
+         "step-graphs", "sweep", "sac")
+
+#: The ``tests`` part: the test suite's CUDA cases (the CI machine has no GPU), and the files
+#: they are in; ``--smoke`` runs a CPU selection of the same files instead.
+CUDA_TESTS = ("tests/test_ops.py", "tests/test_triton_backend.py", "tests/test_modes.py")
+CUDA_TESTS_SELECT, SMOKE_TESTS_SELECT = "cuda", "known_backends or assert_kept_matches"
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
@@ -838,6 +846,38 @@ def part_sac(cuda: bool, device: str) -> dict:
                report=lambda t: WORKER.put("time", t), **_step_timing(cuda))
 
 
+def part_tests(cuda: bool, device: str) -> dict:
+    """Runs :data:`CUDA_TESTS` under pytest (``-k cuda``; on CPU the ``--smoke`` selection) in
+    a child process, until this part's stop (its time limit or the deadline, 10 s kept to
+    report): ``counts`` (passed, failed, skipped, ... from pytest's last line), ``returncode``,
+    the ``failed`` and ``skipped`` lines (``-rfEs``) and the output's ``tail``."""
+    select = CUDA_TESTS_SELECT if cuda else SMOKE_TESTS_SELECT
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+           *CUDA_TESTS, "-k", select]
+    left = min(WORKER.deadline, WORKER.stop_at) - time.time() - 10.0
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 1.0),
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+        text, rc = (out or ""), f"stopped after {left:.0f} s"
+    return tests_result(text, rc, shlex.join(["pytest", *cmd[3:]]))
+
+
+def tests_result(text: str, returncode, command: str) -> dict:
+    """:func:`part_tests`'s result from pytest's output ``text`` (``-q -rfEs``)."""
+    lines = text.splitlines()
+    last = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)),
+                "")
+    counts = {word: int(n) for n, word in re.findall(
+        r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", last)}
+    return {"command": command, "returncode": returncode, "counts": counts,
+            "failed": [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))][:50],
+            "skipped": [ln for ln in lines if ln.startswith("SKIPPED ")][:50],
+            "tail": "\n".join(lines[-40:])}
+
+
 def part_sync(cuda: bool, device: str) -> dict:
     """No host sync in the forward and backward of any memory mode (CUDA sync debug mode)."""
     from timm.models.vision_transformer import VisionTransformer
@@ -868,7 +908,7 @@ def part_sync(cuda: bool, device: str) -> dict:
 #: Time limits (s) of the parts that have no watchdog of their own: a hang there (a first
 #: Triton compile) ends the part at its limit instead of eating the run. Every part also stops
 #: at the run's deadline.
-PART_LIMITS_S = {"check": 150.0, "op": 150.0, "sync": 120.0, "sweep": 180.0}
+PART_LIMITS_S = {"check": 150.0, "op": 150.0, "sync": 120.0, "sweep": 180.0, "tests": 240.0}
 #: Seconds the parent waits past a worker's own stop (the deadline or the part's limit) before
 #: it kills the worker: the worker stops itself first, its stacks dumped.
 KILL_GRACE_S = 10.0
@@ -890,6 +930,7 @@ def run_worker(part: str, args) -> dict:
     WORKER.device = device
     limit = PART_LIMITS_S.get(part, float("inf"))
     stop_at = args.stop_at or min(WORKER.deadline, time.time() + limit)
+    WORKER.stop_at = stop_at
     WORKER.state["stop"] = ("at the deadline" if stop_at >= WORKER.deadline
                             else f"at its {limit:.0f} s time limit")
     WORKER.save()
@@ -898,7 +939,7 @@ def run_worker(part: str, args) -> dict:
              "step": lambda c, d: part_step(c, d, EAGER_STEPS),
              "step-compiled": lambda c, d: part_step(c, d, COMPILED_STEPS), "sac": part_sac,
              "profile": part_profile,
-             "step-graphs": lambda c, d: part_step(c, d, GRAPHED_STEPS)}
+             "step-graphs": lambda c, d: part_step(c, d, GRAPHED_STEPS), "tests": part_tests}
     clock = (expiring(os.path.join(args.out, stacks_file(part, TIME_LIMIT)),
                       stop_at - time.time(), f"Stopped {WORKER.state['stop']}", STOPPED)
              if stop_at < float("inf") else contextlib.nullcontext())
@@ -1149,6 +1190,12 @@ def summarize(results: dict) -> str:
         c = parts["check"]
         lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
                   + (f" ({c['error']})" if "error" in c else ""), ""]
+    if "tests" in parts:
+        t = parts["tests"]
+        counts = ", ".join(f"{n} {w}" for w, n in t.get("counts", {}).items()) or "no summary"
+        lines += [f"tests (`{t.get('command')}`): {counts}; exit {t.get('returncode')}"
+                  + (f" ({t['error']})" if "error" in t else "")]
+        lines += [f"- {ln}" for ln in t.get("failed", [])] + [""]
     sync = {k: v for k, v in parts.get("sync", {}).items() if k.endswith("sync-free")}
     if sync:
         lines += ["no host sync in forward and backward (CUDA sync debug mode 'error'): "

@@ -1619,3 +1619,27 @@ def test_fwd_bwd_ratio_from_graph_replays_where_both_were_captured():
     assert _forward_ratio(res, "b", "fwd+bwd") == "1.60× (eager calls)"
     # a result of a run before graph replays were taken: its ratio was from eager calls
     assert _forward_ratio({"fwd+bwd speedup vs a": 1.62}, "a", "fwd+bwd") == "1.62× (eager calls)"
+
+
+def test_bench_gpu_tests_part(tmp_path):
+    """The ``tests`` part runs the suite's CUDA cases under pytest (here, ``--smoke``, a CPU
+    selection of the same files) and records the counts; results.md says them. Its parser
+    reads pytest's last line, the failures and the skip reasons."""
+    from benchmarks.bench_gpu import tests_result
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--smoke", "--out",
+                           str(tmp_path), "--parts", "tests"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        part = json.load(f)["parts"]["tests"]
+    assert part["returncode"] == 0 and part["counts"]["passed"] == 2, part
+    assert "-k 'known_backends or assert_kept_matches'" in part["command"]
+    assert "tests (`pytest -q" in (tmp_path / "results.md").read_text()
+    text = ("..F.s\nFAILED tests/test_ops.py::test_a[cuda] - AssertionError: x\n"
+            "SKIPPED [2] tests/test_modes.py:181: needs two CUDA devices\n"
+            "= 1 failed, 3 passed, 2 skipped, 5 deselected, 1 warning in 2.00s =\n")
+    res = tests_result(text, 1, "pytest")
+    assert res["counts"] == {"failed": 1, "passed": 3, "skipped": 2, "deselected": 5}
+    assert res["failed"] == ["FAILED tests/test_ops.py::test_a[cuda] - AssertionError: x"]
+    assert res["skipped"] == ["SKIPPED [2] tests/test_modes.py:181: needs two CUDA devices"]
