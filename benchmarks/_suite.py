@@ -39,7 +39,8 @@ import bsr_kernels
 from bsr_kernels import methods
 from bsr_kernels.ops.common import num_kept
 
-__all__ = ["SuiteConfig", "doc_summary", "make_inputs", "min_bytes", "VARIANTS", "VARIANT_LABELS",
+__all__ = ["SuiteConfig", "doc_summary", "make_inputs", "qkv_views", "min_bytes", "VARIANTS",
+           "VARIANT_LABELS",
            "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "is_graphed",
            "is_compiled", "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
@@ -286,8 +287,13 @@ def make_inputs(b: int, n: int, h: int, c: int, dtype: torch.dtype = torch.float
     if requires_grad:
         x.requires_grad_()
         qkv.requires_grad_()
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return x, q, k, v, qkv
+    return (x, *qkv_views(qkv), qkv)
+
+
+def qkv_views(qkv: torch.Tensor):
+    """q, k, v (B, H, N, d) as views of a (B, N, 3, H, d) qkv tensor, as timm's Attention makes
+    them."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def min_bytes(b: int, h: int, n: int, c: int, keep_rate: float = 0.5, p: int = 1,

@@ -129,12 +129,20 @@ def graph_ms(fn, n_calls: int) -> float:
     """GPU time per call of ``fn`` with launch overhead removed: ``n_calls`` calls captured in one
     CUDA graph, replays timed by ``do_bench`` (median)."""
     import triton.testing
-    fn()
+    prev = torch.cuda.current_stream()
+    side = torch.cuda.Stream()  # warm up on the stream that captures, as PyTorch advises
+    side.wait_stream(prev)
+    with torch.cuda.stream(side):
+        fn()
+    prev.wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n_calls):
-            fn()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(n_calls):
+                fn()
+    finally:  # a failed capture raises in the context's exit before it restores the stream
+        torch.cuda.set_stream(prev)
     return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
                                    return_mode="median") / n_calls
 

@@ -80,6 +80,7 @@ some parts). ``--smoke`` runs the parts on tiny CPU shapes, the Triton check in 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import faulthandler
 import gc
@@ -87,6 +88,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -101,7 +103,7 @@ from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
 from ._suite import (SuiteConfig, Target, is_compiled, is_graphed, make_inputs, min_bytes,
-                     model_label)
+                     model_label, qkv_views)
 from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
 from .peer_bsr import cls_row_drop
 
@@ -139,6 +141,9 @@ PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "tests",
 #: they are in; ``--smoke`` runs a CPU selection of the same files instead.
 CUDA_TESTS = ("tests/test_ops.py", "tests/test_triton_backend.py", "tests/test_modes.py")
 CUDA_TESTS_SELECT, SMOKE_TESTS_SELECT = "cuda", "known_backends or assert_kept_matches"
+#: Seconds the ``tests`` part needs at least (the CUDA cases took 122 s on the H100); with less
+#: left it is not started, and the summary prints it for a second call.
+MIN_TESTS_S = 60.0
 
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
@@ -553,6 +558,11 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
 
         def fb(fn):  # grads to x and the qkv tensor with a fixed cotangent
             def run(x, q, k, v, qkv):
+                # the graph to differentiate is made in the call, on its stream: a captured
+                # backward must not reach nodes made on another stream (the default one, where
+                # the inputs were built), which invalidates the capture
+                x, qkv = x.detach().requires_grad_(), qkv.detach().requires_grad_()
+                q, k, _ = qkv_views(qkv)
                 o = fn(x, q, k)
                 o = o[0] if isinstance(o, tuple) else o
                 return torch.autograd.grad(o, (x, qkv), torch.ones_like(o))
@@ -852,24 +862,39 @@ def part_tests(cuda: bool, device: str) -> dict:
     report): ``counts`` (passed, failed, skipped, ... from pytest's last line), ``returncode``,
     the ``failed`` and ``skipped`` lines (``-rfEs``) and the output's ``tail``."""
     select = CUDA_TESTS_SELECT if cuda else SMOKE_TESTS_SELECT
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+    # -v: each test's outcome is printed as it ends, so a run stopped early still tells them
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
            *CUDA_TESTS, "-k", select]
+    command = shlex.join(["pytest", *cmd[3:]])
     left = min(WORKER.deadline, WORKER.stop_at) - time.time() - 10.0
+    if left < MIN_TESTS_S:
+        return {"command": command, "error": f"skipped: out of time ({left:.0f} s left)"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)   # its own group: killed whole, below
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(left, 1.0),
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
-        text, rc = (out or ""), f"stopped after {left:.0f} s"
-    return tests_result(text, rc, shlex.join(["pytest", *cmd[3:]]))
+        text, _ = proc.communicate(timeout=left)
+        return tests_result(text, proc.returncode, command)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # pytest and what it started (ptxas, workers)
+        text, _ = proc.communicate()
+        return {**tests_result(text, None, command),
+                "error": f"stopped: out of time after {left:.0f} s"}
 
 
 def tests_result(text: str, returncode, command: str) -> dict:
-    """:func:`part_tests`'s result from pytest's output ``text`` (``-q -rfEs``)."""
+    """:func:`part_tests`'s result from pytest's output ``text`` (``-v -rfEs``): ``counts`` from
+    its last line, or, where it has none (stopped early), from the ``PASSED``/``FAILED``/...
+    words of the lines ``-v`` printed so far."""
     lines = text.splitlines()
-    last = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)),
-                "")
+    last = next((ln for ln in reversed(lines) if re.search(
+        r"\d+ (passed|failed|errors?|skipped|deselected)", ln) and ln.startswith("=")), "")
+    if not last:
+        done = collections.Counter(m.group(1).lower() for ln in lines for m in [re.search(
+            r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", ln)] if m)
+        last = ", ".join(f"{n} {w}" for w, n in done.items())
     counts = {word: int(n) for n, word in re.findall(
         r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", last)}
     return {"command": command, "returncode": returncode, "counts": counts,
@@ -1010,9 +1035,16 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
             return result
         stacks = (stacks_file(part, TIME_LIMIT) if rc == STOPPED
                   else stacks_file(part, running) if running else None)
+        if stacks and os.path.exists(os.path.join(args.out, stacks)):
+            # numbered by attempt: a retry's watchdog writes (and, if it ends in time,
+            # removes) the same name
+            numbered = f"{stacks[:-len('.txt')]}-attempt{len(hangs) + 1}.txt"
+            os.replace(os.path.join(args.out, stacks), os.path.join(args.out, numbered))
+            stacks = numbered
         in_ptxas = bool(stacks and state.get("compiling")
                         and _read_hung_in_ptxas(os.path.join(args.out, stacks)))
-        hangs.append({"while": running, "exit": rc, "stacks": stacks, "in_ptxas": in_ptxas})
+        hangs.append({"while": running, "exit": rc, "stacks": stacks,
+                      **({"in_ptxas": True} if in_ptxas else {})})
         log(f"part {part}: the worker ended ({rc}) while running {running!r}"
             + (f"; thread stacks in {stacks}" if stacks else ""))
         if rc == STOPPED:
@@ -1033,6 +1065,9 @@ def run_part(part: str, args, deadline_at: float, reserve_s: float = 0.0,
         else:
             skip.append(running)
             hangs[-1]["then"] = f"retried without {running!r}"
+            if probing and running == POOL_PROBE:  # hung in ptxas: not retried in-process
+                probe.update(part=part, hung=True, in_ptxas=True, stacks=stacks,
+                             limit_s=min(POOL_PROBE_S, args.compile_timeout_s))
             continue
         result["hangs"] = hangs
         return result

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -1635,11 +1636,58 @@ def test_bench_gpu_tests_part(tmp_path):
         part = json.load(f)["parts"]["tests"]
     assert part["returncode"] == 0 and part["counts"]["passed"] == 2, part
     assert "-k 'known_backends or assert_kept_matches'" in part["command"]
-    assert "tests (`pytest -q" in (tmp_path / "results.md").read_text()
-    text = ("..F.s\nFAILED tests/test_ops.py::test_a[cuda] - AssertionError: x\n"
+    assert "tests (`pytest -v" in (tmp_path / "results.md").read_text()
+    run = ("tests/test_ops.py::test_a[cuda] FAILED [ 20%]\n"
+           "tests/test_ops.py::test_b[cuda] PASSED [ 40%]\n"
+           "tests/test_ops.py::test_c[cuda] SKIPPED (needs two CUDA devices) [ 60%]\n")
+    text = (run + "FAILED tests/test_ops.py::test_a[cuda] - AssertionError: x\n"
             "SKIPPED [2] tests/test_modes.py:181: needs two CUDA devices\n"
             "= 1 failed, 3 passed, 2 skipped, 5 deselected, 1 warning in 2.00s =\n")
     res = tests_result(text, 1, "pytest")
     assert res["counts"] == {"failed": 1, "passed": 3, "skipped": 2, "deselected": 5}
     assert res["failed"] == ["FAILED tests/test_ops.py::test_a[cuda] - AssertionError: x"]
     assert res["skipped"] == ["SKIPPED [2] tests/test_modes.py:181: needs two CUDA devices"]
+    # stopped before its summary: the outcomes -v printed so far
+    assert tests_result(run, None, "pytest")["counts"] == {"failed": 1, "passed": 1,
+                                                           "skipped": 1}
+    # every selected test skipped is a result, not "no summary"
+    assert tests_result("= 3 skipped, 700 deselected in 1.0s =", 0, "pytest")["counts"] == {
+        "skipped": 3, "deselected": 700}
+
+
+def test_bench_gpu_tests_part_stops_at_its_time(tmp_path, monkeypatch):
+    """A tests part with too little time left is not started, and one that outlives its time
+    is stopped (its whole process group) and reported out of time: both are printed for a
+    second call, not taken for a result."""
+    from benchmarks import bench_gpu
+
+    worker = SimpleNamespace(deadline=time.time() + 30, stop_at=time.time() + 30)
+    monkeypatch.setattr(bench_gpu, "WORKER", worker)
+    res = bench_gpu.part_tests(False, "cpu")
+    assert res["error"].startswith("skipped: out of time") and "counts" not in res
+    monkeypatch.setattr(bench_gpu, "MIN_TESTS_S", 1.0)
+    slow = tmp_path / "test_slow.py"
+    pid_file = tmp_path / "grandchild.pid"
+    slow.write_text("import subprocess, sys, time\n\ndef test_fast():\n    pass\n\n"
+                    "def test_slow():\n    p = subprocess.Popen([sys.executable, '-c', "
+                    "'import time; time.sleep(120)'])\n"
+                    f"    open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+                    "    time.sleep(120)\n")
+    monkeypatch.setattr(bench_gpu, "CUDA_TESTS", (str(slow),))
+    monkeypatch.setattr(bench_gpu, "SMOKE_TESTS_SELECT", "fast or slow")
+    worker.deadline = worker.stop_at = time.time() + 16
+    t0 = time.time()
+    res = bench_gpu.part_tests(False, "cpu")
+    assert time.time() - t0 < 25 and "out of time" in res["error"], res
+    assert res["counts"] == {"passed": 1}, res  # what -v printed before the stop
+    grandchild = int(pid_file.read_text())      # what the tests started went with them
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {grandchild}, started by the stopped tests, still runs")
+    md = bench_gpu.summarize({"env": {"device": "cpu"}, "parts": {"tests": res}})
+    assert "--parts tests" in md, md
