@@ -48,6 +48,19 @@ class BSRConfigWarning(UserWarning):
     """Weights saved under other BSR settings than the model's (or none) were loaded."""
 
 
+#: BSR settings that change only how backward runs (what it stores), never the logits: weights
+#: saved under other values of these load without a warning.
+BACKWARD_ONLY = ("memory_mode", "activation_dtype")
+
+
+def _same_forward(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Whether two BSR config dicts (or None, for a plain model) compute the same logits."""
+    if a is None or b is None:
+        return a is b
+    return ({k: v for k, v in a.items() if k not in BACKWARD_ONLY}
+            == {k: v for k, v in b.items() if k not in BACKWARD_ONLY})
+
+
 # --- attached to a reprogrammed model (reprogram / restore) --------------------------------------
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata):
@@ -68,7 +81,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing, 
         warnings.warn(f"{e}; it was not compared with this model's", BSRConfigWarning,
                       stacklevel=3)
         return
-    if saved != mine:
+    if not _same_forward(saved, mine):
         warnings.warn(
             f"these weights were saved from a model reprogrammed with {saved}, but this model is "
             f"reprogrammed with {mine}; its logits will differ. Use "
@@ -352,7 +365,7 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
             except ValueError as e:   # a model reprogram refuses; reprogram changed nothing
                 raise ValueError(f"{where}: its BSR settings cannot be applied to this model "
                                  f"({e}); the model is unchanged") from e
-        else:
+        elif not _same_forward(cfg, mine):
             warnings.warn(f"the checkpoint was saved from a model reprogrammed with {cfg}, but "
                           f"this model is {'reprogrammed with ' + str(mine) if mine else 'plain'}"
                           "; its logits will differ from the saved model's", BSRConfigWarning,

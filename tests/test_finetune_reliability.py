@@ -934,6 +934,46 @@ def test_memory_mode_auto_is_lean_on_cpu_and_autograd_on_cuda(tmp_path, capsys):
         resolve_memory_mode("eager", cpu)
 
 
+def test_memory_mode_auto_resumes_as_auto(tmp_path, capsys, monkeypatch):
+    """args.json keeps --memory-mode as given (auto), so a resumed run resolves it on its own
+    device; a run from before auto, whose args.json holds the old default lean although the
+    option was not given, resumes with auto too; a finished BSR reused on resume is labelled
+    with the mode its figures are measured in now."""
+    from bsr_kernels.finetune import train as train_mod
+    run = tmp_path / "run"
+    rc, _, err = _run(["--method", "bsr", *FAST[2:], "--out", run], capsys)
+    assert rc == 0, err
+    args_json = run / "args.json"
+    assert json.loads(args_json.read_text())["args"]["memory_mode"] == "auto"
+    # resumed "on CUDA": auto resolves there, to autograd (nothing taken from args.json)
+    seen = []
+    real = train_mod.resolve_memory_mode
+
+    def on_cuda(mode, device, activation_dtype=None):
+        seen.append(mode)
+        return real(mode, torch.device("cuda"), activation_dtype)
+    monkeypatch.setattr(cli, "resolve_memory_mode", on_cuda)
+    rc, out, err = _run(["--resume", run], capsys)
+    assert rc == 0 and seen == ["auto"] and "--memory-mode" not in out, out + err
+    res = _strict_json(run / "summary.json")["methods"]["bsr"]
+    assert res["memory_mode"] == "autograd"   # reused, measured again in autograd mode
+    # an args.json written before auto: memory_mode "lean" stored though not given
+    record = json.loads(args_json.read_text())
+    record["args"]["memory_mode"] = "lean"
+    args_json.write_text(json.dumps(record))
+    seen.clear()
+    rc, out, err = _run(["--resume", run], capsys)
+    assert rc == 0 and seen == ["auto"] and "--memory-mode" not in out, out + err
+    # an explicit choice is the run's own and is taken
+    explicit = tmp_path / "explicit"
+    rc, _, err = _run(["--method", "bsr", *FAST[2:], "--memory-mode", "fast", "--out",
+                       explicit], capsys)
+    assert rc == 0, err
+    seen.clear()
+    rc, out, err = _run(["--resume", explicit], capsys)
+    assert rc == 0 and seen == ["fast"] and "--memory-mode fast" in out, out + err
+
+
 def test_given_options_tells_given_options_from_defaults():
     """What --resume leaves to the earlier run: the options argv does not give, also for a value
     equal to the default and for repeated (append) options."""

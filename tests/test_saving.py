@@ -145,6 +145,27 @@ def test_state_dict_into_a_differently_reprogrammed_model_warns():
         bsr_kernels.reprogram(plain(seed=4)).load_state_dict(plain().state_dict())  # plain weights
 
 
+def test_backward_only_settings_load_without_a_warning():
+    """Weights saved under another memory mode or activation dtype (settings of the backward
+    alone) give the same logits: they load silently, with load_state_dict and with
+    load_checkpoint(reprogram=False); a forward setting still warns beside them."""
+    model, x = tuned(), images()
+    sd = model.state_dict()
+    for mode, store in (("autograd", None), ("fast", torch.bfloat16)):
+        other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.3, memory_mode=mode,
+                                      activation_dtype=store)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BSRConfigWarning)
+            other.load_state_dict(sd)
+            bsr_kernels.load_checkpoint(other, sd, reprogram=False)
+        torch.testing.assert_close(logits(other, x), logits(model, x))
+    other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.7, memory_mode="autograd")
+    with pytest.warns(BSRConfigWarning, match="keep_rate"):
+        other.load_state_dict(sd)
+    with pytest.warns(BSRConfigWarning, match="logits will differ"):
+        bsr_kernels.load_checkpoint(other, sd, reprogram=False)
+
+
 def test_state_dict_with_a_malformed_saved_config_still_loads_with_a_warning():
     """model.load_state_dict (not load_checkpoint) raised a bare JSONDecodeError from the
     comparison hook when the metadata's config was not JSON; the comparison only ever warned."""

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "best, see --torchcompile). The same gradients in all of them. auto "
                         "(default): autograd on CUDA (on an H100, 1.5x lean's speed for 2.1 "
                         "GiB of activations against 1.05), lean on CPU or with "
-                        "--activation-dtype")
+                        "--activation-dtype. --multitask takes lean or fast (default lean)")
     g.add_argument("--activation-dtype", choices=("bfloat16", "float16"), default=None,
                    help="BSR: store the saved activations in this dtype (compressed, "
                         "approximate gradients; default: the compute dtype, exact)")
@@ -333,7 +333,7 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 #: Options about where a run executes rather than what it computes, and the bookkeeping of
 #: args.json: ``--resume`` does not take them from the earlier run.
 _NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "log_interval",
-                "multitask", "given", "argv", "earlier_argv")
+                "multitask", "given", "argv", "earlier_argv", "memory_mode_used")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -385,6 +385,8 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
     for name, value in earlier.items():
         if name in given or name in _NOT_RESUMED or not hasattr(args, name):
             continue
+        if name == "memory_mode" and name not in earlier.get("given", [name]):
+            continue   # a default (runs before --memory-mode auto stored lean): this one applies
         value = tuple(value) if isinstance(value, list) else value   # JSON has no tuples
         if getattr(args, name) != value:
             setattr(args, name, value)
@@ -666,7 +668,10 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
                          f"processes ({info.world_size})")
     if "bsr" in methods:
         _check_amp(args.amp, info.device)
-    args.memory_mode = resolve_memory_mode(args.memory_mode, info.device, args.activation_dtype)
+    # what --memory-mode stands for on this device (args.json keeps the option as given, so a
+    # run resumed elsewhere resolves "auto" there)
+    args.memory_mode_used = resolve_memory_mode(args.memory_mode, info.device,
+                                                args.activation_dtype)
     # --out is checked (and locked) before any data or weights are loaded.
     if args.resume and info.is_main:
         left = [m for m in METHODS if m not in methods and (Path(args.out) / m).is_dir()]
@@ -766,6 +771,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                                 f"{ckpt} without training again",
                                 format=RESULT_FORMAT, versions=(1,))
                 res.pop("format"), res.pop("version")
+                if method == "bsr":   # measured again below, in this run's mode
+                    res["memory_mode"] = args.memory_mode_used
                 model.load_state_dict(state["model"])
                 if info.is_main:
                     log(f"{method}: finished in an earlier run, accuracy "
@@ -794,7 +801,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
             cfg = model.bsr_config
             res.update({"train_blocks": list(cfg.train_blocks),
                         "drop_at": list(cfg.drop_at), "keep_rate": cfg.keep_rate,
-                        "memory_mode": args.memory_mode,
+                        "memory_mode": args.memory_mode_used,
                         "activation_dtype": args.activation_dtype or "exact"})
         if info.is_main and out is not None:
             from ..delta import save_delta
@@ -837,7 +844,7 @@ def _adapt(base: nn.Module, method: str, args) -> nn.Module:
         return adapt(copy.deepcopy(base), method,
                      train_blocks=args.train_blocks if method == "bsr" else None,
                      drop_at=args.drop_at if method == "bsr" else None,
-                     keep_rate=args.keep_rate, memory_mode=args.memory_mode,
+                     keep_rate=args.keep_rate, memory_mode=args.memory_mode_used,
                      activation_dtype=_ACTIVATION_DTYPES[args.activation_dtype])
     except ValueError as e:
         message = str(e)

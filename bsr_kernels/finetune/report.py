@@ -47,8 +47,9 @@ def format_table(results: dict) -> str:
             "vs full", "trained params"]
     rows = []
     for name, r in results.items():
+        mode = r.get("memory_mode") if name == "bsr" else None   # its saved memory depends on it
         rows.append([
-            _LABELS.get(name, name),
+            _LABELS.get(name, name) + (f" ({mode})" if mode else ""),
             _fmt(None if r.get("accuracy") is None else 100 * r["accuracy"], ".1f", "-", " %"),
             _fmt(r.get("saved_activation_mib_per_image"), ".3f"),
             _fmt(r.get("train_gflops_per_image"), ".4f"),
