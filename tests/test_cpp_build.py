@@ -165,6 +165,13 @@ def test_unbuilt_extension_is_called_not_built(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ERROR: ImportError: not built:" in res.stdout, res.stdout
     assert "circular" not in res.stdout + res.stderr and BUILD_COMMAND in res.stderr
+    # an extension built for another Python is named as such
+    (tmp_path / "bsr_kernels" / "ops" / "_C.cpython-39-x86_64-linux-gnu.so").write_bytes(b"")
+    res = subprocess.run([sys.executable, "-c", "import bsr_kernels.ops.cpp as c; "
+                          "print('ERROR:', c.extension_error())"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "holds _C.cpython-39-x86_64-linux-gnu.so, built for another Python" in res.stdout, \
+        res.stdout + res.stderr[-2000:]
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -24,11 +24,23 @@ BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 _DTYPES = (torch.float32, torch.float64)
 
+def _missing_extension() -> str:
+    """Why no ``_C`` extension module is found for this Python (said plainly, rather than
+    Python's "partially initialized module ... (most likely due to a circular import)")."""
+    here = os.path.dirname(__file__)
+    want = f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    if not os.path.isdir(here):
+        return (f"{here} is inside an archive, and Python loads no extension module from one; "
+                "install bsr_kernels unpacked")
+    other = sorted(f for f in os.listdir(here) if f.startswith("_C.") and f != want)
+    if other:
+        return f"{here} holds {', '.join(other)}, built for another Python, and no {want}"
+    return f"not built: {here} holds no {want} for this Python"
+
+
 try:
-    if importlib.util.find_spec(f"{__package__}._C") is None:  # say so, not Python's "partially
-        # initialized module ... (most likely due to a circular import)"
-        raise ImportError(f"not built: {os.path.dirname(__file__)} holds no "
-                          f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]} for this Python")
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        raise ImportError(_missing_extension())
     from . import _C  # noqa: F401  (loading the library registers torch.ops.bsr_kernels.cpp_*)
 
     #: Every operator the extension registers; a build from older sources lacks some.
@@ -37,7 +49,8 @@ try:
     _missing = [n for n in _OPS if not hasattr(torch.ops.bsr_kernels, n)]
     _LOAD_ERROR: str | None = (
         f"bsr_kernels.ops._C is out of date: it lacks {', '.join(_missing)}" if _missing else None)
-except (ImportError, OSError) as exc:  # not built, or built against another torch
+except (ImportError, OSError, ValueError) as exc:  # not built, built against another torch;
+    # ValueError: find_spec of a bsr_kernels.ops._C in sys.modules without a __spec__ (a stub)
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 if _LOAD_ERROR is not None:
     warnings.warn(
