@@ -602,18 +602,32 @@ def _op_forward(ours: str, op, peers: dict, shape, dtype, device: str, g, cuda: 
     res["forward"] = bench(fwd, cuda)
     if cuda:  # GPU time without launch overhead (what a captured or compiled step sees)
         res["forward_graph"] = graph_times(fwd, len(sets))
-    if cuda and not compiled:  # the passes of the forward, alone
-        from bsr_kernels.ops import triton_backend as tb
-        x, q, k = sets[0]
-        nk = num_kept(0.5, n - 1)
-        scores, lse, kept, slot = tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk)
-        res["passes"] = bench({
-            "logits+select": lambda: tb._launch_scores(q, k, d ** -0.5, 1, torch.float32, nk),
-            "gather": lambda: tb._launch_gather(x, slot, scores, 1, nk, True),
-        }, cuda, rounds=2)
+    if cuda and not compiled:  # the passes of the forward and of the backward, alone
+        try:
+            res["passes"] = bench(op_passes(*sets[0], d ** -0.5), cuda, rounds=2)
+        except Exception as e:  # a diagnostic: its failure must not cost the shape's figures
+            res["passes"] = {"error": err(e)}
     res["errors"] = errors
     res["min_bytes"] = min_bytes(b, h, n, c, dtype=dtype, fused=True)
     return res
+
+
+def op_passes(x, q, k, scale: float) -> dict:
+    """The Triton op's kernels one by one, as calls (name -> function): the forward's logits and
+    selection, and its gather; the backward's row pass (scatter of grad_out, the fused row's
+    score gradient) and its CLS pass (grad_q, grad_k), on a random grad_out. One prefix token,
+    keep rate 0.5, float32 scores (the forward's own for half inputs)."""
+    from bsr_kernels.ops import triton_backend as tb
+    n = x.shape[1]
+    nk = num_kept(0.5, n - 1)
+    scores, lse, kept, slot = tb._launch_scores(q, k, scale, 1, torch.float32, nk)
+    x_out = tb._launch_gather(x, slot, scores, 1, nk, True)
+    grad_out = torch.randn_like(x_out)
+    _, grad_scores = tb._launch_rows_bwd(grad_out, kept, x, scores, n, 1, True)
+    return {"logits+select": lambda: tb._launch_scores(q, k, scale, 1, torch.float32, nk),
+            "gather": lambda: tb._launch_gather(x, slot, scores, 1, nk, True),
+            "backward rows": lambda: tb._launch_rows_bwd(grad_out, kept, x, scores, n, 1, True),
+            "backward cls": lambda: tb._launch_cls_bwd(grad_scores, q, k, lse, scale, 1)}
 
 
 def graph_times(candidates: dict, n_calls: int) -> dict:

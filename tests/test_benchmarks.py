@@ -1691,3 +1691,26 @@ def test_bench_gpu_tests_part_stops_at_its_time(tmp_path, monkeypatch):
         raise AssertionError(f"process {grandchild}, started by the stopped tests, still runs")
     md = bench_gpu.summarize({"env": {"device": "cpu"}, "parts": {"tests": res}})
     assert "--parts tests" in md, md
+
+
+def test_op_passes_run_each_kernel_of_the_op():
+    """``bench_gpu``'s per-kernel timings call each Triton kernel of the op on its real
+    arguments (here in Triton's interpreter): their outputs have the op's shapes, and the
+    backward's are finite and not all zero."""
+    from benchmarks._suite import make_inputs
+    from benchmarks.bench_gpu import op_passes
+    from bsr_kernels.ops import triton_backend as tb
+
+    if tb.interpreter_problem():
+        pytest.skip(tb.interpreter_problem())
+    b, n, h, c = 2, 9, 2, 8
+    x, q, k, _, _ = make_inputs(b, n, h, c, torch.float32)
+    fns = op_passes(x, q, k, (c // h) ** -0.5)
+    assert list(fns) == ["logits+select", "gather", "backward rows", "backward cls"]
+    x_out = fns["gather"]()
+    assert x_out.shape == (b, 1 + 4 + 1, c)
+    grad_x, grad_scores = fns["backward rows"]()
+    grad_q, grad_k = fns["backward cls"]()
+    assert grad_x.shape == x.shape and grad_scores.shape == (b, n - 1)
+    assert grad_q.shape == q.shape and grad_k.shape == k.shape
+    assert torch.isfinite(grad_q).all() and grad_k.abs().sum() > 0
