@@ -333,7 +333,8 @@ def _first_batch(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 #: Options about where a run executes rather than what it computes, and the bookkeeping of
 #: args.json: ``--resume`` does not take them from the earlier run.
 _NOT_RESUMED = ("out", "resume", "overwrite", "device", "workers", "progress", "log_interval",
-                "multitask", "given", "argv", "earlier_argv", "memory_mode_used")
+                "multitask", "given", "argv", "earlier_argv", "memory_mode_used",
+                "chosen_earlier")
 
 
 def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -382,10 +383,14 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
                        "pass the run's options on the command line", format=ARGS_FORMAT,
                        versions=(1,))
     earlier, taken = record.get("args", {}), []
+    # the options a user chose for this run, on its command line or on an earlier one (a
+    # resumed run's args.json records them beside its own "given")
+    chosen = set(earlier.get("given", ())) | set(earlier.get("chosen_earlier", ()))
+    args.chosen_earlier = sorted(chosen - set(given))
     for name, value in earlier.items():
         if name in given or name in _NOT_RESUMED or not hasattr(args, name):
             continue
-        if name == "memory_mode" and name not in earlier.get("given", [name]):
+        if name == "memory_mode" and "given" in earlier and name not in chosen:
             continue   # a default (runs before --memory-mode auto stored lean): this one applies
         value = tuple(value) if isinstance(value, list) else value   # JSON has no tuples
         if getattr(args, name) != value:
