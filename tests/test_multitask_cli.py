@@ -268,6 +268,17 @@ def test_non_finite_loss_stops_with_exit_3_and_saves_nothing(tmp_path, capsys):
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / ".lock").exists()
 
 
+def test_an_optimizer_step_that_overflows_float32_is_a_divergence(tmp_path, capsys):
+    """--lr 1e38: AdamW's first step size overflows float32; the multitask run stops as
+    diverged (exit 3, naming the step and --lr), as a single-task run does, not with a
+    traceback."""
+    rc, _, err = _run([*FAST, "--lr", "1e38", "--out", tmp_path], capsys)
+    assert rc == cli.EXIT_DIVERGED, err
+    assert "training diverged" in err and "overflowed float32 at step 1" in err, err
+    assert "--lr" in err and "Traceback" not in err
+    assert not (tmp_path / "linear" / "delta.safetensors").exists()
+
+
 def test_non_finite_loss_in_epoch_2_keeps_the_finite_epoch_1_checkpoint(tmp_path, capsys,
                                                                         monkeypatch):
     """The loss turns NaN in epoch 2 (the loss function made to return NaN from the first step

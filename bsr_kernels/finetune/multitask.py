@@ -324,8 +324,8 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     A NaN or infinite loss stops the training at that step (:class:`TrainingDivergedError`,
     raised on every process), before the epoch's checkpoint is written."""
     from .train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DistInfo, _check_finite,
-                        _rng_state, load_checkpoint, make_scheduler, restore_training_state,
-                        save_checkpoint)
+                        _rng_state, load_checkpoint, make_scheduler, overflow_diverges,
+                        restore_training_state, save_checkpoint)
 
     n_batches = [max(1, len(t.train) // batch_size) for t in tasks]
     positions = max(n_batches)
@@ -372,7 +372,8 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                     loss = loss + aux
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                with overflow_diverges(opt, name, epoch, step):
+                    opt.step()
                 sched.step()
                 step_times.append(time.perf_counter() - ts)
                 value = loss.item()

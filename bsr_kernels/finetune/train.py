@@ -664,18 +664,9 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 images = images.to(info.device, non_blocking=True)
                 labels = labels.to(info.device, non_blocking=True)
                 t0 = time.perf_counter()
-                try:
+                with overflow_diverges(optimizer, name, epoch, step):
                     loss = train_step(ddp_model, images, labels, optimizer, scheduler,
                                       amp=opts.amp)
-                except RuntimeError as e:   # e.g. AdamW's step size lr / (1 - beta1) > float32
-                    if "without overflow" not in str(e):
-                        raise
-                    raise TrainingDivergedError(
-                        f"{name + ': ' if name else ''}the optimizer step overflowed float32 at "
-                        f"step {step + 1} (epoch {epoch + 1}, learning rate "
-                        f"{optimizer.param_groups[0]['lr']:.3g}: {e}); training stopped and "
-                        f"this step was not saved. Lower --lr (or --head-lr-scale) and start "
-                        f"again") from e
                 if info.device.type == "cuda":
                     torch.cuda.synchronize(info.device)
                 step_times.append(time.perf_counter() - t0)
@@ -737,6 +728,23 @@ def _any_process(info: DistInfo, *flags: bool) -> tuple[bool, ...]:
     summed = torch.tensor([float(f) for f in flags], device=info.device)
     dist.all_reduce(summed)
     return tuple(v > 0 for v in summed.tolist())
+
+
+@contextlib.contextmanager
+def overflow_diverges(optimizer, name: str, epoch: int, step: int):
+    """Turns an optimizer step that overflows float32 (AdamW's step size lr / (1 - beta1) past
+    it: "value cannot be converted to type float without overflow") into
+    :class:`TrainingDivergedError`, naming the learning rate; ``epoch`` and ``step`` 0-based."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "without overflow" not in str(e):
+            raise
+        raise TrainingDivergedError(
+            f"{name + ': ' if name else ''}the optimizer step overflowed float32 at step "
+            f"{step + 1} (epoch {epoch + 1}, learning rate "
+            f"{optimizer.param_groups[0]['lr']:.3g}: {e}); training stopped and this step was "
+            "not saved. Lower --lr (or --head-lr-scale) and start again") from e
 
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
