@@ -1045,3 +1045,19 @@ def test_sched_timm_schedules_resume_exactly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--sched", "plateau", *FAST])
     assert "--sched" in capsys.readouterr().err
+
+
+def test_memory_and_flops_are_measured_in_training_mode(capsys, monkeypatch):
+    """bsr-finetune profiles a training step: the models are in training mode (evaluation had
+    left them in eval mode), whatever the method."""
+    import bsr_kernels.profile  # noqa: F401  (the package's `profile` is the function)
+    prof_mod = sys.modules["bsr_kernels.profile"]
+    modes, real = [], prof_mod.profile
+
+    def spy(model, *args, **kwargs):
+        modes.append(model.training)
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(prof_mod, "profile", spy)
+    rc, _, err = _run(["--method", "linear,bsr", *FAST[2:]], capsys)
+    assert rc == 0, err
+    assert modes == [True, True]

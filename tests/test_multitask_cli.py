@@ -423,3 +423,31 @@ def test_report_png_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         mt.draw_report(path, _report_results())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_and_flops_are_measured_on_a_training_step(tmp_path, capsys, monkeypatch):
+    """The profile runs in training mode (evaluation had left the models in eval mode, where
+    gate noise and the aux loss are off and MoE blocks save less), with the training loss,
+    aux loss included; the step times run in float32, as the multitask loop trains."""
+    import bsr_kernels.profile  # noqa: F401  (the package's `profile` is the function)
+    from bsr_kernels.finetune import train as train_mod
+    prof_mod = sys.modules["bsr_kernels.profile"]
+    seen, real = [], prof_mod.profile
+
+    def spy(model, images, labels=None, loss_fn=None):
+        with torch.no_grad():
+            logits = model(images)
+            seen.append((model.training, float(loss_fn(logits, labels)),
+                         float(torch.nn.functional.cross_entropy(logits, labels)
+                               + model.aux_loss())))
+        return real(model, images, labels, loss_fn=loss_fn)
+    monkeypatch.setattr(prof_mod, "profile", spy)
+    amps, real_time = [], train_mod.time_steps
+    monkeypatch.setattr(train_mod, "time_steps",
+                        lambda *a, **k: amps.append(k.get("amp", "auto")) or real_time(*a, **k))
+    rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], "--aux-loss-weight", "0.5",
+                       "--timing-rounds", "1"], capsys)
+    assert rc == 0, err
+    assert len(seen) == 1 and seen[0][0] is True, seen
+    assert seen[0][1] == pytest.approx(seen[0][2]), seen   # the loss profiled is the training's
+    assert amps == [None]

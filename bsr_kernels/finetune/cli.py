@@ -866,6 +866,7 @@ def _measure(models: dict, results: dict, data, args, info: DistInfo, log) -> No
     images, labels = _first_batch(data.test, args.profile_batch)
     images, labels = images.to(info.device), labels.to(info.device)
     for method, model in models.items():
+        model.train()   # a training step (evaluation left the model in eval mode)
         prof = profile(model, images, labels)
         results[method].update({k: prof[k] for k in (
             "saved_activation_mib_per_image", "train_gflops_per_image",

@@ -366,10 +366,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                 x = torch.stack([im for im, _ in items]).to(device)
                 y = task.label_fn(torch.tensor([lab for _, lab in items])).to(device)
                 ts = time.perf_counter()
-                loss = F.cross_entropy(ddp_model(x, t), y)
-                aux = model.aux_loss()
-                if aux is not None:
-                    loss = loss + aux
+                loss = _loss(model, ddp_model(x, t), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 with overflow_diverges(opt, name, epoch, step):
@@ -398,6 +395,14 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
     return {"history": history, "train_time_s": t_train,
             "median_step_time_s": (sorted(step_times)[len(step_times) // 2] if step_times
                                    else None), "resumed_from_epoch": start}
+
+
+def _loss(model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss: cross-entropy, plus the MoE blocks' auxiliary (load-balancing) loss
+    of the forward that made ``logits`` when ``--aux-loss-weight`` asks for one."""
+    loss = F.cross_entropy(logits, labels)
+    aux = model.aux_loss()
+    return loss if aux is None else loss + aux
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -514,13 +519,16 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
     x0, y0 = _first(tasks[0], args.profile_batch, device)
     for method, model in models.items():
         model.set_task(0)
-        prof = profile(model, x0, y0)
+        model.train()   # a training step (evaluation left it in eval mode): gate noise and the
+        # aux loss, which make the MoE blocks run under plain autograd, are on, and counted
+        prof = profile(model, x0, y0, loss_fn=lambda logits, y, m=model: _loss(m, logits, y))
         results[method].update({k: prof[k] for k in (
             "saved_activation_mib_per_image", "train_gflops_per_image",
             "forward_gmacs_per_image", "tokens_per_block")})
     if args.timing_rounds > 0:
         x, y = _first(tasks[0], args.batch_size, device)
-        times = time_steps(models, x, y, rounds=args.timing_rounds)
+        # amp=None: the multitask loop trains in float32 (no autocast), on CUDA too
+        times = time_steps(models, x, y, rounds=args.timing_rounds, amp=None)
         for method, t in times.items():
             results[method]["step_time_s"] = t
             if "moe_full" in times:
