@@ -1,6 +1,7 @@
 """bsr-finetune reliability (issue 13) and its timm-like command line (issue 12): no silent
 wrong results, no lost runs, early and clear errors."""
 import csv
+import importlib
 import json
 import os
 import stat
@@ -1050,8 +1051,7 @@ def test_sched_timm_schedules_resume_exactly(tmp_path, capsys):
 def test_memory_and_flops_are_measured_in_training_mode(capsys, monkeypatch):
     """bsr-finetune profiles a training step: the models are in training mode (evaluation had
     left them in eval mode), whatever the method."""
-    import bsr_kernels.profile  # noqa: F401  (the package's `profile` is the function)
-    prof_mod = sys.modules["bsr_kernels.profile"]
+    prof_mod = importlib.import_module("bsr_kernels.profile")  # bsr_kernels.profile: a function
     modes, real = [], prof_mod.profile
 
     def spy(model, *args, **kwargs):

@@ -3,6 +3,7 @@ without --resume or --overwrite, one process writes it (``.lock``), --out is che
 anything loads, a NaN/inf loss stops the run (exit 3) before a checkpoint of it is written, flags
 are checked naming them, Ctrl-C and I/O errors end without a traceback, --help is complete."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -429,9 +430,8 @@ def test_memory_and_flops_are_measured_on_a_training_step(tmp_path, capsys, monk
     """The profile runs in training mode (evaluation had left the models in eval mode, where
     gate noise and the aux loss are off and MoE blocks save less), with the training loss,
     aux loss included; the step times run in float32, as the multitask loop trains."""
-    import bsr_kernels.profile  # noqa: F401  (the package's `profile` is the function)
     from bsr_kernels.finetune import train as train_mod
-    prof_mod = sys.modules["bsr_kernels.profile"]
+    prof_mod = importlib.import_module("bsr_kernels.profile")  # bsr_kernels.profile: a function
     seen, real = [], prof_mod.profile
 
     def spy(model, images, labels=None, loss_fn=None):
