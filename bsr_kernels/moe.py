@@ -438,19 +438,18 @@ class MoEMlp(nn.Module):
         """A MoE whose experts are all copies of the timm ``Mlp`` ``mlp``."""
         fc1, fc2 = mlp.fc1, mlp.fc2
         moe = cls(fc1.in_features, fc1.out_features, num_experts, top_k, num_tasks,
-                  act_layer=type(mlp.act), bias=fc1.bias is not None, noise_std=noise_std,
+                  act_layer=type(mlp.act), bias=True, noise_std=noise_std,
                   renormalize=renormalize, aux_loss_weight=aux_loss_weight)
         moe.act = copy.deepcopy(mlp.act)   # same settings (e.g. GELU approximate)
         moe.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
         with torch.no_grad():
             moe.fc1_weight.copy_(fc1.weight.expand_as(moe.fc1_weight))
             moe.fc2_weight.copy_(fc2.weight.expand_as(moe.fc2_weight))
-            if fc1.bias is not None:
-                moe.fc1_bias.copy_(fc1.bias.expand_as(moe.fc1_bias))
-            if fc2.bias is not None:
-                moe.fc2_bias.copy_(fc2.bias.expand_as(moe.fc2_bias))
-            else:
-                moe.fc2_bias = None
+            for name, layer in (("fc1_bias", fc1), ("fc2_bias", fc2)):  # each as its layer has
+                if layer.bias is None:                                  # it (timm's Mlp takes
+                    setattr(moe, name, None)                            # bias=(fc1, fc2))
+                else:
+                    getattr(moe, name).copy_(layer.bias.expand_as(getattr(moe, name)))
         return moe
 
     def plain_autograd(self, memory_mode: str) -> bool:

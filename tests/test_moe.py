@@ -165,6 +165,25 @@ def test_to_moe_experts_start_as_copies_of_the_dense_mlp():
     assert model.blocks[3].mlp.fc1_weight.shape == (8, 192, 48)
 
 
+@pytest.mark.parametrize("bias", [(False, True), (True, False), (False, False)])
+def test_to_moe_copies_each_bias_as_its_layer_has_it(bias):
+    """timm's Mlp takes a bias per layer (bias=(fc1, fc2)): the MoE experts copy each layer's
+    bias, or have none where that layer has none, and still compute the dense MLP x the summed
+    top-k probabilities. (fc1 without a bias and fc2 with one raised AttributeError.)"""
+    from timm.layers import Mlp
+    model = small_vit(dtype=torch.float32)
+    model.blocks[1].mlp = Mlp(48, 192, bias=bias)
+    dense = copy.deepcopy(model.blocks[1].mlp)
+    bsr_kernels.to_moe(model, num_experts=4, top_k=2, blocks=[1])
+    moe = model.blocks[1].mlp
+    assert (moe.fc1_bias is not None, moe.fc2_bias is not None) == bias
+    x = torch.randn(3, 10, 48)
+    s = moe.gates[0](x.reshape(-1, 48)).softmax(-1).topk(2, dim=-1).values.sum(-1)
+    torch.testing.assert_close(moe(x), dense(x) * s.reshape(3, 10, 1), rtol=1e-5, atol=1e-6)
+    keys = set(model.state_dict())
+    assert ("blocks.1.mlp.fc1_bias" in keys, "blocks.1.mlp.fc2_bias" in keys) == bias
+
+
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             [type(m) for m in model.modules()])
