@@ -499,8 +499,12 @@ class MoEMlp(nn.Module):
 
     def _run(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         cast = (lambda p: p if p is None or p.dtype == dt else p.to(dt))
-        _, weights, idx = route(self.logits(h), self.top_k, self.renormalize, self._replay)
-        out = _combine(h, weights, idx, cast(self.fc1_weight), cast(self.fc1_bias),
+        # the router's softmax and top-k in float32 at least (autocast's softmax policy): in
+        # bf16, 0.24 % of random tokens chose another top-4 of 16 experts (C=768)
+        logits = self.logits(h)
+        _, weights, idx = route(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
+                                else logits, self.top_k, self.renormalize, self._replay)
+        out = _combine(h, cast(weights), idx, cast(self.fc1_weight), cast(self.fc1_bias),
                        cast(self.fc2_weight), cast(self.fc2_bias), self.act)
         if self._record is not None:
             self._record.append(idx.to(torch.int32))

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 
@@ -571,6 +572,28 @@ def test_moe_under_autocast_runs_in_the_autocast_dtype(grouping, monkeypatch):
              "fc2_weight": (moe.fc2_weight.grad, w2.grad), "fc2_bias": (moe.fc2_bias.grad, b2.grad)}
     for name, (got, want) in pairs.items():
         assert rel_err(got.to(F64), want) < 3 * BF16_U, name
+
+
+def test_router_softmax_runs_in_float32_under_autocast(monkeypatch):
+    """Under bf16 autocast the gate's logits are bf16, but the router takes their softmax and
+    top-k in float32 (autocast's policy for softmax): it is handed the bf16 logits widened to
+    float32."""
+    import bsr_kernels.moe as moe_module
+    torch.manual_seed(1)
+    moe = MoEMlp.from_mlp(Mlp(64, 128), num_experts=16, top_k=4)
+    x = torch.randn(512, 64)
+    seen, real_route = [], moe_module.route
+
+    def route(logits, *args):
+        seen.append(logits)
+        return real_route(logits, *args)
+    monkeypatch.setattr(moe_module, "route", route)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(x)
+    logits = seen[0]
+    assert logits.dtype == torch.float32
+    bf16 = F.linear(x.bfloat16(), moe.gates[0].weight.bfloat16())
+    torch.testing.assert_close(logits, bf16.float(), rtol=0, atol=0)  # the bf16 logits, widened
 
 
 def test_expert_grouping_auto_pads_only_balanced_loads():
