@@ -145,6 +145,7 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
         "model_numel": sum(p.numel() for p in params.values()),
         "num_classes": getattr(head, "out_features", None),
         "bsr": _bsr_config(model),
+        **_moe_entry(model),
         "base_fingerprint": base_fingerprint(model, exclude=names),
         "base_dtypes": _frozen_dtypes(model, names),
         "extra": extra or {},
@@ -162,6 +163,27 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: meta}))
     write_json(path.with_suffix(".json"), config)
     return path
+
+
+def _moe_entry(model: nn.Module) -> dict:
+    """``{"moe": routing settings}`` of a model with MoE blocks (:func:`moe.routing_settings`:
+    no parameter holds them), else nothing (a delta of a model without one has no such key)."""
+    from .moe import routing_settings
+    settings = routing_settings(model)
+    return {"moe": settings} if settings else {}
+
+
+def _moe_problems(model: nn.Module, saved: dict) -> list:
+    """How ``model``'s MoE routing differs, in settings that change the logits, from a delta's
+    ``moe`` entry (``saved``), module by module."""
+    from .moe import ROUTING_FORWARD, routing_settings
+    have = routing_settings(model)
+    problems = [f"{name}: the delta has a MoE block there, the model none"
+                for name in saved if name not in have]
+    problems += [f"{name}: {k} {saved[name][k]!r} in the delta, {have[name][k]!r} in the model"
+                 for name in saved if name in have for k in ROUTING_FORWARD
+                 if saved[name].get(k) != have[name][k]]
+    return problems
 
 
 def _frozen_dtypes(model: nn.Module, exclude: Iterable[str]) -> list:
@@ -204,6 +226,18 @@ def _schema_errors(config) -> list:
         need("base_dtypes", lambda v: isinstance(v, list) and all(
             isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype)
             for d in v), "a list of dtype names")
+    if "moe" in config:     # optional: only a model with MoE blocks has one
+        def routing(v):
+            num = (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+                   and math.isfinite(x) and x >= 0)
+            return (isinstance(v, dict) and set(v) == {"top_k", "renormalize", "noise_std",
+                                                       "aux_loss_weight"}
+                    and is_int(v["top_k"]) and v["top_k"] >= 1
+                    and isinstance(v["renormalize"], bool) and num(v["noise_std"])
+                    and num(v["aux_loss_weight"]))
+        need("moe", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and routing(r) for k, r in v.items()),
+            "an object of MoE modules' routing settings")
     need("bsr", lambda v: v is None or isinstance(v, dict), "null or an object")
     bsr = config.get("bsr")
     if isinstance(bsr, dict):
@@ -382,6 +416,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     if prefix is not None and bsr.get("num_prefix_tokens", prefix) != prefix:
         problems.append(f"the delta is for a model with {bsr['num_prefix_tokens']} prefix "
                         f"tokens, this one has {prefix}")
+    if isinstance(config.get("moe"), dict):  # MoE routing: no parameter holds it
+        problems += _moe_problems(model, config["moe"])
     if missing or problems:
         raise ValueError(f"path {path}: the delta does not fit this model: "
                          + "; ".join([f"not in the model: {missing[:5]}"] * bool(missing)
@@ -425,4 +461,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].dtype))
+    modules = dict(model.named_modules())
+    for name, settings in (config.get("moe") or {}).items():  # the training-only ones too
+        for k, v in settings.items():
+            setattr(modules[name], k, float(v) if k in ("noise_std", "aux_loss_weight") else v)
     return model

@@ -562,6 +562,21 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, MoEMlp]]:
             if isinstance(getattr(b, "mlp", None), MoEMlp)]
 
 
+#: MoEMlp settings that are no parameter (so no state_dict entry): what a delta records of each
+#: MoE block besides its tensors. top_k and renormalize change the logits; noise_std and
+#: aux_loss_weight only training.
+ROUTING_SETTINGS = ("top_k", "renormalize", "noise_std", "aux_loss_weight")
+#: Of those, the ones that change the logits.
+ROUTING_FORWARD = ("top_k", "renormalize")
+
+
+def routing_settings(model: nn.Module) -> dict:
+    """``{module name: {setting: value}}`` of every :class:`MoEMlp` in ``model``
+    (:data:`ROUTING_SETTINGS`), by its name in ``model.named_modules()``."""
+    return {name: {k: getattr(m, k) for k in ROUTING_SETTINGS}
+            for name, m in model.named_modules() if isinstance(m, MoEMlp)}
+
+
 def to_moe(model: nn.Module, blocks: Optional[Sequence[int]] = None, num_experts: int = 16,
            top_k: int = 4, num_tasks: int = 1, noise_std: float = 0.0,
            renormalize: bool = False, aux_loss_weight: float = 0.0) -> nn.Module:

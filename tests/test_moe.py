@@ -532,6 +532,36 @@ def test_delta_of_a_multitask_moe_model_round_trips(tmp_path):
 BF16_U = 2.0 ** -8
 
 
+def test_delta_records_the_moe_routing_and_refuses_another(tmp_path):
+    """A MoE delta records each MoE block's routing settings (no parameter holds them): a model
+    built with another top_k or renormalize (other logits) is refused, naming the block and the
+    setting, and left unchanged; the training-only ones (noise_std, aux_loss_weight) are set
+    from the delta."""
+    from bsr_kernels.delta import read_delta, save_delta
+
+    def build(**moe):
+        vit = small_vit(seed=0, dtype=torch.float32)
+        bsr_kernels.to_moe(vit, num_experts=4, **{"top_k": 2, **moe})
+        return bsr_kernels.MultiTaskViT(vit, num_classes=[3])
+
+    trained = bsr_kernels.reprogram(build(noise_std=0.3, aux_loss_weight=0.01))
+    path = save_delta(trained, tmp_path / "moe.safetensors")
+    saved = read_delta(path)[1]["moe"]
+    assert set(saved) == {"vit.blocks.1.mlp", "vit.blocks.3.mlp", "vit.blocks.5.mlp"}
+    assert saved["vit.blocks.3.mlp"] == {"top_k": 2, "renormalize": False, "noise_std": 0.3,
+                                         "aux_loss_weight": 0.01}
+    for other, setting in ((dict(top_k=3), "top_k 2 in the delta, 3 in the model"),
+                           (dict(renormalize=True), "renormalize False in the delta, True")):
+        model = build(**other)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=f"vit.blocks.1.mlp: {setting}"):
+            bsr_kernels.load_delta(model, path)
+        assert not hasattr(model, "bsr_config")
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = bsr_kernels.load_delta(build(), path)
+    assert [(m.noise_std, m.aux_loss_weight) for _, m in moe_blocks(model)] == [(0.3, 0.01)] * 3
+
+
 def test_moe_under_autocast_runs_in_the_autocast_dtype(grouping, monkeypatch):
     """Under (CPU) bf16 autocast the experts and the gate run in bf16 with fp32 weights: the
     output and every gradient equal the dense float64 reference on the same bf16-rounded tokens
