@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import numbers
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -430,6 +432,9 @@ class MoEMlp(nn.Module):
         self.usage = torch.zeros(num_tasks, e, dtype=torch.float64)
         self._record: Optional[list] = None          # see recorded_routing
         self._replay: Optional[torch.Tensor] = None
+        # the routing settings, which no parameter holds, travel in the state_dict's metadata
+        self.register_state_dict_post_hook(_routing_to_metadata)
+        self.register_load_state_dict_pre_hook(_routing_from_metadata)
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, num_experts: int, top_k: int, num_tasks: int = 1,
@@ -568,6 +573,35 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, MoEMlp]]:
 ROUTING_SETTINGS = ("top_k", "renormalize", "noise_std", "aux_loss_weight")
 #: Of those, the ones that change the logits.
 ROUTING_FORWARD = ("top_k", "renormalize")
+
+
+#: The state_dict metadata key of a MoEMlp's routing settings (:data:`ROUTING_SETTINGS`).
+ROUTING_KEY = "bsr_moe_routing"
+
+
+def _routing_to_metadata(module, state_dict, prefix, local_metadata):
+    # a JSON string, as the BSR config's (bsr_kernels.saving): plain for torch.load weights_only
+    local_metadata[ROUTING_KEY] = json.dumps({k: getattr(module, k) for k in ROUTING_SETTINGS},
+                                             sort_keys=True)
+
+
+def _routing_from_metadata(module, state_dict, prefix, local_metadata, strict, missing,
+                           unexpected, errors):
+    """Warns when the weights were saved from a MoE that routes otherwise (another top_k or
+    renormalize: other logits); the settings stay the module's own."""
+    from .saving import BSRConfigWarning
+    try:
+        saved = json.loads(local_metadata.get(ROUTING_KEY, "null"))
+    except (TypeError, ValueError):   # not ours to refuse: only a warning compares here
+        saved = None
+    if not isinstance(saved, dict):   # saved before the settings were recorded, or malformed
+        return
+    differ = [f"{k} {saved.get(k)!r} there, {getattr(module, k)!r} here"
+              for k in ROUTING_FORWARD if saved.get(k) != getattr(module, k)]
+    if differ:
+        warnings.warn(f"{prefix[:-1] or 'the MoE MLP'}: these weights were saved from a MoE "
+                      f"that routes otherwise ({', '.join(differ)}); its logits will differ",
+                      BSRConfigWarning, stacklevel=3)
 
 
 def routing_settings(model: nn.Module) -> dict:

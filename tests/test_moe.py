@@ -562,6 +562,32 @@ def test_delta_records_the_moe_routing_and_refuses_another(tmp_path):
     assert [(m.noise_std, m.aux_loss_weight) for _, m in moe_blocks(model)] == [(0.3, 0.01)] * 3
 
 
+def test_state_dict_of_a_moe_warns_when_loaded_into_another_routing(tmp_path):
+    """A MoE's state_dict carries its routing settings in its metadata (also through torch.save):
+    loading it into a MoE with another top_k or renormalize warns, naming the block and the
+    setting; the same routing loads silently."""
+    import warnings
+
+    from bsr_kernels import BSRConfigWarning
+
+    def build(**moe):
+        vit = small_vit(seed=0, dtype=torch.float32)
+        return bsr_kernels.to_moe(vit, num_experts=4, **{"top_k": 2, **moe})
+
+    torch.save(build().state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    with pytest.warns(BSRConfigWarning, match=r"blocks\.[135]\.mlp: .*top_k 2 there, 3 here") \
+            as seen:
+        build(top_k=3).load_state_dict(sd)
+    assert sorted(str(w.message).split(":")[0] for w in seen) == [
+        "blocks.1.mlp", "blocks.3.mlp", "blocks.5.mlp"]
+    with pytest.warns(BSRConfigWarning, match="renormalize False there, True here"):
+        build(renormalize=True).load_state_dict(sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BSRConfigWarning)
+        build(noise_std=0.5).load_state_dict(sd)   # a training-only setting: the same logits
+
+
 def test_moe_under_autocast_runs_in_the_autocast_dtype(grouping, monkeypatch):
     """Under (CPU) bf16 autocast the experts and the gate run in bf16 with fp32 weights: the
     output and every gradient equal the dense float64 reference on the same bf16-rounded tokens
