@@ -25,10 +25,10 @@ def cls_row_drop(x, q, k, keep_rate: float = 0.5, p: int = 1):
     running count gives each its output slot (dropped rows go to a spare slot, cut off). The
     first form, ``topk(...).indices.sort()``, computes the same, but its ``torch.compile`` did
     not finish on the H100: on 2026-11-27 the forward's compilation sat in ``ptxas`` for 180 s,
-    twice (stacks in benchmarks/results/2026-11-27-h100.md), and on 2026-11-26 for 145 and 440 s.
-    inductor turns that sort into a Triton bitonic-sort kernel; ``topk`` and ``cumsum`` stay
-    ordinary kernels. Which kernel ptxas was compiling was not recorded, so the sort is the
-    likely cause, not a proven one."""
+    twice (benchmarks/results/2026-11-27-h100-stacks-op-compiled.txt), and on 2026-11-26 for 145
+    and 440 s. inductor turns that sort into a Triton bitonic-sort kernel; ``topk`` and
+    ``cumsum`` stay ordinary kernels. Which kernel ptxas was compiling was not recorded, so the
+    sort is the likely cause, not a proven one."""
     b, n, c = x.shape
     m = n - p
     n_keep = max(1, math.ceil(keep_rate * m - 1e-9))

@@ -176,13 +176,13 @@ def _moe_entry(model: nn.Module) -> dict:
 def _moe_problems(model: nn.Module, saved: dict) -> list:
     """How ``model``'s MoE routing differs, in settings that change the logits, from a delta's
     ``moe`` entry (``saved``), module by module."""
-    from .moe import ROUTING_FORWARD, routing_settings
-    have = routing_settings(model)
+    from .moe import MoEMlp, routing_differences
+    modules = dict(model.named_modules())
     problems = [f"{name}: the delta has a MoE block there, the model none"
-                for name in saved if name not in have]
-    problems += [f"{name}: {k} {saved[name][k]!r} in the delta, {have[name][k]!r} in the model"
-                 for name in saved if name in have for k in ROUTING_FORWARD
-                 if saved[name].get(k) != have[name][k]]
+                for name in saved if not isinstance(modules.get(name), MoEMlp)]
+    problems += [f"{name}: {k} {was!r} in the delta, {now!r} in the model"
+                 for name in saved if isinstance(modules.get(name), MoEMlp)
+                 for k, was, now in routing_differences(saved[name], modules[name])]
     return problems
 
 
@@ -227,11 +227,12 @@ def _schema_errors(config) -> list:
             isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype)
             for d in v), "a list of dtype names")
     if "moe" in config:     # optional: only a model with MoE blocks has one
+        from .moe import ROUTING_SETTINGS
+
         def routing(v):
             num = (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
                    and math.isfinite(x) and x >= 0)
-            return (isinstance(v, dict) and set(v) == {"top_k", "renormalize", "noise_std",
-                                                       "aux_loss_weight"}
+            return (isinstance(v, dict) and set(v) == set(ROUTING_SETTINGS)
                     and is_int(v["top_k"]) and v["top_k"] >= 1
                     and isinstance(v["renormalize"], bool) and num(v["noise_std"])
                     and num(v["aux_loss_weight"]))
@@ -461,8 +462,9 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].dtype))
+    from .moe import ROUTING_FORWARD
     modules = dict(model.named_modules())
     for name, settings in (config.get("moe") or {}).items():  # the training-only ones too
-        for k, v in settings.items():
-            setattr(modules[name], k, float(v) if k in ("noise_std", "aux_loss_weight") else v)
+        for k, v in settings.items():   # (numbers, held as floats as MoEMlp's __init__ does)
+            setattr(modules[name], k, v if k in ROUTING_FORWARD else float(v))
     return model

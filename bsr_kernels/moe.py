@@ -596,12 +596,19 @@ def _routing_from_metadata(module, state_dict, prefix, local_metadata, strict, m
         saved = None
     if not isinstance(saved, dict):   # saved before the settings were recorded, or malformed
         return
-    differ = [f"{k} {saved.get(k)!r} there, {getattr(module, k)!r} here"
-              for k in ROUTING_FORWARD if saved.get(k) != getattr(module, k)]
+    differ = [f"{k} {was!r} there, {now!r} here"
+              for k, was, now in routing_differences(saved, module)]
     if differ:
         warnings.warn(f"{prefix[:-1] or 'the MoE MLP'}: these weights were saved from a MoE "
                       f"that routes otherwise ({', '.join(differ)}); its logits will differ",
                       BSRConfigWarning, stacklevel=3)
+
+
+def routing_differences(saved: dict, module: MoEMlp) -> list[tuple[str, object, object]]:
+    """``(setting, saved value, module's value)`` of the :data:`ROUTING_FORWARD` settings in
+    which ``module`` routes otherwise than the ``saved`` ones (other logits)."""
+    return [(k, saved.get(k), getattr(module, k)) for k in ROUTING_FORWARD
+            if saved.get(k) != getattr(module, k)]
 
 
 def routing_settings(model: nn.Module) -> dict:

@@ -24,6 +24,7 @@ BUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 _DTYPES = (torch.float32, torch.float64)
 
+
 def _missing_extension() -> str:
     """Why no ``_C`` extension module is found for this Python (said plainly, rather than
     Python's "partially initialized module ... (most likely due to a circular import)")."""
