@@ -88,6 +88,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,7 +385,7 @@ def expiring(path: str, seconds: float, header: str, status: int, backstop: bool
 
         def expire():
             if not done.wait(max(seconds, 0.0)):
-                dump_stacks(f.fileno(), header)
+                keep_hang_sources(path, *dump_stacks(f.fileno(), header))
                 os._exit(status)
 
         threading.Thread(target=expire, name="bench_gpu watchdog", daemon=True).start()
@@ -399,10 +400,11 @@ def expiring(path: str, seconds: float, header: str, status: int, backstop: bool
             os.remove(path)
 
 
-def dump_stacks(fd: int, header: str) -> None:
+def dump_stacks(fd: int, header: str) -> tuple[str, list[tuple[int, str]]]:
     """Writes the stack of every other thread to ``fd`` in one write, innermost call first (the
-    ``faulthandler`` layout, every frame). Names and line numbers only: reading source could
-    wait on the import lock that a hung thread holds."""
+    ``faulthandler`` layout, every frame), then this process's descendants (command lines cut
+    to 200 characters). Names and line numbers only: reading source could wait on the import
+    lock that a hung thread holds. Returns the text and the descendants' whole command lines."""
     names = {t.ident: t.name for t in threading.enumerate()}
     lines = [header]
     for ident, frame in sys._current_frames().items():
@@ -413,19 +415,42 @@ def dump_stacks(fd: int, header: str) -> None:
             code = frame.f_code
             lines.append(f'  File "{code.co_filename}", line {frame.f_lineno} in {code.co_name}')
             frame = frame.f_back
-    children = descendant_commands()
+    children = descendant_commands(width=None)
     if children:
-        lines += ["", f"{CHILDREN_HEADER}:"] + [f"  {pid}: {cmd}" for pid, cmd in children]
+        lines += ["", f"{CHILDREN_HEADER}:"] + [f"  {pid}: {cmd[:200]}" for pid, cmd in children]
     os.write(fd, ("\n".join(lines) + "\n").encode(errors="replace"))
+    return "\n".join(lines), children
+
+
+def keep_hang_sources(path: str, stacks: str, children) -> list[str]:
+    """Copies what a hung compilation was compiling next to its stacks file ``path``: the
+    inductor modules in the stacks (``/tmp/torchinductor_*/**.py``, as ``<stem>.module<i>.py``)
+    and the PTX that a ``ptxas`` descendant was reading (as ``<stem>.ptx<i>.ptx``), so that a
+    compiler hang names its kernel. Returns the files written (none where nothing can be read).
+    On 2026-11-27 such a hang was recorded without its kernel."""
+    sources = sorted(set(re.findall(r'File "(/tmp/torchinductor[^"]+\.py)"', stacks)))
+    sources = [("module", s) for s in sources] + [
+        ("ptx", a) for _, cmd in children
+        if os.path.basename(cmd.split(" ", 1)[0]) == "ptxas"
+        for a in cmd.split() if a.endswith(".ptx")]
+    kept = []
+    for kind, src in sources:
+        dst = (f"{os.path.splitext(path)[0]}.{kind}{sum(f'.{kind}' in k for k in kept)}"
+               f"{os.path.splitext(src)[1]}")
+        with contextlib.suppress(OSError):
+            shutil.copyfile(src, dst)
+            kept.append(dst)
+    return kept
 
 
 #: The heading of :func:`dump_stacks`'s list of the process's descendants.
 CHILDREN_HEADER = "Child processes (pid: command line)"
 
 
-def descendant_commands(root: int | None = None) -> list[tuple[int, str]]:
+def descendant_commands(root: int | None = None,
+                        width: int | None = 200) -> list[tuple[int, str]]:
     """The processes descended from ``root`` (this one by default) with their command lines
-    (200 characters at most), read from ``/proc`` (empty where it cannot be read): a compile
+    (``width`` characters at most; None: whole), read from ``/proc`` (empty where it cannot be read): a compile
     that hangs in a compiler subprocess (``ptxas``, run by an inductor worker or by this
     process) shows there."""
     root = os.getpid() if root is None else root
@@ -446,7 +471,7 @@ def descendant_commands(root: int | None = None) -> list[tuple[int, str]]:
             with contextlib.suppress(OSError):
                 with open(f"/proc/{child}/cmdline", "rb") as f:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                found.append((child, cmd[:200]))
+                found.append((child, cmd[:width]))
     return found
 
 
@@ -1425,7 +1450,9 @@ def main(argv=None) -> int:
         build_s = slowest_compiled_build(results["parts"])
         reserve_s = (_compiled_step_reserve(build_s)
                      if "step-compiled" in parts[i + 1:] else 0.0)
+        started_part = time.time()
         results["parts"][part] = run_part(part, args, deadline_at, reserve_s, build_s, probe)
+        results["env"].setdefault("part_seconds", {})[part] = round(time.time() - started_part, 1)
         results["env"]["compile_threads"] = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS",
                                                            "inductor's default")
         if probe:

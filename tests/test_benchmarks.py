@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -672,6 +673,9 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
         results = json.load(f)
     parts = results["parts"]
     assert results["env"]["compile_threads"] == "1"
+    seconds = results["env"]["part_seconds"]
+    assert list(seconds) == ["check", "step", "profile", "op-compiled"], seconds
+    assert all(0 < s < 300 for s in seconds.values()), seconds
     check = parts["check"]
     assert check["failures"] == 0 and len(check["cases"]) == 6, check
     op = parts["op-compiled"]
@@ -1588,6 +1592,35 @@ def test_dump_stacks_lists_child_processes(tmp_path):
         child.wait()
     assert text.startswith("header") and f"{CHILDREN_HEADER}:" in text
     assert f"  {child.pid}: {sys.executable} -c import time; time.sleep(30)" in text, text
+
+
+def test_keep_hang_sources_copies_the_module_and_the_ptx(tmp_path):
+    """A hung compilation's inductor module (named in the stacks) and the PTX its ``ptxas``
+    child reads are copied beside the stacks file; other children's arguments and files that
+    are gone are left out."""
+    from benchmarks.bench_gpu import keep_hang_sources
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ptx, other = src / "tmpa1.ptx", src / "tmpb2.ptx"
+    ptx.write_text(".version 8.7 // kernel")
+    other.write_text("not read by ptxas")
+    module = tempfile.NamedTemporaryFile("w", suffix=".py", prefix="torchinductor_t",
+                                         dir="/tmp", delete=False)
+    module.write("# inductor output")
+    module.close()
+    try:
+        stacks = (f'Thread 0x1 (MainThread):\n  File "{module.name}", line 274 in <module>\n'
+                  '  File "/tmp/torchinductor_gone/xy.py", line 1 in <module>\n')
+        children = [(7, f"/opt/triton/bin/ptxas -v --gpu-name=sm_90a {ptx} -o {ptx}.o"),
+                    (8, f"/usr/bin/python3 worker {other}")]
+        kept = keep_hang_sources(str(tmp_path / "stacks-op-x.txt"), stacks, children)
+    finally:
+        os.remove(module.name)
+    names = sorted(os.path.basename(k) for k in kept)
+    assert names == ["stacks-op-x.module0.py", "stacks-op-x.ptx0.ptx"], names
+    assert (tmp_path / "stacks-op-x.module0.py").read_text() == "# inductor output"
+    assert (tmp_path / "stacks-op-x.ptx0.ptx").read_text() == ".version 8.7 // kernel"
 
 
 def test_summary_has_the_launch_sweep():
