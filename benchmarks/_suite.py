@@ -71,7 +71,8 @@ COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
 #: blocks) has compiled, dynamo skips that loop's code object for the rest of the process, and a
 #: model compiled later would run as one graph per block.
 COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
-                     "bsr_autograd+cudagraphs", "bsr_fast+compile", "bsr_lean+compile")
+                     "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs", "bsr_fast+compile",
+                     "bsr_lean+compile")
 #: ``<base>+graph``: the eager step (forward, backward, fused AdamW) captured whole in one CUDA
 #: graph by hand (``torch.cuda.graph``, see :func:`make_step`) and replayed: no Python and no
 #: launches per step, and nothing compiled, so the memory modes' custom backward is captured as

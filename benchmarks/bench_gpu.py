@@ -53,16 +53,18 @@ Parts (``--parts``, default all, in this order):
 * ``op-compiled``: the op against ``torch.compile`` of the CLS-row composite (and the composite
   itself), forward and fwd+bwd, ratios in this process; ViT-B B=128 first.
 * ``step-compiled``: ``torch.compile`` of timm full fine-tuning, of the peer and of ``reprogram``
-  in each mode, and autograd mode under CUDA graphs (``mode="reduce-overhead"``), with eager full
+  in each mode, and autograd mode and the peer under CUDA graphs (``mode="reduce-overhead"``:
+  their own like-for-like verdict), with eager full
   fine-tuning and eager autograd and lean modes timed beside them for in-process ratios; built
   in :data:`COMPILED_STEPS` order, the targets' compiled peers first. The targets' best BSR mode
   is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
 * ``tests``: the test suite's CUDA cases (``pytest tests/test_ops.py tests/test_triton_backend.py
   tests/test_modes.py -k cuda``; CI has no GPU): counts, failures and skip reasons.
-* ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), eager
-  variants: wall and host-issue time per step, kernels per step, the kernels' own device time and
-  how busy that keeps the GPU, the top kernels and the share of copies/casts. A host time close to
-  the wall time means a launch-bound step (then CUDA graphs or compile are the lever).
+* ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), the eager
+  variants and (CUDA) compiled autograd mode and compiled peer: wall and host-issue time per
+  step, kernels per step, the kernels' own device time and how busy that keeps the GPU, the top
+  kernels, the share of copies/casts and the costliest host events. A host time close to the
+  wall time means a launch-bound step (then CUDA graphs or compile are the lever).
 * ``step-graphs``: the eager step of the peer and of each memory mode captured whole in one CUDA
   graph by hand (``<variant>+graph``, :func:`_suite.make_step`; nothing compiled, so lean and
   fast are captured with their custom backward), beside full fine-tuning and the eager forms,
@@ -149,8 +151,12 @@ MIN_TESTS_S = 60.0
 #: Training-step variants of the ``step`` and ``step-compiled`` parts (the latter re-times the
 #: first two eager ones beside the compiled ones, so every ratio is taken in one process).
 EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
-#: Variants of the ``profile`` part (where a step's time goes: host or device, which kernels).
-PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
+#: Variants of the ``profile`` part (where a step's time goes: host or device, which kernels,
+#: which host events): the eager ones, then autograd mode and the peer compiled (on the H100,
+#: 2026-11-27, compiled autograd mode took 33.9 ms a step against the compiled peer's 22.0 and
+#: its own 14.6 under CUDA graphs: host time, which the profile is to locate).
+PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean",
+                  "bsr_autograd+compile", "peer_bsr+compile")
 #: Variants of the ``step-graphs`` part: whole steps captured in one CUDA graph, with their
 #: eager forms and full fine-tuning timed beside them.
 GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "peer_bsr+graph",
@@ -161,11 +167,13 @@ GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "pe
 #: Then the peers the targets compare with, compiled (one call of the run may build only one or
 #: two compiled variants): the peer, then full fine-tuning, so that every step target is
 #: measured; with only eager BSR modes beside them a target reads low, never high (a compiled
-#: mode can only raise the best). Then compiled autograd mode, the likely best mode, and
-#: the rest; one-graph variants before lean and fast (see _suite.COMPILED_VARIANTS).
+#: mode can only raise the best). Then compiled autograd mode, the likely best mode, with
+#: and without CUDA graphs, and the peer under CUDA graphs (the issue's strongest row, and the
+#: like-for-like peer of the CUDA-graphed modes), then the rest; one-graph variants before lean
+#: and fast (see _suite.COMPILED_VARIANTS).
 COMPILED_STEPS = ("full", "bsr_autograd", "bsr_lean", "peer_bsr+compile", "full+compile",
-                  "bsr_autograd+compile", "bsr_autograd+cudagraphs", "bsr_lean+compile",
-                  "bsr_fast+compile")
+                  "bsr_autograd+compile", "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs",
+                  "bsr_lean+compile", "bsr_fast+compile")
 
 
 def log(*a):
@@ -860,22 +868,24 @@ def part_step(cuda: bool, device: str, variants) -> dict:
 
 
 def part_profile(cuda: bool, device: str) -> dict:
-    """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS`, each under the
-    watchdog; a variant that hung in an earlier attempt, or that the deadline leaves out, gets a
+    """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS` (the compiled
+    ones on CUDA), each under the watchdog (a compiled one's: the compile timeout); a variant that hung in an earlier attempt, or that the deadline leaves out, gets a
     row with the error and the others go on; rows an earlier attempt measured are kept."""
     from .bench_train_step import step_profile
     cfg = SuiteConfig(device=device, tiny=not cuda)
     out = {"model": model_label(cfg.time_model), "batch": cfg.time_batch, "rows": []}
     done = {r["variant"]: r for r in WORKER.reuse("rows") or []
             if not r.get("error", "").startswith("skipped")}
-    for variant in PROFILED_STEPS:
+    # compiled variants on CUDA only: --smoke keeps the run's first compilation (and the
+    # compile pool probe) in op-compiled, and a tiny CPU model's host time says nothing of a GPU's
+    for variant in (v for v in PROFILED_STEPS if cuda or not is_compiled(v)):
         if variant in done:
             row = done[variant]
         elif time.time() > WORKER.deadline - 20:
             row = dict(variant=variant, error="skipped: out of time")
         else:
-            try:
-                with WORKER.watchdog(variant, EAGER_BUILD_S):
+            try:   # a compiled variant compiles in its build: the compile timeout
+                with WORKER.watchdog(variant, None if is_compiled(variant) else EAGER_BUILD_S):
                     row = step_profile(cfg, variant)
             except Skipped as e:
                 row = dict(variant=variant, error=f"skipped: {e}")
@@ -1309,18 +1319,21 @@ def summarize(results: dict) -> str:
     prof = parts.get("profile", {}).get("rows")
     if prof:
         p = parts["profile"]
-        lines += [f"## where a step's time goes ({p.get('model')}, B={p.get('batch')}, eager; "
+        lines += [f"## where a step's time goes ({p.get('model')}, B={p.get('batch')}; "
                   "host: until step() returns)", "",
                   "| variant | wall ms | host ms | kernels/step | kernel ms | GPU busy | "
-                  "copies/casts | top kernel |", "|---|---|---|---|---|---|---|---|"]
+                  "copies/casts | top kernel | top host events (own ms/step) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
             top = (r.get("top") or [{}])[0]
+            host = ", ".join(f"{h['name'][:40]} {h['ms_per_step']:.1f}"
+                             for h in (r.get("top_host") or [])[:3])
             lines.append("| " + " | ".join([
                 r["variant"], _fmt(r.get("wall_ms"), ".1f"), _fmt(r.get("host_ms"), ".1f"),
                 _fmt(r.get("kernels_per_step"), ".0f"), _fmt(r.get("kernel_ms_per_step"), ".1f"),
                 _fmt(r.get("device_busy"), ".0%"), _fmt(r.get("copy_share"), ".0%"),
                 f"{top.get('name', '')[:50]} {_fmt(top.get('share'), '.0%')}"
-                if top else r.get("error", "")[:60]]) + " |")
+                if top else r.get("error", "")[:60], host]) + " |")
         lines.append("")
     sweep = {k: v for k, v in parts.get("sweep", {}).items()
              if isinstance(v, dict) and v.get("best")}

@@ -632,6 +632,18 @@ def test_step_profile_on_cpu_and_kernel_summary():
     assert "error" not in r, r
     assert r["wall_ms"] >= r["host_ms"] > 0 and r["ops_per_step"] > 100
     assert "kernels_per_step" not in r
+    host = r["top_host"]
+    assert 0 < len(host) <= 8 and all(h["ms_per_step"] > 0 and h["calls_per_step"] > 0
+                                      for h in host)
+    assert [h["ms_per_step"] for h in host] == sorted((h["ms_per_step"] for h in host),
+                                                      reverse=True)
+    events = [SimpleNamespace(name="aten::mm", self_cpu_time_total=300.0),
+              SimpleNamespace(name="guard", self_cpu_time_total=500.0),
+              SimpleNamespace(name="aten::mm", self_cpu_time_total=400.0),
+              SimpleNamespace(name="aten::add", self_cpu_time_total=100.0)]
+    assert ts.host_summary(events, steps=2, top=2) == [
+        dict(name="aten::mm", ms_per_step=0.35, calls_per_step=1.0),
+        dict(name="guard", ms_per_step=0.25, calls_per_step=0.5)]
     assert "error" in ts.step_profile(suite.SuiteConfig(tiny=True), "no_such_variant")
 
     assert ts._on_device(SimpleNamespace(device_type="DeviceType.CUDA"))
@@ -707,6 +719,8 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert "compile pool probe (part op-compiled): did not finish in 0 s" in md
     assert "| BSR in plain PyTorch (peer_bsr)" in md
     assert "## where a step's time goes" in md and "| bsr_lean | " in md
+    top_host = prof[-1]["top_host"][0]   # the lean row's costliest host event, in its cell
+    assert f"{top_host['name'][:40]} {top_host['ms_per_step']:.1f}" in md
 
 
 def test_graphed_step_restores_the_start_and_keeps_its_inputs_alive(monkeypatch):
@@ -790,6 +804,31 @@ def test_best_bsr_mode_is_run_as_its_peers_are():
     peer = {t.name: t for t in ts.gpu_step_targets(rows, "here")}[
         "GPU step: best BSR mode / compiled plain-PyTorch BSR"]
     assert peer.value == 1.1 and peer.where == "here; best: bsr_fast+compile"
+    # no peer under CUDA graphs in the rows: no like-for-like CUDA-graph verdict
+    assert not any("CUDA graphs" in t.name for t in ts.gpu_step_targets(rows, "here"))
+
+
+def test_cuda_graph_target_compares_with_the_peer_under_cuda_graphs():
+    """With the peer compiled under CUDA graphs among the rows, a verdict of its own compares
+    the fastest ``+cudagraphs`` BSR mode with it (the paired ratio of that row), not with the
+    peer compiled without graphs; hand-captured (``+graph``) and eager rows are not
+    candidates for it."""
+    ts = _import_bench("bench_train_step")
+    rows = [dict(variant="bsr_autograd+cudagraphs", step_s=0.45, speedup_vs_peer_compiled=2.0,
+                 speedup_vs_peer_cudagraphs=0.95),
+            dict(variant="bsr_fast+cudagraphs", step_s=0.5, speedup_vs_peer_cudagraphs=0.9),
+            dict(variant="bsr_lean+graph", step_s=0.3, speedup_vs_peer_cudagraphs=1.5),
+            dict(variant="bsr_autograd", step_s=0.9),
+            dict(variant="peer_bsr+cudagraphs", step_s=0.43)]
+    for r in rows:
+        r["step_samples_s"] = [r["step_s"]] * 3
+    target = {t.name: t for t in ts.gpu_step_targets(rows, "here")}[ts.CUDAGRAPHS_TARGET[0]]
+    assert target.value == 0.95 and target.bound == 1.2 and target.op == ">="
+    assert target.where == "here; best: bsr_autograd+cudagraphs"
+    assert target.to_dict()["verdict"] == "FAIL"
+    rows = [r for r in rows if r["variant"] in ("bsr_autograd", "peer_bsr+cudagraphs")]
+    target = {t.name: t for t in ts.gpu_step_targets(rows, "here")}[ts.CUDAGRAPHS_TARGET[0]]
+    assert target.value is None and "no BSR mode ran under CUDA graphs" in target.where
 
 
 def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
@@ -1256,7 +1295,9 @@ def test_bench_gpu_profile_goes_on_past_a_hung_variant(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_gpu, "WORKER", w)
     monkeypatch.setattr(ts, "step_profile", lambda cfg, v: {"variant": v, "wall_ms": 2.0})
     rows = bench_gpu.part_profile(False, "cpu")["rows"]
-    assert [r["variant"] for r in rows] == list(bench_gpu.PROFILED_STEPS)
+    # on CPU the eager variants: the compiled ones are profiled on CUDA
+    assert [r["variant"] for r in rows] == [v for v in bench_gpu.PROFILED_STEPS if "+" not in v]
+    assert any("+compile" in v for v in bench_gpu.PROFILED_STEPS)
     assert rows[0] == {"variant": "full", "wall_ms": 1.0}  # kept
     assert rows[1]["error"].startswith("skipped: hung in an earlier attempt (stacks-profile-")
     assert all(r["wall_ms"] == 2.0 for r in rows[2:])
