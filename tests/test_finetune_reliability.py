@@ -998,17 +998,42 @@ def test_pretrained_and_checkpoint_are_refused_together(tmp_path, capsys, monkey
 def test_torchcompile_trains_through_torch_compile(tmp_path, capsys, monkeypatch):
     """The plumbing only (compiling takes about a minute here); tests/test_modes.py checks that
     compiled BSR equals eager."""
-    compiled = []
+    compiled, modes = [], []
 
-    def fake_compile(model, *args, **kwargs):
+    def fake_compile(model, *args, mode=None, **kwargs):
         compiled.append(model)
+        modes.append(mode)
         return model
     monkeypatch.setattr(torch, "compile", fake_compile)
     rc, _, err = _run([*FAST, "--torchcompile", "--out", tmp_path], capsys)
     assert rc == 0, err
-    assert len(compiled) == 1
+    assert len(compiled) == 1 and modes == [None]   # torch's default mode
     state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
+
+
+def test_torchcompile_mode_reaches_torch_compile(tmp_path, capsys, monkeypatch):
+    """--torchcompile-mode is torch.compile's mode (timm's flag); alone it is refused, naming
+    --torchcompile, before anything is written; an unknown mode is refused by the parser, and
+    by fit() (FitOptions.compile_mode, named) when called directly."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    rc, _, err = _run([*FAST, "--torchcompile", "--torchcompile-mode", "reduce-overhead",
+                       "--out", tmp_path / "run"], capsys)
+    assert rc == 0, err
+    assert modes == ["reduce-overhead"]
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["args"]["torchcompile_mode"] == "reduce-overhead"
+    rc, _, err = _run([*FAST, "--torchcompile-mode", "max-autotune", "--out", tmp_path / "no"],
+                      capsys)
+    assert rc == 2 and "--torchcompile-mode max-autotune" in err and "add --torchcompile" in err
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit):
+        _run([*FAST, "--torchcompile", "--torchcompile-mode", "fastest"], capsys)
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+    from bsr_kernels.finetune.train import DistInfo, FitOptions, fit
+    with pytest.raises(ValueError, match="compile_mode must be None or one of default, "):
+        fit(None, None, FitOptions(compile=True, compile_mode="fastest"), DistInfo())
 
 
 def _assert_same_checkpoint(a, b):

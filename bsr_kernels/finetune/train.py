@@ -247,6 +247,10 @@ def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, total_step
     return TimmStepScheduler(scheduler, warm)
 
 
+#: ``torch.compile`` modes (``--torchcompile-mode``, ``FitOptions.compile_mode``), as timm's
+#: ``train.py --torchcompile-mode`` takes them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: ``--amp`` choices: ``auto`` is bf16 autocast on CUDA and none on CPU; ``bf16`` asks for
 #: bf16 autocast on either; ``off`` computes in the parameters' dtype.
 AMP_MODES = ("auto", "bf16", "off")
@@ -514,6 +518,9 @@ class FitOptions:
         sched: learning-rate schedule, one of :data:`SCHEDULES`.
         compile: train and evaluate through ``torch.compile`` of the (DDP-wrapped) model; the
             checkpoint still holds the plain model's state dict.
+        compile_mode: ``torch.compile``'s ``mode`` with ``compile``, one of
+            :data:`COMPILE_MODES` (None: torch's default). ``"reduce-overhead"`` replays CUDA
+            graphs: a launch-bound step (BSR on a GPU) gains the most.
         warmup_epochs: linear warm-up length.
         workers: DataLoader worker processes.
         seed: seed of the shuffling and of torch's RNG.
@@ -539,6 +546,7 @@ class FitOptions:
     opt: str = "adamw"
     amp: str = "auto"
     compile: bool = False
+    compile_mode: Optional[str] = None
     sched: str = "cosine"
     warmup_epochs: float = 1.0
     workers: int = 0
@@ -597,6 +605,9 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         ``train_time_s`` (this process's training wall time, evaluation excluded),
         ``step_time_s`` (median training step), ``steps`` and ``resumed_from_epoch``.
     """
+    if opts.compile_mode is not None and opts.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got "
+                         f"{opts.compile_mode!r}")
     fingerprint = dict(fingerprint or {})
     train_sampler = GlobalBatchSampler(len(data.train), opts.batch_size, info.rank,
                                        info.world_size, seed=opts.seed, shuffle=True,
@@ -615,7 +626,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
         ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda"
                         else None)
     if opts.compile:
-        ddp_model = torch.compile(ddp_model)
+        ddp_model = torch.compile(ddp_model, mode=opts.compile_mode)
     optimizer = make_optimizer(model, opts.lr, opts.head_lr_scale, opts.weight_decay, opts.opt)
     total = opts.epochs * steps_per_epoch
     # min() before round(): a huge --warmup-epochs (1e308) is "warm up for the whole run".
