@@ -1664,6 +1664,22 @@ def test_keep_hang_sources_copies_the_module_and_the_ptx(tmp_path):
     assert (tmp_path / "stacks-op-x.ptx0.ptx").read_text() == ".version 8.7 // kernel"
 
 
+def test_sync_part_checks_each_mode_and_names_them(tmp_path, monkeypatch):
+    """The sync part on CPU runs each memory mode's step (nothing to check: None) and leaves the
+    compiled check to CUDA; the summary names every check, the compiled one apart."""
+    bench_gpu = _import_bench("bench_gpu")
+    w = bench_gpu.Worker("sync", str(tmp_path), [], 30.0, time.time() + 300)
+    monkeypatch.setattr(bench_gpu, "WORKER", w)
+    out = bench_gpu.part_sync(False, "cpu")
+    assert out == {"autograd sync-free": None, "fast sync-free": None, "lean sync-free": None}
+    assert "autograd+compile" in bench_gpu.SYNC_CHECKS
+    md = bench_gpu.summarize({"env": {}, "parts": {"sync": {
+        "autograd sync-free": True, "autograd compiled sync-free": "RuntimeError: synchronizing",
+        "lean sync-free": "skipped: hung in an earlier attempt (x)"}}})
+    assert ("autograd yes, autograd compiled NO: RuntimeError: synchronizing, lean not checked "
+            "(skipped: hung in an earlier attempt (x))") in md, md
+
+
 def test_summary_has_the_launch_sweep():
     """``results.md`` shows the sweep's launch-table row and its fastest launch per shape."""
     from benchmarks.bench_gpu import summarize
