@@ -68,8 +68,9 @@ VARIANT_LABELS = {
 COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
 #: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only), in order:
 #: those that compile into one graph first. Once fast or lean (graph breaks in the loop over the
-#: blocks) has compiled, dynamo skips that loop's code object for the rest of the process, and a
-#: model compiled later would run as one graph per block.
+#: blocks) has compiled, its cache entries match other ViTs too, and a one-graph model compiled
+#: before or after it runs frame by frame: the section times them in a later phase
+#: (``bench_train_step.timing_phases``).
 COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
                      "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs", "bsr_fast+compile",
                      "bsr_lean+compile")

@@ -541,14 +541,55 @@ def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
     (eager and compiled), the eager formulation and the compiled peer (paired medians, when those
     ran), peak memory (CUDA), its build's seconds (``build_s``: a compiled one's compilation),
     and for a compiled variant how far its first step's logits and gradients are from its eager
-    form's (``vs_eager``, when both ran). ``report(rows)``, when given, gets the rows of the
-    variants tried so far each time :func:`time_steps` reports."""
-    res = time_steps(cfg, variants, log, guard, deadline, build_s=build_s,
-                     report=report and (lambda partial: report(_rows(cfg, variants, partial))))
-    return _rows(cfg, variants, res)
+    form's (``vs_eager``, when both ran). Timed in the phases of :func:`timing_phases` (a ratio
+    is paired within its phase: a graph-breaking compiled variant has none to the compiled
+    ones). ``report(rows)``, when given, gets the rows of the variants tried so far each time
+    :func:`time_steps` reports."""
+    done: dict[str, dict] = {}   # rows of the phases timed so far
+    digests: dict = {}
+
+    def merged(rows):   # rows of the phase running, after those already done
+        by = {**{r["variant"]: r for r in rows}, **done}
+        return [by[v] for v in variants if v in by]
+
+    for phase in timing_phases(variants):
+        res = time_steps(cfg, phase, log, guard, deadline, build_s=build_s,
+                         report=report and (lambda partial, phase=phase: report(merged(
+                             _rows(cfg, phase, partial, {**digests, **partial["digests"]})))))
+        digests.update(res["digests"])
+        for row in _rows(cfg, phase, res, digests):
+            done.setdefault(row["variant"], row)   # a reference keeps its first phase's row
+        build_s = max(filter(None, [build_s, *res.get("build_s", {}).values()]), default=None)
+    return merged([])
 
 
-def _rows(cfg: SuiteConfig, variants, res: dict) -> list[dict]:
+#: Variants whose compiled form breaks its graph (the custom backward of lean and fast calls
+#: ``torch.autograd.grad``). Once such a model has compiled, its cache entry for timm's
+#: ``VisionTransformer.forward`` (a graph of what comes before the break, guarded only on that)
+#: also matches other ViTs, and is tried first: a one-graph model compiled earlier in the
+#: process then runs frame by frame (seen on CPU: compiled autograd mode 8.0 -> 12.5 ms a step,
+#: compiled full fine-tuning 15.5 -> 17.2, once a lean model had compiled).
+GRAPH_BREAKING = ("bsr_lean", "bsr_fast", "bsr_lean_bf16")
+#: Eager variants timed again beside the graph-breaking compiled ones, so that their ratios to
+#: full fine-tuning and to the eager formulation are paired too.
+PHASE_REFERENCES = ("full", "eager_bsr")
+
+
+def timing_phases(variants) -> list[tuple[str, ...]]:
+    """``variants`` in the order of their timings (:func:`step_rows`): first everything but the
+    compiled forms of :data:`GRAPH_BREAKING` modes; then those, built only after the first
+    timing (so that they cannot slow the one-graph compiled models down while those are
+    timed), timed beside the :data:`PHASE_REFERENCES` among ``variants``."""
+    breaking = [v for v in variants
+                if is_compiled(v) and split_variant(v)[0] in GRAPH_BREAKING]
+    first = tuple(v for v in variants if v not in breaking)
+    if not breaking:
+        return [first]
+    refs = tuple(v for v in PHASE_REFERENCES if v in variants)
+    return [first, refs + tuple(breaking)] if first else [tuple(breaking)]
+
+
+def _rows(cfg: SuiteConfig, variants, res: dict, digests: dict | None = None) -> list[dict]:
     """:func:`step_rows`' rows from a (partial) :func:`time_steps` result: the variants built or
     failed so far."""
     timings, errors = res["timings"], res["errors"]
@@ -571,8 +612,9 @@ def _rows(cfg: SuiteConfig, variants, res: dict) -> list[dict]:
         row["build_s"] = res.get("build_s", {}).get(variant)
         row.update(res["peaks"].get(variant, {}))
         base, how = split_variant(variant)
-        if how is not None and variant in res["digests"] and base in res["digests"]:
-            row["vs_eager"] = digest_diff(res["digests"][variant], res["digests"][base])
+        digests_ = res["digests"] if digests is None else {**digests, **res["digests"]}
+        if how is not None and variant in digests_ and base in digests_:
+            row["vs_eager"] = digest_diff(digests_[variant], digests_[base])
         if variant in res["graph_breaks"]:
             row["graph_breaks"] = res["graph_breaks"][variant]
         if variant in errors:

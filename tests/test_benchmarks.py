@@ -616,6 +616,57 @@ def test_compiled_step_variant_matches_eager():
     assert d["logits_rel"] > 0.1 and d["grad_proj_rel"] > 0.5
 
 
+def test_graph_breaking_compiled_variants_are_timed_after_the_others(monkeypatch):
+    """``step_rows`` times the compiled lean and fast models in a phase of their own, built
+    after the first phase is timed (a graph-breaking model's cache entry would make one-graph
+    models compiled before it run frame by frame), beside full fine-tuning and the eager
+    formulation timed again; their ratios come from that phase, the other rows from the first,
+    and their ``vs_eager`` compares with the eager mode's digest of the first phase. Reports
+    keep the first phase's rows while the second runs."""
+    ts = _import_bench("bench_train_step")
+    suite = _import_bench("_suite")
+    from benchmarks._timing import Timing
+    variants = ["full", "eager_bsr", "bsr_lean", "bsr_autograd+compile", "bsr_lean+compile"]
+    assert ts.timing_phases(variants) == [
+        ("full", "eager_bsr", "bsr_lean", "bsr_autograd+compile"),
+        ("full", "eager_bsr", "bsr_lean+compile")]
+    assert ts.timing_phases(["full", "bsr_autograd+compile"]) == [
+        ("full", "bsr_autograd+compile")]
+    assert ts.timing_phases(["bsr_fast+compile"]) == [("bsr_fast+compile",)]
+    # per phase: step seconds of each variant, and its first step's digest
+    phase_s = [{"full": 4.0, "eager_bsr": 2.0, "bsr_lean": 1.0, "bsr_autograd+compile": 0.5},
+               {"full": 6.0, "eager_bsr": 3.0, "bsr_lean+compile": 1.5}]
+    digest = {"full": [1.0], "eager_bsr": [2.0], "bsr_lean": [3.0],
+              "bsr_autograd+compile": [4.0], "bsr_lean+compile": [3.3]}
+    calls, reports = [], []
+
+    def fake_time_steps(cfg, phase, log, guard, deadline, build_s=None, report=None):
+        seconds = phase_s[len(calls)]
+        calls.append(tuple(phase))
+        res = dict(timings={}, peaks={}, errors={}, build_s={}, graph_breaks={},
+                   digests={v: {"logits": digest[v], "grad_proj": [1.0]} for v in phase})
+        report(res)   # built, not timed yet
+        res["timings"] = {v: Timing(v, [seconds[v]] * 3, 1) for v in phase}
+        return res
+    monkeypatch.setattr(ts, "time_steps", fake_time_steps)
+    rows = ts.step_rows(suite.SuiteConfig(tiny=True, quick=True), variants,
+                        report=lambda rows: reports.append(
+                            [(r["variant"], r["step_s"]) for r in rows]))
+    assert calls == ts.timing_phases(variants)
+    by = {r["variant"]: r for r in rows}
+    assert [r["variant"] for r in rows] == variants
+    assert by["full"]["step_s"] == 4.0 and by["eager_bsr"]["step_s"] == 2.0  # first phase
+    lean = by["bsr_lean+compile"]
+    assert lean["step_s"] == 1.5 and lean["speedup_vs_full"] == 4.0    # 6.0 / 1.5, paired
+    assert lean["speedup_vs_eager"] == 2.0 and lean["speedup_vs_full_compiled"] is None
+    assert lean["vs_eager"]["logits_rel"] == pytest.approx(0.1)          # 3.3 against 3.0
+    assert by["bsr_autograd+compile"]["speedup_vs_full"] == 8.0
+    # while the second phase runs, reports hold the first phase's timed rows
+    assert len(reports) == 2 and reports[1] == [
+        ("full", 4.0), ("eager_bsr", 2.0), ("bsr_lean", 1.0), ("bsr_autograd+compile", 0.5),
+        ("bsr_lean+compile", None)]
+
+
 def test_step_profile_on_cpu_and_kernel_summary():
     """``step_profile`` (the ``profile`` part of bench_gpu): wall and host time of a step and its
     aten ops; on CPU no kernel figures. ``kernel_summary`` (the CUDA side) aggregates kernels by
