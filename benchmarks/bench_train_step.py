@@ -575,17 +575,18 @@ GRAPH_BREAKING = ("bsr_lean", "bsr_fast", "bsr_lean_bf16")
 PHASE_REFERENCES = ("full", "eager_bsr")
 
 
-def timing_phases(variants) -> list[tuple[str, ...]]:
-    """``variants`` in the order of their timings (:func:`step_rows`): first everything but the
-    compiled forms of :data:`GRAPH_BREAKING` modes; then those, built only after the first
-    timing (so that they cannot slow the one-graph compiled models down while those are
-    timed), timed beside the :data:`PHASE_REFERENCES` among ``variants``."""
+def timing_phases(variants, breaking_bases=GRAPH_BREAKING,
+                  references=PHASE_REFERENCES) -> list[tuple[str, ...]]:
+    """``variants`` in the order of their timings (:func:`step_rows`, ``probe_sac``): first
+    everything but the compiled forms of ``breaking_bases`` (``<base>+<how>`` names); then
+    those, built only after the first timing (so that they cannot slow the one-graph compiled
+    models down while those are timed), timed beside the ``references`` among ``variants``."""
     breaking = [v for v in variants
-                if is_compiled(v) and split_variant(v)[0] in GRAPH_BREAKING]
+                if is_compiled(v) and v.partition("+")[0] in breaking_bases]
     first = tuple(v for v in variants if v not in breaking)
     if not breaking:
         return [first]
-    refs = tuple(v for v in PHASE_REFERENCES if v in variants)
+    refs = tuple(v for v in references if v in variants)
     return [first, refs + tuple(breaking)] if first else [tuple(breaking)]
 
 

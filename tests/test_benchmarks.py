@@ -1596,10 +1596,12 @@ def test_sac_probe_names_the_reference_of_its_ratios(monkeypatch):
     bench_gpu = _import_bench("bench_gpu")
     timing = _import_bench("_timing")
     suite = _import_bench("_suite")
-    timed = {}
+    timed, calls = {}, []
 
     def time_steps(cfg, variants, log, build=None, report=None, **kw):
-        return dict(timings={v: timing.Timing(v, [s] * 3, 1) for v, s in timed.items()},
+        calls.append(tuple(variants))
+        return dict(timings={v: timing.Timing(v, [s] * 3, 1) for v, s in timed.items()
+                             if v in variants},
                     peaks={}, errors={"autograd+compile": "skipped: out of time"}, build_s={},
                     graph_breaks={})
 
@@ -1612,10 +1614,17 @@ def test_sac_probe_names_the_reference_of_its_ratios(monkeypatch):
     md = bench_gpu.summarize({"env": {}, "parts": {"sac": {"time": rows}}})
     assert "autograd+compile was not timed: the ratios are against eager autograd" in md
     assert "| model | ms/step | × autograd | peak GiB above model |" in md
-    timed["autograd+compile"] = 0.01
+    timed.update({"autograd+compile": 0.01, "lean+compile": 0.05})
+    calls.clear()
     rows = probe.time_modes(cfg)
     assert rows["lean"]["reference"] == "autograd+compile"
     assert rows["lean"]["speed_vs_reference"] == pytest.approx(0.25)
+    # compiled lean and fast (graph breaks) are timed last, beside eager autograd mode
+    assert calls[1] == ("autograd", "lean+compile", "fast+compile")
+    assert "lean+compile" not in calls[0] and "sac_lean+compile" in calls[0]
+    assert rows["lean+compile"]["reference"] == "autograd"
+    assert rows["lean+compile"]["speed_vs_reference"] == pytest.approx(0.4)
+    assert rows["autograd"]["reference"] == "autograd+compile"   # its first phase's row
     md = bench_gpu.summarize({"env": {}, "parts": {"sac": {"time": rows}}})
     assert "| × autograd+compile |" in md and "not timed" not in md
 
