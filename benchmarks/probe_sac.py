@@ -1,14 +1,17 @@
-"""Probe (an experiment, not a library mode): lean and fast memory modes written as
-``torch.utils.checkpoint`` with a selective-checkpoint policy (SAC) instead of the custom autograd
-Function of :mod:`bsr_kernels.backward`.
+"""Probe: lean and fast memory modes written as ``torch.utils.checkpoint`` with a
+selective-checkpoint policy (SAC), the form the library runs under ``torch.compile``
+(:func:`bsr_kernels.backward.checkpointed_block`), against the custom autograd Function it runs
+eagerly, both eager and compiled.
 
 Why: the custom Function's backward calls ``torch.autograd.grad``, so under ``torch.compile`` every
 replayed block is a graph break and runs as in eager mode (issue 10 wants lean at >= 0.85x the
 best mode on a GPU, where the best mode is compiled). Non-reentrant checkpointing is traced by
-dynamo into the one graph. The policy saves what the mode saves today (trained blocks: the qkv and
+dynamo into the one graph. The policy saves what the mode saves (trained blocks: the qkv and
 fc1 outputs in lean; every block: qkv, proj and fc1 in fast; projections are told apart by their
 order in the block body) and the outputs of the drop op (so backward replays the forward's token
-selection, never a recomputed one); everything else is recomputed.
+selection, never a recomputed one); everything else is recomputed. Here ``sac_lean`` and
+``sac_fast`` take that form eagerly too, and compiled ``lean`` / ``fast`` are the library's own
+(since 2026-11-27 the same form: the probe's compiled rows of the two should agree).
 
 What it measures, against ``reprogram`` autograd / lean / fast:
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import time
 import types
@@ -38,10 +40,9 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
 
 import bsr_kernels
+from bsr_kernels.backward import checkpointed_block
 
 from ._suite import COMPILE_MODES, SuiteConfig, create_vit, doc_summary
 
@@ -49,47 +50,27 @@ __all__ = ["sac_model", "live_bytes", "run", "MODES"]
 
 #: Models compared: the library's modes and their SAC forms.
 MODES = ("autograd", "lean", "sac_lean", "fast", "sac_fast")
-_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")   # the order of the matmuls in BSRBlock.body
-
-
-def _policy(save, counts, ctx, op, *args, **kwargs):
-    if op is torch.ops.bsr_kernels.drop_tokens.default:
-        return CheckpointPolicy.MUST_SAVE
-    if op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
-        i = counts[ctx.is_recompute]
-        counts[ctx.is_recompute] = i + 1
-        if i < len(_PROJECTIONS) and _PROJECTIONS[i] in save:
-            return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _context(save):
-    # module-level functions and partials: dynamo refuses a closure as context_fn
-    return create_selective_checkpoint_contexts(
-        functools.partial(_policy, save, {False: 0, True: 0}))
 
 
 def _sac_forward(self, x, attn_mask=None, is_causal=False):
+    """A reprogrammed block's forward that takes the library's checkpointed form
+    (:func:`bsr_kernels.backward.checkpointed_block`, what ``torch.compile`` runs) eagerly too."""
     if self.bsr_no_grad or not torch.is_grad_enabled():
         with torch.set_grad_enabled(not self.bsr_no_grad and torch.is_grad_enabled()):
             return self.body(x)
-    save = (("qkv", "proj", "fc1") if self._sac_mode == "fast"
-            else (("qkv", "fc1") if self.bsr_trained else ()))
-    return checkpoint(self.body, x, use_reentrant=False,
-                      context_fn=functools.partial(_context, save))
+    return checkpointed_block(self, x)
 
 
 def sac_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """``model`` (a timm ViT, changed in place) reprogrammed in ``mode`` (one of :data:`MODES`):
-    ``sac_lean`` / ``sac_fast`` are autograd mode with each block's forward replaced (on the
-    instance) by a selectively checkpointed body."""
+    ``sac_lean`` / ``sac_fast`` are lean / fast with each block's forward replaced (on the
+    instance) by the library's selectively checkpointed form, eager or compiled."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     sac = mode.startswith("sac_")
-    bsr_kernels.reprogram(model, memory_mode="autograd" if sac else mode)
+    bsr_kernels.reprogram(model, memory_mode=mode[4:] if sac else mode)
     if sac:
         for blk in model.blocks:
-            blk._sac_mode = mode[4:]
             blk.forward = types.MethodType(_sac_forward, blk)
     return model
 

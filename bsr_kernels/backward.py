@@ -29,18 +29,34 @@ recomputed one: no host sync, and compiled or compressed recomputes cannot pick 
 Opt-in compression (``reprogram(..., activation_dtype=torch.bfloat16)``) stores the saved tensors in
 that dtype; backward casts them back, so gradients are approximate (their effect on accuracy is
 reported by the benchmarks and the application).
+
+Under ``torch.compile`` the same policy is written as selective activation checkpointing
+(:func:`checkpointed_block`): the autograd function's backward calls ``torch.autograd.grad``,
+which dynamo does not trace, so every replayed block was a graph break, and the compiled model
+ran frame by frame. Worse, the cache entry of timm's ``VisionTransformer.forward`` that such a
+model leaves (a graph of what precedes the break, guarded only on that) matched every other ViT
+of the process and was tried first: on CPU a compiled autograd-mode model went from 8.0 to 12.5
+ms a step once a lean model had compiled beside it. The checkpointed form compiles into one
+graph. It saves the projections listed above and the drop op's outputs (so the selection is
+replayed, as here), and recomputes the rest; the drop's output rows are saved rather than
+gathered again, about 8 % more saved memory than the autograd function (ViT-B/16: 7.31 against
+6.79 MiB/image, ``benchmarks/probe_sac.py``). Blocks it cannot express (compressed storage, a
+MoE MLP, a projection that is not a plain ``nn.Linear``, dropout) keep the autograd function.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerScale
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
 from .reprogram import hooked
 
-__all__ = ["lean_block"]
+__all__ = ["lean_block", "checkpointed_block", "checkpointable"]
 
 
 class _GradOnlyLinear(torch.autograd.Function):
@@ -278,3 +294,48 @@ def lean_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not x.requires_grad and not params:
         return block.body(x)
     return _LeanBlock.apply(block, slots, x, *params)
+
+
+#: The matmuls of :meth:`BSRBlock.body`, in the order it runs them (attention, then the MLP):
+#: the checkpoint policy tells the projections apart by their order.
+_PROJECTIONS = ("qkv", "proj", "fc1", "fc2")
+_MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
+
+def _policy(save, counts, ctx, op, *args, **kwargs):
+    """Selective checkpointing policy of a lean/fast block: the drop op's outputs and the
+    projections in ``save`` are kept, everything else is recomputed."""
+    if op is torch.ops.bsr_kernels.drop_tokens.default:
+        return CheckpointPolicy.MUST_SAVE   # the selection is replayed, never recomputed
+    if op in _MATMULS:
+        i = counts[ctx.is_recompute]
+        counts[ctx.is_recompute] = i + 1
+        if i < len(_PROJECTIONS) and _PROJECTIONS[i] in save:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _contexts(save):
+    # a module-level function and partials: dynamo refuses a closure as context_fn
+    return create_selective_checkpoint_contexts(
+        functools.partial(_policy, save, {False: 0, True: 0}))
+
+
+def checkpointable(block) -> bool:
+    """Whether the lean/fast backward of ``block`` can run as :func:`checkpointed_block`: no
+    compressed storage, no MoE MLP, no dropout drawn, and four plain ``nn.Linear`` projections
+    (the policy counts their matmuls)."""
+    return (block.bsr_config.activation_dtype is None and _moe_of(block) is None
+            and not _stochastic(block)
+            and all(_plain_linear(_projection(block, n)) for n in _PROJECTIONS))
+
+
+def checkpointed_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A reprogrammed block's lean or fast backward as selective activation checkpointing (the
+    form ``torch.compile`` traces into one graph; see the module doc): the body under
+    non-reentrant ``torch.utils.checkpoint`` with a policy that saves the drop op's outputs and
+    the projections of :func:`_saved_names`."""
+    if not x.requires_grad and not any(p.requires_grad for p in block.parameters()):
+        return block.body(x)
+    return checkpoint(block.body, x, use_reentrant=False,
+                      context_fn=functools.partial(_contexts, _saved_names(block)))

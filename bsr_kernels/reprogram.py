@@ -13,7 +13,8 @@ One block body (:meth:`BSRBlock.body`) serves every execution mode:
 * ``memory_mode="autograd"``: the body under plain autograd (SDPA and the fused drop op);
 * ``"lean"`` / ``"fast"``: a custom autograd function (:mod:`bsr_kernels.backward`) runs the body
   without autograd, saves the block input and some projection outputs (which, by memory mode),
-  and replays the body inside backward with the recorded token selection;
+  and replays the body inside backward with the recorded token selection; under
+  ``torch.compile``, the same policy as selective activation checkpointing (one graph);
 * without grad mode (evaluation), the body simply runs.
 """
 from __future__ import annotations
@@ -121,7 +122,9 @@ class BSRBlock(Block):
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
                 and not torch.jit.is_tracing() \
                 and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
-            from .backward import lean_block
+            from .backward import checkpointable, checkpointed_block, lean_block
+            if torch.compiler.is_compiling() and checkpointable(self):
+                return checkpointed_block(self, x)   # one graph (see bsr_kernels.backward)
             return lean_block(self, x)
         return self.body(x, record=record)
 

@@ -222,9 +222,9 @@ def test_memory_modes_give_the_same_gradients(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_torch_compile_matches_eager(mode):
-    """torch.compile of a reprogrammed model: the eager logits and gradients; autograd mode
-    compiles without a graph break, fast/lean break at most twice per replayed block (their
-    backward calls torch.autograd.grad)."""
+    """torch.compile of a reprogrammed model: the eager logits and gradients, in one graph in
+    every mode (fast and lean run as selective checkpointing when compiled; their eager
+    backward calls torch.autograd.grad, which dynamo does not trace)."""
     base = tiny(depth=4)
     cfg = dict(memory_mode=mode, train_blocks=[1, 3], drop_at=[1, 2])
     eager = bsr_kernels.reprogram(copy.deepcopy(base), **cfg)
@@ -234,9 +234,7 @@ def test_torch_compile_matches_eager(mode):
     logits.square().sum().backward()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(x)
-    replayed = sum(1 for i in range(4) if not model.bsr_config.without_grad(i))
-    limit = 0 if mode == "autograd" else 2 * replayed
-    assert explained.graph_break_count <= limit, \
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
         [str(r.reason)[:200] for r in explained.break_reasons]
     torch._dynamo.reset()
     compiled = torch.compile(model)
@@ -249,15 +247,17 @@ def test_torch_compile_matches_eager(mode):
         torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("mode", ["lean", "fast"])
-def test_torch_compile_stays_within_the_recompile_limit(mode):
-    """12 blocks under torch.compile: the custom backward of fast/lean makes each block a frame of
-    its own, and blocks compile into one entry per kind of block (they read their role, not
-    their index), so dynamo's recompile limit (8) is not hit and no block silently falls back
-    to eager; logits and gradients are the eager ones."""
+@pytest.mark.parametrize("mode,activation_dtype", [("lean", None), ("fast", None),
+                                                   ("lean", torch.bfloat16)])
+def test_torch_compile_stays_within_the_recompile_limit(mode, activation_dtype):
+    """12 blocks under torch.compile, where a block keeps the custom backward (compressed
+    storage: each block a frame of its own) or not: blocks compile into one entry per kind of
+    block (they read their role, not their index), so dynamo's recompile limit (8) is not hit
+    and no block silently falls back to eager; logits and gradients are the eager ones."""
     base = tiny()
-    eager = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
-    model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode)
+    cfg = dict(memory_mode=mode, activation_dtype=activation_dtype)
+    eager = bsr_kernels.reprogram(copy.deepcopy(base), **cfg)
+    model = bsr_kernels.reprogram(copy.deepcopy(base), **cfg)
     x = images()
     logits = eager(x)
     logits.square().sum().backward()
@@ -268,8 +268,85 @@ def test_torch_compile_stays_within_the_recompile_limit(mode):
     torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-5)
     ge, gc = grads(eager), grads(model)
     assert set(ge) == set(gc) and ge
+    # bf16 storage: both backwards are approximate, and compiled recomputes round otherwise
     for n in ge:
-        torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
+        if activation_dtype is None:
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5, msg=n)
+        else:
+            rel = float((gc[n] - ge[n]).norm() / ge[n].norm().clamp_min(1e-12))
+            assert rel < 2e-2, (n, rel)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_checkpointed_form_gives_autograd_gradients(mode):
+    """The form compiled lean/fast run (selective checkpointing, bsr_kernels.backward), run
+    eagerly: plain autograd's logits and float64 gradients (LayerScale trained, so fc2's output
+    is recomputed where its gamma needs it), through the registered drop op."""
+    base = tiny(dtype=torch.float64, init_values=0.3, depth=6)
+    cfg = dict(train_blocks=[2, 5], drop_at=[1, 3, 4])
+    ref = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode="autograd", **cfg)
+    got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode, **cfg)
+    x = images(dtype=torch.float64)
+    ref(x).square().sum().backward()
+    checkpointed = []
+    real = bsr_kernels.backward.checkpointed_block
+
+    def forward(blk, x, attn_mask=None, is_causal=False):
+        if blk.bsr_no_grad:
+            with torch.no_grad():
+                return blk.body(x)
+        checkpointed.append(blk.bsr_index)
+        return real(blk, x)
+    for blk in got.blocks:
+        blk.forward = forward.__get__(blk)
+    got(x).square().sum().backward()
+    assert checkpointed == [2, 3, 4, 5]
+    gr, gg = grads(ref), grads(got)
+    assert set(gr) == set(gg) and gr
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_checkpointable_leaves_what_it_cannot_express_to_the_custom_backward():
+    """Compressed storage, a MoE MLP, a projection that is not a plain nn.Linear (a hook on it,
+    a subclass) and dropout drawn keep the custom autograd function under torch.compile."""
+    from bsr_kernels.backward import checkpointable
+    model = bsr_kernels.reprogram(tiny(depth=4), memory_mode="lean")
+    blk = model.blocks[3]
+    assert checkpointable(blk)
+    assert not checkpointable(bsr_kernels.reprogram(
+        tiny(depth=4), memory_mode="lean", activation_dtype=torch.bfloat16).blocks[3])
+    handle = blk.mlp.fc1.register_forward_hook(lambda m, a, o: None)
+    assert not checkpointable(blk)
+    handle.remove()
+    blk.attn.proj_drop.p = 0.1
+    assert not checkpointable(blk)      # training mode: dropout is drawn
+    blk.eval()
+    assert checkpointable(blk)
+    blk.attn.proj_drop.p = 0.0
+    blk.train()
+    moe = bsr_kernels.reprogram(bsr_kernels.to_moe(tiny(depth=4), num_experts=2, top_k=1),
+                                memory_mode="lean")
+    assert not checkpointable(moe.blocks[3])
+
+
+def test_a_compiled_lean_model_leaves_other_compiled_models_in_one_graph():
+    """Compiled lean used to break its graph at every replayed block; the cache entry it left
+    for timm's VisionTransformer.forward matched other ViTs and was tried first, so a compiled
+    autograd-mode model of the same process ran frame by frame from then on (8.0 -> 12.5 ms a
+    step on CPU). Now one forward and backward of it still runs one compiled graph each way."""
+    from torch.profiler import ProfilerActivity, profile
+    torch._dynamo.reset()
+    x = images()
+    first = torch.compile(bsr_kernels.reprogram(tiny(), memory_mode="autograd"))
+    first(x).sum().backward()
+    other = torch.compile(bsr_kernels.reprogram(tiny(seed=1), memory_mode="lean"))
+    other(x).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        first(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("CompiledFunction") == 1 and names.count("CompiledFunctionBackward") == 1
     torch._dynamo.reset()
 
 
