@@ -1732,7 +1732,7 @@ def test_sync_part_checks_each_mode_and_names_them(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_gpu, "WORKER", w)
     out = bench_gpu.part_sync(False, "cpu")
     assert out == {"autograd sync-free": None, "fast sync-free": None, "lean sync-free": None}
-    assert "autograd+compile" in bench_gpu.SYNC_CHECKS
+    assert {"autograd+compile", "lean+compile"} <= set(bench_gpu.SYNC_CHECKS)
     md = bench_gpu.summarize({"env": {}, "parts": {"sync": {
         "autograd sync-free": True, "autograd compiled sync-free": "RuntimeError: synchronizing",
         "lean sync-free": "skipped: hung in an earlier attempt (x)"}}})

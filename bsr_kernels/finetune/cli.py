@@ -223,9 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the step-time measurement stays eager)")
     g.add_argument("--torchcompile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile's mode, with --torchcompile (default: torch's). On an "
-                        "H100, reduce-overhead (CUDA graphs) trained BSR autograd mode 2.3x "
-                        "faster than the default mode, which was slower than eager: its step is "
-                        "bound by launches")
+                        "H100, reduce-overhead (CUDA graphs) trained BSR autograd mode at 14.6 "
+                        "ms a step against 30.4 eager: the eager step is bound by launches")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="mixed precision: auto is bf16 autocast on CUDA and none on CPU; bf16 "
                         "asks for it on either; off computes in float32 (default: auto)")
