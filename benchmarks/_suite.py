@@ -66,14 +66,14 @@ VARIANT_LABELS = {
 }
 #: How a variant may run besides eagerly: ``<variant>+<how>`` -> ``torch.compile`` keywords.
 COMPILE_MODES = {"compile": {}, "cudagraphs": dict(mode="reduce-overhead")}
-#: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only), in order:
-#: those that compile into one graph first. Once fast or lean (graph breaks in the loop over the
-#: blocks) has compiled, its cache entries match other ViTs too, and a one-graph model compiled
-#: before or after it runs frame by frame: the section times them in a later phase
-#: (``bench_train_step.timing_phases``).
+#: The compiled variants of the ``train_step`` section (``+cudagraphs``: CUDA only). All compile
+#: into one graph (lean and fast as selective checkpointing). A variant that breaks its graph
+#: (``bench_train_step.GRAPH_BREAKING``) would leave cache entries that match other ViTs, so a
+#: one-graph model compiled before or after it would run frame by frame: the section times such
+#: variants in a later phase (``bench_train_step.timing_phases``).
 COMPILED_VARIANTS = ("full+compile", "peer_bsr+compile", "bsr_autograd+compile",
-                     "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs", "bsr_fast+compile",
-                     "bsr_lean+compile")
+                     "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs", "bsr_lean+cudagraphs",
+                     "bsr_fast+compile", "bsr_lean+compile")
 #: ``<base>+graph``: the eager step (forward, backward, fused AdamW) captured whole in one CUDA
 #: graph by hand (``torch.cuda.graph``, see :func:`make_step`) and replayed: no Python and no
 #: launches per step, and nothing compiled, so the memory modes' custom backward is captured as

@@ -169,13 +169,14 @@ GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "pe
 #: measured; with only eager BSR modes beside them a target reads low, never high (a compiled
 #: mode can only raise the best). Then compiled autograd mode, the likely best mode, with
 #: and without CUDA graphs, and the peer under CUDA graphs (the issue's strongest row, and the
-#: like-for-like peer of the CUDA-graphed modes), then the rest. Compiled lean and fast break
-#: their graphs and are built and timed in a second phase, after the others are timed
-#: (:func:`bench_train_step.timing_phases`): on 2026-11-27 they were built before the timing,
-#: which on CPU slows compiled autograd mode 8.3 -> 13.1 ms a step (tiny ViT).
+#: like-for-like peer of the CUDA-graphed modes), lean under CUDA graphs (its own verdict
+#: against the best CUDA-graphed mode), then the rest. A variant that breaks its graph would be
+#: built and timed in a second phase (:func:`bench_train_step.timing_phases`): on 2026-11-27
+#: compiled lean and fast still broke theirs and were built before the timing, which on CPU
+#: slows compiled autograd mode 8.3 -> 13.1 ms a step (tiny ViT).
 COMPILED_STEPS = ("full", "bsr_autograd", "bsr_lean", "peer_bsr+compile", "full+compile",
                   "bsr_autograd+compile", "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs",
-                  "bsr_lean+compile", "bsr_fast+compile")
+                  "bsr_lean+cudagraphs", "bsr_lean+compile", "bsr_fast+compile")
 
 
 def log(*a):

@@ -563,13 +563,14 @@ def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
     return merged([])
 
 
-#: Variants whose compiled form breaks its graph (the custom backward of lean and fast calls
-#: ``torch.autograd.grad``). Once such a model has compiled, its cache entry for timm's
+#: Variants whose compiled form breaks its graph (compressed lean keeps the custom backward,
+#: which calls ``torch.autograd.grad``; lean and fast did so too until they compiled as
+#: selective checkpointing). Once such a model has compiled, its cache entry for timm's
 #: ``VisionTransformer.forward`` (a graph of what comes before the break, guarded only on that)
 #: also matches other ViTs, and is tried first: a one-graph model compiled earlier in the
 #: process then runs frame by frame (seen on CPU: compiled autograd mode 8.0 -> 12.5 ms a step,
 #: compiled full fine-tuning 15.5 -> 17.2, once a lean model had compiled).
-GRAPH_BREAKING = ("bsr_lean", "bsr_fast", "bsr_lean_bf16")
+GRAPH_BREAKING = ("bsr_lean_bf16",)
 #: Eager variants timed again beside the graph-breaking compiled ones, so that their ratios to
 #: full fine-tuning and to the eager formulation are paired too.
 PHASE_REFERENCES = ("full", "eager_bsr")
@@ -805,6 +806,14 @@ def gpu_step_targets(rows: list[dict], where: str, memory_rows: list[dict] | Non
         out.append(Target(name, value=graphed.get(key) if graphed else None, op=op, bound=bound,
                           unit=unit, where=where + (f"; best: {graphed['variant']}" if graphed
                                                     else "; no BSR mode ran under CUDA graphs")))
+    lean_graphed = best_bsr(rows, "bsr_lean", runs=("cudagraphs",))
+    if graphed and lean_graphed:
+        out.append(Target(
+            "GPU step under CUDA graphs: lean throughput / best BSR mode",
+            value=statistics.median(b / v for b, v in zip(graphed["step_samples_s"],
+                                                          lean_graphed["step_samples_s"])),
+            where=f"{where}; lean: {lean_graphed['variant']}, best: {graphed['variant']}",
+            op=">=", bound=0.85, unit="x"))
     mem = {r["variant"]: r for r in (rows if memory_rows is None else memory_rows)}
     out += [Target("GPU step: lean throughput / best BSR mode",
                    value=statistics.median(

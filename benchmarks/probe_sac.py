@@ -173,14 +173,13 @@ def check_compile() -> dict:
 def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
     """Step times (and CUDA peaks) of each mode, eager and compiled, side by side, with the
     ``train_step`` section's timer (:func:`bench_train_step.time_steps`; ``timing``: its
-    ``guard``, ``deadline`` and ``build_s``). Compiled variants that break graphs (lean, fast)
-    are built and timed after the others, beside eager autograd mode
-    (:func:`bench_train_step.timing_phases`: built earlier, they would slow the one-graph
-    compiled models down). Each timed variant's ``speed_vs_reference`` is its speed over
-    ``reference`` of its phase: compiled autograd mode, or eager autograd mode where that was
-    not timed (the second phase; left out for time, failed). ``report(partial)``, when given,
-    gets this function's result so far each time the timer reports."""
-    from .bench_train_step import time_steps, timing_phases
+    ``guard``, ``deadline`` and ``build_s``). Every compiled variant compiles into one graph
+    (compiled lean and fast are the checkpointed form too), so none slows the others down
+    (:data:`bench_train_step.GRAPH_BREAKING`). Each timed variant's ``speed_vs_reference`` is
+    its speed over ``reference``: compiled autograd mode, or eager autograd mode where that was
+    not timed (left out for time, failed). ``report(partial)``, when given, gets this
+    function's result so far each time the timer reports."""
+    from .bench_train_step import time_steps
     order = ("autograd", "sac_lean", "sac_fast", "lean", "fast")
     variants = [*order, *(m + "+compile" for m in order)]
 
@@ -193,11 +192,11 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
         module = torch.compile(model, dynamic=False, **COMPILE_MODES[how]) if how else model
         return model, module, [p for p in model.parameters() if p.requires_grad], images, labels
 
-    def table(res, phase):
+    def table(res):
         timings = res["timings"]
         reference = next((v for v in ("autograd+compile", "autograd") if v in timings), None)
         out = {}
-        for name in phase:
+        for name in variants:
             t = timings.get(name)
             out[name] = dict(res["peaks"].get(name, {}))
             if t is not None:
@@ -212,12 +211,9 @@ def time_modes(cfg: SuiteConfig, log=print, report=None, **timing) -> dict:
                 out[name]["graph_breaks"] = res["graph_breaks"][name].get("count")
         return out
 
-    done: dict = {}   # the phases timed so far; a reference keeps its first phase's entry
-    for phase in timing_phases(variants, ("lean", "fast"), ("autograd",)):
-        res = time_steps(cfg, list(phase), log, build=build, report=report and (
-            lambda partial, phase=phase: report({**table(partial, phase), **done})), **timing)
-        done = {**table(res, phase), **done}
-    return {name: done[name] for name in variants if name in done}
+    return table(time_steps(cfg, variants, log, build=build,
+                            report=report and (lambda partial: report(table(partial))),
+                            **timing))
 
 
 def run(cfg: SuiteConfig, parts=("exact", "memory", "compile", "time"), log=print,
