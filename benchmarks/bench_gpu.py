@@ -461,9 +461,9 @@ CHILDREN_HEADER = "Child processes (pid: command line)"
 def descendant_commands(root: int | None = None,
                         width: int | None = 200) -> list[tuple[int, str]]:
     """The processes descended from ``root`` (this one by default) with their command lines
-    (``width`` characters at most; None: whole), read from ``/proc`` (empty where it cannot be read): a compile
-    that hangs in a compiler subprocess (``ptxas``, run by an inductor worker or by this
-    process) shows there."""
+    (``width`` characters at most; None: whole), read from ``/proc`` (empty where it cannot be
+    read): a compile that hangs in a compiler subprocess (``ptxas``, run by an inductor worker
+    or by this process) shows there."""
     root = os.getpid() if root is None else root
     parent = {}
     try:
@@ -872,8 +872,9 @@ def part_step(cuda: bool, device: str, variants) -> dict:
 
 def part_profile(cuda: bool, device: str) -> dict:
     """:func:`bench_train_step.step_profile` of each of :data:`PROFILED_STEPS` (the compiled
-    ones on CUDA), each under the watchdog (a compiled one's: the compile timeout); a variant that hung in an earlier attempt, or that the deadline leaves out, gets a
-    row with the error and the others go on; rows an earlier attempt measured are kept."""
+    ones on CUDA), each under the watchdog (a compiled one's: the compile timeout); a variant
+    that hung in an earlier attempt, or that the deadline leaves out, gets a row with the error
+    and the others go on; rows an earlier attempt measured are kept."""
     from .bench_train_step import step_profile
     cfg = SuiteConfig(device=device, tiny=not cuda)
     out = {"model": model_label(cfg.time_model), "batch": cfg.time_batch, "rows": []}
