@@ -172,8 +172,8 @@ GRAPHED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean", "pe
 #: like-for-like peer of the CUDA-graphed modes), lean under CUDA graphs (its own verdict
 #: against the best CUDA-graphed mode), then the rest. A variant that breaks its graph would be
 #: built and timed in a second phase (:func:`bench_train_step.timing_phases`): on 2026-11-27
-#: compiled lean and fast still broke theirs and were built before the timing, which on CPU
-#: slows compiled autograd mode 8.3 -> 13.1 ms a step (tiny ViT).
+#: compiled lean and fast still broke theirs and were built before the timing
+#: (:mod:`benchmarks.probe_compile_order` shows what that does).
 COMPILED_STEPS = ("full", "bsr_autograd", "bsr_lean", "peer_bsr+compile", "full+compile",
                   "bsr_autograd+compile", "bsr_autograd+cudagraphs", "peer_bsr+cudagraphs",
                   "bsr_lean+cudagraphs", "bsr_lean+compile", "bsr_fast+compile")

@@ -35,8 +35,9 @@ Under ``torch.compile`` the same policy is written as selective activation check
 which dynamo does not trace, so every replayed block was a graph break, and the compiled model
 ran frame by frame. Worse, the cache entry of timm's ``VisionTransformer.forward`` that such a
 model leaves (a graph of what precedes the break, guarded only on that) matched every other ViT
-of the process and was tried first: on CPU a compiled autograd-mode model went from 8.0 to 12.5
-ms a step once a lean model had compiled beside it. The checkpointed form compiles into one
+of the process and was tried first, so those ran frame by frame (``python -m
+benchmarks.probe_compile_order``: 2 -> 12 compiled functions a step, 8.6 -> 12.1 ms on CPU, after
+a model that still breaks its graph). The checkpointed form compiles into one
 graph. It saves the projections listed above and the drop op's outputs (so the selection is
 replayed, as here), and recomputes the rest; the drop's output rows are saved rather than
 gathered again, about 8 % more saved memory than the autograd function (ViT-B/16: 7.31 against

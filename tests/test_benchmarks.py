@@ -669,6 +669,30 @@ def test_graph_breaking_compiled_variants_are_timed_after_the_others(monkeypatch
         (lean, None)]
 
 
+def test_compile_order_probe_sees_one_graph_after_a_compiled_lean_model():
+    """benchmarks/probe_compile_order.py, and the library property it shows: compiled autograd
+    mode runs two compiled functions a step (forward and backward graphs) before and after a
+    lean model is compiled in the same process (lean compiles as selective checkpointing: one
+    graph, no entry that would match other ViTs; until f881834 it broke its graph, and the
+    autograd model ran frame by frame from then on); the probe refuses an eager variant."""
+    probe = _import_bench("probe_compile_order")
+    suite = _import_bench("_suite")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    try:
+        res = probe.run(suite.SuiteConfig(tiny=True), "bsr_autograd+compile",
+                        ["bsr_lean+compile"], reps=3, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    assert [r["after"] for r in res["rounds"]] == [None, "bsr_lean+compile"]
+    assert [r["first_compiled_functions"] for r in res["rounds"]] == [2, 2]
+    assert all(r["first_ms"] > 0 for r in res["rounds"]) and res["then_ms"]["bsr_lean+compile"] > 0
+    with pytest.raises(ValueError, match="must be compiled"):
+        probe.run(suite.SuiteConfig(tiny=True), "bsr_autograd", [])
+
+
 def test_step_profile_on_cpu_and_kernel_summary():
     """``step_profile`` (the ``profile`` part of bench_gpu): wall and host time of a step and its
     aten ops; on CPU no kernel figures. ``kernel_summary`` (the CUDA side) aggregates kernels by

@@ -331,25 +331,6 @@ def test_checkpointable_leaves_what_it_cannot_express_to_the_custom_backward():
     assert not checkpointable(moe.blocks[3])
 
 
-def test_a_compiled_lean_model_leaves_other_compiled_models_in_one_graph():
-    """Compiled lean used to break its graph at every replayed block; the cache entry it left
-    for timm's VisionTransformer.forward matched other ViTs and was tried first, so a compiled
-    autograd-mode model of the same process ran frame by frame from then on (8.0 -> 12.5 ms a
-    step on CPU). Now one forward and backward of it still runs one compiled graph each way."""
-    from torch.profiler import ProfilerActivity, profile
-    torch._dynamo.reset()
-    x = images()
-    first = torch.compile(bsr_kernels.reprogram(tiny(), memory_mode="autograd"))
-    first(x).sum().backward()
-    other = torch.compile(bsr_kernels.reprogram(tiny(seed=1), memory_mode="lean"))
-    other(x).sum().backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        first(x).sum().backward()
-    names = [e.name for e in prof.events()]
-    assert names.count("CompiledFunction") == 1 and names.count("CompiledFunctionBackward") == 1
-    torch._dynamo.reset()
-
-
 def test_compiled_code_does_not_guard_on_the_backend_cache():
     """select_backend's cache is for eager calls: a compiled entry guarded on its contents would
     be dead after the first eager write, and take one of dynamo's 8 entries per code object."""
