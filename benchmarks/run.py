@@ -93,6 +93,20 @@ def _load(path: str) -> dict:
         return json.load(f)
 
 
+def _origin(meta: dict) -> dict:
+    """Where and when a run measured: date, machine (GPU, else CPU), commit."""
+    m = meta.get("machine", {})
+    return dict(date=meta.get("date"), machine=m.get("gpu") or m.get("cpu"),
+                commit=m.get("git_commit"))
+
+
+def section_origins(results: dict) -> dict:
+    """Section name -> :func:`_origin` of the run that measured it (``--append`` records them;
+    a result without the record: its own meta for every section)."""
+    recorded = results["meta"].get("section_origins", {})
+    return {s: recorded.get(s, _origin(results["meta"])) for s in SECTIONS if s in results}
+
+
 def merge_results(prev: dict, new: dict, sections) -> dict:
     """``prev`` with the ``sections`` of ``new`` replacing its own (``--append``).
 
@@ -114,6 +128,9 @@ def merge_results(prev: dict, new: dict, sections) -> dict:
     meta["total_seconds"] = sum(meta["section_seconds"].values())
     meta["machine"] = new["meta"]["machine"]
     meta["date"] = new["meta"]["date"]
+    # where each section was measured: the header's machine is the newest run's only
+    meta["section_origins"] = {**section_origins(prev),
+                               **{s: _origin(new["meta"]) for s in sections if s in new}}
     merged["meta"] = meta
     for name in sections:
         merged[name] = new[name]
@@ -145,6 +162,11 @@ def write_markdown(results: dict, path: str, plots=()) -> str:
              "- Times are side by side in one run (A B A B rounds, medians; speedups are medians "
              "of per-round ratios). The machine may be shared: ratios mean more than absolutes.",
              "", "## Targets", ""]
+    origins = section_origins(results)
+    if len({tuple(o.items()) for o in origins.values()}) > 1:   # appended from other runs
+        lines[-3:-3] = ["- Sections measured apart (`--append`): " + "; ".join(
+            f"{s}: {o['machine']}, commit {o['commit'] or '?'}, {o['date']}"
+            for s, o in origins.items())]
     lines += [f"- {_target_line(t)}" for t in results.get("targets", [])] or ["- (none)"]
     for name in SECTIONS:
         if name not in results:

@@ -50,6 +50,21 @@ def test_results_json_has_every_section(suite_run):
     assert set(meta["section_seconds"]) == set(SECTIONS)
 
 
+def test_markdown_names_where_appended_sections_were_measured(suite_run, tmp_path):
+    """results.md's header names one machine (the newest run's); when ``--append`` joined
+    sections measured on other machines or commits, it lists each section's origin."""
+    run = _import_bench("run")
+    out, results, _ = suite_run
+    assert "measured apart" not in run.write_markdown(results, str(tmp_path / "one.md"))
+    mixed = json.loads(json.dumps(results))
+    mixed["meta"]["section_origins"] = {"drop_tokens": dict(date="2026-11-26",
+                                                            machine="AMD EPYC", commit="b627eea")}
+    md = run.write_markdown(mixed, str(tmp_path / "mixed.md"))
+    own = run._origin(results["meta"])
+    assert "drop_tokens: AMD EPYC, commit b627eea, 2026-11-26" in md
+    assert f"train_step: {own['machine']}, commit {own['commit'] or '?'}, {own['date']}" in md
+
+
 def test_drop_section_rows(suite_run):
     _, results, _ = suite_run
     sec = results["drop_tokens"]
@@ -388,9 +403,10 @@ def test_train_step_reports_a_failing_variant(monkeypatch):
 def test_merge_results_keeps_other_sections_and_refuses_mixing():
     run = _import_bench("run")
 
-    def res(device, quick, sections, cmd):
+    def res(device, quick, sections, cmd, cpu="AMD EPYC", commit="c1"):
         meta = dict(config=dict(device=device, quick=quick, tiny=True), command=cmd,
-                    section_seconds={s: 1.0 for s in sections}, machine={}, date="d")
+                    section_seconds={s: 1.0 for s in sections}, date="d",
+                    machine=dict(cpu=cpu, git_commit=commit))
         out = {"meta": meta}
         for s in sections:
             out[s] = {"rows": [s], "targets": [dict(name=s)]}
@@ -404,6 +420,17 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
     assert merged["attention"]["rows"] == ["new"] and "memory" in merged
     assert [t["name"] for t in merged["targets"]] == ["drop_tokens", "attention", "memory"]
     assert merged["meta"]["command"] == "a && b"
+    # each section keeps where it was measured, through a second append too
+    assert run.section_origins(merged) == {
+        s: dict(date="d", machine="AMD EPYC", commit="c1")
+        for s in ("drop_tokens", "attention", "memory")}
+    later = run.merge_results(merged, res("cpu", True, ["memory"], "c", "Intel Xeon", "c2"),
+                              ["memory"])
+    origins = run.section_origins(later)
+    assert origins["memory"] == dict(date="d", machine="Intel Xeon", commit="c2")
+    assert origins["drop_tokens"] == origins["attention"] == dict(date="d", machine="AMD EPYC",
+                                                                  commit="c1")
+    assert later["meta"]["machine"]["cpu"] == "Intel Xeon"   # the header's: the newest run
     with pytest.raises(ValueError, match="append"):
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
 
