@@ -153,8 +153,9 @@ MIN_TESTS_S = 60.0
 EAGER_STEPS = ("full", "eager_bsr", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean")
 #: Variants of the ``profile`` part (where a step's time goes: host or device, which kernels,
 #: which host events): the eager ones, then autograd mode and the peer compiled (on the H100,
-#: 2026-11-27, compiled autograd mode took 33.9 ms a step against the compiled peer's 22.0 and
-#: its own 14.6 under CUDA graphs: host time, which the profile is to locate).
+#: 2026-11-27, compiled autograd mode was timed at 33.9 ms a step against the compiled peer's
+#: 22.0 and its own 14.6 under CUDA graphs, after graph-breaking models had compiled in that
+#: process: where a compiled step's host time goes, alone in its process).
 PROFILED_STEPS = ("full", "peer_bsr", "bsr_autograd", "bsr_fast", "bsr_lean",
                   "bsr_autograd+compile", "peer_bsr+compile")
 #: Variants of the ``step-graphs`` part: whole steps captured in one CUDA graph, with their
@@ -962,9 +963,9 @@ SYNC_CHECKS = ("autograd", "fast", "lean", "autograd+compile", "lean+compile")
 
 
 def part_sync(cuda: bool, device: str) -> dict:
-    """No host sync in the forward and backward of any memory mode, nor of compiled autograd
-    mode on CUDA (CUDA sync debug mode ``"error"``; the compiled model is compiled and warmed
-    first, under the compile watchdog)."""
+    """No host sync in the forward and backward of :data:`SYNC_CHECKS`: every memory mode, and
+    on CUDA the compiled ones (CUDA sync debug mode ``"error"``; a compiled model is compiled
+    and warmed first, under the compile watchdog)."""
     from timm.models.vision_transformer import VisionTransformer
     out = {}
     g = torch.Generator(device=device).manual_seed(4)

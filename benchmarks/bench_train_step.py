@@ -383,9 +383,9 @@ def step_profile(cfg: SuiteConfig, variant: str, steps: int = 3, top: int = 8,
 def host_summary(events, steps: int, top: int = 8) -> list[dict]:
     """The ``top`` host events (profiler events, ``name`` and ``self_cpu_time_total`` in µs) by
     their own host time, summed by name: ``name``, ``ms_per_step``, ``calls_per_step``. Where a
-    host-bound step spends its time: a compiled step's launches, guards and runtime wrappers
-    show here, not in its kernels (on the H100, 2026-11-27, ``torch.compile`` of autograd mode
-    ran 33.9 ms a step, 14.6 with CUDA graphs)."""
+    host-bound step spends its time: a compiled step's launches, guards, runtime wrappers and
+    compiled functions (one per graph: more when it runs frame by frame) show here, not in its
+    kernels."""
     total, calls = collections.Counter(), collections.Counter()
     for e in events:
         total[e.name] += float(getattr(e, "self_cpu_time_total", 0.0))
@@ -559,7 +559,8 @@ def step_rows(cfg: SuiteConfig, variants, log=print, guard=None,
         digests.update(res["digests"])
         for row in _rows(cfg, phase, res, digests):
             done.setdefault(row["variant"], row)   # a reference keeps its first phase's row
-        build_s = max(filter(None, [build_s, *res.get("build_s", {}).values()]), default=None)
+        build_s = max(filter(None, [build_s, *(s for v, s in res.get("build_s", {}).items()
+                                               if is_compiled(v))]), default=None)
     return merged([])
 
 
@@ -593,8 +594,10 @@ def timing_phases(variants, breaking_bases=GRAPH_BREAKING,
 
 def _rows(cfg: SuiteConfig, variants, res: dict, digests: dict | None = None) -> list[dict]:
     """:func:`step_rows`' rows from a (partial) :func:`time_steps` result: the variants built or
-    failed so far."""
+    failed so far. ``digests``: the first-step digests to compare with (default ``res``'s; an
+    earlier phase's eager forms included)."""
     timings, errors = res["timings"], res["errors"]
+    digests = res["digests"] if digests is None else digests
     rows = []
     for variant in variants:
         if variant not in res["digests"] and variant not in errors:
@@ -614,9 +617,8 @@ def _rows(cfg: SuiteConfig, variants, res: dict, digests: dict | None = None) ->
         row["build_s"] = res.get("build_s", {}).get(variant)
         row.update(res["peaks"].get(variant, {}))
         base, how = split_variant(variant)
-        digests_ = res["digests"] if digests is None else {**digests, **res["digests"]}
-        if how is not None and variant in digests_ and base in digests_:
-            row["vs_eager"] = digest_diff(digests_[variant], digests_[base])
+        if how is not None and variant in digests and base in digests:
+            row["vs_eager"] = digest_diff(digests[variant], digests[base])
         if variant in res["graph_breaks"]:
             row["graph_breaks"] = res["graph_breaks"][variant]
         if variant in errors:
