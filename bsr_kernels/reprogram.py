@@ -69,7 +69,7 @@ class BSRBlock(Block):
             (B, N', C) tokens, N' < N after a drop.
         """
         out, q, k = self.attn.forward_qk(self.norm1(x), linear=linear)
-        x = x + self.drop_path1(self.ls1(out))
+        x = x + self.drop_path1(_out_of_place(self.ls1, out))
         if self.bsr_drops:
             cfg = self.bsr_config
             n_candidates = x.shape[1] - cfg.num_prefix_tokens
@@ -78,9 +78,9 @@ class BSRBlock(Block):
                 record(kept, n_candidates)
         mlp = self.mlp
         if getattr(mlp, "bsr_moe", False):   # bsr_kernels.moe.MoEMlp: routed experts, whole
-            return x + self.drop_path2(self.ls2(mlp(self.norm2(x))))
-        h = mlp.norm(mlp.drop1(mlp.act(linear("fc1", mlp.fc1, self.norm2(x)))))
-        return x + self.drop_path2(self.ls2(mlp.drop2(linear("fc2", mlp.fc2, h))))
+            return x + self.drop_path2(_out_of_place(self.ls2, mlp(self.norm2(x))))
+        h = mlp.norm(mlp.drop1(_out_of_place(mlp.act, linear("fc1", mlp.fc1, self.norm2(x)))))
+        return x + self.drop_path2(_out_of_place(self.ls2, mlp.drop2(linear("fc2", mlp.fc2, h))))
 
     def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
              kept: Optional[torch.Tensor] = None):
@@ -127,6 +127,15 @@ class BSRBlock(Block):
                 return checkpointed_block(self, x)   # one graph (see bsr_kernels.backward)
             return lean_block(self, x)
         return self.body(x, record=record)
+
+
+def _out_of_place(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``module(t)``, on a copy of ``t`` when the module writes its input in place (an
+    ``inplace`` flag: timm's ``LayerScale(inplace=True)``, an activation such as
+    ``nn.SiLU(inplace=True)``). In the lean and fast backward ``t`` is a projection output that
+    forward saved and backward replays, which a write in place would overwrite (silently wrong
+    gradients), or fc2's broadcast zero placeholder, which cannot be written."""
+    return module(t.clone() if getattr(module, "inplace", False) else t)
 
 
 def hooked(module: nn.Module) -> bool:

@@ -289,6 +289,18 @@ def test_checkpointed_form_gives_autograd_gradients(mode):
     got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode, **cfg)
     x = images(dtype=torch.float64)
     ref(x).square().sum().backward()
+    checkpointed = run_checkpointed(got)
+    got(x).square().sum().backward()
+    assert checkpointed == [2, 3, 4, 5]
+    gr, gg = grads(ref), grads(got)
+    assert set(gr) == set(gg) and gr
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def run_checkpointed(model) -> list:
+    """Has ``model``'s blocks that need a backward run as :func:`checkpointed_block` (the form
+    compiled lean/fast trace) eagerly; returns the list their indices are appended to."""
     checkpointed = []
     real = bsr_kernels.backward.checkpointed_block
 
@@ -298,14 +310,45 @@ def test_checkpointed_form_gives_autograd_gradients(mode):
                 return blk.body(x)
         checkpointed.append(blk.bsr_index)
         return real(blk, x)
-    for blk in got.blocks:
+    for blk in model.blocks:
         blk.forward = forward.__get__(blk)
-    got(x).square().sum().backward()
-    assert checkpointed == [2, 3, 4, 5]
+    return checkpointed
+
+
+@pytest.mark.parametrize("writer", ["layer_scale", "activation"])
+@pytest.mark.parametrize("mode,form", [("autograd", "eager"), ("fast", "eager"),
+                                       ("lean", "eager"), ("fast", "checkpointed"),
+                                       ("lean", "checkpointed")])
+def test_modules_writing_in_place_give_autograd_gradients(mode, form, writer):
+    """Modules that write their input in place (timm's ``LayerScale(inplace=True)``, an
+    ``nn.SiLU(inplace=True)`` activation): the logits and float64 gradients of the same model
+    computing out of place, in autograd mode. Fast saves and replays the proj output that ls1
+    scales and trained blocks the fc1 output the activation reads; lean stands a broadcast
+    zero for a frozen block's fc2 output, which ls2 scales. Writing those in place overwrote
+    what was saved (wrong gradients, silently for the activation) or could not write the
+    placeholder (the backward raised). The modules still work in place afterwards."""
+    kw = (dict(init_values=0.3) if writer == "layer_scale"
+          else dict(act_layer=torch.nn.SiLU))
+    base = tiny(dtype=torch.float64, depth=6, **kw)
+    cfg = dict(train_blocks=[2, 5], drop_at=[1, 3, 4])
+    ref = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode="autograd", **cfg)
+    got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode, **cfg)
+    writers = ([m for blk in got.blocks for m in (blk.ls1, blk.ls2)]
+               if writer == "layer_scale" else [blk.mlp.act for blk in got.blocks])
+    for m in writers:
+        m.inplace = True
+    checkpointed = run_checkpointed(got) if form == "checkpointed" else None
+    x = images(dtype=torch.float64)
+    logits = got(x)
+    torch.testing.assert_close(logits, ref(x), rtol=0, atol=1e-12)
+    ref(x).square().sum().backward()
+    logits.square().sum().backward()
+    assert checkpointed in (None, [2, 3, 4, 5])
     gr, gg = grads(ref), grads(got)
-    assert set(gr) == set(gg) and gr
+    assert set(gr) == set(gg) and "blocks.2.mlp.fc1.weight" in gr
     for n in gr:
         torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+    assert all(m.inplace for m in writers)
 
 
 def test_checkpointable_leaves_what_it_cannot_express_to_the_custom_backward():
