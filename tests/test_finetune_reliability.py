@@ -715,6 +715,22 @@ def test_overwrite_keeps_the_old_run_when_the_bsr_settings_are_refused(tmp_path,
     assert {p: p.read_bytes() for p in before} == before
 
 
+@pytest.mark.parametrize("out", [False, True])
+def test_refused_bsr_settings_stop_the_run_before_any_method_trains(out, tmp_path, capsys,
+                                                                    monkeypatch):
+    """BSR settings that reprogram refuses once the model is built (a block past its depth),
+    with the other methods listed first: exit 2 naming the flag before any method has
+    trained (they took minutes on a real model, then the run stopped at BSR), and no --out
+    folder left behind."""
+    fits = []
+    monkeypatch.setattr(cli, "fit", lambda *a, **k: fits.append(a) or pytest.fail("trained"))
+    run = tmp_path / "run"
+    rc, _, err = _run(["--method", "linear,full,bsr", *FAST[2:], "--train-blocks", "3,99",
+                       *(["--out", run] if out else [])], capsys)
+    assert rc == 2 and "--train-blocks index 99 is outside the model's blocks" in err, err
+    assert not fits and not run.exists()
+
+
 def test_an_error_before_training_leaves_the_out_folder_as_it_was(tmp_path, capsys):
     """A run that stops on a usage or input error before writing anything leaves ``--out`` as it
     found it: the run's own args.json after a failed --resume or --overwrite (so a bare

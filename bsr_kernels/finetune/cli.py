@@ -523,19 +523,23 @@ def _claim_out(args: argparse.Namespace, warn, methods: Sequence[str] = METHODS)
     return lock
 
 
-def _delete_replaced(out: Path, lock: Optional[RunLock], warn, methods: Sequence[str] = (),
-                     build=None) -> None:
+def set_up_each(methods: Sequence[str], build) -> None:
+    """Calls ``build(method)`` for each of ``methods`` (a set-up on a copy of the model, torch's
+    RNG left as it was) before any trains: a setting refused there (``--train-blocks`` outside
+    the model, a model BSR cannot reprogram) raises before the other methods have trained for
+    nothing, and before ``--overwrite`` deletes the old run."""
+    with torch.random.fork_rng(devices=[]):
+        for method in methods:
+            build(method)
+
+
+def _delete_replaced(out: Path, lock: Optional[RunLock], warn) -> None:
     """--overwrite: deletes the earlier run's files (listed by :func:`_claim_out`) and the
-    folders they leave empty. First ``build(method)`` sets up each of the new run's ``methods``
-    (on a copy, torch's RNG left as it was): a setting refused there raises and keeps the old
-    run."""
+    folders they leave empty (after :func:`set_up_each`, so that a refused setting keeps the
+    old run)."""
     names = getattr(lock, "replaced", None)
     if not names:
         return
-    if build is not None:
-        with torch.random.fork_rng(devices=[]):
-            for method in methods:
-                build(method)
     for name in names:
         (out / name).unlink(missing_ok=True)
     for folder in {(out / name).parent for name in names} - {out}:
@@ -752,8 +756,9 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     out = Path(args.out) if args.out is not None else None
-    if out is not None and info.is_main:   # a mistake in the arguments keeps the old run
-        _delete_replaced(out, lock, warn, methods, build=lambda m: _adapt(base, m, args))
+    set_up_each(methods, lambda m: _adapt(base, m, args))
+    if out is not None and info.is_main:
+        _delete_replaced(out, lock, warn)
     histories: dict = {}
 
     def on_epoch(method: str, history: list) -> None:

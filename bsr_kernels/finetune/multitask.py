@@ -474,10 +474,11 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                     f"/ {len(t.test)} test images)" for t in tasks)
         + f"; methods {', '.join(args.method)}; {args.epochs} epochs; {args.experts} experts, "
         f"top-{args.top_k}")
-    if args.out is not None and info.is_main:   # a mistake in the arguments keeps the old run
-        cli._delete_replaced(Path(args.out), lock, warn, args.method, build=lambda m: build_method(
-            base, m, num_classes, args.experts, args.top_k, args.noise_std, args.aux_loss_weight,
-            args.keep_rate, args.memory_mode))
+    cli.set_up_each(args.method, lambda m: build_method(
+        base, m, num_classes, args.experts, args.top_k, args.noise_std, args.aux_loss_weight,
+        args.keep_rate, args.memory_mode))
+    if args.out is not None and info.is_main:
+        cli._delete_replaced(Path(args.out), lock, warn)
 
     models, results = {}, {}
     for method in args.method:
