@@ -213,6 +213,35 @@ def test_cli_end_to_end_all_methods(tmp_path, capsys):
     assert correct == round(bsr["accuracy"] * len(test))     # the same images right
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA (CI has none; the GPU run's tests part runs it)")
+@pytest.mark.parametrize("memory_mode,compile_mode", [("auto", None), ("lean", None),
+                                                      ("auto", "reduce-overhead"),
+                                                      ("lean", "reduce-overhead")])
+def test_cli_trains_bsr_on_cuda(memory_mode, compile_mode, tmp_path, capsys):
+    """bsr-finetune on a GPU (``python -m benchmarks.bench_gpu --parts tests`` runs it): BSR on
+    the demo under bf16 autocast (``--amp auto``), in autograd mode (``--memory-mode auto`` on
+    CUDA) and lean, eagerly and compiled with CUDA graphs (``--torchcompile-mode
+    reduce-overhead``, which the training loop must not break by holding a replay's outputs):
+    it finishes, its training loss falls, its accuracy counts test images and is above chance
+    (5 classes), and the summary names the mode it ran."""
+    argv = ["--method", "bsr", "--device", "cuda", "--epochs", "4", "--batch-size", "64",
+            "--timing-rounds", "1", "--profile-batch", "2", "--samples", "0", "--no-progress",
+            "--memory-mode", memory_mode, "--out", tmp_path]
+    if compile_mode is not None:
+        argv += ["--torchcompile", "--torchcompile-mode", compile_mode]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["device"].startswith("cuda"), summary["device"]
+    bsr = summary["methods"]["bsr"]
+    assert bsr["memory_mode"] == ("autograd" if memory_mode == "auto" else memory_mode)
+    _assert_accuracy_counts_test_images(bsr["accuracy"], summary["img_size"])
+    history = bsr["history"]
+    assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"], history
+    assert bsr["accuracy"] > 0.3, history
+
+
 def test_cli_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bsr_kernels.finetune", "--method", "linear",
                         *TINY, "--timing-rounds", "0", "--out", str(tmp_path)],
