@@ -83,21 +83,53 @@ def test_two_process_gradients_match_one_process_on_the_same_global_batch(ddp_di
         torch.testing.assert_close(ddp_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+# bsr-finetune, with each process's training losses (train_step's results) written on exit
+RECORDING_CLI = textwrap.dedent("""
+    import json, os, sys
+    from bsr_kernels.finetune import cli, train
+
+    real, losses = train.train_step, []
+
+    def recorded(*args, **kwargs):
+        losses.append(real(*args, **kwargs))
+        return losses[-1]
+
+    train.train_step = recorded
+    try:
+        sys.exit(cli.main(sys.argv[2:]))
+    finally:
+        with open(os.path.join(sys.argv[1], f"losses{os.environ['RANK']}.json"), "w") as f:
+            json.dump(losses, f)
+""")
+
+
 def test_torchrun_gloo_run_completes(tmp_path):
     """Two gloo processes train and evaluate; the accuracy (the test set sharded over the
     processes, counts summed) is that of the saved weights over the whole test set in one
-    process."""
-    r = _torchrun("-m", "bsr_kernels.finetune", "--method", "bsr,linear", "--epochs", "2",
+    process, and the training loss of each epoch is that of the global batches: the mean of
+    both processes' losses, not the main process's own."""
+    script = tmp_path / "recording.py"
+    script.write_text(RECORDING_CLI)
+    r = _torchrun(script, tmp_path, "--method", "bsr,linear", "--epochs", "2",
                   "--batch-size", "128", "--timing-rounds", "0", "--profile-batch", "2",
                   "--samples", "2", "--no-progress", "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
     _, test = digits_split(DIGITS_TARGET_CLASSES, summary["img_size"])
-    for m in ("bsr", "linear"):
+    steps = 597 // 128
+    losses = [json.loads((tmp_path / f"losses{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(losses[0]) == len(losses[1]) == 2 * 2 * steps     # 2 methods, 2 epochs each
+    for i, m in enumerate(("bsr", "linear")):
         res = summary["methods"][m]
         assert len(res["history"]) == 2 and res["accuracy"] == res["history"][-1]["accuracy"]
-        assert res["steps"] == 2 * (597 // 128)        # global steps, not per process
+        assert res["steps"] == 2 * steps        # global steps, not per process
+        for e, row in enumerate(res["history"]):
+            at = slice((2 * i + e) * steps, (2 * i + e + 1) * steps)
+            own, other = losses[0][at], losses[1][at]
+            mean = sum((a + b) / 2 for a, b in zip(own, other)) / steps
+            assert row["train_loss"] == pytest.approx(mean, rel=1e-9), (m, e)
+            assert abs(sum(own) / steps - mean) > 1e-4, (m, e)   # the shares' losses differ
         assert (tmp_path / "o" / m / "checkpoint.pt").is_file()
         state = torch.load(tmp_path / "o" / m / "checkpoint.pt", weights_only=True)
         model, _ = build_model(DIGITS_MODEL, 5)

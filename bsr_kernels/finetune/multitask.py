@@ -375,8 +375,7 @@ def train(model: nn.Module, tasks: Sequence[Task], epochs: int, batch_size: int,
                 step_times.append(time.perf_counter() - ts)
                 value = loss.item()
                 step += 1
-                _check_finite(value, info, name, epoch, step, opt, checkpoint)
-                loss_sum += value
+                loss_sum += _check_finite(value, info, name, epoch, step, opt, checkpoint)[1]
         t_train += time.perf_counter() - t0
         acc = evaluate(model, tasks, device)
         names = [t.name for t in tasks]

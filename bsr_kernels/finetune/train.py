@@ -682,8 +682,8 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                     torch.cuda.synchronize(info.device)
                 step_times.append(time.perf_counter() - t0)
                 step += 1
-                stopping = _check_finite(loss, info, name, epoch, step, optimizer,
-                                         opts.checkpoint, stop.signum is not None)
+                stopping, loss = _check_finite(loss, info, name, epoch, step, optimizer,
+                                               opts.checkpoint, stop.signum is not None)
                 loss_sum, n_batches = loss_sum + loss, n_batches + 1
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{loss:.3f}")
@@ -732,13 +732,19 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             "steps": step, "resumed_from_epoch": resumed_from}
 
 
+def _process_sums(info: DistInfo, *values: float) -> tuple[float, ...]:
+    """Each of ``values`` (bools count 1) summed over the processes: one all-reduce under DDP,
+    in float64."""
+    if not info.distributed:
+        return tuple(float(v) for v in values)
+    summed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(summed)
+    return tuple(summed.tolist())
+
+
 def _any_process(info: DistInfo, *flags: bool) -> tuple[bool, ...]:
     """Each of ``flags``, true when it is true on any process (one all-reduce under DDP)."""
-    if not info.distributed:
-        return flags
-    summed = torch.tensor([float(f) for f in flags], device=info.device)
-    dist.all_reduce(summed)
-    return tuple(v > 0 for v in summed.tolist())
+    return tuple(v > 0 for v in _process_sums(info, *flags))
 
 
 @contextlib.contextmanager
@@ -760,13 +766,17 @@ def overflow_diverges(optimizer, name: str, epoch: int, step: int):
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
                   optimizer: torch.optim.Optimizer, checkpoint: Optional[Path],
-                  stop: bool = False) -> bool:
+                  stop: bool = False) -> tuple[bool, float]:
     """Raises :class:`TrainingDivergedError` on every process when any process's loss is not
     finite (before any checkpoint of this step, so the last one on disk holds finite weights).
-    Returns whether any process was asked to stop (``stop``): one all-reduce per step."""
-    bad, stop = _any_process(info, not math.isfinite(loss), stop)
+
+    Returns whether any process was asked to stop (``stop``) and the step's loss averaged over
+    the processes (each holds an equal share of the global batch), which every process then
+    sums alike: the history, the logs and a mid-epoch checkpoint hold the global batch's loss,
+    as timm reports it, not the main process's share. One all-reduce per step."""
+    bad, stop, total = _process_sums(info, not math.isfinite(loss), stop, loss)
     if not bad:
-        return stop
+        return stop > 0, total / info.world_size
     lr = optimizer.param_groups[0]["lr"]
     kept = (f"; the checkpoint {checkpoint} holds the training from before"
             if checkpoint is not None and Path(checkpoint).exists() else "")
