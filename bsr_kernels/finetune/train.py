@@ -771,9 +771,11 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
     finite (before any checkpoint of this step, so the last one on disk holds finite weights).
 
     Returns whether any process was asked to stop (``stop``) and the step's loss averaged over
-    the processes (each holds an equal share of the global batch), which every process then
-    sums alike: the history, the logs and a mid-epoch checkpoint hold the global batch's loss,
-    as timm reports it, not the main process's share. One all-reduce per step."""
+    the processes, as DDP averages their gradients (the global batch's loss: the shares are
+    equal, but for the one short batch of a training set smaller than the batch, which may
+    differ by an image). Every process then sums the same values: the history, the logs and a
+    mid-epoch checkpoint hold that loss, as timm reports it, not the main process's share. One
+    all-reduce per step."""
     bad, stop, total = _process_sums(info, not math.isfinite(loss), stop, loss)
     if not bad:
         return stop > 0, total / info.world_size
