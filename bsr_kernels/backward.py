@@ -41,7 +41,10 @@ a model that still breaks its graph). The checkpointed form compiles into one
 graph. It saves the projections listed above and the drop op's outputs (so the selection is
 replayed, as here), and recomputes the rest; the drop's output rows are saved rather than
 gathered again, about 8 % more saved memory than the autograd function (ViT-B/16: 7.31 against
-6.79 MiB/image, ``benchmarks/probe_sac.py``). Blocks it cannot express (compressed storage, a
+6.79 MiB/image, ``benchmarks/probe_sac.py``). AOTAutograd's partitioner may also recompute
+the last block's fc2 (fast: its only matmul recomputed), whose output the final LayerNorm's
+backward needs, from tensors saved anyway rather than save that output (tests/test_benchmarks.py
+counts each mode's recomputes in the compiled graphs). Blocks it cannot express (compressed storage, a
 MoE MLP, a projection that is not a plain ``nn.Linear``, dropout) keep the autograd function.
 """
 from __future__ import annotations

@@ -1921,3 +1921,87 @@ def test_op_passes_run_each_kernel_of_the_op():
     assert grad_x.shape == x.shape and grad_scores.shape == (b, n - 1)
     assert grad_q.shape == q.shape and grad_k.shape == k.shape
     assert torch.isfinite(grad_q).all() and grad_k.abs().sum() > 0
+
+
+def _aten_counts(variant: str) -> dict:
+    """How often each op is called in the forward and backward graphs that ``torch.compile``
+    (through AOTAutograd) makes of one training step of ``variant`` on the suite's tiny ViT."""
+    import collections
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from benchmarks import _suite as suite
+    counts = {"fw": collections.Counter(), "bw": collections.Counter(),
+              "graphs": collections.Counter()}
+
+    def counting(kind):
+        def compiler(gm, example_inputs):
+            counts["graphs"][kind] += 1
+            counts[kind].update(str(n.target) for n in gm.graph.nodes
+                                if n.op == "call_function")
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=counting("fw"),
+                                     bw_compiler=counting("bw"))
+
+    torch.manual_seed(0)
+    model = suite.create_vit("tiny")
+    module, _ = suite.build_variant(variant, model)
+    torch._dynamo.reset()
+    try:
+        x = torch.randn(2, 3, *model.patch_embed.img_size)
+        torch.compile(module, backend=backend, dynamic=False)(x).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    return counts
+
+
+def test_compiled_autograd_step_is_the_compiled_peer_with_its_drop_swapped():
+    """The library's GPU-fast path (autograd mode under torch.compile) does the plain-PyTorch
+    peer's work and nothing more: the same matmuls, attention, LayerNorms and GELUs, forward and
+    backward, one graph each; the peer's CLS-row drop composite is replaced by the drop op and
+    its backward, and no other op (a cast, copy or clone) is called more often. An added copy in
+    the block body, or a recompute, fails it."""
+    peer, lib = _aten_counts("peer_bsr"), _aten_counts("bsr_autograd")
+    assert peer["graphs"] == lib["graphs"] == {"fw": 1, "bw": 1}
+    work = ("aten.addmm.default", "aten.mm.default", "aten.native_layer_norm.default",
+            "aten.native_layer_norm_backward.default", "aten.gelu.default",
+            "aten.gelu_backward.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
+            "aten._scaled_dot_product_flash_attention_for_cpu_backward.default")
+    assert peer["fw"]["aten.topk.default"] == 3 and peer["bw"]["aten.gelu_backward.default"] == 9
+    for kind in ("fw", "bw"):
+        for op in work:
+            assert lib[kind][op] == peer[kind][op], (kind, op)
+        assert peer[kind]["aten.addmm.default"] + peer[kind]["aten.mm.default"] > 0, kind
+        # getitem: the drop op's tuple outputs
+        more = {op: (n, peer[kind][op]) for op, n in lib[kind].items()
+                if n > peer[kind][op] and op != "<built-in function getitem>"}
+        drop = "bsr_kernels.drop_tokens.default" if kind == "fw" else \
+            "bsr_kernels.drop_tokens_backward.default"
+        assert more == {drop: (3, 0)}, (kind, more)
+
+
+@pytest.mark.parametrize("mode,recomputed", [("fast", 0), ("lean", 21)])
+def test_compiled_fast_and_lean_recompute_what_their_policy_says(mode, recomputed):
+    """Compiled fast and lean (selective checkpointing): autograd mode's forward work, one graph
+    each way, and a backward that does autograd mode's backward work plus the recomputes of
+    their policy (bsr_kernels.backward), on the tiny ViT (blocks 3-11 run backward; 3, 7, 11
+    trained): attention forward in all 9; fast no projection; lean qkv, proj and fc1 of the 6
+    frozen blocks and proj of the 3 trained ones (21). The partitioner may also recompute the
+    last block's fc2, whose output the final LayerNorm's backward needs, from tensors saved
+    anyway (fast: 1 matmul with this torch), rather than save it: one more at most."""
+    ref, got = _aten_counts("bsr_autograd"), _aten_counts(f"bsr_{mode}")
+    assert got["graphs"] == {"fw": 1, "bw": 1}
+    mm, sdpa = "aten.addmm.default", "aten._scaled_dot_product_flash_attention_for_cpu.default"
+    for op in (mm, sdpa, "aten.native_layer_norm.default", "aten.gelu.default"):
+        assert got["fw"][op] == ref["fw"][op] > 0, op
+    assert got["fw"]["aten.mm.default"] == ref["fw"]["aten.mm.default"]
+    for op in ("aten.mm.default", sdpa.replace(".default", "_backward.default"),
+               "aten.native_layer_norm_backward.default", "aten.gelu_backward.default"):
+        assert got["bw"][op] == ref["bw"][op] > 0, op
+    assert ref["bw"][mm] == ref["bw"][sdpa] == 0
+    assert got["bw"][sdpa] == 9
+    assert recomputed <= got["bw"][mm] <= recomputed + 1
