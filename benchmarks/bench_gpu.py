@@ -788,14 +788,20 @@ def part_check(cuda: bool, device: str) -> dict:
 
 
 def part_sweep(cuda: bool, device: str) -> dict:
-    """Forward time of the op over a grid of launch settings (programs per SM, warps)."""
+    """Forward time of the op over a grid of launch settings (programs per SM, warps), and the
+    selection's other digit widths (``select_radix_bits`` of 1, 2, 4 other than the table's) at
+    the table's gather settings."""
     if not cuda:
         return {}
     from bsr_kernels.ops import triton_backend as tb
     g = torch.Generator(device=device).manual_seed(2)
     base = dict(tb.LAUNCH)
-    grid = [dict(programs_per_sm=pps, num_warps=w, select_warps=sw)
+    radix = base["select_radix_bits"]
+    grid = [dict(programs_per_sm=pps, num_warps=w, select_warps=sw, select_radix_bits=radix)
             for pps in (4, 8, 16) for w in (4, 8) for sw in (1, 4, 8)]
+    grid += [dict(programs_per_sm=base["programs_per_sm"], num_warps=base["num_warps"],
+                  select_warps=sw, select_radix_bits=r)
+             for r in (1, 2, 4) if r != radix for sw in (4, 8)]
     out = {}
     for label, b, h, n, d in [s for s in OP_SHAPES if s[0] != "ViT-S B=256"]:
         sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
@@ -813,7 +819,8 @@ def part_sweep(cuda: bool, device: str) -> dict:
                 tb.LAUNCH.update(base)
         res.sort(key=lambda r: r[0])
         out[label] = {"best": res[0], "all": res, "default": [r for r in res if all(
-            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "select_warps"))][:1]}
+            r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "select_warps",
+                                             "select_radix_bits"))][:1]}
         WORKER.put(label, out[label])
         log("sweep", label, "best", res[0])
     return out
@@ -1365,8 +1372,10 @@ def summarize(results: dict) -> str:
              if isinstance(v, dict) and v.get("best")}
     if sweep:
         def launch(r):
+            digits = r[1].get("select_radix_bits")   # not swept before 2026-11-28
             return (f"{r[0] * 1e3:.1f} ({r[1]['programs_per_sm']} per SM, {r[1]['num_warps']} "
-                    f"warps, selection {r[1]['select_warps']})")
+                    f"warps, selection {r[1]['select_warps']}"
+                    f"{f', {digits}-bit digits' if digits else ''})")
         lines += ["## launch sweep (forward, CUDA-graph replay, µs)", "",
                   "| shape | the table's launch | fastest |", "|---|---|---|"]
         lines += [f"| {k} | {launch(v['default'][0]) if v.get('default') else '—'} | "

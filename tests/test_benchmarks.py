@@ -1801,13 +1801,19 @@ def test_summary_has_the_launch_sweep():
     """``results.md`` shows the sweep's launch-table row and its fastest launch per shape."""
     from benchmarks.bench_gpu import summarize
 
-    def row(ms, pps, w, sw):
-        return [ms, {"programs_per_sm": pps, "num_warps": w, "select_warps": sw}]
+    def row(ms, pps, w, sw, **radix):
+        return [ms, {"programs_per_sm": pps, "num_warps": w, "select_warps": sw, **radix}]
     sweep = {"ViT-B B=128": {"best": row(0.0662, 8, 4, 4), "default": [row(0.0822, 4, 4, 1)],
-                             "all": []}, "stop": "at the deadline"}
+                             "all": []},
+             "ViT-B B=8": {"best": row(0.0201, 8, 4, 4, select_radix_bits=4),
+                           "default": [row(0.0277, 8, 4, 4, select_radix_bits=1)], "all": []},
+             "stop": "at the deadline"}
     md = summarize({"env": {"device": "GPU"}, "parts": {"sweep": sweep}})
+    # a sweep from before the digit width was swept, and one after
     assert ("| ViT-B B=128 | 82.2 (4 per SM, 4 warps, selection 1) | 66.2 (8 per SM, 4 warps, "
             "selection 4) |") in md
+    assert ("| ViT-B B=8 | 27.7 (8 per SM, 4 warps, selection 4, 1-bit digits) | 20.1 (8 per "
+            "SM, 4 warps, selection 4, 4-bit digits) |") in md
 
 
 def test_fwd_bwd_ratio_from_graph_replays_where_both_were_captured():

@@ -7,6 +7,8 @@ definition in :mod:`bsr_kernels.ops.reference`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -46,6 +48,14 @@ def small_tiles(monkeypatch):
     """Tiny block sizes, so that every loop of every kernel runs over several tiles."""
     for key, value in dict(tile_elems=32, max_block_c=4, max_block_m=4, rank_block=4).items():
         monkeypatch.setitem(tb.LAUNCH, key, value)
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda r: f"radix{r}")
+def radix(request, monkeypatch):
+    """Each digit width of the selection's threshold search (``select_radix_bits``, a launch
+    setting the GPU sweep measures), which must select the same tokens."""
+    monkeypatch.setitem(tb.LAUNCH, "select_radix_bits", request.param)
+    return request.param
 
 
 def _inputs(b, h, n, d, c, device, dtype, seed=0, spread=1.0):
@@ -163,6 +173,25 @@ def test_forced_triton_without_interpreter_raises_on_cpu(monkeypatch):
         bsr_kernels.drop_tokens(x, q, k, 0.5)
 
 
+@contextlib.contextmanager
+def _launch(**settings):
+    """``tb.LAUNCH`` with ``settings`` for the block, restored after."""
+    saved = dict(tb.LAUNCH)
+    tb.LAUNCH.update(settings)
+    try:
+        yield
+    finally:
+        tb.LAUNCH.clear()
+        tb.LAUNCH.update(saved)
+
+
+def test_select_radix_bits_outside_the_choices_is_a_value_error():
+    for bad in (0, 3, 8, "4"):
+        with _launch(select_radix_bits=bad), \
+                pytest.raises(ValueError, match=r"LAUNCH\['select_radix_bits'\]"):
+            tb.select_blocks(196, torch.float32)
+
+
 def _compile_for_sm90(name, pointers, constexprs, num_warps):
     """Compiles one kernel to a cubin for an H100 (sm_90) with triton's bundled ptxas; no GPU."""
     import inspect
@@ -228,6 +257,16 @@ def test_kernels_compile_for_gpu():
             if select and warps == 1:  # the counting passes need no block barrier: only the
                 # one that orders the key workspace (tl.debug_barrier) is left
                 assert kernel.asm["ptx"].count("bar.sync") == 1
+        for radix, m in ((2, 196), (4, 196), (4, 576)):   # the sweep's other digit widths
+            with _launch(select_radix_bits=radix):
+                kernel = _compile_for_sm90(
+                    "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
+                                          scores_ptr=f"*{acc}", kept_ptr="*i32",
+                                          slot_ws_ptr="*i32",
+                                          key_ws_ptr="*i64" if acc == "fp64" else "*i32"),
+                    dict(ACC=tb._acc(cd), DO_SELECT=True, REPLAY=False,
+                         **tb.select_blocks(m, cd)), sw)
+            assert "cubin" in kernel.asm
         for fuse in (True, False):
             blocks = tb.gather_blocks(128, 197, 768, 132)
             kernel = _compile_for_sm90(
@@ -282,7 +321,7 @@ def test_forward_matches_reference(case, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_many_tiles(dtype, device, small_tiles):
+def test_forward_many_tiles(dtype, device, small_tiles, radix):
     """Every loop runs over several tiles: logits, scores, ranks (with the cumsum carry), copies."""
     x, q, k = _inputs(2, 2, 31, 8, 10, device, dtype, seed=3)
     _check_forward(x, q, k, 5, 11, True, dtype, scale=0.7)
@@ -303,7 +342,7 @@ def test_replay_many_tiles(device, small_tiles, fuse):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_forward_large_shapes(device):
+def test_forward_large_shapes(device, radix):
     """N = 577 (ViT at 384 px) and C = 1024 with the default tiles."""
     x, q, k = _inputs(1, 2, 577, 8, 16, device, torch.float32, seed=11, spread=3.0)
     _check_forward(x, q, k, 1, num_kept(0.5, 576), True, torch.float32)
@@ -341,7 +380,7 @@ def test_strided_nan_padded_inputs(dtype, device):
 
 
 @pytest.mark.parametrize("p", [1, 5])
-def test_exact_ties_go_to_lower_positions(p, device):
+def test_exact_ties_go_to_lower_positions(p, device, radix):
     dtype = torch.float32
     b, h, n, d, c = 3, 2, 16, 4, 5
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=21)
@@ -359,7 +398,7 @@ def test_exact_ties_go_to_lower_positions(p, device):
         assert torch.equal(s2[:, 0], s2[:, 1]), "pairs should tie exactly"
 
 
-def test_nan_ranks_lowest(device):
+def test_nan_ranks_lowest(device, radix):
     dtype = torch.float32
     b, h, n, d, c, p, n_keep = 3, 2, 13, 4, 6, 1, 5
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=8)
@@ -372,7 +411,7 @@ def test_nan_ranks_lowest(device):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
-def test_nan_scores_rank_below_real_ones(device):
+def test_nan_scores_rank_below_real_ones(device, radix):
     """+inf keys make single NaN scores among real ones (torch.logsumexp gives +inf, then
     exp(inf - inf) = NaN): those candidates rank lowest, tied among themselves by position."""
     dtype = torch.float64

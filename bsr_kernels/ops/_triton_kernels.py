@@ -96,22 +96,29 @@ def select_kernel(
         H, N, P, n_keep,
         ACC: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr, KEY_MIN: tl.constexpr,
         KEY_FLIP: tl.constexpr, DO_SELECT: tl.constexpr, REPLAY: tl.constexpr,
-        BLOCK_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, RADIX_BITS: tl.constexpr, RADIX_BINS: tl.constexpr):
     """Pass 2 of the forward, one batch element per program; grid (B,).
 
     1. ``scores[j] = mean_h exp(logit[h, P + j] - lse[h])`` for the M = N - P candidates.
     2. With DO_SELECT, the exact selection rule without sorting: each score becomes an integer
        key of the same order (NaN -> -inf, -0.0 -> +0.0, IEEE bits with the magnitude bits
-       flipped for negatives; kept in ``key_ws``), the n_keep-th largest key T is found bit by
-       bit from the top (KEY_BITS counting passes over the M keys: T is the largest value with
-       #{key >= T} >= n_keep), then every key > T is kept, and of the keys == T the lowest
-       positions fill the remaining places. ``kept`` (B, n_keep) gets the kept positions in
-       ascending order and ``slot_ws`` (B, M) each candidate's output slot (-1 when dropped).
+       flipped for negatives; kept in ``key_ws``), the n_keep-th largest key T is found digit by
+       digit from the top, RADIX_BITS bits a digit (T is the largest value with
+       #{key >= T} >= n_keep): KEY_BITS / RADIX_BITS counting passes over the M keys, each
+       counting the keys at or above all RADIX_BINS values of the next digit at once; the
+       largest digit whose count reaches n_keep is T's (the counts fall as the digit rises, and
+       digit 0's reaches n_keep by construction). The top digit holds the sign bit: its values
+       rank in the order of its top bit flipped. Then every key > T is kept, and of the keys
+       == T the lowest positions fill the remaining places. ``kept`` (B, n_keep) gets the
+       kept positions in ascending order and ``slot_ws`` (B, M) each candidate's output slot
+       (-1 when dropped).
     3. With REPLAY instead, ``kept`` is given (a recorded selection: distinct positions, in any
        order): ``slot_ws`` gets slot s at position kept[s] and -1 elsewhere. An entry outside
        [0, M) writes nothing (its output row is then left unwritten, never memory out of
        bounds).
-    Work is O(KEY_BITS * M) per batch element, against O(M^2) for pairwise ranks. The keys of the
+    Work is O(KEY_BITS / RADIX_BITS * RADIX_BINS * M) per batch element, against O(M^2) for
+    pairwise ranks; the counting passes are dependent block-wide sums, so RADIX_BITS trades
+    their number (the latency) against the compares of each. The keys of the
     first tile (all of them when M <= BLOCK_M, the ViT shapes) stay in registers (``key0``): the
     counting passes then make no memory round trip; later tiles are read back from ``key_ws``.
     """
@@ -149,19 +156,24 @@ def select_kernel(
                      mask=smask & (kv >= 0) & (kv < M))
     if DO_SELECT:
         tl.debug_barrier()
-        # the sign first (are at least n_keep keys >= 0?), then the lower bits one by one
-        thr = tl.full([], KEY_MIN, KEY)
-        one = tl.full([], 1, KEY)
-        for i in range(0, KEY_BITS):
-            trial = tl.where(i == 0, tl.full([], 0, KEY), thr | (one << (KEY_BITS - 1 - i)))
-            cnt = tl.full([], 0, tl.int32)
+        # digit by digit from the top; the top digit's values rank with its top (sign) bit
+        # flipped: as KEY_MIN (sign set, all else clear) is the smallest key
+        digits = tl.arange(0, RADIX_BINS).to(KEY)
+        thr = tl.full([], 0, KEY)
+        for i in range(0, KEY_BITS // RADIX_BITS):
+            shift = tl.full([], KEY_BITS - RADIX_BITS * (i + 1), KEY)
+            flip = tl.where(i == 0, tl.full([], RADIX_BINS // 2, KEY), tl.full([], 0, KEY))
+            trial = thr | ((digits ^ flip) << shift)          # rising with the digit
+            cnt = tl.full([RADIX_BINS], 0, tl.int32)
             for j0 in range(0, M, BLOCK_M):
                 offs_j = j0 + tl.arange(0, BLOCK_M)
                 jmask = offs_j < M
                 key = tl.where(j0 == 0, key0, tl.load(key_ws_ptr + b * M + offs_j,
                                                       mask=jmask & (j0 > 0), other=KEY_MIN))
-                cnt += tl.reduce(((key >= trial) & jmask).to(tl.int32), 0, _SUM)
-            thr = tl.where(cnt >= n_keep, trial, thr)
+                at_least = (key[:, None] >= trial[None, :]) & jmask[:, None]
+                cnt += tl.reduce(at_least.to(tl.int32), 0, _SUM)
+            best = tl.reduce((cnt >= n_keep).to(tl.int32), 0, _SUM) - 1
+            thr = thr | ((best.to(KEY) ^ flip) << shift)
         # keys above the threshold, then the lowest positions among the keys equal to it
         above = tl.full([], 0, tl.int32)
         for j0 in range(0, M, BLOCK_M):

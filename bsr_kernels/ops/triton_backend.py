@@ -12,10 +12,12 @@ recorded rows in place of the selection, and 3):
    workspace: 4 bytes per key row against K's 128 (bf16, head dim 64), written here and read
    back by pass 2, so about 6 % over K's traffic (2.4 MB of the 97 MB at ViT-B B=128).
 2. ``select_kernel``, grid (B,): head-mean probabilities of the candidates, then the exact
-   selection without a sort: the n_keep-th largest score is found bit by bit on an integer key
-   of the same order (32 counting passes for fp32, 64 for fp64, each over the M scores in L1),
-   ties to the lower position by a prefix count. O(32 M) instead of O(M^2) pairwise ranks. Writes
-   ``kept`` and each candidate's output slot.
+   selection without a sort: the n_keep-th largest score is found digit by digit on an integer
+   key of the same order (``select_radix_bits`` bits a digit: 32 / bits counting passes for
+   fp32, 64 / bits for fp64, each over the M scores in L1, counting the keys at or above every
+   value of the digit at once), ties to the lower position by a prefix count. O(32 M) compares
+   for 1-bit digits instead of O(M^2) pairwise ranks. Writes ``kept`` and each candidate's
+   output slot.
 3. ``gather_kernel``, grid (B, cdiv(C, BLOCK_C)): copies the prefix and kept rows to their slots
    and sums the dropped rows, weighted by their scores, into the fused row. Reads each x element
    once; without a fused token dropped rows are never read.
@@ -40,6 +42,17 @@ to 66 us (pass 3 at 64-channel tiles); at the other shapes the narrowest tile is
 reached and 4 or 8 measure alike. Gather warps 4 beat 8 except at B=8 (27.6 against 26.9 us).
 Called eagerly, the three launches and the op's dispatch add host-side time of the same order;
 inside a captured or compiled step it vanishes.
+
+The selection's passes are dependent block-wide sums, so its latency grows with their number,
+which ``select_radix_bits`` divides: 2 or 4 bits a digit make 16 or 8 passes for fp32 instead of
+32, each counting 4 or 16 candidate thresholds at once (more compares, one reduction each).
+Why it may pay, from the figures above (an estimate, not a measurement): at B=8, where the op
+moves about 6 MB, the forward takes 27.7 us, nearly all launch and latency, and the selection's
+warps alone moved it by 8 us; the selection's grid is one wave of B programs up to B=132, so
+its latency is no smaller at B=128 (65 us, 50 % of the copy bound). The table keeps 1 bit,
+as measured, until the sweep (which now also tries 2 and 4 bits) has timed the others on a
+GPU. Compiled for sm_90 without a GPU (``ptxas -v``), 4 bits need 40 registers at M=196 and 80
+at M=576 (4 warps), without spills; 8 bits spill at M=576 and are refused.
 
 Backward: ``rows_bwd_kernel`` (grid (B, row tiles)) scatters grad_out back, adds the fusion-weight
 rows and computes the score gradient ``<g_fused, x_j>`` of the dropped tokens; ``drop_backward``
@@ -109,7 +122,7 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 #: docstring).
 LAUNCH = {"num_warps": 4, "tile_elems": 4096, "max_block_c": 256, "min_block_c": 32,
           "max_block_m": 1024, "programs_per_sm": 8, "num_stages": 3, "rank_block": 64,
-          "select_warps": 4}
+          "select_warps": 4, "select_radix_bits": 1}
 
 #: Selection keys per compute dtype: (int dtype, bits, most negative value, magnitude-bit mask).
 _KEYS = {torch.float32: ("int32", 32, -(2 ** 31), 2 ** 31 - 1),
@@ -199,8 +212,13 @@ def logits_blocks(d: int) -> dict:
 def select_blocks(m: int, cd: torch.dtype) -> dict:
     """Constants of :func:`select_kernel` for M candidates and compute dtype ``cd``."""
     key, bits, kmin, flip = _KEYS[cd]
+    radix = LAUNCH["select_radix_bits"]
+    if radix not in (1, 2, 4) or not isinstance(radix, int):
+        # 8 bits spill registers at N=577 (4 warps): 11.7 KB of spill stores for sm_90
+        raise ValueError(f"LAUNCH['select_radix_bits'] must be 1, 2 or 4, got {radix!r}")
     return dict(KEY=getattr(tl, key), KEY_BITS=bits, KEY_MIN=kmin, KEY_FLIP=flip,
-                BLOCK_M=min(_p2(m), LAUNCH["max_block_m"]))
+                BLOCK_M=min(_p2(m), LAUNCH["max_block_m"]), RADIX_BITS=radix,
+                RADIX_BINS=1 << radix)
 
 
 def gather_blocks(b: int, n: int, c: int, sm_count: int) -> dict:
