@@ -36,7 +36,9 @@ the summary tables last.
 Parts (``--parts``, default all, in this order):
 
 * ``check``: the Triton forward, replay and backward against the float64 reference on edge and
-  ViT shapes in fp32 / bf16 / fp16 (poisoned outputs, fresh random inputs, run twice).
+  ViT shapes in fp32 / bf16 / fp16 (poisoned outputs, fresh random inputs, run twice); and the
+  selection at the digit widths the sweep tries (``select_radix_bits``), which must keep the
+  table's tokens (one image's scores all tied).
 * ``op``: forward and fwd+bwd of the drop at ViT shapes: the library op, the eager composite
   (N x N probabilities) and the CLS-row composite (plain PyTorch); a device-to-device copy
   measured in the same run gives the bandwidth bound. Inputs rotate over several sets so L2 does
@@ -781,6 +783,29 @@ def part_check(cuda: bool, device: str) -> dict:
                 WORKER.put("cases", rows)
                 if not ok:
                     failures.append(row)
+    # the sweep's other digit widths of the selection keep the same tokens (batch 0 all tied)
+    from bsr_kernels.ops import triton_backend
+    table = dict(triton_backend.LAUNCH)
+    for (b, h, n, d, c, p, nk) in shapes:
+        dt = dtypes[-1]
+        x, q, k, _, _ = make_inputs(b, n, h, h * d, dt, device, generator=g)
+        q[0, :, 0] = 0
+        want = tb.drop_forward(x, q, k, d ** -0.5, p, nk, True)[1]
+        for radix in (1, 2, 4):
+            if radix == table["select_radix_bits"]:
+                continue
+            triton_backend.LAUNCH["select_radix_bits"] = radix
+            try:
+                same = bool(torch.equal(tb.drop_forward(x, q, k, d ** -0.5, p, nk, True)[1],
+                                        want))
+            finally:
+                triton_backend.LAUNCH.update(table)
+            row = dict(shape=(b, h, n, d, c, p, nk), dtype=str(dt), select_radix_bits=radix,
+                       same_kept_as_table=same, ok=same)
+            rows.append(row)
+            WORKER.put("cases", rows)
+            if not same:
+                failures.append(row)
     log(f"check: {len(rows)} cases, {len(failures)} failures")
     for f in failures:
         log("  FAIL", f)

@@ -795,7 +795,9 @@ def test_bench_gpu_survives_a_hung_compile(tmp_path):
     assert list(seconds) == ["check", "step", "profile", "op-compiled"], seconds
     assert all(0 < s < 300 for s in seconds.values()), seconds
     check = parts["check"]
-    assert check["failures"] == 0 and len(check["cases"]) == 6, check
+    # 3 smoke shapes x fused or not, then x the selection's 2 other digit widths
+    assert check["failures"] == 0 and len(check["cases"]) == 6 + 6, check
+    assert sum("select_radix_bits" in c for c in check["cases"]) == 6, check
     op = parts["op-compiled"]
     assert [h["while"] for h in op["hangs"]] == ["compile pool probe",
                                                  "compile(CLS-row composite)"]
