@@ -432,6 +432,54 @@ def test_a_model_that_cannot_build_is_not_called_a_download_failure(monkeypatch)
     assert "hub weights" not in str(e.value)
 
 
+def _local_dir(path, num_classes=10):
+    """A folder as timm's ``save_for_hf`` writes it (config.json, model.safetensors) of a small
+    random-init ViT; returns the model."""
+    import timm
+    from timm.models import save_for_hf
+
+    arch = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    torch.manual_seed(3)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **arch)
+    save_for_hf(model, path, model_config={"model_args": arch}, safe_serialization=True)
+    return model
+
+
+def test_local_dir_model_trains_from_its_folder(tmp_path, capsys):
+    """``--model local-dir:PATH --pretrained`` (timm's source prefix, no network): the folder's
+    architecture, input size and weights; the frozen blocks end as they were saved, the new
+    5-class head replaces its 10-class one, and the summary names the folder."""
+    saved = _local_dir(tmp_path / "vit")
+    out = tmp_path / "o"
+    rc, log, err = _run(["--model", f"local-dir:{tmp_path / 'vit'}", "--pretrained",
+                         "--method", "bsr", *TINY, "--out", out], capsys)
+    assert rc == 0, err
+    assert f"local folder {tmp_path / 'vit'}" in log and "32 px" in log
+    assert "its weights have a 10-class head" in err and "no --pretrained" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"] == f"local folder {tmp_path / 'vit'}" and summary["img_size"] == 32
+    trained = torch.load(out / "bsr" / "checkpoint.pt", weights_only=True)["model"]
+    start = saved.state_dict()
+    frozen = [n for n in start if n.startswith("blocks.1.")]   # trained at depth 4: 0, 2, 3
+    assert frozen and all(torch.equal(trained[n], start[n]) for n in frozen)
+    assert trained["head.weight"].shape == (5, 48) and start["head.weight"].shape == (10, 48)
+
+
+def test_source_prefixed_model_names_are_checked_before_anything_runs(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A local-dir: folder without config.json, an unknown prefix, a hub repo or folder given
+    without its prefix, and an hf-hub: repo offline: exit 2, naming --model, nothing written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    for name, says in [(f"local-dir:{tmp_path / 'empty'}", "holds no config.json"),
+                       ("foo:bar", "Unknown model source"),
+                       ("timm/vit_tiny_patch16_224", "hf-hub:timm/vit_tiny_patch16_224"),
+                       ("hf-hub:nobody/no_such_vit_xyz", "could not fetch its config.json")]:
+        rc, _, err = _run(["--model", name, *TINY, "--out", tmp_path / "o"], capsys)
+        assert rc == 2 and f"--model {name}" in err and says in err, (name, err)
+        assert not (tmp_path / "o").exists()
+
+
 def test_any_timm_vit_by_name(tmp_path, capsys):
     """A timm ViT name (random init here: no hub offline) at another input size."""
     rc, out, err = _run(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--method",

@@ -136,9 +136,12 @@ def add_model_options(g) -> None:
     """The options that choose the model and its starting weights (both modes of bsr-finetune):
     --model, --pretrained, --checkpoint, --img-size."""
     g.add_argument("--model", default=DIGITS_MODEL,
-                   help=f"timm ViT name, or {DIGITS_MODEL} (the shipped digits 0-4 model)")
+                   help=f"timm ViT name, or {DIGITS_MODEL} (the shipped digits 0-4 model); as in "
+                        "timm, hf-hub:ORG/REPO (a Hugging Face hub repo) or local-dir:PATH (a "
+                        "folder with timm's config.json and weights)")
     g.add_argument("--pretrained", action="store_true",
-                   help="start from timm hub weights (needs a network)")
+                   help="start from the model's own weights: timm hub weights (needs a network "
+                        "or the hub cache), or a local-dir: folder's")
     g.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="start from a local checkpoint (safetensors, timm or bsr-finetune)")
     g.add_argument("--img-size", type=_positive_int, default=None,

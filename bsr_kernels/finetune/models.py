@@ -3,7 +3,11 @@
 ``--model bsr_digits_vit`` (the default) is a small 12-block timm ``VisionTransformer`` that
 :mod:`bsr_kernels.finetune.pretrain_source` pre-trained on digits 0-4; its weights ship in
 ``assets/`` as safetensors with a JSON config. Any other name is a timm model name, which must
-build a ``VisionTransformer``.
+build a ``VisionTransformer``: a registry name (``vit_small_patch16_224``, with a pretrained tag
+``.augreg_in21k`` if wanted) or, as timm's ``train.py`` takes them, a name with a source
+prefix: ``hf-hub:org/repo`` (a Hugging Face hub repo: its config.json, and with ``--pretrained``
+its weights) or ``local-dir:/path`` (a folder with timm's config.json and weights, as
+``timm.models.save_for_hf`` writes it: no network).
 """
 from __future__ import annotations
 
@@ -98,16 +102,73 @@ def create_digits_vit(num_classes: int, img_size: Optional[int] = None,
     return VisionTransformer(num_classes=num_classes, **arch)
 
 
+def model_source(name: str) -> Optional[tuple[str, str]]:
+    """``(source, id)`` of a timm model name with a source prefix (``("hf-hub", "org/repo")``,
+    ``("local-dir", "/path")``), None for a registry name (or the digits model).
+
+    Raises:
+        ValueError: naming ``--model``, for a prefix timm does not know.
+    """
+    from timm.models import parse_model_name
+
+    if name == DIGITS_MODEL or ":" not in name:
+        return None
+    try:
+        source, model_id = parse_model_name(name)
+    except (ValueError, AssertionError) as e:   # older timm asserts on an unknown scheme
+        raise ValueError(f"--model {name}: {e}" if str(e) else f"--model {name}: an unknown "
+                         "source prefix (timm takes hf-hub: and local-dir:)") from e
+    return (source, model_id) if source else None
+
+
+def _needs_hub(name: str, pretrained: bool) -> bool:
+    """Whether building ``name`` reads the Hugging Face hub: registry weights
+    (``pretrained``), or an ``hf-hub:`` model's config even without its weights."""
+    source = model_source(name)
+    return source[0] == "hf-hub" if source is not None else pretrained
+
+
+def _offline(name: str, pretrained: bool) -> bool:
+    """Whether building ``name`` reads the hub (:func:`_needs_hub`) and the hub is out of reach
+    (``HF_HUB_OFFLINE=1``, or no answer within a few seconds: :func:`hub_reachable`)."""
+    return _needs_hub(name, pretrained) and (_hub_offline() or not hub_reachable())
+
+
+def _create_timm(name: str, pretrained: bool = False, offline: Optional[bool] = None,
+                 **kwargs) -> nn.Module:
+    """``timm.create_model``; with the hub out of reach (``offline``, default
+    :func:`_offline`) from huggingface_hub's local cache only: offline, its client would
+    retry for about a minute before failing."""
+    import timm
+
+    if offline is None:
+        offline = _offline(name, pretrained)
+    with _offline_hub() if offline else contextlib.nullcontext():
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
 def check_model_name(name: str) -> None:
-    """Raises ValueError naming ``--model`` when ``name`` is neither the digits ViT nor timm's."""
+    """Raises ValueError naming ``--model`` when ``name`` is neither the digits ViT nor timm's
+    (a registry name, or one with a source prefix; a ``local-dir:`` folder must hold a
+    config.json)."""
     import timm
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"--model must be a model name, got {name!r}")
     if name == DIGITS_MODEL or timm.is_model(name):
         return
-    close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5] if len(name) > 2 else []
-    hint = f" (close: {', '.join(close)})" if close else ""
+    source = model_source(name)
+    if source is not None:
+        if source[0] == "local-dir" and not (Path(source[1]) / "config.json").is_file():
+            raise ValueError(f"--model {name}: {source[1]} holds no config.json (a local-dir: "
+                             "model is a folder with timm's config.json and weights, as "
+                             "timm.models.save_for_hf writes it)")
+        return
+    if "/" in name or "\\" in name:   # a hub repo or a folder, without timm's prefix
+        hint = f" (a hub repo is hf-hub:{name}, a folder local-dir:{name})"
+    else:
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5] if len(name) > 2 else []
+        hint = f" (close: {', '.join(close)})" if close else ""
     raise ValueError(f"--model {name}: unknown model; use {DIGITS_MODEL} or a timm ViT name such "
                      f"as vit_small_patch16_224 or deit_tiny_patch16_224{hint}")
 
@@ -266,8 +327,11 @@ def model_data_config(name: str, img_size: Optional[int] = None) -> dict:
                 "crop_mode": "center"}
     import timm
     from timm.data import resolve_data_config
-    pcfg = timm.get_pretrained_cfg(name)
-    out = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    if model_source(name) is not None:   # the source's config.json: build on the meta device
+        out = resolve_data_config({}, model=_meta_model(name))
+    else:
+        pcfg = timm.get_pretrained_cfg(name)
+        out = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
     side = img_size or int(out["input_size"][-1])
     out["input_size"] = (3, side, side)
     out["mean"], out["std"] = tuple(out["mean"]), tuple(out["std"])
@@ -282,11 +346,27 @@ def model_patch_size(name: str) -> Optional[tuple]:
     if name == DIGITS_MODEL:
         side = int(digits_vit_config()["arch"]["patch_size"])
         return (side, side)
-    import timm
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = getattr(getattr(_meta_model(name), "patch_embed", None), "patch_size", None)
     return None if patch is None else tuple(int(p) for p in patch)
+
+
+def _meta_model(name: str) -> nn.Module:
+    """Timm model ``name`` without weights, on the meta device (no memory, well under a second;
+    an ``hf-hub:`` model reads its config.json from the hub, or offline from the cache).
+
+    Raises:
+        WeightsUnavailableError: an ``hf-hub:`` model whose config cannot be fetched.
+    """
+    try:
+        with torch.device("meta"):
+            return _create_timm(name, pretrained=False)
+    except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+        if not _needs_hub(name, False):
+            raise
+        raise WeightsUnavailableError(
+            f"--model {name}: could not fetch its config.json from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:300]}). Offline, use a local-dir: folder or a "
+            "registry name with --checkpoint") from e
 
 
 def model_input_config(name: str, img_size: Optional[int] = None
@@ -311,8 +391,9 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         name: :data:`DIGITS_MODEL` or a timm ViT name.
         num_classes: outputs of the new classifier head.
         img_size: input side; default the model's own.
-        pretrained: timm hub weights (online only); the digits model always starts from its
-            shipped weights unless ``checkpoint`` is given.
+        pretrained: the name's own weights: timm hub weights (online, or from the hub
+            cache), a ``local-dir:`` folder's (no network); the digits model always starts
+            from its shipped weights unless ``checkpoint`` is given.
         checkpoint: a local checkpoint file to start from.
 
     Returns:
@@ -342,40 +423,48 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         kwargs = {"num_classes": num_classes}
         if img_size is not None:
             kwargs["img_size"] = img_size
-        hub = pretrained and checkpoint is None
-        # Offline, the hub client retries for about a minute before failing: find out in a
-        # few seconds, and then use the local cache only (cached weights still load).
-        offline = hub and (_hub_offline() or not hub_reachable())
+        hub = pretrained and checkpoint is None   # "hub": the name's own weights, wherever
+        source = model_source(name)
+        local = source is not None and source[0] == "local-dir"
+        offline = _offline(name, hub)
         try:
-            with _offline_hub() if offline else contextlib.nullcontext():
-                model = timm.create_model(name, pretrained=hub, **kwargs)
+            model = _create_timm(name, pretrained=hub, offline=offline, **kwargs)
         except TypeError as e:
             raise ValueError(f"--model {name}: cannot build it with {kwargs} ({e}); it is "
                              "probably not a ViT") from e
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-            if pretrained:
-                try:   # the model itself, without weights (meta device: no memory, no time)
-                    with torch.device("meta"):
-                        timm.create_model(name, pretrained=False, **kwargs)
-                except Exception as build:  # noqa: BLE001
-                    raise ValueError(f"--model {name}: cannot build it with {kwargs} "
-                                     f"({type(build).__name__}: {build})") from build
-                where = ("the Hugging Face hub is not reachable and the weights are not in the "
-                         "local cache" if offline else "the download failed")
+            if local:
+                raise ValueError(f"--model {name}: cannot build it from {source[1]} "
+                                 f"({type(e).__name__}: {str(e)[:300]})") from e
+            if _needs_hub(name, hub):
+                if source is None:   # a registry model: is it the model or its weights?
+                    try:   # the model itself, without weights (meta device: no memory, no time)
+                        with torch.device("meta"):
+                            timm.create_model(name, pretrained=False, **kwargs)
+                    except Exception as build:  # noqa: BLE001
+                        raise ValueError(f"--model {name}: cannot build it with {kwargs} "
+                                         f"({type(build).__name__}: {build})") from build
+                where = ("the Hugging Face hub is not reachable and they are not in the local "
+                         "cache" if offline else "the download failed")
+                what = (f"--pretrained: could not fetch the hub weights of {name}" if hub
+                        else f"--model {name}: could not fetch its config.json from the hub")
                 raise WeightsUnavailableError(
-                    f"--pretrained: could not fetch the hub weights of {name}: {where} "
+                    f"{what}: {where} "
                     f"({type(e).__name__}: {str(e)[:300]}). Offline, pass a local file with "
-                    "--checkpoint, or download the weights once online (they are cached) and "
-                    "set HF_HUB_OFFLINE=1 to use the cache without network retries") from e
+                    "--checkpoint or a local-dir: folder, or download once online (the hub "
+                    "files are cached) and set HF_HUB_OFFLINE=1 to use the cache without "
+                    "network retries") from e
             raise
         if not isinstance(model, VisionTransformer):
             raise ValueError(f"--model {name}: a {type(model).__name__}, not a ViT; "
                              "bsr-finetune needs a timm VisionTransformer (vit_*, deit_*)")
-        weights = "timm hub" if hub else "random init"
+        weights = ("random init" if not hub else f"local folder {source[1]}"
+                   if source is not None and source[0] == "local-dir" else "timm hub")
         data_cfg = timm.data.resolve_data_config({}, model=model)
         mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
         if hub:
-            notes += _hub_surgery(model, name, num_classes)
+            notes += _hub_surgery(model, name, num_classes,
+                                  "its weights" if local else "the hub weights")
         else:
             notes.append(f"--model {name} starts from random weights (no --pretrained or "
                          "--checkpoint): fine-tuning methods assume pre-trained weights, so "
@@ -393,14 +482,15 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
                    "notes": notes}
 
 
-def _hub_surgery(model: nn.Module, name: str, num_classes: int) -> list:
-    """What timm changed on the hub weights to fit ``model``: a new head, a resized position
-    embedding (as messages)."""
+def _hub_surgery(model: nn.Module, name: str, num_classes: int,
+                 weights: str = "the hub weights") -> list:
+    """What timm changed on the model's pre-trained weights (``weights`` names them in the
+    messages) to fit ``model``: a new head, a resized position embedding (as messages)."""
     notes = []
     cfg = getattr(model, "pretrained_cfg", None) or {}
     hub_classes = cfg.get("num_classes")
     if hub_classes and hub_classes != num_classes:
-        notes.append(f"--pretrained {name}: the hub weights have a {hub_classes}-class head; a "
+        notes.append(f"--pretrained {name}: {weights} have a {hub_classes}-class head; a "
                      f"new {num_classes}-class head starts from random weights")
     size = cfg.get("input_size")
     side = model.patch_embed.img_size
