@@ -451,3 +451,19 @@ def test_memory_and_flops_are_measured_on_a_training_step(tmp_path, capsys, monk
     assert len(seen) == 1 and seen[0][0] is True, seen
     assert seen[0][1] == pytest.approx(seen[0][2]), seen   # the loss profiled is the training's
     assert amps == [None]
+
+
+def test_memory_mode_takes_bsr_finetunes_modes(tmp_path, capsys):
+    """--memory-mode as in bsr-finetune: auto, the default, is lean on a CPU; autograd trains
+    the MoE blocks under plain autograd, which saves more activations (the profile's figure);
+    the summary names the mode used."""
+    saved = {}
+    for given, used in ((None, "lean"), ("autograd", "autograd")):
+        out = tmp_path / used
+        rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], "--out", out,
+                           *(["--memory-mode", given] if given else [])], capsys)
+        assert rc == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["memory_mode"] == used
+        saved[used] = summary["methods"]["bsr_moe"]["saved_activation_mib_per_image"]
+    assert saved["autograd"] > 2 * saved["lean"] > 0, saved

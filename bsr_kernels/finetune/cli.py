@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "best, see --torchcompile). The same gradients in all of them. auto "
                         "(default): autograd on CUDA (on an H100, 1.5x lean's speed for 2.1 "
                         "GiB of activations against 1.05), lean on CPU or with "
-                        "--activation-dtype. --multitask takes lean or fast, lean unless given")
+                        "--activation-dtype (--multitask takes the same modes)")
     g.add_argument("--activation-dtype", choices=("bfloat16", "float16"), default=None,
                    help="BSR: store the saved activations in this dtype (compressed, "
                         "approximate gradients; default: the compute dtype, exact)")

@@ -49,6 +49,7 @@ from . import cli
 # bsr-finetune's flag parsers and help formatter: one definition of each check and message
 from .cli import (_HelpFormatter, _keep_rate, _nonneg_float, _nonneg_int, _positive_float,
                   _positive_int, _seed)
+from .train import MEMORY_MODE_CHOICES
 
 __all__ = ["TASKS", "METHODS", "build_parser", "run", "main", "build_method"]
 
@@ -118,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rate", type=_keep_rate, default=0.5,
                    help="BSR (bsr_moe, bsr_dense): fraction of patch tokens kept at each drop, "
                         "in (0, 1]")
-    p.add_argument("--memory-mode", choices=("lean", "fast"), default="lean",
+    p.add_argument("--memory-mode", choices=MEMORY_MODE_CHOICES, default="auto",
                    help="BSR: what backward stores. lean: the least (recomputes the rest); "
-                        "fast: also the projections (recomputes no matmul). The same gradients "
-                        "in both")
+                        "fast: also the projections (recomputes no matmul); autograd: what "
+                        "plain autograd stores (the most memory, the fastest on a GPU). The "
+                        "same gradients in all of them. auto (default): autograd on CUDA, lean "
+                        "elsewhere, as in bsr-finetune")
     p.add_argument("--head-lr-scale", type=_positive_float, default=10.0,
                    help="the task heads train at this multiple of the backbone learning rate")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
@@ -448,9 +451,10 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
     from ..profile import profile
     from .data import TensorImageDataset
     from .models import build_model, model_input_config
-    from .train import seed_all, time_steps
+    from .train import resolve_memory_mode, seed_all, time_steps
 
     device = info.device
+    memory_mode = resolve_memory_mode(args.memory_mode, device)   # what auto stands for here
     img_size, mean, std = model_input_config(args.model, args.img_size)
     if args.task:
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
@@ -475,7 +479,7 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
         f"top-{args.top_k}")
     cli.set_up_each(args.method, lambda m: build_method(
         base, m, num_classes, args.experts, args.top_k, args.noise_std, args.aux_loss_weight,
-        args.keep_rate, args.memory_mode))
+        args.keep_rate, memory_mode))
     if args.out is not None and info.is_main:
         cli._delete_replaced(Path(args.out), lock, warn)
 
@@ -485,13 +489,13 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
         seed_all(args.seed)
         model = build_method(base, method, num_classes, args.experts, args.top_k,
                              args.noise_std, args.aux_loss_weight, args.keep_rate,
-                             args.memory_mode).to(device)
+                             memory_mode).to(device)
         fp = {"method": method, "model": args.model, "weights": minfo["weights"],
               "tasks": [[t.name, t.num_classes, t.description, len(t.train)] for t in tasks],
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
               "experts": args.experts, "top_k": args.top_k, "noise_std": args.noise_std,
               "aux_loss_weight": args.aux_loss_weight, "keep_rate": args.keep_rate,
-              "memory_mode": args.memory_mode, "head_lr_scale": args.head_lr_scale,
+              "memory_mode": memory_mode, "head_lr_scale": args.head_lr_scale,
               "weight_decay": args.weight_decay, "seed": args.seed}
         if subsets:   # absent otherwise: checkpoints of runs on whole tasks still resume
             fp["train_subsets"] = subsets
@@ -541,7 +545,7 @@ def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dic
                "data": "digits 5-9" if not args.task else list(args.task),
                "epochs": args.epochs, "batch_size": args.batch_size, "experts": args.experts,
                "top_k": args.top_k, "keep_rate": args.keep_rate,
-               "memory_mode": args.memory_mode, "seed": args.seed, "device": str(device),
+               "memory_mode": memory_mode, "seed": args.seed, "device": str(device),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                **summary_meta, "wall_time_s": time.perf_counter() - t_start}
     log("")
