@@ -61,8 +61,9 @@ Parts (``--parts``, default all, in this order):
   in :data:`COMPILED_STEPS` order, the targets' compiled peers first. The targets' best BSR mode
   is eager or compiled, as its peers are (CUDA-graphed rows stay in the table).
 * ``tests``: the test suite's CUDA cases (``pytest tests/test_ops.py tests/test_triton_backend.py
-  tests/test_modes.py tests/test_finetune.py -k cuda``; CI has no GPU; the last file's are
-  bsr-finetune on the GPU, eager and under CUDA graphs): counts, failures and skip reasons.
+  tests/test_modes.py tests/test_finetune.py tests/test_multitask_cli.py -k cuda``; CI has no
+  GPU; the last two files' are bsr-finetune on the GPU, eager and under CUDA graphs, and its
+  multitask demo): counts, failures and skip reasons.
 * ``profile``: where a step's time goes (:func:`bench_train_step.step_profile`), the eager
   variants and (CUDA) compiled autograd mode and compiled peer: wall and host-issue time per
   step, kernels per step, the kernels' own device time and how busy that keeps the GPU, the top
@@ -146,7 +147,7 @@ PARTS = ("check", "op", "sync", "step", "op-compiled", "step-compiled", "tests",
 #: The ``tests`` part: the test suite's CUDA cases (the CI machine has no GPU), and the files
 #: they are in; ``--smoke`` runs a CPU selection of the same files instead.
 CUDA_TESTS = ("tests/test_ops.py", "tests/test_triton_backend.py", "tests/test_modes.py",
-              "tests/test_finetune.py")
+              "tests/test_finetune.py", "tests/test_multitask_cli.py")
 CUDA_TESTS_SELECT, SMOKE_TESTS_SELECT = "cuda", "known_backends or assert_kept_matches"
 #: Seconds the ``tests`` part needs at least (the CUDA cases took 122 s on the H100); with less
 #: left it is not started, and the summary prints it for a second call.
