@@ -785,22 +785,18 @@ def part_check(cuda: bool, device: str) -> dict:
                 if not ok:
                     failures.append(row)
     # the sweep's other digit widths of the selection keep the same tokens (batch 0 all tied)
-    from bsr_kernels.ops import triton_backend
-    table = dict(triton_backend.LAUNCH)
+    from bsr_kernels.ops.triton_backend import LAUNCH, launch_settings
     for (b, h, n, d, c, p, nk) in shapes:
         dt = dtypes[-1]
         x, q, k, _, _ = make_inputs(b, n, h, h * d, dt, device, generator=g)
         q[0, :, 0] = 0
         want = tb.drop_forward(x, q, k, d ** -0.5, p, nk, True)[1]
         for radix in (1, 2, 4):
-            if radix == table["select_radix_bits"]:
+            if radix == LAUNCH["select_radix_bits"]:
                 continue
-            triton_backend.LAUNCH["select_radix_bits"] = radix
-            try:
+            with launch_settings(select_radix_bits=radix):
                 same = bool(torch.equal(tb.drop_forward(x, q, k, d ** -0.5, p, nk, True)[1],
                                         want))
-            finally:
-                triton_backend.LAUNCH.update(table)
             row = dict(shape=(b, h, n, d, c, p, nk), dtype=str(dt), select_radix_bits=radix,
                        same_kept_as_table=same, ok=same)
             rows.append(row)
@@ -835,14 +831,11 @@ def part_sweep(cuda: bool, device: str) -> dict:
         fn = Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets)
         res = []
         for setting in grid:
-            tb.LAUNCH.update(setting)
             try:
-                res.append((graph_ms(fn, len(sets)), setting))
+                with tb.launch_settings(**setting):
+                    res.append((graph_ms(fn, len(sets)), setting))
             except Exception as e:
                 res.append((float("inf"), {**setting, "error": err(e)}))
-            finally:
-                tb.LAUNCH.clear()
-                tb.LAUNCH.update(base)
         res.sort(key=lambda r: r[0])
         out[label] = {"best": res[0], "all": res, "default": [r for r in res if all(
             r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "select_warps",

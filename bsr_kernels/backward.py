@@ -44,8 +44,9 @@ gathered again, about 8 % more saved memory than the autograd function (ViT-B/16
 6.79 MiB/image, ``benchmarks/probe_sac.py``). AOTAutograd's partitioner may also recompute
 the last block's fc2 (fast: its only matmul recomputed), whose output the final LayerNorm's
 backward needs, from tensors saved anyway rather than save that output (tests/test_benchmarks.py
-counts each mode's recomputes in the compiled graphs). Blocks it cannot express (compressed storage, a
-MoE MLP, a projection that is not a plain ``nn.Linear``, dropout) keep the autograd function.
+counts each mode's recomputes in the compiled graphs). Blocks it cannot express (compressed
+storage, a MoE MLP, a projection that is not a plain ``nn.Linear``, dropout) keep the autograd
+function.
 """
 from __future__ import annotations
 

@@ -1977,7 +1977,8 @@ def test_compiled_autograd_step_is_the_compiled_peer_with_its_drop_swapped():
     assert peer["graphs"] == lib["graphs"] == {"fw": 1, "bw": 1}
     work = ("aten.addmm.default", "aten.mm.default", "aten.native_layer_norm.default",
             "aten.native_layer_norm_backward.default", "aten.gelu.default",
-            "aten.gelu_backward.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
+            "aten.gelu_backward.default",
+            "aten._scaled_dot_product_flash_attention_for_cpu.default",
             "aten._scaled_dot_product_flash_attention_for_cpu_backward.default")
     assert peer["fw"]["aten.topk.default"] == 3 and peer["bw"]["aten.gelu_backward.default"] == 9
     for kind in ("fw", "bw"):

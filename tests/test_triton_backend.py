@@ -7,8 +7,6 @@ definition in :mod:`bsr_kernels.ops.reference`.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -173,21 +171,9 @@ def test_forced_triton_without_interpreter_raises_on_cpu(monkeypatch):
         bsr_kernels.drop_tokens(x, q, k, 0.5)
 
 
-@contextlib.contextmanager
-def _launch(**settings):
-    """``tb.LAUNCH`` with ``settings`` for the block, restored after."""
-    saved = dict(tb.LAUNCH)
-    tb.LAUNCH.update(settings)
-    try:
-        yield
-    finally:
-        tb.LAUNCH.clear()
-        tb.LAUNCH.update(saved)
-
-
 def test_select_radix_bits_outside_the_choices_is_a_value_error():
     for bad in (0, 3, 8, "4"):
-        with _launch(select_radix_bits=bad), \
+        with tb.launch_settings(select_radix_bits=bad), \
                 pytest.raises(ValueError, match=r"LAUNCH\['select_radix_bits'\]"):
             tb.select_blocks(196, torch.float32)
 
@@ -258,7 +244,7 @@ def test_kernels_compile_for_gpu():
                 # one that orders the key workspace (tl.debug_barrier) is left
                 assert kernel.asm["ptx"].count("bar.sync") == 1
         for radix, m in ((2, 196), (4, 196), (4, 576)):   # the sweep's other digit widths
-            with _launch(select_radix_bits=radix):
+            with tb.launch_settings(select_radix_bits=radix):
                 kernel = _compile_for_sm90(
                     "select_kernel", dict(logit_ws_ptr=f"*{acc}", lse_ptr=f"*{acc}",
                                           scores_ptr=f"*{acc}", kept_ptr="*i32",

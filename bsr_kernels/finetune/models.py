@@ -458,8 +458,8 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         if not isinstance(model, VisionTransformer):
             raise ValueError(f"--model {name}: a {type(model).__name__}, not a ViT; "
                              "bsr-finetune needs a timm VisionTransformer (vit_*, deit_*)")
-        weights = ("random init" if not hub else f"local folder {source[1]}"
-                   if source is not None and source[0] == "local-dir" else "timm hub")
+        weights = ("random init" if not hub else f"local folder {source[1]}" if local
+                   else "timm hub")
         data_cfg = timm.data.resolve_data_config({}, model=model)
         mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
         if hub:

@@ -94,6 +94,7 @@ order (tested in ``tests/test_triton_backend.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -110,7 +111,7 @@ except Exception as exc:  # pragma: no cover - exercised only where triton is ab
     triton = tl = None
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["TritonBackend", "LAUNCH"]
+__all__ = ["TritonBackend", "LAUNCH", "launch_settings"]
 
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -209,11 +210,24 @@ def logits_blocks(d: int) -> dict:
     return dict(BLOCK_D=block_d, BLOCK_N=max(1, min(128, LAUNCH["tile_elems"] // block_d)))
 
 
+@contextlib.contextmanager
+def launch_settings(**settings):
+    """:data:`LAUNCH` with ``settings`` for the ``with`` block, restored whole after it (the
+    benchmark's sweep and check, tests)."""
+    saved = dict(LAUNCH)
+    LAUNCH.update(settings)
+    try:
+        yield
+    finally:
+        LAUNCH.clear()
+        LAUNCH.update(saved)
+
+
 def select_blocks(m: int, cd: torch.dtype) -> dict:
     """Constants of :func:`select_kernel` for M candidates and compute dtype ``cd``."""
     key, bits, kmin, flip = _KEYS[cd]
     radix = LAUNCH["select_radix_bits"]
-    if radix not in (1, 2, 4) or not isinstance(radix, int):
+    if not isinstance(radix, int) or radix not in (1, 2, 4):
         # 8 bits spill registers at N=577 (4 warps): 11.7 KB of spill stores for sm_90
         raise ValueError(f"LAUNCH['select_radix_bits'] must be 1, 2 or 4, got {radix!r}")
     return dict(KEY=getattr(tl, key), KEY_BITS=bits, KEY_MIN=kmin, KEY_FLIP=flip,
