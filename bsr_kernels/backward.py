@@ -159,11 +159,51 @@ def _rng_states(device: torch.device):
     return torch.get_rng_state(), cuda
 
 
-def _parameter_slots(block) -> list:
-    """(module, name, tensor) of every parameter the block's modules hold, in ``parameters()``
-    order (a shared one once per module holding it)."""
-    return [(m, name, p) for m in block.modules() for name, p in m._parameters.items()
+def _parameter_slots(modules) -> list:
+    """(module, name, tensor) of every parameter ``modules`` (a block's ``modules()``) hold, in
+    ``parameters()`` order (a shared one once per module holding it)."""
+    return [(m, name, p) for m in modules for name, p in m._parameters.items()
             if p is not None]
+
+
+def _versions(slots) -> tuple[int, ...]:
+    """The version counters of the parameters in ``slots`` (each in-place change bumps one)."""
+    return tuple(p._version for _, _, p in slots)
+
+
+def _check_unmodified(block, slots, versions) -> None:
+    """Raises as plain autograd does when a parameter the replay reads was changed in place
+    since forward (an optimizer step or ``load_state_dict`` between forward and backward):
+    replaying with the new values would give wrong gradients silently."""
+    now = _versions(slots)
+    if now == versions:
+        return
+    names = {id(m): name for name, m in block.named_modules()}
+    for (m, name, p), was, is_ in zip(slots, versions, now):
+        if was != is_:
+            where = ".".join(filter(None, (names.get(id(m), "?"), name)))
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: the block's parameter {where} {tuple(p.shape)} is at version "
+                f"{is_}; expected version {was} instead. The lean and fast backward replays the "
+                "block with its parameters, so change them only after backward.")
+
+
+@contextlib.contextmanager
+def _forward_modes(modules, modes):
+    """Sets the block's ``modules`` to the forward's train/eval flags ``modes`` for the replay
+    (dropout, drop-path and MoE gate noise read them), and back afterwards."""
+    held = [m.training for m in modules]
+    changed = held != modes
+    if changed:
+        for m, t in zip(modules, modes):
+            m.training = t
+    try:
+        yield
+    finally:
+        if changed:
+            for m, t in zip(modules, held):
+                m.training = t
 
 
 @contextlib.contextmanager
@@ -186,7 +226,7 @@ def _forward_parameters(slots):
 
 class _LeanBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, block, slots, x, *params):
+    def forward(ctx, block, modules, slots, x, *params):
         names = _saved_names(block)
         # Dropout turned on after reprogram: backward must draw the same masks, so it replays
         # the body from the forward's generator states (as torch.utils.checkpoint does).
@@ -210,6 +250,9 @@ class _LeanBlock(torch.autograd.Function):
         # and the forward's experts (the routing, like the token selection, is replayed)
         ctx.task = moe.task if moe else None
         ctx.n_kept = len(kept)
+        # backward replays in the forward's train/eval modes and refuses parameters changed since
+        ctx.modules, ctx.modes = modules, [m.training for m in modules]
+        ctx.versions = _versions(slots)
         # backward differentiates to exactly these parameters (in this order), even if
         # requires_grad changes in between, and replays with the forward's parameter tensors
         ctx.block, ctx.names, ctx.params, ctx.slots = block, names, params, slots
@@ -229,6 +272,7 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         block = ctx.block
+        _check_unmodified(block, ctx.slots, ctx.versions)
         n_float = len(ctx.dtypes)
         x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
@@ -257,17 +301,17 @@ class _LeanBlock(torch.autograd.Function):
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype,
                                                      enabled=enabled), \
-                    _forward_parameters(ctx.slots), \
+                    _forward_parameters(ctx.slots), _forward_modes(ctx.modules, ctx.modes), \
                     (moe.recorded_routing(replay=routes[0]) if routes
                      else contextlib.nullcontext()):
                 nonlocal fc2_needed
                 fc2_needed = _fc2_output_needed(block)
-                x_ = x.detach().requires_grad_(ctx.needs_input_grad[2])
+                x_ = x.detach().requires_grad_(ctx.needs_input_grad[3])
                 # the recorded selection is replayed, never recomputed: no host sync, and the
                 # same tokens even where a recompute would round differently (compressed,
                 # compiled)
                 out = block.body(x_, linear=replay_linear, kept=kept[0] if kept else None)
-                inputs = ([x_] if ctx.needs_input_grad[2] else []) + params
+                inputs = ([x_] if ctx.needs_input_grad[3] else []) + params
                 return list(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
 
         if ctx.task is not None:  # a MoE block weights with the gate of the forward's task
@@ -285,20 +329,21 @@ class _LeanBlock(torch.autograd.Function):
         finally:
             if ctx.task is not None:
                 block.mlp.task = task
-        grad_x = grads.pop(0) if ctx.needs_input_grad[2] else None
+        grad_x = grads.pop(0) if ctx.needs_input_grad[3] else None
         param_grads = [None] * len(ctx.params)
         for i, g in zip(live, grads):
             param_grads[i] = g
-        return (None, None, grad_x, *param_grads)
+        return (None, None, None, grad_x, *param_grads)
 
 
 def lean_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Runs a reprogrammed block through the memory-lean autograd function."""
-    slots = _parameter_slots(block)
+    modules = list(block.modules())
+    slots = _parameter_slots(modules)
     params = list({id(p): p for _, _, p in slots if p.requires_grad}.values())  # parameters()
     if not x.requires_grad and not params:
         return block.body(x)
-    return _LeanBlock.apply(block, slots, x, *params)
+    return _LeanBlock.apply(block, modules, slots, x, *params)
 
 
 #: The matmuls of :meth:`BSRBlock.body`, in the order it runs them (attention, then the MLP):

@@ -86,7 +86,9 @@ class ProfileResult(MutableMapping):
         return "\n".join(lines)
 
 
-def _default_loss(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+def _default_loss(logits, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    if isinstance(logits, (tuple, list)):   # several heads: a distilled DeiT in training
+        return torch.stack([_default_loss(one, labels) for one in logits]).mean()
     if labels is None:
         return logits.float().square().mean()
     return F.cross_entropy(logits.float(), labels)
@@ -102,7 +104,9 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
     Args:
         model: any model mapping images to logits (timm ViTs also report tokens per block).
         images: (B, 3, H, W).
-        labels: (B,) class indices for cross-entropy; None uses the mean squared logit.
+        labels: (B,) class indices for cross-entropy; None uses the mean squared logit. A
+            model returning several logits (timm's distilled DeiT in distillation training)
+            takes the mean of their losses.
         loss_fn: ``loss_fn(logits, labels) -> scalar`` to use instead.
 
     Returns:

@@ -254,12 +254,10 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
     config = BSRConfig.create(len(model.blocks), model.num_prefix_tokens, train_blocks, drop_at,
                               keep_rate, fuse_token, memory_mode, train_norm, activation_dtype)
-    pool = getattr(model, "global_pool", "token")
-    if pool not in ("token", "") and config.fuse_token and config.keep_rate < 1 and config.drop_at:
-        raise ValueError(
-            f"global_pool={pool!r} would pool the fused token (a score-weighted sum of the dropped "
-            "tokens) together with the patch tokens; use fuse_token=False (pooling then averages "
-            "the kept tokens) or a model with global_pool='token'")
+    refusal = timm_hooks.pool_refusal(getattr(model, "global_pool", "token"), config.fuse_token,
+                                      config.keep_rate, config.drop_at)
+    if refusal:
+        raise ValueError(refusal)
 
     if is_reprogrammed(model):
         restore(model)

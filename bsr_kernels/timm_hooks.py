@@ -10,6 +10,9 @@ dropping are replaced on the *instance* (:func:`install`; :func:`uninstall` on `
   of the map. ``output_fmt="NLC"`` returns the tokens each block really holds (timm's own code).
 * ``set_grad_checkpointing(True)`` raises at the call: the lean memory mode already recomputes
   inside backward, and checkpointing around it is not supported. ``False`` is accepted.
+* ``reset_classifier(num_classes, global_pool)`` refuses a pool that ``reprogram`` refuses (one
+  that would average the fused token in: :func:`pool_refusal`) with a ValueError, before changing
+  anything.
 
 CPU float16/bfloat16 (``model.half()``) runs the token drop in float32, the dtype its scores
 accumulate in anyway, and casts the result back (:func:`drop_half_cpu`).
@@ -21,14 +24,24 @@ import torch.nn as nn
 
 from . import _config
 
-__all__ = ["install", "uninstall", "drop_half_cpu", "GRAD_CHECKPOINTING_REFUSAL"]
+__all__ = ["install", "uninstall", "drop_half_cpu", "pool_refusal", "GRAD_CHECKPOINTING_REFUSAL"]
 
 GRAD_CHECKPOINTING_REFUSAL = (
     "set_grad_checkpointing(True) is not supported on a model reprogrammed by bsr_kernels: its "
     "memory_mode='lean' already recomputes inside backward and stores less than checkpointing "
     "would. Leave grad checkpointing off, or call bsr_kernels.restore(model) first.")
 
-_METHODS = ("forward_intermediates", "set_grad_checkpointing")
+_METHODS = ("forward_intermediates", "set_grad_checkpointing", "reset_classifier")
+
+
+def pool_refusal(pool: str, fuse_token: bool, keep_rate: float, drop_at) -> str | None:
+    """Why ``global_pool=pool`` cannot go with a BSR config that appends a fused token (it would
+    be pooled with the patch tokens); None where it can."""
+    if pool in ("token", "") or not (fuse_token and keep_rate < 1 and drop_at):
+        return None
+    return (f"global_pool={pool!r} would pool the fused token (a score-weighted sum of the dropped "
+            "tokens) together with the patch tokens; use fuse_token=False (pooling then averages "
+            "the kept tokens) or a model with global_pool='token'")
 
 
 def drop_half_cpu(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config, kept=None):
@@ -85,6 +98,16 @@ def _set_grad_checkpointing(model: nn.Module, enable: bool = True):
     if enable:
         raise RuntimeError(GRAD_CHECKPOINTING_REFUSAL)
     return type(model).set_grad_checkpointing(model, False)
+
+
+def _reset_classifier(model: nn.Module, num_classes: int, global_pool: str | None = None):
+    if global_pool is not None:
+        from .config_access import bsr_config_dict
+        cfg = bsr_config_dict(model)
+        refusal = pool_refusal(global_pool, cfg["fuse_token"], cfg["keep_rate"], cfg["drop_at"])
+        if refusal:
+            raise ValueError(refusal)
+    return type(model).reset_classifier(model, num_classes, global_pool)
 
 
 def _fuse_token(model: nn.Module) -> bool:

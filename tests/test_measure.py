@@ -146,3 +146,25 @@ def test_profile_under_no_grad_measures_the_training_step():
     assert dict(got) == dict(want)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference"):
         profile(model, images)
+
+
+def test_profile_of_a_model_with_two_heads_takes_the_mean_of_their_losses():
+    """timm's distilled DeiT in distillation training returns (logits, dist_logits): the default
+    loss used to fail on the tuple with an AttributeError; it now averages the heads' losses."""
+    import bsr_kernels
+    from timm.models.deit import VisionTransformerDistilled
+    torch.manual_seed(0)
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=4,
+                                       num_heads=2, num_classes=5)
+    model.set_distilled_training(True)
+    bsr_kernels.reprogram(model)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    got = bsr_kernels.profile(model, images, labels)
+    want = bsr_kernels.profile(
+        model, images, labels,
+        loss_fn=lambda out, y: (F.cross_entropy(out[0], y) + F.cross_entropy(out[1], y)) / 2)
+    assert dict(got) == dict(want)
+    one_head = bsr_kernels.profile(model, images, labels,
+                                   loss_fn=lambda out, y: F.cross_entropy(out[0], y))
+    assert got.train_gflops_per_image > one_head.train_gflops_per_image
+    assert bsr_kernels.profile(model, images).saved_activation_mib_per_image > 0

@@ -462,6 +462,76 @@ def test_dropout_turned_on_after_reprogram_gives_exact_gradients(mode):
     torch.testing.assert_close((gg["blocks.7.mlp.fc1.weight"] * v).sum(), fd, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+@pytest.mark.parametrize("forward_training", [True, False])
+def test_train_eval_switched_before_backward_gives_the_forwards_gradients(mode, forward_training):
+    """model.train()/eval() between forward and backward: backward differentiates the forward
+    that ran, as plain autograd does (the replay used to read the modules' new flags: dropout
+    and drop-path masks drawn afresh or left out, 44-76 % relative gradient error)."""
+    from timm.layers import DropPath
+    base = tiny(dtype=torch.float64)
+    models = {}
+    for m in (mode, "autograd"):
+        models[m] = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=m)
+        for i in (5, 7, 10):   # a frozen block after the first trained one, two trained ones
+            models[m].blocks[i].mlp.drop1.p = 0.4
+            models[m].blocks[i].drop_path2 = DropPath(0.3)
+    x = images(dtype=torch.float64)
+    for name, m in models.items():
+        m.train(forward_training)
+        torch.manual_seed(7)
+        loss = m(x).square().sum()
+        m.train(not forward_training)
+        loss.backward()
+        assert all(mod.training is not forward_training for mod in m.modules())
+    gr, gg = grads(models["autograd"]), grads(models[mode])
+    assert set(gr) == set(gg) and gr
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+    if forward_training:   # dropout was drawn: another seed gives other gradients
+        models[mode].zero_grad()
+        torch.manual_seed(8)
+        models[mode](x).square().sum().backward()
+        other = grads(models[mode])["blocks.7.mlp.fc1.weight"]
+        assert (other - gg["blocks.7.mlp.fc1.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("param", ["blocks.7.mlp.fc1.weight", "blocks.5.attn.qkv.weight"])
+def test_parameter_changed_in_place_before_backward_raises(mode, param):
+    """A trained or frozen block's weight changed in place between forward and backward: plain
+    autograd raises, and so do the replaying modes (which used to replay with the new values,
+    silently giving other gradients)."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    loss = model(images()).square().sum()
+    with torch.no_grad():
+        model.get_parameter(param).mul_(2)
+    match = "modified by an inplace operation"
+    if mode != "autograd":
+        match += ".*" + param.split(".", 2)[2]
+    with pytest.raises(RuntimeError, match=match):
+        loss.backward()
+
+
+def test_reset_classifier_refuses_what_reprogram_refuses():
+    """reset_classifier(global_pool=...) on a reprogrammed model refuses a pool that would
+    average the fused token in (reprogram refuses such a model), naming global_pool, and
+    changes nothing; a new head or a pool that fits is taken as timm takes it."""
+    model = bsr_kernels.reprogram(tiny())
+    head = model.head
+    with pytest.raises(ValueError, match="global_pool='avg'.*fused token"):
+        model.reset_classifier(7, global_pool="avg")
+    assert model.global_pool == "token" and model.head is head and model.num_classes == 5
+    model.reset_classifier(7)
+    assert model(images()).shape == (2, 7) and model.head.weight.requires_grad
+    plain = bsr_kernels.reprogram(tiny(), fuse_token=False)
+    plain.reset_classifier(3, "avg")
+    assert plain.global_pool == "avg" and plain(images()).shape == (2, 3)
+    bsr_kernels.restore(model)
+    model.reset_classifier(4, global_pool="avg")   # timm's own method again
+    assert model.global_pool == "avg"
+
+
 def test_avg_pool_with_fused_token_is_refused_and_model_unchanged():
     model = tiny(global_pool="avg", class_token=True)
     snap = {k: v.clone() for k, v in model.state_dict().items()}
