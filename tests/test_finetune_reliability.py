@@ -544,9 +544,15 @@ def test_help_is_clean():
             full = cli._HelpFormatter("x")._get_help_string(action).replace(
                 "%(default)s", str(action.default))
             assert full.count("(default") <= 1, (action.option_strings, full)
+            # a help that mentions a default (so the formatter appends none) states its own:
+            # --warmup-epochs said "(default: cosine decay to 0)", --sched's, and not its 1.0
+            if "default" in action.help and action.default not in (None, False):
+                assert str(action.default) in action.help, action.option_strings
     for flag in ("--resume", "--overwrite", "--bad-images", "--seed", "--weight-decay",
                  "--warmup-epochs"):
         assert flag in text
+    assert "warm-up throughout), then the --sched schedule (default: 1.0)" in " ".join(
+        text.split())
 
 
 def test_no_kill_switch_in_the_training_loop():

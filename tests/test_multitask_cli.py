@@ -19,7 +19,9 @@ from bsr_kernels.finetune import multitask as mt
 
 #: The smallest run: one cheap method, one epoch of one batch per task, nothing timed.
 FAST = ["--method", "linear", "--epochs", "1", "--batch-size", "16", "--max-train-images", "16",
-        "--experts", "2", "--top-k", "1", "--timing-rounds", "0", "--profile-batch", "2"]
+        "--timing-rounds", "0", "--profile-batch", "2"]
+#: The smallest MoE (methods moe_full and bsr_moe; others refuse these options).
+SMALL_MOE = ["--experts", "2", "--top-k", "1"]
 TWO = ["--method", "linear,bsr_dense", *FAST[2:]]   # bsr_dense: a folder cli.py does not know
 
 
@@ -119,6 +121,63 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     rc, _, err = _run([*FAST, "--out", tmp_path, "--resume", "--overwrite"], capsys)
     assert rc == 2 and "--resume and --overwrite exclude each other" in err, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--keep-rate", "0.3"], "--keep-rate: applies to --method bsr_moe or bsr_dense"),
+    (["--memory-mode", "fast"], "--memory-mode: applies to --method bsr_moe or bsr_dense"),
+    (["--method", "bsr_dense", "--experts", "4", "--top-k", "2"],
+     "--experts, --top-k: apply to --method moe_full or bsr_moe"),
+    (["--data-root", "."], "--data-root: applies to --task NAME=DATA with a torchvision set"),
+    (["--pretrained", "--checkpoint", "w.pt"], "--pretrained and --checkpoint both choose"),
+    (["--pretrained"], "--pretrained: applies to timm models"),
+    (["--img-size", "18"], "--img-size 18: not a whole number of bsr_digits_vit's 4x4 px")])
+def test_options_that_would_do_nothing_are_refused_as_in_bsr_finetune(extra, message, capsys,
+                                                                      monkeypatch):
+    """An option that none of the chosen methods or tasks uses, or one bsr-finetune refuses
+    (two sources of weights, an image size that cuts patches), exits 2 naming it before any data
+    or weights load; before, --multitask ignored it (an 18 px image lost its last 2 px rows and
+    columns)."""
+    _no_loading(monkeypatch)
+    rc, _, err = _run([*FAST, *extra], capsys)
+    assert rc == 2 and message in err, err
+
+
+def test_resume_refuses_a_run_of_the_other_mode_and_leaves_it_as_it_was(tmp_path, capsys):
+    """--multitask --resume on a bsr-finetune run crashed (TypeError) after replacing its
+    args.json with its own options, so the run's own --resume then took those; now both ways
+    exit 2 naming --resume and the mode, the folder's bytes unchanged."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert cli.main(["--method", "linear", "--epochs", "1", "--batch-size", "128",
+                     "--timing-rounds", "0", "--profile-batch", "2", "--samples", "0",
+                     "--out", str(single)]) == 0
+    rc, _, err = _run([*FAST, "--out", multi], capsys)
+    assert rc == 0, err
+    for folder, argv, kind in ((single, ["--multitask"], "a single-task run; leave out"),
+                               (multi, [], "a --multitask run; add")):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        rc = cli.main([*argv, "--resume", "--out", str(folder), "--epochs", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--resume {folder}: the run there is {kind} --multitask" in err, err
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_defect_before_any_file_is_written_leaves_the_run_as_it_was(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Not only a usage error: any failure before the run writes a file (here a TypeError, as
+    the one above was) puts the earlier args.json back, so the folder's own --resume works."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    before = (tmp_path / "args.json").read_bytes()
+
+    def broken(*a, **k):
+        raise TypeError("a defect, for this test")
+    monkeypatch.setattr(mt, "digits_tasks", broken)
+    with pytest.raises(TypeError, match="for this test"):
+        mt.main([*FAST, "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    assert (tmp_path / "args.json").read_bytes() == before
+    assert not (tmp_path / ".lock").exists()
 
 
 # --- --resume -------------------------------------------------------------------------------
@@ -445,7 +504,7 @@ def test_memory_and_flops_are_measured_on_a_training_step(tmp_path, capsys, monk
     amps, real_time = [], train_mod.time_steps
     monkeypatch.setattr(train_mod, "time_steps",
                         lambda *a, **k: amps.append(k.get("amp", "auto")) or real_time(*a, **k))
-    rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], "--aux-loss-weight", "0.5",
+    rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], *SMALL_MOE, "--aux-loss-weight", "0.5",
                        "--timing-rounds", "1"], capsys)
     assert rc == 0, err
     assert len(seen) == 1 and seen[0][0] is True, seen
@@ -460,7 +519,7 @@ def test_memory_mode_takes_bsr_finetunes_modes(tmp_path, capsys):
     saved = {}
     for given, used in ((None, "lean"), ("autograd", "autograd")):
         out = tmp_path / used
-        rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], "--out", out,
+        rc, _, err = _run(["--method", "bsr_moe", *FAST[2:], *SMALL_MOE, "--out", out,
                            *(["--memory-mode", given] if given else [])], capsys)
         assert rc == 0, err
         summary = json.loads((out / "summary.json").read_text())

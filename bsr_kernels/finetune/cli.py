@@ -40,7 +40,7 @@ from ..config import check_blocks, default_drop_at, default_train_blocks
 from .data import (BAD_IMAGE_MODES, TORCHVISION_SETS, DatasetUnavailableError, build_data,
                    data_kind)
 from .models import (DIGITS_MODEL, WeightsUnavailableError, build_model, check_model_name,
-                     model_data_config, model_patch_size)
+                     check_patch_fit, model_data_config)
 from .report import draw_report, format_table, write_history_csv, write_summary
 from .train import (DEFAULT_LR, DEMO_LR, METHODS, CheckpointError, DistInfo, FitOptions,
                     AMP_MODES, COMPILE_MODES, MEMORY_MODE_CHOICES, SCHEDULES,
@@ -214,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
                    help="linear learning-rate warm-up, in epochs (may be fractional; longer "
-                        "than the run means warm-up throughout), then the --sched schedule "
-                        "(default: cosine decay to 0)")
+                        "than the run means warm-up throughout), then the --sched schedule")
     g.add_argument("--seed", type=_seed, default=0,
                    help="seed of the weights of new layers, the shuffling and the "
                         "augmentation")
@@ -373,11 +372,28 @@ def _refuse_unused(names: Sequence[str], where: str) -> None:
                          f"{'apply' if len(names) > 1 else 'applies'} to {where}")
 
 
+def check_weight_options(args: argparse.Namespace) -> None:
+    """The starting-weight options of either mode (:func:`add_model_options`): ValueError
+    naming them when --pretrained and --checkpoint are both given, or --pretrained with the
+    shipped digits model, which has its own weights."""
+    if args.pretrained and args.checkpoint is not None:
+        raise ValueError("--pretrained and --checkpoint both choose the starting weights: "
+                         "pass one of them")
+    if args.pretrained and args.model == DIGITS_MODEL:
+        _refuse_unused(["pretrained"], f"timm models (--model {DIGITS_MODEL} starts from its "
+                       "shipped weights)")
+
+
 def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
-                          methods: Sequence[str] = METHODS) -> list[str]:
+                          methods: Sequence[str] = METHODS, multitask: bool = False) -> list[str]:
     """``--resume``: every option the command line leaves out is the earlier run's (its
     args.json), so ``bsr-finetune --resume DIR`` continues that run as it was started: the same
-    methods, epochs, data and settings. Returns the options taken, as ``--name value``."""
+    methods, epochs, data and settings. Returns the options taken, as ``--name value``.
+
+    Raises:
+        ValueError: naming --resume, when the run there is of the other mode (``--multitask``
+            or not), whose options do not apply.
+    """
     given = getattr(args, "given", None)
     path = run_dir / "args.json"
     if given is None:   # run() called without main()
@@ -391,6 +407,11 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
                        "pass the run's options on the command line", format=ARGS_FORMAT,
                        versions=(1,))
     earlier, taken = record.get("args", {}), []
+    if ("experts" in earlier) != multitask:   # only the multitask parser has --experts
+        kind, add = ("a --multitask run", "add") if not multitask else ("a single-task run",
+                                                                          "leave out")
+        raise ValueError(f"--resume {run_dir}: the run there is {kind}; {add} --multitask to "
+                         "resume it")
     # the options a user chose for this run, on its command line or on an earlier one (a
     # resumed run's args.json records them beside its own "given")
     chosen = set(earlier.get("given", ())) | set(earlier.get("chosen_earlier", ()))
@@ -603,12 +624,12 @@ def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
                 methods: Sequence[str] = METHODS):
     """``--out`` claimed (:func:`_prepare_out`) for the block, released after it.
 
-    A usage or input error (:data:`_SETUP_ERRORS`: a missing data folder, a model that does not
-    fit, a checkpoint of other options) raised before the run has written any file leaves the
-    folder as it was: the earlier args.json back (so that the next bare --resume takes the
-    run's own options again), or none, and no folder where there was none. An interrupt, or an
-    error once the run has written a file, keeps the new args.json, which describes those
-    files and lets --resume continue them."""
+    An error or an interrupt before the run has written any file (a usage or input error such
+    as a missing data folder, a model that does not fit, a checkpoint of other options; or a
+    defect) leaves the folder as it was: the earlier args.json back (so that the next bare
+    --resume takes the run's own options again), or none, and no folder where there was none.
+    One once the run has written a file keeps the new args.json, which describes those files
+    and lets --resume continue them."""
     out = Path(args.out) if args.out is not None else None
     main = info.is_main and out is not None
     existed = main and out.is_dir()
@@ -619,7 +640,7 @@ def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
     restore = False
     try:
         yield lock
-    except _SETUP_ERRORS:
+    except BaseException:
         restore = main and _written(out, methods) == written
         if restore:
             if previous is not None:
@@ -660,9 +681,7 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if args.activation_dtype is not None and args.memory_mode == "autograd":
         raise ValueError("--activation-dtype compresses what --memory-mode lean or fast saves; "
                          "--memory-mode autograd saves what autograd saves")
-    if args.pretrained and args.checkpoint is not None:
-        raise ValueError("--pretrained and --checkpoint both choose the starting weights: "
-                         "pass one of them")
+    check_weight_options(args)
     if args.torchcompile_mode is not None and not args.torchcompile:
         raise ValueError(f"--torchcompile-mode {args.torchcompile_mode} is torch.compile's "
                          "mode: add --torchcompile")
@@ -672,9 +691,6 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
                 if n in given or (n in ("train_blocks", "drop_at") and getattr(args, n))]
     if "bsr" not in methods:
         _refuse_unused(bsr_only, "--method bsr only")
-    if args.pretrained and args.model == DIGITS_MODEL:
-        _refuse_unused(["pretrained"], f"timm models (--model {DIGITS_MODEL} starts from its "
-                       "shipped weights)")
     if kind != "torchvision":
         _refuse_unused([n for n in ("data_root",) if n in given],
                        f"--data {', '.join(TORCHVISION_SETS)} (their download folder)")
@@ -728,11 +744,7 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
     img_size, mean, std = int(data_config["input_size"][-1]), data_config["mean"], \
         data_config["std"]
     shift = DIGITS_SHIFT * img_size // 8
-    patch = model_patch_size(args.model)   # before the data, whose check reads every image
-    if patch is not None and (img_size % patch[0] or img_size % patch[1]):
-        # timm would drop the last pixels silently
-        raise ValueError(f"--img-size {img_size}: not a whole number of {args.model}'s "
-                         f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
+    check_patch_fit(args.model, img_size)   # before the data, whose check reads every image
 
     def data_now():
         return build_data(args.data, img_size, mean, std, args.data_root, digits_shift=shift,

@@ -35,6 +35,7 @@ __all__ = [
     "model_input_config",
     "model_data_config",
     "model_patch_size",
+    "check_patch_fit",
     "WeightsUnavailableError",
 ]
 
@@ -348,6 +349,15 @@ def model_patch_size(name: str) -> Optional[tuple]:
         return (side, side)
     patch = getattr(getattr(_meta_model(name), "patch_embed", None), "patch_size", None)
     return None if patch is None else tuple(int(p) for p in patch)
+
+
+def check_patch_fit(name: str, img_size: int) -> None:
+    """Raises a ValueError naming --img-size when ``img_size`` is not a whole number of model
+    ``name``'s patches: timm would drop the last pixels silently."""
+    patch = model_patch_size(name)
+    if patch is not None and (img_size % patch[0] or img_size % patch[1]):
+        raise ValueError(f"--img-size {img_size}: not a whole number of {name}'s "
+                         f"{patch[0]}x{patch[1]} px patches; pick a multiple of {patch[0]}")
 
 
 def _meta_model(name: str) -> nn.Module:

@@ -431,7 +431,7 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out (the folder holding the checkpoints)")
     if args.resume:   # options not given are the run's own, as in bsr-finetune --resume
-        taken = cli._take_earlier_options(args, Path(args.out), warn, METHODS)
+        taken = cli._take_earlier_options(args, Path(args.out), warn, METHODS, multitask=True)
         if taken:
             log(f"--resume: as the run was started: {' '.join(taken)}")
     if args.batch_size % info.world_size:
@@ -439,8 +439,23 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
                          f"processes ({info.world_size})")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
+    from .data import data_kind
     from .models import check_model_name
     check_model_name(args.model)
+    cli.check_weight_options(args)
+    # options that none of the chosen methods or tasks would use are refused, as bsr-finetune
+    # refuses them
+    given = set(getattr(args, "given", ()))
+    if not {"bsr_moe", "bsr_dense"} & set(args.method):
+        cli._refuse_unused([n for n in ("keep_rate", "memory_mode") if n in given],
+                           "--method bsr_moe or bsr_dense")
+    if not {"moe_full", "bsr_moe"} & set(args.method):
+        cli._refuse_unused([n for n in ("experts", "top_k", "noise_std", "aux_loss_weight")
+                            if n in given], "--method moe_full or bsr_moe")
+    sets = [spec.partition("=")[2] for spec in args.task or ()]
+    if not any(d and data_kind(d) == "torchvision" for d in sets):
+        cli._refuse_unused([n for n in ("data_root",) if n in given],
+                           "--task NAME=DATA with a torchvision set (their download folder)")
     # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
     # of these methods without --resume/--overwrite, args.json written
     with cli.claimed_out(args, info, warn, METHODS) as lock:
@@ -450,12 +465,13 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
 def _run(args: argparse.Namespace, log, info, warn, t_start: float, lock) -> dict:
     from ..profile import profile
     from .data import TensorImageDataset
-    from .models import build_model, model_input_config
+    from .models import build_model, check_patch_fit, model_input_config
     from .train import resolve_memory_mode, seed_all, time_steps
 
     device = info.device
     memory_mode = resolve_memory_mode(args.memory_mode, device)   # what auto stands for here
     img_size, mean, std = model_input_config(args.model, args.img_size)
+    check_patch_fit(args.model, img_size)
     if args.task:
         tasks = data_tasks(args.task, img_size, mean, std, args.data_root)
     else:
