@@ -44,7 +44,10 @@ class TokenDropAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        return self.forward_qk(x, attn_mask, is_causal)[0]
+        # the projections called directly (not through forward_qk's ``linear``), so that
+        # torch.jit.script compiles this module as it compiles timm's Attention
+        out, _, _ = self._attend(x, self.qkv(x), attn_mask, is_causal)
+        return self.proj_drop(self.proj(out))
 
     def forward_qk(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                    is_causal: bool = False, linear: LinearFn = call_linear):
@@ -59,10 +62,17 @@ class TokenDropAttention(Attention):
         Returns:
             out (B, N, C_out), q (B, H, N, d), k (B, H, N, d).
         """
+        out, q, k = self._attend(x, linear("qkv", self.qkv, x), attn_mask, is_causal)
+        return self.proj_drop(linear("proj", self.proj, out)), q, k
+
+    def _attend(self, x: torch.Tensor, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the qkv projection ``qkv`` of ``x``: the attention output before ``proj``
+        (normed, gated), q and k."""
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = linear("qkv", self.qkv, x)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -70,5 +80,4 @@ class TokenDropAttention(Attention):
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             out = out * gate
-        out = self.proj_drop(linear("proj", self.proj, out))
         return out, q, k

@@ -31,6 +31,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
+from timm.utils import unwrap_model
 
 from .checkpoint import atomic_write, to_strict_json, write_json
 
@@ -90,7 +91,8 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
     """Writes the trained parameters of ``model`` as a delta checkpoint, atomically.
 
     Args:
-        model: the fine-tuned model (reprogrammed or not).
+        model: the fine-tuned model (reprogrammed or not; ``torch.compile``'s or DDP's wrapper
+            is looked through, so the names are the model's own).
         path: the ``.safetensors`` file to write; ``<stem>.json`` (a readable copy of the
             config) is written next to it, so ``path`` must not end in ``.json``.
         names: parameter names to store; default those with ``requires_grad``.
@@ -119,6 +121,7 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
     if extra is not None and not isinstance(extra, dict):
         raise ValueError(f"extra must be a dict of JSON values (or None), got "
                          f"{type(extra).__name__} {extra!r}"[:200])
+    model = unwrap_model(model)   # torch.compile's or DDP's wrapper: the model's own names
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -373,7 +376,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
       reprogrammed model (:func:`bsr_kernels.restore`), with a warning.
 
     Args:
-        model: the base timm model (or the same model already reprogrammed).
+        model: the base timm model (or the same model already reprogrammed; either may be
+            wrapped by ``torch.compile`` or DDP).
         path: the delta's ``.safetensors`` file.
         check_base: refuse a base whose frozen weights differ from those the delta was
             trained on.
@@ -388,6 +392,7 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
             unchanged.
     """
     tensors, config = read_delta(path)
+    given, model = model, unwrap_model(model)   # a compiled or DDP-wrapped model: its own
     # Check everything first, so that a delta that does not fit leaves the model unchanged.
     params = dict(model.named_parameters())
     n_cls = config.get("num_classes")
@@ -467,4 +472,4 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     for name, settings in (config.get("moe") or {}).items():  # the training-only ones too
         for k, v in settings.items():   # (numbers, held as floats as MoEMlp's __init__ does)
             setattr(modules[name], k, v if k in ROUTING_FORWARD else float(v))
-    return model
+    return given

@@ -160,6 +160,9 @@ def _refuse_skipped_hooks(block) -> None:
 
 def _unsupported_reasons(model: nn.Module) -> list[str]:
     """What in ``model`` reprogram cannot handle; empty when it is supported."""
+    if isinstance(getattr(model, "_orig_mod", None), VisionTransformer):
+        return ["the model is compiled (torch.compile's OptimizedModule): reprogram the model "
+                "itself, then compile it"]
     if not isinstance(model, VisionTransformer):
         return [f"reprogram needs a timm VisionTransformer, got {type(model).__name__} "
                 "(not a ViT)"]

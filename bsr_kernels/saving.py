@@ -31,6 +31,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from timm.utils import unwrap_model
+
 from .checkpoint import atomic_write
 from .config_access import bsr_config_dict, config_from_dict, reprogram_from_dict
 from .delta import _META_KEY as DELTA_KEY   # where a delta keeps its config (not a full model)
@@ -301,12 +303,14 @@ def save_checkpoint(model: nn.Module, path: os.PathLike) -> Path:
     or any other suffix through ``torch.save`` (config in the state_dict's metadata).
 
     The file is replaced atomically (:func:`bsr_kernels.checkpoint.atomic_write`): a crash
-    while saving leaves the previous file whole.
+    while saving leaves the previous file whole. A ``torch.compile``'d or DDP-wrapped model is
+    saved under its own keys (timm's ``unwrap_model``), as every function here reads it.
 
     Returns:
         The path written.
     """
     path = Path(path)
+    model = unwrap_model(model)   # torch.compile's or DDP's wrapper: the model's own keys
     sd = model.state_dict()
     cfg = bsr_config_dict(model)
     if path.suffix == ".safetensors":
@@ -322,7 +326,8 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
     """Loads full weights and re-applies the BSR settings saved with them.
 
     Args:
-        model: a plain or reprogrammed timm ViT of the same architecture.
+        model: a plain or reprogrammed timm ViT of the same architecture (or one wrapped by
+            ``torch.compile`` or DDP).
         source: a ``.safetensors``/``.pth``/``.bin`` file, a ``save_for_hf`` directory, or a
             state_dict (or timm checkpoint dict: the first of :data:`CHECKPOINT_KEYS` it
             holds, so ``state_dict`` rather than ``state_dict_ema``). None: the weights are
@@ -343,6 +348,7 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
             :func:`bsr_kernels.load_delta`); the model is then left unchanged (settings and
             weights).
     """
+    given, model = model, unwrap_model(model)   # a compiled or DDP-wrapped model: its own
     where = ("the model's pretrained_cfg" if source is None else
              "source (a state_dict)" if isinstance(source, dict) else f"path {source}")
     if source is None:
@@ -380,7 +386,7 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
                 from .reprogram import restore
                 restore(model) if mine is None else reprogram_from_dict(model, mine)
             raise
-    return model
+    return given
 
 
 def _checked_config(model: nn.Module, cfg: dict, where: str) -> dict:

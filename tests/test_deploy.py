@@ -174,6 +174,25 @@ def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
     torch.testing.assert_close(_ort_logits(str(path), other), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_a_vit_built_with_token_drop_attention_scripts_as_timms_does(qk_norm):
+    """TokenDropAttention as a drop-in (attn_layer=) keeps timm's Attention scriptable: its
+    forward no longer goes through forward_qk's Python callable, which TorchScript cannot
+    compile. Until the model is reprogrammed (then the refusal below)."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+              qk_norm=qk_norm)
+    model = VisionTransformer(attn_layer=bsr_kernels.TokenDropAttention, **kw).eval()
+    timm_model = VisionTransformer(**kw).eval()
+    timm_model.load_state_dict(model.state_dict())
+    x = images()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        want = timm_model(x)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_jit_script_is_refused_naming_the_supported_routes():
     model = tiny_vit()
     with pytest.raises(RuntimeError, match=r"torch\.jit\.script does not support.*"

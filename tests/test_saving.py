@@ -111,6 +111,29 @@ def test_full_checkpoint_carries_the_config(tmp_path, suffix):
     assert set(fresh.state_dict()) == set(plain().state_dict())     # keys unchanged
 
 
+def test_checkpoint_and_delta_of_a_compiled_model_use_the_models_own_names(tmp_path):
+    """torch.compile's wrapper (OptimizedModule) is looked through, as timm's unwrap_model does:
+    saving one wrote "_orig_mod."-prefixed keys that no plain model could load, and loading into
+    one was refused as "not a ViT". (Nothing here runs a compiled model: no compilation.)"""
+    from safetensors import safe_open
+    model, x = tuned(), images()
+    ckpt = bsr_kernels.save_checkpoint(torch.compile(model), tmp_path / "ckpt.safetensors")
+    with safe_open(str(ckpt), "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+    fresh = plain(seed=3)
+    wrapper = torch.compile(fresh)
+    assert bsr_kernels.load_checkpoint(wrapper, ckpt) is wrapper
+    assert bsr_config_dict(fresh) == bsr_config_dict(model)
+    torch.testing.assert_close(logits(fresh, x), logits(model, x))
+    delta = bsr_kernels.save_delta(torch.compile(model), tmp_path / "delta.safetensors")
+    base = plain()
+    wrapper = torch.compile(base)
+    assert bsr_kernels.load_delta(wrapper, delta) is wrapper
+    torch.testing.assert_close(logits(base, x), logits(model, x))
+    with pytest.raises(ValueError, match="compiled.*reprogram the model itself, then compile"):
+        bsr_kernels.reprogram(torch.compile(plain()))
+
+
 @pytest.mark.parametrize("make", [plain, tuned], ids=["plain", "reprogrammed"])
 def test_timm_checkpoint_with_ema_loads_its_state_dict_from_a_dict_and_a_file(tmp_path, make):
     """A timm train.py checkpoint holds the model's weights under ``state_dict`` and the EMA's
