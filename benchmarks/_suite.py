@@ -470,8 +470,19 @@ class Target:
     def verdict(self) -> str:
         return {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[self.passed]
 
+    def shown_value(self) -> str:
+        """The value to 3 significant digits, or as many more as keep it on its verdict's side
+        of the bound (0.4999 against >= 0.5 reads 0.4999, not a failing "0.5")."""
+        if self.value is None:
+            return "n/a"
+        for digits in range(3, 10):
+            text = f"{self.value:.{digits}g}"
+            if dataclasses.replace(self, value=float(text)).passed == self.passed:
+                return text
+        return repr(self.value)
+
     def line(self) -> str:
-        val = "n/a" if self.value is None else f"{self.value:.3g}"
+        val = self.shown_value()
         return (f"{self.verdict}: {self.name}: {val} {self.unit} (target {self.op} "
                 f"{self.bound:g} {self.unit}){' [' + self.where + ']' if self.where else ''}")
 

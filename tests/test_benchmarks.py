@@ -312,6 +312,12 @@ def test_target_verdicts_and_config_errors():
     with pytest.raises(ValueError, match="nbytes"):
         timing.copy_gbps("cpu", 0)
     assert "FAIL: a: 2" in suite.Target("a", 2.0, ">=", 3.3, "x").line()
+    # a value just off its bound keeps the digits that show which side it is on (the H100's
+    # 0.4999 of the copy bandwidth read "FAIL: ... 0.5 (target >= 0.5)")
+    assert "FAIL: a: 0.4999 " in suite.Target("a", 0.49990, ">=", 0.5).line()
+    assert "PASS: a: 0.501 " in suite.Target("a", 0.50104, ">=", 0.5).line()
+    assert "FAIL: a: 1.0001 x" in suite.Target("a", 1.00012, "<=", 1.0, "x").line()
+    assert "PASS: a: 0.5 " in suite.Target("a", 0.49996, "<=", 0.5).line()
     with pytest.raises(ValueError, match="device"):
         suite.SuiteConfig(device="tpu")
     with pytest.raises(ValueError, match="budget_gib"):
