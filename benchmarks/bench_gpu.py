@@ -1292,6 +1292,15 @@ def merge_results(runs: list[dict]) -> dict:
     from it, so that parts measured on different devices show as such."""
     if not runs:
         raise ValueError("merge_results needs the results of at least one call")
+    for i, run in enumerate(runs, 1):
+        if not (isinstance(run, dict) and isinstance(run.get("parts"), dict)
+                and isinstance(run.get("env"), dict)):
+            raise ValueError(f"call {i}: not a bench_gpu results.json (no 'parts' and 'env'; "
+                             "benchmarks.run's results merge with its --append)")
+    kinds = {str(run["env"].get("device")) == "cpu" for run in runs}
+    if len(kinds) > 1:   # a --smoke call's tiny CPU figures would stand in for a GPU's parts
+        raise ValueError("cannot merge CPU (--smoke) results with GPU ones: the verdicts would "
+                         "mix a tiny CPU model's figures into the GPU's")
     parts, origin = {}, {}
     for i, run in enumerate(runs):
         for part, result in run.get("parts", {}).items():
@@ -1489,7 +1498,11 @@ def main(argv=None) -> int:
                 ap.error(f"--merge: {folder} holds no results.json")
             with open(path) as f:
                 runs.append(json.load(f))
-        print(write_results(args.out, merge_results(runs)), flush=True)
+        try:
+            merged = merge_results(runs)
+        except ValueError as e:
+            ap.error(f"--merge: {e}")
+        print(write_results(args.out, merged), flush=True)
         return 0
     if args.worker:
         run_worker(args.worker, args)

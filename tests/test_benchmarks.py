@@ -1117,6 +1117,18 @@ def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
         bench_gpu.main(["--merge", str(tmp_path), "--out", str(out)])
     with pytest.raises(ValueError, match="at least one call"):
         bench_gpu.merge_results([])
+    # a --smoke call's tiny CPU figures replaced the H100's step rows (a PASS where the GPU's
+    # own verdict was FAIL); a results.json of benchmarks.run merged into "None" headers
+    smoke = {"env": {"device": "cpu", "torch": "2.14.1"}, "parts": {
+        "step-compiled": second["parts"]["step-compiled"]}}
+    with pytest.raises(ValueError, match="cannot merge CPU"):
+        bench_gpu.merge_results([first, smoke])
+    with pytest.raises(ValueError, match="call 2: not a bench_gpu results.json"):
+        bench_gpu.merge_results([first, {"meta": {}, "sections": {}}])
+    (folders[1] / "results.json").write_text(json.dumps(smoke))
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--merge", *map(str, folders), "--out", str(out)])
+    assert "cannot merge CPU" in capsys.readouterr().err
 
 
 def test_bench_gpu_retries_reuse_what_was_measured(tmp_path, monkeypatch):
