@@ -181,6 +181,22 @@ def test_resume_of_a_finished_run_keeps_its_result(runs, capsys):
     assert "finished in an earlier run" in out
 
 
+def test_resume_reads_an_earlier_versions_step_time_as_the_loops_median(runs, tmp_path,
+                                                                        capsys):
+    """result.json of an earlier version named the training loop's median step ``step_time_s``,
+    the name the table's side-by-side timing has now: a resume without timing showed it."""
+    import shutil
+    out = tmp_path / "old"
+    shutil.copytree(runs[0] / "whole", out)
+    result = json.loads((out / "bsr" / "result.json").read_text())
+    median = result.pop("median_step_time_s")
+    (out / "bsr" / "result.json").write_text(json.dumps({**result, "step_time_s": median}))
+    assert cli.main([*ARGS, "--out", str(out), "--resume"]) == 0
+    assert "finished in an earlier run" in capsys.readouterr().out
+    bsr = json.loads((out / "summary.json").read_text())["methods"]["bsr"]
+    assert "step_time_s" not in bsr and bsr["median_step_time_s"] == median, bsr
+
+
 def test_resume_refuses_a_corrupt_checkpoint(runs, tmp_path, capsys):
     root = runs[0]
     src = (root / "whole" / "bsr" / "checkpoint.pt").read_bytes()

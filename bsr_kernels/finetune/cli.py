@@ -804,6 +804,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
                                 f"{ckpt} without training again",
                                 format=RESULT_FORMAT, versions=(1,))
                 res.pop("format"), res.pop("version")
+                if "step_time_s" in res:   # an earlier version's name for the loop's median
+                    res["median_step_time_s"] = res.pop("step_time_s")
                 if method == "bsr":   # measured again below, in this run's mode
                     res["memory_mode"] = args.memory_mode_used
                 model.load_state_dict(state["model"])

@@ -603,7 +603,9 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     Returns:
         dict with ``accuracy`` and ``test_loss`` (last epoch), ``history`` (one dict per epoch),
         ``train_time_s`` (this process's training wall time, evaluation excluded),
-        ``step_time_s`` (median training step), ``steps`` and ``resumed_from_epoch``.
+        ``median_step_time_s`` (median training step, data wait included; the table's step
+        time is ``bsr-finetune``'s side-by-side timing instead), ``steps`` and
+        ``resumed_from_epoch``.
     """
     if opts.compile_mode is not None and opts.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be None or one of {', '.join(COMPILE_MODES)}, got "
@@ -728,7 +730,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     last = history[-1] if history else {"accuracy": None, "test_loss": None}
     return {"accuracy": last["accuracy"], "test_loss": last["test_loss"], "history": history,
             "train_time_s": train_time,
-            "step_time_s": statistics.median(step_times) if step_times else None,
+            "median_step_time_s": statistics.median(step_times) if step_times else None,
             "steps": step, "resumed_from_epoch": resumed_from}
 
 
