@@ -372,6 +372,16 @@ def _refuse_unused(names: Sequence[str], where: str) -> None:
                          f"{'apply' if len(names) > 1 else 'applies'} to {where}")
 
 
+def refuse_unused_options(given: set, rules: Sequence[tuple[Sequence[str], bool, str]]) -> None:
+    """The one rule of either mode for options that would do nothing: for each rule
+    ``(names, used, where)`` whose options this run does not use, a ValueError naming those of
+    ``names`` (argparse destinations) in ``given`` (the options on the command line): they
+    apply to ``where``."""
+    for names, used, where in rules:
+        if not used:
+            _refuse_unused([n for n in names if n in given], where)
+
+
 def check_weight_options(args: argparse.Namespace) -> None:
     """The starting-weight options of either mode (:func:`add_model_options`): ValueError
     naming them when --pretrained and --checkpoint are both given, or --pretrained with the
@@ -685,20 +695,17 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if args.torchcompile_mode is not None and not args.torchcompile:
         raise ValueError(f"--torchcompile-mode {args.torchcompile_mode} is torch.compile's "
                          "mode: add --torchcompile")
-    given = set(getattr(args, "given", ()))   # options on the command line (main() sets it)
-    bsr_only = [n for n in ("train_blocks", "drop_at", "keep_rate", "memory_mode",
-                            "activation_dtype")
-                if n in given or (n in ("train_blocks", "drop_at") and getattr(args, n))]
-    if "bsr" not in methods:
-        _refuse_unused(bsr_only, "--method bsr only")
-    if kind != "torchvision":
-        _refuse_unused([n for n in ("data_root",) if n in given],
-                       f"--data {', '.join(TORCHVISION_SETS)} (their download folder)")
-    if kind != "folder":
-        _refuse_unused([n for n in ("bad_images",) if n in given], "--data DIR (image folders)")
-    if args.out is None:
-        _refuse_unused([n for n in ("overwrite", "save_every_steps") if n in given],
-                       "a run written with --out DIR")
+    # options on the command line (main() sets them); a block list counts when set at all
+    given = {*getattr(args, "given", ()), *(n for n in ("train_blocks", "drop_at")
+                                             if getattr(args, n))}
+    refuse_unused_options(given, [
+        (("train_blocks", "drop_at", "keep_rate", "memory_mode", "activation_dtype"),
+         "bsr" in methods, "--method bsr only"),
+        (("data_root",), kind == "torchvision",
+         f"--data {', '.join(TORCHVISION_SETS)} (their download folder)"),
+        (("bad_images",), kind == "folder", "--data DIR (image folders)"),
+        (("overwrite", "save_every_steps"), args.out is not None,
+         "a run written with --out DIR")])
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")

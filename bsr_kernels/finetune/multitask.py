@@ -49,6 +49,7 @@ from . import cli
 # bsr-finetune's flag parsers and help formatter: one definition of each check and message
 from .cli import (_HelpFormatter, _keep_rate, _nonneg_float, _nonneg_int, _positive_float,
                   _positive_int, _seed)
+from .data import data_kind
 from .train import MEMORY_MODE_CHOICES
 
 __all__ = ["TASKS", "METHODS", "build_parser", "run", "main", "build_method"]
@@ -439,23 +440,19 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
                          f"processes ({info.world_size})")
     if args.top_k > args.experts:
         raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
-    from .data import data_kind
     from .models import check_model_name
     check_model_name(args.model)
     cli.check_weight_options(args)
     # options that none of the chosen methods or tasks would use are refused, as bsr-finetune
     # refuses them
-    given = set(getattr(args, "given", ()))
-    if not {"bsr_moe", "bsr_dense"} & set(args.method):
-        cli._refuse_unused([n for n in ("keep_rate", "memory_mode") if n in given],
-                           "--method bsr_moe or bsr_dense")
-    if not {"moe_full", "bsr_moe"} & set(args.method):
-        cli._refuse_unused([n for n in ("experts", "top_k", "noise_std", "aux_loss_weight")
-                            if n in given], "--method moe_full or bsr_moe")
     sets = [spec.partition("=")[2] for spec in args.task or ()]
-    if not any(d and data_kind(d) == "torchvision" for d in sets):
-        cli._refuse_unused([n for n in ("data_root",) if n in given],
-                           "--task NAME=DATA with a torchvision set (their download folder)")
+    cli.refuse_unused_options(set(getattr(args, "given", ())), [
+        (("keep_rate", "memory_mode"), bool({"bsr_moe", "bsr_dense"} & set(args.method)),
+         "--method bsr_moe or bsr_dense"),
+        (("experts", "top_k", "noise_std", "aux_loss_weight"),
+         bool({"moe_full", "bsr_moe"} & set(args.method)), "--method moe_full or bsr_moe"),
+        (("data_root",), any(d and data_kind(d) == "torchvision" for d in sets),
+         "--task NAME=DATA with a torchvision set (their download folder)")])
     # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
     # of these methods without --resume/--overwrite, args.json written
     with cli.claimed_out(args, info, warn, METHODS) as lock:
