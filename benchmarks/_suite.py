@@ -44,8 +44,8 @@ __all__ = ["SuiteConfig", "doc_summary", "make_inputs", "qkv_views", "min_bytes"
            "COMPILE_MODES", "COMPILED_VARIANTS", "GRAPH", "GRAPHED_VARIANTS", "is_graphed",
            "is_compiled", "split_variant",
            "variant_label", "create_vit", "model_label", "build_variant", "make_step",
-           "step_digest", "digest_diff", "cuda_peak_step", "Target", "machine_info",
-           "free_memory", "MIB", "GIB"]
+           "step_digest", "digest_diff", "cuda_peak_step", "Target", "shown_percent",
+           "machine_info", "free_memory", "MIB", "GIB"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = float(1 << 20)
@@ -470,16 +470,19 @@ class Target:
     def verdict(self) -> str:
         return {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[self.passed]
 
-    def shown_value(self) -> str:
-        """The value to 3 significant digits, or as many more as keep it on its verdict's side
-        of the bound (0.4999 against >= 0.5 reads 0.4999, not a failing "0.5")."""
+    def shown_value(self, percent: bool = False) -> str:
+        """The value to 3 significant digits (``percent``: a fraction as a percentage, whole
+        percents), or as many more digits as keep it on its verdict's side of the bound
+        (0.4999 against >= 0.5 reads 0.4999, or 49.99%, not a passing-looking "0.5" or
+        "50%")."""
         if self.value is None:
             return "n/a"
-        for digits in range(3, 10):
-            text = f"{self.value:.{digits}g}"
-            if dataclasses.replace(self, value=float(text)).passed == self.passed:
-                return text
-        return repr(self.value)
+        scale, unit, spec = (100.0, "%", "f") if percent else (1.0, "", "g")
+        for digits in range(0 if percent else 3, 10):
+            text = f"{self.value * scale:.{digits}{spec}}"
+            if dataclasses.replace(self, value=float(text) / scale).passed == self.passed:
+                return text + unit
+        return f"{self.value * scale!r}{unit}"
 
     def line(self) -> str:
         val = self.shown_value()
@@ -489,6 +492,15 @@ class Target:
     def to_dict(self) -> dict:
         return dict(name=self.name, value=self.value, op=self.op, bound=self.bound,
                     unit=self.unit, where=self.where, verdict=self.verdict)
+
+
+def shown_percent(fraction: float, bound: Optional[float] = None, op: str = ">=") -> str:
+    """A fraction as a table's percentage, whole percents; with the ``op bound`` of a target on
+    it, :meth:`Target.shown_value`'s rule: as many decimals as keep it on its verdict's side
+    (0.4999 against >= 0.5 reads 49.99%, never "50%")."""
+    if bound is None:
+        return f"{100 * fraction:.0f}%"
+    return Target("", fraction, op, bound).shown_value(percent=True)
 
 
 def doc_summary(doc: str) -> str:

@@ -3,13 +3,17 @@
 * :func:`interleaved`: wall-clock samples of every candidate in turn (CPU, and CUDA with syncs);
   :func:`robust_interleaved` the same, setting aside the candidates that raise.
 * :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
-  (``bench_gpu.py``); :func:`graph_ms`: time per call inside one CUDA graph; :func:`copy_gbps`:
-  the copy bandwidth (CPU or CUDA) that drop timings are compared with.
+  (``bench_gpu.py``); :func:`capture_graph` / :func:`graph_ms`: calls captured in one CUDA
+  graph, time per call; :func:`copy_gbps`: the copy bandwidth (CPU or CUDA) that drop timings
+  are compared with.
+* :func:`paired_ratio`: the one ratio of two candidates' samples, the median of per-round ratios.
+* :class:`Rotating`, :func:`rotation_sets`: inputs rotated over several sets, so that the
+  GPU's L2 (:func:`l2_bytes`) does not hold them between two calls of a candidate.
 
 The machines this runs on are shared and noisy, so absolute times mean little; what is reported
-is the ratio of medians of samples taken in one run, alternating between the candidates so that
-slow phases of the machine hit all of them alike. ``torch.set_num_threads`` is left as it is.
-On CUDA, each sample is bracketed by ``torch.cuda.synchronize()``.
+is the median of per-round ratios of samples taken in one run, alternating between the
+candidates so that slow phases of the machine hit all of them alike. ``torch.set_num_threads``
+is left as it is. On CUDA, each sample is bracketed by ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
@@ -20,7 +24,19 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Timing", "interleaved", "format_table", "copy_gbps"]
+__all__ = ["Timing", "interleaved", "format_table", "copy_gbps", "paired_ratio", "Rotating",
+           "rotation_count", "rotation_sets", "l2_bytes", "capture_graph", "graph_ms",
+           "do_bench_rounds"]
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]``: samples of two candidates taken in the same round
+    (next to each other), so that a slow phase of the machine cancels out of each ratio. A
+    candidate timed for fewer rounds (it failed in a later one) pairs its first rounds."""
+    pairs = [x / y for x, y in zip(a, b)]
+    if not pairs:
+        raise ValueError("paired_ratio needs at least one round with both samples")
+    return statistics.median(pairs)
 
 
 @dataclasses.dataclass
@@ -43,8 +59,8 @@ class Timing:
         return statistics.median(self.samples)
 
     def paired_ratio(self, other: "Timing") -> float:
-        """Median over repetitions of ``self / other`` (samples taken next to each other)."""
-        return statistics.median(a / b for a, b in zip(self.samples, other.samples))
+        """:func:`paired_ratio` of ``self / other`` (samples taken next to each other)."""
+        return paired_ratio(self.samples, other.samples)
 
 
 def _sync(device_sync: bool) -> None:
@@ -125,10 +141,54 @@ def robust_interleaved(steps: dict, errors: dict, **kwargs) -> dict:
         return interleaved(ok, **kwargs) if ok else {}
 
 
-def graph_ms(fn, n_calls: int) -> float:
-    """GPU time per call of ``fn`` with launch overhead removed: ``n_calls`` calls captured in one
-    CUDA graph, replays timed by ``do_bench`` (median)."""
-    import triton.testing
+class Rotating:
+    """Calls ``fn(*sets[i])`` with i cycling over several input sets: between two uses of one
+    set the others are read, so that the GPU's L2 no longer holds it (the design's rule;
+    :func:`rotation_sets` makes enough sets)."""
+
+    def __init__(self, fn, sets):
+        if not sets:
+            raise ValueError("Rotating needs at least one input set")
+        self.fn, self.sets, self.i = fn, sets, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.fn(*self.sets[self.i])
+
+
+def rotation_count(set_bytes: int, cache_bytes: int, most: int = 32) -> int:
+    """How many input sets of ``set_bytes`` each :class:`Rotating` needs so that the sets read
+    between two uses of one set (all the others) exceed ``cache_bytes``: at least 2, at most
+    ``most`` (tiny shapes would need hundreds)."""
+    if set_bytes <= 0 or cache_bytes < 0:
+        raise ValueError(f"set_bytes must be > 0 and cache_bytes >= 0, got {set_bytes}, "
+                         f"{cache_bytes}")
+    return max(2, min(most, 1 + -(-cache_bytes // set_bytes)))
+
+
+def rotation_sets(make: Callable[[], tuple], cache_bytes: int, most: int = 32) -> list[tuple]:
+    """Input sets for :class:`Rotating`: ``make()`` called :func:`rotation_count` times, for
+    sets the size of its first one (the bytes of the distinct storages of its tensors: views
+    of one tensor count once). ``cache_bytes`` 0: the first set alone, nothing rotated."""
+    first = make()
+    if not cache_bytes:
+        return [first]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in first if torch.is_tensor(t)}
+    count = rotation_count(max(sum(storages.values()), 1), cache_bytes, most)
+    return [first] + [make() for _ in range(count - 1)]
+
+
+def l2_bytes(device: int = 0) -> int:
+    """The L2 cache size of a CUDA device, in bytes (50 MiB, an H100's, where torch does not
+    say)."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+               or 50 << 20)
+
+
+def capture_graph(fn, n_calls: int) -> "torch.cuda.CUDAGraph":
+    """``n_calls`` calls of ``fn`` captured in one CUDA graph (after a warm call on the capturing
+    stream, as PyTorch advises): ``graph.replay()`` runs them with no launch overhead."""
     prev = torch.cuda.current_stream()
     side = torch.cuda.Stream()  # warm up on the stream that captures, as PyTorch advises
     side.wait_stream(prev)
@@ -143,7 +203,15 @@ def graph_ms(fn, n_calls: int) -> float:
                 fn()
     finally:  # a failed capture raises in the context's exit before it restores the stream
         torch.cuda.set_stream(prev)
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100,
+    return graph
+
+
+def graph_ms(fn, n_calls: int) -> float:
+    """GPU time per call of ``fn`` with launch overhead removed: :func:`capture_graph`, replays
+    timed by ``do_bench`` (median). One candidate alone: ratios between candidates take their
+    replays interleaved (``bench_gpu.graph_times``)."""
+    import triton.testing
+    return triton.testing.do_bench(capture_graph(fn, n_calls).replay, warmup=10, rep=100,
                                    return_mode="median") / n_calls
 
 
@@ -184,8 +252,9 @@ def do_bench_rounds(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60,
     sample is ``triton.testing.do_bench``'s median, on CPU the mean of 3 calls after one.
 
     Returns:
-        name -> ``{"ms", "spread"}`` (spread: (max - min) / median over rounds), or
-        ``{"error"}`` for a candidate that raised (the others go on).
+        name -> ``{"ms", "spread", "samples"}`` (spread: (max - min) / median over rounds;
+        samples: ms per round, in round order, for :func:`paired_ratio`), or ``{"error"}`` for
+        a candidate that raised (the others go on).
     """
     samples = {k: [] for k in fns}
     errors = {}
@@ -207,8 +276,8 @@ def do_bench_rounds(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60,
             except Exception as e:  # one failing candidate must not stop the others
                 errors[name] = error_text(e, limit)
                 log("  FAILED", name, errors[name])
-    out = {k: {"ms": statistics.median(v), "spread": (max(v) - min(v)) / statistics.median(v)}
-           for k, v in samples.items() if v}
+    out = {k: {"ms": statistics.median(v), "spread": (max(v) - min(v)) / statistics.median(v),
+               "samples": v} for k, v in samples.items() if v}
     out.update({k: {"error": e} for k, e in errors.items()})
     return out
 

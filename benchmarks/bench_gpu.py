@@ -41,11 +41,13 @@ Parts (``--parts``, default all, in this order):
   table's tokens (one image's scores all tied).
 * ``op``: forward and fwd+bwd of the drop at ViT shapes: the library op, the eager composite
   (N x N probabilities) and the CLS-row composite (plain PyTorch); a device-to-device copy
-  measured in the same run gives the bandwidth bound. Inputs rotate over several sets so L2 does
-  not hold them; q and k are views of one qkv tensor, as in timm. ``triton.testing.do_bench``
-  medians, candidates interleaved over rounds; each forward is also timed as CUDA-graph replays
-  (GPU time without launch overhead), which the ratios use (a ratio whose two sides were not both
-  captured uses their eager calls, and the table says so). Also the op's passes alone.
+  measured in the same run gives the bandwidth bound. Inputs rotate over enough sets that L2
+  does not hold them (``_timing.rotation_sets``); q and k are views of one qkv tensor, as in
+  timm. ``triton.testing.do_bench`` medians, candidates interleaved over rounds; each pass is
+  also timed as CUDA-graph replays (GPU time without launch overhead), interleaved over rounds
+  too, which the ratios use (a ratio whose two sides were not both captured uses their eager
+  calls, and the table says so). Every ratio is the median of per-round ratios
+  (``_timing.paired_ratio``). Also the op's passes alone.
 * ``sync``: no host sync in any memory mode's step (``torch.cuda.set_sync_debug_mode("error")``).
 * ``step``: ViT-B/16 training steps (bf16 autocast, fused AdamW), eager: timm full fine-tuning,
   the authors' formulation, the plain-PyTorch BSR peer (:mod:`peer_bsr`) and ``reprogram`` in
@@ -110,8 +112,9 @@ from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
 from ._suite import (SuiteConfig, Target, is_compiled, is_graphed, make_inputs, min_bytes,
-                     model_label, qkv_views)
-from ._timing import copy_gbps, do_bench_rounds, error_text, graph_ms
+                     model_label, qkv_views, shown_percent)
+from ._timing import (Rotating, capture_graph, copy_gbps, do_bench_rounds, error_text, graph_ms,
+                      l2_bytes, paired_ratio, rotation_sets)
 from .peer_bsr import cls_row_drop
 
 def process_start_time() -> float:
@@ -497,17 +500,6 @@ def bench(fns: dict, cuda: bool, rounds: int = 3, rep_ms: int = 60) -> dict:
     return do_bench_rounds(fns, cuda, rounds, rep_ms, log=log)
 
 
-class Rotating:
-    """Calls ``fn(*inputs[i])`` with i cycling over several input sets (defeats L2 reuse)."""
-
-    def __init__(self, fn, sets):
-        self.fn, self.sets, self.i = fn, sets, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.sets)
-        return self.fn(*self.sets[self.i])
-
-
 def warmed(candidates: dict, errors: dict, compiled: dict[str, str]) -> dict:
     """The candidates that ran once: compiled ones (``compiled``: name -> watchdog label) under
     the watchdog (a hang ends this process; :func:`run_part` retries or skips that label);
@@ -595,8 +587,8 @@ def part_op(cuda: bool, device: str, compiled: bool = False) -> dict:
             forward_figures(res, ours, peers, out["copy_gbps"])
             res["seconds"] = time.time() - started
             WORKER.put(label, res)  # a hang in the fwd+bwd keeps the forward
-        gsets = [make_inputs(b, n, h, c, dtype, device, True, generator=g)
-                 for _ in range(3 if cuda else 1)]
+        gsets = rotation_sets(lambda: make_inputs(b, n, h, c, dtype, device, True, generator=g),
+                              l2_bytes() if cuda else 0)
 
         def fb(fn):  # grads to x and the qkv tensor with a fixed cotangent
             def run(x, q, k, v, qkv):
@@ -632,11 +624,12 @@ def _op_forward(ours: str, op, peers: dict, shape, dtype, device: str, g, cuda: 
     """One shape's forward in :func:`part_op`: ``forward`` (``do_bench`` medians of ours and
     the peers), on CUDA ``forward_graph`` (CUDA-graph replays) and, in the eager part,
     ``passes`` (the op's passes alone); ``errors`` of the candidates that failed, and
-    ``min_bytes``. Inputs rotate over several sets (freed on return)."""
+    ``min_bytes``. Inputs rotate over several sets (:func:`_timing.rotation_sets`; freed on
+    return)."""
     b, h, n, d = shape
     c = h * d
-    sets = [make_inputs(b, n, h, c, dtype, device, generator=g)[:3]
-            for _ in range(4 if cuda else 1)]
+    sets = rotation_sets(lambda: make_inputs(b, n, h, c, dtype, device, generator=g)[:3],
+                         l2_bytes() if cuda else 0)
     res, errors = {}, {}
     fwd = warmed({ours: Rotating(op, sets),
                   **{name: Rotating(fn, sets) for name, fn in peers.items()}},
@@ -672,22 +665,41 @@ def op_passes(x, q, k, scale: float) -> dict:
             "backward cls": lambda: tb._launch_cls_bwd(grad_scores, q, k, lse, scale, 1)}
 
 
-def graph_times(candidates: dict, n_calls: int) -> dict:
-    """:func:`graph_ms` of each candidate (name -> ``{"ms"}``), or ``{"error"}`` where its
-    capture failed (reported; the others go on)."""
-    out = {}
+def graph_times(candidates: dict, n_calls: int, rounds: int = 3) -> dict:
+    """GPU time per call of each candidate without launch overhead: ``n_calls`` calls captured
+    in one CUDA graph per candidate (:func:`_timing.capture_graph`), then the replays timed
+    interleaved over ``rounds`` rounds (A B C A B C ..., :func:`bench`), so that a ratio pairs
+    samples taken side by side (timed one after the other, a drift of the GPU's clocks between
+    two candidates would go into their ratio). name -> ``{"ms", "spread", "samples"}`` per
+    call, or ``{"error"}`` where its capture or a replay failed (reported; the others go on).
+    Every candidate's graph is held until all are timed."""
+    out, replays = {}, {}
     for name, fn in candidates.items():
         try:
-            out[name] = {"ms": graph_ms(fn, n_calls)}
+            replays[name] = capture_graph(fn, n_calls).replay
         except Exception as e:  # capture can fail: report, go on
             out[name] = {"error": err(e)}
-    return out
+    for name, t in bench(replays, True, rounds).items():
+        out[name] = t if "error" in t else dict(t, ms=t["ms"] / n_calls,
+                                                samples=[ms / n_calls for ms in t["samples"]])
+    return {name: out[name] for name in candidates}
+
+
+def speedup(times: dict, peer: str, ours: str) -> float:
+    """``peer``'s time over ``ours`` in one timing (name -> ``{"ms", "samples"}``): the median
+    of per-round ratios (:func:`_timing.paired_ratio`); a timing recorded without its samples
+    (results written before they were kept) gives the ratio of its medians."""
+    a, b = times[peer], times[ours]
+    if a.get("samples") and b.get("samples"):
+        return paired_ratio(a["samples"], b["samples"])
+    return a["ms"] / b["ms"]
 
 
 def fwd_bwd_figures(res: dict, ours: str, peers) -> None:
-    """Per peer ``fwd+bwd speedup vs <peer>`` of one shape's result ``res``: from the CUDA-graph
-    replays (``fwd+bwd_graph``: GPU time, as the forward's ratios) when both sides were
-    captured, else from the eager calls (``fwd+bwd``); ``fwd+bwd_ratio_from[peer]`` names which.
+    """Per peer ``fwd+bwd speedup vs <peer>`` (:func:`speedup`) of one shape's result ``res``:
+    from the CUDA-graph replays (``fwd+bwd_graph``: GPU time, as the forward's ratios) when both
+    sides were captured, else from the eager calls (``fwd+bwd``); ``fwd+bwd_ratio_from[peer]``
+    names which.
     The eager ratio is kept too (``... (eager calls)``): on a slow host it measures Python and
     launches, which are the same few microseconds at every size."""
     res["fwd+bwd_ratio_from"] = {}
@@ -695,7 +707,7 @@ def fwd_bwd_figures(res: dict, ours: str, peers) -> None:
         for key in ("fwd+bwd_graph", "fwd+bwd"):
             t = res.get(key, {})
             if "ms" in t.get(peer, {}) and "ms" in t.get(ours, {}):
-                ratio = t[peer]["ms"] / t[ours]["ms"]
+                ratio = speedup(t, peer, ours)
                 if f"fwd+bwd speedup vs {peer}" not in res:
                     res[f"fwd+bwd speedup vs {peer}"] = ratio
                     res["fwd+bwd_ratio_from"][peer] = key
@@ -708,9 +720,9 @@ def forward_figures(res: dict, ours: str, peers, copy_gbps: float) -> None:
     ``do_bench``; on CUDA ``forward_graph``: CUDA-graph replays, GPU time without launch
     overhead), set in it: our op's bandwidth (``gbps``, ``fraction_of_copy``) from its graph
     replays when it was captured, else from its eager calls (``forward_from`` names which), and
-    per peer ``forward speedup vs <peer>`` from the graph replays when both ours and that peer
-    were captured, else from the eager calls of both (``forward_ratio_from[peer]``): a peer
-    whose capture failed keeps its ratio."""
+    per peer ``forward speedup vs <peer>`` (:func:`speedup`) from the graph replays when both
+    ours and that peer were captured, else from the eager calls of both
+    (``forward_ratio_from[peer]``): a peer whose capture failed keeps its ratio."""
     def source(*names):  # where all of names have a time: graph replays first
         return next((key for key in ("forward_graph", "forward")
                      if all("ms" in res.get(key, {}).get(name, {}) for name in names)), None)
@@ -724,7 +736,7 @@ def forward_figures(res: dict, ours: str, peers, copy_gbps: float) -> None:
     for peer in peers:
         key = source(ours, peer)
         if key:
-            res[f"forward speedup vs {peer}"] = res[key][peer]["ms"] / res[key][ours]["ms"]
+            res[f"forward speedup vs {peer}"] = speedup(res[key], peer, ours)
             res["forward_ratio_from"][peer] = key
 
 
@@ -826,8 +838,8 @@ def part_sweep(cuda: bool, device: str) -> dict:
              for r in (1, 2, 4) if r != radix for sw in (4, 8)]
     out = {}
     for label, b, h, n, d in [s for s in OP_SHAPES if s[0] != "ViT-S B=256"]:
-        sets = [make_inputs(b, n, h, h * d, torch.bfloat16, device, generator=g)[:3]
-                for _ in range(4)]
+        sets = rotation_sets(lambda: make_inputs(b, n, h, h * d, torch.bfloat16, device,
+                                                 generator=g)[:3], l2_bytes())
         fn = Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets)
         res = []
         for setting in grid:
@@ -1236,6 +1248,17 @@ def _fmt(x, spec=".2f", suffix="") -> str:
     return f"{x:{spec}}{suffix}" if isinstance(x, (int, float)) else "—"
 
 
+def _copy_fraction(shape: str, fraction) -> str:
+    """A shape's fraction of the copy bandwidth as a table cell: :func:`_suite.shown_percent`
+    against the shape's target in :data:`OP_TARGETS`, if it has one (0.4999 against >= 0.5 is
+    49.99%, not a "50%" beside a FAIL)."""
+    if fraction is None:
+        return "—"
+    target = next(((bound, op) for _, _, at, key, op, bound in OP_TARGETS
+                   if at == shape and key == "fraction_of_copy"), ())
+    return shown_percent(fraction, *target)
+
+
 def _forward_ratio(res: dict, peer: str, pass_: str = "forward") -> str:
     """The ``pass_`` (forward or fwd+bwd) speedup of a shape's result over ``peer``, as a table
     cell: ``(eager calls)`` where it is not from CUDA-graph replays (:func:`forward_figures`,
@@ -1283,13 +1306,31 @@ def _not_run(result: dict) -> bool:
     return str(result.get("error", "")).startswith(("skipped", "out of time to retry"))
 
 
+#: ``env`` entries that every call merged by :func:`merge_results` must share: ratios measured
+#: on another device or with other software do not compare with these, and the targets would
+#: read them as one run's.
+MERGE_SAME_ENV = ("device", "torch", "triton", "cuda")
+
+
+def _shared_env(envs: list[dict]) -> dict:
+    """The entries of the first env that every other env has with the same value."""
+    return {k: v for k, v in envs[0].items() if all(k in e and e[k] == v for e in envs[1:])}
+
+
 def merge_results(runs: list[dict]) -> dict:
     """One ``results.json`` from those of several calls, in call order (a lease's 600 s calls:
     the second runs the parts the first left out): each part from the last call that ran it
     (a call that skipped a part for time keeps an earlier call's result), the targets taken
-    again from the merged parts. ``env`` is the first call's, its device the devices of the
-    calls that gave parts (joined by " + "); ``calls`` lists each call's env and the parts taken
-    from it, so that parts measured on different devices show as such."""
+    again from the merged parts. ``env`` holds what every call's env shares (the device and
+    the software, :data:`MERGE_SAME_ENV`, always) and ``part_seconds`` of each part from the
+    call it was taken from; ``calls`` lists each call's own env (what may differ between calls,
+    as the compile threads and the compile pool probe, is there: the summary states it per
+    call) and the parts taken from it.
+
+    Raises:
+        ValueError: with no call, a call that is not a bench_gpu results.json, or calls whose
+            env differs in an entry of :data:`MERGE_SAME_ENV` (named in the message).
+    """
     if not runs:
         raise ValueError("merge_results needs the results of at least one call")
     for i, run in enumerate(runs, 1):
@@ -1301,37 +1342,58 @@ def merge_results(runs: list[dict]) -> dict:
     if len(kinds) > 1:   # a --smoke call's tiny CPU figures would stand in for a GPU's parts
         raise ValueError("cannot merge CPU (--smoke) results with GPU ones: the verdicts would "
                          "mix a tiny CPU model's figures into the GPU's")
+    for key in MERGE_SAME_ENV:
+        values = [run["env"].get(key) for run in runs]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"cannot merge calls whose env differs in {key!r} (" + ", ".join(
+                f"call {i}: {v}" for i, v in enumerate(values, 1)) + "): ratios measured on "
+                "another device or with other software do not compare")
     parts, origin = {}, {}
     for i, run in enumerate(runs):
         for part, result in run.get("parts", {}).items():
             if part not in parts or not _not_run(result):
                 parts[part], origin[part] = result, i
-    calls = [dict(env=run.get("env", {}), parts=[p for p in parts if origin[p] == i])
+    calls = [dict(env=run["env"], parts=[p for p in parts if origin[p] == i])
              for i, run in enumerate(runs)]
-    devices = list(dict.fromkeys(str(c["env"].get("device")) for c in calls if c["parts"]))
-    env = dict(runs[0].get("env", {}), device=" + ".join(devices) or runs[0].get("env", {}).get(
-        "device"))
+    env = _shared_env([run["env"] for run in runs])
+    seconds = {p: s for i, run in enumerate(runs)
+               for p, s in run["env"].get("part_seconds", {}).items() if origin.get(p) == i}
+    if seconds:
+        env["part_seconds"] = seconds
     merged = {"env": env, "parts": parts, "calls": calls}
     merged["targets"] = [t.to_dict() for t in targets(merged)]
     return merged
 
 
 def _calls_lines(results: dict) -> list[str]:
+    """Summary lines of merged results (:func:`merge_results`): the parts taken from each call,
+    then what the calls' envs do not share, per call (``part_seconds`` left out), the compile
+    pool probe as :func:`_probe_line` says it; what they share (the header's device and
+    software, and a probe they all report) once. None for one call's results."""
     calls = results.get("calls")
     if not calls or len(calls) < 2:
         return []
-    return ["Merged from calls: " + "; ".join(
-        f"{i + 1}: {c['env'].get('device')}, torch {c['env'].get('torch')}, triton "
-        f"{c['env'].get('triton')} ({', '.join(c['parts']) or 'no part kept'})"
-        for i, c in enumerate(calls)), ""]
+    shared = _shared_env([c["env"] for c in calls])
+    same = all(c["env"].get(k) == calls[0]["env"].get(k) for c in calls for k in MERGE_SAME_ENV)
+    each = " (the header's device and software in each)" if same else ""
+    lines = [f"Merged from calls{each}: " + "; ".join(
+        f"{i}: {', '.join(c['parts']) or 'no part kept'}" for i, c in enumerate(calls, 1)), ""]
+    for i, c in enumerate(calls, 1):
+        own = {k: v for k, v in c["env"].items() if k not in shared and k != "part_seconds"}
+        probe = _probe_line({"compile_pool_probe": own.pop("compile_pool_probe", None)})
+        lines += [f"- call {i}: {k}: {v}" for k, v in own.items()]
+        lines += [f"- call {i}: {ln}" for ln in probe[:1]]
+    if lines[-1]:
+        lines.append("")
+    return lines + _probe_line(shared)
 
 
 def summarize(results: dict) -> str:
     """The tables of ``results.md``: the op per shape, the training step per variant."""
     env, parts = results.get("env", {}), results.get("parts", {})
     lines = [f"# bench_gpu: {env.get('device')} · torch {env.get('torch')} · triton "
-             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + _calls_lines(results) \
-        + _probe_line(env)
+             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + (
+                 _calls_lines(results) or _probe_line(env))
     if "check" in parts:
         c = parts["check"]
         lines += [f"check: {len(c.get('cases', []))} cases, {c.get('failures', '?')} failures"
@@ -1367,9 +1429,9 @@ def summarize(results: dict) -> str:
             eager = timed.get("forward_from") == "forward"  # no graph replay of ours
             lines.append("| " + " | ".join([
                 s, _fmt(t * 1e3 if t else None, ".1f") + (" (eager calls)" if eager else ""),
-                _fmt(timed.get("fraction_of_copy"), ".0%"), _forward_ratio(r, EAGER_PEER),
-                _forward_ratio(r, ROW_PEER), _forward_ratio(rc, COMPILED_PEER),
-                _forward_ratio(r, ROW_PEER, "fwd+bwd"),
+                _copy_fraction(s, timed.get("fraction_of_copy")),
+                _forward_ratio(r, EAGER_PEER), _forward_ratio(r, ROW_PEER),
+                _forward_ratio(rc, COMPILED_PEER), _forward_ratio(r, ROW_PEER, "fwd+bwd"),
                 _forward_ratio(rc, COMPILED_PEER, "fwd+bwd")]) + " |")
         lines.append("")
     for name in ("step", "step-graphs", "step-compiled"):

@@ -2,10 +2,12 @@
 
     python -m benchmarks.readme_section benchmarks/results/2026-11-25-cpu.json [--link PATH]
 
-Accepts the ``results.json`` of ``python -m benchmarks.run``, its directory, or the ``.md`` next to it
-(the ``.json`` with the same stem is read). The section names the machine, the date and the
-command, and summarises: the training step (speed, saved memory, FLOPs), the drop op, the
-largest batch within the memory budget, and every target with its PASS/FAIL verdict.
+Accepts the ``results.json`` of ``python -m benchmarks.run``, its directory, or the ``.md`` next
+to it (the ``.json`` with the same stem is read). The section names the machine, the date and
+the command (where ``--append`` joined sections of other runs, each section's: the README must
+not credit one machine with another's figures), and summarises: the training step (speed, saved
+memory, FLOPs), the drop op, the largest batch within the memory budget, and every target with
+its PASS/FAIL verdict.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import sys
 
 from ._suite import Target, doc_summary
 from ._timing import format_table
+from .bench_drop_compare import bound_cell
+from .run import origins_note
 
 __all__ = ["load_results", "performance_section", "main"]
 
@@ -61,6 +65,9 @@ def performance_section(results: dict, link: str | None = None) -> str:
         f"{'bf16 autocast' if cfg['device'] == 'cuda' else 'fp32'}, with torch {m['torch']} and "
         f"timm {m['timm']} (bsr_kernels commit {m.get('git_commit') or '?'}), by")
     lines += ["", "```", meta["command"], "```", ""]
+    note = origins_note(results)   # the header names the newest run of an --append alone
+    if note:
+        lines += [note, ""]
     lines.append("Times are taken side by side in one run (A B A B rounds, medians; speedups are "
                  "medians of per-round ratios)"
                  + (", on a shared machine: read the ratios, not the absolute times."
@@ -114,8 +121,7 @@ def performance_section(results: dict, link: str | None = None) -> str:
                          f"{bw['paired_speedup_vs_eager']:.2f}x" if bw else "",
                          f"{lv['paired_speedup_vs_eager']:.2f}x" if lv else "",
                          f"{fw['gbps']:.0f}" if fw and "gbps" in fw else "",
-                         f"{100 * fw['bound_fraction']:.0f}%" if fw and "bound_fraction" in fw
-                         else ""])
+                         bound_cell(fw) if fw else ""])
         lines.append(format_table(rows, ["candidate", "forward ms", "forward speedup",
                                          "fwd+bwd speedup", "fwd+bwd speedup, q/k leaves",
                                          "GB/s", "% of bound"]))

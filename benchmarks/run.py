@@ -52,7 +52,8 @@ from ._suite import SuiteConfig, Target, machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-__all__ = ["main", "run_suite", "merge_results", "SECTIONS", "write_markdown", "write_plots"]
+__all__ = ["main", "run_suite", "merge_results", "SECTIONS", "write_markdown", "write_plots",
+           "section_origins", "origins_note"]
 
 #: Section name -> module implementing ``run(cfg, log)`` and ``table(section)``.
 SECTIONS = {"drop_tokens": "bench_drop_compare", "attention": "bench_attention",
@@ -94,10 +95,10 @@ def _load(path: str) -> dict:
 
 
 def _origin(meta: dict) -> dict:
-    """Where and when a run measured: date, machine (GPU, else CPU), commit."""
+    """Where and when a run measured: date, machine (GPU, else CPU), commit, command."""
     m = meta.get("machine", {})
     return dict(date=meta.get("date"), machine=m.get("gpu") or m.get("cpu"),
-                commit=m.get("git_commit"))
+                commit=m.get("git_commit"), command=meta.get("command"))
 
 
 def section_origins(results: dict) -> dict:
@@ -105,6 +106,19 @@ def section_origins(results: dict) -> dict:
     a result without the record: its own meta for every section)."""
     recorded = results["meta"].get("section_origins", {})
     return {s: recorded.get(s, _origin(results["meta"])) for s in SECTIONS if s in results}
+
+
+def origins_note(results: dict) -> str:
+    """Where each section was measured, when ``--append`` joined sections of runs that differ
+    in it (machine, commit, date or command: the header names the newest run's machine and
+    date alone), as one sentence; "" otherwise. results.md and the README section both say
+    it. A record without a command (before it was kept) names none."""
+    origins = section_origins(results)
+    if len({tuple(o.items()) for o in origins.values()}) < 2:
+        return ""
+    return "Sections measured apart (`--append`): " + "; ".join(
+        f"{s}: {o['machine']}, commit {o.get('commit') or '?'}, {o['date']}"
+        + (f", `{o['command']}`" if o.get("command") else "") for s, o in origins.items())
 
 
 def merge_results(prev: dict, new: dict, sections) -> dict:
@@ -162,11 +176,9 @@ def write_markdown(results: dict, path: str, plots=()) -> str:
              "- Times are side by side in one run (A B A B rounds, medians; speedups are medians "
              "of per-round ratios). The machine may be shared: ratios mean more than absolutes.",
              "", "## Targets", ""]
-    origins = section_origins(results)
-    if len({tuple(o.items()) for o in origins.values()}) > 1:   # appended from other runs
-        lines[-3:-3] = ["- Sections measured apart (`--append`): " + "; ".join(
-            f"{s}: {o['machine']}, commit {o['commit'] or '?'}, {o['date']}"
-            for s, o in origins.items())]
+    note = origins_note(results)
+    if note:   # appended from other runs
+        lines[-3:-3] = [f"- {note}"]
     lines += [f"- {_target_line(t)}" for t in results.get("targets", [])] or ["- (none)"]
     for name in SECTIONS:
         if name not in results:

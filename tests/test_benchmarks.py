@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +91,9 @@ def test_drop_section_rows(suite_run):
     assert {r["scope"] for r in rows} == {"op", "attention+drop", "host"}
     for r in rows:
         assert r["median_ms"] > 0 and r["paired_speedup_vs_eager"] > 0
+        # per-round samples, paired across the candidates of one timing (the CPU target's ratio)
+        assert len(r["samples_ms"]) == r["reps"]
+        assert statistics.median(r["samples_ms"]) == pytest.approx(r["median_ms"])
         if r["candidate"] in ("eager composite", "eager attention + composite",
                               "registered op"):
             assert r["paired_speedup_vs_eager"] == 1.0
@@ -215,7 +220,8 @@ def test_benchmarks_is_a_package_without_path_hacks():
         assert "def make_inputs" not in text or name == "_suite.py", name
         assert "def qkv_inputs" not in text, name
         assert "ANCHORS = " not in text or name == "bench_train_step.py", name
-        assert "def interleaved" not in text or name == "_timing.py", name
+        for one in ("def interleaved", "def paired_ratio", "class Rotating", "def rotation_"):
+            assert one not in text or name == "_timing.py", (one, name)
     suite = _import_bench("_suite")
     x, q, k, v, qkv = suite.make_inputs(2, 5, 2, 8, requires_grad=True)
     assert x.shape == (2, 5, 8) and q.shape == k.shape == v.shape == (2, 2, 5, 4)
@@ -429,15 +435,13 @@ def test_merge_results_keeps_other_sections_and_refuses_mixing():
     assert [t["name"] for t in merged["targets"]] == ["drop_tokens", "attention", "memory"]
     assert merged["meta"]["command"] == "a && b"
     # each section keeps where it was measured, through a second append too
-    assert run.section_origins(merged) == {
-        s: dict(date="d", machine="AMD EPYC", commit="c1")
-        for s in ("drop_tokens", "attention", "memory")}
+    a, b = (dict(date="d", machine="AMD EPYC", commit="c1", command=c) for c in "ab")
+    assert run.section_origins(merged) == {"drop_tokens": a, "attention": b, "memory": b}
     later = run.merge_results(merged, res("cpu", True, ["memory"], "c", "Intel Xeon", "c2"),
                               ["memory"])
     origins = run.section_origins(later)
-    assert origins["memory"] == dict(date="d", machine="Intel Xeon", commit="c2")
-    assert origins["drop_tokens"] == origins["attention"] == dict(date="d", machine="AMD EPYC",
-                                                                  commit="c1")
+    assert origins["memory"] == dict(date="d", machine="Intel Xeon", commit="c2", command="c")
+    assert (origins["drop_tokens"], origins["attention"]) == (a, b)
     assert later["meta"]["machine"]["cpu"] == "Intel Xeon"   # the header's: the newest run
     with pytest.raises(ValueError, match="append"):
         run.merge_results(prev, res("cpu", False, ["memory"], "c"), ["memory"])
@@ -1078,7 +1082,7 @@ def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
         "op": {"ViT-B B=128": {"fraction_of_copy": 0.55, row: 2.1}},
         "step": {"rows": [step_row("bsr_lean", 0.02, peak_gib_above_model=1.04)]},
         "step-compiled": skipped, "sac": skipped}}
-    second = {"env": {"device": "NVIDIA H200", "torch": "2.11.0"}, "parts": {
+    second = {"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}, "parts": {
         "step": skipped,
         "step-compiled": {"rows": [step_row("full", 0.05, speedup_vs_full=1.0),
                                    step_row("peer_bsr+compile", 0.0145, speedup_vs_full=3.4),
@@ -1101,7 +1105,7 @@ def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
     assert parts["sac"] == skipped
     assert [c["parts"] for c in merged["calls"]] == [["check", "op", "step", "sac"],
                                                     ["step-compiled"]]
-    assert merged["env"]["device"] == "NVIDIA H100 80GB HBM3 + NVIDIA H200"
+    assert merged["env"] == {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}
     got = {t["name"]: t for t in merged["targets"]}
     assert got["GPU step: best BSR mode / compiled plain-PyTorch BSR"]["verdict"] == "PASS"
     assert got["GPU step: lean peak memory above the resident model"]["value"] == 1.04
@@ -1111,7 +1115,8 @@ def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
             alone["GPU step: best BSR mode / compiled plain-PyTorch BSR"].verdict,
             alone["GPU step: lean peak memory above the resident model"].verdict}
     md = (out / "results.md").read_text()
-    assert "Merged from calls: 1: NVIDIA H100 80GB HBM3" in md and "2: NVIDIA H200" in md
+    assert ("Merged from calls (the header's device and software in each): 1: check, op, "
+            "step, sac; 2: step-compiled") in md
     assert md in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_gpu.main(["--merge", str(tmp_path), "--out", str(out)])
@@ -2032,3 +2037,257 @@ def test_compiled_fast_and_lean_recompute_what_their_policy_says(mode, recompute
     assert ref["bw"][mm] == ref["bw"][sdpa] == 0
     assert got["bw"][sdpa] == 9
     assert recomputed <= got["bw"][mm] <= recomputed + 1
+
+
+def _drop_rows(pass_, samples_ms, size="ViT-B", n=197, b=32):
+    """Rows of bench_drop_compare's op scope for one pass and shape: candidate -> samples (ms per
+    round), with the median the section records beside them."""
+    return [dict(scope="op", size=size, N=n, B=b, pass_=pass_, candidate=name,
+                 median_ms=statistics.median(s), samples_ms=list(s))
+            for name, s in samples_ms.items()]
+
+
+def test_drop_cpu_target_is_the_median_of_per_round_ratios():
+    """The CPU target (C++ drop fwd+bwd against torch.compile(reference)) is the median of
+    per-round ratios of samples taken in the same rounds, as every ratio of the suite
+    (``_timing.paired_ratio``), not the ratio of the two medians: here a slow phase hit the
+    rounds unevenly, and the two differ by 10x. Rows keep their samples for it."""
+    dc = _import_bench("bench_drop_compare")
+    from benchmarks._suite import SuiteConfig
+    from benchmarks._timing import Timing, paired_ratio
+    comp, ours = [1.0, 10.0, 10.0, 2.0, 30.0], [1.0, 1.0, 10.0, 2.0, 30.0]
+    rows = (_drop_rows("fwd+bwd", {"bsr cpp": ours, "torch.compile(reference)": comp,
+                                   dc.FLOOR: [0.5] * 5})
+            + _drop_rows("fwd+bwd leaves", {"bsr cpp": [2.0] * 5,
+                                            "torch.compile(reference)": [4.0] * 5}))
+    per_round = statistics.median(c / o for c, o in zip(comp, ours))
+    assert per_round == 1.0 and statistics.median(comp) / statistics.median(ours) == 5.0
+    (target,) = dc.cpu_targets(SuiteConfig(device="cpu"), rows)
+    assert target["value"] == pytest.approx(per_round) and target["verdict"] == "FAIL"
+    assert "with q, k as leaves (no UnbindBackward stack): 2.00x" in target["where"]
+    floor = paired_ratio(comp, [0.5] * 5)
+    assert f"the {dc.FLOOR} of this pass: {floor:.2f}x" in target["where"]
+    # the rows record each round's sample, in round order, beside their median
+    row = dc._row(Timing("bsr cpp", [0.003, 0.001, 0.002], 4),
+                  Timing("eager composite", [0.006, 0.001, 0.006], 1), scope="op", B=32)
+    assert row["samples_ms"] == pytest.approx([3.0, 1.0, 2.0]) and row["median_ms"] == 2.0
+    assert row["paired_speedup_vs_eager"] == pytest.approx(2.0)  # median of 2, 1, 3
+    assert row["speedup_vs_eager"] == pytest.approx(3.0)  # ratio of medians, information
+    assert (row["scope"], row["B"], row["candidate"], row["reps"], row["number"]) == (
+        "op", 32, "bsr cpp", 3, 4)
+
+
+def test_drop_timings_rotate_inputs_beyond_the_cache():
+    """The drop section's timings rotate each candidate's inputs over enough sets that the
+    others' exceed the cache (on CUDA, the GPU's L2, so that it does not hold them): successive
+    calls of a candidate see other buffers, in every pass; with no cache to defeat (the CPU
+    default) there is one set."""
+    dc = _import_bench("bench_drop_compare")
+    from benchmarks._suite import SuiteConfig, make_inputs
+    from benchmarks._timing import rotation_count
+    for set_bytes, cache in [(10, 50), (10, 49), (10, 51), (100, 50), (7, 0), (3, 10 ** 6)]:
+        n = rotation_count(set_bytes, cache)
+        assert n >= 2 and (n == 32 or (n - 1) * set_bytes >= cache)
+        assert n == 2 or (n - 2) * set_bytes < cache
+    cfg = SuiteConfig(device="cpu", tiny=True)
+    b, n, h, c = 2, 17, 2, 16
+    set_bytes = (b * n * c + b * n * 3 * c) * 4  # x and the qkv tensor that q, k, v view
+
+    def make(grad):
+        return make_inputs(b, n, h, c, torch.float32, "cpu", grad)
+
+    for grad in dc.PASSES.values():
+        seen = {"a": [], "b": []}
+
+        def cand(name):
+            def fn(x, q, k, v):
+                seen[name].append((x.data_ptr(), q.data_ptr(), k.data_ptr()))
+                return x * 2 + (q.sum() + k.sum())
+            return fn
+
+        for cache, sets in [(2 * set_bytes, 3), (None, 1)]:
+            for calls in seen.values():
+                calls.clear()
+            errors = {}
+            timings = dc._time({name: cand(name) for name in seen}, make, grad, cfg, reps=2,
+                               min_sample=1e-4, errors=errors, cache_bytes=cache)
+            assert not errors and set(timings) == {"a", "b"}
+            for name, calls in seen.items():
+                assert len(set(calls)) == sets, (grad, cache, name)
+                if sets > 1:   # a call never reads the buffers its predecessor read
+                    assert all(p != q for p, q in zip(calls, calls[1:])), (grad, name)
+            assert set(seen["a"]) == set(seen["b"])   # the candidates share the sets
+
+
+def test_bench_gpu_graph_replays_are_interleaved_and_ratios_paired(monkeypatch):
+    """bench_gpu's CUDA-graph times: every candidate captured first, then the replays timed
+    interleaved over rounds (A B A B ...), per call; the op's ratios are the medians of per-round
+    ratios (``_timing.paired_ratio``), not ratios of medians. The captures and ``do_bench`` are
+    stand-ins (no GPU here): ``do_bench`` replays once and returns a scripted time per round."""
+    import triton.testing
+    bench_gpu = _import_bench("bench_gpu")
+    ours, peer, broken = "bsr triton", bench_gpu.ROW_PEER, bench_gpu.EAGER_PEER
+    script = {ours: [1.0, 1.0, 4.0], peer: [1.0, 4.0, 4.0]}   # ms per replay, per round
+    order, captured = [], []
+
+    class Graph:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            order.append(self.name)
+
+    def capture(fn, n_calls):
+        captured.append((fn.name, n_calls))
+        if fn.name == broken:
+            raise RuntimeError("capture failed")
+        return Graph(fn.name)
+
+    def do_bench(fn, **kw):
+        fn()
+        return script[order[-1]][order.count(order[-1]) - 1]
+
+    def named(name):
+        fn = (lambda: None)
+        fn.name = name
+        return fn
+
+    monkeypatch.setattr(bench_gpu, "capture_graph", capture)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(bench_gpu, "log", lambda *a: None)
+    times = bench_gpu.graph_times({ours: named(ours), peer: named(peer),
+                                   broken: named(broken)}, n_calls=2, rounds=3)
+    assert captured == [(ours, 2), (peer, 2), (broken, 2)]   # each captured once, first
+    assert order == [ours, peer] * 3
+    assert list(times) == [ours, peer, broken] and "capture failed" in times[broken]["error"]
+    assert times[ours]["samples"] == [0.5, 0.5, 2.0] and times[ours]["ms"] == 0.5   # per call
+    assert times[peer]["ms"] == 2.0
+    res = {"min_bytes": 1e6, "forward": {}, "forward_graph": times,
+           "fwd+bwd_graph": times, "fwd+bwd": {}}
+    bench_gpu.forward_figures(res, ours, [peer], copy_gbps=1.0)
+    bench_gpu.fwd_bwd_figures(res, ours, [peer])
+    per_round = statistics.median(p / o for p, o in zip(script[peer], script[ours]))
+    assert per_round == 1.0 != times[peer]["ms"] / times[ours]["ms"]
+    assert res[f"forward speedup vs {peer}"] == per_round
+    assert res[f"fwd+bwd speedup vs {peer}"] == per_round
+    # eager calls (do_bench_rounds, CPU here) keep their samples too, for the same ratio
+    eager = bench_gpu.bench({"a": lambda: None, "b": lambda: None}, False, rounds=4)
+    assert [len(eager[k]["samples"]) for k in "ab"] == [4, 4]
+    assert eager["a"]["ms"] == statistics.median(eager["a"]["samples"])
+
+
+def test_bench_gpu_merge_refuses_other_software_and_states_what_differs_per_call():
+    """``--merge`` refuses calls on another device or with another torch, triton or CUDA (their
+    ratios do not compare), naming the entry; what may differ between calls (compile threads,
+    the compile pool probe) is stated per call, not taken from the first call for all; each
+    part's seconds come from the call it was taken from."""
+    bench_gpu = _import_bench("bench_gpu")
+    sw = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0",
+          "cuda": "13.0"}
+    probe = {"seconds": 13.2, "pool_ready_s": 10.4, "part": "op-compiled",
+             "threads": "inductor's default"}
+    first = {"env": {**sw, "compile_threads": "1", "compile_pool_probe": probe,
+                     "part_seconds": {"check": 49.0, "step": 20.0}},
+             "parts": {"check": {"cases": [1], "failures": 0}, "step": {"rows": []}}}
+    second = {"env": {**sw, "compile_threads": "inductor's default",
+                      "part_seconds": {"step": 35.0}}, "parts": {"step": {"rows": []}}}
+    merged = bench_gpu.merge_results([first, second])
+    assert merged["env"] == {**sw, "part_seconds": {"check": 49.0, "step": 35.0}}
+    md = bench_gpu.summarize(merged)
+    assert "- call 1: compile_threads: 1\n" in md
+    assert "- call 2: compile_threads: inductor's default\n" in md
+    assert ("- call 1: compile pool probe (part op-compiled): a trivial compile ran in 13.2 s"
+            in md)
+    assert md.count("compile pool probe") == 1
+    assert ("Merged from calls (the header's device and software in each): 1: check; "
+            "2: step") in md
+    for key, other in [("device", "NVIDIA H200"), ("torch", "2.12.0+cu130"),
+                       ("triton", "3.7.0"), ("cuda", "12.8")]:
+        with pytest.raises(ValueError, match=f"differs in '{key}'.*call 2: {re.escape(other)}"):
+            bench_gpu.merge_results([first, {**second, "env": {**second["env"], key: other}}])
+    without = {k: v for k, v in second["env"].items() if k != "triton"}
+    with pytest.raises(ValueError, match="differs in 'triton'.*call 2: None"):
+        bench_gpu.merge_results([first, {**second, "env": without}])
+
+
+def test_fraction_cells_keep_a_failing_value_below_its_bound():
+    """A fraction just under a >= bound never shows as the bound in a table (0.4999 as "50%"
+    beside a FAIL): the op tables use ``Target.shown_value``'s rule (``_suite.shown_percent``),
+    as many decimals as keep the value on its verdict's side; without a target, whole percents."""
+    from benchmarks._suite import Target, shown_percent
+    bench_gpu = _import_bench("bench_gpu")
+    dc = _import_bench("bench_drop_compare")
+
+    def pct(cell):
+        return float(cell.rstrip("%")) / 100
+
+    for value in (0.49, 0.4999, 0.4999257, 0.49999, 0.4999999, 0.5, 0.5001, 0.61):
+        text = shown_percent(value, 0.5)
+        assert Target("", pct(text), ">=", 0.5).passed == (value >= 0.5), (value, text)
+        assert text == Target("", value, ">=", 0.5).shown_value(percent=True)
+        below = shown_percent(value, 0.5, "<=")   # the rule holds for an upper bound too
+        assert Target("", pct(below), "<=", 0.5).passed == (value <= 0.5), (value, below)
+        shape = {"forward": {"bsr triton": {"ms": 0.06}}, "fraction_of_copy": value}
+        op = {"copy_gbps": 3000.0, "ViT-B B=128": shape, "ViT-S B=256": shape}
+        md = bench_gpu.summarize({"env": {}, "parts": {"op": op}})
+        cells = {ln.split(" | ")[0][2:]: ln.split(" | ")[2] for ln in md.splitlines()
+                 if ln.startswith("| ViT-")}
+        assert cells["ViT-B B=128"] == text                # its target: >= 0.5
+        assert cells["ViT-S B=256"] == f"{100 * value:.0f}%"  # no target on that shape
+        table = dc.table({"rows": [dict(scope="op", size="ViT-B", N=197, B=128, pass_="forward",
+                                        candidate="bsr triton", median_ms=0.06,
+                                        paired_speedup_vs_eager=5.0, gbps=1.0,
+                                        bound_fraction=value)]})
+        assert table.splitlines()[-1].split("|")[-2].strip() == text, table
+    assert shown_percent(0.4999257, 0.5) == "49.99%" and shown_percent(0.07) == "7%"
+
+
+def test_readme_section_states_where_appended_sections_were_measured():
+    """The README's Performance section names each section's origin (machine, date, command)
+    when ``--append`` joined sections of other runs: its header names the newest run alone."""
+    run = _import_bench("run")
+    readme = _import_bench("readme_section")
+
+    def res(sections, cmd, cpu, date):
+        meta = dict(config=dict(device="cpu", quick=True, tiny=True), command=cmd, date=date,
+                    section_seconds={s: 1.0 for s in sections},
+                    machine=dict(cpu=cpu, cpu_count=2, torch_threads=2, torch="2.14",
+                                 timm="1.0", git_commit="c1"))
+        return {"meta": meta, **{s: {"error": "not run here"} for s in sections}}
+
+    one = res(["drop_tokens", "train_step"], "python -m benchmarks.run --sections drop_tokens",
+              "AMD EPYC", "2026-11-26")
+    assert "measured apart" not in readme.performance_section(one)
+    merged = run.merge_results(one, res(["train_step"], "python -m benchmarks.run --sections "
+                                        "train_step --append", "Intel Xeon", "2026-11-27"),
+                               ["train_step"])
+    text = readme.performance_section(merged)
+    assert ("drop_tokens: AMD EPYC, commit c1, 2026-11-26, `python -m benchmarks.run --sections "
+            "drop_tokens`") in text
+    assert ("train_step: Intel Xeon, commit c1, 2026-11-27, `python -m benchmarks.run "
+            "--sections train_step --append`") in text
+    # a record kept before origins had their command names none
+    merged["meta"]["section_origins"]["drop_tokens"].pop("command")
+    text = readme.performance_section(merged)
+    assert "drop_tokens: AMD EPYC, commit c1, 2026-11-26;" in text and "None" not in text
+
+
+def test_archived_bench_gpu_results_state_their_json_verdicts():
+    """An archived bench_gpu report (``benchmarks/results/*-h100*.md``) states the verdicts that
+    ``bench_gpu.targets`` takes from the results.json beside it: the reports are generated, and
+    one that says "0.5" of a FAIL at 0.4999 is stale."""
+    import glob
+    bench_gpu = _import_bench("bench_gpu")
+    checked = 0
+    for path in sorted(glob.glob(os.path.join(BENCH, "results", "*.json"))):
+        md_path = path[:-5] + ".md"
+        with open(path) as f:
+            results = json.load(f)
+        if not (os.path.exists(md_path) and "parts" in results and "env" in results):
+            continue
+        with open(md_path) as f:
+            md = f.read()
+        for t in bench_gpu.targets(results):
+            assert f"- {t.line()}" in md, (md_path, t.line())
+        checked += 1
+    assert checked >= 2
