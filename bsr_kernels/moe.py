@@ -46,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .reprogram import _out_of_place
+
 __all__ = ["MoEMlp", "to_moe", "MultiTaskViT", "moe_forward", "moe_reference", "route",
            "moe_blocks"]
 
@@ -93,7 +95,7 @@ def _act_backward(act: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> torch.Te
         return torch.ops.aten.gelu_backward(dz, a, approximate=approximate)
     with torch.enable_grad():
         a_ = a.detach().requires_grad_()
-        return torch.autograd.grad(act(a_), a_, dz)[0]
+        return torch.autograd.grad(_out_of_place(act, a_), a_, dz)[0]
 
 
 def _gelu_approximate(act: nn.Module) -> Optional[str]:
@@ -127,7 +129,7 @@ class _RoutedExperts(torch.autograd.Function):
             else:
                 torch.addmm(b1[e], xs[s0:s1], w1[e].t(), out=a[s0:s1])
         del xs
-        z = act(a)
+        z = _out_of_place(act, a)   # a is saved for backward: an in-place act must not write it
         y = h.new_empty(t * k, w2.shape[1])
         for e, s0, s1 in _slices(counts):
             if b2 is None:
@@ -232,7 +234,7 @@ class _PaddedExperts(torch.autograd.Function):
         else:
             a = torch.baddbmm(b1.unsqueeze(1), xs, w1.transpose(1, 2))
         del xs
-        z = act(a)
+        z = _out_of_place(act, a)   # a is saved for backward: an in-place act must not write it
         if b2 is None:
             y = torch.bmm(z, w2.transpose(1, 2))
         else:
@@ -330,19 +332,39 @@ def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: in
 
     While ``torch.jit.trace`` or ``torch.export`` records the call, every expert runs on every
     token, weighted by its gate weight (zero where not routed): the same outputs (summed in
-    another order) with no data-dependent shape, at ``E`` times the MLP compute.
+    another order) with no data-dependent shape, at ``E`` times the MLP compute. Under autocast
+    the experts run in its dtype, as :class:`MoEMlp`'s do (float64 inputs stay float64).
 
     Returns:
         (out (T, C), probs (T, E), idx (T, k)).
     """
-    probs, weights, idx = route(logits, top_k, renormalize, idx)
-    return _combine(h, weights, idx, w1, b1, w2, b2, act), probs, idx
+    h, autocast_off = _autocast_input(h)
+    with autocast_off:
+        probs, weights, idx = route(logits, top_k, renormalize, idx)
+        return _combine(h, weights, idx, w1, b1, w2, b2, act), probs, idx
+
+
+def _autocast_input(h: torch.Tensor):
+    """``(h, context)`` to run the experts in: under autocast, ``h`` cast to autocast's dtype
+    and a context that turns autocast off, so that the experts' Functions run forward and
+    backward in that one dtype (autocast would cast some of forward's ops and none of
+    backward's); float64 stays float64, as autocast leaves it for ``nn.Linear``. Without
+    autocast, ``h`` and a context that does nothing."""
+    dev = h.device.type
+    if not torch.is_autocast_enabled(dev):
+        return h, contextlib.nullcontext()
+    if h.is_floating_point() and h.dtype != torch.float64:
+        h = h.to(torch.get_autocast_dtype(dev))
+    return h, torch.autocast(dev, enabled=False)
 
 
 def _combine(h, weights, idx, w1, b1, w2, b2, act):
-    """The experts of a routing and their weighted combine (:func:`moe_forward`)."""
+    """The experts of a routing and their weighted combine (:func:`moe_forward`), in ``h``'s
+    dtype: the gate weights and expert parameters are cast to it."""
     act = act if act is not None else nn.GELU()
     experts = _dense_experts if _tracing() else _experts
+    w1, b1, w2, b2, weights = (p if p is None or p.dtype == h.dtype else p.to(h.dtype)
+                               for p in (w1, b1, w2, b2, weights))
     return experts(h, weights, idx, w1, b1, w2, b2, act)
 
 
@@ -414,7 +436,8 @@ class MoEMlp(nn.Module):
         super().__init__()
         _check_moe_args(num_experts, top_k, num_tasks, noise_std, renormalize, aux_loss_weight)
         e, c, hd = num_experts, in_features, hidden_features
-        self.num_experts, self.top_k, self.num_tasks = e, top_k, num_tasks
+        # plain ints (numpy's pass the check): the routing settings are saved as JSON
+        self.num_experts, self.top_k, self.num_tasks = int(e), int(top_k), int(num_tasks)
         self.noise_std, self.renormalize = float(noise_std), renormalize
         self.aux_loss_weight = float(aux_loss_weight)
         self.fc1_weight = nn.Parameter(torch.empty(e, hd, c))
@@ -493,24 +516,18 @@ class MoEMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        width = self.fc2_weight.shape[1]
-        dev = h.device.type
-        if torch.is_autocast_enabled(dev):
-            dt = torch.get_autocast_dtype(dev)
-            with torch.autocast(dev, enabled=False):
-                return self._run(h.to(dt), dt).reshape(*shape[:-1], width)
-        return self._run(h, h.dtype).reshape(*shape[:-1], width)
+        h, autocast_off = _autocast_input(x.reshape(-1, shape[-1]))
+        with autocast_off:
+            return self._run(h).reshape(*shape[:-1], self.fc2_weight.shape[1])
 
-    def _run(self, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        cast = (lambda p: p if p is None or p.dtype == dt else p.to(dt))
+    def _run(self, h: torch.Tensor) -> torch.Tensor:
         # the router's softmax and top-k in float32 at least (autocast's softmax policy): in
         # bf16, 0.24 % of random tokens chose another top-4 of 16 experts (C=768)
         logits = self.logits(h)
         _, weights, idx = route(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
                                 else logits, self.top_k, self.renormalize, self._replay)
-        out = _combine(h, cast(weights), idx, cast(self.fc1_weight), cast(self.fc1_bias),
-                       cast(self.fc2_weight), cast(self.fc2_bias), self.act)
+        out = _combine(h, weights, idx, self.fc1_weight, self.fc1_bias, self.fc2_weight,
+                       self.fc2_bias, self.act)
         if self._record is not None:
             self._record.append(idx.to(torch.int32))
         if self._replay is not None:   # the forward replayed counted and set the aux loss

@@ -398,6 +398,55 @@ def test_usage_counts_each_forward_once_whatever_backward_replays(memory_mode):
     assert torch.equal(usage[memory_mode], usage["plain"])
 
 
+@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU, nn.Hardswish])
+@pytest.mark.parametrize("memory_mode", ["autograd", "lean", "fast"])
+def test_an_in_place_activation_gives_the_out_of_place_gradients(act, memory_mode, grouping):
+    """The experts' Functions saved fc1's output and applied the activation to it: an in-place
+    activation (``act_layer=partial(nn.SiLU, inplace=True)``) overwrote it, and backward
+    failed (``a leaf Variable that requires grad is being used in an in-place operation``) or
+    would differentiate at the activation's output. In every memory mode the gradients now equal
+    the out-of-place model's."""
+    import functools
+    results = {}
+    for inplace in (False, True):
+        vit = small_vit(act_layer=functools.partial(act, inplace=inplace))
+        bsr_kernels.to_moe(vit, blocks=[1, 3, 4], num_experts=4, top_k=2)
+        with torch.no_grad():   # experts that differ (same draws for both models)
+            torch.manual_seed(5)
+            for _, moe in moe_blocks(vit):
+                for p in (moe.fc1_weight, moe.fc2_weight):
+                    p.add_(0.05 * torch.randn_like(p))
+        bsr_kernels.reprogram(vit, train_blocks=[1, 3], drop_at=[3], memory_mode=memory_mode)
+        assert vit.blocks[1].mlp.act.inplace is inplace
+        out = vit(images())
+        (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum().backward()
+        results[inplace] = (out.detach(), grads(vit))
+    (out0, g0), (out1, g1) = results[False], results[True]
+    torch.testing.assert_close(out1, out0, rtol=1e-12, atol=0)
+    assert set(g0) == set(g1) and any("fc1_weight" in n for n in g0)
+    for name in g0:
+        assert rel_err(g1[name], g0[name]) < 1e-10, name
+
+
+def test_numpy_integers_are_stored_as_ints_and_the_state_dict_saves(tmp_path):
+    """``to_moe(top_k=np.int64(2))`` passed the checks but kept the numpy int, and the
+    state_dict's routing metadata (JSON) then failed to serialise."""
+    np = pytest.importorskip("numpy")
+    vit = small_vit()
+    bsr_kernels.to_moe(vit, blocks=[1], num_experts=np.int64(4), top_k=np.int32(2),
+                       num_tasks=np.int64(1))
+    moe = vit.blocks[1].mlp
+    assert [type(v) for v in (moe.num_experts, moe.top_k, moe.num_tasks)] == [int] * 3
+    torch.save(vit.state_dict(), tmp_path / "w.pt")
+    again = small_vit(seed=1)
+    bsr_kernels.to_moe(again, blocks=[1], num_experts=4, top_k=2)
+    again.load_state_dict(torch.load(tmp_path / "w.pt"))
+    torch.testing.assert_close(again(images()), vit(images()), rtol=0, atol=0)
+    for bad in (np.float64(2.0), True):
+        with pytest.raises(ValueError, match="top_k"):
+            MoEMlp(8, 16, num_experts=4, top_k=bad)
+
+
 def test_empty_batch_through_routed_experts_and_models(grouping):
     """No tokens: an empty output of the right width and zero expert gradients, as a dense MLP
     gives; a batch of no images through a MoE model, reprogrammed or not."""
@@ -628,6 +677,52 @@ def test_moe_under_autocast_runs_in_the_autocast_dtype(grouping, monkeypatch):
              "fc2_weight": (moe.fc2_weight.grad, w2.grad), "fc2_bias": (moe.fc2_bias.grad, b2.grad)}
     for name, (got, want) in pairs.items():
         assert rel_err(got.to(F64), want) < 3 * BF16_U, name
+
+
+def test_float64_moe_under_autocast_stays_float64():
+    """Autocast leaves float64 alone (``nn.Linear`` of float64 under bf16 autocast is float64):
+    the MoE cast a float64 model's tokens and weights to bf16 and returned bf16."""
+    torch.manual_seed(2)
+    moe = MoEMlp.from_mlp(Mlp(16, 32), num_experts=4, top_k=2).to(F64)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 5, 16, dtype=F64)
+    want = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, moe.gates[0].weight).dtype == F64   # the rule the MoE follows
+        got = moe(x)
+    assert got.dtype == F64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_moe_forward_under_autocast_differentiates_in_the_autocast_dtype(grouping):
+    """The public op under bf16 autocast failed in backward (``expected scalar type Float but
+    found BFloat16``): it now runs as :class:`MoEMlp` does, in bf16 with float32 leaves, and
+    equals the float64 reference on the bf16-rounded inputs to a few bf16 roundings."""
+    torch.manual_seed(3)
+    e, c, hd = 4, 16, 32
+    w1, b1, w2, b2 = (p.detach().float().requires_grad_() for p in expert_weights(e, c, hd))
+    h = torch.randn(10, c, requires_grad=True)
+    logits = torch.randn(10, e) * 3   # apart enough that bf16 rounding keeps each top-2
+    v = torch.randn(10, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, idx = moe_forward(h, logits, w1, b1, w2, b2, 2)
+    assert out.dtype == torch.bfloat16
+    (out.float() * v).sum().backward()
+
+    def rounded(t):
+        return t.detach().to(torch.bfloat16).to(F64).requires_grad_()
+    leaves = {"h": h, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    ref_leaves = {k: rounded(t) for k, t in leaves.items()}
+    r = ref_leaves
+    ref, mask = moe_reference(r["h"], logits.to(F64), r["w1"], r["b1"], r["w2"], r["b2"], 2)
+    assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, idx, True))
+    (ref * v.to(F64)).sum().backward()
+    assert rel_err(out.to(F64), ref) < 3 * BF16_U
+    for k, t in leaves.items():
+        assert t.grad.dtype == torch.float32, k
+        assert rel_err(t.grad.to(F64), ref_leaves[k].grad) < 4 * BF16_U, k
 
 
 def test_router_softmax_runs_in_float32_under_autocast(monkeypatch):
