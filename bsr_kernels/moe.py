@@ -333,15 +333,23 @@ def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: in
     While ``torch.jit.trace`` or ``torch.export`` records the call, every expert runs on every
     token, weighted by its gate weight (zero where not routed): the same outputs (summed in
     another order) with no data-dependent shape, at ``E`` times the MLP compute. Under autocast
-    the experts run in its dtype, as :class:`MoEMlp`'s do (float64 inputs stay float64).
+    the experts run in its dtype, as :class:`MoEMlp`'s do (float64 inputs stay float64); the
+    router takes float16 and bfloat16 logits in float32 (``probs`` is float32 then).
 
     Returns:
         (out (T, C), probs (T, E), idx (T, k)).
     """
     h, autocast_off = _autocast_input(h)
     with autocast_off:
-        probs, weights, idx = route(logits, top_k, renormalize, idx)
+        probs, weights, idx = route(_router_logits(logits), top_k, renormalize, idx)
         return _combine(h, weights, idx, w1, b1, w2, b2, act), probs, idx
+
+
+def _router_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The logits the router takes its softmax and top-k of: float32 at least (autocast's
+    softmax policy on CUDA; CPU autocast leaves a bf16 softmax bf16), on every device. In bf16,
+    0.24 % of random tokens chose another top-4 of 16 experts (C=768)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _autocast_input(h: torch.Tensor):
@@ -521,11 +529,8 @@ class MoEMlp(nn.Module):
             return self._run(h).reshape(*shape[:-1], self.fc2_weight.shape[1])
 
     def _run(self, h: torch.Tensor) -> torch.Tensor:
-        # the router's softmax and top-k in float32 at least (autocast's softmax policy): in
-        # bf16, 0.24 % of random tokens chose another top-4 of 16 experts (C=768)
-        logits = self.logits(h)
-        _, weights, idx = route(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
-                                else logits, self.top_k, self.renormalize, self._replay)
+        _, weights, idx = route(_router_logits(self.logits(h)), self.top_k, self.renormalize,
+                                self._replay)
         out = _combine(h, weights, idx, self.fc1_weight, self.fc1_bias, self.fc2_weight,
                        self.fc2_bias, self.act)
         if self._record is not None:

@@ -698,22 +698,31 @@ def test_float64_moe_under_autocast_stays_float64():
 
 def test_moe_forward_under_autocast_differentiates_in_the_autocast_dtype(grouping):
     """The public op under bf16 autocast failed in backward (``expected scalar type Float but
-    found BFloat16``): it now runs as :class:`MoEMlp` does, in bf16 with float32 leaves, and
-    equals the float64 reference on the bf16-rounded inputs to a few bf16 roundings."""
+    found BFloat16``), and with the per-expert loop it ran the expert matmuls in float32: it
+    now runs as :class:`MoEMlp` does, in bf16 with float32 leaves (bitwise the op on the
+    inputs cast to bf16 by hand), and equals the float64 reference on the bf16-rounded inputs
+    to a few bf16 roundings."""
     torch.manual_seed(3)
     e, c, hd = 4, 16, 32
     w1, b1, w2, b2 = (p.detach().float().requires_grad_() for p in expert_weights(e, c, hd))
     h = torch.randn(10, c, requires_grad=True)
     logits = torch.randn(10, e) * 3   # apart enough that bf16 rounding keeps each top-2
     v = torch.randn(10, c)
+    leaves = {"h": h, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    by_hand = {k: t.detach().requires_grad_() for k, t in leaves.items()}   # same values
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _, idx = moe_forward(h, logits, w1, b1, w2, b2, 2)
     assert out.dtype == torch.bfloat16
     (out.float() * v).sum().backward()
+    hb, w1b, b1b, w2b, b2b = (t.bfloat16() for t in by_hand.values())
+    want, _, _ = moe_forward(hb, logits, w1b, b1b, w2b, b2b, 2)
+    (want.float() * v).sum().backward()
+    assert torch.equal(out, want)
+    for k, t in leaves.items():
+        assert torch.equal(t.grad, by_hand[k].grad), k
 
     def rounded(t):
         return t.detach().to(torch.bfloat16).to(F64).requires_grad_()
-    leaves = {"h": h, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
     ref_leaves = {k: rounded(t) for k, t in leaves.items()}
     r = ref_leaves
     ref, mask = moe_reference(r["h"], logits.to(F64), r["w1"], r["b1"], r["w2"], r["b2"], 2)
@@ -723,6 +732,21 @@ def test_moe_forward_under_autocast_differentiates_in_the_autocast_dtype(groupin
     for k, t in leaves.items():
         assert t.grad.dtype == torch.float32, k
         assert rel_err(t.grad.to(F64), ref_leaves[k].grad) < 4 * BF16_U, k
+
+
+def test_moe_forward_routes_half_logits_in_float32():
+    """The public op routes as :class:`MoEMlp` does: bf16 logits (under CPU autocast, whose
+    softmax stays bf16, or given so) are widened to float32 for the softmax and top-k."""
+    torch.manual_seed(4)
+    w1, b1, w2, b2 = (p.detach().float() for p in expert_weights(8, 16, 32))
+    h, logits = torch.randn(40, 16), torch.randn(40, 8).bfloat16()
+    want = logits.float().softmax(-1)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, probs, idx = moe_forward(h, logits, w1, b1, w2, b2, 3)
+        assert probs.dtype == torch.float32, autocast
+        torch.testing.assert_close(probs, want, rtol=0, atol=0)
+        assert torch.equal(idx, want.topk(3, dim=-1).indices), autocast
 
 
 def test_router_softmax_runs_in_float32_under_autocast(monkeypatch):
