@@ -280,7 +280,8 @@ class _LeanBlock(torch.autograd.Function):
             raise RuntimeError(
                 "a double backward (create_graph=True) through a reprogrammed block needs "
                 "memory_mode='autograd': the lean and fast backward replays the block without "
-                "building a graph of its own (reprogram(model, memory_mode='autograd'))")
+                "building a graph of its own (reprogram(model, memory_mode='autograd'), with "
+                "attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
         kept = ctx.saved_tensors[n_float:n_float + ctx.n_kept]
         routes = ctx.saved_tensors[n_float + ctx.n_kept:]
         moe = _moe_of(block)

@@ -660,6 +660,53 @@ def test_double_backward_through_lean_and_fast_raises(memory_mode):
         torch.autograd.grad(loss, params, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("fuse_token", [True, False])
+def test_second_derivative_in_autograd_mode_matches_finite_differences(backend, fuse_token):
+    """A gradient penalty (``create_graph=True``) through a reprogrammed model in autograd mode,
+    with SDPA's math kernel (its fused CPU kernel has no double backward): the penalty's gradient
+    along a random direction of the trained parameters equals the central difference of the
+    penalty, which is computed with first-order gradients only (the backend's own kernels). The
+    drop's backward once had no derivative in any mode, although the README said autograd mode
+    supported second derivatives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if backend not in bsr_kernels.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not built here")
+    model = bsr_kernels.reprogram(small_vit(depth=6), memory_mode="autograd",
+                                  fuse_token=fuse_token)
+    assert model.bsr_config.drop_at   # the penalty's graph runs through the drop op
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = images(n=2)
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+    def penalty(create_graph):
+        loss = model(x).logsumexp(-1).sum()
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return sum(gr.square().sum() for gr in grads)
+
+    with bsr_kernels.use_backend(backend), sdpa_kernel(SDPBackend.MATH):
+        # the first-order gradients of a create_graph backward are the plain backward's (the
+        # drop's partial derivatives: through its inputs themselves, q and k also reached x's)
+        loss = model(x).logsumexp(-1).sum()
+        for a, b in zip(torch.autograd.grad(loss, params, retain_graph=True),
+                        torch.autograd.grad(loss, params, create_graph=True)):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+        analytic = torch.autograd.grad(penalty(True), params)
+        along = sum((a * d).sum() for a, d in zip(analytic, direction)).item()
+        eps, values = 1e-6, []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.add_(sign * eps * d)
+            values.append(penalty(False).item())
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(along - numeric) <= 1e-6 * abs(numeric), (along, numeric)
+
+
 @pytest.mark.parametrize("memory_mode", ["lean", "fast"])
 def test_replay_reads_layerscale_of_functional_call(memory_mode):
     """Whether fc2's output is needed (for LayerScale's gamma gradient) is read with the

@@ -25,6 +25,7 @@ from torch import Tensor
 from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
                      check_qk, check_x, compute_dtype, out_tokens, resolve_scale)
 from .dispatch import available_backends, context_backend, select_backend, use_backend
+from . import reference
 
 __all__ = ["cls_attention", "drop_tokens", "available_backends", "use_backend", "DropPlan"]
 
@@ -67,8 +68,12 @@ def _cls_attention_setup(ctx, inputs, output):
 
 def _cls_attention_backward(ctx, grad_scores, grad_lse):
     q, k, lse = ctx.saved_tensors
-    gq, gk = _backward_kernels(ctx).cls_scores_backward(grad_scores.contiguous(), q, k, lse,
-                                                        ctx.scale, ctx.p)
+    if torch.is_grad_enabled():   # create_graph=True
+        gq, gk = _differentiable_vjp(
+            lambda q, k: reference.cls_scores(q, k, ctx.scale, ctx.p)[0], (q, k), grad_scores)
+    else:
+        gq, gk = _backward_kernels(ctx).cls_scores_backward(grad_scores.contiguous(), q, k, lse,
+                                                            ctx.scale, ctx.p)
     return gq, gk, None, None, None
 
 
@@ -163,12 +168,34 @@ def _replay_setup(ctx, inputs, output):
 
 def _drop_input_grads(ctx, grad_out):
     grad_out = grad_out.contiguous()
+    second_order = torch.is_grad_enabled()   # create_graph=True
     if ctx.fused:
         kept, x, q, k, scores, lse = ctx.saved_tensors
+        if second_order:
+            return _differentiable_vjp(lambda x, q, k: reference.drop_tokens(
+                x, q, k, ctx.scale, ctx.p, kept.shape[1], True, kept=kept)[0], (x, q, k), grad_out)
         return _backward_kernels(ctx).drop_backward(grad_out, x, q, k, kept, scores, lse,
                                                     ctx.scale, ctx.p)
     (kept,) = ctx.saved_tensors
-    return _backward_kernels(ctx).gather_backward(grad_out, kept, ctx.n_tokens, ctx.p), None, None
+    # the gather's backward is linear in grad_out; the reference's torch ops carry its graph
+    kernels = reference if second_order else _backward_kernels(ctx)
+    return kernels.gather_backward(grad_out, kept, ctx.n_tokens, ctx.p), None, None
+
+
+def _differentiable_vjp(fn, inputs, grad):
+    """Backward under ``create_graph=True`` (gradient penalties, MAML): the vector-Jacobian
+    product of the pure-PyTorch definition ``fn`` at the saved ``inputs``, with the forward's
+    recorded selection, as a graph of its own, so that a second backward differentiates it. The
+    selection is piecewise constant, so this is the exact derivative. The kernels' backward has
+    no derivative.
+
+    Each input is differentiated through an alias of its own (``view_as``): the partial
+    derivative, as the op's backward must return. Through the input itself autograd would add
+    the paths between the inputs (in a block, x depends on q and k through attention). An input
+    that needs no gradient gets a stand-in leaf, its gradient unused."""
+    with torch.enable_grad():
+        alias = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*alias), alias, grad, create_graph=True)
 
 
 def _drop_backward(ctx, grad_out, *_):
@@ -208,13 +235,10 @@ def _save_backend(ctx, backend) -> None:
 
 
 def _backward_kernels(ctx):
-    """What a backward calls: the backend itself on the eager path; the registered backward ops
-    on the registered path, and on either under ``create_graph=True``. Those ops have no
-    derivative, so a second backward through them raises; the bare kernels' outputs would carry
-    no graph, and second-order gradients would come out silently missing."""
-    if ctx.impl is not None and not torch.is_grad_enabled():
-        return ctx.impl
-    return _RegisteredBackward(ctx.backend)
+    """What a first-order backward calls: the backend itself on the eager path, the registered
+    backward ops on the registered path (``create_graph=True`` takes
+    :func:`_differentiable_vjp` instead: neither has a derivative)."""
+    return ctx.impl if ctx.impl is not None else _RegisteredBackward(ctx.backend)
 
 
 def _plain_eager(*tensors: Tensor) -> bool:
