@@ -176,19 +176,6 @@ def _moe_entry(model: nn.Module) -> dict:
     return {"moe": settings} if settings else {}
 
 
-def _moe_problems(model: nn.Module, saved: dict) -> list:
-    """How ``model``'s MoE routing differs, in settings that change the logits, from a delta's
-    ``moe`` entry (``saved``), module by module."""
-    from .moe import MoEMlp, routing_differences
-    modules = dict(model.named_modules())
-    problems = [f"{name}: the delta has a MoE block there, the model none"
-                for name in saved if not isinstance(modules.get(name), MoEMlp)]
-    problems += [f"{name}: {k} {was!r} in the delta, {now!r} in the model"
-                 for name in saved if isinstance(modules.get(name), MoEMlp)
-                 for k, was, now in routing_differences(saved[name], modules[name])]
-    return problems
-
-
 def _frozen_dtypes(model: nn.Module, exclude: Iterable[str]) -> list:
     """The distinct dtype names of the parameters not in ``exclude`` (the frozen base)."""
     excluded = set(exclude)
@@ -423,7 +410,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
         problems.append(f"the delta is for a model with {bsr['num_prefix_tokens']} prefix "
                         f"tokens, this one has {prefix}")
     if isinstance(config.get("moe"), dict):  # MoE routing: no parameter holds it
-        problems += _moe_problems(model, config["moe"])
+        from .moe import routing_problems
+        problems += routing_problems(model, config["moe"], "the delta")
     if missing or problems:
         raise ValueError(f"path {path}: the delta does not fit this model: "
                          + "; ".join([f"not in the model: {missing[:5]}"] * bool(missing)

@@ -633,6 +633,46 @@ def routing_differences(saved: dict, module: MoEMlp) -> list[tuple[str, object, 
             if saved.get(k) != getattr(module, k)]
 
 
+def routing_problems(model: nn.Module, saved: dict, where: str) -> list[str]:
+    """How ``model``'s MoE routing differs, in settings that change the logits, from the
+    ``saved`` ``{module name: settings}`` of a checkpoint (``where``: "the delta",
+    "the checkpoint"), module by module."""
+    modules = dict(model.named_modules())
+    problems = [f"{name}: {where} has a MoE block there, the model none"
+                for name in saved if not isinstance(modules.get(name), MoEMlp)]
+    problems += [f"{name}: {k} {was!r} in {where}, {now!r} in the model"
+                 for name in saved if isinstance(modules.get(name), MoEMlp)
+                 for k, was, now in routing_differences(saved[name], modules[name])]
+    return problems
+
+
+def saved_routing(state_dict: dict) -> dict:
+    """``{module name: settings}`` that a state_dict's metadata records for its MoE blocks
+    (``model.state_dict()``, a ``torch.load``-ed one, or ``bsr_kernels.load_checkpoint``'s read
+    of a ``.safetensors`` file); malformed entries are left out."""
+    routing = {}
+    for name, local in (getattr(state_dict, "_metadata", None) or {}).items():
+        try:
+            settings = json.loads(local.get(ROUTING_KEY, "null"))
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if isinstance(settings, dict):
+            routing[name] = settings
+    return routing
+
+
+def with_routing(state_dict: dict, routing: dict) -> dict:
+    """``state_dict`` carrying ``routing`` (:func:`routing_settings`) in its metadata, as
+    ``model.state_dict()`` does (for a state_dict read from a file that keeps no metadata of its
+    own, such as safetensors)."""
+    import collections
+    out = collections.OrderedDict(state_dict)
+    out._metadata = collections.OrderedDict(
+        (name, {ROUTING_KEY: json.dumps(settings, sort_keys=True)})
+        for name, settings in routing.items())
+    return out
+
+
 def routing_settings(model: nn.Module) -> dict:
     """``{module name: {setting: value}}`` of every :class:`MoEMlp` in ``model``
     (:data:`ROUTING_SETTINGS`), by its name in ``model.named_modules()``."""

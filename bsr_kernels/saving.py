@@ -243,6 +243,13 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
         if delta:
             raise _delta_error(path)
         cfg = _loads(meta[KEY], f"path {path}", "in its metadata") if KEY in meta else None
+        from .moe import ROUTING_KEY, with_routing
+        try:   # the MoE routing, where a .pth file keeps it: the state_dict's metadata
+            routing = json.loads(meta.get(ROUTING_KEY, "null"))
+        except ValueError:   # malformed: ignored, as load_state_dict ignores it in a .pth
+            routing = None
+        if isinstance(routing, dict):
+            sd = with_routing(sd, routing)
         if cfg is None:
             config_json = path.with_name("config.json")   # a save_for_hf directory
             if config_json.is_file():
@@ -315,9 +322,20 @@ def save_checkpoint(model: nn.Module, path: os.PathLike) -> Path:
     cfg = bsr_config_dict(model)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-        meta = {KEY: json.dumps(cfg)} if cfg else None
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+        from .moe import ROUTING_KEY, routing_settings
+        tensors, storages = {}, set()
+        for k, v in sd.items():   # safetensors refuses tensors that share memory (tied
+            t = v.detach().cpu().contiguous()          # weights): a copy for each but the first
+            ptr = t.untyped_storage().data_ptr()
+            tensors[k] = t.clone() if ptr in storages and t.numel() else t
+            storages.add(ptr)
+        meta = {KEY: json.dumps(cfg)} if cfg else {}
+        routing = routing_settings(model)   # no parameter holds it (torch.save keeps it in
+        if routing:                         # the state_dict's own metadata)
+            meta[ROUTING_KEY] = json.dumps(routing, sort_keys=True)
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
+                                                        metadata=meta or None))
     return atomic_write(path, lambda tmp: torch.save(sd, tmp))
 
 
@@ -363,6 +381,13 @@ def load_checkpoint(model: nn.Module, source: Union[os.PathLike, dict, None], st
         cfg = _checked_config(model, cfg, where)
     if sd is not None:
         _check_fits(model, sd, strict, where)
+        from .moe import routing_problems, saved_routing
+        problems = routing_problems(model, saved_routing(sd), "the checkpoint")
+        if problems:   # load_state_dict only warns: the logits would differ silently
+            raise ValueError(f"{where}: its MoE blocks route otherwise than the model's ("
+                             f"{'; '.join(problems[:5])}): the logits would differ; build the "
+                             "model with the checkpoint's routing (to_moe top_k, renormalize); "
+                             "the model is unchanged")
     differs = cfg is not None and cfg != mine
     if differs:
         if reprogram:

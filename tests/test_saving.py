@@ -415,3 +415,59 @@ def test_load_checkpoint_of_a_malformed_config_names_the_path(tmp_path):
     assert bsr_kernels.load_checkpoint(model, old) is model
     assert bsr_config_dict(model) == cfg
     torch.testing.assert_close(logits(model, images()), logits(saved, images()))
+
+
+def _moe(top_k, seed=0, renormalize=False):
+    torch.manual_seed(seed)
+    model = bsr_kernels.to_moe(timm.create_model(NAME, **KW), blocks=[1, 3], num_experts=4,
+                               top_k=top_k, renormalize=renormalize)
+    with torch.no_grad():   # experts that differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return bsr_kernels.reprogram(model, train_blocks=[1, 3]).eval()
+
+
+@pytest.mark.parametrize("source", [".pth", ".safetensors", "state_dict"])
+def test_load_checkpoint_refuses_a_moe_that_routes_otherwise(tmp_path, source):
+    """A top_k=2 checkpoint loaded silently into a top_k=3 MoE (other logits): load_state_dict
+    warned but load_checkpoint hid the warning, and a .safetensors file did not record the
+    routing at all. Now a ValueError names each block and setting, before anything changes;
+    the same routing still loads, to the same logits."""
+    saved = _moe(top_k=2)
+    if source == "state_dict":
+        src = saved.state_dict()
+    else:
+        src = tmp_path / f"moe{source}"
+        bsr_kernels.save_checkpoint(saved, src)
+    for other in (_moe(top_k=3, seed=1), _moe(top_k=2, seed=1, renormalize=True)):
+        snapshot = _snapshot(other)
+        with pytest.raises(ValueError, match="blocks.1.mlp: (top_k 2|renormalize False) in the "
+                                             "checkpoint.*blocks.3.mlp.*the model is unchanged"):
+            bsr_kernels.load_checkpoint(other, src)
+        _assert_unchanged(other, snapshot)
+    same = _moe(top_k=2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bsr_kernels.load_checkpoint(same, src)
+    x = images()
+    torch.testing.assert_close(logits(same, x), logits(saved, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_model_with_tied_weights_saves_and_loads(tmp_path, suffix):
+    """safetensors refuses tensors that share memory: save_checkpoint of a model with a module
+    used twice (ALBERT-style tying) failed with safetensors' RuntimeError; .pth saved it."""
+    def build(seed):
+        model = plain(seed)
+        model.blocks[1].norm1 = model.blocks[0].norm1
+        model.blocks[2].mlp = model.blocks[0].mlp
+        return bsr_kernels.reprogram(model)
+    saved = build(0)
+    with torch.no_grad():
+        saved.blocks[0].mlp.fc1.weight.add_(0.1 * torch.randn_like(saved.blocks[0].mlp.fc1.weight))
+    bsr_kernels.save_checkpoint(saved, tmp_path / f"tied{suffix}")
+    other = build(1)
+    bsr_kernels.load_checkpoint(other, tmp_path / f"tied{suffix}")
+    assert other.blocks[2].mlp is other.blocks[0].mlp   # still tied
+    x = images()
+    torch.testing.assert_close(logits(other, x), logits(saved, x), rtol=0, atol=0)
