@@ -157,8 +157,10 @@ inline void cls_logits(const Heads<T>& q, const Heads<T>& k, int64_t b, int64_t 
 
 // Replaces logits l[0..N) by softmax probabilities and returns their logsumexp, with the edge
 // cases of torch.logsumexp / exp(l - lse): a NaN anywhere gives NaN everywhere; an infinite
-// maximum is not subtracted (all -inf gives lse = -inf and NaN probabilities; a +inf logit gives
-// lse = +inf, NaN at that logit and 0 elsewhere).
+// maximum is the logsumexp itself, and the probabilities are exp(l - lse): a +inf logit gives
+// lse = +inf, NaN at every +inf logit (inf - inf) and exactly 0 elsewhere, finite logits
+// included however large (exp of a large finite logit must not be taken: it overflows, and
+// inf / inf would be NaN); all -inf gives lse = -inf and NaN probabilities.
 template <typename T>
 inline T softmax_inplace(T* l, int64_t N) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -173,13 +175,16 @@ inline T softmax_inplace(T* l, int64_t N) {
     for (int64_t n = 0; n < N; ++n) l[n] = nan;
     return nan;
   }
-  const T shift = std::isinf(mx) ? T(0) : mx;
+  if (std::isinf(mx)) {
+    for (int64_t n = 0; n < N; ++n) l[n] = std::exp(l[n] - mx);
+    return mx;
+  }
   T sum = T(0);
   for (int64_t n = 0; n < N; ++n) {
-    l[n] = std::exp(l[n] - shift);
+    l[n] = std::exp(l[n] - mx);
     sum += l[n];
   }
-  const T lse = std::log(sum) + shift;
+  const T lse = std::log(sum) + mx;
   for (int64_t n = 0; n < N; ++n) l[n] /= sum;
   return lse;
 }
@@ -269,8 +274,10 @@ void drop_rows_one(const Rows<T>& x, int64_t b, int64_t C, int64_t P, int64_t M,
 //   g_l[h, n]  = p[h, n] * (g_p[h, n] - sum_n' p[h, n'] g_p[h, n']) * scale
 //   grad_q[b, h, 0] = sum_n g_l[h, n] k[b, h, n];   grad_q[b, h, n > 0] = 0
 //   grad_k[b, h, n] = g_l[h, n] q[b, h, 0]
-// grad_q and grad_k are written through their strides (rows n > 0 of grad_q and every row of
-// grad_k streamed); work holds H * N values, row D values.
+// The sum over n' runs over the prefix keys too, where g_p = 0: their p * 0 is 0, or NaN where
+// p is NaN (a +inf prefix logit), which then makes the whole head's gradient NaN, as in the
+// reference. grad_q and grad_k are written through their strides (rows n > 0 of grad_q and
+// every row of grad_k streamed); work holds H * N values, row D values.
 template <typename T>
 void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Heads<T>& k,
                              const T* lse, int64_t b, int64_t H, int64_t N, int64_t D, T scale,
@@ -283,14 +290,16 @@ void cls_scores_backward_one(const T* grad_scores, const Heads<T>& q, const Head
     T* p = work + h * N;
     const T l = lse[h];
     T s = T(0);
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = 0; n < P; ++n) {
       p[n] = std::exp(p[n] - l);
-      if (n >= P) s += p[n] * (grad_scores[n - P] / hh);
+      s += p[n] * T(0);
     }
-    for (int64_t n = 0; n < N; ++n) {
-      const T gp = n >= P ? grad_scores[n - P] / hh : T(0);
-      p[n] = p[n] * (gp - s) * scale;
+    for (int64_t n = P; n < N; ++n) {
+      p[n] = std::exp(p[n] - l);
+      s += p[n] * (grad_scores[n - P] / hh);
     }
+    for (int64_t n = 0; n < P; ++n) p[n] = p[n] * (T(0) - s) * scale;
+    for (int64_t n = P; n < N; ++n) p[n] = p[n] * (grad_scores[n - P] / hh - s) * scale;
   }
   // Token-major, like the reads of k: in timm's layout this is also the memory order of outputs
   // allocated like q and k.

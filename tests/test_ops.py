@@ -662,13 +662,62 @@ def _poison(kind: str, x, q, k, p: int):
     if kind == "nan_q_other_rows":
         q[:, :, 1:] = nan  # only the CLS query row is part of the op
         return x, q, k, []
+    if kind == "pos_inf_beside_large":
+        # +inf beside a finite logit whose exp overflows (1000 > log(max) in float32 and float64):
+        # lse = +inf, so the probability is NaN at the +inf logit and exactly 0 elsewhere
+        k[0, 0, p + 3] = inf * torch.sign(q[0, 0, 0])
+        k[0, 0, p + 1] = _key_with_logit(q[0, 0, 0], 1000.0)
+        return x, q, k, None
+    if kind == "pos_inf_prefix":
+        # +inf at a prefix key (CLS, register): that head's scores are all 0 (finite), but its
+        # NaN prefix probability reaches the q, k gradients through sum_n p_n g_n (g_n = 0 there)
+        k[0, 0, p - 1] = inf * torch.sign(q[0, 0, 0])
+        k[2, 1, 0] = inf * torch.sign(q[2, 1, 0])
+        return x, q, k, []
+    if kind == "pos_inf_several":
+        # several +inf logits in one head (prefix and candidates) beside -inf and a large finite
+        # one; in another batch element two +inf logits beside a -inf prefix logit
+        for n in (0, p + 2, p + 5):
+            k[0, 0, n] = inf * torch.sign(q[0, 0, 0])
+        k[0, 0, p + 4] = -inf * torch.sign(q[0, 0, 0])
+        k[0, 0, p + 1] = _key_with_logit(q[0, 0, 0], 1000.0)
+        for n in (p + 7, p + 8):
+            k[2, 1, n] = inf * torch.sign(q[2, 1, 0])
+        k[2, 1, 0] = -inf * torch.sign(q[2, 1, 0])
+        return x, q, k, None
+    if kind == "all_neg_inf":
+        k[1, 1] = -inf * torch.sign(q[1, 1, 0])  # every logit of a head -inf: lse -inf, NaN
+        return x, q, k, [1]
+    if kind == "neg_inf_first_tile":
+        # the first 128 logits of a head -inf (a whole tile of an online logsumexp, BLOCK_N <=
+        # 128), the others finite but below -log(max) of the dtype, so that exp(0 - max)
+        # overflows: the probabilities are finite. q0 = (2, 0, ...) with scale 1/2 (d = 4)
+        # makes the logit exactly k[..., 0]; values are exact binary fractions.
+        assert k.shape[-1] == 4 and k.shape[2] > 128
+        low = -100.0 if q.dtype == torch.float32 else -1000.0
+        q[0, 0, 0] = torch.tensor([2.0, 0.0, 0.0, 0.0])
+        k[0, 0, :128, 0] = -inf
+        n_rest = k.shape[2] - 128
+        k[0, 0, 128:, 0] = low - torch.arange(n_rest, dtype=k.dtype) % 32 / 8
+        return x, q, k, []
     raise ValueError(kind)
+
+
+def _key_with_logit(q0, logit: float):
+    """A key row whose CLS logit with query ``q0`` (scale d^-0.5) is about ``logit``."""
+    return q0 * (logit / (q0.shape[-1] ** -0.5 * float((q0 * q0).sum())))
+
+
+#: Sequence lengths of test_nan_and_inf_inputs other than the default 15.
+_POISON_N = {"neg_inf_first_tile": 160}
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
 @pytest.mark.parametrize("p", [1, 3])
 @pytest.mark.parametrize("kind", ["nan_q_cls", "nan_k_row", "nan_k_prefix", "neg_inf_logit",
-                                  "pos_inf_logit", "inf_q_cls", "nan_q_other_rows"])
+                                  "pos_inf_logit", "inf_q_cls", "nan_q_other_rows",
+                                  "pos_inf_beside_large", "pos_inf_prefix", "pos_inf_several",
+                                  "all_neg_inf", "neg_inf_first_tile"])
 @pytest.mark.parametrize("backend", ALL, indirect=True)
 def test_nan_and_inf_inputs(backend, kind, p, fuse):
     """NaN/inf in q or k: valid indices, no crash, and the definition's scores (NaN where it has
@@ -678,7 +727,8 @@ def test_nan_and_inf_inputs(backend, kind, p, fuse):
     are kept there; +inf logits make single NaN scores (inf - inf) among real ones. Gradients
     to x, q and k equal autograd through the definition on the backend's kept set: NaN and inf
     at the same places, the finite entries as accurate (``assert_grads_accurate``)."""
-    case = DropCase(b=3, h=2, n=15, d=4, c=6, p=p, keep_rate=0.5, fuse=fuse, seed=31)
+    case = DropCase(b=3, h=2, n=_POISON_N.get(kind, 15), d=4, c=6, p=p, keep_rate=0.5, fuse=fuse,
+                    seed=31)
     dtype = backend.dtype
     x, q, k = make_inputs(case, backend.device, dtype)
     if kind == "nan_q_other_rows":

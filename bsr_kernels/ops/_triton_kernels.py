@@ -72,7 +72,9 @@ def cls_logits_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh
     ws_base = logit_ws_ptr + (b * H + h) * N
     # online logsumexp with torch's convention: the shift is the running max, or 0 while that max
-    # is infinite (so a +inf logit gives lse = +inf, as torch.logsumexp does)
+    # is infinite (so a +inf logit gives lse = +inf, as torch.logsumexp does). A sum that is still
+    # 0 (every logit so far -inf) stays 0 when rescaled: 0 * exp(0 - m) would be 0 * inf = NaN
+    # for a later max m below -log(max) of ACC.
     m_i = tl.full([], float("-inf"), ACC)
     shift = tl.full([], 0.0, ACC)
     l_i = tl.full([], 0.0, ACC)
@@ -86,7 +88,8 @@ def cls_logits_kernel(
         tl.store(ws_base + offs_n, logit, mask=nmask)
         m_i = tl.maximum(m_i, tl.reduce(logit, 0, _MAX))
         new_shift = tl.where(tl.abs(m_i) == float("inf"), 0.0, m_i)
-        l_i = l_i * tl.exp(shift - new_shift) + tl.reduce(tl.exp(logit - new_shift), 0, _SUM)
+        l_i = (tl.where(l_i == 0.0, l_i, l_i * tl.exp(shift - new_shift))
+               + tl.reduce(tl.exp(logit - new_shift), 0, _SUM))
         shift = new_shift
     tl.store(lse_ptr + b * H + h, shift + tl.log(l_i))
 
@@ -327,7 +330,8 @@ def cls_bwd_kernel(
 
     With p = exp(q0 . k_n * scale - lse) and gp_n = gs[n - P] / H for n >= P (0 for prefix keys):
     gl_n = p_n (gp_n - sum_m p_m gp_m) * scale, grad_q[0] = sum_n gl_n k_n, grad_k[n] = gl_n q0,
-    grad_q[n > 0] = 0. Two passes over K; nothing N x N.
+    grad_q[n > 0] = 0. The sum over m includes the prefix keys: their p_m * 0 is NaN where p_m
+    is (a +inf prefix logit), as in the reference. Two passes over K; nothing N x N.
 
     Shapes: gs (B, M) and lse (B, H) in ACC, q/k/grad_q/grad_k (B, H, N, D).
     """
@@ -352,7 +356,7 @@ def cls_bwd_kernel(
                      mask=nmask[:, None] & dmask[None, :], other=0.0).to(ACC)
         prob = tl.exp(tl.reduce(kt * q0[None, :], 1, _SUM) * sc - lse)
         gp = tl.load(gs_ptr + b * M + offs_n - P, mask=cand, other=0.0) / hf
-        dot_acc += tl.where(cand, prob * gp, 0.0)
+        dot_acc += tl.where(nmask, prob * gp, 0.0)
     dot = tl.reduce(dot_acc, 0, _SUM)
 
     gq0 = tl.full([BLOCK_D], 0, ACC)
