@@ -143,7 +143,8 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
                                      path="kept.png")           # raw_images in [0, 1]
 
     Args:
-        images: (B, 3, H, W) images in [0, 1] (un-normalised), H and W multiples of the patch.
+        images: (B, 3, H, W) images in [0, 1] (un-normalised; values outside are clamped, so
+            pass the images before the model's normalisation), H and W multiples of the patch.
         kept: :func:`bsr_kernels.kept_patches` of those images.
         patch_size: side of a patch in pixels (an int or an (h, w) pair).
         path: also write a PNG grid there, atomically (a row per image: the input, then one
@@ -159,7 +160,8 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
         ``stages`` is 0 when the model drops nothing (``keep_rate=1``: ``kept`` is empty).
 
     Raises:
-        ValueError: for images, ``patch_size``, ``color`` or ``strength`` out of their ranges,
+        ValueError: for images not (B, 3, H, W), ``patch_size``, ``color`` or ``strength`` out
+            of their ranges,
             or ``kept`` that does not fit the images: another batch size, or patch indices
             beyond the patch grid (a wrong ``patch_size``, or ``kept`` of other images).
     """

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "write it at the next step boundary, then stop (exit 128+signal); "
                         "--resume continues from that step (bitwise with --workers 0)")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its files are deleted first)")
+                   help="replace the run already in --out (its files are deleted once the data "
+                        "and the model have loaded and every method is set up)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     g.add_argument("--log-interval", type=_nonneg_int, default=50, metavar="N",
