@@ -52,11 +52,21 @@ def batch_and_model(method: str, rank: int, world: int):
     return x, y, adapt(model, method).train()
 
 
+#: What a worker prints when the C++ runtime aborts it (seen once in CI on 2026-11-28: rank 1
+#: of the gradient fixture, SIGABRT, the code passing before and after): a crash of the
+#: process, not a wrong result, so the launch is tried once more; any other failure is not.
+_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(*args, timeout=300, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node", "2", *map(str, args)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or _ABORT not in r.stderr:
+            return r
+    return r
 
 
 @pytest.fixture(scope="module")
