@@ -32,7 +32,6 @@ from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
 from .export import SCRIPT_REFUSAL, drop_traced
 from .ops import drop_tokens
-from .timm_hooks import drop_half_cpu
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
@@ -85,7 +84,7 @@ class BSRBlock(Block):
     def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
              kept: Optional[torch.Tensor] = None):
         """The block's token drop (``kept`` replays a recorded selection). Under
-        ``torch.jit.trace`` it records plain aten ops; CPU float16/bfloat16 runs in float32."""
+        ``torch.jit.trace`` it records plain aten ops."""
         cfg = self.bsr_config
         if torch.jit.is_tracing():  # jit.trace / ONNX dynamo=False: record plain aten ops
             return drop_traced(x, q, k, self.attn.scale, cfg)
@@ -95,8 +94,6 @@ class BSRBlock(Block):
         device = x.device.type
         with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
               else contextlib.nullcontext()):
-            if device == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-                return drop_half_cpu(x, q, k, cfg, kept)
             return drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
                                num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
 

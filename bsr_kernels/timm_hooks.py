@@ -1,5 +1,5 @@
 """timm model features on a reprogrammed model: ``forward_intermediates``, grad checkpointing,
-half precision on CPU.
+the pool of ``reset_classifier``.
 
 :func:`bsr_kernels.reprogram` keeps the model's class, so the timm methods that do not fit token
 dropping are replaced on the *instance* (:func:`install`; :func:`uninstall` on ``restore``):
@@ -13,18 +13,13 @@ dropping are replaced on the *instance* (:func:`install`; :func:`uninstall` on `
 * ``reset_classifier(num_classes, global_pool)`` refuses a pool that ``reprogram`` refuses (one
   that would average the fused token in: :func:`pool_refusal`) with a ValueError, before changing
   anything.
-
-CPU float16/bfloat16 (``model.half()``) runs the token drop in float32, the dtype its scores
-accumulate in anyway, and casts the result back (:func:`drop_half_cpu`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import _config
-
-__all__ = ["install", "uninstall", "drop_half_cpu", "pool_refusal", "GRAD_CHECKPOINTING_REFUSAL"]
+__all__ = ["install", "uninstall", "pool_refusal", "GRAD_CHECKPOINTING_REFUSAL"]
 
 GRAD_CHECKPOINTING_REFUSAL = (
     "set_grad_checkpointing(True) is not supported on a model reprogrammed by bsr_kernels: its "
@@ -42,24 +37,6 @@ def pool_refusal(pool: str, fuse_token: bool, keep_rate: float, drop_at) -> str 
     return (f"global_pool={pool!r} would pool the fused token (a score-weighted sum of the dropped "
             "tokens) together with the patch tokens; use fuse_token=False (pooling then averages "
             "the kept tokens) or a model with global_pool='token'")
-
-
-def drop_half_cpu(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, config, kept=None):
-    """The drop of a reprogrammed block for CPU float16/bfloat16 tensors.
-
-    The C++ kernels take float32/float64; scores and the fused token accumulate in float32 for
-    half inputs on every backend, so running the drop on float32 copies and casting back gives the
-    reference result (kept rows are exact copies). A forced backend is used as is.
-    """
-    from .ops import drop_tokens
-    from .ops.dispatch import forced_backend
-
-    kwargs = dict(fuse_token=config.fuse_token, num_prefix_tokens=config.num_prefix_tokens,
-                  kept=kept)
-    if forced_backend() is not None:
-        return drop_tokens(x, q, k, config.keep_rate, **kwargs)
-    out, kept = drop_tokens(x.float(), q.float(), k.float(), config.keep_rate, **kwargs)
-    return out.to(x.dtype), kept
 
 
 class _BoundOverride:

@@ -71,11 +71,18 @@ def test_clear_reasons_for_unsupported(device, dtype, needle):
         assert any(str(dtype) in r for r in reasons), reasons
 
 
-def test_forced_cpp_on_bfloat16_raises_with_reasons(monkeypatch):
+def test_forced_cpp_runs_bfloat16_in_float32_and_refuses_other_devices(monkeypatch):
+    """Forced C++ on bf16 tensors runs the float32 kernels on cast copies (the compute dtype of
+    the definition), as the default dispatch does; on a device it cannot run it raises with
+    every backend's reasons."""
     monkeypatch.setenv("BSR_BACKEND", "cpp")
     x, q, k = (t.to(torch.bfloat16) for t in _qkvx())
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        bsr_kernels.drop_tokens(x, q, k, 0.5)
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+    want, want_kept = bsr_kernels.drop_tokens(x.float(), q.float(), k.float(), 0.5)
+    assert out.dtype == torch.bfloat16 and torch.equal(kept, want_kept)
+    assert torch.equal(out, want.to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="cpp: runs on CPU tensors only, got device meta"):
+        bsr_kernels.drop_tokens(*(t.to("meta") for t in (x, q, k)), 0.5)
 
 
 def test_default_cpu_backend_is_cpp():

@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bsr_kernels
 from bsr_kernels.ops import dispatch, reference
 from bsr_kernels.ops.common import compute_dtype, num_kept
-from bsr_kernels.ops.dispatch import all_backends, available_backends, get_backend, select_backend
+from bsr_kernels.ops.dispatch import (_reasons, all_backends, available_backends, get_backend,
+                                      select_backend)
 
 from _backends import (BACKEND_NAMES, DEVICES, GRAD_ABS_FLOOR, GRAD_REL_FLOOR, SCORE_TOL,
                        TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches, assert_grads_accurate,
@@ -954,7 +955,7 @@ def test_a_half_precision_x_beside_float32_q_and_k_runs_in_float32_on_cpu(x_dtyp
     """The dispatcher judged the C++ backend by x's dtype alone, so a bf16 or fp16 x beside
     float32 q and k was refused on CPU, though the op casts all three to the compute dtype
     (float32), as it does for a float32 x beside bf16 q and k. Now it runs: the definition's
-    kept set, rows and x's dtype; half-precision q and k with a half x are still refused."""
+    kept set, rows and x's dtype (all-half inputs: test_half_precision_inputs_run_in_float32_on_cpu)."""
     case = DropCase(b=2, h=2, n=13, d=4, c=6, p=1, keep_rate=0.5, fuse=True, seed=8)
     x32, q, k = make_inputs(case, "cpu", torch.float32)
     x = x32.to(x_dtype).requires_grad_()
@@ -970,8 +971,41 @@ def test_a_half_precision_x_beside_float32_q_and_k_runs_in_float32_on_cpu(x_dtyp
     gx, = torch.autograd.grad(out, x, g_out)
     assert gx.dtype == x_dtype
     torch.testing.assert_close(gx, torch.autograd.grad(ref_out, x, g_out)[0])
-    with pytest.raises(RuntimeError, match=f"no bsr_kernels backend can run on cpu {x_dtype} "):
-        bsr_kernels.drop_tokens(x, q.to(x_dtype), k.to(x_dtype), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_run_in_float32_on_cpu(dtype):
+    """x, q and k all in bf16 or fp16 on CPU were refused ("no bsr_kernels backend can run"):
+    the C++ backend takes float32 and float64, and only mixed dtypes were cast. The definition
+    accumulates half inputs in float32 anyway, so the op now casts them, runs C++ and casts the
+    result back: the reference's kept set and rows, its scores, and its gradients in the inputs'
+    dtypes. ``available_backends`` says the same."""
+    case = DropCase(b=3, h=2, n=17, d=8, c=12, p=2, keep_rate=0.4, fuse=True, seed=21)
+    x, q, k = (t.to(dtype).requires_grad_() for t in make_inputs(case, "cpu", torch.float32))
+    assert select_backend(x.device, dtype, dtype).name == "cpp"
+    assert "cpp" in available_backends("cpu", dtype)
+    out, kept = bsr_kernels.drop_tokens(x, q, k, case.keep_rate, True, case.p)
+    ref_out, ref_kept, _, _ = reference.drop_tokens(x, q, k, resolved_scale(None, case.d),
+                                                    case.p, case.n_keep, True)
+    rows = case.p + case.n_keep
+    assert out.dtype == dtype and torch.equal(kept, ref_kept)
+    assert torch.equal(out[:, :rows], ref_out[:, :rows])
+    torch.testing.assert_close(out[:, rows:], ref_out[:, rows:])   # the dtype's own tolerance
+    g_out = seeded_like(out.shape, dtype, "cpu", 6)
+    got = torch.autograd.grad(out, (x, q, k), g_out)
+    want = torch.autograd.grad(ref_out, (x, q, k), g_out)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w)
+    scores = bsr_kernels.cls_attention(q, k, num_prefix_tokens=case.p)
+    ref_scores = reference.cls_scores(q, k, resolved_scale(None, case.d), case.p)[0]
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, ref_scores)
+    g_s = seeded_like(scores.shape, torch.float32, "cpu", 7)
+    for g, w in zip(torch.autograd.grad(scores, (q, k), g_s),
+                    torch.autograd.grad(ref_scores, (q, k), g_s)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w)
 
 
 def _near_tie_inputs(x_dtype, q_dtype, device):
@@ -1084,14 +1118,15 @@ def test_nonsense_backend_raises(monkeypatch):
 
 
 def _unavailable_here():
-    """(backend, dtype) pairs that cannot run on CPU here, each with its reasons: at least the
-    C++ backend for bfloat16 and float16 (float32/float64 only), and Triton's interpreter for
-    them too, whatever is built."""
+    """(backend, dtype) pairs that cannot run on CPU here, as the dispatcher judges them: at
+    least Triton's interpreter for bfloat16 and float16, whatever is built (the C++ backend runs
+    those in float32)."""
     pairs = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
-             for name, b in all_backends().items()
+             for name in all_backends()
              for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-             if b.not_supported_reasons(CPU, dtype)]
-    assert any(p.values[0] == "cpp" for p in pairs), "cpp accepts half precision on CPU?"
+             if name not in available_backends(CPU, dtype)]
+    assert {(p.values[0], p.values[1]) for p in pairs} >= {
+        ("triton", torch.bfloat16), ("triton", torch.float16)}, pairs
     return pairs
 
 
@@ -1100,7 +1135,7 @@ def test_forcing_an_unavailable_backend_raises_with_reasons(name, dtype, monkeyp
     """Forcing a backend that cannot take these CPU inputs (BSR_BACKEND, use_backend or
     backend=) raises, naming the backend and each of its reasons, for both ops; no silent
     fallback to another backend."""
-    reasons = get_backend(name).not_supported_reasons(CPU, dtype)
+    reasons = _reasons(get_backend(name), CPU, (dtype,))
     assert reasons
     x, q, k = make_inputs(DropCase(b=1, h=1, n=5, d=2, c=3), CPU, dtype)
     for route in ("BSR_BACKEND", "use_backend", "backend="):

@@ -301,6 +301,8 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     # resolved once, here (an unavailable backend raises here); the op and its backward get it
     impl = select_backend(q.device, q.dtype,
                           name=check_backend_name(backend) or context_backend())
+    if not impl.mixed_dtypes and q.dtype != compute_dtype(q.dtype):   # half q, k on CPU
+        q, k = q.to(compute_dtype(q.dtype)), k.to(compute_dtype(q.dtype))
     if _plain_eager(q, k):
         return _ClsAttentionFunction.apply(q, k, scale, p, impl)[0]
     return _cls_attention_op(q, k, scale, p, impl.name)[0]
@@ -353,10 +355,11 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     x_dtype = x.dtype
-    if q.dtype != x.dtype and not impl.mixed_dtypes:
-        # one dtype for a backend that takes one: the compute dtype, as the definition casts to
-        # (casting float64 q, k down to float32 x would score and select in float32)
-        cd = compute_dtype(x.dtype, q.dtype)
+    cd = compute_dtype(x.dtype, q.dtype)
+    if not impl.mixed_dtypes and not x.dtype == q.dtype == cd:
+        # one dtype for a backend that takes one: the compute dtype the definition accumulates
+        # in (casting float64 q, k down to float32 x would score and select in float32; half
+        # inputs on CPU run in float32, kept rows exact, and the result is cast back)
         x, q, k = x.to(cd), q.to(cd), k.to(cd)
     # the eager path's Functions take the backend object, the registered ops its name
     eager = _plain_eager(x, q, k)

@@ -1,7 +1,8 @@
 """C++ (CPU) backend: the ``bsr_kernels::cpp_*`` operators of the extension ``bsr_kernels.ops._C``.
 
 The kernels (``csrc/``) follow :mod:`bsr_kernels.ops.reference` exactly, never build an N x N
-matrix, and run in parallel over the batch. They take float32 and float64 CPU tensors.
+matrix, and run in parallel over the batch. They take float32 and float64 CPU tensors (the ops
+cast bf16 and fp16 inputs to float32 for them and cast the results back).
 
 When the extension has not been built, importing this module warns once and the backend reports
 itself unavailable, with the command that builds it; nothing raises on import.

@@ -92,7 +92,19 @@ def available_backends(device: torch.device | str | None = None,
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got "
                         f"{dtype!r}")
     device = torch.device(device) if device is not None else _device_for_listing()
-    return [name for name, b in _BACKENDS.items() if not b.not_supported_reasons(device, dtype)]
+    return [name for name, b in _BACKENDS.items() if not _reasons(b, device, (dtype,))]
+
+
+def _reasons(b: Backend, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> list[str]:
+    """Why backend ``b`` cannot run tensors of ``dtypes`` on ``device`` (none: it can). A backend
+    that takes one dtype gets x, q and k cast to their compute dtype by the ops (float32 for
+    half-precision ones), so it is judged by that; the others by each dtype."""
+    if not b.mixed_dtypes:
+        return b.not_supported_reasons(device, compute_dtype(*dtypes))
+    out = []
+    for dt in dict.fromkeys(dtypes):
+        out += [r for r in b.not_supported_reasons(device, dt) if r not in out]
+    return out
 
 
 def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -> Backend:
@@ -114,21 +126,13 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
         return hit
     candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
 
-    def reasons(b: Backend) -> list[str]:
-        if not b.mixed_dtypes:  # the op casts x, q, k of different dtypes to their compute
-            one = compute_dtype(*dtypes) if len(set(dtypes)) > 1 else dtypes[0]   # dtype
-            return b.not_supported_reasons(device, one)
-        out = []
-        for dt in dict.fromkeys(dtypes):
-            out += [r for r in b.not_supported_reasons(device, dt) if r not in out]
-        return out
-
     for cand in candidates:
-        if not reasons(_BACKENDS[cand]):
+        if not _reasons(_BACKENDS[cand], device, dtypes):
             if cached:
                 _SELECTED[key] = _BACKENDS[cand]
             return _BACKENDS[cand]
-    lines = [f"  {n}: {'; '.join(reasons(b)) or 'available'}" for n, b in _BACKENDS.items()]
+    lines = [f"  {n}: {'; '.join(_reasons(b, device, dtypes)) or 'available'}"
+             for n, b in _BACKENDS.items()]
     how = (f"backend {forced!r} was forced" if forced
            else f"the default for {device.type} tensors is {candidates[0]}")
     raise RuntimeError(
