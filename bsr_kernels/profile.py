@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 
 from .measure import count_flops, saved_activations
 
@@ -142,7 +143,7 @@ def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
     tokens: list[int] = []
     try:
         hooks = [blk.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
-                 for blk in getattr(model, "blocks", [])]
+                 for blk in getattr(unwrap_model(model), "blocks", [])]   # DDP, compiled
         try:
             mib = saved_activations(lambda: loss_fn(model(images), labels),
                                     exclude=[model]).mib_per_image(batch)

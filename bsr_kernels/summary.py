@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.utils import unwrap_model
 
 from .checkpoint import atomic_write
 from .config_access import bsr_config_dict
@@ -55,11 +56,6 @@ class TrainableSummary:
         return line
 
 
-#: Name prefixes of wrappers that add no parameters of their own: ``torch.compile``'s
-#: ``OptimizedModule`` and DDP / DataParallel.
-_WRAPPERS = ("_orig_mod.", "module.")
-
-
 def _root(names: Sequence[str]) -> str:
     """The prefix under which the model's ``blocks.<i>`` are (``"vit."`` in a
     :class:`~bsr_kernels.MultiTaskViT`), or ""."""
@@ -92,12 +88,10 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    groups: dict[str, list[int]] = {}
+    model = unwrap_model(model)   # compiled, DDP or DataParallel, in any nesting: the model's own
+    groups: dict[str, list[int]] = {}   # names and settings
     trainable = total = 0
     named = list(model.named_parameters())   # named_parameters skips shared duplicates
-    for wrapper in _WRAPPERS:                # compiled or DDP: the wrapped model's names
-        if named and all(n.startswith(wrapper) for n, _ in named):
-            named = [(n[len(wrapper):], p) for n, p in named]
     root = _root([n for n, _ in named])
     for name, p in named:
         g = groups.setdefault(_group(name, root), [0, 0])

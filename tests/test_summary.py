@@ -52,18 +52,35 @@ def test_trainable_summary_names_blocks_through_wrappers():
     import copy
     model = bsr_kernels.reprogram(vit())
     plain = bsr_kernels.trainable_summary(model)
+    assert plain.bsr is not None and "BSR: drops tokens" in str(plain)
     wrapped = nn.Module()
     wrapped.module = model       # as DDP names its parameters
-    for other in (torch.compile(model), wrapped):
+    # nested wrappers too: DDP of a compiled model (nanoGPT's order) was summarised under
+    # "_orig_mod." names, and no wrapper showed the BSR settings (the wrapper has none)
+    for other in (torch.compile(model), wrapped, nn.DataParallel(model),
+                  nn.DataParallel(torch.compile(model)), torch.compile(nn.DataParallel(model))):
         s = bsr_kernels.trainable_summary(other)
         assert s.groups == plain.groups and (s.trainable, s.total) == (plain.trainable,
                                                                        plain.total)
+        assert s.bsr == plain.bsr and str(s) == str(plain), type(other)
     mt = bsr_kernels.MultiTaskViT(copy.deepcopy(model), num_classes=[5, 2])
     s = bsr_kernels.trainable_summary(mt)
     trained = [g for g, (t, _) in s.groups.items() if t]
     assert trained == [f"vit.blocks.{i}" for i in (1, 3, 5)] + ["heads.0", "heads.1"]
     assert s.groups["vit.patch_embed"] == plain.groups["patch_embed"]
     assert sum(n for _, n in s.groups.values()) == s.total
+
+
+def test_profile_counts_the_tokens_of_a_wrapped_model():
+    """profile() of a DataParallel-wrapped model reported tokens_per_block [] (it looked for
+    ``blocks`` on the wrapper); the wrapped model's blocks are counted, the rest is the same."""
+    model = bsr_kernels.reprogram(vit())
+    x, y = images(2), torch.tensor([1, 3])
+    plain = bsr_kernels.profile(model, x, y)
+    assert plain.tokens_per_block == [65, 65, 65, 34, 19, 11]   # 64 patches; drops at 2, 3, 4
+    got = bsr_kernels.profile(nn.DataParallel(model), x, y)
+    assert got.tokens_per_block == plain.tokens_per_block
+    assert got.train_gflops_per_image == plain.train_gflops_per_image
 
 
 def test_trainable_summary_counts_shared_parameters_once():
