@@ -27,6 +27,7 @@ from torch import nn
 from .config import check_blocks, default_drop_at, default_train_blocks
 from .ops.common import (check_keep_rate, check_prefix, check_qk, check_x, num_kept,
                          resolve_scale)
+from .timm_hooks import pool_refusal
 
 __all__ = [
     "eager_drop_composite",
@@ -132,17 +133,25 @@ def check_vit(model) -> None:
                             "Attention is supported")
 
 
-def _resolve(model, train_blocks, drop_at, keep_rate):
+def _resolve(model, train_blocks, drop_at, keep_rate, fuse_token):
+    """The checked settings; a pool that would average the fused token in is refused, as
+    :func:`bsr_kernels.reprogram` refuses it (:func:`~bsr_kernels.timm_hooks.pool_refusal`)."""
     depth = len(model.blocks)
     train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
                                 if train_blocks is None else train_blocks, depth)
     drop_at = check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
                            depth)
-    return train_blocks, drop_at, check_keep_rate(keep_rate)
+    keep_rate = check_keep_rate(keep_rate)
+    refusal = pool_refusal(getattr(model, "global_pool", "token"), bool(fuse_token), keep_rate,
+                           drop_at)
+    if refusal:
+        raise ValueError(refusal)
+    return train_blocks, drop_at, keep_rate
 
 
 def configure_eager_bsr(model, train_blocks: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Sets ``requires_grad``: True for ``model.head`` and the ``train_blocks``, False elsewhere.
+    """Sets ``requires_grad``: True for ``model.head`` (and a distilled DeiT's ``head_dist``, as
+    :func:`bsr_kernels.reprogram` trains it) and the ``train_blocks``, False elsewhere.
 
     Everything else is frozen: patch embedding, position embedding, CLS/register tokens, norms
     outside the trained blocks (``norm``, ``fc_norm``), and the other blocks.
@@ -159,7 +168,9 @@ def configure_eager_bsr(model, train_blocks: Sequence[int] | None = None) -> tup
     train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
                                 if train_blocks is None else train_blocks, depth)
     model.requires_grad_(False)
-    model.head.requires_grad_(True)
+    for head in ("head", "head_dist"):
+        if isinstance(getattr(model, head, None), nn.Module):
+            getattr(model, head).requires_grad_(True)
     for i in train_blocks:
         model.blocks[i].requires_grad_(True)
     return train_blocks
@@ -255,7 +266,8 @@ def eager_bsr_forward(model, images: torch.Tensor, train_blocks: Sequence[int] |
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    train_blocks, drop_at, keep_rate = _resolve(model, train_blocks, drop_at, keep_rate)
+    train_blocks, drop_at, keep_rate = _resolve(model, train_blocks, drop_at, keep_rate,
+                                                fuse_token)
     first_trained = train_blocks[0] if train_blocks else len(model.blocks)
     p = model.num_prefix_tokens
     kept_all: list[torch.Tensor] = []
@@ -305,7 +317,7 @@ class EagerBSR(nn.Module):
         super().__init__()
         check_vit(model)
         self.train_blocks, self.drop_at, self.keep_rate = _resolve(model, train_blocks, drop_at,
-                                                                   keep_rate)
+                                                                   keep_rate, fuse_token)
         self.fuse_token = bool(fuse_token)
         self.model = model
         self.last: EagerBSROutput | None = None

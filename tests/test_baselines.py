@@ -255,3 +255,34 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="class token"):
         EagerBSR(no_cls)
     assert all(p.requires_grad for p in no_cls.parameters())  # left unchanged
+
+
+def test_trains_what_reprogram_trains_on_a_distilled_deit():
+    """configure_eager_bsr froze a distilled DeiT's head_dist, which reprogram trains: the
+    anchor trained (and so measured) another set of parameters than the library. Both now train
+    the same parameters, on a plain ViT and on a distilled DeiT."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(3)
+    for cls in (VisionTransformer, VisionTransformerDistilled):
+        model = cls(**SMALL)
+        EagerBSR(model)
+        eager = {n for n, p in model.named_parameters() if p.requires_grad}
+        bsr_kernels.reprogram(model)
+        assert eager == {n for n, p in model.named_parameters() if p.requires_grad}, cls
+        assert any(n.startswith("head.") for n in eager)
+    assert any(n.startswith("head_dist.") for n in eager)
+
+
+def test_refuses_a_pool_that_would_average_the_fused_token():
+    """reprogram refuses global_pool='avg' with the fused token (the fused token, a weighted sum
+    of the dropped tokens, would be averaged in); the eager anchor ran it. It now refuses it
+    with the same message, and runs it without the fused token or without a drop."""
+    model = small_vit(global_pool="avg")
+    with pytest.raises(ValueError, match="global_pool='avg' would pool the fused token"):
+        EagerBSR(model)
+    with pytest.raises(ValueError, match="global_pool='avg' would pool the fused token"):
+        eager_bsr_forward(model, images())
+    assert all(p.requires_grad for p in model.parameters())   # refused before configuring
+    assert eager_bsr_forward(model, images(), fuse_token=False).logits.shape == (3, 7)
+    assert EagerBSR(model, keep_rate=1.0)(images()).shape == (3, 7)
