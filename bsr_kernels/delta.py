@@ -147,6 +147,7 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
         "numel": sum(t.numel() for t in tensors.values()),
         "model_numel": sum(p.numel() for p in params.values()),
         "num_classes": getattr(head, "out_features", None),
+        **_pool_entry(model),
         "bsr": _bsr_config(model),
         **_moe_entry(model),
         "base_fingerprint": base_fingerprint(model, exclude=names),
@@ -166,6 +167,14 @@ def save_delta(model: nn.Module, path: os.PathLike, names: Optional[Iterable[str
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: meta}))
     write_json(path.with_suffix(".json"), config)
     return path
+
+
+def _pool_entry(model: nn.Module) -> dict:
+    """``{"global_pool": ...}`` of a timm ViT: no parameter tells ``"token"`` from ``"avg"``
+    without ``fc_norm``, yet the logits differ; else nothing (files written before it was
+    recorded lack it too)."""
+    pool = getattr(model, "global_pool", None)
+    return {"global_pool": pool} if isinstance(pool, str) else {}
 
 
 def _moe_entry(model: nn.Module) -> dict:
@@ -216,6 +225,8 @@ def _schema_errors(config) -> list:
         need("base_dtypes", lambda v: isinstance(v, list) and all(
             isinstance(d, str) and isinstance(getattr(torch, d, None), torch.dtype)
             for d in v), "a list of dtype names")
+    if "global_pool" in config:     # optional: files written before it was recorded lack it
+        need("global_pool", lambda v: isinstance(v, str), "a pool name")
     if "moe" in config:     # optional: only a model with MoE blocks has one
         from .moe import ROUTING_SETTINGS
 
@@ -374,7 +385,8 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
 
     Raises:
         ValueError: if the file is not a valid delta (see :func:`read_delta`), its parameters
-            (names, shapes, dtypes) do not fit ``model``, the model cannot take the delta's BSR
+            (names, shapes, dtypes), depth, prefix tokens, ``global_pool`` or MoE routing do
+            not fit ``model``, the model cannot take the delta's BSR
             settings, or (with ``check_base``) the base weights differ. The model is then left
             unchanged.
     """
@@ -409,6 +421,10 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     if prefix is not None and bsr.get("num_prefix_tokens", prefix) != prefix:
         problems.append(f"the delta is for a model with {bsr['num_prefix_tokens']} prefix "
                         f"tokens, this one has {prefix}")
+    pool = _pool_entry(model).get("global_pool")
+    if "global_pool" in config and pool is not None and config["global_pool"] != pool:
+        problems.append(f"the delta is for a model with global_pool={config['global_pool']!r}, "
+                        f"this one has {pool!r}")
     if isinstance(config.get("moe"), dict):  # MoE routing: no parameter holds it
         from .moe import routing_problems
         problems += routing_problems(model, config["moe"], "the delta")

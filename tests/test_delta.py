@@ -246,6 +246,7 @@ def test_load_delta_refuses_changed_tensor_bytes(tuned_delta):
     (lambda c: c.update(bsr=[3, 7, 11]), "bsr must be null or an object"),
     (lambda c: c["bsr"].update(keep_rate=7), r"bsr\.keep_rate must be a number in \(0, 1\]"),
     (lambda c: c.update(parameters="head.weight"), "parameters must be a non-empty list"),
+    (lambda c: c.update(global_pool=["avg"]), "global_pool must be a pool name"),
     (lambda c: "as a list", "config is a JSON list"),
 ])
 def test_load_delta_refuses_damaged_metadata_with_a_clear_error(tuned_delta, edit, match):
@@ -357,3 +358,32 @@ def _other_tiny():
     with torch.no_grad():
         model.blocks[0].mlp.fc1.weight[0, 0] += 1.0      # a frozen weight
     return model
+
+
+def test_load_delta_refuses_another_global_pool(tmp_path):
+    """No parameter tells global_pool "avg" (without fc_norm) from "token", so a delta of an
+    avg-pooled model loaded silently into a token-pooled base and gave other logits. The delta
+    records the pool; another one is refused, naming it, with the model unchanged; the same pool
+    loads, and a delta written before the pool was recorded still loads."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    def make(pool):
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,
+                                 num_classes=5, global_pool=pool, fc_norm=False).eval()
+
+    tuned = _finetune_like(bsr_kernels.reprogram(make("avg"), fuse_token=False))
+    path = save_delta(tuned, tmp_path / "avg.safetensors")
+    assert read_delta(path)[1]["global_pool"] == "avg"
+    token = make("token")
+    snap = _snapshot(token)
+    with pytest.raises(ValueError, match="global_pool='avg', this one has 'token'"):
+        bsr_kernels.load_delta(token, path)
+    _assert_unchanged(token, snap)
+    x = torch.randn(2, 3, 32, 32)
+    same = bsr_kernels.load_delta(make("avg"), path)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), tuned(x), rtol=0, atol=0)
+    _edit_config(path, lambda c: c.pop("global_pool"))   # as written before 2026-11-28
+    assert "global_pool" not in read_delta(path)[1]
+    bsr_kernels.load_delta(make("token"), path)
