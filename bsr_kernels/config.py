@@ -113,10 +113,16 @@ class BSRConfig:
             raise ValueError(f"fuse_token must be a bool, got {fuse_token!r}")
         if not isinstance(train_norm, bool):
             raise ValueError(f"train_norm must be a bool, got {train_norm!r}")
-        if activation_dtype is not None and not (isinstance(activation_dtype, torch.dtype)
-                                                 and activation_dtype.is_floating_point):
-            raise ValueError(f"activation_dtype must be a floating torch.dtype or None, "
+        if activation_dtype is not None and activation_dtype not in _DTYPES.values():
+            # the dtypes a checkpoint can name (to_dict / from_dict): a float8 one was taken
+            # here and refused on loading (and clips or overflows beyond +-448 / +-57344)
+            raise ValueError(f"activation_dtype must be one of "
+                             f"{', '.join(f'torch.{n}' for n in _DTYPES)} or None, "
                              f"got {activation_dtype!r}")
+        if (isinstance(num_prefix_tokens, bool)
+                or not isinstance(num_prefix_tokens, numbers.Integral) or num_prefix_tokens < 1):
+            raise ValueError(f"num_prefix_tokens must be a positive int (the CLS token plus "
+                             f"register tokens), got {num_prefix_tokens!r}")
         if activation_dtype is not None and memory_mode == "autograd":
             raise ValueError(f"activation_dtype={activation_dtype} compresses what the lean and "
                              "fast backward save; memory_mode='autograd' saves what autograd "

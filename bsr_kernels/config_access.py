@@ -2,7 +2,6 @@
 config as a JSON-ready dict (:meth:`BSRConfig.to_dict`), and re-apply one."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch.nn as nn
@@ -42,9 +41,6 @@ def config_from_dict(config, model: nn.Module) -> BSRConfig:
         backbone = getattr(model, "bsr_backbone", model)
         config = {**config, "depth": len(getattr(backbone, "blocks", ())),
                   "num_prefix_tokens": getattr(backbone, "num_prefix_tokens", 1)}
-    prefix = config.get("num_prefix_tokens", 1)
-    if isinstance(prefix, bool) or not isinstance(prefix, numbers.Integral) or prefix < 0:
-        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {prefix!r}")
     dtype = config.get("activation_dtype")
     if dtype is not None and not isinstance(dtype, str):   # from_dict looks it up by name
         raise ValueError(f"activation_dtype must be a dtype name or None, got {dtype!r}")

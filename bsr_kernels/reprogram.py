@@ -234,7 +234,8 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         activation_dtype: opt-in compression of what the lean/fast backward saves (e.g.
             ``torch.bfloat16``, in the spirit of Mesa): saved activations are stored in this
             dtype and cast back in backward. Gradients become approximate; None (default) keeps
-            them exact.
+            them exact. One of torch.bfloat16, float16, float32 or float64 (what a checkpoint
+            can name).
 
     Returns:
         The same model object, reprogrammed, with ``model.bsr_config`` set. Its class and

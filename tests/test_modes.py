@@ -577,6 +577,33 @@ def test_config_round_trips_and_is_shared():
         BSRConfig.from_dict({k: v for k, v in d.items() if k != "train_blocks"})
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_every_activation_dtype_a_config_takes_round_trips(dtype):
+    """A float8 activation_dtype was accepted by reprogram and then refused on loading (its
+    checkpoint's config named a dtype from_dict does not read). Every dtype the config takes
+    now round-trips through to_dict/from_dict, and the others are refused where they are given,
+    naming the argument, before the model changes."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode="lean", activation_dtype=dtype)
+    cfg = model.bsr_config
+    assert BSRConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, "bfloat16"):
+        with pytest.raises(ValueError, match="activation_dtype must be one of torch.bfloat16"):
+            bsr_kernels.reprogram(model, activation_dtype=bad)
+        assert model.bsr_config is cfg
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.9, True, None, "x"])
+def test_config_refuses_a_bad_prefix_token_count(bad):
+    """num_prefix_tokens was cast with int(): 1.9 and True became 1, 0 and -3 were taken, and
+    "x" or None raised an error that named no argument."""
+    d = bsr_kernels.reprogram(tiny()).bsr_config.to_dict()
+    with pytest.raises(ValueError, match="num_prefix_tokens must be a positive int"):
+        BSRConfig.from_dict({**d, "num_prefix_tokens": bad})
+    with pytest.raises(ValueError, match="num_prefix_tokens must be a positive int"):
+        BSRConfig.create(12, num_prefix_tokens=bad)
+    assert BSRConfig.from_dict({**d, "num_prefix_tokens": 5}).num_prefix_tokens == 5
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_backward_uses_the_parameters_of_its_forward(mode):
     """requires_grad switched off between forward and backward: as in plain autograd (whose
