@@ -14,7 +14,8 @@ import torch
 
 from .ops.common import check_keep_rate
 
-__all__ = ["BSRConfig", "MEMORY_MODES", "default_train_blocks", "default_drop_at", "check_blocks"]
+__all__ = ["BSRConfig", "MEMORY_MODES", "default_train_blocks", "default_drop_at", "check_blocks",
+           "check_settings"]
 
 #: What backward keeps and recomputes, by memory mode (all give the same gradients):
 #:
@@ -66,6 +67,25 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
            "float64": torch.float64}
 
 
+def check_settings(keep_rate, memory_mode, activation_dtype) -> float:
+    """Checks the settings that do not depend on the model, each with a ValueError naming it
+    (reprogram's contract: every bad argument is a ValueError); returns ``keep_rate`` as a
+    float."""
+    try:
+        keep_rate = check_keep_rate(keep_rate)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    if activation_dtype is not None and activation_dtype not in _DTYPES.values():
+        # the dtypes a checkpoint can name (to_dict / from_dict): a float8 one was taken by
+        # reprogram and refused on loading (and clips or overflows beyond +-448 / +-57344)
+        raise ValueError(f"activation_dtype must be one of "
+                         f"{', '.join(f'torch.{n}' for n in _DTYPES)} or None, "
+                         f"got {activation_dtype!r}")
+    return keep_rate
+
+
 @dataclasses.dataclass(frozen=True)
 class BSRConfig:
     """The BSR settings of one model.
@@ -103,22 +123,11 @@ class BSRConfig:
                                     if train_blocks is None else train_blocks, depth)
         drop_at = check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
                                depth)
-        try:
-            keep_rate = check_keep_rate(keep_rate)
-        except TypeError as e:  # reprogram's contract: every bad argument is a ValueError
-            raise ValueError(str(e)) from None
-        if memory_mode not in MEMORY_MODES:
-            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+        keep_rate = check_settings(keep_rate, memory_mode, activation_dtype)
         if not isinstance(fuse_token, bool):
             raise ValueError(f"fuse_token must be a bool, got {fuse_token!r}")
         if not isinstance(train_norm, bool):
             raise ValueError(f"train_norm must be a bool, got {train_norm!r}")
-        if activation_dtype is not None and activation_dtype not in _DTYPES.values():
-            # the dtypes a checkpoint can name (to_dict / from_dict): a float8 one was taken
-            # here and refused on loading (and clips or overflows beyond +-448 / +-57344)
-            raise ValueError(f"activation_dtype must be one of "
-                             f"{', '.join(f'torch.{n}' for n in _DTYPES)} or None, "
-                             f"got {activation_dtype!r}")
         if (isinstance(num_prefix_tokens, bool)
                 or not isinstance(num_prefix_tokens, numbers.Integral) or num_prefix_tokens < 1):
             raise ValueError(f"num_prefix_tokens must be a positive int (the CLS token plus "

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .config import check_settings
+
 __all__ = ["METHODS", "BSR_METHODS", "Method", "setup", "trainable_parameters"]
 
 #: Every method, in table order.
@@ -85,12 +87,21 @@ def setup(model: nn.Module, method: str, train_blocks: Optional[Sequence[int]] =
         The :class:`Method`: module to run and the trained parameters.
 
     Raises:
-        ValueError: an unknown method, or BSR block settings given to a method without them.
+        ValueError: an unknown method, a setting out of range (whatever the method), BSR block
+            settings given to a method without them, or ``memory_mode``/``activation_dtype``
+            other than the defaults given to ``eager_bsr``. Nothing is changed then.
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    # the values, whatever the method: a caller that passes the command line's values to
+    # every method must not pass a wrong one unnoticed
+    check_settings(keep_rate, memory_mode, activation_dtype)
     if method not in BSR_METHODS and (train_blocks is not None or drop_at is not None):
-        raise ValueError("--train-blocks and --drop-at apply to --method bsr only")
+        raise ValueError(f"--train-blocks and --drop-at apply to --method "
+                         f"{' or '.join(BSR_METHODS)} only")
+    if method == "eager_bsr" and (memory_mode != "lean" or activation_dtype is not None):
+        raise ValueError("memory_mode and activation_dtype apply to --method bsr only: the eager "
+                         "formulation keeps what plain autograd keeps")
     if method == "bsr":
         from .reprogram import reprogram
         module = reprogram(model, train_blocks=train_blocks, drop_at=drop_at,

@@ -286,3 +286,30 @@ def test_refuses_a_pool_that_would_average_the_fused_token():
     assert all(p.requires_grad for p in model.parameters())   # refused before configuring
     assert eager_bsr_forward(model, images(), fuse_token=False).logits.shape == (3, 7)
     assert EagerBSR(model, keep_rate=1.0)(images()).shape == (3, 7)
+
+
+@pytest.mark.parametrize("method", ["full", "linear", "bitfit", "bsr", "eager_bsr"])
+def test_method_setup_refuses_settings_it_would_ignore_or_cannot_take(method):
+    """methods.setup took keep_rate=7.0 or memory_mode='bogus' for the plain methods and
+    compressed storage for the eager formulation, none of which they use, without a word; the
+    block settings' refusal named --method bsr only, though eager_bsr takes them. Values are
+    checked for every method now, before the model changes."""
+    from bsr_kernels import methods
+
+    model = small_vit()
+    before = [p.requires_grad for p in model.parameters()]
+    for kwargs, match in [(dict(keep_rate=7.0), "keep_rate"), (dict(keep_rate="0.5"), "keep_rate"),
+                          (dict(memory_mode="bogus"), "memory_mode"),
+                          (dict(activation_dtype=torch.float8_e4m3fn), "activation_dtype")]:
+        with pytest.raises(ValueError, match=match):
+            methods.setup(model, method, **kwargs)
+    if method not in methods.BSR_METHODS:
+        with pytest.raises(ValueError, match="apply to --method bsr or eager_bsr only"):
+            methods.setup(model, method, train_blocks=[1])
+    if method == "eager_bsr":
+        for kwargs in (dict(memory_mode="fast"), dict(activation_dtype=torch.bfloat16)):
+            with pytest.raises(ValueError, match="apply to --method bsr only"):
+                methods.setup(model, method, **kwargs)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert not hasattr(model, "bsr_config")
+    assert methods.setup(model, method).name == method
