@@ -47,10 +47,32 @@ def tmp_name(path: Union[str, os.PathLike]) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _file_mode() -> int:
+def _umask_by_setting() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+#: The umask when this module was imported: where ``/proc`` cannot tell the current one.
+_IMPORT_UMASK = _umask_by_setting()
+
+
+def _umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` (Linux 4.7 and later). Reading it
+    with ``os.umask`` means setting it to 0 for a moment, which gives the files that other
+    threads create meanwhile mode 0o666 (a data loader's, a logger's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _file_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: Union[str, os.PathLike],
@@ -236,6 +258,11 @@ def _start_time(pid: int) -> Optional[str]:
         return None
 
 
+#: The lock files that a RunLock of this process holds (real paths): a second RunLock of the
+#: same folder in this process is refused, as another process's would be.
+_HELD: set = set()
+
+
 class RunLockedError(ValueError):
     """An output folder that another live process is writing."""
 
@@ -246,7 +273,9 @@ class RunLock:
     The lock is taken with ``O_CREAT | O_EXCL`` and holds the owner's PID, the process's start
     time (from ``/proc``, where there is one) and the host name. A lock of this host whose
     process is gone, or whose PID now belongs to a process started at another time (PID
-    reuse), is stale and is taken over. A lock of another host (a shared file system) is
+    reuse), is stale and is taken over; so is one naming this process that none of its
+    RunLocks holds (a container's recurring PID), while a second RunLock of a folder that one of
+    this process holds is refused. A lock of another host (a shared file system) is
     respected, as its process cannot be checked from here, also once that run has ended (a
     SLURM job requeued on another node); the message says to delete it if that run is no
     longer running.
@@ -282,15 +311,21 @@ class RunLock:
             except FileExistsError:
                 self._refuse_if_live()
                 if self._take_over(mine):
-                    self.held = True
-                    return self
+                    return self._hold()
                 continue   # the lock file went away or was replaced: look again
             with os.fdopen(fd, "w") as f:
                 f.write(mine)
-            self.held = True
-            return self
+            return self._hold()
         raise RunLockedError(f"{self.what} {self.path.parent}: could not take the lock file "
                              f"{self.path} (other processes keep taking it)")
+
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+    def _hold(self) -> "RunLock":
+        self.held = True
+        _HELD.add(self._key())
+        return self
 
     def _refuse_if_live(self) -> None:
         """RunLockedError when the lock file names a live process (or one creating it now)."""
@@ -300,11 +335,14 @@ class RunLock:
         other_host = host is not None and host != _hostname()
         if other_host:
             live = True
+        elif pid == os.getpid():   # this process: live if one of its RunLocks holds it, else
+            live = self._key() in _HELD   # a leftover (a container's PID, a lock not released)
         else:
-            live = pid is not None and pid != os.getpid() and _pid_alive(pid) and (
+            live = pid is not None and _pid_alive(pid) and (
                 started is None or _start_time(pid) in (None, started))
         if pid == -1 or live:
-            who = (f"process {pid}" + (f" on {host}" if other_host else "") if pid > 0
+            who = ("this process, through another RunLock" if pid == os.getpid()
+                   else f"process {pid}" + (f" on {host}" if other_host else "") if pid > 0
                    else "a process starting now")
             unless = ("that run is no longer running (a lock of another host is never taken "
                       "over: its process cannot be checked from here)" if other_host
@@ -377,6 +415,7 @@ class RunLock:
     def release(self) -> None:
         if self.held:
             self.held = False
+            _HELD.discard(self._key())
             if self._owner()[0] == os.getpid():
                 try:
                     self.path.unlink()

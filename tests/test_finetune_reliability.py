@@ -110,6 +110,40 @@ def test_run_lock_unit(tmp_path):
         checkpoint.RunLock(tmp_path).acquire()
 
 
+def test_run_lock_refuses_a_second_lock_of_the_same_process(tmp_path):
+    """Two RunLocks of one folder in one process both held it (the lock file's PID, this
+    process's, was taken for a leftover), and either release deleted the other's lock file. The
+    second is refused now; a leftover lock file naming this process, which no RunLock holds
+    (a container's recurring PID), is still taken over."""
+    a = checkpoint.RunLock(tmp_path).acquire()
+    with pytest.raises(checkpoint.RunLockedError, match="this process, through another RunLock"):
+        checkpoint.RunLock(tmp_path / "sub" / "..").acquire()   # the same folder, spelt otherwise
+    assert a.held and (tmp_path / ".lock").exists()
+    a.release()
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text(f"{os.getpid()} - {checkpoint._hostname()}\n")
+    b = checkpoint.RunLock(tmp_path).acquire()
+    assert b.held
+    b.release()
+    assert not (tmp_path / ".lock").exists()
+    with checkpoint.RunLock(tmp_path):
+        pass
+    checkpoint.RunLock(tmp_path).acquire().release()   # released on leaving the block
+
+
+def test_file_mode_reads_the_umask_without_setting_it(monkeypatch):
+    """Every atomic_write read the umask by setting it to 0 and back: files that other threads
+    created meanwhile got mode 0o666. The mode now comes from /proc (the import-time umask
+    where there is none), with os.umask never called."""
+    umask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask was called"))
+        assert checkpoint._file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(umask)
+
+
 _LOCKER = """import sys, time
 from bsr_kernels.checkpoint import RunLock, RunLockedError
 try:
