@@ -128,6 +128,11 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch):
     (["--memory-mode", "fast"], "--memory-mode: applies to --method bsr_moe or bsr_dense"),
     (["--method", "bsr_dense", "--experts", "4", "--top-k", "2"],
      "--experts, --top-k: apply to --method moe_full or bsr_moe"),
+    # fewer experts than the default --top-k: still named as unused, not as too few for top-k
+    (["--method", "bsr_dense", "--experts", "2"],
+     "--experts: applies to --method moe_full or bsr_moe"),
+    (["--method", "bsr_moe", "--experts", "2"], "--top-k (4) must not exceed --experts (2)"),
+    (["--overwrite"], "--overwrite: applies to a run written with --out DIR"),
     (["--data-root", "."], "--data-root: applies to --task NAME=DATA with a torchvision set"),
     (["--pretrained", "--checkpoint", "w.pt"], "--pretrained and --checkpoint both choose"),
     (["--pretrained"], "--pretrained: applies to timm models"),
@@ -137,7 +142,8 @@ def test_options_that_would_do_nothing_are_refused_as_in_bsr_finetune(extra, mes
     """An option that none of the chosen methods or tasks uses, or one bsr-finetune refuses
     (two sources of weights, an image size that cuts patches), exits 2 naming it before any data
     or weights load; before, --multitask ignored it (an 18 px image lost its last 2 px rows and
-    columns)."""
+    columns, --overwrite without --out did nothing) or named another one (--experts 2 without an
+    MoE method was refused as fewer experts than --top-k, which was not given)."""
     _no_loading(monkeypatch)
     rc, _, err = _run([*FAST, *extra], capsys)
     assert rc == 2 and message in err, err
@@ -211,6 +217,63 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path, capsys):
     assert rc == 2 and "already trained 2 epochs, more than --epochs 1" in err, err
     assert "--epochs 2 or more" in err
     assert (cut / "linear" / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_without_the_checkpoint_of_a_finished_method_is_refused(tmp_path, capsys,
+                                                                         monkeypatch):
+    """As in bsr-finetune: --resume of a run whose finished method lost its checkpoint.pt
+    (deleted to save space, the delta kept) exits 2 naming the file and the ways on, before
+    anything loads and with the folder unchanged; before, --multitask trained the method again
+    from epoch 0 and replaced its delta."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    ckpt = tmp_path / "linear" / "checkpoint.pt"
+    ckpt.unlink()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    _no_loading(monkeypatch)
+    rc, out, err = _run(["--resume", "--out", tmp_path], capsys)
+    assert rc == 2, err
+    assert "checkpoint error: --resume: linear finished in an earlier run" in err, err
+    assert f"its checkpoint {ckpt} is missing" in err and "delta.safetensors" in err, err
+    assert "linear epoch" not in out, out
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_resume_with_fewer_methods_says_what_the_summary_leaves_out(tmp_path, capsys):
+    """As in bsr-finetune: --resume with a --method list that leaves out methods of the run
+    warns, naming them and the list that keeps them in; their files stay. Before, summary.json
+    and report.png silently lost the others."""
+    rc, _, err = _run([*TWO, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    kept = _files(tmp_path / "bsr_dense")
+    rc, _, err = _run(["--resume", "--out", tmp_path, "--method", "linear"], capsys)
+    assert rc == 0, err
+    assert (f"--method linear: the run in {tmp_path} also holds bsr_dense, which this run's "
+            "summary and report leave out" in err
+            and "--method linear,bsr_dense keeps them in" in err), err
+    assert _files(tmp_path / "bsr_dense") == kept
+    rc, _, err = _run(["--resume", "--out", tmp_path, "--method", "linear,bsr_dense"], capsys)
+    assert rc == 0 and "also holds" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--mu", "--multi", "--multitas", "--multitask"])
+def test_an_abbreviation_of_multitask_runs_the_multitask_demo(flag, monkeypatch):
+    """argparse takes any unambiguous prefix of a long option, so bsr-finetune's parser read
+    ``--multi`` as --multitask, but the dispatch matched the whole word only: the single-task
+    run started (or failed on a multitask option). Every prefix argparse reads as --multitask
+    now runs the multitask demo, without it in its arguments; an ambiguous one (``--m``: also
+    --model, --method, --memory-mode) is still argparse's error."""
+    seen = []
+
+    def multitask_main(argv):
+        seen.append(argv)
+        return 0
+    monkeypatch.setattr(mt, "main", multitask_main)
+    assert cli.main([flag, *FAST, "--experts", "2"]) == 0
+    assert seen == [[*FAST, "--experts", "2"]]
+    with pytest.raises(SystemExit):
+        cli.main(["--m", *FAST])
+    assert len(seen) == 1
 
 
 # --- --max-train-images ----------------------------------------------------------------------

@@ -383,6 +383,12 @@ def refuse_unused_options(given: set, rules: Sequence[tuple[Sequence[str], bool,
             _refuse_unused([n for n in names if n in given], where)
 
 
+def out_options_rule(args: argparse.Namespace, names: Sequence[str] = ("overwrite",)) -> tuple:
+    """The rule of :func:`refuse_unused_options` of either mode for options about the run in
+    --out (``names``: argparse destinations), which do nothing without --out."""
+    return (tuple(names), args.out is not None, "a run written with --out DIR")
+
+
 def check_weight_options(args: argparse.Namespace) -> None:
     """The starting-weight options of either mode (:func:`add_model_options`): ValueError
     naming them when --pretrained and --checkpoint are both given, or --pretrained with the
@@ -705,8 +711,7 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
         (("data_root",), kind == "torchvision",
          f"--data {', '.join(TORCHVISION_SETS)} (their download folder)"),
         (("bad_images",), kind == "folder", "--data DIR (image folders)"),
-        (("overwrite", "save_every_steps"), args.out is not None,
-         "a run written with --out DIR")])
+        out_options_rule(args, ("overwrite", "save_every_steps"))])
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
@@ -717,16 +722,27 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     args.memory_mode_used = resolve_memory_mode(args.memory_mode, info.device,
                                                 args.activation_dtype)
     # --out is checked (and locked) before any data or weights are loaded.
-    if args.resume and info.is_main:
-        left = [m for m in METHODS if m not in methods and (Path(args.out) / m).is_dir()]
+    check_resumed_methods(args, info, methods, METHODS, warn)
+    with claimed_out(args, info, warn) as lock:
+        return _run(args, info, log, warn, methods, t_start, lock)
+
+
+def check_resumed_methods(args: argparse.Namespace, info: DistInfo, methods: Sequence[str],
+                          all_methods: Sequence[str], warn) -> None:
+    """``--resume`` in either mode (``all_methods``: the mode's): warns (main process) when the
+    run in --out also holds methods that ``methods`` leaves out (the summary and report this run
+    writes leave them out; their files stay), and refuses a finished method without its
+    checkpoint (:func:`_check_finished_have_checkpoints`). Nothing without --resume."""
+    if not args.resume:
+        return
+    out = Path(args.out)
+    if info.is_main:
+        left = [m for m in all_methods if m not in methods and (out / m).is_dir()]
         if left:
             warn(f"--method {','.join(methods)}: the run in {args.out} also holds "
                  f"{', '.join(left)}, which this run's summary and report leave out (their "
                  f"files stay; --method {','.join([*methods, *left])} keeps them in)")
-    if args.resume:
-        _check_finished_have_checkpoints(Path(args.out), methods)
-    with claimed_out(args, info, warn) as lock:
-        return _run(args, info, log, warn, methods, t_start, lock)
+    _check_finished_have_checkpoints(out, methods)
 
 
 def _check_finished_have_checkpoints(out: Path, methods: Sequence[str]) -> None:
@@ -945,14 +961,24 @@ def _draw(models: dict, results: dict, data, args, path: Path) -> Optional[Path]
         return None
 
 
+def _is_multitask_flag(parser: argparse.ArgumentParser, arg: str) -> bool:
+    """Whether ``parser`` (:func:`build_parser`) reads ``arg`` as --multitask: the flag itself
+    or, as argparse takes any unambiguous prefix of a long option, an abbreviation that no
+    other option starts with (``--multi``), which would otherwise start the single-task run."""
+    if len(arg) < 3 or not "--multitask".startswith(arg):
+        return False
+    return [o for o in parser._option_string_actions if o.startswith(arg)] == ["--multitask"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``bsr-finetune``; returns the exit status: 0, 2 on a usage or input
     error, 3 (:data:`EXIT_DIVERGED`) when the training loss became NaN or infinite."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--multitask" in argv:   # bsr_kernels.finetune.multitask parses its own options
-        from .multitask import main as multitask_main
-        return multitask_main([a for a in argv if a != "--multitask"])
     parser = build_parser()
+    multitask = [a for a in argv if _is_multitask_flag(parser, a)]
+    if multitask:   # bsr_kernels.finetune.multitask parses its own options
+        from .multitask import main as multitask_main
+        return multitask_main([a for a in argv if a not in multitask])
     args = parser.parse_args(argv)
     args.given = given_options(parser, argv)   # --resume takes the rest from the earlier run
     args.argv = argv

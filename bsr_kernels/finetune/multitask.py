@@ -438,8 +438,6 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
-    if args.top_k > args.experts:
-        raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
     from .models import check_model_name
     check_model_name(args.model)
     cli.check_weight_options(args)
@@ -452,7 +450,14 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
         (("experts", "top_k", "noise_std", "aux_loss_weight"),
          bool({"moe_full", "bsr_moe"} & set(args.method)), "--method moe_full or bsr_moe"),
         (("data_root",), any(d and data_kind(d) == "torchvision" for d in sets),
-         "--task NAME=DATA with a torchvision set (their download folder)")])
+         "--task NAME=DATA with a torchvision set (their download folder)"),
+        cli.out_options_rule(args)])
+    # after the rule above: --experts alone with no MoE method is named as unused, not as
+    # too few for the default --top-k
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k ({args.top_k}) must not exceed --experts ({args.experts})")
+    # --resume: the methods left out named, a finished one without its checkpoint refused
+    cli.check_resumed_methods(args, info, args.method, METHODS, warn)
     # checked and claimed as bsr-finetune does: not a file, writable, locked, holding no run
     # of these methods without --resume/--overwrite, args.json written
     with cli.claimed_out(args, info, warn, METHODS) as lock:
