@@ -59,18 +59,65 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = False,
     """Softmax over experts, then top-k.
 
     Args:
-        logits: (T, E) gate logits.
-        top_k: experts per token.
+        logits: (T, E) gate logits (floating point).
+        top_k: experts per token, an int in 1..E.
         renormalize: divide the top-k probabilities by their sum.
-        idx: (T, top_k) experts to route to instead of the top-k (a recorded routing, which a
-            lean backward replays); the weights are then these experts' probabilities.
+        idx: (T, top_k) integer experts to route to instead of the top-k (a recorded routing,
+            which a lean backward replays), on ``logits``' device; the weights are then these
+            experts' probabilities. Their range (0..E-1) is checked on CPU only: on another
+            device reading it would sync with the host, and an expert out of range there fails
+            inside ``gather`` (a device-side assert on CUDA).
 
     Returns:
         (probs (T, E), weights (T, k), idx (T, k) int64); weights are differentiable.
+
+    Raises:
+        ValueError: naming the bad argument, before anything is computed.
     """
+    _check_route(logits, top_k, renormalize, idx)
+    return _route(logits, top_k, renormalize, idx)
+
+
+def _check_route(logits, top_k, renormalize, idx) -> None:
+    """The checks of :func:`route`'s arguments: shapes, and ``idx``'s range on CPU only."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 \
+            or not logits.is_floating_point():
+        raise ValueError(f"logits must be a (T, E) floating-point tensor, got {_desc(logits)}")
+    # torch.jit.trace gives sizes as tensors: comparing them would record constants (and warn)
+    sizes = not torch.jit.is_tracing()
+    t, e = logits.shape
+    _check_top_k(top_k, e if sizes else None, "the logits' E")
+    _check_bool("renormalize", renormalize)
+    if idx is None:
+        return
+    if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex() \
+            or idx.dtype == torch.bool:
+        raise ValueError(f"idx must be an integer tensor, got {_desc(idx)}")
+    if not sizes:
+        return
+    if tuple(idx.shape) != (t, top_k) or idx.device != logits.device:
+        raise ValueError(f"idx must be (T, top_k) = ({t}, {top_k}) on the logits' device "
+                         f"{logits.device}, got {_desc(idx)}")
+    # a range check reads the values: on CPU only (no host sync), and not while recording
+    if idx.device.type == "cpu" and idx.numel() and not _tracing() \
+            and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(idx)
+        if lo < 0 or hi >= e:
+            raise ValueError(f"idx must hold experts in 0..{e - 1}, got {int(lo)}..{int(hi)}")
+
+
+def _desc(v) -> str:
+    """A bad argument, for an error message: a tensor's shape and dtype, else its repr."""
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}"
+    return f"{v!r:.60}"
+
+
+def _route(logits, top_k, renormalize, idx):
+    """:func:`route` on checked arguments."""
     probs = logits.softmax(dim=-1)
     if idx is None:
-        weights, idx = probs.topk(top_k, dim=-1)
+        weights, idx = probs.topk(int(top_k), dim=-1)
     else:
         idx = idx.long()
         weights = probs.gather(1, idx)
@@ -258,8 +305,9 @@ class _PaddedExperts(torch.autograd.Function):
         need_b1, need_b2 = need_b1 and ctx.has_b1, need_b2 and ctx.has_b2
         g = g.contiguous()
         grad_w = torch.bmm(yt, g.unsqueeze(2)).squeeze(2) if need_w else None
-        dy = h.new_zeros(e * m, c).index_copy_(
-            0, tm, (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, c)).view(e, m, c)
+        c_out = g.shape[1]   # the experts' output width (w2's), not necessarily c
+        dy = h.new_zeros(e * m, c_out).index_copy_(
+            0, tm, (w.unsqueeze(2) * g.unsqueeze(1)).view(t * k, c_out)).view(e, m, c_out)
         g_w2 = torch.bmm(dy.transpose(1, 2), z) if need_w2 else None
         g_b2 = dy.sum(1) if need_b2 else None
         dz = torch.bmm(dy, w2)
@@ -337,12 +385,43 @@ def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: in
     router takes float16 and bfloat16 logits in float32 (``probs`` is float32 then).
 
     Returns:
-        (out (T, C), probs (T, E), idx (T, k)).
+        (out (T, C_out), probs (T, E), idx (T, k)); ``C_out`` is ``w2``'s output width.
+
+    Raises:
+        ValueError: naming the bad argument (shapes that do not match, a ``top_k`` that is not
+            an int in 1..E, an ``idx`` as :func:`route` refuses it), before anything is
+            computed.
     """
+    _check_experts(h, logits, w1, b1, w2, b2)
+    _check_route(logits, top_k, renormalize, idx)
     h, autocast_off = _autocast_input(h)
     with autocast_off:
-        probs, weights, idx = route(_router_logits(logits), top_k, renormalize, idx)
+        probs, weights, idx = _route(_router_logits(logits), top_k, renormalize, idx)
         return _combine(h, weights, idx, w1, b1, w2, b2, act), probs, idx
+
+
+def _check_experts(h, logits, w1, b1, w2, b2) -> None:
+    """The shape checks of :func:`moe_forward`'s tokens, logits and expert weights (none while
+    ``torch.jit.trace`` records: its sizes are tensors, which they would record as constants)."""
+    if torch.jit.is_tracing():
+        return
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise ValueError(f"h must be a (T, C) tensor, got {_desc(h)}")
+    t, c = h.shape
+    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[2] != c:
+        raise ValueError(f"w1 must be an (E, H, C) tensor with C = {c} (h's width), got "
+                         f"{_desc(w1)}")
+    e, hd, _ = w1.shape
+    if not isinstance(w2, torch.Tensor) or w2.dim() != 3 or w2.shape[0] != e \
+            or w2.shape[2] != hd:
+        raise ValueError(f"w2 must be an (E, C_out, H) tensor with (E, H) = ({e}, {hd}) (w1's), "
+                         f"got {_desc(w2)}")
+    for name, b, want in (("b1", b1, (e, hd)), ("b2", b2, (e, w2.shape[1]))):
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != want):
+            raise ValueError(f"{name} must be None or a tensor of shape {want}, got {_desc(b)}")
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (t, e):
+        raise ValueError(f"logits must be (T, E) = ({t}, {e}) (h's tokens, w1's experts), got "
+                         f"{_desc(logits)}")
 
 
 def _router_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -442,10 +521,12 @@ class MoEMlp(nn.Module):
                  noise_std: float = 0.0, renormalize: bool = False,
                  aux_loss_weight: float = 0.0):
         super().__init__()
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("hidden_features", hidden_features)
         _check_moe_args(num_experts, top_k, num_tasks, noise_std, renormalize, aux_loss_weight)
-        e, c, hd = num_experts, in_features, hidden_features
+        e, c, hd = int(num_experts), int(in_features), int(hidden_features)
         # plain ints (numpy's pass the check): the routing settings are saved as JSON
-        self.num_experts, self.top_k, self.num_tasks = int(e), int(top_k), int(num_tasks)
+        self.num_experts, self.top_k, self.num_tasks = e, int(top_k), int(num_tasks)
         self.noise_std, self.renormalize = float(noise_std), renormalize
         self.aux_loss_weight = float(aux_loss_weight)
         self.fc1_weight = nn.Parameter(torch.empty(e, hd, c))
@@ -565,21 +646,33 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _check_positive_int(name: str, v) -> None:
+    if not _is_int(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+
+
+def _check_top_k(top_k, num_experts: Optional[int], experts: str = "num_experts") -> None:
+    """``top_k`` an int in 1..``num_experts`` (``experts`` names that count in the message; no
+    upper bound when it is None)."""
+    _check_positive_int("top_k", top_k)
+    if num_experts is not None and top_k > num_experts:
+        raise ValueError(f"top_k ({top_k}) must not exceed {experts} ({num_experts})")
+
+
 def _check_moe_args(num_experts, top_k, num_tasks, noise_std, renormalize, aux_loss_weight):
-    if not _is_int(num_experts) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if not _is_int(top_k) or top_k <= 0:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    if top_k > num_experts:
-        raise ValueError(f"top_k ({top_k}) must not exceed num_experts ({num_experts})")
-    if not _is_int(num_tasks) or num_tasks <= 0:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    _check_positive_int("num_experts", num_experts)
+    _check_top_k(top_k, num_experts)
+    _check_positive_int("num_tasks", num_tasks)
     for name, v in (("noise_std", noise_std), ("aux_loss_weight", aux_loss_weight)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0 \
                 or v == float("inf"):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if not isinstance(renormalize, bool):
-        raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
+    _check_bool("renormalize", renormalize)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[int, MoEMlp]]:

@@ -86,6 +86,154 @@ def test_routed_moe_gradcheck_and_matches_dense_reference(renormalize, bias, gro
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("grouping_", ["loop", "bmm", "auto"])
+def test_experts_with_another_output_width_match_the_reference(grouping_, monkeypatch):
+    """Experts whose output width differs from their input width (w2 (E, C_out, H)): forward
+    and gradients of each grouping equal the dense reference and the per-expert loop. The
+    padded grouping's backward built its output gradient with the input width and crashed;
+    "auto" routes a balanced load (every expert 8 of the 32 pairs), so it pads too."""
+    import bsr_kernels.moe as moe_module
+    t, c, c_out, hd, e, k = 16, 5, 9, 7, 4, 2
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(t, c, generator=g, dtype=F64, requires_grad=True)
+    gate = torch.randn(e, c, generator=g, dtype=F64, requires_grad=True)
+    w1, b1, _, _ = expert_weights(e, c, hd, seed=6)
+    w2 = (torch.randn(e, c_out, hd, generator=g, dtype=F64) * 0.5).requires_grad_()
+    b2 = (torch.randn(e, c_out, generator=g, dtype=F64) * 0.5).requires_grad_()
+    inputs = [h, gate, w1, b1, w2, b2]
+    # balanced: each expert twice in every 4 tokens; differentiable weights from the logits
+    idx = (torch.arange(t * k).reshape(t, k) % e).long()
+    assert moe_module._use_bmm(torch.bincount(idx.reshape(-1), minlength=e).tolist(), t * k)
+    logits = lambda h, gate: (h @ gate.t()).tanh() * 0.3   # noqa: E731  (spread probs)
+
+    def routed(h, gate, w1, b1, w2, b2):
+        return moe_forward(h, logits(h, gate), w1, b1, w2, b2, k, idx=idx)[0]
+
+    def dense(h, gate, w1, b1, w2, b2):   # the same routing, every expert on every token
+        probs = logits(h, gate).softmax(-1)
+        gates = torch.zeros_like(probs).scatter(1, idx, probs.gather(1, idx))
+        y = torch.einsum("teh,ech->tec", F.gelu(torch.einsum("tc,ehc->teh", h, w1) + b1),
+                         w2) + b2
+        return (gates[..., None] * y).sum(1)
+
+    cot = torch.randn(t, c_out, generator=g, dtype=F64)
+    results = {}
+    for name in ("loop", grouping_):
+        monkeypatch.setattr(moe_module, "GROUPING", name)
+        out = routed(*inputs)
+        assert out.shape == (t, c_out)
+        results[name] = (out, torch.autograd.grad(out, inputs, cot))
+    out_d = dense(*inputs)
+    g_d = torch.autograd.grad(out_d, inputs, cot)
+    for name, (out, g_r) in results.items():
+        torch.testing.assert_close(out, out_d, rtol=1e-12, atol=1e-12)
+        for a, b in zip(g_r, g_d):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(results[grouping_][1], results["loop"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(moe_module, "GROUPING", grouping_)
+    assert torch.autograd.gradcheck(routed, inputs)
+
+
+def _bad_moe_forward_args():
+    """Good moe_forward arguments, and (overrides, the argument the error must name, whether
+    route refuses it alike)."""
+    t, c, hd, e = 5, 6, 8, 4
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g)   # noqa: E731
+    good = dict(h=r(t, c), logits=r(t, e), w1=r(e, hd, c), b1=r(e, hd), w2=r(e, c, hd),
+                b2=r(e, c), top_k=2)
+    cases = [
+        (dict(top_k=0), "top_k", True), (dict(top_k=-1), "top_k", True),
+        (dict(top_k=5), "top_k", True), (dict(top_k=True), "top_k", True),
+        (dict(top_k=2.0), "top_k", True),
+        (dict(logits=r(t + 2, e)), "logits", False), (dict(logits=r(t, 3)), "logits", False),
+        (dict(logits=r(t, 6)), "logits", False), (dict(logits=r(t * e)), "logits", True),
+        (dict(logits=torch.ones(t, e, dtype=torch.long)), "logits", True),
+        (dict(idx=torch.full((t, 2), 7)), "idx", True),
+        (dict(idx=torch.full((t, 2), -1)), "idx", True),
+        (dict(idx=torch.zeros(t, 3, dtype=torch.long)), "idx", True),
+        (dict(idx=torch.zeros(t + 1, 2, dtype=torch.long)), "idx", True),
+        (dict(idx=torch.zeros(t, 2)), "idx", True), (dict(idx=[[0, 1]] * t), "idx", True),
+        (dict(renormalize=1), "renormalize", True),
+        (dict(h=r(t * c)), "h", False), (dict(h=r(t, c + 1)), "w1", False),
+        (dict(w1=r(e, hd)), "w1", False), (dict(w2=r(e, c, hd + 1)), "w2", False),
+        (dict(w2=r(e + 1, c, hd)), "w2", False), (dict(b1=r(e, hd + 1)), "b1", False),
+        (dict(b2=r(e, c + 1)), "b2", False),
+    ]
+    return good, cases
+
+
+@pytest.mark.parametrize("case", range(len(_bad_moe_forward_args()[1])))
+def test_moe_forward_bad_arguments_raise_value_errors_naming_them(case, monkeypatch):
+    """top_k=0 gave an all-zero output, logits with fewer columns than experts and an idx of
+    the wrong width routed silently, and others failed with IndexError/RuntimeError/TypeError
+    from inside: now each is a ValueError naming the argument, before any compute."""
+    import bsr_kernels.moe as moe_module
+    good, cases = _bad_moe_forward_args()
+    bad, name, in_route = cases[case]
+
+    def no_compute(*args):   # moe_forward's first step
+        raise AssertionError("computed before checking")
+    monkeypatch.setattr(moe_module, "_autocast_input", no_compute)
+    with pytest.raises(ValueError, match=f"^{name} "):
+        moe_forward(**{**good, **bad})
+    if in_route:
+        with pytest.raises(ValueError, match=f"^{name} "):
+            route(**{"logits": good["logits"], "top_k": 2, **bad})
+
+
+def test_route_and_moe_mlp_bad_arguments_raise_value_errors_naming_them():
+    """route(logits, 0) gave empty weights and MoEMlp(0, 16) an empty MLP; a negative width
+    failed inside torch.empty."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 4, generator=g)
+    for top_k in (0, 5, True, 1.5):
+        with pytest.raises(ValueError, match="^top_k "):
+            route(logits, top_k)
+    with pytest.raises(ValueError, match="^logits "):
+        route(torch.randn(4, generator=g), 2)
+    for args, name in (((0, 16, 4, 2), "in_features"), ((8, -3), "hidden_features"),
+                       ((8.5, 16), "in_features"), ((8, True), "hidden_features"),
+                       ((8, 16, 0, 1), "num_experts"), ((8, 16, 4, 5), "top_k")):
+        with pytest.raises(ValueError, match=f"^{name} "):
+            MoEMlp(*args)
+    probs, weights, idx = route(logits, 2, idx=torch.tensor([[3, 0], [1, 2], [2, 2]],
+                                                           dtype=torch.int32))
+    assert torch.equal(weights, probs.gather(1, idx)) and idx.dtype == torch.long
+
+
+def test_route_checks_idx_values_only_on_cpu():
+    """The range of a recorded idx is read on CPU only: on another device (meta here, whose
+    values cannot be read at all) reading it would sync with the host."""
+    logits = torch.randn(3, 4, device="meta")
+    probs, weights, idx = route(logits, 2, idx=torch.zeros(3, 2, dtype=torch.long,
+                                                           device="meta"))
+    assert weights.shape == (3, 2) and idx.device.type == "meta"
+    with pytest.raises(ValueError, match="^idx "):   # the shape still is
+        route(logits, 2, idx=torch.zeros(3, 3, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="^idx "):   # and the device
+        route(logits, 2, idx=torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_argument_checks_record_nothing_under_jit_trace():
+    """torch.jit.trace gives sizes as tensors: the checks compare none there (a comparison
+    would be recorded as a constant, with a TracerWarning), and the traces route new inputs."""
+    import warnings
+    g = torch.Generator().manual_seed(9)
+    moe = MoEMlp(16, 32, num_experts=4, top_k=2).eval()
+    w = [torch.randn(*s, generator=g) for s in ((4, 32, 16), (4, 32), (4, 16, 32), (4, 16))]
+    h, logits = torch.randn(10, 16, generator=g), torch.randn(10, 4, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced_moe = torch.jit.trace(moe, h)
+        traced_op = torch.jit.trace(lambda h, logits: moe_forward(h, logits, *w, 2)[0],
+                                    (h, logits))
+    h, logits = torch.randn(10, 16, generator=g), torch.randn(10, 4, generator=g)
+    torch.testing.assert_close(traced_moe(h), moe(h))
+    torch.testing.assert_close(traced_op(h, logits), moe_forward(h, logits, *w, 2)[0])
+
+
 def test_four_tasks_route_like_the_dense_reference(grouping):
     """4 tasks (gates) on the same tokens: identical expert choices, outputs and gradients
     within rounding; different tasks make different choices."""
