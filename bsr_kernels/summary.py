@@ -156,8 +156,9 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
     Raises:
         ValueError: for images not (B, 3, H, W), ``patch_size``, ``color`` or ``strength`` out
             of their ranges,
-            or ``kept`` that does not fit the images: another batch size, or patch indices
-            beyond the patch grid (a wrong ``patch_size``, or ``kept`` of other images).
+            or ``kept`` that does not fit the images: another batch size, patch indices
+            beyond the patch grid (a wrong ``patch_size``, or ``kept`` of other images), or
+            negative ones other than -1.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
@@ -184,6 +185,9 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
                              f"{rows}x{cols} grid of {h}x{w} px images in {ph}x{pw} patches: "
                              f"is patch_size {patch_size!r} the model's, and was kept computed "
                              "from these images?")
+        if idx.numel() and int(idx.min()) < -1:
+            raise ValueError(f"kept[{s}] holds index {int(idx.min())}: patch indices are >= 0, "
+                             "and -1 marks the fused token (kept_patches' output)")
     img = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)   # (B, H, W, 3)
     if len(kept):
         masks = kept_masks(kept, (rows, cols))                           # (S, B, rows, cols)

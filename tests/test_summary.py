@@ -156,6 +156,10 @@ def test_draw_kept_refuses_kept_beyond_the_grid_and_bad_colors():
         bsr_kernels.draw_kept(x, kept, 8)
     with pytest.raises(ValueError, match="beyond the 4x4 grid"):        # kept of other images
         bsr_kernels.draw_kept(torch.rand(2, 3, 16, 16), kept, 4)
+    bad = [k.clone() for k in kept]   # -2 was drawn as a fused token (-1), without a word
+    bad[1][0, 0] = -2
+    with pytest.raises(ValueError, match=r"kept\[1\] holds index -2: .*-1 marks the fused"):
+        bsr_kernels.draw_kept(x, bad, 4)
     for bad in ((1.0, 0.0), (0.2, 0.2, 0.35, 1.0), (0.0, 0.0, 2.0), "red", 0.5):
         with pytest.raises(ValueError, match="color must be 3 values"):
             bsr_kernels.draw_kept(x, kept, 4, color=bad)
