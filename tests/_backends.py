@@ -305,8 +305,10 @@ def gradcheck(fn, inputs, fast: bool) -> bool:
     """``torch.autograd.gradcheck`` of ``fn(*inputs)``; with ``fast`` (the slow Triton
     interpreter), fast mode at :data:`FAST_GRADCHECK`, one input at a time, so that x's large
     part of the projection cannot hide an error in q's and k's small one."""
-    if not fast:
-        return torch.autograd.gradcheck(fn, tuple(inputs))
+    if not fast:   # tolerances that a float32 computation of the float64 backward fails
+        # (gradcheck's default atol 1e-5, even 1e-8 with rtol 1e-6, let it pass); float64
+        # finite differences are good to about 1e-10
+        return torch.autograd.gradcheck(fn, tuple(inputs), atol=1e-9, rtol=1e-8)
     for i, t in enumerate(inputs):
         def only(t_i, i=i):
             return fn(*inputs[:i], t_i, *inputs[i + 1:])

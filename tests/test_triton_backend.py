@@ -454,16 +454,23 @@ def test_backward_matches_reference(case, dtype, device):
 
 
 def test_backward_many_tiles(device, small_tiles):
+    """The backward over several tiles of tokens, channels and candidates, at a scale other than
+    the default (the forward's too: its lse goes into the backward), against the reference
+    backward and against autograd through the definition."""
     dtype = torch.float64
     b, h, n, d, c, p, n_keep = 2, 2, 31, 8, 10, 5, 11
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=4)
-    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype, scale=0.3)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, dtype)
     got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
     want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
-    for a, w in zip(got, want):
+    xr, qr, kr = (t.detach().clone().requires_grad_() for t in (x, q, k))
+    auto = torch.autograd.grad(ref.drop_tokens(xr, qr, kr, 0.3, p, n_keep, True)[0],
+                               (xr, qr, kr), grad_out)
+    for a, w, t in zip(got, want, auto):
         torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+        torch.testing.assert_close(a, t, **GRAD_TOL[dtype])
     go = grad_out[:, :p + n_keep]
     assert torch.equal(BACKEND.gather_backward(go, kept, n, p), ref.gather_backward(go, kept, n, p))
 
