@@ -3,8 +3,8 @@
 * :func:`interleaved`: wall-clock samples of every candidate in turn (CPU, and CUDA with syncs);
   :func:`robust_interleaved` the same, setting aside the candidates that raise.
 * :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
-  (``bench_gpu.py``); :func:`capture_graph` / :func:`graph_ms`: calls captured in one CUDA
-  graph, time per call; :func:`copy_gbps`: the copy bandwidth (CPU or CUDA) that drop timings
+  (``bench_gpu.py``); :func:`capture_graph`: calls captured in one CUDA graph (timed
+  interleaved by ``bench_gpu.graph_times``); :func:`copy_gbps`: the copy bandwidth (CPU or CUDA) that drop timings
   are compared with.
 * :func:`paired_ratio`: the one ratio of two candidates' samples, the median of per-round ratios.
 * :class:`Rotating`, :func:`rotation_sets`: inputs rotated over several sets, so that the
@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 __all__ = ["Timing", "interleaved", "format_table", "copy_gbps", "paired_ratio", "Rotating",
-           "rotation_count", "rotation_sets", "l2_bytes", "capture_graph", "graph_ms",
+           "rotation_count", "rotation_sets", "l2_bytes", "capture_graph",
            "do_bench_rounds"]
 
 
@@ -204,15 +204,6 @@ def capture_graph(fn, n_calls: int) -> "torch.cuda.CUDAGraph":
     finally:  # a failed capture raises in the context's exit before it restores the stream
         torch.cuda.set_stream(prev)
     return graph
-
-
-def graph_ms(fn, n_calls: int) -> float:
-    """GPU time per call of ``fn`` with launch overhead removed: :func:`capture_graph`, replays
-    timed by ``do_bench`` (median). One candidate alone: ratios between candidates take their
-    replays interleaved (``bench_gpu.graph_times``)."""
-    import triton.testing
-    return triton.testing.do_bench(capture_graph(fn, n_calls).replay, warmup=10, rep=100,
-                                   return_mode="median") / n_calls
 
 
 def copy_gbps(device: str = "cuda", nbytes: int | None = None) -> float:

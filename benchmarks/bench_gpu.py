@@ -113,7 +113,7 @@ from bsr_kernels.ops.common import num_kept
 
 from ._suite import (SuiteConfig, Target, is_compiled, is_graphed, make_inputs, min_bytes,
                      model_label, qkv_views, shown_percent)
-from ._timing import (Rotating, capture_graph, copy_gbps, do_bench_rounds, error_text, graph_ms,
+from ._timing import (Rotating, capture_graph, copy_gbps, do_bench_rounds, error_text,
                       l2_bytes, paired_ratio, rotation_sets)
 from .peer_bsr import cls_row_drop
 
@@ -841,13 +841,18 @@ def part_sweep(cuda: bool, device: str) -> dict:
         sets = rotation_sets(lambda: make_inputs(b, n, h, h * d, torch.bfloat16, device,
                                                  generator=g)[:3], l2_bytes())
         fn = Rotating(lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.5), sets)
-        res = []
-        for setting in grid:
-            try:
+
+        def under(setting):   # the setting's launches, baked into its graph at capture
+            def call():
                 with tb.launch_settings(**setting):
-                    res.append((graph_ms(fn, len(sets)), setting))
-            except Exception as e:
-                res.append((float("inf"), {**setting, "error": err(e)}))
+                    return fn()
+            return call
+
+        # every setting's graph replayed interleaved by round (graph_times): the settings'
+        # medians are taken side by side, not one setting after another
+        times = graph_times({i: under(st) for i, st in enumerate(grid)}, len(sets))
+        res = [(t["ms"], st) if "error" not in t else (float("inf"), {**st, "error": t["error"]})
+               for st, t in zip(grid, times.values())]
         res.sort(key=lambda r: r[0])
         out[label] = {"best": res[0], "all": res, "default": [r for r in res if all(
             r[1].get(k) == base[k] for k in ("programs_per_sm", "num_warps", "select_warps",
@@ -1391,8 +1396,12 @@ def _calls_lines(results: dict) -> list[str]:
 def summarize(results: dict) -> str:
     """The tables of ``results.md``: the op per shape, the training step per variant."""
     env, parts = results.get("env", {}), results.get("parts", {})
+    # the measurement's date (calls of other days: each call's line); results stored before
+    # it was recorded have none (the day of summarizing was printed, re-stamped by a merge)
+    when = env.get("date") or ("dates per call below" if results.get("calls")
+                               else "date not recorded")
     lines = [f"# bench_gpu: {env.get('device')} · torch {env.get('torch')} · triton "
-             f"{env.get('triton')} · {time.strftime('%Y-%m-%d')}", ""] + (
+             f"{env.get('triton')} · {when}", ""] + (
                  _calls_lines(results) or _probe_line(env))
     if "check" in parts:
         c = parts["check"]
@@ -1577,8 +1586,9 @@ def main(argv=None) -> int:
     os.environ["BSR_BENCH_T0"] = str(T0)
     cuda = torch.cuda.is_available() and not args.smoke
     results = {"env": dict(torch=torch.__version__, cuda=torch.version.cuda,
-                           device=torch.cuda.get_device_name() if cuda else "cpu"),
-               "parts": {}}
+                           device=torch.cuda.get_device_name() if cuda else "cpu",
+                           date=time.strftime("%Y-%m-%d")),   # of the measurement, kept
+               "parts": {}}                                    # through --merge
     try:
         import triton
         results["env"]["triton"] = triton.__version__

@@ -115,8 +115,9 @@ def run(cfg: SuiteConfig, log=print) -> dict:
              "the same tokens, i.e. the MoE's active multiply-adds without the gate.",
              "GFLOP/s counts the six matmuls of forward + backward of the active FLOPs."]
     if cfg.cuda:
-        notes.append("CUDA: bf16 autocast; MoEMlp runs one matmul per expert after a host "
-                     "sync for the per-expert counts.")
+        notes.append("CUDA: bf16 autocast; MoEMlp syncs with the host for the per-expert "
+                     "counts, then runs padded batched matmuls (the balanced loads here) or one "
+                     "matmul per expert (uneven ones).")
     return dict(config=dict(reps=reps, min_sample_s=min_sample,
                             precision="bf16 autocast" if cfg.cuda else "fp32"),
                 rows=rows, targets=targets(cfg, rows), notes=notes)

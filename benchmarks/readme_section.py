@@ -19,7 +19,7 @@ import sys
 from ._suite import Target, doc_summary
 from ._timing import format_table
 from .bench_drop_compare import bound_cell
-from .run import origins_note
+from .run import SECTIONS, origins_note
 
 __all__ = ["load_results", "performance_section", "main"]
 
@@ -152,8 +152,7 @@ def performance_section(results: dict, link: str | None = None) -> str:
         for t in results["targets"]:
             lines.append("- " + Target(**{k: t[k] for k in (
                 "name", "value", "op", "bound", "unit", "where")}).line())
-    failed = [n for n in ("drop_tokens", "attention", "train_step", "memory")
-              if isinstance(results.get(n), dict) and "error" in results[n]]
+    failed = [n for n in SECTIONS if isinstance(results.get(n), dict) and "error" in results[n]]
     if failed:
         lines += ["", f"Sections that failed in this run: {', '.join(failed)}."]
     return "\n".join(lines) + "\n"

@@ -84,9 +84,19 @@ def run_suite(cfg: SuiteConfig, sections=None, command: str = "", log=print) -> 
             log(f"  {name} FAILED: {type(e).__name__}: {e}")
         results["meta"]["section_seconds"][name] = time.perf_counter() - t0
     results["meta"]["total_seconds"] = time.perf_counter() - t_all
-    results["targets"] = [t for name in sections
-                          for t in results[name].get("targets", [])]
+    results["targets"] = [t for name in sections for t in _section_targets(cfg, name, results)]
     return results
+
+
+def _section_targets(cfg: SuiteConfig, name: str, results: dict) -> list[dict]:
+    """The targets of section ``name``; for a section that failed, its targets with nothing
+    measured (NOT MEASURED, saying the section failed), so that none vanishes from the list."""
+    section = results[name]
+    if "error" not in section:
+        return section.get("targets", [])
+    make = getattr(_module(name), "targets", None)
+    out = make(cfg, []) if make else []
+    return [{**t, "where": f"{t['where']}; the {name} section failed"} for t in out]
 
 
 def _load(path: str) -> dict:

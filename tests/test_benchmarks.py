@@ -1062,6 +1062,57 @@ def test_bench_gpu_step_targets_need_a_compiled_row_of_step_compiled():
     assert "ratios within part step-compiled; best: bsr_autograd" in got.where
 
 
+def test_a_failed_section_keeps_its_targets_as_not_measured(monkeypatch):
+    """A section that raised contributed no target, so its targets vanished from the list (the
+    MoE one with it), and the README section's list of failed sections left out moe. Every
+    section's targets now read NOT MEASURED, saying the section failed, and every failed
+    section is named."""
+    run = _import_bench("run")
+    readme = _import_bench("readme_section")
+    from benchmarks._suite import SuiteConfig
+    cfg = SuiteConfig(device="cpu")
+    want = {}
+    for name in run.SECTIONS:
+        mod = run._module(name)
+        want[name] = [t["name"] for t in getattr(mod, "targets", lambda c, r: [])(cfg, [])]
+
+        def boom(cfg, log=print, name=name):
+            raise RuntimeError(f"{name} broke")
+        monkeypatch.setattr(mod, "run", boom)
+    assert want["moe"] and want["drop_tokens"] and want["train_step"]
+    results = run.run_suite(cfg, log=lambda *a: None)
+    got = [(t["name"], t["verdict"]) for t in results["targets"]]
+    assert got == [(n, "NOT MEASURED") for s in run.SECTIONS for n in want[s]]
+    moe = [t for t in results["targets"] if t["name"] in want["moe"]]
+    assert all(t["where"].endswith("; the moe section failed") for t in moe)
+    text = readme.performance_section(results)
+    assert f"Sections that failed in this run: {', '.join(run.SECTIONS)}." in text
+
+
+def test_bench_gpu_results_carry_the_date_of_the_measurement(tmp_path, monkeypatch):
+    """results.md printed the day it was written, so a --merge on a later day re-dated the
+    measurement, and results.json kept no date. The run records its date in env; the header
+    prints it, a merge of calls of one day keeps it, of other days names each call's, and
+    results stored without one say so."""
+    bench_gpu = _import_bench("bench_gpu")
+    md = bench_gpu.summarize({"env": {"device": "d", "date": "2026-11-27"}, "parts": {}})
+    assert md.splitlines()[0].endswith("· 2026-11-27")
+    assert bench_gpu.summarize({"env": {}, "parts": {}}).splitlines()[0].endswith(
+        "· date not recorded")
+    env = {"device": "NVIDIA H200", "torch": "2.11.0", "date": "2026-11-27"}
+    runs = [{"env": env, "parts": {"check": {"cases": [1], "failures": 0}}},
+            {"env": {**env, "date": "2026-11-29"}, "parts": {"sac": {"time": []}}}]
+    merged = bench_gpu.merge_results(runs[:1] * 2)
+    assert merged["env"]["date"] == "2026-11-27"
+    md = bench_gpu.summarize(bench_gpu.merge_results(runs))
+    assert md.splitlines()[0].endswith("· dates per call below")
+    assert "- call 1: date: 2026-11-27" in md and "- call 2: date: 2026-11-29" in md
+    monkeypatch.setattr(bench_gpu.time, "strftime", lambda fmt, *a: "2031-01-02")
+    out = tmp_path / "r"
+    assert bench_gpu.main(["--smoke", "--parts", "check", "--out", str(out)]) in (0, 1)
+    assert json.loads((out / "results.json").read_text())["env"]["date"] == "2031-01-02"
+
+
 def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
     """``--merge``: each part from the last call that ran it (a part the second call skipped
     for time keeps the first call's result), the targets taken again from the merged parts (the
@@ -2077,6 +2128,33 @@ def test_drop_cpu_target_is_the_median_of_per_round_ratios():
         "op", 32, "bsr cpp", 3, 4)
 
 
+def test_drop_cpu_target_reads_not_measured_without_compile_and_gpu_targets_name_the_gpu(
+        monkeypatch):
+    """--no-compile dropped the CPU drop target from the run (no line at all); it reads NOT
+    MEASURED now, saying why. The GPU targets said "H100" whatever GPU measured them; a measured
+    value names the device. The compiled peer is compiled for static shapes (dynamic=True made
+    its forward 7-15 % slower: not the strongest peer)."""
+    dc = _import_bench("bench_drop_compare")
+    from benchmarks._suite import SuiteConfig
+    (target,) = dc.cpu_targets(SuiteConfig(device="cpu", compile=False), [])
+    assert target["value"] is None and target["verdict"] == "NOT MEASURED"
+    assert "needs torch.compile" in target["where"]
+    cfg = SuiteConfig(device="cpu")
+    monkeypatch.setattr(type(cfg), "cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(dc, "_default_backend_name", lambda cfg: "bsr triton")
+    row = dict(scope="op", pass_="forward", size="ViT-B", N=197, B=128,
+               candidate="bsr triton", paired_speedup_vs_eager=6.0, bound_fraction=0.6)
+    speed, fraction = dc._gpu_targets(cfg, [row])
+    assert speed["verdict"] == "PASS" and speed["where"].endswith("forward, NVIDIA H200")
+    assert fraction["value"] == 0.6 and "H100" not in fraction["where"]
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    monkeypatch.setattr(dc, "_COMPILED", {})
+    dc._compiled_reference(SuiteConfig(device="cpu"))
+    assert seen["dynamic"] is False
+
+
 def test_drop_timings_rotate_inputs_beyond_the_cache():
     """The drop section's timings rotate each candidate's inputs over enough sets that the
     others' exceed the cache (on CUDA, the GPU's L2, so that it does not hold them): successive
@@ -2174,6 +2252,40 @@ def test_bench_gpu_graph_replays_are_interleaved_and_ratios_paired(monkeypatch):
     eager = bench_gpu.bench({"a": lambda: None, "b": lambda: None}, False, rounds=4)
     assert [len(eager[k]["samples"]) for k in "ab"] == [4, 4]
     assert eager["a"]["ms"] == statistics.median(eager["a"]["samples"])
+
+
+def test_bench_gpu_launch_sweep_times_the_settings_interleaved(monkeypatch):
+    """The launch sweep timed each setting alone, one after the other (graph_ms), so its
+    "best" compared medians taken minutes apart. Every setting's calls are now captured under
+    that setting and all replays go through graph_times (interleaved by round); a setting whose
+    capture fails is reported and sorted last. CPU stand-ins for the GPU calls."""
+    bench_gpu = _import_bench("bench_gpu")
+    from bsr_kernels.ops import triton_backend as tb
+    seen, launches = {}, []
+    monkeypatch.setattr(bench_gpu, "l2_bytes", lambda *a: 0)
+    monkeypatch.setattr(bench_gpu, "OP_SHAPES", [("tiny", 2, 2, 9, 4)])
+    monkeypatch.setattr(bench_gpu, "WORKER", type("W", (), {"put": lambda *a: None})())
+    monkeypatch.setattr(bench_gpu, "log", lambda *a: None)
+    monkeypatch.setattr(bench_gpu.bsr_kernels, "drop_tokens",
+                        lambda *a: launches.append(dict(tb.LAUNCH)))
+
+    def graph_times(cands, n_calls, rounds=3):
+        seen.update(cands)
+        out = {}
+        for i, fn in cands.items():
+            fn()    # what a capture records: the call under its setting
+            out[i] = {"error": "capture failed"} if i == 1 else {"ms": 1.0 + (i % 5)}
+        return out
+
+    monkeypatch.setattr(bench_gpu, "graph_times", graph_times)
+    out = bench_gpu.part_sweep(True, "cpu")["tiny"]
+    grid = [r[1] for r in out["all"]]
+    assert len(seen) == len(grid) and len(launches) == len(grid)
+    keys = ("programs_per_sm", "num_warps", "select_warps", "select_radix_bits")
+    assert {tuple(l[k] for k in keys) for l in launches} == {
+        tuple(g[k] for k in keys) for g in grid}   # each call ran under its own setting
+    assert out["best"][0] == 1.0 and out["all"][-1][0] == float("inf")
+    assert out["all"][-1][1]["error"] == "capture failed"
 
 
 def test_bench_gpu_merge_refuses_other_software_and_states_what_differs_per_call():

@@ -973,7 +973,8 @@ def test_a_half_precision_x_beside_float32_q_and_k_runs_in_float32_on_cpu(x_dtyp
     """The dispatcher judged the C++ backend by x's dtype alone, so a bf16 or fp16 x beside
     float32 q and k was refused on CPU, though the op casts all three to the compute dtype
     (float32), as it does for a float32 x beside bf16 q and k. Now it runs: the definition's
-    kept set, rows and x's dtype (all-half inputs: test_half_precision_inputs_run_in_float32_on_cpu)."""
+    kept set, rows and x's dtype (all-half inputs: test_mixed_dtypes_follow_the_compute_dtype
+    and test_half_precision_inputs_run_in_float32_on_cpu)."""
     case = DropCase(b=2, h=2, n=13, d=4, c=6, p=1, keep_rate=0.5, fuse=True, seed=8)
     x32, q, k = make_inputs(case, "cpu", torch.float32)
     x = x32.to(x_dtype).requires_grad_()
