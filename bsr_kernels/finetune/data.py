@@ -167,13 +167,35 @@ def default_data_root() -> Path:
 
 #: PIL modes of 16-bit greyscale images (PNG and TIFF; older Pillow opens 16-bit PNGs as "I").
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: Formats whose mode "I" images hold 16-bit values (0..65535): 16-bit PNG (older Pillow) and
+#: PGM with a maxval above 255 (Pillow scales it to 0..65535). A TIFF in mode "I" holds signed
+#: 16-bit or 32-bit integers, which have no defined white: it is refused, like mode "F".
+_SIXTEEN_BIT_I_FORMATS = (None, "PNG", "PPM")
+
+
+def _pixel_range_problem(img) -> Optional[str]:
+    """Why the pixels of ``img`` cannot be mapped to 8 bits by a well-defined rule, or None.
+    Floating-point ("F") and 32-bit / signed integer ("I" from a TIFF) images have no fixed
+    range (a float image may hold 0..1, 0..255 or anything); PIL's convert("RGB") clips them
+    (0..1 floats come out black, small integers all but black), so they are refused instead."""
+    if img.mode == "F":
+        return ("32-bit floating-point pixels (mode F) have no defined range to map to 0..255; "
+                "save the image as 8- or 16-bit")
+    if img.mode == "I" and img.format not in _SIXTEEN_BIT_I_FORMATS:
+        return (f"signed or 32-bit integer pixels (mode I, {img.format}) have no defined range "
+                "to map to 0..255; save the image as 8- or 16-bit")
+    return None
 
 
 def _to_rgb(img):
     """``img`` as 8-bit RGB. 16-bit greyscale is scaled down (0..65535 to 0..255): PIL's own
-    convert("RGB") clips it at 255, which leaves all but the darkest pixels white."""
+    convert("RGB") clips it at 255, which leaves all but the darkest pixels white. Float and
+    32-bit integer images are refused (:func:`_pixel_range_problem`) with a ValueError."""
     from PIL import Image
 
+    why = _pixel_range_problem(img)
+    if why is not None:
+        raise ValueError(why)
     if img.mode in _SIXTEEN_BIT_MODES:
         import numpy as np
         a = np.asarray(img, dtype=np.float64)
@@ -245,12 +267,17 @@ def _torchvision_set(name: str, root: Path, img_size: int, mean, std,
 
 def _load_image(path: str):
     """ImageFolder's loader, with an error that names the file (a file that passed the
-    start-up check but fails to decode, e.g. truncated)."""
-    from PIL import Image
+    start-up check but fails to decode, e.g. truncated). The EXIF orientation is applied (a
+    phone photo stored sideways with orientation 6 is turned upright, as viewers show it)."""
+    from PIL import Image, ImageOps
 
     try:
         with open(path, "rb") as f:
-            return _to_rgb(Image.open(f))
+            img = Image.open(f)
+            why = _pixel_range_problem(img)  # before exif_transpose: its copy has no format
+            if why is not None:
+                raise ValueError(why)
+            return _to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise ValueError(f"--data: cannot read image {path} ({type(e).__name__}: {e}); remove "
                          "or replace it") from e
@@ -260,7 +287,8 @@ def _unreadable(path: str) -> Optional[str]:
     """Why PIL cannot open, verify and decode the image file ``path``, or None when it can.
     verify() alone reads a JPEG's headers only, so a truncated one would pass here and stop the
     run when training reaches it; the decode (at an eighth of the size for a JPEG, which still
-    reads its whole stream) finds it."""
+    reads its whole stream) finds it. Images without a defined 8-bit range (float and 32-bit
+    integer TIFFs, :func:`_pixel_range_problem`) are reported here too."""
     from PIL import Image
 
     try:
@@ -269,15 +297,19 @@ def _unreadable(path: str) -> Optional[str]:
         with Image.open(path) as img:  # verify() leaves the image unusable: open it again
             img.draft(img.mode, (1, 1))
             img.load()
+            why = _pixel_range_problem(img)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
-    return None
+    return None if why is None else f"ValueError: {why}"
 
 
-def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) -> None:
+def _check_images(path: Path, folders: list, bad_images: str, warn: Callable,
+                  test_split: Optional[str] = None) -> None:
     """Verifies every image of the ImageFolder datasets ``folders`` (which may share files;
     the first is the one that trains); ``bad_images="skip"`` removes the unreadable ones from
-    all of them, and refuses when that leaves a class of the first with no images."""
+    all of them, and refuses when that leaves a class of the first with no images, or (with
+    ``test_split``, the name of the second's folder in a train/ + val/ layout) a class of the
+    second: an empty class folder is refused there too."""
     if bad_images not in BAD_IMAGE_MODES:
         raise ValueError(f"--bad-images must be one of {', '.join(BAD_IMAGE_MODES)}, "
                          f"got {bad_images!r}")
@@ -302,6 +334,15 @@ def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) ->
                          f"{', '.join(emptied)} with no readable training image ({listed}{more});"
                          " such a class would still get an output that never trains. Remove or "
                          "replace those files or folders")
+    if test_split is not None:
+        left = {c for f, c in folders[1].samples if f not in bad}
+        emptied = [name for name, c in folders[1].class_to_idx.items() if c not in left]
+        if emptied:
+            raise ValueError(f"--data {path}: --bad-images skip would leave class folder(s) "
+                             f"{', '.join(emptied)} of {test_split}/ with no readable image "
+                             f"({listed}{more}); the test accuracy would not cover them (an "
+                             f"empty class folder of {test_split}/ is refused too). Remove or "
+                             "replace those files or folders")
     for ds in folders:
         ds.samples = [(f, c) for f, c in ds.samples if f not in bad]
         ds.imgs = ds.samples
@@ -310,10 +351,61 @@ def _check_images(path: Path, folders: list, bad_images: str, warn: Callable) ->
          f"(--bad-images skip): {listed}{more}")
 
 
+def _hidden(name: str) -> bool:
+    """A file or folder that is no data: named ``.*`` (``.DS_Store``, ``.ipynb_checkpoints``,
+    ``.thumbs``, macOS's AppleDouble ``._photo.jpg``) or macOS's zip folder ``__MACOSX``."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _visible_samples(directory: str, class_to_idx: dict, extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list:
+    """torchvision's ``make_dataset`` without hidden files and folders (:func:`_hidden`) at any
+    depth, and visiting every real folder once: symbolic links are followed, but one that leads
+    back to a folder already seen (``cat/loop -> ..``, or into another class) is left out, where
+    torchvision's walk repeated the images (or looped until the path grew too long). Same
+    sample order as torchvision's."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    if is_valid_file is None:
+        def is_valid_file(f):
+            return has_file_allowed_extension(f, extensions)
+    top = os.path.realpath(directory)
+    seen = {os.path.realpath(os.path.join(directory, c)) for c in class_to_idx}
+    while True:   # the root and its ancestors: a link to any of them is a loop
+        seen.add(top)
+        if os.path.dirname(top) == top:
+            break
+        top = os.path.dirname(top)
+    samples, found = [], set()
+    for cls in sorted(class_to_idx):
+        walked = []
+        for root, dirs, files in os.walk(os.path.join(directory, cls), followlinks=True):
+            keep = []
+            for d in sorted(dirs):
+                real = os.path.realpath(os.path.join(root, d))
+                if not _hidden(d) and real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            dirs[:] = keep
+            walked.append((root, files))
+        for root, files in sorted(walked):
+            for f in sorted(files):
+                if not f.startswith(".") and is_valid_file(os.path.join(root, f)):
+                    samples.append((os.path.join(root, f), class_to_idx[cls]))
+                    found.add(cls)
+    empty = sorted(set(class_to_idx) - found)
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)} "
+                                "(hidden files, named .*, are left out)")
+    return samples
+
+
 def _visible_image_folder() -> type:
-    """torchvision's ImageFolder whose classes are the folders not hidden: a ``.ipynb_checkpoints``
-    or ``.git`` folder beside the class folders is no class. Built on first use (torchvision's
-    import takes about a second) and kept as this module's ``_VisibleImageFolder``."""
+    """torchvision's ImageFolder whose classes are the folders not hidden (:func:`_hidden`): a
+    ``.ipynb_checkpoints``, ``.git`` or ``__MACOSX`` folder beside the class folders is no class;
+    inside them, hidden files and folders are no samples and no folder is read twice
+    (:func:`_visible_samples`). Built on first use (torchvision's import takes about a second)
+    and kept as this module's ``_VisibleImageFolder``."""
     cls = globals().get("_VisibleImageFolder")
     if cls is None:
         from torchvision.datasets import ImageFolder
@@ -321,10 +413,12 @@ def _visible_image_folder() -> type:
         class _VisibleImageFolder(ImageFolder):
             def find_classes(self, directory):
                 classes = sorted(e.name for e in os.scandir(directory)
-                                 if e.is_dir() and not e.name.startswith("."))
+                                 if e.is_dir() and not _hidden(e.name))
                 if not classes:
                     raise FileNotFoundError(f"found no class folder in {directory}")
                 return classes, {c: i for i, c in enumerate(classes)}
+
+            make_dataset = staticmethod(_visible_samples)
 
         _VisibleImageFolder.__qualname__ = "_VisibleImageFolder"  # pickled by that name
         globals()["_VisibleImageFolder"] = cls = _VisibleImageFolder
@@ -338,15 +432,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _image_folder(path: Path, transform):
+def _image_folder(path: Path, transform, hint: str = ""):
     try:
         return _visible_image_folder()(str(path), transform=transform, loader=_load_image)
     except FileNotFoundError as e:
         raise ValueError(
             f"--data {path}: a class folder holds no images, or there are none ({e}); expected "
             f"one subfolder per class holding {', '.join(IMAGE_EXTENSIONS[:3])}... files, or "
-            f"train/ and val/ folders laid out that way (hidden folders, named .*, are no "
-            f"class)") from e
+            f"train/ and val/ folders laid out that way (hidden folders, named .* or __MACOSX, are "
+            f"no class){hint}") from e
 
 
 def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
@@ -354,19 +448,22 @@ def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
                 ) -> DataBundle:
     train_tf, test_tf = _transforms(img_size, mean, std, False, data_config)
     test_dir = next((path / d for d in ("val", "test") if (path / d).is_dir()), None)
-    if (path / "train").is_dir():
-        if test_dir is None:
-            raise ValueError(f"--data {path}: found train/ but neither val/ nor test/")
+    # train/ alone is a class folder (bus/ train/ truck/): a split needs val/ or test/ too
+    hint = ""
+    if (path / "train").is_dir() and test_dir is None:
+        hint = ("; note: train/ has no val/ or test/ beside it, so it was read as a class "
+                "folder named train, not as a training split (for a split, add val/ or test/)")
+    if (path / "train").is_dir() and test_dir is not None:
         train = _image_folder(path / "train", train_tf)
         test = _image_folder(test_dir, test_tf)
-        _check_images(path, [train, test], bad_images, warn)
+        _check_images(path, [train, test], bad_images, warn, test_dir.name)
         if train.classes != test.classes:
             raise ValueError(f"--data {path}: train/ and {test_dir.name}/ have different class "
                              f"folders ({train.classes} vs {test.classes})")
         classes = list(train.classes)
     else:  # one folder: hold out a fifth of every class
-        full_train = _image_folder(path, train_tf)
-        full_test = _image_folder(path, test_tf)
+        full_train = _image_folder(path, train_tf, hint)
+        full_test = _image_folder(path, test_tf, hint)
         _check_images(path, [full_train, full_test], bad_images, warn)
         labels = torch.tensor(full_train.targets)
         tr, te = _stratified_split(labels, 0.2, 0)
@@ -385,7 +482,7 @@ def _folder_set(path: Path, img_size: int, mean, std, bad_images: str = "error",
         classes = list(full_train.classes)
     if len(classes) < 2:
         raise ValueError(f"--data {path}: found {len(classes)} class folder(s); a classifier "
-                         "needs at least 2")
+                         f"needs at least 2{hint}")
     return DataBundle(str(path), train, test, len(classes), classes, tuple(mean), tuple(std))
 
 
