@@ -23,8 +23,8 @@ WORKER = textwrap.dedent("""
     import torch, torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     sys.path.insert(0, {tests!r})
-    from test_finetune_distributed import batch_and_model
-    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed
+    from test_finetune_distributed import batch_and_model, short_batch_and_model
+    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed, train_step
 
     info = setup_distributed("cpu")
     for method in ("full", "bsr"):
@@ -34,6 +34,16 @@ WORKER = textwrap.dedent("""
         if info.rank == 0:
             torch.save({{n: p.grad for n, p in model.named_parameters() if p.requires_grad}},
                        sys.argv[1] + f"/{{method}}.pt")
+    # the one short batch of a training set smaller than the batch: 15 images, 8 and 7
+    x, y, model, scale = short_batch_and_model(info.rank, info.world_size)
+    ddp = DDP(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)   # a step that leaves the gradients
+    loss = torch.tensor(train_step(ddp, x, y, sgd, loss_scale=scale), dtype=torch.float64)
+    torch.distributed.all_reduce(loss)
+    if info.rank == 0:
+        torch.save({{"loss": loss.item() / info.world_size, "grads": {{
+            n: p.grad for n, p in model.named_parameters() if p.requires_grad}}}},
+                   sys.argv[1] + "/short.pt")
     teardown_distributed()
 """)
 
@@ -50,6 +60,25 @@ def batch_and_model(method: str, rank: int, world: int):
     torch.manual_seed(0)
     model, _ = build_model(DIGITS_MODEL, data.num_classes)
     return x, y, adapt(model, method).train()
+
+
+SHORT = 15   # training images of the short-batch case: fewer than GLOBAL_BATCH
+
+
+def short_batch_and_model(rank: int, world: int):
+    """This process's share of the one batch of a training set of :data:`SHORT` images
+    (smaller than the batch: shares of 8 and 7 at 2 processes), a fresh full fine-tuning
+    model, and ``bsr-finetune``'s loss scale for the share."""
+    size, mean, std = model_input_config(DIGITS_MODEL)
+    data = build_data("digits", size, mean, std, digits_shift=0)
+    sampler = GlobalBatchSampler(SHORT, GLOBAL_BATCH, rank, world, seed=0, drop_last=False)
+    sampler.set_epoch(0)
+    idx = next(iter(sampler))
+    x = torch.stack([data.train[i][0] for i in idx])
+    y = torch.tensor([data.train[i][1] for i in idx])
+    torch.manual_seed(0)
+    model, _ = build_model(DIGITS_MODEL, data.num_classes)
+    return x, y, adapt(model, "full").train(), len(idx) * world / sampler.global_count(0)
 
 
 #: What a worker prints when the C++ runtime aborts it (seen once in CI on 2026-11-28: rank 1
@@ -91,6 +120,25 @@ def test_two_process_gradients_match_one_process_on_the_same_global_batch(ddp_di
     for n, g in grads.items():
         assert g.abs().sum() > 0, n
         torch.testing.assert_close(ddp_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_a_short_batch_split_unevenly_weighs_every_image_the_same(ddp_dir):
+    """A training set smaller than the batch (15 images, shares of 8 and 7 at 2 processes) was
+    trained on the mean of the processes' means, weighting the images 1/16 and 1/14: loss and
+    gradients differed from one process's. With train_step's loss_scale they equal them, and
+    the mean of the processes' losses is the batch's mean loss."""
+    short = torch.load(ddp_dir / "short.pt")
+    x, y, model, scale = short_batch_and_model(0, 1)
+    assert x.shape[0] == SHORT and scale == 1.0
+    shares = [short_batch_and_model(r, 2)[0].shape[0] for r in (0, 1)]
+    assert shares == [8, 7]
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert short["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == short["grads"].keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(short["grads"][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 # bsr-finetune, with each process's training losses (train_step's results) written on exit
@@ -173,7 +221,7 @@ MAIN_FIRST = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from bsr_kernels.finetune.cli import _main_first
-    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed
+    from bsr_kernels.finetune.train import setup_distributed, teardown_distributed, train_step
 
     info, out = setup_distributed("cpu"), Path(sys.argv[1])
     def fetch():   # a download: the main process's copy must be complete before the others

@@ -292,9 +292,21 @@ def _data_identity(data) -> dict:
     """The :data:`DATA_IDENTITY` settings of ``data`` (a DataBundle). Images added to a folder
     change the held-out split too, so resuming over them would test on trained images."""
     import hashlib
-    names = hashlib.sha256("\n".join(map(str, data.classes)).encode()).hexdigest()[:12]
+    # A folder name that is not UTF-8 (b'caf\xe9') is a str with a lone surrogate: hashed as
+    # its bytes on disk (os.fsencode), the same hash as before for every other name.
+    names = hashlib.sha256("\n".join(map(str, data.classes)).encode(
+        "utf-8", "surrogateescape")).hexdigest()[:12]
     return {"data_images": [len(data.train), len(data.test)],
             "data_classes": f"{len(data.classes)} classes, sha256 {names}"}
+
+
+def _json_names(classes) -> list:
+    r"""``classes`` for a JSON file: a name that is not valid UTF-8 (a folder b'caf\xe9', read as
+    the str 'caf\udce9') would write a lone surrogate, which strict JSON readers refuse; its
+    undecodable bytes are written as ``\xe9`` instead ('caf\xe9'). Other names, and the
+    digits' int classes, are kept as they are."""
+    return [c.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if isinstance(c, str) else c for c in classes]
 
 
 def _settings(args, method: str, num_classes: int, img_size: int, lr: float) -> dict:
@@ -867,7 +879,8 @@ def _run(args, info: DistInfo, log, warn, methods, t_start: float,
             from ..delta import save_delta
             delta = save_delta(model, out / method / "delta.safetensors",
                                extra={"model": args.model, "data": data.name,
-                                      "classes": data.classes, "img_size": img_size,
+                                      "classes": _json_names(data.classes),
+                                      "img_size": img_size,
                                       "accuracy": res["accuracy"]})
             res["delta_mib"] = delta.stat().st_size / 2**20
             write_json(done_file, res, format=RESULT_FORMAT, version=1)

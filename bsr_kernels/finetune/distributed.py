@@ -114,6 +114,12 @@ class GlobalBatchSampler(Sampler):
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch, self.start = 0, 0
 
+    def global_count(self, b: int) -> int:
+        """The images of global batch ``b`` (0-based, of an epoch) over all processes: the
+        batch size, or fewer for a last, short batch kept (``drop_last=False``; one image per
+        process at least: a batch smaller than that is cycled)."""
+        return max(min(self.batch_size, self.n - b * self.batch_size), self.world_size)
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Selects the shuffle of ``epoch``, and its first batch ``start`` (resuming a run
         inside an epoch); the length stays the whole epoch's."""

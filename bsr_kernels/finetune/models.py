@@ -228,6 +228,7 @@ def load_weights(model: nn.Module, path, report: bool = False):
 
     sd = read_state_dict(path)
     pos_before = sd.get("pos_embed")
+    proj_before = sd.get("patch_embed.proj.weight")   # checkpoint_filter_fn resamples it too
     try:
         sd = checkpoint_filter_fn(sd, model)
     except Exception as e:  # noqa: BLE001
@@ -260,6 +261,14 @@ def load_weights(model: nn.Module, path, report: bool = False):
         notes.append(f"weights {path}: the position embedding was resampled from "
                      f"{pos_before.shape[1]} to {pos_after.shape[1]} tokens to fit "
                      f"{model.patch_embed.img_size[0]} px inputs")
+    proj_after = sd.get("patch_embed.proj.weight")
+    if (proj_before is not None and proj_after is not None and proj_before.dim() == 4
+            and proj_before.shape[-2:] != proj_after.shape[-2:]):
+        (bh, bw), (ah, aw) = proj_before.shape[-2:], proj_after.shape[-2:]
+        notes.append(f"weights {path}: the patch embedding was resampled from {bh}x{bw} to "
+                     f"{ah}x{aw} pixel patches to fit the model's patch size (the checkpoint "
+                     f"was trained with {bh}x{bw} patches: its features only approximate "
+                     f"theirs; a --model with patch size {bh} uses them as trained)")
     return skipped, notes
 
 
@@ -475,7 +484,7 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None,
         if hub:
             notes += _hub_surgery(model, name, num_classes,
                                   "its weights" if local else "the hub weights")
-        else:
+        elif checkpoint is None:   # --checkpoint's weights are loaded below
             notes.append(f"--model {name} starts from random weights (no --pretrained or "
                          "--checkpoint): fine-tuning methods assume pre-trained weights, so "
                          "expect low accuracy")

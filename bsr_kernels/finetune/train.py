@@ -299,15 +299,20 @@ def _autocast(device: torch.device, amp="auto"):
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                optimizer: torch.optim.Optimizer,
                scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-               amp="auto") -> float:
+               amp="auto", loss_scale: float = 1.0) -> float:
     """One optimizer step on a batch; returns the loss.
 
     ``amp`` (see :func:`resolve_amp`): by default bf16 autocast on GPU, none on CPU. Under DDP,
     ``model`` is the wrapped model and the gradients are averaged over processes.
+    ``loss_scale``: this process's images times the number of processes over the global
+    batch's images. DDP averages the processes' gradients, so shares of unequal size (the
+    short batch of a training set smaller than the batch: 8 and 7 images) would weight their
+    images unequally (1/16 and 1/14); scaled, each image of the global batch weighs the same,
+    and the mean of the processes' returned losses is the global batch's mean loss.
     """
     with _autocast(images.device, amp):
         logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.float(), labels) * loss_scale
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -617,6 +622,16 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
     steps_per_epoch = len(train_sampler)
     if steps_per_epoch == 0:
         raise ValueError(f"the training set is empty ({len(data.train)} images)")
+    left_out = (len(data.train) - steps_per_epoch * opts.batch_size if train_sampler.drop_last
+                else 0)
+    if left_out and info.is_main:
+        # Every step's batch is whole (the sampler drops the last, short one), and the sampler
+        # reshuffles each epoch (seeded by --seed and the epoch): another sample is left out.
+        plural = "es" if steps_per_epoch > 1 else ""
+        log(f"{name}: {left_out} of {len(data.train)} training images are left out of each "
+            f"epoch ({steps_per_epoch} whole batch{plural} of {opts.batch_size}; the last, "
+            f"short batch is dropped); each epoch reshuffles, so a different sample is left "
+            f"out each epoch")
     train_loader = _loader(data.train, train_sampler, None, opts.workers, info.device)
     eval_bs = max(1, opts.batch_size // info.world_size) * 2
     test_loader = _loader(data.test, ShardSampler(len(data.test), info.rank, info.world_size),
@@ -679,7 +694,8 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                 t0 = time.perf_counter()
                 with overflow_diverges(optimizer, name, epoch, step):
                     loss = train_step(ddp_model, images, labels, optimizer, scheduler,
-                                      amp=opts.amp)
+                                      amp=opts.amp, loss_scale=images.shape[0]
+                                      * info.world_size / train_sampler.global_count(n_batches))
                 if info.device.type == "cuda":
                     torch.cuda.synchronize(info.device)
                 step_times.append(time.perf_counter() - t0)
@@ -711,7 +727,7 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
                                       amp=opts.amp)
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_batches),
                             "test_loss": test_loss, "accuracy": acc,
-                            "lr": optimizer.param_groups[0]["lr"]})
+                            "lr": _base_lr(optimizer, opts.lr)})
             if info.is_main:
                 log(f"{name} epoch {epoch + 1}/{opts.epochs}: train loss "
                     f"{history[-1]['train_loss']:.4f}, test loss {test_loss:.4f}, "
@@ -732,6 +748,22 @@ def fit(model: nn.Module, data: DataBundle, opts: FitOptions, info: DistInfo,
             "train_time_s": train_time,
             "median_step_time_s": statistics.median(step_times) if step_times else None,
             "steps": step, "resumed_from_epoch": resumed_from}
+
+
+def _base_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """The rate of the ``lr`` schedule (``FitOptions.lr``, the backbone's; the head's is
+    ``head_lr_scale`` times it) now, whatever groups the method trains: ``param_groups[0]`` is
+    the head's for ``linear`` (no backbone group) and a backbone group's for ``full``. Every
+    group follows the same schedule from its ``initial_lr`` (both schedulers set it), so the
+    value is ``lr`` times any group's ratio."""
+    groups = optimizer.param_groups
+    for g in groups:   # a group at the base rate itself: its rate exactly
+        if g.get("initial_lr") == lr:
+            return float(g["lr"])
+    for g in groups:
+        if g.get("initial_lr"):
+            return float(lr * g["lr"] / g["initial_lr"])
+    return float(groups[0]["lr"])
 
 
 def _process_sums(info: DistInfo, *values: float) -> tuple[float, ...]:
@@ -774,8 +806,8 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
 
     Returns whether any process was asked to stop (``stop``) and the step's loss averaged over
     the processes, as DDP averages their gradients (the global batch's loss: the shares are
-    equal, but for the one short batch of a training set smaller than the batch, which may
-    differ by an image). Every process then sums the same values: the history, the logs and a
+    equal, and the one short batch of a training set smaller than the batch, whose shares may
+    differ by an image, is weighted by :func:`train_step`'s ``loss_scale``). Every process then sums the same values: the history, the logs and a
     mid-epoch checkpoint hold that loss, as timm reports it, not the main process's share. One
     all-reduce per step."""
     bad, stop, total = _process_sums(info, not math.isfinite(loss), stop, loss)
