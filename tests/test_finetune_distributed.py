@@ -23,19 +23,19 @@ WORKER = textwrap.dedent("""
     import torch, torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
     sys.path.insert(0, {tests!r})
-    from test_finetune_distributed import batch_and_model, short_batch_and_model
+    from test_finetune_distributed import SHORT, batch_and_model
     from bsr_kernels.finetune.train import setup_distributed, teardown_distributed, train_step
 
     info = setup_distributed("cpu")
     for method in ("full", "bsr"):
-        x, y, model = batch_and_model(method, info.rank, info.world_size)
+        x, y, model, _ = batch_and_model(method, info.rank, info.world_size)
         ddp = DDP(model)
         F.cross_entropy(ddp(x), y).backward()           # DDP averages over the 2 processes
         if info.rank == 0:
             torch.save({{n: p.grad for n, p in model.named_parameters() if p.requires_grad}},
                        sys.argv[1] + f"/{{method}}.pt")
     # the one short batch of a training set smaller than the batch: 15 images, 8 and 7
-    x, y, model, scale = short_batch_and_model(info.rank, info.world_size)
+    x, y, model, scale = batch_and_model("full", info.rank, info.world_size, SHORT)
     ddp = DDP(model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)   # a step that leaves the gradients
     loss = torch.tensor(train_step(ddp, x, y, sgd, loss_scale=scale), dtype=torch.float64)
@@ -48,37 +48,25 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def batch_and_model(method: str, rank: int, world: int):
-    """This process's share of the first global batch of epoch 0, and a fresh model."""
-    size, mean, std = model_input_config(DIGITS_MODEL)
-    data = build_data("digits", size, mean, std, digits_shift=0)
-    sampler = GlobalBatchSampler(len(data.train), GLOBAL_BATCH, rank, world, seed=0)
-    sampler.set_epoch(0)
-    idx = next(iter(sampler))
-    x = torch.stack([data.train[i][0] for i in idx])
-    y = torch.tensor([data.train[i][1] for i in idx])
-    torch.manual_seed(0)
-    model, _ = build_model(DIGITS_MODEL, data.num_classes)
-    return x, y, adapt(model, method).train()
-
-
 SHORT = 15   # training images of the short-batch case: fewer than GLOBAL_BATCH
 
 
-def short_batch_and_model(rank: int, world: int):
-    """This process's share of the one batch of a training set of :data:`SHORT` images
-    (smaller than the batch: shares of 8 and 7 at 2 processes), a fresh full fine-tuning
-    model, and ``bsr-finetune``'s loss scale for the share."""
+def batch_and_model(method: str, rank: int, world: int, n=None):
+    """This process's share of the first global batch of epoch 0 (with ``n``, of the first
+    ``n`` training images, fewer than a batch: the one short batch, kept and split unevenly),
+    a fresh model, and ``bsr-finetune``'s loss scale for the share."""
     size, mean, std = model_input_config(DIGITS_MODEL)
     data = build_data("digits", size, mean, std, digits_shift=0)
-    sampler = GlobalBatchSampler(SHORT, GLOBAL_BATCH, rank, world, seed=0, drop_last=False)
+    n = len(data.train) if n is None else n
+    sampler = GlobalBatchSampler(n, GLOBAL_BATCH, rank, world, seed=0,
+                                 drop_last=n >= GLOBAL_BATCH)
     sampler.set_epoch(0)
     idx = next(iter(sampler))
     x = torch.stack([data.train[i][0] for i in idx])
     y = torch.tensor([data.train[i][1] for i in idx])
     torch.manual_seed(0)
     model, _ = build_model(DIGITS_MODEL, data.num_classes)
-    return x, y, adapt(model, "full").train(), len(idx) * world / sampler.global_count(0)
+    return x, y, adapt(model, method).train(), len(idx) * world / sampler.global_count(0)
 
 
 #: What a worker prints when the C++ runtime aborts it (seen once in CI on 2026-11-28: rank 1
@@ -112,7 +100,7 @@ def ddp_dir(tmp_path_factory):
 def test_two_process_gradients_match_one_process_on_the_same_global_batch(ddp_dir, method):
     ddp_grads = torch.load(ddp_dir / f"{method}.pt")
 
-    x, y, model = batch_and_model(method, 0, 1)
+    x, y, model, _ = batch_and_model(method, 0, 1)
     assert x.shape[0] == GLOBAL_BATCH
     F.cross_entropy(model(x), y).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -128,9 +116,9 @@ def test_a_short_batch_split_unevenly_weighs_every_image_the_same(ddp_dir):
     gradients differed from one process's. With train_step's loss_scale they equal them, and
     the mean of the processes' losses is the batch's mean loss."""
     short = torch.load(ddp_dir / "short.pt")
-    x, y, model, scale = short_batch_and_model(0, 1)
+    x, y, model, scale = batch_and_model("full", 0, 1, SHORT)
     assert x.shape[0] == SHORT and scale == 1.0
-    shares = [short_batch_and_model(r, 2)[0].shape[0] for r in (0, 1)]
+    shares = [batch_and_model("full", r, 2, SHORT)[0].shape[0] for r in (0, 1)]
     assert shares == [8, 7]
     loss = F.cross_entropy(model(x), y)
     loss.backward()
