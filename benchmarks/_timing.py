@@ -4,8 +4,8 @@
   :func:`robust_interleaved` the same, setting aside the candidates that raise.
 * :func:`do_bench_rounds`: GPU medians from ``triton.testing.do_bench``, interleaved over rounds
   (``bench_gpu.py``); :func:`capture_graph`: calls captured in one CUDA graph (timed
-  interleaved by ``bench_gpu.graph_times``); :func:`copy_gbps`: the copy bandwidth (CPU or CUDA) that drop timings
-  are compared with.
+  interleaved by ``bench_gpu.graph_times``); :func:`copy_gbps`: the copy bandwidth (CPU or
+  CUDA) that drop timings are compared with.
 * :func:`paired_ratio`: the one ratio of two candidates' samples, the median of per-round ratios.
 * :class:`Rotating`, :func:`rotation_sets`: inputs rotated over several sets, so that the
   GPU's L2 (:func:`l2_bytes`) does not hold them between two calls of a candidate.

@@ -88,8 +88,9 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    model = unwrap_model(model)   # compiled, DDP or DataParallel, in any nesting: the model's own
-    groups: dict[str, list[int]] = {}   # names and settings
+    # compiled, DDP or DataParallel, in any nesting: the wrapped model's names and settings
+    model = unwrap_model(model)
+    groups: dict[str, list[int]] = {}
     trainable = total = 0
     named = list(model.named_parameters())   # named_parameters skips shared duplicates
     root = _root([n for n, _ in named])

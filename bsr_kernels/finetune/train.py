@@ -807,9 +807,9 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
     Returns whether any process was asked to stop (``stop``) and the step's loss averaged over
     the processes, as DDP averages their gradients (the global batch's loss: the shares are
     equal, and the one short batch of a training set smaller than the batch, whose shares may
-    differ by an image, is weighted by :func:`train_step`'s ``loss_scale``). Every process then sums the same values: the history, the logs and a
-    mid-epoch checkpoint hold that loss, as timm reports it, not the main process's share. One
-    all-reduce per step."""
+    differ by an image, is weighted by :func:`train_step`'s ``loss_scale``). Every process then
+    sums the same values: the history, the logs and a mid-epoch checkpoint hold that loss, as
+    timm reports it, not the main process's share. One all-reduce per step."""
     bad, stop, total = _process_sums(info, not math.isfinite(loss), stop, loss)
     if not bad:
         return stop > 0, total / info.world_size

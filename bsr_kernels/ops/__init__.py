@@ -301,8 +301,9 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     # resolved once, here (an unavailable backend raises here); the op and its backward get it
     impl = select_backend(q.device, q.dtype,
                           name=check_backend_name(backend) or context_backend())
-    if not impl.mixed_dtypes and q.dtype != compute_dtype(q.dtype):   # half q, k on CPU
-        q, k = q.to(compute_dtype(q.dtype)), k.to(compute_dtype(q.dtype))
+    cd = compute_dtype(q.dtype)
+    if not impl.mixed_dtypes and q.dtype != cd:   # half q, k for a float32/64-only backend
+        q, k = q.to(cd), k.to(cd)
     if _plain_eager(q, k):
         return _ClsAttentionFunction.apply(q, k, scale, p, impl)[0]
     return _cls_attention_op(q, k, scale, p, impl.name)[0]
