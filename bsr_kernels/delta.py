@@ -443,18 +443,18 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     have_bsr = None if have is None else {k: have.get(k) for k in _BSR_KEYS}
     if want_bsr is not None and want_bsr != have_bsr:
         from .reprogram import reprogram
-        if have_bsr is not None:
+        dtype = want_bsr["activation_dtype"]
+        reprogram(model, train_blocks=want_bsr["train_blocks"], drop_at=want_bsr["drop_at"],
+                  keep_rate=want_bsr["keep_rate"], fuse_token=want_bsr["fuse_token"],
+                  memory_mode=want_bsr["memory_mode"], train_norm=want_bsr["train_norm"],
+                  activation_dtype=getattr(torch, dtype) if dtype else None)
+        if have_bsr is not None:   # warned once reprogram has taken them (it may refuse)
             changed = {k: (have_bsr.get(k), want_bsr.get(k)) for k in _BSR_KEYS
                        if have_bsr.get(k) != want_bsr.get(k)}
             warnings.warn(f"load_delta({path}): the model was reprogrammed with other BSR "
                           "settings; it is reprogrammed with the delta's: " + ", ".join(
                               f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
                           stacklevel=2)
-        dtype = want_bsr["activation_dtype"]
-        reprogram(model, train_blocks=want_bsr["train_blocks"], drop_at=want_bsr["drop_at"],
-                  keep_rate=want_bsr["keep_rate"], fuse_token=want_bsr["fuse_token"],
-                  memory_mode=want_bsr["memory_mode"], train_norm=want_bsr["train_norm"],
-                  activation_dtype=getattr(torch, dtype) if dtype else None)
     elif want_bsr is None and have_bsr is not None:
         from .reprogram import restore
         warnings.warn(f"load_delta({path}): the delta was saved from a model that was not "

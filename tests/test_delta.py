@@ -1,5 +1,6 @@
 """Delta checkpoints: only trained parameters, applied back onto the base model."""
 import json
+import warnings
 
 import pytest
 import timm
@@ -187,6 +188,18 @@ def test_load_delta_replaces_other_bsr_settings_with_the_deltas(tuned_delta):
         torch.testing.assert_close(t(x), tuned(x), rtol=0, atol=0)
     assert {n for n, p in t.named_parameters() if p.requires_grad} == \
         {n for n, p in tuned.named_parameters() if p.requires_grad}
+
+
+def test_load_delta_warns_of_replaced_settings_only_when_reprogram_takes_them(tuned_delta):
+    _, path = tuned_delta
+    t = bsr_kernels.reprogram(_tiny(), keep_rate=0.9, drop_at=[1])
+    t.grad_checkpointing = True           # set behind timm's back: reprogram refuses the model
+    snap = _snapshot(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # no "reprogrammed with the delta's" for a refusal
+        with pytest.raises(ValueError, match="grad checkpointing is on"):
+            bsr_kernels.load_delta(t, path)
+    _assert_unchanged(t, snap)
 
 
 def test_load_delta_of_a_plain_model_restores_a_reprogrammed_one(tmp_path):
