@@ -27,7 +27,7 @@ from torch import nn
 from .config import check_blocks, default_drop_at, default_train_blocks
 from .ops.common import (check_keep_rate, check_prefix, check_qk, check_x, num_kept,
                          resolve_scale)
-from .timm_hooks import pool_refusal
+from .timm_hooks import check_pool
 
 __all__ = [
     "eager_drop_composite",
@@ -135,17 +135,14 @@ def check_vit(model) -> None:
 
 def _resolve(model, train_blocks, drop_at, keep_rate, fuse_token):
     """The checked settings; a pool that would average the fused token in is refused, as
-    :func:`bsr_kernels.reprogram` refuses it (:func:`~bsr_kernels.timm_hooks.pool_refusal`)."""
+    :func:`bsr_kernels.reprogram` refuses it (:func:`~bsr_kernels.timm_hooks.check_pool`)."""
     depth = len(model.blocks)
     train_blocks = check_blocks("train_blocks", default_train_blocks(depth)
                                 if train_blocks is None else train_blocks, depth)
     drop_at = check_blocks("drop_at", default_drop_at(depth) if drop_at is None else drop_at,
                            depth)
     keep_rate = check_keep_rate(keep_rate)
-    refusal = pool_refusal(getattr(model, "global_pool", "token"), bool(fuse_token), keep_rate,
-                           drop_at)
-    if refusal:
-        raise ValueError(refusal)
+    check_pool(getattr(model, "global_pool", "token"), bool(fuse_token), keep_rate, drop_at)
     return train_blocks, drop_at, keep_rate
 
 

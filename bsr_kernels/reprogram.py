@@ -255,10 +255,8 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
         raise ValueError("cannot reprogram this model:\n  " + "\n  ".join(reasons))
     config = BSRConfig.create(len(model.blocks), model.num_prefix_tokens, train_blocks, drop_at,
                               keep_rate, fuse_token, memory_mode, train_norm, activation_dtype)
-    refusal = timm_hooks.pool_refusal(getattr(model, "global_pool", "token"), config.fuse_token,
-                                      config.keep_rate, config.drop_at)
-    if refusal:
-        raise ValueError(refusal)
+    timm_hooks.check_pool(getattr(model, "global_pool", "token"), config.fuse_token,
+                          config.keep_rate, config.drop_at)
 
     if is_reprogrammed(model):
         restore(model)

@@ -11,7 +11,7 @@ dropping are replaced on the *instance* (:func:`install`; :func:`uninstall` on `
 * ``set_grad_checkpointing(True)`` raises at the call: the lean memory mode already recomputes
   inside backward, and checkpointing around it is not supported. ``False`` is accepted.
 * ``reset_classifier(num_classes, global_pool)`` refuses a pool that ``reprogram`` refuses (one
-  that would average the fused token in: :func:`pool_refusal`) with a ValueError, before changing
+  that would average the fused token in: :func:`check_pool`) with a ValueError, before changing
   anything.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["install", "uninstall", "pool_refusal", "GRAD_CHECKPOINTING_REFUSAL"]
+__all__ = ["install", "uninstall", "check_pool", "GRAD_CHECKPOINTING_REFUSAL"]
 
 GRAD_CHECKPOINTING_REFUSAL = (
     "set_grad_checkpointing(True) is not supported on a model reprogrammed by bsr_kernels: its "
@@ -29,14 +29,14 @@ GRAD_CHECKPOINTING_REFUSAL = (
 _METHODS = ("forward_intermediates", "set_grad_checkpointing", "reset_classifier")
 
 
-def pool_refusal(pool: str, fuse_token: bool, keep_rate: float, drop_at) -> str | None:
-    """Why ``global_pool=pool`` cannot go with a BSR config that appends a fused token (it would
-    be pooled with the patch tokens); None where it can."""
+def check_pool(pool: str, fuse_token: bool, keep_rate: float, drop_at) -> None:
+    """Raises a ValueError where ``global_pool=pool`` cannot go with a BSR config that appends a
+    fused token (it would be pooled with the patch tokens)."""
     if pool in ("token", "") or not (fuse_token and keep_rate < 1 and drop_at):
-        return None
-    return (f"global_pool={pool!r} would pool the fused token (a score-weighted sum of the dropped "
-            "tokens) together with the patch tokens; use fuse_token=False (pooling then averages "
-            "the kept tokens) or a model with global_pool='token'")
+        return
+    raise ValueError(f"global_pool={pool!r} would pool the fused token (a score-weighted sum of "
+                     "the dropped tokens) together with the patch tokens; use fuse_token=False "
+                     "(pooling then averages the kept tokens) or a model with global_pool='token'")
 
 
 class _BoundOverride:
@@ -81,9 +81,7 @@ def _reset_classifier(model: nn.Module, num_classes: int, global_pool: str | Non
     if global_pool is not None:
         from .config_access import bsr_config_dict
         cfg = bsr_config_dict(model)
-        refusal = pool_refusal(global_pool, cfg["fuse_token"], cfg["keep_rate"], cfg["drop_at"])
-        if refusal:
-            raise ValueError(refusal)
+        check_pool(global_pool, cfg["fuse_token"], cfg["keep_rate"], cfg["drop_at"])
     return type(model).reset_classifier(model, num_classes, global_pool)
 
 
