@@ -4,6 +4,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -475,6 +476,28 @@ def test_an_optimizer_step_that_overflows_float32_is_a_divergence(tmp_path, caps
     assert "training diverged" in err and "overflowed float32 at step 1" in err, err
     assert "--lr" in err and "Traceback" not in err
     assert not (tmp_path / "linear" / "delta.safetensors").exists()
+
+
+def test_a_divergence_names_every_groups_rate_not_the_first_groups():
+    """The message quoted param_groups[0]'s rate: the head's for linear (--lr times
+    --head-lr-scale), a backbone group's for the others, so it named one of two rates."""
+    from timm.models.vision_transformer import VisionTransformer
+    from bsr_kernels.finetune.distributed import DistInfo
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=3)
+    both = train.make_optimizer(model, lr=2e-4, head_lr_scale=10.0)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("head."))
+    head = train.make_optimizer(model, lr=2e-4, head_lr_scale=10.0)
+    assert both.param_groups[0]["lr"] == 2e-4 and head.param_groups[0]["lr"] == 2e-3
+    for opt, rates in ((both, "learning rates 0.0002, 0.002)"), (head, "learning rate 0.002)")):
+        with pytest.raises(train.TrainingDivergedError, match=re.escape(rates)):
+            train._check_finite(float("nan"), DistInfo(), "m", 0, 4, opt, None)
+    with pytest.raises(train.TrainingDivergedError,
+                       match=re.escape("learning rates 0.0002, 0.002:")):
+        with train.overflow_diverges(both, "m", 0, 4):
+            raise RuntimeError("value cannot be converted to type float without overflow")
 
 
 @pytest.mark.parametrize("seed", ["9223372036854775808", "4294967296", "-1"])

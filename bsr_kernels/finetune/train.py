@@ -766,6 +766,17 @@ def _base_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return float(groups[0]["lr"])
 
 
+def _rates_text(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's distinct rates now, lowest first, for a message: "learning rate 0.001",
+    or "learning rates 0.001, 0.01" with the backbone's and the head's (``head_lr_scale`` times
+    it). Not ``param_groups[0]`` alone: that is the head's for ``linear``, a backbone group's
+    for the others."""
+    rates = sorted({float(g["lr"]) for g in optimizer.param_groups})
+    if len(rates) == 1:
+        return f"learning rate {rates[0]:.3g}"
+    return "learning rates " + ", ".join(f"{r:.3g}" for r in rates)
+
+
 def _process_sums(info: DistInfo, *values: float) -> tuple[float, ...]:
     """Each of ``values`` (bools count 1) summed over the processes: one all-reduce under DDP,
     in float64."""
@@ -793,9 +804,8 @@ def overflow_diverges(optimizer, name: str, epoch: int, step: int):
             raise
         raise TrainingDivergedError(
             f"{name + ': ' if name else ''}the optimizer step overflowed float32 at step "
-            f"{step + 1} (epoch {epoch + 1}, learning rate "
-            f"{optimizer.param_groups[0]['lr']:.3g}: {e}); training stopped and this step was "
-            "not saved. Lower --lr (or --head-lr-scale) and start again") from e
+            f"{step + 1} (epoch {epoch + 1}, {_rates_text(optimizer)}: {e}); training stopped "
+            "and this step was not saved. Lower --lr (or --head-lr-scale) and start again") from e
 
 
 def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
@@ -813,12 +823,11 @@ def _check_finite(loss: float, info: DistInfo, name: str, epoch: int, step: int,
     bad, stop, total = _process_sums(info, not math.isfinite(loss), stop, loss)
     if not bad:
         return stop > 0, total / info.world_size
-    lr = optimizer.param_groups[0]["lr"]
     kept = (f"; the checkpoint {checkpoint} holds the training from before"
             if checkpoint is not None and Path(checkpoint).exists() else "")
     raise TrainingDivergedError(
         f"{name + ': ' if name else ''}the training loss became {loss} at step {step} (epoch "
-        f"{epoch + 1}, learning rate {lr:.3g}); training stopped and this step was not "
+        f"{epoch + 1}, {_rates_text(optimizer)}); training stopped and this step was not "
         f"saved{kept}. Lower --lr (or --head-lr-scale) and start again")
 
 
