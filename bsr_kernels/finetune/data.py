@@ -390,7 +390,7 @@ def _visible_samples(directory: str, class_to_idx: dict, extensions=None, is_val
             walked.append((root, files))
         for root, files in sorted(walked):
             for f in sorted(files):
-                if not f.startswith(".") and is_valid_file(os.path.join(root, f)):
+                if not _hidden(f) and is_valid_file(os.path.join(root, f)):
                     samples.append((os.path.join(root, f), class_to_idx[cls]))
                     found.add(cls)
     empty = sorted(set(class_to_idx) - found)
