@@ -1578,3 +1578,63 @@ def test_available_backends_refuses_a_dtype_that_is_not_a_floating_torch_dtype(b
     assert "cpp" in bsr_kernels.available_backends("cpu", torch.float32)
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         bsr_kernels.available_backends("cpu", bad)
+
+
+# --- torch.func transforms and replayed selections ---------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in BACKEND_NAMES if n != "triton"])
+def test_torch_func_transforms_give_the_definitions_derivatives(name, monkeypatch):
+    """torch.func.grad and vjp of either op raised (torch's Function for a registered op's
+    autograd refuses functorch), and torch.func.jvp returned a zero tangent without a word, also
+    with respect to x, on which x_out depends linearly. Under a transform the ops now compute
+    the definition: grad, vjp and jvp equal autograd's derivatives of the eager op (which runs
+    the forced backend), and vmap over images equals the batched call."""
+    monkeypatch.setenv("BSR_BACKEND", name)
+    case = DropCase(b=3, h=2, n=11, d=4, c=6, p=2, keep_rate=0.5, fuse=True, seed=41)
+    x, q, k = make_inputs(case, CPU, torch.float64)
+    g_out = seeded_like((case.b, case.p + case.n_keep + 1, case.c), torch.float64, CPU, 42)
+    v = [seeded_like(t.shape, torch.float64, CPU, 43 + i) for i, t in enumerate((x, q, k))]
+
+    def loss(x, q, k):
+        return (bsr_kernels.drop_tokens(x, q, k, 0.5, True, case.p)[0] * g_out).sum()
+
+    leaves = float64_leaves(x, q, k)
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    assert all(w.abs().max() > 0 for w in want)
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(x, q, k)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+    _, vjp = torch.func.vjp(loss, x, q, k)
+    for a, w in zip(vjp(torch.tensor(1.0, dtype=torch.float64)), want):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-12)
+    tangent = torch.func.jvp(loss, (x, q, k), tuple(v))[1]
+    torch.testing.assert_close(tangent, sum((w * t).sum() for w, t in zip(want, v)),
+                               rtol=1e-10, atol=1e-12)
+    sq = torch.func.grad(lambda q: bsr_kernels.cls_attention(q, k, None, case.p).square().sum())
+    q6 = q.clone().requires_grad_()
+    want_q = torch.autograd.grad(bsr_kernels.cls_attention(q6, k, None, case.p).square().sum(),
+                                 q6)[0]
+    torch.testing.assert_close(sq(q), want_q, rtol=1e-10, atol=1e-12)
+    per_image = torch.func.vmap(
+        lambda a, b, c: bsr_kernels.drop_tokens(a[None], b[None], c[None], 0.5, True, case.p))
+    out, kept = per_image(x, q, k)
+    ref_out, ref_kept = bsr_kernels.drop_tokens(x, q, k, 0.5, True, case.p)
+    assert torch.equal(kept[:, 0], ref_kept)
+    torch.testing.assert_close(out[:, 0], ref_out, rtol=1e-12, atol=1e-12)
+
+
+def test_a_replayed_selection_is_checked_on_cpu():
+    """A replayed ``kept`` out of range gave the reference's and C++'s IndexError from inside,
+    and Triton left rows of ``torch.empty`` in x_out; an int64 position of 2**32 + 3 was cut to
+    int32 and replayed as 3; a kept on another device than x reached the kernels. On CPU the
+    positions are checked (no host sync there), before anything is computed."""
+    g = torch.Generator().manual_seed(44)
+    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    good = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 6]])
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5, kept=good)   # M = 8, n_keep = 4
+    assert torch.equal(kept, good)
+    for bad, match in ((good + 1, r"0\.\.7 .* got 1\.\.8"), (good - 1, r"got -1\.\.6"),
+                       (good + 2 ** 32, r"got 4294967296"),
+                       (good.to("meta"), "on x's device cpu, got meta")):
+        with pytest.raises(ValueError, match=f"^kept must .*{match}"):
+            bsr_kernels.drop_tokens(x, q, k, 0.5, kept=bad)

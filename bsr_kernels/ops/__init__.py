@@ -243,22 +243,32 @@ def _backward_kernels(ctx):
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """Whether a call can skip the registered ops: plain tensors, and nothing that traces or
-    intercepts ops (torch.compile / export, jit.trace, functorch transforms, a dispatch mode
-    such as fake tensors, make_fx, FlopCounterMode or selective checkpointing, a function mode).
-    Anything else must see the op itself."""
+    intercepts ops (torch.compile / export, jit.trace, a dispatch mode such as fake tensors,
+    make_fx, FlopCounterMode or selective checkpointing, a function mode, torch.func
+    transforms, which the ops answer with the definition: :func:`_under_functorch`). Anything
+    else must see the op itself."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and all(type(t) is Tensor for t in tensors)
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._are_functorch_transforms_active())
+            and not _under_functorch())
+
+
+def _under_functorch() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) is active.
+    The ops then run as the pure-PyTorch definition (:mod:`.reference`), whose autograd is the
+    definition of the gradients: the kernels have no forward-mode derivative and no batching
+    rule, and torch's Function for a registered op's autograd refuses functorch (grad, vjp)
+    or gave jvp a zero tangent without a word."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _eager_function(name: str, method: str, setup, backward) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` whose forward is the backend's ``method`` (the backend object is
     the last input), with the registered op's ``setup`` and ``backward``. Old-style (``forward``
     takes ctx): a Function with ``setup_context`` binds its arguments through ``inspect`` on
-    every call (about 40 us); functorch transforms, which need that style, take the registered
-    ops instead (:func:`_plain_eager`)."""
+    every call (about 40 us); functorch transforms, which need that style, take the definition
+    instead (:func:`_under_functorch`)."""
     def forward(ctx, *inputs):
         output = getattr(inputs[-1], method)(*inputs[:-1])
         setup(ctx, inputs, output)
@@ -293,7 +303,9 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
             the dispatcher's choice.
 
     Returns:
-        (B, N - P) scores, float32 (float64 for float64 inputs). Differentiable w.r.t. q and k.
+        (B, N - P) scores, float32 (float64 for float64 inputs). Differentiable w.r.t. q and k,
+        also under torch.func transforms (which compute the definition, as for
+        :func:`drop_tokens`).
     """
     check_qk(q, k)
     p = check_prefix(num_prefix_tokens, q.shape[2])
@@ -301,6 +313,8 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     # resolved once, here (an unavailable backend raises here); the op and its backward get it
     impl = select_backend(q.device, q.dtype,
                           name=check_backend_name(backend) or context_backend())
+    if _under_functorch():
+        return reference.cls_scores(q, k, scale, p)[0]
     cd = compute_dtype(q.dtype)
     if not impl.mixed_dtypes and q.dtype != cd:   # half q, k for a float32/64-only backend
         q, k = q.to(cd), k.to(cd)
@@ -329,15 +343,19 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         kept: replay a recorded selection, (B, n_keep) distinct positions among the
             non-prefix tokens (as returned earlier, ascending; another order is kept in x_out),
             instead of selecting; the fusion weights are still the differentiable scores of q
-            and k. ``keep_rate`` must give the same n_keep. Duplicates are not checked, nor
-            the range on CUDA (that would sync with the host): such entries leave rows
-            unspecified.
+            and k. ``keep_rate`` must give the same n_keep. It must be on x's device; its
+            range is checked on CPU only (elsewhere reading it would sync with the host), and
+            duplicates are not checked: such entries leave rows unspecified.
         backend: force "reference", "cpp" or "triton" for this call and its backward.
 
     Returns:
         x_out (B, P + n_keep [+ 1], C) and kept_idx (B, n_keep) int64, positions among the
         non-prefix tokens. Gradients reach x through the kept and fused rows, and q and k through
-        the fusion weights.
+        the fusion weights. When nothing is dropped (keep_rate gives every token, no ``kept``),
+        x_out is ``x`` itself, as ``nn.Identity`` returns its input.
+
+    Under torch.func transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``)
+    both ops compute the pure-PyTorch definition, whatever the backend.
     """
     check_qk(q, k)
     check_x(x, q)
@@ -352,9 +370,13 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
                           name=check_backend_name(backend) or context_backend())
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
     if kept is not None:
-        check_kept(kept, x.shape[0], plan)
+        check_kept(kept, x.shape[0], plan, x.device)
     if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
+    if _under_functorch():
+        x_out, kept = reference.drop_tokens(x, q, k, scale, p, plan.n_keep, plan.fuse_token,
+                                            kept=kept)[:2]
+        return x_out, kept
     x_dtype = x.dtype
     cd = compute_dtype(x.dtype, q.dtype)
     if not impl.mixed_dtypes and not x.dtype == q.dtype == cd:

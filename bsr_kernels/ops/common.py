@@ -179,14 +179,24 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def check_kept(kept, batch: int, plan: "DropPlan") -> None:
-    """Checks a recorded selection for replay: integer (B, n_keep) on any device."""
+def check_kept(kept, batch: int, plan: "DropPlan", device: torch.device) -> None:
+    """Checks a recorded selection for replay: integer (B, n_keep) on x's ``device``, and on
+    CPU its values (positions 0..M-1 among the non-prefix tokens); reading them on another
+    device would sync with the host."""
     if not isinstance(kept, torch.Tensor) or kept.is_floating_point() or kept.is_complex() \
             or kept.dtype == torch.bool:
         raise TypeError(f"kept must be an integer tensor, got {kept!r:.60}")
     if tuple(kept.shape) != (batch, plan.n_keep):
         raise ValueError(f"kept must have shape (B, n_keep) = {(batch, plan.n_keep)} for this "
                          f"keep_rate, got {tuple(kept.shape)}")
+    if kept.device != device:
+        raise ValueError(f"kept must be on x's device {device}, got {kept.device}")
+    if device.type == "cpu" and kept.numel() and not torch.compiler.is_compiling() \
+            and not torch._C._are_functorch_transforms_active():   # vmap: no value branches
+        lo, hi = torch.aminmax(kept)
+        if lo < 0 or hi >= plan.n_candidates:
+            raise ValueError(f"kept must hold positions 0..{plan.n_candidates - 1} among the "
+                             f"non-prefix tokens, got {int(lo)}..{int(hi)}")
 
 
 class Backend:

@@ -12,8 +12,8 @@ import torch
 
 from .common import Backend, DropPlan, compute_dtype
 
-__all__ = ["cls_scores", "select_tokens", "drop_tokens", "cls_scores_backward", "gather_backward",
-           "drop_backward", "drop_replay", "ReferenceBackend"]
+__all__ = ["cls_scores", "select_tokens", "dropped_mask", "drop_tokens", "cls_scores_backward",
+           "gather_backward", "drop_backward", "drop_replay", "ReferenceBackend"]
 
 
 def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
@@ -45,8 +45,15 @@ def select_tokens(scores: torch.Tensor, n_keep: int):
     key = torch.nan_to_num(scores.detach(), nan=float("-inf"))
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     kept = order[:, :n_keep].sort(dim=1).values
-    dropped = torch.ones_like(key, dtype=torch.bool).scatter_(1, kept, False)
+    dropped = dropped_mask(key, kept)
     return kept, dropped
+
+
+def dropped_mask(scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A bool (B, M) mask, True where ``kept`` (B, n_keep) int64 does not hold the position (an
+    out-of-place scatter: torch.func.vmap has a batching rule for it)."""
+    return torch.ones_like(scores, dtype=torch.bool).scatter(
+        1, kept, torch.zeros_like(kept, dtype=torch.bool))
 
 
 def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse_token: bool,
@@ -66,7 +73,7 @@ def drop_tokens(x, q, k, scale: float, num_prefix_tokens: int, n_keep: int, fuse
         kept, dropped = select_tokens(scores, n_keep)
     else:
         kept = kept.long()
-        dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept, False)
+        dropped = dropped_mask(scores, kept)
     xp = x[:, p:]
     parts = [x[:, :p], torch.gather(xp, 1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))]
     if DropPlan(p, xp.shape[1], n_keep, fuse_token).fused:
@@ -113,7 +120,7 @@ def drop_backward(grad_out, x, q, k, kept, scores, lse, scale: float, num_prefix
     """Analytic backward of :func:`drop_tokens` with a fused token (torch ops, any device)."""
     p = num_prefix_tokens
     grad_x = gather_backward(grad_out, kept, x.shape[1], p)
-    dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(1, kept.long(), False)
+    dropped = dropped_mask(scores, kept.long())
     grad_fused = grad_out[:, -1].to(scores.dtype)
     weights = torch.where(dropped, scores, torch.zeros_like(scores))
     grad_x[:, p:] += (weights.unsqueeze(-1) * grad_fused.unsqueeze(1)).to(x.dtype)
