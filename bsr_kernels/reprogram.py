@@ -31,7 +31,7 @@ from . import timm_hooks
 from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
 from .export import SCRIPT_REFUSAL, drop_traced
-from .ops import drop_tokens
+from .ops import _drop_tokens
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
@@ -94,8 +94,9 @@ class BSRBlock(Block):
         device = x.device.type
         with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
               else contextlib.nullcontext()):
-            return drop_tokens(x, q, k, cfg.keep_rate, fuse_token=cfg.fuse_token,
-                               num_prefix_tokens=cfg.num_prefix_tokens, kept=kept)
+            # a replay's kept is this op's own output: no range check (on CPU a value read)
+            return _drop_tokens(x, q, k, cfg.keep_rate, cfg.fuse_token, cfg.num_prefix_tokens,
+                                None, kept, None, check_values=False)
 
     def __prepare_scriptable__(self):  # torch.jit.script: refused, naming the supported routes
         raise RuntimeError(SCRIPT_REFUSAL)

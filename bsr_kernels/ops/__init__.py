@@ -357,6 +357,15 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
     Under torch.func transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``)
     both ops compute the pure-PyTorch definition, whatever the backend.
     """
+    return _drop_tokens(x, q, k, keep_rate, fuse_token, num_prefix_tokens, scale, kept, backend,
+                        check_values=True)
+
+
+def _drop_tokens(x, q, k, keep_rate, fuse_token, num_prefix_tokens, scale, kept, backend,
+                 check_values: bool) -> tuple[Tensor, Tensor]:
+    """:func:`drop_tokens`. ``check_values=False`` leaves out the range check of ``kept``, for a
+    selection that this op returned to the caller (the model layer's replays): on CPU the check
+    reads the values, which on the training path is a host sync in all but name."""
     check_qk(q, k)
     check_x(x, q)
     keep_rate = check_keep_rate(keep_rate)
@@ -370,7 +379,7 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
                           name=check_backend_name(backend) or context_backend())
     plan = DropPlan.make(x.shape[1], p, keep_rate, fuse_token)
     if kept is not None:
-        check_kept(kept, x.shape[0], plan, x.device)
+        check_kept(kept, x.shape[0], plan, x.device, check_values)
     if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     if _under_functorch():

@@ -179,10 +179,11 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def check_kept(kept, batch: int, plan: "DropPlan", device: torch.device) -> None:
-    """Checks a recorded selection for replay: integer (B, n_keep) on x's ``device``, and on
-    CPU its values (positions 0..M-1 among the non-prefix tokens); reading them on another
-    device would sync with the host."""
+def check_kept(kept, batch: int, plan: "DropPlan", device: torch.device,
+               values: bool = True) -> None:
+    """Checks a recorded selection for replay: integer (B, n_keep) on x's ``device``, and with
+    ``values`` on CPU its values (positions 0..M-1 among the non-prefix tokens); reading them
+    on another device would sync with the host."""
     if not isinstance(kept, torch.Tensor) or kept.is_floating_point() or kept.is_complex() \
             or kept.dtype == torch.bool:
         raise TypeError(f"kept must be an integer tensor, got {kept!r:.60}")
@@ -191,7 +192,7 @@ def check_kept(kept, batch: int, plan: "DropPlan", device: torch.device) -> None
                          f"keep_rate, got {tuple(kept.shape)}")
     if kept.device != device:
         raise ValueError(f"kept must be on x's device {device}, got {kept.device}")
-    if device.type == "cpu" and kept.numel() and not torch.compiler.is_compiling() \
+    if values and device.type == "cpu" and kept.numel() and not torch.compiler.is_compiling() \
             and not torch._C._are_functorch_transforms_active():   # vmap: no value branches
         lo, hi = torch.aminmax(kept)
         if lo < 0 or hi >= plan.n_candidates:
