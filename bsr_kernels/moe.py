@@ -360,9 +360,12 @@ def _dense_experts(h, w, idx, w1, b1, w2, b2, act):
 
 def _tracing() -> bool:
     """Whether ``torch.jit.trace`` or ``torch.export`` (and so the dynamo ONNX exporter) is
-    recording the call: the routed experts' shapes depend on the routing, which they cannot
-    record."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+    recording the call, or a torch.func transform (grad, vmap, jvp...) runs it: the routed
+    experts' shapes depend on the routing, which the recorders cannot record, and their
+    grouping reads the loads on the host and runs autograd.Functions, which functorch refuses
+    (and vmap cannot batch)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or torch._C._are_functorch_transforms_active())
 
 
 def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: int,

@@ -117,8 +117,10 @@ class BSRBlock(Block):
             with torch.no_grad():
                 return self.body(x, record=record)
         mode = self.bsr_config.memory_mode
+        # torch.func transforms (grad, vmap, jvp...) take the plain body: the same gradients,
+        # and no custom autograd.Function, which functorch refuses
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
-                and not torch.jit.is_tracing() \
+                and not torch.jit.is_tracing() and not torch._C._are_functorch_transforms_active() \
                 and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
             from .backward import checkpointable, checkpointed_block, lean_block
             if torch.compiler.is_compiling() and checkpointable(self):

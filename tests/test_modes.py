@@ -624,3 +624,43 @@ def test_backward_uses_the_parameters_of_its_forward(mode):
     assert set(got) == set(want) - {"blocks.7.attn.qkv.weight"}
     for name in got:
         torch.testing.assert_close(got[name], want[name], msg=name)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["mlp", "moe"])
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_func_per_sample_gradients_equal_backward(mode, moe):
+    """torch.func.grad of a reprogrammed model raised in every mode (the drop op's registered
+    autograd, the lean/fast blocks' and the MoE grouping's autograd.Functions refuse functorch;
+    jvp got zero tangents through the drop). Under a transform the blocks now run their plain
+    body, the drop its definition and the MoE its dense combine: per-sample gradients (vmap of
+    grad, float64) equal backward image by image, and jvp equals the gradient's dot product."""
+    from bsr_kernels.moe import to_moe
+    model = tiny(depth=4, dtype=torch.float64, patch_size=8)
+    if moe:
+        to_moe(model, blocks=[1, 3], num_experts=4, top_k=2)
+    bsr_kernels.reprogram(model, train_blocks=[1, 3], memory_mode=mode)
+    x = images(3, dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p, image):
+        return torch.func.functional_call(model, p, (image[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i]).backward()
+        want = grads(model)
+        assert want.keys() == per_sample.keys()
+        for n, w in want.items():
+            torch.testing.assert_close(per_sample[n][i], w, rtol=1e-10, atol=1e-12, msg=n)
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    # forward AD needs SDPA's math kernel (its fused CPU kernel has no jvp, in timm alike)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        got = torch.func.jvp(lambda p: loss(p, x[0]), (params,), (tangents,))[1]
+    model.zero_grad()
+    loss(dict(model.named_parameters()), x[0]).backward()
+    want = sum((p.grad * tangents[n]).sum() for n, p in model.named_parameters()
+               if p.grad is not None)
+    assert want.abs() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
