@@ -152,7 +152,9 @@ def test_options_that_would_do_nothing_are_refused_as_in_bsr_finetune(extra, mes
 def test_resume_refuses_a_run_of_the_other_mode_and_leaves_it_as_it_was(tmp_path, capsys):
     """--multitask --resume on a bsr-finetune run crashed (TypeError) after replacing its
     args.json with its own options, so the run's own --resume then took those; now both ways
-    exit 2 naming --resume and the mode, the folder's bytes unchanged."""
+    exit 2 naming --resume and the mode, the folder's bytes unchanged. The command the message
+    gives works (multitask's --resume took no PATH: the advice failed as "unrecognized
+    arguments")."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert cli.main(["--method", "linear", "--epochs", "1", "--batch-size", "128",
                      "--timing-rounds", "0", "--profile-batch", "2", "--samples", "0",
@@ -167,6 +169,11 @@ def test_resume_refuses_a_run_of_the_other_mode_and_leaves_it_as_it_was(tmp_path
         err = capsys.readouterr().err
         assert rc == 2 and f"--resume {folder}: the run there is {kind} --multitask" in err, err
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+        advice = err.split("(bsr-finetune ")[1].split(")")[0].split()
+        assert advice == [*(["--multitask"] if folder == multi else []), "--resume", str(folder)]
+        rc = cli.main(advice)
+        err = capsys.readouterr().err
+        assert rc == 0, err
 
 
 def test_a_defect_before_any_file_is_written_leaves_the_run_as_it_was(tmp_path, capsys,

@@ -440,7 +440,8 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
         kind, add = ("a --multitask run", "add") if not multitask else ("a single-task run",
                                                                           "leave out")
         raise ValueError(f"--resume {run_dir}: the run there is {kind}; {add} --multitask to "
-                         "resume it")
+                         f"resume it (bsr-finetune {'--multitask ' * (not multitask)}--resume "
+                         f"{run_dir})")
     # the options a user chose for this run, on its command line or on an earlier one (a
     # resumed run's args.json records them beside its own "given")
     chosen = set(earlier.get("given", ())) | set(earlier.get("chosen_earlier", ()))
@@ -463,10 +464,12 @@ def _take_earlier_options(args: argparse.Namespace, run_dir: Path, warn,
     return taken
 
 
-def _resolve_resume(args: argparse.Namespace, warn) -> list[str]:
+def _resolve_resume(args: argparse.Namespace, warn, methods: Sequence[str] = METHODS,
+                    multitask: bool = False) -> list[str]:
     """Turns ``--resume [PATH]`` into ``args.resume`` (bool) and ``args.out`` (the run folder),
     and takes the options not given from the earlier run (:func:`_take_earlier_options`, whose
-    list it returns)."""
+    list it returns); ``methods`` and ``multitask`` are the mode's (``bsr-finetune
+    --multitask`` passes its own)."""
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run in "
                          "--out, or replace it")
@@ -477,11 +480,11 @@ def _resolve_resume(args: argparse.Namespace, warn) -> list[str]:
         if args.out is None:
             raise ValueError("--resume needs --out (the folder holding the checkpoints), or "
                              "name that folder: --resume DIR")
-        return _take_earlier_options(args, Path(args.out), warn)
+        return _take_earlier_options(args, Path(args.out), warn, methods, multitask)
     p = Path(args.resume).expanduser()
     if p.is_dir():
         run_dir = p
-    elif p.is_file() and p.name == "checkpoint.pt" and p.parent.name in METHODS:
+    elif p.is_file() and p.name == "checkpoint.pt" and p.parent.name in methods:
         run_dir = p.parent.parent
     elif p.exists():
         raise ValueError(f"--resume {p}: expected the --out folder of an earlier run or one of "
@@ -492,7 +495,7 @@ def _resolve_resume(args: argparse.Namespace, warn) -> list[str]:
         raise ValueError(f"--resume {p} continues that run in its own folder {run_dir}; drop "
                          f"--out {args.out}, or pass --out {run_dir}")
     args.out, args.resume = run_dir, True
-    return _take_earlier_options(args, run_dir, warn)
+    return _take_earlier_options(args, run_dir, warn, methods, multitask)
 
 
 def _check_amp(amp: str, device: torch.device) -> None:

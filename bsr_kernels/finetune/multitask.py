@@ -151,9 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write args.json, summary.json, report.png, and per method "
                         "checkpoint.pt (each epoch) and delta.safetensors; a folder holding a "
                         "run needs --resume or --overwrite (default: write nothing)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoints in --out (finished methods retrain "
-                        "no epoch); options not given are the run's own (its args.json)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue a run: PATH is its --out folder or one of its "
+                        "<method>/checkpoint.pt; bare --resume continues --out (finished "
+                        "methods retrain no epoch). Options not given are the run's own (its "
+                        "args.json)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its files are deleted once the data "
                         "and the model have loaded and every method is set up)")
@@ -426,15 +428,10 @@ def run(args: argparse.Namespace, log=print, info=None, warn=None) -> dict:
                                                             else "cpu")))
     if not info.is_main:
         log = (lambda *a, **k: None)
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run in "
-                         "--out, or replace it")
-    if args.resume and args.out is None:
-        raise ValueError("--resume needs --out (the folder holding the checkpoints)")
-    if args.resume:   # options not given are the run's own, as in bsr-finetune --resume
-        taken = cli._take_earlier_options(args, Path(args.out), warn, METHODS, multitask=True)
-        if taken:
-            log(f"--resume: as the run was started: {' '.join(taken)}")
+    # --resume [PATH]: options not given are the run's own, as in bsr-finetune --resume
+    taken = cli._resolve_resume(args, warn, METHODS, multitask=True)
+    if taken:
+        log(f"--resume: as the run was started: {' '.join(taken)}")
     if args.batch_size % info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the number of "
                          f"processes ({info.world_size})")
