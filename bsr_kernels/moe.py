@@ -789,7 +789,7 @@ def to_moe(model: nn.Module, blocks: Optional[Sequence[int]] = None, num_experts
         model: a timm ``VisionTransformer`` (not reprogrammed yet), or a :class:`MultiTaskViT`
             (then ``num_tasks`` must equal its number of heads).
         blocks: indices of the blocks to convert; default the default BSR train blocks
-            (``d/3*k - 1``: 3, 7, 11 of 12).
+            (``round(d/3*k) - 1``: 3, 7, 11 of 12).
         num_experts, top_k, num_tasks, noise_std, renormalize, aux_loss_weight: see
             :class:`MoEMlp`.
 

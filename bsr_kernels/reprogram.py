@@ -218,9 +218,9 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
     Args:
         model: a timm ``VisionTransformer`` with a class token (deit_*, vit_*, with register
             tokens, LayerScale or qk_norm).
-        train_blocks: indices of the blocks to train; default ``(d/3*k - 1 for k = 1..3)``.
+        train_blocks: indices of the blocks to train; default ``(round(d/3*k) - 1 for k = 1..3)``.
             The head is always trained; everything else is frozen.
-        drop_at: blocks that drop tokens after attention; default ``(d/4*k for k = 1..3)``.
+        drop_at: blocks that drop tokens after attention; default ``(round(d/4*k) for k = 1..3)``.
         keep_rate: fraction of non-prefix tokens kept at each drop, in (0, 1].
         fuse_token: fuse the dropped tokens into one extra token (EViT).
         memory_mode: what backward stores; all three give the same gradients.

@@ -158,8 +158,9 @@ def draw_kept(images: torch.Tensor, kept: Sequence[torch.Tensor], patch_size,
         ValueError: for images not (B, 3, H, W), ``patch_size``, ``color`` or ``strength`` out
             of their ranges,
             or ``kept`` that does not fit the images: another batch size, patch indices
-            beyond the patch grid (a wrong ``patch_size``, or ``kept`` of other images), or
-            negative ones other than -1.
+            beyond the patch grid (a ``patch_size`` too large, or ``kept`` of other images), or
+            negative ones other than -1. A ``patch_size`` too small is not seen: its grid
+            holds the indices, and the shading is then wrong.
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got "

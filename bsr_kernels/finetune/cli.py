@@ -174,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the digits demo, bsr otherwise)")
     g.add_argument("--train-blocks", type=_blocks, default=None,
                    help="BSR: blocks to train, 0-based, e.g. 3,7,11 (default for a depth d: "
-                        "d/3*k-1 for k=1..3, i.e. 3,7,11 at d=12)")
+                        "round(d/3*k)-1 for k=1..3, i.e. 3,7,11 at d=12)")
     g.add_argument("--drop-at", type=_blocks, default=None,
                    help="BSR: blocks that drop tokens, 0-based, e.g. 3,6,9, or none (default for a "
-                        "depth d: d/4*k for k=1..3, i.e. 3,6,9 at d=12)")
+                        "depth d: round(d/4*k) for k=1..3, i.e. 3,6,9 at d=12)")
     g.add_argument("--keep-rate", type=_keep_rate, default=0.5,
                    help="BSR: fraction of patch tokens kept at each drop, in (0, 1]")
     g.add_argument("--memory-mode", choices=MEMORY_MODE_CHOICES, default="auto",
@@ -207,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer, any timm.optim name (adamw, sgd, lamb, adan, ...)")
     g.add_argument("--sched", choices=SCHEDULES, default="cosine",
                    help="learning-rate schedule per step: cosine is linear warm-up then cosine "
-                        "decay to 0; step (decay x0.1 every third of the run), multistep "
-                        "(at 1/2 and 3/4), poly and tanh are timm.scheduler's, with the same "
-                        "warm-up (default: cosine)")
+                        "decay to 0; step (x0.1 every E//3 epochs of E, counted from the "
+                        "warm-up's end), multistep (x0.1 after E//2 and 3E//4 epochs), poly and "
+                        "tanh are timm.scheduler's, with the same warm-up (default: cosine)")
     g.add_argument("--weight-decay", type=_nonneg_float, default=0.05,
                    help="weight decay of weight matrices (not biases, norms, embeddings)")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=1.0,
