@@ -306,6 +306,15 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
         (B, N - P) scores, float32 (float64 for float64 inputs). Differentiable w.r.t. q and k,
         also under torch.func transforms (which compute the definition, as for
         :func:`drop_tokens`).
+
+    Raises:
+        TypeError: an argument of the wrong type, as PyTorch raises it (a tensor argument that
+            is not a floating-point tensor, k of another dtype than q, a ``scale`` or
+            ``num_prefix_tokens`` that is not a number).
+        ValueError: shapes, devices or values out of range, naming the argument (also an
+            unknown ``backend`` name).
+        RuntimeError: when no backend can run these inputs (or the forced one cannot), with
+            each backend's reasons.
     """
     check_qk(q, k)
     p = check_prefix(num_prefix_tokens, q.shape[2])
@@ -353,6 +362,11 @@ def drop_tokens(x: Tensor, q: Tensor, k: Tensor, keep_rate: float, fuse_token: b
         non-prefix tokens. Gradients reach x through the kept and fused rows, and q and k through
         the fusion weights. When nothing is dropped (keep_rate gives every token, no ``kept``),
         x_out is ``x`` itself, as ``nn.Identity`` returns its input.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: as :func:`cls_attention` raises them, for x and
+            ``kept`` too (a ``keep_rate`` or ``fuse_token`` of the wrong type is a TypeError, out
+            of range a ValueError).
 
     Under torch.func transforms (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``)
     both ops compute the pure-PyTorch definition, whatever the backend.
