@@ -8,8 +8,11 @@ the block can call :func:`bsr_kernels.drop_tokens` after its residual add::
     x = x + block.ls1(out)
     x, kept = bsr_kernels.drop_tokens(x, q, k, keep_rate=0.5, num_prefix_tokens=1)
 
-Attention itself always runs through ``F.scaled_dot_product_attention``; no N x N probabilities
-are materialised by this module (SDPA may choose its own kernel).
+Attention runs as timm's does: through ``F.scaled_dot_product_attention`` (no N x N
+probabilities are materialised; SDPA may choose its own kernel), or, where the model asks for it
+with ``fused_attn=False`` (timm's ``TIMM_FUSED_ATTN=0``), through timm's explicit path: the
+N x N probabilities, ``attn_drop`` (and hooks on it, which attention-map tools use) and a
+second derivative on every device.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 __all__ = ["TokenDropAttention", "LinearFn", "call_linear"]
 
@@ -74,9 +78,15 @@ class TokenDropAttention(Attention):
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_drop.p if self.training else 0.0)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:   # timm's explicit path, as the model chose it (q, k returned unscaled)
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask,
+                                                                   is_causal))
+            out = self.attn_drop(logits.softmax(dim=-1)) @ v
         out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
         if gate is not None:
             out = out * gate

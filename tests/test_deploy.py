@@ -174,17 +174,21 @@ def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
     torch.testing.assert_close(_ort_logits(str(path), other), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "explicit"])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_a_vit_built_with_token_drop_attention_scripts_as_timms_does(qk_norm):
+def test_a_vit_built_with_token_drop_attention_scripts_as_timms_does(qk_norm, fused):
     """TokenDropAttention as a drop-in (attn_layer=) keeps timm's Attention scriptable: its
     forward no longer goes through forward_qk's Python callable, which TorchScript cannot
-    compile. Until the model is reprogrammed (then the refusal below)."""
+    compile. Until the model is reprogrammed (then the refusal below). Either attention path
+    (``fused_attn``) scripts."""
     torch.manual_seed(0)
     kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
               qk_norm=qk_norm)
     model = VisionTransformer(attn_layer=bsr_kernels.TokenDropAttention, **kw).eval()
     timm_model = VisionTransformer(**kw).eval()
     timm_model.load_state_dict(model.state_dict())
+    for b in (*model.blocks, *timm_model.blocks):
+        b.attn.fused_attn = fused
     x = images()
     scripted = torch.jit.script(model)
     with torch.no_grad():

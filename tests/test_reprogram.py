@@ -2,6 +2,7 @@
 timm."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -744,3 +745,47 @@ def test_restore_gives_back_the_attention_class_the_model_was_built_with():
         model = small_vit(depth=6, attn_layer=attn_layer)
         bsr_kernels.restore(bsr_kernels.reprogram(model))
         assert all(type(b.attn) is attn_layer for b in model.blocks)
+
+
+@pytest.mark.parametrize("mode", ["autograd", "fast", "lean"])
+def test_fused_attn_false_takes_timms_explicit_attention(mode):
+    """TokenDropAttention ran SDPA whatever the model's ``fused_attn`` (timm's
+    ``TIMM_FUSED_ATTN=0``): a reprogrammed model with fused_attn=False gave no attn_drop output
+    (timm's AttentionExtract and attn_drop hooks saw nothing) and no second derivative on CPU.
+    Now it takes timm's explicit path there: the same logits and gradients as SDPA, attn_drop
+    sees each block's probabilities at its token count, and autograd mode differentiates twice
+    without SDPA's math kernel (the same result as that kernel gives)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    models = {}
+    for fused in (True, False):
+        m = bsr_kernels.reprogram(small_vit(depth=6), memory_mode=mode)   # drops at 2, 3, 4
+        for b in m.blocks:
+            b.attn.fused_attn = fused
+        models[fused] = m
+    x = images()
+    seen = []
+    for i, b in enumerate(models[False].blocks):
+        b.attn.attn_drop.register_forward_hook(
+            lambda mod, inp, out, i=i: seen.append((i, tuple(out.shape))))
+    out = {f: m(x) for f, m in models.items()}
+    torch.testing.assert_close(out[False], out[True], rtol=1e-12, atol=1e-12)
+    # CLS + 64 patches; then CLS + 32 kept + fused; CLS + ceil(33 / 2) + fused; CLS + 9 + fused
+    n = [65, 65, 65, 34, 19, 11]
+    assert seen == [(i, (3, 4, t, t)) for i, t in enumerate(n)], seen
+    for f, m in models.items():
+        m.zero_grad()
+        out[f].square().sum().backward()
+    g = {f: grads(m) for f, m in models.items()}
+    assert g[True].keys() == g[False].keys()
+    for name in g[True]:
+        torch.testing.assert_close(g[False][name], g[True][name], rtol=1e-10, atol=1e-12)
+    if mode != "autograd":
+        return
+    second = {}
+    for fused, m in models.items():
+        head = m.head.weight
+        with sdpa_kernel(SDPBackend.MATH) if fused else contextlib.nullcontext():
+            first, = torch.autograd.grad(m(x).square().sum(), head, create_graph=True)
+            second[fused], = torch.autograd.grad(first.square().sum(),
+                                                 m.blocks[5].mlp.fc1.weight)
+    torch.testing.assert_close(second[False], second[True], rtol=1e-10, atol=1e-12)
