@@ -274,7 +274,10 @@ class _LeanBlock(torch.autograd.Function):
         block = ctx.block
         _check_unmodified(block, ctx.slots, ctx.versions)
         n_float = len(ctx.dtypes)
-        x, *projections = (t.to(d) for t, d in zip(ctx.saved_tensors, ctx.dtypes))
+        # read once: each read unpacks every saved tensor again, which non-reentrant
+        # checkpointing around the model refuses and offload hooks (save_on_cpu) pay for
+        stored = ctx.saved_tensors
+        x, *projections = (t.to(d) for t, d in zip(stored, ctx.dtypes))
         saved = dict(zip(ctx.names, projections))
         if torch.is_grad_enabled():   # backward(create_graph=True): a second derivative
             raise RuntimeError(
@@ -282,8 +285,8 @@ class _LeanBlock(torch.autograd.Function):
                 "memory_mode='autograd': the lean and fast backward replays the block without "
                 "building a graph of its own (reprogram(model, memory_mode='autograd'), with "
                 "attention under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
-        kept = ctx.saved_tensors[n_float:n_float + ctx.n_kept]
-        routes = ctx.saved_tensors[n_float + ctx.n_kept:]
+        kept = stored[n_float:n_float + ctx.n_kept]
+        routes = stored[n_float + ctx.n_kept:]
         moe = _moe_of(block)
         fc2_needed = None   # decided in the replay, with the forward's parameters bound
         # the forward's parameters; one frozen since gets no gradient, as AccumulateGrad skips a

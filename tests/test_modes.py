@@ -664,3 +664,48 @@ def test_torch_func_per_sample_gradients_equal_backward(mode, moe):
                if p.grad is not None)
     assert want.abs() > 0
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_user_checkpointing_and_offload_hooks_around_the_model(mode):
+    """The lean/fast backward read ``ctx.saved_tensors`` three times, unpacking every saved
+    tensor again each time: non-reentrant ``torch.utils.checkpoint`` around the model or its
+    blocks (FSDP, accelerate, Lightning wrap models so) raised CheckpointError, and offload
+    hooks (save_on_cpu) brought each tensor back up to three times. Each is unpacked once now,
+    and the gradients are those of the plain step."""
+    import collections
+    from torch.utils.checkpoint import checkpoint
+    model = bsr_kernels.reprogram(tiny(depth=4, dtype=torch.float64), train_blocks=[1, 3],
+                                  drop_at=[1, 2], memory_mode=mode)
+    x = images(dtype=torch.float64)
+    model(x).square().sum().backward()
+    want = grads(model)
+    packed, unpacked = [], collections.Counter()
+
+    def pack(t):
+        packed.append(t)
+        return len(packed) - 1
+
+    def unpack(i):
+        unpacked[i] += 1
+        return packed[i]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = model(x).square().sum()
+    model.zero_grad()
+    loss.backward()
+    assert unpacked and max(unpacked.values()) == 1, unpacked
+
+    def blockwise(x):
+        h = model._pos_embed(model.patch_embed(x))
+        for b in model.blocks:
+            h = checkpoint(b, h, use_reentrant=False)
+        return model.forward_head(model.norm(h))
+
+    for step in (lambda: checkpoint(model, x, use_reentrant=False), lambda: blockwise(x)):
+        model.zero_grad()
+        step().square().sum().backward()
+        got = grads(model)
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)
