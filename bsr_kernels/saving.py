@@ -77,8 +77,9 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing, 
     mine = bsr_config_dict(module)
     if saved is None or mine is None:
         return
-    try:
-        saved = _loads(saved, "load_state_dict", "in the state_dict's metadata")
+    try:   # in today's form: an older config (no depth) equal to the model's compares equal
+        saved = config_from_dict(_loads(saved, "load_state_dict",
+                                        "in the state_dict's metadata"), module).to_dict()
     except ValueError as e:   # only a warning compares here: the weights themselves may load
         warnings.warn(f"{e}; it was not compared with this model's", BSRConfigWarning,
                       stacklevel=3)

@@ -168,6 +168,26 @@ def test_state_dict_into_a_differently_reprogrammed_model_warns():
         bsr_kernels.reprogram(plain(seed=4)).load_state_dict(plain().state_dict())  # plain weights
 
 
+def test_state_dict_of_an_older_config_with_the_same_settings_loads_silently():
+    """An older checkpoint's config (no depth, no num_prefix_tokens) equal to the model's
+    settings: load_checkpoint was silent, but load_state_dict's hook compared the raw dict with
+    today's form and warned that the logits would differ. A different setting still warns."""
+    model = tuned()
+    sd = model.state_dict()
+    key = next(k for k, v in sd._metadata.items() if "bsr_config" in v)
+    old = {k: v for k, v in bsr_config_dict(model).items()
+           if k not in ("depth", "num_prefix_tokens")}
+    sd._metadata[key] = {**sd._metadata[key], "bsr_config": json.dumps(old)}
+    same = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BSRConfigWarning)
+        same.load_state_dict(sd)
+        bsr_kernels.load_checkpoint(same, sd, reprogram=False)
+    other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.7)
+    with pytest.warns(BSRConfigWarning, match="keep_rate.*0.3.*load_checkpoint"):
+        other.load_state_dict(sd)
+
+
 def test_backward_only_settings_load_without_a_warning():
     """Weights saved under another memory mode or activation dtype (settings of the backward
     alone) give the same logits: they load silently, with load_state_dict and with
