@@ -16,8 +16,10 @@ Backward replays the same body (:meth:`BSRBlock.body`) with autograd on, where
 * "fc2" is never recomputed unless a trained LayerScale needs its output: its backward only needs
   its weight and its recomputed input, so a zero placeholder (no FLOPs) stands for its output.
 
-Frozen blocks get no weight gradients; no attention probabilities are ever stored. Gradients equal
-those of plain autograd through the same body (tested in tests/test_reprogram.py).
+Frozen blocks get no weight gradients; no attention probabilities are ever stored (with SDPA,
+timm's default: a model set to ``fused_attn=False`` asks for the explicit N x N path).
+Gradients equal those of plain autograd through the same body (tested in
+tests/test_reprogram.py).
 
 A C++ op for the frozen blocks' backward (a hand-written chain rule) existed until 2026-11-26; it
 was measured at 4-9 % of the CPU lean step (DeiT-S, B=16), under the 10 % that would pay for a

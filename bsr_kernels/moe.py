@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .ops.common import under_functorch, values_readable
 from .reprogram import _out_of_place
 
 __all__ = ["MoEMlp", "to_moe", "MultiTaskViT", "moe_forward", "moe_reference", "route",
@@ -99,8 +100,7 @@ def _check_route(logits, top_k, renormalize, idx) -> None:
         raise ValueError(f"idx must be (T, top_k) = ({t}, {top_k}) on the logits' device "
                          f"{logits.device}, got {_desc(idx)}")
     # a range check reads the values: on CPU only (no host sync), and not while recording
-    if idx.device.type == "cpu" and idx.numel() and not _tracing() \
-            and not torch.compiler.is_compiling():
+    if idx.numel() and values_readable(idx):
         lo, hi = torch.aminmax(idx)
         if lo < 0 or hi >= e:
             raise ValueError(f"idx must hold experts in 0..{e - 1}, got {int(lo)}..{int(hi)}")
@@ -364,8 +364,7 @@ def _tracing() -> bool:
     experts' shapes depend on the routing, which the recorders cannot record, and their
     grouping reads the loads on the host and runs autograd.Functions, which functorch refuses
     (and vmap cannot batch)."""
-    return (torch.jit.is_tracing() or torch.compiler.is_exporting()
-            or torch._C._are_functorch_transforms_active())
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or under_functorch()
 
 
 def moe_forward(h: torch.Tensor, logits: torch.Tensor, w1, b1, w2, b2, top_k: int,
@@ -508,12 +507,15 @@ class MoEMlp(nn.Module):
         aux_loss_weight: weight of ``cv²(importance) + cv²(load)``; after each training forward
             :attr:`aux_loss` holds the weighted loss (None when the weight is 0). ``load``
             counts routed tokens and carries no gradient; ``importance`` sums each expert's
-            gate weights (zero for a token not routed to it; Shazeer et al., 2017).
+            gate weights (zero for a token not routed to it; Shazeer et al., 2017). Under a
+            torch.func transform, read it inside the transformed function (outside, a vmap's
+            is a batched tensor that no longer reads).
 
     Attributes:
         task: the active task (its gate routes); set by :class:`MultiTaskViT`.
         track_usage: when True, every forward adds the routed (token, expert) counts of the
-            active task to :attr:`usage` ((num_tasks, E) float64).
+            active task to :attr:`usage` ((num_tasks, E) float64); forwards under a torch.func
+            transform are not counted (an in-place update there is refused).
     """
 
     bsr_moe = True       # reprogram's marker: BSRBlock.body calls this module whole
@@ -624,7 +626,7 @@ class MoEMlp(nn.Module):
         counts = None
         if self.track_usage or (self.training and self.aux_loss_weight > 0):
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-        if self.track_usage:
+        if self.track_usage and not under_functorch():   # a transform's call is no batch
             self.usage[self.task] += counts.to(self.usage.device, self.usage.dtype)
         if self.training and self.aux_loss_weight > 0:
             # importance: each expert's summed gate weights (zero where a token is not routed

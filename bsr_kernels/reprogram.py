@@ -32,6 +32,7 @@ from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
 from .export import SCRIPT_REFUSAL, drop_traced
 from .ops import _drop_tokens
+from .ops.common import under_functorch
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
@@ -120,7 +121,7 @@ class BSRBlock(Block):
         # torch.func transforms (grad, vmap, jvp...) take the plain body: the same gradients,
         # and no custom autograd.Function, which functorch refuses
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
-                and not torch.jit.is_tracing() and not torch._C._are_functorch_transforms_active() \
+                and not torch.jit.is_tracing() and not under_functorch() \
                 and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
             from .backward import checkpointable, checkpointed_block, lean_block
             if torch.compiler.is_compiling() and checkpointable(self):
@@ -218,9 +219,10 @@ def reprogram(model: nn.Module, train_blocks: Optional[Sequence[int]] = None,
     Args:
         model: a timm ``VisionTransformer`` with a class token (deit_*, vit_*, with register
             tokens, LayerScale or qk_norm).
-        train_blocks: indices of the blocks to train; default ``(round(d/3*k) - 1 for k = 1..3)``.
-            The head is always trained; everything else is frozen.
-        drop_at: blocks that drop tokens after attention; default ``(round(d/4*k) for k = 1..3)``.
+        train_blocks: indices of the blocks to train; default ``(round(d/3*k) - 1 for k = 1..3)``,
+            clamped to the blocks. The head is always trained; everything else is frozen.
+        drop_at: blocks that drop tokens after attention; default ``(round(d/4*k) for
+            k = 1..3)``, clamped to the blocks.
         keep_rate: fraction of non-prefix tokens kept at each drop, in (0, 1].
         fuse_token: fuse the dropped tokens into one extra token (EViT).
         memory_mode: what backward stores; all three give the same gradients.

@@ -1,6 +1,6 @@
 """The three memory modes as a user runs them: no host syncs, torch.compile gives the eager
-result, what backward stores (never attention probabilities, in any block of any mode), dropout
-turned on after reprogram, and the model-level argument checks."""
+result, what backward stores (never attention probabilities with SDPA, in any block of any
+mode), dropout turned on after reprogram, and the model-level argument checks."""
 from __future__ import annotations
 
 import contextlib
@@ -391,8 +391,12 @@ def test_compiled_code_does_not_guard_on_the_backend_cache():
 @pytest.mark.parametrize("mode", MODES)
 def test_no_block_stores_attention_probabilities(mode):
     """Whatever backward keeps, in every block and at every token count the blocks see (65, then
-    34, 19 and 11 after the drops), holds no (.., n, n) attention matrix."""
+    34, 19 and 11 after the drops), holds no (.., n, n) attention matrix. With SDPA, timm's
+    default, set here whatever TIMM_FUSED_ATTN says (``fused_attn=False`` asks for the
+    explicit N x N path)."""
     model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
     counts = set()
     hooks = [blk.register_forward_pre_hook(lambda m, a: counts.add(a[0].shape[1]))
              for blk in model.blocks]
@@ -636,8 +640,10 @@ def test_torch_func_per_sample_gradients_equal_backward(mode, moe):
     grad, float64) equal backward image by image, and jvp equals the gradient's dot product."""
     from bsr_kernels.moe import to_moe
     model = tiny(depth=4, dtype=torch.float64, patch_size=8)
-    if moe:
+    if moe:   # usage tracking on: its in-place count raised under a transform
         to_moe(model, blocks=[1, 3], num_experts=4, top_k=2)
+        for m in model.modules():
+            m.track_usage = getattr(m, "bsr_moe", False)
     bsr_kernels.reprogram(model, train_blocks=[1, 3], memory_mode=mode)
     x = images(3, dtype=torch.float64)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -646,6 +652,8 @@ def test_torch_func_per_sample_gradients_equal_backward(mode, moe):
         return torch.func.functional_call(model, p, (image[None],)).square().sum()
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    usage = [m.usage for m in model.modules() if getattr(m, "bsr_moe", False)]
+    assert all(u.sum() == 0 for u in usage)   # a transform's forwards are not counted
     for i in range(len(x)):
         model.zero_grad()
         loss(dict(model.named_parameters()), x[i]).backward()

@@ -174,6 +174,13 @@ def test_resume_refuses_a_run_of_the_other_mode_and_leaves_it_as_it_was(tmp_path
         rc = cli.main(advice)
         err = capsys.readouterr().err
         assert rc == 0, err
+    # a checkpoint in a folder only the multitask mode has (bsr_dense) is that run's too
+    (multi / "bsr_dense").mkdir()
+    (multi / "bsr_dense" / "checkpoint.pt").write_bytes(
+        (multi / "linear" / "checkpoint.pt").read_bytes())
+    rc = cli.main(["--resume", str(multi / "bsr_dense" / "checkpoint.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--resume {multi}: the run there is a --multitask run; add" in err, err
 
 
 def test_a_defect_before_any_file_is_written_leaves_the_run_as_it_was(tmp_path, capsys,

@@ -1638,3 +1638,49 @@ def test_a_replayed_selection_is_checked_on_cpu():
                        (good.to("meta"), "on x's device cpu, got meta")):
         with pytest.raises(ValueError, match=f"^kept must .*{match}"):
             bsr_kernels.drop_tokens(x, q, k, 0.5, kept=bad)
+
+
+def test_a_replayed_selection_traces_and_its_check_runs_where_values_read():
+    """The range check of a replayed ``kept`` read its values under make_fx and fake tensors
+    too (GuardOnDataDependentSymNode, DataDependentOutputException: public drop_tokens with
+    ``kept=`` no longer traced), and skipped them under torch.func.grad, where they read. It
+    reads them only on a plain CPU call (grad and jvp included, vmap not)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    g = torch.Generator().manual_seed(45)
+    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    good = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 6]])
+
+    def replay(x, q, k, kept):
+        return bsr_kernels.drop_tokens(x, q, k, 0.5, kept=kept)[0]
+
+    want = replay(x, q, k, good)
+    for mode in ("real", "fake", "symbolic"):
+        graph = make_fx(replay, tracing_mode=mode)(x, q, k, good)
+        assert "bsr_kernels.drop_tokens_replay" in graph.code, graph.code
+    torch.testing.assert_close(make_fx(replay)(x, q, k, good)(x, q, k, good), want)
+    with FakeTensorMode() as fake:
+        out = replay(*(fake.from_tensor(t) for t in (x, q, k, good)))
+    assert out.shape == want.shape
+    with pytest.raises(ValueError, match=r"^kept must hold positions 0\.\.7"):
+        torch.func.grad(lambda q: replay(x, q, k, good + 1).sum())(q)
+    per_image = torch.func.vmap(lambda a, b, c, d: replay(a[None], b[None], c[None], d[None]))
+    torch.testing.assert_close(per_image(x, q, k, good)[:, 0], want)
+
+
+def test_torch_func_transforms_ignore_autocast_as_the_kernels_do():
+    """Under a torch.func transform the ops compute the definition, which followed autocast:
+    bf16 scores under CPU autocast (2.4 % off, another kept set for some images), while the
+    kernels of the eager call score in float32 whatever autocast says."""
+    case = DropCase(b=4, h=3, n=197, d=16, c=24, p=1, keep_rate=0.5, fuse=True, seed=46)
+    x, q, k = make_inputs(case, CPU, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+        scores = bsr_kernels.cls_attention(q, k)
+        per_image = torch.func.vmap(
+            lambda a, b, c: bsr_kernels.drop_tokens(a[None], b[None], c[None], 0.5))(x, q, k)
+        per_scores = torch.func.vmap(lambda b, c: bsr_kernels.cls_attention(b[None], c[None]))(
+            q, k)
+    assert torch.equal(per_image[1][:, 0], kept)
+    torch.testing.assert_close(per_image[0][:, 0], out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_scores[:, 0], scores, rtol=1e-6, atol=1e-7)

@@ -377,6 +377,8 @@ def test_lean_saves_less_and_never_attention_probabilities():
     for mode in ("autograd", "fast", "lean"):
         model = small_vit(dtype=torch.float32)
         bsr_kernels.reprogram(model, memory_mode=mode)
+        for blk in model.blocks:   # SDPA, timm's default, whatever TIMM_FUSED_ATTN says
+            blk.attn.fused_attn = True
         sizes[mode] = saved_activations(lambda: model(x).sum(), exclude=[model]).bytes
         shapes = []   # a forward of its own: saved_activations' hooks would hide these
 

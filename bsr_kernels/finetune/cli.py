@@ -481,10 +481,13 @@ def _resolve_resume(args: argparse.Namespace, warn, methods: Sequence[str] = MET
             raise ValueError("--resume needs --out (the folder holding the checkpoints), or "
                              "name that folder: --resume DIR")
         return _take_earlier_options(args, Path(args.out), warn, methods, multitask)
+    from .multitask import METHODS as MULTITASK_METHODS
     p = Path(args.resume).expanduser()
     if p.is_dir():
         run_dir = p
-    elif p.is_file() and p.name == "checkpoint.pt" and p.parent.name in methods:
+    # either mode's method folder: a checkpoint of the other mode's run gets that refusal
+    elif p.is_file() and p.name == "checkpoint.pt" \
+            and p.parent.name in (*METHODS, *MULTITASK_METHODS):
         run_dir = p.parent.parent
     elif p.exists():
         raise ValueError(f"--resume {p}: expected the --out folder of an earlier run or one of "

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
-                     check_qk, check_x, compute_dtype, out_tokens, resolve_scale)
+                     check_qk, check_x, compute_dtype, out_tokens, resolve_scale,
+                     under_functorch)
 from .dispatch import available_backends, context_backend, select_backend, use_backend
 from . import reference
 
@@ -245,22 +246,19 @@ def _plain_eager(*tensors: Tensor) -> bool:
     """Whether a call can skip the registered ops: plain tensors, and nothing that traces or
     intercepts ops (torch.compile / export, jit.trace, a dispatch mode such as fake tensors,
     make_fx, FlopCounterMode or selective checkpointing, a function mode, torch.func
-    transforms, which the ops answer with the definition: :func:`_under_functorch`). Anything
-    else must see the op itself."""
+    transforms, which the ops answer with the definition: :func:`.common.under_functorch`).
+    Anything else must see the op itself."""
     return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and all(type(t) is Tensor for t in tensors)
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
-            and not _under_functorch())
+            and not under_functorch())
 
 
-def _under_functorch() -> bool:
-    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) is active.
-    The ops then run as the pure-PyTorch definition (:mod:`.reference`), whose autograd is the
-    definition of the gradients: the kernels have no forward-mode derivative and no batching
-    rule, and torch's Function for a registered op's autograd refuses functorch (grad, vjp)
-    or gave jvp a zero tangent without a word."""
-    return torch._C._are_functorch_transforms_active()
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type``: the ops' kernels ignore it (they accumulate in the
+    compute dtype), so the definition, where it stands in for them, must too."""
+    return torch.autocast(device_type, enabled=False)
 
 
 def _eager_function(name: str, method: str, setup, backward) -> type[torch.autograd.Function]:
@@ -268,7 +266,7 @@ def _eager_function(name: str, method: str, setup, backward) -> type[torch.autog
     the last input), with the registered op's ``setup`` and ``backward``. Old-style (``forward``
     takes ctx): a Function with ``setup_context`` binds its arguments through ``inspect`` on
     every call (about 40 us); functorch transforms, which need that style, take the definition
-    instead (:func:`_under_functorch`)."""
+    instead (:func:`.common.under_functorch`)."""
     def forward(ctx, *inputs):
         output = getattr(inputs[-1], method)(*inputs[:-1])
         setup(ctx, inputs, output)
@@ -322,8 +320,9 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     # resolved once, here (an unavailable backend raises here); the op and its backward get it
     impl = select_backend(q.device, q.dtype,
                           name=check_backend_name(backend) or context_backend())
-    if _under_functorch():
-        return reference.cls_scores(q, k, scale, p)[0]
+    if under_functorch():   # the definition, in the compute dtype as the kernels (no autocast)
+        with _no_autocast(q.device.type):
+            return reference.cls_scores(q, k, scale, p)[0]
     cd = compute_dtype(q.dtype)
     if not impl.mixed_dtypes and q.dtype != cd:   # half q, k for a float32/64-only backend
         q, k = q.to(cd), k.to(cd)
@@ -396,9 +395,10 @@ def _drop_tokens(x, q, k, keep_rate, fuse_token, num_prefix_tokens, scale, kept,
         check_kept(kept, x.shape[0], plan, x.device, check_values)
     if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
-    if _under_functorch():
-        x_out, kept = reference.drop_tokens(x, q, k, scale, p, plan.n_keep, plan.fuse_token,
-                                            kept=kept)[:2]
+    if under_functorch():   # the definition, in the compute dtype as the kernels (no autocast)
+        with _no_autocast(x.device.type):
+            x_out, kept = reference.drop_tokens(x, q, k, scale, p, plan.n_keep,
+                                                plan.fuse_token, kept=kept)[:2]
         return x_out, kept
     x_dtype = x.dtype
     cd = compute_dtype(x.dtype, q.dtype)

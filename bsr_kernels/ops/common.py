@@ -37,7 +37,32 @@ __all__ = [
     "resolve_scale",
     "num_kept",
     "out_tokens",
+    "under_functorch",
+    "values_readable",
 ]
+
+
+def under_functorch() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) runs the
+    call: the drop ops then compute their definition, and reprogrammed blocks and MoE MLPs
+    their plain autograd forms (functorch refuses custom autograd.Functions)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether an argument check may read ``t``'s values on the host: a plain CPU tensor (no
+    host sync), in a call nothing records or intercepts (torch.compile / export, jit.trace, a
+    dispatch mode such as make_fx or fake tensors, a function mode), and not inside
+    torch.func.vmap, whose batched values no Python branch can read (grad and jvp can)."""
+    if (t.device.type != "cpu" or type(t) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    if not under_functorch():
+        return True
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return all(i.key() != TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -192,8 +217,7 @@ def check_kept(kept, batch: int, plan: "DropPlan", device: torch.device,
                          f"keep_rate, got {tuple(kept.shape)}")
     if kept.device != device:
         raise ValueError(f"kept must be on x's device {device}, got {kept.device}")
-    if values and device.type == "cpu" and kept.numel() and not torch.compiler.is_compiling() \
-            and not torch._C._are_functorch_transforms_active():   # vmap: no value branches
+    if values and kept.numel() and values_readable(kept):
         lo, hi = torch.aminmax(kept)
         if lo < 0 or hi >= plan.n_candidates:
             raise ValueError(f"kept must hold positions 0..{plan.n_candidates - 1} among the "
