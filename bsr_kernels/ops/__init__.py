@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
-                     check_qk, check_x, compute_dtype, out_tokens, resolve_scale,
+                     check_qk, check_x, compute_dtype, out_tokens, plain_call, resolve_scale,
                      under_functorch)
 from .dispatch import available_backends, context_backend, select_backend, use_backend
 from . import reference
@@ -243,16 +243,10 @@ def _backward_kernels(ctx):
 
 
 def _plain_eager(*tensors: Tensor) -> bool:
-    """Whether a call can skip the registered ops: plain tensors, and nothing that traces or
-    intercepts ops (torch.compile / export, jit.trace, a dispatch mode such as fake tensors,
-    make_fx, FlopCounterMode or selective checkpointing, a function mode, torch.func
-    transforms, which the ops answer with the definition: :func:`.common.under_functorch`).
-    Anything else must see the op itself."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and all(type(t) is Tensor for t in tensors)
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
-            and not under_functorch())
+    """Whether a call can skip the registered ops: a :func:`.common.plain_call`, outside
+    torch.func transforms (which the ops answer with the definition:
+    :func:`.common.under_functorch`). Anything else must see the op itself."""
+    return plain_call(*tensors) and not under_functorch()
 
 
 def _no_autocast(device_type: str):

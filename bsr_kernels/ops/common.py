@@ -37,6 +37,7 @@ __all__ = [
     "resolve_scale",
     "num_kept",
     "out_tokens",
+    "plain_call",
     "under_functorch",
     "values_readable",
 ]
@@ -49,14 +50,21 @@ def under_functorch() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def plain_call(*tensors: torch.Tensor) -> bool:
+    """Plain tensors, in a call that nothing records or intercepts: not torch.compile / export,
+    jit.trace, a dispatch mode (fake tensors, make_fx, FlopCounterMode, selective
+    checkpointing) or a function mode. torch.func transforms are :func:`under_functorch`."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(type(t) is torch.Tensor for t in tensors)
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 def values_readable(t: torch.Tensor) -> bool:
-    """Whether an argument check may read ``t``'s values on the host: a plain CPU tensor (no
-    host sync), in a call nothing records or intercepts (torch.compile / export, jit.trace, a
-    dispatch mode such as make_fx or fake tensors, a function mode), and not inside
-    torch.func.vmap, whose batched values no Python branch can read (grad and jvp can)."""
-    if (t.device.type != "cpu" or type(t) is not torch.Tensor or torch.compiler.is_compiling()
-            or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
+    """Whether an argument check may read ``t``'s values on the host: a CPU tensor (no host
+    sync) in a :func:`plain_call`, and not inside torch.func.vmap, whose batched values no
+    Python branch can read (grad and jvp can)."""
+    if t.device.type != "cpu" or not plain_call(t):
         return False
     if not under_functorch():
         return True
