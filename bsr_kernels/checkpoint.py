@@ -7,8 +7,10 @@ report picture) goes through :func:`atomic_write`:
 * the bytes go to a temporary file ``.<name>.tmp<PID>`` in the target's folder, flushed and
   fsync'ed, then renamed over the target: a crash (even SIGKILL) leaves either the old file or the
   new one, never a torn one;
-* the new file gets the mode an ordinary ``open(path, "w")`` would give (``0o666`` less the
-  umask), whatever the writer used for its temporary file (safetensors writes ``0o600``);
+* the new file gets the mode an ordinary ``open(path, "w")`` would give: an existing file's own
+  permission bits (a checkpoint made private with ``chmod 600`` stays private), else ``0o666``
+  less the umask, whatever the writer used for its temporary file (safetensors writes
+  ``0o600``);
 * a temporary file left by a process that was killed mid-write is recognised by its name and
   removed by :func:`clean_orphans` (``bsr-finetune`` calls it on start).
 
@@ -29,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 __all__ = ["atomic_write", "write_json", "read_json", "to_strict_json", "clean_orphans",
-           "tmp_name", "DamagedFileError", "RunLock", "RunLockedError"]
+           "tmp_name", "load_torch_file", "DamagedFileError", "RunLock", "RunLockedError"]
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
 # os.replace, reached through a module global so that tests can interrupt a write right before
@@ -72,6 +74,7 @@ def _umask() -> int:
 
 
 def _file_mode() -> int:
+    """A new file's mode: ``0o666`` less the umask."""
     return 0o666 & ~_umask()
 
 
@@ -106,7 +109,11 @@ def atomic_write(path: Union[str, os.PathLike],
                 f.write(raw)
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        try:   # open(path, "w") keeps an existing file's mode: a chmod 600 one stays private
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:   # no such file: a new one's
+            mode = _file_mode()
+        os.chmod(tmp, mode)
         _replace(tmp, path)
     finally:
         if tmp.exists():
@@ -120,6 +127,15 @@ def atomic_write(path: Union[str, os.PathLike],
     except OSError:
         pass
     return path
+
+
+def load_torch_file(path: Union[str, os.PathLike]) -> Any:
+    """``torch.load(path)`` on CPU with ``weights_only=True``, which also allows
+    ``argparse.Namespace``: the ``args`` that timm's train.py saves beside the weights (timm's
+    own loader allows it too). Other objects are refused as ``weights_only`` refuses them."""
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def to_strict_json(obj: Any) -> Any:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from timm.utils import unwrap_model
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, load_torch_file
 from .config_access import bsr_config_dict, config_from_dict, reprogram_from_dict
 from .delta import _META_KEY as DELTA_KEY   # where a delta keeps its config (not a full model)
 
@@ -257,7 +257,7 @@ def _read(path: Path) -> tuple[dict, Optional[dict]]:
                 cfg = _from_config_json(config_json)
         return sd, cfg
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch_file(path)
     except Exception as e:   # not a torch.save file, truncated, or holding arbitrary objects
         if _is_delta(path):   # save_delta writes safetensors whatever the suffix
             raise _delta_error(path) from None

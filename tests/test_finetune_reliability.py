@@ -288,6 +288,24 @@ def test_atomic_write_gives_ordinary_modes_and_leaves_no_temporary_file(tmp_path
     assert path.read_bytes() == b"1" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+def test_atomic_write_over_a_file_keeps_its_mode(tmp_path, mode):
+    """open(path, "w") and torch.save keep an existing file's mode; every atomic save (a
+    checkpoint, a delta, a report) gave it 0o666 less the umask again, so a checkpoint made
+    private with chmod 600 became readable by others at the next save."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    os.chmod(path, mode)
+    for data in (b"new", lambda t: (t.write_bytes(b"newer"), os.chmod(t, 0o600))):
+        checkpoint.atomic_write(path, data)
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert path.read_bytes() == b"newer"
+    checkpoint.atomic_write(tmp_path / "new.pt", b"1")   # a new file: ordinary mode
+    assert stat.S_IMODE((tmp_path / "new.pt").stat().st_mode) == 0o666 & ~umask
+
+
 # --- 10: a bad --out is found before anything is loaded ------------------------------------
 
 def test_out_that_is_a_file_fails_before_loading(tmp_path, capsys, monkeypatch):

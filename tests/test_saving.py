@@ -155,6 +155,30 @@ def test_timm_checkpoint_with_ema_loads_its_state_dict_from_a_dict_and_a_file(tm
     torch.testing.assert_close(logits(fresh, x), logits(ema, x))
 
 
+def test_checkpoint_of_timm_train_py_loads_with_its_args(tmp_path):
+    """timm's train.py saves through ``timm.utils.CheckpointSaver``, which stores its
+    ``argparse.Namespace`` of arguments beside the weights: ``weights_only=True`` refused the
+    file, so load_checkpoint and saved_bsr_config failed on what timm's own loader reads. The
+    namespace is allowed now; any other object is still refused."""
+    import argparse
+    from timm.utils import CheckpointSaver
+    model, x = tuned(seed=0), images()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="vit", lr=0.1),
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = tmp_path / "last.pth.tar"
+    assert isinstance(torch.load(path, weights_only=False)["args"], argparse.Namespace)
+    assert bsr_kernels.saved_bsr_config(path) == bsr_config_dict(model)
+    fresh = bsr_kernels.load_checkpoint(plain(seed=2), path)
+    torch.testing.assert_close(logits(fresh, x), logits(model, x))
+    from fractions import Fraction
+    torch.save({"state_dict": model.state_dict(), "args": Fraction(1, 3)},
+               tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        bsr_kernels.load_checkpoint(plain(seed=2), tmp_path / "other.pth")
+
+
 def test_state_dict_into_a_differently_reprogrammed_model_warns():
     model = tuned()
     sd = model.state_dict()

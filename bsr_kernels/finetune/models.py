@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint import load_torch_file
+
 __all__ = [
     "DIGITS_MODEL",
     "ASSETS",
@@ -192,9 +194,7 @@ def read_state_dict(path) -> dict:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            import argparse   # timm's train.py saves its arguments beside the weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = load_torch_file(path)   # a timm train.py checkpoint's args too
     except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
         why = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has terminal bold codes
         raise ValueError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {why}); is "
