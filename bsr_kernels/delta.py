@@ -366,8 +366,9 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     """Brings ``model`` to exactly the state a delta checkpoint was saved from, in place.
 
     * The trained tensors are copied in.
-    * A head of another size is first replaced (``model.reset_classifier``) by one of the
-      delta's number of classes (both heads of a distilled DeiT: ``head`` and ``head_dist``).
+    * A head of another size, or none (a backbone created with ``num_classes=0``), is first
+      replaced (``model.reset_classifier``) by one of the delta's number of classes (both heads
+      of a distilled DeiT: ``head`` and ``head_dist``).
     * BSR settings: a BSR delta reprograms a plain model with its settings, and *re*-programs
       a model reprogrammed with other settings (``keep_rate``, ``drop_at``...: they change the
       logits), warning with the settings replaced. A delta saved from a plain model restores a
@@ -396,22 +397,26 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     params = dict(model.named_parameters())
     n_cls = config.get("num_classes")
     head = getattr(model, "head", None)
-    new_head = (n_cls is not None and isinstance(head, nn.Linear) and head.out_features != n_cls
-                and hasattr(model, "reset_classifier"))
-    # The heads reset_classifier replaces: timm's distilled DeiT resizes head_dist with head.
-    heads = {h: getattr(model, h) for h in _HEADS if isinstance(getattr(model, h, None), nn.Linear)}
-    missing = [n for n in tensors if n not in params]
+    # A head of another size, or none (timm's num_classes=0: an nn.Identity, the usual
+    # backbone), is replaced by reset_classifier; timm's distilled DeiT resizes head_dist too.
+    new_head = (n_cls is not None and hasattr(model, "reset_classifier")
+                and (isinstance(head, nn.Linear) and head.out_features != n_cls
+                     or isinstance(head, nn.Identity)))
+    heads = {h: getattr(model, h) for h in _HEADS
+             if isinstance(getattr(model, h, None), (nn.Linear, nn.Identity))}
+    width = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
+    replaced = {f"{h}.{kind}": (n_cls, getattr(m, "in_features", width)) if kind == "weight"
+                else (n_cls,) for h, m in heads.items() for kind in ("weight", "bias")} \
+        if new_head else {}
+    missing = [n for n in tensors if n not in params and n not in replaced]
     problems = []
     for n, t in tensors.items():
-        if n not in params:
+        if n not in params and n not in replaced:
             continue
-        want = params[n].shape
-        owner, _, kind = n.rpartition(".")
-        if new_head and owner in heads and kind in ("weight", "bias"):
-            want = (n_cls, heads[owner].in_features) if kind == "weight" else (n_cls,)
+        want = replaced.get(n, params[n].shape if n in params else None)
         if tuple(want) != tuple(t.shape):
             problems.append(f"{n}: delta {tuple(t.shape)} vs model {tuple(want)}")
-        elif t.is_floating_point() != params[n].is_floating_point():
+        elif n in params and t.is_floating_point() != params[n].is_floating_point():
             problems.append(f"{n}: delta dtype {t.dtype} vs model {params[n].dtype}")
     bsr = config.get("bsr") or {}
     depth = len(getattr(model, "blocks", ()))
@@ -462,7 +467,10 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
                       stacklevel=2)
         restore(model)
     if new_head:
-        requires = {h: m.weight.requires_grad for h, m in heads.items()}
+        # a resized head keeps its requires_grad; a new one (none before) requires grad, as
+        # reset_classifier makes it
+        requires = {h: m.weight.requires_grad for h, m in heads.items()
+                    if isinstance(m, nn.Linear)}
         model.reset_classifier(n_cls)
         for h, r in requires.items():
             for p in getattr(model, h).parameters():

@@ -348,6 +348,36 @@ def test_delta_resets_both_heads_of_a_distilled_deit(tmp_path):
         torch.testing.assert_close(base(x), tuned(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("make", [_vit, _distilled], ids=["vit", "distilled_deit"])
+def test_load_delta_gives_a_headless_backbone_the_deltas_head(tmp_path, make):
+    """A base created as timm backbones are, ``num_classes=0`` (head an nn.Identity), was
+    refused ('not in the model: head.bias, head.weight') though reset_classifier gives it the
+    delta's head, as it does to a head of another size. A head of another width is refused,
+    naming the shapes, with the model unchanged."""
+    tuned = _finetune_like(bsr_kernels.reprogram(make(num_classes=5)))
+    path = save_delta(tuned, tmp_path / "task.safetensors")
+    base = make(num_classes=0)              # the same pre-trained weights, no head
+    base.load_state_dict({k: v for k, v in make(num_classes=5).state_dict().items()
+                          if not k.startswith("head")})
+    assert isinstance(base.head, torch.nn.Identity)
+    bsr_kernels.load_delta(base, path)
+    assert base.head.out_features == 5
+    assert all(p.requires_grad for p in base.head.parameters())
+    x = torch.randn(2, 3, *tuned.patch_embed.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), tuned(x), rtol=0, atol=0)
+
+    other = bsr_kernels.reprogram(make(num_classes=5))
+    other.head.weight = torch.nn.Parameter(other.head.weight[:, :-1].detach())  # another width
+    wrong = save_delta(other, tmp_path / "wrong.safetensors")
+    headless = make(num_classes=0)
+    snap = _snapshot(headless)
+    with pytest.raises(ValueError, match=r"head.weight: delta \(5, \d+\) vs model \(5, \d+\)"):
+        bsr_kernels.load_delta(headless, wrong, check_base=False)
+    _assert_unchanged(headless, snap)
+    assert isinstance(headless.head, torch.nn.Identity)
+
+
 def test_load_delta_names_a_cast_base(tuned_delta):
     _, path = tuned_delta
     assert read_delta(path)[1]["base_dtypes"] == ["float32"]
