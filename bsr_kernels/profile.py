@@ -100,7 +100,9 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
     """Measures one training step of ``model`` on ``images``, per image.
 
     The model's ``requires_grad`` flags decide what is trained (a plain timm model is full
-    fine-tuning; a reprogrammed one is BSR). Existing ``.grad`` fields are left as they were.
+    fine-tuning; a reprogrammed one is BSR). The step changes nothing: existing ``.grad``
+    fields, the model's buffers (BatchNorm statistics of a model in training mode) and a MoE
+    MLP's usage counts and ``aux_loss`` are left as they were, though it runs forward twice.
 
     Args:
         model: any model mapping images to logits (timm ViTs also report tokens per block).
@@ -140,6 +142,11 @@ def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
     old_grads = [p.grad for p in params]
     for p in params:
         p.grad = None
+    # What the two forwards would change: BatchNorm running statistics in training mode (and
+    # any buffer a forward updates), a MoE MLP's usage counts (track_usage) and aux_loss.
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    moes = [(m, m.usage.clone(), m.aux_loss) for m in model.modules()
+            if getattr(m, "bsr_moe", False)]
     tokens: list[int] = []
     try:
         hooks = [blk.register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
@@ -154,6 +161,12 @@ def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
     finally:
         for p, g in zip(params, old_grads):
             p.grad = g
+        with torch.no_grad():   # in place: a reference the caller holds sees them back
+            for b, was in buffers:
+                b.copy_(was)
+            for m, usage, aux in moes:
+                m.usage.copy_(usage)
+                m.aux_loss = aux
     return ProfileResult(
         saved_activation_mib_per_image=mib,
         train_gflops_per_image=flops.total / batch / 1e9,

@@ -134,6 +134,42 @@ def test_profile_leaves_existing_grads_as_they_were(raises):
     assert model[0].bias.grad is None
 
 
+def test_profile_leaves_buffers_and_moe_counts_as_they_were():
+    """profile runs forward twice (memory, then FLOPs): a model in training mode had its
+    BatchNorm running statistics updated twice (num_batches_tracked 0 -> 2), and a MoE MLP
+    that tracks usage counted the batch twice and kept profile's aux_loss. All are as they were
+    now, in place (a reference to the usage tensor sees the old counts)."""
+    import bsr_kernels
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.LazyLinear(5))
+    images = torch.randn(2, 3, 8, 8) * 3 + 1
+    conv(images)                                       # materialise the lazy layer, update stats
+    bn = conv[1]
+    before = {n: b.clone() for n, b in conv.named_buffers()}
+    bsr_kernels.profile(conv.train(), images)
+    assert before["1.num_batches_tracked"] == 1
+    for n, b in conv.named_buffers():
+        assert torch.equal(b, before[n]), n
+    assert bn.training
+
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                            num_classes=5)
+    bsr_kernels.to_moe(vit, num_experts=4, top_k=2, aux_loss_weight=0.1)
+    bsr_kernels.reprogram(vit)
+    moes = [m for m in vit.modules() if getattr(m, "bsr_moe", False)]
+    for m in moes:
+        m.track_usage = True
+    x = torch.randn(2, 3, 16, 16)
+    vit(x).sum().backward()
+    usage = [(m.usage, m.usage.clone(), m.aux_loss) for m in moes]
+    assert all(u.sum() > 0 and aux is not None for _, u, aux in usage)
+    bsr_kernels.profile(vit, x)
+    for m, (ref, counts, aux) in zip(moes, usage):
+        assert m.usage is ref and torch.equal(m.usage, counts) and m.aux_loss is aux
+
+
 def test_profile_under_no_grad_measures_the_training_step():
     """Called from an eval loop (torch.no_grad()), profile measured 0 MiB, then failed with a
     message about count_flops' backward argument; under inference_mode it says why it cannot."""
