@@ -58,11 +58,13 @@ class TrainableSummary:
 
 def _root(names: Sequence[str]) -> str:
     """The prefix under which the model's ``blocks.<i>`` are (``"vit."`` in a
-    :class:`~bsr_kernels.MultiTaskViT`), or ""."""
+    :class:`~bsr_kernels.MultiTaskViT`), or "". Blocks inside a numbered part (the stages of
+    a ConvNeXt or Swin, ``stages.1.blocks.0``) are no ViT's: those models group by stage."""
     for name in names:
         parts = name.split(".")
         for i in range(len(parts) - 1):
-            if parts[i] == "blocks" and parts[i + 1].isdigit():
+            if parts[i] == "blocks" and parts[i + 1].isdigit() \
+                    and not any(p.isdigit() for p in parts[:i]):
                 return ".".join(parts[:i]) + "." if i else ""
     return ""
 

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
@@ -44,6 +45,19 @@ def test_trainable_summary_counts_like_peft():
                     rf"trainable%: {100 * want / total:.4f}\n", text)
     assert "trained: blocks.1, blocks.3, blocks.5, head" in text
     assert "BSR: drops tokens in blocks (2, 3, 4) (keep_rate 0.5" in text
+
+
+@pytest.mark.parametrize("name,stages", [("convnext_atto", "stages"),
+                                         ("swin_tiny_patch4_window7_224", "layers")])
+def test_trainable_summary_groups_a_staged_model_by_stage(name, stages):
+    """Blocks inside numbered stages were split one by one in the first stage only
+    (stages.0.blocks.0, stages.0.blocks.1, then stages.1, stages.2...): the first stage's
+    ``blocks.<i>`` was taken for a ViT's. Every stage is one group now."""
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    s = bsr_kernels.trainable_summary(model)
+    staged = [g for g in s.groups if g.startswith(stages + ".")]
+    assert staged == [f"{stages}.{i}" for i in range(4)], list(s.groups)
+    assert sum(n for _, n in s.groups.values()) == sum(p.numel() for p in model.parameters())
 
 
 def test_trainable_summary_names_blocks_through_wrappers():
