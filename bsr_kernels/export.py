@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from timm.utils import unwrap_model
 
 from .checkpoint import atomic_write
 from .ops import reference
@@ -151,7 +152,8 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
     of ``images``; the batch size may vary when ``dynamic_batch``.
 
     Args:
-        model: the model, in eval mode for deployment.
+        model: the model, in eval mode for deployment; a ``torch.compile``'d or DDP-wrapped
+            one exports the model it wraps (as the checkpoint functions read it).
         images: an example (B, 3, H, W) batch.
         path: the ``.onnx`` file to write, or None to only return the program. Its folder must
             exist. Written atomically (a temporary file renamed over ``path``) unless the
@@ -194,6 +196,7 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
+    model = unwrap_model(model)   # torch.export cannot trace an OptimizedModule
     program = torch.onnx.export(model, (images,), dynamo=True, input_names=input_names,
                                 output_names=output_names, verbose=False, **kwargs)
     if path is not None:

@@ -265,6 +265,20 @@ def test_export_onnx_checks_the_folder_and_names_before_exporting(tmp_path, monk
 
 
 @needs_onnx
+def test_export_onnx_of_a_compiled_model_exports_the_model_itself(monkeypatch):
+    """torch.compile's OptimizedModule failed inside torch.export with torch's generic error;
+    export_onnx exports the model it wraps, as save_checkpoint and save_delta read it."""
+    got = []
+    monkeypatch.setattr(torch.onnx, "export", lambda model, *a, **k: got.append(model))
+    model = tiny_vit()
+    wrapper = torch.nn.Module()
+    wrapper.module = model       # as DDP holds it
+    for given in (torch.compile(model), wrapper, torch.compile(wrapper)):
+        bsr_kernels.export_onnx(given, images(2))
+    assert got == [model] * 3
+
+
+@needs_onnx
 def test_export_onnx_example_runs(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",   # this checkout's bsr_kernels, installed or not
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
