@@ -61,8 +61,6 @@ from timm.layers import LayerScale
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
-from .reprogram import hooked
-
 __all__ = ["lean_block", "checkpointed_block", "checkpointable"]
 
 
@@ -113,10 +111,12 @@ def _projection(block, name: str):
 
 def _plain_linear(module) -> bool:
     """Whether ``module`` computes exactly ``x @ W.T + b`` from its own weight and bias: an
-    ``nn.Linear`` itself (a subclass, such as a LoRA layer, may add parameters) with no hooks
-    (which may change the output). Only such a layer's output is replayed from what forward
-    saved, or skipped when unneeded, with :class:`_GradOnlyLinear`; any other is run again."""
-    return type(module) is nn.Linear and not hooked(module)
+    ``nn.Linear`` itself (a subclass, such as a LoRA layer, may add parameters). Only such a
+    layer's output is replayed from what forward saved, or skipped when unneeded, with
+    :class:`_GradOnlyLinear`; any other is run again. (A hook, which may change the output,
+    never reaches here: a block whose parts have hooks runs plain autograd,
+    :func:`bsr_kernels.reprogram.parts_hooked`.)"""
+    return type(module) is nn.Linear
 
 
 def _saved_names(block) -> tuple[str, ...]:

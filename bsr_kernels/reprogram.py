@@ -119,10 +119,12 @@ class BSRBlock(Block):
                 return self.body(x, record=record)
         mode = self.bsr_config.memory_mode
         # torch.func transforms (grad, vmap, jvp...) take the plain body: the same gradients,
-        # and no custom autograd.Function, which functorch refuses
+        # and no custom autograd.Function, which functorch refuses. So does a block whose parts
+        # carry hooks (see parts_hooked).
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
                 and not torch.jit.is_tracing() and not under_functorch() \
-                and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
+                and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)) \
+                and not parts_hooked(self):
             from .backward import checkpointable, checkpointed_block, lean_block
             if torch.compiler.is_compiling() and checkpointable(self):
                 return checkpointed_block(self, x)   # one graph (see bsr_kernels.backward)
@@ -143,6 +145,16 @@ def hooked(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks (or pre-hooks) of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+def parts_hooked(block: nn.Module) -> bool:
+    """Whether a module inside ``block`` (a norm, a projection, the activation, a LayerScale, a
+    MoE MLP...) has hooks. Such a block runs plain autograd in every memory mode: the lean and
+    fast backward would run its forward without autograd and replay it in backward, so what a
+    hook collects would carry no gradient (an auxiliary loss on it would train nothing), the
+    hook would run twice a step, and a random draw in it would differ in the replay. Hooks on
+    the block itself run once, outside, and keep its mode."""
+    return any(hooked(m) for m in block.modules() if m is not block)
 
 
 def _refuse_skipped_hooks(block) -> None:

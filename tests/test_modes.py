@@ -352,17 +352,19 @@ def test_modules_writing_in_place_give_autograd_gradients(mode, form, writer):
 
 
 def test_checkpointable_leaves_what_it_cannot_express_to_the_custom_backward():
-    """Compressed storage, a MoE MLP, a projection that is not a plain nn.Linear (a hook on it,
-    a subclass) and dropout drawn keep the custom autograd function under torch.compile."""
+    """Compressed storage, a MoE MLP, a projection that is not a plain nn.Linear (a subclass)
+    and dropout drawn keep the custom autograd function under torch.compile (a block whose
+    parts have hooks runs plain autograd: reprogram.parts_hooked)."""
     from bsr_kernels.backward import checkpointable
     model = bsr_kernels.reprogram(tiny(depth=4), memory_mode="lean")
     blk = model.blocks[3]
     assert checkpointable(blk)
     assert not checkpointable(bsr_kernels.reprogram(
         tiny(depth=4), memory_mode="lean", activation_dtype=torch.bfloat16).blocks[3])
-    handle = blk.mlp.fc1.register_forward_hook(lambda m, a, o: None)
-    assert not checkpointable(blk)
-    handle.remove()
+    fc1 = blk.mlp.fc1
+    blk.mlp.fc1 = type("Sub", (torch.nn.Linear,), {})(fc1.in_features, fc1.out_features)
+    assert not checkpointable(blk)      # not a plain nn.Linear
+    blk.mlp.fc1 = fc1
     blk.attn.proj_drop.p = 0.1
     assert not checkpointable(blk)      # training mode: dropout is drawn
     blk.eval()

@@ -611,6 +611,44 @@ def test_lean_and_fast_replay_only_plain_linears(change):
             assert rel_err(results[mode][name], g) < 1e-10, (mode, name)
 
 
+@pytest.mark.parametrize("part", ["norm1", "attn.qkv", "mlp.fc1", "ls2"])
+def test_hooks_inside_a_block_keep_plain_autograd_in_every_mode(part):
+    """In lean and fast mode a hook on a part of a block (here of trained block 7, and of
+    frozen block 8 after it) ran in a forward without autograd, then again in backward's replay:
+    an auxiliary loss on what it collected trained nothing (silently no gradient), and noise it
+    drew differed in the replay (gradients ~150 % off, for a loss equal to autograd mode's). Such
+    a block runs plain autograd now: its hooks run once a step, and every mode gives autograd
+    mode's loss and gradients. A hook on the block itself keeps the lean path."""
+    from bsr_kernels.backward import _LeanBlock
+    x, y = images(), torch.tensor([0, 1, 6])
+    results = {}
+    for mode in ("autograd", "lean", "fast"):
+        model = bsr_kernels.reprogram(small_vit(init_values=0.3), memory_mode=mode)
+        calls, feats = [], []
+        for i in (7, 8):
+            model.blocks[i].get_submodule(part).register_forward_hook(
+                lambda m, a, out, i=i: (calls.append(i), feats.append(out))[0])
+        model.blocks[9].get_submodule(part).register_forward_hook(   # random, changes output
+            lambda m, a, out: out + 0.1 * torch.randn_like(out))
+        torch.manual_seed(5)
+        loss = torch.nn.functional.cross_entropy(model(x), y) \
+            + sum(f.square().mean() for f in feats)
+        loss.backward()
+        assert calls == [7, 8], (mode, calls)                  # once a step, after backward too
+        results[mode] = (loss.detach(), grads(model))
+    want_loss, want = results["autograd"]
+    for mode in ("lean", "fast"):
+        loss, got = results[mode]
+        assert torch.equal(loss, want_loss) and set(got) == set(want), mode
+        for name, g in want.items():
+            assert rel_err(got[name], g) < 1e-10, (mode, name)
+
+    model = bsr_kernels.reprogram(small_vit(depth=6), memory_mode="lean")
+    model.blocks[4].register_forward_hook(lambda m, a, out: None)
+    tokens = torch.randn(2, 65, 48, dtype=torch.float64, requires_grad=True)
+    assert model.blocks[4](tokens).grad_fn.name() == _LeanBlock.__name__ + "Backward"
+
+
 @pytest.mark.parametrize("where", ["attn", "mlp"])
 def test_hooks_on_attn_or_mlp_are_refused_not_skipped(where):
     """A reprogrammed block calls its attention's and MLP's pieces itself, so hooks on those
