@@ -28,7 +28,7 @@ from .checkpoint import atomic_write
 from .ops import reference
 from .ops.common import DropPlan, compute_dtype, num_kept
 
-__all__ = ["export_onnx", "SCRIPT_REFUSAL", "drop_tokens_aten", "select_aten", "drop_traced",
+__all__ = ["export_onnx", "SCRIPT_REFUSAL", "FX_REFUSAL", "drop_tokens_aten", "select_aten", "drop_traced",
            "drop_tokens_decomposition", "cls_attention_decomposition"]
 
 #: The message of the error :func:`torch.jit.script` raises on a reprogrammed model.
@@ -38,6 +38,15 @@ SCRIPT_REFUSAL = (
     "torch.export.export(model, (images,)), with ONNX through the dynamo exporter "
     "(bsr_kernels.export_onnx(model, images, path) or torch.onnx.export(model, (images,), "
     "dynamo=True)), or with torch.jit.trace(model, images).")
+
+FX_REFUSAL = (
+    "torch.fx symbolic tracing (torch.fx.symbolic_trace, timm's create_feature_extractor and "
+    "AttentionExtract's default method='fx') does not support a model reprogrammed by "
+    "bsr_kernels: how many tokens a drop keeps depends on the input's shape, which fx does not "
+    "know. Take features with model.forward_intermediates(images), attention maps with "
+    "AttentionExtract(model, method='hook') after setting fused_attn=False on the blocks' "
+    "attention, and deploy with torch.export.export(model, (images,)), "
+    "bsr_kernels.export_onnx or torch.jit.trace; or call bsr_kernels.restore(model) first.")
 
 
 def select_aten(scores: torch.Tensor, n_keep: int) -> torch.Tensor:

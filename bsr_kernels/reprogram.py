@@ -30,7 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from . import timm_hooks
 from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
-from .export import SCRIPT_REFUSAL, drop_traced
+from .export import FX_REFUSAL, SCRIPT_REFUSAL, drop_traced
 from .ops import _drop_tokens
 from .ops.common import under_functorch
 
@@ -104,6 +104,8 @@ class BSRBlock(Block):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):   # attn_mask would be one too: not the user's fault
+            raise RuntimeError(FX_REFUSAL)
         if attn_mask is not None or is_causal:
             raise ValueError("a reprogrammed (BSR) block takes no attn_mask/is_causal: token "
                              "dropping changes the sequence; call bsr_kernels.restore(model) first")

@@ -204,6 +204,29 @@ def test_jit_script_is_refused_naming_the_supported_routes():
         torch.jit.script(model)
 
 
+def test_fx_tracing_is_refused_naming_what_works():
+    """torch.fx symbolic tracing (timm's create_feature_extractor, AttentionExtract's default
+    method) failed with 'a reprogrammed (BSR) block takes no attn_mask/is_causal', which the
+    user never passed (fx hands the model's default attn_mask=None in as a placeholder). It is
+    refused for what it is now, and the routes it names work: forward_intermediates, and
+    AttentionExtract's hooks with fused_attn=False."""
+    from timm.models import create_feature_extractor
+    from timm.utils import AttentionExtract
+    model, x = tiny_vit(), images(2)
+    for trace in (lambda: torch.fx.symbolic_trace(model), lambda: AttentionExtract(model)(x),
+                  lambda: create_feature_extractor(model, return_nodes=["blocks.1"])):
+        with pytest.raises(RuntimeError, match=r"torch\.fx symbolic tracing .* does not support"
+                                               r".*forward_intermediates.*method='hook'"):
+            trace()
+    for b in model.blocks:
+        b.attn.fused_attn = False
+    maps = AttentionExtract(model, method="hook")(x)
+    assert len(maps) == len(model.blocks) and all(m.shape[0] == 2 for m in maps.values())
+    final, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(inter) == len(model.blocks)
+
+
 @needs_onnx
 def test_onnx_dynamo_export_in_onnxruntime():
     """Plain ``torch.onnx.export(dynamo=True)``, no extra arguments: the drop op is decomposed.
