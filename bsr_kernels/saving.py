@@ -50,17 +50,26 @@ class BSRConfigWarning(UserWarning):
     """Weights saved under other BSR settings than the model's (or none) were loaded."""
 
 
-#: BSR settings that change only how backward runs (what it stores), never the logits: weights
-#: saved under other values of these load without a warning.
-BACKWARD_ONLY = ("memory_mode", "activation_dtype")
+#: BSR settings that change only backward (what it stores, which parameters it trains), never
+#: the logits: weights saved under other values of these load without a warning.
+BACKWARD_ONLY = ("memory_mode", "activation_dtype", "train_blocks", "train_norm")
+
+
+def _forward_settings(d: dict) -> dict:
+    """The settings of a BSR config dict that the logits depend on: where a keep_rate of 1
+    drops nothing, neither where it would drop nor token fusion matters."""
+    out = {k: v for k, v in d.items() if k not in BACKWARD_ONLY}
+    if out.get("keep_rate", 0.0) >= 1.0:
+        out.pop("drop_at", None)
+        out.pop("fuse_token", None)
+    return out
 
 
 def _same_forward(a: Optional[dict], b: Optional[dict]) -> bool:
     """Whether two BSR config dicts (or None, for a plain model) compute the same logits."""
     if a is None or b is None:
         return a is b
-    return ({k: v for k, v in a.items() if k not in BACKWARD_ONLY}
-            == {k: v for k, v in b.items() if k not in BACKWARD_ONLY})
+    return _forward_settings(a) == _forward_settings(b)
 
 
 # --- attached to a reprogrammed model (reprogram / restore) --------------------------------------

@@ -213,19 +213,30 @@ def test_state_dict_of_an_older_config_with_the_same_settings_loads_silently():
 
 
 def test_backward_only_settings_load_without_a_warning():
-    """Weights saved under another memory mode or activation dtype (settings of the backward
-    alone) give the same logits: they load silently, with load_state_dict and with
-    load_checkpoint(reprogram=False); a forward setting still warns beside them."""
+    """Weights saved under another memory mode, activation dtype, train_blocks or train_norm
+    (settings of the backward alone), or with keep_rate 1 under another drop_at or fuse_token
+    (nothing is dropped), give the same logits: they load silently, with load_state_dict and
+    with load_checkpoint(reprogram=False) (the last three warned 'its logits will differ'); a
+    forward setting still warns beside them."""
     model, x = tuned(), images()
     sd = model.state_dict()
-    for mode, store in (("autograd", None), ("fast", torch.bfloat16)):
-        other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.3, memory_mode=mode,
-                                      activation_dtype=store)
+    others = [dict(memory_mode="autograd"), dict(memory_mode="fast",
+                                                 activation_dtype=torch.bfloat16),
+              dict(train_blocks=(0, 2), train_norm=True)]
+    for settings in others:
+        other = bsr_kernels.reprogram(plain(seed=4), **{"keep_rate": 0.3, **settings})
         with warnings.catch_warnings():
             warnings.simplefilter("error", BSRConfigWarning)
             other.load_state_dict(sd)
             bsr_kernels.load_checkpoint(other, sd, reprogram=False)
         torch.testing.assert_close(logits(other, x), logits(model, x))
+    whole = tuned(keep_rate=1.0)
+    other = bsr_kernels.reprogram(plain(seed=4), keep_rate=1.0, drop_at=(0,), fuse_token=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BSRConfigWarning)
+        other.load_state_dict(whole.state_dict())
+        bsr_kernels.load_checkpoint(other, whole.state_dict(), reprogram=False)
+    torch.testing.assert_close(logits(other, x), logits(whole, x))
     other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.7, memory_mode="autograd")
     with pytest.warns(BSRConfigWarning, match="keep_rate"):
         other.load_state_dict(sd)
