@@ -107,6 +107,12 @@ def _forward_intermediates(model: nn.Module, x: torch.Tensor, indices=None,
     if output_fmt != "NCHW":
         return timm_fi(model, x, return_prefix_tokens=return_prefix_tokens, output_fmt=output_fmt,
                        intermediates_only=intermediates_only, output_dict=output_dict, **kwargs)
+    patch_drop = getattr(model, "patch_drop", None)
+    if model.training and getattr(patch_drop, "prob", 0.0) > 0:
+        raise ValueError(
+            f"output_fmt='NCHW' puts each block's tokens at their patch positions, which patch "
+            f"dropout (patch_drop_rate {patch_drop.prob}) loses in training mode: call "
+            "model.eval() first, or take output_fmt='NLC' (the tokens each block holds)")
     trace: list[tuple[torch.Tensor, int]] = []
     marks: list[int] = []   # len(trace) after each block that ran
     hooks = [blk.register_forward_hook(lambda m, a, o: marks.append(len(trace)))

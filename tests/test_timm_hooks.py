@@ -72,6 +72,20 @@ def test_forward_intermediates_options_follow_timm():
     torch.testing.assert_close(as_dict["image_intermediates"][0], pairs[1][0])
 
 
+def test_forward_intermediates_nchw_with_patch_dropout_in_training_is_refused():
+    """With patch dropout drawn (patch_drop_rate > 0, training mode) the NCHW maps failed with
+    torch's 'Expected index [2, 64, 32] to be no larger than self [2, 65, 32]': the patches that
+    entered the blocks are no longer the grid. ValueError naming output_fmt and the fixes; NLC
+    and eval mode work."""
+    model = bsr_kernels.reprogram(vit(patch_drop_rate=0.5), keep_rate=0.5).train()
+    with pytest.raises(ValueError, match=r"output_fmt='NCHW'.*patch_drop_rate 0.5.*model\.eval"):
+        model.forward_intermediates(images())
+    final, tokens = model.forward_intermediates(images(), output_fmt="NLC")
+    assert tokens[0].shape[1] < 64           # the blocks saw fewer patches than the grid's
+    _, maps = model.eval().forward_intermediates(images())
+    assert all(m.shape == (2, 32, 8, 8) for m in maps)
+
+
 def test_forward_intermediates_trains():
     model = bsr_kernels.reprogram(vit(), keep_rate=0.5)
     _, dense = model.forward_intermediates(images())
