@@ -191,6 +191,13 @@ def _check_unmodified(block, slots, versions) -> None:
                 "block with its parameters, so change them only after backward.")
 
 
+def _replay_settings(block) -> tuple:
+    """What the replay of ``block``'s body reads of its BSR form (None once restored)."""
+    cfg = getattr(block, "bsr_config", None)
+    return (getattr(block, "bsr_index", None), getattr(block, "bsr_drops", None),
+            None if cfg is None else (cfg.keep_rate, cfg.fuse_token, cfg.num_prefix_tokens))
+
+
 @contextlib.contextmanager
 def _forward_modes(modules, modes):
     """Sets the block's ``modules`` to the forward's train/eval flags ``modes`` for the replay
@@ -255,6 +262,7 @@ class _LeanBlock(torch.autograd.Function):
         # backward replays in the forward's train/eval modes and refuses parameters changed since
         ctx.modules, ctx.modes = modules, [m.training for m in modules]
         ctx.versions = _versions(slots)
+        ctx.replays = _replay_settings(block)
         # backward differentiates to exactly these parameters (in this order), even if
         # requires_grad changes in between, and replays with the forward's parameter tensors
         ctx.block, ctx.names, ctx.params, ctx.slots = block, names, params, slots
@@ -274,6 +282,11 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         block = ctx.block
+        if _replay_settings(block) != ctx.replays:
+            raise RuntimeError(
+                f"block {ctx.replays[0]} was restored (bsr_kernels.restore) or reprogrammed with "
+                "other drop settings between forward and backward: the lean and fast backward "
+                "replays the block as forward ran it; call backward first")
         _check_unmodified(block, ctx.slots, ctx.versions)
         n_float = len(ctx.dtypes)
         # read once: each read unpacks every saved tensor again, which non-reentrant

@@ -519,6 +519,35 @@ def test_parameter_changed_in_place_before_backward_raises(mode, param):
         loss.backward()
 
 
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_restore_or_other_drop_settings_before_backward_raise(mode):
+    """restore() between forward and backward failed in lean and fast backward with
+    "AttributeError: 'Block' object has no attribute 'body'"; reprogramming with other drop
+    settings replayed the block as it now is. Both raise naming what happened; a change that
+    leaves the replay as it was (another memory mode) still gives the same gradients."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    model(images()).square().sum().backward()
+    want = grads(model)
+    model.zero_grad()
+    for change in (bsr_kernels.restore,
+                   lambda m: bsr_kernels.reprogram(m, memory_mode=mode, keep_rate=0.7)):
+        bsr_kernels.reprogram(model, memory_mode=mode)
+        loss = model(images()).square().sum()
+        change(model)
+        with pytest.raises(RuntimeError, match=r"block \d+ was restored \(bsr_kernels.restore\) "
+                                               r"or reprogrammed .* call backward first"):
+            loss.backward()
+    bsr_kernels.reprogram(model, memory_mode=mode)
+    loss = model(images()).square().sum()
+    bsr_kernels.reprogram(model, memory_mode="fast" if mode == "lean" else "lean")
+    model.zero_grad()
+    loss.backward()
+    got = grads(model)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0, msg=name)
+
+
 def test_reset_classifier_refuses_what_reprogram_refuses():
     """reset_classifier(global_pool=...) on a reprogrammed model refuses a pool that would
     average the fused token in (reprogram refuses such a model), naming global_pool, and
