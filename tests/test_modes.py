@@ -421,17 +421,25 @@ def test_no_block_stores_attention_probabilities(mode):
 
 
 @pytest.mark.parametrize("mode", ["fast", "lean"])
-def test_dropout_turned_on_after_reprogram_gives_exact_gradients(mode):
+@pytest.mark.parametrize("kind", ["dropout", "drop_path"])
+def test_dropout_turned_on_after_reprogram_gives_exact_gradients(mode, kind):
     """Dropout enabled after reprogram (issue 13, item 2): the replaying backward draws the
-    forward's masks, so gradients equal plain autograd's with the same seed."""
+    forward's masks, so gradients equal plain autograd's with the same seed. Drop-path alone
+    (no dropout in the block) too: a replay that did not see it as random drew other masks
+    (gradient error 6.9 in a mutation test that no test caught)."""
+    from timm.layers import DropPath
     base = tiny(dtype=torch.float64)
     models = {}
     for m in (mode, "autograd"):
         models[m] = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=m)
-        models[m].blocks[7].mlp.drop1.p = 0.5
-        models[m].blocks[5].attn.proj_drop.p = 0.3
+        if kind == "dropout":
+            models[m].blocks[7].mlp.drop1.p = 0.5
+            models[m].blocks[5].attn.proj_drop.p = 0.3
+        else:
+            models[m].blocks[7].drop_path2 = DropPath(0.5)
+            models[m].blocks[5].drop_path1 = DropPath(0.3)
         models[m].train()
-    x = images(dtype=torch.float64)
+    x = images(n=8, dtype=torch.float64)
     logits = {}
     for name, m in models.items():
         torch.manual_seed(123)

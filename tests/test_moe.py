@@ -314,6 +314,30 @@ def test_to_moe_experts_start_as_copies_of_the_dense_mlp():
     assert model.blocks[3].mlp.fc1_weight.shape == (8, 192, 48)
 
 
+def test_gate_noise_and_aux_loss_only_in_training_and_to_moe_keeps_eval_mode():
+    """Gate noise is drawn in training only: in eval a noisy model's logits repeat and equal
+    the noiseless model's, and no aux loss is kept. to_moe of a model in eval mode gives MoE
+    MLPs in eval mode (new modules start in training mode). Mutations that drew the noise in
+    eval, or left to_moe's modules training, passed every test."""
+    base = small_vit(dtype=torch.float32).eval()
+    torch.manual_seed(3)   # the same random gates in both
+    quiet = bsr_kernels.to_moe(copy.deepcopy(base), num_experts=4, top_k=2)
+    torch.manual_seed(3)
+    noisy = bsr_kernels.to_moe(copy.deepcopy(base), num_experts=4, top_k=2, noise_std=1.0,
+                               aux_loss_weight=0.1)
+    assert not any(m.training for m in noisy.modules())
+    x = images(dtype=torch.float32)
+    with torch.no_grad():
+        first, again, want = noisy(x), noisy(x), quiet(x)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    assert all(moe.aux_loss is None for _, moe in moe_blocks(noisy))
+    noisy.train()
+    with torch.no_grad():
+        assert (noisy(x) - want).abs().max() > 1e-3              # the noise is really there
+    assert all(moe.aux_loss is not None for _, moe in moe_blocks(noisy))
+
+
 @pytest.mark.parametrize("bias", [(False, True), (True, False), (False, False)])
 def test_to_moe_copies_each_bias_as_its_layer_has_it(bias):
     """timm's Mlp takes a bias per layer (bias=(fc1, fc2)): the MoE experts copy each layer's
@@ -614,8 +638,15 @@ def test_empty_batch_through_routed_experts_and_models(grouping):
     out.sum().backward()
 
 
-def test_reprogram_moe_with_noise_and_aux_loss_runs_under_plain_autograd():
-    base = _moe_multitask(num_tasks=2, noise_std=0.5, aux_loss_weight=0.01)
+@pytest.mark.parametrize("noise,aux", [(0.5, 0.01), (0.0, 0.01), (0.5, 0.0)],
+                         ids=["noise_and_aux", "aux_only", "noise_only"])
+def test_reprogram_moe_with_noise_or_aux_loss_runs_under_plain_autograd(noise, aux):
+    """Gate noise or an aux loss, each alone too, take a lean model's MoE blocks to plain
+    autograd: the same gradients as autograd mode. With the aux loss alone in the lean
+    function the gate got no gradient from it (a mutation no test caught: the one case set
+    noise too, which alone takes the plain path). MultiTaskViT.aux_loss() is the sum over its
+    MoE blocks."""
+    base = _moe_multitask(num_tasks=2, noise_std=noise, aux_loss_weight=aux)
     x = images()
     results = {}
     for path in ("plain", "lean"):
@@ -624,7 +655,15 @@ def test_reprogram_moe_with_noise_and_aux_loss_runs_under_plain_autograd():
             _plain_autograd(mt)
         torch.manual_seed(5)
         logits = mt(x, 1)
-        loss = logits.square().mean() + mt.aux_loss()
+        loss = logits.square().mean()
+        if aux:
+            total = mt.aux_loss()
+            each = [moe.aux_loss for _, moe in moe_blocks(mt.vit)]
+            assert len(each) == 3 and total.requires_grad and all(a > 0 for a in each)
+            torch.testing.assert_close(total, torch.stack(each).sum(), rtol=1e-12, atol=0)
+            loss = loss + total
+        else:
+            assert mt.aux_loss() is None
         loss.backward()
         results[path] = grads(mt)
     assert set(results["plain"]) == set(results["lean"])
