@@ -393,6 +393,52 @@ def test_lean_saves_less_and_never_attention_probabilities():
     assert sizes["lean"] < sizes["fast"] < sizes["autograd"]
 
 
+@pytest.mark.parametrize("mode", ["lean", "fast"])
+def test_each_block_saves_what_its_mode_says_and_never_recomputes_fc2(mode, monkeypatch):
+    """What each block's backward keeps, tensor by tensor (the module doc of
+    bsr_kernels.backward): lean, the input of a frozen block and also the qkv and fc1 outputs
+    of a trained one; fast, the input and the qkv, proj and fc1 outputs of every block; both,
+    the int32 kept indices of a drop. And backward replays fc2 without its matmul unless a
+    trained LayerScale needs its output. Mutations that made lean save qkv and fc1 of frozen
+    blocks too (2.2x its memory) or recompute fc2 passed the 'lean < fast < autograd' test."""
+    model = bsr_kernels.reprogram(small_vit(dtype=torch.float32), memory_mode=mode)
+    b, n, c = 2, 65, 48
+    for i, blk in enumerate(model.blocks):
+        if blk.bsr_no_grad:
+            continue
+        x = torch.randn(b, n, c, requires_grad=True)
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = blk(x)
+        m = out.shape[1]
+        names = ("qkv", "proj", "fc1") if mode == "fast" else \
+            ("qkv", "fc1") if i in (3, 7, 11) else ()     # the default trained blocks
+        width = {"qkv": (n, 3 * c), "proj": (n, c), "fc1": (m, 4 * c)}
+        want = [((b, n, c), torch.float32)] + [((b, *width[k]), torch.float32) for k in names]
+        if i in (3, 6, 9):                            # the default drops
+            want.append(((b, m - 2), torch.int32))   # the fused token is no kept index
+        assert saved == want, (i, saved)
+        n = m
+
+    calls, fc2s = [], set()
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward",
+                        lambda self, t: (calls.append(id(self) in fc2s), forward(self, t))[1])
+    for init_values, trained_ls in ((None, 0), (0.3, 3)):   # trained blocks 3, 7, 11
+        model = bsr_kernels.reprogram(small_vit(dtype=torch.float32, init_values=init_values),
+                                      memory_mode=mode)
+        fc2s.clear()
+        fc2s.update(id(blk.mlp.fc2) for blk in model.blocks)
+        loss = model(images(dtype=torch.float32)).square().sum()
+        calls.clear()
+        loss.backward()
+        assert sum(calls) == trained_ls, (init_values, calls)
+
+
 def test_eval_and_no_grad_match_training_logits():
     """Without dropout, the logits are the same bitwise in training and eval mode, with and
     without autograd; with dropout turned on, eval mode turns it off and gives the logits of the
@@ -411,7 +457,7 @@ def test_eval_and_no_grad_match_training_logits():
     torch.testing.assert_close(d, a, rtol=0, atol=0)
     dropping = copy.deepcopy(model).train()
     for blk in dropping.blocks[4:]:  # dropout turned on after reprogram (it refuses it before)
-        blk.attn.proj_drop.p = blk.mlp.drop1.p = 0.3
+        blk.attn.proj_drop.p = blk.mlp.drop1.p = blk.attn.attn_drop.p = 0.3
     torch.manual_seed(0)
     assert not torch.equal(dropping(x), a)  # training mode: dropout is active
     dropping.eval()
@@ -785,6 +831,33 @@ def test_restore_gives_back_the_attention_class_the_model_was_built_with():
         model = small_vit(depth=6, attn_layer=attn_layer)
         bsr_kernels.restore(bsr_kernels.reprogram(model))
         assert all(type(b.attn) is attn_layer for b in model.blocks)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_token_drop_attention_is_timms_attention_in_training_with_dropout(fused):
+    """As a drop-in (attn_layer=), TokenDropAttention computes what timm's Attention does in
+    training too, with attention and projection dropout drawn (same seed, same masks) and their
+    gradients; in eval both leave dropout out. A mutation that skipped proj_drop passed."""
+    from bsr_kernels.attention import TokenDropAttention
+    kw = dict(depth=2, attn_drop_rate=0.3, proj_drop_rate=0.4)
+    ours, timms = small_vit(attn_layer=TokenDropAttention, **kw), small_vit(**kw)
+    timms.load_state_dict(ours.state_dict())
+    for b in (*ours.blocks, *timms.blocks):
+        b.attn.fused_attn = fused
+    x = images()
+    out = {}
+    for name, m in (("ours", ours), ("timm", timms)):
+        torch.manual_seed(4)
+        out[name] = m(x)
+        out[name].square().sum().backward()
+    torch.testing.assert_close(out["ours"], out["timm"], rtol=1e-12, atol=1e-12)
+    gt = dict(timms.named_parameters())
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, gt[n].grad, rtol=1e-10, atol=1e-12, msg=n)
+    torch.manual_seed(5)
+    assert (ours(x) - out["ours"]).abs().max() > 1e-3         # dropout is really drawn
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), timms.eval()(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["autograd", "fast", "lean"])
