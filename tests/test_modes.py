@@ -605,12 +605,18 @@ def test_keep_rate_one_returns_a_fresh_index():
 
 
 def test_config_round_trips_and_is_shared():
-    model = bsr_kernels.reprogram(tiny(), keep_rate=0.7, drop_at=[2, 5], train_blocks=[5, 9],
-                                  memory_mode="fast", activation_dtype=torch.bfloat16)
+    """Every field, each away from its default (a from_dict that dropped fuse_token passed a
+    test that round-tripped the default), round-trips through to_dict/from_dict."""
+    model = bsr_kernels.reprogram(tiny(reg_tokens=4), keep_rate=0.7, drop_at=[2, 5],
+                                  train_blocks=[5, 9], memory_mode="fast",
+                                  activation_dtype=torch.bfloat16, fuse_token=False,
+                                  train_norm=True)
     cfg = model.bsr_config
     assert all(blk.bsr_config is cfg for blk in model.blocks)
     d = cfg.to_dict()
     assert d["activation_dtype"] == "bfloat16" and d["drop_at"] == [2, 5]
+    default = BSRConfig.create(12).to_dict()
+    assert {k for k in d if d[k] == default[k]} == {"depth"}, d
     assert BSRConfig.from_dict(d) == cfg
     assert [cfg.drops(i) for i in range(12)] == [i in (2, 5) for i in range(12)]
     assert [cfg.without_grad(i) for i in range(12)] == [i < 5 for i in range(12)]

@@ -499,10 +499,38 @@ def test_restore_gives_back_plain_timm():
 
 
 def test_reprogram_twice_replaces_configuration():
-    model = bsr_kernels.reprogram(small_vit(), keep_rate=0.5)
-    bsr_kernels.reprogram(model, keep_rate=0.25, drop_at=[2])
+    """A second reprogram replaces the first's settings, and restore then gives back the plain
+    model as it was before the first: timm's classes and the original requires_grad flags (a
+    mutation that reprogrammed over the first without undoing it left BSRBlocks and 14 of 80
+    parameters trainable after restore, and passed)."""
+    model = small_vit()
+    model.pos_embed.requires_grad_(False)              # flags of the user's own
+    before = _snapshot(model)
+    bsr_kernels.reprogram(model, keep_rate=0.5)
+    bsr_kernels.reprogram(model, keep_rate=0.25, drop_at=[2], train_blocks=[0])
     prof = bsr_kernels.profile(model, images(n=1))
     assert prof["tokens_per_block"] == [65] * 3 + [18] * 9  # 1 + ceil(0.25 * 64) + 1 fused
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "blocks" in n] \
+        and all(n.startswith(("blocks.0.", "head.")) for n, p in model.named_parameters()
+                if p.requires_grad)
+    bsr_kernels.restore(model)
+    assert _same(model, before)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_train_norm_trains_the_final_norm_the_model_has(pool):
+    """train_norm trains model.norm, or model.fc_norm where timm puts the final norm after an
+    average pool (norm is then an Identity); nothing else besides the blocks and the head (a
+    mutation that left fc_norm out passed)."""
+    model = small_vit(depth=6, global_pool=pool, fc_norm=pool == "avg")
+    final = model.fc_norm if pool == "avg" else model.norm
+    assert any(True for _ in final.parameters())
+    bsr_kernels.reprogram(model, fuse_token=False, train_norm=True)
+    trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"blocks", "head", "fc_norm" if pool == "avg" else "norm"}
+    assert all(p.requires_grad for p in final.parameters())
+    bsr_kernels.reprogram(model, fuse_token=False)
+    assert not any(p.requires_grad for p in final.parameters())
 
 
 def test_dynamic_image_size():
