@@ -313,3 +313,30 @@ def test_method_setup_refuses_settings_it_would_ignore_or_cannot_take(method):
     assert [p.requires_grad for p in model.parameters()] == before
     assert not hasattr(model, "bsr_config")
     assert methods.setup(model, method).name == method
+
+
+def test_method_setup_applies_every_setting_it_is_given():
+    """methods.setup passes each BSR setting on (reprogram's config is what BSRConfig.create
+    makes of them; the eager formulation keeps train_blocks, drop_at and keep_rate), and the
+    linear probe trains every head a model has (a distilled DeiT's head_dist too). Mutations
+    that dropped activation_dtype or drop_at for bsr, keep_rate for eager_bsr, or head_dist for
+    linear passed the tests that compared trained-parameter names."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    from bsr_kernels import methods
+    from bsr_kernels.config import BSRConfig
+
+    settings = dict(train_blocks=(2, 4), drop_at=(1, 3), keep_rate=0.25)
+    m = methods.setup(small_vit(), "bsr", memory_mode="fast", activation_dtype=torch.bfloat16,
+                      **settings)
+    assert m.model.bsr_config == BSRConfig.create(
+        len(m.model.blocks), 1, memory_mode="fast", activation_dtype=torch.bfloat16, **settings)
+    eager = methods.setup(small_vit(), "eager_bsr", **settings).module
+    assert (tuple(eager.train_blocks), tuple(eager.drop_at), eager.keep_rate) == \
+        ((2, 4), (1, 3), 0.25)
+    torch.manual_seed(0)
+    deit = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                      num_heads=2, num_classes=5)
+    for method in ("linear", "bitfit"):
+        trained = set(methods.trainable_parameters(methods.setup(deit, method).model))
+        assert {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"} <= trained
