@@ -28,8 +28,8 @@ from .checkpoint import atomic_write
 from .ops import reference
 from .ops.common import DropPlan, compute_dtype, num_kept
 
-__all__ = ["export_onnx", "SCRIPT_REFUSAL", "FX_REFUSAL", "drop_tokens_aten", "select_aten", "drop_traced",
-           "drop_tokens_decomposition", "cls_attention_decomposition"]
+__all__ = ["export_onnx", "SCRIPT_REFUSAL", "FX_REFUSAL", "drop_tokens_aten", "select_aten",
+           "drop_traced", "drop_tokens_decomposition", "cls_attention_decomposition"]
 
 #: The message of the error :func:`torch.jit.script` raises on a reprogrammed model.
 SCRIPT_REFUSAL = (
@@ -39,6 +39,7 @@ SCRIPT_REFUSAL = (
     "(bsr_kernels.export_onnx(model, images, path) or torch.onnx.export(model, (images,), "
     "dynamo=True)), or with torch.jit.trace(model, images).")
 
+#: The message of the error a reprogrammed block raises under torch.fx symbolic tracing.
 FX_REFUSAL = (
     "torch.fx symbolic tracing (torch.fx.symbolic_trace, timm's create_feature_extractor and "
     "AttentionExtract's default method='fx') does not support a model reprogrammed by "
