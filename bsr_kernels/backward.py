@@ -191,11 +191,15 @@ def _check_unmodified(block, slots, versions) -> None:
                 "block with its parameters, so change them only after backward.")
 
 
-def _replay_settings(block) -> tuple:
-    """What the replay of ``block``'s body reads of its BSR form (None once restored)."""
-    cfg = getattr(block, "bsr_config", None)
-    return (getattr(block, "bsr_index", None), getattr(block, "bsr_drops", None),
-            None if cfg is None else (cfg.keep_rate, cfg.fuse_token, cfg.num_prefix_tokens))
+def _replays_as_forward(block, config, drops: bool) -> bool:
+    """Whether replaying ``block``'s body now computes what its forward did under ``config``
+    (the forward's, with ``drops`` its role then): it is still reprogrammed, drops where it
+    dropped, and a drop keeps and fuses as it did (a block that drops nothing reads no more)."""
+    now = getattr(block, "bsr_config", None)
+    if now is None or getattr(block, "bsr_drops", None) != drops:
+        return False
+    return not drops or (now.keep_rate, now.fuse_token, now.num_prefix_tokens) \
+        == (config.keep_rate, config.fuse_token, config.num_prefix_tokens)
 
 
 @contextlib.contextmanager
@@ -262,7 +266,9 @@ class _LeanBlock(torch.autograd.Function):
         # backward replays in the forward's train/eval modes and refuses parameters changed since
         ctx.modules, ctx.modes = modules, [m.training for m in modules]
         ctx.versions = _versions(slots)
-        ctx.replays = _replay_settings(block)
+        # what the replay reads of the block's BSR form (the shared config object and a role:
+        # reading bsr_index here would give torch.compile one entry per block)
+        ctx.config, ctx.drops = block.bsr_config, block.bsr_drops
         # backward differentiates to exactly these parameters (in this order), even if
         # requires_grad changes in between, and replays with the forward's parameter tensors
         ctx.block, ctx.names, ctx.params, ctx.slots = block, names, params, slots
@@ -282,11 +288,11 @@ class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         block = ctx.block
-        if _replay_settings(block) != ctx.replays:
+        if not _replays_as_forward(block, ctx.config, ctx.drops):
             raise RuntimeError(
-                f"block {ctx.replays[0]} was restored (bsr_kernels.restore) or reprogrammed with "
-                "other drop settings between forward and backward: the lean and fast backward "
-                "replays the block as forward ran it; call backward first")
+                f"block {getattr(block, 'bsr_index', '')} was restored (bsr_kernels.restore) or "
+                "reprogrammed with other drop settings between forward and backward: the lean "
+                "and fast backward replays the block as forward ran it; call backward first")
         _check_unmodified(block, ctx.slots, ctx.versions)
         n_float = len(ctx.dtypes)
         # read once: each read unpacks every saved tensor again, which non-reentrant

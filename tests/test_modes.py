@@ -532,28 +532,37 @@ def test_restore_or_other_drop_settings_before_backward_raise(mode):
     """restore() between forward and backward failed in lean and fast backward with
     "AttributeError: 'Block' object has no attribute 'body'"; reprogramming with other drop
     settings replayed the block as it now is. Both raise naming what happened; a change that
-    leaves the replay as it was (another memory mode) still gives the same gradients."""
-    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
-    model(images()).square().sum().backward()
-    want = grads(model)
-    model.zero_grad()
+    leaves the replay as it was (another memory mode; another keep_rate where the replayed
+    blocks drop nothing) still gives the same gradients."""
+    drops_early = dict(train_blocks=(6, 7), drop_at=(2, 4))   # blocks 6-11 replay, none drops
+    model = tiny()
+    want = {}
+    for name, settings in (("default", {}), ("early", drops_early)):
+        bsr_kernels.reprogram(model, memory_mode=mode, **settings)
+        model.zero_grad()
+        model(images()).square().sum().backward()
+        want[name] = grads(model)
     for change in (bsr_kernels.restore,
                    lambda m: bsr_kernels.reprogram(m, memory_mode=mode, keep_rate=0.7)):
         bsr_kernels.reprogram(model, memory_mode=mode)
         loss = model(images()).square().sum()
         change(model)
-        with pytest.raises(RuntimeError, match=r"block \d+ was restored \(bsr_kernels.restore\) "
-                                               r"or reprogrammed .* call backward first"):
+        with pytest.raises(RuntimeError, match=r"block \d* ?was restored \(bsr_kernels.restore"
+                                               r"\) or reprogrammed .* call backward first"):
             loss.backward()
-    bsr_kernels.reprogram(model, memory_mode=mode)
-    loss = model(images()).square().sum()
-    bsr_kernels.reprogram(model, memory_mode="fast" if mode == "lean" else "lean")
-    model.zero_grad()
-    loss.backward()
-    got = grads(model)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=0, msg=name)
+    other = "fast" if mode == "lean" else "lean"
+    for name, settings, change in (
+            ("default", {}, dict(memory_mode=other)),
+            ("early", drops_early, dict(drops_early, memory_mode=mode, keep_rate=0.7))):
+        bsr_kernels.reprogram(model, memory_mode=mode, **settings)
+        loss = model(images()).square().sum()
+        bsr_kernels.reprogram(model, **change)
+        model.zero_grad()
+        loss.backward()
+        got = grads(model)
+        assert got.keys() == want[name].keys()
+        for n in got:
+            torch.testing.assert_close(got[n], want[name][n], rtol=1e-10, atol=0, msg=(name, n))
 
 
 def test_reset_classifier_refuses_what_reprogram_refuses():

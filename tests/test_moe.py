@@ -314,6 +314,35 @@ def test_to_moe_experts_start_as_copies_of_the_dense_mlp():
     assert model.blocks[3].mlp.fc1_weight.shape == (8, 192, 48)
 
 
+@pytest.mark.parametrize("mode", ["autograd", "fast", "lean"])
+def test_reprogrammed_moe_without_a_drop_computes_the_plain_moe_model(mode):
+    """At keep_rate 1 (nothing dropped) a reprogrammed MoE model's logits and gradients are
+    those of the same to_moe model run by timm's own blocks: the block body runs the MoE MLP as
+    timm's Block does, on norm2's output (a mutation that skipped norm2 was caught only
+    incidentally, by a missing gradient key)."""
+    plain = bsr_kernels.to_moe(small_vit(), num_experts=4, top_k=2)
+    with torch.no_grad():   # experts that differ
+        for _, moe in moe_blocks(plain):
+            moe.fc1_weight.add_(0.05 * torch.randn_like(moe.fc1_weight))
+    model = bsr_kernels.reprogram(copy.deepcopy(plain), keep_rate=1.0, memory_mode=mode)
+    trained = set(methods_trainable(model))
+    for n, p in plain.named_parameters():
+        p.requires_grad_(n in trained)
+    x = images()
+    want, got = plain(x), model(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    gp = grads(plain)
+    assert gp.keys() == grads(model).keys() and any(".gates." in n for n in gp)
+    for n, g in grads(model).items():
+        assert rel_err(g, gp[n]) < 1e-10, n
+
+
+def methods_trainable(model):
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def test_gate_noise_and_aux_loss_only_in_training_and_to_moe_keeps_eval_mode():
     """Gate noise is drawn in training only: in eval a noisy model's logits repeat and equal
     the noiseless model's, and no aux loss is kept. to_moe of a model in eval mode gives MoE
