@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from timm.utils import unwrap_model
 
 from .checkpoint import atomic_write
 from .ops import reference
@@ -151,6 +150,20 @@ def _initializer_bytes(program) -> Optional[int]:
         return None
 
 
+def _unwrap_runtime(model: torch.nn.Module) -> torch.nn.Module:
+    """The model that ``torch.compile``'s OptimizedModule, ``DataParallel`` or
+    ``DistributedDataParallel`` wrap, in any nesting, which run it unchanged. A wrapper of the
+    user's own (one with a ``module`` attribute and a forward that may add to it) is kept."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, parallel):
+            model = model.module
+        else:
+            return model
+
+
 def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.PathLike] = None,
                 *, dynamic_batch: bool = True, opset_version: Optional[int] = None,
                 input_names: Union[str, Sequence[str]] = ("images",),
@@ -162,8 +175,8 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
     of ``images``; the batch size may vary when ``dynamic_batch``.
 
     Args:
-        model: the model, in eval mode for deployment; a ``torch.compile``'d or DDP-wrapped
-            one exports the model it wraps (as the checkpoint functions read it).
+        model: the model, in eval mode for deployment; a ``torch.compile``'d, DataParallel
+            or DDP one exports the model it wraps (a wrapper of one's own is exported whole).
         images: an example (B, 3, H, W) batch.
         path: the ``.onnx`` file to write, or None to only return the program. Its folder must
             exist. Written atomically (a temporary file renamed over ``path``) unless the
@@ -206,7 +219,7 @@ def export_onnx(model: torch.nn.Module, images: torch.Tensor, path: Optional[os.
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
-    model = unwrap_model(model)   # torch.export cannot trace an OptimizedModule
+    model = _unwrap_runtime(model)   # torch.export cannot trace an OptimizedModule
     program = torch.onnx.export(model, (images,), dynamo=True, input_names=input_names,
                                 output_names=output_names, verbose=False, **kwargs)
     if path is not None:

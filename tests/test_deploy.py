@@ -290,15 +290,27 @@ def test_export_onnx_checks_the_folder_and_names_before_exporting(tmp_path, monk
 @needs_onnx
 def test_export_onnx_of_a_compiled_model_exports_the_model_itself(monkeypatch):
     """torch.compile's OptimizedModule failed inside torch.export with torch's generic error;
-    export_onnx exports the model it wraps, as save_checkpoint and save_delta read it."""
+    export_onnx exports the model it wraps, and the model DataParallel wraps. A wrapper of the
+    user's own that holds the model as ``module`` (its forward may normalise the input) is
+    exported whole, compiled or not."""
     got = []
     monkeypatch.setattr(torch.onnx, "export", lambda model, *a, **k: got.append(model))
     model = tiny_vit()
-    wrapper = torch.nn.Module()
-    wrapper.module = model       # as DDP holds it
-    for given in (torch.compile(model), wrapper, torch.compile(wrapper)):
+
+    class Normalized(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x * 2 - 1)
+
+    own = Normalized(model)
+    parallel = torch.nn.DataParallel(model)
+    for given in (torch.compile(model), parallel, torch.compile(parallel), own,
+                  torch.compile(own)):
         bsr_kernels.export_onnx(given, images(2))
-    assert got == [model] * 3
+    assert got == [model] * 3 + [own] * 2
 
 
 @needs_onnx
