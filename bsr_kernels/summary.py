@@ -58,15 +58,17 @@ class TrainableSummary:
 
 def _root(names: Sequence[str]) -> str:
     """The prefix under which the model's ``blocks.<i>`` are (``"vit."`` in a
-    :class:`~bsr_kernels.MultiTaskViT`), or "". Blocks inside a numbered part (the stages of
-    a ConvNeXt or Swin, ``stages.1.blocks.0``) are no ViT's: those models group by stage."""
+    :class:`~bsr_kernels.MultiTaskViT`, ``"1."`` in an ``nn.Sequential``), or "". Blocks under
+    several prefixes (the stages of a ConvNeXt or Swin: ``stages.0.blocks.0``,
+    ``stages.1.blocks.0``) are no ViT's: those models group by stage."""
+    prefixes = set()
     for name in names:
         parts = name.split(".")
         for i in range(len(parts) - 1):
-            if parts[i] == "blocks" and parts[i + 1].isdigit() \
-                    and not any(p.isdigit() for p in parts[:i]):
-                return ".".join(parts[:i]) + "." if i else ""
-    return ""
+            if parts[i] == "blocks" and parts[i + 1].isdigit():
+                prefixes.add(".".join(parts[:i]) + "." if i else "")
+                break
+    return prefixes.pop() if len(prefixes) == 1 else ""
 
 
 def _group(name: str, root: str = "") -> str:

@@ -58,6 +58,10 @@ def test_trainable_summary_groups_a_staged_model_by_stage(name, stages):
     staged = [g for g in s.groups if g.startswith(stages + ".")]
     assert staged == [f"{stages}.{i}" for i in range(4)], list(s.groups)
     assert sum(n for _, n in s.groups.values()) == sum(p.numel() for p in model.parameters())
+    # a ViT under a numbered prefix of its own (nn.Sequential(norm, vit)) keeps its blocks
+    seq = nn.Sequential(nn.Identity(), bsr_kernels.reprogram(vit()))
+    groups = list(bsr_kernels.trainable_summary(seq).groups)
+    assert "1.blocks.0" in groups and "1.head" in groups, groups
 
 
 def test_trainable_summary_names_blocks_through_wrappers():
