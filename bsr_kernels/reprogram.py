@@ -20,6 +20,7 @@ One block body (:meth:`BSRBlock.body`) serves every execution mode:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -125,8 +126,11 @@ class BSRBlock(Block):
         # carry hooks (see parts_hooked).
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
                 and not torch.jit.is_tracing() and not under_functorch() \
-                and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)) \
-                and not parts_hooked(self):
+                and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
+            if parts_hooked(self):
+                if not torch.compiler.is_compiling():
+                    warnings.warn(HOOKED_PARTS_WARNING.format(mode=mode), stacklevel=2)
+                return self.body(x)
             from .backward import checkpointable, checkpointed_block, lean_block
             if torch.compiler.is_compiling() and checkpointable(self):
                 return checkpointed_block(self, x)   # one graph (see bsr_kernels.backward)
@@ -147,6 +151,14 @@ def hooked(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks (or pre-hooks) of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+#: Warned (once a process, per mode) when a block's parts carry hooks in lean or fast mode.
+HOOKED_PARTS_WARNING = (
+    "bsr_kernels: a reprogrammed block whose parts (norms, projections, activation...) have "
+    "forward or backward hooks runs plain autograd, so memory_mode={mode!r} saves no memory "
+    "on it (hooks that torch.nn.utils.prune, weight_norm or activation-collecting tools "
+    "register count too); hooks registered on the block itself keep the {mode} path")
 
 
 def parts_hooked(block: nn.Module) -> bool:
