@@ -55,20 +55,17 @@ class BSRConfigWarning(UserWarning):
 BACKWARD_ONLY = ("memory_mode", "activation_dtype", "train_blocks", "train_norm")
 
 
-def _forward_settings(d: dict) -> dict:
-    """The settings of a BSR config dict that the logits depend on: where a keep_rate of 1
-    drops nothing, neither where it would drop nor token fusion matters."""
-    out = {k: v for k, v in d.items() if k not in BACKWARD_ONLY}
-    if out.get("keep_rate", 0.0) >= 1.0:
-        out.pop("drop_at", None)
-        out.pop("fuse_token", None)
-    return out
+def _forward_settings(d: Optional[dict]) -> Optional[dict]:
+    """The settings of a BSR config dict that the logits depend on; None, as for a plain model,
+    where nothing is dropped (no drop_at, or a keep_rate of 1): the blocks then compute what
+    timm's do."""
+    if d is None or not d.get("drop_at") or d.get("keep_rate", 0.0) >= 1.0:
+        return None
+    return {k: v for k, v in d.items() if k not in BACKWARD_ONLY}
 
 
 def _same_forward(a: Optional[dict], b: Optional[dict]) -> bool:
     """Whether two BSR config dicts (or None, for a plain model) compute the same logits."""
-    if a is None or b is None:
-        return a is b
     return _forward_settings(a) == _forward_settings(b)
 
 

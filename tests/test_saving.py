@@ -214,8 +214,8 @@ def test_state_dict_of_an_older_config_with_the_same_settings_loads_silently():
 
 def test_backward_only_settings_load_without_a_warning():
     """Weights saved under another memory mode, activation dtype, train_blocks or train_norm
-    (settings of the backward alone), or with keep_rate 1 under another drop_at or fuse_token
-    (nothing is dropped), give the same logits: they load silently, with load_state_dict and
+    (settings of the backward alone), or where nothing is dropped (keep_rate 1 or no drop_at,
+    into a plain model too), give the same logits: they load silently, with load_state_dict and
     with load_checkpoint(reprogram=False) (the last three warned 'its logits will differ'); a
     forward setting still warns beside them."""
     model, x = tuned(), images()
@@ -231,12 +231,15 @@ def test_backward_only_settings_load_without_a_warning():
             bsr_kernels.load_checkpoint(other, sd, reprogram=False)
         torch.testing.assert_close(logits(other, x), logits(model, x))
     whole = tuned(keep_rate=1.0)
-    other = bsr_kernels.reprogram(plain(seed=4), keep_rate=1.0, drop_at=(0,), fuse_token=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BSRConfigWarning)
-        other.load_state_dict(whole.state_dict())
-        bsr_kernels.load_checkpoint(other, whole.state_dict(), reprogram=False)
-    torch.testing.assert_close(logits(other, x), logits(whole, x))
+    nothing = tuned(drop_at=())
+    for into in (bsr_kernels.reprogram(plain(seed=4), keep_rate=1.0, drop_at=(0,),
+                                       fuse_token=False), plain(seed=4)):
+        for saved in (whole, nothing):     # neither drops: a plain model's logits
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", BSRConfigWarning)
+                into.load_state_dict(saved.state_dict())
+                bsr_kernels.load_checkpoint(into, saved.state_dict(), reprogram=False)
+            torch.testing.assert_close(logits(into, x), logits(saved, x))
     other = bsr_kernels.reprogram(plain(seed=4), keep_rate=0.7, memory_mode="autograd")
     with pytest.warns(BSRConfigWarning, match="keep_rate"):
         other.load_state_dict(sd)
