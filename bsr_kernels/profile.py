@@ -100,9 +100,10 @@ def profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tenso
     """Measures one training step of ``model`` on ``images``, per image.
 
     The model's ``requires_grad`` flags decide what is trained (a plain timm model is full
-    fine-tuning; a reprogrammed one is BSR). The step changes nothing: existing ``.grad``
-    fields, the model's buffers (BatchNorm statistics of a model in training mode) and a MoE
-    MLP's usage counts and ``aux_loss`` are left as they were, though it runs forward twice.
+    fine-tuning; a reprogrammed one is BSR). It runs forward twice and leaves the model as it
+    was: existing ``.grad`` fields, its buffers (BatchNorm statistics of a model in training
+    mode) and a MoE MLP's usage counts and ``aux_loss``. It does draw from the random number
+    generators (dropout, gate noise) as a training step would.
 
     Args:
         model: any model mapping images to logits (timm ViTs also report tokens per block).
@@ -144,7 +145,8 @@ def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
         p.grad = None
     # What the two forwards would change: BatchNorm running statistics in training mode (and
     # any buffer a forward updates), a MoE MLP's usage counts (track_usage) and aux_loss.
-    buffers = [(b, b.clone()) for b in model.buffers()]
+    buffers = [(m, name, b, b.clone()) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None]
     moes = [(m, m.usage.clone(), m.aux_loss) for m in model.modules()
             if getattr(m, "bsr_moe", False)]
     tokens: list[int] = []
@@ -162,7 +164,8 @@ def _profile(model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tens
         for p, g in zip(params, old_grads):
             p.grad = g
         with torch.no_grad():   # in place: a reference the caller holds sees them back
-            for b, was in buffers:
+            for m, name, b, was in buffers:
+                m._buffers[name] = b          # a forward may rebind it (self.n = self.n + 1)
                 b.copy_(was)
             for m, usage, aux in moes:
                 m.usage.copy_(usage)

@@ -138,7 +138,8 @@ def test_profile_leaves_buffers_and_moe_counts_as_they_were():
     """profile runs forward twice (memory, then FLOPs): a model in training mode had its
     BatchNorm running statistics updated twice (num_batches_tracked 0 -> 2), and a MoE MLP
     that tracks usage counted the batch twice and kept profile's aux_loss. All are as they were
-    now, in place (a reference to the usage tensor sees the old counts)."""
+    now, in place (a reference to the usage tensor sees the old counts), also a buffer that a
+    forward rebinds."""
     import bsr_kernels
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
@@ -148,6 +149,18 @@ def test_profile_leaves_buffers_and_moe_counts_as_they_were():
     conv(images)                                       # materialise the lazy layer, update stats
     bn = conv[1]
     before = {n: b.clone() for n, b in conv.named_buffers()}
+
+    class Seen(nn.Module):   # a forward that rebinds its buffer rather than updating it
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n = self.n + x.shape[0]
+            return x
+
+    conv.append(Seen())
+    before["5.n"] = torch.zeros(())
     bsr_kernels.profile(conv.train(), images)
     assert before["1.num_batches_tracked"] == 1
     for n, b in conv.named_buffers():
