@@ -325,7 +325,7 @@ def test_reprogrammed_moe_without_a_drop_computes_the_plain_moe_model(mode):
         for _, moe in moe_blocks(plain):
             moe.fc1_weight.add_(0.05 * torch.randn_like(moe.fc1_weight))
     model = bsr_kernels.reprogram(copy.deepcopy(plain), keep_rate=1.0, memory_mode=mode)
-    trained = set(methods_trainable(model))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
     for n, p in plain.named_parameters():
         p.requires_grad_(n in trained)
     x = images()
@@ -337,10 +337,6 @@ def test_reprogrammed_moe_without_a_drop_computes_the_plain_moe_model(mode):
     assert gp.keys() == grads(model).keys() and any(".gates." in n for n in gp)
     for n, g in grads(model).items():
         assert rel_err(g, gp[n]) < 1e-10, n
-
-
-def methods_trainable(model):
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def test_gate_noise_and_aux_loss_only_in_training_and_to_moe_keeps_eval_mode():
