@@ -361,9 +361,9 @@ class _LeanBlock(torch.autograd.Function):
         return (None, None, None, grad_x, *param_grads)
 
 
-def lean_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Runs a reprogrammed block through the memory-lean autograd function."""
-    modules = list(block.modules())
+def lean_block(block: nn.Module, x: torch.Tensor, modules: list) -> torch.Tensor:
+    """Runs a reprogrammed block through the memory-lean autograd function; ``modules`` is
+    ``list(block.modules())``."""
     slots = _parameter_slots(modules)
     params = list({id(p): p for _, _, p in slots if p.requires_grad}.values())  # parameters()
     if not x.requires_grad and not params:

@@ -413,7 +413,7 @@ def load_delta(model: nn.Module, path: os.PathLike, check_base: bool = True) -> 
     for n, t in tensors.items():
         if n not in params and n not in replaced:
             continue
-        want = replaced.get(n, params[n].shape if n in params else None)
+        want = replaced[n] if n in replaced else params[n].shape
         if tuple(want) != tuple(t.shape):
             problems.append(f"{n}: delta {tuple(t.shape)} vs model {tuple(want)}")
         elif n in params and t.is_floating_point() != params[n].is_floating_point():

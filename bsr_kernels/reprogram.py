@@ -127,14 +127,15 @@ class BSRBlock(Block):
         if mode != "autograd" and torch.is_grad_enabled() and record is None \
                 and not torch.jit.is_tracing() and not under_functorch() \
                 and not (getattr(self.mlp, "bsr_moe", False) and self.mlp.plain_autograd(mode)):
-            if parts_hooked(self):
+            modules = list(self.modules())   # walked once: lean_block takes them too
+            if parts_hooked(modules):
                 if not torch.compiler.is_compiling():
                     warnings.warn(HOOKED_PARTS_WARNING.format(mode=mode), stacklevel=2)
                 return self.body(x)
             from .backward import checkpointable, checkpointed_block, lean_block
             if torch.compiler.is_compiling() and checkpointable(self):
                 return checkpointed_block(self, x)   # one graph (see bsr_kernels.backward)
-            return lean_block(self, x)
+            return lean_block(self, x, modules)
         return self.body(x, record=record)
 
 
@@ -161,14 +162,15 @@ HOOKED_PARTS_WARNING = (
     "register count too); hooks registered on the block itself keep the {mode} path")
 
 
-def parts_hooked(block: nn.Module) -> bool:
-    """Whether a module inside ``block`` (a norm, a projection, the activation, a LayerScale, a
-    MoE MLP...) has hooks. Such a block runs plain autograd in every memory mode: the lean and
-    fast backward would run its forward without autograd and replay it in backward, so what a
+def parts_hooked(modules: Sequence[nn.Module]) -> bool:
+    """Whether a module inside a block (a norm, a projection, the activation, a LayerScale, a
+    MoE MLP...) has hooks; ``modules`` is ``list(block.modules())``, the block first. Such a
+    block runs plain autograd in every memory mode: the lean and fast backward would run its
+    forward without autograd and replay it in backward, so what a
     hook collects would carry no gradient (an auxiliary loss on it would train nothing), the
     hook would run twice a step, and a random draw in it would differ in the replay. Hooks on
     the block itself run once, outside, and keep its mode."""
-    return any(hooked(m) for m in block.modules() if m is not block)
+    return any(hooked(m) for m in modules[1:])
 
 
 def _refuse_skipped_hooks(block) -> None:
