@@ -61,6 +61,8 @@ from timm.layers import LayerScale
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
+from .ops.common import autocast_dtype, autocast_off
+
 __all__ = ["lean_block", "checkpointed_block", "checkpointable"]
 
 
@@ -275,8 +277,7 @@ class _LeanBlock(torch.autograd.Function):
         # Backward replays the body under the forward's autocast state (autocast is thread-local
         # and the autograd engine does not carry it over).
         ctx.device_type = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type),
-                        torch.get_autocast_dtype(ctx.device_type))
+        ctx.autocast = autocast_dtype(ctx.device_type)   # None: off
         # Each saved tensor keeps its own dtype (under autocast the projections are bf16/fp16)
         # unless compression asks for another; backward casts back to the recorded dtypes.
         tensors = [x, *(saved[n] for n in names)]
@@ -323,9 +324,9 @@ class _LeanBlock(torch.autograd.Function):
             return module(inp)
 
         def replay():
-            enabled, dtype = ctx.autocast
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype,
-                                                     enabled=enabled), \
+            dtype, dev = ctx.autocast, ctx.device_type
+            with torch.enable_grad(), (torch.autocast(dev, dtype=dtype) if dtype is not None
+                                       else autocast_off(dev)), \
                     _forward_parameters(ctx.slots), _forward_modes(ctx.modules, ctx.modes), \
                     (moe.recorded_routing(replay=routes[0]) if routes
                      else contextlib.nullcontext()):

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .ops.common import under_functorch, values_readable
+from .ops.common import autocast_dtype, autocast_off, under_functorch, values_readable
 from .reprogram import _out_of_place
 
 __all__ = ["MoEMlp", "to_moe", "MultiTaskViT", "moe_forward", "moe_reference", "route",
@@ -439,19 +439,20 @@ def _autocast_input(h: torch.Tensor):
     backward in that one dtype (autocast would cast some of forward's ops and none of
     backward's); float64 stays float64, as autocast leaves it for ``nn.Linear``. Without
     autocast, ``h`` and a context that does nothing."""
-    dev = h.device.type
-    if not torch.is_autocast_enabled(dev):
+    dtype = autocast_dtype(h.device.type)
+    if dtype is None:
         return h, contextlib.nullcontext()
     if h.is_floating_point() and h.dtype != torch.float64:
-        h = h.to(torch.get_autocast_dtype(dev))
-    return h, torch.autocast(dev, enabled=False)
+        h = h.to(dtype)
+    return h, autocast_off(h.device.type)
 
 
 def _combine(h, weights, idx, w1, b1, w2, b2, act):
     """The experts of a routing and their weighted combine (:func:`moe_forward`), in ``h``'s
     dtype: the gate weights and expert parameters are cast to it."""
     act = act if act is not None else nn.GELU()
-    experts = _dense_experts if _tracing() else _experts
+    # meta tensors (shape inference) have no loads to group by: the dense form, same shapes
+    experts = _dense_experts if _tracing() or h.device.type == "meta" else _experts
     w1, b1, w2, b2, weights = (p if p is None or p.dtype == h.dtype else p.to(h.dtype)
                                for p in (w1, b1, w2, b2, weights))
     return experts(h, weights, idx, w1, b1, w2, b2, act)

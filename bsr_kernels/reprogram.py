@@ -19,7 +19,6 @@ One block body (:meth:`BSRBlock.body`) serves every execution mode:
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Optional, Sequence
 
@@ -33,7 +32,7 @@ from .attention import TokenDropAttention, call_linear
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
 from .export import FX_REFUSAL, SCRIPT_REFUSAL, drop_traced
 from .ops import _drop_tokens
-from .ops.common import under_functorch
+from .ops.common import autocast_off, under_functorch
 
 __all__ = ["reprogram", "restore", "default_train_blocks", "default_drop_at", "BSRBlock",
            "kept_patches", "is_reprogrammed", "MEMORY_MODES"]
@@ -93,9 +92,7 @@ class BSRBlock(Block):
         # The drop accumulates in float32 (its kernels ignore autocast); so must its torch-op
         # forms, the reference and the replay of a lean/fast backward (which runs under the
         # forward's autocast): bf16 replay scores failed the C++ backward.
-        device = x.device.type
-        with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
-              else contextlib.nullcontext()):
+        with autocast_off(x.device.type):
             # a replay's kept is this op's own output: no range check (on CPU a value read)
             return _drop_tokens(x, q, k, cfg.keep_rate, cfg.fuse_token, cfg.num_prefix_tokens,
                                 None, kept, None, check_values=False)

@@ -771,3 +771,31 @@ def test_user_checkpointing_and_offload_hooks_around_the_model(mode):
         assert got.keys() == want.keys()
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("moe", [False, True])
+def test_meta_device_shape_inference(mode, moe):
+    """``model.to("meta")`` (shape inference, no data: as accelerate's empty weights or a
+    memory estimate use it) runs a reprogrammed model as it runs timm's: forward in training
+    and eval, and backward, give the CPU model's shapes, a MoE MLP included. (Autocast, which
+    torch refuses to be asked about on meta, failed every block's drop; the drop ops' default
+    backend refused meta tensors; a MoE grouped its experts by loads that meta has not.)"""
+    model = tiny(depth=6)
+    if moe:
+        bsr_kernels.to_moe(model, num_experts=4, top_k=2)
+    bsr_kernels.reprogram(model, memory_mode=mode, train_blocks=[1, 4], drop_at=[1, 3])
+    x = images()
+    want = model(x)
+    want.square().sum().backward()
+    want_grads = {n: g.shape for n, g in grads(model).items()}
+    model.zero_grad(set_to_none=True)
+    model.to("meta")
+    out = model(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == want.shape
+    out.square().sum().backward()
+    got = grads(model)
+    assert {n: g.shape for n, g in got.items()} == want_grads and want_grads
+    assert all(g.device.type == "meta" for g in got.values())
+    with torch.no_grad():
+        assert model.eval()(x.to("meta")).shape == want.shape

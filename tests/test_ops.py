@@ -1201,6 +1201,32 @@ def test_default_cpu_backend_is_cpp(monkeypatch):
     assert select_backend(CPU, torch.float32).name == "cpp"
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_tensors_get_the_reference_and_the_cpu_shapes(monkeypatch, dtype):
+    """Meta tensors (shape inference: no data, nothing computed) go to the reference by default,
+    the one backend that takes them; both ops and their backward give the shapes and dtypes of
+    the CPU call, with P=2 and fused token. A forced backend that cannot run them still raises."""
+    monkeypatch.delenv("BSR_BACKEND", raising=False)
+    meta = torch.device("meta")
+    assert select_backend(meta, dtype).name == "reference"
+    assert "reference" in available_backends(meta, dtype)
+    x, q, k = make_inputs(DropCase(b=3, h=2, n=11, d=4, c=6), CPU, dtype, requires_grad=True)
+    on_meta = [t.detach().to(meta).requires_grad_() for t in (x, q, k)]
+    for call in (lambda x, q, k: bsr_kernels.drop_tokens(x, q, k, 0.4, num_prefix_tokens=2),
+                 lambda x, q, k: (bsr_kernels.cls_attention(q, k, num_prefix_tokens=2),)):
+        want = call(x, q, k)
+        got = call(*on_meta)
+        assert [(t.shape, t.dtype, t.device.type) for t in got] \
+            == [(t.shape, t.dtype, "meta") for t in want]
+        want_grads = torch.autograd.grad(want[0].square().sum(), (x, q, k), allow_unused=True)
+        got_grads = torch.autograd.grad(got[0].square().sum(), on_meta, allow_unused=True)
+        assert [None if g is None else (g.shape, g.dtype) for g in got_grads] \
+            == [None if g is None else (g.shape, g.dtype) for g in want_grads]
+    with pytest.raises(RuntimeError, match="cpp: runs on CPU tensors only"):
+        bsr_kernels.drop_tokens(*on_meta, 0.4, backend="cpp")
+
+
 # --- torch.compile and torch.library -----------------------------------------------------------
 
 class _DropBlock(torch.nn.Module):

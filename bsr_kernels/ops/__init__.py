@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import (DropPlan, check_backend_name, check_kept, check_keep_rate, check_prefix,
+from .common import (DropPlan, autocast_off, check_backend_name, check_kept, check_keep_rate, check_prefix,
                      check_qk, check_x, compute_dtype, out_tokens, plain_call, resolve_scale,
                      under_functorch)
 from .dispatch import available_backends, context_backend, select_backend, use_backend
@@ -249,12 +249,6 @@ def _plain_eager(*tensors: Tensor) -> bool:
     return plain_call(*tensors) and not under_functorch()
 
 
-def _no_autocast(device_type: str):
-    """Autocast off for ``device_type``: the ops' kernels ignore it (they accumulate in the
-    compute dtype), so the definition, where it stands in for them, must too."""
-    return torch.autocast(device_type, enabled=False)
-
-
 def _eager_function(name: str, method: str, setup, backward) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` whose forward is the backend's ``method`` (the backend object is
     the last input), with the registered op's ``setup`` and ``backward``. Old-style (``forward``
@@ -315,7 +309,7 @@ def cls_attention(q: Tensor, k: Tensor, scale: float | None = None,
     impl = select_backend(q.device, q.dtype,
                           name=check_backend_name(backend) or context_backend())
     if under_functorch():   # the definition, in the compute dtype as the kernels (no autocast)
-        with _no_autocast(q.device.type):
+        with autocast_off(q.device.type):
             return reference.cls_scores(q, k, scale, p)[0]
     cd = compute_dtype(q.dtype)
     if not impl.mixed_dtypes and q.dtype != cd:   # half q, k for a float32/64-only backend
@@ -390,7 +384,7 @@ def _drop_tokens(x, q, k, keep_rate, fuse_token, num_prefix_tokens, scale, kept,
     if plan.n_keep == plan.n_candidates and kept is None:   # nothing to drop or reorder
         return x, torch.arange(plan.n_candidates, device=x.device).repeat(x.shape[0], 1)
     if under_functorch():   # the definition, in the compute dtype as the kernels (no autocast)
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):
             x_out, kept = reference.drop_tokens(x, q, k, scale, p, plan.n_keep,
                                                 plan.fuse_token, kept=kept)[:2]
         return x_out, kept

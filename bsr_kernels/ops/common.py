@@ -16,6 +16,7 @@ their (not renormalised) scores when ``fuse_token`` and at least one token is dr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from .. import _config
 
 __all__ = [
     "Backend",
+    "autocast_dtype",
+    "autocast_off",
     "DropPlan",
     "check_backend_name",
     "check_kept",
@@ -58,6 +61,27 @@ def plain_call(*tensors: torch.Tensor) -> bool:
             and all(type(t) is torch.Tensor for t in tensors)
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled())
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` now, or None where it is off, or where
+    the device type has no autocast (``meta``, whose tensors a model's shape inference runs:
+    asking torch about it raises). cpu and cuda skip that availability query, so that
+    torch.compile traces no more than ``torch.is_autocast_enabled``."""
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off on ``device_type``; one that does nothing where it is
+    off already. The drop ops' kernels accumulate in their compute dtype whatever autocast
+    says, so their pure-PyTorch forms (the definition, a lean replay's drop) must too."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def values_readable(t: torch.Tensor) -> bool:

@@ -5,7 +5,8 @@ A backend is forced, in this order, by an op's ``backend=`` argument, by the inn
 unavailable forced backend raises).
 Otherwise CUDA tensors go to Triton and CPU tensors to the C++ extension. There is no silent
 fallback to the reference: when no backend fits, the error lists every backend and why it was
-rejected.
+rejected. ``meta`` tensors (no data: a model's shape inference, as with ``model.to("meta")``) go
+to the reference, whose ops all take them; they compute nothing, so nothing is slow there.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ _SELECTED: dict[tuple, Backend] = {}
 #: ``ContextVar.get`` (a graph break at every op call, an error under ``fullgraph=True``), while it
 #: reads a thread-local's attribute and guards on it, so entering or leaving a block recompiles.
 _LOCAL = threading.local()
+#: The backend of tensors on a device type when none is forced (others: "cpp", which says why
+#: it cannot run them).
+_DEFAULTS = {"cuda": "triton", "cpu": "cpp", "meta": "reference"}
 
 
 @contextlib.contextmanager
@@ -124,7 +128,7 @@ def select_backend(device: torch.device, *dtypes: torch.dtype, name: str = "") -
     hit = _SELECTED.get(key) if cached else None
     if hit is not None:
         return hit
-    candidates = [forced] if forced else (["triton"] if device.type == "cuda" else ["cpp"])
+    candidates = [forced] if forced else [_DEFAULTS.get(device.type, "cpp")]
 
     for cand in candidates:
         if not _reasons(_BACKENDS[cand], device, dtypes):
