@@ -231,16 +231,62 @@ def test_load_delta_refuses_a_header_dtype_change(tuned_delta):
 def test_load_delta_refuses_an_int_tensor_for_a_float_parameter_even_in_version_1(tuned_delta):
     _, path = tuned_delta
 
-    def to_v1(cfg):
-        cfg["version"] = 1
-        del cfg["dtypes"], cfg["checksum"]
-    _edit_config(path, to_v1)
+    _edit_config(path, _to_v1)
     _edit_header(path, lambda h: h["head.weight"].update(dtype="I32"))
     t = _tiny()
     snap = _snapshot(t)
     with pytest.raises(ValueError, match=r"does not fit.*head\.weight: delta dtype torch\.int32"):
         bsr_kernels.load_delta(t, path)
     _assert_unchanged(t, snap)
+
+
+def _to_v1(cfg):
+    """A delta's config as version 1 wrote it: no dtypes, no checksum, and BSR settings
+    without the ones added later (memory_mode, train_norm, activation_dtype)."""
+    cfg["version"] = 1
+    del cfg["dtypes"], cfg["checksum"]
+    for key in ("memory_mode", "train_norm", "activation_dtype"):
+        del cfg["bsr"][key]
+
+
+def test_a_version_1_delta_loads_with_the_settings_of_its_time(tuned_delta):
+    """Settings a version-1 file lacks take the values that version had: lean memory, no
+    trained norm, activations kept in their own dtype."""
+    tuned, path = tuned_delta
+    _edit_config(path, _to_v1)
+    t = bsr_kernels.load_delta(_tiny(), path)
+    assert t.bsr_config == tuned.bsr_config
+    assert (t.bsr_config.memory_mode, t.bsr_config.train_norm,
+            t.bsr_config.activation_dtype) == ("lean", False, None)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(t(x), tuned(x), rtol=0, atol=0)
+
+
+def test_a_delta_whose_tensors_differ_from_its_list_is_refused(tuned_delta):
+    """Version 1 has no checksum: the list of parameters against the tensors held is what
+    tells a file that lost (or gained) a tensor."""
+    _, path = tuned_delta
+
+    def listed_but_absent(cfg):
+        _to_v1(cfg)
+        cfg["parameters"].append("blocks.0.norm1.weight")
+    _edit_config(path, listed_but_absent)
+    t = _tiny()
+    snap = _snapshot(t)
+    with pytest.raises(ValueError, match=r"tensors \['blocks\.0\.norm1\.weight'\] differ from "
+                                         "the parameters its config lists"):
+        bsr_kernels.load_delta(t, path)
+    _assert_unchanged(t, snap)
+
+
+def test_read_delta_sees_a_reshaped_tensor_through_its_checksum(tuned_delta):
+    """The same bytes under another shape (an edited header) fail the checksum, which covers
+    the shapes."""
+    _, path = tuned_delta
+    _edit_header(path, lambda h: h["head.weight"].update(shape=h["head.weight"]["shape"][::-1]))
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        read_delta(path)
 
 
 def test_load_delta_refuses_changed_tensor_bytes(tuned_delta):

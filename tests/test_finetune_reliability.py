@@ -222,6 +222,73 @@ def test_stale_lock_takeover_shuts_out_a_second_taker_midway(tmp_path, monkeypat
             proc.wait()
 
 
+_FLOCK_HOLDER = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("flocked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stale_lock_replaced_before_the_flock_is_looked_at_again(tmp_path, monkeypatch):
+    """A opens the stale lock file and takes its flock; meanwhile another process has put
+    another stale file at ``.lock`` and is taking that one over (it holds that file's flock).
+    A must not act on the file it opened, now gone: it looks again and finds the takeover
+    under way (acting on it, A and the other process both held the folder)."""
+    import fcntl
+    lock_file = tmp_path / ".lock"
+    stale = f"{_dead_pid()} - {checkpoint._hostname()}\n"
+    lock_file.write_text(stale)
+    real_flock, holders = fcntl.flock, []
+
+    def flock_after_a_swap(fd, op):
+        if not holders:
+            (tmp_path / "swap").write_text(stale)
+            os.replace(tmp_path / "swap", lock_file)
+            holders.append(subprocess.Popen([sys.executable, "-c", _FLOCK_HOLDER,
+                                             str(lock_file)], stdout=subprocess.PIPE, text=True))
+            assert holders[0].stdout.readline().strip() == "flocked"
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_swap)
+    try:
+        with pytest.raises(checkpoint.RunLockedError, match="taking over the stale lock"):
+            checkpoint.RunLock(tmp_path).acquire()
+        assert lock_file.read_text() == stale
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_lock_is_released_only_while_it_names_this_process(tmp_path):
+    """release() deletes the lock file only while it names this process: one that another
+    process holds by then (ours deleted by hand, say) stays."""
+    lock = checkpoint.RunLock(tmp_path).acquire()
+    other = f"{_dead_pid()} - {checkpoint._hostname()}\n"
+    (tmp_path / ".lock").write_text(other)
+    lock.release()
+    assert not lock.held and (tmp_path / ".lock").read_text() == other
+
+
+def test_a_process_of_another_user_counts_as_alive(tmp_path, monkeypatch):
+    """A PID that signal 0 may not reach (PermissionError) is a live process of another user:
+    its temporary files stay, and its lock is respected."""
+    pid = os.getpid() + 1
+
+    def denied(p, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(checkpoint.os, "kill", denied)
+    assert checkpoint._pid_alive(pid)
+    tmp = tmp_path / f".a.tmp{pid}"
+    tmp.write_text("x")
+    assert checkpoint.clean_orphans(tmp_path) == [] and tmp.exists()
+    monkeypatch.setattr(checkpoint, "_start_time", lambda p: None)
+    (tmp_path / ".lock").write_text(f"{pid} - {checkpoint._hostname()}\n")
+    with pytest.raises(checkpoint.RunLockedError, match=rf"\(process {pid}\) is writing"):
+        checkpoint.RunLock(tmp_path).acquire()
+
+
 # --- 8: damaged result.json ----------------------------------------------------------------
 
 def test_damaged_result_json_is_named_and_rebuilt_after_deleting_it(tmp_path, capsys):
@@ -240,6 +307,21 @@ def test_damaged_result_json_is_named_and_rebuilt_after_deleting_it(tmp_path, ca
     assert "after epoch 1" in out                           # rebuilt, not retrained
     rebuilt = _strict_json(result)
     assert rebuilt["history"] == good["history"] and rebuilt["accuracy"] == good["accuracy"]
+
+
+def test_read_json_refuses_another_format_or_version_naming_the_file_and_the_fix(tmp_path):
+    path = checkpoint.write_json(tmp_path / "r.json", {"a": 1}, format="fmt", version=2)
+    assert checkpoint.read_json(path, "a result", "rerun", format="fmt", versions=(1, 2)) == {
+        "format": "fmt", "version": 2, "a": 1}
+    for fmt, versions, found in (("fmt", (1,), "'fmt' version 2"),
+                                 ("other", (2,), "'fmt' version 2")):
+        with pytest.raises(checkpoint.DamagedFileError) as e:
+            checkpoint.read_json(path, "a result", "rerun", format=fmt, versions=versions)
+        assert str(path) in str(e.value) and found in str(e.value)
+        assert str(e.value).endswith("; rerun")
+    unversioned = checkpoint.write_json(tmp_path / "u.json", {"a": 1})
+    with pytest.raises(checkpoint.DamagedFileError, match="format None version None"):
+        checkpoint.read_json(unversioned, "a result", "rerun", format="fmt", versions=(1,))
 
 
 # --- 9: orphaned temporary files -----------------------------------------------------------
@@ -266,9 +348,12 @@ def test_clean_orphans_keeps_files_of_live_writers(tmp_path):
         mine = tmp_path / f".a.tmp{live.pid}"
         dead = tmp_path / f".b.tmp{_dead_pid()}"
         other = tmp_path / ".notes.tmpx"
-        for p in (mine, dead, other):
+        # this process's own: it is not writing while it cleans (a container's PID 1 finds
+        # the orphans of an earlier PID 1 under its own PID)
+        own = tmp_path / f".c.tmp{os.getpid()}"
+        for p in (mine, dead, other, own):
             p.write_text("x")
-        assert checkpoint.clean_orphans(tmp_path) == [dead]
+        assert checkpoint.clean_orphans(tmp_path) == [dead, own]
         assert mine.exists() and other.exists()
     finally:
         live.kill()

@@ -233,6 +233,52 @@ def test_checkpoint_files_are_validated(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]      # no temporary files
 
 
+def test_load_checkpoint_compares_the_fingerprint_setting_by_setting(tmp_path):
+    """Each setting a checkpoint recorded is compared with this run's, and each difference is
+    named: one the run no longer has too; ``extendable`` ones may differ, ``optional`` ones
+    only count where the checkpoint has them, ``normalize`` compares what two values stand
+    for; ``epochs`` refuses a checkpoint past this run's end."""
+    from bsr_kernels.finetune.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    path = tmp_path / "c.pt"
+
+    def write(fingerprint, epoch=2, partial=None):
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                               "fingerprint": fingerprint, "model": {}, "optimizer": {},
+                               "scheduler": {}, "rng": {}, "epoch": epoch, "step": 7,
+                               **({"partial_epoch": partial} if partial else {})})
+
+    saved = {"lr": 0.1, "epochs": 2, "amp": None, "mixup": 0.2}
+    write(saved)
+    assert load_checkpoint(path, dict(saved))["step"] == 7
+    with pytest.raises(CheckpointError, match=r"other settings \(lr: checkpoint 0\.1, now 0\.3\)"):
+        load_checkpoint(path, {**saved, "lr": 0.3})
+    with pytest.raises(CheckpointError, match=r"\(mixup: checkpoint 0\.2, now unset\)"):
+        load_checkpoint(path, {k: v for k, v in saved.items() if k != "mixup"})
+    load_checkpoint(path, {**saved, "epochs": 5}, extendable=("epochs",))
+    with pytest.raises(CheckpointError, match="epochs: checkpoint 2, now 5"):
+        load_checkpoint(path, {**saved, "epochs": 5})
+    load_checkpoint(path, {**saved, "data": "x"}, optional=("data",))   # recorded later
+    with pytest.raises(CheckpointError, match="data: checkpoint None, now 'x'"):
+        load_checkpoint(path, {**saved, "data": "x"})
+    write({**saved, "data": "y"})
+    with pytest.raises(CheckpointError, match="data: checkpoint 'y', now 'x'"):
+        load_checkpoint(path, {**saved, "data": "x"}, optional=("data",))
+    resolved = {"amp": lambda v: v or "bfloat16"}          # None: the default it resolves to
+    load_checkpoint(path, {**saved, "data": "y", "amp": "bfloat16"}, normalize=resolved)
+    with pytest.raises(CheckpointError, match="amp: checkpoint None, now 'float16'"):
+        load_checkpoint(path, {**saved, "data": "y", "amp": "float16"}, normalize=resolved)
+
+    write(saved, epoch=2)
+    assert load_checkpoint(path, epochs=2)["epoch"] == 2       # finished: nothing to train
+    with pytest.raises(CheckpointError, match="already trained 2 epochs.*--epochs 2 or more"):
+        load_checkpoint(path, epochs=1)
+    write(saved, epoch=2, partial={"batches": 3, "loss_sum": 1.5})
+    assert load_checkpoint(path, epochs=3)["partial_epoch"]["batches"] == 3
+    with pytest.raises(CheckpointError, match=r"inside epoch 3 \(after 3 of its batches\), "
+                                              "past --epochs 2; pass --epochs 3"):
+        load_checkpoint(path, epochs=2)
+
+
 def _assert_same_run(a, b):
     """Two final checkpoints of the same training, bitwise: weights, the whole optimizer state,
     scheduler, history (losses and accuracies per epoch) and RNG."""

@@ -11,6 +11,7 @@ import torch
 
 import bsr_kernels
 from bsr_kernels.config_access import bsr_config_dict
+from bsr_kernels.reprogram import is_reprogrammed
 from bsr_kernels import BSRConfigWarning  # exported for warnings filters
 
 KW = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=5)
@@ -68,6 +69,31 @@ def test_save_for_hf_carries_the_config(tmp_path):
     assert bsr_kernels.saved_bsr_config(hub)["drop_at"] == bsr_config_dict(model)["drop_at"]
     bsr_kernels.load_checkpoint(hub, None)
     torch.testing.assert_close(logits(hub, x), want)
+
+
+def test_a_weights_file_without_metadata_takes_the_config_json_beside_it(tmp_path):
+    """A save_for_hf folder whose pytorch_model.bin holds no BSR metadata (a plain
+    ``torch.save(dict(state_dict))``, as a plain model re-saving it writes): the config.json
+    beside it still gives the settings, when the .bin file is named."""
+    pytest.importorskip("huggingface_hub")
+    model, x = tuned(), images()
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=False)
+    weights = tmp_path / "pytorch_model.bin"
+    torch.save(dict(model.state_dict()), weights)            # no _metadata
+    assert bsr_kernels.saved_bsr_config(weights)["keep_rate"] == 0.3
+    again = bsr_kernels.load_checkpoint(plain(seed=5), weights)
+    torch.testing.assert_close(logits(again, x), logits(model, x))
+
+
+def test_the_outermost_models_config_is_the_one_a_state_dict_gives():
+    """A reprogrammed model holding another reprogrammed ViT (a distillation teacher): the
+    state_dict's metadata holds both configs; the model's own, at the shortest prefix, is the
+    one read."""
+    student, teacher = tuned(keep_rate=0.3), tuned(seed=1, keep_rate=0.75)
+    student.teacher = teacher
+    sd = student.state_dict()
+    assert json.loads(sd._metadata["teacher"]["bsr_config"])["keep_rate"] == 0.75
+    assert bsr_kernels.saved_bsr_config(sd)["keep_rate"] == 0.3
 
 
 def test_restore_removes_the_config_from_pretrained_cfg():
@@ -319,9 +345,39 @@ def test_load_checkpoint_that_does_not_fit_leaves_the_model_unchanged(tmp_path, 
     with pytest.raises(ValueError, match="1 missing key.*head.bias"):
         bsr_kernels.load_checkpoint(model, partial)
     _assert_unchanged(model, snap)
+    extra = saved.state_dict()
+    extra["head.scale"] = torch.ones(1)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="1 unexpected key.*head.scale"):
+        bsr_kernels.load_checkpoint(model, extra)
+    _assert_unchanged(model, snap)
     bsr_kernels.load_checkpoint(model, partial, strict=False)  # allowed: the rest loads
     assert bsr_config_dict(model) == bsr_config_dict(saved)
     assert torch.equal(model.blocks[1].attn.qkv.weight, saved.blocks[1].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("target", ["plain", "reprogrammed"])
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_load_checkpoint_failing_inside_load_state_dict_puts_the_settings_back(target, error):
+    """The saved settings are applied before the weights are copied; when the copy itself
+    fails (a user's load hook, Ctrl-C), the model gets its own settings back: a plain model is
+    restored, a reprogrammed one takes its earlier config again."""
+    sd = tuned().state_dict()                                  # keep_rate 0.3
+    model = plain(seed=4) if target == "plain" else \
+        bsr_kernels.reprogram(plain(seed=4), keep_rate=0.75, memory_mode="fast")
+    snap, flags = _snapshot(model), [p.requires_grad for p in model.parameters()]
+
+    def hook(*args):
+        raise error("interrupted while loading")
+    handle = model.register_load_state_dict_pre_hook(hook)
+    with pytest.raises(error, match="interrupted while loading"):
+        bsr_kernels.load_checkpoint(model, sd)
+    handle.remove()
+    _assert_unchanged(model, snap)
+    assert is_reprogrammed(model) == (target == "reprogrammed")
+    assert [p.requires_grad for p in model.parameters()] == flags
+    bsr_kernels.load_checkpoint(model, sd)                    # and it loads afterwards
+    assert bsr_config_dict(model)["keep_rate"] == 0.3
 
 
 def test_load_checkpoint_of_an_unreadable_file_names_the_path(tmp_path):
