@@ -81,6 +81,32 @@ def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, capsys):
     assert not (tmp_path / ".lock").exists()                 # released at the end
 
 
+def test_an_out_holding_only_args_json_takes_a_new_run(tmp_path, capsys):
+    """A run stopped before its first checkpoint leaves args.json alone: nothing to lose, so a
+    new run there needs neither --resume nor --overwrite, and records its own options."""
+    checkpoint.write_json(tmp_path / "args.json", {"args": {"seed": 5}}, format=cli.ARGS_FORMAT,
+                   version=1)
+    rc, _, err = _run([*FAST, "--seed", "2", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "args.json").read_text())["args"]["seed"] == 2
+    assert (tmp_path / "linear" / "checkpoint.pt").is_file()
+
+
+def test_a_checkpoint_records_the_bsr_settings_only_for_bsr():
+    """--keep-rate, --train-blocks, --drop-at and --activation-dtype change only BSR's
+    training: the other methods' checkpoints record None for them, so a resumed run that
+    changes them is refused for bsr alone."""
+    args = cli.build_parser().parse_args(["--keep-rate", "0.7", "--train-blocks", "1,2",
+                                          "--drop-at", "2", "--activation-dtype", "bfloat16"])
+    bsr_only = ("keep_rate", "train_blocks", "drop_at", "activation_dtype")
+    fp = cli._fingerprint(args, "bsr", 10, 32, 1e-3, torch.device("cpu"))
+    assert [fp[k] for k in bsr_only] == [0.7, [1, 2], [2], "bfloat16"]
+    for method in cli.METHODS:
+        if method != "bsr":
+            fp = cli._fingerprint(args, method, 10, 32, 1e-3, torch.device("cpu"))
+            assert [fp[k] for k in bsr_only] == [None] * 4, method
+
+
 def test_out_is_locked_by_a_live_process_and_a_stale_lock_is_taken_over(tmp_path, capsys,
                                                                          monkeypatch):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -567,6 +593,27 @@ def test_a_learning_rate_above_float32_is_refused_naming_the_flag(flag, capsys):
     assert f"argument {flag}" in err and "3.403e+38" in err and "Traceback" not in err, err
     top = cli.build_parser().parse_args([flag, str(cli.FLOAT32_MAX)])
     assert getattr(top, flag[2:].replace("-", "_")) == cli.FLOAT32_MAX
+
+
+def test_block_and_method_lists_parse_as_the_help_says():
+    """``--drop-at none`` (any case, or empty) drops nothing; indices take spaces; a method
+    named twice runs once, in the order first given; ``all`` is every method."""
+    parse = cli.build_parser().parse_args
+    for value in ("none", "NONE", " None ", ""):
+        assert parse(["--drop-at", value]).drop_at == ()
+    assert parse(["--train-blocks", " 3, 7,11 "]).train_blocks == (3, 7, 11)
+    assert parse(["--method", "bsr,linear,BSR"]).method == ("bsr", "linear")
+    assert parse(["--method", "all"]).method == cli.METHODS
+
+
+@pytest.mark.parametrize("flag,value", [("--weight-decay", "inf"), ("--warmup-epochs", "inf"),
+                                        ("--warmup-epochs", "nan"), ("--keep-rate", "nan"),
+                                        ("--lr", "inf"), ("--drop-at", "3,x")])
+def test_non_finite_or_malformed_values_exit_2_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args([flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
 
 
 def test_an_optimizer_step_that_overflows_float32_is_a_divergence(tmp_path, capsys):
