@@ -95,6 +95,27 @@ def test_train_alone_names_the_ambiguity(tmp_path, capsys):
         _build(pics)
 
 
+def test_a_split_is_train_with_val_or_test_holding_the_same_classes(tmp_path):
+    """train/ with test/ is a split as train/ with val/ is (val/ is taken when both are
+    there); the two must hold the same class folders. One folder too small to hold out a
+    fifth of any class is refused rather than tested on nothing."""
+    pics = tmp_path / "pics"
+    _write_image_folder(pics / "train", {"cat": 4, "dog": 4})
+    _write_image_folder(pics / "test", {"cat": 2, "dog": 2})
+    bundle, _ = _build(pics)
+    assert bundle.classes == ["cat", "dog"] and (len(bundle.train), len(bundle.test)) == (8, 4)
+    _write_image_folder(pics / "val", {"cat": 1, "dog": 1})
+    assert len(_build(pics)[0].test) == 2
+    _write_image_folder(pics / "val", {"bird": 1})
+    with pytest.raises(ValueError, match=r"train/ and val/ have different class folders "
+                                         r"\(\['cat', 'dog'\] vs \['bird', 'cat', 'dog'\]\)"):
+        _build(pics)
+    tiny = tmp_path / "tiny"
+    _write_image_folder(tiny, {"cat": 1, "dog": 2})      # round(0.2 * 2) = 0 of each class
+    with pytest.raises(ValueError, match=r"too few images \(3\) to hold out a test split"):
+        _build(tiny)
+
+
 # --- C: --bad-images skip emptying a class of val/ ------------------------------------------
 
 def test_skip_that_empties_a_val_class_is_refused_naming_class_and_split(tmp_path, capsys):
