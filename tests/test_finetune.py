@@ -388,6 +388,69 @@ def test_a_checkpoint_of_timms_train_script_is_read(tmp_path):
     assert "\x1b" not in str(e.value) and "datetime.date" in str(e.value)
 
 
+def _small_vit(num_classes=5, seed=0, distilled=False, img_size=32):
+    import timm
+    torch.manual_seed(seed)
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    return timm.create_model(name, img_size=img_size, patch_size=8, depth=2, embed_dim=32,
+                             num_heads=2, num_classes=num_classes)
+
+
+def test_starting_weights_are_unwrapped_and_heads_of_another_size_skipped(tmp_path):
+    """--checkpoint: the state dict under "model", "state_dict", "model_state" or "module",
+    with or without DDP's ``module.`` prefix, loads the same weights; a head of another class
+    count (both heads of a distilled DeiT) is skipped and stays as initialised; a position
+    embedding of another grid is resampled and said."""
+    from safetensors.torch import load_file, save_file
+
+    from bsr_kernels.finetune.models import load_weights
+    sd = _small_vit(seed=1).state_dict()
+    for wrap in ("model", "state_dict", "model_state", "module"):
+        for prefix in ("", "module."):
+            path = tmp_path / f"{wrap}-{prefix}pth"
+            torch.save({wrap: {prefix + k: v for k, v in sd.items()}, "epoch": 1}, path)
+            model = _small_vit(seed=2)
+            assert load_weights(model, path) == []
+            assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()), path
+    for distilled, heads in ((False, ["head"]), (True, ["head", "head_dist"])):
+        path = tmp_path / f"ten-{distilled}.safetensors"
+        save_file(_small_vit(10, seed=1, distilled=distilled).state_dict(), path)
+        model = _small_vit(5, seed=2, distilled=distilled)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        skipped = sorted(f"{h}.{p}" for h in heads for p in ("bias", "weight"))
+        assert sorted(load_weights(model, path)) == skipped
+        after = model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in skipped)
+        assert torch.equal(after["blocks.1.mlp.fc2.weight"],
+                           load_file(str(path))["blocks.1.mlp.fc2.weight"])
+    path = tmp_path / "64px.pth"
+    torch.save(_small_vit(seed=1, img_size=64).state_dict(), path)
+    _, notes = load_weights(_small_vit(seed=2), path, report=True)
+    assert len(notes) == 1 and "resampled from 65 to 17 tokens to fit 32 px inputs" in notes[0]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.pop("blocks.1.mlp.fc2.bias"), r"1 missing \(blocks\.1\.mlp\.fc2\.bias\)"),
+    (lambda d: d.update({"blocks.1.extra": torch.ones(1)}), r"1 unexpected \(blocks\.1\.extra\)"),
+    (lambda d: d.update({"blocks.1.mlp.fc2.bias": torch.ones(3)}),
+     r"1 of another shape \(blocks\.1\.mlp\.fc2\.bias: \(3,\) vs model \(32,\)\)"),
+    (lambda d: d.update({"blocks.1.mlp.fc2.bias": 1.0}), "holds no state dict of tensors"),
+])
+def test_starting_weights_that_do_not_fit_are_refused_before_loading(tmp_path, edit, match):
+    import re
+
+    from bsr_kernels.finetune.models import load_weights
+    sd = dict(_small_vit(seed=1).state_dict())
+    edit(sd)
+    path = tmp_path / "c.pth"
+    torch.save(sd, path)
+    model = _small_vit(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"--checkpoint {re.escape(str(path))}: .*{match}"):
+        load_weights(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_error_offline_torchvision_download(monkeypatch, tmp_path, capsys):
     import urllib.error
 
