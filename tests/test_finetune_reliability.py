@@ -63,6 +63,23 @@ def test_json_is_strict_everywhere(tmp_path):
     assert _strict_json(path)["methods"]["bsr"] == {"accuracy": None, "loss": None}
 
 
+def test_the_table_and_csv_show_missing_and_non_finite_values_as_empty(tmp_path):
+    """A NaN or missing figure prints as "-" in the table (not "nan %"); in summary.csv a
+    non-finite or missing value is an empty cell, which spreadsheet and pandas readers take as
+    missing ("inf" and "nan" are not numbers to every reader)."""
+    from bsr_kernels.finetune.report import HISTORY_COLUMNS, format_table, write_history_csv
+    table = format_table({"bsr": {"accuracy": float("nan"), "memory_mode": "lean",
+                                  "step_time_s": 0.0125, "trainable_params": 1234},
+                          "linear": {"accuracy": 0.875, "saved_activation_mib_per_image": None}})
+    bsr, linear = table.splitlines()[2:]
+    assert bsr.split()[:4] == ["BSR", "(lean)", "-", "-"] and "12.5 ms" in bsr and "1,234" in bsr
+    assert "87.5 %" in linear and "nan" not in table
+    path = write_history_csv(tmp_path / "h.csv", {"bsr": [
+        {"epoch": 1, "train_loss": float("inf"), "test_loss": float("nan"), "accuracy": None,
+         "lr": 1e-3}]})
+    assert path.read_text().splitlines() == [",".join(HISTORY_COLUMNS), "bsr,1,,,,0.001"]
+
+
 # --- 6: a used --out is not destroyed; one writer at a time ------------------------------
 
 def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, capsys):

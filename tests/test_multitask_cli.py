@@ -450,6 +450,38 @@ def test_ctrl_c_exits_130_with_the_resume_hint(tmp_path, capsys, monkeypatch):
     assert "Traceback" not in err and not (tmp_path / ".lock").exists()
 
 
+def test_expert_usage_counts_each_tasks_test_images_then_stops_counting():
+    """expert_usage: per MoE block, each task's routed fractions over its test images (rows
+    sum to 1); afterwards the blocks count nothing more (tracking left on would add every
+    later forward, training included, to the usage the report draws)."""
+    import timm
+
+    from bsr_kernels.moe import moe_blocks
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2,
+                             embed_dim=32, num_heads=2, num_classes=2)
+    tasks = mt.digits_tasks(16, (0.5,) * 3, (0.5,) * 3)[:2]
+    model = mt.build_method(base, "moe_full", [t.num_classes for t in tasks], experts=4,
+                            top_k=2)
+    usage = mt.expert_usage(model, tasks, torch.device("cpu"), limit=8)
+    assert sorted(usage) == [0, 1]
+    for rows in usage.values():
+        torch.testing.assert_close(torch.tensor(rows, dtype=torch.float64).sum(1),
+                                   torch.ones(2, dtype=torch.float64))
+    blocks = moe_blocks(model)
+    assert not any(m.track_usage for _, m in blocks)
+    before = [m.usage.clone() for _, m in blocks]
+    model.train()(tasks[0].train.images[:4], 0)
+    assert all(torch.equal(m.usage, b) for (_, m), b in zip(blocks, before))
+
+
+def test_a_task_named_twice_is_refused_naming_it():
+    with pytest.raises(ValueError, match="--task b=digits: task name 'b' given twice"):
+        mt.data_tasks(["b=digits", "c=digits", "b=digits"], 16, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match="--task must be NAME=DATA"):
+        mt.data_tasks(["=digits"], 16, (0.5,) * 3, (0.5,) * 3)
+
+
 # --- flags ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag,value", [
