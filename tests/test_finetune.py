@@ -1,5 +1,6 @@
 """bsr-finetune end to end on tiny configurations, its data pieces, and its error messages."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from bsr_kernels.finetune import cli
 from bsr_kernels.finetune.data import (DIGITS_TARGET_CLASSES, GlobalBatchSampler, ShardSampler,
                                        digits_split)
 from bsr_kernels.finetune.models import (DIGITS_MODEL, assets_dir, build_model,
-                                         digits_vit_config)
+                                         digits_vit_config, load_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--batch-size", "128", "--timing-rounds", "1", "--profile-batch", "2",
@@ -403,7 +404,6 @@ def test_starting_weights_are_unwrapped_and_heads_of_another_size_skipped(tmp_pa
     embedding of another grid is resampled and said."""
     from safetensors.torch import load_file, save_file
 
-    from bsr_kernels.finetune.models import load_weights
     sd = _small_vit(seed=1).state_dict()
     for wrap in ("model", "state_dict", "model_state", "module"):
         for prefix in ("", "module."):
@@ -437,9 +437,6 @@ def test_starting_weights_are_unwrapped_and_heads_of_another_size_skipped(tmp_pa
     (lambda d: d.update({"blocks.1.mlp.fc2.bias": 1.0}), "holds no state dict of tensors"),
 ])
 def test_starting_weights_that_do_not_fit_are_refused_before_loading(tmp_path, edit, match):
-    import re
-
-    from bsr_kernels.finetune.models import load_weights
     sd = dict(_small_vit(seed=1).state_dict())
     edit(sd)
     path = tmp_path / "c.pth"

@@ -101,8 +101,8 @@ def test_used_out_is_refused_without_resume_or_overwrite(tmp_path, capsys):
 def test_an_out_holding_only_args_json_takes_a_new_run(tmp_path, capsys):
     """A run stopped before its first checkpoint leaves args.json alone: nothing to lose, so a
     new run there needs neither --resume nor --overwrite, and records its own options."""
-    checkpoint.write_json(tmp_path / "args.json", {"args": {"seed": 5}}, format=cli.ARGS_FORMAT,
-                   version=1)
+    checkpoint.write_json(tmp_path / "args.json", {"args": {"seed": 5}},
+                          format=cli.ARGS_FORMAT, version=1)
     rc, _, err = _run([*FAST, "--seed", "2", "--out", tmp_path], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "args.json").read_text())["args"]["seed"] == 2

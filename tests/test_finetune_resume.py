@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bsr_kernels.finetune import cli
-from bsr_kernels.finetune.train import CheckpointError, load_checkpoint, save_checkpoint
+from bsr_kernels.finetune.train import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError,
+                                         load_checkpoint, save_checkpoint)
 
 from _same import assert_same
 
@@ -238,7 +239,6 @@ def test_load_checkpoint_compares_the_fingerprint_setting_by_setting(tmp_path):
     named: one the run no longer has too; ``extendable`` ones may differ, ``optional`` ones
     only count where the checkpoint has them, ``normalize`` compares what two values stand
     for; ``epochs`` refuses a checkpoint past this run's end."""
-    from bsr_kernels.finetune.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
     path = tmp_path / "c.pt"
 
     def write(fingerprint, epoch=2, partial=None):
