@@ -52,8 +52,9 @@ FX_REFUSAL = (
 def select_aten(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """The selection rule without a stable sort, which neither ONNX exporter takes.
 
-    Token j ranks ``#{i: s_i > s_j} + #{i < j: s_i == s_j}`` (NaN as -inf): exactly its place in
-    the stable descending order. The ``n_keep`` of rank below ``n_keep`` come back ascending from
+    Token j ranks ``#{i: s_i > s_j} + #{i < j: s_i == s_j}`` over the rule's keys
+    (:func:`bsr_kernels.ops.reference.rank_key`: NaN lowest): exactly its place in the stable
+    descending order. The ``n_keep`` of rank below ``n_keep`` come back ascending from
     a ``topk`` over distinct keys, so no runtime's tie order matters. Costs (B, M, M) booleans,
     which is small beside the attention of the exported model.
 
@@ -61,7 +62,7 @@ def select_aten(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         kept (B, n_keep) int64, ascending positions.
     """
     m = scores.shape[1]
-    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+    key = reference.rank_key(scores)
     pos = torch.arange(m, device=scores.device)
     ki, kj = key.unsqueeze(1), key.unsqueeze(2)            # [b, j, i]: s_i and s_j
     before = (pos.unsqueeze(0) < pos.unsqueeze(1)).unsqueeze(0)   # [., j, i]: i < j

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import bsr_kernels
-from bsr_kernels.export import drop_tokens_aten
+from bsr_kernels.export import drop_tokens_aten, select_aten
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
 
@@ -26,12 +26,12 @@ needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="onnx, onnxscript or onnxr
                                 "installed (pip install -e '.[test]')")
 
 
-def tiny_vit(seed=0, **kw):
+def tiny_vit(seed=0, fuse_token=True, **kw):
     torch.manual_seed(seed)
     args = dict(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2, num_classes=5)
     args.update(kw)
     model = VisionTransformer(**args)
-    bsr_kernels.reprogram(model, keep_rate=0.4)
+    bsr_kernels.reprogram(model, keep_rate=0.4, fuse_token=fuse_token)
     return model.eval()
 
 
@@ -94,11 +94,33 @@ def test_torch_export_gives_the_eager_logits():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_select_aten_ranks_nan_lowest_among_finite_scores():
+    """The drop test above makes NaN scores of a whole row (a NaN key spoils the row's
+    softmax), so it cannot tell NaN ranked lowest from a tie, and scores of q and k are never
+    infinite. select_aten, public, takes any scores: rows that mix NaN, -inf, ties and finite
+    scores select as the reference does (it ranked -inf level with NaN before)."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(5, 11, generator=g, dtype=torch.float64)
+    nan, inf = float("nan"), float("inf")
+    scores[0, [2, 5]] = nan                        # two NaN among finite scores
+    scores[1, [3, 7, 9]] = 2.0                     # a tie at the top
+    scores[1, [0, 4]] = nan
+    scores[2, :] = nan                             # every score NaN: the first n_keep
+    scores[2, [6, 8]] = 0.5
+    scores[3, [1, 4]] = -inf                       # -inf and NaN tie: the lower position
+    scores[3, [0, 2, 10]] = nan
+    scores[4, :6] = nan
+    for n_keep in (1, 2, 4, 9, 10, 11):
+        want = reference.select_tokens(scores, n_keep)[0]
+        assert torch.equal(select_aten(scores, n_keep), want), n_keep
+    assert select_aten(scores, 2)[0].tolist() != [2, 5]       # NaN is not ranked first
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_jit_trace_gives_the_eager_logits(grad):
     """Traced with or without grad mode (the lean backward's custom Function is not traced);
     the graph holds plain aten ops only, so it runs where bsr_kernels is not installed."""
-    model, x = tiny_vit(), images()
+    model, x = tiny_vit(fuse_token=grad), images()    # with and without the fused token
     with torch.no_grad():
         want = model(x)
     with torch.set_grad_enabled(grad), warnings.catch_warnings():
@@ -150,7 +172,8 @@ def test_moe_model_exports_and_traces_with_data_dependent_routing():
 
 @needs_onnx
 def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
-    """Also export_onnx's file: written atomically (over an older one), one str is one name."""
+    """Also export_onnx's file: written atomically (over an older one), one str is one name,
+    the opset asked for."""
     import onnx
 
     from bsr_kernels import checkpoint
@@ -165,12 +188,15 @@ def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
         want = model(other)
     path = tmp_path / "moe.onnx"
     path.write_bytes(b"an older export")
-    bsr_kernels.export_onnx(model, x, path, input_names="pixels", output_names="probs")
+    bsr_kernels.export_onnx(model, x, path, input_names="pixels", output_names="probs",
+                            opset_version=20)     # the exporter's own default is 18
     assert renames == [(checkpoint.tmp_name(path).name, "moe.onnx")]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["moe.onnx"]
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["pixels"]
     assert [o.name for o in graph.output] == ["probs"]
+    assert [(o.domain, o.version) for o in onnx.load(str(path)).opset_import
+            if o.domain in ("", "ai.onnx")] == [("", 20)]
     torch.testing.assert_close(_ort_logits(str(path), other), want, rtol=1e-4, atol=1e-4)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .common import Backend, DropPlan, compute_dtype
 
-__all__ = ["cls_scores", "select_tokens", "dropped_mask", "drop_tokens", "cls_scores_backward",
+__all__ = ["cls_scores", "rank_key", "select_tokens", "dropped_mask", "drop_tokens", "cls_scores_backward",
            "gather_backward", "drop_backward", "drop_replay", "ReferenceBackend"]
 
 
@@ -36,13 +36,24 @@ def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens
     return probs[:, :, num_prefix_tokens:].mean(dim=1), lse
 
 
+def rank_key(scores: torch.Tensor) -> torch.Tensor:
+    """The key the selection rule ranks by: NaN lowest (-inf), +-inf the largest and lowest
+    finite values, as ``torch.nan_to_num(scores, nan=-inf)`` makes them (the C++ kernels'
+    ``rank_key``), in ops that tracers and both ONNX exporters take. Scores from q and k are
+    probabilities, never infinite; :func:`bsr_kernels.export.select_aten` takes any scores."""
+    finfo = torch.finfo(scores.dtype)
+    return torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")),
+                       scores.clamp(finfo.min, finfo.max))
+
+
 def select_tokens(scores: torch.Tensor, n_keep: int):
-    """The selection rule: highest score first, NaN as -inf, ties to the lower position.
+    """The selection rule: highest score first, NaN lowest (:func:`rank_key`), ties to the
+    lower position.
 
     Returns:
         kept (B, n_keep) int64 ascending, and a bool mask (B, M) of the dropped tokens.
     """
-    key = torch.nan_to_num(scores.detach(), nan=float("-inf"))
+    key = rank_key(scores.detach())
     order = torch.sort(key, dim=1, descending=True, stable=True).indices
     kept = order[:, :n_keep].sort(dim=1).values
     dropped = dropped_mask(key, kept)
