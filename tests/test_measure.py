@@ -53,6 +53,9 @@ def test_dead_graphs_do_not_count():
     assert s.bytes == 100 * 4
     assert s.mib == pytest.approx(400 / MIB)
     assert s.mib_per_image(4) == pytest.approx(100 / MIB)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="batch_size must be > 0"):
+            s.mib_per_image(bad)
 
 
 def test_no_grad_saves_nothing():

@@ -45,6 +45,14 @@ def test_trainable_summary_counts_like_peft():
                     rf"trainable%: {100 * want / total:.4f}\n", text)
     assert "trained: blocks.1, blocks.3, blocks.5, head" in text
     assert "BSR: drops tokens in blocks (2, 3, 4) (keep_rate 0.5" in text
+    # a part trained in part is listed with both counts
+    fc2 = model.blocks[1].mlp.fc2
+    fc2.requires_grad_(False)
+    part = bsr_kernels.trainable_summary(model)
+    n = s.groups["blocks.1"][1]
+    t = n - fc2.weight.numel() - fc2.bias.numel()
+    assert part.groups["blocks.1"] == (t, n) and 0 < t < n
+    assert f"trained: blocks.1 ({t:,} of {n:,}), blocks.3, blocks.5, head\n" in str(part)
 
 
 @pytest.mark.parametrize("name,stages", [("convnext_atto", "stages"),
@@ -146,10 +154,28 @@ def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):
     for bad in (0, -4, (4, 0), 4.0):
         with pytest.raises(ValueError, match="patch_size"):
             bsr_kernels.draw_kept(x, kept, bad)
+    with pytest.raises(ValueError, match="32x30 px are not a whole number of 4x4 patches"):
+        bsr_kernels.draw_kept(x[..., :30], kept, 4)     # the height fits, the width does not
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+            bsr_kernels.draw_kept(x, kept, 4, strength=bad)
     pytest.importorskip("matplotlib")
     path = tmp_path / "kept.png"
     bsr_kernels.draw_kept(x, kept, 4, path=path, titles=["block 2", "block 3", "block 4"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draw_kept_clamps_images_outside_zero_one():
+    """Images given after the model's normalisation (values below 0 and above 1) are drawn
+    clamped to [0, 1], as the docstring says, not blended out of range."""
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5).eval()
+    x = images()
+    kept = bsr_kernels.kept_patches(model, x)
+    raw = x * 3 - 1
+    assert (raw < 0).any() and (raw > 1).any()
+    pics = bsr_kernels.draw_kept(raw, kept, 4)
+    assert torch.equal(pics, bsr_kernels.draw_kept(raw.clamp(0, 1), kept, 4))
+    assert 0 <= float(pics.min()) and float(pics.max()) <= 1
 
 
 def test_draw_kept_without_drop_stages_returns_no_pictures(tmp_path):
