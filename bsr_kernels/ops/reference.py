@@ -12,8 +12,9 @@ import torch
 
 from .common import Backend, DropPlan, compute_dtype
 
-__all__ = ["cls_scores", "rank_key", "select_tokens", "dropped_mask", "drop_tokens", "cls_scores_backward",
-           "gather_backward", "drop_backward", "drop_replay", "ReferenceBackend"]
+__all__ = ["cls_scores", "rank_key", "select_tokens", "dropped_mask", "drop_tokens",
+           "cls_scores_backward", "gather_backward", "drop_backward", "drop_replay",
+           "ReferenceBackend"]
 
 
 def cls_scores(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
