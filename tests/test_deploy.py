@@ -113,7 +113,9 @@ def test_select_aten_ranks_nan_lowest_among_finite_scores():
     for n_keep in (1, 2, 4, 9, 10, 11):
         want = reference.select_tokens(scores, n_keep)[0]
         assert torch.equal(select_aten(scores, n_keep), want), n_keep
-    assert select_aten(scores, 2)[0].tolist() != [2, 5]       # NaN is not ranked first
+    # by hand: the 6 finite scores of row 3, then its -inf (1, 4) above its NaN (0, 2, 10)
+    assert select_aten(scores, 9)[3].tolist() == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert select_aten(scores, 6)[3].tolist() == [3, 5, 6, 7, 8, 9]
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -189,14 +191,14 @@ def test_moe_model_in_onnxruntime(tmp_path, monkeypatch):
     path = tmp_path / "moe.onnx"
     path.write_bytes(b"an older export")
     bsr_kernels.export_onnx(model, x, path, input_names="pixels", output_names="probs",
-                            opset_version=20)     # the exporter's own default is 18
+                            opset_version=18)     # torch 2.14's exporter defaults to 20
     assert renames == [(checkpoint.tmp_name(path).name, "moe.onnx")]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["moe.onnx"]
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["pixels"]
     assert [o.name for o in graph.output] == ["probs"]
     assert [(o.domain, o.version) for o in onnx.load(str(path)).opset_import
-            if o.domain in ("", "ai.onnx")] == [("", 20)]
+            if o.domain in ("", "ai.onnx")] == [("", 18)]
     torch.testing.assert_close(_ort_logits(str(path), other), want, rtol=1e-4, atol=1e-4)
 
 

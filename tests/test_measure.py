@@ -28,6 +28,22 @@ def test_parameters_excluded_and_frozen_weights_save_nothing_for_them():
     assert s.bytes == 0  # input gradient only needs the (excluded) weight
 
 
+def test_buffers_of_an_excluded_module_do_not_count():
+    """A module's buffers are its state, as its parameters are: a buffer that autograd keeps
+    (here for the input's gradient of ``x * w``) does not count when the module is excluded."""
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(6))
+
+        def forward(self, x):
+            return (x * self.w).exp()           # mul keeps w; exp keeps its (3, 6) result
+
+    m, x = Scale(), torch.randn(3, 6, requires_grad=True)
+    assert saved_activations(lambda: m(x).sum(), exclude=[m]).bytes == 3 * 6 * 4
+    assert saved_activations(lambda: m(x).sum()).bytes == (3 * 6 + 6) * 4
+
+
 def test_views_of_one_storage_count_once():
     x = torch.randn(2, 10, 6, requires_grad=True)
 
@@ -220,3 +236,57 @@ def test_profile_of_a_model_with_two_heads_takes_the_mean_of_their_losses():
                                    loss_fn=lambda out, y: F.cross_entropy(out[0], y))
     assert got.train_gflops_per_image > one_head.train_gflops_per_image
     assert bsr_kernels.profile(model, images).saved_activation_mib_per_image > 0
+
+
+def test_profile_reports_per_image_costs_of_a_known_step():
+    """Two linear layers on flattened images, whose step costs are known by hand. Forward:
+    48 * 8 + 8 * 5 multiply-adds an image. Backward: both weight gradients and the second
+    layer's input gradient (the images need no gradient). Autograd keeps the flattened images
+    (a view of the batch), the first layer's output and the logits (the default loss squares
+    them), and the second layer's weight, which is a parameter and does not count. Every
+    figure is per image, whatever the batch."""
+    from bsr_kernels import profile
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8, bias=False),
+                          nn.Linear(8, 5, bias=False))
+    macs = 48 * 8 + 8 * 5
+    for b in (1, 3):
+        prof = profile(model, torch.randn(b, 3, 4, 4))
+        assert prof.batch_size == b and prof.tokens_per_block == []
+        assert prof.forward_gmacs_per_image == pytest.approx(macs / 1e9, rel=1e-12)
+        assert prof.train_gflops_per_image == pytest.approx(
+            2 * (macs + macs + 8 * 5) / 1e9, rel=1e-12)
+        assert prof.saved_activation_mib_per_image == pytest.approx((48 + 8 + 5) * 4 / MIB,
+                                                                    rel=1e-12)
+        assert len(prof) == 5 == len(list(prof))
+        prof["note"] = "added"
+        assert len(prof) == 6 == len(list(prof))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        profile(model, torch.randn(2, 3, 4, 4))
+
+
+def test_profile_counts_the_cpu_attention_kernel():
+    """profile counts the CPU SDPA kernel (count_cpu_sdpa), which stock FlopCounterMode
+    misses: a fused-attention ViT has the forward of the same ViT with explicit attention (its
+    matmuls are always counted), and a backward larger by half the attention's forward, as
+    torch counts the SDPA backward (QK^T recomputed)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from bsr_kernels import profile
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=5)
+    x = torch.randn(2, 3, 16, 16)
+    fused = profile(vit, x)
+    stock = count_flops(lambda: vit(x).float().square().mean())
+    for blk in vit.blocks:
+        blk.attn.fused_attn = False
+    explicit = profile(vit, x)
+    attn = 2 * 4 * 17 * 17 * 32           # QK^T and PV forward FLOPs an image, two blocks
+    assert fused.forward_gmacs_per_image == pytest.approx(explicit.forward_gmacs_per_image,
+                                                          rel=1e-12)
+    assert (fused.train_gflops_per_image - explicit.train_gflops_per_image) * 1e9 \
+        == pytest.approx(attn / 2, rel=1e-9)
+    assert stock.forward / 2 == pytest.approx(x.shape[0] * (fused.forward_gmacs_per_image * 1e9
+                                                            - attn / 2), rel=1e-12)
