@@ -1425,6 +1425,36 @@ def test_second_order_gradients_on_both_paths(backend, fuse):
                 assert torch.autograd.gradgradcheck(f, inputs, fast_mode=fast), (name, mode)
 
 
+@pytest.mark.parametrize("backend", F64, indirect=True)
+def test_create_graph_gradients_when_x_depends_on_q_and_k(backend):
+    """Under create_graph=True the backward differentiates the definition through an alias of
+    each input, so that it returns each input's own partial derivative. In a block x depends
+    on q and k (through attention); differentiated through the inputs themselves, the path
+    from x to q and k was added once more. Here x is made from q and k: the gradients with
+    create_graph equal those without it (the kernels' backward) and pure autograd through the
+    reference on the same selection."""
+    case = DropCase(b=2, h=2, n=7, d=2, c=4, p=1, keep_rate=0.5, fuse=True, seed=6)
+    _, q, k = make_inputs(case, backend.device, torch.float64, requires_grad=True)
+    w = seeded_like((case.b, case.p + case.n_keep + 1, case.c), torch.float64, backend.device, 3)
+
+    def x_of(q, k):          # (B, N, H * d) from q and k, as attention makes x of them
+        return (q * k.tanh()).transpose(1, 2).reshape(case.b, case.n, case.h * case.d)
+
+    kept = drop(x_of(q, k), q, k, case)[1]
+
+    def grads(create_graph, op=True):
+        x = x_of(q, k)
+        out = (drop(x, q, k, case)[0] if op else reference.drop_tokens(
+            x, q, k, resolved_scale(case.scale, case.d), case.p, case.n_keep, True,
+            kept=kept)[0])
+        return torch.autograd.grad((out * w).sum(), (q, k), create_graph=create_graph)
+
+    want = grads(False, op=False)
+    for create_graph in (False, True):
+        for got, ref in zip(grads(create_graph), want):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_plain_eager_is_false_under_tracers_and_modes():
     """What sends a call to the registered ops: a dispatch mode, a function mode (a device
     context), jit.trace, a functorch transform, a tensor subclass; plain tensors do not."""
