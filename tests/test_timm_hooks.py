@@ -155,3 +155,76 @@ def test_cpu_half_precision_runs_and_trains(dtype, monkeypatch):
     tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(got.float(), full, rtol=10 * tol, atol=10 * tol)
+
+
+def test_forward_intermediates_nchw_is_timms_when_a_drop_keeps_every_token():
+    """keep_rate 0.99 keeps ceil(0.99 * 64) = 64 of 64 patches at every drop: no token is
+    dropped and no fused token appended, so the NCHW maps are timm's own (a mutation that gave
+    each such drop a fused-token slot in the patch mapping passed the tests)."""
+    plain = vit(seed=3).eval()
+    model = bsr_kernels.reprogram(copy.deepcopy(plain), keep_rate=0.99).eval()
+    assert model.bsr_config.fuse_token
+    x = images(seed=4)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        want_final, want_maps = plain.forward_intermediates(x)
+    torch.testing.assert_close(final, want_final)
+    assert len(maps) == len(want_maps) == len(plain.blocks)
+    for got, want in zip(maps, want_maps):
+        torch.testing.assert_close(got, want)
+
+
+def test_forward_intermediates_output_dict_has_timms_keys():
+    """output_dict=True holds the prefix tokens only when return_prefix_tokens asks for them,
+    as timm's does (a mutation that always added them passed the tests)."""
+    plain = vit(seed=5).eval()
+    model = bsr_kernels.reprogram(copy.deepcopy(plain), keep_rate=0.5).eval()
+    x = images()
+    for kw in (dict(), dict(return_prefix_tokens=True), dict(intermediates_only=True)):
+        with torch.no_grad():
+            got = model.forward_intermediates(x, indices=[1, 5], output_dict=True, **kw)
+            want = plain.forward_intermediates(x, indices=[1, 5], output_dict=True, **kw)
+        assert set(got) == set(want), kw
+        assert [t.shape for t in got["image_intermediates"]] == \
+            [t.shape for t in want["image_intermediates"]]
+
+
+def test_check_pool_refuses_a_pool_only_where_a_fused_token_is_appended():
+    """check_pool (what reprogram and reset_classifier refuse) refuses a pool other than 'token'
+    and '' (no pooling) only with a fused token: fuse_token, keep_rate < 1 and a drop block.
+    Mutations that refused '' or keep_rate 1 passed the tests."""
+    from bsr_kernels.timm_hooks import check_pool
+
+    for pool in ("token", ""):
+        check_pool(pool, True, 0.5, (3,))
+    for pool in ("avg", "max"):
+        with pytest.raises(ValueError, match=f"global_pool='{pool}' would pool the fused token"):
+            check_pool(pool, True, 0.5, (3,))
+        check_pool(pool, False, 0.5, (3,))      # no fused token
+        check_pool(pool, True, 1.0, (3,))       # nothing dropped
+        check_pool(pool, True, 0.5, ())         # no drop block
+
+
+def test_reset_classifier_takes_the_pool_and_refuses_one_that_pools_the_fused_token():
+    """A reprogrammed model's reset_classifier refuses global_pool='avg' with a fused token
+    before changing anything, and otherwise resets the head and the pool as timm's does (a
+    mutation that dropped the pool, leaving 'token', passed the tests)."""
+    model = bsr_kernels.reprogram(vit(), keep_rate=0.5).eval()
+    head = model.head.weight.clone()
+    with pytest.raises(ValueError, match="global_pool='avg' would pool the fused token"):
+        model.reset_classifier(3, global_pool="avg")
+    assert model.global_pool == "token" and torch.equal(model.head.weight, head)
+    model.reset_classifier(3, global_pool="")
+    assert model.global_pool == "" and model.head.out_features == 3
+    x = images()
+    with torch.no_grad():
+        out, feats = model(x), model.forward_features(x)
+    assert out.dim() == 3      # no pooling: every token the last block holds gets logits
+    torch.testing.assert_close(out, model.head(feats))
+    # keep_rate 1 appends no fused token: 'avg' is taken, and averages the patch tokens
+    model = bsr_kernels.reprogram(vit(), keep_rate=1.0).eval()
+    model.reset_classifier(3, global_pool="avg")
+    assert model.global_pool == "avg"
+    with torch.no_grad():
+        out, feats = model(x), model.forward_features(x)
+    torch.testing.assert_close(out, model.head(feats[:, 1:].mean(1)))
