@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 import bsr_kernels
@@ -56,6 +57,38 @@ def test_no_drop_reproduces_timm(kwargs):
     out = eager_bsr_forward(model, x, drop_at=(), keep_rate=0.2)
     torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-12)
     assert out.kept == []
+
+
+class _GatedAttention(Attention):
+    """timm's Attention with its sigmoid output gate on (VisionTransformer has no flag for it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, gated=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"scale_attn_norm": True}, {"attn_layer": _GatedAttention},
+                                    {"scale_attn_norm": True, "attn_layer": _GatedAttention,
+                                     "qk_norm": True}],
+                         ids=["scale_norm", "gated", "both"])
+def test_eager_attention_honours_scale_norm_and_the_output_gate(kwargs):
+    """check_vit accepts scale_norm and gated attention, and eager_attention applies their norm
+    and gate: with nothing dropped the eager formulation reproduces timm, and the anchor's
+    attention equals timm's Attention module (mutations that skipped the norm or the gate
+    passed the tests, which built no such model)."""
+    from bsr_kernels.baselines import eager_attention
+
+    model = small_vit(seed=4, **kwargs)
+    attn = model.blocks[0].attn
+    assert (attn.gate is not None) == ("attn_layer" in kwargs)
+    assert isinstance(attn.norm, torch.nn.LayerNorm) == ("scale_attn_norm" in kwargs)
+    h = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out, probs = eager_attention(attn, h)
+    torch.testing.assert_close(out, attn(h), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17, dtype=torch.float64))
+    x = images()
+    expected = model(x)
+    out = eager_bsr_forward(model, x, keep_rate=1.0)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_dropping_changes_logits():
