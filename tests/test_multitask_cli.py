@@ -664,3 +664,133 @@ def test_multitask_trains_on_cuda(memory_mode, tmp_path, capsys):
         assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"], \
             (method, history)
         assert history[-1]["accuracy"]["digit"] > 0.4, (method, history)
+
+
+# --- parsing and the round-robin loop (each survived a mutation before) ---------------------
+
+def test_method_list_parses_as_in_bsr_finetune():
+    """--method: names in any case and with spaces; a method named twice runs once, in the
+    order first given (as bsr-finetune's --method); ``all`` is every method."""
+    parse = mt.build_parser().parse_args
+    assert parse(["--method", "bsr_moe, linear,BSR_MOE"]).method == ("bsr_moe", "linear")
+    assert parse(["--method", "linear,linear"]).method == ("linear",)
+    assert parse(["--method", " All "]).method == mt.METHODS
+
+
+def test_top_k_may_equal_experts_but_not_exceed_them(capsys, monkeypatch):
+    """--top-k at most --experts: equal is taken (the run goes on to load its data), one more
+    is refused (exit 2, naming both) before anything loads."""
+    class Loading(Exception):
+        pass
+
+    def loading(*a, **k):
+        raise Loading
+    monkeypatch.setattr(mt, "digits_tasks", loading)
+    argv = ["--method", "moe_full", *FAST[2:], "--experts", "3"]
+    with pytest.raises(Loading):
+        mt.main([*argv, "--top-k", "3"])
+    capsys.readouterr()
+    rc, _, err = _run([*argv, "--top-k", "4"], capsys)
+    assert rc == 2 and "--top-k (4) must not exceed --experts (3)" in err, err
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in multitask model: one linear head per task on flat inputs; records every
+    training forward (task, inputs, logits) and the labels the loop computes in training."""
+
+    def __init__(self, dim, classes):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, c) for c in classes)
+        self.steps, self.labels = [], []
+
+    def forward(self, x, task):
+        out = self.heads[task](x)
+        if self.training:
+            self.steps.append((task, x.clone(), out.detach().clone()))
+        return out
+
+    def aux_loss(self):
+        return None
+
+    def label(self, y):
+        if self.training:
+            self.labels.append(y.clone())
+        return y
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_round_robin_cycles_a_shorter_task_and_averages_the_loss_over_every_step():
+    """train(): per batch position one step of each task in turn; a task with fewer batches
+    cycles through its own shuffle (here 4 images in batches of 2 against 8 images: each of its
+    images twice per epoch, batches 0, 1, 0, 1); the epoch's train_loss is the mean loss of all
+    its steps (positions x tasks). Mutations that repeated the short task's last batch, or
+    divided the loss by the positions only, passed the tests."""
+    g = torch.Generator().manual_seed(0)
+    sizes, classes = (8, 4), (3, 2)
+    data = [(torch.randn(n, 5, generator=g), torch.randint(0, c, (n,), generator=g))
+            for n, c in zip(sizes, classes)]
+    model = _Recorder(5, classes)
+    tasks = [mt.Task(f"t{i}", c, _Rows(x, y), _Rows(x, y), model.label, "")
+             for i, ((x, y), c) in enumerate(zip(data, classes))]
+    res = mt.train(model, tasks, 1, 2, 1e-2, 1.0, 0.0, 3, torch.device("cpu"),
+                   log=lambda *a: None)
+    assert [t for t, _, _ in model.steps] == [0, 1] * 4
+    for task, (x, _) in enumerate(data):
+        batches = [bx for t, bx, _ in model.steps if t == task]
+        # each row seen as often as the epoch's 4 positions x 2 images cover the task
+        seen = torch.cat(batches)
+        counts = [int((seen == row).all(1).sum()) for row in x]
+        assert counts == [8 // len(x)] * len(x), (task, counts)
+        if len(x) == 4:
+            assert torch.equal(batches[2], batches[0]) and torch.equal(batches[3], batches[1])
+            assert not torch.equal(batches[0], batches[1])
+    ce = torch.nn.functional.cross_entropy
+    losses = [ce(out, y) for (_, _, out), y in zip(model.steps, model.labels)]
+    assert len(losses) == 8
+    assert res["history"][0]["train_loss"] == pytest.approx(float(torch.stack(losses).mean()))
+
+
+def test_linear_probe_trains_the_task_heads_only():
+    """linear: "a linear probe per task (frozen backbone)": only the heads train, each task's
+    head from its own task's loss (a mutation that left the whole backbone trainable passed
+    the tests)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=5)
+    model = mt.build_method(base, "linear", [3, 2])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"heads.{t}.{k}" for t in (0, 1) for k in ("weight", "bias")}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model(x, 1).square().sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"heads.1.weight", "heads.1.bias"}
+
+
+def test_step_times_are_reported_relative_to_moe_full(tmp_path, capsys, monkeypatch):
+    """summary.json's step_time_vs_moe_full is a method's step time over moe_full's (so moe_full
+    is 1 and a method twice as fast 0.5), with timed steps stood in for (a mutation that
+    inverted the ratio passed the tests)."""
+    from bsr_kernels.finetune import train as train_mod
+    times = {"moe_full": 0.04, "linear": 0.01}
+    monkeypatch.setattr(train_mod, "time_steps",
+                        lambda models, *a, **k: {m: times[m] for m in models})
+    rc, _, err = _run(["--method", "moe_full,linear", *FAST[2:], *SMALL_MOE,
+                         "--timing-rounds", "1", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    methods = json.loads((tmp_path / "summary.json").read_text())["methods"]
+    for method, t in times.items():
+        assert methods[method]["step_time_s"] == t
+        assert methods[method]["step_time_vs_moe_full"] == pytest.approx(t / times["moe_full"])
+    assert methods["linear"]["step_time_vs_moe_full"] == pytest.approx(0.25)
