@@ -1103,3 +1103,93 @@ def test_multitask_under_torchrun(tmp_path):
     assert summary["world_size"] == 2
     assert set(summary["methods"]) == {"bsr_moe", "moe_full"}
     assert r.stdout.count("bsr_moe epoch 1/1") == 1      # only the main process logs
+
+
+# --- edges a mutation test found unchecked ------------------------------------------------
+
+def test_route_idx_range_is_0_to_e_minus_1():
+    """A recorded idx holds experts 0..E-1: E-1 routes (its weight is that expert's
+    probability), E and -1 are refused as ValueErrors naming the range, before ``gather``
+    (a mutation that let E through, where gather then fails with an IndexError-like
+    RuntimeError, passed the tests)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 4, generator=g, dtype=F64)
+    idx = torch.randint(0, 4, (5, 2), generator=g)
+    idx[0, 1] = 3
+    probs, weights, got = route(logits, 2, idx=idx)
+    torch.testing.assert_close(weights, logits.softmax(-1).gather(1, idx))
+    assert torch.equal(got, idx)
+    for bad in (4, -1):
+        wrong = idx.clone()
+        wrong[2, 0] = bad
+        with pytest.raises(ValueError, match=r"idx must hold experts in 0\.\.3"):
+            route(logits, 2, idx=wrong)
+
+
+def test_expert_grouping_auto_pads_at_exactly_the_pad_limit():
+    """"at most PAD_LIMIT extra rows": padding 4 experts to the largest's 11 rows is 44 rows for
+    40 routed, exactly 10 % more, which still pads (a mutation to < passed the tests)."""
+    from bsr_kernels.moe import PAD_LIMIT, _use_bmm
+    assert PAD_LIMIT == 0.1
+    assert _use_bmm([11, 11, 9, 9], 40)
+    assert not _use_bmm([12, 10, 9, 9], 40)      # 48 rows for 40: 20 % more
+
+
+def test_aux_loss_of_a_single_expert_is_zero_not_nan():
+    """With one expert (top_k 1) every token goes to it: importance and load are one value
+    each, perfectly balanced, and the aux loss is 0, not the NaN an unbiased variance of one
+    value gives (which would stop the training as diverged; a mutation that took that variance
+    passed the tests)."""
+    torch.manual_seed(0)
+    moe = MoEMlp(8, 16, num_experts=1, top_k=1, aux_loss_weight=0.5).to(F64).train()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    out = moe(x)
+    assert moe.aux_loss is not None and moe.aux_loss.item() == 0.0
+    (out.square().mean() + moe.aux_loss).backward()
+    assert moe.fc1_weight.grad.isfinite().all() and moe.fc1_weight.grad.abs().sum() > 0
+
+
+def test_moe_mlp_refuses_a_task_out_of_range_of_its_gates():
+    """MoEMlp.task set out of 0..num_tasks-1 is a ValueError naming it at the next forward,
+    also for -1, which indexing would otherwise take as the last task's gate (a mutation that
+    dropped the check passed the tests)."""
+    torch.manual_seed(0)
+    moe = MoEMlp(8, 16, num_experts=4, top_k=2, num_tasks=2).eval()
+    x = torch.randn(3, 8)
+    moe.task = 1
+    assert moe(x).shape == (3, 8)
+    for bad in (2, -1):
+        moe.task = bad
+        with pytest.raises(ValueError, match=f"task {bad} is out of range for 2 gates"):
+            moe(x)
+
+
+def test_to_moe_refuses_an_mlp_with_a_hidden_norm_and_changes_nothing():
+    """timm's Mlp with a norm between its layers (``scale_mlp_norm=True``) has no place for it
+    in the experts: to_moe refuses it, naming the block, and leaves the model as it was (a
+    mutation that took it, dropping the norm from the MLP's function, passed the tests)."""
+    model = small_vit(scale_mlp_norm=True)
+    assert isinstance(model.blocks[1].mlp.norm, nn.LayerNorm)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="block 1 MLP has a hidden norm"):
+        bsr_kernels.to_moe(model, num_experts=4, top_k=2)
+    assert moe_blocks(model) == []
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_multitask_forward_without_a_task_uses_the_last_one_set():
+    """``forward(images)`` with no task takes :attr:`task`, the last one set (by set_task or by
+    a forward given one): its head and its gates (a mutation that took task 0 passed the
+    tests)."""
+    vit = bsr_kernels.to_moe(small_vit(), num_experts=4, top_k=2, num_tasks=2)
+    mt = bsr_kernels.MultiTaskViT(vit, num_classes=[3, 2]).eval()
+    x = images(n=2)
+    with torch.no_grad():
+        mt.set_task(1)
+        out = mt(x)
+        assert out.shape == (2, 2)
+        torch.testing.assert_close(out, mt.heads[1](mt.vit(x)))
+        mt(x, 0)
+        assert mt.task == 0 and all(m.task == 0 for _, m in moe_blocks(mt))
+        torch.testing.assert_close(mt(x), mt.heads[0](mt.vit(x)))
