@@ -260,11 +260,20 @@ def float64_leaves(*tensors):
     return tuple(t.detach().double().requires_grad_() for t in tensors)
 
 
-def assert_grads_accurate(got, want64, ref, names, dtype, nonfinite: bool = False) -> None:
+def assert_grads_accurate(got, want64, ref, names, dtype, nonfinite: bool = False,
+                          term_scale: float = 1.0) -> None:
     """Each gradient in ``got`` (backend) is as accurate as ``ref`` (autograd through the
     definition at the same precision), both measured against ``want64`` (float64 definition).
 
     ``max|got - want64| <= 2 * max|ref - want64| + GRAD_REL_FLOOR * max|want64| + GRAD_ABS_FLOOR``.
+
+    In float64 ``ref`` is ``want64`` itself, so the rule measures no reference error and the
+    floors alone stand for float64 rounding, which grows with the terms a gradient sums, not
+    with the result: through a peaked softmax the terms of the q gradient (about scale * |k| *
+    |cotangent|) cancel to a result thousands of times smaller, and a correct kernel's error
+    was seen at 3.9e-14 against a bound of 1.1e-14 (hypothesis' drawn cases, about one run in
+    300). ``term_scale`` is the size of those terms; in float64 the absolute floor is
+    multiplied by it when above 1 (other dtypes keep their floors: their ``ref`` measures).
 
     With ``nonfinite`` (NaN / inf inputs), ``got`` and ``want64`` must first have NaN exactly
     where ``ref`` has NaN and the same infinities where it has them; the rule then applies to the
@@ -288,11 +297,12 @@ def assert_grads_accurate(got, want64, ref, names, dtype, nonfinite: bool = Fals
         err = float((g.double() - w).abs().max()) if g.numel() else 0.0
         err_ref = float((r.double() - w).abs().max()) if g.numel() else 0.0
         scale = float(w.abs().max()) if g.numel() else 0.0
-        bound = 2 * err_ref + GRAD_REL_FLOOR[dtype] * scale + GRAD_ABS_FLOOR[dtype]
+        floor = GRAD_ABS_FLOOR[dtype] * (max(1.0, term_scale) if dtype == torch.float64 else 1.0)
+        bound = 2 * err_ref + GRAD_REL_FLOOR[dtype] * scale + floor
         assert err <= bound, (f"grad {name}: max error {err:.3g} vs float64 definition exceeds "
                               f"{bound:.3g} (2 x reference error {err_ref:.3g} + "
                               f"{GRAD_REL_FLOOR[dtype]:g} x max|grad| {scale:.3g} + "
-                              f"{GRAD_ABS_FLOOR[dtype]:g})")
+                              f"{floor:.3g})")
 
 
 #: gradcheck's fast mode compares one random projection of the Jacobian onto unit vectors. For the
