@@ -1170,6 +1170,34 @@ def test_forcing_an_unavailable_backend_raises_with_reasons(name, dtype, monkeyp
             assert f"backend {name!r} was forced" in str(err.value), (route, str(err.value))
 
 
+def test_use_backend_is_ahead_of_bsr_backend_and_the_choice_follows_triton_interpret(
+        monkeypatch):
+    """The forcing order of the dispatcher: an op's backend=, then the innermost use_backend,
+    then BSR_BACKEND. Its cached choice follows TRITON_INTERPRET (read when called: Triton
+    takes CPU tensors only in its interpreter), and a backend that takes mixed dtypes is
+    judged by each of them (Triton's interpreter has no bfloat16, beside float32 or not)."""
+    monkeypatch.setenv("BSR_BACKEND", "cpp")
+    assert dispatch.forced_backend() == "cpp"
+    with bsr_kernels.use_backend("reference"):
+        assert dispatch.forced_backend() == "reference"
+        assert select_backend(CPU, torch.float32).name == "reference"
+    assert dispatch.forced_backend() == "cpp"
+    monkeypatch.delenv("BSR_BACKEND")
+    triton = get_backend("triton")
+    for dtypes in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        assert any("bfloat16" in r for r in _reasons(triton, CPU, dtypes)), dtypes
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            select_backend(CPU, *dtypes, name="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if triton.not_supported_reasons(CPU, torch.float32):
+        pytest.skip("Triton's interpreter cannot run here: "
+                    + "; ".join(triton.not_supported_reasons(CPU, torch.float32)))
+    assert select_backend(CPU, torch.float32, name="triton").name == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend(CPU, torch.float32, name="triton")
+
+
 def test_forced_backend_patched_unavailable_raises(monkeypatch):
     """Always runs, whatever is built: a backend that reports a reason is refused when forced."""
     monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
@@ -1545,7 +1573,8 @@ def test_use_backend_and_backend_argument_force_forward_and_backward(monkeypatch
 
     calls = []
     for name, b in all_backends().items():
-        for method in ("drop_forward", "drop_backward", "drop_replay"):
+        for method in ("drop_forward", "drop_backward", "drop_replay", "cls_scores",
+                       "cls_scores_backward"):
             real = getattr(type(b), method)
 
             def spy(self, *a, _real=real, _name=name, _m=method):
@@ -1565,6 +1594,13 @@ def test_use_backend_and_backend_argument_force_forward_and_backward(monkeypatch
         out, _ = bsr_kernels.drop_tokens(x, q, k, 0.5, kept=kept, backend="cpp")
     out.sum().backward()
     assert calls == [("cpp", "drop_replay"), ("cpp", "drop_backward")], calls
+    calls.clear()
+    for forced in ("reference", "cpp"):        # cls_attention: backend= ahead of the block
+        with bsr_kernels.use_backend("cpp" if forced == "reference" else "reference"):
+            scores = bsr_kernels.cls_attention(q, k, backend=forced)
+        scores.sum().backward()
+        assert calls == [(forced, "cls_scores"), (forced, "cls_scores_backward")], calls
+        calls.clear()
     with pytest.raises(ValueError, match="backend"):
         bsr_kernels.drop_tokens(x, q, k, 0.5, backend="cuda")
     with pytest.raises(ValueError, match="backend"):
