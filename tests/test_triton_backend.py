@@ -328,6 +328,26 @@ def test_replay_many_tiles(device, small_tiles, fuse):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad", [-1, 26])
+def test_replay_entry_out_of_range_writes_nothing(device, bad):
+    """On CUDA a replayed selection is not range-checked (reading it would sync with the host):
+    the selection kernel promises that an entry outside [0, M) writes no slot, neither another
+    image's nor memory out of bounds. Image 1 holds one (M = 26): image 0, whose slots lie just
+    before image 1's, is the reference replay exactly, and so are image 1's other kept rows."""
+    x, q, k = _inputs(2, 2, 31, 8, 10, device, torch.float64, seed=9)
+    g = torch.Generator().manual_seed(5)
+    kept = torch.stack([torch.randperm(26, generator=g)[:11].sort().values for _ in range(2)])
+    bad_kept = kept.clone()
+    bad_kept[1, 3] = bad
+    got = BACKEND.drop_replay(x, q, k, bad_kept.to(device=device, dtype=torch.int32), 0.7, 5,
+                              True)[0]
+    want = ref.drop_replay(x, q, k, kept.to(device), 0.7, 5, True)[0]
+    assert torch.equal(got[0, :16], want[0, :16])       # prefix and kept rows: copies of x
+    torch.testing.assert_close(got[0, 16], want[0, 16], rtol=1e-12, atol=1e-12)   # fused
+    rows = [r for r in range(5 + 11) if r != 5 + 3]     # not the bad entry's row, nor fused
+    assert torch.equal(got[1, rows], want[1, rows])
+
+
 def test_forward_large_shapes(device, radix):
     """N = 577 (ViT at 384 px) and C = 1024 with the default tiles."""
     x, q, k = _inputs(1, 2, 577, 8, 16, device, torch.float32, seed=11, spread=3.0)
