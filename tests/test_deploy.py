@@ -105,9 +105,9 @@ def test_select_aten_ranks_nan_lowest_among_finite_scores():
     scores[0, [2, 5]] = nan                        # two NaN among finite scores
     scores[1, [3, 7, 9]] = 2.0                     # a tie at the top
     scores[1, [0, 4]] = nan
-    scores[2, :] = nan                             # every score NaN: the first n_keep
-    scores[2, [6, 8]] = 0.5
-    scores[3, [1, 4]] = -inf                       # -inf and NaN tie: the lower position
+    scores[2, :] = nan                             # NaN but for 6 and 8: those two, then
+    scores[2, [6, 8]] = 0.5                        # the lowest positions
+    scores[3, [1, 4]] = -inf                       # -inf ranks above NaN (below by hand)
     scores[3, [0, 2, 10]] = nan
     scores[4, :6] = nan
     for n_keep in (1, 2, 4, 9, 10, 11):
