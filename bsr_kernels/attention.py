@@ -37,6 +37,31 @@ def call_linear(name: str, module: nn.Linear, inp: torch.Tensor) -> torch.Tensor
     return module(inp)
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks (or pre-hooks) of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` ...) exist."""
+    from torch.nn.modules import module as m
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def dropout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``module(t)`` for a block's dropout module (timm's ``proj_drop``, ``drop1``, ``drop2``),
+    or ``t`` itself where that call would return it: an ``nn.Dropout`` of p=0, or in eval mode,
+    with no hooks to run. Eagerly that call returns ``t`` itself and draws no random numbers,
+    but torch 2.11's ``torch.compile`` traces each one to a copy (``aten.clone``, one a block
+    and dropout in training mode; torch 2.14 leaves them out)."""
+    if type(module) is nn.Dropout and (module.p == 0 or not module.training) \
+            and not hooked(module) and not _global_hooks():
+        return t
+    return module(t)
+
+
 class TokenDropAttention(Attention):
     """timm ``Attention`` with the same constructor, parameters and state_dict keys.
 
@@ -67,7 +92,7 @@ class TokenDropAttention(Attention):
             out (B, N, C_out), q (B, H, N, d), k (B, H, N, d).
         """
         out, q, k = self._attend(x, linear("qkv", self.qkv, x), attn_mask, is_causal)
-        return self.proj_drop(linear("proj", self.proj, out)), q, k
+        return dropout(self.proj_drop, linear("proj", self.proj, out)), q, k
 
     def _attend(self, x: torch.Tensor, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from . import timm_hooks
-from .attention import TokenDropAttention, call_linear
+from .attention import TokenDropAttention, call_linear, dropout, hooked
 from .config import MEMORY_MODES, BSRConfig, default_drop_at, default_train_blocks
 from .export import FX_REFUSAL, SCRIPT_REFUSAL, drop_traced
 from .ops import _drop_tokens
@@ -79,8 +79,10 @@ class BSRBlock(Block):
         mlp = self.mlp
         if getattr(mlp, "bsr_moe", False):   # bsr_kernels.moe.MoEMlp: routed experts, whole
             return x + self.drop_path2(_out_of_place(self.ls2, mlp(self.norm2(x))))
-        h = mlp.norm(mlp.drop1(_out_of_place(mlp.act, linear("fc1", mlp.fc1, self.norm2(x)))))
-        return x + self.drop_path2(_out_of_place(self.ls2, mlp.drop2(linear("fc2", mlp.fc2, h))))
+        h = mlp.norm(dropout(mlp.drop1,
+                             _out_of_place(mlp.act, linear("fc1", mlp.fc1, self.norm2(x)))))
+        return x + self.drop_path2(_out_of_place(self.ls2,
+                                                 dropout(mlp.drop2, linear("fc2", mlp.fc2, h))))
 
     def drop(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
              kept: Optional[torch.Tensor] = None):
@@ -143,12 +145,6 @@ def _out_of_place(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     forward saved and backward replays, which a write in place would overwrite (silently wrong
     gradients), or fc2's broadcast zero placeholder, which cannot be written."""
     return module(t.clone() if getattr(module, "inplace", False) else t)
-
-
-def hooked(module: nn.Module) -> bool:
-    """Whether ``module`` has forward or backward hooks (or pre-hooks) of its own."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 #: Warned (once a process, per mode) when a block's parts carry hooks in lean or fast mode.

@@ -3,6 +3,7 @@ timm."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 import copy
 
 import pytest
@@ -927,3 +928,59 @@ def test_fused_attn_false_takes_timms_explicit_attention(mode):
             second[fused], = torch.autograd.grad(first.square().sum(),
                                                  m.blocks[5].mlp.fc1.weight)
     torch.testing.assert_close(second[False], second[True], rtol=1e-10, atol=1e-12)
+
+
+def test_block_skips_only_dropouts_that_return_their_input(monkeypatch):
+    """A reprogrammed block calls its dropout modules (attn.proj_drop, mlp.drop1, mlp.drop2)
+    only where the call can do something: p > 0 in training, or hooks to run (the module's own
+    or global ones). An ``nn.Dropout`` of p=0 returns its input eagerly, but torch 2.11's
+    torch.compile traced each call to a copy (aten.clone), 36 a ViT-B step. The logits are
+    those of every call made. Lean mode: its forward and replay run the body that every mode
+    runs."""
+    calls = []
+    forward = torch.nn.Dropout.forward
+
+    def counting(self, t):
+        calls.append(self)
+        return forward(self, t)
+    monkeypatch.setattr(torch.nn.Dropout, "forward", counting)
+    model = bsr_kernels.reprogram(small_vit(depth=4, img_size=16))
+    parts = {(i, n): m for i, b in enumerate(model.blocks)
+             for n, m in (("proj_drop", b.attn.proj_drop), ("drop1", b.mlp.drop1),
+                          ("drop2", b.mlp.drop2))}
+    assert all(type(m) is torch.nn.Dropout and m.p == 0 for m in parts.values())
+    x = images(n=2, size=16)
+
+    def called():
+        calls.clear()
+        out = model(x)
+        out.square().sum().backward()
+        return out, {k for k, m in parts.items() if any(c is m for c in calls)}
+
+    ref, seen = called()
+    assert seen == set()
+    assert any(c is model.pos_drop for c in calls)   # timm's own forward still calls its own
+    hooked = []
+    handle = parts[3, "drop2"].register_forward_hook(lambda *a: hooked.append(a[2].shape))
+    with warnings.catch_warnings():   # lean: a block with hooked parts runs plain autograd
+        warnings.simplefilter("ignore")
+        out, seen = called()
+    handle.remove()
+    assert seen == {(3, "drop2")} and hooked
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        out, seen = called()
+    finally:
+        handle.remove()
+    assert seen == set(parts)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    parts[2, "drop1"].p = 0.5   # drawn (lean replays the forward's masks)
+    out, seen = called()
+    assert seen == {(2, "drop1")} and (out - ref).abs().max() > 1e-3
+    parts[2, "drop1"].p = 0.0
+    model.eval()
+    with torch.no_grad():
+        calls.clear()
+        model(x)
+    assert not any(c is m for c in calls for m in parts.values())
