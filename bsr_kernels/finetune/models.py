@@ -338,7 +338,15 @@ def model_data_config(name: str, img_size: Optional[int] = None) -> dict:
     import timm
     from timm.data import resolve_data_config
     if model_source(name) is not None:   # the source's config.json: build on the meta device
-        out = resolve_data_config({}, model=_meta_model(name))
+        meta = _meta_model(name)
+        out = resolve_data_config({}, model=meta)
+        # the side the model is built for (its config's model_args): timm 1.0.29 and older
+        # wrote the architecture's default input_size (224) in the pretrained_cfg of a folder
+        # saved at another img_size, and a model built for that side would resample its
+        # position embedding and train at that resolution
+        built = getattr(getattr(meta, "patch_embed", None), "img_size", None)
+        if built is not None:
+            out["input_size"] = (3, *(int(s) for s in built))
     else:
         pcfg = timm.get_pretrained_cfg(name)
         out = resolve_data_config({}, pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
@@ -511,7 +519,9 @@ def _hub_surgery(model: nn.Module, name: str, num_classes: int,
     if hub_classes and hub_classes != num_classes:
         notes.append(f"--pretrained {name}: {weights} have a {hub_classes}-class head; a "
                      f"new {num_classes}-class head starts from random weights")
-    size = cfg.get("input_size")
+    # the side the weights were made for: a folder's saved architecture, not its
+    # pretrained_cfg, which timm 1.0.29 and older left at the architecture's default
+    size = model_data_config(name)["input_size"]
     side = model.patch_embed.img_size
     if size and tuple(size[-2:]) != tuple(side):
         notes.append(f"--pretrained {name}: the position embedding was resampled from "
