@@ -205,6 +205,53 @@ def test_bad_inputs_raise_naming_the_argument():
         ops.cpp_drop_backward(out[:, :-1], x, q, k, kept, scores, lse, 0.3, 1)
 
 
+def test_direct_calls_check_what_the_python_layer_would():
+    """The cpp_* ops are public (torch.ops.bsr_kernels) and a direct call skips bsr_kernels'
+    Python checks, so each op checks its own inputs: no prefix token, a k of another shape
+    than q, an x of another dtype than q, a full selection given to the fused drop's backward,
+    and a grad_out with fewer rows than P + n_keep are refused, naming what is wrong. Without
+    its check each but the x dtype ran and returned numbers (reading past the rows of a short
+    k or grad_out); the x dtype failed inside, in a RuntimeError that names neither x nor q."""
+    ops = torch.ops.bsr_kernels
+    x, q, k = _qkvx()                                  # B=3, H=2, N=13, d=8, C=5
+    with pytest.raises(ValueError, match="num_prefix_tokens must be in"):
+        ops.cpp_cls_scores(q, k, 0.3, 0)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be in"):
+        ops.cpp_drop_forward(x, q, k, 0.3, 0, 4, True)
+    for bad_k in (k[..., :7], k[:, :1], k[:, :, :12]):
+        with pytest.raises(ValueError, match="k must have the shape of q"):
+            ops.cpp_cls_scores(q, bad_k, 0.3, 1)
+    with pytest.raises(TypeError, match="x must have the dtype of q"):
+        ops.cpp_drop_forward(x.double(), q, k, 0.3, 1, 4, True)
+    out, kept, scores, lse = ops.cpp_drop_forward(x, q, k, 0.3, 1, 4, True)
+    every = torch.arange(12, dtype=torch.int32).expand(3, 12)
+    with pytest.raises(ValueError, match="needs n_keep < N - P = 12, got n_keep=12"):
+        ops.cpp_drop_backward(torch.ones(3, 14, 5), x, q, k, every, scores, lse, 0.3, 1)
+    with pytest.raises(ValueError, match="grad_out must have at least P \\+ n_keep = 5"):
+        ops.cpp_gather_backward(out[:, :4], kept, 13, 1)
+
+
+def test_direct_calls_take_the_other_dtypes_their_checks_allow():
+    """cpp_cls_scores_backward takes a grad_scores of any floating dtype and computes in q's
+    (a float64 one beside float32 q and k gives the result of its float32 copy), and
+    cpp_gather_backward (a scatter: no arithmetic) runs bfloat16 and float16 grad_out as they
+    are, equal to the reference."""
+    ops = torch.ops.bsr_kernels
+    x, q, k = _qkvx(seed=4)
+    scores, lse = ops.cpp_cls_scores(q, k, 0.3, 1)
+    gs = torch.randn(scores.shape, generator=torch.Generator().manual_seed(5),
+                     dtype=torch.float64)
+    got = ops.cpp_cls_scores_backward(gs, q, k, lse, 0.3, 1)
+    want = ops.cpp_cls_scores_backward(gs.float(), q, k, lse, 0.3, 1)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got, want))
+    kept = ops.cpp_drop_forward(x, q, k, 0.3, 1, 4, False)[1]
+    for dtype in (torch.bfloat16, torch.float16):
+        g = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(6)).to(dtype)
+        gx = ops.cpp_gather_backward(g, kept, 13, 1)
+        assert gx.dtype == dtype
+        assert torch.equal(gx, reference.gather_backward(g, kept, 13, 1))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     """Schema, fake (Meta) kernels and dispatch of each cpp op."""

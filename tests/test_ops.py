@@ -795,6 +795,80 @@ def test_nan_and_inf_inputs(backend, kind, p, fuse):
             assert not bool(x_out[bi].isnan().any())
 
 
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_nan_beside_pos_inf_in_one_head_and_an_all_neg_inf_head(backend):
+    """Two softmax edge cases the kernels handle apart: a head with a NaN logit beside a +inf
+    one is NaN everywhere (torch.logsumexp is NaN), so every score of that image is NaN and its
+    lowest positions are kept; a max taken over the non-NaN logits alone gives lse = +inf and
+    NaN only at those two positions, 0 elsewhere. A head whose logits are all -inf has lse
+    -inf and NaN probabilities. The backend's own kernels (scores and lse) and drop_tokens
+    (kept set, rows, fused row, NaN gradients where autograd through the definition has
+    them) equal the definition."""
+    case = DropCase(b=3, h=2, n=12, d=4, c=5, p=1, keep_rate=0.5, fuse=True, seed=13)
+    dtype, nan, inf = backend.dtype, float("nan"), float("inf")
+    x, q, k = make_inputs(case, backend.device, dtype)
+    k = k.clone()
+    k[0, 1, 3, 0] = nan                                  # image 0, head 1: a NaN logit ...
+    k[0, 1, 7] = inf * torch.sign(q[0, 1, 0])            # ... and a +inf one
+    k[2, 0] = -inf * torch.sign(q[2, 0, 0])              # image 2, head 0: every logit -inf
+    scale = resolved_scale(None, case.d)
+    scores, lse = get_backend(backend.name).cls_scores(q, k, scale, case.p)
+    r_scores, r_lse = reference.cls_scores(q, k, scale, case.p)
+    assert bool(r_lse[0, 1].isnan()) and float(r_lse[2, 0]) == -inf   # what the case builds
+    torch.testing.assert_close(lse, r_lse, **SCORE_TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(scores, r_scores, **SCORE_TOL[dtype], equal_nan=True)
+    assert bool(scores[0].isnan().all()) and bool(scores[2].isnan().all())
+    assert bool(scores[1].isfinite().all())
+    x, q, k = (t.detach().requires_grad_() for t in (x, q, k))
+    out, kept = drop(x, q, k, case)
+    ref_out, ref_kept, _, _ = reference_drop(x, q, k, case)
+    assert torch.equal(kept, ref_kept)
+    assert kept[0].tolist() == kept[2].tolist() == list(range(case.n_keep))
+    assert _same(out[:, :-1], ref_out[:, :-1])
+    torch.testing.assert_close(out, ref_out, **VALUE_TOL[dtype], equal_nan=True)
+    g = seeded_like(out.shape, dtype, backend.device, 13)
+    x6, q6, k6 = float64_leaves(x, q, k)
+    out6 = reference.drop_tokens(x6, q6, k6, scale, case.p, case.n_keep, True, kept=kept)[0]
+    assert_grads_accurate(grads_of(out, (x, q, k), g),
+                          grads_of(out6, (x6, q6, k6), g.double()),
+                          grads_of(ref_out, (x, q, k), g), ("x", "q", "k"), dtype,
+                          nonfinite=True)
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_nonfinite_x_and_fused_row_gradient_reach_the_zero_weights(backend):
+    """The fused row is the definition's einsum over every candidate, the kept ones with weight
+    0: an inf or NaN in a kept row of x makes that column of the fused row NaN (0 * inf), and
+    an inf in the fused row's upstream gradient makes that column of every kept row's x
+    gradient NaN, as autograd through the definition gives (a kernel that skips the zero
+    weights gives finite values there)."""
+    case = DropCase(b=2, h=2, n=11, d=4, c=6, p=2, keep_rate=0.5, fuse=True, seed=9)
+    dtype, rows = backend.dtype, case.p + case.n_keep
+    x0, q, k = make_inputs(case, backend.device, dtype)
+    kept = reference_drop(x0, q, k, case)[1]        # the selection depends on q and k alone
+    x = x0.clone()
+    x[0, case.p + int(kept[0, 1]), 2] = float("inf")
+    x[1, case.p + int(kept[1, 0]), 4] = float("nan")
+    out, got_kept = drop(x, q, k, case)
+    ref_out = reference_drop(x, q, k, case)[0]
+    assert torch.equal(got_kept, kept) and _same(out[:, :rows], ref_out[:, :rows])
+    assert bool(ref_out[0, rows, 2].isnan()) and bool(ref_out[1, rows, 4].isnan())
+    torch.testing.assert_close(out, ref_out, **VALUE_TOL[dtype], equal_nan=True)
+
+    x, q, k = (t.detach().requires_grad_() for t in (x0, q, k))
+    out = drop(x, q, k, case)[0]
+    g = seeded_like(out.shape, dtype, backend.device, 9)
+    g[0, rows, 3] = float("inf")
+    ref = grads_of(reference_drop(x, q, k, case)[0], (x, q, k), g)
+    got = grads_of(out, (x, q, k), g)
+    assert bool(ref[0][0, case.p + kept[0], 3].isnan().all())   # what the case builds
+    x6, q6, k6 = float64_leaves(x, q, k)
+    out6 = reference.drop_tokens(x6, q6, k6, resolved_scale(None, case.d), case.p,
+                                 case.n_keep, True, kept=kept)[0]
+    assert_grads_accurate(got, grads_of(out6, (x6, q6, k6), g.double()), ref, ("x", "q", "k"),
+                          dtype, nonfinite=True)
+
+
 # --- memory layouts ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
@@ -857,6 +931,46 @@ def test_nan_padding_exposes_out_of_bounds_reads(backend, n, fuse):
     assert_drop_matches(out, kept, x0, q0, k0, case, dtype)
     torch.testing.assert_close(s, reference.cls_scores(q0, k0, 5 ** -0.5, case.p)[0],
                                **SCORE_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ALL, indirect=True)
+def test_inputs_strided_along_their_last_dimension(backend):
+    """x, q and k stored transposed, so that their last dimension is not the unit-stride one
+    (the kernels read rows with unit stride): drop_tokens and cls_attention give the
+    definition's values and gradients, and the backward kernels return each gradient in the
+    layout torch.empty_like gives its input, as the registered fake kernels promise."""
+    case = DropCase(b=2, h=3, n=11, d=4, c=6, p=2, keep_rate=0.5, fuse=True, seed=19)
+    dtype, device = backend.dtype, backend.device
+    x0, q0, k0 = make_inputs(case, device, dtype)
+    x, q, k = (t.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+               for t in (x0, q0, k0))
+    assert all(t.stride(-1) > 1 and torch.equal(t, t0) for t, t0 in ((x, x0), (q, q0), (k, k0)))
+    scale = resolved_scale(None, case.d)
+    out, kept = drop(x, q, k, case)
+    assert_drop_matches(out, kept, x0, q0, k0, case, dtype)
+    scores = bsr_kernels.cls_attention(q, k, None, case.p)
+    torch.testing.assert_close(scores, reference.cls_scores(q0, k0, scale, case.p)[0],
+                               **SCORE_TOL[dtype])
+    g = seeded_like(out.shape, dtype, device, 19)
+    gs = seeded_like(scores.shape, scores.dtype, device, 20)
+    x6, q6, k6 = float64_leaves(x, q, k)
+    out6 = expected_from_kept(x6, reference.cls_scores(q6, k6, scale, case.p)[0], kept, case.p,
+                              True)
+    ref = expected_from_kept(x, reference.cls_scores(q, k, scale, case.p)[0], kept, case.p, True)
+    assert_grads_accurate(grads_of(out, (x, q, k), g), grads_of(out6, (x6, q6, k6), g.double()),
+                          grads_of(ref, (x, q, k), g), ("x", "q", "k"), dtype)
+    assert_grads_accurate(grads_of(scores, (q, k), gs),
+                          grads_of(reference.cls_scores(q6, k6, scale, case.p)[0], (q6, k6),
+                                   gs.double()),
+                          grads_of(reference.cls_scores(q, k, scale, case.p)[0], (q, k), gs),
+                          ("q", "k"), dtype)
+    impl = get_backend(backend.name)
+    with torch.no_grad():
+        _, kept32, s, lse = impl.drop_forward(x, q, k, scale, case.p, case.n_keep, True)
+        grads = (*impl.drop_backward(g, x, q, k, kept32, s, lse, scale, case.p),
+                 *impl.cls_scores_backward(gs, q, k, lse, scale, case.p))
+    for got, like in zip(grads, (x, q, k, q, k)):
+        assert got.stride() == torch.empty_like(like).stride(), (got.stride(), like.stride())
 
 
 # --- bad input ---------------------------------------------------------------------------------
