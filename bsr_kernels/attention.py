@@ -54,8 +54,8 @@ def dropout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """``module(t)`` for a block's dropout module (timm's ``proj_drop``, ``drop1``, ``drop2``),
     or ``t`` itself where that call would return it: an ``nn.Dropout`` of p=0, or in eval mode,
     with no hooks to run. Eagerly that call returns ``t`` itself and draws no random numbers,
-    but torch 2.11's ``torch.compile`` traces each one to a copy (``aten.clone``, one a block
-    and dropout in training mode; torch 2.14 leaves them out)."""
+    but in training mode torch 2.11's ``torch.compile`` traces each such call to a copy
+    (``aten.clone``); torch 2.14 leaves them out."""
     if type(module) is nn.Dropout and (module.p == 0 or not module.training) \
             and not hooked(module) and not _global_hooks():
         return t
