@@ -1,4 +1,5 @@
 """bsr-finetune end to end on tiny configurations, its data pieces, and its error messages."""
+import hashlib
 import json
 import re
 import subprocess
@@ -74,6 +75,75 @@ def test_pretrain_source_refuses_an_architecture_that_cannot_build(argv, message
     assert not any(tmp_path.iterdir())
 
 
+def test_pretrain_source_passes_its_options_on_and_writes_what_it_trained(tmp_path,
+                                                                          monkeypatch, capsys):
+    """The smallest architecture main accepts (8 px, two 4 px patches per side) is accepted;
+    --embed-dim, --lr, --seed, --epochs and --threads reach the training, and the JSON holds
+    the architecture, the training's record and the SHA-256 of the weights written (the
+    training itself is replaced: a full rebuild takes minutes)."""
+    from safetensors.torch import load_file
+
+    from bsr_kernels.finetune import pretrain_source
+    from bsr_kernels.finetune.models import create_digits_vit
+    seen = {}
+
+    def fake_pretrain(arch, **kw):
+        seen.update(arch=arch, kw=kw, threads=torch.get_num_threads())
+        torch.manual_seed(11)
+        record = {"epochs": kw["epochs"], "seed": kw["seed"], "source_test_accuracy": 0.5,
+                  "train_images": 601, "test_images": 300}
+        return create_digits_vit(5, arch=arch).eval(), record
+
+    monkeypatch.setattr(pretrain_source, "pretrain", fake_pretrain)
+    threads = torch.get_num_threads()
+    try:
+        assert pretrain_source.main(["--out", str(tmp_path), "--epochs", "3", "--img-size", "8",
+                                     "--patch-size", "4", "--embed-dim", "12", "--lr", "0.002",
+                                     "--seed", "5", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    arch = dict(pretrain_source.DEFAULT_ARCH, img_size=8, patch_size=4, embed_dim=12)
+    assert seen == {"arch": arch, "kw": {"epochs": 3, "lr": 0.002, "seed": 5}, "threads": 2}
+    cfg = json.loads((tmp_path / f"{DIGITS_MODEL}.json").read_text())
+    weights = tmp_path / f"{DIGITS_MODEL}.safetensors"
+    assert cfg["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert cfg["arch"] == arch and cfg["source_classes"] == [0, 1, 2, 3, 4]
+    assert cfg["recipe"] == {"epochs": 3, "seed": 5, "source_test_accuracy": 0.5,
+                             "train_images": 601, "test_images": 300}
+    assert cfg["built_with"]["threads"] == 2
+    torch.manual_seed(11)
+    want = create_digits_vit(5, arch=arch).state_dict()
+    got = load_file(str(weights))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert "source accuracy 50.00%" in capsys.readouterr().out
+
+
+def test_pretrain_records_the_recipe_it_ran():
+    """pretrain's record: the shift used (-1 stands for img_size // 8, 0 for none), the seed,
+    a split of the source digits 0-4 holding out a third of each class (the shipped model's
+    601 / 300), and the accuracy of the returned model on the held-out third, evaluated after
+    the last epoch even when that is not a tenth one. A 1-block model, 1 epoch of a few steps."""
+    from bsr_kernels.finetune.data import DIGITS_SOURCE_CLASSES
+    from bsr_kernels.finetune.pretrain_source import MEAN, STD, pretrain
+    arch = {"img_size": 8, "patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2,
+            "mlp_ratio": 1.0}
+    lines = []
+    model, record = pretrain(arch, epochs=1, batch_size=128, seed=3, log=lines.append)
+    shipped = digits_vit_config()["recipe"]
+    assert (record["train_images"], record["test_images"]) == (shipped["train_images"],
+                                                               shipped["test_images"])
+    assert record["max_shift"] == 1 and record["seed"] == 3 and record["epochs"] == 1
+    _, test = digits_split(DIGITS_SOURCE_CLASSES, 8, MEAN, STD)
+    with torch.no_grad():
+        acc = (model(test.images).argmax(-1) == test.labels).float().mean().item()
+    assert acc > 0 and record["source_test_accuracy"] == acc
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1: ")
+    _, record = pretrain(arch, epochs=1, batch_size=601, max_shift=0, log=lines.append)
+    assert record["max_shift"] == 0 and record["seed"] == 0
+
+
 def test_digits_weights_that_do_not_match_their_config_are_refused(tmp_path, monkeypatch):
     """A rebuild stopped between writing the weights and the JSON left new weights beside the
     old config, which loaded silently (resampled position embedding, ~20 % accuracy)."""
@@ -130,6 +200,37 @@ def test_digits_split_is_stratified_real_and_fixed():
                    for dy in range(-2, 3) for dx in range(-2, 3))
 
 
+@pytest.mark.parametrize("s", [1, 2])
+def test_random_shift_draws_every_offset_up_to_max_shift_replicating_edges(s):
+    """Each draw is the image moved by (dy, dx), both in -max_shift .. max_shift, the pixels
+    moved in from outside copying the nearest edge pixel; over enough draws every offset
+    occurs. Random images: no two offsets give the same picture. The test part of
+    digits_split is never shifted."""
+    from bsr_kernels.finetune.data import TensorImageDataset
+    g = torch.Generator().manual_seed(s)
+    images, h, w = torch.randn(2, 3, 7, 9, generator=g), 7, 9
+    ds = TensorImageDataset(images, torch.tensor([3, 1]), max_shift=s)
+
+    def moved(x, dy, dx):   # pixel (i, j) of the result is pixel (i + dy, j + dx), clamped
+        rows = (torch.arange(h) + dy).clamp(0, h - 1)
+        cols = (torch.arange(w) + dx).clamp(0, w - 1)
+        return x[:, rows][:, :, cols]
+
+    offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(15 * len(offsets)):
+        i = len(seen) % 2
+        x, label = ds[i]
+        assert label == [3, 1][i]
+        match = [o for o in offsets if torch.equal(x, moved(images[i], *o))]
+        assert len(match) == 1, match
+        seen.add(match[0])
+    assert seen == set(offsets)
+    _, test = digits_split(DIGITS_TARGET_CLASSES, 8, max_shift=s)
+    assert all(torch.equal(test[i][0], test.images[i]) for i in range(0, len(test), 9))
+
+
 @pytest.mark.parametrize("n,batch,world", [(10, 4, 2), (37, 6, 3), (64, 8, 1), (5, 4, 2)])
 def test_global_batches_do_not_depend_on_the_number_of_processes(n, batch, world):
     single = GlobalBatchSampler(n, batch, 0, 1, seed=7)
@@ -171,6 +272,51 @@ def test_shards_cover_the_test_set_once():
     for n, world in [(10, 3), (7, 2), (3, 4)]:
         got = sum((list(ShardSampler(n, r, world)) for r in range(world)), [])
         assert got == list(range(n))
+
+
+def test_global_batch_sampler_refuses_a_batch_that_does_not_split_over_the_processes():
+    for batch, world in [(0, 1), (0, 2), (-2, 2), (6, 4), (3, 2)]:
+        with pytest.raises(ValueError, match=rf"batch_size \({batch}\) must be a positive "
+                                             r"multiple of the number of processes"):
+            GlobalBatchSampler(10, batch, 0, world)
+    assert len(GlobalBatchSampler(10, 8, 3, 4)) == 1
+
+
+@pytest.mark.parametrize("n,batch,world", [(1, 2, 2), (3, 8, 4), (13, 6, 3), (12, 4, 2),
+                                            (10, 4, 1), (5, 4, 2)])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_global_count_is_the_images_the_processes_get(n, batch, world, drop_last):
+    """global_count(b), the denominator of the loss scale, is the number of images of global
+    batch b over all processes: a short last batch's size, or the number of processes where
+    that batch is cycled to one image each. The length rounds up exactly when the last batch
+    is kept and short."""
+    shards = [GlobalBatchSampler(n, batch, r, world, seed=1, drop_last=drop_last)
+              for r in range(world)]
+    per_rank = [list(s) for s in shards]
+    want = n // batch if drop_last or n % batch == 0 else n // batch + 1
+    assert len(shards[0]) == want and all(len(p) == want for p in per_rank)
+    for b in range(want):
+        assert shards[0].global_count(b) == sum(len(p[b]) for p in per_rank), b
+
+
+def test_global_batch_sampler_order_follows_seed_epoch_start_and_shuffle():
+    """set_epoch(epoch, start) resumes an epoch at batch start (the same batches as the
+    epoch's from start on, the length still the epoch's); the shuffle depends on the seed as
+    well as the epoch; shuffle=False keeps the order of the dataset."""
+    n, batch = 40, 4
+    s = GlobalBatchSampler(n, batch, 1, 2, seed=5)
+    s.set_epoch(2)
+    whole = list(s)
+    s.set_epoch(2, start=3)
+    assert list(s) == whole[3:] and len(s) == len(whole) == 10
+    s.set_epoch(2)
+    assert list(s) == whole
+    other = GlobalBatchSampler(n, batch, 1, 2, seed=6)
+    other.set_epoch(2)
+    assert list(other) != whole
+    plain = GlobalBatchSampler(n, batch, 1, 2, seed=5, shuffle=False)
+    plain.set_epoch(2, start=1)
+    assert list(plain) == [[i + 2, i + 3] for i in range(4, n, batch)]
 
 
 # --- end to end ----------------------------------------------------------------------------

@@ -66,6 +66,69 @@ def test_a_symlink_loop_in_a_class_folder_is_followed_once(tmp_path):
     assert len(train) + len(test) == 13 and not set(train) & set(test)
 
 
+def _link(target, link):
+    try:
+        os.symlink(target, link)
+    except (OSError, NotImplementedError):
+        pytest.skip("no symbolic links here")
+
+
+def test_a_folder_reached_by_several_links_is_read_once_whatever_the_listing_order(
+        tmp_path, monkeypatch):
+    """extra/more linked from cat/ twice and from dog/ once: its images are samples once, under
+    the first link in name order (cat/a), however the file system lists the folders."""
+    pics, extra = tmp_path / "pics", tmp_path / "extra"
+    _write_image_folder(pics, {"cat": 4, "dog": 4})
+    _write_image_folder(extra, {"more": 3})
+    for link in ("cat/b", "cat/a", "dog/c"):
+        _link(extra / "more", pics / link)
+    want = ([(f"cat/{i}.png", 0) for i in range(4)] + [(f"cat/a/{i}.png", 0) for i in range(3)]
+            + [(f"dog/{i}.png", 1) for i in range(4)])
+
+    def samples():
+        return [(os.path.relpath(f, pics), c) for f, c in data._image_folder(pics, None).samples]
+
+    assert samples() == want
+    walk = os.walk
+
+    def listed_backwards(*args, **kwargs):   # another file system's listing order
+        for root, dirs, files in walk(*args, **kwargs):
+            dirs.reverse()
+            files.reverse()
+            yield root, dirs, files
+
+    monkeypatch.setattr(os, "walk", listed_backwards)
+    assert samples() == want
+
+
+def test_a_link_to_a_folder_above_the_data_is_a_loop(tmp_path):
+    """cat/up -> the folder holding the data folder: following it would read the data's
+    neighbours (other/) as cat images; it is left out like a link to the data folder."""
+    pics = tmp_path / "data" / "pics"
+    _write_image_folder(pics, {"cat": 3, "dog": 3})
+    _write_image_folder(tmp_path / "other", {"x": 2})
+    _link(tmp_path, pics / "cat" / "up")
+    _link(tmp_path / "data", pics / "dog" / "up")
+    ds = data._image_folder(pics, None)
+    assert [(os.path.relpath(f, pics), c) for f, c in ds.samples] == (
+        [(f"cat/{i}.png", 0) for i in range(3)] + [(f"dog/{i}.png", 1) for i in range(3)])
+
+
+def test_samples_are_in_torchvisions_order(tmp_path):
+    """Without hidden entries or links, the samples are torchvision's, in its order: folders
+    sorted by path (cat/a, cat/a-b, cat/a/x), not visited depth first."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 5, "dog": 2})
+    for i, sub in enumerate(("a", "a/x", "a-b", "a-b/y"), 1):
+        (pics / "cat" / sub).mkdir()
+        (pics / "cat" / f"{i}.png").rename(pics / "cat" / sub / f"{i}.png")
+    ds = data._image_folder(pics, None)
+    assert ds.samples == make_dataset(str(pics), ds.class_to_idx, extensions=IMG_EXTENSIONS)
+    assert [os.path.relpath(f, pics) for f, _ in ds.samples[:5]] == [
+        "cat/0.png", "cat/a/1.png", "cat/a-b/3.png", "cat/a-b/y/4.png", "cat/a/x/2.png"]
+
+
 # --- B: a class folder named train ----------------------------------------------------------
 
 def test_a_class_folder_named_train_is_a_class_not_a_split(tmp_path, capsys):
@@ -114,6 +177,16 @@ def test_a_split_is_train_with_val_or_test_holding_the_same_classes(tmp_path):
     _write_image_folder(tiny, {"cat": 1, "dog": 2})      # round(0.2 * 2) = 0 of each class
     with pytest.raises(ValueError, match=r"too few images \(3\) to hold out a test split"):
         _build(tiny)
+
+
+def test_class_folders_named_val_or_test_without_train_are_classes(tmp_path):
+    """val/ or test/ is a split only beside train/; without it they are class folders of one
+    folder, a fifth of each held out."""
+    pics = tmp_path / "pics"
+    _write_image_folder(pics, {"cat": 5, "test": 5, "val": 5})
+    bundle, warned = _build(pics)
+    assert bundle.classes == ["cat", "test", "val"] and warned == []
+    assert (len(bundle.train), len(bundle.test)) == (12, 3)
 
 
 # --- C: --bad-images skip emptying a class of val/ ------------------------------------------

@@ -69,6 +69,86 @@ def batch_and_model(method: str, rank: int, world: int, n=None):
     return x, y, adapt(model, method).train(), len(idx) * world / sampler.global_count(0)
 
 
+# --- the process group, without processes -------------------------------------------------
+
+def test_setup_distributed_refuses_an_unknown_or_missing_device(monkeypatch):
+    from bsr_kernels.finetune.distributed import setup_distributed
+    with pytest.raises(ValueError, match="--device must be cpu or cuda, got 'tpu'"):
+        setup_distributed("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+        setup_distributed("cuda")
+
+
+@pytest.fixture
+def fake_group(monkeypatch):
+    """torch.distributed's process group calls recorded instead of made (and the torchrun
+    variables cleared, 8 CPU cores, torch's thread count restored afterwards)."""
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls) and calls[-1] != "destroy")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    yield calls
+    torch.set_num_threads(threads)
+
+
+def test_setup_distributed_reads_torchrun_variables(fake_group, monkeypatch):
+    """One process: no group, cpu, and torch's thread count left alone. Under torchrun: rank,
+    world size and local rank from RANK, WORLD_SIZE and LOCAL_RANK; gloo on CPU, the cores
+    shared by this machine's processes (LOCAL_WORLD_SIZE, else WORLD_SIZE); NCCL on the
+    local rank's GPU when CUDA is available and no device is named."""
+    from bsr_kernels.finetune.distributed import DistInfo, setup_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.set_num_threads(3)
+    info = setup_distributed()
+    assert info == DistInfo(0, 1, 0, torch.device("cpu")) and info.is_main
+    assert not info.distributed and fake_group == [] and torch.get_num_threads() == 3
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    info = setup_distributed("cpu")
+    assert info == DistInfo(3, 4, 1, torch.device("cpu")) and info.distributed
+    assert not info.is_main and fake_group == ["gloo"] and torch.get_num_threads() == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    fake_group.clear()
+    assert setup_distributed("cpu").world_size == 4 and torch.get_num_threads() == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    fake_group.clear()
+    assert setup_distributed("cpu") == DistInfo(1, 2, 1, torch.device("cpu"))
+    assert fake_group == ["gloo"]
+    fake_group.clear()
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    assert setup_distributed() == DistInfo(1, 2, 1, torch.device("cuda", 1))
+    assert fake_group == ["nccl"] and devices == [1]
+    fake_group.clear()
+    assert setup_distributed("cpu").device == torch.device("cpu") and fake_group == ["gloo"]
+
+
+def test_barrier_and_teardown_wait_for_every_process(fake_group):
+    """barrier waits only with more than one process; teardown leaves the group after a last
+    barrier (a peer's collectives may still be in flight), and does nothing without one."""
+    from bsr_kernels.finetune.distributed import DistInfo, barrier, teardown_distributed
+    teardown_distributed()
+    barrier(DistInfo())
+    assert fake_group == []
+    barrier(DistInfo(1, 2))
+    assert fake_group == ["barrier"]
+    fake_group[:] = ["gloo"]        # a group was made
+    teardown_distributed()
+    assert fake_group == ["gloo", "barrier", "destroy"]
+
+
 #: What a worker prints when the C++ runtime aborts it (seen once in CI on 2026-11-28: rank 1
 #: of the gradient fixture, SIGABRT, the code passing before and after): a crash of the
 #: process, not a wrong result, so the launch is tried once more; any other failure is not.

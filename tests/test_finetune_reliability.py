@@ -444,6 +444,24 @@ def test_out_that_is_a_file_fails_before_loading(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "--out" in err and "is a file" in err
 
 
+def test_a_batch_that_does_not_split_over_the_processes_fails_before_loading(tmp_path, capsys,
+                                                                             monkeypatch):
+    """--batch-size 6 with 4 processes (torchrun, as setup_distributed would report it) is
+    refused naming both numbers, before --out is claimed or anything is loaded; 8 is not."""
+    from bsr_kernels.finetune.distributed import DistInfo
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(cli, "setup_distributed", lambda device: DistInfo(0, 4))
+    argv = [*FAST, "--out", tmp_path / "run"]
+    argv[argv.index("--batch-size") + 1] = "6"
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2, err
+    assert "--batch-size 6 must be a multiple of the number of processes (4)" in err, err
+    assert not (tmp_path / "run").exists()
+    argv[argv.index("--batch-size") + 1] = "8"
+    _, _, err = _run(argv, capsys)   # passes (and stops later: there is no process group)
+    assert "must be a multiple" not in err, err
+
+
 def test_out_that_cannot_be_written_fails_before_loading(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     ro = tmp_path / "ro"

@@ -117,6 +117,20 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(refusal, tmp_pa
     assert not (tmp_path / ".lock").exists()
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, capsys,
+                                                                    monkeypatch):
+    """--batch-size 16 with 3 processes (torchrun, as setup_distributed would report it) is
+    refused naming both numbers, before anything is loaded or written."""
+    from bsr_kernels.finetune import train
+    from bsr_kernels.finetune.distributed import DistInfo
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(train, "setup_distributed", lambda device: DistInfo(0, 3))
+    rc, _, err = _run([*FAST, "--out", tmp_path / "run"], capsys)
+    assert rc == 2, err
+    assert "--batch-size 16 must be a multiple of the number of processes (3)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     rc, _, err = _run([*FAST, "--out", tmp_path, "--resume", "--overwrite"], capsys)
