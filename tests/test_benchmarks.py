@@ -659,6 +659,19 @@ def test_compiled_step_variant_matches_eager(monkeypatch):
     assert d["logits_rel"] > 0.1 and d["grad_proj_rel"] > 0.5
 
 
+def test_digest_diff_is_relative_to_the_reference_per_part():
+    """``digest_diff(a, b)``: per part (logits, gradient projections, each on its own) the
+    Euclidean norm of ``a - b`` over the norm of ``b``, the eager reference; equal digests
+    differ by 0."""
+    suite = _import_bench("_suite")
+    a = {"logits": [1.0, 2.0], "grad_proj": [1.0, -1.0]}
+    b = {"logits": [4.0, 6.0], "grad_proj": [2.0, -1.0]}
+    d = suite.digest_diff(a, b)
+    assert d["logits_rel"] == pytest.approx((3 ** 2 + 4 ** 2) ** 0.5 / (4 ** 2 + 6 ** 2) ** 0.5)
+    assert d["grad_proj_rel"] == pytest.approx(1.0 / (2 ** 2 + 1 ** 2) ** 0.5)
+    assert suite.digest_diff(b, b) == {"logits_rel": 0.0, "grad_proj_rel": 0.0}
+
+
 def test_graph_breaking_compiled_variants_are_timed_after_the_others(monkeypatch):
     """``step_rows`` times the compiled variants that break their graphs (compressed lean) in a
     phase of their own, built after the first phase is timed (a graph-breaking model's cache
@@ -964,6 +977,96 @@ def test_cuda_graph_target_compares_with_the_peer_under_cuda_graphs():
     assert target.value is None and "no BSR mode ran under CUDA graphs" in target.where
 
 
+def test_gpu_step_targets_skip_untimed_rows_and_pair_the_cuda_graph_rounds():
+    """A BSR row that failed (no step time) is not the best mode; under CUDA graphs, lean's
+    throughput against the best mode is the median of per-round ratios best / lean (one slow
+    round does not move it, as it would a mean), here below its 0.85 bound; lean not run
+    eagerly or compiled: NOT MEASURED, saying so."""
+    ts = _import_bench("bench_train_step")
+    rows = [dict(variant="bsr_fast", step_s=None, step_samples_s=[], error="step: boom"),
+            dict(variant="bsr_autograd", step_s=0.02, step_samples_s=[0.02] * 3,
+                 speedup_vs_full=2.5),
+            dict(variant="peer_bsr+cudagraphs", step_s=0.5, step_samples_s=[0.5] * 3),
+            dict(variant="bsr_autograd+cudagraphs", step_s=0.4, step_samples_s=[0.4] * 3,
+                 speedup_vs_peer_cudagraphs=1.25),
+            dict(variant="bsr_lean+cudagraphs", step_s=0.5, step_samples_s=[0.5, 0.5, 0.2])]
+    assert ts.best_bsr(rows)["variant"] == "bsr_autograd"
+    got = {t.name: t for t in ts.gpu_step_targets(rows, "here")}
+    assert got["GPU step: best BSR mode / timm full fine-tuning"].value == 2.5
+    lean = got["GPU step under CUDA graphs: lean throughput / best BSR mode"]
+    per_round = [0.4 / 0.5, 0.4 / 0.5, 0.4 / 0.2]
+    assert lean.value == pytest.approx(statistics.median(per_round)) and lean.verdict == "FAIL"
+    assert statistics.mean(per_round) >= 0.85  # a mean of the rounds would have passed
+    eager_lean = got["GPU step: lean throughput / best BSR mode"]
+    assert eager_lean.verdict == "NOT MEASURED" and "; lean did not run" in eager_lean.where
+
+
+def test_train_step_cpu_targets_read_each_figure_against_its_bound():
+    """The train_step section's CPU verdicts (``bench_train_step.targets``): saved MiB/image of
+    lean, fast and compressed lean (<= 10, 20, 6), lean's training GFLOPs (<= 36), lean's speedup
+    over full fine-tuning (>= 3.3), lean's and fast's step time over the eager formulation's
+    (<= 1.15, 1.0), each read from its own figure; a failed reference is named beside the ratio
+    it takes part in; the GPU ones are NOT MEASURED."""
+    ts = _import_bench("bench_train_step")
+    from benchmarks._suite import SuiteConfig
+    rows = [dict(variant="bsr_lean", saved_mib_per_image=10.5, train_gflops_per_image=36.0,
+                 speedup_vs_full=3.4, time_vs_eager=1.1, speedup_vs_eager=1 / 1.1),
+            dict(variant="bsr_fast", saved_mib_per_image=19.0, time_vs_eager=1.02,
+                 speedup_vs_eager=1 / 1.02),
+            dict(variant="bsr_lean_bf16", saved_mib_per_image=5.0),
+            dict(variant="eager_bsr", error="step: RuntimeError: boom")]
+    got = {t["name"]: t for t in ts.targets(SuiteConfig(device="cpu"), rows)}
+    cpu = {n: (t["value"], t["verdict"]) for n, t in got.items() if not n.startswith("GPU")}
+    assert cpu == {"saved activations, lean": (10.5, "FAIL"),
+                   "saved activations, fast": (19.0, "PASS"),
+                   "saved activations, lean + bf16 (compressed)": (5.0, "PASS"),
+                   "training FLOPs, lean": (36.0, "PASS"),
+                   "CPU step: lean speedup over timm full fine-tuning": (3.4, "PASS"),
+                   "CPU step: lean time / eager formulation time": (1.1, "PASS"),
+                   "CPU step: fast time / eager formulation time": (1.02, "FAIL")}
+    fast = got["CPU step: fast time / eager formulation time"]
+    assert "eager_bsr failed: step: RuntimeError: boom" in fast["where"]
+    assert "failed" not in got["saved activations, fast"]["where"]
+    assert all(t["verdict"] == "NOT MEASURED" for n, t in got.items() if n.startswith("GPU"))
+
+
+def test_train_step_rows_pair_the_rounds_of_each_ratio():
+    """``bench_train_step._rows``: a row's step time is the median of its samples, img/s the
+    batch over it, ``speedup_vs_<ref>`` the median of per-round ratios ref / variant (above 1:
+    faster than ref), ``time_vs_eager`` the median of per-round ratios variant / eager
+    formulation; a reference that was not timed gives None."""
+    ts = _import_bench("bench_train_step")
+    from benchmarks._suite import SuiteConfig
+    from benchmarks._timing import Timing
+    samples = {"full": [4.0, 9.0, 6.0], "eager_bsr": [0.5, 1.0, 2.0],
+               "bsr_lean": [1.0, 2.0, 3.0]}
+    res = dict(timings={v: Timing(v, s, 1) for v, s in samples.items()},
+               digests=dict.fromkeys(samples), errors={}, peaks={}, graph_breaks={})
+    cfg = SuiteConfig(device="cpu")
+    lean = {r["variant"]: r for r in ts._rows(cfg, list(samples), res)}["bsr_lean"]
+    assert lean["step_s"] == 2.0 and lean["images_per_s"] == pytest.approx(cfg.time_batch / 2.0)
+    assert lean["speedup_vs_full"] == pytest.approx(statistics.median([4.0, 4.5, 2.0]))
+    assert lean["speedup_vs_eager"] == pytest.approx(statistics.median([0.5, 0.5, 2 / 3]))
+    assert lean["time_vs_eager"] == pytest.approx(statistics.median([2.0, 2.0, 1.5]))
+    assert lean["speedup_vs_full_compiled"] is None and lean["step_samples_s"] == [1.0, 2.0, 3.0]
+
+
+def test_step_table_shows_each_figure_in_its_column():
+    """``step_table``: the step time in ms, img/s, each speedup under its own header (x full,
+    x full compiled, x peer compiled, x eager formulation), an empty cell where not measured."""
+    ts = _import_bench("bench_train_step")
+    row = dict(variant="bsr_lean", label="lean", step_s=0.0125, images_per_s=1280.0,
+               speedup_vs_full=4.1, speedup_vs_full_compiled=2.7, speedup_vs_peer_compiled=1.2,
+               speedup_vs_eager=None)
+    header, _, cells = [[c.strip() for c in ln.strip("|").split("|")]
+                        for ln in ts.step_table([row]).splitlines()]
+    got = dict(zip(header, cells))
+    assert (got["variant"], got["step ms"], got["img/s"]) == ("lean", "12.5", "1280.0")
+    assert (got["x full"], got["x full compiled"], got["x peer compiled"]) == (
+        "4.10x", "2.70x", "1.20x")
+    assert got["x eager formulation"] == ""
+
+
 def test_bench_gpu_summary_names_the_parts_left_for_a_next_call():
     """A part that failed is listed with its error; the parts the deadline left out are also
     given as the command that runs them next (a second call on the device)."""
@@ -1067,6 +1170,40 @@ def test_bench_gpu_step_targets_need_a_compiled_row_of_step_compiled():
     got = {t.name: t for t in bench_gpu.targets(results)}[full]
     assert got.value == 2.5
     assert "ratios within part step-compiled; best: bsr_autograd" in got.where
+
+
+def test_bench_gpu_step_targets_do_not_take_a_hand_captured_row_for_a_compiled_one():
+    """``is_compiled``: ``+compile`` and ``+cudagraphs`` are compiled, ``+graph`` (captured by
+    hand) and eager variants are not; so a step-compiled part that timed a ``+graph`` row but no
+    compiled variant leaves the step targets to the step part's rows (every eager mode)."""
+    suite = _import_bench("_suite")
+    bench_gpu = _import_bench("bench_gpu")
+    variants = ("bsr_lean+compile", "bsr_fast+cudagraphs", "bsr_lean+graph", "bsr_lean", None)
+    assert [suite.is_compiled(v) for v in variants] == [True, True, False, False, False]
+
+    def step_row(variant, s, **figures):
+        return dict(variant=variant, label=variant, step_s=s, step_samples_s=[s] * 3, **figures)
+
+    results = {"env": {"device": "NVIDIA H100 80GB HBM3"}, "parts": {
+        "step": {"rows": [step_row("bsr_fast", 0.0125, speedup_vs_full=4.0)],
+                 "model": "ViT-B/16", "batch": 128},
+        "step-compiled": {"rows": [step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
+                                   step_row("bsr_lean+graph", 0.01, speedup_vs_full=5.0)],
+                          "model": "ViT-B/16", "batch": 128}}}
+    got = {t.name: t for t in bench_gpu.targets(results)}[
+        "GPU step: best BSR mode / timm full fine-tuning"]
+    assert got.value == 4.0 and "ratios within part step; best: bsr_fast" in got.where
+
+
+def test_bench_gpu_smoke_targets_name_their_cpu_precision():
+    """A --smoke run's results (device cpu: tiny CPU shapes, fp32) are described as such where
+    their op verdicts are, not as a GPU's bf16 figures."""
+    bench_gpu = _import_bench("bench_gpu")
+    results = {"env": {"device": "cpu"},
+               "parts": {"op": {"ViT-B B=128": {"fraction_of_copy": 0.6}}}}
+    frac = next(t for t in bench_gpu.targets(results) if t.value is not None)
+    assert frac.verdict == "PASS"
+    assert frac.where == "ViT-B B=128, fp32 (--smoke: tiny CPU shapes), cpu"
 
 
 def test_a_failed_section_keeps_its_targets_as_not_measured(monkeypatch):
@@ -2169,6 +2306,44 @@ def test_drop_cpu_target_reads_not_measured_without_compile_and_gpu_targets_name
     assert seen["dynamic"] is False
 
 
+def test_drop_cpu_target_reads_its_own_batch_and_no_tiny_run():
+    """The CPU drop target reads the fwd+bwd rows of ViT-B N=197 B=32 only (rows of another
+    batch of the same pass do not stand in for them); a --tiny run has no CPU drop target."""
+    dc = _import_bench("bench_drop_compare")
+    from benchmarks._suite import SuiteConfig
+    ref = "torch.compile(reference)"
+    rows = (_drop_rows("fwd+bwd", {"bsr cpp": [1.0] * 3, ref: [3.0] * 3})
+            + _drop_rows("fwd+bwd", {"bsr cpp": [1.0] * 3, ref: [1.5] * 3}, b=64))
+    (target,) = dc.cpu_targets(SuiteConfig(device="cpu"), rows)
+    assert target["value"] == 3.0 and target["verdict"] == "PASS"
+    assert dc.cpu_targets(SuiteConfig(device="cpu", tiny=True), rows) == []
+
+
+def test_drop_gpu_targets_read_the_b128_forward_row_against_their_bounds(monkeypatch):
+    """The drop op's GPU verdicts read our op's forward row of ViT-B N=197 B=128, not another
+    batch's or candidate's: its paired speedup over the eager composite against >= 5x, its
+    fraction of the bandwidth bound against >= ``FRACTION_TARGET`` (0.5); both pass on their
+    bounds."""
+    dc = _import_bench("bench_drop_compare")
+    from benchmarks._suite import SuiteConfig
+    cfg = SuiteConfig(device="cpu")
+    monkeypatch.setattr(type(cfg), "cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(dc, "_default_backend_name", lambda cfg: "bsr triton")
+
+    def row(b, speedup, fraction):
+        return dict(scope="op", pass_="forward", size="ViT-B", N=197, B=b,
+                    candidate="bsr triton", paired_speedup_vs_eager=speedup,
+                    speedup_vs_eager=speedup, bound_fraction=fraction)
+
+    composite = dict(row(128, 1.0, 0.1), candidate="eager composite")
+    speed, fraction = dc._gpu_targets(cfg, [composite, row(32, 6.0, 0.7), row(128, 4.9, 0.45)])
+    assert (speed["value"], speed["verdict"]) == (4.9, "FAIL")
+    assert (fraction["value"], fraction["verdict"]) == (0.45, "FAIL")
+    speed, fraction = dc._gpu_targets(cfg, [row(128, 5.0, 0.5)])
+    assert speed["verdict"] == fraction["verdict"] == "PASS"
+
+
 def test_drop_timings_rotate_inputs_beyond_the_cache():
     """The drop section's timings rotate each candidate's inputs over enough sets that the
     others' exceed the cache (on CUDA, the GPU's L2, so that it does not hold them): successive
@@ -2266,6 +2441,62 @@ def test_bench_gpu_graph_replays_are_interleaved_and_ratios_paired(monkeypatch):
     eager = bench_gpu.bench({"a": lambda: None, "b": lambda: None}, False, rounds=4)
     assert [len(eager[k]["samples"]) for k in "ab"] == [4, 4]
     assert eager["a"]["ms"] == statistics.median(eager["a"]["samples"])
+
+
+def test_interleaved_samples_are_per_call_and_capped_at_max_number(monkeypatch):
+    """``_timing.interleaved``: after warmup each candidate gets the number of back-to-back calls
+    that makes a sample last ``min_sample_s``, at most ``max_number``; a sample is seconds per
+    call; the rounds alternate A B A B. A fake clock advances 1 or 4 ticks per call (binary
+    fractions of a second: the arithmetic is exact)."""
+    timing = _import_bench("_timing")
+    tick, clock, calls = 1 / 1024, [0.0], []
+
+    def candidate(name, ticks):
+        def fn():
+            calls.append(name)
+            clock[0] += ticks * tick
+        return fn
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    got = timing.interleaved({"a": candidate("a", 1), "b": candidate("b", 4)}, reps=3, warmup=1,
+                             min_sample_s=10 * tick, max_number=5, device_sync=False)
+    assert (got["a"].number, got["b"].number) == (5, 3)  # a: 10 + 1 capped at 5; b: 10 // 4 + 1
+    assert calls == ["a", "b"] + (["a"] * 5 + ["b"] * 3) * 3
+    assert got["a"].samples == [tick] * 3 and got["b"].samples == [4 * tick] * 3
+    assert got["b"].paired_ratio(got["a"]) == 4.0
+
+
+def test_do_bench_rounds_reports_the_median_and_spread_over_rounds(monkeypatch):
+    """``_timing.do_bench_rounds`` on CPU: per round the mean ms of 3 calls after one; ``ms`` the
+    median over rounds, ``spread`` (max - min) / median, ``samples`` in round order; a
+    candidate that raises is reported and the others go on."""
+    timing = _import_bench("_timing")
+    clock, durations = [0.0], iter([0.001] * 4 + [0.004] * 4 + [0.002] * 4)
+
+    def step():
+        clock[0] += next(durations)
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    got = timing.do_bench_rounds({"a": step, "b": broken}, cuda=False, rounds=3,
+                                 log=lambda *a: None)
+    assert got["a"]["samples"] == pytest.approx([1.0, 4.0, 2.0])
+    assert got["a"]["ms"] == pytest.approx(2.0) and got["a"]["spread"] == pytest.approx(1.5)
+    assert got["b"] == {"error": "RuntimeError: no kernel"}
+
+
+def test_bench_gpu_speedup_is_the_peers_time_over_ours_per_round():
+    """``bench_gpu.speedup(times, peer, ours)``: the median of per-round ratios peer / ours
+    (above 1: ours is faster) when both kept their samples, else the ratio of the medians."""
+    bench_gpu = _import_bench("bench_gpu")
+    times = {"peer": {"ms": 6.0, "samples": [4.0, 10.0, 6.0]},
+             "ours": {"ms": 2.0, "samples": [2.0, 2.0, 3.0]}}
+    assert bench_gpu.speedup(times, "peer", "ours") == statistics.median([2.0, 5.0, 2.0])
+    assert bench_gpu.speedup(times, "ours", "peer") == statistics.median([0.5, 0.2, 0.5])
+    del times["ours"]["samples"]
+    assert bench_gpu.speedup(times, "peer", "ours") == 6.0 / 2.0
 
 
 def test_bench_gpu_launch_sweep_times_the_settings_interleaved(monkeypatch):
