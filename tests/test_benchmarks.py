@@ -208,6 +208,18 @@ def _import_bench(name):
     return importlib.import_module(f"benchmarks.{name}")
 
 
+#: The figures of a ``step_rows`` row besides its time (None where not measured).
+_STEP_FIGURES = ("images_per_s", "speedup_vs_full", "speedup_vs_eager",
+                 "speedup_vs_full_compiled", "speedup_vs_peer_compiled")
+
+
+def _step_row(variant, s, **figures):
+    """A ``step_rows`` row of ``variant``: ``s`` seconds a step, three rounds of ``s`` (none
+    when it was not timed), then ``figures`` (which may override any key)."""
+    return {"variant": variant, "label": variant, "step_s": s,
+            "step_samples_s": [s] * 3 if s else [], **figures}
+
+
 def test_benchmarks_is_a_package_without_path_hacks():
     """``benchmarks`` imports as a package; no module in it edits ``sys.path``, and the suite
     has one timer module, one input builder and one anchors table."""
@@ -1088,10 +1100,9 @@ def test_bench_gpu_targets_read_the_parts():
     row = f"fwd+bwd speedup vs {bench_gpu.ROW_PEER}"
     comp = f"forward speedup vs {bench_gpu.COMPILED_PEER}"
     def step_row(variant, s, **ratios):  # a step_rows row: what is not given was not measured
-        return dict(dict.fromkeys(("images_per_s", "speedup_vs_full", "speedup_vs_eager",
-                                   "speedup_vs_full_compiled", "speedup_vs_peer_compiled")),
-                    variant=variant, label=variant, step_s=s,
-                    step_samples_s=[s * f for f in (0.9, 1.0, 1.1)], **ratios)
+        return _step_row(variant, s, **{**dict.fromkeys(_STEP_FIGURES),
+                                         "step_samples_s": [s * f for f in (0.9, 1.0, 1.1)],
+                                         **ratios})
 
     step_compiled = [
         step_row("full", 0.05), step_row("peer_bsr+compile", 0.0145),
@@ -1146,27 +1157,23 @@ def test_bench_gpu_step_targets_need_a_compiled_row_of_step_compiled():
     (every eager mode, fast too) are read, so that the best mode is not chosen without fast."""
     bench_gpu = _import_bench("bench_gpu")
 
-    def step_row(variant, s, **figures):
-        return dict(variant=variant, label=variant, step_s=s,
-                    step_samples_s=[s] * 3 if s else [], **figures)
-
     skipped = "step: skipped: out of time (90 s left; a compiled build needs 104 s)"
-    eager_only = [step_row("full", 0.05, speedup_vs_full=1.0),
-                  step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
-                  step_row("bsr_lean", 0.025, speedup_vs_full=2.0),
-                  step_row("peer_bsr+compile", None, error=skipped),
-                  step_row("full+compile", None, error=skipped)]
+    eager_only = [_step_row("full", 0.05, speedup_vs_full=1.0),
+                  _step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
+                  _step_row("bsr_lean", 0.025, speedup_vs_full=2.0),
+                  _step_row("peer_bsr+compile", None, error=skipped),
+                  _step_row("full+compile", None, error=skipped)]
     results = {"env": {"device": "NVIDIA H100 80GB HBM3"}, "parts": {
-        "step": {"rows": [step_row("full", 0.05, speedup_vs_full=1.0),
-                          step_row("bsr_fast", 0.0125, speedup_vs_full=4.0),
-                          step_row("bsr_autograd", 0.02, speedup_vs_full=2.5)],
+        "step": {"rows": [_step_row("full", 0.05, speedup_vs_full=1.0),
+                          _step_row("bsr_fast", 0.0125, speedup_vs_full=4.0),
+                          _step_row("bsr_autograd", 0.02, speedup_vs_full=2.5)],
                  "model": "ViT-B/16", "batch": 128},
         "step-compiled": {"rows": eager_only, "model": "ViT-B/16", "batch": 128}}}
     full = "GPU step: best BSR mode / timm full fine-tuning"
     got = {t.name: t for t in bench_gpu.targets(results)}[full]
     assert got.value == 4.0 and "ratios within part step; best: bsr_fast" in got.where
     # one compiled variant timed there: step-compiled's rows (paired with the compiled peer)
-    eager_only[3] = step_row("peer_bsr+compile", 0.015, speedup_vs_full=3.3)
+    eager_only[3] = _step_row("peer_bsr+compile", 0.015, speedup_vs_full=3.3)
     got = {t.name: t for t in bench_gpu.targets(results)}[full]
     assert got.value == 2.5
     assert "ratios within part step-compiled; best: bsr_autograd" in got.where
@@ -1181,14 +1188,11 @@ def test_bench_gpu_step_targets_do_not_take_a_hand_captured_row_for_a_compiled_o
     variants = ("bsr_lean+compile", "bsr_fast+cudagraphs", "bsr_lean+graph", "bsr_lean", None)
     assert [suite.is_compiled(v) for v in variants] == [True, True, False, False, False]
 
-    def step_row(variant, s, **figures):
-        return dict(variant=variant, label=variant, step_s=s, step_samples_s=[s] * 3, **figures)
-
     results = {"env": {"device": "NVIDIA H100 80GB HBM3"}, "parts": {
-        "step": {"rows": [step_row("bsr_fast", 0.0125, speedup_vs_full=4.0)],
+        "step": {"rows": [_step_row("bsr_fast", 0.0125, speedup_vs_full=4.0)],
                  "model": "ViT-B/16", "batch": 128},
-        "step-compiled": {"rows": [step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
-                                   step_row("bsr_lean+graph", 0.01, speedup_vs_full=5.0)],
+        "step-compiled": {"rows": [_step_row("bsr_autograd", 0.02, speedup_vs_full=2.5),
+                                   _step_row("bsr_lean+graph", 0.01, speedup_vs_full=5.0)],
                           "model": "ViT-B/16", "batch": 128}}}
     got = {t.name: t for t in bench_gpu.targets(results)}[
         "GPU step: best BSR mode / timm full fine-tuning"]
@@ -1266,10 +1270,7 @@ def test_bench_gpu_merge_joins_two_calls(tmp_path, capsys):
     row = f"fwd+bwd speedup vs {bench_gpu.ROW_PEER}"
 
     def step_row(variant, s, **figures):  # a step_rows row: what is not given was not measured
-        return {**dict.fromkeys(("images_per_s", "speedup_vs_full", "speedup_vs_eager",
-                                 "speedup_vs_full_compiled", "speedup_vs_peer_compiled")),
-                **dict(variant=variant, label=variant, step_s=s, step_samples_s=[s] * 3,
-                       **figures)}
+        return _step_row(variant, s, **{**dict.fromkeys(_STEP_FIGURES), **figures})
 
     skipped = {"error": "skipped: out of time"}
     first = {"env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"}, "parts": {

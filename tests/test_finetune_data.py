@@ -45,18 +45,22 @@ def test_hidden_files_and_folders_inside_class_folders_are_no_samples(tmp_path):
         assert warned == []
 
 
+def _link(target, link):
+    try:
+        os.symlink(target, link)
+    except (OSError, NotImplementedError):
+        pytest.skip("no symbolic links here")
+
+
 def test_a_symlink_loop_in_a_class_folder_is_followed_once(tmp_path):
     """cat/loop -> .. multiplied the images (6 became 246 samples) and put copies of one file
     in both the training and the test part; a link to a folder outside is still followed."""
     pics, extra = tmp_path / "pics", tmp_path / "extra"
     _write_image_folder(pics, {"cat": 5, "dog": 5})
     _write_image_folder(extra, {"more": 3})
-    try:
-        os.symlink("..", pics / "cat" / "loop")
-        os.symlink(extra / "more", pics / "dog" / "more")
-        os.symlink(pics / "dog", pics / "dog" / "again")
-    except (OSError, NotImplementedError):
-        pytest.skip("no symbolic links here")
+    _link("..", pics / "cat" / "loop")
+    _link(extra / "more", pics / "dog" / "more")
+    _link(pics / "dog", pics / "dog" / "again")
     ds = data._image_folder(pics, None)
     assert [c for _, c in ds.samples] == [0] * 5 + [1] * 8
     real = [os.path.realpath(f) for f, _ in ds.samples]
@@ -64,13 +68,6 @@ def test_a_symlink_loop_in_a_class_folder_is_followed_once(tmp_path):
     bundle, _ = _build(pics)
     train, test = _files(bundle.train), _files(bundle.test)
     assert len(train) + len(test) == 13 and not set(train) & set(test)
-
-
-def _link(target, link):
-    try:
-        os.symlink(target, link)
-    except (OSError, NotImplementedError):
-        pytest.skip("no symbolic links here")
 
 
 def test_a_folder_reached_by_several_links_is_read_once_whatever_the_listing_order(
