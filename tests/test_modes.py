@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+from collections import Counter
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsr_kernels
 import bsr_kernels.backward
@@ -805,3 +808,146 @@ def test_meta_device_shape_inference(mode, moe):
     assert all(g.device.type == "meta" for g in got.values())
     with torch.no_grad():
         assert model.eval()(x.to("meta")).shape == want.shape
+
+
+class _BackwardOps(TorchDispatchMode):
+    """Records the ops a backward runs: calls of the bsr_kernels ops by name, and the output
+    width and dtype of each ``addmm`` (a projection's forward, run again: its backward runs
+    ``mm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drops, self.widths, self.dtypes = Counter(), Counter(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "bsr_kernels":
+            self.drops[func.overloadpacket.__name__] += 1
+        if func is torch.ops.aten.addmm.default:
+            self.widths[out.shape[-1]] += 1
+            self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+@pytest.mark.parametrize("form", ["eager", "checkpointed"])
+def test_backward_replays_the_selection_and_recomputes_only_what_its_mode_says(mode, form):
+    """What a lean/fast backward runs again, op by op (seen by a dispatch mode around
+    backward): never the drop's selection (the recorded one is replayed: the
+    ``bsr_kernels::drop_tokens`` op does not run; in float64 a fresh selection picks the same
+    tokens, so the gradients alone cannot tell), and only the projections its mode does not
+    save, told apart by width: fast none; lean the proj of a trained block and the qkv, proj
+    and fc1 of a frozen one; fc2 never (no trained LayerScale here). In both forms (the
+    autograd function, and the selective checkpointing that compiled models run), with plain
+    autograd's gradients."""
+    base = tiny(dtype=torch.float64, depth=6)
+    cfg = dict(train_blocks=[2, 5], drop_at=[1, 3, 4])   # 2, 5 trained, 3, 4 frozen
+    ref = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode="autograd", **cfg)
+    got = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=mode, **cfg)
+    checkpointed = run_checkpointed(got) if form == "checkpointed" else None
+    x = images(dtype=torch.float64)
+    ref(x).square().sum().backward()
+    loss = got(x).square().sum()
+    with _BackwardOps() as ops:
+        loss.backward()
+    assert checkpointed in (None, [2, 3, 4, 5])
+    c = 48   # tiny()'s width: qkv 3c, proj c, fc1 4c
+    want = Counter() if mode == "fast" else Counter({c: 4, 3 * c: 2, 4 * c: 2})
+    assert ops.widths == want, ops.widths
+    assert "drop_tokens" not in ops.drops, ops.drops
+    assert ops.drops["drop_tokens_backward"] == 2   # the two fused drops that need one (3, 4)
+    if form == "eager":
+        assert ops.drops["drop_tokens_replay"] == 2
+    gr, gg = grads(ref), grads(got)
+    assert set(gr) == set(gg) and gr
+    for n in gr:
+        torch.testing.assert_close(gg[n], gr[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_replaying_dropout_leaves_the_random_stream_as_plain_autograd(mode):
+    """A lean/fast backward that replays dropout from the forward's generator state puts the
+    state back afterwards: what the program draws next (the next batch's masks, a shuffle) is
+    what it draws after plain autograd's backward, not a rewound stream."""
+    base = tiny(depth=6)
+    draws = {}
+    for m in ("autograd", mode):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=m, train_blocks=[2, 5])
+        for i in (3, 5):   # a frozen and a trained block after the first trained one
+            model.blocks[i].mlp.drop1.p = 0.5
+        model.train()
+        torch.manual_seed(11)
+        model(images()).square().sum().backward()
+        draws[m] = torch.rand(8)
+    assert torch.equal(draws[mode], draws["autograd"])
+
+
+def test_lean_backward_of_a_moe_block_leaves_the_task_set_since():
+    """The lean backward of a MoE block, which replays with the forward's task, gives the block
+    back the task set between forward and backward (the next forward routes with it)."""
+    model = bsr_kernels.to_moe(tiny(depth=4), num_experts=2, top_k=1, num_tasks=2)
+    bsr_kernels.reprogram(model, memory_mode="lean")
+    moes = [m for m in model.modules() if getattr(m, "bsr_moe", False)]
+    assert moes and all(m.task == 0 for m in moes)
+    loss = model(images()).square().sum()
+    for m in moes:
+        m.task = 1
+    loss.backward()
+    assert [m.task for m in moes] == [1] * len(moes)
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+@pytest.mark.parametrize("change", ["drop_at", "fuse_token", "num_prefix_tokens"])
+def test_other_drop_roles_or_settings_before_backward_raise(mode, change):
+    """Between forward and backward, blocks that drop elsewhere (the same keep_rate), another
+    fuse_token, or another prefix count in the config the blocks read: the replay would not
+    be the forward, so backward raises naming what happened (not a shape error from inside,
+    or a silently different gradient)."""
+    model = bsr_kernels.reprogram(tiny(), memory_mode=mode)
+    loss = model(images()).square().sum()
+    if change == "num_prefix_tokens":
+        cfg = dataclasses.replace(model.bsr_config, num_prefix_tokens=2)
+        for blk in model.blocks:
+            blk.bsr_config = cfg
+    else:
+        other = {"drop_at": (4, 8, 10), "fuse_token": False}[change]
+        bsr_kernels.reprogram(model, memory_mode=mode, **{change: other})
+    with pytest.raises(RuntimeError, match=r"block \d* ?was restored \(bsr_kernels.restore"
+                                           r"\) or reprogrammed .* call backward first"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_backward_under_autocast_replays_the_forwards_precision(mode):
+    """A forward run without autocast, its backward called inside a ``torch.autocast``
+    region: the replay recomputes the forward as it ran, in float32 (the projections a lean
+    backward runs again are float32 matmuls), not in the bf16 of the backward's region."""
+    model = bsr_kernels.reprogram(tiny(depth=6), memory_mode=mode, train_blocks=[2, 5])
+    loss = model(images()).square().sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16), _BackwardOps() as seen:
+        loss.backward()
+    assert seen.dtypes == ([] if mode == "fast" else [torch.float32] * len(seen.dtypes))
+    assert mode == "fast" or seen.dtypes   # lean recomputes projections (test above)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode", ["fast", "lean"])
+def test_attention_and_second_mlp_dropout_give_exact_gradients(mode):
+    """Dropout on attention probabilities (attn_drop, which SDPA draws) and after fc2 (drop2),
+    turned on after reprogram, count as random too: the replay draws the forward's masks, so
+    gradients equal plain autograd's with the same seed (the dropout test above turns on
+    drop1 and proj_drop only)."""
+    base = tiny(dtype=torch.float64, depth=6)
+    got = {}
+    for m in ("autograd", mode):
+        model = bsr_kernels.reprogram(copy.deepcopy(base), memory_mode=m, train_blocks=[2, 5])
+        model.blocks[3].attn.attn_drop.p = 0.4   # a frozen block, then a trained one
+        model.blocks[5].mlp.drop2.p = 0.5
+        model.train()
+        torch.manual_seed(5)
+        model(images(dtype=torch.float64)).square().sum().backward()
+        got[m] = grads(model)
+    assert set(got[mode]) == set(got["autograd"]) and got[mode]
+    for n, g in got["autograd"].items():
+        torch.testing.assert_close(got[mode][n], g, rtol=1e-9, atol=1e-12, msg=n)

@@ -249,7 +249,16 @@ def test_values_odd_sizes(backend, n, fuse):
 def test_num_kept_is_ceil():
     """n_keep = ceil(keep_rate * (N - P)), robust to float noise, at least 1."""
     assert num_kept(0.5, 196) == 98
-    assert num_kept(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004 in floats
+    # float noise above an integer keeps that integer (rounded to 6 decimals first):
+    assert 0.07 * 100 > 7 and num_kept(0.07, 100) == 7
+    rate32 = float(torch.tensor(0.3))   # a keep_rate through float32: 0.30000001192092896
+    assert rate32 * 10 > 3 and num_kept(rate32, 10) == 3
+    # a real fraction above it still rounds up, in the op too
+    assert num_kept(0.50001, 10) == 6 and num_kept(0.5001, 10) == 6
+    g = torch.Generator().manual_seed(0)
+    x, q, k = torch.randn(1, 11, 4, generator=g), *torch.randn(2, 1, 2, 11, 3, generator=g)
+    assert bsr_kernels.drop_tokens(x, q, k, 0.50001)[1].shape == (1, 6)
+    assert bsr_kernels.drop_tokens(x, q, k, rate32 + 0.2)[1].shape == (1, 5)  # 5.0000001
     assert num_kept(0.7, 10) == 7
     assert num_kept(0.51, 196) == 100
     assert num_kept(1e-9, 5) == 1
@@ -1893,3 +1902,74 @@ def test_torch_func_transforms_ignore_autocast_as_the_kernels_do():
     assert torch.equal(per_image[1][:, 0], kept)
     torch.testing.assert_close(per_image[0][:, 0], out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(per_scores[:, 0], scores, rtol=1e-6, atol=1e-7)
+
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_replay_gives_the_drops_output_and_saves_int32_indices(x_dtype):
+    """A replay (``kept=``, as a lean/fast backward runs it) returns what the drop returned:
+    x's dtype (a bf16/fp16 x beside float32 q and k, as under autocast, runs in float32 on
+    CPU and is cast back), the same rows, int64 positions whatever integer dtype ``kept``
+    came in; and, like the drop, it saves its indices for backward as int32 (the C++ backend
+    replays with torch ops, so the fused row may differ in its last bits)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 8, generator=g).to(x_dtype).requires_grad_()
+    q, k = torch.randn(2, 2, 3, 9, 4, generator=g).requires_grad_()
+    out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
+    assert out.dtype == x_dtype and out.shape == (2, 6, 8)
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+    for recorded in (kept, kept.int()):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            again, kept_again = bsr_kernels.drop_tokens(x, q, k, 0.5, kept=recorded)
+        assert again.dtype == x_dtype and kept_again.dtype == torch.int64
+        assert torch.equal(kept_again, kept) and torch.equal(again[:, :5], out[:, :5])
+        torch.testing.assert_close(again, out)   # the fused row: the C++ forward's vs torch ops
+        ints = [d for d in saved if not d.is_floating_point]
+        assert ints == [torch.int32], saved
+
+
+def test_drop_tokens_refuses_x_elsewhere_and_a_boolean_kept_naming_them():
+    """x on another device than q and k, and a boolean ``kept``, are refused by name before
+    anything runs (x on meta reached the kernels; a mask is no list of positions)."""
+    g = torch.Generator().manual_seed(0)
+    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    with pytest.raises(ValueError, match=r"^x must be on the device of q"):
+        bsr_kernels.drop_tokens(x.to("meta"), q, k, 0.5)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"^kept must be an integer tensor"):
+        bsr_kernels.drop_tokens(x, q, k, 0.5, kept=mask)
+
+
+def test_a_drop_of_nothing_returns_x_itself_and_an_empty_batch_replays():
+    """keep_rate 1 (no ``kept``) returns x itself, as nn.Identity returns its input (no copy
+    of the residual stream); an empty batch replays an empty selection (its range check has
+    no values to read) and gives the drop's shapes."""
+    g = torch.Generator().manual_seed(0)
+    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    assert bsr_kernels.drop_tokens(x, q, k, 1.0)[0] is x
+    empty = [t[:0] for t in (x, q, k)]
+    want = bsr_kernels.drop_tokens(*empty, 0.5)
+    assert want[0].shape == (0, 6, 8) and want[1].shape == (0, 4)
+    out, kept = bsr_kernels.drop_tokens(*empty, 0.5, kept=want[1])
+    assert out.shape == (0, 6, 8) and kept.shape == (0, 4) and kept.dtype == torch.int64
+
+
+def test_fake_kernels_give_a_full_replay_no_fused_token():
+    """A replay that keeps every token (keep_rate 1, a given order) appends no fused token; the
+    fake kernels (torch.compile, export and FakeTensorMode trace with them) give that shape
+    too, not one token more."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    g = torch.Generator().manual_seed(1)
+    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    order = torch.stack([torch.randperm(8, generator=g) for _ in range(2)])
+    want, _ = bsr_kernels.drop_tokens(x, q, k, 1.0, kept=order)
+    assert want.shape == (2, 9, 8) and torch.equal(want[:, 1:], x[:, 1:][[[0], [1]], order])
+    with FakeTensorMode() as fake:
+        got, kept = bsr_kernels.drop_tokens(*(fake.from_tensor(t) for t in (x, q, k)), 1.0,
+                                            kept=fake.from_tensor(order))
+    assert got.shape == want.shape and kept.shape == order.shape
