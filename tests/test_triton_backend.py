@@ -18,7 +18,8 @@ from bsr_kernels.ops import triton_backend as tb  # noqa: E402
 from bsr_kernels.ops.common import num_kept  # noqa: E402
 from bsr_kernels.ops.dispatch import select_backend  # noqa: E402
 
-from _backends import assert_kept_matches, expected_from_kept, gradcheck  # noqa: E402
+from _backends import (  # noqa: E402
+    assert_kept_matches, expected_from_kept, gradcheck, nan_padded)
 
 BACKEND = tb.TritonBackend()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -705,3 +706,337 @@ def test_launches_on_the_tensors_gpu_not_the_current_one(monkeypatch):
     for got, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, q, k))):
         assert got.device == x.device
         torch.testing.assert_close(got, w, **TOL[torch.float32])
+
+
+# --- gaps found by mutation testing of the kernels and their launch code ----------------------
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf
+def test_far_negative_logits_keep_a_finite_lse(device):
+    """Every CLS logit far below the smallest normal's log (about -1500 here, float64): the
+    online logsumexp starts from a zero sum, which must stay zero instead of being rescaled by
+    exp(0 - max logit) = inf (0 * inf = NaN would make every score NaN)."""
+    dtype = torch.float64
+    x, q, k = _inputs(2, 2, 11, 4, 5, device, dtype, seed=41)
+    q[:, :, 0, 0] = 10.0
+    k[..., 0] -= 300.0
+    x_out, kept, scores, lse = _check_forward(x, q, k, 1, 4, True, dtype, scale=0.5)
+    assert bool(lse.isfinite().all()) and float(lse.max()) < -1000, lse
+    assert bool(scores.isfinite().all()) and float(scores.max()) > 0.1
+
+
+def test_exact_ties_across_candidate_tiles(device, small_tiles):
+    """Tied scores spread over several tiles of candidates (BLOCK_M = 4): the count of equal keys
+    seen in earlier tiles carries over, so only the lowest positions among them are kept."""
+    dtype = torch.float32
+    b, h, n, d, c, p = 2, 2, 16, 4, 5, 1
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=22)
+    q[0, :, 0] = 0.0                       # batch 0: uniform attention, every score tied
+    pairs = k[1, :, p::2].clone()          # batch 1: candidates tied in pairs
+    k[1, :, p + 1::2] = pairs[:, :(n - p) // 2]
+    m = n - p
+    for n_keep in (6, 9, m - 1):           # the last tie group spans several tiles
+        _, kept, scores, _ = _check_forward(x, q, k, p, n_keep, True, dtype)
+        assert torch.equal(kept[0].cpu(), torch.arange(n_keep, dtype=torch.int32))
+        s1 = scores[1, :m - m % 2].view(-1, 2)
+        assert torch.equal(s1[:, 0], s1[:, 1]), "pairs should tie exactly"
+
+
+def test_near_ties_in_the_last_bits(device, radix):
+    """Scores a few ulps apart (keys differing in the lowest digits only, some equal): the
+    threshold search must resolve its last digit. kept is the selection rule on the kernel's
+    own scores, for every n_keep; the rows follow that set."""
+    dtype = torch.float32
+    b, h, n, d, c, p = 2, 1, 12, 2, 5, 1
+    m = n - p
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=23)
+    q[:, :, 0] = torch.tensor([1.0, 0.0])
+    g = torch.Generator().manual_seed(24)
+    for bi in range(b):                    # key j: 0.5 moved up by a random 0..3 ulps each step
+        steps = torch.randint(0, 4, (m,), generator=g).cumsum(0)[torch.randperm(m, generator=g)]
+        col = torch.full((m,), 0.5, dtype=dtype)
+        for _ in range(int(steps.max())):
+            col = torch.where(steps > 0, torch.nextafter(col, torch.tensor(1.0)), col)
+            steps = steps - 1
+        k[bi, 0, p:, 0] = col.to(device)
+    r_scores = ref.cls_scores(q, k, 1.0, p)[0]
+    sensitive = 0
+    for n_keep in range(1, m):
+        x_out, kept, scores, _ = BACKEND.drop_forward(x, q, k, 1.0, p, n_keep, True)
+        torch.testing.assert_close(scores, r_scores, **TOL[dtype])
+        assert torch.equal(kept, _selection(scores, n_keep)), (n_keep, scores, kept)
+        want = expected_from_kept(x, scores, kept, p, True)
+        assert torch.equal(x_out[:, :p + n_keep], want[:, :p + n_keep])
+        torch.testing.assert_close(x_out, want, **TOL[dtype])
+        top = scores.sort(dim=1, descending=True).values.view(torch.int32)
+        gap = top[:, n_keep - 1] - top[:, n_keep]
+        sensitive += int(((gap > 0) & (gap < 16)).sum())
+    assert sensitive > 0, "no selection boundary fell between scores a few ulps apart"
+
+
+def test_q_and_k_in_different_layouts(device):
+    """q with its head dim outermost (stride_qd != 1) and k with its heads outermost: each
+    tensor's own strides reach every kernel (forward, drop backward, scores backward), and
+    grad_q / grad_k come back in q's / k's layouts."""
+    dtype = torch.float64
+    b, h, n, d, c, p, n_keep = 2, 3, 9, 5, 4, 2, 3
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=25)
+    q = q.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    k = k.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    assert q.stride(-1) != 1 and q.stride()[:2] != k.stride()[:2]
+    scale = d ** -0.5
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    g = torch.Generator().manual_seed(26)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    for a, w, t in zip(got, want, (x, q, k)):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+        assert a.stride() == torch.empty_like(t).stride()
+    gs = torch.randn(b, n - p, generator=g, dtype=dtype).to(device)
+    got = BACKEND.cls_scores_backward(gs, q, k, lse, scale, p)
+    want = ref.cls_scores_backward(gs, q, k, lse, scale, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+
+def test_odd_head_dim_in_nan_padding(device):
+    """x, q, k and grad_out inside NaN buffers with a head dim (3) and a channel count (5) that
+    are not powers of two: a load that ignores the head-dim or channel mask reads the padding and
+    brings NaN into the logits, the gather or the gradients."""
+    dtype = torch.float32
+    b, h, n, d, c, p, n_keep = 2, 2, 10, 3, 5, 1, 4
+    x, q, k = (nan_padded(t) for t in _inputs(b, h, n, d, c, device, dtype, seed=27))
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    assert not bool(x_out.isnan().any())
+    g = torch.Generator().manual_seed(28)
+    grad_out = nan_padded(torch.randn(x_out.shape, generator=g).to(device))
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    for a, w in zip(got, want):
+        assert not bool(a.isnan().any())
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+
+def _interleaved(t, fill):
+    """``t`` as a non-contiguous view (every other element of a larger buffer, the others
+    ``fill``): a kernel that indexes it without strides reads the fill."""
+    return torch.stack([t, torch.full_like(t, fill)], dim=-1)[..., 0]
+
+
+def test_non_contiguous_selection_scores_and_lse(device):
+    """kept, scores, lse and the score gradient as non-contiguous views (what a caller may hold
+    after indexing): the backend makes them contiguous before the kernels index them flat."""
+    dtype = torch.float64
+    b, h, n, d, c, p, n_keep = 2, 2, 11, 4, 5, 2, 4
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=29)
+    scale = d ** -0.5
+    x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, scale, p, n_keep, True)
+    kept_v = _interleaved(kept, 0)
+    scores_v, lse_v = _interleaved(scores, float("nan")), _interleaved(lse, float("nan"))
+    assert not (kept_v.is_contiguous() or scores_v.is_contiguous() or lse_v.is_contiguous())
+    for fuse in (True, False):
+        got = BACKEND.drop_replay(x, q, k, kept_v, scale, p, fuse)
+        want = ref.drop_replay(x, q, k, kept, scale, p, fuse)
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, **TOL[dtype])
+    g = torch.Generator().manual_seed(30)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept_v, scores_v, lse_v, scale, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    go = grad_out[:, :p + n_keep]
+    assert torch.equal(BACKEND.gather_backward(go, kept_v, n, p),
+                       ref.gather_backward(go, kept, n, p))
+    gs = torch.randn(b, n - p, generator=g, dtype=dtype).to(device)
+    got = BACKEND.cls_scores_backward(_interleaved(gs, float("nan")), q, k, lse_v, scale, p)
+    want = ref.cls_scores_backward(gs, q, k, lse, scale, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+def test_infinite_prefix_rows_and_keys(device):
+    """Prefix rows of x at +-inf are copied but never enter the fused token (0 * inf would make
+    it NaN) nor the score gradient; a +inf prefix key makes its head's gradients NaN everywhere,
+    as in the reference (the softmax backward's sum runs over the prefix keys too)."""
+    dtype = torch.float64
+    b, h, n, d, c, p, n_keep = 2, 2, 11, 3, 4, 2, 4
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=31)
+    x[:, 0], x[:, 1] = float("inf"), float("-inf")
+    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
+    assert bool(x_out[:, -1].isfinite().all())
+    g = torch.Generator().manual_seed(32)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    for a, w in zip(got, want):
+        assert bool(a.isfinite().all())
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+    q[0, 0, 0] = q[0, 0, 0].abs() + 0.1
+    k[0, 0, 1] = float("inf")              # image 0, head 0: a +inf prefix logit
+    scores, lse = BACKEND.cls_scores(q, k, d ** -0.5, p)
+    gs = torch.randn(b, n - p, generator=g, dtype=dtype).to(device)
+    got = BACKEND.cls_scores_backward(gs, q, k, lse, d ** -0.5, p)
+    want = ref.cls_scores_backward(gs, q, k, ref.cls_scores(q, k, d ** -0.5, p)[1], d ** -0.5, p)
+    assert bool(want[1][0, 0].isnan().all()) and bool(want[1][1].isfinite().all())
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype], equal_nan=True)
+
+
+def _select_launch(logits, lse, p, n_keep=0, kept=None, slot_ws=None):
+    """Runs ``select_kernel`` alone on a given (B, H, N) logit workspace and (B, H) lse:
+    selecting ``n_keep`` or replaying ``kept``; returns (scores, kept, slot_ws)."""
+    b, h, n = logits.shape
+    m, dtype, dev = n - p, logits.dtype, logits.device
+    replay = kept is not None
+    if not replay:
+        kept = torch.empty(b, n_keep, dtype=torch.int32, device=dev)
+    if slot_ws is None:
+        slot_ws = torch.empty(b, m, dtype=torch.int32, device=dev)
+    scores = torch.empty(b, m, dtype=dtype, device=dev)
+    key_ws = torch.empty(b, m, dtype=tb._KEY_TORCH[dtype], device=dev)
+    tb._kernel("select_kernel")[(b,)](
+        logits, lse, scores, kept, slot_ws, key_ws, h, n, p, kept.shape[1],
+        ACC=tb._acc(dtype), DO_SELECT=not replay, REPLAY=replay, **tb.select_blocks(m, dtype),
+        num_warps=tb.LAUNCH["select_warps"])
+    return scores, kept, slot_ws
+
+
+def test_replay_writes_no_slot_outside_the_image(device):
+    """The selection kernel's replay writes slots at positions [0, M) of its own image only:
+    entries M and -1 leave the words around the slot workspace untouched. (In a two-image launch
+    the interpreter would hide a stray write into the next image, which resets its slots after;
+    so one image runs here, its workspace a view with guard words on either side.)"""
+    dtype = torch.float32
+    b, h, n, d, p = 1, 2, 9, 4, 2
+    m = n - p
+    _, q, k = _inputs(b, h, n, d, 1, device, dtype, seed=33)
+    logits = (torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k) * 0.5).contiguous()
+    kept = torch.tensor([[5, m, 2, -1, 0]], dtype=torch.int32, device=device)
+    buf = torch.full((b * m + 6,), 77, dtype=torch.int32, device=device)
+    scores, _, slot_ws = _select_launch(logits, logits.logsumexp(-1), p, kept=kept,
+                                        slot_ws=buf[3:3 + b * m])
+    want = torch.full((m,), -1, dtype=torch.int32)
+    want[5], want[2], want[0] = 0, 2, 4
+    assert torch.equal(slot_ws.cpu(), want), slot_ws
+    assert bool((buf[:3] == 77).all()) and bool((buf[-3:] == 77).all()), buf
+    torch.testing.assert_close(scores, ref.cls_scores(q, k, 0.5, p)[0], **TOL[dtype])
+
+
+def test_nan_of_either_sign_ranks_lowest(device, radix):
+    """NaN scores rank below every real score whatever their sign bit. inf - inf makes the
+    negative default NaN on x86 (the interpreter; test_nan_scores_rank_below_real_ones) but the
+    positive canonical NaN on a GPU, whose bits read as the largest key unless NaN is mapped
+    to -inf first: here the selection kernel runs on logits holding positive NaN."""
+    dtype = torch.float32
+    b, h, n, p = 2, 2, 13, 1
+    m = n - p
+    g = torch.Generator().manual_seed(36)
+    logits = torch.randn(b, h, n, generator=g, dtype=dtype)
+    lse = logits.logsumexp(-1)
+    pos = torch.tensor(float("nan"), dtype=dtype).abs()
+    for bi, hi, j, v in ((0, 1, 3, pos), (0, 0, 7, -pos), (1, 0, 0, pos), (1, 1, 10, pos),
+                         (1, 1, 5, -pos)):
+        logits[bi, hi, p + j] = v
+    logits, lse = logits.to(device), lse.to(device)
+    want_scores = (logits - lse[..., None]).exp()[:, :, p:].mean(1)
+    for n_keep in (1, m // 2, m - 3, m, m - 1):   # m: nothing dropped, NaN kept too
+        scores, kept, _ = _select_launch(logits, lse, p, n_keep)
+        torch.testing.assert_close(scores, want_scores, **TOL[dtype], equal_nan=True)
+        bits = scores.view(torch.int32)
+        assert bool((scores.isnan() & (bits > 0)).any()), "no positive NaN score"
+        assert torch.equal(kept, _selection(scores, n_keep)), (n_keep, kept)
+        assert not ({3, 7} & set(kept[0].tolist()) or {0, 5, 10} & set(kept[1].tolist())) \
+            or n_keep > m - 3
+    assert kept[0].tolist().count(3) == 1 and 0 in kept[1].tolist()   # NaN ties: lower position
+
+
+def test_mixed_dtypes_accumulate_in_float64(device):
+    """x float32 beside float64 q, k, and the reverse: logits, scores, the fused row and the
+    score gradient accumulate in float64 (``compute_dtype``), so scores and the gradients of the
+    float64 inputs match the definition to float64 accuracy and the float32 fused row is its
+    float64 value rounded once (float32 accumulation is off by ulps); the same for a replay."""
+    b, h, n, d, c, p, n_keep = 2, 2, 11, 4, 6, 1, 4
+    x64, q64, k64 = _inputs(b, h, n, d, c, device, torch.float64, seed=34)
+    g = torch.Generator().manual_seed(35)
+    for x, q, k in ((x64.float(), q64, k64), (x64, q64.float(), k64.float())):
+        x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, torch.float64)
+        assert scores.dtype == lse.dtype == torch.float64
+        want = ref.drop_tokens(x, q, k, d ** -0.5, p, n_keep, True)[0]
+        if x.dtype == torch.float32:
+            assert torch.equal(x_out[:, -1], want[:, -1]), "fused row not rounded from float64"
+        grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, x.dtype)
+        got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+        want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+        for a, w in zip(got, want):
+            assert a.dtype == w.dtype
+            torch.testing.assert_close(a, w, **GRAD_TOL[a.dtype])
+        got = BACKEND.drop_replay(x, q, k, kept, d ** -0.5, p, True)   # the replay's dtypes too
+        want = ref.drop_replay(x, q, k, kept, d ** -0.5, p, True)
+        for a, w in zip(got, want):
+            assert a.dtype == w.dtype
+            torch.testing.assert_close(a, w, **TOL[torch.float64])
+
+
+def test_replay_in_the_given_order(device):
+    """A replayed selection keeps the order it is given, not ascending: candidate 0 at a later
+    slot lands in that slot (not in row P, where a prefix rule taking row P would put it), and
+    the backward scatters each slot back to its candidate."""
+    dtype = torch.float64
+    b, h, n, d, c, p = 2, 2, 10, 4, 5, 2
+    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=37)
+    kept = torch.tensor([[5, 3, 0, 6], [7, 0, 2, 4]], dtype=torch.int32, device=device)
+    for fuse in (True, False):
+        got = BACKEND.drop_replay(x, q, k, kept, 0.6, p, fuse)
+        want = ref.drop_replay(x, q, k, kept, 0.6, p, fuse)
+        assert torch.equal(got[0][:, :p + 4], want[0][:, :p + 4])
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, **TOL[dtype])
+    x_out, scores, lse = BACKEND.drop_replay(x, q, k, kept, 0.6, p, True)
+    g = torch.Generator().manual_seed(38)
+    grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.6, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.6, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+
+
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+def test_launched_constants_compile_for_mixed_dtypes(device, monkeypatch):
+    """The interpreter lets a loop-carried accumulator change dtype (float32 ACC times float64
+    scores), the compiler refuses it: every kernel that a float32 x beside float64 q, k launches
+    (forward, backward, replay) compiles for sm_90 with the constants the launch code chose."""
+    import inspect
+
+    from bsr_kernels.ops import _triton_kernels as raw
+
+    launched, real = [], tb._kernel
+
+    class _Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.name, args, kwargs))
+                return real(self.name)[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tb, "_kernel", _Spy)
+    x, q, k = _inputs(2, 2, 9, 4, 5, device, torch.float64, seed=39)
+    x = x.float()
+    x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, 0.5, 1, 3, True)
+    BACKEND.drop_backward(torch.ones_like(x_out), x, q, k, kept, scores, lse, 0.5, 1)
+    BACKEND.drop_replay(x, q, k, kept, 0.5, 1, True)
+    assert {name for name, _, _ in launched} == set(raw.KERNELS)
+    for name, args, kwargs in launched:
+        params = list(inspect.signature(getattr(raw, name)).parameters)
+        pointers = {p: _PTR[a.dtype] for p, a in zip(params, args) if isinstance(a, torch.Tensor)}
+        constexprs = {p: v for p, v in kwargs.items() if p not in ("num_warps", "num_stages")}
+        kernel = _compile_for_sm90(name, pointers, constexprs, kwargs["num_warps"])
+        assert "cubin" in kernel.asm, name
