@@ -23,6 +23,10 @@ CONFIGS = {
     "registers": dict(reg_tokens=4, no_embed_class=True),
     "layerscale": dict(init_values=0.1),
     "qk_norm": dict(qk_norm=True, qkv_bias=False),
+    # CLIP image towers (vit_*_clip_*): a norm before the blocks, QuickGELU (openai weights)
+    "clip": dict(pre_norm=True, act_layer="quick_gelu"),
+    # RMSNorm in every norm and projections without a bias, as in some newer ViTs
+    "rmsnorm_no_proj_bias": dict(norm_layer="rmsnorm", proj_bias=False),
 }
 
 
@@ -144,7 +148,8 @@ FROZEN_CONFIGS = {**CONFIGS, "gelu_tanh": dict(act_layer="gelu_tanh"),
 def test_lean_backward_equals_plain_autograd_float64(config, fuse):
     """The lean backward (frozen blocks 4-6 and 8-10 replayed from their input alone, trained
     blocks from input, qkv and fc1) against plain autograd through the same body, across block
-    variants (registers, LayerScale, qk_norm with and without affine, GELU-tanh)."""
+    variants (registers, LayerScale, qk_norm with and without affine, GELU-tanh, CLIP's pre-norm
+    and QuickGELU, RMSNorm without projection biases)."""
     base = small_vit(**FROZEN_CONFIGS[config])
     if config == "no_affine_qk_norm":
         for blk in base.blocks:
