@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
@@ -27,7 +28,7 @@ __all__ = [
     "backend_params", "is_slow", "examples", "DropCase", "make_inputs", "timm_qk", "nan_padded",
     "resolved_scale", "reference_drop", "expected_from_kept", "assert_kept_matches",
     "assert_valid_kept", "assert_drop_matches", "grads_of", "float64_leaves",
-    "assert_grads_accurate", "FAST_GRADCHECK", "gradcheck",
+    "assert_grads_accurate", "FAST_GRADCHECK", "gradcheck", "OpLog",
 ]
 
 #: Devices tests are generated for. CUDA joins when present (then without TRITON_INTERPRET).
@@ -148,12 +149,13 @@ def timm_qk(b: int, n: int, h: int, d: int, device, dtype, seed: int = 0,
     return qkv, q, k
 
 
-def nan_padded(t: torch.Tensor, pad: int = 2) -> torch.Tensor:
-    """A copy of ``t`` that is a strided view into a larger NaN-filled buffer.
+def nan_padded(t: torch.Tensor, pad: int = 2, fill: float = float("nan")) -> torch.Tensor:
+    """A copy of ``t`` that is a strided (non-contiguous) view into a larger NaN-filled buffer.
 
-    Any read outside the view's bounds (a wrong stride, an off-by-one) pulls NaN into the result.
+    Any read outside the view's bounds (a wrong stride, an off-by-one, flat indexing) pulls NaN
+    into the result. ``fill`` replaces NaN for an integer tensor.
     """
-    big = torch.full([s + 2 * pad for s in t.shape], float("nan"), dtype=t.dtype, device=t.device)
+    big = torch.full([s + 2 * pad for s in t.shape], fill, dtype=t.dtype, device=t.device)
     view = big[tuple(slice(pad, pad + s) for s in t.shape)]
     view.copy_(t.detach())
     return view
@@ -324,3 +326,21 @@ def gradcheck(fn, inputs, fast: bool) -> bool:
             return fn(*inputs[:i], t_i, *inputs[i + 1:])
         assert torch.autograd.gradcheck(only, (t,), **FAST_GRADCHECK), f"input {i}"
     return True
+
+
+class OpLog(TorchDispatchMode):
+    """Runs the ops that reach the Python dispatch mode and records each one with its output
+    in ``calls``; ``names`` lists them as ``str(op)`` (``bsr_kernels.drop_tokens.default``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, out))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [str(func) for func, _ in self.calls]

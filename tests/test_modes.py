@@ -11,12 +11,13 @@ from collections import Counter
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsr_kernels
 import bsr_kernels.backward
 from bsr_kernels.config import MEMORY_MODES, BSRConfig
 from bsr_kernels.ops.dispatch import select_backend
+
+from _backends import OpLog
 
 MODES = list(MEMORY_MODES)
 
@@ -810,23 +811,11 @@ def test_meta_device_shape_inference(mode, moe):
         assert model.eval()(x.to("meta")).shape == want.shape
 
 
-class _BackwardOps(TorchDispatchMode):
-    """Records the ops a backward runs: calls of the bsr_kernels ops by name, and the output
-    width and dtype of each ``addmm`` (a projection's forward, run again: its backward runs
-    ``mm``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.drops, self.widths, self.dtypes = Counter(), Counter(), []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.namespace == "bsr_kernels":
-            self.drops[func.overloadpacket.__name__] += 1
-        if func is torch.ops.aten.addmm.default:
-            self.widths[out.shape[-1]] += 1
-            self.dtypes.append(out.dtype)
-        return out
+def _drops_and_projections(log: OpLog) -> tuple[Counter, list[torch.Tensor]]:
+    """What an :class:`OpLog` around a backward saw: the bsr_kernels ops run, counted by name,
+    and the outputs of ``addmm`` (a projection's forward run again: its backward runs ``mm``)."""
+    drops = Counter(f.overloadpacket.__name__ for f, _ in log.calls if f.namespace == "bsr_kernels")
+    return drops, [out for f, out in log.calls if f is torch.ops.aten.addmm.default]
 
 
 @pytest.mark.parametrize("mode", ["fast", "lean"])
@@ -848,16 +837,17 @@ def test_backward_replays_the_selection_and_recomputes_only_what_its_mode_says(m
     x = images(dtype=torch.float64)
     ref(x).square().sum().backward()
     loss = got(x).square().sum()
-    with _BackwardOps() as ops:
+    with OpLog() as log:
         loss.backward()
+    drops, projections = _drops_and_projections(log)
     assert checkpointed in (None, [2, 3, 4, 5])
     c = 48   # tiny()'s width: qkv 3c, proj c, fc1 4c
-    want = Counter() if mode == "fast" else Counter({c: 4, 3 * c: 2, 4 * c: 2})
-    assert ops.widths == want, ops.widths
-    assert "drop_tokens" not in ops.drops, ops.drops
-    assert ops.drops["drop_tokens_backward"] == 2   # the two fused drops that need one (3, 4)
+    widths = Counter(out.shape[-1] for out in projections)
+    assert widths == (Counter() if mode == "fast" else Counter({c: 4, 3 * c: 2, 4 * c: 2})), widths
+    assert "drop_tokens" not in drops, drops
+    assert drops["drop_tokens_backward"] == 2   # the two fused drops that need one (3, 4)
     if form == "eager":
-        assert ops.drops["drop_tokens_replay"] == 2
+        assert drops["drop_tokens_replay"] == 2
     gr, gg = grads(ref), grads(got)
     assert set(gr) == set(gg) and gr
     for n in gr:
@@ -924,10 +914,11 @@ def test_backward_under_autocast_replays_the_forwards_precision(mode):
     backward runs again are float32 matmuls), not in the bf16 of the backward's region."""
     model = bsr_kernels.reprogram(tiny(depth=6), memory_mode=mode, train_blocks=[2, 5])
     loss = model(images()).square().sum()
-    with torch.autocast("cpu", dtype=torch.bfloat16), _BackwardOps() as seen:
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
         loss.backward()
-    assert seen.dtypes == ([] if mode == "fast" else [torch.float32] * len(seen.dtypes))
-    assert mode == "fast" or seen.dtypes   # lean recomputes projections (test above)
+    dtypes = [out.dtype for out in _drops_and_projections(log)[1]]
+    assert dtypes == ([] if mode == "fast" else [torch.float32] * len(dtypes))
+    assert mode == "fast" or dtypes   # lean recomputes projections (test above)
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                for p in model.parameters() if p.requires_grad)
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import bsr_kernels
 from bsr_kernels.ops import dispatch, reference
@@ -25,10 +24,11 @@ from bsr_kernels.ops.dispatch import (_reasons, all_backends, available_backends
                                       select_backend)
 
 from _backends import (BACKEND_NAMES, DEVICES, GRAD_ABS_FLOOR, GRAD_REL_FLOOR, SCORE_TOL,
-                       TIE_TOL, VALUE_TOL, DropCase, assert_drop_matches, assert_grads_accurate,
-                       assert_kept_matches, assert_valid_kept, backend_params, examples,
-                       expected_from_kept, float64_leaves, gradcheck, grads_of, is_slow,
-                       make_inputs, nan_padded, reference_drop, resolved_scale, timm_qk)
+                       TIE_TOL, VALUE_TOL, DropCase, OpLog, assert_drop_matches,
+                       assert_grads_accurate, assert_kept_matches, assert_valid_kept,
+                       backend_params, examples, expected_from_kept, float64_leaves, gradcheck,
+                       grads_of, is_slow, make_inputs, nan_padded, reference_drop,
+                       resolved_scale, timm_qk)
 
 CPU = torch.device("cpu")
 ALL = backend_params()
@@ -255,8 +255,7 @@ def test_num_kept_is_ceil():
     assert rate32 * 10 > 3 and num_kept(rate32, 10) == 3
     # a real fraction above it still rounds up, in the op too
     assert num_kept(0.50001, 10) == 6 and num_kept(0.5001, 10) == 6
-    g = torch.Generator().manual_seed(0)
-    x, q, k = torch.randn(1, 11, 4, generator=g), *torch.randn(2, 1, 2, 11, 3, generator=g)
+    x, q, k = make_inputs(DropCase(b=1, h=2, n=11, d=3, c=4), "cpu", torch.float32)
     assert bsr_kernels.drop_tokens(x, q, k, 0.50001)[1].shape == (1, 6)
     assert bsr_kernels.drop_tokens(x, q, k, rate32 + 0.2)[1].shape == (1, 5)  # 5.0000001
     assert num_kept(0.7, 10) == 7
@@ -1495,18 +1494,6 @@ def test_opcheck_registered_ops(backend, layout):
 
 # --- the eager path and the registered ops ------------------------------------------------------
 
-class _OpLog(TorchDispatchMode):
-    """Records the ops that reach the Python dispatch mode, and runs them."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 _REGISTERED = ("_cls_attention_op", "_cls_attention_bwd_op", "_drop_op", "_replay_op",
                "_drop_bwd_op", "_gather_bwd_op")
 
@@ -1536,7 +1523,7 @@ def test_eager_path_and_registered_ops_agree(backend, fuse, monkeypatch):
     other = torch.stack([torch.randperm(case.m, generator=g)[:case.n_keep].sort().values
                          for _ in range(case.b)]).to(backend.device)
 
-    log = _OpLog()
+    log = OpLog()
     with log:
         registered = _all_paths_of_the_ops(x, q, k, case, other)
     backward = "drop_tokens_backward" if fuse else "gather_tokens_backward"
@@ -1571,7 +1558,7 @@ def test_second_order_gradients_on_both_paths(backend, fuse):
            "replay": lambda x, q, k: bsr_kernels.drop_tokens(
                x, q, k, case.keep_rate, case.fuse, case.p, case.scale, kept=kept)[0],
            "cls_attention": lambda x, q, k: bsr_kernels.cls_attention(q, k, case.scale, case.p)}
-    for mode in (contextlib.nullcontext, _OpLog):
+    for mode in (contextlib.nullcontext, OpLog):
         for name, fn in ops.items():
             with mode():
                 inputs = (q, k) if name == "cls_attention" else (x, q, k)
@@ -1618,7 +1605,7 @@ def test_plain_eager_is_false_under_tracers_and_modes():
     from bsr_kernels.ops import _plain_eager
     t = torch.randn(2, 3)
     assert _plain_eager(t, t.requires_grad_())
-    with _OpLog():
+    with OpLog():
         assert not _plain_eager(t)
     with torch.device("cpu"):
         assert not _plain_eager(t)
@@ -1904,6 +1891,9 @@ def test_torch_func_transforms_ignore_autocast_as_the_kernels_do():
     torch.testing.assert_close(per_scores[:, 0], scores, rtol=1e-6, atol=1e-7)
 
 
+#: x (2, 9, 8), q and k (2, 3, 9, 4): the shape of the replay and refusal tests below.
+_SMALL = DropCase(b=2, h=3, n=9, d=4, c=8)
+
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_a_replay_gives_the_drops_output_and_saves_int32_indices(x_dtype):
@@ -1912,9 +1902,8 @@ def test_a_replay_gives_the_drops_output_and_saves_int32_indices(x_dtype):
     CPU and is cast back), the same rows, int64 positions whatever integer dtype ``kept``
     came in; and, like the drop, it saves its indices for backward as int32 (the C++ backend
     replays with torch ops, so the fused row may differ in its last bits)."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 9, 8, generator=g).to(x_dtype).requires_grad_()
-    q, k = torch.randn(2, 2, 3, 9, 4, generator=g).requires_grad_()
+    x, q, k = make_inputs(_SMALL, "cpu", torch.float32, requires_grad=True)
+    x = x.detach().to(x_dtype).requires_grad_()
     out, kept = bsr_kernels.drop_tokens(x, q, k, 0.5)
     assert out.dtype == x_dtype and out.shape == (2, 6, 8)
     saved = []
@@ -1936,8 +1925,7 @@ def test_a_replay_gives_the_drops_output_and_saves_int32_indices(x_dtype):
 def test_drop_tokens_refuses_x_elsewhere_and_a_boolean_kept_naming_them():
     """x on another device than q and k, and a boolean ``kept``, are refused by name before
     anything runs (x on meta reached the kernels; a mask is no list of positions)."""
-    g = torch.Generator().manual_seed(0)
-    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    x, q, k = make_inputs(_SMALL, "cpu", torch.float32)
     with pytest.raises(ValueError, match=r"^x must be on the device of q"):
         bsr_kernels.drop_tokens(x.to("meta"), q, k, 0.5)
     mask = torch.zeros(2, 4, dtype=torch.bool)
@@ -1949,8 +1937,7 @@ def test_a_drop_of_nothing_returns_x_itself_and_an_empty_batch_replays():
     """keep_rate 1 (no ``kept``) returns x itself, as nn.Identity returns its input (no copy
     of the residual stream); an empty batch replays an empty selection (its range check has
     no values to read) and gives the drop's shapes."""
-    g = torch.Generator().manual_seed(0)
-    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
+    x, q, k = make_inputs(_SMALL, "cpu", torch.float32)
     assert bsr_kernels.drop_tokens(x, q, k, 1.0)[0] is x
     empty = [t[:0] for t in (x, q, k)]
     want = bsr_kernels.drop_tokens(*empty, 0.5)
@@ -1964,8 +1951,8 @@ def test_fake_kernels_give_a_full_replay_no_fused_token():
     fake kernels (torch.compile, export and FakeTensorMode trace with them) give that shape
     too, not one token more."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    x, q, k = make_inputs(_SMALL, "cpu", torch.float32)
     g = torch.Generator().manual_seed(1)
-    x, q, k = torch.randn(2, 9, 8, generator=g), *torch.randn(2, 2, 3, 9, 4, generator=g)
     order = torch.stack([torch.randperm(8, generator=g) for _ in range(2)])
     want, _ = bsr_kernels.drop_tokens(x, q, k, 1.0, kept=order)
     assert want.shape == (2, 9, 8) and torch.equal(want[:, 1:], x[:, 1:][[[0], [1]], order])

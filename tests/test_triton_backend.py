@@ -357,11 +357,13 @@ def test_forward_large_shapes(device, radix):
     _check_forward(x, q, k, 1, 7, True, torch.float32)
 
 
+@pytest.mark.parametrize("d, c", [(4, 6), (3, 5)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_nan_padded_inputs(dtype, device):
-    """q, k as timm's qkv views, x inside a NaN buffer: wrong strides or out-of-bounds reads
-    show."""
-    b, h, n, d, c, p = 2, 2, 15, 4, 6, 1
+def test_strided_nan_padded_inputs(dtype, d, c, device):
+    """q, k as timm's qkv views, x and grad_out inside NaN buffers: wrong strides or
+    out-of-bounds reads show, also a load that ignores the head-dim or channel mask where
+    those (3, 5) are no powers of two."""
+    b, h, n, p = 2, 2, 15, 1
     g = torch.Generator().manual_seed(5)
     qkv = torch.full((b, n, 3, h, d + 2), float("nan"), dtype=torch.float64)
     qkv[..., :d] = torch.randn(b, n, 3, h, d, generator=g, dtype=torch.float64)
@@ -386,8 +388,13 @@ def test_strided_nan_padded_inputs(dtype, device):
     assert torch.equal(got, ref.gather_backward(grad_out[:, :p + 6], kept, n, p))
 
 
-@pytest.mark.parametrize("p", [1, 5])
-def test_exact_ties_go_to_lower_positions(p, device, radix):
+@pytest.mark.parametrize("p, tiles", [(1, "default"), (5, "default"), (1, "small")])
+def test_exact_ties_go_to_lower_positions(p, tiles, device, radix, request):
+    """Equal scores are kept lowest position first. With small tiles (BLOCK_M = 4) a group of
+    equal scores spans several tiles of candidates: the count of equal keys seen in earlier
+    tiles carries over to the next."""
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
     dtype = torch.float32
     b, h, n, d, c = 3, 2, 16, 4, 5
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=21)
@@ -725,23 +732,6 @@ def test_far_negative_logits_keep_a_finite_lse(device):
     assert bool(scores.isfinite().all()) and float(scores.max()) > 0.1
 
 
-def test_exact_ties_across_candidate_tiles(device, small_tiles):
-    """Tied scores spread over several tiles of candidates (BLOCK_M = 4): the count of equal keys
-    seen in earlier tiles carries over, so only the lowest positions among them are kept."""
-    dtype = torch.float32
-    b, h, n, d, c, p = 2, 2, 16, 4, 5, 1
-    x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=22)
-    q[0, :, 0] = 0.0                       # batch 0: uniform attention, every score tied
-    pairs = k[1, :, p::2].clone()          # batch 1: candidates tied in pairs
-    k[1, :, p + 1::2] = pairs[:, :(n - p) // 2]
-    m = n - p
-    for n_keep in (6, 9, m - 1):           # the last tie group spans several tiles
-        _, kept, scores, _ = _check_forward(x, q, k, p, n_keep, True, dtype)
-        assert torch.equal(kept[0].cpu(), torch.arange(n_keep, dtype=torch.int32))
-        s1 = scores[1, :m - m % 2].view(-1, 2)
-        assert torch.equal(s1[:, 0], s1[:, 1]), "pairs should tie exactly"
-
-
 def test_near_ties_in_the_last_bits(device, radix):
     """Scores a few ulps apart (keys differing in the lowest digits only, some equal): the
     threshold search must resolve its last digit. kept is the selection rule on the kernel's
@@ -800,30 +790,6 @@ def test_q_and_k_in_different_layouts(device):
         torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
 
 
-def test_odd_head_dim_in_nan_padding(device):
-    """x, q, k and grad_out inside NaN buffers with a head dim (3) and a channel count (5) that
-    are not powers of two: a load that ignores the head-dim or channel mask reads the padding and
-    brings NaN into the logits, the gather or the gradients."""
-    dtype = torch.float32
-    b, h, n, d, c, p, n_keep = 2, 2, 10, 3, 5, 1, 4
-    x, q, k = (nan_padded(t) for t in _inputs(b, h, n, d, c, device, dtype, seed=27))
-    x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
-    assert not bool(x_out.isnan().any())
-    g = torch.Generator().manual_seed(28)
-    grad_out = nan_padded(torch.randn(x_out.shape, generator=g).to(device))
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    for a, w in zip(got, want):
-        assert not bool(a.isnan().any())
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
-
-
-def _interleaved(t, fill):
-    """``t`` as a non-contiguous view (every other element of a larger buffer, the others
-    ``fill``): a kernel that indexes it without strides reads the fill."""
-    return torch.stack([t, torch.full_like(t, fill)], dim=-1)[..., 0]
-
-
 def test_non_contiguous_selection_scores_and_lse(device):
     """kept, scores, lse and the score gradient as non-contiguous views (what a caller may hold
     after indexing): the backend makes them contiguous before the kernels index them flat."""
@@ -832,8 +798,7 @@ def test_non_contiguous_selection_scores_and_lse(device):
     x, q, k = _inputs(b, h, n, d, c, device, dtype, seed=29)
     scale = d ** -0.5
     x_out, kept, scores, lse = BACKEND.drop_forward(x, q, k, scale, p, n_keep, True)
-    kept_v = _interleaved(kept, 0)
-    scores_v, lse_v = _interleaved(scores, float("nan")), _interleaved(lse, float("nan"))
+    kept_v, scores_v, lse_v = nan_padded(kept, fill=0), nan_padded(scores), nan_padded(lse)
     assert not (kept_v.is_contiguous() or scores_v.is_contiguous() or lse_v.is_contiguous())
     for fuse in (True, False):
         got = BACKEND.drop_replay(x, q, k, kept_v, scale, p, fuse)
@@ -850,7 +815,7 @@ def test_non_contiguous_selection_scores_and_lse(device):
     assert torch.equal(BACKEND.gather_backward(go, kept_v, n, p),
                        ref.gather_backward(go, kept, n, p))
     gs = torch.randn(b, n - p, generator=g, dtype=dtype).to(device)
-    got = BACKEND.cls_scores_backward(_interleaved(gs, float("nan")), q, k, lse_v, scale, p)
+    got = BACKEND.cls_scores_backward(nan_padded(gs), q, k, lse_v, scale, p)
     want = ref.cls_scores_backward(gs, q, k, lse, scale, p)
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
