@@ -16,9 +16,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import bsr_kernels
-from bsr_kernels.export import drop_tokens_aten, select_aten
+from bsr_kernels.export import (cls_attention_decomposition, drop_tokens_aten,
+                                drop_tokens_decomposition, select_aten)
 from bsr_kernels.ops import reference
 from bsr_kernels.ops.common import num_kept
+
+from _same import assert_same
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -82,6 +85,24 @@ def test_aten_drop_is_the_reference(fuse):
             torch.testing.assert_close(got[0], want[0], equal_nan=True, rtol=0, atol=1e-12)
     kept_tie = drop_tokens_aten(x, q_tie, k, 0.5, p, 7, fuse)[1]
     assert kept_tie.tolist() == [list(range(7))] * b
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_decompositions_give_the_ops_outputs(x_dtype):
+    """What the ONNX exporter puts in place of the custom ops gives their outputs, dtypes
+    included: kept as int32, a bf16 residual stream (autocast, fp32 q and k) stays bf16 with
+    its fused token, and the prefix length is the one passed (3 here: CLS and two registers)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 6, generator=g).to(x_dtype)
+    q, k = (torch.randn(2, 2, 12, 4, generator=g) for _ in range(2))
+    ops = torch.ops.bsr_kernels
+    for p in (1, 3):
+        for fuse in (True, False):
+            assert_same(drop_tokens_decomposition(x, q, k, 0.5, p, 4, fuse),
+                        ops.drop_tokens.default(x, q, k, 0.5, p, 4, fuse, "reference"),
+                        f"p={p} fuse={fuse}")
+        assert_same(cls_attention_decomposition(q, k, 0.5, p),
+                    ops.cls_attention.default(q, k, 0.5, p, "reference"), f"p={p}")
 
 
 def test_torch_export_gives_the_eager_logits():
@@ -289,6 +310,21 @@ def test_export_onnx_checks_its_arguments():
         bsr_kernels.export_onnx(model, torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="at least 2"):
         bsr_kernels.export_onnx(model, images(1))
+
+
+@needs_onnx
+def test_export_onnx_passes_its_options_to_the_exporter(monkeypatch):
+    """Without dynamic_batch a batch of one exports (its size is fixed in the graph), and no
+    dynamic shape is asked for; with it, the batch dimension is dynamic. The opset asked for
+    is passed on."""
+    got = []
+    monkeypatch.setattr(torch.onnx, "export", lambda model, args, **kw: got.append(kw))
+    model = tiny_vit()
+    bsr_kernels.export_onnx(model, images(1), dynamic_batch=False)
+    assert "dynamic_shapes" not in got[-1] and "opset_version" not in got[-1]
+    bsr_kernels.export_onnx(model, images(2), opset_version=18)
+    (dims,) = got[-1]["dynamic_shapes"]
+    assert list(dims) == [0] and got[-1]["opset_version"] == 18
 
 
 def test_export_onnx_refuses_a_folder_as_path_before_exporting(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ def test_mm_saves_both_operands():
     b = torch.randn(7, 3, requires_grad=True)
     s = saved_activations(lambda: (a @ b).sum())
     assert s.bytes == (5 * 7 + 7 * 3) * 4
-    assert s.num_storages == 2
+    assert s.num_storages == 2 and s.num_saved == 2
     assert s.output.requires_grad
 
 
@@ -55,7 +55,7 @@ def test_views_of_one_storage_count_once():
     s = saved_activations(fn)
     # q*k saves q and k (one storage, qkv), (q*k)*v saves q*k and v (v: qkv again).
     assert s.bytes == (2 * 10 * 6 + 2 * 10) * 4
-    assert s.num_storages == 2
+    assert s.num_storages == 2 and s.num_saved == 4   # four tensors packed, two storages
 
 
 def test_dead_graphs_do_not_count():
@@ -67,8 +67,8 @@ def test_dead_graphs_do_not_count():
 
     s = saved_activations(fn)
     assert s.bytes == 100 * 4
-    assert s.mib == pytest.approx(400 / MIB)
-    assert s.mib_per_image(4) == pytest.approx(100 / MIB)
+    assert s.mib == pytest.approx(400 / 2**20)          # a MiB is 2**20 bytes
+    assert s.mib_per_image(4) == pytest.approx(100 / 2**20)
     for bad in (0, -2):
         with pytest.raises(ValueError, match="batch_size must be > 0"):
             s.mib_per_image(bad)
@@ -89,6 +89,8 @@ def test_count_flops_linear():
     assert f.backward == 2 * f.forward       # input grad + weight grad
     assert f.total == 3 * f.forward
     assert f.forward_macs == 4 * 32 * 16
+    # per op, forward and backward together: the three matmuls of a bias-free linear layer
+    assert f.by_op == {"aten.mm": f.total}
     x = torch.randn(4, 32)                   # no input grad: weight grad only
     f = count_flops(lambda: lin(x).sum())
     assert f.backward == f.forward
@@ -200,6 +202,19 @@ def test_profile_leaves_buffers_and_moe_counts_as_they_were():
     bsr_kernels.profile(vit, x)
     for m, (ref, counts, aux) in zip(moes, usage):
         assert m.usage is ref and torch.equal(m.usage, counts) and m.aux_loss is aux
+
+
+def test_profile_of_a_model_with_an_empty_buffer_slot():
+    """BatchNorm without running statistics registers its buffers as None: profile measures
+    such a model (forward 48 * 5 multiply-adds an image, backward the weight gradient only,
+    as nothing before the linear layer trains) and leaves the slots empty."""
+    from bsr_kernels import profile
+    bn = nn.BatchNorm1d(48, affine=False, track_running_stats=False)
+    model = nn.Sequential(nn.Flatten(), bn, nn.Linear(48, 5, bias=False))
+    prof = profile(model, torch.randn(2, 3, 4, 4))
+    assert prof.forward_gmacs_per_image == pytest.approx(48 * 5 / 1e9, rel=1e-12)
+    assert prof.train_gflops_per_image == pytest.approx(2 * 2 * 48 * 5 / 1e9, rel=1e-12)
+    assert bn.running_mean is None and bn.running_var is None
 
 
 def test_profile_under_no_grad_measures_the_training_step():

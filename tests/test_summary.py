@@ -72,6 +72,17 @@ def test_trainable_summary_groups_a_staged_model_by_stage(name, stages):
     assert "1.blocks.0" in groups and "1.head" in groups, groups
 
 
+def test_trainable_summary_places_the_vit_by_its_outermost_blocks():
+    """A ViT block holding numbered ``blocks`` of its own (an adapter made of sub-blocks) is
+    still one block of a ViT under a prefix (nn.Sequential(norm, vit)): only the outermost
+    ``blocks.<i>`` of a name places the ViT, so the model does not look staged."""
+    model = vit()
+    model.blocks[0].mlp.blocks = nn.ModuleList([nn.Linear(2, 2)])
+    s = bsr_kernels.trainable_summary(nn.Sequential(nn.Identity(), model))
+    n0 = sum(p.numel() for p in model.blocks[0].parameters())
+    assert s.groups["1.blocks.0"] == (n0, n0) and "1.blocks.5" in s.groups, list(s.groups)
+
+
 def test_trainable_summary_names_blocks_through_wrappers():
     """Compiled, the summary said "trained: _orig_mod (1,335,557 of 5,488,517)"; for a
     MultiTaskViT, "trained: vit": the blocks were not named. The wrapped model's parts are."""
@@ -117,6 +128,15 @@ def test_trainable_summary_counts_shared_parameters_once():
         bsr_kernels.trainable_summary("model")
 
 
+def test_trainable_summary_of_a_model_without_parameters():
+    """A model with no parameters (a parameter-free pipeline stage) is summarised as 0 of 0,
+    at 0 % trained, rather than failing on a division by zero."""
+    s = bsr_kernels.trainable_summary(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    assert (s.trainable, s.total, s.groups) == (0, 0, {})
+    assert s.trainable_percent == 0.0
+    assert str(s) == "trainable params: 0 || all params: 0 || trainable%: 0.0000"
+
+
 def test_draw_kept_shades_the_dropped_patches():
     model = bsr_kernels.reprogram(vit(), keep_rate=0.4).eval()
     x = images()
@@ -139,6 +159,26 @@ def test_draw_kept_shades_the_dropped_patches():
             shade = img[b][~mask] * 0.15 + 0.85 * torch.tensor([0.2, 0.2, 0.35])
             torch.testing.assert_close(pics[s, b][~mask], shade)
         assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0], counts
+
+
+def test_draw_kept_of_hand_made_kept_on_oblong_patches():
+    """Kept indices are row-major over the patch grid, whatever the patch's shape: 8x16 px
+    images in 4x8 px patches make a 2x2 grid, patch 0 (the top-left, which is a patch like any
+    other and not the fused token's -1) and patch 3 (the last one) included. With strength 1,
+    dropped pixels are the colour itself and kept ones the image."""
+    x = torch.rand(2, 3, 8, 16, generator=torch.Generator().manual_seed(2))
+    kept = [torch.tensor([[0, 3, -1], [1, 2, -1]])]
+    red = torch.tensor([1.0, 0.0, 0.0])
+    pics = bsr_kernels.draw_kept(x, kept, (4, 8), color=red, strength=1.0)
+    img = x.permute(0, 2, 3, 1)
+    want = red.expand(2, 8, 16, 3).clone()
+    want[0, :4, :8], want[0, 4:, 8:] = img[0, :4, :8], img[0, 4:, 8:]   # patches 0 and 3
+    want[1, :4, 8:], want[1, 4:, :8] = img[1, :4, 8:], img[1, 4:, :8]   # patches 1 and 2
+    assert pics.shape == (1, 2, 8, 16, 3)
+    assert torch.equal(pics[0], want)
+    for bad in (4, -2):    # one past the last patch; a negative index other than -1
+        with pytest.raises(ValueError, match=rf"kept\[0\] holds (patch )?index {bad}"):
+            bsr_kernels.draw_kept(x, [torch.tensor([[0, bad], [1, 2]])], (4, 8))
 
 
 def test_draw_kept_writes_a_png_and_checks_arguments(tmp_path):
@@ -242,6 +282,20 @@ def test_draw_kept_png_leaves_pyplot_alone_and_writes_atomically(tmp_path, monke
         assert sorted(q.name for q in tmp_path.iterdir()) == ["kept.png"]
     finally:
         matplotlib.use(backend)
+
+
+def test_profile_result_fields_set_by_key_and_the_table_of_a_model_without_blocks():
+    """Setting a field's key sets the field (not an extra entry), and the table of a model
+    without ``blocks`` (no tokens counted) has no tokens row."""
+    prof = ProfileResult(saved_activation_mib_per_image=1.5, train_gflops_per_image=2.0,
+                         forward_gmacs_per_image=0.5, batch_size=2)
+    lines = str(prof).splitlines()
+    assert len(lines) == 4 and not any("tokens" in line for line in lines), lines
+    prof["batch_size"], prof["tokens_per_block"] = 8, [5, 5, 3]
+    assert prof.batch_size == 8 and prof.tokens_per_block == [5, 5, 3] and prof.extra == {}
+    assert len(prof) == 5
+    assert str(prof).startswith("one training step, per image (batch of 8):")
+    assert re.search(r"tokens per block +\[5, 5, 3\]", str(prof))
 
 
 def test_profile_result_reads_as_a_table_and_as_the_old_dict():
