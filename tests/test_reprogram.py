@@ -9,6 +9,7 @@ import copy
 import pytest
 import timm
 import torch
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import bsr_kernels
@@ -344,6 +345,7 @@ def test_keep_rate_one_all_trained_reproduces_timm():
     ref, bsr = copy.deepcopy(base), copy.deepcopy(base)
     x = images()
     bsr_kernels.reprogram(bsr, train_blocks=range(12), drop_at=[3, 6, 9], keep_rate=1.0)
+    assert bsr_kernels.kept_patches(bsr, x) == []   # a keep_rate of 1 makes no drop stage
     out_ref, out_bsr = ref(x), bsr(x)
     torch.testing.assert_close(out_bsr, out_ref, rtol=1e-12, atol=1e-12)
     out_ref.square().sum().backward()
@@ -357,6 +359,14 @@ def test_keep_rate_one_all_trained_reproduces_timm():
 
 def test_defaults_and_token_counts():
     assert default_train_blocks(12) == (3, 7, 11) and default_drop_at(12) == (3, 6, 9)
+    for depth in range(1, 25):   # clamped to the blocks: the last block always trains
+        for blocks in (default_train_blocks(depth), default_drop_at(depth)):
+            assert blocks and list(blocks) == sorted(set(blocks)), (depth, blocks)
+            assert 0 <= blocks[0] and blocks[-1] < depth, (depth, blocks)
+        assert default_train_blocks(depth)[-1] == depth - 1
+    one = bsr_kernels.reprogram(small_vit(depth=1))       # the defaults of a 1-block ViT run
+    one(images()).sum().backward()
+    assert one.blocks[0].mlp.fc1.weight.grad is not None
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=32, depth=12, num_heads=2,
                               num_classes=3)
     bsr_kernels.reprogram(model)
@@ -368,13 +378,21 @@ def test_defaults_and_token_counts():
     assert trainable == {"blocks.3", "blocks.7", "blocks.11", "head"}
 
 
-def test_blocks_before_first_trained_run_without_autograd():
-    model = bsr_kernels.reprogram(small_vit(dtype=torch.float32))
+@pytest.mark.parametrize("train_blocks", [None, (1,), (0, 10)])
+def test_blocks_before_first_trained_run_without_autograd(train_blocks):
+    """Exactly the given blocks (default 3, 7, 11) and the head train (block 1 is no prefix of
+    blocks 10 and 11), and the blocks before the first trained one run without autograd."""
+    model = bsr_kernels.reprogram(small_vit(dtype=torch.float32), train_blocks=train_blocks)
+    want = (3, 7, 11) if train_blocks is None else train_blocks
+    trained = {n.split(".")[1] for n, p in model.named_parameters()
+               if p.requires_grad and n.startswith("blocks.")}
+    assert trained == {str(i) for i in want}
+    assert all(p.requires_grad for p in model.head.parameters())
     seen = {}
     for i, blk in enumerate(model.blocks):
         blk.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.requires_grad))
     model(images(dtype=torch.float32))
-    assert [seen[i] for i in range(12)] == [False] * 3 + [True] * 9
+    assert [seen[i] for i in range(12)] == [i >= want[0] for i in range(12)]
 
 
 def test_lean_saves_less_and_never_attention_probabilities():
@@ -445,6 +463,18 @@ def test_each_block_saves_what_its_mode_says_and_never_recomputes_fc2(mode, monk
         assert sum(calls) == trained_ls, (init_values, calls)
 
 
+def test_kept_patches_leaves_the_training_path_as_it_was():
+    """kept_patches records the selection of its own forward only: afterwards a block trains
+    through the lean backward again (not plain autograd, recording into a stale list)."""
+    from bsr_kernels.backward import _LeanBlock
+    model = bsr_kernels.reprogram(small_vit(depth=6), memory_mode="lean")
+    tokens = torch.randn(2, 65, 48, dtype=torch.float64, requires_grad=True)
+    lean = _LeanBlock.__name__ + "Backward"
+    assert model.blocks[4](tokens).grad_fn.name() == lean
+    assert len(bsr_kernels.kept_patches(model, images())) == 3
+    assert model.blocks[4](tokens).grad_fn.name() == lean
+
+
 def test_eval_and_no_grad_match_training_logits():
     """Without dropout, the logits are the same bitwise in training and eval mode, with and
     without autograd; with dropout turned on, eval mode turns it off and gives the logits of the
@@ -502,6 +532,8 @@ def test_restore_gives_back_plain_timm():
     torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="not reprogrammed"):
         bsr_kernels.restore(model)
+    with pytest.raises(ValueError, match="not reprogrammed"):
+        bsr_kernels.kept_patches(model, x)
 
 
 def test_reprogram_twice_replaces_configuration():
@@ -568,10 +600,13 @@ def _same(model, snap):
     (dict(train_blocks=[-1]), "train_blocks"),
     (dict(train_blocks=[1, 1]), "train_blocks"),
     (dict(train_blocks="3"), "train_blocks"),
+    (dict(train_blocks=b"\x03"), "train_blocks"),
+    (dict(train_blocks=[True]), "train_blocks"),
     (dict(drop_at=[3, 99]), "drop_at"),
     (dict(drop_at=[2.5]), "drop_at"),
     (dict(memory_mode="tiny"), "memory_mode"),
     (dict(fuse_token="yes"), "fuse_token"),
+    (dict(train_norm=1), "train_norm"),
 ])
 def test_bad_arguments_raise_and_leave_model_unchanged(kwargs, match):
     model = small_vit()
@@ -582,6 +617,15 @@ def test_bad_arguments_raise_and_leave_model_unchanged(kwargs, match):
     assert not hasattr(model, "bsr_config")
 
 
+def test_block_indices_in_any_order_give_the_same_configuration():
+    """train_blocks and drop_at name sets of blocks: in another order, or as a range, they give
+    the same configuration (compared when a checkpoint loads), its indices sorted."""
+    configs = [bsr_kernels.reprogram(small_vit(depth=4), train_blocks=t, drop_at=d).bsr_config
+               for t, d in (([3, 1], (2, 0)), (range(1, 4, 2), [0, 2]))]
+    assert configs[0] == configs[1]
+    assert configs[0].train_blocks == (1, 3) and configs[0].drop_at == (0, 2)
+
+
 def test_bad_arguments_on_reprogrammed_model_keep_its_configuration():
     model = bsr_kernels.reprogram(small_vit(), keep_rate=0.5)
     snap = _snapshot(model)
@@ -590,9 +634,45 @@ def test_bad_arguments_on_reprogrammed_model_keep_its_configuration():
     assert _same(model, snap) and model.bsr_config.keep_rate == 0.5
 
 
+class _OwnBlock(Block):
+    """A Block subclass: its forward may differ from timm's."""
+
+
+class _OwnMlp(Mlp):
+    """An Mlp subclass: its forward may differ from timm's."""
+
+
+class _OwnDropout(torch.nn.Dropout):
+    """A Dropout subclass (p > 0 draws as nn.Dropout does)."""
+
+
+def _vit4(**kw):
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4, **kw)
+
+
+def _changed(model, path=None, module=None, checkpointing=False):
+    """``model`` with ``module`` set at ``path``, or grad checkpointing on."""
+    if path is not None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, module)
+    model.set_grad_checkpointing(checkpointing)
+    return model
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
                                class_token=False, global_pool="avg"), "class token"),
+    (lambda: _changed(_vit4(), checkpointing=True), "grad checkpointing is on"),
+    (lambda: _vit4(global_pool="map"), "attention pooling"),
+    (lambda: _vit4(block_fn=_OwnBlock), "block 0 is a _OwnBlock"),
+    (lambda: _changed(_vit4(), "blocks.0.attn.gate", torch.nn.Linear(48, 48)),
+     "block 0 attention is gated"),
+    (lambda: _vit4(mlp_layer=_OwnMlp), "block 0 MLP is a _OwnMlp"),
+    (lambda: _vit4(scale_mlp_norm=True), "hidden norm"),
+    (lambda: _changed(_vit4(), "blocks.1.ls2", torch.nn.Linear(48, 48)),
+     r"block 1\.ls2 is neither"),
+    (lambda: _changed(_vit4(), "blocks.2.mlp.drop1", _OwnDropout(0.1)),
+     r"block 2 has dropout.*drop1"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)), "not a ViT"),
     (lambda: timm.create_model("resnet18", pretrained=False), "not a ViT"),
     (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
@@ -644,6 +724,53 @@ def test_compressed_activations_halve_memory_with_close_gradients():
     assert not hasattr(plain, "bsr_config") and plain.state_dict().keys() == before.keys()
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(drop_at=None), r"malformed BSR config: missing \['drop_at'\]"),
+    (dict(memory_modes="lean"), r"malformed BSR config: missing \[\], unknown \['memory_modes'\]"),
+    (dict(activation_dtype="bf16"), "activation_dtype must be one of"),
+    (dict(depth=0), "depth must be a positive int"),
+    (dict(depth=True), "depth must be a positive int"),
+    (dict(depth="12"), "depth must be a positive int"),
+], ids=["missing", "unknown", "dtype_name", "depth_0", "depth_bool", "depth_str"])
+def test_config_from_dict_refuses_a_malformed_dict_naming_what_is_wrong(change, match):
+    """A saved config dict (a checkpoint's) with a key missing (None here) or unknown, a dtype
+    name it cannot read, or a depth that is no positive int: a ValueError that says so, not
+    defaults filled in silently or an error of another kind."""
+    from bsr_kernels.config import BSRConfig
+    d = bsr_kernels.reprogram(small_vit(depth=4), drop_at=[1]).bsr_config.to_dict()
+    d = {k: v for k, v in {**d, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        BSRConfig.from_dict(d)
+
+
+def test_reprogram_of_a_multitask_wrapper_gives_its_vit_every_argument():
+    """reprogram and restore of a MultiTaskViT act on its ViT, with every argument (each away
+    from its default) as reprogram of that ViT alone takes it."""
+    kw = dict(train_blocks=[1], drop_at=[2], keep_rate=0.25, fuse_token=False,
+              memory_mode="fast", train_norm=True, activation_dtype=torch.bfloat16)
+    model = bsr_kernels.MultiTaskViT(small_vit(depth=4), [3, 2])
+    want = bsr_kernels.reprogram(copy.deepcopy(model.vit), **kw).bsr_config
+    assert bsr_kernels.reprogram(model, **kw) is model
+    assert model.vit.bsr_config == want
+    assert bsr_kernels.restore(model) is model and not hasattr(model.vit, "bsr_config")
+
+
+def test_an_older_config_without_depth_takes_the_models_blocks_and_prefix_tokens():
+    """A config dict of an older checkpoint holds reprogram's arguments only (no depth, no
+    num_prefix_tokens): read for a model with register tokens, directly or through a
+    MultiTaskViT wrapper, it is the config those arguments give that model (the one a loaded
+    state_dict is compared with), and it reprograms the model to it."""
+    from bsr_kernels.config_access import config_from_dict, reprogram_from_dict
+    kw = dict(train_blocks=[1], drop_at=[2], keep_rate=0.25, memory_mode="fast")
+    for wrap in (False, True):
+        vit = small_vit(depth=4, reg_tokens=4, no_embed_class=True)
+        model = bsr_kernels.MultiTaskViT(vit, [3, 2]) if wrap else vit
+        want = bsr_kernels.reprogram(copy.deepcopy(vit), **kw).bsr_config
+        assert want.num_prefix_tokens == 5 and want.depth == 4
+        assert config_from_dict(dict(kw), model) == want, wrap
+        assert reprogram_from_dict(model, dict(kw)).bsr_config == want, wrap
+
+
 # --- what a user may add to a reprogrammed model ---------------------------------------------
 
 class _LoRALinear(torch.nn.Linear):
@@ -686,6 +813,21 @@ def test_lean_and_fast_replay_only_plain_linears():
             assert rel_err(results[mode][name], g) < 1e-10, (mode, name)
 
 
+def test_restore_leaves_parameters_added_after_reprogram_trainable():
+    """A parameter added after reprogram (a LoRA adapter in a frozen block) has no flag from
+    before to give back: restore leaves it trainable, and gives every parameter that existed
+    before reprogram (the adapter's base weights keep their names) the flag it had then."""
+    model = small_vit(depth=4)
+    model.blocks[2].attn.qkv.bias.requires_grad_(False)          # a flag of the user's own
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    bsr_kernels.reprogram(model)                                   # trains 0, 2, 3
+    blk = model.blocks[1]
+    blk.attn.qkv = _LoRALinear(blk.attn.qkv)
+    bsr_kernels.restore(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {**before, "blocks.1.attn.qkv.lora_a": True, "blocks.1.attn.qkv.lora_b": True}
+
+
 @pytest.mark.parametrize("part", ["norm1", "attn.qkv", "mlp.fc1", "ls2"])
 def test_hooks_inside_a_block_keep_plain_autograd_in_every_mode(part):
     """In lean and fast mode a hook on a part of a block (here of trained block 7, and of
@@ -726,23 +868,46 @@ def test_hooks_inside_a_block_keep_plain_autograd_in_every_mode(part):
     assert model.blocks[4](tokens).grad_fn.name() == _LeanBlock.__name__ + "Backward"
 
 
+@pytest.mark.parametrize("register", ["register_forward_pre_hook", "register_full_backward_hook",
+                                      "register_full_backward_pre_hook"])
 @pytest.mark.parametrize("where", ["attn", "mlp"])
-def test_hooks_on_attn_or_mlp_are_refused_not_skipped(where):
+def test_hooks_on_attn_or_mlp_are_refused_not_skipped(where, register):
     """A reprogrammed block calls its attention's and MLP's pieces itself, so hooks on those
-    modules would not run: forward raises, naming the module and where hooks do run. Hooks on
-    the block and on the projections run as in timm."""
+    modules (forward or backward ones) would not run: forward raises, naming the module and
+    where hooks do run. Hooks on the block and on the projections run as in timm."""
     model = bsr_kernels.reprogram(small_vit(depth=6))
     calls = []
     model.blocks[2].register_forward_hook(lambda m, a, out: calls.append("block"))
     model.blocks[2].attn.qkv.register_forward_hook(lambda m, a, out: calls.append("qkv"))
     model(images())
     assert calls == ["qkv", "block"]
-    handle = getattr(model.blocks[4], where).register_forward_pre_hook(lambda m, a: None)
+    handle = getattr(getattr(model.blocks[4], where), register)(lambda *a: None)
     with pytest.raises(RuntimeError, match=rf"block 4\.{where} has forward or backward hooks.*"
                                            r"register them on the block"):
         model(images())
     handle.remove()
     model(images())
+
+
+def test_hooks_on_a_moe_mlp_run():
+    """A MoE MLP (to_moe) is called whole by its block, so hooks on it run, once a forward,
+    on the tokens left after the block's drop: they are not refused as a timm MLP's are."""
+    model = bsr_kernels.to_moe(small_vit(depth=4), num_experts=4, top_k=2, blocks=[1])
+    bsr_kernels.reprogram(model, drop_at=[1])
+    seen = []
+    model.blocks[1].mlp.register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    model(images())
+    assert seen == [(3, 1 + 32 + 1, 48)]   # CLS, half the 64 patches, the fused token
+
+
+@pytest.mark.parametrize("kw", [dict(attn_mask=torch.ones(65, 65, dtype=torch.bool)),
+                                dict(is_causal=True)], ids=["attn_mask", "is_causal"])
+def test_block_refuses_a_mask_it_would_not_honour(kw):
+    """A reprogrammed block changes the sequence, so it takes no attn_mask and no is_causal:
+    either raises, naming restore, rather than being ignored."""
+    model = bsr_kernels.reprogram(small_vit(depth=4))
+    with pytest.raises(ValueError, match="takes no attn_mask/is_causal.*restore"):
+        model.blocks[1](torch.randn(2, 65, 48, dtype=torch.float64), **kw)
 
 
 @pytest.mark.parametrize("memory_mode", ["autograd", "lean", "fast"])
@@ -768,6 +933,11 @@ def test_gradients_reach_inputs_and_parameters_trained_later(memory_mode):
     for g, w in zip(got, want):
         assert g is not None and w.abs().sum() > 0
         assert rel_err(g, w) < 1e-10, rel_err(g, w)
+    # a parameter made trainable asks for it alone too (nothing before it requires grad)
+    alone = bsr_kernels.reprogram(small_vit(patch_size=8), memory_mode=memory_mode)
+    weight = alone.blocks[0].attn.qkv.weight.requires_grad_(True)
+    alone(images(n=2)).square().sum().backward()
+    assert weight.grad is not None and rel_err(weight.grad, want[2]) < 1e-10
     frozen = bsr_kernels.reprogram(small_vit(patch_size=8), memory_mode=memory_mode)
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -891,6 +1061,37 @@ def test_token_drop_attention_is_timms_attention_in_training_with_dropout(fused)
         torch.testing.assert_close(ours.eval()(x), timms.eval()(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_token_drop_attention_is_timms_attention_with_masks_gate_and_scale_norm(fused):
+    """As a drop-in, TokenDropAttention computes timm Attention's output for an additive and a
+    boolean attn_mask and for is_causal=True, with the output gate and the scale norm on,
+    through SDPA and through timm's explicit path; forward_qk's output is forward's."""
+    from bsr_kernels.attention import TokenDropAttention
+    from timm.layers import Attention
+    torch.manual_seed(0)
+    timms = Attention(16, num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True, gated=True,
+                      norm_layer=torch.nn.LayerNorm).double()
+    with torch.no_grad():   # norms away from their identity-like initial values
+        for p in timms.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ours = copy.deepcopy(timms)
+    ours.__class__ = TokenDropAttention
+    timms.fused_attn = ours.fused_attn = fused
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    keep = torch.rand(6, 6, generator=g) > 0.4
+    keep.fill_diagonal_(True)
+    cases = [dict(), dict(attn_mask=torch.randn(2, 1, 6, 6, generator=g, dtype=x.dtype)),
+             dict(attn_mask=keep), dict(is_causal=True)]
+    outs = []
+    for kw in cases:
+        want = timms(x, **kw)
+        torch.testing.assert_close(ours(x, **kw), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours.forward_qk(x, **kw)[0], want, rtol=1e-12, atol=1e-12)
+        outs.append(want)
+    assert all((o - outs[0]).abs().max() > 1e-3 for o in outs[1:])   # each mask matters
+
+
 @pytest.mark.parametrize("mode", ["autograd", "fast", "lean"])
 def test_fused_attn_false_takes_timms_explicit_attention(mode):
     """TokenDropAttention ran SDPA whatever the model's ``fused_attn`` (timm's
@@ -937,11 +1138,11 @@ def test_fused_attn_false_takes_timms_explicit_attention(mode):
 
 def test_block_skips_only_dropouts_that_return_their_input(monkeypatch):
     """A reprogrammed block calls its dropout modules (attn.proj_drop, mlp.drop1, mlp.drop2)
-    only where the call can do something: p > 0 in training, or hooks to run (the module's own
-    or global ones). An ``nn.Dropout`` of p=0 returns its input eagerly, but torch 2.11's
-    torch.compile traced each call to a copy (aten.clone), 36 a ViT-B step. The logits are
-    those of every call made. Lean mode: its forward and replay run the body that every mode
-    runs."""
+    only where the call can do something: p > 0 in training, hooks to run (the module's own or
+    global forward or backward ones), or a Dropout subclass. An ``nn.Dropout`` of p=0 returns
+    its input eagerly, but torch 2.11's torch.compile traced each call to a copy (aten.clone),
+    36 a ViT-B step. The logits are those of every call made. Lean mode: its forward and
+    replay run the body that every mode runs."""
     calls = []
     forward = torch.nn.Dropout.forward
 
@@ -973,19 +1174,42 @@ def test_block_skips_only_dropouts_that_return_their_input(monkeypatch):
     handle.remove()
     assert seen == {(3, "drop2")} and hooked
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
-    try:
-        out, seen = called()
-    finally:
-        handle.remove()
-    assert seen == set(parts)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    module = torch.nn.modules.module
+    for register in (module.register_module_forward_hook, module.register_module_forward_pre_hook,
+                     module.register_module_full_backward_hook,
+                     module.register_module_full_backward_pre_hook):
+        handle = register(lambda *a: None)
+        try:
+            out, seen = called()
+        finally:
+            handle.remove()
+        assert seen == set(parts), register.__name__
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
     parts[2, "drop1"].p = 0.5   # drawn (lean replays the forward's masks)
     out, seen = called()
     assert seen == {(2, "drop1")} and (out - ref).abs().max() > 1e-3
-    parts[2, "drop1"].p = 0.0
-    model.eval()
+    own = model.blocks[1].mlp.drop2 = _OwnDropout(0.0)   # a subclass may do more than drop
+    calls.clear()
+    model(x)
+    assert any(c is own for c in calls)
+    model.eval()   # drop1's p = 0.5 left on: in eval mode its call returns its input too
     with torch.no_grad():
         calls.clear()
         model(x)
     assert not any(c is m for c in calls for m in parts.values())
+
+
+# --- the environment switches (bsr_kernels._config), read at each call -----------------------
+
+def test_environment_switches_are_read_at_each_call(monkeypatch):
+    """BSR_BACKEND names a backend in any case, spaces around it ignored; unset or blank it
+    forces none, and an unknown name raises, naming it."""
+    from bsr_kernels import _config
+    for value, want in (("", None), ("  ", None), (" CPP ", "cpp"), ("Reference", "reference")):
+        monkeypatch.setenv("BSR_BACKEND", value)
+        assert _config.forced_backend() == want, value
+    monkeypatch.delenv("BSR_BACKEND")
+    assert _config.forced_backend() is None
+    monkeypatch.setenv("BSR_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="BSR_BACKEND='cuda' is not a backend"):
+        _config.forced_backend()
