@@ -24,6 +24,16 @@ def forced_backend() -> str | None:
     return name
 
 
+#: The values of ``TRITON_INTERPRET`` that Triton reads as on, in any case, with nothing around
+#: them (its ``getenv_bool``, triton 3.6 to 3.8); every other value, "0", "false" and "off" among
+#: them, is off.
+_TRITON_TRUE = ("1", "true", "on", "yes", "y")
+
+
 def triton_interpret() -> bool:
-    """Whether ``TRITON_INTERPRET=1`` asks Triton to run its kernels on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+    """Whether ``TRITON_INTERPRET`` asks Triton to run its kernels on CPU tensors.
+
+    Read as Triton reads it (``_TRITON_TRUE``), so that both agree: ``TRITON_INTERPRET=false``
+    turns the interpreter off for this backend too, rather than sending CPU tensors to it.
+    """
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_TRUE

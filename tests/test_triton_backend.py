@@ -114,6 +114,26 @@ def test_not_supported_reasons(monkeypatch):
     assert (cuda_reasons == []) == torch.cuda.is_available(), cuda_reasons
 
 
+@pytest.mark.parametrize("value, on", [
+    ("1", True), ("true", True), ("TRUE", True), ("On", True), ("yes", True), ("Y", True),
+    ("0", False), ("", False), ("false", False), ("off", False), ("No", False), ("2", False),
+    ("01", False), (" 1 ", False), ("t", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """bsr_kernels and Triton agree on every value of TRITON_INTERPRET: "false" or "off" turns
+    the interpreter off for this backend too (it sent CPU tensors to the interpreter while
+    Triton read the switch as off), and a value Triton does not read as on is off."""
+    import triton
+    from bsr_kernels import _config
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _config.triton_interpret() is on and triton.knobs.runtime.interpret is on
+    refused = any("need TRITON_INTERPRET" in r
+                  for r in BACKEND.not_supported_reasons(cpu, DTYPES[0]))
+    assert refused is not on
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert _config.triton_interpret() is False and triton.knobs.runtime.interpret is False
+
+
 def test_kernels_wrapped_per_mode_at_call_time(monkeypatch):
     """The interpreter flag is read at launch; kernels exist in both modes, whatever the import
     order."""
