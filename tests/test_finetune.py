@@ -146,13 +146,21 @@ def test_pretrain_records_the_recipe_it_ran():
 
 def test_digits_weights_that_do_not_match_their_config_are_refused(tmp_path, monkeypatch):
     """A rebuild stopped between writing the weights and the JSON left new weights beside the
-    old config, which loaded silently (resampled position embedding, ~20 % accuracy)."""
+    old config, which loaded silently (resampled position embedding, ~20 % accuracy). A config
+    without the weights' checksum cannot vouch for them: refused too."""
     import shutil
     for suffix in (".safetensors", ".json"):
         shutil.copy(assets_dir() / f"{DIGITS_MODEL}{suffix}", tmp_path)
     monkeypatch.setenv("BSR_FINETUNE_ASSETS", str(tmp_path))
     model, _ = build_model(DIGITS_MODEL, 5)      # the pair as shipped loads
     assert model.num_classes == 5
+    config = tmp_path / f"{DIGITS_MODEL}.json"
+    shipped = config.read_text()
+    config.write_text(json.dumps({k: v for k, v in json.loads(shipped).items()
+                                  if k != "sha256"}))
+    with pytest.raises(ValueError, match="is not the file its config"):   # no checksum: no
+        build_model(DIGITS_MODEL, 5)                                      # proof of the pair
+    config.write_text(shipped)
     weights = tmp_path / f"{DIGITS_MODEL}.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0x01                            # one bit of one weight changed
@@ -558,6 +566,7 @@ def test_starting_weights_are_unwrapped_and_heads_of_another_size_skipped(tmp_pa
             model = _small_vit(seed=2)
             assert load_weights(model, path) == []
             assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items()), path
+    assert load_weights(_small_vit(seed=2), path, report=True) == ([], [])   # nothing to say
     for distilled, heads in ((False, ["head"]), (True, ["head", "head_dist"])):
         path = tmp_path / f"ten-{distilled}.safetensors"
         save_file(_small_vit(10, seed=1, distilled=distilled).state_dict(), path)
@@ -780,6 +789,208 @@ def test_extended_cosine_schedule_resumes_at_its_own_rate():
             assert want > 0.5
         else:
             assert want == opt.param_groups[0]["lr"] == 0.0
+
+
+@pytest.mark.parametrize("sched, warm", [("step", 0), ("multistep", 0), ("poly", 3),
+                                         ("tanh", 3)])
+def test_timm_schedules_count_their_epochs_in_updates(sched, warm):
+    """With several updates an epoch (2 here; 6 epochs, 12 updates, after ``warm``): step
+    decays 10x every E // 3 = 2 epochs, multistep keeps the full rate through its first 2
+    epochs and ends 100x down, poly and tanh reach 0 after the run's last update."""
+    from bsr_kernels.finetune.train import make_timm_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    s = make_timm_scheduler(opt, sched, 12 + warm, warm, steps_per_epoch=2)
+    lrs = []
+    for _ in range(12 + warm):
+        lrs.append(opt.param_groups[0]["lr"])
+        s.step()
+    after = lrs[warm:]   # the schedule's 12 updates
+    if sched == "step":
+        assert after == pytest.approx([0.1 ** (t // 4) for t in range(12)])
+    elif sched == "multistep":
+        assert after[:4] == [1.0] * 4 and after[-4:] == pytest.approx([0.01] * 4)
+    else:
+        assert after[0] == pytest.approx(1.0, abs=1e-5) and lrs[warm - 1] == 1.0
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_train_step_takes_one_step_along_the_batch_loss_at_the_schedules_rate():
+    """train_step returns the batch's cross-entropy before the step, steps the weights against
+    its gradient at the schedule's current rate (the warm-up's first: lr / warm-up, not 0),
+    then advances the schedule; the gradient is the batch's alone (the last one cleared)."""
+    from bsr_kernels.finetune.train import make_scheduler, train_step
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = make_scheduler(opt, total_steps=8, warmup_steps=4)
+    for rate in (0.5 / 4, 0.5 * 2 / 4):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        assert train_step(model, x, y, opt, sched, amp="off") == pytest.approx(loss.item())
+        for p, b, g in zip(model.parameters(), before, grads):
+            torch.testing.assert_close(p.detach(), b - rate * g)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 3 / 4)
+
+
+def test_evaluate_is_the_eval_mode_accuracy_and_mean_loss_over_every_image():
+    """evaluate: accuracy and mean cross-entropy per image over the whole test set, batches of
+    unequal size included, with the model in eval mode (no dropout), whatever mode it was in."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bsr_kernels.finetune.distributed import DistInfo
+    from bsr_kernels.finetune.train import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()
+    x, y = torch.randn(7, 4), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    with torch.no_grad():
+        logits = model[0](x)
+    want_acc = (logits.argmax(-1) == y).float().mean().item()
+    assert 0 < want_acc < 1
+    want_loss = torch.nn.functional.cross_entropy(logits, y).item()
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)   # batches of 3, 3 and 1
+    acc, loss = evaluate(model, loader, DistInfo(), amp="off")
+    assert acc == pytest.approx(want_acc) and loss == pytest.approx(want_loss)
+    assert not model.training
+
+
+def test_time_steps_times_the_rounds_after_warm_up_and_leaves_the_weights(monkeypatch):
+    """time_steps: each model's median over the timed rounds only (the warm-up rounds, slow
+    here, are not counted); its steps run at rate 0, so the weights are unchanged afterwards,
+    and no gradients are left behind."""
+    from bsr_kernels.finetune import train
+    torch.manual_seed(0)
+    models = {"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 3)}
+    before = {k: {n: p.detach().clone() for n, p in m.named_parameters()}
+              for k, m in models.items()}
+    clock, calls = [0.0], []
+    real_step = train.train_step
+
+    def step(model, *args, **kwargs):   # warm-up steps take 10 s on the fake clock, then 1 s
+        calls.append(model)
+        clock[0] += 10.0 if len(calls) <= 3 * len(models) else 1.0
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    times = train.time_steps(models, x, y, rounds=2, warmup=3, amp="off")
+    assert times == {"a": 1.0, "b": 1.0} and len(calls) == 10
+    for k, m in models.items():
+        for n, p in m.named_parameters():
+            assert torch.equal(p, before[k][n]) and p.grad is None, (k, n)
+
+
+def test_optimizer_groups_scale_the_heads_rate_and_decay_only_weight_matrices():
+    """make_optimizer: every trainable parameter in one group, frozen ones in none; both heads
+    of a distilled DeiT at lr * head_lr_scale, the rest at lr; weight decay on weight matrices
+    and kernels only, not on biases, norms, the position embedding or the tokens; a model with
+    nothing to train is refused."""
+    from bsr_kernels.finetune import train
+    model = _small_vit(distilled=True)
+    model.blocks[0].requires_grad_(False)
+    opt = train.make_optimizer(model, lr=1e-3, head_lr_scale=10.0, weight_decay=0.05)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(group)
+    assert {n for n, p in named.items() if id(p) in group} == {
+        n for n, p in named.items() if p.requires_grad} and "blocks.0.attn.qkv.weight" in named
+    decayed = {"patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
+               "head.weight", "head_dist.weight"}
+    for n in [*decayed, "cls_token", "dist_token", "pos_embed", "blocks.1.norm1.weight",
+              "blocks.1.attn.qkv.bias", "norm.bias", "head.bias", "head_dist.bias"]:
+        g = group[id(named[n])]
+        assert g["weight_decay"] == (0.05 if n in decayed else 0.0), n
+        assert g["lr"] == pytest.approx(1e-2 if n.startswith("head") else 1e-3), n
+    assert train.check_optimizer_name("AdamW") == "adamw"
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.make_optimizer(model.requires_grad_(False), lr=1e-3)
+
+
+def test_seed_all_repeats_the_draws_of_every_generator():
+    """seed_all seeds torch, Python's ``random`` (timm's augmentations draw from it) and NumPy:
+    the same seed repeats each generator's draws, another seed changes them."""
+    import random
+
+    import numpy as np
+
+    from bsr_kernels.finetune.train import seed_all
+
+    def draws(seed):
+        seed_all(seed)
+        return torch.rand(2).tolist(), random.random(), np.random.rand()
+
+    first = draws(3)
+    assert draws(3) == first
+    assert all(a != b for a, b in zip(draws(4), first))
+
+
+def _fit(monkeypatch, fail_at=None, **options):
+    """``fit`` of a 3-class linear model on 12 training and 5 test feature vectors (batches of
+    4: 3 steps an epoch), lr 0.1, half an epoch of warm-up, then ``options``. Returns the
+    model, fit's result and the backbone rate of each step; ``fail_at``: the step (from 1)
+    that raises instead."""
+    from torch.utils.data import TensorDataset
+
+    from bsr_kernels.finetune import train
+    from bsr_kernels.finetune.data import DataBundle
+    from bsr_kernels.finetune.distributed import DistInfo
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(17, 4, generator=g), torch.arange(17) % 3
+    data = DataBundle("feats", TensorDataset(x[:12], y[:12]), TensorDataset(x[12:], y[12:]), 3,
+                      ["a", "b", "c"], (0,), (1,))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    real = getattr(train.train_step, "unpatched", train.train_step)   # not an earlier step()
+    rates = []
+
+    def step(net, images, labels, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        if len(rates) == fail_at:
+            raise RuntimeError("the machine went away")
+        return real(net, images, labels, optimizer, *args, **kwargs)
+    step.unpatched = real
+    monkeypatch.setattr(train, "train_step", step)
+    opts = train.FitOptions(**{"batch_size": 4, "lr": 0.1, "warmup_epochs": 0.5, **options})
+    return model, train.fit(model, data, opts, DistInfo(), log=lambda s: None), rates
+
+
+def test_fit_resumed_inside_an_epoch_ends_as_the_run_it_continues(tmp_path, monkeypatch):
+    """A run stopped by an error inside epoch 2 (its checkpoint saved every step) and resumed
+    ends as the run trained without a break: the same weights, history (each epoch's mean
+    training loss, the interrupted one's too) and step count; it says where it resumed.
+    ``on_epoch`` sees the history after each epoch, epochs numbered from 1."""
+    seen = []
+    whole, want, _ = _fit(monkeypatch, epochs=2, on_epoch=lambda h: seen.append(list(h)))
+    assert [h["epoch"] for h in want["history"]] == [1, 2]
+    assert seen == [want["history"][:1], want["history"]]     # after each epoch
+    every = dict(epochs=2, checkpoint=tmp_path / "c.pt", save_every_steps=1)
+    with pytest.raises(RuntimeError, match="went away"):
+        _fit(monkeypatch, fail_at=5, **every)   # after epoch 1's 3 steps and 1 of epoch 2
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial_epoch"]["batches"] == 1, saved["epoch"]
+    model, got, _ = _fit(monkeypatch, resume=True, **every)
+    assert got["resumed_from_epoch"] == 1 and want["resumed_from_epoch"] == 0
+    assert got["steps"] == want["steps"] == 6
+    assert got["history"] == want["history"] and len(want["history"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole.parameters()))
+
+
+def test_fit_warms_up_then_decays_and_a_longer_resumed_run_takes_its_own_rates(tmp_path,
+                                                                             monkeypatch):
+    """The rate of each step: half an epoch of warm-up (1.5 steps, rounded to 2) climbs to lr,
+    then the cosine decays from lr; a 1-epoch run resumed with --epochs 2 trains its second
+    epoch at the 2-epoch schedule's rates (not from the 1-epoch cosine's end, 0); without
+    resume, a checkpoint left in its place is not read."""
+    _, _, rates = _fit(monkeypatch, epochs=2)
+    assert rates[:3] == pytest.approx([0.05, 0.1, 0.1]) and len(rates) == 6
+    assert all(a > b > 0 for a, b in zip(rates[2:], rates[3:])), rates
+    _fit(monkeypatch, epochs=1, checkpoint=tmp_path / "c.pt")
+    _, res, again = _fit(monkeypatch, epochs=1, checkpoint=tmp_path / "c.pt")
+    assert res["resumed_from_epoch"] == 0 and len(again) == 3   # no resume: trained again
+    _, res, resumed = _fit(monkeypatch, epochs=2, checkpoint=tmp_path / "c.pt", resume=True)
+    assert res["resumed_from_epoch"] == 1 and resumed == pytest.approx(rates[3:])
 
 
 def test_adapt_uses_the_methods_registry():
