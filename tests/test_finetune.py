@@ -795,8 +795,9 @@ def test_extended_cosine_schedule_resumes_at_its_own_rate():
                                          ("tanh", 3)])
 def test_timm_schedules_count_their_epochs_in_updates(sched, warm):
     """With several updates an epoch (2 here; 6 epochs, 12 updates, after ``warm``): step
-    decays 10x every E // 3 = 2 epochs, multistep keeps the full rate through its first 2
-    epochs and ends 100x down, poly and tanh reach 0 after the run's last update."""
+    decays 10x every E // 3 = 2 epochs, multistep 10x after E // 2 = 3 and again after
+    3E // 4 = 4 epochs (it decayed one update early: timm decays at update m - 1 for a
+    milestone m), poly and tanh reach 0 after the run's last update."""
     from bsr_kernels.finetune.train import make_timm_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
     s = make_timm_scheduler(opt, sched, 12 + warm, warm, steps_per_epoch=2)
@@ -808,7 +809,10 @@ def test_timm_schedules_count_their_epochs_in_updates(sched, warm):
     if sched == "step":
         assert after == pytest.approx([0.1 ** (t // 4) for t in range(12)])
     elif sched == "multistep":
-        assert after[:4] == [1.0] * 4 and after[-4:] == pytest.approx([0.01] * 4)
+        assert after == pytest.approx([1.0] * 6 + [0.1] * 2 + [0.01] * 4)
+        one = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        make_timm_scheduler(one, sched, 1, 0)     # 1 epoch of 1 update: nothing to decay yet
+        assert one.param_groups[0]["lr"] == 1.0   # (it ran at 0.01: both milestones at 1)
     else:
         assert after[0] == pytest.approx(1.0, abs=1e-5) and lrs[warm - 1] == 1.0
         assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -239,10 +239,13 @@ def make_timm_scheduler(optimizer: torch.optim.Optimizer, sched: str, total_step
     total = max(1, int(total_steps))
     warm = max(0, min(int(warmup_steps), total))
     epochs = max(1, total // per)
-    scheduler, _ = create_scheduler_v2(   # in updates: one "epoch" of timm's is one update
+    # In updates: one "epoch" of timm's is one update. timm's multistep decays at update m - 1
+    # for a milestone m (the m-th update, from 1, already decayed), its step schedule at update
+    # d: the milestones are one further so that both decay after their number of epochs.
+    scheduler, _ = create_scheduler_v2(
         optimizer, sched=sched, num_epochs=max(1, total - warm), warmup_epochs=0, min_lr=0.0,
         decay_epochs=max(1, epochs // 3) * per,
-        decay_milestones=[max(1, epochs // 2) * per, max(1, 3 * epochs // 4) * per],
+        decay_milestones=[max(1, epochs // 2) * per + 1, max(1, 3 * epochs // 4) * per + 1],
         step_on_epochs=False, updates_per_epoch=1)
     return TimmStepScheduler(scheduler, warm)
 
