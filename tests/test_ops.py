@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bsr_kernels
+from bsr_kernels import _config
 from bsr_kernels.ops import dispatch, reference
 from bsr_kernels.ops.common import compute_dtype, num_kept
 from bsr_kernels.ops.dispatch import (_reasons, all_backends, available_backends, get_backend,
@@ -145,6 +146,9 @@ def separated_case(case: DropCase, dtype=torch.float64, gap: float = 1e-3) -> Dr
 
 def test_known_backends_are_listed():
     assert set(all_backends()) >= {"reference", "cpp", "triton"}
+    all_backends().clear()  # a caller's copy: the dispatcher's registry is not changed by it
+    assert set(all_backends()) >= {"reference", "cpp", "triton"}
+    assert get_backend("reference").name == "reference"
     assert "reference" in available_backends("cpu", torch.float32)
     assert "reference" in available_backends("cpu", torch.float64)
     assert bsr_kernels.available_backends() == available_backends()
@@ -160,11 +164,30 @@ def test_cpp_backend_is_built():
         "`pip install --no-build-isolation -e .`, or set BSR_ALLOW_NO_CPP=1 to allow this")
 
 
+def test_a_stub_extension_module_makes_cpp_unavailable_not_an_import_error(monkeypatch):
+    """A ``bsr_kernels.ops._C`` in sys.modules without a __spec__ (a stub, as mocking leaves)
+    makes find_spec raise ValueError: loading the cpp backend module then warns and reports the
+    backend unavailable, with the build command, instead of failing the import."""
+    import importlib.util
+    import sys
+    import types
+
+    from bsr_kernels.ops import cpp
+    monkeypatch.setitem(sys.modules, "bsr_kernels.ops._C", types.ModuleType("bsr_kernels.ops._C"))
+    spec = importlib.util.spec_from_file_location("bsr_kernels.ops._cpp_probe", cpp.__file__)
+    probe = importlib.util.module_from_spec(spec)
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        spec.loader.exec_module(probe)
+    assert probe.extension_error().startswith("ValueError"), probe.extension_error()
+    reasons = probe.CppBackend().not_supported_reasons(CPU, torch.float32)
+    assert len(reasons) == 1 and "ValueError" in reasons[0] and cpp.BUILD_COMMAND in reasons[0]
+
+
 def test_triton_interpret_set_before_kernels_were_defined(monkeypatch):
     """conftest.py must set TRITON_INTERPRET before triton.language is imported and before any
     kernel is defined: ``triton.jit`` picks compiler or interpreter at decoration time, and the
     standard library (``tl.sum``, ...) is decorated when ``triton.language`` is first imported."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not _config.triton_interpret():
         pytest.skip("TRITON_INTERPRET is off (CUDA present, or turned off in the environment): "
                     "no interpreted Triton here")
     pytest.importorskip("triton")
@@ -594,6 +617,20 @@ def test_prefix_tokens_kept_first(backend, p):
     check_grads(case, backend.device, backend.dtype)
 
 
+@pytest.mark.parametrize("p", [1, 3])
+def test_reference_scores_are_the_cls_row_of_full_attention(p):
+    """The definition against plain N x N attention: the scores are the CLS query's softmax
+    probabilities over all keys (prefix included), columns P.. averaged over the heads; lse is
+    that row's logsumexp per head. Independent of every backend compared with the definition."""
+    case = DropCase(b=2, h=3, n=9, d=4, c=5, p=p, scale=0.7, seed=5)
+    _, q, k = make_inputs(case, CPU, torch.float64)
+    logits = q @ k.transpose(-1, -2) * 0.7                                   # (B, H, N, N)
+    want = torch.softmax(logits, dim=-1)[:, :, 0, p:].mean(dim=1)
+    scores, lse = reference.cls_scores(q, k, 0.7, p)
+    torch.testing.assert_close(scores, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lse, torch.logsumexp(logits[:, :, 0], dim=-1), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fuse", "nofuse"])
 @pytest.mark.parametrize("backend", ALL, indirect=True)
 def test_keep_rate_one_is_identity(backend, fuse, monkeypatch):
@@ -651,6 +688,27 @@ def test_exact_ties_duplicate_keys_keep_lower_position(backend, pair):
     assert kept[0].tolist() == expected
     scores = bsr_kernels.cls_attention(q, k)
     assert scores[0, a] == scores[0, b], "identical key rows must give identical scores"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_selection_rule_by_hand(dtype):
+    """The definition's rule on scores written by hand: highest first, +inf level with the
+    largest finite value, -inf level with the lowest, NaN below all of them, ties to the lower
+    position; the dropped mask is the complement of kept. Also a row of 70 equal scores (long
+    enough for an unstable sort to reorder ties): the lowest positions are kept."""
+    nan, inf = float("nan"), float("inf")
+    big, low = torch.finfo(dtype).max, torch.finfo(dtype).min
+    scores = torch.tensor([[nan, low, 0.5, big, inf, 0.5, -inf, nan]], dtype=dtype)
+    order = [3, 4, 2, 5, 1, 6, 0, 7]  # by hand from the rule above
+    for n_keep in range(1, 9):
+        kept, dropped = reference.select_tokens(scores, n_keep)
+        assert kept.dtype == torch.int64 and kept[0].tolist() == sorted(order[:n_keep]), n_keep
+        assert dropped[0].tolist() == [i not in order[:n_keep] for i in range(8)], n_keep
+    ties = torch.full((2, 70), 0.25, dtype=dtype)
+    ties[1, 50:] = 0.5  # 20 higher scores at the end of row 1, then the lowest positions
+    kept = reference.select_tokens(ties, 35)[0]
+    assert kept[0].tolist() == list(range(35))
+    assert kept[1].tolist() == list(range(15)) + list(range(50, 70))
 
 
 # --- NaN and inf -------------------------------------------------------------------------------
@@ -1253,7 +1311,22 @@ def test_nonsense_backend_raises(monkeypatch):
         bsr_kernels.drop_tokens(x, q, k, 0.5)
     with pytest.raises(ValueError, match="BSR_BACKEND"):
         bsr_kernels.cls_attention(q, k)
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'") as err:  # looked up by name
+        get_backend("nonsense")
+    assert all(name in str(err.value) for name in ("reference", "cpp", "triton")), err.value
 
+
+def test_bsr_backend_is_read_at_each_call_in_any_case(monkeypatch):
+    """BSR_BACKEND names a backend in any case, spaces around it ignored; unset or blank it
+    forces none, and an unknown name raises, naming it."""
+    for value, want in (("", None), ("  ", None), (" CPP ", "cpp"), ("Reference", "reference")):
+        monkeypatch.setenv("BSR_BACKEND", value)
+        assert _config.forced_backend() == want, value
+    monkeypatch.delenv("BSR_BACKEND")
+    assert _config.forced_backend() is None
+    monkeypatch.setenv("BSR_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="BSR_BACKEND='cuda' is not a backend"):
+        _config.forced_backend()
 
 def _unavailable_here():
     """(backend, dtype) pairs that cannot run on CPU here, as the dispatcher judges them: at
@@ -1320,6 +1393,24 @@ def test_use_backend_is_ahead_of_bsr_backend_and_the_choice_follows_triton_inter
         select_backend(CPU, torch.float32, name="triton")
 
 
+def test_nested_use_backend_blocks_give_back_the_outer_choice(monkeypatch):
+    """Leaving an inner use_backend block, normally or by an exception, forces the outer
+    block's backend again; use_backend(None) forces nothing inside it; after the outermost block
+    nothing is forced."""
+    monkeypatch.delenv("BSR_BACKEND", raising=False)
+    with bsr_kernels.use_backend("reference"):
+        with bsr_kernels.use_backend("cpp"):
+            assert dispatch.forced_backend() == "cpp"
+        assert dispatch.forced_backend() == "reference"
+        with pytest.raises(KeyError), bsr_kernels.use_backend("cpp"):
+            raise KeyError("inside")
+        assert select_backend(CPU, torch.float32).name == "reference"
+        with bsr_kernels.use_backend(None):
+            assert dispatch.forced_backend() is None
+        assert dispatch.forced_backend() == "reference"
+    assert dispatch.forced_backend() is None
+
+
 def test_forced_backend_patched_unavailable_raises(monkeypatch):
     """Always runs, whatever is built: a backend that reports a reason is refused when forced."""
     monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
@@ -1344,6 +1435,36 @@ def test_default_cpu_backend_has_no_silent_fallback(monkeypatch):
         bsr_kernels.drop_tokens(x, q, k, 0.5)
     msg = str(err.value)
     assert "cpp: patched: not built" in msg and "reference" in msg and "triton" in msg
+
+
+def test_a_device_type_without_a_default_backend_goes_to_cpp_which_refuses_it(monkeypatch):
+    """Tensors on a device type with no default of its own (xpu here) go to cpp, which says why
+    it cannot run them: no silent fallback to the reference."""
+    monkeypatch.delenv("BSR_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="the default for xpu tensors is cpp") as err:
+        select_backend(torch.device("xpu"), torch.float32)
+    assert "cpp: runs on CPU tensors only, got device xpu" in str(err.value)
+
+
+def test_a_mixed_dtype_backend_gives_each_reason_once(monkeypatch):
+    """A backend that takes mixed dtypes is judged by each dtype; a reason both dtypes give is
+    listed once, in order."""
+    monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
+                        lambda device, dtype: ["patched: no device", f"patched: no {dtype}"])
+    assert _reasons(get_backend("reference"), CPU, (torch.float32, torch.bfloat16)) == [
+        "patched: no device", "patched: no torch.float32", "patched: no torch.bfloat16"]
+
+
+def test_the_cached_choice_depends_on_every_dtype(monkeypatch):
+    """A backend chosen for float32 tensors is not reused for float32 x beside bfloat16 q and k
+    that it cannot take: select_backend's cache keys on all the dtypes."""
+    monkeypatch.setattr(get_backend("reference"), "not_supported_reasons",
+                        lambda device, dtype: ["patched: no bf16"] if dtype == torch.bfloat16
+                        else [])
+    monkeypatch.setattr(dispatch, "_SELECTED", {})  # select_backend's answers were cached
+    assert select_backend(CPU, torch.float32, name="reference").name == "reference"
+    with pytest.raises(RuntimeError, match="reference: patched: no bf16"):
+        select_backend(CPU, torch.float32, torch.bfloat16, name="reference")
 
 
 def test_default_cpu_backend_is_cpp(monkeypatch):

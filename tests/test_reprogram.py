@@ -1198,18 +1198,3 @@ def test_block_skips_only_dropouts_that_return_their_input(monkeypatch):
         model(x)
     assert not any(c is m for c in calls for m in parts.values())
 
-
-# --- the environment switches (bsr_kernels._config), read at each call -----------------------
-
-def test_environment_switches_are_read_at_each_call(monkeypatch):
-    """BSR_BACKEND names a backend in any case, spaces around it ignored; unset or blank it
-    forces none, and an unknown name raises, naming it."""
-    from bsr_kernels import _config
-    for value, want in (("", None), ("  ", None), (" CPP ", "cpp"), ("Reference", "reference")):
-        monkeypatch.setenv("BSR_BACKEND", value)
-        assert _config.forced_backend() == want, value
-    monkeypatch.delenv("BSR_BACKEND")
-    assert _config.forced_backend() is None
-    monkeypatch.setenv("BSR_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="BSR_BACKEND='cuda' is not a backend"):
-        _config.forced_backend()
