@@ -660,8 +660,7 @@ def _changed(model, path=None, module=None, checkpointing=False):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
-                               class_token=False, global_pool="avg"), "class token"),
+    (lambda: _vit4(class_token=False, global_pool="avg"), "class token"),
     (lambda: _changed(_vit4(), checkpointing=True), "grad checkpointing is on"),
     (lambda: _vit4(global_pool="map"), "attention pooling"),
     (lambda: _vit4(block_fn=_OwnBlock), "block 0 is a _OwnBlock"),
@@ -675,8 +674,7 @@ def _changed(model, path=None, module=None, checkpointing=False):
      r"block 2 has dropout.*drop1"),
     (lambda: torch.nn.Sequential(torch.nn.Linear(3, 3)), "not a ViT"),
     (lambda: timm.create_model("resnet18", pretrained=False), "not a ViT"),
-    (lambda: VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=4,
-                               drop_path_rate=0.1), "drop"),
+    (lambda: _vit4(drop_path_rate=0.1), "drop"),
 ])
 def test_unsupported_models_get_clear_errors(make, match):
     model = make()
