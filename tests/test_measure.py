@@ -259,7 +259,7 @@ def test_profile_reports_per_image_costs_of_a_known_step():
     layer's input gradient (the images need no gradient). Autograd keeps the flattened images
     (a view of the batch), the first layer's output and the logits (the default loss squares
     them), and the second layer's weight, which is a parameter and does not count. Every
-    figure is per image, whatever the batch."""
+    figure is per image, whatever the batch. Labels reach the memory pass too."""
     from bsr_kernels import profile
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8, bias=False),
@@ -276,6 +276,11 @@ def test_profile_reports_per_image_costs_of_a_known_step():
         assert len(prof) == 5 == len(list(prof))
         prof["note"] = "added"
         assert len(prof) == 6 == len(list(prof))
+        # With labels, cross-entropy: it keeps the log-probabilities instead of the logits, the
+        # int64 labels and one float32 total weight for the batch.
+        prof = profile(model, torch.randn(b, 3, 4, 4), torch.arange(b) % 5)
+        assert prof.saved_activation_mib_per_image == pytest.approx(
+            ((48 + 8 + 5) * 4 + 8 + 4 / b) / MIB, rel=1e-12)
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         profile(model, torch.randn(2, 3, 4, 4))
