@@ -1328,6 +1328,7 @@ def test_bsr_backend_is_read_at_each_call_in_any_case(monkeypatch):
     with pytest.raises(ValueError, match="BSR_BACKEND='cuda' is not a backend"):
         _config.forced_backend()
 
+
 def _unavailable_here():
     """(backend, dtype) pairs that cannot run on CPU here, as the dispatcher judges them: at
     least Triton's interpreter for bfloat16 and float16, whatever is built (the C++ backend runs

@@ -97,6 +97,16 @@ def _check_forward(x, q, k, p, n_keep, fuse, dtype, scale=None):
     return out
 
 
+def _check_drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p):
+    """The backend's drop backward against the reference's on the same inputs: each gradient
+    within its dtype's tolerance, and of the reference's dtype. Returns the backend's."""
+    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **GRAD_TOL[a.dtype])
+    return got
+
+
 # --- availability and the TRITON_INTERPRET switch ---------------------------------------------
 
 def test_not_supported_reasons(monkeypatch):
@@ -398,11 +408,9 @@ def test_strided_nan_padded_inputs(dtype, d, c, device):
     gbig = torch.full((b, x_out.shape[1] + 2, c + 3), float("nan"), dtype=dtype, device=device)
     grad_out = gbig[:, 1:-1, 2:-1]
     grad_out.copy_(torch.randn(x_out.shape, generator=g, dtype=torch.float64))
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    for a, w, t in zip(got, want, (x, q, k)):
+    got = _check_drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    for a, t in zip(got, (x, q, k)):
         assert not a.isnan().any()
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
         assert a.stride() == torch.empty_like(t).stride()  # the layout of the fake kernel
     got = BACKEND.gather_backward(grad_out[:, :p + 6], kept, n, p)
     assert torch.equal(got, ref.gather_backward(grad_out[:, :p + 6], kept, n, p))
@@ -511,13 +519,11 @@ def test_backward_many_tiles(device, small_tiles):
     x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype, scale=0.3)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, dtype)
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
+    got = _check_drop_backward(grad_out, x, q, k, kept, scores, lse, 0.3, p)
     xr, qr, kr = (t.detach().clone().requires_grad_() for t in (x, q, k))
     auto = torch.autograd.grad(ref.drop_tokens(xr, qr, kr, 0.3, p, n_keep, True)[0],
                                (xr, qr, kr), grad_out)
-    for a, w, t in zip(got, want, auto):
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    for a, t in zip(got, auto):
         torch.testing.assert_close(a, t, **GRAD_TOL[dtype])
     go = grad_out[:, :p + n_keep]
     assert torch.equal(BACKEND.gather_backward(go, kept, n, p), ref.gather_backward(go, kept, n, p))
@@ -798,10 +804,8 @@ def test_q_and_k_in_different_layouts(device):
     x_out, kept, scores, lse = _check_forward(x, q, k, p, n_keep, True, dtype)
     g = torch.Generator().manual_seed(26)
     grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
-    for a, w, t in zip(got, want, (x, q, k)):
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    got = _check_drop_backward(grad_out, x, q, k, kept, scores, lse, scale, p)
+    for a, t in zip(got, (x, q, k)):
         assert a.stride() == torch.empty_like(t).stride()
     gs = torch.randn(b, n - p, generator=g, dtype=dtype).to(device)
     got = BACKEND.cls_scores_backward(gs, q, k, lse, scale, p)
@@ -854,11 +858,8 @@ def test_infinite_prefix_rows_and_keys(device):
     assert bool(x_out[:, -1].isfinite().all())
     g = torch.Generator().manual_seed(32)
     grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-    for a, w in zip(got, want):
-        assert bool(a.isfinite().all())
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    got = _check_drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
+    assert all(bool(a.isfinite().all()) for a in got)
 
     q[0, 0, 0] = q[0, 0, 0].abs() + 0.1
     k[0, 0, 1] = float("inf")              # image 0, head 0: a +inf prefix logit
@@ -954,11 +955,7 @@ def test_mixed_dtypes_accumulate_in_float64(device):
         if x.dtype == torch.float32:
             assert torch.equal(x_out[:, -1], want[:, -1]), "fused row not rounded from float64"
         grad_out = torch.randn(x_out.shape, generator=g, dtype=torch.float64).to(device, x.dtype)
-        got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-        want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)
-        for a, w in zip(got, want):
-            assert a.dtype == w.dtype
-            torch.testing.assert_close(a, w, **GRAD_TOL[a.dtype])
+        _check_drop_backward(grad_out, x, q, k, kept, scores, lse, d ** -0.5, p)   # dtypes too
         got = BACKEND.drop_replay(x, q, k, kept, d ** -0.5, p, True)   # the replay's dtypes too
         want = ref.drop_replay(x, q, k, kept, d ** -0.5, p, True)
         for a, w in zip(got, want):
@@ -983,10 +980,7 @@ def test_replay_in_the_given_order(device):
     x_out, scores, lse = BACKEND.drop_replay(x, q, k, kept, 0.6, p, True)
     g = torch.Generator().manual_seed(38)
     grad_out = torch.randn(x_out.shape, generator=g, dtype=dtype).to(device)
-    got = BACKEND.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.6, p)
-    want = ref.drop_backward(grad_out, x, q, k, kept, scores, lse, 0.6, p)
-    for a, w in zip(got, want):
-        torch.testing.assert_close(a, w, **GRAD_TOL[dtype])
+    _check_drop_backward(grad_out, x, q, k, kept, scores, lse, 0.6, p)
 
 
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64"}
