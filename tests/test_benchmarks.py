@@ -1956,12 +1956,20 @@ def test_hung_in_ptxas_reads_the_main_thread_only():
 def test_dump_stacks_lists_child_processes(tmp_path):
     """The watchdog's dump names the process's descendants with their command lines (where a
     hang in a compiler subprocess shows)."""
+    import pathlib
+
     from benchmarks.bench_gpu import CHILDREN_HEADER, dump_stacks
 
     if not os.path.isdir("/proc/self"):
         pytest.skip("no /proc on this system: descendants cannot be listed")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
+        # Popen returns after the fork: until the exec is done, /proc shows no command line
+        # (CI once listed the child as "  <pid>: ").
+        deadline = time.monotonic() + 30
+        cmdline = pathlib.Path(f"/proc/{child.pid}/cmdline")
+        while b"time.sleep(30)" not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         path = tmp_path / "stacks.txt"
         with open(path, "w") as f:
             dump_stacks(f.fileno(), "header")
