@@ -22,8 +22,9 @@ when it hangs, that part is retried, and every later part runs, with
 ``TORCHINDUCTOR_COMPILE_THREADS=1`` at once, instead of after a real build's compile timeout;
 ``results.md`` says how the probe went. A child stops itself at the deadline (``check``,
 ``op``, ``sync`` and ``sweep`` also at a time limit of their own, against a hang in a first
-Triton compile), its stacks in ``stacks-<part>-time_limit.txt`` and what it saved kept; the
-parent kills it only if it has not stopped 10 s later. A step part keeps the run's last 60 s
+Triton compile, and ``tests`` at one of its own), its stacks in
+``stacks-<part>-time_limit.txt`` and what it saved kept; the parent kills it only if it has not
+stopped 10 s later. A step part keeps the run's last 60 s
 for timing the variants it has built (their ratios are paired within one timing): it starts a
 compiled build only when the time one is expected to take fits before then (the slowest
 compiled build so far in the run, 1.3 times; 75 s before any), and stops a build still running
@@ -75,8 +76,8 @@ Parts (``--parts``, default all, in this order):
   graph by hand (``<variant>+graph``, :func:`_suite.make_step`; nothing compiled, so lean and
   fast are captured with their custom backward), beside full fine-tuning and the eager forms,
   checked against the eager first step (logits and gradients).
-* ``sweep``: the Triton launch table (programs per SM, warps of the gather and of the selection)
-  at the op shapes, CUDA-graph times.
+* ``sweep``: the Triton launch table (programs per SM, warps of the gather and of the selection,
+  the selection's digit width) at the op shapes but ViT-S, CUDA-graph times.
 * ``sac`` (last: an experiment): :mod:`probe_sac`'s step timings, lean and fast written as
   selective activation checkpointing (compiles into one graph) against the library's modes.
 
@@ -399,13 +400,18 @@ def expiring(path: str, seconds: float, header: str, status: int, backstop: bool
     own watchdog reads the frames without the GIL: on a thread that is still busy (a slow
     compile rather than a deadlock) it has died mid-dump and left a truncated file. With
     ``backstop`` it stays, ``WATCHDOG_BACKSTOP_S`` later, for code that hangs holding the GIL
-    (one per process: the innermost block has it)."""
+    (one per process: the innermost block has it). The process's descendants (listed in the
+    dump) are killed before it exits."""
     with open(path, "w") as f:
         done = threading.Event()
 
         def expire():
             if not done.wait(max(seconds, 0.0)):
-                keep_hang_sources(path, *dump_stacks(f.fileno(), header))
+                stacks, children = dump_stacks(f.fileno(), header)
+                keep_hang_sources(path, stacks, children)
+                for pid, _ in children:  # a hung ptxas, compile workers, pytest: not left
+                    with contextlib.suppress(OSError):   # running beside the next timings
+                        os.kill(pid, signal.SIGKILL)
                 os._exit(status)
 
         threading.Thread(target=expire, name="bench_gpu watchdog", daemon=True).start()
@@ -1027,9 +1033,10 @@ def part_sync(cuda: bool, device: str) -> dict:
         try:
             with WORKER.watchdog(check) if how else contextlib.nullcontext():
                 run(images).sum().backward()  # warm (and compile)
-        except Skipped as e:
-            out[key] = f"skipped: {e}"
-            WORKER.put(check, out[key])
+        except Exception as e:  # hung before, or failed: not checked; the others go on
+            out[key] = f"skipped: {e}" if isinstance(e, Skipped) else (
+                f"skipped: the warm-up step failed: {err(e)}")
+            WORKER.put(key, out[key])
             continue
         m.zero_grad()
         try:
@@ -1042,7 +1049,7 @@ def part_sync(cuda: bool, device: str) -> dict:
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
-        WORKER.put(check, out[key])
+        WORKER.put(key, out[key])
     log("sync", out)
     return out
 
@@ -1513,6 +1520,26 @@ def summarize(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def keep_earlier_results(out_dir: str) -> str | None:
+    """Moves an earlier call's ``results.json`` and ``results.md`` in ``out_dir`` aside, to
+    ``earlier-<i>/`` there (the first free i), so that a call given the ``--out`` of an earlier
+    one does not overwrite what ``--merge`` needs of it (its ``part-*.json`` stay where they
+    are; this call removes only those of the parts it runs). Returns that folder, or None when
+    there was nothing to keep."""
+    names = [n for n in ("results.json", "results.md")
+             if os.path.exists(os.path.join(out_dir, n))]
+    if "results.json" not in names:
+        return None
+    i = 1
+    while os.path.exists(os.path.join(out_dir, f"earlier-{i}")):
+        i += 1
+    folder = os.path.join(out_dir, f"earlier-{i}")
+    os.makedirs(folder)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(folder, name))
+    return folder
+
+
 def write_results(out_dir: str, results: dict) -> str:
     """``results.json`` and ``results.md`` (:func:`summarize`) in ``out_dir``; returns the
     latter's text."""
@@ -1536,11 +1563,13 @@ def main(argv=None) -> int:
                     help="comma-separated parts, run in the order given "
                          f"(default: {','.join(PARTS)})")
     ap.add_argument("--deadline-s", type=float, default=540.0,
-                    help="stop starting work this many seconds after the process started "
-                         "(default 540: a 600 s call)")
+                    help="end the run this many seconds after the process started: no part "
+                         "starts after it, and a part still running stops there, keeping what "
+                         "it saved (default 540: a 600 s call)")
     ap.add_argument("--compile-timeout-s", type=float, default=180.0,
                     help="a compilation (warm-up) running longer is a hang: its stacks are dumped "
                          "and the part goes on without it, after one retry compiling in-process "
+                         "(none when it waited for ptxas) "
                          f"(default 180; the compile pool probe's limit is {POOL_PROBE_S:.0f} s "
                          "or this, if less)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU shapes: test this script")
@@ -1584,6 +1613,9 @@ def main(argv=None) -> int:
         ap.error(f"--parts: unknown {', '.join(unknown)}; known: {', '.join(PARTS)}")
     T0 = started
     os.environ["BSR_BENCH_T0"] = str(T0)
+    earlier = keep_earlier_results(args.out)
+    if earlier:
+        log(f"{args.out} held an earlier call's results: moved to {earlier} (for --merge)")
     cuda = torch.cuda.is_available() and not args.smoke
     results = {"env": dict(torch=torch.__version__, cuda=torch.version.cuda,
                            device=torch.cuda.get_device_name() if cuda else "cpu",

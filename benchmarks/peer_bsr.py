@@ -28,7 +28,13 @@ def cls_row_drop(x, q, k, keep_rate: float = 0.5, p: int = 1):
     twice (benchmarks/results/2026-11-27-h100-stacks-op-compiled.txt), and on 2026-11-26 for 145
     and 440 s. inductor turns that sort into a Triton bitonic-sort kernel; ``topk`` and
     ``cumsum`` stay ordinary kernels. Which kernel ptxas was compiling was not recorded, so the
-    sort is the likely cause, not a proven one."""
+    sort is the likely cause, not a proven one.
+
+    The library's drop except for ties and NaN scores, which follow ``torch.topk`` here (as in
+    :func:`bsr_kernels.baselines.eager_drop_composite`): on CPU tied scores at the cut need not
+    keep the lower positions, and NaN ranks highest, not lowest. Under autocast (the step
+    benchmarks' bf16) the logits' matmul runs in bf16 despite the ``.float()`` casts, which
+    eagerly cost two copies of k; the library's scores are float32."""
     b, n, c = x.shape
     m = n - p
     n_keep = max(1, math.ceil(keep_rate * m - 1e-9))

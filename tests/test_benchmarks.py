@@ -2657,3 +2657,96 @@ def test_archived_bench_gpu_results_state_their_json_verdicts():
             assert f"- {t.line()}" in md, (md_path, t.line())
         checked += 1
     assert checked >= 2
+
+
+def test_sync_part_keeps_each_check_under_its_summary_name(tmp_path, monkeypatch):
+    """What the sync part saved as it went (all a stop at its time limit leaves) reads in the
+    summary as the finished part does, and a mode whose warm-up raises is reported while the
+    other modes are still checked."""
+    bench_gpu = _import_bench("bench_gpu")
+    import bsr_kernels
+    w = bench_gpu.Worker("sync", str(tmp_path), [], 30.0, time.time() + 300)
+    monkeypatch.setattr(bench_gpu, "WORKER", w)
+    reprogram = bsr_kernels.reprogram
+
+    def boom(images):
+        raise RuntimeError("no fast here")
+
+    def failing_fast(model, memory_mode, **kw):
+        model = reprogram(model, memory_mode=memory_mode, **kw)
+        if memory_mode == "fast":
+            model.forward = boom
+        return model
+    monkeypatch.setattr(bench_gpu.bsr_kernels, "reprogram", failing_fast)
+    out = bench_gpu.part_sync(False, "cpu")
+    assert out["autograd sync-free"] is None and out["lean sync-free"] is None
+    assert "no fast here" in str(out["fast sync-free"])
+    saved = dict(w.state["result"], error="stopped at its 180 s time limit while running 'x'")
+    md = bench_gpu.summarize({"env": {}, "parts": {"sync": saved}})
+    assert "autograd not checked (no CUDA)" in md and "lean not checked (no CUDA)" in md, md
+
+
+def test_bench_gpu_help_names_every_part_with_a_time_limit():
+    """``--help`` (the module docstring) names each part that stops at a time limit of its own
+    (``PART_LIMITS_S``) where it says which parts do."""
+    bench_gpu = _import_bench("bench_gpu")
+    doc = " ".join(bench_gpu.__doc__.split())
+    limited = re.search(r"A child stops itself at the deadline \((.*?)\),", doc).group(1)
+    assert [p for p in bench_gpu.PART_LIMITS_S if f"``{p}``" not in limited] == [], limited
+
+
+def test_bench_gpu_call_keeps_an_earlier_calls_results_in_its_out(tmp_path, monkeypatch):
+    """A second call given the --out of the first (no part run: its deadline has passed) keeps
+    the first call's results.json, which --merge needs, instead of writing over it."""
+    bench_gpu = _import_bench("bench_gpu")
+    monkeypatch.setattr(bench_gpu, "T0", bench_gpu.T0)  # main sets it: restored at the end
+    for name in ("BSR_BENCH_T0", "TRITON_INTERPRET"):
+        monkeypatch.setenv(name, "0")
+    first = {"env": {"device": "cpu", "torch": "t", "triton": "3", "cuda": None},
+             "parts": {"check": {"cases": [], "failures": 0}}}
+    bench_gpu.write_results(str(tmp_path), first)
+    assert bench_gpu.main(["--out", str(tmp_path), "--parts", "sync", "--smoke",
+                           "--deadline-s", "0"]) == 0
+    with open(tmp_path / "results.json") as f:
+        assert list(json.load(f)["parts"]) == ["sync"]
+    kept = [os.path.join(d, "results.json") for d, _, files in os.walk(tmp_path)
+            if "results.json" in files and d != str(tmp_path)]
+    assert len(kept) == 1, kept
+    with open(kept[0]) as f:
+        assert json.load(f) == first
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_bench_gpu_watchdog_kills_the_descendants_of_a_stopped_worker(tmp_path):
+    """A worker that its watchdog or clock ends takes its descendants with it: a hung ptxas
+    (one ran 180 s on the H100), compile workers or a pytest run must not go on running beside
+    the timings of the parts after it."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this system: descendants cannot be listed")
+    script = ("import subprocess, sys, time\n"
+              "from benchmarks.bench_gpu import expiring\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+              "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+              "print(child.pid, flush=True)\n"
+              "with expiring(sys.argv[1], 1.0, 'Timeout', 7):\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "stacks.txt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    child = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, 9)
+    assert not alive, "the stopped worker's child still runs"
+    assert (tmp_path / "stacks.txt").read_text().startswith("Timeout")
