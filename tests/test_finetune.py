@@ -344,6 +344,13 @@ def test_cli_end_to_end_all_methods(tmp_path, capsys):
         assert (tmp_path / name / "checkpoint.pt").is_file()
         assert (tmp_path / name / "delta.safetensors").is_file()
     full, bsr = methods["full"], methods["bsr"]
+    for name, r in methods.items():   # the recorded rates, ratios and delta sizes
+        assert r["lr"] == cli.DEMO_LR[name] and r["head_lr"] == pytest.approx(10 * r["lr"])
+        assert r["step_time_vs_full"] == pytest.approx(r["step_time_s"] / full["step_time_s"])
+        size = (tmp_path / name / "delta.safetensors").stat().st_size
+        assert r["delta_mib"] == pytest.approx(size / 2**20), name
+    assert (bsr["train_blocks"], bsr["drop_at"], bsr["keep_rate"]) == ([3, 7, 11], [3, 6, 9], 0.5)
+    assert (bsr["memory_mode"], bsr["activation_dtype"]) == ("lean", "exact")
     assert bsr["saved_activation_mib_per_image"] < full["saved_activation_mib_per_image"] / 4
     assert bsr["train_gflops_per_image"] < full["train_gflops_per_image"] / 2
     assert full["step_time_vs_full"] == 1.0
@@ -395,6 +402,22 @@ def test_cli_trains_bsr_on_cuda(memory_mode, compile_mode, tmp_path, capsys):
     history = bsr["history"]
     assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"], history
     assert bsr["accuracy"] > 0.3, history
+
+
+def test_default_methods_and_epochs_follow_the_data(tmp_path, monkeypatch):
+    """Without --method and --epochs (as the help says): the digits demo compares all four
+    methods over 30 epochs; other data (here an image folder) trains BSR over 10."""
+    seen = []
+
+    def ran(args, info, log, warn, methods, *rest):
+        seen.append((tuple(methods), args.epochs))
+        return {}
+    monkeypatch.setattr(cli, "_run", ran)
+    assert cli.main([]) == 0
+    assert cli.main(["--data", str(tmp_path / "pics"), "--method", "linear,bsr"]) == 0
+    assert cli.main(["--data", str(tmp_path / "pics")]) == 0
+    assert seen == [(("full", "linear", "bitfit", "bsr"), 30), (("linear", "bsr"), 10),
+                    (("bsr",), 10)]
 
 
 def test_cli_module_entry_point(tmp_path):
@@ -612,9 +635,16 @@ def test_error_offline_torchvision_download(monkeypatch, tmp_path, capsys):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(D, "CIFAR10", offline)
+    real, first = cli._main_first, []    # under torchrun the main process downloads first
+
+    def main_first(info, fn, *a, **k):
+        first.append(fn.__name__)
+        return real(info, fn, *a, **k)
+    monkeypatch.setattr(cli, "_main_first", main_first)
     rc, _, err = _run(["--data", "cifar10", "--data-root", tmp_path, *TINY], capsys)
     assert rc == 2
     assert "cifar10" in err and "could not download" in err and "ImageFolder" in err
+    assert first == ["data_now"]
 
 
 def test_error_offline_hub_weights(monkeypatch, capsys):
@@ -1023,6 +1053,14 @@ def test_adapt_uses_the_methods_registry():
         == {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="--method"):
         train.adapt(vit(), "eager_bsr")
+    # bsr-finetune's --train-blocks and --drop-at set up BSR and leave the other methods be
+    args = cli.build_parser().parse_args(["--train-blocks", "1,2", "--drop-at", "2"])
+    args.memory_mode_used = "lean"
+    base = vit()
+    bsr = cli._adapt(base, "bsr", args).bsr_config
+    assert (bsr.train_blocks, bsr.drop_at) == ((1, 2), (2,)) and not hasattr(base, "bsr_config")
+    for name in ("full", "linear", "bitfit"):
+        assert not hasattr(cli._adapt(base, name, args), "bsr_config"), name
     with pytest.raises(ValueError, match="--train-blocks"):
         methods.setup(vit(), "bitfit", train_blocks=(1,))
     # the process group and the samplers live in one module; the old names still import

@@ -462,6 +462,37 @@ def test_a_batch_that_does_not_split_over_the_processes_fails_before_loading(tmp
     assert "must be a multiple" not in err, err
 
 
+def test_args_json_that_cannot_be_written_fails_and_releases_the_lock(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A write error in the claimed --out (args.json, here a full disk) is named as --out that
+    cannot be written, and the lock is released: the same process then runs there."""
+    real = cli.write_json
+
+    def full(path, *a, **k):
+        raise OSError(28, "No space left on device", str(path))
+    with monkeypatch.context() as m:
+        _no_loading(m)
+        m.setattr(cli, "write_json", full)
+        rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 2 and "--out" in err and "No space left on device" in err, err
+    assert not (tmp_path / ".lock").exists()
+    assert cli.write_json is real
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("name", ["summary.json", "summary.csv", "report.png"])
+def test_an_out_holding_a_runs_summary_or_report_is_a_used_out(name, tmp_path, capsys,
+                                                               monkeypatch):
+    """A folder holding a run's summary or report alone (its method folders deleted) is a run
+    too: refused without --resume or --overwrite, naming the file, before anything loads."""
+    _no_loading(monkeypatch)
+    (tmp_path / name).write_bytes(b"an earlier run's")
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 2 and f"already holds a run ({name})" in err, err
+    assert (tmp_path / name).read_bytes() == b"an earlier run's"
+
+
 def test_out_that_cannot_be_written_fails_before_loading(tmp_path, capsys, monkeypatch):
     _no_loading(monkeypatch)
     ro = tmp_path / "ro"
@@ -720,8 +751,35 @@ def test_resume_path_extends_training_and_writes_args_and_csv(tmp_path, capsys):
     assert rc == 2 and "already trained 3 epochs" in err and "--epochs 3" in err
     rc, _, err = _run([*FAST, "--resume", tmp_path / "nowhere"], capsys)
     assert rc == 2 and "no such run folder" in err
+    # another file of the run, even in a method folder, is neither the folder nor a checkpoint
+    rc, _, err = _run([*FAST, "--resume", run / "linear" / "result.json"], capsys)
+    assert rc == 2 and "expected the --out folder of an earlier run" in err, err
     rc, _, err = _run([*FAST, "--resume", run, "--out", tmp_path / "other"], capsys)
     assert rc == 2 and "its own folder" in err
+
+
+def test_summary_csv_holds_every_finished_epoch_of_a_stopped_run(tmp_path, capsys,
+                                                                  monkeypatch):
+    """summary.csv is written after each epoch, not only at the end: a run stopped in epoch 2
+    (Ctrl-C in its evaluation) has epoch 1's row there, as in its checkpoint."""
+    real, calls = train.evaluate, []
+
+    def stop_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "evaluate", stop_in_epoch_2)
+    argv = [*FAST, "--out", tmp_path]
+    argv[argv.index("--epochs") + 1] = "2"
+    rc, _, err = _run(argv, capsys)
+    assert rc == 130 and len(calls) == 2, err
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["epoch"]) for r in rows] == [("linear", "1")]
+    state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert float(rows[0]["accuracy"]) == pytest.approx(state["history"][0]["accuracy"])
 
 
 def test_random_init_and_surgery_are_warned(tmp_path, capsys, monkeypatch):
@@ -735,6 +793,19 @@ def test_random_init_and_surgery_are_warned(tmp_path, capsys, monkeypatch):
     rc, _, err = _run(["--img-size", "32", *_no_train], capsys)
     assert rc == 0, err
     assert "position embedding was resampled" in err
+
+
+def test_a_model_without_weights_starts_from_the_seeds_weights(tmp_path, capsys):
+    """A timm model without weights (random) is drawn from --seed, whatever torch's RNG did
+    before the run: the same command trains the same weights."""
+    argv = ["--model", "vit_tiny_patch16_224", "--img-size", "32", *FAST]
+    for i, out in enumerate(("a", "b")):
+        torch.manual_seed(100 + i)
+        rc, _, err = _run([*argv, "--out", tmp_path / out], capsys)
+        assert rc == 0, err
+    a, b = (torch.load(tmp_path / out / "linear" / "checkpoint.pt", weights_only=True)
+            for out in ("a", "b"))
+    assert_same(a["model"], b["model"])
 
 
 def test_checkpoint_with_another_head_is_warned(tmp_path, capsys):
@@ -802,6 +873,25 @@ def test_no_kill_switch_in_the_training_loop():
     assert not hasattr(train, "KILL_ENV")
     src = inspect.getsource(train)
     assert "SIGKILL" not in src and "os.kill" not in src
+
+
+def test_report_shows_the_samples_kept_tokens_and_a_run_ends_without_matplotlib(
+        tmp_path, capsys, monkeypatch):
+    """report.png gets --samples test images and the blocks BSR drops at (no pictures with
+    --samples 0); without matplotlib the run still ends with its JSON, saying there is no PNG."""
+    seen = []
+
+    def draw_report(path, results, images, kept, patch, drop_at, **k):
+        seen.append(None if images is None else (images.shape[0], tuple(drop_at), patch))
+        raise ImportError("No module named 'matplotlib'")
+    monkeypatch.setattr(cli, "draw_report", draw_report)
+    for samples in ("2", "0"):
+        argv = ["--method", "bsr", *FAST[2:], "--out", tmp_path / samples]
+        argv[argv.index("--samples") + 1] = samples
+        rc, _, err = _run(argv, capsys)
+        assert rc == 0 and "no PNG report (No module named 'matplotlib')" in err, err
+        assert (tmp_path / samples / "summary.json").is_file()
+    assert seen == [(2, (3, 6, 9), 4), None]
 
 
 def test_report_draws_curves_from_the_history(tmp_path):
@@ -939,6 +1029,49 @@ def test_amp_flag(tmp_path, capsys, monkeypatch):
     assert "--amp" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_amp_that_bsr_cannot_run_is_refused_before_loading(where, tmp_path, capsys,
+                                                           monkeypatch):
+    """--amp bf16 where BSR fails under bf16 autocast, in its forward or only in its backward
+    (a kernel without a bf16 gradient), is refused naming --amp before anything loads; the
+    probe that finds it leaves torch's RNG as it was (it also runs before seeded runs)."""
+    rp = importlib.import_module("bsr_kernels.reprogram")   # the package's name is the function
+    rng = torch.get_rng_state()
+    cli._check_amp("bf16", torch.device("cpu"))   # this BSR runs under bf16: nothing refused
+    assert torch.equal(torch.get_rng_state(), rng)
+    real = rp.reprogram
+
+    class NoBf16(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.amp = torch.is_autocast_enabled("cpu")
+            if ctx.amp and where == "forward":
+                raise RuntimeError("no bf16 forward kernel")
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.amp:
+                raise NotImplementedError("no bf16 backward kernel")
+            return grad
+
+    def reprogram(model, *a, **k):
+        model = real(model, *a, **k)
+        model.register_forward_hook(lambda mod, inp, out: NoBf16.apply(out))
+        return model
+    monkeypatch.setattr(rp, "reprogram", reprogram)
+    with monkeypatch.context() as m:
+        _no_loading(m)
+        rc, _, err = _run(["--method", "bsr", *FAST[2:], "--amp", "bf16", "--device", "cpu",
+                           "--out", tmp_path / "run"], capsys)
+    assert rc == 2 and f"no bf16 {where} kernel" in err, err
+    assert "--amp bf16: bsr_kernels cannot run BSR under bfloat16 autocast" in err, err
+    assert not (tmp_path / "run").exists()
+    rc, _, err = _run(["--method", "bsr", *FAST[2:], "--amp", "off", "--device", "cpu"],
+                      capsys)
+    assert rc == 0, err   # off: no autocast, nothing to probe
+
+
 def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_start(tmp_path, capsys):
     rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
     assert rc == 0, err
@@ -982,7 +1115,8 @@ def test_refused_bsr_settings_stop_the_run_before_any_method_trains(out, tmp_pat
 def test_an_error_before_training_leaves_the_out_folder_as_it_was(tmp_path, capsys):
     """A run that stops on a usage or input error before writing anything leaves ``--out`` as it
     found it: the run's own args.json after a failed --resume or --overwrite (so a bare
-    --resume still takes the run's options), and no folder where there was none."""
+    --resume still takes the run's options), and no folder where there was none (nor the
+    parents it created)."""
     run = tmp_path / "run"
     rc, _, err = _run([*FAST, "--out", run], capsys)
     assert rc == 0, err
@@ -997,7 +1131,32 @@ def test_an_error_before_training_leaves_the_out_folder_as_it_was(tmp_path, caps
     fresh = tmp_path / "fresh" / "deeper"
     for extra in (bad_data, ["--train-blocks", "3,99", "--method", "bsr"]):
         rc, _, err = _run([*FAST, *extra, "--out", fresh], capsys)
-        assert rc == 2 and not fresh.exists(), (extra, err)
+        assert rc == 2 and not fresh.parent.exists(), (extra, err)
+    empty = tmp_path / "empty"                                 # a folder that was there stays
+    empty.mkdir()
+    rc, _, err = _run([*FAST, *bad_data, "--out", empty], capsys)
+    assert rc == 2 and empty.is_dir() and not any(empty.iterdir()), err
+
+
+def test_a_stop_after_a_checkpoint_was_rewritten_keeps_the_new_args_json(tmp_path, capsys,
+                                                                          monkeypatch):
+    """A resumed run stopped once it has rewritten a checkpoint (here Ctrl-C just after epoch
+    2's, before the summary is written) keeps its own args.json, which describes that
+    checkpoint: the next bare --resume continues with --epochs 3."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    ckpt = tmp_path / "linear" / "checkpoint.pt"
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(cli, "write_history_csv", stop)
+        rc, _, err = _run(["--resume", tmp_path, "--epochs", "3"], capsys)
+    assert rc == 130, err
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    assert _strict_json(tmp_path / "args.json")["args"]["epochs"] == 3
+    rc, out, err = _run(["--resume", tmp_path], capsys)
+    assert rc == 0 and "after epoch 2" in out and "linear epoch 3/3" in out, out + err
 
 
 def test_img_size_off_the_patch_grid_is_refused_before_training(tmp_path, capsys,
@@ -1039,6 +1198,30 @@ def test_out_of_memory_is_an_error_message_not_a_traceback(monkeypatch, capsys):
         cli.main(FAST)
 
 
+def test_exit_status_names_each_kind_of_stop(tmp_path, capsys, monkeypatch):
+    """Ctrl-C exits 130 with the hint that fits (--resume with --out, else that nothing was
+    saved); a file that cannot be read is named; BSR_FINETUNE_DEBUG raises an error again, as
+    a RuntimeError that is not an allocation failure (a defect) always is."""
+    monkeypatch.delenv("BSR_FINETUNE_DEBUG", raising=False)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(cli, "build_data", interrupt)
+        for out, says in ((tmp_path / "run", "rerun with --resume to continue"),
+                          (None, "nothing was saved (no --out)")):
+            rc, _, err = _run([*FAST, *(["--out", out] if out else [])], capsys)
+            assert rc == 130 and f"bsr-finetune: interrupted; {says}" in err, err
+    denied = PermissionError(13, "Permission denied", "w.pt")
+    assert cli.exit_status("p", denied, None) == 2
+    assert capsys.readouterr().err == "p: error: w.pt: Permission denied\n"
+    with pytest.raises(RuntimeError, match="a defect"):
+        cli.exit_status("p", RuntimeError("a defect"), None)
+    monkeypatch.setenv("BSR_FINETUNE_DEBUG", "1")
+    with pytest.raises(ValueError, match="--lr"):
+        cli.exit_status("p", ValueError("--lr: for this test"), None)
+
+
 def test_log_interval_prints_plain_step_lines_without_progress_bars(capsys):
     """Without progress bars (a log file) --log-interval N prints the step, loss and images/s
     every N steps, one plain line each; epoch lines end with the epoch's time; 0: none."""
@@ -1072,6 +1255,11 @@ def test_options_that_would_do_nothing_are_refused(capsys, monkeypatch):
     for extra, says in cases:
         rc, _, err = _run([*FAST, *extra], capsys)
         assert rc == 2 and says in err, (extra, err)
+    # run() called without main() (no record of the options given): a block list set counts
+    from bsr_kernels.finetune.distributed import DistInfo
+    args = cli.build_parser().parse_args([*FAST, "--drop-at", "3"])
+    with pytest.raises(ValueError, match="--drop-at: applies to --method bsr only"):
+        cli.run(args, DistInfo())
 
 
 def test_resume_with_fewer_methods_says_what_the_summary_leaves_out(tmp_path, capsys):
@@ -1084,6 +1272,50 @@ def test_resume_with_fewer_methods_says_what_the_summary_leaves_out(tmp_path, ca
     assert ("also holds linear, which this run's summary and report leave out" in err
             and "--method bitfit,linear keeps them in" in err), err
     assert (tmp_path / "linear" / "result.json").is_file()
+
+
+def test_resume_with_other_methods_does_not_count_the_runs_block_lists_as_given(tmp_path,
+                                                                              capsys):
+    """--resume of a BSR run started with --train-blocks and --drop-at, with --method linear: the
+    block lists the run takes from its args.json are not options of this command line, so they
+    are not refused as options of --method bsr only (they were; --keep-rate was not)."""
+    bsr = ["--method", "bsr", *FAST[2:], "--train-blocks", "1", "--drop-at", "2",
+           "--keep-rate", "0.7"]
+    rc, _, err = _run([*bsr, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["--resume", tmp_path, "--method", "linear"], capsys)
+    assert rc == 0 and "linear epoch 1/1" in out, out + err
+    rc, _, err = _run(["--resume", tmp_path, "--method", "linear", "--drop-at", "1"], capsys)
+    assert rc == 2 and "--drop-at: applies to --method bsr only" in err, err
+
+
+def test_a_reused_method_is_measured_drawn_and_summarised_as_it_trained(tmp_path, capsys,
+                                                                         monkeypatch):
+    """--resume of a finished run reuses each method with its trained weights (the report and
+    the measurements get those) and its epochs in summary.csv, which leaves out a method that
+    --method leaves out; each method trains from the seed as if alone, so bitfit run after
+    linear has the weights of bitfit run on its own."""
+    two = ["--method", "linear,bitfit", *FAST[2:]]
+    rc, _, err = _run([*two, "--out", tmp_path / "two"], capsys)
+    assert rc == 0, err
+    rc, _, err = _run([*two[:1], "bitfit", *two[2:], "--out", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    state = {m: torch.load(tmp_path / "two" / m / "checkpoint.pt", weights_only=True)["model"]
+             for m in ("linear", "bitfit")}
+    alone = torch.load(tmp_path / "one" / "bitfit" / "checkpoint.pt", weights_only=True)
+    assert_same(alone["model"], state["bitfit"])
+    drawn = {}
+    monkeypatch.setattr(cli, "_draw", lambda models, *a: drawn.update(models))
+    for method, rows in ((None, ["linear", "bitfit"]), ("bitfit", ["bitfit"])):
+        drawn.clear()
+        rc, out, err = _run(["--resume", tmp_path / "two",
+                             *(["--method", method] if method else [])], capsys)
+        assert rc == 0 and "bitfit: finished in an earlier run" in out, out + err
+        for m in rows:
+            assert_same(drawn[m].state_dict(), state[m])
+        with open(tmp_path / "two" / "summary.csv") as f:
+            assert [(r["method"], r["epoch"]) for r in csv.DictReader(f)] == [
+                (m, "1") for m in rows], method
 
 
 def test_resume_without_the_checkpoint_of_a_finished_method_is_refused(tmp_path, capsys,
@@ -1149,6 +1381,47 @@ def test_resume_continues_the_run_as_it_was_started(tmp_path, capsys):
     rc, _, err = _run(["--resume", tmp_path, "--batch-size", "64"], capsys)
     assert rc == 2 and "checkpoint error" in err and "batch_size" in err, err
     assert (tmp_path / "args.json").read_bytes() == before
+
+
+def test_a_moved_run_resumes_in_its_new_folder(tmp_path, capsys):
+    """--resume DIR of a run folder renamed since it ran continues it there: where a run
+    executes and its --overwrite (here of an empty folder) are not taken from its args.json."""
+    rc, _, err = _run([*FAST, "--out", tmp_path / "a", "--overwrite"], capsys)
+    assert rc == 0, err
+    (tmp_path / "a").rename(tmp_path / "b")
+    rc, out, err = _run(["--resume", tmp_path / "b", "--epochs", "2"], capsys)
+    assert rc == 0, err
+    assert "after epoch 1" in out and "--overwrite" not in err, out + err
+    assert not (tmp_path / "a").exists()
+    state = torch.load(tmp_path / "b" / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+
+def test_a_finished_method_stopped_inside_a_later_epoch_is_not_reused(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A finished run resumed for one more epoch and stopped inside it (its checkpoint saved
+    every step) holds weights past its result.json: --resume with the finished --epochs again
+    is refused naming that epoch, not reused as finished with those weights."""
+    rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    real, calls = train.train_step, []
+
+    def stop_at_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", stop_at_step_2)
+        rc, _, err = _run(["--resume", tmp_path, "--epochs", "2", "--save-every-steps", "1"],
+                          capsys)
+    assert rc == 130, err
+    state = torch.load(tmp_path / "linear" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["partial_epoch"]["batches"] == 1
+    assert (tmp_path / "linear" / "result.json").is_file()
+    rc, out, err = _run(["--resume", tmp_path, "--epochs", "1"], capsys)
+    assert rc == 2 and "was saved inside epoch 2" in err, out + err
+    assert "finished in an earlier run" not in out
 
 
 def test_resume_takes_the_default_bsr_blocks_given_explicitly(tmp_path, capsys):

@@ -247,6 +247,22 @@ def test_resume_with_more_epochs_continues_the_run(tmp_path, capsys):
     assert (cut / "linear" / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_of_a_run_without_args_json_finds_the_multitask_method_folders(tmp_path,
+                                                                              capsys):
+    """A run whose args.json is gone (deleted by hand) is still found by its method folders,
+    the multitask mode's own (bsr_dense, which bsr-finetune does not have): --resume with the
+    options given again continues it, not "no run to resume"."""
+    dense = ["--method", "bsr_dense", *FAST[2:]]
+    rc, _, err = _run([*dense, "--out", tmp_path], capsys)
+    assert rc == 0, err
+    (tmp_path / "args.json").unlink()
+    rc, out, err = _run([*dense, "--epochs", "2", "--resume", "--out", tmp_path], capsys)
+    assert rc == 0, err
+    assert "bsr_dense: resumed from" in out and "after epoch 1" in out, out
+    state = torch.load(tmp_path / "bsr_dense" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+
 def test_resume_without_the_checkpoint_of_a_finished_method_is_refused(tmp_path, capsys,
                                                                          monkeypatch):
     """As in bsr-finetune: --resume of a run whose finished method lost its checkpoint.pt

@@ -668,6 +668,9 @@ def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
     out = Path(args.out) if args.out is not None else None
     main = info.is_main and out is not None
     existed = main and out.is_dir()
+    # the outermost folder that claiming --out creates (for --out a/b where there is no a: a)
+    created = None if not main or out.exists() else next(
+        d for d in (out, *out.parents) if d.parent.exists())
     previous = (out / "args.json").read_bytes() if existed and (out / "args.json").is_file() \
         else None
     lock = _prepare_out(args, info, warn, methods)
@@ -686,8 +689,10 @@ def claimed_out(args: argparse.Namespace, info: DistInfo, warn,
     finally:
         if lock is not None:
             lock.release()
-        if restore and not existed and not any(out.iterdir()):
-            out.rmdir()
+        folder = out if restore and created is not None else None
+        while folder is not None and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent if folder != created else None
 
 
 def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
@@ -720,9 +725,10 @@ def run(args: argparse.Namespace, info: DistInfo, log=print, warn=None) -> dict:
     if args.torchcompile_mode is not None and not args.torchcompile:
         raise ValueError(f"--torchcompile-mode {args.torchcompile_mode} is torch.compile's "
                          "mode: add --torchcompile")
-    # options on the command line (main() sets them); a block list counts when set at all
-    given = {*getattr(args, "given", ()), *(n for n in ("train_blocks", "drop_at")
-                                             if getattr(args, n))}
+    # options on the command line (main() sets them; those --resume took from the earlier run
+    # are not); called without main(), a block list counts when set at all
+    given = set(args.given) if getattr(args, "given", None) is not None else {
+        n for n in ("train_blocks", "drop_at") if getattr(args, n)}
     refuse_unused_options(given, [
         (("train_blocks", "drop_at", "keep_rate", "memory_mode", "activation_dtype"),
          "bsr" in methods, "--method bsr only"),
