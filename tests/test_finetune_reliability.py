@@ -29,6 +29,19 @@ def _run(argv, capsys):
     return rc, out, err
 
 
+def _ctrl_c_at_call(real, n: int):
+    """``real`` wrapped to raise KeyboardInterrupt (a Ctrl-C) at its n-th call; returns the
+    wrapper and the list that counts its calls."""
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return wrapper, calls
+
+
 def _strict_json(path):
     def refuse(name):
         raise ValueError(f"{path}: bare {name}")
@@ -762,13 +775,7 @@ def test_summary_csv_holds_every_finished_epoch_of_a_stopped_run(tmp_path, capsy
                                                                   monkeypatch):
     """summary.csv is written after each epoch, not only at the end: a run stopped in epoch 2
     (Ctrl-C in its evaluation) has epoch 1's row there, as in its checkpoint."""
-    real, calls = train.evaluate, []
-
-    def stop_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
+    stop_in_epoch_2, calls = _ctrl_c_at_call(train.evaluate, 2)
     monkeypatch.setattr(train, "evaluate", stop_in_epoch_2)
     argv = [*FAST, "--out", tmp_path]
     argv[argv.index("--epochs") + 1] = "2"
@@ -1404,15 +1411,8 @@ def test_a_finished_method_stopped_inside_a_later_epoch_is_not_reused(tmp_path, 
     is refused naming that epoch, not reused as finished with those weights."""
     rc, _, err = _run([*FAST, "--out", tmp_path], capsys)
     assert rc == 0, err
-    real, calls = train.train_step, []
-
-    def stop_at_step_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
     with monkeypatch.context() as m:
-        m.setattr(train, "train_step", stop_at_step_2)
+        m.setattr(train, "train_step", _ctrl_c_at_call(train.train_step, 2)[0])
         rc, _, err = _run(["--resume", tmp_path, "--epochs", "2", "--save-every-steps", "1"],
                           capsys)
     assert rc == 130, err
